@@ -1,0 +1,69 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+
+use super::shard::{ShardActor, ShardEnv, ShardGauge};
+use crate::domain::ProductInfo;
+use crate::storage::Recovered;
+
+/// How to reach one stock actor.
+pub struct ShardHandle {
+    pub addr: Addr<ShardActor>,
+    /// Admission: one permit per request in flight to this actor (mailbox bound).
+    pub admission: Arc<Semaphore>,
+    pub gauge: Arc<ShardGauge>,
+}
+
+pub struct ProductRoute {
+    pub info: ProductInfo,
+    pub shards: Vec<ShardHandle>,
+}
+
+impl ProductRoute {
+    /// The shard owning a buyer: stable across restarts (per-buyer limits live there).
+    pub fn shard_for_buyer(&self, buyer: &str) -> &ShardHandle {
+        &self.shards[crc32fast::hash(buyer.as_bytes()) as usize % self.shards.len()]
+    }
+
+    /// The shard that deduplicates and holds a key when it is imported.
+    pub fn shard_index_for_key(&self, key: &str) -> usize {
+        crc32fast::hash(key.as_bytes()) as usize % self.shards.len()
+    }
+}
+
+/// Product id → route. Replaced wholesale (copy-on-write) when a product is added,
+/// which is rare; lookups on the order path are a lock-free pointer load.
+#[derive(Default)]
+pub struct Registry {
+    routes: ArcSwap<HashMap<String, Arc<ProductRoute>>>,
+}
+
+impl Registry {
+    pub fn get(&self, product: &str) -> Option<Arc<ProductRoute>> {
+        self.routes.load().get(product).cloned()
+    }
+
+    pub fn all(&self) -> Arc<HashMap<String, Arc<ProductRoute>>> {
+        self.routes.load_full()
+    }
+
+    pub fn insert(&self, route: ProductRoute) {
+        let route = Arc::new(route);
+        self.routes.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.insert(route.info.id.clone(), route.clone());
+            next
+        });
+    }
+}
+
+/// Starts one stock actor under a supervisor on `arbiter`, from recovered state.
+pub fn start_shard(env: &Arc<ShardEnv>, arbiter: &ArbiterHandle, product: &ProductInfo, recovered: Recovered) -> ShardHandle {
+    let gauge = Arc::new(ShardGauge::default());
+    let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
+    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, recovered));
+    ShardHandle { addr, admission: Arc::new(Semaphore::new(env.mailbox_capacity)), gauge }
+}

@@ -1,0 +1,504 @@
+//! The stock actor: one per product shard, a thin shell around [`domain::Shard`].
+//!
+//! Every handler follows the same steps:
+//! 1. run the pure domain step under `catch_unwind` (a panic stops the actor, and its
+//!    supervisor rebuilds it from storage — never from the memory it had);
+//! 2. append the resulting events to the shard's journal;
+//! 3. take a group-commit ticket and return a future that replies only when the
+//!    flush covering those events has returned.
+//!
+//! The actor does not wait for the flush itself: it goes on with its next message,
+//! so one flush serves many requests of many actors. Replies that only read state
+//! still wait for a flush when the state they show includes writes not yet durable
+//! (invariant I4: every 2xx describes durable state).
+
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future;
+
+use crate::clock::Clock;
+use crate::domain::shard::{Counts, NewOrder, Outcome, Payment};
+use crate::domain::{DomainError, Event, Order, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
+use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
+
+/// What every stock actor of the process shares (immutable).
+pub struct ShardEnv {
+    pub storage: Arc<Storage>,
+    pub clock: Arc<dyn Clock>,
+    pub ttl_ms: u64,
+    pub expiry_tick: Duration,
+    pub max_expired_per_tick: usize,
+    pub snapshot_min_journal_bytes: u64,
+    pub mailbox_capacity: usize,
+}
+
+/// Why a shard could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The actor crashed while handling the request or could not rebuild itself.
+    #[error("the stock actor is restarting")]
+    Unavailable,
+}
+
+pub type ShardResult<T> = Result<T, ShardError>;
+
+/// Durable stock counters of a shard, readable without a message to the actor.
+/// Published only once the writes they reflect are durable.
+#[derive(Default)]
+pub struct ShardGauge {
+    inner: Mutex<(u64, Counts)>,
+}
+
+impl ShardGauge {
+    fn publish(&self, seq: u64, counts: Counts) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if seq >= g.0 {
+            *g = (seq, counts);
+        }
+    }
+
+    pub fn get(&self) -> Counts {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+}
+
+/// An order as the shard reports it, key strings resolved.
+#[derive(Debug, Clone)]
+pub struct OrderSnapshot {
+    pub order: Order,
+    pub product_id: String,
+    pub shard: u16,
+    /// Key strings; empty unless the order is delivered.
+    pub keys: Vec<String>,
+    /// True when this answer replays an earlier request (idempotency).
+    pub replayed: bool,
+}
+
+// ---- messages ----
+
+#[derive(Message)]
+#[rtype(result = "ShardResult<(u64, u64)>")]
+pub struct ImportKeys(pub Vec<String>);
+
+#[derive(Message)]
+#[rtype(result = "ShardResult<OrderSnapshot>")]
+pub struct CreateOrder(pub NewOrder);
+
+#[derive(Message)]
+#[rtype(result = "ShardResult<PaymentOutcome>")]
+pub struct PayOrder(pub Payment);
+
+/// `token: None` is the merchant's view (no token check).
+#[derive(Message)]
+#[rtype(result = "ShardResult<OrderSnapshot>")]
+pub struct GetOrder {
+    pub seq: u64,
+    pub token: Option<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "ShardResult<OrderSnapshot>")]
+pub struct CancelOrder {
+    pub seq: u64,
+    pub token: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "ShardResult<ShardAudit>")]
+pub struct Audit;
+
+/// Writes a snapshot now (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "ShardResult<()>")]
+pub struct TakeSnapshot;
+
+/// Stops the actor abruptly; its supervisor rebuilds it from storage.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Kill;
+
+/// Test hook: panics inside the domain step, as a bug would.
+#[derive(Message)]
+#[rtype(result = "ShardResult<()>")]
+pub struct InjectPanic;
+
+// ---- the actor ----
+
+pub struct ShardActor {
+    id: ShardId,
+    product: ProductInfo,
+    env: Arc<ShardEnv>,
+    gauge: Arc<ShardGauge>,
+    /// None when rebuilding from storage failed: every request is answered `Unavailable`.
+    live: Option<Live>,
+}
+
+struct Live {
+    shard: Shard,
+    journal: Journal,
+    /// Sequence of the last journal record written (durable or not).
+    seq: u64,
+    /// Highest sequence known to be durable. Shared with reply futures.
+    durable: Rc<Cell<u64>>,
+    journal_bytes_since_snapshot: u64,
+    last_snapshot_bytes: u64,
+}
+
+impl ShardActor {
+    pub fn new(env: Arc<ShardEnv>, product: ProductInfo, gauge: Arc<ShardGauge>, recovered: Recovered) -> ShardActor {
+        let id = ShardId::new(product.id.clone(), recovered.shard.shard_index());
+        let mut actor = ShardActor { id, product, env, gauge, live: None };
+        actor.install(recovered);
+        actor
+    }
+
+    fn install(&mut self, r: Recovered) {
+        self.gauge.publish(r.last_seq, r.shard.counts());
+        self.live = Some(Live {
+            shard: r.shard,
+            journal: r.journal,
+            seq: r.last_seq,
+            // Recovered state may include writes sled holds but has not flushed yet.
+            durable: Rc::new(Cell::new(0)),
+            journal_bytes_since_snapshot: r.journal_bytes,
+            last_snapshot_bytes: r.snapshot_bytes,
+        });
+    }
+
+    fn live(&mut self) -> ShardResult<&mut Live> {
+        self.live.as_mut().ok_or(ShardError::Unavailable)
+    }
+
+    /// Runs a domain step; a panic stops the actor so its supervisor rebuilds it.
+    fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ShardResult<T> {
+        let live = self.live()?;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut live.shard))) {
+            Ok(value) => Ok(value),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(shard = %self.id, panic = %what, "stock actor panicked; restarting it from storage");
+                metrics::counter!("kami_actor_panics_total").increment(1);
+                self.live = None;
+                ctx.stop();
+                Err(ShardError::Unavailable)
+            }
+        }
+    }
+
+    /// Journals `events` (already applied) and returns a ticket for their flush.
+    fn persist(&mut self, ctx: &mut Context<Self>, events: &[Event]) -> ShardResult<Ticket> {
+        let live = self.live()?;
+        for event in events {
+            let seq = live.seq + 1;
+            match live.journal.append(seq, event) {
+                Ok(bytes) => {
+                    live.seq = seq;
+                    live.journal_bytes_since_snapshot += bytes as u64;
+                }
+                Err(e) => {
+                    // Memory is now ahead of the journal: rebuild from storage.
+                    tracing::error!(shard = %self.id, error = %e, "journal append failed; restarting from storage");
+                    self.live = None;
+                    ctx.stop();
+                    return Err(e.into());
+                }
+            }
+        }
+        let ticket = self.env.storage.ticket()?;
+        self.maybe_snapshot(ctx);
+        Ok(ticket)
+    }
+
+    /// Replies with `value` once it is durable: after `ticket`'s flush if the step
+    /// wrote, else at once when everything written so far is known durable, else
+    /// after the next flush.
+    fn reply<T: 'static>(&mut self, ticket: Option<Ticket>, value: T) -> ResponseFuture<ShardResult<T>> {
+        let Some(live) = self.live.as_ref() else {
+            return Box::pin(future::ready(Err(ShardError::Unavailable)));
+        };
+        let (seq, durable, counts) = (live.seq, live.durable.clone(), live.shard.counts());
+        let ticket = match ticket {
+            Some(t) => t,
+            None if durable.get() >= seq => return Box::pin(future::ready(Ok(value))),
+            None => match self.env.storage.ticket() {
+                Ok(t) => t,
+                Err(e) => return Box::pin(future::ready(Err(e.into()))),
+            },
+        };
+        let gauge = self.gauge.clone();
+        Box::pin(async move {
+            ticket.wait().await?;
+            if durable.get() < seq {
+                durable.set(seq);
+            }
+            gauge.publish(seq, counts);
+            Ok(value)
+        })
+    }
+
+    fn order_snapshot(&self, seq: u64, replayed: bool) -> ShardResult<OrderSnapshot> {
+        let live = self.live.as_ref().ok_or(ShardError::Unavailable)?;
+        let order = live.shard.order(seq).ok_or(DomainError::OrderNotFound)?;
+        let keys = if order.status == crate::domain::OrderStatus::Delivered {
+            order.keys.iter().map(|&k| live.shard.key(k).to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(OrderSnapshot { order: order.clone(), product_id: self.product.id.clone(), shard: self.id.shard, keys, replayed })
+    }
+
+    /// Snapshots when the journal since the last snapshot outgrew the snapshot itself
+    /// (and the configured minimum), so recovery reads at most about twice the state.
+    fn maybe_snapshot(&mut self, _ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_ref() else { return };
+        let threshold = self.env.snapshot_min_journal_bytes.max(live.last_snapshot_bytes);
+        if live.journal_bytes_since_snapshot >= threshold {
+            if let Err(e) = self.snapshot_now() {
+                tracing::warn!(shard = %self.id, error = %e, "snapshot failed; the journal keeps growing until the next try");
+            }
+        }
+    }
+
+    /// Writes a snapshot at the current sequence. Returns a ticket for its flush; once
+    /// that flush returns, older snapshots and the journal it covers are removed.
+    fn snapshot_now(&mut self) -> ShardResult<Ticket> {
+        let id = self.id.clone();
+        let storage = self.env.storage.clone();
+        let live = self.live.as_mut().ok_or(ShardError::Unavailable)?;
+        let seq = live.seq;
+        let started = std::time::Instant::now();
+        let bytes = storage.write_snapshot(&id, seq, &live.shard)?;
+        live.last_snapshot_bytes = bytes as u64;
+        live.journal_bytes_since_snapshot = 0;
+        metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(shard = %id, seq, bytes, "snapshot written");
+        let trim_ticket = storage.ticket()?;
+        let journal = live.journal.clone();
+        let trim_storage = storage.clone();
+        actix_rt::spawn(async move {
+            if trim_ticket.wait().await.is_ok() {
+                if let Err(e) = trim_storage.trim(&id, &journal, seq) {
+                    tracing::warn!(shard = %id, error = %e, "trimming the journal failed");
+                }
+            }
+        });
+        Ok(storage.ticket()?)
+    }
+
+    fn expire(&mut self, ctx: &mut Context<Self>) {
+        let now = self.env.clock.now_ms();
+        let due = self.live.as_ref().and_then(|l| l.shard.next_expiry()).is_some_and(|at| at <= now);
+        if !due {
+            return;
+        }
+        let max = self.env.max_expired_per_tick;
+        let Ok(events) = self.guarded(ctx, |s| s.expire_due(now, max)) else { return };
+        if events.is_empty() {
+            return;
+        }
+        metrics::counter!("kami_orders_expired_total").increment(events.len() as u64);
+        match self.persist(ctx, &events) {
+            Ok(ticket) => {
+                let done = self.reply(Some(ticket), ());
+                actix_rt::spawn(async move {
+                    let _ = done.await;
+                });
+            }
+            Err(e) => tracing::warn!(shard = %self.id, error = %e, "expiry not yet flushed"),
+        }
+    }
+}
+
+fn fail<T: 'static>(e: impl Into<ShardError>) -> ResponseFuture<ShardResult<T>> {
+    Box::pin(future::ready(Err(e.into())))
+}
+
+impl Actor for ShardActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Admission permits (held by callers) keep the queue under `mailbox_capacity`;
+        // the margin covers messages sent without a permit (audit, snapshot, kill).
+        ctx.set_mailbox_capacity(self.env.mailbox_capacity + 64);
+        ctx.run_interval(self.env.expiry_tick, |act, ctx| act.expire(ctx));
+    }
+}
+
+impl Supervised for ShardActor {
+    /// actix hands back the same struct on restart; never trust its memory.
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        metrics::counter!("kami_actor_restarts_total").increment(1);
+        self.live = None;
+        match self.env.storage.recover(&self.id, &self.product) {
+            Ok(r) => {
+                tracing::info!(shard = %self.id, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "stock actor rebuilt from storage");
+                self.install(r);
+            }
+            Err(e) => tracing::error!(shard = %self.id, error = %e, "stock actor could not rebuild; answering unavailable"),
+        }
+    }
+}
+
+impl Handler<ImportKeys> for ShardActor {
+    type Result = ResponseFuture<ShardResult<(u64, u64)>>;
+
+    fn handle(&mut self, msg: ImportKeys, ctx: &mut Context<Self>) -> Self::Result {
+        let (events, imported, duplicates) = match self.guarded(ctx, |s| s.import_keys(msg.0)) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        let ticket = if events.is_empty() {
+            None
+        } else {
+            match self.persist(ctx, &events) {
+                Ok(t) => Some(t),
+                Err(e) => return fail(e),
+            }
+        };
+        self.reply(ticket, (imported, duplicates))
+    }
+}
+
+impl Handler<CreateOrder> for ShardActor {
+    type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
+
+    fn handle(&mut self, msg: CreateOrder, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        let (ticket, seq, replayed) = match self.guarded(ctx, |s| s.create_order(msg.0, now)) {
+            Err(e) => return fail(e),
+            Ok(Err(refusal)) => return fail(refusal),
+            Ok(Ok(Outcome::Repeat(seq))) => (None, seq, true),
+            Ok(Ok(Outcome::Changed(event, seq))) => match self.persist(ctx, &[event]) {
+                Ok(t) => (Some(t), seq, false),
+                Err(e) => return fail(e),
+            },
+        };
+        match self.order_snapshot(seq, replayed) {
+            Ok(view) => self.reply(ticket, view),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<PayOrder> for ShardActor {
+    type Result = ResponseFuture<ShardResult<PaymentOutcome>>;
+
+    fn handle(&mut self, msg: PayOrder, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        match self.guarded(ctx, |s| s.pay(msg.0, now)) {
+            Err(e) => fail(e),
+            Ok(Err(refusal)) => fail(refusal),
+            Ok(Ok(Outcome::Repeat(outcome))) => self.reply(None, outcome),
+            Ok(Ok(Outcome::Changed(event, outcome))) => match self.persist(ctx, &[event]) {
+                Ok(t) => self.reply(Some(t), outcome),
+                Err(e) => fail(e),
+            },
+        }
+    }
+}
+
+fn token_matches(given: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
+impl Handler<GetOrder> for ShardActor {
+    type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
+
+    fn handle(&mut self, msg: GetOrder, _ctx: &mut Context<Self>) -> Self::Result {
+        let view = match self.order_snapshot(msg.seq, false) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        if let Some(token) = msg.token {
+            if !token_matches(&token, &view.order.query_token) {
+                return fail(DomainError::OrderNotFound);
+            }
+        }
+        self.reply(None, view)
+    }
+}
+
+impl Handler<CancelOrder> for ShardActor {
+    type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
+
+    fn handle(&mut self, msg: CancelOrder, ctx: &mut Context<Self>) -> Self::Result {
+        let authorised = match self.live() {
+            Ok(live) => live.shard.order(msg.seq).is_some_and(|o| token_matches(&msg.token, &o.query_token)),
+            Err(e) => return fail(e),
+        };
+        if !authorised {
+            return fail(DomainError::OrderNotFound);
+        }
+        let now = self.env.clock.now_ms();
+        let event = match self.guarded(ctx, |s| s.cancel(msg.seq, now)) {
+            Err(e) => return fail(e),
+            Ok(Err(refusal)) => return fail(refusal),
+            Ok(Ok(event)) => event,
+        };
+        let ticket = match self.persist(ctx, &[event]) {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        match self.order_snapshot(msg.seq, false) {
+            Ok(view) => self.reply(Some(ticket), view),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<Audit> for ShardActor {
+    type Result = ResponseFuture<ShardResult<ShardAudit>>;
+
+    fn handle(&mut self, _: Audit, ctx: &mut Context<Self>) -> Self::Result {
+        match self.guarded(ctx, |s| s.audit()) {
+            Ok(audit) => self.reply(None, audit),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<TakeSnapshot> for ShardActor {
+    type Result = ResponseFuture<ShardResult<()>>;
+
+    fn handle(&mut self, _: TakeSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
+        match self.snapshot_now() {
+            Ok(ticket) => self.reply(Some(ticket), ()),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<Kill> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
+        tracing::warn!(shard = %self.id, "stock actor killed on request");
+        self.live = None;
+        ctx.stop();
+    }
+}
+
+impl Handler<InjectPanic> for ShardActor {
+    type Result = ResponseFuture<ShardResult<()>>;
+
+    fn handle(&mut self, _: InjectPanic, ctx: &mut Context<Self>) -> Self::Result {
+        match self.guarded(ctx, |_| panic!("injected panic")) {
+            Ok(()) => self.reply(None, ()),
+            Err(e) => fail(e),
+        }
+    }
+}

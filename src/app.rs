@@ -1,0 +1,258 @@
+//! Start-up and shutdown of a whole kami: storage, the actor system (one arbiter
+//! per core), recovery, and the HTTP server. Tests use [`start`] to run the real
+//! app on a random port; the binary uses it with the configured address.
+//!
+//! Order of start-up: open storage → bind and serve HTTP (only `/healthz`, and
+//! `/readyz` = 503 `recovering`) → start arbiters → rebuild every shard from
+//! snapshot + journal → mark ready. So `/readyz` is 200 only after recovery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::actors::shard::ShardEnv;
+use crate::actors::supervisor::RecoveryReport;
+use crate::actors::{OrderSupervisor, Registry};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Settings;
+use crate::core::{new_token, CoreLimits, Kami};
+use crate::http::{self, AppState};
+use crate::storage::{Storage, StorageOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage at {path}: {error}")]
+    Storage { path: String, error: String },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
+    #[error("recovery failed: {0}")]
+    Recovery(String),
+}
+
+/// Secrets in force, and which of them were generated at this start.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    pub admin_token: String,
+    pub channels: BTreeMap<String, String>,
+    pub generated: Vec<String>,
+}
+
+impl Secrets {
+    fn resolve(settings: &Settings) -> Secrets {
+        let mut generated = Vec::new();
+        let admin_token = if settings.admin.token.is_empty() {
+            generated.push("admin.token".to_string());
+            new_token()
+        } else {
+            settings.admin.token.clone()
+        };
+        let channels = settings
+            .payments
+            .channels
+            .iter()
+            .map(|(name, c)| {
+                let secret = if c.secret.is_empty() {
+                    generated.push(format!("payments.channels.{name}.secret"));
+                    new_token()
+                } else {
+                    c.secret.clone()
+                };
+                (name.clone(), secret)
+            })
+            .collect();
+        Secrets { admin_token, channels, generated }
+    }
+}
+
+/// The actix system on its own thread, with its arbiters.
+struct ActorSystem {
+    system: System,
+    arbiters: Vec<ArbiterHandle>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ActorSystem {
+    fn start(arbiters: usize) -> ActorSystem {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("kami-actors".into())
+            .spawn(move || {
+                let runner = System::new();
+                runner.block_on(async move {
+                    let handles: Vec<ArbiterHandle> = (0..arbiters).map(|_| Arbiter::new().handle()).collect();
+                    let _ = tx.send((System::current(), handles));
+                });
+                let _ = runner.run();
+            })
+            .expect("spawn actor system thread");
+        let (system, arbiters) = rx.recv().expect("actor system starts");
+        ActorSystem { system, arbiters, thread: Some(thread) }
+    }
+}
+
+impl Drop for ActorSystem {
+    fn drop(&mut self) {
+        for a in &self.arbiters {
+            a.stop();
+        }
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A running kami. Dropping it stops everything at once, without snapshots, as a
+/// crash would (minus the OS killing the process); [`RunningApp::shutdown`] is graceful.
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    pub secrets: Secrets,
+    pub core: Arc<Kami>,
+    pub recovery: RecoveryReport,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    grace: Duration,
+    actors: Option<ActorSystem>,
+}
+
+impl RunningApp {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period,
+    /// snapshots every shard and flushes.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            if tokio::time::timeout(self.grace, server).await.is_err() {
+                tracing::warn!("in-flight requests did not finish within the grace period");
+            }
+        }
+        match self.core.snapshot_all().await {
+            Ok(()) => tracing::info!("snapshots written; shutting down"),
+            Err(e) => tracing::warn!(error = %e, "snapshot at shutdown failed; the journal covers everything"),
+        }
+    }
+}
+
+impl Drop for RunningApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        for task in &self.background {
+            task.abort();
+        }
+        drop(self.actors.take());
+    }
+}
+
+pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
+    start_with_clock(settings, Arc::new(SystemClock)).await
+}
+
+pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<RunningApp, StartError> {
+    let secrets = Secrets::resolve(&settings);
+    let opts = StorageOptions {
+        path: settings.storage.path.clone(),
+        cache_capacity_bytes: settings.storage.cache_capacity_bytes,
+        max_pending_commits: settings.storage.max_pending_commits,
+        max_commit_batch: settings.storage.max_commit_batch,
+        commit_linger: Duration::from_micros(settings.storage.commit_linger_us),
+    };
+    let storage_err = |error: String| StartError::Storage { path: opts.path.display().to_string(), error };
+    let storage = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || Storage::open(&opts)).await.map_err(|e| storage_err(e.to_string()))?.map_err(|e| storage_err(e.to_string()))?
+    };
+
+    let state = AppState::new(&settings, secrets.admin_token.clone());
+    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+        .await
+        .map_err(|error| StartError::Bind { addr: settings.server.listen, error })?;
+    let addr = listener.local_addr().map_err(|error| StartError::Bind { addr: settings.server.listen, error })?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    crate::telemetry::metrics_handle();
+
+    let actors = ActorSystem::start(settings.arbiters());
+    let env = Arc::new(ShardEnv {
+        storage: storage.clone(),
+        clock: clock.clone(),
+        ttl_ms: settings.orders.ttl_secs * 1000,
+        expiry_tick: Duration::from_millis(settings.orders.expiry_tick_ms),
+        max_expired_per_tick: settings.orders.max_expired_per_tick,
+        snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
+        mailbox_capacity: settings.actors.mailbox_capacity,
+    });
+    let registry = Arc::new(Registry::default());
+    let (supervisor, mut recovery) = OrderSupervisor::recover(env, actors.arbiters.clone(), registry.clone())
+        .await
+        .map_err(|e| StartError::Recovery(e.to_string()))?;
+    let supervisor = OrderSupervisor::start_in_arbiter(&actors.arbiters[0], move |_| supervisor);
+    metrics::histogram!("kami_recovery_seconds").record(recovery.elapsed.as_secs_f64());
+    tracing::info!(
+        products = recovery.products,
+        shards = recovery.shards,
+        events_replayed = recovery.events_replayed,
+        journal_bytes = recovery.journal_bytes,
+        elapsed_ms = recovery.elapsed.as_millis() as u64,
+        "recovery finished"
+    );
+
+    let channels: HashMap<String, Vec<u8>> = secrets.channels.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+    let core = Arc::new(Kami::new(
+        registry,
+        supervisor,
+        storage,
+        clock,
+        CoreLimits::from_settings(&settings),
+        channels,
+        settings.payments.default_channel.clone(),
+        settings.orders.ttl_secs * 1000,
+    ));
+    core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
+    state.set_ready(core.clone());
+
+    let pruner = {
+        let (core, state) = (core.clone(), state.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                core.prune();
+                if let Some(l) = &state.ip_limiter {
+                    l.prune();
+                }
+            }
+        })
+    };
+
+    Ok(RunningApp {
+        addr,
+        secrets,
+        core,
+        recovery,
+        stop_server: Some(stop_tx),
+        server: Some(server),
+        background: vec![pruner],
+        grace: Duration::from_secs(settings.server.shutdown_grace_secs),
+        actors: Some(actors),
+    })
+}

@@ -1,0 +1,266 @@
+//! Layered configuration: compiled-in `config/default.toml` < `config/<profile>.toml`
+//! < `--config FILE` < `KAMI_<SECTION>__<KEY>` environment variables < programmatic
+//! overrides (tests). Unknown keys inside a section and out-of-range values stop
+//! start-up with a message naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub actors: ActorSettings,
+    pub admin: AdminSettings,
+    pub products: ProductSettings,
+    pub keys: KeySettings,
+    pub orders: OrderSettings,
+    pub payments: PaymentSettings,
+    pub rate_limits: RateLimitSettings,
+    pub chaos: ChaosSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub max_concurrent_requests: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub path: PathBuf,
+    pub cache_capacity_bytes: u64,
+    pub max_pending_commits: usize,
+    pub max_commit_batch: usize,
+    pub commit_linger_us: u64,
+    pub snapshot_min_journal_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSettings {
+    pub arbiters: usize,
+    pub mailbox_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductSettings {
+    pub max_shards: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    pub max_import_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderSettings {
+    pub ttl_secs: u64,
+    pub max_quantity: u32,
+    pub expiry_tick_ms: u64,
+    pub max_expired_per_tick: usize,
+    pub idempotency_ttl_secs: u64,
+    pub max_idempotency_keys: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    pub max_skew_secs: u64,
+    pub default_channel: String,
+    pub max_nonces: usize,
+    pub channels: BTreeMap<String, ChannelSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    pub per_ip_per_sec: u32,
+    pub per_ip_burst: u32,
+    pub max_tracked_ips: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosSettings {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// Where settings come from, lowest precedence first.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// Loads `config/<profile>.toml` relative to the working directory (must exist).
+    pub profile: Option<String>,
+    pub file: Option<PathBuf>,
+    /// Read `KAMI_*` environment variables (the binary does; tests usually do not).
+    pub environment: bool,
+    /// `("orders.ttl_secs", "1")`-style overrides, highest precedence.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Settings {
+    pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
+        let mut b = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(profile) = &sources.profile {
+            let path = Path::new("config").join(format!("{profile}.toml"));
+            b = b.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        if let Some(file) = &sources.file {
+            b = b.add_source(File::from(file.as_path()).format(FileFormat::Toml).required(true));
+        }
+        if sources.environment {
+            b = b.add_source(Environment::with_prefix("KAMI").prefix_separator("_").separator("__").try_parsing(true));
+        }
+        for (k, v) in &sources.overrides {
+            b = b.set_override(k.as_str(), v.as_str())?;
+        }
+        let settings: Settings = b.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn check(ok: bool, key: &'static str, problem: &str) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid { key, problem: problem.into() })
+            }
+        }
+        check(self.server.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")?;
+        check(self.server.request_timeout_ms >= 1, "server.request_timeout_ms", "must be at least 1")?;
+        check(self.server.max_concurrent_requests >= 1, "server.max_concurrent_requests", "must be at least 1")?;
+        check(self.storage.max_pending_commits >= 1, "storage.max_pending_commits", "must be at least 1")?;
+        check(self.storage.max_commit_batch >= 1, "storage.max_commit_batch", "must be at least 1")?;
+        check(self.storage.commit_linger_us <= 100_000, "storage.commit_linger_us", "must be at most 100000")?;
+        check(self.actors.arbiters <= 1024, "actors.arbiters", "must be at most 1024")?;
+        check((1..=1_000_000).contains(&self.actors.mailbox_capacity), "actors.mailbox_capacity", "must be 1..=1000000")?;
+        check(!self.admin.token.contains(char::is_whitespace), "admin.token", "must not contain white space")?;
+        check((1..=1024).contains(&self.products.max_shards), "products.max_shards", "must be 1..=1024")?;
+        check(self.keys.max_import_bytes >= 1024, "keys.max_import_bytes", "must be at least 1024")?;
+        check(self.orders.ttl_secs >= 1, "orders.ttl_secs", "must be at least 1")?;
+        check(self.orders.ttl_secs <= 30 * 86400, "orders.ttl_secs", "must be at most 30 days")?;
+        check((1..=10_000).contains(&self.orders.max_quantity), "orders.max_quantity", "must be 1..=10000")?;
+        check((10..=1000).contains(&self.orders.expiry_tick_ms), "orders.expiry_tick_ms", "must be 10..=1000 (orders expire within a second)")?;
+        check(self.orders.max_expired_per_tick >= 1, "orders.max_expired_per_tick", "must be at least 1")?;
+        check(self.orders.idempotency_ttl_secs >= 86400, "orders.idempotency_ttl_secs", "must be at least 86400 (24 hours)")?;
+        check(self.orders.max_idempotency_keys >= 1, "orders.max_idempotency_keys", "must be at least 1")?;
+        check(self.payments.max_skew_secs >= 1, "payments.max_skew_secs", "must be at least 1")?;
+        check(self.payments.max_nonces >= 1, "payments.max_nonces", "must be at least 1")?;
+        check(
+            self.payments.channels.contains_key(&self.payments.default_channel),
+            "payments.default_channel",
+            "must name a channel configured under payments.channels",
+        )?;
+        for name in self.payments.channels.keys() {
+            if !crate::domain::validate::is_product_id(name) {
+                return Err(ConfigError::Invalid { key: "payments.channels", problem: format!("channel name {name:?} must match [a-z0-9_-]{{1,64}}") });
+            }
+        }
+        check(self.rate_limits.per_ip_per_sec >= 1, "rate_limits.per_ip_per_sec", "must be at least 1")?;
+        check(self.rate_limits.per_ip_burst >= 1, "rate_limits.per_ip_burst", "must be at least 1")?;
+        check(self.rate_limits.max_tracked_ips >= 1, "rate_limits.max_tracked_ips", "must be at least 1")?;
+        Ok(())
+    }
+
+    pub fn arbiters(&self) -> usize {
+        match self.actors.arbiters {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(overrides: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load(&Sources {
+            overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.storage.path, PathBuf::from("./data"));
+        assert_eq!(s.orders.ttl_secs, 300);
+        assert_eq!(s.orders.max_quantity, 10);
+        assert_eq!(s.payments.max_skew_secs, 300);
+        assert!(!s.chaos.enabled);
+        assert!(s.rate_limits.enabled);
+        assert_eq!(s.server.max_body_bytes, 1 << 20);
+        assert_eq!(s.keys.max_import_bytes, 16 << 20);
+        assert!(s.payments.channels.contains_key("sandbox"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = with(&[("orders.ttl_secs", "0")]).unwrap_err().to_string();
+        assert!(e.contains("orders.ttl_secs"), "{e}");
+        let e = with(&[("orders.ttl_secs", "soon")]).unwrap_err().to_string();
+        assert!(e.contains("ttl_secs"), "{e}");
+        let e = with(&[("orders.ttl", "5")]).unwrap_err().to_string();
+        assert!(e.contains("ttl"), "{e}");
+        let e = with(&[("server.listen", "nowhere")]).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+    }
+}

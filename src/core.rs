@@ -1,0 +1,465 @@
+//! [`Kami`]: the in-process API of the trading core. HTTP handlers, tests and
+//! benchmarks all go through it. It validates input, routes each request to the
+//! stock actor that owns it (through the lock-free registry), bounds admission per
+//! actor, and bounds waiting with a timeout. It holds no lock across an await.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
+use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
+use crate::actors::{Registry, ShardHandle};
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::domain::shard::{Idempotency, NewOrder, Payment};
+use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit};
+use crate::error::Error;
+use crate::storage::Storage;
+
+/// The knobs the core needs, taken from [`Settings`].
+#[derive(Debug, Clone)]
+pub struct CoreLimits {
+    pub max_quantity: u32,
+    pub max_shards: u16,
+    pub request_timeout: Duration,
+    pub max_skew_secs: u64,
+    pub max_nonces: usize,
+    pub idempotency_ttl_ms: u64,
+    pub max_idempotency_keys: usize,
+    pub mailbox_capacity: usize,
+}
+
+impl CoreLimits {
+    pub fn from_settings(s: &Settings) -> Self {
+        CoreLimits {
+            max_quantity: s.orders.max_quantity,
+            max_shards: s.products.max_shards,
+            request_timeout: s.request_timeout(),
+            max_skew_secs: s.payments.max_skew_secs,
+            max_nonces: s.payments.max_nonces,
+            idempotency_ttl_ms: s.orders.idempotency_ttl_secs * 1000,
+            max_idempotency_keys: s.orders.max_idempotency_keys,
+            mailbox_capacity: s.actors.mailbox_capacity,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    pub id: String,
+    pub name: String,
+    pub price_cents: u64,
+    #[serde(default)]
+    pub per_buyer_limit: u32,
+    #[serde(default = "one")]
+    pub shards: u16,
+}
+
+fn one() -> u16 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    pub product_id: String,
+    pub quantity: u64,
+    pub buyer: String,
+}
+
+/// A payment notification body. Unknown fields are ignored (gateways add fields).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Notification {
+    pub order_id: String,
+    pub payment_id: String,
+    pub amount_cents: u64,
+    pub status: String,
+    pub timestamp: i64,
+    pub nonce: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProductView {
+    pub info: ProductInfo,
+    pub available: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ProductAudit {
+    pub id: String,
+    pub imported: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditReport {
+    pub ok: bool,
+    pub products: Vec<ProductAudit>,
+    pub orders: BTreeMap<OrderStatus, u64>,
+    pub violations: Vec<String>,
+}
+
+/// An Idempotency-Key seen by this process, pinned to the body it first came with,
+/// so that reuse with another product is caught too (the owning shard catches the rest).
+struct Pin {
+    fingerprint: [u8; 16],
+    at_ms: u64,
+    confirmed: bool,
+}
+
+pub struct Kami {
+    registry: Arc<Registry>,
+    supervisor: Addr<OrderSupervisor>,
+    storage: Arc<Storage>,
+    clock: Arc<dyn Clock>,
+    limits: CoreLimits,
+    channels: HashMap<String, Vec<u8>>,
+    default_channel: String,
+    ttl_ms: u64,
+    pins: DashMap<String, Pin>,
+    nonces: DashMap<String, ([u8; 16], u64)>,
+}
+
+impl Kami {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        registry: Arc<Registry>,
+        supervisor: Addr<OrderSupervisor>,
+        storage: Arc<Storage>,
+        clock: Arc<dyn Clock>,
+        limits: CoreLimits,
+        channels: HashMap<String, Vec<u8>>,
+        default_channel: String,
+        ttl_ms: u64,
+    ) -> Kami {
+        assert!(channels.contains_key(&default_channel));
+        Kami { registry, supervisor, storage, clock, limits, channels, default_channel, ttl_ms, pins: DashMap::new(), nonces: DashMap::new() }
+    }
+
+    pub fn mailbox_capacity(&self) -> usize {
+        self.limits.mailbox_capacity
+    }
+
+    pub fn default_channel(&self) -> &str {
+        &self.default_channel
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Sends to a stock actor: one admission permit (else `Overloaded`), bounded wait.
+    async fn call<M, R>(&self, shard: &ShardHandle, msg: M) -> Result<R, Error>
+    where
+        M: Message<Result = ShardResult<R>> + Send + 'static,
+        R: Send + 'static,
+        ShardActor: Handler<M>,
+    {
+        let _permit = shard.admission.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("kami_rejected_total", "reason" => "mailbox_full").increment(1);
+            Error::Overloaded
+        })?;
+        match tokio::time::timeout(self.limits.request_timeout, shard.addr.send(msg)).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Err(MailboxError::Timeout)) => Err(Error::Timeout),
+            Ok(Err(MailboxError::Closed)) => Err(Error::Unavailable("the stock actor stopped".into())),
+            Ok(Ok(result)) => Ok(result?),
+        }
+    }
+
+    // ---- merchant ----
+
+    pub async fn create_product(&self, p: NewProduct) -> Result<ProductInfo, Error> {
+        validate::product_id(&p.id).map_err(Error::Invalid)?;
+        validate::product_name(&p.name).map_err(Error::Invalid)?;
+        if p.shards == 0 || p.shards > self.limits.max_shards {
+            return Err(Error::Invalid(format!("shards: must be 1..={}", self.limits.max_shards)));
+        }
+        if p.price_cents > 1_000_000_000_000 {
+            return Err(Error::Invalid("price_cents: must be at most 10^12".into()));
+        }
+        let info = ProductInfo {
+            id: p.id,
+            name: p.name,
+            price_cents: p.price_cents,
+            per_buyer_limit: p.per_buyer_limit,
+            shards: p.shards,
+            created_at_ms: self.clock.now_ms(),
+        };
+        let sent = tokio::time::timeout(self.limits.request_timeout, self.supervisor.send(CreateProduct(info))).await;
+        match sent {
+            Err(_) => Err(Error::Timeout),
+            Ok(Err(_)) => Err(Error::Unavailable("the order supervisor stopped".into())),
+            Ok(Ok(result)) => Ok(result?),
+        }
+    }
+
+    /// Imports keys (already split into lines or array items). Trims each key; empty
+    /// ones are ignored; an invalid one rejects the whole batch before anything changes.
+    pub async fn import_keys(&self, product: &str, raw: Vec<String>) -> Result<(u64, u64), Error> {
+        let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        let mut parts: Vec<Vec<String>> = vec![Vec::new(); route.shards.len()];
+        for (i, key) in raw.into_iter().enumerate() {
+            let key = key.trim();
+            if key.is_empty() {
+                continue;
+            }
+            validate::key(key).map_err(|m| Error::Invalid(format!("keys[{i}]: {m}")))?;
+            parts[route.shard_index_for_key(key)].push(key.to_string());
+        }
+        let calls = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(i, keys)| self.call(&route.shards[i], shard::ImportKeys(keys)));
+        let mut totals = (0, 0);
+        for result in futures::future::join_all(calls).await {
+            let (imported, duplicates) = result?;
+            totals = (totals.0 + imported, totals.1 + duplicates);
+        }
+        Ok(totals)
+    }
+
+    pub fn product(&self, id: &str) -> Result<ProductView, Error> {
+        let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
+        let available = route.shards.iter().map(|s| s.gauge.get().available).sum();
+        Ok(ProductView { info: route.info.clone(), available })
+    }
+
+    pub async fn audit(&self) -> Result<AuditReport, Error> {
+        let routes = self.registry.all();
+        let mut ids: Vec<&String> = routes.keys().collect();
+        ids.sort();
+        let mut report = AuditReport { ok: true, ..AuditReport::default() };
+        for status in OrderStatus::ALL {
+            report.orders.insert(status, 0);
+        }
+        for id in ids {
+            let route = &routes[id];
+            let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
+            for (i, s) in route.shards.iter().enumerate() {
+                // The audit is not admission-controlled: it must work under overload.
+                let a: ShardAudit = match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::Audit)).await {
+                    Ok(Ok(r)) => r?,
+                    _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
+                };
+                pa.imported += a.imported;
+                pa.available += a.available;
+                pa.reserved += a.reserved;
+                pa.sold += a.sold;
+                for (status, n) in a.orders {
+                    *report.orders.entry(status).or_default() += n;
+                }
+                report.violations.extend(a.violations.into_iter().map(|v| format!("{id}#{i}: {v}")));
+            }
+            report.products.push(pa);
+        }
+        report.ok = report.violations.is_empty();
+        Ok(report)
+    }
+
+    // ---- buyer ----
+
+    fn fingerprint(req: &OrderRequest) -> [u8; 16] {
+        let mut h = Sha256::new();
+        for part in [req.product_id.as_bytes(), &req.quantity.to_be_bytes(), req.buyer.as_bytes()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.finalize()[..16].try_into().expect("16 bytes")
+    }
+
+    pub async fn create_order(&self, req: OrderRequest, idempotency_key: Option<String>) -> Result<OrderSnapshot, Error> {
+        if req.quantity == 0 || req.quantity > self.limits.max_quantity as u64 {
+            return Err(Error::Invalid(format!("quantity: must be 1..={}", self.limits.max_quantity)));
+        }
+        validate::buyer(&req.buyer).map_err(Error::Invalid)?;
+        if let Some(k) = &idempotency_key {
+            validate::token("Idempotency-Key", k).map_err(Error::Invalid)?;
+        }
+        let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
+        let fingerprint = Self::fingerprint(&req);
+        if let Some(key) = &idempotency_key {
+            self.pin(key, fingerprint)?;
+        }
+        let new = NewOrder {
+            buyer: req.buyer.clone(),
+            quantity: req.quantity as u32,
+            idempotency: idempotency_key.clone().map(|key| Idempotency { key, fingerprint }),
+            query_token: new_token(),
+            ttl_ms: self.ttl_ms,
+        };
+        let result = self.call(route.shard_for_buyer(&req.buyer), shard::CreateOrder(new)).await;
+        if let Some(key) = &idempotency_key {
+            match &result {
+                Ok(_) => self.confirm_pin(key, fingerprint),
+                // A definite refusal created nothing: a retry runs anew.
+                Err(Error::Domain(_)) => {
+                    self.pins.remove_if(key, |_, p| p.fingerprint == fingerprint && !p.confirmed);
+                }
+                Err(_) => {}
+            }
+        }
+        match &result {
+            Ok(v) if !v.replayed => metrics::counter!("kami_orders_created_total").increment(1),
+            _ => {}
+        }
+        result
+    }
+
+    fn pin(&self, key: &str, fingerprint: [u8; 16]) -> Result<(), Error> {
+        if let Some(p) = self.pins.get(key) {
+            return if p.fingerprint == fingerprint { Ok(()) } else { Err(DomainError::IdempotencyKeyReused.into()) };
+        }
+        if self.pins.len() >= self.limits.max_idempotency_keys {
+            self.prune();
+            if self.pins.len() >= self.limits.max_idempotency_keys {
+                return Err(Error::Overloaded);
+            }
+        }
+        let entry = self.pins.entry(key.to_string()).or_insert(Pin { fingerprint, at_ms: self.clock.now_ms(), confirmed: false });
+        if entry.fingerprint == fingerprint {
+            Ok(())
+        } else {
+            Err(DomainError::IdempotencyKeyReused.into())
+        }
+    }
+
+    fn confirm_pin(&self, key: &str, fingerprint: [u8; 16]) {
+        let now = self.clock.now_ms();
+        self.pins
+            .entry(key.to_string())
+            .and_modify(|p| p.confirmed = true)
+            .or_insert(Pin { fingerprint, at_ms: now, confirmed: true });
+    }
+
+    /// Re-pins the Idempotency-Keys recovered shards hold (start-up), so reuse of a
+    /// key with another product is still caught after a restart.
+    pub fn restore_pins(&self, pins: Vec<(String, [u8; 16])>) {
+        let now = self.clock.now_ms();
+        for (key, fingerprint) in pins {
+            self.pins.insert(key, Pin { fingerprint, at_ms: now, confirmed: true });
+        }
+    }
+
+    /// Drops idempotency pins and nonces past their windows. Called periodically.
+    pub fn prune(&self) {
+        let now = self.clock.now_ms();
+        let ttl = self.limits.idempotency_ttl_ms;
+        self.pins.retain(|_, p| p.at_ms.saturating_add(ttl) > now);
+        let window_ms = self.limits.max_skew_secs * 2000;
+        self.nonces.retain(|_, (_, at)| at.saturating_add(window_ms) > now);
+    }
+
+    fn locate(&self, order_id: &str) -> Result<(OrderId, Arc<crate::actors::ProductRoute>), Error> {
+        let not_found = || Error::Domain(DomainError::OrderNotFound);
+        let id = OrderId::parse(order_id).ok_or_else(not_found)?;
+        let route = self.registry.get(&id.shard.product).ok_or_else(not_found)?;
+        if id.shard.shard as usize >= route.shards.len() {
+            return Err(not_found());
+        }
+        Ok((id, route))
+    }
+
+    /// `token: None` reads as the merchant (no token check).
+    pub async fn get_order(&self, order_id: &str, token: Option<&str>) -> Result<OrderSnapshot, Error> {
+        let (id, route) = self.locate(order_id)?;
+        let msg = shard::GetOrder { seq: id.seq, token: token.map(str::to_string) };
+        self.call(&route.shards[id.shard.shard as usize], msg).await
+    }
+
+    pub async fn cancel_order(&self, order_id: &str, token: &str) -> Result<OrderSnapshot, Error> {
+        let (id, route) = self.locate(order_id)?;
+        let msg = shard::CancelOrder { seq: id.seq, token: token.to_string() };
+        self.call(&route.shards[id.shard.shard as usize], msg).await
+    }
+
+    // ---- payments ----
+
+    /// Verifies and applies a payment notification. `Ok` means the outcome is durable.
+    pub async fn notify(&self, channel: &str, body: &[u8], signature: Option<&str>) -> Result<PaymentOutcome, Error> {
+        let secret = self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?;
+        let signature = signature.ok_or(Error::BadSignature)?;
+        if !crate::domain::signature::verify(secret, body, signature) {
+            metrics::counter!("kami_rejected_total", "reason" => "bad_signature").increment(1);
+            return Err(Error::BadSignature);
+        }
+        let n: Notification = serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("notification: {e}")))?;
+        validate::token("payment_id", &n.payment_id).map_err(Error::Invalid)?;
+        validate::token("nonce", &n.nonce).map_err(Error::Invalid)?;
+        if n.status.is_empty() || n.status.len() > 32 {
+            return Err(Error::Invalid("status: must be 1..=32 bytes".into()));
+        }
+        let now_ms = self.clock.now_ms();
+        let skew_secs = ((now_ms / 1000) as i64).abs_diff(n.timestamp);
+        if skew_secs > self.limits.max_skew_secs {
+            return Err(Error::StaleRequest { skew_secs, max_secs: self.limits.max_skew_secs });
+        }
+        self.check_nonce(&n.nonce, body, now_ms)?;
+        let (id, route) = self.locate(&n.order_id)?;
+        let payment = Payment { order_seq: id.seq, payment_id: n.payment_id, channel: channel.to_string(), amount_cents: n.amount_cents, status: n.status };
+        let outcome = self.call(&route.shards[id.shard.shard as usize], shard::PayOrder(payment)).await?;
+        if let PaymentOutcome::AmountMismatch { expected_cents } = outcome {
+            return Err(DomainError::AmountMismatch { expected: expected_cents, got: n.amount_cents }.into());
+        }
+        Ok(outcome)
+    }
+
+    /// A nonce may come again only with the very same body (a gateway's resend).
+    fn check_nonce(&self, nonce: &str, body: &[u8], now_ms: u64) -> Result<(), Error> {
+        let digest: [u8; 16] = Sha256::digest(body)[..16].try_into().expect("16 bytes");
+        if let Some(seen) = self.nonces.get(nonce) {
+            return if seen.0 == digest { Ok(()) } else { Err(Error::Replayed) };
+        }
+        if self.nonces.len() >= self.limits.max_nonces {
+            self.prune();
+            if self.nonces.len() >= self.limits.max_nonces {
+                return Err(Error::Overloaded);
+            }
+        }
+        let entry = self.nonces.entry(nonce.to_string()).or_insert((digest, now_ms));
+        if entry.0 == digest {
+            Ok(())
+        } else {
+            Err(Error::Replayed)
+        }
+    }
+
+    pub fn sign_for_channel(&self, channel: &str, body: &[u8]) -> Option<String> {
+        self.channels.get(channel).map(|s| crate::domain::signature::sign(s, body))
+    }
+
+    // ---- operations ----
+
+    /// Snapshots every shard and flushes (graceful shutdown).
+    pub async fn snapshot_all(&self) -> Result<(), Error> {
+        for route in self.registry.all().values() {
+            for s in &route.shards {
+                match s.addr.send(shard::TakeSnapshot).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Error::Unavailable("a stock actor stopped".into())),
+                }
+            }
+        }
+        self.storage.flush_now()?;
+        Ok(())
+    }
+}
+
+/// A fresh 128-bit query token, hex encoded.
+pub fn new_token() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}

@@ -1,0 +1,37 @@
+use serde::{Deserialize, Serialize};
+
+use super::shard::OrderStatus;
+
+/// A refusal decided by the domain. Nothing changed when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum DomainError {
+    #[error("not enough keys left: {requested} requested, {available} available")]
+    SoldOut { requested: u32, available: u64 },
+    #[error("per-buyer limit of {limit} reached: buyer already holds {held}")]
+    LimitExceeded { limit: u32, held: u32 },
+    #[error("this Idempotency-Key was used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("order not found")]
+    OrderNotFound,
+    #[error("order is {status}, the operation needs it to be pending_payment")]
+    InvalidState { status: OrderStatus },
+    #[error("payment amount {got} does not match the order amount {expected}")]
+    AmountMismatch { expected: u64, got: u64 },
+    #[error("payment_id was already used for another order")]
+    PaymentIdConflict,
+}
+
+impl DomainError {
+    /// The stable snake_case code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DomainError::SoldOut { .. } => "sold_out",
+            DomainError::LimitExceeded { .. } => "limit_exceeded",
+            DomainError::IdempotencyKeyReused => "idempotency_key_reused",
+            DomainError::OrderNotFound => "order_not_found",
+            DomainError::InvalidState { .. } => "invalid_state",
+            DomainError::AmountMismatch { .. } => "amount_mismatch",
+            DomainError::PaymentIdConflict => "payment_id_conflict",
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Pure domain logic: no I/O, no clocks, no randomness, no actors.
+//!
+//! Everything that decides whether a trade may happen lives here, so it can be
+//! unit- and property-tested in isolation:
+//!
+//! * [`shard`] — the stock of one product shard: its key pool, its orders and their
+//!   state machine, payments received, and the derived indexes (per-buyer holdings,
+//!   idempotency keys, the expiry heap). Commands are *decided and applied* in one
+//!   call that returns the [`Event`] to journal; replaying the same events on an
+//!   empty shard rebuilds the same state.
+//! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
+//! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
+//!   notifications.
+//! * [`validate`] — the input rules shared by HTTP and the library API.
+
+pub mod error;
+pub mod ids;
+pub mod shard;
+pub mod signature;
+pub mod validate;
+
+pub use error::DomainError;
+pub use ids::{OrderId, ShardId};
+pub use shard::{
+    Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard, ShardAudit,
+};
+
+/// Milliseconds since the Unix epoch. The domain never reads a clock: callers pass `now_ms`.
+pub type Millis = u64;

@@ -1,0 +1,793 @@
+//! The stock of one product shard and the orders that reserved from it.
+//!
+//! One [`Shard`] owns everything whose consistency matters together: the keys,
+//! which of them are available, the orders holding or owning them, and the payments
+//! received for those orders. Every mutation goes through [`Shard::apply`], which is
+//! also what recovery replays, so live state and recovered state cannot diverge.
+//!
+//! Key accounting (invariant I6): every imported key is in exactly one place —
+//! the `available` queue, the `keys` of a `pending_payment` order (reserved), or the
+//! `keys` of a `delivered` order (sold). [`Shard::audit`] recounts this from the
+//! actual state rather than trusting counters.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::hash::BuildHasher;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::DomainError;
+use super::Millis;
+
+/// Index of a key in its shard's `keys` vector.
+pub type KeyId = u32;
+
+/// Upper bound of keys carried by one `KeysImported` event (bounds journal records).
+pub const MAX_KEYS_PER_EVENT: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductInfo {
+    pub id: String,
+    pub name: String,
+    pub price_cents: u64,
+    /// 0 = unlimited.
+    pub per_buyer_limit: u32,
+    pub shards: u16,
+    pub created_at_ms: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    PendingPayment,
+    Paid,
+    Delivered,
+    Expired,
+    Cancelled,
+    RefundPending,
+    Refunded,
+}
+
+impl OrderStatus {
+    pub const ALL: [OrderStatus; 7] = [
+        OrderStatus::PendingPayment,
+        OrderStatus::Paid,
+        OrderStatus::Delivered,
+        OrderStatus::Expired,
+        OrderStatus::Cancelled,
+        OrderStatus::RefundPending,
+        OrderStatus::Refunded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::PendingPayment => "pending_payment",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Delivered => "delivered",
+            OrderStatus::Expired => "expired",
+            OrderStatus::Cancelled => "cancelled",
+            OrderStatus::RefundPending => "refund_pending",
+            OrderStatus::Refunded => "refunded",
+        }
+    }
+
+    /// Statuses that count against `per_buyer_limit` (SPEC §2).
+    pub fn counts_toward_limit(self) -> bool {
+        matches!(self, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered)
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An Idempotency-Key and the fingerprint of the request body it first came with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub key: String,
+    pub fingerprint: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub seq: u64,
+    pub buyer: String,
+    pub quantity: u32,
+    pub amount_cents: u64,
+    pub created_at_ms: Millis,
+    pub expires_at_ms: Millis,
+    pub paid_at_ms: Option<Millis>,
+    pub delivered_at_ms: Option<Millis>,
+    /// When it turned `expired` or `cancelled`.
+    pub closed_at_ms: Option<Millis>,
+    pub status: OrderStatus,
+    /// Reserved keys while `pending_payment`, delivered keys once `delivered`, else empty.
+    pub keys: Vec<KeyId>,
+    pub query_token: String,
+    pub idempotency: Option<Idempotency>,
+    /// The payment that paid this order.
+    pub payment_id: Option<String>,
+    /// A notification with the wrong amount arrived: flagged for the merchant.
+    pub amount_mismatch: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefundReason {
+    /// Paid after expiry or cancellation and no key could be had.
+    SoldOut,
+    /// A second, different payment for an order that was already paid.
+    AlreadyPaid,
+}
+
+/// What a payment notification did. Recorded per `payment_id` so repeats get the same answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentOutcome {
+    Delivered,
+    RefundOwed(RefundReason),
+    /// A status other than `paid`: recorded, changes nothing.
+    Ignored,
+    AmountMismatch { expected_cents: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRecord {
+    pub payment_id: String,
+    pub order_seq: u64,
+    pub channel: String,
+    pub amount_cents: u64,
+    pub status: String,
+    pub at_ms: Millis,
+    pub outcome: PaymentOutcome,
+}
+
+/// A journaled state change. Applying the same events in the same order to a new
+/// shard yields the same state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    KeysImported { keys: Vec<String> },
+    OrderCreated { order: Order },
+    PaymentApplied { record: PaymentRecord, taken_keys: Vec<KeyId> },
+    OrderExpired { seq: u64, at_ms: Millis },
+    OrderCancelled { seq: u64, at_ms: Millis },
+}
+
+/// A new order request, already validated by the caller (quantity ≥ 1, buyer well formed).
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub buyer: String,
+    pub quantity: u32,
+    pub idempotency: Option<Idempotency>,
+    pub query_token: String,
+    pub ttl_ms: Millis,
+}
+
+/// A payment notification, signature and freshness already checked by the caller.
+#[derive(Debug, Clone)]
+pub struct Payment {
+    pub order_seq: u64,
+    pub payment_id: String,
+    pub channel: String,
+    pub amount_cents: u64,
+    pub status: String,
+}
+
+/// The result of a command: either it changed state (and the event must be
+/// journaled before anyone is told), or it is a repeat answered from recorded state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    Changed(Event, T),
+    Repeat(T),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShardAudit {
+    pub imported: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    pub orders: BTreeMap<OrderStatus, u64>,
+    pub violations: Vec<String>,
+}
+
+/// Counters kept in step with the state; the audit checks them against a recount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub imported: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Shard {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    /// `orders[seq - 1]`: sequence numbers are dense and start at 1.
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+
+    // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
+    #[serde(skip)]
+    key_index: hashbrown::HashTable<KeyId>,
+    #[serde(skip)]
+    hasher: hashbrown::DefaultHashBuilder,
+    #[serde(skip)]
+    holdings: HashMap<String, u32>,
+    #[serde(skip)]
+    idempotency: HashMap<String, ([u8; 16], u64)>,
+    #[serde(skip)]
+    expiry: BinaryHeap<Reverse<(Millis, u64)>>,
+    #[serde(skip)]
+    reserved: u64,
+    #[serde(skip)]
+    sold: u64,
+}
+
+impl Shard {
+    pub fn new(product: ProductInfo, shard: u16) -> Shard {
+        assert!(shard < product.shards, "shard {shard} out of range for {}", product.id);
+        Shard {
+            product,
+            shard,
+            keys: Vec::new(),
+            available: VecDeque::new(),
+            orders: Vec::new(),
+            payments: HashMap::new(),
+            key_index: hashbrown::HashTable::new(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            holdings: HashMap::new(),
+            idempotency: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            reserved: 0,
+            sold: 0,
+        }
+    }
+
+    /// Rebuilds every derived index from the primary state (after deserialising a snapshot).
+    pub fn rebuild_indexes(&mut self) {
+        self.key_index = hashbrown::HashTable::with_capacity(self.keys.len());
+        for id in 0..self.keys.len() {
+            let hash = self.hasher.hash_one(&*self.keys[id]);
+            let keys = &self.keys;
+            let hasher = &self.hasher;
+            self.key_index.insert_unique(hash, id as KeyId, |&k| hasher.hash_one(&*keys[k as usize]));
+        }
+        self.holdings.clear();
+        self.idempotency.clear();
+        self.expiry.clear();
+        self.reserved = 0;
+        self.sold = 0;
+        for order in &self.orders {
+            if order.status.counts_toward_limit() {
+                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+            }
+            if let Some(idem) = &order.idempotency {
+                self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
+            }
+            match order.status {
+                OrderStatus::PendingPayment => {
+                    self.reserved += order.keys.len() as u64;
+                    self.expiry.push(Reverse((order.expires_at_ms, order.seq)));
+                }
+                OrderStatus::Delivered => self.sold += order.keys.len() as u64,
+                _ => {}
+            }
+        }
+    }
+
+    pub fn product(&self) -> &ProductInfo {
+        &self.product
+    }
+
+    pub fn shard_index(&self) -> u16 {
+        self.shard
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            imported: self.keys.len() as u64,
+            available: self.available.len() as u64,
+            reserved: self.reserved,
+            sold: self.sold,
+        }
+    }
+
+    pub fn order(&self, seq: u64) -> Option<&Order> {
+        seq.checked_sub(1).and_then(|i| self.orders.get(i as usize))
+    }
+
+    pub fn orders(&self) -> &[Order] {
+        &self.orders
+    }
+
+    pub fn key(&self, id: KeyId) -> &str {
+        &self.keys[id as usize]
+    }
+
+    pub fn payments(&self) -> impl Iterator<Item = &PaymentRecord> {
+        self.payments.values()
+    }
+
+    /// The idempotency keys this shard has answered, for the shared pin index.
+    pub fn idempotency_keys(&self) -> impl Iterator<Item = (&str, [u8; 16])> {
+        self.idempotency.iter().map(|(k, (fp, _))| (k.as_str(), *fp))
+    }
+
+    fn find_key(&self, key: &str) -> Option<KeyId> {
+        let hash = self.hasher.hash_one(key);
+        self.key_index.find(hash, |&k| &*self.keys[k as usize] == key).copied()
+    }
+
+    // ---- commands: decide, apply, and return the event to journal ----
+
+    /// Adds keys not yet known to this shard. Returns the events (chunks of at most
+    /// [`MAX_KEYS_PER_EVENT`]) and `(imported, duplicates)`.
+    pub fn import_keys(&mut self, keys: Vec<String>) -> (Vec<Event>, u64, u64) {
+        let total = keys.len() as u64;
+        let mut seen: HashSet<&str> = HashSet::with_capacity(keys.len());
+        let mut fresh: Vec<usize> = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            if self.find_key(key).is_none() && seen.insert(key.as_str()) {
+                fresh.push(i);
+            }
+        }
+        drop(seen);
+        let imported = fresh.len() as u64;
+        let mut keys: Vec<Option<String>> = keys.into_iter().map(Some).collect();
+        let mut events = Vec::new();
+        for chunk in fresh.chunks(MAX_KEYS_PER_EVENT) {
+            let batch: Vec<String> = chunk.iter().map(|&i| keys[i].take().expect("index used once")).collect();
+            let event = Event::KeysImported { keys: batch };
+            self.apply(&event);
+            events.push(event);
+        }
+        (events, imported, total - imported)
+    }
+
+    pub fn create_order(&mut self, req: NewOrder, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
+        assert!(req.quantity >= 1, "quantity validated by the caller");
+        if let Some(idem) = &req.idempotency {
+            if let Some(&(fingerprint, seq)) = self.idempotency.get(&idem.key) {
+                return if fingerprint == idem.fingerprint {
+                    Ok(Outcome::Repeat(seq))
+                } else {
+                    Err(DomainError::IdempotencyKeyReused)
+                };
+            }
+        }
+        let limit = self.product.per_buyer_limit;
+        if limit > 0 {
+            let held = self.holdings.get(&req.buyer).copied().unwrap_or(0);
+            if held.saturating_add(req.quantity) > limit {
+                return Err(DomainError::LimitExceeded { limit, held });
+            }
+        }
+        if (self.available.len() as u64) < req.quantity as u64 {
+            return Err(DomainError::SoldOut { requested: req.quantity, available: self.available.len() as u64 });
+        }
+        let seq = self.orders.len() as u64 + 1;
+        let order = Order {
+            seq,
+            amount_cents: self.product.price_cents.saturating_mul(req.quantity as u64),
+            buyer: req.buyer,
+            quantity: req.quantity,
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(req.ttl_ms),
+            paid_at_ms: None,
+            delivered_at_ms: None,
+            closed_at_ms: None,
+            status: OrderStatus::PendingPayment,
+            keys: self.available.iter().take(req.quantity as usize).copied().collect(),
+            query_token: req.query_token,
+            idempotency: req.idempotency,
+            payment_id: None,
+            amount_mismatch: false,
+        };
+        let event = Event::OrderCreated { order };
+        self.apply(&event);
+        Ok(Outcome::Changed(event, seq))
+    }
+
+    pub fn pay(&mut self, p: Payment, now_ms: Millis) -> Result<Outcome<PaymentOutcome>, DomainError> {
+        if let Some(rec) = self.payments.get(&p.payment_id) {
+            return if rec.order_seq == p.order_seq {
+                Ok(Outcome::Repeat(rec.outcome))
+            } else {
+                Err(DomainError::PaymentIdConflict)
+            };
+        }
+        let order = self.order(p.order_seq).ok_or(DomainError::OrderNotFound)?;
+        let mut taken_keys = Vec::new();
+        let outcome = if p.status != "paid" {
+            PaymentOutcome::Ignored
+        } else if p.amount_cents != order.amount_cents {
+            PaymentOutcome::AmountMismatch { expected_cents: order.amount_cents }
+        } else {
+            match order.status {
+                OrderStatus::PendingPayment => PaymentOutcome::Delivered,
+                OrderStatus::Expired | OrderStatus::Cancelled => {
+                    if self.available.len() >= order.quantity as usize {
+                        taken_keys = self.available.iter().take(order.quantity as usize).copied().collect();
+                        PaymentOutcome::Delivered
+                    } else {
+                        PaymentOutcome::RefundOwed(RefundReason::SoldOut)
+                    }
+                }
+                OrderStatus::Paid | OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded => {
+                    PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid)
+                }
+            }
+        };
+        let record = PaymentRecord {
+            payment_id: p.payment_id,
+            order_seq: p.order_seq,
+            channel: p.channel,
+            amount_cents: p.amount_cents,
+            status: p.status,
+            at_ms: now_ms,
+            outcome,
+        };
+        let event = Event::PaymentApplied { record, taken_keys };
+        self.apply(&event);
+        Ok(Outcome::Changed(event, outcome))
+    }
+
+    pub fn cancel(&mut self, seq: u64, now_ms: Millis) -> Result<Event, DomainError> {
+        let order = self.order(seq).ok_or(DomainError::OrderNotFound)?;
+        if order.status != OrderStatus::PendingPayment {
+            return Err(DomainError::InvalidState { status: order.status });
+        }
+        let event = Event::OrderCancelled { seq, at_ms: now_ms };
+        self.apply(&event);
+        Ok(event)
+    }
+
+    /// When the next pending order falls due, if any.
+    pub fn next_expiry(&self) -> Option<Millis> {
+        self.expiry.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Expires every pending order whose `expires_at` is at or before `now_ms`.
+    /// Cost is proportional to the orders due (plus stale heap entries), never to all orders.
+    pub fn expire_due(&mut self, now_ms: Millis, max_events: usize) -> Vec<Event> {
+        let mut events = Vec::new();
+        while events.len() < max_events {
+            let Some(&Reverse((at, seq))) = self.expiry.peek() else { break };
+            if at > now_ms {
+                break;
+            }
+            self.expiry.pop();
+            let still_pending = self.order(seq).is_some_and(|o| o.status == OrderStatus::PendingPayment);
+            if still_pending {
+                let event = Event::OrderExpired { seq, at_ms: now_ms };
+                self.apply(&event);
+                events.push(event);
+            }
+        }
+        events
+    }
+
+    // ---- the only mutator ----
+
+    /// Applies one event. Panics if the event does not fit the state: the journal
+    /// would then be corrupt, and continuing would risk selling a key twice.
+    pub fn apply(&mut self, event: &Event) {
+        match event {
+            Event::KeysImported { keys } => {
+                assert!(keys.len() <= MAX_KEYS_PER_EVENT);
+                for key in keys {
+                    assert!(self.find_key(key).is_none(), "duplicate key in journal");
+                    let id = KeyId::try_from(self.keys.len()).expect("at most u32::MAX keys per shard");
+                    self.keys.push(key.as_str().into());
+                    let hash = self.hasher.hash_one(key.as_str());
+                    let keys = &self.keys;
+                    let hasher = &self.hasher;
+                    self.key_index.insert_unique(hash, id, |&k| hasher.hash_one(&*keys[k as usize]));
+                    self.available.push_back(id);
+                }
+            }
+            Event::OrderCreated { order } => {
+                assert_eq!(order.seq, self.orders.len() as u64 + 1, "order sequence gap");
+                assert_eq!(order.status, OrderStatus::PendingPayment);
+                assert_eq!(order.keys.len(), order.quantity as usize);
+                self.take_available(&order.keys);
+                self.reserved += order.keys.len() as u64;
+                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+                if let Some(idem) = &order.idempotency {
+                    self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
+                }
+                self.expiry.push(Reverse((order.expires_at_ms, order.seq)));
+                self.orders.push(order.clone());
+            }
+            Event::PaymentApplied { record, taken_keys } => {
+                assert!(!self.payments.contains_key(&record.payment_id), "payment applied twice");
+                let at = record.at_ms;
+                let idx = record.order_seq.checked_sub(1).expect("order seq starts at 1") as usize;
+                let before = self.orders[idx].status;
+                match record.outcome {
+                    PaymentOutcome::Delivered => {
+                        let order = &self.orders[idx];
+                        let (quantity, buyer) = (order.quantity, order.buyer.clone());
+                        match before {
+                            OrderStatus::PendingPayment => {
+                                assert!(taken_keys.is_empty());
+                                self.reserved -= quantity as u64;
+                            }
+                            OrderStatus::Expired | OrderStatus::Cancelled => {
+                                assert_eq!(taken_keys.len(), quantity as usize);
+                                self.take_available(taken_keys);
+                                self.orders[idx].keys = taken_keys.clone();
+                                *self.holdings.entry(buyer).or_default() += quantity;
+                            }
+                            other => panic!("delivery applied to a {other} order"),
+                        }
+                        self.sold += quantity as u64;
+                        let order = &mut self.orders[idx];
+                        order.status = OrderStatus::Delivered;
+                        order.paid_at_ms = Some(at);
+                        order.delivered_at_ms = Some(at);
+                        order.payment_id = Some(record.payment_id.clone());
+                    }
+                    PaymentOutcome::RefundOwed(RefundReason::SoldOut) => {
+                        assert!(matches!(before, OrderStatus::Expired | OrderStatus::Cancelled));
+                        let order = &mut self.orders[idx];
+                        order.status = OrderStatus::RefundPending;
+                        order.paid_at_ms = Some(at);
+                        order.payment_id = Some(record.payment_id.clone());
+                    }
+                    PaymentOutcome::AmountMismatch { .. } => self.orders[idx].amount_mismatch = true,
+                    PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid) | PaymentOutcome::Ignored => {}
+                }
+                self.payments.insert(record.payment_id.clone(), record.clone());
+            }
+            Event::OrderExpired { seq, at_ms } | Event::OrderCancelled { seq, at_ms } => {
+                let idx = seq.checked_sub(1).expect("order seq starts at 1") as usize;
+                let order = &mut self.orders[idx];
+                assert_eq!(order.status, OrderStatus::PendingPayment, "only pending orders close");
+                order.status = match event {
+                    Event::OrderExpired { .. } => OrderStatus::Expired,
+                    _ => OrderStatus::Cancelled,
+                };
+                order.closed_at_ms = Some(*at_ms);
+                let released = std::mem::take(&mut order.keys);
+                let (quantity, buyer) = (order.quantity, order.buyer.clone());
+                self.reserved -= released.len() as u64;
+                self.available.extend(released);
+                let held = self.holdings.get_mut(&buyer).expect("pending order counted in holdings");
+                *held -= quantity;
+                if *held == 0 {
+                    self.holdings.remove(&buyer);
+                }
+            }
+        }
+    }
+
+    /// Removes `ids` from the front of the available queue; they must be exactly there.
+    fn take_available(&mut self, ids: &[KeyId]) {
+        for &id in ids {
+            let front = self.available.pop_front();
+            assert_eq!(front, Some(id), "keys must be taken from the front of the available queue");
+        }
+    }
+
+    // ---- audit ----
+
+    /// Recounts the key accounting from the state itself (I1, I2, I6) and compares it
+    /// with the running counters.
+    pub fn audit(&self) -> ShardAudit {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Place {
+            Nowhere,
+            Available,
+            Reserved(u64),
+            Sold(u64),
+        }
+        let mut violations = Vec::new();
+        let mut place = vec![Place::Nowhere; self.keys.len()];
+        let mut mark = |id: KeyId, to: Place, violations: &mut Vec<String>| match place.get(id as usize) {
+            None => violations.push(format!("key id {id} does not exist")),
+            Some(Place::Nowhere) => place[id as usize] = to,
+            Some(_) => violations.push(format!("key id {id} is in two places")),
+        };
+        for &id in &self.available {
+            mark(id, Place::Available, &mut violations);
+        }
+        let mut audit = ShardAudit::default();
+        for order in &self.orders {
+            *audit.orders.entry(order.status).or_default() += 1;
+            match order.status {
+                OrderStatus::PendingPayment => {
+                    for &id in &order.keys {
+                        mark(id, Place::Reserved(order.seq), &mut violations);
+                    }
+                    audit.reserved += order.keys.len() as u64;
+                }
+                OrderStatus::Delivered => {
+                    for &id in &order.keys {
+                        mark(id, Place::Sold(order.seq), &mut violations);
+                    }
+                    audit.sold += order.keys.len() as u64;
+                }
+                _ if !order.keys.is_empty() => {
+                    violations.push(format!("order {} is {} but holds keys", order.seq, order.status))
+                }
+                _ => {}
+            }
+            if matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Delivered)
+                && order.keys.len() != order.quantity as usize
+            {
+                violations.push(format!("order {} holds {} keys for quantity {}", order.seq, order.keys.len(), order.quantity));
+            }
+        }
+        let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
+        if lost > 0 {
+            violations.push(format!("{lost} keys are neither available, reserved nor sold"));
+        }
+        let distinct: HashSet<&str> = self.keys.iter().map(|k| &**k).collect();
+        if distinct.len() != self.keys.len() {
+            violations.push("the same key was imported twice".into());
+        }
+        audit.imported = self.keys.len() as u64;
+        audit.available = self.available.len() as u64;
+        if audit.imported != audit.available + audit.reserved + audit.sold {
+            violations.push(format!(
+                "conservation broken: imported {} != available {} + reserved {} + sold {}",
+                audit.imported, audit.available, audit.reserved, audit.sold
+            ));
+        }
+        let counts = self.counts();
+        if (counts.reserved, counts.sold) != (audit.reserved, audit.sold) {
+            violations.push(format!("counters drifted: {counts:?} vs recount {audit:?}"));
+        }
+        audit.violations = violations;
+        audit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(limit: u32) -> ProductInfo {
+        ProductInfo { id: "p1".into(), name: "Game key".into(), price_cents: 990, per_buyer_limit: limit, shards: 1, created_at_ms: 0 }
+    }
+
+    fn shard_with_keys(n: usize, limit: u32) -> Shard {
+        let mut s = Shard::new(product(limit), 0);
+        let (_, imported, dups) = s.import_keys((0..n).map(|i| format!("K{i}")).collect());
+        assert_eq!((imported, dups), (n as u64, 0));
+        s
+    }
+
+    fn new_order(buyer: &str, quantity: u32) -> NewOrder {
+        NewOrder { buyer: buyer.into(), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000 }
+    }
+
+    fn paid(seq: u64, payment_id: &str, amount: u64) -> Payment {
+        Payment { order_seq: seq, payment_id: payment_id.into(), channel: "sandbox".into(), amount_cents: amount, status: "paid".into() }
+    }
+
+    fn created(o: Result<Outcome<u64>, DomainError>) -> u64 {
+        match o.unwrap() {
+            Outcome::Changed(_, seq) => seq,
+            Outcome::Repeat(_) => panic!("expected a new order"),
+        }
+    }
+
+    #[test]
+    fn import_counts_duplicates_within_batch_and_before() {
+        let mut s = shard_with_keys(2, 0);
+        let (events, imported, dups) = s.import_keys(vec!["K1".into(), "K2".into(), "K2".into(), "K3".into()]);
+        assert_eq!((imported, dups), (2, 2));
+        assert_eq!(events.len(), 1);
+        assert_eq!(s.counts().imported, 4);
+    }
+
+    #[test]
+    fn import_chunks_large_batches() {
+        let mut s = Shard::new(product(0), 0);
+        let (events, imported, _) = s.import_keys((0..MAX_KEYS_PER_EVENT + 5).map(|i| i.to_string()).collect());
+        assert_eq!(events.len(), 2);
+        assert_eq!(imported as usize, MAX_KEYS_PER_EVENT + 5);
+    }
+
+    #[test]
+    fn purchase_delivers_reserved_keys() {
+        let mut s = shard_with_keys(3, 0);
+        let seq = created(s.create_order(new_order("alice", 2), 10));
+        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 2, sold: 0 });
+        let out = s.pay(paid(seq, "pay1", 1980), 20).unwrap();
+        assert!(matches!(out, Outcome::Changed(_, PaymentOutcome::Delivered)));
+        let order = s.order(seq).unwrap();
+        assert_eq!(order.status, OrderStatus::Delivered);
+        assert_eq!(order.keys.iter().map(|&k| s.key(k)).collect::<Vec<_>>(), ["K0", "K1"]);
+        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 0, sold: 2 });
+        assert!(s.audit().violations.is_empty());
+    }
+
+    #[test]
+    fn repeated_payment_is_a_repeat() {
+        let mut s = shard_with_keys(1, 0);
+        let seq = created(s.create_order(new_order("a", 1), 0));
+        s.pay(paid(seq, "pay1", 990), 1).unwrap();
+        assert_eq!(s.pay(paid(seq, "pay1", 990), 2).unwrap(), Outcome::Repeat(PaymentOutcome::Delivered));
+        assert_eq!(s.pay(paid(seq + 1, "pay1", 990), 2), Err(DomainError::PaymentIdConflict));
+        let second = s.pay(paid(seq, "pay2", 990), 3).unwrap();
+        assert!(matches!(second, Outcome::Changed(_, PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid))));
+        assert_eq!(s.counts().sold, 1);
+    }
+
+    #[test]
+    fn sold_out_and_limits() {
+        let mut s = shard_with_keys(3, 2);
+        created(s.create_order(new_order("a", 2), 0));
+        assert_eq!(s.create_order(new_order("a", 1), 0), Err(DomainError::LimitExceeded { limit: 2, held: 2 }));
+        assert_eq!(s.create_order(new_order("b", 2), 0), Err(DomainError::SoldOut { requested: 2, available: 1 }));
+        created(s.create_order(new_order("b", 1), 0));
+    }
+
+    #[test]
+    fn idempotency_replays_and_detects_reuse() {
+        let mut s = shard_with_keys(5, 0);
+        let idem = Idempotency { key: "k1".into(), fingerprint: [1; 16] };
+        let mut req = new_order("a", 1);
+        req.idempotency = Some(idem.clone());
+        let seq = created(s.create_order(req.clone(), 0));
+        assert_eq!(s.create_order(req.clone(), 0), Ok(Outcome::Repeat(seq)));
+        req.idempotency = Some(Idempotency { fingerprint: [2; 16], ..idem });
+        assert_eq!(s.create_order(req, 0), Err(DomainError::IdempotencyKeyReused));
+        assert_eq!(s.orders().len(), 1);
+    }
+
+    #[test]
+    fn expiry_releases_and_late_payment_is_served_or_refunded() {
+        let mut s = shard_with_keys(1, 1);
+        let seq = created(s.create_order(new_order("a", 1), 0));
+        assert_eq!(s.next_expiry(), Some(1000));
+        assert!(s.expire_due(999, 100).is_empty());
+        assert_eq!(s.expire_due(1000, 100).len(), 1);
+        assert_eq!(s.order(seq).unwrap().status, OrderStatus::Expired);
+        assert_eq!(s.counts().available, 1);
+        // The buyer's quota is free again; another buyer takes the last key.
+        let other = created(s.create_order(new_order("b", 1), 2000));
+        // The late payment finds no stock: refund owed, never dropped.
+        let out = s.pay(paid(seq, "late", 990), 2001).unwrap();
+        assert!(matches!(out, Outcome::Changed(_, PaymentOutcome::RefundOwed(RefundReason::SoldOut))));
+        assert_eq!(s.order(seq).unwrap().status, OrderStatus::RefundPending);
+        // Cancel the other order: a late payment for it is served from stock.
+        s.cancel(other, 2002).unwrap();
+        assert!(matches!(s.pay(paid(other, "p2", 990), 2003).unwrap(), Outcome::Changed(_, PaymentOutcome::Delivered)));
+        assert_eq!(s.counts(), Counts { imported: 1, available: 0, reserved: 0, sold: 1 });
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
+    }
+
+    #[test]
+    fn cancel_only_pending() {
+        let mut s = shard_with_keys(1, 0);
+        let seq = created(s.create_order(new_order("a", 1), 0));
+        s.pay(paid(seq, "p", 990), 1).unwrap();
+        assert_eq!(s.cancel(seq, 2), Err(DomainError::InvalidState { status: OrderStatus::Delivered }));
+        assert_eq!(s.cancel(99, 2), Err(DomainError::OrderNotFound));
+    }
+
+    #[test]
+    fn amount_mismatch_and_other_statuses_deliver_nothing() {
+        let mut s = shard_with_keys(1, 0);
+        let seq = created(s.create_order(new_order("a", 1), 0));
+        let out = s.pay(paid(seq, "p1", 1), 1).unwrap();
+        assert!(matches!(out, Outcome::Changed(_, PaymentOutcome::AmountMismatch { expected_cents: 990 })));
+        assert!(s.order(seq).unwrap().amount_mismatch);
+        let mut failed = paid(seq, "p2", 990);
+        failed.status = "failed".into();
+        assert!(matches!(s.pay(failed, 2).unwrap(), Outcome::Changed(_, PaymentOutcome::Ignored)));
+        assert_eq!(s.order(seq).unwrap().status, OrderStatus::PendingPayment);
+        assert_eq!(s.counts().sold, 0);
+    }
+}

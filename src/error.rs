@@ -1,0 +1,78 @@
+//! The error every public operation returns, with its stable code.
+
+use crate::actors::shard::ShardError;
+use crate::actors::supervisor::SupervisorError;
+use crate::domain::DomainError;
+use crate::storage::StorageError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("product not found")]
+    ProductNotFound,
+    #[error("a product with this id exists")]
+    ProductExists,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("timestamp is {skew_secs} s away from now; at most {max_secs} s allowed")]
+    StaleRequest { skew_secs: u64, max_secs: u64 },
+    #[error("this nonce was already used with a different payload")]
+    Replayed,
+    #[error("no payment channel named {0:?}")]
+    UnknownChannel(String),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
+    #[error("the request took too long; its outcome may be unknown, retry with the same idempotency key")]
+    Timeout,
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Error {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Domain(d) => d.code(),
+            Error::Invalid(_) => "invalid_request",
+            Error::ProductNotFound => "product_not_found",
+            Error::ProductExists => "product_exists",
+            Error::BadSignature => "bad_signature",
+            Error::StaleRequest { .. } => "stale_request",
+            Error::Replayed => "replayed",
+            Error::UnknownChannel(_) => "unknown_channel",
+            Error::Overloaded => "overloaded",
+            Error::Timeout => "timeout",
+            Error::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl From<StorageError> for Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Busy => Error::Overloaded,
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<ShardError> for Error {
+    fn from(e: ShardError) -> Self {
+        match e {
+            ShardError::Domain(d) => Error::Domain(d),
+            ShardError::Storage(s) => s.into(),
+            ShardError::Unavailable => Error::Unavailable("the stock actor is restarting".into()),
+        }
+    }
+}
+
+impl From<SupervisorError> for Error {
+    fn from(e: SupervisorError) -> Self {
+        match e {
+            SupervisorError::Exists => Error::ProductExists,
+            SupervisorError::Storage(s) => s.into(),
+        }
+    }
+}

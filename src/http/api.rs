@@ -1,0 +1,110 @@
+//! Handlers of `/api/v1`: parse, call the core, map the answer. Nothing else.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::{extract, views, AppState};
+use crate::core::{NewProduct, OrderRequest};
+use crate::domain::DomainError;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ---- merchant ----
+
+pub async fn create_product(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<Value>)> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: NewProduct = extract::json(&bytes)?;
+    let info = core.create_product(req).await?;
+    Ok((StatusCode::CREATED, Json(views::product(&info, 0))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysBody {
+    keys: Vec<String>,
+}
+
+pub async fn import_keys(State(st): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_import_bytes).await?;
+    let plain = extract::header_str(&headers, "content-type")?.is_some_and(|ct| ct.trim_start().starts_with("text/plain"));
+    let keys = if plain {
+        let text = std::str::from_utf8(&bytes).map_err(|_| ApiError::invalid("body: keys must be UTF-8 text"))?;
+        text.lines().map(str::to_string).collect()
+    } else {
+        extract::json::<KeysBody>(&bytes)?.keys
+    };
+    let (imported, duplicates) = core.import_keys(&id, keys).await?;
+    Ok(Json(json!({"imported": imported, "duplicates": duplicates})))
+}
+
+pub async fn admin_get_order(State(st): State<AppState>, Path(order_id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let order = st.core()?.get_order(&order_id, None).await?;
+    Ok(Json(views::admin_order(&order)))
+}
+
+pub async fn audit(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let report = st.core()?.audit().await?;
+    Ok(Json(views::audit(&report)))
+}
+
+// ---- buyer ----
+
+pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let p = st.core()?.product(&id)?;
+    Ok(Json(json!({"id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available})))
+}
+
+pub async fn create_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let core = st.core()?;
+    let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: OrderRequest = extract::json(&bytes)?;
+    let order = core.create_order(req, idempotency_key).await?;
+    let mut response = (StatusCode::CREATED, Json(views::order_created(&order, core.default_channel()))).into_response();
+    if order.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+fn order_token(headers: &HeaderMap) -> ApiResult<&str> {
+    // A missing token is indistinguishable from a wrong one.
+    extract::header_str(headers, "x-order-token")
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::from(crate::error::Error::Domain(DomainError::OrderNotFound)))
+}
+
+pub async fn get_order(State(st): State<AppState>, Path(order_id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let core = st.core()?;
+    let order = core.get_order(&order_id, Some(order_token(&headers)?)).await?;
+    Ok(Json(views::order(&order)))
+}
+
+pub async fn cancel_order(State(st): State<AppState>, Path(order_id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let core = st.core()?;
+    let order = core.cancel_order(&order_id, order_token(&headers)?).await?;
+    Ok(Json(views::order(&order)))
+}
+
+// ---- payment channels ----
+
+pub async fn notify(State(st): State<AppState>, Path(channel): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let signature = extract::header_str(&headers, "x-signature").ok().flatten();
+    core.notify(&channel, &bytes, signature).await?;
+    Ok(Json(json!({"result": "success"})))
+}

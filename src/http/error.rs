@@ -1,0 +1,81 @@
+//! Every failure leaves as `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::domain::DomainError;
+use crate::error::Error;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), retry_after_secs: None }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs.max(1));
+        self
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong `Authorization: Bearer <admin token>`")
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body exceeds {limit} bytes"))
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::Domain(d) => match d {
+                DomainError::SoldOut { .. } => StatusCode::CONFLICT,
+                DomainError::LimitExceeded { .. } => StatusCode::FORBIDDEN,
+                DomainError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+                DomainError::OrderNotFound => StatusCode::NOT_FOUND,
+                DomainError::InvalidState { .. } => StatusCode::CONFLICT,
+                DomainError::AmountMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                DomainError::PaymentIdConflict => StatusCode::CONFLICT,
+            },
+            Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::ProductNotFound => StatusCode::NOT_FOUND,
+            Error::ProductExists => StatusCode::CONFLICT,
+            Error::BadSignature => StatusCode::UNAUTHORIZED,
+            Error::StaleRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::Replayed => StatusCode::CONFLICT,
+            Error::UnknownChannel(_) => StatusCode::NOT_FOUND,
+            Error::Overloaded | Error::Timeout | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let err = ApiError::new(status, e.code(), e.to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            err.retry_after(1)
+        } else {
+            err
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        metrics::counter!("kami_http_errors_total", "code" => self.code).increment(1);
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,210 @@
+//! The HTTP surface (axum). Handlers only parse, call [`crate::core::Kami`], and map
+//! errors to the JSON error format; limits live in the tower stack around them:
+//! request ids and tracing, a global concurrency limit with load shedding, a
+//! request timeout, per-IP rate limits on buyer routes, and body limits per route.
+
+pub mod api;
+pub mod error;
+pub mod extract;
+pub mod ops;
+pub mod views;
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderName, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{BoxError, Router};
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Settings;
+use crate::core::Kami;
+use error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub max_body_bytes: usize,
+    pub max_import_bytes: usize,
+    pub max_concurrent_requests: usize,
+    pub request_timeout: Duration,
+}
+
+/// Per-IP token buckets (governor), replaced wholesale when it tracks too many IPs.
+pub struct IpLimiter {
+    limiter: ArcSwap<DefaultKeyedRateLimiter<IpAddr>>,
+    quota: Quota,
+    max_tracked: usize,
+}
+
+impl IpLimiter {
+    pub fn new(per_sec: u32, burst: u32, max_tracked: usize) -> Self {
+        let quota = Quota::per_second(NonZeroU32::new(per_sec).expect("validated ≥ 1"))
+            .allow_burst(NonZeroU32::new(burst).expect("validated ≥ 1"));
+        IpLimiter { limiter: ArcSwap::from_pointee(RateLimiter::keyed(quota)), quota, max_tracked }
+    }
+
+    /// `Err(seconds to wait)` when `ip` is over its rate.
+    fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        let limiter = self.limiter.load();
+        limiter.check_key(&ip).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil() as u64)
+    }
+
+    /// Forgets idle IPs; if still over the bound, starts afresh (bounded memory).
+    pub fn prune(&self) {
+        let limiter = self.limiter.load();
+        limiter.retain_recent();
+        if limiter.len() > self.max_tracked {
+            self.limiter.store(Arc::new(RateLimiter::keyed(self.quota)));
+        }
+    }
+}
+
+pub struct Shared {
+    core: OnceLock<Arc<Kami>>,
+    admin_token: String,
+    pub limits: HttpLimits,
+    pub ip_limiter: Option<IpLimiter>,
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(settings: &Settings, admin_token: String) -> AppState {
+        let rl = &settings.rate_limits;
+        AppState(Arc::new(Shared {
+            core: OnceLock::new(),
+            admin_token,
+            limits: HttpLimits {
+                max_body_bytes: settings.server.max_body_bytes,
+                max_import_bytes: settings.keys.max_import_bytes,
+                max_concurrent_requests: settings.server.max_concurrent_requests,
+                request_timeout: settings.request_timeout(),
+            },
+            ip_limiter: rl.enabled.then(|| IpLimiter::new(rl.per_ip_per_sec, rl.per_ip_burst, rl.max_tracked_ips)),
+        }))
+    }
+
+    /// Marks recovery as finished: from now on requests reach the core.
+    pub fn set_ready(&self, core: Arc<Kami>) {
+        let _ = self.core.set(core);
+    }
+
+    pub fn core(&self) -> Result<&Arc<Kami>, ApiError> {
+        self.core
+            .get()
+            .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "recovering", "recovery from storage is still running").retry_after(1))
+    }
+
+    fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        extract::require_admin(headers, &self.admin_token)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let limits = state.limits.clone();
+    let routes = Router::new()
+        .route("/api/v1/products", post(api::create_product))
+        .route("/api/v1/products/{id}", get(api::get_product))
+        .route("/api/v1/products/{id}/keys", post(api::import_keys))
+        .route("/api/v1/admin/orders/{order_id}", get(api::admin_get_order))
+        .route("/api/v1/admin/audit", get(api::audit))
+        .route("/api/v1/orders", post(api::create_order))
+        .route("/api/v1/orders/{order_id}", get(api::get_order))
+        .route("/api/v1/orders/{order_id}/cancel", post(api::cancel_order))
+        .route("/api/v1/payments/{channel}/notify", post(api::notify))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit))
+        .route_layer(middleware::from_fn(track))
+        .with_state(state);
+    let request_id = HeaderName::from_static("x-request-id");
+    routes.layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(request_id.clone(), NextRequestId::default()))
+            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+            }))
+            .layer(PropagateRequestIdLayer::new(request_id))
+            .layer(HandleErrorLayer::new(overloaded))
+            .load_shed()
+            .concurrency_limit(limits.max_concurrent_requests)
+            .timeout(limits.request_timeout),
+    )
+}
+
+async fn overloaded(err: BoxError) -> ApiError {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        metrics::counter!("kami_rejected_total", "reason" => "timeout").increment(1);
+        ApiError::from(crate::error::Error::Timeout)
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        metrics::counter!("kami_rejected_total", "reason" => "concurrency").increment(1);
+        ApiError::from(crate::error::Error::Overloaded)
+    } else {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())
+    }
+}
+
+/// Buyer routes are rate limited per client IP; merchant, payment-channel and
+/// operations routes are not (they are authenticated or must never be refused).
+async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(limiter) = &st.ip_limiter {
+        let path = req.uri().path();
+        let buyer_route = path.starts_with("/api/v1/orders") || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
+        let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        if let (true, Some(ip)) = (buyer_route, ip) {
+            if let Err(wait_secs) = limiter.check(ip) {
+                metrics::counter!("kami_rejected_total", "reason" => "rate_limited").increment(1);
+                return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests from this address")
+                    .retry_after(wait_secs)
+                    .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Per-route request counts and latency.
+async fn track(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("kami_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Clone, Default)]
+struct NextRequestId(Arc<std::sync::atomic::AtomicU64>);
+
+impl MakeRequestId for NextRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{:08x}-{n:x}", std::process::id());
+        Some(RequestId::new(id.parse().ok()?))
+    }
+}

@@ -1,0 +1,92 @@
+//! JSON shapes of responses (SPEC §2). Times are RFC 3339, money in cents.
+
+use serde_json::{json, Value};
+
+use crate::actors::shard::OrderSnapshot;
+use crate::core::AuditReport;
+use crate::domain::{OrderId, ProductInfo, ShardId};
+
+pub fn ts(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn ts_opt(ms: Option<u64>) -> Value {
+    ms.map(|m| Value::String(ts(m))).unwrap_or(Value::Null)
+}
+
+fn order_id(s: &OrderSnapshot) -> String {
+    OrderId { shard: ShardId::new(s.product_id.clone(), s.shard), seq: s.order.seq }.to_string()
+}
+
+pub fn product(info: &ProductInfo, available: u64) -> Value {
+    json!({
+        "id": info.id,
+        "name": info.name,
+        "price_cents": info.price_cents,
+        "per_buyer_limit": info.per_buyer_limit,
+        "shards": info.shards,
+        "available": available,
+        "created_at": ts(info.created_at_ms),
+    })
+}
+
+/// The 201 answer to order creation; replays of the same Idempotency-Key get it unchanged.
+pub fn order_created(s: &OrderSnapshot, channel: &str) -> Value {
+    let o = &s.order;
+    json!({
+        "order_id": order_id(s),
+        "status": "pending_payment",
+        "product_id": s.product_id,
+        "quantity": o.quantity,
+        "amount_cents": o.amount_cents,
+        "created_at": ts(o.created_at_ms),
+        "expires_at": ts(o.expires_at_ms),
+        "query_token": o.query_token,
+        "payment": {"channel": channel},
+    })
+}
+
+/// The buyer's view: `keys` appears only once the order is delivered.
+pub fn order(s: &OrderSnapshot) -> Value {
+    let o = &s.order;
+    let mut v = json!({
+        "order_id": order_id(s),
+        "status": o.status.as_str(),
+        "product_id": s.product_id,
+        "quantity": o.quantity,
+        "amount_cents": o.amount_cents,
+        "created_at": ts(o.created_at_ms),
+        "expires_at": ts(o.expires_at_ms),
+        "paid_at": ts_opt(o.paid_at_ms),
+        "delivered_at": ts_opt(o.delivered_at_ms),
+    });
+    if !s.keys.is_empty() {
+        v["keys"] = json!(s.keys);
+    }
+    v
+}
+
+/// The merchant's view: everything the buyer sees plus buyer, payment and flags.
+pub fn admin_order(s: &OrderSnapshot) -> Value {
+    let o = &s.order;
+    let mut v = order(s);
+    v["keys"] = json!(s.keys);
+    v["buyer"] = json!(o.buyer);
+    v["closed_at"] = ts_opt(o.closed_at_ms);
+    v["payment_id"] = json!(o.payment_id);
+    v["amount_mismatch"] = json!(o.amount_mismatch);
+    v["idempotency_key"] = json!(o.idempotency.as_ref().map(|i| &i.key));
+    v
+}
+
+pub fn audit(r: &AuditReport) -> Value {
+    let products: Vec<Value> = r
+        .products
+        .iter()
+        .map(|p| json!({"id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved, "sold": p.sold}))
+        .collect();
+    let orders: serde_json::Map<String, Value> = r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();
+    json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations})
+}

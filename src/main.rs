@@ -1,0 +1,102 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use kami::config::{Settings, Sources};
+
+/// kami: a trading core for virtual goods. With no command it serves.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Extra configuration file (TOML), over config/default.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Loads config/<PROFILE>.toml from the working directory.
+    #[arg(long, global = true)]
+    profile: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Print the X-Signature header value for a notification body read from stdin.
+    Sign {
+        /// The channel's secret.
+        #[arg(long)]
+        secret: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Sign { secret } => {
+            let mut body = Vec::new();
+            if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut body) {
+                eprintln!("kami sign: cannot read stdin: {e}");
+                return ExitCode::from(2);
+            }
+            println!("{}", kami::domain::signature::sign(secret.as_bytes(), &body));
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            let sources = Sources { profile: cli.profile, file: cli.config, environment: true, overrides: Vec::new() };
+            let settings = match Settings::load(&sources) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("kami: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            kami::telemetry::init_logging(&settings.log);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kami-http").build().expect("tokio runtime");
+            runtime.block_on(serve(settings))
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> ExitCode {
+    let app = match kami::start(settings).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("kami: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for key in &app.secrets.generated {
+        let value = if key == "admin.token" {
+            app.secrets.admin_token.clone()
+        } else {
+            let name = key.trim_start_matches("payments.channels.").trim_end_matches(".secret");
+            app.secrets.channels[name].clone()
+        };
+        println!("{key} (generated for this run): {value}");
+    }
+    println!("kami listening on {} (ready)", app.url());
+    shutdown_signal().await;
+    tracing::info!("shutdown requested");
+    app.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,115 @@
+//! Group commit: one flush makes every write made before it durable, so writers
+//! queue a ticket and one dedicated thread flushes for all of them.
+//!
+//! Protocol: a writer first inserts its records into sled, *then* calls
+//! [`Committer::ticket`]. The commit thread takes every ticket queued so far,
+//! calls `flush()` once, and completes those tickets. A ticket is therefore only
+//! completed by a flush that started after the writer's insert returned, which is
+//! what makes the reply that waits on it durable. Writers arriving during a flush
+//! share the next one.
+//!
+//! This is the one component shared by every order of every product (one fsync
+//! serves everybody); it holds no lock while flushing and its queue is bounded.
+
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::oneshot;
+
+use super::StorageError;
+
+type Waiter = oneshot::Sender<Result<(), StorageError>>;
+
+/// A claim on the next flush. Await it with [`Ticket::wait`].
+pub struct Ticket(oneshot::Receiver<Result<(), StorageError>>);
+
+impl Ticket {
+    pub async fn wait(self) -> Result<(), StorageError> {
+        self.0.await.map_err(|_| StorageError::Closed)?
+    }
+}
+
+/// Batch sizes and flush latencies since start.
+pub struct CommitStats {
+    pub batch_sizes: Histogram<u64>,
+    pub flush_micros: Histogram<u64>,
+}
+
+impl CommitStats {
+    fn new() -> Self {
+        CommitStats {
+            batch_sizes: Histogram::new_with_bounds(1, 1 << 24, 2).expect("valid bounds"),
+            flush_micros: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Committer {
+    tx: SyncSender<Waiter>,
+    stats: Arc<Mutex<CommitStats>>,
+}
+
+impl Committer {
+    /// Starts the commit thread. `max_pending` bounds queued tickets; `linger` is how
+    /// long the thread waits for more writers after the first (0 = flush at once).
+    pub fn start(db: sled::Db, max_pending: usize, max_batch: usize, linger: Duration) -> Committer {
+        assert!(max_pending > 0 && max_batch > 0);
+        let (tx, rx) = sync_channel(max_pending);
+        let stats = Arc::new(Mutex::new(CommitStats::new()));
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("kami-commit".into())
+            .spawn(move || run(db, rx, max_batch, linger, thread_stats))
+            .expect("spawn commit thread");
+        Committer { tx, stats }
+    }
+
+    /// Queues a ticket for the next flush. Call only after the writes it must cover.
+    pub fn ticket(&self) -> Result<Ticket, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        match self.tx.try_send(tx) {
+            Ok(()) => Ok(Ticket(rx)),
+            Err(TrySendError::Full(_)) => Err(StorageError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(StorageError::Closed),
+        }
+    }
+
+    pub fn stats(&self) -> std::sync::MutexGuard<'_, CommitStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn run(db: sled::Db, rx: Receiver<Waiter>, max_batch: usize, linger: Duration, stats: Arc<Mutex<CommitStats>>) {
+    let mut batch: Vec<Waiter> = Vec::with_capacity(max_batch);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        if !linger.is_zero() {
+            std::thread::sleep(linger);
+        }
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let result = db.flush().map(|_| ()).map_err(|e| StorageError::Sled(e.to_string()));
+        let elapsed = started.elapsed();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "group flush failed");
+        }
+        metrics::histogram!("kami_commit_batch_size").record(batch.len() as f64);
+        metrics::histogram!("kami_commit_flush_seconds").record(elapsed.as_secs_f64());
+        {
+            let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = s.batch_sizes.record(batch.len() as u64);
+            let _ = s.flush_micros.record(elapsed.as_micros().max(1) as u64);
+        }
+        for waiter in batch.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! kami's storage interface. All sled use stays inside this module so that the
+//! engine could be replaced without touching actors or HTTP.
+//!
+//! Layout (sled trees):
+//! * `products` — product id → `ProductInfo` record.
+//! * `journal/{product}/{shard}` — big-endian journal sequence → `Event` record.
+//! * `snapshots` — `{product}/{shard}` ++ 0x00 ++ big-endian sequence → `Shard` record.
+//!
+//! Durability: nothing written here is durable until a [`commit::Ticket`] for it
+//! has completed (see [`commit`]). Recovery = newest snapshot that decodes + every
+//! journal record after it, stopping at the first record that fails its checksum
+//! (a torn tail), which is logged and removed.
+
+pub mod codec;
+pub mod commit;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::domain::{Event, ProductInfo, Shard, ShardId};
+use codec::Kind;
+pub use commit::{Committer, Ticket};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine error: {0}")]
+    Sled(String),
+    #[error("corrupt record in {place}: {error}")]
+    Corrupt { place: String, error: String },
+    #[error("commit queue is full")]
+    Busy,
+    #[error("storage is closed")]
+    Closed,
+}
+
+impl From<sled::Error> for StorageError {
+    fn from(e: sled::Error) -> Self {
+        StorageError::Sled(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    pub path: std::path::PathBuf,
+    pub cache_capacity_bytes: u64,
+    pub max_pending_commits: usize,
+    pub max_commit_batch: usize,
+    pub commit_linger: Duration,
+}
+
+pub struct Storage {
+    db: sled::Db,
+    products: sled::Tree,
+    snapshots: sled::Tree,
+    committer: Committer,
+}
+
+impl Storage {
+    pub fn open(opts: &StorageOptions) -> Result<Arc<Storage>, StorageError> {
+        let db = sled::Config::new()
+            .path(&opts.path)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let products = db.open_tree("products")?;
+        let snapshots = db.open_tree("snapshots")?;
+        let committer = Committer::start(db.clone(), opts.max_pending_commits, opts.max_commit_batch, opts.commit_linger);
+        Ok(Arc::new(Storage { db, products, snapshots, committer }))
+    }
+
+    /// A claim on the next group flush; call after the writes it must cover.
+    pub fn ticket(&self) -> Result<Ticket, StorageError> {
+        self.committer.ticket()
+    }
+
+    pub fn committer(&self) -> &Committer {
+        &self.committer
+    }
+
+    /// Flushes now, on the calling thread (start-up and shutdown only).
+    pub fn flush_now(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    // ---- products ----
+
+    pub fn load_products(&self) -> Result<Vec<ProductInfo>, StorageError> {
+        self.products
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                codec::decode(Kind::Product, &v).map_err(|e| StorageError::Corrupt {
+                    place: format!("products/{}", String::from_utf8_lossy(&k)),
+                    error: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a product record unless one exists. Returns false if it existed.
+    pub fn insert_product(&self, product: &ProductInfo) -> Result<bool, StorageError> {
+        let value = codec::encode(Kind::Product, product);
+        let swapped = self.products.compare_and_swap(product.id.as_bytes(), None as Option<&[u8]>, Some(value))?;
+        Ok(swapped.is_ok())
+    }
+
+    // ---- journals and snapshots ----
+
+    pub fn journal(&self, id: &ShardId) -> Result<Journal, StorageError> {
+        let tree = self.db.open_tree(format!("journal/{}/{}", id.product, id.shard))?;
+        Ok(Journal { tree, place: id.to_string() })
+    }
+
+    fn snapshot_prefix(id: &ShardId) -> Vec<u8> {
+        let mut p = format!("{}/{}", id.product, id.shard).into_bytes();
+        p.push(0);
+        p
+    }
+
+    /// Writes a snapshot covering the journal through `seq`. Returns its size in bytes.
+    pub fn write_snapshot(&self, id: &ShardId, seq: u64, shard: &Shard) -> Result<usize, StorageError> {
+        let bytes = codec::encode(Kind::Snapshot, shard);
+        let size = bytes.len();
+        let mut key = Self::snapshot_prefix(id);
+        key.extend_from_slice(&seq.to_be_bytes());
+        self.snapshots.insert(key, bytes)?;
+        Ok(size)
+    }
+
+    /// Removes snapshots older than `keep_from_seq` and journal records through it.
+    /// Call only once the snapshot at `keep_from_seq` is durable.
+    pub fn trim(&self, id: &ShardId, journal: &Journal, keep_from_seq: u64) -> Result<(), StorageError> {
+        let prefix = Self::snapshot_prefix(id);
+        let mut batch = sled::Batch::default();
+        for kv in self.snapshots.scan_prefix(&prefix) {
+            let (k, _) = kv?;
+            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0xff; 8]));
+            if seq < keep_from_seq {
+                batch.remove(k);
+            }
+        }
+        self.snapshots.apply_batch(batch)?;
+        journal.trim_through(keep_from_seq)
+    }
+
+    /// Rebuilds one shard: newest decodable snapshot, then the journal after it.
+    pub fn recover(&self, id: &ShardId, product: &ProductInfo) -> Result<Recovered, StorageError> {
+        let started = Instant::now();
+        let journal = self.journal(id)?;
+        let prefix = Self::snapshot_prefix(id);
+        let mut base: Option<(u64, Shard, usize)> = None;
+        for kv in self.snapshots.scan_prefix(&prefix).rev() {
+            let (k, v) = kv?;
+            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+            match codec::decode::<Shard>(Kind::Snapshot, &v) {
+                Ok(mut shard) => {
+                    shard.rebuild_indexes();
+                    base = Some((seq, shard, v.len()));
+                    break;
+                }
+                Err(e) => tracing::warn!(shard = %id, seq, error = %e, "snapshot does not decode; falling back to an older one"),
+            }
+        }
+        let (snapshot_seq, mut shard, snapshot_bytes) = base.unwrap_or_else(|| (0, Shard::new(product.clone(), id.shard), 0));
+        let mut last = snapshot_seq;
+        let mut replayed = 0u64;
+        let mut journal_bytes = 0u64;
+        let mut torn: Option<u64> = None;
+        for kv in journal.tree.range((snapshot_seq + 1).to_be_bytes()..) {
+            let (k, v) = kv?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            if seq != last + 1 {
+                tracing::warn!(shard = %id, expected = last + 1, found = seq, "gap in journal; discarding the rest");
+                torn = Some(seq);
+                break;
+            }
+            match codec::decode::<Event>(Kind::Event, &v) {
+                Ok(event) => {
+                    shard.apply(&event);
+                    last = seq;
+                    replayed += 1;
+                    journal_bytes += v.len() as u64;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %id, seq, error = %e, "torn or corrupt journal record; discarding it and everything after");
+                    torn = Some(seq);
+                    break;
+                }
+            }
+        }
+        if let Some(from) = torn {
+            journal.truncate_from(from)?;
+        }
+        if snapshot_seq > 0 && journal.tree.range(..=snapshot_seq.to_be_bytes()).next().is_some() {
+            // A trim was interrupted; finish it.
+            self.trim(id, &journal, snapshot_seq)?;
+        }
+        Ok(Recovered {
+            shard,
+            journal,
+            last_seq: last,
+            snapshot_seq,
+            snapshot_bytes: snapshot_bytes as u64,
+            replayed,
+            journal_bytes,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// A shard as rebuilt from storage, with its journal positioned after the last record.
+pub struct Recovered {
+    pub shard: Shard,
+    pub journal: Journal,
+    pub last_seq: u64,
+    pub snapshot_seq: u64,
+    pub snapshot_bytes: u64,
+    pub replayed: u64,
+    pub journal_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// The append-only event log of one shard.
+#[derive(Clone)]
+pub struct Journal {
+    tree: sled::Tree,
+    place: String,
+}
+
+impl Journal {
+    /// Appends the record for `seq`. Returns the encoded size in bytes.
+    pub fn append(&self, seq: u64, event: &Event) -> Result<usize, StorageError> {
+        let bytes = codec::encode(Kind::Event, event);
+        let size = bytes.len();
+        self.tree.insert(seq.to_be_bytes(), bytes)?;
+        Ok(size)
+    }
+
+    fn trim_through(&self, seq: u64) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for k in self.tree.range(..=seq.to_be_bytes()).keys() {
+            batch.remove(k?);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn truncate_from(&self, seq: u64) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for k in self.tree.range(seq.to_be_bytes()..).keys() {
+            batch.remove(k?);
+        }
+        self.tree.apply_batch(batch)?;
+        tracing::warn!(journal = %self.place, from = seq, "journal truncated");
+        Ok(())
+    }
+
+    /// Test and tooling access: raw record bytes by sequence.
+    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.tree.get(seq.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Test and tooling access: overwrite a raw record (to simulate a torn write).
+    pub fn put_raw(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.tree.insert(seq.to_be_bytes(), bytes)?;
+        Ok(())
+    }
+}
