@@ -1,0 +1,203 @@
+//! Test harness: the real app on a random loopback port with a temp data dir, and
+//! an HTTP client that speaks the API. Nothing here is mocked.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+pub const ADMIN: &str = "test-admin-token";
+pub const SECRET: &str = "test-sandbox-secret";
+
+pub fn settings(data: &Path, extra: &[(&str, &str)]) -> kami::Settings {
+    let mut overrides: Vec<(String, String)> = vec![
+        ("server.listen".into(), "127.0.0.1:0".into()),
+        ("storage.path".into(), data.display().to_string()),
+        ("admin.token".into(), ADMIN.into()),
+        ("payments.channels.sandbox.secret".into(), SECRET.into()),
+        ("rate_limits.enabled".into(), "false".into()),
+        ("actors.arbiters".into(), "2".into()),
+    ];
+    overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    kami::Settings::load(&kami::Sources { overrides, ..Default::default() }).expect("test settings")
+}
+
+pub struct TestApp {
+    pub app: Option<kami::RunningApp>,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub data: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(&[]).await
+    }
+
+    pub async fn spawn_with(extra: &[(&str, &str)]) -> TestApp {
+        if std::env::var_os("KAMI_TEST_LOG").is_some() {
+            kami::telemetry::init_logging(&kami::config::LogSettings { level: "debug".into(), format: kami::config::LogFormat::Human });
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let mut app = Self::start_on(&data, extra).await;
+        app._dir = Some(dir);
+        app
+    }
+
+    /// Starts on an existing data directory (a restart).
+    pub async fn start_on(data: &Path, extra: &[(&str, &str)]) -> TestApp {
+        let app = kami::start(settings(data, extra)).await.expect("app starts");
+        TestApp { url: app.url(), app: Some(app), http: client(), data: data.to_path_buf(), _dir: None }
+    }
+
+    pub fn core(&self) -> &std::sync::Arc<kami::core::Kami> {
+        &self.app.as_ref().expect("running").core
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(64).build().expect("client")
+}
+
+/// An HTTP client for one kami at `url`.
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl TestApp {
+    pub fn api(&self) -> Api {
+        Api { url: self.url.clone(), http: self.http.clone() }
+    }
+}
+
+pub async fn reply(r: reqwest::RequestBuilder) -> Reply {
+    let resp = r.send().await.expect("request sent");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+    Reply { status, body, headers }
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+impl Api {
+    pub fn admin(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        r.bearer_auth(ADMIN)
+    }
+
+    pub async fn create_product(&self, id: &str, price_cents: u64, per_buyer_limit: u32, shards: u16) -> Reply {
+        let body = json!({"id": id, "name": format!("Product {id}"), "price_cents": price_cents, "per_buyer_limit": per_buyer_limit, "shards": shards});
+        reply(self.admin(self.http.post(format!("{}/api/v1/products", self.url))).json(&body)).await
+    }
+
+    pub async fn import(&self, id: &str, keys: &[String]) -> Reply {
+        reply(self.admin(self.http.post(format!("{}/api/v1/products/{id}/keys", self.url))).json(&json!({"keys": keys}))).await
+    }
+
+    /// Creates a product with `n` keys named `{id}-K{i}`.
+    pub async fn product_with_keys(&self, id: &str, n: usize, per_buyer_limit: u32) -> Vec<String> {
+        assert_eq!(self.create_product(id, 990, per_buyer_limit, 1).await.status, 201);
+        let keys: Vec<String> = (0..n).map(|i| format!("{id}-K{i}")).collect();
+        let r = self.import(id, &keys).await;
+        assert_eq!((r.status, r.body["imported"].as_u64()), (200, Some(n as u64)), "{:?}", r.body);
+        keys
+    }
+
+    pub async fn product(&self, id: &str) -> Reply {
+        reply(self.http.get(format!("{}/api/v1/products/{id}", self.url))).await
+    }
+
+    pub async fn order(&self, product: &str, quantity: u64, buyer: &str, idempotency_key: Option<&str>) -> Reply {
+        let mut r = self.http.post(format!("{}/api/v1/orders", self.url)).json(&json!({"product_id": product, "quantity": quantity, "buyer": buyer}));
+        if let Some(k) = idempotency_key {
+            r = r.header("Idempotency-Key", k);
+        }
+        reply(r).await
+    }
+
+    pub async fn get_order(&self, order_id: &str, token: &str) -> Reply {
+        reply(self.http.get(format!("{}/api/v1/orders/{order_id}", self.url)).header("X-Order-Token", token)).await
+    }
+
+    pub async fn admin_order(&self, order_id: &str) -> Reply {
+        reply(self.admin(self.http.get(format!("{}/api/v1/admin/orders/{order_id}", self.url)))).await
+    }
+
+    pub async fn cancel(&self, order_id: &str, token: &str) -> Reply {
+        reply(self.http.post(format!("{}/api/v1/orders/{order_id}/cancel", self.url)).header("X-Order-Token", token)).await
+    }
+
+    pub async fn audit(&self) -> Reply {
+        reply(self.admin(self.http.get(format!("{}/api/v1/admin/audit", self.url)))).await
+    }
+
+    /// A signed `paid` notification from the sandbox channel, fresh timestamp and nonce.
+    pub async fn notify(&self, order_id: &str, payment_id: &str, amount_cents: u64) -> Reply {
+        let body = json!({
+            "order_id": order_id, "payment_id": payment_id, "amount_cents": amount_cents,
+            "status": "paid", "timestamp": now_secs(), "nonce": format!("{:032x}", rand::random::<u128>()),
+        });
+        self.notify_raw("sandbox", &serde_json::to_vec(&body).unwrap(), SECRET).await
+    }
+
+    pub async fn notify_raw(&self, channel: &str, body: &[u8], secret: &str) -> Reply {
+        let sig = kami::domain::signature::sign(secret.as_bytes(), body);
+        reply(self.http.post(format!("{}/api/v1/payments/{channel}/notify", self.url)).header("X-Signature", sig).body(body.to_vec())).await
+    }
+
+    /// Order then pay; returns the delivered order as the buyer sees it.
+    pub async fn buy(&self, product: &str, buyer: &str) -> Reply {
+        let o = self.order(product, 1, buyer, None).await;
+        assert_eq!(o.status, 201, "{:?}", o.body);
+        let id = o.body["order_id"].as_str().unwrap();
+        let n = self.notify(id, &format!("pay-{id}"), o.body["amount_cents"].as_u64().unwrap()).await;
+        assert_eq!(n.status, 200, "{:?}", n.body);
+        self.get_order(id, o.body["query_token"].as_str().unwrap()).await
+    }
+
+    /// Polls `check` until it holds (an observable state change), bounded by `limit`.
+    pub async fn eventually<F, Fut>(&self, limit: Duration, mut check: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if check().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+pub fn assert_audit_ok(audit: &Reply) {
+    assert_eq!(audit.status, 200);
+    assert_eq!(audit.body["ok"], json!(true), "audit: {}", audit.body);
+    assert_eq!(audit.body["violations"], json!([]));
+    for p in audit.body["products"].as_array().unwrap() {
+        let n = |f: &str| p[f].as_u64().unwrap();
+        assert_eq!(n("imported"), n("available") + n("reserved") + n("sold"), "I6 for {p}");
+    }
+}
