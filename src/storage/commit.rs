@@ -46,10 +46,12 @@ impl CommitStats {
     }
 }
 
-#[derive(Clone)]
+/// Owns the commit thread; dropping it lets queued tickets complete, then joins
+/// the thread (which releases its handle on the database).
 pub struct Committer {
-    tx: SyncSender<Waiter>,
+    tx: Option<SyncSender<Waiter>>,
     stats: Arc<Mutex<CommitStats>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Committer {
@@ -60,17 +62,18 @@ impl Committer {
         let (tx, rx) = sync_channel(max_pending);
         let stats = Arc::new(Mutex::new(CommitStats::new()));
         let thread_stats = stats.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("kami-commit".into())
             .spawn(move || run(db, rx, max_batch, linger, thread_stats))
             .expect("spawn commit thread");
-        Committer { tx, stats }
+        Committer { tx: Some(tx), stats, thread: Some(thread) }
     }
 
     /// Queues a ticket for the next flush. Call only after the writes it must cover.
     pub fn ticket(&self) -> Result<Ticket, StorageError> {
         let (tx, rx) = oneshot::channel();
-        match self.tx.try_send(tx) {
+        let Some(sender) = &self.tx else { return Err(StorageError::Closed) };
+        match sender.try_send(tx) {
             Ok(()) => Ok(Ticket(rx)),
             Err(TrySendError::Full(_)) => Err(StorageError::Busy),
             Err(TrySendError::Disconnected(_)) => Err(StorageError::Closed),
@@ -79,6 +82,15 @@ impl Committer {
 
     pub fn stats(&self) -> std::sync::MutexGuard<'_, CommitStats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

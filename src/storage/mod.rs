@@ -132,6 +132,14 @@ impl Storage {
         Ok(size)
     }
 
+    /// Test and tooling access: store raw snapshot bytes (to simulate corruption).
+    pub fn write_snapshot_raw(&self, id: &ShardId, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut key = Self::snapshot_prefix(id);
+        key.extend_from_slice(&seq.to_be_bytes());
+        self.snapshots.insert(key, bytes)?;
+        Ok(())
+    }
+
     /// Removes snapshots older than `keep_from_seq` and journal records through it.
     /// Call only once the snapshot at `keep_from_seq` is durable.
     pub fn trim(&self, id: &ShardId, journal: &Journal, keep_from_seq: u64) -> Result<(), StorageError> {

@@ -201,3 +201,59 @@ pub fn assert_audit_ok(audit: &Reply) {
         assert_eq!(n("imported"), n("available") + n("reserved") + n("sold"), "I6 for {p}");
     }
 }
+
+/// The real `kami` binary as a child process (for crash tests: SIGKILL is real).
+pub struct Server {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `kami` on `data` with a random port; returns once it prints its address.
+    pub fn start(data: &Path, extra_env: &[(&str, &str)]) -> Server {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kami"));
+        cmd.env_clear()
+            .env("KAMI_SERVER__LISTEN", "127.0.0.1:0")
+            .env("KAMI_STORAGE__PATH", data)
+            .env("KAMI_ADMIN__TOKEN", ADMIN)
+            .env("KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET", SECRET)
+            .env("KAMI_RATE_LIMITS__ENABLED", "false")
+            .env("KAMI_LOG__LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn kami");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("kami listening on ") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("kami printed its address");
+        Server { child, url }
+    }
+
+    pub fn api(&self) -> Api {
+        Api { url: self.url.clone(), http: client() }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
