@@ -1,1 +1,152 @@
-fn main(){}
+//! criterion benches: the pure domain step, a storage group commit at several batch
+//! sizes, and the in-process core (actors + journal, no HTTP) with 1 and 2 arbiters.
+//! Run: `cargo bench --bench core`. Under `cargo test --all-targets` each runs once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kami::domain::shard::{NewOrder, Outcome, Payment};
+use kami::domain::{ProductInfo, Shard};
+use kami::storage::{Storage, StorageOptions};
+
+fn product() -> ProductInfo {
+    ProductInfo { id: "p".into(), name: "P".into(), price_cents: 100, per_buyer_limit: 0, shards: 1, created_at_ms: 0 }
+}
+
+fn domain(c: &mut Criterion) {
+    let mut g = c.benchmark_group("domain");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("reserve_then_pay", |b| {
+        b.iter_custom(|iters| {
+            let mut s = Shard::new(product(), 0);
+            s.import_keys((0..iters).map(|i| format!("key-{i}")).collect());
+            let started = Instant::now();
+            for i in 0..iters {
+                let req = NewOrder { buyer: format!("b{}", i % 1000), quantity: 1, idempotency: None, query_token: String::new(), ttl_ms: 60_000 };
+                let Ok(Outcome::Changed(_, seq)) = s.create_order(req, i) else { panic!("reserve") };
+                let pay = Payment { order_seq: seq, payment_id: format!("p{i}"), channel: "c".into(), amount_cents: 100, status: "paid".into() };
+                s.pay(pay, i).expect("pay");
+            }
+            started.elapsed()
+        })
+    });
+    g.bench_function("reserve_then_cancel", |b| {
+        let mut s = Shard::new(product(), 0);
+        s.import_keys((0..16).map(|i| format!("key-{i}")).collect());
+        let mut now = 0;
+        b.iter(|| {
+            now += 1;
+            let req = NewOrder { buyer: "b".into(), quantity: 1, idempotency: None, query_token: String::new(), ttl_ms: 60_000 };
+            let Ok(Outcome::Changed(_, seq)) = s.create_order(req, now) else { panic!("reserve") };
+            s.cancel(seq, now).expect("cancel");
+        })
+    });
+    g.finish();
+}
+
+fn storage(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(&StorageOptions {
+        path: dir.path().to_path_buf(),
+        cache_capacity_bytes: 64 << 20,
+        max_pending_commits: 65536,
+        max_commit_batch: 65536,
+        commit_linger: Duration::ZERO,
+    })
+    .unwrap();
+    let journal = storage.journal(&kami::domain::ShardId::new("p", 0)).unwrap();
+    let event = kami::domain::Event::OrderExpired { seq: 1, at_ms: 1 };
+    let mut seq = 0u64;
+    let mut g = c.benchmark_group("storage_commit");
+    for batch in [1u64, 10, 100] {
+        g.throughput(Throughput::Elements(batch));
+        g.bench_with_input(BenchmarkId::from_parameter(batch), &batch, |b, &batch| {
+            b.iter(|| {
+                for _ in 0..batch {
+                    seq += 1;
+                    journal.append(seq, &event).unwrap();
+                }
+                futures::executor::block_on(storage.ticket().unwrap().wait()).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Orders + payments through the in-process core, `concurrency` at a time.
+fn core_purchases(c: &mut Criterion) {
+    let mut g = c.benchmark_group("core_purchase");
+    g.sample_size(10);
+    for arbiters in [1usize, 2] {
+        g.throughput(Throughput::Elements(1));
+        g.bench_with_input(BenchmarkId::new("arbiters", arbiters), &arbiters, |b, &arbiters| {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let app = rt.block_on(start(dir.path(), arbiters));
+            let core = app.core().clone();
+            b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), arbiters as u16, iters, 256)));
+            drop(app);
+        });
+    }
+    g.finish();
+}
+
+async fn start(dir: &std::path::Path, arbiters: usize) -> kami::RunningApp {
+    let overrides = [
+        ("server.listen", "127.0.0.1:0".to_string()),
+        ("storage.path", dir.join("data").display().to_string()),
+        ("admin.token", "bench".into()),
+        ("payments.channels.sandbox.secret", "bench".into()),
+        ("actors.arbiters", arbiters.to_string()),
+    ];
+    let settings = kami::Settings::load(&kami::Sources { overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), ..Default::default() }).unwrap();
+    kami::start(settings).await.unwrap()
+}
+
+async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, concurrency: u64) -> Duration {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = format!("p{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    core.create_product(kami::core::NewProduct { id: id.clone(), name: "P".into(), price_cents: 100, per_buyer_limit: 0, shards }).await.unwrap();
+    // Shards do not borrow keys from each other yet: import a margin so that no
+    // shard runs dry before the measured purchases are done.
+    for chunk in (0..iters * 2 + 256).collect::<Vec<_>>().chunks(4096) {
+        core.import_keys(&id, chunk.iter().map(|i| format!("k{i}")).collect()).await.unwrap();
+    }
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency.min(iters))
+        .map(|w| {
+            let (core, id) = (core.clone(), id.clone());
+            tokio::spawn(async move {
+                let mut i = w;
+                while i < iters {
+                    purchase(&core, &id, i).await;
+                    i += concurrency;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    started.elapsed()
+}
+
+async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
+    let req = kami::core::OrderRequest { product_id: product.into(), quantity: 1, buyer: format!("buyer{i}") };
+    let order = loop {
+        match core.create_order(req.clone(), None).await {
+            Ok(o) => break o,
+            Err(kami::Error::Overloaded) => tokio::task::yield_now().await,
+            Err(e) => panic!("order: {e}"),
+        }
+    };
+    let order_id = format!("{}.{}.{}", order.product_id, order.shard, order.order.seq);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let body = format!(r#"{{"order_id":"{order_id}","payment_id":"pay-{order_id}","amount_cents":100,"status":"paid","timestamp":{now},"nonce":"{order_id}"}}"#);
+    let sig = core.sign_for_channel("sandbox", body.as_bytes()).unwrap();
+    core.notify("sandbox", body.as_bytes(), Some(&sig)).await.expect("notify");
+}
+
+criterion_group!(benches, domain, storage, core_purchases);
+criterion_main!(benches);

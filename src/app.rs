@@ -72,6 +72,7 @@ impl Secrets {
 struct ActorSystem {
     system: System,
     arbiters: Vec<ArbiterHandle>,
+    threads: Vec<Arbiter>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -83,14 +84,15 @@ impl ActorSystem {
             .spawn(move || {
                 let runner = System::new();
                 runner.block_on(async move {
-                    let handles: Vec<ArbiterHandle> = (0..arbiters).map(|_| Arbiter::new().handle()).collect();
-                    let _ = tx.send((System::current(), handles));
+                    let threads: Vec<Arbiter> = (0..arbiters).map(|_| Arbiter::new()).collect();
+                    let _ = tx.send((System::current(), threads));
                 });
                 let _ = runner.run();
             })
             .expect("spawn actor system thread");
-        let (system, arbiters) = rx.recv().expect("actor system starts");
-        ActorSystem { system, arbiters, thread: Some(thread) }
+        let (system, threads) = rx.recv().expect("actor system starts");
+        let arbiters = threads.iter().map(|a| a.handle()).collect();
+        ActorSystem { system, arbiters, threads, thread: Some(thread) }
     }
 }
 
@@ -98,6 +100,9 @@ impl Drop for ActorSystem {
     fn drop(&mut self) {
         for a in &self.arbiters {
             a.stop();
+        }
+        for a in self.threads.drain(..) {
+            let _ = a.join();
         }
         self.system.stop();
         if let Some(t) = self.thread.take() {
@@ -111,8 +116,9 @@ impl Drop for ActorSystem {
 pub struct RunningApp {
     pub addr: SocketAddr,
     pub secrets: Secrets,
-    pub core: Arc<Kami>,
     pub recovery: RecoveryReport,
+    core: Option<Arc<Kami>>,
+    storage: std::sync::Weak<Storage>,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -123,6 +129,34 @@ pub struct RunningApp {
 impl RunningApp {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn core(&self) -> &Arc<Kami> {
+        self.core.as_ref().expect("core lives as long as the app")
+    }
+
+    /// Stops everything at once, without snapshots, and returns once the data
+    /// directory is released (so the same process can start on it again).
+    pub async fn crash(mut self) {
+        self.release().await;
+    }
+
+    async fn release(&mut self) {
+        drop(self.stop_server.take());
+        let mut tasks: Vec<_> = self.background.drain(..).collect();
+        tasks.extend(self.server.take());
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        drop(self.core.take());
+        drop(self.actors.take());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.storage.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace period,
@@ -136,10 +170,11 @@ impl RunningApp {
                 tracing::warn!("in-flight requests did not finish within the grace period");
             }
         }
-        match self.core.snapshot_all().await {
+        match self.core().snapshot_all().await {
             Ok(()) => tracing::info!("snapshots written; shutting down"),
             Err(e) => tracing::warn!(error = %e, "snapshot at shutdown failed; the journal covers everything"),
         }
+        self.release().await;
     }
 }
 
@@ -201,6 +236,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
         mailbox_capacity: settings.actors.mailbox_capacity,
     });
+    let storage_weak = Arc::downgrade(&storage);
     let registry = Arc::new(Registry::default());
     let (supervisor, mut recovery) = OrderSupervisor::recover(env, actors.arbiters.clone(), registry.clone())
         .await
@@ -247,7 +283,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     Ok(RunningApp {
         addr,
         secrets,
-        core,
+        core: Some(core),
+        storage: storage_weak,
         recovery,
         stop_server: Some(stop_tx),
         server: Some(server),

@@ -54,7 +54,7 @@ impl TestApp {
     }
 
     pub fn core(&self) -> &std::sync::Arc<kami::core::Kami> {
-        &self.app.as_ref().expect("running").core
+        self.app.as_ref().expect("running").core()
     }
 }
 

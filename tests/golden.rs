@@ -1,0 +1,93 @@
+//! Records written by every released format version must still decode. The files in
+//! `tests/golden/` were written by format version 1; regenerate them only when adding
+//! a new version (`KAMI_WRITE_GOLDEN=1 cargo test --test golden`), never to make a
+//! failing decode pass.
+
+use std::path::PathBuf;
+
+use kami::domain::shard::{Idempotency, KeyId, PaymentOutcome, PaymentRecord, RefundReason};
+use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
+use kami::storage::codec::{decode, encode, Kind};
+
+fn product() -> ProductInfo {
+    ProductInfo { id: "golden".into(), name: "金卡 Gold".into(), price_cents: 990, per_buyer_limit: 2, shards: 1, created_at_ms: 1_700_000_000_000 }
+}
+
+fn order() -> Order {
+    Order {
+        seq: 1,
+        buyer: "alice@example.com".into(),
+        quantity: 1,
+        amount_cents: 990,
+        created_at_ms: 1_700_000_000_100,
+        expires_at_ms: 1_700_000_300_100,
+        paid_at_ms: None,
+        delivered_at_ms: None,
+        closed_at_ms: None,
+        status: OrderStatus::PendingPayment,
+        keys: vec![0 as KeyId],
+        query_token: "00112233445566778899aabbccddeeff".into(),
+        idempotency: Some(Idempotency { key: "idem-1".into(), fingerprint: [7; 16] }),
+        payment_id: None,
+        amount_mismatch: false,
+    }
+}
+
+fn events() -> Vec<Event> {
+    vec![
+        Event::KeysImported { keys: vec!["KEY-AAAA".into(), "KEY-BBBB".into()] },
+        Event::OrderCreated { order: order() },
+        Event::PaymentApplied {
+            record: PaymentRecord { payment_id: "pay-1".into(), order_seq: 1, channel: "sandbox".into(), amount_cents: 990, status: "paid".into(), at_ms: 1_700_000_000_200, outcome: PaymentOutcome::Delivered },
+            taken_keys: vec![],
+        },
+        Event::OrderExpired { seq: 2, at_ms: 5 },
+        Event::OrderCancelled { seq: 3, at_ms: 6 },
+        Event::PaymentApplied {
+            record: PaymentRecord { payment_id: "pay-2".into(), order_seq: 1, channel: "sandbox".into(), amount_cents: 990, status: "paid".into(), at_ms: 7, outcome: PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid) },
+            taken_keys: vec![1],
+        },
+    ]
+}
+
+fn snapshot() -> Shard {
+    let mut s = Shard::new(product(), 0);
+    for e in &events()[..3] {
+        s.apply(e);
+    }
+    s
+}
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
+}
+
+fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
+    let path = dir().join(name);
+    if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
+        std::fs::create_dir_all(dir()).unwrap();
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(stored, fresh, "{name}: today's encoding differs from format v1; bump FORMAT_VERSION and keep a v1 decoder");
+    stored
+}
+
+#[test]
+fn v1_events_decode() {
+    let stored = check("events.bin", serde_json::to_vec(&events().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap());
+    let records: Vec<Vec<u8>> = serde_json::from_slice(&stored).unwrap();
+    let decoded: Vec<Event> = records.iter().map(|r| decode(Kind::Event, r).unwrap()).collect();
+    assert_eq!(decoded, events());
+}
+
+#[test]
+fn v1_product_and_snapshot_decode() {
+    let stored = check("product.bin", encode(Kind::Product, &product()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
+    let stored = check("snapshot.bin", encode(Kind::Snapshot, &snapshot()));
+    let mut s: Shard = decode(Kind::Snapshot, &stored).unwrap();
+    s.rebuild_indexes();
+    assert_eq!(s.orders(), snapshot().orders());
+    assert_eq!(s.counts(), snapshot().counts());
+}
