@@ -23,9 +23,21 @@ fn domain(c: &mut Criterion) {
             s.import_keys((0..iters).map(|i| format!("key-{i}")).collect());
             let started = Instant::now();
             for i in 0..iters {
-                let req = NewOrder { buyer: format!("b{}", i % 1000), quantity: 1, idempotency: None, query_token: String::new(), ttl_ms: 60_000 };
+                let req = NewOrder {
+                    buyer: format!("b{}", i % 1000),
+                    quantity: 1,
+                    idempotency: None,
+                    query_token: String::new(),
+                    ttl_ms: 60_000,
+                };
                 let Ok(Outcome::Changed(_, seq)) = s.create_order(req, i) else { panic!("reserve") };
-                let pay = Payment { order_seq: seq, payment_id: format!("p{i}"), channel: "c".into(), amount_cents: 100, status: "paid".into() };
+                let pay = Payment {
+                    order_seq: seq,
+                    payment_id: format!("p{i}"),
+                    channel: "c".into(),
+                    amount_cents: 100,
+                    status: "paid".into(),
+                };
                 s.pay(pay, i).expect("pay");
             }
             started.elapsed()
@@ -37,7 +49,13 @@ fn domain(c: &mut Criterion) {
         let mut now = 0;
         b.iter(|| {
             now += 1;
-            let req = NewOrder { buyer: "b".into(), quantity: 1, idempotency: None, query_token: String::new(), ttl_ms: 60_000 };
+            let req = NewOrder {
+                buyer: "b".into(),
+                quantity: 1,
+                idempotency: None,
+                query_token: String::new(),
+                ttl_ms: 60_000,
+            };
             let Ok(Outcome::Changed(_, seq)) = s.create_order(req, now) else { panic!("reserve") };
             s.cancel(seq, now).expect("cancel");
         })
@@ -100,14 +118,26 @@ async fn start(dir: &std::path::Path, arbiters: usize) -> kami::RunningApp {
         ("payments.channels.sandbox.secret", "bench".into()),
         ("actors.arbiters", arbiters.to_string()),
     ];
-    let settings = kami::Settings::load(&kami::Sources { overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), ..Default::default() }).unwrap();
+    let settings = kami::Settings::load(&kami::Sources {
+        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        ..Default::default()
+    })
+    .unwrap();
     kami::start(settings).await.unwrap()
 }
 
 async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, concurrency: u64) -> Duration {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = format!("p{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    core.create_product(kami::core::NewProduct { id: id.clone(), name: "P".into(), price_cents: 100, per_buyer_limit: 0, shards }).await.unwrap();
+    core.create_product(kami::core::NewProduct {
+        id: id.clone(),
+        name: "P".into(),
+        price_cents: 100,
+        per_buyer_limit: 0,
+        shards,
+    })
+    .await
+    .unwrap();
     // Shards do not borrow keys from each other yet: import a margin so that no
     // shard runs dry before the measured purchases are done.
     for chunk in (0..iters * 2 + 256).collect::<Vec<_>>().chunks(4096) {
@@ -143,7 +173,9 @@ async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
     };
     let order_id = format!("{}.{}.{}", order.product_id, order.shard, order.order.seq);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let body = format!(r#"{{"order_id":"{order_id}","payment_id":"pay-{order_id}","amount_cents":100,"status":"paid","timestamp":{now},"nonce":"{order_id}"}}"#);
+    let body = format!(
+        r#"{{"order_id":"{order_id}","payment_id":"pay-{order_id}","amount_cents":100,"status":"paid","timestamp":{now},"nonce":"{order_id}"}}"#
+    );
     let sig = core.sign_for_channel("sandbox", body.as_bytes()).unwrap();
     core.notify("sandbox", body.as_bytes(), Some(&sig)).await.expect("notify");
 }

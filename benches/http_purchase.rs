@@ -27,7 +27,11 @@ fn settings(data: &std::path::Path, arbiters: u64) -> kami::Settings {
         ("actors.arbiters", arbiters.to_string()),
         ("log.level", "warn".into()),
     ];
-    kami::Settings::load(&kami::Sources { overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), ..Default::default() }).unwrap()
+    kami::Settings::load(&kami::Sources {
+        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 fn main() {
@@ -45,11 +49,23 @@ async fn run(buyers: u64, concurrency: u64, arbiters: u64) {
     let app = kami::start(settings(&data, arbiters)).await.unwrap();
     let url = app.url();
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build().unwrap();
-    let r = http.post(format!("{url}/api/v1/products")).bearer_auth("bench").json(&json!({"id": "hot", "name": "Hot", "price_cents": 990})).send().await.unwrap();
+    let r = http
+        .post(format!("{url}/api/v1/products"))
+        .bearer_auth("bench")
+        .json(&json!({"id": "hot", "name": "Hot", "price_cents": 990}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let keys: Vec<String> = (0..buyers).map(|i| format!("KEY-{i:08}")).collect();
     for chunk in keys.chunks(50_000) {
-        let r = http.post(format!("{url}/api/v1/products/hot/keys")).bearer_auth("bench").json(&json!({"keys": chunk})).send().await.unwrap();
+        let r = http
+            .post(format!("{url}/api/v1/products/hot/keys"))
+            .bearer_auth("bench")
+            .json(&json!({"keys": chunk}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
 
@@ -83,13 +99,25 @@ async fn run(buyers: u64, concurrency: u64, arbiters: u64) {
         errors += e;
     }
     let elapsed = started.elapsed();
-    let audit: Value = http.get(format!("{url}/api/v1/admin/audit")).bearer_auth("bench").send().await.unwrap().json().await.unwrap();
+    let audit: Value =
+        http.get(format!("{url}/api/v1/admin/audit")).bearer_auth("bench").send().await.unwrap().json().await.unwrap();
     let (batches, median_batch, p99_batch, flush_p50_us) = {
         let s = app.core().storage().committer().stats();
-        (s.batch_sizes.len(), s.batch_sizes.value_at_quantile(0.5), s.batch_sizes.value_at_quantile(0.99), s.flush_micros.value_at_quantile(0.5))
+        (
+            s.batch_sizes.len(),
+            s.batch_sizes.value_at_quantile(0.5),
+            s.batch_sizes.value_at_quantile(0.99),
+            s.flush_micros.value_at_quantile(0.5),
+        )
     };
-    println!("flash sale over HTTP: {buyers} buyers, {concurrency} connections, {arbiters} arbiters, 1 product (1 shard)");
-    println!("  purchases (order + notify + read) : {:.0}/s  ({} HTTP requests/s), errors {errors}", buyers as f64 / elapsed.as_secs_f64(), (3 * buyers) as f64 / elapsed.as_secs_f64());
+    println!(
+        "flash sale over HTTP: {buyers} buyers, {concurrency} connections, {arbiters} arbiters, 1 product (1 shard)"
+    );
+    println!(
+        "  purchases (order + notify + read) : {:.0}/s  ({} HTTP requests/s), errors {errors}",
+        buyers as f64 / elapsed.as_secs_f64(),
+        (3 * buyers) as f64 / elapsed.as_secs_f64()
+    );
     for (name, h) in ["create order", "notify", "read order"].iter().zip(hists.iter()) {
         println!(
             "  {name:<13} p50 {:>6.2} ms  p90 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms",
@@ -99,7 +127,9 @@ async fn run(buyers: u64, concurrency: u64, arbiters: u64) {
             h.max() as f64 / 1000.0
         );
     }
-    println!("  group commit: {batches} flushes, batch size p50 {median_batch} p99 {p99_batch}, flush p50 {flush_p50_us} us");
+    println!(
+        "  group commit: {batches} flushes, batch size p50 {median_batch} p99 {p99_batch}, flush p50 {flush_p50_us} us"
+    );
     println!("  audit ok: {}  sold: {}", audit["ok"], audit["products"][0]["sold"]);
     assert_eq!(audit["ok"], json!(true));
     assert_eq!(audit["products"][0]["sold"], json!(buyers - errors));
@@ -121,7 +151,14 @@ fn new_hist() -> Histogram<u64> {
 
 async fn buy(http: &reqwest::Client, url: &str, i: u64, hist: &mut [Histogram<u64>; 3]) -> bool {
     let t = Instant::now();
-    let Ok(r) = http.post(format!("{url}/api/v1/orders")).json(&json!({"product_id": "hot", "quantity": 1, "buyer": format!("buyer{i}")})).send().await else { return false };
+    let Ok(r) = http
+        .post(format!("{url}/api/v1/orders"))
+        .json(&json!({"product_id": "hot", "quantity": 1, "buyer": format!("buyer{i}")}))
+        .send()
+        .await
+    else {
+        return false;
+    };
     if r.status() != 201 {
         return false;
     }
@@ -132,13 +169,24 @@ async fn buy(http: &reqwest::Client, url: &str, i: u64, hist: &mut [Histogram<u6
     let body = serde_json::to_vec(&json!({"order_id": id, "payment_id": format!("pay-{id}"), "amount_cents": 990, "status": "paid", "timestamp": now, "nonce": format!("n-{id}")})).unwrap();
     let sig = kami::domain::signature::sign(b"bench", &body);
     let t = Instant::now();
-    let Ok(n) = http.post(format!("{url}/api/v1/payments/sandbox/notify")).header("X-Signature", sig).body(body).send().await else { return false };
+    let Ok(n) =
+        http.post(format!("{url}/api/v1/payments/sandbox/notify")).header("X-Signature", sig).body(body).send().await
+    else {
+        return false;
+    };
     if n.status() != 200 {
         return false;
     }
     hist[1].record(t.elapsed().as_micros() as u64).unwrap();
     let t = Instant::now();
-    let Ok(g) = http.get(format!("{url}/api/v1/orders/{id}")).header("X-Order-Token", o["query_token"].as_str().unwrap()).send().await else { return false };
+    let Ok(g) = http
+        .get(format!("{url}/api/v1/orders/{id}"))
+        .header("X-Order-Token", o["query_token"].as_str().unwrap())
+        .send()
+        .await
+    else {
+        return false;
+    };
     let ok = g.status() == 200;
     hist[2].record(t.elapsed().as_micros() as u64).unwrap();
     ok

@@ -118,6 +118,7 @@ pub struct RunningApp {
     pub secrets: Secrets,
     pub recovery: RecoveryReport,
     core: Option<Arc<Kami>>,
+    state: AppState,
     storage: std::sync::Weak<Storage>,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -151,6 +152,7 @@ impl RunningApp {
         for task in tasks {
             let _ = task.await;
         }
+        self.state.detach();
         drop(self.core.take());
         drop(self.actors.take());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -180,6 +182,7 @@ impl RunningApp {
 
 impl Drop for RunningApp {
     fn drop(&mut self) {
+        self.state.detach();
         if let Some(server) = self.server.take() {
             server.abort();
         }
@@ -206,7 +209,10 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let storage_err = |error: String| StartError::Storage { path: opts.path.display().to_string(), error };
     let storage = {
         let opts = opts.clone();
-        tokio::task::spawn_blocking(move || Storage::open(&opts)).await.map_err(|e| storage_err(e.to_string()))?.map_err(|e| storage_err(e.to_string()))?
+        tokio::task::spawn_blocking(move || Storage::open(&opts))
+            .await
+            .map_err(|e| storage_err(e.to_string()))?
+            .map_err(|e| storage_err(e.to_string()))?
     };
 
     let state = AppState::new(&settings, secrets.admin_token.clone());
@@ -216,6 +222,13 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let addr = listener.local_addr().map_err(|error| StartError::Bind { addr: settings.server.listen, error })?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // TCP_NODELAY: without it, a response written in two segments waits for the
+    // client's delayed ACK (~40 ms) under Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let server = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop_rx.await;
@@ -252,7 +265,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         "recovery finished"
     );
 
-    let channels: HashMap<String, Vec<u8>> = secrets.channels.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+    let channels: HashMap<String, Vec<u8>> =
+        secrets.channels.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
     let core = Arc::new(Kami::new(
         registry,
         supervisor,
@@ -267,13 +281,13 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     state.set_ready(core.clone());
 
     let pruner = {
-        let (core, state) = (core.clone(), state.clone());
+        let (core, limiter_state) = (core.clone(), state.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tick.tick().await;
                 core.prune();
-                if let Some(l) = &state.ip_limiter {
+                if let Some(l) = &limiter_state.ip_limiter {
                     l.prune();
                 }
             }
@@ -284,6 +298,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         addr,
         secrets,
         core: Some(core),
+        state,
         storage: storage_weak,
         recovery,
         stop_server: Some(stop_tx),

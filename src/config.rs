@@ -185,16 +185,28 @@ impl Settings {
         check(self.storage.max_commit_batch >= 1, "storage.max_commit_batch", "must be at least 1")?;
         check(self.storage.commit_linger_us <= 100_000, "storage.commit_linger_us", "must be at most 100000")?;
         check(self.actors.arbiters <= 1024, "actors.arbiters", "must be at most 1024")?;
-        check((1..=1_000_000).contains(&self.actors.mailbox_capacity), "actors.mailbox_capacity", "must be 1..=1000000")?;
+        check(
+            (1..=1_000_000).contains(&self.actors.mailbox_capacity),
+            "actors.mailbox_capacity",
+            "must be 1..=1000000",
+        )?;
         check(!self.admin.token.contains(char::is_whitespace), "admin.token", "must not contain white space")?;
         check((1..=1024).contains(&self.products.max_shards), "products.max_shards", "must be 1..=1024")?;
         check(self.keys.max_import_bytes >= 1024, "keys.max_import_bytes", "must be at least 1024")?;
         check(self.orders.ttl_secs >= 1, "orders.ttl_secs", "must be at least 1")?;
         check(self.orders.ttl_secs <= 30 * 86400, "orders.ttl_secs", "must be at most 30 days")?;
         check((1..=10_000).contains(&self.orders.max_quantity), "orders.max_quantity", "must be 1..=10000")?;
-        check((10..=1000).contains(&self.orders.expiry_tick_ms), "orders.expiry_tick_ms", "must be 10..=1000 (orders expire within a second)")?;
+        check(
+            (10..=1000).contains(&self.orders.expiry_tick_ms),
+            "orders.expiry_tick_ms",
+            "must be 10..=1000 (orders expire within a second)",
+        )?;
         check(self.orders.max_expired_per_tick >= 1, "orders.max_expired_per_tick", "must be at least 1")?;
-        check(self.orders.idempotency_ttl_secs >= 86400, "orders.idempotency_ttl_secs", "must be at least 86400 (24 hours)")?;
+        check(
+            self.orders.idempotency_ttl_secs >= 86400,
+            "orders.idempotency_ttl_secs",
+            "must be at least 86400 (24 hours)",
+        )?;
         check(self.orders.max_idempotency_keys >= 1, "orders.max_idempotency_keys", "must be at least 1")?;
         check(self.payments.max_skew_secs >= 1, "payments.max_skew_secs", "must be at least 1")?;
         check(self.payments.max_nonces >= 1, "payments.max_nonces", "must be at least 1")?;
@@ -205,7 +217,10 @@ impl Settings {
         )?;
         for name in self.payments.channels.keys() {
             if !crate::domain::validate::is_product_id(name) {
-                return Err(ConfigError::Invalid { key: "payments.channels", problem: format!("channel name {name:?} must match [a-z0-9_-]{{1,64}}") });
+                return Err(ConfigError::Invalid {
+                    key: "payments.channels",
+                    problem: format!("channel name {name:?} must match [a-z0-9_-]{{1,64}}"),
+                });
             }
         }
         check(self.rate_limits.per_ip_per_sec >= 1, "rate_limits.per_ip_per_sec", "must be at least 1")?;

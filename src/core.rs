@@ -142,7 +142,18 @@ impl Kami {
         ttl_ms: u64,
     ) -> Kami {
         assert!(channels.contains_key(&default_channel));
-        Kami { registry, supervisor, storage, clock, limits, channels, default_channel, ttl_ms, pins: DashMap::new(), nonces: DashMap::new() }
+        Kami {
+            registry,
+            supervisor,
+            storage,
+            clock,
+            limits,
+            channels,
+            default_channel,
+            ttl_ms,
+            pins: DashMap::new(),
+            nonces: DashMap::new(),
+        }
     }
 
     pub fn mailbox_capacity(&self) -> usize {
@@ -252,10 +263,11 @@ impl Kami {
             let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
             for (i, s) in route.shards.iter().enumerate() {
                 // The audit is not admission-controlled: it must work under overload.
-                let a: ShardAudit = match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::Audit)).await {
-                    Ok(Ok(r)) => r?,
-                    _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
-                };
+                let a: ShardAudit =
+                    match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::Audit)).await {
+                        Ok(Ok(r)) => r?,
+                        _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
+                    };
                 pa.imported += a.imported;
                 pa.available += a.available;
                 pa.reserved += a.reserved;
@@ -282,7 +294,11 @@ impl Kami {
         h.finalize()[..16].try_into().expect("16 bytes")
     }
 
-    pub async fn create_order(&self, req: OrderRequest, idempotency_key: Option<String>) -> Result<OrderSnapshot, Error> {
+    pub async fn create_order(
+        &self,
+        req: OrderRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<OrderSnapshot, Error> {
         if req.quantity == 0 || req.quantity > self.limits.max_quantity as u64 {
             return Err(Error::Invalid(format!("quantity: must be 1..={}", self.limits.max_quantity)));
         }
@@ -330,7 +346,11 @@ impl Kami {
                 return Err(Error::Overloaded);
             }
         }
-        let entry = self.pins.entry(key.to_string()).or_insert(Pin { fingerprint, at_ms: self.clock.now_ms(), confirmed: false });
+        let entry = self.pins.entry(key.to_string()).or_insert(Pin {
+            fingerprint,
+            at_ms: self.clock.now_ms(),
+            confirmed: false,
+        });
         if entry.fingerprint == fingerprint {
             Ok(())
         } else {
@@ -340,10 +360,11 @@ impl Kami {
 
     fn confirm_pin(&self, key: &str, fingerprint: [u8; 16]) {
         let now = self.clock.now_ms();
-        self.pins
-            .entry(key.to_string())
-            .and_modify(|p| p.confirmed = true)
-            .or_insert(Pin { fingerprint, at_ms: now, confirmed: true });
+        self.pins.entry(key.to_string()).and_modify(|p| p.confirmed = true).or_insert(Pin {
+            fingerprint,
+            at_ms: now,
+            confirmed: true,
+        });
     }
 
     /// Re-pins the Idempotency-Keys recovered shards hold (start-up), so reuse of a
@@ -410,7 +431,13 @@ impl Kami {
         }
         self.check_nonce(&n.nonce, body, now_ms)?;
         let (id, route) = self.locate(&n.order_id)?;
-        let payment = Payment { order_seq: id.seq, payment_id: n.payment_id, channel: channel.to_string(), amount_cents: n.amount_cents, status: n.status };
+        let payment = Payment {
+            order_seq: id.seq,
+            payment_id: n.payment_id,
+            channel: channel.to_string(),
+            amount_cents: n.amount_cents,
+            status: n.status,
+        };
         let outcome = self.call(&route.shards[id.shard.shard as usize], shard::PayOrder(payment)).await?;
         if let PaymentOutcome::AmountMismatch { expected_cents } = outcome {
             return Err(DomainError::AmountMismatch { expected: expected_cents, got: n.amount_cents }.into());

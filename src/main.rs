@@ -53,7 +53,11 @@ fn main() -> ExitCode {
                 }
             };
             kami::telemetry::init_logging(&settings.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("kami-http").build().expect("tokio runtime");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("kami-http")
+                .build()
+                .expect("tokio runtime");
             runtime.block_on(serve(settings))
         }
     }

@@ -24,32 +24,140 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
         ("not an object", h.post(url("/api/v1/orders")).body("[1,2]"), 422, "invalid_request"),
         ("wrong type", order_body(json!({"product_id": "p", "quantity": "one", "buyer": "a"})), 422, "invalid_request"),
         ("missing field", order_body(json!({"product_id": "p", "buyer": "a"})), 422, "invalid_request"),
-        ("unknown field", order_body(json!({"product_id": "p", "quantity": 1, "buyer": "a", "qty": 1})), 422, "invalid_request"),
-        ("unknown product", order_body(json!({"product_id": "nope", "quantity": 1, "buyer": "a"})), 404, "product_not_found"),
+        (
+            "unknown field",
+            order_body(json!({"product_id": "p", "quantity": 1, "buyer": "a", "qty": 1})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "unknown product",
+            order_body(json!({"product_id": "nope", "quantity": 1, "buyer": "a"})),
+            404,
+            "product_not_found",
+        ),
         ("quantity 0", order_body(json!({"product_id": "p", "quantity": 0, "buyer": "a"})), 422, "invalid_request"),
-        ("quantity 10^12", order_body(json!({"product_id": "p", "quantity": 1_000_000_000_000u64, "buyer": "a"})), 422, "invalid_request"),
-        ("negative quantity", order_body(json!({"product_id": "p", "quantity": -1, "buyer": "a"})), 422, "invalid_request"),
-        ("fractional quantity", order_body(json!({"product_id": "p", "quantity": 1.5, "buyer": "a"})), 422, "invalid_request"),
+        (
+            "quantity 10^12",
+            order_body(json!({"product_id": "p", "quantity": 1_000_000_000_000u64, "buyer": "a"})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "negative quantity",
+            order_body(json!({"product_id": "p", "quantity": -1, "buyer": "a"})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "fractional quantity",
+            order_body(json!({"product_id": "p", "quantity": 1.5, "buyer": "a"})),
+            422,
+            "invalid_request",
+        ),
         ("empty buyer", order_body(json!({"product_id": "p", "quantity": 1, "buyer": ""})), 422, "invalid_request"),
-        ("huge buyer", order_body(json!({"product_id": "p", "quantity": 1, "buyer": "b".repeat(10_000)})), 422, "invalid_request"),
-        ("control chars in buyer", order_body(json!({"product_id": "p", "quantity": 1, "buyer": "a\u{0007}b"})), 422, "invalid_request"),
-        ("bad idempotency key", order_body(json!({"product_id": "p", "quantity": 1, "buyer": "a"})).header("Idempotency-Key", "has space"), 422, "invalid_request"),
-        ("no auth", h.post(url("/api/v1/products")).json(&json!({"id": "x", "name": "x", "price_cents": 1})), 401, "unauthorized"),
-        ("wrong auth", h.post(url("/api/v1/products")).bearer_auth("nope").json(&json!({"id": "x", "name": "x", "price_cents": 1})), 401, "unauthorized"),
+        (
+            "huge buyer",
+            order_body(json!({"product_id": "p", "quantity": 1, "buyer": "b".repeat(10_000)})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "control chars in buyer",
+            order_body(json!({"product_id": "p", "quantity": 1, "buyer": "a\u{0007}b"})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "bad idempotency key",
+            order_body(json!({"product_id": "p", "quantity": 1, "buyer": "a"})).header("Idempotency-Key", "has space"),
+            422,
+            "invalid_request",
+        ),
+        (
+            "no auth",
+            h.post(url("/api/v1/products")).json(&json!({"id": "x", "name": "x", "price_cents": 1})),
+            401,
+            "unauthorized",
+        ),
+        (
+            "wrong auth",
+            h.post(url("/api/v1/products"))
+                .bearer_auth("nope")
+                .json(&json!({"id": "x", "name": "x", "price_cents": 1})),
+            401,
+            "unauthorized",
+        ),
         ("no auth on audit", h.get(url("/api/v1/admin/audit")), 401, "unauthorized"),
         ("no auth on keys", h.post(url("/api/v1/products/p/keys")).json(&json!({"keys": ["z"]})), 401, "unauthorized"),
         ("no auth on admin order", h.get(url(&format!("/api/v1/admin/orders/{order_id}"))), 401, "unauthorized"),
-        ("bad product id", h.post(url("/api/v1/products")).bearer_auth(ADMIN).json(&json!({"id": "Bad.Id", "name": "x", "price_cents": 1})), 422, "invalid_request"),
-        ("negative price", h.post(url("/api/v1/products")).bearer_auth(ADMIN).json(&json!({"id": "x", "name": "x", "price_cents": -5})), 422, "invalid_request"),
-        ("unknown product field", h.post(url("/api/v1/products")).bearer_auth(ADMIN).json(&json!({"id": "x", "name": "x", "price_cents": 1, "stock": 3})), 422, "invalid_request"),
-        ("zero shards", h.post(url("/api/v1/products")).bearer_auth(ADMIN).json(&json!({"id": "x", "name": "x", "price_cents": 1, "shards": 0})), 422, "invalid_request"),
-        ("product exists", h.post(url("/api/v1/products")).bearer_auth(ADMIN).json(&json!({"id": "p", "name": "x", "price_cents": 1})), 409, "product_exists"),
-        ("300-byte key", h.post(url("/api/v1/products/p/keys")).bearer_auth(ADMIN).json(&json!({"keys": ["ok-key", long_key]})), 422, "invalid_request"),
-        ("key with control char", h.post(url("/api/v1/products/p/keys")).bearer_auth(ADMIN).header("content-type", "text/plain").body("good\nba\u{1}d\n"), 422, "invalid_request"),
-        ("keys to unknown product", h.post(url("/api/v1/products/zz/keys")).bearer_auth(ADMIN).json(&json!({"keys": ["a"]})), 404, "product_not_found"),
+        (
+            "bad product id",
+            h.post(url("/api/v1/products"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"id": "Bad.Id", "name": "x", "price_cents": 1})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "negative price",
+            h.post(url("/api/v1/products"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"id": "x", "name": "x", "price_cents": -5})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "unknown product field",
+            h.post(url("/api/v1/products"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"id": "x", "name": "x", "price_cents": 1, "stock": 3})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "zero shards",
+            h.post(url("/api/v1/products"))
+                .bearer_auth(ADMIN)
+                .json(&json!({"id": "x", "name": "x", "price_cents": 1, "shards": 0})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "product exists",
+            h.post(url("/api/v1/products")).bearer_auth(ADMIN).json(&json!({"id": "p", "name": "x", "price_cents": 1})),
+            409,
+            "product_exists",
+        ),
+        (
+            "300-byte key",
+            h.post(url("/api/v1/products/p/keys")).bearer_auth(ADMIN).json(&json!({"keys": ["ok-key", long_key]})),
+            422,
+            "invalid_request",
+        ),
+        (
+            "key with control char",
+            h.post(url("/api/v1/products/p/keys"))
+                .bearer_auth(ADMIN)
+                .header("content-type", "text/plain")
+                .body("good\nba\u{1}d\n"),
+            422,
+            "invalid_request",
+        ),
+        (
+            "keys to unknown product",
+            h.post(url("/api/v1/products/zz/keys")).bearer_auth(ADMIN).json(&json!({"keys": ["a"]})),
+            404,
+            "product_not_found",
+        ),
         ("unknown route", h.get(url("/api/v1/nothing")), 404, "not_found"),
         ("wrong method", h.delete(url("/api/v1/orders")), 405, "method_not_allowed"),
-        ("bad signature", h.post(url("/api/v1/payments/sandbox/notify")).header("X-Signature", "sha256=00").body("{}"), 401, "bad_signature"),
+        (
+            "bad signature",
+            h.post(url("/api/v1/payments/sandbox/notify")).header("X-Signature", "sha256=00").body("{}"),
+            401,
+            "bad_signature",
+        ),
         ("missing signature", h.post(url("/api/v1/payments/sandbox/notify")).body("{}"), 401, "bad_signature"),
     ];
     for (name, request, status, code) in cases {
@@ -72,7 +180,10 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
     // Within the import limit, a large key file is fine (and a 1 MiB+ body is accepted there).
     let many: String = (0..80_000).map(|i| format!("bulk-key-{i:06}\n")).collect();
     assert!(many.len() > 1 << 20);
-    let r = reply(h.post(url("/api/v1/products/p/keys")).bearer_auth(ADMIN).header("content-type", "text/plain").body(many)).await;
+    let r = reply(
+        h.post(url("/api/v1/products/p/keys")).bearer_auth(ADMIN).header("content-type", "text/plain").body(many),
+    )
+    .await;
     assert_eq!((r.status, r.body["imported"].as_u64()), (200, Some(80_000)));
 
     // A signed notification whose body is not a notification.
@@ -107,7 +218,12 @@ async fn post_head_only(addr: &str, path: &str, auth: bool, content_length: usiz
         response.extend_from_slice(&buf[..n]);
         if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&response[..split]).to_string();
-            let len: usize = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
             if response.len() >= split + 4 + len {
                 let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
                 return (status, serde_json::from_slice(&response[split + 4..split + 4 + len]).unwrap());

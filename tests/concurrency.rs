@@ -55,6 +55,9 @@ async fn two_thousand_buyers_on_five_hundred_keys() {
 
     let audit = api.audit().await;
     assert_audit_ok(&audit);
-    assert_eq!(audit.body["products"][0], json!({"id": "hot", "imported": KEYS, "available": 0, "reserved": 0, "sold": KEYS}));
+    assert_eq!(
+        audit.body["products"][0],
+        json!({"id": "hot", "imported": KEYS, "available": 0, "reserved": 0, "sold": KEYS})
+    );
     assert_eq!(audit.body["orders"]["delivered"], json!(KEYS));
 }

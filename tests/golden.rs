@@ -10,7 +10,14 @@ use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
 use kami::storage::codec::{decode, encode, Kind};
 
 fn product() -> ProductInfo {
-    ProductInfo { id: "golden".into(), name: "金卡 Gold".into(), price_cents: 990, per_buyer_limit: 2, shards: 1, created_at_ms: 1_700_000_000_000 }
+    ProductInfo {
+        id: "golden".into(),
+        name: "金卡 Gold".into(),
+        price_cents: 990,
+        per_buyer_limit: 2,
+        shards: 1,
+        created_at_ms: 1_700_000_000_000,
+    }
 }
 
 fn order() -> Order {
@@ -38,13 +45,29 @@ fn events() -> Vec<Event> {
         Event::KeysImported { keys: vec!["KEY-AAAA".into(), "KEY-BBBB".into()] },
         Event::OrderCreated { order: order() },
         Event::PaymentApplied {
-            record: PaymentRecord { payment_id: "pay-1".into(), order_seq: 1, channel: "sandbox".into(), amount_cents: 990, status: "paid".into(), at_ms: 1_700_000_000_200, outcome: PaymentOutcome::Delivered },
+            record: PaymentRecord {
+                payment_id: "pay-1".into(),
+                order_seq: 1,
+                channel: "sandbox".into(),
+                amount_cents: 990,
+                status: "paid".into(),
+                at_ms: 1_700_000_000_200,
+                outcome: PaymentOutcome::Delivered,
+            },
             taken_keys: vec![],
         },
         Event::OrderExpired { seq: 2, at_ms: 5 },
         Event::OrderCancelled { seq: 3, at_ms: 6 },
         Event::PaymentApplied {
-            record: PaymentRecord { payment_id: "pay-2".into(), order_seq: 1, channel: "sandbox".into(), amount_cents: 990, status: "paid".into(), at_ms: 7, outcome: PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid) },
+            record: PaymentRecord {
+                payment_id: "pay-2".into(),
+                order_seq: 1,
+                channel: "sandbox".into(),
+                amount_cents: 990,
+                status: "paid".into(),
+                at_ms: 7,
+                outcome: PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid),
+            },
             taken_keys: vec![1],
         },
     ]
@@ -69,13 +92,19 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored, fresh, "{name}: today's encoding differs from format v1; bump FORMAT_VERSION and keep a v1 decoder");
+    assert_eq!(
+        stored, fresh,
+        "{name}: today's encoding differs from format v1; bump FORMAT_VERSION and keep a v1 decoder"
+    );
     stored
 }
 
 #[test]
 fn v1_events_decode() {
-    let stored = check("events.bin", serde_json::to_vec(&events().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap());
+    let stored = check(
+        "events.bin",
+        serde_json::to_vec(&events().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap(),
+    );
     let records: Vec<Vec<u8>> = serde_json::from_slice(&stored).unwrap();
     let decoded: Vec<Event> = records.iter().map(|r| decode(Kind::Event, r).unwrap()).collect();
     assert_eq!(decoded, events());

@@ -160,7 +160,8 @@ async fn expiry_releases_stock_and_a_late_payment_is_served_or_refunded() {
     let api = t.api();
     api.product_with_keys("p", 1, 0).await;
     let o = api.order("p", 1, "alice", None).await;
-    let (id, token) = (o.body["order_id"].as_str().unwrap().to_string(), o.body["query_token"].as_str().unwrap().to_string());
+    let (id, token) =
+        (o.body["order_id"].as_str().unwrap().to_string(), o.body["query_token"].as_str().unwrap().to_string());
     assert_eq!(api.product("p").await.body["available"], json!(0));
     let expired = api
         .eventually(Duration::from_secs(10), || async { api.get_order(&id, &token).await.body["status"] == "expired" })
@@ -177,7 +178,12 @@ async fn expiry_releases_stock_and_a_late_payment_is_served_or_refunded() {
     let o2 = api.order("p", 1, "bob", None).await;
     let id2 = o2.body["order_id"].as_str().unwrap().to_string();
     let token2 = o2.body["query_token"].as_str().unwrap().to_string();
-    assert!(api.eventually(Duration::from_secs(10), || async { api.get_order(&id2, &token2).await.body["status"] == "expired" }).await);
+    assert!(
+        api.eventually(Duration::from_secs(10), || async {
+            api.get_order(&id2, &token2).await.body["status"] == "expired"
+        })
+        .await
+    );
     assert_eq!(api.order("p", 1, "carol", None).await.status, 201, "carol takes the last key");
     assert_eq!(api.notify(&id2, "late-2", 990).await.status, 200);
     assert_eq!(api.get_order(&id2, &token2).await.body["status"], "refund_pending");

@@ -25,7 +25,15 @@ type Ledger = Arc<Mutex<HashMap<String, Acked>>>;
 async fn traffic(api: Api, ledger: Ledger, worker: usize, orders_acked: Arc<AtomicUsize>) {
     for i in 0.. {
         let buyer = format!("w{worker}-b{i}");
-        let Ok(resp) = api.http.post(format!("{}/api/v1/orders", api.url)).json(&json!({"product_id": "p", "quantity": 1, "buyer": buyer})).send().await else { return };
+        let Ok(resp) = api
+            .http
+            .post(format!("{}/api/v1/orders", api.url))
+            .json(&json!({"product_id": "p", "quantity": 1, "buyer": buyer}))
+            .send()
+            .await
+        else {
+            return;
+        };
         if resp.status() != 201 {
             continue;
         }
@@ -40,12 +48,25 @@ async fn traffic(api: Api, ledger: Ledger, worker: usize, orders_acked: Arc<Atom
         let payload = json!({"order_id": id, "payment_id": format!("pay-{id}"), "amount_cents": 990, "status": "paid", "timestamp": now_secs(), "nonce": format!("{worker}-{i}-{}", rand::random::<u64>())});
         let raw = serde_json::to_vec(&payload).unwrap();
         let sig = kami::domain::signature::sign(SECRET.as_bytes(), &raw);
-        let Ok(n) = api.http.post(format!("{}/api/v1/payments/sandbox/notify", api.url)).header("X-Signature", sig).body(raw).send().await else { return };
+        let Ok(n) = api
+            .http
+            .post(format!("{}/api/v1/payments/sandbox/notify", api.url))
+            .header("X-Signature", sig)
+            .body(raw)
+            .send()
+            .await
+        else {
+            return;
+        };
         if n.status() != 200 {
             continue;
         }
         ledger.lock().unwrap().get_mut(&id).unwrap().paid = true;
-        let Ok(got) = api.http.get(format!("{}/api/v1/orders/{id}", api.url)).header("X-Order-Token", &token).send().await else { return };
+        let Ok(got) =
+            api.http.get(format!("{}/api/v1/orders/{id}", api.url)).header("X-Order-Token", &token).send().await
+        else {
+            return;
+        };
         if got.status() == 200 {
             let Ok(v) = got.json::<serde_json::Value>().await else { return };
             let keys: Vec<String> = serde_json::from_value(v["keys"].clone()).unwrap();
@@ -91,11 +112,18 @@ async fn sigkill_mid_traffic_loses_no_acknowledged_write() {
     let ledger: Ledger = Arc::default();
     for cycle in 0..3 {
         let acked = Arc::new(AtomicUsize::new(0));
-        let workers: Vec<_> = (0..16).map(|w| tokio::spawn(traffic(server.api(), ledger.clone(), w + cycle * 100, acked.clone()))).collect();
+        let workers: Vec<_> = (0..16)
+            .map(|w| tokio::spawn(traffic(server.api(), ledger.clone(), w + cycle * 100, acked.clone())))
+            .collect();
         // Kill once this cycle has had real traffic, while workers are mid-request.
         let target = 150;
         let api_now = server.api();
-        assert!(api_now.eventually(std::time::Duration::from_secs(60), || async { acked.load(Ordering::SeqCst) >= target }).await, "traffic stalled");
+        assert!(
+            api_now
+                .eventually(std::time::Duration::from_secs(60), || async { acked.load(Ordering::SeqCst) >= target })
+                .await,
+            "traffic stalled"
+        );
         server.kill9();
         for w in workers {
             w.await.unwrap();

@@ -34,11 +34,23 @@ fn drive(storage: &Storage, shard: &mut Shard, from_seq: u64, orders: u64) -> u6
     let (events, _, _) = shard.import_keys((0..orders).map(|i| format!("k{from_seq}-{i}")).collect());
     events.iter().for_each(&mut append);
     for i in 0..orders {
-        let req = NewOrder { buyer: format!("b{i}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 };
+        let req = NewOrder {
+            buyer: format!("b{i}"),
+            quantity: 1,
+            idempotency: None,
+            query_token: "t".into(),
+            ttl_ms: 60_000,
+        };
         let Outcome::Changed(e, order_seq) = shard.create_order(req, 1000 + i).unwrap() else { panic!() };
         append(&e);
         if i % 2 == 0 {
-            let pay = Payment { order_seq, payment_id: format!("pay{from_seq}-{i}"), channel: "sandbox".into(), amount_cents: 100, status: "paid".into() };
+            let pay = Payment {
+                order_seq,
+                payment_id: format!("pay{from_seq}-{i}"),
+                channel: "sandbox".into(),
+                amount_cents: 100,
+                status: "paid".into(),
+            };
             let Outcome::Changed(e, _) = shard.pay(pay, 2000 + i).unwrap() else { panic!() };
             append(&e);
         }
@@ -95,7 +107,8 @@ async fn torn_journal_tail_is_dropped_and_older_records_survive() {
     assert!(journal.raw(seq).unwrap().is_none(), "the torn record is removed");
     let mut expected = Shard::new(product(), 0);
     for s in 1..seq {
-        let e: Event = kami::storage::codec::decode(kami::storage::codec::Kind::Event, &journal.raw(s).unwrap().unwrap()).unwrap();
+        let e: Event =
+            kami::storage::codec::decode(kami::storage::codec::Kind::Event, &journal.raw(s).unwrap().unwrap()).unwrap();
         expected.apply(&e);
     }
     same_state(&expected, &r.shard);

@@ -61,7 +61,12 @@ impl Registry {
 }
 
 /// Starts one stock actor under a supervisor on `arbiter`, from recovered state.
-pub fn start_shard(env: &Arc<ShardEnv>, arbiter: &ArbiterHandle, product: &ProductInfo, recovered: Recovered) -> ShardHandle {
+pub fn start_shard(
+    env: &Arc<ShardEnv>,
+    arbiter: &ArbiterHandle,
+    product: &ProductInfo,
+    recovered: Recovered,
+) -> ShardHandle {
     let gauge = Arc::new(ShardGauge::default());
     let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
     let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, recovered));

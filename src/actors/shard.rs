@@ -151,6 +151,38 @@ struct Live {
     durable: Rc<Cell<u64>>,
     journal_bytes_since_snapshot: u64,
     last_snapshot_bytes: u64,
+    /// Orders whose last change may not be durable yet: order seq → journal seq of
+    /// that change, with a queue in journal order to forget them once durable.
+    /// Bounded by the writes in flight. Lets a read of one order skip the flush wait
+    /// when only other orders have unflushed changes.
+    undurable: std::collections::HashMap<u64, u64>,
+    undurable_queue: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Live {
+    /// The journal seq that must be durable before order `order_seq` may be shown.
+    fn needed_for_order(&mut self, order_seq: u64) -> u64 {
+        let durable = self.durable.get();
+        while let Some(&(jseq, order)) = self.undurable_queue.front() {
+            if jseq > durable {
+                break;
+            }
+            self.undurable_queue.pop_front();
+            if self.undurable.get(&order) == Some(&jseq) {
+                self.undurable.remove(&order);
+            }
+        }
+        self.undurable.get(&order_seq).copied().unwrap_or(0)
+    }
+}
+
+fn order_of(event: &Event) -> Option<u64> {
+    match event {
+        Event::KeysImported { .. } => None,
+        Event::OrderCreated { order } => Some(order.seq),
+        Event::PaymentApplied { record, .. } => Some(record.order_seq),
+        Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),
+    }
 }
 
 impl ShardActor {
@@ -171,6 +203,9 @@ impl ShardActor {
             durable: Rc::new(Cell::new(0)),
             journal_bytes_since_snapshot: r.journal_bytes,
             last_snapshot_bytes: r.snapshot_bytes,
+            // Everything recovered counts as not yet durable: `durable` starts at 0.
+            undurable: std::collections::HashMap::new(),
+            undurable_queue: std::collections::VecDeque::new(),
         });
     }
 
@@ -207,6 +242,10 @@ impl ShardActor {
                 Ok(bytes) => {
                     live.seq = seq;
                     live.journal_bytes_since_snapshot += bytes as u64;
+                    if let Some(order) = order_of(event) {
+                        live.undurable.insert(order, seq);
+                        live.undurable_queue.push_back((seq, order));
+                    }
                 }
                 Err(e) => {
                     // Memory is now ahead of the journal: rebuild from storage.
@@ -222,17 +261,29 @@ impl ShardActor {
         Ok(ticket)
     }
 
-    /// Replies with `value` once it is durable: after `ticket`'s flush if the step
-    /// wrote, else at once when everything written so far is known durable, else
-    /// after the next flush.
+    /// Replies with `value` once the flush behind `ticket` (taken after this step's
+    /// writes) has returned.
     fn reply<T: 'static>(&mut self, ticket: Option<Ticket>, value: T) -> ResponseFuture<ShardResult<T>> {
+        let needed = self.live.as_ref().map_or(0, |l| l.seq);
+        self.reply_when_durable(ticket, needed, value)
+    }
+
+    /// Replies with `value` (which shows the journal through `needed`) once that
+    /// prefix is durable: at once if it is known durable, else after `ticket`'s or
+    /// the next flush. Every 2xx thus describes durable state (I4).
+    fn reply_when_durable<T: 'static>(
+        &mut self,
+        ticket: Option<Ticket>,
+        needed: u64,
+        value: T,
+    ) -> ResponseFuture<ShardResult<T>> {
         let Some(live) = self.live.as_ref() else {
             return Box::pin(future::ready(Err(ShardError::Unavailable)));
         };
         let (seq, durable, counts) = (live.seq, live.durable.clone(), live.shard.counts());
         let ticket = match ticket {
             Some(t) => t,
-            None if durable.get() >= seq => return Box::pin(future::ready(Ok(value))),
+            None if durable.get() >= needed => return Box::pin(future::ready(Ok(value))),
             None => match self.env.storage.ticket() {
                 Ok(t) => t,
                 Err(e) => return Box::pin(future::ready(Err(e.into()))),
@@ -249,6 +300,20 @@ impl ShardActor {
         })
     }
 
+    /// Replies with an order view once that order's own changes are durable.
+    fn reply_order(
+        &mut self,
+        ticket: Option<Ticket>,
+        view: OrderSnapshot,
+    ) -> ResponseFuture<ShardResult<OrderSnapshot>> {
+        let needed = match self.live.as_mut() {
+            Some(live) if ticket.is_none() => live.needed_for_order(view.order.seq),
+            Some(live) => live.seq,
+            None => 0,
+        };
+        self.reply_when_durable(ticket, needed, view)
+    }
+
     fn order_snapshot(&self, seq: u64, replayed: bool) -> ShardResult<OrderSnapshot> {
         let live = self.live.as_ref().ok_or(ShardError::Unavailable)?;
         let order = live.shard.order(seq).ok_or(DomainError::OrderNotFound)?;
@@ -257,7 +322,13 @@ impl ShardActor {
         } else {
             Vec::new()
         };
-        Ok(OrderSnapshot { order: order.clone(), product_id: self.product.id.clone(), shard: self.id.shard, keys, replayed })
+        Ok(OrderSnapshot {
+            order: order.clone(),
+            product_id: self.product.id.clone(),
+            shard: self.id.shard,
+            keys,
+            replayed,
+        })
     }
 
     /// Snapshots when the journal since the last snapshot outgrew the snapshot itself
@@ -347,7 +418,9 @@ impl Supervised for ShardActor {
                 tracing::info!(shard = %self.id, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "stock actor rebuilt from storage");
                 self.install(r);
             }
-            Err(e) => tracing::error!(shard = %self.id, error = %e, "stock actor could not rebuild; answering unavailable"),
+            Err(e) => {
+                tracing::error!(shard = %self.id, error = %e, "stock actor could not rebuild; answering unavailable")
+            }
         }
     }
 }
@@ -387,7 +460,7 @@ impl Handler<CreateOrder> for ShardActor {
             },
         };
         match self.order_snapshot(seq, replayed) {
-            Ok(view) => self.reply(ticket, view),
+            Ok(view) => self.reply_order(ticket, view),
             Err(e) => fail(e),
         }
     }
@@ -398,10 +471,14 @@ impl Handler<PayOrder> for ShardActor {
 
     fn handle(&mut self, msg: PayOrder, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.env.clock.now_ms();
+        let order_seq = msg.0.order_seq;
         match self.guarded(ctx, |s| s.pay(msg.0, now)) {
             Err(e) => fail(e),
             Ok(Err(refusal)) => fail(refusal),
-            Ok(Ok(Outcome::Repeat(outcome))) => self.reply(None, outcome),
+            Ok(Ok(Outcome::Repeat(outcome))) => {
+                let needed = self.live.as_mut().map_or(0, |l| l.needed_for_order(order_seq));
+                self.reply_when_durable(None, needed, outcome)
+            }
             Ok(Ok(Outcome::Changed(event, outcome))) => match self.persist(ctx, &[event]) {
                 Ok(t) => self.reply(Some(t), outcome),
                 Err(e) => fail(e),
@@ -428,7 +505,7 @@ impl Handler<GetOrder> for ShardActor {
                 return fail(DomainError::OrderNotFound);
             }
         }
-        self.reply(None, view)
+        self.reply_order(None, view)
     }
 }
 
@@ -454,7 +531,7 @@ impl Handler<CancelOrder> for ShardActor {
             Err(e) => return fail(e),
         };
         match self.order_snapshot(msg.seq, false) {
-            Ok(view) => self.reply(Some(ticket), view),
+            Ok(view) => self.reply_order(Some(ticket), view),
             Err(e) => fail(e),
         }
     }

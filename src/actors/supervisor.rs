@@ -44,7 +44,11 @@ pub struct RecoveryReport {
 impl OrderSupervisor {
     /// Rebuilds every product's shards from storage (in parallel, off the async
     /// threads), starts their actors, and fills the registry.
-    pub async fn recover(env: Arc<ShardEnv>, arbiters: Vec<ArbiterHandle>, registry: Arc<Registry>) -> Result<(OrderSupervisor, RecoveryReport), StorageError> {
+    pub async fn recover(
+        env: Arc<ShardEnv>,
+        arbiters: Vec<ArbiterHandle>,
+        registry: Arc<Registry>,
+    ) -> Result<(OrderSupervisor, RecoveryReport), StorageError> {
         assert!(!arbiters.is_empty());
         let started = Instant::now();
         let products = env.storage.load_products()?;
@@ -62,7 +66,8 @@ impl OrderSupervisor {
         let mut sup = OrderSupervisor { env, arbiters, registry, next_arbiter: 0 };
         let mut shards_by_product: Vec<(ProductInfo, Vec<_>)> = Vec::new();
         for job in jobs {
-            let (product, recovered) = job.await.map_err(|e| StorageError::Sled(format!("recovery task failed: {e}")))??;
+            let (product, recovered) =
+                job.await.map_err(|e| StorageError::Sled(format!("recovery task failed: {e}")))??;
             report.shards += 1;
             report.events_replayed += recovered.replayed;
             report.journal_bytes += recovered.journal_bytes;

@@ -21,9 +21,7 @@ pub mod validate;
 
 pub use error::DomainError;
 pub use ids::{OrderId, ShardId};
-pub use shard::{
-    Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard, ShardAudit,
-};
+pub use shard::{Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard, ShardAudit};
 
 /// Milliseconds since the Unix epoch. The domain never reads a clock: callers pass `now_ms`.
 pub type Millis = u64;

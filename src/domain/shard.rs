@@ -131,7 +131,9 @@ pub enum PaymentOutcome {
     RefundOwed(RefundReason),
     /// A status other than `paid`: recorded, changes nothing.
     Ignored,
-    AmountMismatch { expected_cents: u64 },
+    AmountMismatch {
+        expected_cents: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -623,7 +625,12 @@ impl Shard {
             if matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Delivered)
                 && order.keys.len() != order.quantity as usize
             {
-                violations.push(format!("order {} holds {} keys for quantity {}", order.seq, order.keys.len(), order.quantity));
+                violations.push(format!(
+                    "order {} holds {} keys for quantity {}",
+                    order.seq,
+                    order.keys.len(),
+                    order.quantity
+                ));
             }
         }
         let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
@@ -656,7 +663,14 @@ mod tests {
     use super::*;
 
     fn product(limit: u32) -> ProductInfo {
-        ProductInfo { id: "p1".into(), name: "Game key".into(), price_cents: 990, per_buyer_limit: limit, shards: 1, created_at_ms: 0 }
+        ProductInfo {
+            id: "p1".into(),
+            name: "Game key".into(),
+            price_cents: 990,
+            per_buyer_limit: limit,
+            shards: 1,
+            created_at_ms: 0,
+        }
     }
 
     fn shard_with_keys(n: usize, limit: u32) -> Shard {
@@ -671,7 +685,13 @@ mod tests {
     }
 
     fn paid(seq: u64, payment_id: &str, amount: u64) -> Payment {
-        Payment { order_seq: seq, payment_id: payment_id.into(), channel: "sandbox".into(), amount_cents: amount, status: "paid".into() }
+        Payment {
+            order_seq: seq,
+            payment_id: payment_id.into(),
+            channel: "sandbox".into(),
+            amount_cents: amount,
+            status: "paid".into(),
+        }
     }
 
     fn created(o: Result<Outcome<u64>, DomainError>) -> u64 {

@@ -35,9 +35,7 @@ pub fn product_name(s: &str) -> Result<(), String> {
 
 pub fn buyer(s: &str) -> Result<(), String> {
     if s.trim().is_empty() || s.len() > BUYER_MAX_BYTES || !printable(s) || s.trim() != s {
-        return Err(format!(
-            "buyer: must be 1..={BUYER_MAX_BYTES} bytes of printable text without surrounding spaces"
-        ));
+        return Err(format!("buyer: must be 1..={BUYER_MAX_BYTES} bytes of printable text without surrounding spaces"));
     }
     Ok(())
 }

@@ -17,7 +17,11 @@ type ApiResult<T> = Result<T, ApiError>;
 
 // ---- merchant ----
 
-pub async fn create_product(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<(StatusCode, Json<Value>)> {
+pub async fn create_product(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
     st.require_admin(&headers)?;
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
@@ -32,11 +36,17 @@ struct KeysBody {
     keys: Vec<String>,
 }
 
-pub async fn import_keys(State(st): State<AppState>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+pub async fn import_keys(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_import_bytes).await?;
-    let plain = extract::header_str(&headers, "content-type")?.is_some_and(|ct| ct.trim_start().starts_with("text/plain"));
+    let plain =
+        extract::header_str(&headers, "content-type")?.is_some_and(|ct| ct.trim_start().starts_with("text/plain"));
     let keys = if plain {
         let text = std::str::from_utf8(&bytes).map_err(|_| ApiError::invalid("body: keys must be UTF-8 text"))?;
         text.lines().map(str::to_string).collect()
@@ -47,7 +57,11 @@ pub async fn import_keys(State(st): State<AppState>, Path(id): Path<String>, hea
     Ok(Json(json!({"imported": imported, "duplicates": duplicates})))
 }
 
-pub async fn admin_get_order(State(st): State<AppState>, Path(order_id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn admin_get_order(
+    State(st): State<AppState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
     let order = st.core()?.get_order(&order_id, None).await?;
     Ok(Json(views::admin_order(&order)))
@@ -72,7 +86,8 @@ pub async fn create_order(State(st): State<AppState>, headers: HeaderMap, body: 
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: OrderRequest = extract::json(&bytes)?;
     let order = core.create_order(req, idempotency_key).await?;
-    let mut response = (StatusCode::CREATED, Json(views::order_created(&order, core.default_channel()))).into_response();
+    let mut response =
+        (StatusCode::CREATED, Json(views::order_created(&order, core.default_channel()))).into_response();
     if order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
@@ -87,13 +102,21 @@ fn order_token(headers: &HeaderMap) -> ApiResult<&str> {
         .ok_or_else(|| ApiError::from(crate::error::Error::Domain(DomainError::OrderNotFound)))
 }
 
-pub async fn get_order(State(st): State<AppState>, Path(order_id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn get_order(
+    State(st): State<AppState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     let core = st.core()?;
     let order = core.get_order(&order_id, Some(order_token(&headers)?)).await?;
     Ok(Json(views::order(&order)))
 }
 
-pub async fn cancel_order(State(st): State<AppState>, Path(order_id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn cancel_order(
+    State(st): State<AppState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     let core = st.core()?;
     let order = core.cancel_order(&order_id, order_token(&headers)?).await?;
     Ok(Json(views::order(&order)))
@@ -101,7 +124,12 @@ pub async fn cancel_order(State(st): State<AppState>, Path(order_id): Path<Strin
 
 // ---- payment channels ----
 
-pub async fn notify(State(st): State<AppState>, Path(channel): Path<String>, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+pub async fn notify(
+    State(st): State<AppState>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let signature = extract::header_str(&headers, "x-signature").ok().flatten();

@@ -11,10 +11,10 @@ pub mod views;
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, Method, StatusCode};
@@ -57,7 +57,9 @@ impl IpLimiter {
     /// `Err(seconds to wait)` when `ip` is over its rate.
     fn check(&self, ip: IpAddr) -> Result<(), u64> {
         let limiter = self.limiter.load();
-        limiter.check_key(&ip).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil() as u64)
+        limiter
+            .check_key(&ip)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil() as u64)
     }
 
     /// Forgets idle IPs; if still over the bound, starts afresh (bounded memory).
@@ -71,7 +73,9 @@ impl IpLimiter {
 }
 
 pub struct Shared {
-    core: OnceLock<Arc<Kami>>,
+    /// Set once recovery finished; cleared when the app stops, so that open
+    /// keep-alive connections do not keep the storage alive.
+    core: ArcSwapOption<Kami>,
     admin_token: String,
     pub limits: HttpLimits,
     pub ip_limiter: Option<IpLimiter>,
@@ -91,7 +95,7 @@ impl AppState {
     pub fn new(settings: &Settings, admin_token: String) -> AppState {
         let rl = &settings.rate_limits;
         AppState(Arc::new(Shared {
-            core: OnceLock::new(),
+            core: ArcSwapOption::empty(),
             admin_token,
             limits: HttpLimits {
                 max_body_bytes: settings.server.max_body_bytes,
@@ -105,13 +109,19 @@ impl AppState {
 
     /// Marks recovery as finished: from now on requests reach the core.
     pub fn set_ready(&self, core: Arc<Kami>) {
-        let _ = self.core.set(core);
+        self.core.store(Some(core));
     }
 
-    pub fn core(&self) -> Result<&Arc<Kami>, ApiError> {
-        self.core
-            .get()
-            .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "recovering", "recovery from storage is still running").retry_after(1))
+    /// Detaches the core: from now on requests are answered 503.
+    pub fn detach(&self) {
+        self.core.store(None);
+    }
+
+    pub fn core(&self) -> Result<Arc<Kami>, ApiError> {
+        self.core.load_full().ok_or_else(|| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "recovering", "recovery from storage is still running")
+                .retry_after(1)
+        })
     }
 
     fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
@@ -172,14 +182,19 @@ async fn overloaded(err: BoxError) -> ApiError {
 async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(limiter) = &st.ip_limiter {
         let path = req.uri().path();
-        let buyer_route = path.starts_with("/api/v1/orders") || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
+        let buyer_route = path.starts_with("/api/v1/orders")
+            || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
         let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
         if let (true, Some(ip)) = (buyer_route, ip) {
             if let Err(wait_secs) = limiter.check(ip) {
                 metrics::counter!("kami_rejected_total", "reason" => "rate_limited").increment(1);
-                return ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests from this address")
-                    .retry_after(wait_secs)
-                    .into_response();
+                return ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests from this address",
+                )
+                .retry_after(wait_secs)
+                .into_response();
             }
         }
     }
@@ -188,13 +203,15 @@ async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) -> Res
 
 /// Per-route request counts and latency.
 async fn track(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("kami_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 

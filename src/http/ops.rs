@@ -32,7 +32,11 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("kami_stock_available", "product" => id.clone()).set(available as f64);
             metrics::gauge!("kami_stock_reserved", "product" => id.clone()).set(reserved as f64);
             metrics::gauge!("kami_stock_sold", "product" => id.clone()).set(sold as f64);
-            let in_flight: usize = route.shards.iter().map(|s| core.mailbox_capacity().saturating_sub(s.admission.available_permits())).sum();
+            let in_flight: usize = route
+                .shards
+                .iter()
+                .map(|s| core.mailbox_capacity().saturating_sub(s.admission.available_permits()))
+                .sum();
             metrics::gauge!("kami_admission_in_flight", "product" => id.clone()).set(in_flight as f64);
         }
     }

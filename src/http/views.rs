@@ -87,6 +87,7 @@ pub fn audit(r: &AuditReport) -> Value {
         .iter()
         .map(|p| json!({"id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved, "sold": p.sold}))
         .collect();
-    let orders: serde_json::Map<String, Value> = r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();
+    let orders: serde_json::Map<String, Value> =
+        r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();
     json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations})
 }

@@ -106,7 +106,10 @@ mod tests {
         let bytes = encode(Kind::Event, &value);
         assert_eq!(decode::<(u64, String, Vec<u32>)>(Kind::Event, &bytes), Ok(value));
         assert!(matches!(decode::<(u64, String, Vec<u32>)>(Kind::Snapshot, &bytes), Err(CodecError::WrongKind { .. })));
-        assert_eq!(decode::<(u64, String, Vec<u32>)>(Kind::Event, &bytes[..bytes.len() - 1]).unwrap_err(), CodecError::LengthMismatch { declared: bytes.len() - 14, actual: bytes.len() - 15 });
+        assert_eq!(
+            decode::<(u64, String, Vec<u32>)>(Kind::Event, &bytes[..bytes.len() - 1]).unwrap_err(),
+            CodecError::LengthMismatch { declared: bytes.len() - 14, actual: bytes.len() - 15 }
+        );
         let mut flipped = bytes.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert_eq!(decode::<(u64, String, Vec<u32>)>(Kind::Event, &flipped), Err(CodecError::BadChecksum));

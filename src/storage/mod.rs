@@ -64,7 +64,8 @@ impl Storage {
             .open()?;
         let products = db.open_tree("products")?;
         let snapshots = db.open_tree("snapshots")?;
-        let committer = Committer::start(db.clone(), opts.max_pending_commits, opts.max_commit_batch, opts.commit_linger);
+        let committer =
+            Committer::start(db.clone(), opts.max_pending_commits, opts.max_commit_batch, opts.commit_linger);
         Ok(Arc::new(Storage { db, products, snapshots, committer }))
     }
 
@@ -171,10 +172,13 @@ impl Storage {
                     base = Some((seq, shard, v.len()));
                     break;
                 }
-                Err(e) => tracing::warn!(shard = %id, seq, error = %e, "snapshot does not decode; falling back to an older one"),
+                Err(e) => {
+                    tracing::warn!(shard = %id, seq, error = %e, "snapshot does not decode; falling back to an older one")
+                }
             }
         }
-        let (snapshot_seq, mut shard, snapshot_bytes) = base.unwrap_or_else(|| (0, Shard::new(product.clone(), id.shard), 0));
+        let (snapshot_seq, mut shard, snapshot_bytes) =
+            base.unwrap_or_else(|| (0, Shard::new(product.clone(), id.shard), 0));
         let mut last = snapshot_seq;
         let mut replayed = 0u64;
         let mut journal_bytes = 0u64;

@@ -38,7 +38,10 @@ impl TestApp {
 
     pub async fn spawn_with(extra: &[(&str, &str)]) -> TestApp {
         if std::env::var_os("KAMI_TEST_LOG").is_some() {
-            kami::telemetry::init_logging(&kami::config::LogSettings { level: "debug".into(), format: kami::config::LogFormat::Human });
+            kami::telemetry::init_logging(&kami::config::LogSettings {
+                level: "debug".into(),
+                format: kami::config::LogFormat::Human,
+            });
         }
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
@@ -111,7 +114,10 @@ impl Api {
     }
 
     pub async fn import(&self, id: &str, keys: &[String]) -> Reply {
-        reply(self.admin(self.http.post(format!("{}/api/v1/products/{id}/keys", self.url))).json(&json!({"keys": keys}))).await
+        reply(
+            self.admin(self.http.post(format!("{}/api/v1/products/{id}/keys", self.url))).json(&json!({"keys": keys})),
+        )
+        .await
     }
 
     /// Creates a product with `n` keys named `{id}-K{i}`.
@@ -128,7 +134,10 @@ impl Api {
     }
 
     pub async fn order(&self, product: &str, quantity: u64, buyer: &str, idempotency_key: Option<&str>) -> Reply {
-        let mut r = self.http.post(format!("{}/api/v1/orders", self.url)).json(&json!({"product_id": product, "quantity": quantity, "buyer": buyer}));
+        let mut r = self
+            .http
+            .post(format!("{}/api/v1/orders", self.url))
+            .json(&json!({"product_id": product, "quantity": quantity, "buyer": buyer}));
         if let Some(k) = idempotency_key {
             r = r.header("Idempotency-Key", k);
         }
@@ -144,7 +153,8 @@ impl Api {
     }
 
     pub async fn cancel(&self, order_id: &str, token: &str) -> Reply {
-        reply(self.http.post(format!("{}/api/v1/orders/{order_id}/cancel", self.url)).header("X-Order-Token", token)).await
+        reply(self.http.post(format!("{}/api/v1/orders/{order_id}/cancel", self.url)).header("X-Order-Token", token))
+            .await
     }
 
     pub async fn audit(&self) -> Reply {
@@ -162,7 +172,13 @@ impl Api {
 
     pub async fn notify_raw(&self, channel: &str, body: &[u8], secret: &str) -> Reply {
         let sig = kami::domain::signature::sign(secret.as_bytes(), body);
-        reply(self.http.post(format!("{}/api/v1/payments/{channel}/notify", self.url)).header("X-Signature", sig).body(body.to_vec())).await
+        reply(
+            self.http
+                .post(format!("{}/api/v1/payments/{channel}/notify", self.url))
+                .header("X-Signature", sig)
+                .body(body.to_vec()),
+        )
+        .await
     }
 
     /// Order then pay; returns the delivered order as the buyer sees it.
