@@ -257,7 +257,7 @@ impl ShardActor {
             }
         }
         let ticket = self.env.storage.ticket()?;
-        self.maybe_snapshot(ctx);
+        self.maybe_snapshot();
         Ok(ticket)
     }
 
@@ -333,7 +333,7 @@ impl ShardActor {
 
     /// Snapshots when the journal since the last snapshot outgrew the snapshot itself
     /// (and the configured minimum), so recovery reads at most about twice the state.
-    fn maybe_snapshot(&mut self, _ctx: &mut Context<Self>) {
+    fn maybe_snapshot(&mut self) {
         let Some(live) = self.live.as_ref() else { return };
         let threshold = self.env.snapshot_min_journal_bytes.max(live.last_snapshot_bytes);
         if live.journal_bytes_since_snapshot >= threshold {

@@ -84,10 +84,6 @@ impl Storage {
         Ok(())
     }
 
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
-
     // ---- products ----
 
     pub fn load_products(&self) -> Result<Vec<ProductInfo>, StorageError> {
