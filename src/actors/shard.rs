@@ -160,8 +160,9 @@ struct Live {
 }
 
 impl Live {
-    /// The journal seq that must be durable before order `order_seq` may be shown.
-    fn needed_for_order(&mut self, order_seq: u64) -> u64 {
+    /// Forgets changes now known durable. Called on every write and read, so the
+    /// map holds only writes still waiting for a flush (bounded by the commit queue).
+    fn forget_durable(&mut self) {
         let durable = self.durable.get();
         while let Some(&(jseq, order)) = self.undurable_queue.front() {
             if jseq > durable {
@@ -172,6 +173,11 @@ impl Live {
                 self.undurable.remove(&order);
             }
         }
+    }
+
+    /// The journal seq that must be durable before order `order_seq` may be shown.
+    fn needed_for_order(&mut self, order_seq: u64) -> u64 {
+        self.forget_durable();
         self.undurable.get(&order_seq).copied().unwrap_or(0)
     }
 }
@@ -236,6 +242,7 @@ impl ShardActor {
     /// Journals `events` (already applied) and returns a ticket for their flush.
     fn persist(&mut self, ctx: &mut Context<Self>, events: &[Event]) -> ShardResult<Ticket> {
         let live = self.live()?;
+        live.forget_durable();
         for event in events {
             let seq = live.seq + 1;
             match live.journal.append(seq, event) {
@@ -577,5 +584,50 @@ impl Handler<InjectPanic> for ShardActor {
             Ok(()) => self.reply(None, ()),
             Err(e) => fail(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undurable_orders_are_forgotten_once_durable_even_without_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&crate::storage::StorageOptions {
+            path: dir.path().to_path_buf(),
+            cache_capacity_bytes: 1 << 20,
+            max_pending_commits: 16,
+            max_commit_batch: 16,
+            commit_linger: Duration::ZERO,
+        })
+        .unwrap();
+        let product = ProductInfo {
+            id: "p".into(),
+            name: "P".into(),
+            price_cents: 1,
+            per_buyer_limit: 0,
+            shards: 1,
+            created_at_ms: 0,
+        };
+        let mut live = Live {
+            shard: Shard::new(product, 0),
+            journal: storage.journal(&ShardId::new("p", 0)).unwrap(),
+            seq: 0,
+            durable: Rc::new(Cell::new(0)),
+            journal_bytes_since_snapshot: 0,
+            last_snapshot_bytes: 0,
+            undurable: Default::default(),
+            undurable_queue: Default::default(),
+        };
+        for seq in 1..=1000u64 {
+            live.undurable.insert(seq, seq);
+            live.undurable_queue.push_back((seq, seq));
+        }
+        live.durable.set(990);
+        live.forget_durable();
+        assert_eq!((live.undurable.len(), live.undurable_queue.len()), (10, 10));
+        assert_eq!(live.needed_for_order(995), 995);
+        assert_eq!(live.needed_for_order(5), 0, "a durable order needs no wait");
     }
 }
