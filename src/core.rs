@@ -307,24 +307,29 @@ impl Kami {
             validate::token("Idempotency-Key", k).map_err(Error::Invalid)?;
         }
         let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
-        let fingerprint = Self::fingerprint(&req);
-        if let Some(key) = &idempotency_key {
-            self.pin(key, fingerprint)?;
-        }
+        // Hashed only when there is a key to pin it to.
+        let idempotency = match idempotency_key {
+            Some(key) => {
+                let fingerprint = Self::fingerprint(&req);
+                self.pin(&key, fingerprint)?;
+                Some(Idempotency { key, fingerprint })
+            }
+            None => None,
+        };
         let new = NewOrder {
             buyer: req.buyer.clone(),
             quantity: req.quantity as u32,
-            idempotency: idempotency_key.clone().map(|key| Idempotency { key, fingerprint }),
+            idempotency: idempotency.clone(),
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
         };
         let result = self.call(route.shard_for_buyer(&req.buyer), shard::CreateOrder(new)).await;
-        if let Some(key) = &idempotency_key {
+        if let Some(Idempotency { key, fingerprint }) = &idempotency {
             match &result {
-                Ok(_) => self.confirm_pin(key, fingerprint),
+                Ok(_) => self.confirm_pin(key, *fingerprint),
                 // A definite refusal created nothing: a retry runs anew.
                 Err(Error::Domain(_)) => {
-                    self.pins.remove_if(key, |_, p| p.fingerprint == fingerprint && !p.confirmed);
+                    self.pins.remove_if(key, |_, p| p.fingerprint == *fingerprint && !p.confirmed);
                 }
                 Err(_) => {}
             }

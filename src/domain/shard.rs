@@ -256,10 +256,7 @@ impl Shard {
     pub fn rebuild_indexes(&mut self) {
         self.key_index = hashbrown::HashTable::with_capacity(self.keys.len());
         for id in 0..self.keys.len() {
-            let hash = self.hasher.hash_one(&*self.keys[id]);
-            let keys = &self.keys;
-            let hasher = &self.hasher;
-            self.key_index.insert_unique(hash, id as KeyId, |&k| hasher.hash_one(&*keys[k as usize]));
+            self.index_key(id as KeyId);
         }
         self.holdings.clear();
         self.idempotency.clear();
@@ -320,6 +317,13 @@ impl Shard {
     /// The idempotency keys this shard has answered, for the shared pin index.
     pub fn idempotency_keys(&self) -> impl Iterator<Item = (&str, [u8; 16])> {
         self.idempotency.iter().map(|(k, (fp, _))| (k.as_str(), *fp))
+    }
+
+    /// Adds `keys[id]` to the deduplication index.
+    fn index_key(&mut self, id: KeyId) {
+        let (keys, hasher) = (&self.keys, &self.hasher);
+        let hash = hasher.hash_one(&*keys[id as usize]);
+        self.key_index.insert_unique(hash, id, |&k| hasher.hash_one(&*keys[k as usize]));
     }
 
     fn find_key(&self, key: &str) -> Option<KeyId> {
@@ -488,10 +492,7 @@ impl Shard {
                     assert!(self.find_key(key).is_none(), "duplicate key in journal");
                     let id = KeyId::try_from(self.keys.len()).expect("at most u32::MAX keys per shard");
                     self.keys.push(key.as_str().into());
-                    let hash = self.hasher.hash_one(key.as_str());
-                    let keys = &self.keys;
-                    let hasher = &self.hasher;
-                    self.key_index.insert_unique(hash, id, |&k| hasher.hash_one(&*keys[k as usize]));
+                    self.index_key(id);
                     self.available.push_back(id);
                 }
             }
