@@ -219,3 +219,22 @@ async fn notification_checks() {
     assert_eq!(admin.body["amount_mismatch"], json!(true), "flagged for the merchant");
     assert_eq!(api.audit().await.body["products"][0]["sold"], json!(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_survive_a_restart_across_products() {
+    let mut t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("p", 5, 0).await;
+    api.product_with_keys("q", 5, 0).await;
+    let first = api.order("p", 1, "alice", Some("restart-key")).await;
+    assert_eq!(first.status, 201);
+    t.app.take().unwrap().crash().await;
+
+    let restarted = TestApp::start_on(&t.data, &[]).await;
+    let api = restarted.api();
+    // Ask the other product first: nothing in this process has seen the key yet.
+    let other = api.order("q", 1, "alice", Some("restart-key")).await;
+    assert_eq!((other.status, other.code()), (422, "idempotency_key_reused"), "the pin was restored from storage");
+    let replay = api.order("p", 1, "alice", Some("restart-key")).await;
+    assert_eq!((replay.status, &replay.body), (201, &first.body), "the owning shard replays");
+}
