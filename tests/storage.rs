@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kami::domain::shard::{NewOrder, Outcome, Payment};
 use kami::domain::{Event, ProductInfo, Shard, ShardId};
-use kami::storage::{Storage, StorageOptions};
+use kami::storage::{Finding, Storage, StorageOptions};
 
 fn open(dir: &std::path::Path) -> Arc<Storage> {
     Storage::open(&StorageOptions {
@@ -102,9 +102,19 @@ async fn torn_journal_tail_is_dropped_and_older_records_survive() {
     let last = journal.raw(seq).unwrap().unwrap();
     journal.put_raw(seq, &last[..last.len() / 2]).unwrap(); // half-written record
 
+    let seen = storage.inspect(&id, &product()).unwrap();
+    assert!(
+        matches!(&seen.findings[..], [Finding::TornTail { seq: s, discarded_records: 1, .. }] if *s == seq),
+        "{:?}",
+        seen.findings
+    );
+    assert!(journal.raw(seq).unwrap().is_some(), "inspecting changes nothing");
+
     let r = storage.recover(&id, &product()).unwrap();
     assert_eq!(r.last_seq, seq - 1);
+    assert_eq!(r.findings, seen.findings, "recovery reports what it repaired");
     assert!(journal.raw(seq).unwrap().is_none(), "the torn record is removed");
+    assert!(storage.recover(&id, &product()).unwrap().findings.is_empty(), "repaired for good");
     let mut expected = Shard::new(product(), 0);
     for s in 1..seq {
         let e: Event =
@@ -134,5 +144,42 @@ async fn corrupt_snapshot_falls_back_to_the_previous_one_plus_journal() {
     let storage = open(dir.path());
     let r = storage.recover(&id, &product()).unwrap();
     assert!(r.snapshot_seq > 0 && r.replayed > 0);
+    assert!(matches!(r.findings[0], Finding::CorruptSnapshot { seq, .. } if seq > r.snapshot_seq), "{:?}", r.findings);
     same_state(&live, &r.shard);
+}
+
+#[tokio::test]
+async fn a_record_that_contradicts_the_journal_stops_recovery_instead_of_being_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let seq = drive(&storage, &mut live, 0, 4);
+    // A well-formed record that replays a payment already applied: a forged or
+    // misplaced record, not a torn one.
+    let journal = storage.journal(&id).unwrap();
+    let paid = (1..=seq)
+        .map(|s| {
+            kami::storage::codec::decode::<Event>(kami::storage::codec::Kind::Event, &journal.raw(s).unwrap().unwrap())
+                .unwrap()
+        })
+        .find(|e| matches!(e, Event::PaymentApplied { .. }))
+        .unwrap();
+    journal.append(seq + 1, &paid).unwrap();
+    let err = storage.recover(&id, &product()).err().expect("recovery refuses");
+    assert!(err.to_string().contains(&format!("record {}", seq + 1)), "{err}");
+}
+
+#[tokio::test]
+async fn an_interrupted_trim_is_finished_at_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open(dir.path());
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let seq = drive(&storage, &mut live, 0, 6);
+    storage.write_snapshot(&id, seq, &live).unwrap(); // crash before the trim
+    let r = storage.recover(&id, &product()).unwrap();
+    assert_eq!(r.findings, vec![Finding::Untrimmed { snapshot_seq: seq, journal_records: seq, older_snapshots: 0 }]);
+    assert!(storage.journal(&id).unwrap().raw(1).unwrap().is_none());
+    same_state(&live, &storage.recover(&id, &product()).unwrap().shard);
 }

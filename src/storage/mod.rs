@@ -110,7 +110,7 @@ impl Storage {
 
     pub fn journal(&self, id: &ShardId) -> Result<Journal, StorageError> {
         let tree = self.db.open_tree(format!("journal/{}/{}", id.product, id.shard))?;
-        Ok(Journal { tree, place: id.to_string() })
+        Ok(Journal { tree })
     }
 
     fn snapshot_prefix(id: &ShardId) -> Vec<u8> {
@@ -153,60 +153,66 @@ impl Storage {
         journal.trim_through(keep_from_seq)
     }
 
-    /// Rebuilds one shard: newest decodable snapshot, then the journal after it.
-    pub fn recover(&self, id: &ShardId, product: &ProductInfo) -> Result<Recovered, StorageError> {
+    /// Reads one shard without changing anything: newest decodable snapshot, then
+    /// the journal after it up to the first bad record. What is wrong on disk is
+    /// returned as [`Finding`]s; a record that decodes but cannot be applied
+    /// (the journal contradicts itself) is an error, never skipped.
+    pub fn inspect(&self, id: &ShardId, product: &ProductInfo) -> Result<Recovered, StorageError> {
         let started = Instant::now();
         let journal = self.journal(id)?;
         let prefix = Self::snapshot_prefix(id);
+        let mut findings = Vec::new();
         let mut base: Option<(u64, Shard, usize)> = None;
+        let mut older_snapshots = 0u64;
         for kv in self.snapshots.scan_prefix(&prefix).rev() {
             let (k, v) = kv?;
             let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+            if base.is_some() {
+                older_snapshots += 1;
+                continue;
+            }
             match codec::decode::<Shard>(Kind::Snapshot, &v) {
                 Ok(mut shard) => {
                     shard.rebuild_indexes();
                     base = Some((seq, shard, v.len()));
-                    break;
                 }
-                Err(e) => {
-                    tracing::warn!(shard = %id, seq, error = %e, "snapshot does not decode; falling back to an older one")
-                }
+                Err(e) => findings.push(Finding::CorruptSnapshot { seq, error: e.to_string() }),
             }
         }
         let (snapshot_seq, mut shard, snapshot_bytes) =
             base.unwrap_or_else(|| (0, Shard::new(product.clone(), id.shard), 0));
+        let covered = journal.tree.range(..=snapshot_seq.to_be_bytes()).count() as u64;
+        if snapshot_seq > 0 && (covered > 0 || older_snapshots > 0) {
+            findings.push(Finding::Untrimmed { snapshot_seq, journal_records: covered, older_snapshots });
+        }
         let mut last = snapshot_seq;
         let mut replayed = 0u64;
         let mut journal_bytes = 0u64;
-        let mut torn: Option<u64> = None;
         for kv in journal.tree.range((snapshot_seq + 1).to_be_bytes()..) {
             let (k, v) = kv?;
             let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-            if seq != last + 1 {
-                tracing::warn!(shard = %id, expected = last + 1, found = seq, "gap in journal; discarding the rest");
-                torn = Some(seq);
+            let bad = if seq != last + 1 {
+                Some(format!("expected record {} next", last + 1))
+            } else {
+                match codec::decode::<Event>(Kind::Event, &v) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(event) => {
+                        apply_checked(&mut shard, &event).map_err(|panic| StorageError::Corrupt {
+                            place: format!("journal/{id} record {seq}"),
+                            error: format!("the record decodes but contradicts the state before it: {panic}"),
+                        })?;
+                        last = seq;
+                        replayed += 1;
+                        journal_bytes += v.len() as u64;
+                        None
+                    }
+                }
+            };
+            if let Some(error) = bad {
+                let discarded = journal.tree.range(seq.to_be_bytes()..).count() as u64;
+                findings.push(Finding::TornTail { seq, error, discarded_records: discarded });
                 break;
             }
-            match codec::decode::<Event>(Kind::Event, &v) {
-                Ok(event) => {
-                    shard.apply(&event);
-                    last = seq;
-                    replayed += 1;
-                    journal_bytes += v.len() as u64;
-                }
-                Err(e) => {
-                    tracing::warn!(shard = %id, seq, error = %e, "torn or corrupt journal record; discarding it and everything after");
-                    torn = Some(seq);
-                    break;
-                }
-            }
-        }
-        if let Some(from) = torn {
-            journal.truncate_from(from)?;
-        }
-        if snapshot_seq > 0 && journal.tree.range(..=snapshot_seq.to_be_bytes()).next().is_some() {
-            // A trim was interrupted; finish it.
-            self.trim(id, &journal, snapshot_seq)?;
         }
         Ok(Recovered {
             shard,
@@ -217,7 +223,67 @@ impl Storage {
             replayed,
             journal_bytes,
             elapsed: started.elapsed(),
+            findings,
         })
+    }
+
+    /// Rebuilds one shard ([`Storage::inspect`]) and repairs what it found: a torn
+    /// tail is removed (it was never acknowledged: replies wait for the flush of a
+    /// whole record), an interrupted trim is finished. Each repair is logged.
+    pub fn recover(&self, id: &ShardId, product: &ProductInfo) -> Result<Recovered, StorageError> {
+        let r = self.inspect(id, product)?;
+        for finding in &r.findings {
+            tracing::warn!(shard = %id, %finding, "recovery repairs the shard's storage");
+            match finding {
+                Finding::CorruptSnapshot { .. } => {}
+                Finding::TornTail { seq, .. } => r.journal.truncate_from(*seq)?,
+                Finding::Untrimmed { snapshot_seq, .. } => self.trim(id, &r.journal, *snapshot_seq)?,
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// Applies a replayed event; the domain asserts the event fits the state, so a
+/// panic here means the journal contradicts itself.
+fn apply_checked(shard: &mut Shard, event: &Event) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.apply(event))).map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
+/// Something wrong on disk that recovery works around (see [`Storage::recover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// A snapshot that does not decode; an older one (or the journal alone) is used.
+    CorruptSnapshot { seq: u64, error: String },
+    /// A journal record that is missing, fails its checksum or does not decode: it
+    /// and the `discarded_records` from it on are not replayed.
+    TornTail { seq: u64, error: String, discarded_records: u64 },
+    /// Journal records or older snapshots the newest snapshot covers: a trim was
+    /// interrupted by a crash.
+    Untrimmed { snapshot_seq: u64, journal_records: u64, older_snapshots: u64 },
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::CorruptSnapshot { seq, error } => {
+                write!(f, "snapshot at {seq} does not decode ({error}); an older state is used")
+            }
+            Finding::TornTail { seq, error, discarded_records } => write!(
+                f,
+                "journal record {seq} is torn or corrupt ({error}); it and the records after it ({discarded_records} in all) are discarded"
+            ),
+            Finding::Untrimmed { snapshot_seq, journal_records, older_snapshots } => write!(
+                f,
+                "a trim was interrupted: {journal_records} journal records and {older_snapshots} older snapshots are covered by the snapshot at {snapshot_seq}"
+            ),
+        }
     }
 }
 
@@ -231,13 +297,15 @@ pub struct Recovered {
     pub replayed: u64,
     pub journal_bytes: u64,
     pub elapsed: Duration,
+    /// What was wrong on disk (repaired by [`Storage::recover`], only reported by
+    /// [`Storage::inspect`]).
+    pub findings: Vec<Finding>,
 }
 
 /// The append-only event log of one shard.
 #[derive(Clone)]
 pub struct Journal {
     tree: sled::Tree,
-    place: String,
 }
 
 impl Journal {
@@ -264,7 +332,6 @@ impl Journal {
             batch.remove(k?);
         }
         self.tree.apply_batch(batch)?;
-        tracing::warn!(journal = %self.place, from = seq, "journal truncated");
         Ok(())
     }
 
