@@ -199,6 +199,9 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
 
 pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<RunningApp, StartError> {
     let secrets = Secrets::resolve(&settings);
+    if settings.chaos.enabled {
+        crate::chaos::arm(settings.chaos.crash_point, settings.chaos.crash_after_hits);
+    }
     let opts = StorageOptions {
         path: settings.storage.path.clone(),
         cache_capacity_bytes: settings.storage.cache_capacity_bytes,
@@ -254,7 +257,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let (supervisor, mut recovery) = OrderSupervisor::recover(env, actors.arbiters.clone(), registry.clone())
         .await
         .map_err(|e| StartError::Recovery(e.to_string()))?;
-    let supervisor = OrderSupervisor::start_in_arbiter(&actors.arbiters[0], move |_| supervisor);
+    let supervisor = Supervisor::start_in_arbiter(&actors.arbiters[0], move |_| supervisor);
     metrics::histogram!("kami_recovery_seconds").record(recovery.elapsed.as_secs_f64());
     tracing::info!(
         products = recovery.products,

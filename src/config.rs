@@ -113,6 +113,8 @@ pub struct RateLimitSettings {
 #[serde(deny_unknown_fields)]
 pub struct ChaosSettings {
     pub enabled: bool,
+    pub crash_point: crate::chaos::CrashPoint,
+    pub crash_after_hits: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +210,12 @@ impl Settings {
             "must be at least 86400 (24 hours)",
         )?;
         check(self.orders.max_idempotency_keys >= 1, "orders.max_idempotency_keys", "must be at least 1")?;
+        check(
+            self.chaos.crash_point == crate::chaos::CrashPoint::None || self.chaos.enabled,
+            "chaos.crash_point",
+            "needs chaos.enabled = true",
+        )?;
+        check(self.chaos.crash_after_hits >= 1, "chaos.crash_after_hits", "must be at least 1")?;
         check(self.payments.max_skew_secs >= 1, "payments.max_skew_secs", "must be at least 1")?;
         check(self.payments.max_nonces >= 1, "payments.max_nonces", "must be at least 1")?;
         check(

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
 use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
-use crate::actors::{Registry, ShardHandle};
+use crate::actors::{Kill, Registry, ShardHandle};
+use crate::chaos::Target;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
@@ -488,6 +489,65 @@ impl Kami {
         }
         self.storage.flush_now()?;
         Ok(())
+    }
+
+    // ---- chaos ----
+
+    /// Kills the actor(s) named by `target` (see [`crate::chaos`]) and returns the
+    /// name of what was killed. Each kill is answered by the actor before it stops,
+    /// so when this returns the actor is down or already rebuilding.
+    pub async fn chaos_kill(&self, target: &Target) -> Result<String, Error> {
+        let target = match target {
+            Target::Random => self.random_actor(),
+            other => other.clone(),
+        };
+        let kill = |sent: Result<Result<(), MailboxError>, tokio::time::error::Elapsed>| match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::Unavailable("the actor stopped before the kill".into())),
+            Err(_) => Err(Error::Timeout),
+        };
+        let timeout = self.limits.request_timeout;
+        match target {
+            Target::Random => unreachable!("resolved above"),
+            Target::Orders => {
+                kill(tokio::time::timeout(timeout, self.supervisor.send(Kill)).await)?;
+                Ok("orders".into())
+            }
+            Target::Payments => {
+                Err(Error::ActorNotFound("payments: no payment supervisor runs in this version".into()))
+            }
+            Target::Product { id, shard } => {
+                let route = self.registry.get(&id).ok_or(Error::ProductNotFound)?;
+                let shards: Vec<usize> = match shard {
+                    None => (0..route.shards.len()).collect(),
+                    Some(n) if (n as usize) < route.shards.len() => vec![n as usize],
+                    Some(n) => return Err(Error::ActorNotFound(format!("product {id} has no shard {n}"))),
+                };
+                for &i in &shards {
+                    kill(tokio::time::timeout(timeout, route.shards[i].addr.send(Kill)).await)?;
+                }
+                metrics::counter!("kami_chaos_kills_total").increment(shards.len() as u64);
+                Ok(match shard {
+                    None => format!("product:{id}"),
+                    Some(n) => format!("product:{id}#{n}"),
+                })
+            }
+        }
+    }
+
+    /// One actor uniformly at random: any product shard, or the order supervisor.
+    fn random_actor(&self) -> Target {
+        use rand::Rng;
+        let routes = self.registry.all();
+        let shards: usize = routes.values().map(|r| r.shards.len()).sum();
+        let mut pick = rand::rng().random_range(0..=shards);
+        for (id, route) in routes.iter() {
+            if pick < route.shards.len() {
+                return Target::Product { id: id.clone(), shard: Some(pick as u16) };
+            }
+            pick -= route.shards.len();
+        }
+        Target::Orders
     }
 }
 

@@ -27,6 +27,8 @@ pub enum Error {
     Overloaded,
     #[error("the request took too long; its outcome may be unknown, retry with the same idempotency key")]
     Timeout,
+    #[error("no such actor: {0}")]
+    ActorNotFound(String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
 }
@@ -44,6 +46,7 @@ impl Error {
             Error::UnknownChannel(_) => "unknown_channel",
             Error::Overloaded => "overloaded",
             Error::Timeout => "timeout",
+            Error::ActorNotFound(_) => "actor_not_found",
             Error::Unavailable(_) => "unavailable",
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod actors;
 pub mod app;
+pub mod chaos;
 pub mod clock;
 pub mod config;
 pub mod core;

@@ -8,6 +8,11 @@
 //! * [`registry::Registry`] — the immutable routing table (product id → shard
 //!   addresses), swapped atomically when a product is added; readers take no lock.
 
+//!
+//! Every actor runs under an actix `Supervisor` and handles [`Kill`]: it drops its
+//! memory and stops; the supervisor's `restarting` hook rebuilds it from storage
+//! before it handles the next message of its (preserved) mailbox.
+
 pub mod registry;
 pub mod shard;
 pub mod supervisor;
@@ -15,3 +20,9 @@ pub mod supervisor;
 pub use registry::{ProductRoute, Registry, ShardHandle};
 pub use shard::{ShardActor, ShardEnv, ShardError, ShardGauge};
 pub use supervisor::OrderSupervisor;
+
+/// Stops an actor abruptly, discarding its memory; its supervisor rebuilds it from
+/// storage. Chaos tests send it; it is answered before the actor stops.
+#[derive(actix::Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Kill;

@@ -121,10 +121,7 @@ pub struct Audit;
 #[rtype(result = "ShardResult<()>")]
 pub struct TakeSnapshot;
 
-/// Stops the actor abruptly; its supervisor rebuilds it from storage.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Kill;
+pub use super::Kill;
 
 /// Test hook: panics inside the domain step, as a bug would.
 #[derive(Message)]
@@ -359,6 +356,9 @@ impl ShardActor {
         let seq = live.seq;
         let started = std::time::Instant::now();
         let bytes = storage.write_snapshot(&id, seq, &live.shard)?;
+        crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
+            let _ = storage.flush_now();
+        });
         live.last_snapshot_bytes = bytes as u64;
         live.journal_bytes_since_snapshot = 0;
         metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());

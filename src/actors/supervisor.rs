@@ -5,6 +5,7 @@ use actix::prelude::*;
 
 use super::registry::{start_shard, ProductRoute, Registry};
 use super::shard::ShardEnv;
+use super::Kill;
 use crate::domain::{ProductInfo, ShardId};
 use crate::storage::StorageError;
 
@@ -86,16 +87,69 @@ impl OrderSupervisor {
         report.elapsed = started.elapsed();
         Ok((sup, report))
     }
+}
 
+impl OrderSupervisor {
     fn pick_arbiter(&mut self) -> ArbiterHandle {
         let a = self.arbiters[self.next_arbiter % self.arbiters.len()].clone();
         self.next_arbiter += 1;
         a
     }
+
+    /// Rebuilds every shard of `info` from storage, then starts their actors and
+    /// publishes the route. Nothing starts unless every shard was rebuilt, so a
+    /// failure never leaves an unregistered actor writing to a journal.
+    fn start_product(&mut self, info: &ProductInfo) -> Result<(), StorageError> {
+        let recovered = (0..info.shards)
+            .map(|shard| self.env.storage.recover(&ShardId::new(info.id.clone(), shard), info))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shards = recovered
+            .into_iter()
+            .map(|r| {
+                let arbiter = self.pick_arbiter();
+                start_shard(&self.env, &arbiter, info, r)
+            })
+            .collect();
+        self.registry.insert(ProductRoute { info: info.clone(), shards });
+        Ok(())
+    }
 }
 
 impl Actor for OrderSupervisor {
     type Context = Context<Self>;
+}
+
+impl Supervised for OrderSupervisor {
+    /// The supervisor's state is the registry, which lives outside the actor; a
+    /// restart re-reads the product records and starts any product that storage
+    /// holds but the registry lacks (a creation interrupted by the crash).
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        metrics::counter!("kami_actor_restarts_total", "actor" => "orders").increment(1);
+        let products = match self.env.storage.load_products() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "order supervisor could not read the products after a restart");
+                return;
+            }
+        };
+        let registry = self.registry.clone();
+        for info in products.iter().filter(|p| registry.get(&p.id).is_none()) {
+            match self.start_product(info) {
+                Ok(()) => tracing::warn!(product = %info.id, "product found in storage only; started it"),
+                Err(e) => tracing::error!(product = %info.id, error = %e, "product could not be started"),
+            }
+        }
+        tracing::info!(products = products.len(), "order supervisor restarted");
+    }
+}
+
+impl Handler<Kill> for OrderSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
+        tracing::warn!("order supervisor killed on request");
+        ctx.stop();
+    }
 }
 
 impl Handler<CreateProduct> for OrderSupervisor {
@@ -107,13 +161,7 @@ impl Handler<CreateProduct> for OrderSupervisor {
             if self.registry.get(&info.id).is_some() || !self.env.storage.insert_product(&info)? {
                 return Err(SupervisorError::Exists);
             }
-            let mut shards = Vec::with_capacity(info.shards as usize);
-            for shard in 0..info.shards {
-                let recovered = self.env.storage.recover(&ShardId::new(info.id.clone(), shard), &info)?;
-                let arbiter = self.pick_arbiter();
-                shards.push(start_shard(&self.env, &arbiter, &info, recovered));
-            }
-            self.registry.insert(ProductRoute { info: info.clone(), shards });
+            self.start_product(&info)?;
             Ok(self.env.storage.ticket()?)
         })();
         Box::pin(async move {

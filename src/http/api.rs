@@ -75,6 +75,23 @@ pub async fn audit(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<
 
 // ---- buyer ----
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillBody {
+    actor: String,
+}
+
+/// `POST /api/v1/admin/chaos/kill` (routed only when `chaos.enabled`).
+pub async fn chaos_kill(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: KillBody = extract::json(&bytes)?;
+    let target: crate::chaos::Target = req.actor.parse().map_err(ApiError::invalid)?;
+    let killed = core.chaos_kill(&target).await?;
+    Ok(Json(json!({"killed": killed})))
+}
+
 pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let p = st.core()?.product(&id)?;
     Ok(Json(json!({"id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available})))

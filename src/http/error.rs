@@ -55,7 +55,7 @@ impl From<Error> for ApiError {
                 DomainError::PaymentIdConflict => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::ProductNotFound => StatusCode::NOT_FOUND,
+            Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,
             Error::ProductExists => StatusCode::CONFLICT,
             Error::BadSignature => StatusCode::UNAUTHORIZED,
             Error::StaleRequest { .. } => StatusCode::BAD_REQUEST,

@@ -79,6 +79,8 @@ pub struct Shared {
     admin_token: String,
     pub limits: HttpLimits,
     pub ip_limiter: Option<IpLimiter>,
+    /// `chaos.enabled`: whether the chaos endpoint exists at all.
+    pub chaos: bool,
 }
 
 #[derive(Clone)]
@@ -103,6 +105,7 @@ impl AppState {
                 max_concurrent_requests: settings.server.max_concurrent_requests,
                 request_timeout: settings.request_timeout(),
             },
+            chaos: settings.chaos.enabled,
             ip_limiter: rl.enabled.then(|| IpLimiter::new(rl.per_ip_per_sec, rl.per_ip_burst, rl.max_tracked_ips)),
         }))
     }
@@ -131,7 +134,11 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let limits = state.limits.clone();
-    let routes = Router::new()
+    let mut routes = Router::new();
+    if state.chaos {
+        routes = routes.route("/api/v1/admin/chaos/kill", post(api::chaos_kill));
+    }
+    let routes = routes
         .route("/api/v1/products", post(api::create_product))
         .route("/api/v1/products/{id}", get(api::get_product))
         .route("/api/v1/products/{id}/keys", post(api::import_keys))

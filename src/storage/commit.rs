@@ -107,6 +107,7 @@ fn run(db: sled::Db, rx: Receiver<Waiter>, max_batch: usize, linger: Duration, s
                 Err(_) => break,
             }
         }
+        crate::chaos::reached(crate::chaos::CrashPoint::BeforeFlush, || {});
         let started = Instant::now();
         let result = db.flush().map(|_| ()).map_err(|e| StorageError::Sled(e.to_string()));
         let elapsed = started.elapsed();
@@ -120,6 +121,7 @@ fn run(db: sled::Db, rx: Receiver<Waiter>, max_batch: usize, linger: Duration, s
             let _ = s.batch_sizes.record(batch.len() as u64);
             let _ = s.flush_micros.record(elapsed.as_micros().max(1) as u64);
         }
+        crate::chaos::reached(crate::chaos::CrashPoint::AfterFlush, || {});
         for waiter in batch.drain(..) {
             let _ = waiter.send(result.clone());
         }

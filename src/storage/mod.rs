@@ -150,6 +150,9 @@ impl Storage {
             }
         }
         self.snapshots.apply_batch(batch)?;
+        crate::chaos::reached(crate::chaos::CrashPoint::MidTrim, || {
+            let _ = self.flush_now();
+        });
         journal.trim_through(keep_from_seq)
     }
 

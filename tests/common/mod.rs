@@ -273,3 +273,30 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The seed of a randomised test: `KAMI_SEED` if set, else a fresh one. Printed so
+/// that a failing run (whose output cargo shows) can be replayed exactly.
+pub fn seed(test: &str) -> u64 {
+    let seed = match std::env::var("KAMI_SEED") {
+        Ok(s) => s.parse().expect("KAMI_SEED must be a u64"),
+        Err(_) => rand::random(),
+    };
+    eprintln!("{test}: rerun with KAMI_SEED={seed}");
+    seed
+}
+
+/// Scale of the chaos suites: 1 in CI; `KAMI_SOAK=n` multiplies the work by n.
+pub fn soak_factor() -> usize {
+    std::env::var("KAMI_SOAK").ok().and_then(|s| s.parse().ok()).filter(|&n| n >= 1).unwrap_or(1)
+}
+
+impl Api {
+    /// `POST /api/v1/admin/chaos/kill`.
+    pub async fn kill(&self, actor: &str) -> Reply {
+        reply(
+            self.admin(self.http.post(format!("{}/api/v1/admin/chaos/kill", self.url)))
+                .json(&json!({ "actor": actor })),
+        )
+        .await
+    }
+}
