@@ -102,7 +102,7 @@ async fn flash_sale_survives_actor_kills_every_few_milliseconds() {
             // Kills are sent without waiting for the previous one (at most 8 in
             // flight), so they keep coming every few ms even while actors are busy.
             let mut in_flight = tokio::task::JoinSet::new();
-            let mut count = |r: Reply, kills: &mut HashMap<String, usize>| {
+            let count = |r: Reply, kills: &mut HashMap<String, usize>| {
                 assert_eq!(r.status, 200, "kill: {}", r.body);
                 *kills.entry(r.body["killed"].as_str().unwrap().to_string()).or_default() += 1;
             };
