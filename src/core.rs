@@ -101,6 +101,16 @@ pub struct ProductAudit {
     pub sold: u64,
 }
 
+impl ProductAudit {
+    /// Adds one shard's recount.
+    pub fn add(&mut self, shard: &ShardAudit) {
+        self.imported += shard.imported;
+        self.available += shard.available;
+        self.reserved += shard.reserved;
+        self.sold += shard.sold;
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AuditReport {
     pub ok: bool,
@@ -269,10 +279,7 @@ impl Kami {
                         Ok(Ok(r)) => r?,
                         _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
                     };
-                pa.imported += a.imported;
-                pa.available += a.available;
-                pa.reserved += a.reserved;
-                pa.sold += a.sold;
+                pa.add(&a);
                 for (status, n) in a.orders {
                     *report.orders.entry(status).or_default() += n;
                 }

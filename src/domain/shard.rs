@@ -313,6 +313,11 @@ impl Shard {
         &self.keys[id as usize]
     }
 
+    /// Every key this shard was given, in import order.
+    pub fn key_strings(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| &**k)
+    }
+
     pub fn payments(&self) -> impl Iterator<Item = &PaymentRecord> {
         self.payments.values()
     }
@@ -637,6 +642,7 @@ impl Shard {
                 ));
             }
         }
+        self.audit_payments(&mut violations);
         let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
         if lost > 0 {
             violations.push(format!("{lost} keys are neither available, reserved nor sold"));
@@ -659,6 +665,44 @@ impl Shard {
         }
         audit.violations = violations;
         audit
+    }
+
+    /// I3's bookkeeping: every paid order points at a recorded payment of its own,
+    /// and every payment that delivered or owes a refund points back at its order.
+    fn audit_payments(&self, violations: &mut Vec<String>) {
+        for order in &self.orders {
+            let needs_payment =
+                matches!(order.status, OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded);
+            match (&order.payment_id, needs_payment) {
+                (None, true) => violations.push(format!("order {} is {} without a payment", order.seq, order.status)),
+                (Some(id), true) => match self.payments.get(id) {
+                    Some(p) if p.order_seq == order.seq => {}
+                    _ => violations.push(format!("order {} names payment {id:?}, which is not its own", order.seq)),
+                },
+                _ => {}
+            }
+        }
+        for p in self.payments.values() {
+            let Some(order) = p.order_seq.checked_sub(1).and_then(|i| self.orders.get(i as usize)) else {
+                violations
+                    .push(format!("payment {:?} is for order {}, which does not exist", p.payment_id, p.order_seq));
+                continue;
+            };
+            let owns_order = order.payment_id.as_deref() == Some(p.payment_id.as_str());
+            let consistent = match p.outcome {
+                PaymentOutcome::Delivered => owns_order && order.status == OrderStatus::Delivered,
+                PaymentOutcome::RefundOwed(RefundReason::SoldOut) => {
+                    owns_order && matches!(order.status, OrderStatus::RefundPending | OrderStatus::Refunded)
+                }
+                _ => true,
+            };
+            if !consistent {
+                violations.push(format!(
+                    "payment {:?} ({:?}) disagrees with order {} ({})",
+                    p.payment_id, p.outcome, order.seq, order.status
+                ));
+            }
+        }
     }
 }
 
@@ -703,6 +747,29 @@ mod tests {
             Outcome::Changed(_, seq) => seq,
             Outcome::Repeat(_) => panic!("expected a new order"),
         }
+    }
+
+    #[test]
+    fn audit_catches_a_paid_order_whose_payment_record_is_missing_or_foreign() {
+        let mut s = shard_with_keys(3, 0);
+        let a = created(s.create_order(new_order("a", 1), 0));
+        let b = created(s.create_order(new_order("b", 1), 0));
+        s.pay(paid(a, "pa", 990), 1).unwrap();
+        s.pay(paid(b, "pb", 990), 1).unwrap();
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
+
+        let mut lost = s.clone();
+        lost.payments.remove("pa");
+        assert!(lost.audit().violations.iter().any(|v| v.contains("order 1 names payment")), "{:?}", lost.audit());
+
+        let mut swapped = s.clone();
+        swapped.orders[0].payment_id = Some("pb".into());
+        let v = swapped.audit().violations;
+        assert!(v.iter().any(|v| v.contains("not its own")) && v.iter().any(|v| v.contains("disagrees")), "{v:?}");
+
+        let mut unpaid = s;
+        unpaid.orders[1].payment_id = None;
+        assert!(unpaid.audit().violations.iter().any(|v| v.contains("without a payment")));
     }
 
     #[test]

@@ -113,6 +113,19 @@ impl Storage {
         Ok(Journal { tree })
     }
 
+    /// Every shard that has a journal (tooling: finds journals of unknown products).
+    pub fn journal_shards(&self) -> Vec<ShardId> {
+        self.db
+            .tree_names()
+            .iter()
+            .filter_map(|name| {
+                let name = std::str::from_utf8(name).ok()?.strip_prefix("journal/")?;
+                let (product, shard) = name.rsplit_once('/')?;
+                Some(ShardId::new(product, shard.parse().ok()?))
+            })
+            .collect()
+    }
+
     fn snapshot_prefix(id: &ShardId) -> Vec<u8> {
         let mut p = format!("{}/{}", id.product, id.shard).into_bytes();
         p.push(0);
