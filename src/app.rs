@@ -173,7 +173,7 @@ impl RunningApp {
             }
         }
         match self.core().snapshot_all().await {
-            Ok(()) => tracing::info!("snapshots written; shutting down"),
+            Ok(shards) => tracing::info!(shards, "snapshots written; shutting down"),
             Err(e) => tracing::warn!(error = %e, "snapshot at shutdown failed; the journal covers everything"),
         }
         self.release().await;

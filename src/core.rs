@@ -484,18 +484,22 @@ impl Kami {
 
     // ---- operations ----
 
-    /// Snapshots every shard and flushes (graceful shutdown).
-    pub async fn snapshot_all(&self) -> Result<(), Error> {
+    /// Snapshots every shard and flushes (graceful shutdown, admin request).
+    /// Returns the number of shards snapshotted.
+    pub async fn snapshot_all(&self) -> Result<usize, Error> {
+        let mut shards = 0;
         for route in self.registry.all().values() {
             for s in &route.shards {
-                match s.addr.send(shard::TakeSnapshot).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(Error::Unavailable("a stock actor stopped".into())),
+                match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::TakeSnapshot)).await {
+                    Ok(Ok(r)) => r?,
+                    Ok(Err(_)) => return Err(Error::Unavailable("a stock actor stopped".into())),
+                    Err(_) => return Err(Error::Timeout),
                 }
+                shards += 1;
             }
         }
         self.storage.flush_now()?;
-        Ok(())
+        Ok(shards)
     }
 
     // ---- chaos ----

@@ -73,6 +73,14 @@ pub async fn audit(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<
     Ok(Json(views::audit(&report)))
 }
 
+/// `POST /api/v1/admin/snapshot`: snapshots every shard now (before maintenance,
+/// or to bound the next start's replay) and answers once they are durable.
+pub async fn snapshot(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let shards = st.core()?.snapshot_all().await?;
+    Ok(Json(json!({"snapshots": shards})))
+}
+
 // ---- buyer ----
 
 #[derive(Deserialize)]

@@ -222,6 +222,8 @@ pub fn assert_audit_ok(audit: &Reply) {
 pub struct Server {
     pub child: std::process::Child,
     pub url: String,
+    /// Start-up recovery time, as the server reported it.
+    pub recovery_ms: u64,
 }
 
 impl Server {
@@ -246,14 +248,31 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut recovery_ms = 0;
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("recovered ") {
+                    let ms = rest.rsplit(" in ").next().and_then(|t| t.strip_suffix(" ms"));
+                    recovery_ms = ms.and_then(|t| t.parse().ok()).expect("recovery line ends in `in N ms`");
+                }
                 if let Some(rest) = line.strip_prefix("kami listening on ") {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                    let _ = tx.send((rest.split_whitespace().next().unwrap_or("").to_string(), recovery_ms));
                 }
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).expect("kami printed its address");
-        Server { child, url }
+        let (url, recovery_ms) = rx.recv_timeout(Duration::from_secs(60)).expect("kami printed its address");
+        Server { child, url, recovery_ms }
+    }
+
+    /// Waits for the process to end by itself (a crash point), bounded by `limit`.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 
     pub fn api(&self) -> Api {
