@@ -179,7 +179,7 @@ async fn kill_9_at_random_instants_loses_no_acknowledged_write() {
     let mut findings = 0;
     for cycle in 0..cycles {
         // Every kind of death early on, then at random.
-        let death = if cycle < DEATHS.len() { DEATHS[cycle] } else { DEATHS[rng.random_range(0..DEATHS.len())] };
+        let death = DEATHS.get(cycle).copied().unwrap_or_else(|| DEATHS[rng.random_range(0..DEATHS.len())]);
         let hits = match death {
             Death::Sigkill => rng.random_range(20..300u64),
             Death::CrashPoint("after_snapshot" | "mid_trim") => rng.random_range(1..=2u64),
