@@ -15,6 +15,7 @@ enum Op {
     Pay { order: usize, payment: u8, right_amount: bool, paid: bool },
     Cancel { order: usize },
     Advance { ms: u64 },
+    Refund { nth: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -25,6 +26,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(order, payment, right_amount, paid)| Op::Pay { order, payment, right_amount, paid }),
         (0usize..64).prop_map(|order| Op::Cancel { order }),
         (0u64..3000).prop_map(|ms| Op::Advance { ms }),
+        (0usize..8).prop_map(|nth| Op::Refund { nth }),
     ]
 }
 
@@ -90,6 +92,15 @@ proptest! {
                     now += ms;
                     journal.extend(s.expire_due(now, usize::MAX));
                 }
+                Op::Refund { nth } => {
+                    let due = s.refunds_due(usize::MAX);
+                    if due.is_empty() { continue; }
+                    let id = due[nth % due.len()].payment_id.clone();
+                    let Ok(Outcome::Changed(e, ())) = s.complete_refund(&id, now) else { panic!("a due refund completes") };
+                    journal.push(e);
+                    prop_assert_eq!(s.complete_refund(&id, now), Ok(Outcome::Repeat(())), "a repeat changes nothing");
+                    prop_assert!(s.refunds_due(usize::MAX).iter().all(|d| d.payment_id != id));
+                }
             }
             check_invariants(&s);
         }
@@ -114,6 +125,7 @@ proptest! {
         }
         prop_assert_eq!(restored.orders(), s.orders());
         prop_assert_eq!(restored.counts(), s.counts());
+        prop_assert_eq!(restored.refunds_due(usize::MAX), s.refunds_due(usize::MAX));
         check_invariants(&restored);
     }
 

@@ -179,8 +179,9 @@ impl Live {
     }
 }
 
-fn order_of(event: &Event) -> Option<u64> {
+fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
     match event {
+        Event::RefundCompleted { payment_id, .. } => shard.payment(payment_id).map(|p| p.order_seq),
         Event::KeysImported { .. } => None,
         Event::OrderCreated { order } => Some(order.seq),
         Event::PaymentApplied { record, .. } => Some(record.order_seq),
@@ -246,7 +247,7 @@ impl ShardActor {
                 Ok(bytes) => {
                     live.seq = seq;
                     live.journal_bytes_since_snapshot += bytes as u64;
-                    if let Some(order) = order_of(event) {
+                    if let Some(order) = order_of(&live.shard, event) {
                         live.undurable.insert(order, seq);
                         live.undurable_queue.push_back((seq, order));
                     }

@@ -19,6 +19,10 @@ pub enum DomainError {
     AmountMismatch { expected: u64, got: u64 },
     #[error("payment_id was already used for another order")]
     PaymentIdConflict,
+    #[error("no payment with this id")]
+    PaymentNotFound,
+    #[error("this payment owes no refund")]
+    NoRefundOwed,
 }
 
 impl DomainError {
@@ -32,6 +36,8 @@ impl DomainError {
             DomainError::InvalidState { .. } => "invalid_state",
             DomainError::AmountMismatch { .. } => "amount_mismatch",
             DomainError::PaymentIdConflict => "payment_id_conflict",
+            DomainError::PaymentNotFound => "payment_not_found",
+            DomainError::NoRefundOwed => "no_refund_owed",
         }
     }
 }

@@ -134,6 +134,8 @@ pub enum PaymentOutcome {
     AmountMismatch {
         expected_cents: u64,
     },
+    /// A refund that was owed has been confirmed by the channel.
+    Refunded(RefundReason),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,11 +153,47 @@ pub struct PaymentRecord {
 /// shard yields the same state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    KeysImported { keys: Vec<String> },
-    OrderCreated { order: Order },
-    PaymentApplied { record: PaymentRecord, taken_keys: Vec<KeyId> },
-    OrderExpired { seq: u64, at_ms: Millis },
-    OrderCancelled { seq: u64, at_ms: Millis },
+    KeysImported {
+        keys: Vec<String>,
+    },
+    OrderCreated {
+        order: Order,
+    },
+    PaymentApplied {
+        record: PaymentRecord,
+        taken_keys: Vec<KeyId>,
+    },
+    OrderExpired {
+        seq: u64,
+        at_ms: Millis,
+    },
+    OrderCancelled {
+        seq: u64,
+        at_ms: Millis,
+    },
+    /// The channel confirmed the refund of a payment whose outcome was `RefundOwed`.
+    RefundCompleted {
+        payment_id: String,
+        at_ms: Millis,
+    },
+}
+
+/// A refund the shard owes, to be made at the payment's channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundDue {
+    pub payment_id: String,
+    pub channel: String,
+    pub amount_cents: u64,
+    pub order_seq: u64,
+}
+
+/// An order whose payment may have happened without kami hearing of it: still
+/// pending, or expired/cancelled recently, and with no payment recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unheard {
+    pub order_seq: u64,
+    pub amount_cents: u64,
+    pub created_at_ms: Millis,
 }
 
 /// A new order request, already validated by the caller (quantity ≥ 1, buyer well formed).
@@ -233,6 +271,9 @@ pub struct Shard {
     reserved: u64,
     #[serde(skip)]
     sold: u64,
+    /// Payments whose outcome is `RefundOwed`, by id.
+    #[serde(skip)]
+    refunds_owed: std::collections::BTreeSet<String>,
 }
 
 impl Shard {
@@ -252,6 +293,7 @@ impl Shard {
             expiry: BinaryHeap::new(),
             reserved: 0,
             sold: 0,
+            refunds_owed: Default::default(),
         }
     }
 
@@ -282,6 +324,12 @@ impl Shard {
                 _ => {}
             }
         }
+        self.refunds_owed = self
+            .payments
+            .values()
+            .filter(|p| matches!(p.outcome, PaymentOutcome::RefundOwed(_)))
+            .map(|p| p.payment_id.clone())
+            .collect();
     }
 
     pub fn product(&self) -> &ProductInfo {
@@ -316,6 +364,10 @@ impl Shard {
     /// Every key this shard was given, in import order.
     pub fn key_strings(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|k| &**k)
+    }
+
+    pub fn payment(&self, payment_id: &str) -> Option<&PaymentRecord> {
+        self.payments.get(payment_id)
     }
 
     pub fn payments(&self) -> impl Iterator<Item = &PaymentRecord> {
@@ -453,6 +505,55 @@ impl Shard {
         Ok(Outcome::Changed(event, outcome))
     }
 
+    /// Records that the channel refunded `payment_id`. A repeat changes nothing.
+    pub fn complete_refund(&mut self, payment_id: &str, now_ms: Millis) -> Result<Outcome<()>, DomainError> {
+        let record = self.payments.get(payment_id).ok_or(DomainError::PaymentNotFound)?;
+        match record.outcome {
+            PaymentOutcome::RefundOwed(_) => {
+                let event = Event::RefundCompleted { payment_id: payment_id.to_string(), at_ms: now_ms };
+                self.apply(&event);
+                Ok(Outcome::Changed(event, ()))
+            }
+            PaymentOutcome::Refunded(_) => Ok(Outcome::Repeat(())),
+            _ => Err(DomainError::NoRefundOwed),
+        }
+    }
+
+    /// Refunds still owed, at most `limit`, in payment id order.
+    pub fn refunds_due(&self, limit: usize) -> Vec<RefundDue> {
+        self.refunds_owed
+            .iter()
+            .take(limit)
+            .map(|id| {
+                let p = &self.payments[id];
+                RefundDue {
+                    payment_id: p.payment_id.clone(),
+                    channel: p.channel.clone(),
+                    amount_cents: p.amount_cents,
+                    order_seq: p.order_seq,
+                }
+            })
+            .collect()
+    }
+
+    /// Orders to ask the channels about (lost notifications): no payment recorded,
+    /// created at least `quiet_ms` ago, and either pending or closed less than
+    /// `grace_ms` after their expiry. Scans only orders whose expiry + grace is
+    /// still ahead (orders are in creation order and share one TTL), newest first.
+    pub fn unheard(&self, now_ms: Millis, quiet_ms: Millis, grace_ms: Millis, limit: usize) -> Vec<Unheard> {
+        let mut out = Vec::new();
+        for o in self.orders.iter().rev() {
+            if o.expires_at_ms.saturating_add(grace_ms) <= now_ms || out.len() >= limit {
+                break;
+            }
+            let open = matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Expired | OrderStatus::Cancelled);
+            if open && o.payment_id.is_none() && o.created_at_ms.saturating_add(quiet_ms) <= now_ms {
+                out.push(Unheard { order_seq: o.seq, amount_cents: o.amount_cents, created_at_ms: o.created_at_ms });
+            }
+        }
+        out
+    }
+
     pub fn cancel(&mut self, seq: u64, now_ms: Millis) -> Result<Event, DomainError> {
         let order = self.order(seq).ok_or(DomainError::OrderNotFound)?;
         if order.status != OrderStatus::PendingPayment {
@@ -555,8 +656,26 @@ impl Shard {
                     }
                     PaymentOutcome::AmountMismatch { .. } => self.orders[idx].amount_mismatch = true,
                     PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid) | PaymentOutcome::Ignored => {}
+                    PaymentOutcome::Refunded(_) => panic!("a payment is applied as owed, then refunded"),
+                }
+                if matches!(record.outcome, PaymentOutcome::RefundOwed(_)) {
+                    self.refunds_owed.insert(record.payment_id.clone());
                 }
                 self.payments.insert(record.payment_id.clone(), record.clone());
+            }
+            Event::RefundCompleted { payment_id, at_ms: _ } => {
+                let record = self.payments.get_mut(payment_id).expect("refund of a recorded payment");
+                let PaymentOutcome::RefundOwed(reason) = record.outcome else {
+                    panic!("refund completed for a payment that owed none")
+                };
+                record.outcome = PaymentOutcome::Refunded(reason);
+                let seq = record.order_seq;
+                self.refunds_owed.remove(payment_id);
+                let order = &mut self.orders[(seq - 1) as usize];
+                if reason == RefundReason::SoldOut {
+                    assert_eq!(order.status, OrderStatus::RefundPending);
+                    order.status = OrderStatus::Refunded;
+                }
             }
             Event::OrderExpired { seq, at_ms } | Event::OrderCancelled { seq, at_ms } => {
                 let idx = seq.checked_sub(1).expect("order seq starts at 1") as usize;
@@ -692,8 +811,9 @@ impl Shard {
             let consistent = match p.outcome {
                 PaymentOutcome::Delivered => owns_order && order.status == OrderStatus::Delivered,
                 PaymentOutcome::RefundOwed(RefundReason::SoldOut) => {
-                    owns_order && matches!(order.status, OrderStatus::RefundPending | OrderStatus::Refunded)
+                    owns_order && order.status == OrderStatus::RefundPending
                 }
+                PaymentOutcome::Refunded(RefundReason::SoldOut) => owns_order && order.status == OrderStatus::Refunded,
                 _ => true,
             };
             if !consistent {
@@ -770,6 +890,70 @@ mod tests {
         let mut unpaid = s;
         unpaid.orders[1].payment_id = None;
         assert!(unpaid.audit().violations.iter().any(|v| v.contains("without a payment")));
+    }
+
+    #[test]
+    fn refund_owed_after_a_sold_out_late_payment_completes_once() {
+        let mut s = shard_with_keys(1, 0);
+        let late = created(s.create_order(new_order("late", 1), 0));
+        s.expire_due(5_000, 10);
+        let other = created(s.create_order(new_order("other", 1), 5_000));
+        s.pay(paid(other, "p-other", 990), 5_001).unwrap();
+        let Outcome::Changed(_, outcome) = s.pay(paid(late, "p-late", 990), 6_000).unwrap() else { panic!() };
+        assert_eq!(outcome, PaymentOutcome::RefundOwed(RefundReason::SoldOut));
+        assert_eq!(s.order(late).unwrap().status, OrderStatus::RefundPending);
+        let due = s.refunds_due(10);
+        assert_eq!(
+            due,
+            vec![RefundDue {
+                payment_id: "p-late".into(),
+                channel: "sandbox".into(),
+                amount_cents: 990,
+                order_seq: late
+            }]
+        );
+
+        assert!(matches!(s.complete_refund("p-late", 7_000), Ok(Outcome::Changed(Event::RefundCompleted { .. }, ()))));
+        assert_eq!(s.order(late).unwrap().status, OrderStatus::Refunded);
+        assert!(s.refunds_due(10).is_empty());
+        assert_eq!(s.complete_refund("p-late", 8_000), Ok(Outcome::Repeat(())));
+        assert_eq!(s.complete_refund("p-other", 8_000), Err(DomainError::NoRefundOwed));
+        assert_eq!(s.complete_refund("nope", 8_000), Err(DomainError::PaymentNotFound));
+        // A repeat of the original notification still answers with the recorded payment.
+        assert_eq!(
+            s.pay(paid(late, "p-late", 990), 9_000),
+            Ok(Outcome::Repeat(PaymentOutcome::Refunded(RefundReason::SoldOut)))
+        );
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
+    }
+
+    #[test]
+    fn a_second_payment_of_a_delivered_order_is_owed_back_and_the_order_stays_delivered() {
+        let mut s = shard_with_keys(2, 0);
+        let seq = created(s.create_order(new_order("a", 1), 0));
+        s.pay(paid(seq, "first", 990), 1).unwrap();
+        s.pay(paid(seq, "second", 990), 2).unwrap();
+        assert_eq!(s.refunds_due(10).len(), 1);
+        s.complete_refund("second", 3).unwrap();
+        assert_eq!(s.order(seq).unwrap().status, OrderStatus::Delivered);
+        assert!(s.audit().violations.is_empty());
+    }
+
+    #[test]
+    fn unheard_lists_orders_without_payment_until_expiry_plus_grace() {
+        let mut s = shard_with_keys(5, 0);
+        let a = created(s.create_order(new_order("a", 1), 0)); // expires at 1000
+        let b = created(s.create_order(new_order("b", 1), 500)); // expires at 1500
+        let c = created(s.create_order(new_order("c", 1), 600));
+        s.pay(paid(c, "pc", 990), 700).unwrap();
+        let seqs = |v: Vec<Unheard>| v.into_iter().map(|u| u.order_seq).collect::<Vec<_>>();
+        assert_eq!(seqs(s.unheard(800, 100, 2_000, 10)), vec![b, a], "newest first; the paid one is heard");
+        assert_eq!(seqs(s.unheard(550, 100, 2_000, 10)), vec![a], "b is too fresh to ask about");
+        s.expire_due(1_200, 10);
+        assert_eq!(seqs(s.unheard(2_900, 100, 2_000, 10)), vec![b, a], "expired, within grace");
+        assert_eq!(seqs(s.unheard(3_200, 100, 2_000, 10)), vec![b], "a is past its grace");
+        assert_eq!(seqs(s.unheard(3_600, 100, 2_000, 10)), Vec::<u64>::new());
+        assert_eq!(s.unheard(800, 100, 2_000, 1).len(), 1, "bounded");
     }
 
     #[test]

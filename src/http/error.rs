@@ -53,6 +53,8 @@ impl From<Error> for ApiError {
                 DomainError::InvalidState { .. } => StatusCode::CONFLICT,
                 DomainError::AmountMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 DomainError::PaymentIdConflict => StatusCode::CONFLICT,
+                DomainError::PaymentNotFound => StatusCode::NOT_FOUND,
+                DomainError::NoRefundOwed => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,
