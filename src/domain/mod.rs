@@ -8,11 +8,13 @@
 //!   idempotency keys, the expiry heap). Commands are *decided and applied* in one
 //!   call that returns the [`Event`] to journal; replaying the same events on an
 //!   empty shard rebuilds the same state.
+//! * [`breaker`] — the circuit breaker of one payment channel.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
 //! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
 //!   notifications.
 //! * [`validate`] — the input rules shared by HTTP and the library API.
 
+pub mod breaker;
 pub mod error;
 pub mod ids;
 pub mod shard;
