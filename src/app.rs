@@ -270,16 +270,26 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
 
     let channels: HashMap<String, Vec<u8>> =
         secrets.channels.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
-    let core = Arc::new(Kami::new(
-        registry,
-        supervisor,
-        storage,
-        clock,
-        CoreLimits::from_settings(&settings),
-        channels,
-        settings.payments.default_channel.clone(),
-        settings.orders.ttl_secs * 1000,
-    ));
+    let endpoints = settings
+        .payments
+        .channels
+        .iter()
+        .filter(|(_, c)| !c.endpoint.is_empty())
+        .map(|(name, c)| (name.clone(), c.endpoint.clone()))
+        .collect();
+    let core = Arc::new(
+        Kami::new(
+            registry,
+            supervisor,
+            storage,
+            clock,
+            CoreLimits::from_settings(&settings),
+            channels,
+            settings.payments.default_channel.clone(),
+            settings.orders.ttl_secs * 1000,
+        )
+        .with_endpoints(endpoints),
+    );
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
     state.set_ready(core.clone());
 

@@ -98,6 +98,9 @@ pub struct PaymentSettings {
 #[serde(deny_unknown_fields)]
 pub struct ChannelSettings {
     pub secret: String,
+    /// Base URL of the channel's gateway (`http://...`); empty = none (no pay URL).
+    #[serde(default)]
+    pub endpoint: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -216,6 +219,13 @@ impl Settings {
             "needs chaos.enabled = true",
         )?;
         check(self.chaos.crash_after_hits >= 1, "chaos.crash_after_hits", "must be at least 1")?;
+        for c in self.payments.channels.values() {
+            check(
+                c.endpoint.is_empty() || c.endpoint.starts_with("http://"),
+                "payments.channels.<name>.endpoint",
+                "must be empty or an http:// URL",
+            )?;
+        }
         check(self.payments.max_skew_secs >= 1, "payments.max_skew_secs", "must be at least 1")?;
         check(self.payments.max_nonces >= 1, "payments.max_nonces", "must be at least 1")?;
         check(

@@ -19,7 +19,7 @@ use crate::chaos::Target;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
-use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit};
+use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit, ShardId};
 use crate::error::Error;
 use crate::storage::Storage;
 
@@ -134,6 +134,8 @@ pub struct Kami {
     clock: Arc<dyn Clock>,
     limits: CoreLimits,
     channels: HashMap<String, Vec<u8>>,
+    /// Gateway base URL per channel, where one is configured.
+    endpoints: HashMap<String, String>,
     default_channel: String,
     ttl_ms: u64,
     pins: DashMap<String, Pin>,
@@ -160,6 +162,7 @@ impl Kami {
             clock,
             limits,
             channels,
+            endpoints: HashMap::new(),
             default_channel,
             ttl_ms,
             pins: DashMap::new(),
@@ -173,6 +176,25 @@ impl Kami {
 
     pub fn default_channel(&self) -> &str {
         &self.default_channel
+    }
+
+    /// Sets the gateway base URL of channels that have one.
+    pub fn with_endpoints(mut self, endpoints: HashMap<String, String>) -> Kami {
+        self.endpoints = endpoints;
+        self
+    }
+
+    /// Where the buyer pays `order` on `channel`: the gateway's checkout URL, signed
+    /// with the channel secret over `"{order_id}:{amount_cents}"` so the amount
+    /// cannot be altered. `None` when the channel has no gateway configured.
+    pub fn pay_url(&self, channel: &str, order: &OrderSnapshot) -> Option<String> {
+        let base = self.endpoints.get(channel)?.trim_end_matches('/');
+        let secret = self.channels.get(channel)?;
+        let id =
+            OrderId { shard: ShardId::new(order.product_id.clone(), order.shard), seq: order.order.seq }.to_string();
+        let amount = order.order.amount_cents;
+        let sig = crate::sandbox::checkout_signature(secret, &id, amount).replace('=', "%3D");
+        Some(format!("{base}/checkout/{id}?amount_cents={amount}&sig={sig}"))
     }
 
     pub fn storage(&self) -> &Arc<Storage> {

@@ -33,6 +33,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the sandbox payment gateway (demos and tests): buyers pay on it, it
+    /// notifies kami, answers queries and refunds, and misbehaves on request.
+    SandboxGateway {
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// kami's notification endpoint, e.g. http://127.0.0.1:8080/api/v1/payments/sandbox/notify
+        #[arg(long)]
+        notify_url: String,
+        /// The channel secret shared with kami (`payments.channels.sandbox.secret`).
+        #[arg(long, env = "KAMI_SANDBOX_SECRET")]
+        secret: String,
+    },
     /// Print the X-Signature header value for a notification body read from stdin.
     Sign {
         /// The channel's secret.
@@ -71,6 +83,33 @@ fn main() -> ExitCode {
                 }
             }
         },
+        Command::SandboxGateway { listen, notify_url, secret } => {
+            kami::telemetry::init_logging(&kami::config::LogSettings {
+                level: "info".into(),
+                format: kami::config::LogFormat::Human,
+            });
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(async move {
+                let config = kami::sandbox::SandboxConfig {
+                    listen,
+                    notify_url,
+                    secret,
+                    max_payments: 1_000_000,
+                    max_attempts: 8,
+                };
+                match kami::sandbox::start(config).await {
+                    Ok(gw) => {
+                        println!("sandbox gateway listening on {}", gw.url());
+                        shutdown_signal().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("kami sandbox-gateway: cannot listen on {listen}: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
         Command::Serve => {
             let sources = Sources { profile: cli.profile, file: cli.config, environment: true, overrides: Vec::new() };
             let settings = match Settings::load(&sources) {

@@ -111,8 +111,9 @@ pub async fn create_order(State(st): State<AppState>, headers: HeaderMap, body: 
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: OrderRequest = extract::json(&bytes)?;
     let order = core.create_order(req, idempotency_key).await?;
-    let mut response =
-        (StatusCode::CREATED, Json(views::order_created(&order, core.default_channel()))).into_response();
+    let channel = core.default_channel();
+    let pay_url = core.pay_url(channel, &order);
+    let mut response = (StatusCode::CREATED, Json(views::order_created(&order, channel, pay_url))).into_response();
     if order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }

@@ -33,8 +33,12 @@ pub fn product(info: &ProductInfo, available: u64) -> Value {
 }
 
 /// The 201 answer to order creation; replays of the same Idempotency-Key get it unchanged.
-pub fn order_created(s: &OrderSnapshot, channel: &str) -> Value {
+pub fn order_created(s: &OrderSnapshot, channel: &str, pay_url: Option<String>) -> Value {
     let o = &s.order;
+    let mut payment = json!({"channel": channel});
+    if let Some(url) = pay_url {
+        payment["pay_url"] = json!(url);
+    }
     json!({
         "order_id": order_id(s),
         "status": "pending_payment",
@@ -44,7 +48,7 @@ pub fn order_created(s: &OrderSnapshot, channel: &str) -> Value {
         "created_at": ts(o.created_at_ms),
         "expires_at": ts(o.expires_at_ms),
         "query_token": o.query_token,
-        "payment": {"channel": channel},
+        "payment": payment,
     })
 }
 
