@@ -116,6 +116,7 @@ impl RunningSandbox {
     }
 
     pub fn set_faults(&self, faults: Faults) {
+        assert!(faults.repeat <= MAX_REPEAT && faults.delay_ms <= MAX_DELAY_MS && faults.api_hang_ms <= MAX_DELAY_MS);
         self.gw.book().faults = faults;
     }
 
@@ -318,9 +319,21 @@ async fn get_faults(State(gw): State<Shared>) -> Json<Faults> {
     Json(gw.book().faults.clone())
 }
 
-async fn set_faults(State(gw): State<Shared>, Json(faults): Json<Faults>) -> Json<Faults> {
+/// Limits of the fault settings: copies per notification, and delays.
+const MAX_REPEAT: u32 = 100;
+const MAX_DELAY_MS: u64 = 60_000;
+
+async fn set_faults(State(gw): State<Shared>, body: Bytes) -> Response {
+    let faults: Faults = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", &e.to_string()),
+    };
+    if faults.repeat > MAX_REPEAT || faults.delay_ms > MAX_DELAY_MS || faults.api_hang_ms > MAX_DELAY_MS {
+        let message = format!("repeat must be at most {MAX_REPEAT}, delays at most {MAX_DELAY_MS} ms");
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", &message);
+    }
     gw.book().faults = faults.clone();
-    Json(faults)
+    Json(faults).into_response()
 }
 
 async fn list(State(gw): State<Shared>) -> Json<Vec<SandboxPayment>> {
@@ -332,6 +345,8 @@ async fn list(State(gw): State<Shared>) -> Json<Vec<SandboxPayment>> {
 /// Sends queued notifications, applying the faults in force.
 async fn notify_loop(gw: Shared, mut rx: mpsc::Receiver<String>) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
+    // Deliveries in flight at once (each retries on its own).
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
     while let Some(first) = rx.recv().await {
         let faults = gw.book().faults.clone();
         let mut batch = vec![first];
@@ -356,11 +371,13 @@ async fn notify_loop(gw: Shared, mut rx: mpsc::Receiver<String>) {
             sends.shuffle(&mut rand::rng());
         }
         for payment_id in sends {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
             let (gw, http) = (gw.clone(), http.clone());
             let delay = faults.delay_ms;
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
                 deliver(&gw, &http, &payment_id).await;
+                drop(permit);
             });
         }
     }

@@ -103,3 +103,16 @@ async fn every_notification_ten_times_shuffled_delivers_once() {
     assert_eq!(audit.body["products"][0]["sold"], serde_json::json!(30));
     assert_eq!(audit.body["orders"]["delivered"], serde_json::json!(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_faults_are_bounded() {
+    let (gw, t) = shop().await;
+    let api = t.api();
+    let set = |body: serde_json::Value| reply(api.http.post(format!("{}/faults", gw.url())).json(&body));
+    assert_eq!(set(serde_json::json!({"repeat": 1000})).await.status, 422);
+    assert_eq!(set(serde_json::json!({"api_hang_ms": 3_600_000})).await.status, 422);
+    assert_eq!(set(serde_json::json!({"nonsense": true})).await.status, 422);
+    let ok = set(serde_json::json!({"repeat": 3, "drop_notifications": true})).await;
+    assert_eq!((ok.status, &ok.body["repeat"]), (200, &serde_json::json!(3)));
+    assert_eq!(reply(api.http.get(format!("{}/faults", gw.url()))).await.body["drop_notifications"], true);
+}
