@@ -24,12 +24,10 @@ use crate::storage::{Storage, StorageError, StorageOptions};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProductReport {
-    pub id: String,
+    /// `id` and the key counts, as the online audit reports them.
+    #[serde(flatten)]
+    pub counts: ProductAudit,
     pub shards: u16,
-    pub imported: u64,
-    pub available: u64,
-    pub reserved: u64,
-    pub sold: u64,
     pub orders: u64,
     /// Journal records after the snapshots (what a start would replay).
     pub journal_records: u64,
@@ -82,14 +80,9 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
         violations: Vec::new(),
     };
     for product in &products {
-        let mut totals = ProductAudit { id: product.id.clone(), ..ProductAudit::default() };
         let mut line = ProductReport {
-            id: product.id.clone(),
+            counts: ProductAudit { id: product.id.clone(), ..ProductAudit::default() },
             shards: product.shards,
-            imported: 0,
-            available: 0,
-            reserved: 0,
-            sold: 0,
             orders: 0,
             journal_records: 0,
         };
@@ -107,7 +100,7 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
             report.findings.extend(r.findings.iter().map(|f| format!("{id}: {f}")));
             line.journal_records += r.replayed;
             let a = r.shard.audit();
-            totals.add(&a);
+            line.counts.add(&a);
             for (status, n) in &a.orders {
                 *report.orders.entry(status.as_str().to_string()).or_default() += n;
                 line.orders += n;
@@ -119,8 +112,6 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
                 }
             }
         }
-        (line.imported, line.available, line.reserved, line.sold) =
-            (totals.imported, totals.available, totals.reserved, totals.sold);
         report.products.push(line);
     }
     for id in storage.journal_shards() {
@@ -136,10 +127,11 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
 impl std::fmt::Display for OfflineReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for p in &self.products {
+            let c = &p.counts;
             writeln!(
                 f,
                 "product {}: {} shard(s); imported {} = available {} + reserved {} + sold {}; {} orders; {} journal records after snapshots",
-                p.id, p.shards, p.imported, p.available, p.reserved, p.sold, p.orders, p.journal_records
+                c.id, p.shards, c.imported, c.available, c.reserved, c.sold, p.orders, p.journal_records
             )?;
         }
         let orders: Vec<String> = self.orders.iter().map(|(s, n)| format!("{s} {n}")).collect();

@@ -92,7 +92,7 @@ pub struct ProductView {
     pub available: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ProductAudit {
     pub id: String,
     pub imported: u64,
