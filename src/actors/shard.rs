@@ -13,7 +13,6 @@
 //! (invariant I4: every 2xx describes durable state).
 
 use std::cell::Cell;
-use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -220,14 +219,9 @@ impl ShardActor {
     /// Runs a domain step; a panic stops the actor so its supervisor rebuilds it.
     fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ShardResult<T> {
         let live = self.live()?;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| step(&mut live.shard))) {
+        match crate::domain::catch_broken_step(|| step(&mut live.shard)) {
             Ok(value) => Ok(value),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+            Err(what) => {
                 tracing::error!(shard = %self.id, panic = %what, "stock actor panicked; restarting it from storage");
                 metrics::counter!("kami_actor_panics_total").increment(1);
                 self.live = None;

@@ -25,5 +25,18 @@ pub use error::DomainError;
 pub use ids::{OrderId, ShardId};
 pub use shard::{Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard, ShardAudit};
 
+/// Runs a domain step, turning a failed domain assertion (a panic) into its
+/// message. Callers decide what a broken step means: a stock actor rebuilds from
+/// storage, recovery refuses the journal.
+pub fn catch_broken_step<T>(step: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).map_err(|panic| {
+        panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
 /// Milliseconds since the Unix epoch. The domain never reads a clock: callers pass `now_ms`.
 pub type Millis = u64;

@@ -213,9 +213,12 @@ impl Storage {
                 match codec::decode::<Event>(Kind::Event, &v) {
                     Err(e) => Some(e.to_string()),
                     Ok(event) => {
-                        apply_checked(&mut shard, &event).map_err(|panic| StorageError::Corrupt {
-                            place: format!("journal/{id} record {seq}"),
-                            error: format!("the record decodes but contradicts the state before it: {panic}"),
+                        // The domain asserts each event fits the state before it.
+                        crate::domain::catch_broken_step(|| shard.apply(&event)).map_err(|panic| {
+                            StorageError::Corrupt {
+                                place: format!("journal/{id} record {seq}"),
+                                error: format!("the record decodes but contradicts the state before it: {panic}"),
+                            }
                         })?;
                         last = seq;
                         replayed += 1;
@@ -258,18 +261,6 @@ impl Storage {
         }
         Ok(r)
     }
-}
-
-/// Applies a replayed event; the domain asserts the event fits the state, so a
-/// panic here means the journal contradicts itself.
-fn apply_checked(shard: &mut Shard, event: &Event) -> Result<(), String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.apply(event))).map_err(|panic| {
-        panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into())
-    })
 }
 
 /// Something wrong on disk that recovery works around (see [`Storage::recover`]).
