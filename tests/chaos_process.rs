@@ -142,18 +142,9 @@ const DEATHS: [Death; 5] = [
 ];
 
 fn offline_audit(data: &std::path::Path) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kami"))
-        .args(["audit", "--data"])
-        .arg(data)
-        .output()
-        .expect("run kami audit");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "offline audit after a crash failed:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    let (code, out, err) = kami_audit(data, false);
+    assert_eq!(code, 0, "offline audit after a crash failed:\n{out}{err}");
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

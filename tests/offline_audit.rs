@@ -2,37 +2,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
-
 use common::*;
 use kami::domain::{Event, ShardId};
 use kami::storage::codec::{decode, Kind};
-use kami::storage::{Storage, StorageOptions};
 use serde_json::{json, Value};
-
-fn audit(data: &Path, json: bool) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kami"));
-    cmd.args(["audit", "--data"]).arg(data);
-    if json {
-        cmd.arg("--json");
-    }
-    let out = cmd.output().expect("run kami audit");
-    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    (out.status.code().expect("exit code"), text(out.stdout), text(out.stderr))
-}
-
-fn open(data: &Path) -> std::sync::Arc<Storage> {
-    Storage::open(&StorageOptions {
-        path: data.to_path_buf(),
-        cache_capacity_bytes: 8 << 20,
-        max_pending_commits: 16,
-        max_commit_batch: 16,
-        commit_linger: Duration::ZERO,
-    })
-    .unwrap()
-}
 
 /// A stopped server's directory with two products, sales and pending orders.
 async fn stopped_shop() -> (tempfile::TempDir, std::path::PathBuf, Value) {
@@ -57,12 +30,12 @@ async fn stopped_shop() -> (tempfile::TempDir, std::path::PathBuf, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_audit_agrees_with_the_online_one_and_changes_nothing() {
     let (_dir, data, online) = stopped_shop().await;
-    let (code, out, err) = audit(&data, false);
+    let (code, out, err) = kami_audit(&data, false);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("product p: 2 shard(s); imported 30 = available 21 + reserved 2 + sold 7"), "{out}");
     assert!(out.contains("ok: I1, I2, I6"), "{out}");
 
-    let (code, out, _) = audit(&data, true);
+    let (code, out, _) = kami_audit(&data, true);
     assert_eq!(code, 0);
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["ok"], json!(true));
@@ -82,11 +55,11 @@ async fn offline_audit_agrees_with_the_online_one_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_audit_refuses_a_directory_in_use_or_not_a_data_dir() {
     let t = TestApp::spawn().await;
-    let (code, _, err) = audit(&t.data, false);
+    let (code, _, err) = kami_audit(&t.data, false);
     assert_eq!(code, 2);
     assert!(err.contains("is a server running on it?"), "{err}");
     let empty = tempfile::tempdir().unwrap();
-    let (code, _, err) = audit(empty.path(), false);
+    let (code, _, err) = kami_audit(empty.path(), false);
     assert_eq!(code, 2);
     assert!(err.contains("not a kami data directory"), "{err}");
 }
@@ -95,7 +68,7 @@ async fn offline_audit_refuses_a_directory_in_use_or_not_a_data_dir() {
 async fn offline_audit_reports_a_torn_tail_as_repairable_without_repairing_it() {
     let (_dir, data, _) = stopped_shop().await;
     {
-        let storage = open(&data);
+        let storage = open_storage(&data);
         let journal = storage.journal(&ShardId::new("q", 0)).unwrap();
         let last = (1..).take_while(|s| journal.raw(*s).unwrap().is_some()).last().unwrap();
         let bytes = journal.raw(last).unwrap().unwrap();
@@ -103,7 +76,7 @@ async fn offline_audit_reports_a_torn_tail_as_repairable_without_repairing_it() 
         storage.flush_now().unwrap();
     }
     for _ in 0..2 {
-        let (code, out, err) = audit(&data, false);
+        let (code, out, err) = kami_audit(&data, false);
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("finding (repaired at next start): q#0: journal record"), "{out}");
     }
@@ -113,7 +86,7 @@ async fn offline_audit_reports_a_torn_tail_as_repairable_without_repairing_it() 
 async fn offline_audit_fails_on_violations() {
     let (_dir, data, _) = stopped_shop().await;
     {
-        let storage = open(&data);
+        let storage = open_storage(&data);
         // 1. A well-formed record that replays a payment already applied.
         let journal = storage.journal(&ShardId::new("q", 0)).unwrap();
         let mut seq = 1;
@@ -136,7 +109,7 @@ async fn offline_audit_fails_on_violations() {
         storage.journal(&ShardId::new("ghost", 0)).unwrap().append(1, &Event::KeysImported { keys: vec![] }).unwrap();
         storage.flush_now().unwrap();
     }
-    let (code, out, err) = audit(&data, false);
+    let (code, out, err) = kami_audit(&data, false);
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("VIOLATION: q#0: corrupt record in journal/q#0 record"), "{out}");
     assert!(out.contains("is in shards 0 and 1"), "{out}");

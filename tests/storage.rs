@@ -1,22 +1,12 @@
 //! Storage protocol: journal + snapshot recovery, torn tails, corrupt snapshots.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
+
+use common::open_storage;
 
 use kami::domain::shard::{NewOrder, Outcome, Payment};
 use kami::domain::{Event, ProductInfo, Shard, ShardId};
-use kami::storage::{Finding, Storage, StorageOptions};
-
-fn open(dir: &std::path::Path) -> Arc<Storage> {
-    Storage::open(&StorageOptions {
-        path: dir.to_path_buf(),
-        cache_capacity_bytes: 16 << 20,
-        max_pending_commits: 1024,
-        max_commit_batch: 1024,
-        commit_linger: Duration::ZERO,
-    })
-    .unwrap()
-}
+use kami::storage::{Finding, Storage};
 
 fn product() -> ProductInfo {
     ProductInfo { id: "p".into(), name: "P".into(), price_cents: 100, per_buyer_limit: 0, shards: 1, created_at_ms: 0 }
@@ -72,7 +62,7 @@ fn same_state(a: &Shard, b: &Shard) {
 #[tokio::test]
 async fn recovery_is_snapshot_plus_journal_and_trim_bounds_the_journal() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = open(dir.path());
+    let storage = open_storage(dir.path());
     let id = ShardId::new("p", 0);
     storage.insert_product(&product()).unwrap();
     let mut live = Shard::new(product(), 0);
@@ -94,7 +84,7 @@ async fn recovery_is_snapshot_plus_journal_and_trim_bounds_the_journal() {
 #[tokio::test]
 async fn torn_journal_tail_is_dropped_and_older_records_survive() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = open(dir.path());
+    let storage = open_storage(dir.path());
     let id = ShardId::new("p", 0);
     let mut live = Shard::new(product(), 0);
     let seq = drive(&storage, &mut live, 0, 10);
@@ -130,7 +120,7 @@ async fn corrupt_snapshot_falls_back_to_the_previous_one_plus_journal() {
     let id = ShardId::new("p", 0);
     let mut live = Shard::new(product(), 0);
     {
-        let storage = open(dir.path());
+        let storage = open_storage(dir.path());
         let seq1 = drive(&storage, &mut live, 0, 8);
         storage.write_snapshot(&id, seq1, &live).unwrap();
         let seq2 = drive(&storage, &mut live, seq1, 8);
@@ -141,7 +131,7 @@ async fn corrupt_snapshot_falls_back_to_the_previous_one_plus_journal() {
         storage.write_snapshot_raw(&id, seq2, &bad).unwrap();
         storage.flush_now().unwrap();
     }
-    let storage = open(dir.path());
+    let storage = open_storage(dir.path());
     let r = storage.recover(&id, &product()).unwrap();
     assert!(r.snapshot_seq > 0 && r.replayed > 0);
     assert!(matches!(r.findings[0], Finding::CorruptSnapshot { seq, .. } if seq > r.snapshot_seq), "{:?}", r.findings);
@@ -151,7 +141,7 @@ async fn corrupt_snapshot_falls_back_to_the_previous_one_plus_journal() {
 #[tokio::test]
 async fn a_record_that_contradicts_the_journal_stops_recovery_instead_of_being_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = open(dir.path());
+    let storage = open_storage(dir.path());
     let id = ShardId::new("p", 0);
     let mut live = Shard::new(product(), 0);
     let seq = drive(&storage, &mut live, 0, 4);
@@ -173,7 +163,7 @@ async fn a_record_that_contradicts_the_journal_stops_recovery_instead_of_being_s
 #[tokio::test]
 async fn an_interrupted_trim_is_finished_at_recovery() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = open(dir.path());
+    let storage = open_storage(dir.path());
     let id = ShardId::new("p", 0);
     let mut live = Shard::new(product(), 0);
     let seq = drive(&storage, &mut live, 0, 6);

@@ -319,3 +319,29 @@ impl Api {
         .await
     }
 }
+
+/// Runs `kami audit --data DIR [--json]` (the server must be stopped); returns the
+/// exit code, stdout and stderr.
+pub fn kami_audit(data: &Path, json: bool) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kami"));
+    cmd.args(["audit", "--data"]).arg(data);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().expect("run kami audit");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).to_string();
+    (out.status.code().expect("exit code"), text(out.stdout), text(out.stderr))
+}
+
+/// Opens a data directory's storage directly (no server), for tests that read or
+/// damage records.
+pub fn open_storage(data: &Path) -> std::sync::Arc<kami::storage::Storage> {
+    kami::storage::Storage::open(&kami::storage::StorageOptions {
+        path: data.to_path_buf(),
+        cache_capacity_bytes: 16 << 20,
+        max_pending_commits: 1024,
+        max_commit_batch: 1024,
+        commit_linger: Duration::ZERO,
+    })
+    .expect("open storage")
+}
