@@ -182,7 +182,18 @@ struct CheckoutParams {
 }
 
 /// The buyer opens the pay URL: the payment is created (once per order).
-async fn checkout(State(gw): State<Shared>, Path(order_id): Path<String>, Query(p): Query<CheckoutParams>) -> Response {
+async fn checkout(
+    State(gw): State<Shared>,
+    Path(order_id): Path<String>,
+    query: Result<Query<CheckoutParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(p)) = query else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "expected ?amount_cents=<n>&sig=<signature>",
+        );
+    };
     let signed = format!("{order_id}:{}", p.amount_cents);
     if !signature::verify(gw.config.secret.as_bytes(), signed.as_bytes(), &p.sig) {
         return error(StatusCode::UNAUTHORIZED, "bad_signature", "the pay URL is not signed by the merchant");

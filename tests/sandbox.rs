@@ -68,6 +68,8 @@ async fn a_payment_at_the_gateway_delivers_the_key() {
     // A pay URL whose amount was altered is refused by the gateway.
     let tampered = order.body["payment"]["pay_url"].as_str().unwrap().replace("amount_cents=990", "amount_cents=1");
     assert_eq!(reply(api.http.get(tampered)).await.status, 401);
+    let unsigned = reply(api.http.get(format!("{}/checkout/p.0.1?amount_cents=x", gw.url()))).await;
+    assert_eq!((unsigned.status, unsigned.code()), (422, "invalid_request"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
