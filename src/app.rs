@@ -6,7 +6,7 @@
 //! `/readyz` = 503 `recovering`) → start arbiters → rebuild every shard from
 //! snapshot + journal → mark ready. So `/readyz` is 200 only after recovery.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +14,15 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
+use crate::actors::payments::{PaymentEnv, PaymentSupervisor, PaymentTuning};
 use crate::actors::shard::ShardEnv;
 use crate::actors::supervisor::RecoveryReport;
 use crate::actors::{OrderSupervisor, Registry};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
-use crate::core::{new_token, CoreLimits, Kami};
+use crate::core::{new_token, CoreLimits, Kami, Parts};
 use crate::http::{self, AppState};
+use crate::payments::Channels;
 use crate::storage::{Storage, StorageOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,8 @@ struct ActorSystem {
     system: System,
     arbiters: Vec<ArbiterHandle>,
     threads: Vec<Arbiter>,
+    /// Hosts the payment supervisor.
+    payments: Arbiter,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -85,14 +89,14 @@ impl ActorSystem {
                 let runner = System::new();
                 runner.block_on(async move {
                     let threads: Vec<Arbiter> = (0..arbiters).map(|_| Arbiter::new()).collect();
-                    let _ = tx.send((System::current(), threads));
+                    let _ = tx.send((System::current(), threads, Arbiter::new()));
                 });
                 let _ = runner.run();
             })
             .expect("spawn actor system thread");
-        let (system, threads) = rx.recv().expect("actor system starts");
+        let (system, threads, payments) = rx.recv().expect("actor system starts");
         let arbiters = threads.iter().map(|a| a.handle()).collect();
-        ActorSystem { system, arbiters, threads, thread: Some(thread) }
+        ActorSystem { system, arbiters, threads, payments, thread: Some(thread) }
     }
 }
 
@@ -101,6 +105,7 @@ impl Drop for ActorSystem {
         for a in &self.arbiters {
             a.stop();
         }
+        self.payments.stop();
         for a in self.threads.drain(..) {
             let _ = a.join();
         }
@@ -268,28 +273,22 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         "recovery finished"
     );
 
-    let channels: HashMap<String, Vec<u8>> =
-        secrets.channels.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
-    let endpoints = settings
-        .payments
-        .channels
-        .iter()
-        .filter(|(_, c)| !c.endpoint.is_empty())
-        .map(|(name, c)| (name.clone(), c.endpoint.clone()))
-        .collect();
-    let core = Arc::new(
-        Kami::new(
-            registry,
-            supervisor,
-            storage,
-            clock,
-            CoreLimits::from_settings(&settings),
-            channels,
-            settings.payments.default_channel.clone(),
-            settings.orders.ttl_secs * 1000,
-        )
-        .with_endpoints(endpoints),
-    );
+    let channels = Arc::new(Channels::from_settings(&settings, &secrets.channels));
+    let payment_env = Arc::new(PaymentEnv {
+        registry: registry.clone(),
+        channels: channels.clone(),
+        clock: clock.clone(),
+        tuning: PaymentTuning::from_settings(&settings),
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(settings.payments.max_calls_in_flight)
+            .build()
+            .map_err(|e| StartError::Recovery(format!("payment client: {e}")))?,
+    });
+    // Its own thread: gateway calls never share an arbiter with stock actors.
+    let payments =
+        Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
+    let parts = Parts { registry, supervisor, payments, storage, clock, channels };
+    let core = Arc::new(Kami::new(parts, CoreLimits::from_settings(&settings), settings.orders.ttl_secs * 1000));
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
     state.set_ready(core.clone());
 

@@ -91,16 +91,68 @@ pub struct PaymentSettings {
     pub max_skew_secs: u64,
     pub default_channel: String,
     pub max_nonces: usize,
+    pub query_after_ms: u64,
+    pub query_max_interval_ms: u64,
+    pub query_grace_secs: u64,
+    pub sweep_interval_ms: u64,
+    pub max_unheard_per_shard: usize,
+    pub refund_max_interval_ms: u64,
+    pub max_calls_in_flight: usize,
+    pub health_interval_ms: u64,
+    pub breaker: BreakerSettings,
     pub channels: BTreeMap<String, ChannelSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    pub max_consecutive_failures: u32,
+    pub failure_rate_percent: u32,
+    pub min_calls: u32,
+    pub window_ms: u64,
+    pub cooldown_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelKind {
+    /// The sandbox gateway; the endpoint is optional.
+    Sandbox,
+    /// Any gateway speaking the channel protocol; the endpoint is required.
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChannelSettings {
+    #[serde(default = "sandbox_kind")]
+    pub kind: ChannelKind,
     pub secret: String,
     /// Base URL of the channel's gateway (`http://...`); empty = none (no pay URL).
     #[serde(default)]
     pub endpoint: String,
+    /// Lower values are preferred among equally healthy channels.
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default = "two_secs")]
+    pub timeout_ms: u64,
+    #[serde(default = "hundred")]
+    pub queries_per_sec: u32,
+}
+
+fn sandbox_kind() -> ChannelKind {
+    ChannelKind::Sandbox
+}
+fn one() -> u32 {
+    1
+}
+fn two_secs() -> u64 {
+    2000
+}
+fn hundred() -> u32 {
+    100
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,7 +277,42 @@ impl Settings {
                 "payments.channels.<name>.endpoint",
                 "must be empty or an http:// URL",
             )?;
+            check(
+                c.kind != ChannelKind::Http || !c.endpoint.is_empty(),
+                "payments.channels.<name>.endpoint",
+                "is required for kind = \"http\"",
+            )?;
+            check(c.weight <= 1_000_000, "payments.channels.<name>.weight", "must be at most 1000000")?;
+            check((1..=600_000).contains(&c.timeout_ms), "payments.channels.<name>.timeout_ms", "must be 1..=600000")?;
+            check(
+                (1..=1_000_000).contains(&c.queries_per_sec),
+                "payments.channels.<name>.queries_per_sec",
+                "must be 1..=1000000",
+            )?;
         }
+        let p = &self.payments;
+        check(p.query_after_ms >= 1, "payments.query_after_ms", "must be at least 1")?;
+        check(
+            p.query_max_interval_ms >= p.query_after_ms,
+            "payments.query_max_interval_ms",
+            "must be at least payments.query_after_ms",
+        )?;
+        check(p.query_grace_secs <= 30 * 86400, "payments.query_grace_secs", "must be at most 30 days")?;
+        check((10..=600_000).contains(&p.sweep_interval_ms), "payments.sweep_interval_ms", "must be 10..=600000")?;
+        check(
+            (1..=1_000_000).contains(&p.max_unheard_per_shard),
+            "payments.max_unheard_per_shard",
+            "must be 1..=1000000",
+        )?;
+        check(p.refund_max_interval_ms >= 1, "payments.refund_max_interval_ms", "must be at least 1")?;
+        check((1..=10_000).contains(&p.max_calls_in_flight), "payments.max_calls_in_flight", "must be 1..=10000")?;
+        check((10..=3_600_000).contains(&p.health_interval_ms), "payments.health_interval_ms", "must be 10..=3600000")?;
+        let b = &p.breaker;
+        check(b.max_consecutive_failures >= 1, "payments.breaker.max_consecutive_failures", "must be at least 1")?;
+        check((1..=100).contains(&b.failure_rate_percent), "payments.breaker.failure_rate_percent", "must be 1..=100")?;
+        check((1..=10_000).contains(&b.min_calls), "payments.breaker.min_calls", "must be 1..=10000")?;
+        check(b.window_ms >= 1, "payments.breaker.window_ms", "must be at least 1")?;
+        check(b.cooldown_ms >= 1, "payments.breaker.cooldown_ms", "must be at least 1")?;
         check(self.payments.max_skew_secs >= 1, "payments.max_skew_secs", "must be at least 1")?;
         check(self.payments.max_nonces >= 1, "payments.max_nonces", "must be at least 1")?;
         check(

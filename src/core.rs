@@ -3,7 +3,7 @@
 //! stock actor that owns it (through the lock-free registry), bounds admission per
 //! actor, and bounds waiting with a timeout. It holds no lock across an await.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::actors::payments::{ChannelView, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
 use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
 use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
 use crate::actors::{Kill, Registry, ShardHandle};
@@ -21,6 +22,7 @@ use crate::config::Settings;
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
 use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit, ShardId};
 use crate::error::Error;
+use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
 
 /// The knobs the core needs, taken from [`Settings`].
@@ -130,40 +132,37 @@ struct Pin {
 pub struct Kami {
     registry: Arc<Registry>,
     supervisor: Addr<OrderSupervisor>,
+    payments: Addr<PaymentSupervisor>,
     storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
     limits: CoreLimits,
-    channels: HashMap<String, Vec<u8>>,
-    /// Gateway base URL per channel, where one is configured.
-    endpoints: HashMap<String, String>,
-    default_channel: String,
+    channels: Arc<Channels>,
     ttl_ms: u64,
     pins: DashMap<String, Pin>,
     nonces: DashMap<String, ([u8; 16], u64)>,
 }
 
+/// The actors and shared tables a [`Kami`] routes to.
+pub struct Parts {
+    pub registry: Arc<Registry>,
+    pub supervisor: Addr<OrderSupervisor>,
+    pub payments: Addr<PaymentSupervisor>,
+    pub storage: Arc<Storage>,
+    pub clock: Arc<dyn Clock>,
+    pub channels: Arc<Channels>,
+}
+
 impl Kami {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        registry: Arc<Registry>,
-        supervisor: Addr<OrderSupervisor>,
-        storage: Arc<Storage>,
-        clock: Arc<dyn Clock>,
-        limits: CoreLimits,
-        channels: HashMap<String, Vec<u8>>,
-        default_channel: String,
-        ttl_ms: u64,
-    ) -> Kami {
-        assert!(channels.contains_key(&default_channel));
+    pub fn new(parts: Parts, limits: CoreLimits, ttl_ms: u64) -> Kami {
+        let Parts { registry, supervisor, payments, storage, clock, channels } = parts;
         Kami {
             registry,
             supervisor,
+            payments,
             storage,
             clock,
             limits,
             channels,
-            endpoints: HashMap::new(),
-            default_channel,
             ttl_ms,
             pins: DashMap::new(),
             nonces: DashMap::new(),
@@ -174,26 +173,21 @@ impl Kami {
         self.limits.mailbox_capacity
     }
 
-    pub fn default_channel(&self) -> &str {
-        &self.default_channel
-    }
-
-    /// Sets the gateway base URL of channels that have one.
-    pub fn with_endpoints(mut self, endpoints: HashMap<String, String>) -> Kami {
-        self.endpoints = endpoints;
-        self
+    /// The channel a new order should be paid on: the healthiest by priority and
+    /// weight (read from atomics the payment supervisor publishes; no message).
+    pub fn pick_channel(&self) -> &Channel {
+        self.channels.pick()
     }
 
     /// Where the buyer pays `order` on `channel`: the gateway's checkout URL, signed
     /// with the channel secret over `"{order_id}:{amount_cents}"` so the amount
     /// cannot be altered. `None` when the channel has no gateway configured.
-    pub fn pay_url(&self, channel: &str, order: &OrderSnapshot) -> Option<String> {
-        let base = self.endpoints.get(channel)?.trim_end_matches('/');
-        let secret = self.channels.get(channel)?;
+    pub fn pay_url(&self, channel: &Channel, order: &OrderSnapshot) -> Option<String> {
+        let base = channel.endpoint.as_ref()?;
         let id =
             OrderId { shard: ShardId::new(order.product_id.clone(), order.shard), seq: order.order.seq }.to_string();
         let amount = order.order.amount_cents;
-        let sig = crate::sandbox::checkout_signature(secret, &id, amount).replace('=', "%3D");
+        let sig = crate::sandbox::checkout_signature(&channel.secret, &id, amount).replace('=', "%3D");
         Some(format!("{base}/checkout/{id}?amount_cents={amount}&sig={sig}"))
     }
 
@@ -212,16 +206,7 @@ impl Kami {
         R: Send + 'static,
         ShardActor: Handler<M>,
     {
-        let _permit = shard.admission.clone().try_acquire_owned().map_err(|_| {
-            metrics::counter!("kami_rejected_total", "reason" => "mailbox_full").increment(1);
-            Error::Overloaded
-        })?;
-        match tokio::time::timeout(self.limits.request_timeout, shard.addr.send(msg)).await {
-            Err(_) => Err(Error::Timeout),
-            Ok(Err(MailboxError::Timeout)) => Err(Error::Timeout),
-            Ok(Err(MailboxError::Closed)) => Err(Error::Unavailable("the stock actor stopped".into())),
-            Ok(Ok(result)) => Ok(result?),
-        }
+        call_shard(shard, msg, self.limits.request_timeout).await
     }
 
     // ---- merchant ----
@@ -447,7 +432,7 @@ impl Kami {
 
     /// Verifies and applies a payment notification. `Ok` means the outcome is durable.
     pub async fn notify(&self, channel: &str, body: &[u8], signature: Option<&str>) -> Result<PaymentOutcome, Error> {
-        let secret = self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?;
+        let secret = &self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?.secret;
         let signature = signature.ok_or(Error::BadSignature)?;
         if !crate::domain::signature::verify(secret, body, signature) {
             metrics::counter!("kami_rejected_total", "reason" => "bad_signature").increment(1);
@@ -473,7 +458,8 @@ impl Kami {
             amount_cents: n.amount_cents,
             status: n.status,
         };
-        let outcome = self.call(&route.shards[id.shard.shard as usize], shard::PayOrder(payment)).await?;
+        let outcome =
+            apply_payment(&route.shards[id.shard.shard as usize], payment, self.limits.request_timeout).await?;
         if let PaymentOutcome::AmountMismatch { expected_cents } = outcome {
             return Err(DomainError::AmountMismatch { expected: expected_cents, got: n.amount_cents }.into());
         }
@@ -501,7 +487,21 @@ impl Kami {
     }
 
     pub fn sign_for_channel(&self, channel: &str, body: &[u8]) -> Option<String> {
-        self.channels.get(channel).map(|s| crate::domain::signature::sign(s, body))
+        self.channels.get(channel).map(|c| crate::domain::signature::sign(&c.secret, body))
+    }
+
+    /// Runs the payment sweep now (queries, refunds, expiry) and reports what it
+    /// found and fixed. Bounded by the gateways' timeouts, not by `request_timeout`.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, Error> {
+        self.payments.send(Reconcile).await.map_err(|_| Error::Unavailable("the payment supervisor stopped".into()))
+    }
+
+    pub async fn payment_channels(&self) -> Result<Vec<ChannelView>, Error> {
+        match tokio::time::timeout(self.limits.request_timeout, self.payments.send(ListChannels)).await {
+            Ok(Ok(views)) => Ok(views),
+            Ok(Err(_)) => Err(Error::Unavailable("the payment supervisor stopped".into())),
+            Err(_) => Err(Error::Timeout),
+        }
     }
 
     // ---- operations ----
@@ -547,7 +547,8 @@ impl Kami {
                 Ok("orders".into())
             }
             Target::Payments => {
-                Err(Error::ActorNotFound("payments: no payment supervisor runs in this version".into()))
+                kill(tokio::time::timeout(timeout, self.payments.send(Kill)).await)?;
+                Ok("payments".into())
             }
             Target::Product { id, shard } => {
                 let route = self.registry.get(&id).ok_or(Error::ProductNotFound)?;
@@ -582,6 +583,36 @@ impl Kami {
         }
         Target::Orders
     }
+}
+
+/// Sends to a stock actor: one admission permit (else `Overloaded`), bounded wait.
+pub(crate) async fn call_shard<M, R>(shard: &ShardHandle, msg: M, timeout: Duration) -> Result<R, Error>
+where
+    M: Message<Result = ShardResult<R>> + Send + 'static,
+    R: Send + 'static,
+    ShardActor: Handler<M>,
+{
+    let _permit = shard.admission.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!("kami_rejected_total", "reason" => "mailbox_full").increment(1);
+        Error::Overloaded
+    })?;
+    match tokio::time::timeout(timeout, shard.addr.send(msg)).await {
+        Err(_) => Err(Error::Timeout),
+        Ok(Err(MailboxError::Timeout)) => Err(Error::Timeout),
+        Ok(Err(MailboxError::Closed)) => Err(Error::Unavailable("the stock actor stopped".into())),
+        Ok(Ok(result)) => Ok(result?),
+    }
+}
+
+/// Applies a payment a channel reported, by notification or in answer to a query:
+/// both take this one path, so the same `payment_id` is applied once however it
+/// arrives. `Ok` means the outcome is durable.
+pub(crate) async fn apply_payment(
+    shard: &ShardHandle,
+    payment: Payment,
+    timeout: Duration,
+) -> Result<PaymentOutcome, Error> {
+    call_shard(shard, shard::PayOrder(payment), timeout).await
 }
 
 /// A fresh 128-bit query token, hex encoded.

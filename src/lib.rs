@@ -14,6 +14,7 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod payments;
 pub mod sandbox;
 pub mod storage;
 pub mod telemetry;

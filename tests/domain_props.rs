@@ -95,10 +95,10 @@ proptest! {
                 Op::Refund { nth } => {
                     let due = s.refunds_due(usize::MAX);
                     if due.is_empty() { continue; }
-                    let id = due[nth % due.len()].payment_id.clone();
-                    let Ok(Outcome::Changed(e, ())) = s.complete_refund(&id, now) else { panic!("a due refund completes") };
+                    let (channel, id) = (due[nth % due.len()].channel.clone(), due[nth % due.len()].payment_id.clone());
+                    let Ok(Outcome::Changed(e, ())) = s.complete_refund(&channel, &id, now) else { panic!("a due refund completes") };
                     journal.push(e);
-                    prop_assert_eq!(s.complete_refund(&id, now), Ok(Outcome::Repeat(())), "a repeat changes nothing");
+                    prop_assert_eq!(s.complete_refund(&channel, &id, now), Ok(Outcome::Repeat(())), "a repeat changes nothing");
                     prop_assert!(s.refunds_due(usize::MAX).iter().all(|d| d.payment_id != id));
                 }
             }

@@ -1,13 +1,14 @@
 //! Records written by every released format version must still decode. The files in
-//! `tests/golden/` were written by format version 1; regenerate them only when adding
-//! a new version (`KAMI_WRITE_GOLDEN=1 cargo test --test golden`), never to make a
-//! failing decode pass.
+//! `tests/golden/v<N>/` were written by format version N: the current version's are
+//! compared byte for byte with today's encoding; older ones are only decoded. Write
+//! the current version's files only when adding that version
+//! (`KAMI_WRITE_GOLDEN=1 cargo test --test golden`), never to make a failing test pass.
 
 use std::path::PathBuf;
 
 use kami::domain::shard::{Idempotency, KeyId, PaymentOutcome, PaymentRecord, RefundReason};
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
-use kami::storage::codec::{decode, encode, Kind};
+use kami::storage::codec::{decode, encode, Kind, FORMAT_VERSION};
 
 fn product() -> ProductInfo {
     ProductInfo {
@@ -73,6 +74,13 @@ fn events() -> Vec<Event> {
     ]
 }
 
+/// Version 2 adds the refund of a payment (and keys payments by channel).
+fn events_v2() -> Vec<Event> {
+    let mut events = events();
+    events.push(Event::RefundCompleted { channel: "sandbox".into(), payment_id: "pay-2".into(), at_ms: 8 });
+    events
+}
+
 fn snapshot() -> Shard {
     let mut s = Shard::new(product(), 0);
     for e in &events()[..3] {
@@ -81,37 +89,61 @@ fn snapshot() -> Shard {
     s
 }
 
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1")
+fn dir(version: u8) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/v{version}"))
 }
 
+/// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    let path = dir().join(name);
+    assert_eq!(FORMAT_VERSION, 2, "a new format version needs its golden files and tests");
+    let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
-        std::fs::create_dir_all(dir()).unwrap();
+        std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v1; bump FORMAT_VERSION and keep a v1 decoder"
+        "{name}: today's encoding differs from format v2; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
 
+fn old(version: u8, name: &str) -> Vec<u8> {
+    let path = dir(version).join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn decode_events(stored: &[u8]) -> Vec<Event> {
+    let records: Vec<Vec<u8>> = serde_json::from_slice(stored).unwrap();
+    records.iter().map(|r| decode(Kind::Event, r).unwrap()).collect()
+}
+
 #[test]
 fn v1_events_decode() {
-    let stored = check(
-        "events.bin",
-        serde_json::to_vec(&events().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap(),
-    );
-    let records: Vec<Vec<u8>> = serde_json::from_slice(&stored).unwrap();
-    let decoded: Vec<Event> = records.iter().map(|r| decode(Kind::Event, r).unwrap()).collect();
-    assert_eq!(decoded, events());
+    assert_eq!(decode_events(&old(1, "events.bin")), events());
 }
 
 #[test]
 fn v1_product_and_snapshot_decode() {
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(1, "product.bin")).unwrap(), product());
+    let mut s: Shard = decode(Kind::Snapshot, &old(1, "snapshot.bin")).unwrap();
+    s.rebuild_indexes();
+    assert_eq!(s.orders(), snapshot().orders());
+    assert_eq!(s.counts(), snapshot().counts());
+    // v1 keyed payments by id alone; rebuilt, they are found by channel and id.
+    assert!(s.payment("sandbox", "pay-1").is_some());
+    assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
+}
+
+#[test]
+fn v2_events_decode() {
+    let fresh = serde_json::to_vec(&events_v2().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v2());
+}
+
+#[test]
+fn v2_product_and_snapshot_decode() {
     let stored = check("product.bin", encode(Kind::Product, &product()));
     assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
     let stored = check("snapshot.bin", encode(Kind::Snapshot, &snapshot()));
@@ -119,4 +151,5 @@ fn v1_product_and_snapshot_decode() {
     s.rebuild_indexes();
     assert_eq!(s.orders(), snapshot().orders());
     assert_eq!(s.counts(), snapshot().counts());
+    assert!(s.payment("sandbox", "pay-1").is_some());
 }

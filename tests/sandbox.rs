@@ -6,55 +6,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::gateway::*;
 use common::*;
-use kami::sandbox::{Faults, RunningSandbox, SandboxConfig};
-use serde_json::Value;
-
-async fn shop() -> (RunningSandbox, TestApp) {
-    let gw = kami::sandbox::start(SandboxConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        notify_url: String::new(),
-        secret: SECRET.into(),
-        max_payments: 100_000,
-        max_attempts: 8,
-    })
-    .await
-    .unwrap();
-    let url = gw.url();
-    let t = TestApp::spawn_with(&[("payments.channels.sandbox.endpoint", url.as_str())]).await;
-    gw.set_notify_url(&format!("{}/api/v1/payments/sandbox/notify", t.url));
-    (gw, t)
-}
-
-/// Opens the order's pay URL and pays; returns the gateway's payment id.
-async fn pay_at_gateway(api: &Api, gw: &RunningSandbox, order: &Reply) -> String {
-    let pay_url = order.body["payment"]["pay_url"].as_str().expect("pay_url in the order");
-    assert!(pay_url.starts_with(&gw.url()), "{pay_url}");
-    let checkout = reply(api.http.get(pay_url)).await;
-    assert_eq!(checkout.status, 200, "{}", checkout.body);
-    assert_eq!(checkout.body["amount_cents"], order.body["amount_cents"]);
-    let payment_id = checkout.body["payment_id"].as_str().unwrap().to_string();
-    let paid = reply(api.http.post(format!("{}/pay/{payment_id}", gw.url()))).await;
-    assert_eq!(paid.body["status"], "paid");
-    payment_id
-}
-
-async fn delivered(api: &Api, order: &Reply) -> Value {
-    let (id, token) = (order.body["order_id"].as_str().unwrap(), order.body["query_token"].as_str().unwrap());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = api.get_order(id, token).await;
-        if o.body["status"] == "delivered" {
-            return o.body;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "order {id} not delivered: {}", o.body);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use kami::sandbox::Faults;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_at_the_gateway_delivers_the_key() {
-    let (gw, t) = shop().await;
+    let (gw, t) = shop(&[]).await;
     let api = t.api();
     let keys = api.product_with_keys("p", 2, 0).await;
     let order = api.order("p", 1, "alice", None).await;
@@ -74,7 +32,7 @@ async fn a_payment_at_the_gateway_delivers_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_notification_ten_times_shuffled_delivers_once() {
-    let (gw, t) = shop().await;
+    let (gw, t) = shop(&[]).await;
     let api = t.api();
     api.product_with_keys("p", 40, 0).await;
     gw.set_faults(Faults { repeat: 10, reorder: true, ..Faults::default() });
@@ -108,7 +66,7 @@ async fn every_notification_ten_times_shuffled_delivers_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_faults_are_bounded() {
-    let (gw, t) = shop().await;
+    let (gw, t) = shop(&[]).await;
     let api = t.api();
     let set = |body: serde_json::Value| reply(api.http.post(format!("{}/faults", gw.url())).json(&body));
     assert_eq!(set(serde_json::json!({"repeat": 1000})).await.status, 422);

@@ -5,6 +5,9 @@
 //! * [`supervisor::OrderSupervisor`] — creates products: persists the product, starts
 //!   its stock actors on the arbiters round-robin, and publishes the route.
 //!   It is not on the order path.
+//! * [`payments::PaymentSupervisor`] — talks to payment gateways: queries orders whose
+//!   notification never came, retries refunds owed, health-checks channels and keeps
+//!   their circuit breakers. Not on the order path either.
 //! * [`registry::Registry`] — the immutable routing table (product id → shard
 //!   addresses), swapped atomically when a product is added; readers take no lock.
 
@@ -13,6 +16,7 @@
 //! memory and stops; the supervisor's `restarting` hook rebuilds it from storage
 //! before it handles the next message of its (preserved) mailbox.
 
+pub mod payments;
 pub mod registry;
 pub mod shard;
 pub mod supervisor;

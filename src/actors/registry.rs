@@ -9,7 +9,8 @@ use super::shard::{ShardActor, ShardEnv, ShardGauge};
 use crate::domain::ProductInfo;
 use crate::storage::Recovered;
 
-/// How to reach one stock actor.
+/// How to reach one stock actor. Cheap to clone (three reference counts).
+#[derive(Clone)]
 pub struct ShardHandle {
     pub addr: Addr<ShardActor>,
     /// Admission: one permit per request in flight to this actor (mailbox bound).

@@ -115,6 +115,37 @@ pub struct CancelOrder {
 #[rtype(result = "ShardResult<ShardAudit>")]
 pub struct Audit;
 
+/// What the payment supervisor should do for this shard: orders to ask the
+/// channels about, and refunds owed. Expires due reservations first. Answered once
+/// the state it describes is durable (a refund must never be made for a payment
+/// whose outcome could still be lost).
+#[derive(Message)]
+#[rtype(result = "ShardResult<PaymentWork>")]
+pub struct GetPaymentWork {
+    pub quiet_ms: u64,
+    pub grace_ms: u64,
+    pub max_unheard: usize,
+    pub max_refunds: usize,
+    /// Also scan every order for ones stuck in `paid` (reconciliation on request).
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PaymentWork {
+    pub unheard: Vec<crate::domain::shard::Unheard>,
+    pub refunds: Vec<crate::domain::shard::RefundDue>,
+    pub expired_now: usize,
+    pub stuck_paid: Vec<u64>,
+}
+
+/// The channel confirmed the refund of this payment.
+#[derive(Message)]
+#[rtype(result = "ShardResult<()>")]
+pub struct CompleteRefund {
+    pub channel: String,
+    pub payment_id: String,
+}
+
 /// Writes a snapshot now (graceful shutdown).
 #[derive(Message)]
 #[rtype(result = "ShardResult<()>")]
@@ -180,7 +211,7 @@ impl Live {
 
 fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
     match event {
-        Event::RefundCompleted { payment_id, .. } => shard.payment(payment_id).map(|p| p.order_seq),
+        Event::RefundCompleted { channel, payment_id, .. } => shard.payment(channel, payment_id).map(|p| p.order_seq),
         Event::KeysImported { .. } => None,
         Event::OrderCreated { order } => Some(order.seq),
         Event::PaymentApplied { record, .. } => Some(record.order_seq),
@@ -371,16 +402,17 @@ impl ShardActor {
         Ok(storage.ticket()?)
     }
 
-    fn expire(&mut self, ctx: &mut Context<Self>) {
+    /// Expires due reservations (at most `max_expired_per_tick`); returns how many.
+    fn expire(&mut self, ctx: &mut Context<Self>) -> usize {
         let now = self.env.clock.now_ms();
         let due = self.live.as_ref().and_then(|l| l.shard.next_expiry()).is_some_and(|at| at <= now);
         if !due {
-            return;
+            return 0;
         }
         let max = self.env.max_expired_per_tick;
-        let Ok(events) = self.guarded(ctx, |s| s.expire_due(now, max)) else { return };
+        let Ok(events) = self.guarded(ctx, |s| s.expire_due(now, max)) else { return 0 };
         if events.is_empty() {
-            return;
+            return 0;
         }
         metrics::counter!("kami_orders_expired_total").increment(events.len() as u64);
         match self.persist(ctx, &events) {
@@ -392,6 +424,7 @@ impl ShardActor {
             }
             Err(e) => tracing::warn!(shard = %self.id, error = %e, "expiry not yet flushed"),
         }
+        events.len()
     }
 }
 
@@ -406,7 +439,9 @@ impl Actor for ShardActor {
         // Admission permits (held by callers) keep the queue under `mailbox_capacity`;
         // the margin covers messages sent without a permit (audit, snapshot, kill).
         ctx.set_mailbox_capacity(self.env.mailbox_capacity + 64);
-        ctx.run_interval(self.env.expiry_tick, |act, ctx| act.expire(ctx));
+        ctx.run_interval(self.env.expiry_tick, |act, ctx| {
+            act.expire(ctx);
+        });
     }
 }
 
@@ -546,6 +581,42 @@ impl Handler<Audit> for ShardActor {
         match self.guarded(ctx, |s| s.audit()) {
             Ok(audit) => self.reply(None, audit),
             Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<GetPaymentWork> for ShardActor {
+    type Result = ResponseFuture<ShardResult<PaymentWork>>;
+
+    fn handle(&mut self, m: GetPaymentWork, ctx: &mut Context<Self>) -> Self::Result {
+        let expired_now = self.expire(ctx);
+        let now = self.env.clock.now_ms();
+        let work = self.guarded(ctx, |s| PaymentWork {
+            unheard: s.unheard(now, m.quiet_ms, m.grace_ms, m.max_unheard),
+            refunds: s.refunds_due(m.max_refunds),
+            expired_now,
+            stuck_paid: if m.full { s.stuck_paid(m.max_unheard) } else { Vec::new() },
+        });
+        match work {
+            Ok(work) => self.reply(None, work),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<CompleteRefund> for ShardActor {
+    type Result = ResponseFuture<ShardResult<()>>;
+
+    fn handle(&mut self, m: CompleteRefund, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        match self.guarded(ctx, |s| s.complete_refund(&m.channel, &m.payment_id, now)) {
+            Err(e) => fail(e),
+            Ok(Err(refusal)) => fail(refusal),
+            Ok(Ok(Outcome::Repeat(()))) => self.reply(None, ()),
+            Ok(Ok(Outcome::Changed(event, ()))) => match self.persist(ctx, &[event]) {
+                Ok(t) => self.reply(Some(t), ()),
+                Err(e) => fail(e),
+            },
         }
     }
 }

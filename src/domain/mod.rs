@@ -8,7 +8,8 @@
 //!   idempotency keys, the expiry heap). Commands are *decided and applied* in one
 //!   call that returns the [`Event`] to journal; replaying the same events on an
 //!   empty shard rebuilds the same state.
-//! * [`breaker`] — the circuit breaker of one payment channel.
+//! * [`breaker`] — the circuit breaker of one payment channel; [`routing`] — which
+//!   channel a new order goes to.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
 //! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
 //!   notifications.
@@ -17,6 +18,7 @@
 pub mod breaker;
 pub mod error;
 pub mod ids;
+pub mod routing;
 pub mod shard;
 pub mod signature;
 pub mod validate;

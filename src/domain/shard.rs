@@ -173,9 +173,16 @@ pub enum Event {
     },
     /// The channel confirmed the refund of a payment whose outcome was `RefundOwed`.
     RefundCompleted {
+        channel: String,
         payment_id: String,
         at_ms: Millis,
     },
+}
+
+/// Where a payment is recorded: its id is unique within its channel only. Channel
+/// names cannot contain `/`, so the key is unambiguous.
+pub fn payment_key(channel: &str, payment_id: &str) -> String {
+    format!("{channel}/{payment_id}")
 }
 
 /// A refund the shard owes, to be made at the payment's channel.
@@ -254,6 +261,7 @@ pub struct Shard {
     available: VecDeque<KeyId>,
     /// `orders[seq - 1]`: sequence numbers are dense and start at 1.
     orders: Vec<Order>,
+    /// By [`payment_key`]: payment ids are unique per channel only.
     payments: HashMap<String, PaymentRecord>,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
@@ -324,11 +332,14 @@ impl Shard {
                 _ => {}
             }
         }
+        // Snapshots of format v1 keyed payments by id alone: re-key them all.
+        let payments = std::mem::take(&mut self.payments);
+        self.payments = payments.into_values().map(|p| (payment_key(&p.channel, &p.payment_id), p)).collect();
         self.refunds_owed = self
             .payments
-            .values()
-            .filter(|p| matches!(p.outcome, PaymentOutcome::RefundOwed(_)))
-            .map(|p| p.payment_id.clone())
+            .iter()
+            .filter(|(_, p)| matches!(p.outcome, PaymentOutcome::RefundOwed(_)))
+            .map(|(key, _)| key.clone())
             .collect();
     }
 
@@ -366,8 +377,8 @@ impl Shard {
         self.keys.iter().map(|k| &**k)
     }
 
-    pub fn payment(&self, payment_id: &str) -> Option<&PaymentRecord> {
-        self.payments.get(payment_id)
+    pub fn payment(&self, channel: &str, payment_id: &str) -> Option<&PaymentRecord> {
+        self.payments.get(&payment_key(channel, payment_id))
     }
 
     pub fn payments(&self) -> impl Iterator<Item = &PaymentRecord> {
@@ -462,7 +473,7 @@ impl Shard {
     }
 
     pub fn pay(&mut self, p: Payment, now_ms: Millis) -> Result<Outcome<PaymentOutcome>, DomainError> {
-        if let Some(rec) = self.payments.get(&p.payment_id) {
+        if let Some(rec) = self.payments.get(&payment_key(&p.channel, &p.payment_id)) {
             return if rec.order_seq == p.order_seq {
                 Ok(Outcome::Repeat(rec.outcome))
             } else {
@@ -505,12 +516,21 @@ impl Shard {
         Ok(Outcome::Changed(event, outcome))
     }
 
-    /// Records that the channel refunded `payment_id`. A repeat changes nothing.
-    pub fn complete_refund(&mut self, payment_id: &str, now_ms: Millis) -> Result<Outcome<()>, DomainError> {
-        let record = self.payments.get(payment_id).ok_or(DomainError::PaymentNotFound)?;
+    /// Records that `channel` refunded `payment_id`. A repeat changes nothing.
+    pub fn complete_refund(
+        &mut self,
+        channel: &str,
+        payment_id: &str,
+        now_ms: Millis,
+    ) -> Result<Outcome<()>, DomainError> {
+        let record = self.payment(channel, payment_id).ok_or(DomainError::PaymentNotFound)?;
         match record.outcome {
             PaymentOutcome::RefundOwed(_) => {
-                let event = Event::RefundCompleted { payment_id: payment_id.to_string(), at_ms: now_ms };
+                let event = Event::RefundCompleted {
+                    channel: channel.to_string(),
+                    payment_id: payment_id.to_string(),
+                    at_ms: now_ms,
+                };
                 self.apply(&event);
                 Ok(Outcome::Changed(event, ()))
             }
@@ -524,8 +544,8 @@ impl Shard {
         self.refunds_owed
             .iter()
             .take(limit)
-            .map(|id| {
-                let p = &self.payments[id];
+            .map(|key| {
+                let p = &self.payments[key];
                 RefundDue {
                     payment_id: p.payment_id.clone(),
                     channel: p.channel.clone(),
@@ -547,11 +567,19 @@ impl Shard {
                 break;
             }
             let open = matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Expired | OrderStatus::Cancelled);
-            if open && o.payment_id.is_none() && o.created_at_ms.saturating_add(quiet_ms) <= now_ms {
+            // A flagged order already has the channel's (wrong) payment on record.
+            let heard = o.payment_id.is_some() || o.amount_mismatch;
+            if open && !heard && o.created_at_ms.saturating_add(quiet_ms) <= now_ms {
                 out.push(Unheard { order_seq: o.seq, amount_cents: o.amount_cents, created_at_ms: o.created_at_ms });
             }
         }
         out
+    }
+
+    /// Orders left `paid` (a state every payment step leaves at once: delivered or
+    /// refund owed). Any found is a bug the reconciliation report must show. O(orders).
+    pub fn stuck_paid(&self, limit: usize) -> Vec<u64> {
+        self.orders.iter().filter(|o| o.status == OrderStatus::Paid).take(limit).map(|o| o.seq).collect()
     }
 
     pub fn cancel(&mut self, seq: u64, now_ms: Millis) -> Result<Event, DomainError> {
@@ -619,7 +647,8 @@ impl Shard {
                 self.orders.push(order.clone());
             }
             Event::PaymentApplied { record, taken_keys } => {
-                assert!(!self.payments.contains_key(&record.payment_id), "payment applied twice");
+                let key = payment_key(&record.channel, &record.payment_id);
+                assert!(!self.payments.contains_key(&key), "payment applied twice");
                 let at = record.at_ms;
                 let idx = record.order_seq.checked_sub(1).expect("order seq starts at 1") as usize;
                 let before = self.orders[idx].status;
@@ -659,18 +688,19 @@ impl Shard {
                     PaymentOutcome::Refunded(_) => panic!("a payment is applied as owed, then refunded"),
                 }
                 if matches!(record.outcome, PaymentOutcome::RefundOwed(_)) {
-                    self.refunds_owed.insert(record.payment_id.clone());
+                    self.refunds_owed.insert(key.clone());
                 }
-                self.payments.insert(record.payment_id.clone(), record.clone());
+                self.payments.insert(key, record.clone());
             }
-            Event::RefundCompleted { payment_id, at_ms: _ } => {
-                let record = self.payments.get_mut(payment_id).expect("refund of a recorded payment");
+            Event::RefundCompleted { channel, payment_id, at_ms: _ } => {
+                let key = payment_key(channel, payment_id);
+                let record = self.payments.get_mut(&key).expect("refund of a recorded payment");
                 let PaymentOutcome::RefundOwed(reason) = record.outcome else {
                     panic!("refund completed for a payment that owed none")
                 };
                 record.outcome = PaymentOutcome::Refunded(reason);
                 let seq = record.order_seq;
-                self.refunds_owed.remove(payment_id);
+                self.refunds_owed.remove(&key);
                 let order = &mut self.orders[(seq - 1) as usize];
                 if reason == RefundReason::SoldOut {
                     assert_eq!(order.status, OrderStatus::RefundPending);
@@ -789,15 +819,29 @@ impl Shard {
     /// I3's bookkeeping: every paid order points at a recorded payment of its own,
     /// and every payment that delivered or owes a refund points back at its order.
     fn audit_payments(&self, violations: &mut Vec<String>) {
+        // (order, payment id) of every payment that took its order (delivered or
+        // owes/made a sold-out refund): a paid order must be taken by its own.
+        let takers: std::collections::HashSet<(u64, &str)> = self
+            .payments
+            .values()
+            .filter(|p| {
+                matches!(
+                    p.outcome,
+                    PaymentOutcome::Delivered
+                        | PaymentOutcome::RefundOwed(RefundReason::SoldOut)
+                        | PaymentOutcome::Refunded(RefundReason::SoldOut)
+                )
+            })
+            .map(|p| (p.order_seq, p.payment_id.as_str()))
+            .collect();
         for order in &self.orders {
             let needs_payment =
                 matches!(order.status, OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded);
             match (&order.payment_id, needs_payment) {
                 (None, true) => violations.push(format!("order {} is {} without a payment", order.seq, order.status)),
-                (Some(id), true) => match self.payments.get(id) {
-                    Some(p) if p.order_seq == order.seq => {}
-                    _ => violations.push(format!("order {} names payment {id:?}, which is not its own", order.seq)),
-                },
+                (Some(id), true) if !takers.contains(&(order.seq, id.as_str())) => {
+                    violations.push(format!("order {} names payment {id:?}, which is not its own", order.seq))
+                }
                 _ => {}
             }
         }
@@ -879,7 +923,7 @@ mod tests {
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
 
         let mut lost = s.clone();
-        lost.payments.remove("pa");
+        lost.payments.remove("sandbox/pa");
         assert!(lost.audit().violations.iter().any(|v| v.contains("order 1 names payment")), "{:?}", lost.audit());
 
         let mut swapped = s.clone();
@@ -913,17 +957,35 @@ mod tests {
             }]
         );
 
-        assert!(matches!(s.complete_refund("p-late", 7_000), Ok(Outcome::Changed(Event::RefundCompleted { .. }, ()))));
+        assert!(matches!(
+            s.complete_refund("sandbox", "p-late", 7_000),
+            Ok(Outcome::Changed(Event::RefundCompleted { .. }, ()))
+        ));
         assert_eq!(s.order(late).unwrap().status, OrderStatus::Refunded);
         assert!(s.refunds_due(10).is_empty());
-        assert_eq!(s.complete_refund("p-late", 8_000), Ok(Outcome::Repeat(())));
-        assert_eq!(s.complete_refund("p-other", 8_000), Err(DomainError::NoRefundOwed));
-        assert_eq!(s.complete_refund("nope", 8_000), Err(DomainError::PaymentNotFound));
+        assert_eq!(s.complete_refund("sandbox", "p-late", 8_000), Ok(Outcome::Repeat(())));
+        assert_eq!(s.complete_refund("sandbox", "p-other", 8_000), Err(DomainError::NoRefundOwed));
+        assert_eq!(s.complete_refund("sandbox", "nope", 8_000), Err(DomainError::PaymentNotFound));
         // A repeat of the original notification still answers with the recorded payment.
         assert_eq!(
             s.pay(paid(late, "p-late", 990), 9_000),
             Ok(Outcome::Repeat(PaymentOutcome::Refunded(RefundReason::SoldOut)))
         );
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
+    }
+
+    #[test]
+    fn payment_ids_are_per_channel() {
+        let mut s = shard_with_keys(2, 0);
+        let a = created(s.create_order(new_order("a", 1), 0));
+        let b = created(s.create_order(new_order("b", 1), 0));
+        let on = |channel: &str, seq| Payment { channel: channel.into(), ..paid(seq, "pay-1", 990) };
+        assert!(matches!(s.pay(on("alpha", a), 1), Ok(Outcome::Changed(_, PaymentOutcome::Delivered))));
+        // Another gateway's "pay-1" is another payment.
+        assert!(matches!(s.pay(on("beta", b), 1), Ok(Outcome::Changed(_, PaymentOutcome::Delivered))));
+        assert_eq!(s.pay(on("alpha", a), 2), Ok(Outcome::Repeat(PaymentOutcome::Delivered)));
+        assert_eq!(s.pay(on("beta", a), 2), Err(DomainError::PaymentIdConflict));
+        assert_eq!(s.payment("beta", "pay-1").map(|p| p.order_seq), Some(b));
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
     }
 
@@ -934,7 +996,7 @@ mod tests {
         s.pay(paid(seq, "first", 990), 1).unwrap();
         s.pay(paid(seq, "second", 990), 2).unwrap();
         assert_eq!(s.refunds_due(10).len(), 1);
-        s.complete_refund("second", 3).unwrap();
+        s.complete_refund("sandbox", "second", 3).unwrap();
         assert_eq!(s.order(seq).unwrap().status, OrderStatus::Delivered);
         assert!(s.audit().violations.is_empty());
     }

@@ -81,6 +81,21 @@ pub async fn snapshot(State(st): State<AppState>, headers: HeaderMap) -> ApiResu
     Ok(Json(json!({"snapshots": shards})))
 }
 
+/// `POST /api/v1/admin/reconcile`: one payment sweep now (query every order not
+/// heard of, retry every refund owed, release expired reservations) and its report.
+pub async fn reconcile(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let report = st.core()?.reconcile().await?;
+    Ok(Json(json!(report)))
+}
+
+/// `GET /api/v1/admin/payments/channels`: each channel with its breaker state.
+pub async fn payment_channels(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let channels = st.core()?.payment_channels().await?;
+    Ok(Json(json!({"channels": channels})))
+}
+
 // ---- buyer ----
 
 #[derive(Deserialize)]
@@ -111,9 +126,10 @@ pub async fn create_order(State(st): State<AppState>, headers: HeaderMap, body: 
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: OrderRequest = extract::json(&bytes)?;
     let order = core.create_order(req, idempotency_key).await?;
-    let channel = core.default_channel();
+    let channel = core.pick_channel();
     let pay_url = core.pay_url(channel, &order);
-    let mut response = (StatusCode::CREATED, Json(views::order_created(&order, channel, pay_url))).into_response();
+    let mut response =
+        (StatusCode::CREATED, Json(views::order_created(&order, &channel.name, pay_url))).into_response();
     if order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }

@@ -145,6 +145,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/orders/{order_id}", get(api::admin_get_order))
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
+        .route("/api/v1/admin/reconcile", post(api::reconcile))
+        .route("/api/v1/admin/payments/channels", get(api::payment_channels))
         .route("/api/v1/orders", post(api::create_order))
         .route("/api/v1/orders/{order_id}", get(api::get_order))
         .route("/api/v1/orders/{order_id}/cancel", post(api::cancel_order))

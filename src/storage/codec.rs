@@ -13,7 +13,13 @@ use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"KAMI";
-pub const FORMAT_VERSION: u8 = 1;
+/// Version 2: a snapshot keys its payments by `channel/payment_id` (payment ids are
+/// unique per channel only) and `Event::RefundCompleted` names its channel. The
+/// types' layout is unchanged, so version 1 records decode as they are; a v1
+/// snapshot's payments are re-keyed when its indexes are rebuilt.
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest version still read.
+pub const OLDEST_READABLE_VERSION: u8 = 1;
 const HEADER_BYTES: usize = 14;
 
 /// What a record holds; checked on decode so a record is never read as another type.
@@ -78,7 +84,7 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
     if bytes[0..4] != MAGIC {
         return Err(CodecError::BadMagic);
     }
-    if bytes[4] != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&bytes[4]) {
         return Err(CodecError::UnsupportedVersion(bytes[4]));
     }
     if bytes[5] != kind as u8 {

@@ -2,6 +2,8 @@
 //! an HTTP client that speaks the API. Nothing here is mocked.
 #![allow(dead_code)]
 
+pub mod gateway;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,6 +106,13 @@ pub fn now_secs() -> i64 {
 }
 
 impl Api {
+    /// `/metrics` as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.http.get(format!("{}/metrics", self.url)).send().await.expect("request sent");
+        assert_eq!(resp.status(), 200);
+        resp.text().await.expect("body")
+    }
+
     pub fn admin(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         r.bearer_auth(ADMIN)
     }

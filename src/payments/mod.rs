@@ -1,0 +1,100 @@
+//! Payment channels: their configuration, their health as seen by new orders, and
+//! the client that calls their gateways.
+//!
+//! * [`Channels`] — every configured channel, with the breaker level the payment
+//!   supervisor last published for it (atomics: order creation reads them without
+//!   a lock or a message) and the routing choice for a new order.
+//! * [`client::Gateway`] — signed JSON calls to a gateway: query, refund, health
+//!   (docs/payment-protocol.md).
+//!
+//! The actor that drives queries, refunds, health checks and breakers is
+//! `actors::payments::PaymentSupervisor`; it is never on the order path.
+
+pub mod client;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use crate::config::{ChannelKind, Settings};
+use crate::domain::breaker::BreakerState;
+use crate::domain::routing::{self, Candidate};
+
+#[derive(Debug, Clone)]
+pub struct Channel {
+    pub name: String,
+    pub kind: ChannelKind,
+    pub secret: Vec<u8>,
+    /// Base URL without a trailing `/`; `None` = notifications only.
+    pub endpoint: Option<String>,
+    pub priority: u32,
+    pub weight: u32,
+    pub timeout: Duration,
+    pub queries_per_sec: u32,
+}
+
+pub struct Channels {
+    /// The default channel first, then the others by name.
+    list: Vec<Channel>,
+    /// Breaker level per channel (0 closed, 1 half-open, 2 open).
+    levels: Vec<AtomicU8>,
+}
+
+impl Channels {
+    /// `secrets`: channel name → secret in force (configured or generated).
+    pub fn from_settings(settings: &Settings, secrets: &BTreeMap<String, String>) -> Channels {
+        let default = &settings.payments.default_channel;
+        let mut list: Vec<Channel> = settings
+            .payments
+            .channels
+            .iter()
+            .map(|(name, c)| Channel {
+                name: name.clone(),
+                kind: c.kind,
+                secret: secrets.get(name).expect("a secret per channel").clone().into_bytes(),
+                endpoint: (!c.endpoint.is_empty()).then(|| c.endpoint.trim_end_matches('/').to_string()),
+                priority: c.priority,
+                weight: c.weight,
+                timeout: Duration::from_millis(c.timeout_ms),
+                queries_per_sec: c.queries_per_sec,
+            })
+            .collect();
+        list.sort_by_key(|c| (&c.name != default, c.name.clone()));
+        assert!(list.first().is_some_and(|c| &c.name == default), "config validation: default channel exists");
+        let levels = list.iter().map(|_| AtomicU8::new(0)).collect();
+        Channels { list, levels }
+    }
+
+    pub fn all(&self) -> &[Channel] {
+        &self.list
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Channel> {
+        self.list.iter().find(|c| c.name == name)
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.list.iter().position(|c| c.name == name)
+    }
+
+    /// Publishes a channel's breaker state for routing (payment supervisor only).
+    pub fn publish(&self, index: usize, state: BreakerState) {
+        self.levels[index].store(state.level(), Ordering::Relaxed);
+    }
+
+    /// The channel a new order goes to (see `domain::routing`).
+    pub fn pick(&self) -> &Channel {
+        let candidates: Vec<Candidate> = self
+            .list
+            .iter()
+            .zip(&self.levels)
+            .map(|(c, level)| Candidate {
+                level: level.load(Ordering::Relaxed),
+                priority: c.priority,
+                weight: c.weight,
+            })
+            .collect();
+        let index = routing::choose(&candidates, rand::random()).expect("at least one channel");
+        &self.list[index]
+    }
+}
