@@ -569,12 +569,16 @@ impl Kami {
         }
     }
 
-    /// One actor uniformly at random: any product shard, or the order supervisor.
+    /// One actor uniformly at random: any product shard, the order supervisor or
+    /// the payment supervisor.
     fn random_actor(&self) -> Target {
         use rand::Rng;
         let routes = self.registry.all();
         let shards: usize = routes.values().map(|r| r.shards.len()).sum();
-        let mut pick = rand::rng().random_range(0..=shards);
+        let mut pick = rand::rng().random_range(0..shards + 2);
+        if pick == shards + 1 {
+            return Target::Payments;
+        }
         for (id, route) in routes.iter() {
             if pick < route.shards.len() {
                 return Target::Product { id: id.clone(), shard: Some(pick as u16) };

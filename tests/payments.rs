@@ -127,7 +127,7 @@ async fn late_payments_are_served_or_refunded_at_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_finds_what_the_gateway_knows_and_kami_does_not() {
     // Sweeps far apart: only the explicit reconcile can find the payment in time.
-    let (gw, t) = shop(&[("payments.sweep_interval_ms", "600000"), ("payments.query_after_ms", "1")]).await;
+    let (gw, t) = shop(&[("payments.sweep_interval_ms", "600000")]).await;
     let api = t.api();
     api.product_with_keys("p", 2, 0).await;
     gw.set_faults(Faults { drop_notifications: true, ..Faults::default() });
@@ -143,6 +143,38 @@ async fn reconcile_finds_what_the_gateway_knows_and_kami_does_not() {
     let again = reconcile(&api).await;
     assert_eq!(again["payments_found"], json!([]), "{again}");
     assert_eq!(again["orders_unheard"], json!(0), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_payment_supervisor_finds_its_work_again() {
+    let settings = with(&[("orders.ttl_secs", "1"), ("chaos.enabled", "true")]);
+    let (gw, t) = shop(&borrowed(&settings)).await;
+    let api = t.api();
+    api.product_with_keys("p", 1, 0).await;
+    gw.set_faults(Faults { drop_notifications: true, ..Faults::default() });
+    let late = api.order("p", 1, "late", None).await;
+    reaches(&api, &late, "expired", Duration::from_secs(10)).await;
+    let first = api.order("p", 1, "first", None).await;
+    pay_at_gateway(&api, &gw, &first).await;
+    let late_payment = pay_at_gateway(&api, &gw, &late).await;
+    // Killed over and over while it has a payment to find and then a refund to make.
+    let killer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                assert_eq!(api.kill("payments").await.body["killed"], "payments");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    delivered(&api, &first).await;
+    reaches(&api, &late, "refunded", Duration::from_secs(30)).await;
+    killer.await.unwrap();
+    let at_gateway = gw.payments();
+    let p = payment_of(&at_gateway, &late_payment);
+    assert_eq!((p.status.as_str(), p.refunds), ("refunded", 1));
+    assert_eq!(channel_state(&api, "sandbox").await, "closed", "the restarted supervisor answers");
+    assert_audit_ok(&api.audit().await);
 }
 
 /// Two gateways: `a` preferred (priority 0), `b` the fallback.

@@ -237,7 +237,8 @@ enum Done {
 async fn collect(env: Arc<PaymentEnv>, full: bool) -> (Vec<ShardWork>, usize) {
     let t = &env.tuning;
     let msg = || shard::GetPaymentWork {
-        quiet_ms: t.query_after_ms,
+        // On request, even an order created this millisecond is asked about.
+        quiet_ms: if full { 0 } else { t.query_after_ms },
         grace_ms: t.query_grace_ms,
         max_unheard: t.max_unheard_per_shard,
         max_refunds: t.max_unheard_per_shard,
