@@ -14,6 +14,7 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod load;
 pub mod payments;
 pub mod sandbox;
 pub mod storage;

@@ -45,6 +45,39 @@ enum Command {
         #[arg(long, env = "KAMI_SANDBOX_SECRET")]
         secret: String,
     },
+    /// Flash-sale load: K keys, N buyers over C connections, each creating an order,
+    /// paying it with a signed notification and reading the key. Prints throughput,
+    /// latency per step and a verdict checked against the audit (exit 1 if it fails).
+    Load {
+        /// A running kami (needs --admin-token and --secret); default: start one
+        /// embedded in a temporary directory.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, env = "KAMI_ADMIN__TOKEN", default_value = "")]
+        admin_token: String,
+        /// The channel notifications are signed for.
+        #[arg(long, default_value = "sandbox")]
+        channel: String,
+        /// That channel's secret.
+        #[arg(long, env = "KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET", default_value = "")]
+        secret: String,
+        /// Arbiters of the embedded kami (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        arbiters: usize,
+        #[arg(long, default_value_t = 10_000)]
+        keys: u64,
+        #[arg(long, default_value_t = 20_000)]
+        buyers: u64,
+        #[arg(long, default_value_t = 256)]
+        concurrency: u64,
+        #[arg(long, default_value_t = 1)]
+        shards: u16,
+        #[arg(long, value_enum, default_value = "full")]
+        mode: kami::load::Mode,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print the X-Signature header value for a notification body read from stdin.
     Sign {
         /// The channel's secret.
@@ -109,6 +142,61 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Command::Load {
+            url,
+            admin_token,
+            channel,
+            secret,
+            arbiters,
+            keys,
+            buyers,
+            concurrency,
+            shards,
+            mode,
+            json,
+        } => {
+            if concurrency == 0 || shards == 0 {
+                eprintln!("kami load: --concurrency and --shards must be at least 1");
+                return ExitCode::from(2);
+            }
+            let target = match url {
+                Some(url) if admin_token.is_empty() || secret.is_empty() => {
+                    eprintln!("kami load: --url {url} needs --admin-token and --secret");
+                    return ExitCode::from(2);
+                }
+                Some(url) => kami::load::Target::Url { url, admin_token, channel, secret },
+                None => kami::load::Target::Embedded {
+                    arbiters: if arbiters == 0 {
+                        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+                    } else {
+                        arbiters
+                    },
+                },
+            };
+            let config = kami::load::LoadConfig { target, keys, buyers, concurrency, mode, shards, progress: true };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match runtime.block_on(kami::load::run(config)) {
+                Err(e) => {
+                    eprintln!("kami load: {e}");
+                    ExitCode::from(2)
+                }
+                Ok(report) => {
+                    print!("{}", report.table());
+                    if let Some(path) = json {
+                        let text = serde_json::to_string_pretty(&report).expect("report serialises");
+                        if let Err(e) = std::fs::write(&path, text) {
+                            eprintln!("kami load: cannot write {}: {e}", path.display());
+                            return ExitCode::from(2);
+                        }
+                    }
+                    if report.verdict.ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+            }
         }
         Command::Serve => {
             let sources = Sources { profile: cli.profile, file: cli.config, environment: true, overrides: Vec::new() };

@@ -1,0 +1,472 @@
+//! `kami load`: a flash-sale load generator. Against a running kami (`--url`) or an
+//! embedded one it starts in a temp dir, it creates a product with K keys and lets
+//! N buyers over C connections each create an order, pay it with a signed
+//! notification and read their key (or only create orders). At the end: throughput
+//! and latency per step (HDR histograms), answers by status and error code, and a
+//! verdict checked against kami's own audit: sold == distinct keys delivered ==
+//! purchases acknowledged, never more than K.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::{Settings, Sources};
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Start kami in a temporary directory for the run.
+    Embedded { arbiters: usize },
+    /// A running kami; the admin token creates the product, the channel secret
+    /// signs notifications.
+    Url { url: String, admin_token: String, channel: String, secret: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// create order → signed notification → read the key
+    Full,
+    /// create order only (stock stays reserved until expiry)
+    OrderOnly,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub target: Target,
+    pub keys: u64,
+    pub buyers: u64,
+    pub concurrency: u64,
+    pub mode: Mode,
+    pub shards: u16,
+    /// A progress line on stderr every second.
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: &'static str,
+    pub count: u64,
+    pub per_sec: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub ok: bool,
+    pub audit_ok: bool,
+    /// What the audit counts as sold (full mode) or reserved (order-only mode).
+    pub audit_taken: u64,
+    /// Acknowledged purchases (full) or created orders (order-only).
+    pub acknowledged: u64,
+    pub distinct_keys_delivered: u64,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub target: String,
+    pub mode: Mode,
+    pub product: String,
+    pub keys: u64,
+    pub buyers: u64,
+    pub concurrency: u64,
+    pub shards: u16,
+    pub elapsed_ms: u64,
+    /// Buyers served per second (a whole purchase in full mode, an order otherwise).
+    pub buyers_per_sec: f64,
+    pub steps: Vec<StepReport>,
+    /// "201", "409 sold_out", "503 overloaded", "transport": how many of each, all steps.
+    pub answers: BTreeMap<String, u64>,
+    /// Completions per second, one entry per second of the run.
+    pub timeline: Vec<u64>,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("starting the embedded kami: {0}")]
+    Start(String),
+    #[error("setting up the product: {0}")]
+    Setup(String),
+}
+
+const STEPS: [&str; 3] = ["create order", "notify", "read order"];
+
+struct Shared {
+    http: reqwest::Client,
+    url: String,
+    product: String,
+    channel: String,
+    secret: String,
+    mode: Mode,
+    buyers: u64,
+    next: AtomicU64,
+    done: AtomicU64,
+}
+
+#[derive(Default)]
+struct WorkerResult {
+    hists: Vec<Histogram<u64>>,
+    answers: BTreeMap<String, u64>,
+    keys: Vec<String>,
+    acknowledged: u64,
+    /// (second of the run, completions).
+    completions: Vec<u64>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
+}
+
+fn settings(data: &std::path::Path, arbiters: usize) -> Result<Settings, LoadError> {
+    let overrides = [
+        ("server.listen", "127.0.0.1:0".to_string()),
+        ("storage.path", data.display().to_string()),
+        ("admin.token", "load".into()),
+        ("payments.channels.sandbox.secret", "load".into()),
+        ("rate_limits.enabled", "false".into()),
+        ("actors.arbiters", arbiters.to_string()),
+        ("log.level", "warn".into()),
+    ];
+    Settings::load(&Sources {
+        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        ..Default::default()
+    })
+    .map_err(|e| LoadError::Start(e.to_string()))
+}
+
+pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
+    assert!(config.concurrency >= 1 && config.shards >= 1);
+    // Kept alive for the run: the embedded server and its directory.
+    let mut _embedded = None;
+    let (url, admin, channel, secret, target) = match &config.target {
+        Target::Url { url, admin_token, channel, secret } => {
+            (url.trim_end_matches('/').to_string(), admin_token.clone(), channel.clone(), secret.clone(), url.clone())
+        }
+        Target::Embedded { arbiters } => {
+            let dir = tempfile::tempdir().map_err(|e| LoadError::Start(e.to_string()))?;
+            let app = crate::start(settings(&dir.path().join("data"), *arbiters)?)
+                .await
+                .map_err(|e| LoadError::Start(e.to_string()))?;
+            let url = app.url();
+            _embedded = Some((app, dir));
+            (url, "load".into(), "sandbox".into(), "load".into(), format!("embedded ({arbiters} arbiters)"))
+        }
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(config.concurrency as usize)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| LoadError::Setup(e.to_string()))?;
+    let product = format!("load-{:08x}", rand::random::<u32>());
+    setup(&http, &url, &admin, &product, config.keys, config.shards).await?;
+
+    let shared = Arc::new(Shared {
+        http: http.clone(),
+        url: url.clone(),
+        product: product.clone(),
+        channel,
+        secret,
+        mode: config.mode,
+        buyers: config.buyers,
+        next: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+    });
+    let started = Instant::now();
+    let progress = config.progress.then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let done = shared.done.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "  {done:>9} / {} buyers  {:>5.1}%  {:>8.0}/s",
+                    shared.buyers,
+                    100.0 * done as f64 / shared.buyers.max(1) as f64,
+                    done as f64 / secs
+                );
+            }
+        })
+    });
+    let workers: Vec<_> = (0..config.concurrency).map(|_| tokio::spawn(worker(shared.clone(), started))).collect();
+    let mut total = WorkerResult { hists: STEPS.iter().map(|_| new_hist()).collect(), ..Default::default() };
+    for w in workers {
+        let r = w.await.map_err(|e| LoadError::Setup(format!("a worker failed: {e}")))?;
+        for (a, b) in total.hists.iter_mut().zip(&r.hists) {
+            a.add(b).expect("same bounds");
+        }
+        for (k, v) in r.answers {
+            *total.answers.entry(k).or_default() += v;
+        }
+        total.keys.extend(r.keys);
+        total.acknowledged += r.acknowledged;
+        if total.completions.len() < r.completions.len() {
+            total.completions.resize(r.completions.len(), 0);
+        }
+        for (i, n) in r.completions.into_iter().enumerate() {
+            total.completions[i] += n;
+        }
+    }
+    let elapsed = started.elapsed();
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let verdict = verdict(&http, &url, &admin, &product, &config, &total).await?;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let steps = STEPS
+        .iter()
+        .zip(&total.hists)
+        .filter(|(_, h)| !h.is_empty())
+        .map(|(step, h)| StepReport {
+            step,
+            count: h.len(),
+            per_sec: h.len() as f64 / secs,
+            p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+            p90_ms: h.value_at_quantile(0.9) as f64 / 1000.0,
+            p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            max_ms: h.max() as f64 / 1000.0,
+        })
+        .collect();
+    Ok(LoadReport {
+        target,
+        mode: config.mode,
+        product,
+        keys: config.keys,
+        buyers: config.buyers,
+        concurrency: config.concurrency,
+        shards: config.shards,
+        elapsed_ms: elapsed.as_millis() as u64,
+        buyers_per_sec: config.buyers as f64 / secs,
+        steps,
+        answers: total.answers,
+        timeline: total.completions,
+        verdict,
+    })
+}
+
+async fn setup(
+    http: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    product: &str,
+    keys: u64,
+    shards: u16,
+) -> Result<(), LoadError> {
+    let body = json!({"id": product, "name": "Load test", "price_cents": 990, "shards": shards});
+    let r = http.post(format!("{url}/api/v1/products")).bearer_auth(admin).json(&body).send().await;
+    let r = r.map_err(|e| LoadError::Setup(format!("creating the product: {e}")))?;
+    if r.status() != 201 {
+        let text = r.text().await.unwrap_or_default();
+        return Err(LoadError::Setup(format!("creating the product: {text}")));
+    }
+    let all: Vec<String> = (0..keys).map(|i| format!("{product}-KEY-{i:09}")).collect();
+    for chunk in all.chunks(50_000) {
+        let r = http
+            .post(format!("{url}/api/v1/products/{product}/keys"))
+            .bearer_auth(admin)
+            .json(&json!({"keys": chunk}))
+            .send()
+            .await
+            .map_err(|e| LoadError::Setup(format!("importing keys: {e}")))?;
+        if r.status() != 200 {
+            return Err(LoadError::Setup(format!("importing keys: {}", r.text().await.unwrap_or_default())));
+        }
+    }
+    Ok(())
+}
+
+/// "201", or "409 sold_out" from an error body.
+fn answer_key(status: u16, body: &Value) -> String {
+    match body["error"]["code"].as_str() {
+        Some(code) => format!("{status} {code}"),
+        None => status.to_string(),
+    }
+}
+
+async fn call(r: reqwest::RequestBuilder, out: &mut WorkerResult) -> Option<(u16, Value)> {
+    let sent = async {
+        let resp = r.send().await?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok::<_, reqwest::Error>((status, body))
+    };
+    match sent.await {
+        Ok((status, body)) => {
+            *out.answers.entry(answer_key(status, &body)).or_default() += 1;
+            Some((status, body))
+        }
+        Err(_) => {
+            *out.answers.entry("transport".into()).or_default() += 1;
+            None
+        }
+    }
+}
+
+async fn worker(s: Arc<Shared>, started: Instant) -> WorkerResult {
+    let mut out = WorkerResult { hists: STEPS.iter().map(|_| new_hist()).collect(), ..Default::default() };
+    loop {
+        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        if i >= s.buyers {
+            return out;
+        }
+        if buy(&s, i, &mut out).await {
+            out.acknowledged += 1;
+        }
+        s.done.fetch_add(1, Ordering::Relaxed);
+        let second = started.elapsed().as_secs() as usize;
+        if out.completions.len() <= second {
+            out.completions.resize(second + 1, 0);
+        }
+        out.completions[second] += 1;
+    }
+}
+
+fn record(out: &mut WorkerResult, step: usize, since: Instant) {
+    let micros = (since.elapsed().as_micros() as u64).clamp(1, 120_000_000);
+    out.hists[step].record(micros).expect("within bounds");
+}
+
+/// One buyer. `true` = acknowledged (order created, and in full mode paid and its
+/// key read back).
+async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
+    let t = Instant::now();
+    let body = json!({"product_id": s.product, "quantity": 1, "buyer": format!("{}-buyer-{i}", s.product)});
+    let Some((status, order)) = call(s.http.post(format!("{}/api/v1/orders", s.url)).json(&body), out).await else {
+        return false;
+    };
+    if status != 201 {
+        return false;
+    }
+    record(out, 0, t);
+    if s.mode == Mode::OrderOnly {
+        return true;
+    }
+    let (Some(id), Some(token), Some(amount)) =
+        (order["order_id"].as_str(), order["query_token"].as_str(), order["amount_cents"].as_u64())
+    else {
+        return false;
+    };
+    let note = json!({
+        "order_id": id, "payment_id": format!("load-{id}"), "amount_cents": amount, "status": "paid",
+        "timestamp": chrono::Utc::now().timestamp(), "nonce": format!("{:032x}", rand::random::<u128>()),
+    });
+    let note = serde_json::to_vec(&note).expect("json");
+    let sig = crate::domain::signature::sign(s.secret.as_bytes(), &note);
+    let t = Instant::now();
+    let url = format!("{}/api/v1/payments/{}/notify", s.url, s.channel);
+    match call(s.http.post(url).header("X-Signature", sig).body(note), out).await {
+        Some((200, _)) => record(out, 1, t),
+        _ => return false,
+    }
+    let t = Instant::now();
+    let read = s.http.get(format!("{}/api/v1/orders/{id}", s.url)).header("X-Order-Token", token);
+    let Some((200, got)) = call(read, out).await else { return false };
+    record(out, 2, t);
+    let keys: Vec<String> =
+        got["keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(str::to_string)).collect();
+    let delivered = got["status"] == "delivered" && !keys.is_empty();
+    out.keys.extend(keys);
+    delivered
+}
+
+async fn verdict(
+    http: &reqwest::Client,
+    url: &str,
+    admin: &str,
+    product: &str,
+    config: &LoadConfig,
+    total: &WorkerResult,
+) -> Result<Verdict, LoadError> {
+    let audit: Value = http
+        .get(format!("{url}/api/v1/admin/audit"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .map_err(|e| LoadError::Setup(format!("audit: {e}")))?
+        .json()
+        .await
+        .map_err(|e| LoadError::Setup(format!("audit: {e}")))?;
+    let audit_ok = audit["ok"] == json!(true);
+    let mine = audit["products"].as_array().into_iter().flatten().find(|p| p["id"] == product);
+    let field = if config.mode == Mode::Full { "sold" } else { "reserved" };
+    let audit_taken = mine.and_then(|p| p[field].as_u64()).unwrap_or(0);
+    let distinct: HashSet<&String> = total.keys.iter().collect();
+    let mut problems = Vec::new();
+    if !audit_ok {
+        problems.push(format!("audit not ok: {}", audit["violations"]));
+    }
+    if audit_taken > config.keys {
+        problems.push(format!("oversold: {audit_taken} {field} of {} keys", config.keys));
+    }
+    if distinct.len() != total.keys.len() {
+        problems.push(format!("{} keys delivered more than once", total.keys.len() - distinct.len()));
+    }
+    if config.mode == Mode::Full && distinct.len() as u64 != audit_taken {
+        problems.push(format!("{} distinct keys delivered, audit counts {audit_taken} sold", distinct.len()));
+    }
+    if total.acknowledged != audit_taken {
+        problems.push(format!("{} acknowledged, audit counts {audit_taken} {field}", total.acknowledged));
+    }
+    Ok(Verdict {
+        ok: problems.is_empty(),
+        audit_ok,
+        audit_taken,
+        acknowledged: total.acknowledged,
+        distinct_keys_delivered: distinct.len() as u64,
+        problems,
+    })
+}
+
+impl LoadReport {
+    /// The human summary `kami load` prints.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "flash sale on {}: {} buyers, {} keys, {} connections, {} shard(s), mode {:?}",
+            self.target, self.buyers, self.keys, self.concurrency, self.shards, self.mode
+        );
+        let _ = writeln!(t, "  {:.0} buyers/s over {:.2} s", self.buyers_per_sec, self.elapsed_ms as f64 / 1000.0);
+        let _ = writeln!(
+            t,
+            "  {:<13} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "step", "count", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
+        for s in &self.steps {
+            let _ = writeln!(
+                t,
+                "  {:<13} {:>8} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                s.step, s.count, s.per_sec, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+            );
+        }
+        let answers: Vec<String> = self.answers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = writeln!(t, "  answers: {}", answers.join(", "));
+        let v = &self.verdict;
+        let _ = writeln!(
+            t,
+            "  verdict: {} (audit ok {}, acknowledged {}, audit {} {}, distinct keys delivered {})",
+            if v.ok { "OK" } else { "FAILED" },
+            v.audit_ok,
+            v.acknowledged,
+            if self.mode == Mode::Full { "sold" } else { "reserved" },
+            v.audit_taken,
+            v.distinct_keys_delivered
+        );
+        for p in &v.problems {
+            let _ = writeln!(t, "    problem: {p}");
+        }
+        t
+    }
+}
