@@ -126,12 +126,17 @@ fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
 }
 
-fn settings(data: &std::path::Path, arbiters: usize) -> Result<Settings, LoadError> {
+/// The admin token and `sandbox` channel secret of an embedded kami.
+pub const EMBEDDED_SECRET: &str = "load";
+
+/// Settings of an embedded kami for load runs: random loopback port, data in
+/// `data`, no rate limits, quiet logs.
+pub fn embedded_settings(data: &std::path::Path, arbiters: usize) -> Result<Settings, LoadError> {
     let overrides = [
         ("server.listen", "127.0.0.1:0".to_string()),
         ("storage.path", data.display().to_string()),
-        ("admin.token", "load".into()),
-        ("payments.channels.sandbox.secret", "load".into()),
+        ("admin.token", EMBEDDED_SECRET.into()),
+        ("payments.channels.sandbox.secret", EMBEDDED_SECRET.into()),
         ("rate_limits.enabled", "false".into()),
         ("actors.arbiters", arbiters.to_string()),
         ("log.level", "warn".into()),
@@ -153,12 +158,13 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         }
         Target::Embedded { arbiters } => {
             let dir = tempfile::tempdir().map_err(|e| LoadError::Start(e.to_string()))?;
-            let app = crate::start(settings(&dir.path().join("data"), *arbiters)?)
+            let app = crate::start(embedded_settings(&dir.path().join("data"), *arbiters)?)
                 .await
                 .map_err(|e| LoadError::Start(e.to_string()))?;
             let url = app.url();
             _embedded = Some((app, dir));
-            (url, "load".into(), "sandbox".into(), "load".into(), format!("embedded ({arbiters} arbiters)"))
+            let secret = EMBEDDED_SECRET.to_string();
+            (url, secret.clone(), "sandbox".into(), secret, format!("embedded ({arbiters} arbiters)"))
         }
     };
     let http = reqwest::Client::builder()
