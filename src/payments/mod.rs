@@ -84,17 +84,12 @@ impl Channels {
 
     /// The channel a new order goes to (see `domain::routing`).
     pub fn pick(&self) -> &Channel {
-        let candidates: Vec<Candidate> = self
-            .list
-            .iter()
-            .zip(&self.levels)
-            .map(|(c, level)| Candidate {
-                level: level.load(Ordering::Relaxed),
-                priority: c.priority,
-                weight: c.weight,
-            })
-            .collect();
-        let index = routing::choose(&candidates, rand::random()).expect("at least one channel");
+        let candidates = self.list.iter().zip(&self.levels).map(|(c, level)| Candidate {
+            level: level.load(Ordering::Relaxed),
+            priority: c.priority,
+            weight: c.weight,
+        });
+        let index = routing::choose(candidates, rand::random()).expect("at least one channel");
         &self.list[index]
     }
 }
