@@ -306,6 +306,20 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         })
     };
 
+    // Keys a crash left in transit between shards reach their borrower: now, then
+    // periodically (a transfer interrupted while running is resent the same way).
+    let settler = {
+        let core = core.clone();
+        let every = Duration::from_millis(settings.products.settle_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                core.settle_transfers().await;
+            }
+        })
+    };
+
     Ok(RunningApp {
         addr,
         secrets,
@@ -315,7 +329,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         recovery,
         stop_server: Some(stop_tx),
         server: Some(server),
-        background: vec![pruner],
+        background: vec![pruner, settler],
         grace: Duration::from_secs(settings.server.shutdown_grace_secs),
         actors: Some(actors),
     })

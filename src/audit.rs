@@ -88,6 +88,7 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
         };
         // Key string → shard holding it, across the product's shards.
         let mut owner: HashMap<String, u16> = HashMap::new();
+        let mut audits = Vec::with_capacity(product.shards as usize);
         for shard in 0..product.shards {
             let id = ShardId::new(product.id.clone(), shard);
             let r = match storage.inspect(&id, product) {
@@ -111,6 +112,10 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
                     report.violations.push(format!("{}: key {key:?} is in shards {other} and {shard}", product.id));
                 }
             }
+            audits.push(a);
+        }
+        if audits.len() == product.shards as usize {
+            report.violations.extend(line.counts.finish(&audits).map(|v| format!("{}: {v}", product.id)));
         }
         report.products.push(line);
     }
@@ -130,8 +135,8 @@ impl std::fmt::Display for OfflineReport {
             let c = &p.counts;
             writeln!(
                 f,
-                "product {}: {} shard(s); imported {} = available {} + reserved {} + sold {}; {} orders; {} journal records after snapshots",
-                c.id, p.shards, c.imported, c.available, c.reserved, c.sold, p.orders, p.journal_records
+                "product {}: {} shard(s); imported {} = available {} + reserved {} + sold {} + in transit {}; {} orders; {} journal records after snapshots",
+                c.id, p.shards, c.imported, c.available, c.reserved, c.sold, c.in_transit, p.orders, p.journal_records
             )?;
         }
         let orders: Vec<String> = self.orders.iter().map(|(s, n)| format!("{s} {n}")).collect();

@@ -66,6 +66,10 @@ pub struct AdminSettings {
 #[serde(deny_unknown_fields)]
 pub struct ProductSettings {
     pub max_shards: u16,
+    /// Most keys one transfer moves from a shard to a dry sibling.
+    pub max_transfer_keys: usize,
+    /// How often unsettled transfers (left by a crash) are resent.
+    pub settle_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,6 +253,12 @@ impl Settings {
         )?;
         check(!self.admin.token.contains(char::is_whitespace), "admin.token", "must not contain white space")?;
         check((1..=1024).contains(&self.products.max_shards), "products.max_shards", "must be 1..=1024")?;
+        check(
+            (1..=crate::domain::shard::MAX_KEYS_PER_EVENT).contains(&self.products.max_transfer_keys),
+            "products.max_transfer_keys",
+            "must be 1..=4096",
+        )?;
+        check(self.products.settle_interval_ms >= 10, "products.settle_interval_ms", "must be at least 10")?;
         check(self.keys.max_import_bytes >= 1024, "keys.max_import_bytes", "must be at least 1024")?;
         check(self.orders.ttl_secs >= 1, "orders.ttl_secs", "must be at least 1")?;
         check(self.orders.ttl_secs <= 30 * 86400, "orders.ttl_secs", "must be at most 30 days")?;

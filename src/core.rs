@@ -30,6 +30,7 @@ use crate::storage::Storage;
 pub struct CoreLimits {
     pub max_quantity: u32,
     pub max_shards: u16,
+    pub max_transfer_keys: usize,
     pub request_timeout: Duration,
     pub max_skew_secs: u64,
     pub max_nonces: usize,
@@ -43,6 +44,7 @@ impl CoreLimits {
         CoreLimits {
             max_quantity: s.orders.max_quantity,
             max_shards: s.products.max_shards,
+            max_transfer_keys: s.products.max_transfer_keys,
             request_timeout: s.request_timeout(),
             max_skew_secs: s.payments.max_skew_secs,
             max_nonces: s.payments.max_nonces,
@@ -101,6 +103,8 @@ pub struct ProductAudit {
     pub available: u64,
     pub reserved: u64,
     pub sold: u64,
+    /// Keys lent by one shard to another and not yet received.
+    pub in_transit: u64,
 }
 
 impl ProductAudit {
@@ -110,6 +114,13 @@ impl ProductAudit {
         self.available += shard.available;
         self.reserved += shard.reserved;
         self.sold += shard.sold;
+    }
+
+    /// The product-wide check once every shard was added: returns its violation.
+    pub fn finish(&mut self, shards: &[ShardAudit]) -> Option<String> {
+        let (in_transit, violation) = crate::domain::shard::audit_product(shards);
+        self.in_transit = in_transit;
+        violation
     }
 }
 
@@ -279,6 +290,7 @@ impl Kami {
         for id in ids {
             let route = &routes[id];
             let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
+            let mut audits = Vec::with_capacity(route.shards.len());
             for (i, s) in route.shards.iter().enumerate() {
                 // The audit is not admission-controlled: it must work under overload.
                 let a: ShardAudit =
@@ -287,11 +299,13 @@ impl Kami {
                         _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
                     };
                 pa.add(&a);
-                for (status, n) in a.orders {
+                for (&status, &n) in &a.orders {
                     *report.orders.entry(status).or_default() += n;
                 }
-                report.violations.extend(a.violations.into_iter().map(|v| format!("{id}#{i}: {v}")));
+                report.violations.extend(a.violations.iter().map(|v| format!("{id}#{i}: {v}")));
+                audits.push(a);
             }
+            report.violations.extend(pa.finish(&audits).map(|v| format!("{id}: {v}")));
             report.products.push(pa);
         }
         report.ok = report.violations.is_empty();
@@ -338,7 +352,13 @@ impl Kami {
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
         };
-        let result = self.call(route.shard_for_buyer(&req.buyer), shard::CreateOrder(new)).await;
+        let home = route.shard_index_for_buyer(&req.buyer);
+        let result = match self.call(&route.shards[home], shard::CreateOrder(new.clone())).await {
+            Err(Error::Domain(DomainError::SoldOut { .. })) if route.shards.len() > 1 => {
+                self.order_with_borrowed_keys(&route, home, new).await
+            }
+            other => other,
+        };
         if let Some(Idempotency { key, fingerprint }) = &idempotency {
             match &result {
                 Ok(_) => self.confirm_pin(key, *fingerprint),
@@ -354,6 +374,113 @@ impl Kami {
             _ => {}
         }
         result
+    }
+
+    /// The buyer's shard is dry: borrow keys from its siblings and order again. The
+    /// buyer stays on its own shard, so per-buyer limits stay exact. `sold_out` is
+    /// answered only when every sibling had no key to lend and no keys were in
+    /// transit between shards meanwhile: the whole product was empty.
+    async fn order_with_borrowed_keys(
+        &self,
+        route: &crate::actors::ProductRoute,
+        home: usize,
+        new: NewOrder,
+    ) -> Result<OrderSnapshot, Error> {
+        let track = &route.transfers;
+        let siblings = || (1..route.shards.len()).map(|k| (home + k) % route.shards.len());
+        let sold_out = || Error::Domain(DomainError::SoldOut { requested: new.quantity, available: 0 });
+        // Fast answer once the sale is over: every sibling's durable stock is 0.
+        let (empty, quiet) = track.quiet_during(|| siblings().all(|j| route.shards[j].gauge.get().available == 0));
+        if empty && quiet {
+            return Err(sold_out());
+        }
+        let _turn = track.borrowing[home].lock().await;
+        loop {
+            // A borrower ahead in line may have refilled the shard.
+            match self.call(&route.shards[home], shard::CreateOrder(new.clone())).await {
+                Err(Error::Domain(DomainError::SoldOut { .. })) => {}
+                other => return other,
+            }
+            let started = track.started.load(std::sync::atomic::Ordering::SeqCst);
+            let finished = track.finished.load(std::sync::atomic::Ordering::SeqCst);
+            let mut moved = false;
+            for j in siblings() {
+                if route.shards[j].gauge.get().available == 0 {
+                    continue;
+                }
+                moved |= self.transfer(route, j, home, new.quantity as usize).await? > 0;
+                if moved {
+                    break;
+                }
+            }
+            if !moved {
+                let now_started = track.started.load(std::sync::atomic::Ordering::SeqCst);
+                if started == finished && now_started == started {
+                    return Err(sold_out());
+                }
+                // Keys were in transit between other shards: look again once they land.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// Moves keys from shard `from` to its dry sibling `to` (the three steps of
+    /// [`crate::domain::shard::Transfers`]). Returns how many keys moved.
+    async fn transfer(
+        &self,
+        route: &crate::actors::ProductRoute,
+        from: usize,
+        to: usize,
+        wanted: usize,
+    ) -> Result<usize, Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let track = &route.transfers;
+        track.started.fetch_add(1, SeqCst);
+        let max_keys = wanted.max(self.limits.max_transfer_keys);
+        let lent = self.call(&route.shards[from], shard::Lend { to: to as u16, max_keys }).await;
+        let result = match lent {
+            Ok(None) => Ok(0),
+            Ok(Some(t)) => {
+                let (transfer, n) = (t.transfer, t.keys.len());
+                // Should this fail, the lender resends it later (`settle_transfers`).
+                let received = self.call(&route.shards[to], shard::Receive(t)).await;
+                if received.is_ok() {
+                    let _ = self.call(&route.shards[from], shard::Settle(transfer)).await;
+                    metrics::counter!("kami_key_transfers_total").increment(1);
+                    metrics::counter!("kami_keys_transferred_total").increment(n as u64);
+                }
+                received.map(|()| n)
+            }
+            // A lender that cannot answer has nothing to lend now.
+            Err(Error::Overloaded | Error::Timeout | Error::Unavailable(_)) => Ok(0),
+            Err(e) => Err(e),
+        };
+        track.finished.fetch_add(1, SeqCst);
+        result
+    }
+
+    /// Resends every transfer a crash left unsettled (keys lent, not known to have
+    /// arrived), so keys in transit always reach their borrower, exactly once.
+    /// Returns how many were settled.
+    pub async fn settle_transfers(&self) -> usize {
+        let mut settled = 0;
+        for route in self.registry.all().values().filter(|r| r.shards.len() > 1) {
+            for lender in &route.shards {
+                let Ok(list) = self.call(lender, shard::ListUnsettled { limit: 64 }).await else { continue };
+                for t in list {
+                    let (transfer, to) = (t.transfer, t.to as usize);
+                    if self.call(&route.shards[to], shard::Receive(t)).await.is_ok()
+                        && self.call(lender, shard::Settle(transfer)).await.is_ok()
+                    {
+                        settled += 1;
+                    }
+                }
+            }
+        }
+        if settled > 0 {
+            tracing::info!(settled, "resent key transfers left unsettled");
+        }
+        settled
     }
 
     fn pin(&self, key: &str, fingerprint: [u8; 16]) -> Result<(), Error> {

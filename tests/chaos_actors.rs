@@ -153,7 +153,10 @@ async fn flash_sale_survives_actor_kills_every_few_milliseconds() {
     let audit = api.audit().await;
     assert_audit_ok(&audit);
     let hot = audit.body["products"].as_array().unwrap().iter().find(|p| p["id"] == "hot").unwrap().clone();
-    assert_eq!(hot, json!({"id": "hot", "imported": keys, "available": 0, "reserved": 0, "sold": keys}));
+    assert_eq!(
+        hot,
+        json!({"id": "hot", "imported": keys, "available": 0, "reserved": 0, "sold": keys, "in_transit": 0})
+    );
 
     // I2, I3, I4 from every acknowledged order: paid ones are delivered, each with
     // its own key, and together they hold exactly the imported keys.

@@ -143,3 +143,166 @@ proptest! {
         }
     }
 }
+
+/// What can happen to the shards of one product while keys move between them.
+#[derive(Debug, Clone)]
+enum MultiOp {
+    Import {
+        shard: usize,
+        keys: Vec<u8>,
+    },
+    Order {
+        shard: usize,
+        buyer: u8,
+        quantity: u32,
+    },
+    Pay {
+        shard: usize,
+        order: usize,
+    },
+    Advance {
+        ms: u64,
+    },
+    /// A lend whose transfer then waits in `in_flight` (a crash may strand it there).
+    Lend {
+        from: usize,
+        to: usize,
+        max: usize,
+    },
+    /// The borrower receives an in-flight transfer, possibly again (a resend).
+    Receive {
+        nth: usize,
+        settle: bool,
+    },
+}
+
+fn multi_op() -> impl Strategy<Value = MultiOp> {
+    prop_oneof![
+        (0usize..3, prop::collection::vec(0u8..60, 0..8)).prop_map(|(shard, keys)| MultiOp::Import { shard, keys }),
+        (0usize..3, 0u8..6, 1u32..3).prop_map(|(shard, buyer, quantity)| MultiOp::Order { shard, buyer, quantity }),
+        (0usize..3, 0usize..32).prop_map(|(shard, order)| MultiOp::Pay { shard, order }),
+        (0u64..3000).prop_map(|ms| MultiOp::Advance { ms }),
+        (0usize..3, 1usize..3, 1usize..6).prop_map(|(from, k, max)| MultiOp::Lend { from, to: (from + k) % 3, max }),
+        (0usize..8, prop::bool::ANY).prop_map(|(nth, settle)| MultiOp::Receive { nth, settle }),
+    ]
+}
+
+fn check_product(shards: &[Shard]) -> u64 {
+    let audits: Vec<_> = shards.iter().map(|s| s.audit()).collect();
+    for a in &audits {
+        assert!(a.violations.is_empty(), "{:?}", a.violations);
+    }
+    let (in_transit, violation) = kami::domain::shard::audit_product(&audits);
+    assert_eq!(violation, None);
+    let mut live = HashSet::new();
+    for s in shards {
+        for k in s.key_strings() {
+            assert!(live.insert(k.to_string()), "key {k} is in the stock of two shards");
+        }
+    }
+    in_transit
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Keys lent between shards are in exactly one shard's stock or in transit, a
+    /// resent transfer is taken once, keys can come back to their first shard, and
+    /// each shard's journal (or a snapshot plus its tail) rebuilds it.
+    #[test]
+    fn keys_moving_between_shards_are_conserved(ops in prop::collection::vec(multi_op(), 1..100)) {
+        let product = ProductInfo { id: "p".into(), name: "P".into(), price_cents: 5, per_buyer_limit: 0, shards: 3, created_at_ms: 0 };
+        let mut shards: Vec<Shard> = (0..3).map(|i| Shard::new(product.clone(), i)).collect();
+        let mut journals: Vec<Vec<Event>> = vec![Vec::new(); 3];
+        let mut in_flight = Vec::new();
+        let mut now = 0u64;
+        let mut payments = 0;
+        for op in ops {
+            match op {
+                MultiOp::Import { shard, keys } => {
+                    // Imports go to the key's own shard, as the registry routes them.
+                    let keys: Vec<String> = keys.iter().filter(|k| **k as usize % 3 == shard).map(|k| format!("key{k}")).collect();
+                    let (events, _, _) = shards[shard].import_keys(keys);
+                    journals[shard].extend(events);
+                }
+                MultiOp::Order { shard, buyer, quantity } => {
+                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000 };
+                    if let Ok(Outcome::Changed(e, _)) = shards[shard].create_order(req, now) {
+                        journals[shard].push(e);
+                    }
+                }
+                MultiOp::Pay { shard, order } => {
+                    let n = shards[shard].orders().len();
+                    if n == 0 { continue; }
+                    let seq = (order % n) as u64 + 1;
+                    payments += 1;
+                    let amount = shards[shard].order(seq).unwrap().amount_cents;
+                    let p = Payment { order_seq: seq, payment_id: format!("pay{payments}"), channel: "c".into(), amount_cents: amount, status: "paid".into() };
+                    if let Ok(Outcome::Changed(e, _)) = shards[shard].pay(p, now) {
+                        journals[shard].push(e);
+                    }
+                }
+                MultiOp::Advance { ms } => {
+                    now += ms;
+                    for (s, j) in shards.iter_mut().zip(journals.iter_mut()) {
+                        j.extend(s.expire_due(now, usize::MAX));
+                    }
+                }
+                MultiOp::Lend { from, to, max } => {
+                    let available = shards[from].counts().available;
+                    match shards[from].lend(to as u16, max) {
+                        Some((e, t)) => {
+                            prop_assert_eq!(t.keys.len() as u64, available.div_ceil(2).min(max as u64));
+                            journals[from].push(e);
+                            in_flight.push(t);
+                        }
+                        None => prop_assert_eq!(available, 0),
+                    }
+                }
+                MultiOp::Receive { nth, settle } => {
+                    if in_flight.is_empty() { continue; }
+                    let t = in_flight[nth % in_flight.len()].clone();
+                    let (from, to, transfer) = (t.from as usize, t.to as usize, t.transfer);
+                    if let Outcome::Changed(e, ()) = shards[to].receive(t) {
+                        journals[to].push(e);
+                    }
+                    if settle {
+                        if let Outcome::Changed(e, ()) = shards[from].settle(transfer) {
+                            journals[from].push(e);
+                        }
+                        in_flight.retain(|x| (x.from, x.transfer) != (from as u16, transfer));
+                    }
+                }
+            }
+            check_product(&shards);
+        }
+        // Recovery resends what is unsettled: afterwards nothing is in transit.
+        for from in 0..3 {
+            for t in shards[from].unsettled(usize::MAX) {
+                let (to, transfer) = (t.to as usize, t.transfer);
+                if let Outcome::Changed(e, ()) = shards[to].receive(t) {
+                    journals[to].push(e);
+                }
+                let Outcome::Changed(e, ()) = shards[from].settle(transfer) else { panic!("was unsettled") };
+                journals[from].push(e);
+            }
+        }
+        prop_assert_eq!(check_product(&shards), 0);
+        for (i, journal) in journals.iter().enumerate() {
+            let mut replayed = Shard::new(product.clone(), i as u16);
+            let half = journal.len() / 2;
+            for e in &journal[..half] {
+                replayed.apply(e);
+            }
+            let bytes = kami::storage::codec::encode(kami::storage::codec::Kind::Snapshot, &replayed);
+            let mut restored = kami::storage::codec::decode_snapshot(&bytes).unwrap();
+            restored.rebuild_indexes();
+            for e in &journal[half..] {
+                restored.apply(e);
+            }
+            prop_assert_eq!(restored.counts(), shards[i].counts());
+            prop_assert_eq!(restored.orders(), shards[i].orders());
+            prop_assert!(restored.audit().violations.is_empty());
+        }
+    }
+}

@@ -6,9 +6,9 @@
 
 use std::path::PathBuf;
 
-use kami::domain::shard::{Idempotency, KeyId, PaymentOutcome, PaymentRecord, RefundReason};
+use kami::domain::shard::{Idempotency, KeyId, Outcome, OutgoingTransfer, PaymentOutcome, PaymentRecord, RefundReason};
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
-use kami::storage::codec::{decode, encode, Kind, FORMAT_VERSION};
+use kami::storage::codec::{decode, decode_snapshot, encode, Kind, FORMAT_VERSION};
 
 fn product() -> ProductInfo {
     ProductInfo {
@@ -81,11 +81,32 @@ fn events_v2() -> Vec<Event> {
     events
 }
 
+/// Version 3 adds keys moving between the shards of a product.
+fn events_v3() -> Vec<Event> {
+    let mut events = events_v2();
+    events.extend([
+        Event::KeysLent { transfer: 0, to: 1, keys: vec![1] },
+        Event::KeysReceived { from: 1, transfer: 4, keys: vec!["KEY-CCCC".into()] },
+        Event::TransferSettled { transfer: 0 },
+    ]);
+    events
+}
+
 fn snapshot() -> Shard {
     let mut s = Shard::new(product(), 0);
     for e in &events()[..3] {
         s.apply(e);
     }
+    s
+}
+
+/// A shard of a two-shard product with a transfer out (unsettled) and one in.
+fn snapshot_v3() -> Shard {
+    let mut s = Shard::new(ProductInfo { shards: 2, ..product() }, 0);
+    s.import_keys(vec!["KEY-AAAA".into(), "KEY-BBBB".into(), "KEY-DDDD".into()]);
+    s.lend(1, 1).expect("keys to lend");
+    let incoming = OutgoingTransfer { from: 1, transfer: 4, to: 0, keys: vec!["KEY-CCCC".into()] };
+    assert!(matches!(s.receive(incoming), Outcome::Changed(..)));
     s
 }
 
@@ -95,7 +116,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 2, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 3, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -104,7 +125,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v2; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v3; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -127,7 +148,7 @@ fn v1_events_decode() {
 #[test]
 fn v1_product_and_snapshot_decode() {
     assert_eq!(decode::<ProductInfo>(Kind::Product, &old(1, "product.bin")).unwrap(), product());
-    let mut s: Shard = decode(Kind::Snapshot, &old(1, "snapshot.bin")).unwrap();
+    let mut s = decode_snapshot(&old(1, "snapshot.bin")).unwrap();
     s.rebuild_indexes();
     assert_eq!(s.orders(), snapshot().orders());
     assert_eq!(s.counts(), snapshot().counts());
@@ -138,18 +159,42 @@ fn v1_product_and_snapshot_decode() {
 
 #[test]
 fn v2_events_decode() {
-    let fresh = serde_json::to_vec(&events_v2().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v2());
+    assert_eq!(decode_events(&old(2, "events.bin")), events_v2());
 }
 
 #[test]
 fn v2_product_and_snapshot_decode() {
-    let stored = check("product.bin", encode(Kind::Product, &product()));
-    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
-    let stored = check("snapshot.bin", encode(Kind::Snapshot, &snapshot()));
-    let mut s: Shard = decode(Kind::Snapshot, &stored).unwrap();
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(2, "product.bin")).unwrap(), product());
+    let mut s = decode_snapshot(&old(2, "snapshot.bin")).unwrap();
     s.rebuild_indexes();
     assert_eq!(s.orders(), snapshot().orders());
     assert_eq!(s.counts(), snapshot().counts());
     assert!(s.payment("sandbox", "pay-1").is_some());
+    assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
+}
+
+#[test]
+fn v3_events_decode() {
+    let fresh = serde_json::to_vec(&events_v3().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v3());
+}
+
+#[test]
+fn v3_product_and_snapshot_decode() {
+    let stored = check("product.bin", encode(Kind::Product, &product()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
+    let stored = check("snapshot.bin", encode(Kind::Snapshot, &snapshot_v3()));
+    let mut s = decode_snapshot(&stored).unwrap();
+    s.rebuild_indexes();
+    let want = snapshot_v3();
+    assert_eq!(s.counts(), want.counts());
+    assert_eq!(s.unsettled(10), want.unsettled(10));
+    assert_eq!(
+        s.key_strings().collect::<Vec<_>>(),
+        ["KEY-AAAA", "KEY-BBBB", "KEY-CCCC"],
+        "KEY-DDDD was lent from the back"
+    );
+    let audit = s.audit();
+    assert!(audit.violations.is_empty(), "{:?}", audit.violations);
+    assert_eq!((audit.imported, audit.available, audit.unsettled.len()), (3, 3, 1));
 }

@@ -36,7 +36,10 @@ async fn full_purchase_delivers_a_key_and_audit_holds() {
 
     let audit = api.audit().await;
     assert_audit_ok(&audit);
-    assert_eq!(audit.body["products"][0], json!({"id": "p1", "imported": 3, "available": 2, "reserved": 0, "sold": 1}));
+    assert_eq!(
+        audit.body["products"][0],
+        json!({"id": "p1", "imported": 3, "available": 2, "reserved": 0, "sold": 1, "in_transit": 0})
+    );
     assert_eq!(audit.body["orders"]["delivered"], json!(1));
 }
 

@@ -29,7 +29,10 @@ async fn panicked_stock_actor_is_rebuilt_from_storage() {
     assert_eq!(api.buy("p", "carol").await.body["status"], "delivered");
     let audit = api.audit().await;
     assert_audit_ok(&audit);
-    assert_eq!(audit.body["products"][0], json!({"id": "p", "imported": 3, "available": 0, "reserved": 1, "sold": 2}));
+    assert_eq!(
+        audit.body["products"][0],
+        json!({"id": "p", "imported": 3, "available": 0, "reserved": 1, "sold": 2, "in_transit": 0})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

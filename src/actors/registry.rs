@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -21,18 +22,60 @@ pub struct ShardHandle {
 pub struct ProductRoute {
     pub info: ProductInfo,
     pub shards: Vec<ShardHandle>,
+    /// Keys moving between this product's shards (see `Kami::create_order`).
+    pub transfers: TransferTrack,
+}
+
+/// What the order path needs to know about transfers between the shards of one
+/// product: which dry shard is borrowing, and whether any keys are in transit.
+pub struct TransferTrack {
+    /// One borrower at a time per dry shard (only orders that found it dry wait here).
+    pub borrowing: Vec<tokio::sync::Mutex<()>>,
+    /// Transfers begun and ended; equal when no keys are in transit between shards.
+    pub started: AtomicU64,
+    pub finished: AtomicU64,
+}
+
+impl TransferTrack {
+    pub fn new(shards: usize) -> TransferTrack {
+        TransferTrack {
+            borrowing: (0..shards).map(|_| tokio::sync::Mutex::new(())).collect(),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `look` and tells whether no transfer was in transit at any moment of it:
+    /// none in transit when it began, and none begun by its end.
+    pub fn quiet_during<T>(&self, look: impl FnOnce() -> T) -> (T, bool) {
+        let started = self.started.load(Ordering::SeqCst);
+        let finished = self.finished.load(Ordering::SeqCst);
+        let value = look();
+        (value, started == finished && self.started.load(Ordering::SeqCst) == started)
+    }
 }
 
 impl ProductRoute {
-    /// The shard owning a buyer: stable across restarts (per-buyer limits live there).
-    pub fn shard_for_buyer(&self, buyer: &str) -> &ShardHandle {
-        &self.shards[crc32fast::hash(buyer.as_bytes()) as usize % self.shards.len()]
+    pub fn new(info: ProductInfo, shards: Vec<ShardHandle>) -> ProductRoute {
+        let transfers = TransferTrack::new(shards.len());
+        ProductRoute { info, shards, transfers }
+    }
+
+    /// The shard owning a buyer: stable across restarts (per-buyer limits live there,
+    /// so they are exact however many shards the product has).
+    pub fn shard_index_for_buyer(&self, buyer: &str) -> usize {
+        buyer_shard(buyer, self.shards.len())
     }
 
     /// The shard that deduplicates and holds a key when it is imported.
     pub fn shard_index_for_key(&self, key: &str) -> usize {
         crc32fast::hash(key.as_bytes()) as usize % self.shards.len()
     }
+}
+
+/// The shard of `shards` that owns `buyer`.
+pub fn buyer_shard(buyer: &str, shards: usize) -> usize {
+    crc32fast::hash(buyer.as_bytes()) as usize % shards
 }
 
 /// Product id → route. Replaced wholesale (copy-on-write) when a product is added,

@@ -21,7 +21,7 @@ use actix::prelude::*;
 use futures::future;
 
 use crate::clock::Clock;
-use crate::domain::shard::{Counts, NewOrder, Outcome, Payment};
+use crate::domain::shard::{Counts, NewOrder, Outcome, OutgoingTransfer, Payment};
 use crate::domain::{DomainError, Event, Order, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
 use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
 
@@ -146,6 +146,33 @@ pub struct CompleteRefund {
     pub payment_id: String,
 }
 
+/// Lend up to `max_keys` available keys to sibling shard `to` (see
+/// [`crate::domain::shard::Transfers`]). Answered once the lending is durable;
+/// `None` when this shard has nothing to lend.
+#[derive(Message)]
+#[rtype(result = "ShardResult<Option<OutgoingTransfer>>")]
+pub struct Lend {
+    pub to: u16,
+    pub max_keys: usize,
+}
+
+/// Take in keys a sibling lent (a repeat is answered without a change).
+#[derive(Message)]
+#[rtype(result = "ShardResult<()>")]
+pub struct Receive(pub OutgoingTransfer);
+
+/// The borrower holds the keys of this transfer.
+#[derive(Message)]
+#[rtype(result = "ShardResult<()>")]
+pub struct Settle(pub u64);
+
+/// Outgoing transfers not yet settled (to resend), at most `limit`.
+#[derive(Message)]
+#[rtype(result = "ShardResult<Vec<OutgoingTransfer>>")]
+pub struct ListUnsettled {
+    pub limit: usize,
+}
+
 /// Writes a snapshot now (graceful shutdown).
 #[derive(Message)]
 #[rtype(result = "ShardResult<()>")]
@@ -212,7 +239,10 @@ impl Live {
 fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
     match event {
         Event::RefundCompleted { channel, payment_id, .. } => shard.payment(channel, payment_id).map(|p| p.order_seq),
-        Event::KeysImported { .. } => None,
+        Event::KeysImported { .. }
+        | Event::KeysLent { .. }
+        | Event::KeysReceived { .. }
+        | Event::TransferSettled { .. } => None,
         Event::OrderCreated { order } => Some(order.seq),
         Event::PaymentApplied { record, .. } => Some(record.order_seq),
         Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),
@@ -609,14 +639,69 @@ impl Handler<CompleteRefund> for ShardActor {
 
     fn handle(&mut self, m: CompleteRefund, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.env.clock.now_ms();
-        match self.guarded(ctx, |s| s.complete_refund(&m.channel, &m.payment_id, now)) {
+        let outcome = match self.guarded(ctx, |s| s.complete_refund(&m.channel, &m.payment_id, now)) {
+            Ok(r) => r.map_err(ShardError::from),
+            Err(e) => Err(e),
+        };
+        self.journal_outcome(ctx, outcome)
+    }
+}
+
+impl ShardActor {
+    /// Journals the event of a changed outcome and replies once it is durable.
+    fn journal_outcome<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        outcome: ShardResult<Outcome<T>>,
+    ) -> ResponseFuture<ShardResult<T>> {
+        match outcome {
             Err(e) => fail(e),
-            Ok(Err(refusal)) => fail(refusal),
-            Ok(Ok(Outcome::Repeat(()))) => self.reply(None, ()),
-            Ok(Ok(Outcome::Changed(event, ()))) => match self.persist(ctx, &[event]) {
-                Ok(t) => self.reply(Some(t), ()),
+            Ok(Outcome::Repeat(value)) => self.reply(None, value),
+            Ok(Outcome::Changed(event, value)) => match self.persist(ctx, &[event]) {
+                Ok(t) => self.reply(Some(t), value),
                 Err(e) => fail(e),
             },
+        }
+    }
+}
+
+impl Handler<Lend> for ShardActor {
+    type Result = ResponseFuture<ShardResult<Option<OutgoingTransfer>>>;
+
+    fn handle(&mut self, m: Lend, ctx: &mut Context<Self>) -> Self::Result {
+        let outcome = self.guarded(ctx, |s| match s.lend(m.to, m.max_keys) {
+            Some((event, transfer)) => Outcome::Changed(event, Some(transfer)),
+            None => Outcome::Repeat(None),
+        });
+        self.journal_outcome(ctx, outcome)
+    }
+}
+
+impl Handler<Receive> for ShardActor {
+    type Result = ResponseFuture<ShardResult<()>>;
+
+    fn handle(&mut self, m: Receive, ctx: &mut Context<Self>) -> Self::Result {
+        let outcome = self.guarded(ctx, |s| s.receive(m.0));
+        self.journal_outcome(ctx, outcome)
+    }
+}
+
+impl Handler<Settle> for ShardActor {
+    type Result = ResponseFuture<ShardResult<()>>;
+
+    fn handle(&mut self, m: Settle, ctx: &mut Context<Self>) -> Self::Result {
+        let outcome = self.guarded(ctx, |s| s.settle(m.0));
+        self.journal_outcome(ctx, outcome)
+    }
+}
+
+impl Handler<ListUnsettled> for ShardActor {
+    type Result = ResponseFuture<ShardResult<Vec<OutgoingTransfer>>>;
+
+    fn handle(&mut self, m: ListUnsettled, ctx: &mut Context<Self>) -> Self::Result {
+        match self.guarded(ctx, |s| s.unsettled(m.limit)) {
+            Ok(list) => self.reply(None, list),
+            Err(e) => fail(e),
         }
     }
 }

@@ -82,7 +82,7 @@ impl OrderSupervisor {
         }
         for (info, shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
-            sup.registry.insert(ProductRoute { info, shards });
+            sup.registry.insert(ProductRoute::new(info, shards));
         }
         report.elapsed = started.elapsed();
         Ok((sup, report))
@@ -110,7 +110,7 @@ impl OrderSupervisor {
                 start_shard(&self.env, &arbiter, info, r)
             })
             .collect();
-        self.registry.insert(ProductRoute { info: info.clone(), shards });
+        self.registry.insert(ProductRoute::new(info.clone(), shards));
         Ok(())
     }
 }

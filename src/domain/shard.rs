@@ -177,6 +177,60 @@ pub enum Event {
         payment_id: String,
         at_ms: Millis,
     },
+    /// (v3) Available keys, taken from the back of the queue, left for sibling shard
+    /// `to`. They wait in `unsettled` until the borrower is known to have them.
+    KeysLent {
+        transfer: u64,
+        to: u16,
+        keys: Vec<KeyId>,
+    },
+    /// (v3) Keys lent by sibling shard `from` arrived (once per `(from, transfer)`).
+    KeysReceived {
+        from: u16,
+        transfer: u64,
+        keys: Vec<String>,
+    },
+    /// (v3) The borrower of `transfer` is known to hold its keys.
+    TransferSettled {
+        transfer: u64,
+    },
+}
+
+/// Keys moving between the shards of one product: a shard that runs dry borrows
+/// from a sibling. The two shards have separate journals and no shared
+/// transaction, so a transfer is three journaled steps, each safe to crash after:
+///
+/// 1. the lender journals [`Event::KeysLent`]: the keys leave its available queue
+///    and wait in `unsettled` (they are then in no shard's stock: "in transit");
+/// 2. the borrower journals [`Event::KeysReceived`]: they join its available queue.
+///    A borrower accepts each `(from, transfer)` once, so the lender may resend;
+/// 3. the lender journals [`Event::TransferSettled`].
+///
+/// A crash between 1 and 3 leaves the transfer unsettled; the lender's unsettled
+/// transfers are resent until settled (at start-up and periodically), so keys in
+/// transit always arrive exactly once. A lent key stays known to its lender (in
+/// `away`), which keeps import deduplication exact and lets the key come back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Transfers {
+    /// Sequence of this shard's next outgoing transfer.
+    next: u64,
+    /// Lent, not yet settled: transfer → (borrower shard, keys).
+    unsettled: BTreeMap<u64, (u16, Vec<KeyId>)>,
+    /// Keys this shard knows that are now held by a sibling.
+    away: HashSet<KeyId>,
+    /// `(from, transfer)` of every transfer received (one entry per transfer, not per key).
+    received: std::collections::BTreeSet<(u16, u64)>,
+    /// Keys first known here by a transfer rather than an import.
+    received_new: u64,
+}
+
+/// A lent batch of keys on its way to the borrower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingTransfer {
+    pub from: u16,
+    pub transfer: u64,
+    pub to: u16,
+    pub keys: Vec<String>,
 }
 
 /// Where a payment is recorded: its id is unique within its channel only. Channel
@@ -242,6 +296,34 @@ pub struct ShardAudit {
     pub sold: u64,
     pub orders: BTreeMap<OrderStatus, u64>,
     pub violations: Vec<String>,
+    /// For the product-wide check ([`audit_product`]): this shard's index, its
+    /// unsettled outgoing transfers `(transfer, to, keys)` and the transfers it received.
+    #[serde(skip)]
+    pub shard: u16,
+    #[serde(skip)]
+    pub unsettled: Vec<(u64, u16, u64)>,
+    #[serde(skip)]
+    pub received: std::collections::BTreeSet<(u16, u64)>,
+}
+
+/// The product-wide half of the audit: a key lent by one shard is in the
+/// borrower's stock once received, and "in transit" before. Returns the keys in
+/// transit and a violation if Σ imported ≠ Σ (available + reserved + sold) + in transit.
+pub fn audit_product(shards: &[ShardAudit]) -> (u64, Option<String>) {
+    let received: HashSet<(u16, u16, u64)> =
+        shards.iter().flat_map(|a| a.received.iter().map(move |&(from, t)| (a.shard, from, t))).collect();
+    let in_transit: u64 = shards
+        .iter()
+        .flat_map(|a| a.unsettled.iter().map(move |&(t, to, n)| (a.shard, t, to, n)))
+        .filter(|&(from, t, to, _)| !received.contains(&(to, from, t)))
+        .map(|(_, _, _, n)| n)
+        .sum();
+    let imported: u64 = shards.iter().map(|a| a.imported).sum();
+    let placed: u64 = shards.iter().map(|a| a.available + a.reserved + a.sold).sum();
+    let violation = (imported != placed + in_transit).then(|| {
+        format!("product conservation broken: imported {imported} != in stock {placed} + in transit {in_transit}")
+    });
+    (in_transit, violation)
 }
 
 /// Counters kept in step with the state; the audit checks them against a recount.
@@ -263,6 +345,8 @@ pub struct Shard {
     orders: Vec<Order>,
     /// By [`payment_key`]: payment ids are unique per channel only.
     payments: HashMap<String, PaymentRecord>,
+    /// (v3) Keys lent to and borrowed from sibling shards.
+    transfers: Transfers,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -284,6 +368,28 @@ pub struct Shard {
     refunds_owed: std::collections::BTreeSet<String>,
 }
 
+/// A snapshot as format v1 and v2 wrote it: no transfers.
+#[derive(Deserialize)]
+pub struct ShardV2 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+}
+
+impl From<ShardV2> for Shard {
+    fn from(old: ShardV2) -> Shard {
+        let mut shard = Shard::new(old.product, old.shard);
+        shard.keys = old.keys;
+        shard.available = old.available;
+        shard.orders = old.orders;
+        shard.payments = old.payments;
+        shard
+    }
+}
+
 impl Shard {
     pub fn new(product: ProductInfo, shard: u16) -> Shard {
         assert!(shard < product.shards, "shard {shard} out of range for {}", product.id);
@@ -294,6 +400,7 @@ impl Shard {
             available: VecDeque::new(),
             orders: Vec::new(),
             payments: HashMap::new(),
+            transfers: Transfers::default(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: HashMap::new(),
@@ -353,7 +460,7 @@ impl Shard {
 
     pub fn counts(&self) -> Counts {
         Counts {
-            imported: self.keys.len() as u64,
+            imported: self.keys.len() as u64 - self.transfers.received_new,
             available: self.available.len() as u64,
             reserved: self.reserved,
             sold: self.sold,
@@ -372,9 +479,11 @@ impl Shard {
         &self.keys[id as usize]
     }
 
-    /// Every key this shard was given, in import order.
+    /// Every key in this shard's stock (available, reserved or sold), in the order
+    /// it arrived; keys lent to a sibling are not.
     pub fn key_strings(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|k| &**k)
+        let away = &self.transfers.away;
+        self.keys.iter().enumerate().filter(move |(id, _)| !away.contains(&(*id as KeyId))).map(|(_, k)| &**k)
     }
 
     pub fn payment(&self, channel: &str, payment_id: &str) -> Option<&PaymentRecord> {
@@ -592,6 +701,63 @@ impl Shard {
         Ok(event)
     }
 
+    // ---- transfers between sibling shards (see [`Transfers`]) ----
+
+    /// Lends up to `max_keys` available keys to sibling `to`: half of what this shard
+    /// has (rounded up), so a lender keeps stock for its own buyers. `None` when it
+    /// has none to lend.
+    pub fn lend(&mut self, to: u16, max_keys: usize) -> Option<(Event, OutgoingTransfer)> {
+        assert!(to != self.shard && to < self.product.shards, "lend to a sibling");
+        let n = self.available.len().div_ceil(2).min(max_keys).min(MAX_KEYS_PER_EVENT);
+        if n == 0 {
+            return None;
+        }
+        let start = self.available.len() - n;
+        let keys: Vec<KeyId> = self.available.range(start..).copied().collect();
+        let event = Event::KeysLent { transfer: self.transfers.next, to, keys };
+        self.apply(&event);
+        let Event::KeysLent { transfer, .. } = event else { unreachable!() };
+        Some((event, self.outgoing(transfer)))
+    }
+
+    fn outgoing(&self, transfer: u64) -> OutgoingTransfer {
+        let (to, keys) = &self.transfers.unsettled[&transfer];
+        OutgoingTransfer {
+            from: self.shard,
+            transfer,
+            to: *to,
+            keys: keys.iter().map(|&k| self.key(k).to_string()).collect(),
+        }
+    }
+
+    /// Lent transfers not yet settled, oldest first (to resend), at most `limit`.
+    pub fn unsettled(&self, limit: usize) -> Vec<OutgoingTransfer> {
+        self.transfers.unsettled.keys().take(limit).map(|&t| self.outgoing(t)).collect()
+    }
+
+    /// Takes in keys lent by a sibling; a transfer already received is a repeat.
+    /// Panics (a broken step: the actor rebuilds) if a key would be in stock twice.
+    pub fn receive(&mut self, t: OutgoingTransfer) -> Outcome<()> {
+        assert!(t.to == self.shard && t.from != self.shard && t.from < self.product.shards);
+        assert!(t.keys.len() <= MAX_KEYS_PER_EVENT);
+        if self.transfers.received.contains(&(t.from, t.transfer)) {
+            return Outcome::Repeat(());
+        }
+        let event = Event::KeysReceived { from: t.from, transfer: t.transfer, keys: t.keys };
+        self.apply(&event);
+        Outcome::Changed(event, ())
+    }
+
+    /// The borrower holds the keys of `transfer`.
+    pub fn settle(&mut self, transfer: u64) -> Outcome<()> {
+        if !self.transfers.unsettled.contains_key(&transfer) {
+            return Outcome::Repeat(());
+        }
+        let event = Event::TransferSettled { transfer };
+        self.apply(&event);
+        Outcome::Changed(event, ())
+    }
+
     /// When the next pending order falls due, if any.
     pub fn next_expiry(&self) -> Option<Millis> {
         self.expiry.peek().map(|Reverse((at, _))| *at)
@@ -707,6 +873,9 @@ impl Shard {
                     order.status = OrderStatus::Refunded;
                 }
             }
+            Event::KeysLent { .. } | Event::KeysReceived { .. } | Event::TransferSettled { .. } => {
+                self.apply_transfer(event)
+            }
             Event::OrderExpired { seq, at_ms } | Event::OrderCancelled { seq, at_ms } => {
                 let idx = seq.checked_sub(1).expect("order seq starts at 1") as usize;
                 let order = &mut self.orders[idx];
@@ -729,6 +898,44 @@ impl Shard {
         }
     }
 
+    fn apply_transfer(&mut self, event: &Event) {
+        match event {
+            Event::KeysLent { transfer, to, keys } => {
+                assert_eq!(*transfer, self.transfers.next, "transfer sequence gap");
+                assert!(keys.len() <= self.available.len(), "lent more keys than available");
+                let start = self.available.len() - keys.len();
+                assert!(self.available.range(start..).eq(keys.iter()), "lent keys must be the back of the queue");
+                self.available.truncate(start);
+                self.transfers.away.extend(keys.iter().copied());
+                self.transfers.unsettled.insert(*transfer, (*to, keys.clone()));
+                self.transfers.next += 1;
+            }
+            Event::KeysReceived { from, transfer, keys } => {
+                assert!(self.transfers.received.insert((*from, *transfer)), "transfer received twice");
+                for key in keys {
+                    let id = match self.find_key(key) {
+                        Some(id) => {
+                            assert!(self.transfers.away.remove(&id), "received a key already in stock");
+                            id
+                        }
+                        None => {
+                            let id = KeyId::try_from(self.keys.len()).expect("at most u32::MAX keys per shard");
+                            self.keys.push(key.as_str().into());
+                            self.index_key(id);
+                            self.transfers.received_new += 1;
+                            id
+                        }
+                    };
+                    self.available.push_back(id);
+                }
+            }
+            Event::TransferSettled { transfer } => {
+                self.transfers.unsettled.remove(transfer).expect("settled an unsettled transfer");
+            }
+            _ => unreachable!("not a transfer event"),
+        }
+    }
+
     /// Removes `ids` from the front of the available queue; they must be exactly there.
     fn take_available(&mut self, ids: &[KeyId]) {
         for &id in ids {
@@ -746,6 +953,7 @@ impl Shard {
         enum Place {
             Nowhere,
             Available,
+            Away,
             Reserved(u64),
             Sold(u64),
         }
@@ -758,6 +966,13 @@ impl Shard {
         };
         for &id in &self.available {
             mark(id, Place::Available, &mut violations);
+        }
+        for &id in &self.transfers.away {
+            mark(id, Place::Away, &mut violations);
+        }
+        // (A key of an unsettled transfer may be back already: lent on by the borrower.)
+        if self.transfers.unsettled.values().any(|(to, _)| *to == self.shard) {
+            violations.push("a transfer lent keys to its own shard".into());
         }
         let mut audit = ShardAudit::default();
         for order in &self.orders {
@@ -794,20 +1009,25 @@ impl Shard {
         self.audit_payments(&mut violations);
         let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
         if lost > 0 {
-            violations.push(format!("{lost} keys are neither available, reserved nor sold"));
+            violations.push(format!("{lost} keys are neither available, reserved, sold nor lent"));
         }
         let distinct: HashSet<&str> = self.keys.iter().map(|k| &**k).collect();
         if distinct.len() != self.keys.len() {
             violations.push("the same key was imported twice".into());
         }
-        audit.imported = self.keys.len() as u64;
+        let known = self.keys.len() as u64;
+        let away = self.transfers.away.len() as u64;
+        audit.imported = known - self.transfers.received_new;
         audit.available = self.available.len() as u64;
-        if audit.imported != audit.available + audit.reserved + audit.sold {
+        if known != audit.available + audit.reserved + audit.sold + away {
             violations.push(format!(
-                "conservation broken: imported {} != available {} + reserved {} + sold {}",
-                audit.imported, audit.available, audit.reserved, audit.sold
+                "conservation broken: known {known} != available {} + reserved {} + sold {} + lent {away}",
+                audit.available, audit.reserved, audit.sold
             ));
         }
+        audit.shard = self.shard;
+        audit.unsettled = self.transfers.unsettled.iter().map(|(&t, (to, k))| (t, *to, k.len() as u64)).collect();
+        audit.received = self.transfers.received.clone();
         let counts = self.counts();
         if (counts.reserved, counts.sold) != (audit.reserved, audit.sold) {
             violations.push(format!("counters drifted: {counts:?} vs recount {audit:?}"));

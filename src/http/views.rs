@@ -89,7 +89,7 @@ pub fn audit(r: &AuditReport) -> Value {
     let products: Vec<Value> = r
         .products
         .iter()
-        .map(|p| json!({"id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved, "sold": p.sold}))
+        .map(|p| json!({"id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved, "sold": p.sold, "in_transit": p.in_transit}))
         .collect();
     let orders: serde_json::Map<String, Value> =
         r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();

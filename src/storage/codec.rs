@@ -12,12 +12,19 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::domain::shard::ShardV2;
+use crate::domain::Shard;
+
 pub const MAGIC: [u8; 4] = *b"KAMI";
 /// Version 2: a snapshot keys its payments by `channel/payment_id` (payment ids are
 /// unique per channel only) and `Event::RefundCompleted` names its channel. The
 /// types' layout is unchanged, so version 1 records decode as they are; a v1
 /// snapshot's payments are re-keyed when its indexes are rebuilt.
-pub const FORMAT_VERSION: u8 = 2;
+///
+/// Version 3: keys move between the shards of a product. Three events are added at
+/// the end of `Event` (older events decode unchanged) and a snapshot ends with the
+/// shard's transfers; v1/v2 snapshots decode as [`ShardV2`] (no transfers).
+pub const FORMAT_VERSION: u8 = 3;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 const HEADER_BYTES: usize = 14;
@@ -100,6 +107,14 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
         return Err(CodecError::BadChecksum);
     }
     options(kind).deserialize(payload).map_err(|e| CodecError::Payload(e.to_string()))
+}
+
+/// Decodes a snapshot of any readable version.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
+    match bytes.get(4) {
+        Some(1 | 2) => decode::<ShardV2>(Kind::Snapshot, bytes).map(Shard::from),
+        _ => decode::<Shard>(Kind::Snapshot, bytes),
+    }
 }
 
 #[cfg(test)]

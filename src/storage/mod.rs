@@ -187,7 +187,7 @@ impl Storage {
                 older_snapshots += 1;
                 continue;
             }
-            match codec::decode::<Shard>(Kind::Snapshot, &v) {
+            match codec::decode_snapshot(&v) {
                 Ok(mut shard) => {
                     shard.rebuild_indexes();
                     base = Some((seq, shard, v.len()));

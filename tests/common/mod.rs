@@ -217,13 +217,22 @@ impl Api {
     }
 }
 
+/// The sum of every series of metric `name` in Prometheus text (0 when absent).
+/// The recorder is global to the test process: tests running alongside add to it.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn assert_audit_ok(audit: &Reply) {
     assert_eq!(audit.status, 200);
     assert_eq!(audit.body["ok"], json!(true), "audit: {}", audit.body);
     assert_eq!(audit.body["violations"], json!([]));
     for p in audit.body["products"].as_array().unwrap() {
         let n = |f: &str| p[f].as_u64().unwrap();
-        assert_eq!(n("imported"), n("available") + n("reserved") + n("sold"), "I6 for {p}");
+        assert_eq!(n("imported"), n("available") + n("reserved") + n("sold") + n("in_transit"), "I6 for {p}");
     }
 }
 
