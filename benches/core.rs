@@ -1,5 +1,6 @@
 //! criterion benches: the pure domain step, a storage group commit at several batch
-//! sizes, and the in-process core (actors + journal, no HTTP) with 1 and 2 arbiters.
+//! sizes, one actor round trip, and the in-process core (actors + journal, no HTTP)
+//! with 1 and 2 arbiters.
 //! Run: `cargo bench --bench core`. Under `cargo test --all-targets` each runs once.
 
 use std::sync::Arc;
@@ -138,9 +139,8 @@ async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, con
     })
     .await
     .unwrap();
-    // Shards do not borrow keys from each other yet: import a margin so that no
-    // shard runs dry before the measured purchases are done.
-    for chunk in (0..iters * 2 + 256).collect::<Vec<_>>().chunks(4096) {
+    // Exactly one key per purchase: a shard that runs dry borrows from its sibling.
+    for chunk in (0..iters).collect::<Vec<_>>().chunks(4096) {
         core.import_keys(&id, chunk.iter().map(|i| format!("k{i}")).collect()).await.unwrap();
     }
     let started = Instant::now();
@@ -180,5 +180,30 @@ async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
     core.notify("sandbox", body.as_bytes(), Some(&sig)).await.expect("notify");
 }
 
-criterion_group!(benches, domain, storage, core_purchases);
+/// One message to a stock actor and its reply, no journal write: reading a durable
+/// order through the core (registry lookup, admission permit, actix send, reply).
+fn actor_round_trip(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let app = rt.block_on(start(dir.path(), 1));
+    let core = app.core().clone();
+    let order_id = rt.block_on(async {
+        let new =
+            kami::core::NewProduct { id: "rt".into(), name: "P".into(), price_cents: 1, per_buyer_limit: 0, shards: 1 };
+        core.create_product(new).await.unwrap();
+        core.import_keys("rt", vec!["k".into()]).await.unwrap();
+        let req = kami::core::OrderRequest { product_id: "rt".into(), quantity: 1, buyer: "b".into() };
+        let o = core.create_order(req, None).await.unwrap();
+        format!("{}.{}.{}", o.product_id, o.shard, o.order.seq)
+    });
+    let mut g = c.benchmark_group("actor");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("round_trip", |b| {
+        b.iter(|| rt.block_on(core.get_order(&order_id, None)).unwrap());
+    });
+    g.finish();
+    drop(app);
+}
+
+criterion_group!(benches, domain, storage, actor_round_trip, core_purchases);
 criterion_main!(benches);
