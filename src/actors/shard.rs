@@ -424,7 +424,12 @@ impl ShardActor {
         let trim_storage = storage.clone();
         actix_rt::spawn(async move {
             if trim_ticket.wait().await.is_ok() {
-                if let Err(e) = trim_storage.trim(&id, &journal, seq) {
+                // Removing a journal's worth of records takes long enough (hundreds
+                // of ms for ~100k records) to stall every order of this arbiter: off
+                // the actor's thread. Appends meanwhile only add records above `seq`.
+                let trimmed =
+                    tokio::task::spawn_blocking(move || trim_storage.trim(&id, &journal, seq).map_err(|e| (id, e)));
+                if let Ok(Err((id, e))) = trimmed.await {
                     tracing::warn!(shard = %id, error = %e, "trimming the journal failed");
                 }
             }

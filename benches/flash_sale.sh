@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Side-by-side flash-sale benchmark on this machine, in one run:
+#   * Redis 7 + the Lua reserve script shops use (benches/reserve.lua: check stock,
+#     DECR, LPOP a key), driven by redis-benchmark, without persistence and with
+#     `appendfsync always` (every reply durable, as kami's are);
+#   * a bare axum handler (examples/bare_axum.rs) and kami's durable order-create
+#     (one hot product, shards = arbiters), both driven by wrk (benches/order.lua);
+#   * kami's full purchase (create + signed notification + read) with `kami load`;
+# at the same connection counts, then prints a table and the ratios.
+#
+# Usage: bash benches/flash_sale.sh   (env: SECS=10 CONNS="256 5000" REDIS_OPS STOCK_KEYS
+# FULL_BUYERS; no variable may start with KAMI_, which kami reads as configuration)
+# Installs redis-server, redis-tools and wrk from the system packages if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${SECS:-10}
+CONNS=${CONNS:-"256 5000"}
+REDIS_OPS=${REDIS_OPS:-300000}
+STOCK_KEYS=${STOCK_KEYS:-1000000}
+FULL_BUYERS=${FULL_BUYERS:-30000}
+PORT_REDIS=6391 PORT_BARE=8091 PORT_KAMI=8092
+
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-benchmark >/dev/null || need+=(redis-tools)
+command -v wrk >/dev/null || need+=(wrk)
+if ((${#need[@]})); then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get install -y "${need[@]}" >/dev/null
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+cargo build --release --quiet --bin kami --example bare_axum
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+KAMI="$target_dir/release/kami"
+BARE="$target_dir/release/examples/bare_axum"
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+results=()   # "system|conns|ops_per_sec|p99"
+record() { results+=("$1|$2|$3|$4"); printf '  %-34s %6s conns %10s ops/s  p99 %s\n' "$1" "$2" "$3" "$4"; }
+
+# ---- Redis + Lua ----
+redis_run() { # $1 = label, rest = redis-server persistence flags
+    local label=$1; shift
+    rm -rf "$work/redis"; mkdir -p "$work/redis"
+    redis-server --port $PORT_REDIS --dir "$work/redis" --save '' --maxclients 20000 "$@" >"$work/redis.log" 2>&1 &
+    local pid=$!; pids+=("$pid")
+    until redis-cli -p $PORT_REDIS ping >/dev/null 2>&1; do sleep 0.1; done
+    local sha; sha=$(redis-cli -p $PORT_REDIS SCRIPT LOAD "$(cat benches/reserve.lua)")
+    for c in $CONNS; do
+        redis-cli -p $PORT_REDIS DEL stock keys >/dev/null
+        redis-cli -p $PORT_REDIS SET stock $((REDIS_OPS + 1000)) >/dev/null
+        seq 1 $((REDIS_OPS + 1000)) | awk '{ if ((NR-1) % 1000 == 0) { if (NR > 1) print ""; printf "RPUSH keys" } printf " key-%d", $1 } END { print "" }' \
+            | redis-cli -p $PORT_REDIS >/dev/null
+        local out; out=$(redis-benchmark -p $PORT_REDIS -c "$c" -n "$REDIS_OPS" --precision 2 EVALSHA "$sha" 2 stock keys 2>/dev/null | tr '\r' '\n')
+        local rps; rps=$(echo "$out" | sed -n 's/^ *throughput summary: \([0-9.]*\) requests per second.*/\1/p' | tail -1)
+        local p99; p99=$(echo "$out" | awk '/latency summary/ {getline; getline; print $5 " ms"}' | tail -1)
+        local left; left=$(redis-cli -p $PORT_REDIS LLEN keys)
+        [ "$left" -eq 1000 ] || echo "  (redis: $left keys left, expected 1000)"
+        record "$label" "$c" "${rps%.*}" "$p99"
+    done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+}
+echo "Redis + Lua reserve ($REDIS_OPS ops per run)"
+redis_run "redis+lua (no persistence)" --appendonly no
+redis_run "redis+lua (appendfsync always)" --appendonly yes --appendfsync always
+
+# ---- wrk against an HTTP server ----
+wrk_run() { # $1 = label, $2 = url
+    for c in $CONNS; do
+        local out; out=$(wrk -t2 -c "$c" -d "${SECS}s" --latency -s benches/order.lua "$2/api/v1/orders" 2>&1)
+        local created; created=$(echo "$out" | sed -n 's/^answers: created \([0-9]*\) other \([0-9]*\)/\1/p')
+        local other; other=$(echo "$out" | sed -n 's/^answers: created [0-9]* other \([0-9]*\)/\1/p')
+        local p99; p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+        record "$1" "$c" "$((created / SECS))" "$p99"
+        [ "$other" -eq 0 ] || echo "  ($1: $other answers were not 201)"
+    done
+}
+echo "bare axum handler (wrk, ${SECS}s per run)"
+"$BARE" 127.0.0.1:$PORT_BARE >/dev/null & pids+=($!)
+until curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT_BARE/api/v1/orders"; do sleep 0.1; done
+wrk_run "bare axum handler" "http://127.0.0.1:$PORT_BARE"
+
+echo "kami durable order-create (wrk, ${SECS}s per run, $STOCK_KEYS keys)"
+export KAMI_SERVER__LISTEN=127.0.0.1:$PORT_KAMI KAMI_STORAGE__PATH="$work/kami" KAMI_ADMIN__TOKEN=bench \
+    KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET=bench KAMI_RATE_LIMITS__ENABLED=false KAMI_LOG__LEVEL=warn
+"$KAMI" >"$work/kami.log" 2>&1 & kami_pid=$!; pids+=($kami_pid)
+for ((i = 0; ; i++)); do
+    curl -sf "http://127.0.0.1:$PORT_KAMI/readyz" >/dev/null && break
+    if ((i > 300)) || ! kill -0 $kami_pid 2>/dev/null; then echo "kami did not start:"; cat "$work/kami.log"; exit 1; fi
+    sleep 0.1
+done
+shards=$(nproc)
+curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' \
+    -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$shards}" \
+    "http://127.0.0.1:$PORT_KAMI/api/v1/products" >/dev/null
+for ((start = 0; start < STOCK_KEYS; start += 100000)); do
+    seq $start $((start + 99999 < STOCK_KEYS - 1 ? start + 99999 : STOCK_KEYS - 1)) | sed 's/^/flash-key-/' \
+        | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
+            "http://127.0.0.1:$PORT_KAMI/api/v1/products/flash/keys" >/dev/null
+done
+rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$kami_pid/status)
+wrk_run "kami order-create (durable)" "http://127.0.0.1:$PORT_KAMI"
+audit=$(curl -sf -H 'Authorization: Bearer bench' "http://127.0.0.1:$PORT_KAMI/api/v1/admin/audit")
+echo "  audit: $(echo "$audit" | tr -d '\n' | sed 's/.*"ok":\([a-z]*\).*/ok=\1/')  $(echo "$audit" | grep -o '"products":\[[^]]*\]')"
+echo "  RSS after loading $STOCK_KEYS keys: $((rss_kib / 1024)) MiB"
+kill $kami_pid; wait $kami_pid 2>/dev/null || true
+unset KAMI_SERVER__LISTEN KAMI_STORAGE__PATH KAMI_ADMIN__TOKEN KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET
+
+echo "kami full purchase (kami load: create + signed notification + read, embedded, $FULL_BUYERS buyers)"
+for c in $CONNS; do
+    "$KAMI" load --keys "$FULL_BUYERS" --buyers "$FULL_BUYERS" --concurrency "$c" --shards "$shards" \
+        --json "$work/full.json" >"$work/full.txt" 2>&1 || { cat "$work/full.txt"; exit 1; }
+    rps=$(sed -n 's/.*"buyers_per_sec": *\([0-9.]*\).*/\1/p' "$work/full.json" | head -1)
+    p99=$(sed -n 's/.*"p99_ms": *\([0-9.]*\).*/\1/p' "$work/full.json" | head -1)
+    record "kami full purchase" "$c" "${rps%.*}" "create ${p99}ms"
+done
+
+# ---- table and ratios ----
+get() { for r in "${results[@]}"; do IFS='|' read -r s c v _ <<<"$r"; if [ "$s" = "$1" ] && [ "$c" = "$2" ]; then echo "$v"; fi; done; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+echo
+echo "| system | conns | ops/s | p99 |"
+echo "|---|---:|---:|---:|"
+for r in "${results[@]}"; do IFS='|' read -r s c v p <<<"$r"; echo "| $s | $c | $v | $p |"; done
+echo
+for c in $CONNS; do
+    k=$(get "kami order-create (durable)" "$c"); f=$(get "kami full purchase" "$c")
+    echo "$c conns: kami order-create / redis-always $(ratio "$k" "$(get "redis+lua (appendfsync always)" "$c")"), / redis-none $(ratio "$k" "$(get "redis+lua (no persistence)" "$c")"), / bare axum $(ratio "$k" "$(get "bare axum handler" "$c")"); full purchase / redis-always $(ratio "$f" "$(get "redis+lua (appendfsync always)" "$c")")"
+done
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
