@@ -124,7 +124,8 @@ pub struct RunningApp {
     pub recovery: RecoveryReport,
     core: Option<Arc<Kami>>,
     state: AppState,
-    storage: std::sync::Weak<Storage>,
+    /// sled handles still open (see `Storage::open_handles`).
+    storage: std::sync::Weak<()>,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -257,7 +258,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
         mailbox_capacity: settings.actors.mailbox_capacity,
     });
-    let storage_weak = Arc::downgrade(&storage);
+    let storage_weak = storage.open_handles();
     let registry = Arc::new(Registry::default());
     let (supervisor, mut recovery) = OrderSupervisor::recover(env, actors.arbiters.clone(), registry.clone())
         .await

@@ -53,6 +53,10 @@ pub struct Storage {
     products: sled::Tree,
     snapshots: sled::Tree,
     committer: Committer,
+    /// One clone per live handle on the database (this value and every `Journal`),
+    /// each dropped after its sled handle: when none is left, sled's lock on the
+    /// directory is released.
+    handles: Arc<()>,
 }
 
 impl Storage {
@@ -66,7 +70,13 @@ impl Storage {
         let snapshots = db.open_tree("snapshots")?;
         let committer =
             Committer::start(db.clone(), opts.max_pending_commits, opts.max_commit_batch, opts.commit_linger);
-        Ok(Arc::new(Storage { db, products, snapshots, committer }))
+        Ok(Arc::new(Storage { db, products, snapshots, committer, handles: Arc::new(()) }))
+    }
+
+    /// Watches the handles on the database: once this has no strong count left,
+    /// every sled handle is dropped and the directory can be opened again.
+    pub fn open_handles(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.handles)
     }
 
     /// A claim on the next group flush; call after the writes it must cover.
@@ -110,7 +120,7 @@ impl Storage {
 
     pub fn journal(&self, id: &ShardId) -> Result<Journal, StorageError> {
         let tree = self.db.open_tree(format!("journal/{}/{}", id.product, id.shard))?;
-        Ok(Journal { tree })
+        Ok(Journal { tree, _handle: self.handles.clone() })
     }
 
     /// Every shard that has a journal (tooling: finds journals of unknown products).
@@ -313,6 +323,8 @@ pub struct Recovered {
 #[derive(Clone)]
 pub struct Journal {
     tree: sled::Tree,
+    /// Dropped after `tree` (fields drop in order): see [`Storage::open_handles`].
+    _handle: Arc<()>,
 }
 
 impl Journal {
