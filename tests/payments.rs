@@ -310,32 +310,54 @@ async fn soak_with_random_gateway_faults() {
         let (api, gw, next) = (api.clone(), gw.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ w);
-            let mut mine = Vec::new();
+            let (mut mine, mut unpaid) = (Vec::new(), None);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 if i >= buyers {
-                    return mine;
+                    return (mine, unpaid);
                 }
                 let o = api.order("p", 1, &format!("b{i}"), None).await;
                 if o.status != 201 {
                     assert_eq!((o.status, o.code()), (409, "sold_out"), "{}", o.body);
                     continue;
                 }
+                mine.push(o.body["order_id"].as_str().unwrap().to_string());
                 if rng.random_bool(0.85) {
                     // Some pay well after the 1 s expiry.
                     tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_500))).await;
                     pay_at_gateway(&api, &gw, &o).await;
+                } else if unpaid.is_none() {
+                    unpaid = Some(o);
                 }
-                mine.push(o.body["order_id"].as_str().unwrap().to_string());
             }
         }));
     }
-    let mut orders = Vec::new();
+    let (mut orders, mut unpaid) = (Vec::new(), Vec::new());
     for w in workers {
-        orders.extend(w.await.unwrap());
+        let (mine, left) = w.await.unwrap();
+        orders.extend(mine);
+        unpaid.extend(left);
     }
     running.store(false, Ordering::Relaxed);
     chaos.await.unwrap();
+
+    // Whatever the timing did, the sold-out refund happens at least once: once no
+    // reservation is left, sell (and pay for) every key still available, then pay
+    // for an order that expired unpaid.
+    let no_reservation = || async { api.audit().await.body["products"][0]["reserved"] == json!(0) };
+    assert!(api.eventually(Duration::from_secs(30), no_reservation).await, "reservations never expired");
+    for i in 0.. {
+        let o = api.order("p", 1, &format!("drain-{i}"), None).await;
+        if o.status != 201 {
+            assert_eq!(o.code(), "sold_out", "{}", o.body);
+            break;
+        }
+        pay_at_gateway(&api, &gw, &o).await;
+        orders.push(o.body["order_id"].as_str().unwrap().to_string());
+    }
+    let late = unpaid.first().expect("some buyers never paid");
+    assert_eq!(api.admin_order(late.body["order_id"].as_str().unwrap()).await.body["status"], "expired");
+    pay_at_gateway(&api, &gw, late).await;
 
     // Settle: reconcile until the gateway and kami agree (bounded).
     let settled_by = Instant::now() + Duration::from_secs(60);
