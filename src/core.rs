@@ -353,11 +353,15 @@ impl Kami {
             ttl_ms: self.ttl_ms,
         };
         let home = route.shard_index_for_buyer(&req.buyer);
-        let result = match self.call(&route.shards[home], shard::CreateOrder(new.clone())).await {
-            Err(Error::Domain(DomainError::SoldOut { .. })) if route.shards.len() > 1 => {
-                self.order_with_borrowed_keys(&route, home, new).await
+        let result = if route.shards.len() == 1 {
+            self.call(&route.shards[home], shard::CreateOrder(new)).await
+        } else {
+            match self.call(&route.shards[home], shard::CreateOrder(new.clone())).await {
+                Err(Error::Domain(DomainError::SoldOut { .. })) => {
+                    self.order_with_borrowed_keys(&route, home, new).await
+                }
+                other => other,
             }
-            other => other,
         };
         if let Some(Idempotency { key, fingerprint }) = &idempotency {
             match &result {
