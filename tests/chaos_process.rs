@@ -271,7 +271,9 @@ async fn kill_9_at_random_instants_loses_no_acknowledged_write() {
         let snapshot: Vec<(String, Acked)> =
             ledger.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let (this_cycle, older): (Vec<_>, Vec<_>) = snapshot.into_iter().partition(|(_, a)| a.cycle == cycle);
-        assert!(!this_cycle.is_empty(), "cycle {cycle} acknowledged nothing");
+        // (A snapshot may reach its crash point before any order is acknowledged.)
+        let snapshot_death = matches!(death, Death::CrashPoint("after_snapshot" | "mid_trim"));
+        assert!(!this_cycle.is_empty() || snapshot_death, "cycle {cycle} acknowledged nothing");
         // Its own generator: how many orders there are depends on timing, and the
         // seed must still replay the same deaths.
         let mut sampler = rand::rngs::StdRng::seed_from_u64(seed ^ cycle as u64);
