@@ -394,8 +394,8 @@ impl Kami {
         let siblings = || (1..route.shards.len()).map(|k| (home + k) % route.shards.len());
         let sold_out = || Error::Domain(DomainError::SoldOut { requested: new.quantity, available: 0 });
         // Fast answer once the sale is over: every sibling's durable stock is 0.
-        let (empty, quiet) = track.quiet_during(|| siblings().all(|j| route.shards[j].gauge.get().available == 0));
-        if empty && quiet {
+        let mark = track.mark();
+        if siblings().all(|j| route.shards[j].gauge.get().available == 0) && track.quiet_since(&mark) {
             return Err(sold_out());
         }
         let _turn = track.borrowing[home].lock().await;
@@ -405,21 +405,28 @@ impl Kami {
                 Err(Error::Domain(DomainError::SoldOut { .. })) => {}
                 other => return other,
             }
-            let started = track.started.load(std::sync::atomic::Ordering::SeqCst);
-            let finished = track.finished.load(std::sync::atomic::Ordering::SeqCst);
-            let mut moved = false;
+            let mark = track.mark();
+            let (mut moved, mut lender_failed) = (false, None);
             for j in siblings() {
                 if route.shards[j].gauge.get().available == 0 {
                     continue;
                 }
-                moved |= self.transfer(route, j, home, new.quantity as usize).await? > 0;
-                if moved {
-                    break;
+                match self.transfer(route, j, home, new.quantity as usize).await {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        moved = true;
+                        break;
+                    }
+                    // A lender that cannot answer may still hold keys: not `sold_out`.
+                    Err(e @ (Error::Overloaded | Error::Timeout | Error::Unavailable(_))) => lender_failed = Some(e),
+                    Err(e) => return Err(e),
                 }
             }
             if !moved {
-                let now_started = track.started.load(std::sync::atomic::Ordering::SeqCst);
-                if started == finished && now_started == started {
+                if let Some(e) = lender_failed {
+                    return Err(e);
+                }
+                if track.quiet_since(&mark) {
                     return Err(sold_out());
                 }
                 // Keys were in transit between other shards: look again once they land.
@@ -437,30 +444,18 @@ impl Kami {
         to: usize,
         wanted: usize,
     ) -> Result<usize, Error> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let track = &route.transfers;
-        track.started.fetch_add(1, SeqCst);
+        let _in_transit = route.transfers.begin();
         let max_keys = wanted.max(self.limits.max_transfer_keys);
-        let lent = self.call(&route.shards[from], shard::Lend { to: to as u16, max_keys }).await;
-        let result = match lent {
-            Ok(None) => Ok(0),
-            Ok(Some(t)) => {
-                let (transfer, n) = (t.transfer, t.keys.len());
-                // Should this fail, the lender resends it later (`settle_transfers`).
-                let received = self.call(&route.shards[to], shard::Receive(t)).await;
-                if received.is_ok() {
-                    let _ = self.call(&route.shards[from], shard::Settle(transfer)).await;
-                    metrics::counter!("kami_key_transfers_total").increment(1);
-                    metrics::counter!("kami_keys_transferred_total").increment(n as u64);
-                }
-                received.map(|()| n)
-            }
-            // A lender that cannot answer has nothing to lend now.
-            Err(Error::Overloaded | Error::Timeout | Error::Unavailable(_)) => Ok(0),
-            Err(e) => Err(e),
+        let Some(t) = self.call(&route.shards[from], shard::Lend { to: to as u16, max_keys }).await? else {
+            return Ok(0);
         };
-        track.finished.fetch_add(1, SeqCst);
-        result
+        let (transfer, n) = (t.transfer, t.keys.len());
+        // Should this fail, the lender resends it later (`settle_transfers`).
+        self.call(&route.shards[to], shard::Receive(t)).await?;
+        let _ = self.call(&route.shards[from], shard::Settle(transfer)).await;
+        metrics::counter!("kami_key_transfers_total").increment(1);
+        metrics::counter!("kami_keys_transferred_total").increment(n as u64);
+        Ok(n)
     }
 
     /// Resends every transfer a crash left unsettled (keys lent, not known to have

@@ -45,13 +45,36 @@ impl TransferTrack {
         }
     }
 
-    /// Runs `look` and tells whether no transfer was in transit at any moment of it:
-    /// none in transit when it began, and none begun by its end.
-    pub fn quiet_during<T>(&self, look: impl FnOnce() -> T) -> (T, bool) {
+    /// Where the transfer counters stand now, to ask later [`Self::quiet_since`].
+    pub fn mark(&self) -> TransferMark {
         let started = self.started.load(Ordering::SeqCst);
-        let finished = self.finished.load(Ordering::SeqCst);
-        let value = look();
-        (value, started == finished && self.started.load(Ordering::SeqCst) == started)
+        TransferMark { started, none_in_transit: self.finished.load(Ordering::SeqCst) == started }
+    }
+
+    /// True when no keys were in transit at any moment since `mark`: none were when
+    /// it was taken, and no transfer has begun since.
+    pub fn quiet_since(&self, mark: &TransferMark) -> bool {
+        mark.none_in_transit && self.started.load(Ordering::SeqCst) == mark.started
+    }
+
+    /// Counts a transfer in transit until the returned guard is dropped (also when
+    /// the request carrying it is cancelled half-way).
+    pub fn begin(&self) -> InTransit<'_> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        InTransit(self)
+    }
+}
+
+pub struct TransferMark {
+    started: u64,
+    none_in_transit: bool,
+}
+
+pub struct InTransit<'a>(&'a TransferTrack);
+
+impl Drop for InTransit<'_> {
+    fn drop(&mut self) {
+        self.0.finished.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -115,4 +138,23 @@ pub fn start_shard(
     let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
     let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, recovered));
     ShardHandle { addr, admission: Arc::new(Semaphore::new(env.mailbox_capacity)), gauge }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transit_is_seen_while_a_transfer_runs_and_ends_when_it_is_dropped() {
+        let track = TransferTrack::new(2);
+        let before = track.mark();
+        assert!(track.quiet_since(&before));
+        let transfer = track.begin();
+        assert!(!track.quiet_since(&before), "a transfer begun since the mark");
+        let during = track.mark();
+        assert!(!track.quiet_since(&during), "a transfer in transit when the mark was taken");
+        // A cancelled request drops its transfer half-way: the count must still end.
+        drop(transfer);
+        assert!(track.quiet_since(&track.mark()));
+    }
 }

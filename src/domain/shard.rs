@@ -714,9 +714,9 @@ impl Shard {
         }
         let start = self.available.len() - n;
         let keys: Vec<KeyId> = self.available.range(start..).copied().collect();
-        let event = Event::KeysLent { transfer: self.transfers.next, to, keys };
+        let transfer = self.transfers.next;
+        let event = Event::KeysLent { transfer, to, keys };
         self.apply(&event);
-        let Event::KeysLent { transfer, .. } = event else { unreachable!() };
         Some((event, self.outgoing(transfer)))
     }
 
