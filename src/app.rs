@@ -300,7 +300,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             loop {
                 tick.tick().await;
                 core.prune();
-                if let Some(l) = &limiter_state.ip_limiter {
+                if let Some(l) = &limiter_state.rate_limits {
                     l.prune();
                 }
             }

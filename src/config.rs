@@ -165,7 +165,54 @@ pub struct RateLimitSettings {
     pub enabled: bool,
     pub per_ip_per_sec: u32,
     pub per_ip_burst: u32,
+    pub per_buyer_per_sec: u32,
+    pub per_buyer_burst: u32,
     pub max_tracked_ips: usize,
+    pub max_tracked_buyers: usize,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierSettings>,
+}
+
+impl RateLimitSettings {
+    /// The limits of requests without an API key.
+    pub fn default_tier(&self) -> TierLimits {
+        TierLimits {
+            per_ip_per_sec: self.per_ip_per_sec,
+            per_ip_burst: self.per_ip_burst,
+            per_buyer_per_sec: self.per_buyer_per_sec,
+            per_buyer_burst: self.per_buyer_burst,
+        }
+    }
+}
+
+/// A named tier, selected by `X-Api-Key: <api_key>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSettings {
+    pub api_key: String,
+    pub per_ip_per_sec: u32,
+    pub per_ip_burst: u32,
+    pub per_buyer_per_sec: u32,
+    pub per_buyer_burst: u32,
+}
+
+impl TierSettings {
+    pub fn limits(&self) -> TierLimits {
+        TierLimits {
+            per_ip_per_sec: self.per_ip_per_sec,
+            per_ip_burst: self.per_ip_burst,
+            per_buyer_per_sec: self.per_buyer_per_sec,
+            per_buyer_burst: self.per_buyer_burst,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TierLimits {
+    pub per_ip_per_sec: u32,
+    pub per_ip_burst: u32,
+    pub per_buyer_per_sec: u32,
+    pub per_buyer_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,9 +385,21 @@ impl Settings {
                 });
             }
         }
-        check(self.rate_limits.per_ip_per_sec >= 1, "rate_limits.per_ip_per_sec", "must be at least 1")?;
-        check(self.rate_limits.per_ip_burst >= 1, "rate_limits.per_ip_burst", "must be at least 1")?;
-        check(self.rate_limits.max_tracked_ips >= 1, "rate_limits.max_tracked_ips", "must be at least 1")?;
+        let rl = &self.rate_limits;
+        check(rl.max_tracked_ips >= 1, "rate_limits.max_tracked_ips", "must be at least 1")?;
+        check(rl.max_tracked_buyers >= 1, "rate_limits.max_tracked_buyers", "must be at least 1")?;
+        let tiers = std::iter::once(rl.default_tier()).chain(rl.tiers.values().map(TierSettings::limits));
+        for t in tiers {
+            check(t.per_ip_per_sec >= 1, "rate_limits.per_ip_per_sec", "must be at least 1 (in every tier)")?;
+            check(t.per_ip_burst >= 1, "rate_limits.per_ip_burst", "must be at least 1 (in every tier)")?;
+            check(t.per_buyer_per_sec >= 1, "rate_limits.per_buyer_per_sec", "must be at least 1 (in every tier)")?;
+            check(t.per_buyer_burst >= 1, "rate_limits.per_buyer_burst", "must be at least 1 (in every tier)")?;
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for t in rl.tiers.values() {
+            check(t.api_key.len() >= 16, "rate_limits.tiers.<name>.api_key", "must be at least 16 characters")?;
+            check(keys.insert(t.api_key.as_str()), "rate_limits.tiers.<name>.api_key", "must differ between tiers")?;
+        }
         Ok(())
     }
 

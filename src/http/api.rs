@@ -4,11 +4,13 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use super::error::ApiError;
+use super::limits::Tier;
 use super::{extract, views, AppState};
 use crate::core::{NewProduct, OrderRequest};
 use crate::domain::DomainError;
@@ -120,11 +122,19 @@ pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> 
     Ok(Json(json!({"id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available})))
 }
 
-pub async fn create_order(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+pub async fn create_order(
+    State(st): State<AppState>,
+    tier: Option<Extension<Arc<Tier>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let core = st.core()?;
     let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: OrderRequest = extract::json(&bytes)?;
+    if let Some(Extension(tier)) = tier {
+        tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
+    }
     let order = core.create_order(req, idempotency_key).await?;
     let channel = core.pick_channel();
     let pay_url = core.pay_url(channel, &order);

@@ -6,15 +6,15 @@
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod limits;
 pub mod ops;
 pub mod views;
 
-use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderName, Method, StatusCode};
@@ -22,8 +22,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{BoxError, Router};
-use governor::clock::{Clock as _, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -40,45 +38,14 @@ pub struct HttpLimits {
     pub request_timeout: Duration,
 }
 
-/// Per-IP token buckets (governor), replaced wholesale when it tracks too many IPs.
-pub struct IpLimiter {
-    limiter: ArcSwap<DefaultKeyedRateLimiter<IpAddr>>,
-    quota: Quota,
-    max_tracked: usize,
-}
-
-impl IpLimiter {
-    pub fn new(per_sec: u32, burst: u32, max_tracked: usize) -> Self {
-        let quota = Quota::per_second(NonZeroU32::new(per_sec).expect("validated ≥ 1"))
-            .allow_burst(NonZeroU32::new(burst).expect("validated ≥ 1"));
-        IpLimiter { limiter: ArcSwap::from_pointee(RateLimiter::keyed(quota)), quota, max_tracked }
-    }
-
-    /// `Err(seconds to wait)` when `ip` is over its rate.
-    fn check(&self, ip: IpAddr) -> Result<(), u64> {
-        let limiter = self.limiter.load();
-        limiter
-            .check_key(&ip)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil() as u64)
-    }
-
-    /// Forgets idle IPs; if still over the bound, starts afresh (bounded memory).
-    pub fn prune(&self) {
-        let limiter = self.limiter.load();
-        limiter.retain_recent();
-        if limiter.len() > self.max_tracked {
-            self.limiter.store(Arc::new(RateLimiter::keyed(self.quota)));
-        }
-    }
-}
-
 pub struct Shared {
     /// Set once recovery finished; cleared when the app stops, so that open
     /// keep-alive connections do not keep the storage alive.
     core: ArcSwapOption<Kami>,
     admin_token: String,
     pub limits: HttpLimits,
-    pub ip_limiter: Option<IpLimiter>,
+    /// `None` when `rate_limits.enabled = false`.
+    pub rate_limits: Option<limits::RateLimits>,
     /// `chaos.enabled`: whether the chaos endpoint exists at all.
     pub chaos: bool,
 }
@@ -106,7 +73,7 @@ impl AppState {
                 request_timeout: settings.request_timeout(),
             },
             chaos: settings.chaos.enabled,
-            ip_limiter: rl.enabled.then(|| IpLimiter::new(rl.per_ip_per_sec, rl.per_ip_burst, rl.max_tracked_ips)),
+            rate_limits: rl.enabled.then(|| limits::RateLimits::new(rl)),
         }))
     }
 
@@ -187,28 +154,48 @@ async fn overloaded(err: BoxError) -> ApiError {
     }
 }
 
-/// Buyer routes are rate limited per client IP; merchant, payment-channel and
-/// operations routes are not (they are authenticated or must never be refused).
-async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(limiter) = &st.ip_limiter {
+/// Buyer routes are rate limited per client IP (and order creation per buyer, in
+/// its handler, with the tier put into the request here); merchant, payment-channel
+/// and operations routes are not (they are authenticated or must never be refused).
+async fn rate_limit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Some(rate_limits) = &st.rate_limits {
         let path = req.uri().path();
         let buyer_route = path.starts_with("/api/v1/orders")
             || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
-        let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        if let (true, Some(ip)) = (buyer_route, ip) {
-            if let Err(wait_secs) = limiter.check(ip) {
-                metrics::counter!("kami_rejected_total", "reason" => "rate_limited").increment(1);
-                return ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "too many requests from this address",
-                )
-                .retry_after(wait_secs)
-                .into_response();
+        if buyer_route {
+            let api_key = match extract::header_str(req.headers(), "x-api-key") {
+                Ok(k) => k,
+                Err(e) => return e.into_response(),
+            };
+            let tier = match rate_limits.tier(api_key) {
+                Ok(t) => t,
+                Err(_) => {
+                    metrics::counter!("kami_rejected_total", "reason" => "invalid_api_key").increment(1);
+                    return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "unknown X-Api-Key")
+                        .into_response();
+                }
+            };
+            let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+            if let Some(ip) = ip {
+                if let Err(wait_secs) = tier.per_ip.check(&ip) {
+                    return rate_limited(&tier, "ip", wait_secs).into_response();
+                }
             }
+            req.extensions_mut().insert(tier);
         }
     }
     next.run(req).await
+}
+
+/// 429 `rate_limited` with `Retry-After`, counted by tier and scope (`ip`, `buyer`).
+pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) -> ApiError {
+    metrics::counter!("kami_rejected_total", "reason" => "rate_limited").increment(1);
+    metrics::counter!("kami_rate_limited_total", "tier" => tier.name.clone(), "scope" => scope).increment(1);
+    let message = match scope {
+        "ip" => "too many requests from this address",
+        _ => "too many orders from this buyer",
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(wait_secs)
 }
 
 /// Per-route request counts and latency.

@@ -1,0 +1,148 @@
+//! Edge rate limits (governor token buckets): per client IP on every buyer route and
+//! per buyer on order creation, with tiers. A request without an API key gets the
+//! default tier; a trusted storefront (which sends every buyer's traffic from a few
+//! addresses) sends `X-Api-Key` and gets its named tier's limits. An unknown key is
+//! refused (401 `invalid_api_key`) rather than silently downgraded.
+//!
+//! Memory is bounded: each keyed limiter forgets idle keys on every prune and, if
+//! it still tracks more than its bound, starts afresh (everybody gets a full bucket
+//! once, which errs on the side of serving).
+
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use subtle::ConstantTimeEq;
+
+use crate::config::{RateLimitSettings, TierLimits};
+
+/// A keyed token bucket whose number of tracked keys is bounded.
+pub struct KeyedLimiter<K: Hash + Eq + Clone> {
+    limiter: ArcSwap<DefaultKeyedRateLimiter<K>>,
+    quota: Quota,
+    max_tracked: usize,
+}
+
+impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
+    pub fn new(per_sec: u32, burst: u32, max_tracked: usize) -> Self {
+        let quota = Quota::per_second(NonZeroU32::new(per_sec).expect("validated ≥ 1"))
+            .allow_burst(NonZeroU32::new(burst).expect("validated ≥ 1"));
+        KeyedLimiter { limiter: ArcSwap::from_pointee(RateLimiter::keyed(quota)), quota, max_tracked }
+    }
+
+    /// `Err(whole seconds to wait, at least 1)` when `key` is over its rate.
+    pub fn check(&self, key: &K) -> Result<(), u64> {
+        self.limiter.load().check_key(key).map_err(|not_until| {
+            (not_until.wait_time_from(DefaultClock::default().now()).as_secs_f64().ceil() as u64).max(1)
+        })
+    }
+
+    /// Forgets idle keys; if still over the bound, starts afresh.
+    pub fn prune(&self) {
+        let limiter = self.limiter.load();
+        limiter.retain_recent();
+        if limiter.len() > self.max_tracked {
+            self.limiter.store(Arc::new(RateLimiter::keyed(self.quota)));
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.limiter.load().len()
+    }
+}
+
+/// One tier's limits.
+pub struct Tier {
+    pub name: String,
+    api_key: Option<String>,
+    pub per_ip: KeyedLimiter<IpAddr>,
+    pub per_buyer: KeyedLimiter<String>,
+}
+
+impl Tier {
+    fn new(name: &str, api_key: Option<String>, l: &TierLimits, s: &RateLimitSettings) -> Tier {
+        Tier {
+            name: name.to_string(),
+            api_key,
+            per_ip: KeyedLimiter::new(l.per_ip_per_sec, l.per_ip_burst, s.max_tracked_ips),
+            per_buyer: KeyedLimiter::new(l.per_buyer_per_sec, l.per_buyer_burst, s.max_tracked_buyers),
+        }
+    }
+}
+
+/// Why a request was not let through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownApiKey,
+    /// Over the rate; wait this many seconds.
+    Limited(u64),
+}
+
+pub struct RateLimits {
+    default: Arc<Tier>,
+    named: Vec<Arc<Tier>>,
+}
+
+impl RateLimits {
+    pub fn new(s: &RateLimitSettings) -> RateLimits {
+        let default = Arc::new(Tier::new("default", None, &s.default_tier(), s));
+        let named = s
+            .tiers
+            .iter()
+            .map(|(name, t)| Arc::new(Tier::new(name, Some(t.api_key.clone()), &t.limits(), s)))
+            .collect();
+        RateLimits { default, named }
+    }
+
+    /// The tier an `X-Api-Key` value selects (none: the default tier).
+    pub fn tier(&self, api_key: Option<&str>) -> Result<Arc<Tier>, Refusal> {
+        let Some(given) = api_key else { return Ok(self.default.clone()) };
+        // Constant time per comparison; every tier is compared.
+        let mut found = None;
+        for t in &self.named {
+            let key = t.api_key.as_deref().unwrap_or_default();
+            if bool::from(key.as_bytes().ct_eq(given.as_bytes())) {
+                found = Some(t.clone());
+            }
+        }
+        found.ok_or(Refusal::UnknownApiKey)
+    }
+
+    pub fn prune(&self) {
+        for t in std::iter::once(&self.default).chain(&self.named) {
+            t.per_ip.prune();
+            t.per_buyer.prune();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_refuses_past_its_burst_and_names_a_wait() {
+        let l = KeyedLimiter::<String>::new(1, 3, 10);
+        let k = "b".to_string();
+        for _ in 0..3 {
+            assert_eq!(l.check(&k), Ok(()));
+        }
+        assert_eq!(l.check(&k), Err(1));
+        assert_eq!(l.check(&"other".to_string()), Ok(()), "keys are independent");
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let l = KeyedLimiter::<u32>::new(1, 1, 100);
+        for k in 0..1000 {
+            let _ = l.check(&k);
+        }
+        assert_eq!(l.tracked(), 1000);
+        l.prune();
+        assert!(l.tracked() <= 100, "{} tracked after prune", l.tracked());
+    }
+}
