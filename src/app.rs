@@ -257,6 +257,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         max_expired_per_tick: settings.orders.max_expired_per_tick,
         snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
         mailbox_capacity: settings.actors.mailbox_capacity,
+        max_queue_wait_ms: settings.actors.max_queue_wait_ms,
     });
     let storage_weak = storage.open_handles();
     let registry = Arc::new(Registry::default());
@@ -264,7 +265,9 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         .await
         .map_err(|e| StartError::Recovery(e.to_string()))?;
     let supervisor = Supervisor::start_in_arbiter(&actors.arbiters[0], move |_| supervisor);
-    metrics::histogram!("kami_recovery_seconds").record(recovery.elapsed.as_secs_f64());
+    // Of the last start (a gauge: one value per process start).
+    metrics::gauge!("kami_recovery_seconds").set(recovery.elapsed.as_secs_f64());
+    metrics::gauge!("kami_recovery_events_replayed").set(recovery.events_replayed as f64);
     tracing::info!(
         products = recovery.products,
         shards = recovery.shards,

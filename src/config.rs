@@ -54,6 +54,7 @@ pub struct StorageSettings {
 pub struct ActorSettings {
     pub arbiters: usize,
     pub mailbox_capacity: usize,
+    pub max_queue_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +299,7 @@ impl Settings {
             "actors.mailbox_capacity",
             "must be 1..=1000000",
         )?;
+        check(self.actors.max_queue_wait_ms <= 600_000, "actors.max_queue_wait_ms", "must be at most 600000")?;
         check(!self.admin.token.contains(char::is_whitespace), "admin.token", "must not contain white space")?;
         check((1..=1024).contains(&self.products.max_shards), "products.max_shards", "must be 1..=1024")?;
         check(

@@ -12,6 +12,7 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::actors::admission::Lane;
 use crate::actors::payments::{ChannelView, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
 use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
 use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
@@ -186,6 +187,10 @@ impl Kami {
 
     /// The channel a new order should be paid on: the healthiest by priority and
     /// weight (read from atomics the payment supervisor publishes; no message).
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
     pub fn pick_channel(&self) -> &Channel {
         self.channels.pick()
     }
@@ -210,14 +215,25 @@ impl Kami {
         &self.registry
     }
 
-    /// Sends to a stock actor: one admission permit (else `Overloaded`), bounded wait.
+    /// Sends to a stock actor in the `Lane::Settle` lane (see [`call_in`](Self::call_in)).
     async fn call<M, R>(&self, shard: &ShardHandle, msg: M) -> Result<R, Error>
     where
         M: Message<Result = ShardResult<R>> + Send + 'static,
         R: Send + 'static,
         ShardActor: Handler<M>,
     {
-        call_shard(shard, msg, self.limits.request_timeout).await
+        self.call_in(Lane::Settle, shard, msg).await
+    }
+
+    /// Sends to a stock actor: admitted to its line in `lane` (else `QueueFull`),
+    /// answered within the request timeout (else `Timeout`).
+    async fn call_in<M, R>(&self, lane: Lane, shard: &ShardHandle, msg: M) -> Result<R, Error>
+    where
+        M: Message<Result = ShardResult<R>> + Send + 'static,
+        R: Send + 'static,
+        ShardActor: Handler<M>,
+    {
+        call_shard(lane, shard, msg, self.limits.request_timeout).await
     }
 
     // ---- merchant ----
@@ -354,9 +370,9 @@ impl Kami {
         };
         let home = route.shard_index_for_buyer(&req.buyer);
         let result = if route.shards.len() == 1 {
-            self.call(&route.shards[home], shard::CreateOrder(new)).await
+            self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new)).await
         } else {
-            match self.call(&route.shards[home], shard::CreateOrder(new.clone())).await {
+            match self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new.clone())).await {
                 Err(Error::Domain(DomainError::SoldOut { .. })) => {
                     self.order_with_borrowed_keys(&route, home, new).await
                 }
@@ -372,10 +388,6 @@ impl Kami {
                 }
                 Err(_) => {}
             }
-        }
-        match &result {
-            Ok(v) if !v.replayed => metrics::counter!("kami_orders_created_total").increment(1),
-            _ => {}
         }
         result
     }
@@ -401,7 +413,7 @@ impl Kami {
         let _turn = track.borrowing[home].lock().await;
         loop {
             // A borrower ahead in line may have refilled the shard.
-            match self.call(&route.shards[home], shard::CreateOrder(new.clone())).await {
+            match self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new.clone())).await {
                 Err(Error::Domain(DomainError::SoldOut { .. })) => {}
                 other => return other,
             }
@@ -418,7 +430,9 @@ impl Kami {
                         break;
                     }
                     // A lender that cannot answer may still hold keys: not `sold_out`.
-                    Err(e @ (Error::Overloaded | Error::Timeout | Error::Unavailable(_))) => lender_failed = Some(e),
+                    Err(e @ (Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_))) => {
+                        lender_failed = Some(e)
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -715,16 +729,16 @@ impl Kami {
     }
 }
 
-/// Sends to a stock actor: one admission permit (else `Overloaded`), bounded wait.
-pub(crate) async fn call_shard<M, R>(shard: &ShardHandle, msg: M, timeout: Duration) -> Result<R, Error>
+/// Sends to a stock actor: admitted to its line (else `QueueFull`), bounded wait.
+pub(crate) async fn call_shard<M, R>(lane: Lane, shard: &ShardHandle, msg: M, timeout: Duration) -> Result<R, Error>
 where
     M: Message<Result = ShardResult<R>> + Send + 'static,
     R: Send + 'static,
     ShardActor: Handler<M>,
 {
-    let _permit = shard.admission.clone().try_acquire_owned().map_err(|_| {
-        metrics::counter!("kami_rejected_total", "reason" => "mailbox_full").increment(1);
-        Error::Overloaded
+    let _ticket = shard.admission.admit(lane).map_err(|full| {
+        metrics::counter!("kami_rejected_total", "reason" => "queue_full").increment(1);
+        Error::QueueFull(full)
     })?;
     match tokio::time::timeout(timeout, shard.addr.send(msg)).await {
         Err(_) => Err(Error::Timeout),
@@ -736,13 +750,19 @@ where
 
 /// Applies a payment a channel reported, by notification or in answer to a query:
 /// both take this one path, so the same `payment_id` is applied once however it
-/// arrives. `Ok` means the outcome is durable.
+/// arrives. `Ok` means the outcome is durable. The time from hearing of the payment
+/// to its durable delivery is `kami_paid_to_delivered_seconds`.
 pub(crate) async fn apply_payment(
     shard: &ShardHandle,
     payment: Payment,
     timeout: Duration,
 ) -> Result<PaymentOutcome, Error> {
-    call_shard(shard, shard::PayOrder(payment), timeout).await
+    let heard = std::time::Instant::now();
+    let outcome = call_shard(Lane::Settle, shard, shard::PayOrder(payment), timeout).await;
+    if let Ok(PaymentOutcome::Delivered) = &outcome {
+        metrics::histogram!("kami_paid_to_delivered_seconds").record(heard.elapsed().as_secs_f64());
+    }
+    outcome
 }
 
 /// A fresh 128-bit query token, hex encoded.

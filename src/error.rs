@@ -25,6 +25,9 @@ pub enum Error {
     UnknownChannel(String),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// The line in front of a stock actor is full (see `actors::admission`).
+    #[error("this product's queue is full; retry shortly")]
+    QueueFull(crate::actors::admission::QueueFull),
     #[error("the request took too long; its outcome may be unknown, retry with the same idempotency key")]
     Timeout,
     #[error("no such actor: {0}")]
@@ -44,7 +47,7 @@ impl Error {
             Error::StaleRequest { .. } => "stale_request",
             Error::Replayed => "replayed",
             Error::UnknownChannel(_) => "unknown_channel",
-            Error::Overloaded => "overloaded",
+            Error::Overloaded | Error::QueueFull(_) => "overloaded",
             Error::Timeout => "timeout",
             Error::ActorNotFound(_) => "actor_not_found",
             Error::Unavailable(_) => "unavailable",

@@ -1,5 +1,6 @@
 //! Logs (tracing) and metrics (Prometheus text at `/metrics`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -15,6 +16,30 @@ pub fn init_logging(settings: &LogSettings) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
     };
+}
+
+/// Orders created and delivered since start, for the conversion gauge.
+static ORDERS_CREATED: AtomicU64 = AtomicU64::new(0);
+static ORDERS_DELIVERED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts one journaled order event (`created`, `delivered`, `expired`, ...).
+pub fn count_order_event(name: &'static str) {
+    metrics::counter!("kami_order_events_total", "event" => name).increment(1);
+    match name {
+        "created" => ORDERS_CREATED.fetch_add(1, Ordering::Relaxed),
+        "delivered" => ORDERS_DELIVERED.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+}
+
+/// Delivered ÷ created since start (payment conversion); 0 before the first order.
+pub fn conversion_ratio() -> f64 {
+    let created = ORDERS_CREATED.load(Ordering::Relaxed);
+    if created == 0 {
+        0.0
+    } else {
+        ORDERS_DELIVERED.load(Ordering::Relaxed) as f64 / created as f64
+    }
 }
 
 /// The process-wide Prometheus recorder, installed on first use.

@@ -45,3 +45,61 @@ async fn full_mailbox_is_answered_overloaded_with_retry_after() {
     assert_audit_ok(&audit);
     assert_eq!(audit.body["products"][0]["reserved"], json!(created), "refused requests reserved nothing");
 }
+
+/// The time bound: once the actor's drain rate is known, a line longer than
+/// `max_queue_wait_ms` refuses new orders with the estimate a storefront shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
+    // Every flush lingers 100 ms, so each admitted order stays in line that long;
+    // any line of 8 or more exceeds a 1 ms wait.
+    let t = TestApp::spawn_with(&[
+        ("actors.mailbox_capacity", "10000"),
+        ("actors.max_queue_wait_ms", "1"),
+        ("storage.commit_linger_us", "100000"),
+    ])
+    .await;
+    let api = t.api();
+    api.product_with_keys("p", 2000, 0).await;
+    let (mut created, mut refusals) = (0u64, vec![]);
+    // Waves of 40 simultaneous orders; the first teaches the line its drain rate.
+    for wave in 0..20 {
+        let start = Arc::new(tokio::sync::Barrier::new(40));
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let (api, start) = (api.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    api.order("p", 1, &format!("w{wave}b{i}"), None).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let r = task.await.unwrap();
+            match r.status {
+                201 => created += 1,
+                503 => refusals.push(r),
+                other => panic!("unexpected {other}: {}", r.body),
+            }
+        }
+        if !refusals.is_empty() {
+            break;
+        }
+    }
+    assert!(!refusals.is_empty(), "no wave was refused ({created} created)");
+    for r in &refusals {
+        assert_eq!(r.code(), "overloaded", "{}", r.body);
+        let q = &r.body["error"]["queue"];
+        let depth = q["depth"].as_u64().expect("queue.depth");
+        let drain = q["drain_per_sec"].as_u64().expect("queue.drain_per_sec");
+        let wait_ms = q["estimated_wait_ms"].as_u64().expect("queue.estimated_wait_ms");
+        assert!(depth >= 8 && drain > 0, "{q}");
+        assert_eq!(wait_ms, (depth * 1000).div_ceil(drain), "{q}");
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert_eq!(retry, wait_ms.div_ceil(1000).max(1));
+    }
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(audit.body["products"][0]["reserved"], json!(created), "refused orders reserved nothing");
+    let metrics = api.metrics().await;
+    assert!(metric_value(&metrics, "kami_admission_drain_per_sec") > 0.0);
+}

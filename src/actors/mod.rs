@@ -16,6 +16,7 @@
 //! memory and stops; the supervisor's `restarting` hook rebuilds it from storage
 //! before it handles the next message of its (preserved) mailbox.
 
+pub mod admission;
 pub mod payments;
 pub mod registry;
 pub mod shard;

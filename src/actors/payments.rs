@@ -36,6 +36,7 @@ use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
+use super::admission;
 use super::registry::{Registry, ShardHandle};
 use super::shard::{self, PaymentWork};
 use super::Kill;
@@ -299,6 +300,7 @@ async fn execute(env: Arc<PaymentEnv>, lanes: Vec<Option<Gateway>>, calls: Vec<C
                     let recorded = match result {
                         Ok(()) => Some(
                             call_shard(
+                                admission::Lane::Settle,
                                 &shard,
                                 shard::CompleteRefund {
                                     channel: refund.channel.clone(),
@@ -512,7 +514,6 @@ impl PaymentSupervisor {
         for (i, (c, l)) in self.env.channels.all().iter().zip(&self.lanes).enumerate() {
             let state = l.breaker.state(now);
             self.env.channels.publish(i, state);
-            metrics::gauge!("kami_payment_channel_state", "channel" => c.name.clone()).set(state.level() as f64);
             metrics::gauge!("kami_payment_channel_opened_total", "channel" => c.name.clone())
                 .set(l.breaker.opened_total() as f64);
         }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
 
+use super::admission::Admission;
 use super::shard::{ShardActor, ShardEnv, ShardGauge};
 use crate::domain::ProductInfo;
 use crate::storage::Recovered;
@@ -14,8 +14,8 @@ use crate::storage::Recovered;
 #[derive(Clone)]
 pub struct ShardHandle {
     pub addr: Addr<ShardActor>,
-    /// Admission: one permit per request in flight to this actor (mailbox bound).
-    pub admission: Arc<Semaphore>,
+    /// The bounded line in front of this actor (also its mailbox bound).
+    pub admission: Arc<Admission>,
     pub gauge: Arc<ShardGauge>,
 }
 
@@ -137,7 +137,7 @@ pub fn start_shard(
     let gauge = Arc::new(ShardGauge::default());
     let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
     let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, recovered));
-    ShardHandle { addr, admission: Arc::new(Semaphore::new(env.mailbox_capacity)), gauge }
+    ShardHandle { addr, admission: Arc::new(Admission::new(env.mailbox_capacity, env.max_queue_wait_ms)), gauge }
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ pub struct ShardEnv {
     pub max_expired_per_tick: usize,
     pub snapshot_min_journal_bytes: u64,
     pub mailbox_capacity: usize,
+    pub max_queue_wait_ms: u64,
 }
 
 /// Why a shard could not answer.
@@ -302,6 +303,9 @@ impl ShardActor {
                 Ok(bytes) => {
                     live.seq = seq;
                     live.journal_bytes_since_snapshot += bytes as u64;
+                    if let Some(name) = event.order_event_name() {
+                        crate::telemetry::count_order_event(name);
+                    }
                     if let Some(order) = order_of(&live.shard, event) {
                         live.undurable.insert(order, seq);
                         live.undurable_queue.push_back((seq, order));
@@ -449,7 +453,6 @@ impl ShardActor {
         if events.is_empty() {
             return 0;
         }
-        metrics::counter!("kami_orders_expired_total").increment(events.len() as u64);
         match self.persist(ctx, &events) {
             Ok(ticket) => {
                 let done = self.reply(Some(ticket), ());

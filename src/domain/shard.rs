@@ -149,6 +149,29 @@ pub struct PaymentRecord {
     pub outcome: PaymentOutcome,
 }
 
+impl Event {
+    /// What happened to an order, for counting (`kami_order_events_total{event}`):
+    /// `None` for events that are not about one order.
+    pub fn order_event_name(&self) -> Option<&'static str> {
+        match self {
+            Event::OrderCreated { .. } => Some("created"),
+            Event::PaymentApplied { record, .. } => match record.outcome {
+                PaymentOutcome::Delivered => Some("delivered"),
+                PaymentOutcome::RefundOwed(_) => Some("refund_owed"),
+                PaymentOutcome::Ignored | PaymentOutcome::AmountMismatch { .. } => Some("payment_ignored"),
+                PaymentOutcome::Refunded(_) => Some("refunded"),
+            },
+            Event::OrderExpired { .. } => Some("expired"),
+            Event::OrderCancelled { .. } => Some("cancelled"),
+            Event::RefundCompleted { .. } => Some("refunded"),
+            Event::KeysImported { .. }
+            | Event::KeysLent { .. }
+            | Event::KeysReceived { .. }
+            | Event::TransferSettled { .. } => None,
+        }
+    }
+}
+
 /// A journaled state change. Applying the same events in the same order to a new
 /// shard yields the same state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

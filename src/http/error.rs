@@ -13,11 +13,13 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after_secs: Option<u64>,
+    /// Extra fields of the `error` object (e.g. `queue` on a full line).
+    pub details: Option<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), retry_after_secs: None }
+        ApiError { status, code, message: message.into(), retry_after_secs: None, details: None }
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -63,8 +65,21 @@ impl From<Error> for ApiError {
             Error::StaleRequest { .. } => StatusCode::BAD_REQUEST,
             Error::Replayed => StatusCode::CONFLICT,
             Error::UnknownChannel(_) => StatusCode::NOT_FOUND,
-            Error::Overloaded | Error::Timeout | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
+        if let Error::QueueFull(q) = &e {
+            let mut err = ApiError::new(status, e.code(), e.to_string())
+                .retry_after(q.estimated_wait_ms.map_or(1, |ms| ms.div_ceil(1000)));
+            let queue = serde_json::json!({
+                "depth": q.depth,
+                "drain_per_sec": q.drain_per_sec,
+                "estimated_wait_ms": q.estimated_wait_ms,
+            });
+            err.details = Some(("queue", queue));
+            return err;
+        }
         let err = ApiError::new(status, e.code(), e.to_string());
         if status == StatusCode::SERVICE_UNAVAILABLE {
             err.retry_after(1)
@@ -77,7 +92,10 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         metrics::counter!("kami_http_errors_total", "code" => self.code).increment(1);
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        if let Some((field, value)) = self.details {
+            body["error"][field] = value;
+        }
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

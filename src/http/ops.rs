@@ -32,14 +32,18 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("kami_stock_available", "product" => id.clone()).set(available as f64);
             metrics::gauge!("kami_stock_reserved", "product" => id.clone()).set(reserved as f64);
             metrics::gauge!("kami_stock_sold", "product" => id.clone()).set(sold as f64);
-            let in_flight: usize = route
-                .shards
-                .iter()
-                .map(|s| core.mailbox_capacity().saturating_sub(s.admission.available_permits()))
-                .sum();
-            metrics::gauge!("kami_admission_in_flight", "product" => id.clone()).set(in_flight as f64);
+            let depth: usize = route.shards.iter().map(|s| s.admission.depth()).sum();
+            let drain: u64 = route.shards.iter().map(|s| s.admission.drain_per_sec()).sum();
+            metrics::gauge!("kami_admission_queue_depth", "product" => id.clone()).set(depth as f64);
+            metrics::gauge!("kami_admission_drain_per_sec", "product" => id.clone()).set(drain as f64);
+        }
+        for (i, c) in core.channels().all().iter().enumerate() {
+            // 0 closed, 1 half-open, 2 open.
+            metrics::gauge!("kami_payment_channel_state", "channel" => c.name.clone())
+                .set(core.channels().level(i) as f64);
         }
     }
+    metrics::gauge!("kami_payment_conversion_ratio").set(crate::telemetry::conversion_ratio());
     let handle = crate::telemetry::metrics_handle();
     handle.run_upkeep();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())

@@ -82,6 +82,11 @@ impl Channels {
         self.levels[index].store(state.level(), Ordering::Relaxed);
     }
 
+    /// A channel's breaker level as last published: 0 closed, 1 half-open, 2 open.
+    pub fn level(&self, index: usize) -> u8 {
+        self.levels[index].load(Ordering::Relaxed)
+    }
+
     /// The channel a new order goes to (see `domain::routing`).
     pub fn pick(&self) -> &Channel {
         let candidates = self.list.iter().zip(&self.levels).map(|(c, level)| Candidate {

@@ -19,6 +19,9 @@ pub fn settings(data: &Path, extra: &[(&str, &str)]) -> kami::Settings {
         ("admin.token".into(), ADMIN.into()),
         ("payments.channels.sandbox.secret".into(), SECRET.into()),
         ("rate_limits.enabled".into(), "false".into()),
+        // Tests that count exact outcomes under concurrency must not be shed; the
+        // time bound has its own tests (overload.rs).
+        ("actors.max_queue_wait_ms".into(), "0".into()),
         ("actors.arbiters".into(), "2".into()),
     ];
     overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -255,6 +258,7 @@ impl Server {
             .env("KAMI_ADMIN__TOKEN", ADMIN)
             .env("KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET", SECRET)
             .env("KAMI_RATE_LIMITS__ENABLED", "false")
+            .env("KAMI_ACTORS__MAX_QUEUE_WAIT_MS", "0")
             .env("KAMI_LOG__LEVEL", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())

@@ -1,0 +1,198 @@
+//! Admission control in front of one stock actor: the bounded queue a hot product's
+//! buyers stand in.
+//!
+//! Two bounds, both checked without locks on the order path:
+//! - a hard one, `mailbox_capacity` permits (a request holds one from admission to
+//!   its answer), which also bounds the actor's mailbox;
+//! - a soft one in time, `max_queue_wait_ms`: a request is refused when the queue in
+//!   front of it would take longer than that to drain at the rate the actor has been
+//!   answering. Latency of accepted requests then stays near the unloaded latency
+//!   plus at most that wait, however many buyers arrive.
+//!
+//! The drain rate is sampled from the requests themselves (every `SAMPLE_MS`, by
+//! whichever request sees the sample is due), so an idle product costs nothing.
+//! A refusal carries the queue depth, the drain rate and the estimated wait: the
+//! "you are in line, about N ms" answer storefronts show.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How often the drain rate is re-estimated.
+const SAMPLE_MS: u64 = 100;
+/// Below this many requests in line a request is always admitted (when a permit is
+/// free): the rate estimate is meaningless for a nearly empty queue.
+const MIN_DEPTH: usize = 8;
+
+/// Which bounds a request is admitted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// New buyer work (order creation): the time bound and the hard bound. This is
+    /// what a flash sale floods, and what can be refused at no cost to anybody.
+    NewOrder,
+    /// Work on what already exists (payments, refunds, reads, cancels, imports,
+    /// transfers): only the hard bound, so money already taken is applied even while
+    /// the line for new orders is full.
+    Settle,
+}
+
+/// Why a request was not admitted, and what the caller can tell the buyer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull {
+    /// Requests in line (admitted, not yet answered).
+    pub depth: usize,
+    /// Answers per second recently; 0 when not known yet.
+    pub drain_per_sec: u64,
+    /// depth ÷ drain rate; `None` when the rate is not known.
+    pub estimated_wait_ms: Option<u64>,
+}
+
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    capacity: usize,
+    max_queue_wait_ms: u64,
+    born: Instant,
+    /// Requests answered (permits given back) since `born`.
+    answered: Arc<AtomicU64>,
+    /// The last sample: ms since `born` and `answered` then.
+    sample_at_ms: AtomicU64,
+    sample_answered: AtomicU64,
+    /// Smoothed answers per second.
+    drain_per_sec: AtomicU64,
+}
+
+/// Held while a request is in line or being answered; dropping it counts an answer.
+#[derive(Debug)]
+pub struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    answered: Arc<AtomicU64>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Admission {
+    pub fn new(capacity: usize, max_queue_wait_ms: u64) -> Admission {
+        assert!(capacity >= 1);
+        Admission {
+            permits: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            max_queue_wait_ms,
+            born: Instant::now(),
+            answered: Arc::new(AtomicU64::new(0)),
+            sample_at_ms: AtomicU64::new(0),
+            sample_answered: AtomicU64::new(0),
+            drain_per_sec: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests in line now.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
+
+    pub fn drain_per_sec(&self) -> u64 {
+        self.drain_per_sec.load(Ordering::Relaxed)
+    }
+
+    /// Admits one request, or says how long the line is.
+    pub fn admit(&self, lane: Lane) -> Result<Ticket, QueueFull> {
+        self.admit_at(lane, self.born.elapsed().as_millis() as u64)
+    }
+
+    /// [`Self::admit`] at `now_ms` after this line was made (tests choose the time).
+    fn admit_at(&self, lane: Lane, now_ms: u64) -> Result<Ticket, QueueFull> {
+        self.sample_at(now_ms);
+        let depth = self.depth();
+        let drain = self.drain_per_sec();
+        let full = || QueueFull {
+            depth,
+            drain_per_sec: drain,
+            estimated_wait_ms: (drain > 0).then(|| (depth as u64 * 1000).div_ceil(drain)),
+        };
+        if lane == Lane::NewOrder && self.max_queue_wait_ms > 0 && drain > 0 && depth >= MIN_DEPTH {
+            let bound = (drain * self.max_queue_wait_ms / 1000) as usize;
+            if depth >= bound.max(MIN_DEPTH) {
+                return Err(full());
+            }
+        }
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| full())?;
+        Ok(Ticket { _permit: permit, answered: self.answered.clone() })
+    }
+
+    /// Re-estimates the drain rate when a sample is due. One request wins the
+    /// compare-exchange and does it; the others go on.
+    fn sample_at(&self, now_ms: u64) {
+        let last_ms = self.sample_at_ms.load(Ordering::Relaxed);
+        let elapsed_ms = now_ms.saturating_sub(last_ms);
+        if elapsed_ms < SAMPLE_MS
+            || self.sample_at_ms.compare_exchange(last_ms, now_ms, Ordering::AcqRel, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let answered = self.answered.load(Ordering::Relaxed);
+        let delta = answered.saturating_sub(self.sample_answered.swap(answered, Ordering::Relaxed));
+        let fresh = delta * 1000 / elapsed_ms.max(1);
+        // An idle gap (several sample periods) says nothing about the drain rate.
+        let previous = self.drain_per_sec();
+        let next = if previous == 0 || elapsed_ms > 10 * SAMPLE_MS { fresh } else { (previous + fresh) / 2 };
+        if delta > 0 || elapsed_ms > 10 * SAMPLE_MS {
+            self.drain_per_sec.store(next, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hard_bound_refuses_past_capacity_and_a_returned_ticket_frees_a_place() {
+        let a = Admission::new(2, 0);
+        let t1 = a.admit_at(Lane::NewOrder, 0).unwrap();
+        let _t2 = a.admit_at(Lane::NewOrder, 0).unwrap();
+        let full = a.admit_at(Lane::NewOrder, 0).unwrap_err();
+        assert_eq!(full.depth, 2);
+        assert_eq!(full.estimated_wait_ms, None, "no rate known yet");
+        drop(t1);
+        assert!(a.admit_at(Lane::NewOrder, 0).is_ok());
+    }
+
+    #[test]
+    fn the_time_bound_refuses_once_the_line_would_take_longer_than_the_wait() {
+        let a = Admission::new(10_000, 50);
+        // Pretend the actor answered 1,000 per second: a 50 ms line is 50 requests.
+        a.drain_per_sec.store(1000, Ordering::Relaxed);
+        let tickets: Vec<_> = (0..50).map(|_| a.admit_at(Lane::NewOrder, 0).unwrap()).collect();
+        let full = a.admit_at(Lane::NewOrder, 0).unwrap_err();
+        assert_eq!(full, QueueFull { depth: 50, drain_per_sec: 1000, estimated_wait_ms: Some(50) });
+        let payment = a.admit_at(Lane::Settle, 0).expect("settling work is held only to the hard bound");
+        drop(payment);
+        drop(tickets);
+        assert!(a.admit_at(Lane::NewOrder, 0).is_ok());
+    }
+
+    #[test]
+    fn the_drain_rate_is_measured_from_answers() {
+        let a = Admission::new(100, 10);
+        for _ in 0..40 {
+            drop(a.admit_at(Lane::NewOrder, 0).unwrap());
+        }
+        a.sample_at(100);
+        assert_eq!(a.drain_per_sec(), 400, "40 answers in 100 ms");
+        for _ in 0..20 {
+            drop(a.admit_at(Lane::NewOrder, 150).unwrap());
+        }
+        a.sample_at(200);
+        assert_eq!(a.drain_per_sec(), 300, "smoothed: (400 + 200) / 2");
+        a.sample_at(250);
+        assert_eq!(a.drain_per_sec(), 300, "not due yet");
+        a.sample_at(5000);
+        assert_eq!(a.drain_per_sec(), 0, "after a long idle gap the line drains at an unknown rate");
+    }
+}
