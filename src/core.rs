@@ -589,6 +589,7 @@ impl Kami {
         if skew_secs > self.limits.max_skew_secs {
             return Err(Error::StaleRequest { skew_secs, max_secs: self.limits.max_skew_secs });
         }
+        crate::http::record_order(&n.order_id);
         self.check_nonce(&n.nonce, body, now_ms)?;
         let (id, route) = self.locate(&n.order_id)?;
         let payment = Payment {

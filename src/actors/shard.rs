@@ -22,7 +22,7 @@ use futures::future;
 
 use crate::clock::Clock;
 use crate::domain::shard::{Counts, NewOrder, Outcome, OutgoingTransfer, Payment};
-use crate::domain::{DomainError, Event, Order, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
+use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
 use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
 
 /// What every stock actor of the process shares (immutable).
@@ -295,6 +295,10 @@ impl ShardActor {
 
     /// Journals `events` (already applied) and returns a ticket for their flush.
     fn persist(&mut self, ctx: &mut Context<Self>, events: &[Event]) -> ShardResult<Ticket> {
+        // One debug line per order event, with the order id: one order's life can be
+        // followed in the logs across requests and actors.
+        let log_orders = tracing::enabled!(tracing::Level::DEBUG);
+        let mut logged = Vec::new();
         let live = self.live()?;
         live.forget_durable();
         for event in events {
@@ -303,12 +307,16 @@ impl ShardActor {
                 Ok(bytes) => {
                     live.seq = seq;
                     live.journal_bytes_since_snapshot += bytes as u64;
-                    if let Some(name) = event.order_event_name() {
+                    let name = event.order_event_name();
+                    if let Some(name) = name {
                         crate::telemetry::count_order_event(name);
                     }
                     if let Some(order) = order_of(&live.shard, event) {
                         live.undurable.insert(order, seq);
                         live.undurable_queue.push_back((seq, order));
+                        if log_orders {
+                            logged.push((order, name.unwrap_or("other"), seq));
+                        }
                     }
                 }
                 Err(e) => {
@@ -319,6 +327,10 @@ impl ShardActor {
                     return Err(e.into());
                 }
             }
+        }
+        for (order, event, journal_seq) in logged {
+            let order_id = OrderId { shard: self.id.clone(), seq: order };
+            tracing::debug!(order_id = %order_id, event, journal_seq, "order event journaled");
         }
         let ticket = self.env.storage.ticket()?;
         self.maybe_snapshot();

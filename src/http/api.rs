@@ -136,6 +136,8 @@ pub async fn create_order(
         tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
     }
     let order = core.create_order(req, idempotency_key).await?;
+    let order_id = views::order_id(&order);
+    super::record_order(&order_id);
     let channel = core.pick_channel();
     let pay_url = core.pay_url(channel, &order);
     let mut response =
@@ -159,6 +161,7 @@ pub async fn get_order(
     Path(order_id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
+    super::record_order(&order_id);
     let core = st.core()?;
     let order = core.get_order(&order_id, Some(order_token(&headers)?)).await?;
     Ok(Json(views::order(&order)))
@@ -169,6 +172,7 @@ pub async fn cancel_order(
     Path(order_id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
+    super::record_order(&order_id);
     let core = st.core()?;
     let order = core.cancel_order(&order_id, order_token(&headers)?).await?;
     Ok(Json(views::order(&order)))

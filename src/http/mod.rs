@@ -132,7 +132,9 @@ pub fn router(state: AppState) -> Router {
             .layer(SetRequestIdLayer::new(request_id.clone(), NextRequestId::default()))
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-                tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+                // `order_id` is filled in by handlers that know it (see `record_order`).
+                let order_id = tracing::field::Empty;
+                tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id, order_id)
             }))
             .layer(PropagateRequestIdLayer::new(request_id))
             .layer(HandleErrorLayer::new(overloaded))
@@ -210,6 +212,11 @@ async fn track(req: Request, next: Next) -> Response {
     metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Puts the order a request is about into its span (and so into its log lines).
+pub fn record_order(order_id: &str) {
+    tracing::Span::current().record("order_id", order_id);
 }
 
 #[derive(Clone, Default)]

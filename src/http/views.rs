@@ -16,7 +16,7 @@ fn ts_opt(ms: Option<u64>) -> Value {
     ms.map(|m| Value::String(ts(m))).unwrap_or(Value::Null)
 }
 
-fn order_id(s: &OrderSnapshot) -> String {
+pub fn order_id(s: &OrderSnapshot) -> String {
     OrderId { shard: ShardId::new(s.product_id.clone(), s.shard), seq: s.order.seq }.to_string()
 }
 

@@ -146,14 +146,18 @@ impl Api {
     }
 
     pub async fn order(&self, product: &str, quantity: u64, buyer: &str, idempotency_key: Option<&str>) -> Reply {
-        let mut r = self
-            .http
-            .post(format!("{}/api/v1/orders", self.url))
-            .json(&json!({"product_id": product, "quantity": quantity, "buyer": buyer}));
+        let mut r = self.order_request(product, quantity, buyer);
         if let Some(k) = idempotency_key {
             r = r.header("Idempotency-Key", k);
         }
         reply(r).await
+    }
+
+    /// The request [`Self::order`] sends, to add headers to or send by hand.
+    pub fn order_request(&self, product: &str, quantity: u64, buyer: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/api/v1/orders", self.url))
+            .json(&json!({"product_id": product, "quantity": quantity, "buyer": buyer}))
     }
 
     pub async fn get_order(&self, order_id: &str, token: &str) -> Reply {
@@ -175,22 +179,28 @@ impl Api {
 
     /// A signed `paid` notification from the sandbox channel, fresh timestamp and nonce.
     pub async fn notify(&self, order_id: &str, payment_id: &str, amount_cents: u64) -> Reply {
+        reply(self.notify_request(order_id, payment_id, amount_cents)).await
+    }
+
+    /// The request [`Self::notify`] sends, to add headers to or send by hand.
+    pub fn notify_request(&self, order_id: &str, payment_id: &str, amount_cents: u64) -> reqwest::RequestBuilder {
         let body = json!({
             "order_id": order_id, "payment_id": payment_id, "amount_cents": amount_cents,
             "status": "paid", "timestamp": now_secs(), "nonce": format!("{:032x}", rand::random::<u128>()),
         });
-        self.notify_raw("sandbox", &serde_json::to_vec(&body).unwrap(), SECRET).await
+        self.notify_raw_request("sandbox", &serde_json::to_vec(&body).unwrap(), SECRET)
     }
 
     pub async fn notify_raw(&self, channel: &str, body: &[u8], secret: &str) -> Reply {
+        reply(self.notify_raw_request(channel, body, secret)).await
+    }
+
+    fn notify_raw_request(&self, channel: &str, body: &[u8], secret: &str) -> reqwest::RequestBuilder {
         let sig = kami::domain::signature::sign(secret.as_bytes(), body);
-        reply(
-            self.http
-                .post(format!("{}/api/v1/payments/{channel}/notify", self.url))
-                .header("X-Signature", sig)
-                .body(body.to_vec()),
-        )
-        .await
+        self.http
+            .post(format!("{}/api/v1/payments/{channel}/notify", self.url))
+            .header("X-Signature", sig)
+            .body(body.to_vec())
     }
 
     /// Order then pay; returns the delivered order as the buyer sees it.
@@ -245,6 +255,10 @@ pub struct Server {
     pub url: String,
     /// Start-up recovery time, as the server reported it.
     pub recovery_ms: u64,
+    /// Journal records replayed at start-up, as the server reported it.
+    pub recovery_records: u64,
+    /// Every line the server wrote to stdout (its logs included), bounded.
+    pub stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -269,20 +283,29 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn kami");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
-            let mut recovery_ms = 0;
+            let (mut recovery_ms, mut records) = (0, 0);
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.strip_prefix("recovered ") {
                     let ms = rest.rsplit(" in ").next().and_then(|t| t.strip_suffix(" ms"));
                     recovery_ms = ms.and_then(|t| t.parse().ok()).expect("recovery line ends in `in N ms`");
+                    let n = rest.split(", ").nth(1).and_then(|t| t.split_whitespace().next());
+                    records = n.and_then(|t| t.parse().ok()).expect("recovery line names the journal records");
                 }
                 if let Some(rest) = line.strip_prefix("kami listening on ") {
-                    let _ = tx.send((rest.split_whitespace().next().unwrap_or("").to_string(), recovery_ms));
+                    let _ = tx.send((rest.split_whitespace().next().unwrap_or("").to_string(), recovery_ms, records));
+                }
+                let mut kept = kept.lock().unwrap();
+                if kept.len() < 100_000 {
+                    kept.push(line);
                 }
             }
         });
-        let (url, recovery_ms) = rx.recv_timeout(Duration::from_secs(60)).expect("kami printed its address");
-        Server { child, url, recovery_ms }
+        let (url, recovery_ms, recovery_records) =
+            rx.recv_timeout(Duration::from_secs(60)).expect("kami printed its address");
+        Server { child, url, recovery_ms, recovery_records, stdout: lines }
     }
 
     /// Waits for the process to end by itself (a crash point), bounded by `limit`.
@@ -302,6 +325,18 @@ impl Server {
     }
 
     /// SIGKILL: no shutdown code runs.
+    /// SIGTERM: asks for a graceful shutdown.
+    pub fn sigterm(&self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a pid of our own child and a valid signal.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+    }
+
+    /// Lines of stdout so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.stdout.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
     pub fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaped");

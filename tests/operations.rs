@@ -1,0 +1,137 @@
+//! Operating kami as a process: request ids and order ids in the logs, and a
+//! graceful shutdown on SIGTERM in the middle of a load.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_and_one_orders_life_can_be_followed_in_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[("KAMI_LOG__FORMAT", "json"), ("RUST_LOG", "info,kami=debug,tower_http=debug")],
+    );
+    let api = server.api();
+    api.product_with_keys("p", 5, 0).await;
+
+    // A request id sent by the client is kept and echoed; otherwise one is made.
+    let o = reply(api.order_request("p", 1, "b1").header("x-request-id", "trace-order-1")).await;
+    assert_eq!(o.status, 201, "{}", o.body);
+    assert_eq!(o.headers["x-request-id"], "trace-order-1");
+    let made = reply(api.http.get(format!("{}/healthz", api.url))).await;
+    let made_id = made.headers.get("x-request-id").expect("a request id is made").to_str().unwrap();
+    assert!(!made_id.is_empty());
+    let other = reply(api.http.get(format!("{}/healthz", api.url))).await;
+    assert_ne!(other.headers["x-request-id"], made_id, "made request ids are unique");
+
+    let order_id = o.body["order_id"].as_str().unwrap().to_string();
+    let amount = o.body["amount_cents"].as_u64().unwrap();
+    let paid = reply(api.notify_request(&order_id, "pay-1", amount).header("x-request-id", "trace-pay-1")).await;
+    assert_eq!(paid.status, 200, "{}", paid.body);
+
+    // The lines about this order: the two requests (with their ids) and the stock
+    // actor's journaled events (created, delivered). Logs are written as they
+    // happen, so wait for the last one, bounded.
+    let lines = || server.lines_with(&order_id);
+    let delivered =
+        api.eventually(Duration::from_secs(20), || async { lines().iter().any(|l| l.contains("delivered")) });
+    assert!(delivered.await, "no delivered line for {order_id}: {:#?}", lines());
+    let parsed: Vec<Value> = lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    let span_with = |request_id: &str| {
+        parsed.iter().any(|v| v["span"]["request_id"] == request_id && v["span"]["order_id"] == order_id.as_str())
+    };
+    assert!(span_with("trace-order-1"), "order creation request not logged with its order id: {parsed:#?}");
+    assert!(span_with("trace-pay-1"), "payment request not logged with its order id: {parsed:#?}");
+    let event = |name: &str| {
+        parsed.iter().any(|v| v["fields"]["event"] == name && v["fields"]["order_id"] == order_id.as_str())
+    };
+    assert!(event("created") && event("delivered"), "actor events missing: {parsed:#?}");
+}
+
+/// What a load worker was told, to check after the restart.
+struct Acked {
+    order_id: String,
+    token: String,
+    status: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_loses_no_acknowledged_order_and_the_restart_replays_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[]);
+    let api = server.api();
+    api.product_with_keys("p", 20_000, 0).await;
+
+    let acked = Arc::new(Mutex::new(Vec::<Acked>::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let enough = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let (api, acked, count, enough, stop) =
+                (api.clone(), acked.clone(), count.clone(), enough.clone(), stop.clone());
+            tokio::spawn(async move {
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    // Any failure to get an answer (the server is going away) ends the worker.
+                    let Ok(resp) = api.order_request("p", 1, &format!("w{w}-{i}")).send().await else { return };
+                    if resp.status() != 201 {
+                        return;
+                    }
+                    let Ok(o) = resp.json::<Value>().await else { return };
+                    let (order_id, token) = (o["order_id"].as_str().unwrap(), o["query_token"].as_str().unwrap());
+                    let mut status = "pending_payment";
+                    if i % 2 == 0 {
+                        let amount = o["amount_cents"].as_u64().unwrap();
+                        match api.notify_request(order_id, &format!("pay-{w}-{i}"), amount).send().await {
+                            Ok(r) if r.status() == 200 => status = "delivered",
+                            // An unanswered payment may or may not have been applied.
+                            _ => return,
+                        }
+                    }
+                    let acked_order = Acked { order_id: order_id.into(), token: token.into(), status };
+                    acked.lock().unwrap().push(acked_order);
+                    if count.fetch_add(1, Ordering::Relaxed) + 1 == 300 {
+                        enough.notify_one();
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(60), enough.notified()).await.expect("300 orders acknowledged");
+    server.sigterm();
+    let status = server.exited_within(Duration::from_secs(30)).await.expect("exited after SIGTERM");
+    assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(30), w).await.expect("worker ends").unwrap();
+    }
+
+    let restarted = Server::start(&data, &[]);
+    assert_eq!(restarted.recovery_records, 0, "the shutdown snapshot covers every journal record");
+    let api = restarted.api();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(acked.len() >= 300);
+    for a in &acked {
+        let r = api.get_order(&a.order_id, &a.token).await;
+        assert_eq!(r.status, 200, "acknowledged order {} lost: {}", a.order_id, r.body);
+        assert_eq!(r.body["status"], a.status, "order {}", a.order_id);
+        if a.status == "delivered" {
+            assert_eq!(r.body["keys"].as_array().map(Vec::len), Some(1));
+        }
+    }
+    assert_audit_ok(&api.audit().await);
+    eprintln!("sigterm: {} acknowledged orders survived", acked.len());
+}
