@@ -575,7 +575,7 @@ impl Kami {
         let secret = &self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?.secret;
         let signature = signature.ok_or(Error::BadSignature)?;
         if !crate::domain::signature::verify(secret, body, signature) {
-            metrics::counter!("kami_rejected_total", "reason" => "bad_signature").increment(1);
+            crate::telemetry::count_rejection("bad_signature");
             return Err(Error::BadSignature);
         }
         let n: Notification = serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("notification: {e}")))?;
@@ -738,7 +738,7 @@ where
     ShardActor: Handler<M>,
 {
     let _ticket = shard.admission.admit(lane).map_err(|full| {
-        metrics::counter!("kami_rejected_total", "reason" => "queue_full").increment(1);
+        crate::telemetry::count_rejection("queue_full");
         Error::QueueFull(full)
     })?;
     match tokio::time::timeout(timeout, shard.addr.send(msg)).await {

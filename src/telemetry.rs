@@ -32,13 +32,36 @@ pub fn count_order_event(name: &'static str) {
     };
 }
 
+/// Why requests are refused, as counted in `kami_rejected_total{reason}`.
+pub const REJECTION_REASONS: [&str; 6] =
+    ["rate_limited", "queue_full", "concurrency", "timeout", "invalid_api_key", "bad_signature"];
+static REJECTED: [AtomicU64; REJECTION_REASONS.len()] = [const { AtomicU64::new(0) }; REJECTION_REASONS.len()];
+
+/// Counts one refused request (one of [`REJECTION_REASONS`]).
+pub fn count_rejection(reason: &'static str) {
+    metrics::counter!("kami_rejected_total", "reason" => reason).increment(1);
+    let i = REJECTION_REASONS.iter().position(|r| *r == reason);
+    debug_assert!(i.is_some(), "unknown rejection reason {reason}");
+    if let Some(i) = i {
+        REJECTED[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Refused requests since start, by reason.
+pub fn rejections() -> impl Iterator<Item = (&'static str, u64)> {
+    REJECTION_REASONS.iter().zip(&REJECTED).map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+}
+
+/// Orders (created, delivered) since start.
+pub fn order_totals() -> (u64, u64) {
+    (ORDERS_CREATED.load(Ordering::Relaxed), ORDERS_DELIVERED.load(Ordering::Relaxed))
+}
+
 /// Delivered ÷ created since start (payment conversion); 0 before the first order.
 pub fn conversion_ratio() -> f64 {
-    let created = ORDERS_CREATED.load(Ordering::Relaxed);
-    if created == 0 {
-        0.0
-    } else {
-        ORDERS_DELIVERED.load(Ordering::Relaxed) as f64 / created as f64
+    match order_totals() {
+        (0, _) => 0.0,
+        (created, delivered) => delivered as f64 / created as f64,
     }
 }
 

@@ -356,6 +356,8 @@ pub struct Counts {
     pub available: u64,
     pub reserved: u64,
     pub sold: u64,
+    /// Orders ever created on this shard (for orders/s on the status page).
+    pub orders: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -487,6 +489,7 @@ impl Shard {
             available: self.available.len() as u64,
             reserved: self.reserved,
             sold: self.sold,
+            orders: self.orders.len() as u64,
         }
     }
 
@@ -1282,13 +1285,13 @@ mod tests {
     fn purchase_delivers_reserved_keys() {
         let mut s = shard_with_keys(3, 0);
         let seq = created(s.create_order(new_order("alice", 2), 10));
-        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 2, sold: 0 });
+        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 2, sold: 0, orders: 1 });
         let out = s.pay(paid(seq, "pay1", 1980), 20).unwrap();
         assert!(matches!(out, Outcome::Changed(_, PaymentOutcome::Delivered)));
         let order = s.order(seq).unwrap();
         assert_eq!(order.status, OrderStatus::Delivered);
         assert_eq!(order.keys.iter().map(|&k| s.key(k)).collect::<Vec<_>>(), ["K0", "K1"]);
-        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 0, sold: 2 });
+        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 0, sold: 2, orders: 1 });
         assert!(s.audit().violations.is_empty());
     }
 
@@ -1344,7 +1347,7 @@ mod tests {
         // Cancel the other order: a late payment for it is served from stock.
         s.cancel(other, 2002).unwrap();
         assert!(matches!(s.pay(paid(other, "p2", 990), 2003).unwrap(), Outcome::Changed(_, PaymentOutcome::Delivered)));
-        assert_eq!(s.counts(), Counts { imported: 1, available: 0, reserved: 0, sold: 1 });
+        assert_eq!(s.counts(), Counts { imported: 1, available: 0, reserved: 0, sold: 1, orders: 2 });
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
     }
 

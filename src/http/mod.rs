@@ -48,6 +48,7 @@ pub struct Shared {
     pub rate_limits: Option<limits::RateLimits>,
     /// `chaos.enabled`: whether the chaos endpoint exists at all.
     pub chaos: bool,
+    pub started: Instant,
 }
 
 #[derive(Clone)]
@@ -73,6 +74,7 @@ impl AppState {
                 request_timeout: settings.request_timeout(),
             },
             chaos: settings.chaos.enabled,
+            started: Instant::now(),
             rate_limits: rl.enabled.then(|| limits::RateLimits::new(rl)),
         }))
     }
@@ -121,6 +123,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/", get(ops::status_page))
+        .route("/status", get(ops::status_page))
+        .route("/status.json", get(ops::status_json))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit))
@@ -146,10 +151,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn overloaded(err: BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
-        metrics::counter!("kami_rejected_total", "reason" => "timeout").increment(1);
+        crate::telemetry::count_rejection("timeout");
         ApiError::from(crate::error::Error::Timeout)
     } else if err.is::<tower::load_shed::error::Overloaded>() {
-        metrics::counter!("kami_rejected_total", "reason" => "concurrency").increment(1);
+        crate::telemetry::count_rejection("concurrency");
         ApiError::from(crate::error::Error::Overloaded)
     } else {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())
@@ -172,7 +177,7 @@ async fn rate_limit(State(st): State<AppState>, mut req: Request, next: Next) ->
             let tier = match rate_limits.tier(api_key) {
                 Ok(t) => t,
                 Err(_) => {
-                    metrics::counter!("kami_rejected_total", "reason" => "invalid_api_key").increment(1);
+                    crate::telemetry::count_rejection("invalid_api_key");
                     return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "unknown X-Api-Key")
                         .into_response();
                 }
@@ -191,7 +196,7 @@ async fn rate_limit(State(st): State<AppState>, mut req: Request, next: Next) ->
 
 /// 429 `rate_limited` with `Retry-After`, counted by tier and scope (`ip`, `buyer`).
 pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) -> ApiError {
-    metrics::counter!("kami_rejected_total", "reason" => "rate_limited").increment(1);
+    crate::telemetry::count_rejection("rate_limited");
     metrics::counter!("kami_rate_limited_total", "tier" => tier.name.clone(), "scope" => scope).increment(1);
     let message = match scope {
         "ip" => "too many requests from this address",

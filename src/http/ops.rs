@@ -49,6 +49,72 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
 }
 
+/// The operator's live page: static HTML whose script polls `/status.json` every
+/// second. Served by kami itself, no build step.
+pub async fn status_page() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("status.html"))
+}
+
+/// Most products listed by `/status.json` (the busiest first).
+const MAX_STATUS_PRODUCTS: usize = 200;
+
+/// What the status page shows: per product stock, orders and its line; payment
+/// channels; refused requests. Totals since start; the page turns them into rates.
+pub async fn status_json(State(st): State<AppState>) -> Json<serde_json::Value> {
+    let Ok(core) = st.core() else {
+        return Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs()}));
+    };
+    let mut products: Vec<serde_json::Value> = core
+        .registry()
+        .all()
+        .iter()
+        .map(|(id, route)| {
+            let mut c = crate::domain::shard::Counts::default();
+            for s in &route.shards {
+                let g = s.gauge.get();
+                c.imported += g.imported;
+                c.available += g.available;
+                c.reserved += g.reserved;
+                c.sold += g.sold;
+                c.orders += g.orders;
+            }
+            json!({
+                "id": id,
+                "shards": route.shards.len(),
+                "available": c.available,
+                "reserved": c.reserved,
+                "sold": c.sold,
+                "orders": c.orders,
+                "queue_depth": route.shards.iter().map(|s| s.admission.depth()).sum::<usize>(),
+                "drain_per_sec": route.shards.iter().map(|s| s.admission.drain_per_sec()).sum::<u64>(),
+            })
+        })
+        .collect();
+    products.sort_by_key(|p| std::cmp::Reverse(p["orders"].as_u64()));
+    products.truncate(MAX_STATUS_PRODUCTS);
+    let channels: Vec<_> = core
+        .channels()
+        .all()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let state = ["closed", "half_open", "open"].get(core.channels().level(i) as usize).unwrap_or(&"open");
+            json!({"name": c.name, "state": state})
+        })
+        .collect();
+    let rejected: serde_json::Map<String, serde_json::Value> =
+        crate::telemetry::rejections().map(|(r, n)| (r.to_string(), json!(n))).collect();
+    let (created, delivered) = crate::telemetry::order_totals();
+    Json(json!({
+        "ready": true,
+        "uptime_secs": st.started.elapsed().as_secs(),
+        "products": products,
+        "channels": channels,
+        "rejected": rejected,
+        "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},
+    }))
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
