@@ -32,7 +32,16 @@ async fn run(buyers: u64, concurrency: u64, arbiters: usize) {
         channel: "sandbox".into(),
         secret: EMBEDDED_SECRET.into(),
     };
-    let config = LoadConfig { target, keys: buyers, buyers, concurrency, mode: Mode::Full, shards: 1, progress: false };
+    let config = LoadConfig {
+        target,
+        keys: buyers,
+        buyers,
+        concurrency,
+        mode: Mode::Full,
+        shards: 1,
+        progress: false,
+        retry_overloaded: false,
+    };
     let report = kami::load::run(config).await.unwrap();
     print!("{}", report.table());
     {

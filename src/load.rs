@@ -45,7 +45,14 @@ pub struct LoadConfig {
     pub shards: u16,
     /// A progress line on stderr every second.
     pub progress: bool,
+    /// A buyer refused with 503 `overloaded` waits as told (`error.queue.estimated_wait_ms`,
+    /// else `Retry-After`) and tries again, at most `MAX_ATTEMPTS` times in all, as a
+    /// storefront showing "you are in line" does. Off: each buyer tries once.
+    pub retry_overloaded: bool,
 }
+
+/// Attempts per buyer at creating the order when `retry_overloaded` is on.
+pub const MAX_ATTEMPTS: u32 = 20;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
@@ -107,6 +114,7 @@ struct Shared {
     channel: String,
     secret: String,
     mode: Mode,
+    retry_overloaded: bool,
     buyers: u64,
     next: AtomicU64,
     done: AtomicU64,
@@ -182,6 +190,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         channel,
         secret,
         mode: config.mode,
+        retry_overloaded: config.retry_overloaded,
         buyers: config.buyers,
         next: AtomicU64::new(0),
         done: AtomicU64::new(0),
@@ -346,15 +355,30 @@ fn record(out: &mut WorkerResult, step: usize, since: Instant) {
 /// One buyer. `true` = acknowledged (order created, and in full mode paid and its
 /// key read back).
 async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
-    let t = Instant::now();
     let body = json!({"product_id": s.product, "quantity": 1, "buyer": format!("{}-buyer-{i}", s.product)});
-    let Some((status, order)) = call(s.http.post(format!("{}/api/v1/orders", s.url)).json(&body), out).await else {
-        return false;
+    let mut attempts = 0;
+    let order = loop {
+        attempts += 1;
+        let t = Instant::now();
+        let Some((status, answer)) = call(s.http.post(format!("{}/api/v1/orders", s.url)).json(&body), out).await
+        else {
+            return false;
+        };
+        match status {
+            201 => {
+                // The latency of the accepted request itself, not of the waits before it.
+                record(out, 0, t);
+                break answer;
+            }
+            503 if s.retry_overloaded && attempts < MAX_ATTEMPTS && answer["error"]["code"] == "overloaded" => {
+                let wait_ms = answer["error"]["queue"]["estimated_wait_ms"].as_u64().unwrap_or(1000);
+                // Jitter (1x..2x) so refused buyers do not come back together.
+                let wait_ms = wait_ms.max(1) + rand::random_range(0..=wait_ms.max(1));
+                tokio::time::sleep(Duration::from_millis(wait_ms.min(10_000))).await;
+            }
+            _ => return false,
+        }
     };
-    if status != 201 {
-        return false;
-    }
-    record(out, 0, t);
     if s.mode == Mode::OrderOnly {
         return true;
     }

@@ -82,6 +82,10 @@ enum Command {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Buyers refused with 503 `overloaded` wait as the answer says
+        /// (`error.queue.estimated_wait_ms`) and try again (at most 20 attempts).
+        #[arg(long)]
+        retry_overloaded: bool,
     },
     /// Print the X-Signature header value for a notification body read from stdin.
     Sign {
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
             shards,
             mode,
             json,
+            retry_overloaded,
         } => {
             if concurrency == 0 || shards == 0 {
                 eprintln!("kami load: --concurrency and --shards must be at least 1");
@@ -179,7 +184,16 @@ fn main() -> ExitCode {
                     },
                 },
             };
-            let config = kami::load::LoadConfig { target, keys, buyers, concurrency, mode, shards, progress: true };
+            let config = kami::load::LoadConfig {
+                target,
+                keys,
+                buyers,
+                concurrency,
+                mode,
+                shards,
+                progress: true,
+                retry_overloaded,
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match runtime.block_on(kami::load::run(config)) {
                 Err(e) => {

@@ -12,6 +12,7 @@ fn config(mode: Mode, keys: u64, buyers: u64) -> LoadConfig {
         mode,
         shards: 1,
         progress: false,
+        retry_overloaded: false,
     }
 }
 
