@@ -6,6 +6,8 @@
 //! verdict checked against kami's own audit: sold == distinct keys delivered ==
 //! purchases acknowledged, never more than K.
 
+pub mod chart;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,6 +96,9 @@ pub struct LoadReport {
     pub answers: BTreeMap<String, u64>,
     /// Completions per second, one entry per second of the run.
     pub timeline: Vec<u64>,
+    /// Order creation latency per second of the run (of the requests answered 201
+    /// in that second): `[p50_ms, p99_ms]`, one entry per second like `timeline`.
+    pub create_latency_by_second: Vec<[f64; 2]>,
     pub verdict: Verdict,
 }
 
@@ -115,6 +120,8 @@ struct Shared {
     secret: String,
     mode: Mode,
     retry_overloaded: bool,
+    max_samples_per_worker: usize,
+    started: Instant,
     buyers: u64,
     next: AtomicU64,
     done: AtomicU64,
@@ -128,7 +135,14 @@ struct WorkerResult {
     acknowledged: u64,
     /// (second of the run, completions).
     completions: Vec<u64>,
+    /// (second of the run, create latency in µs) of accepted orders, at most
+    /// `MAX_SAMPLES / concurrency` per worker (for the per-second latency series).
+    samples: Vec<(u32, u32)>,
+    max_samples: usize,
 }
+
+/// Latency samples kept for the per-second series, all workers together (8 bytes each).
+const MAX_SAMPLES: usize = 4_000_000;
 
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
@@ -191,11 +205,13 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         secret,
         mode: config.mode,
         retry_overloaded: config.retry_overloaded,
+        max_samples_per_worker: MAX_SAMPLES / config.concurrency as usize,
+        started: Instant::now(),
         buyers: config.buyers,
         next: AtomicU64::new(0),
         done: AtomicU64::new(0),
     });
-    let started = Instant::now();
+    let started = shared.started;
     let progress = config.progress.then(|| {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -232,7 +248,9 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         for (i, n) in r.completions.into_iter().enumerate() {
             total.completions[i] += n;
         }
+        total.samples.extend(r.samples);
     }
+    let create_latency_by_second = latency_by_second(total.samples.split_off(0), total.completions.len());
     let elapsed = started.elapsed();
     if let Some(p) = progress {
         p.abort();
@@ -266,6 +284,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         steps,
         answers: total.answers,
         timeline: total.completions,
+        create_latency_by_second,
         verdict,
     })
 }
@@ -329,7 +348,11 @@ async fn call(r: reqwest::RequestBuilder, out: &mut WorkerResult) -> Option<(u16
 }
 
 async fn worker(s: Arc<Shared>, started: Instant) -> WorkerResult {
-    let mut out = WorkerResult { hists: STEPS.iter().map(|_| new_hist()).collect(), ..Default::default() };
+    let mut out = WorkerResult {
+        hists: STEPS.iter().map(|_| new_hist()).collect(),
+        max_samples: s.max_samples_per_worker,
+        ..Default::default()
+    };
     loop {
         let i = s.next.fetch_add(1, Ordering::Relaxed);
         if i >= s.buyers {
@@ -345,6 +368,27 @@ async fn worker(s: Arc<Shared>, started: Instant) -> WorkerResult {
         }
         out.completions[second] += 1;
     }
+}
+
+/// `[p50, p99]` in ms per second of the run, from `(second, µs)` samples.
+fn latency_by_second(samples: Vec<(u32, u32)>, seconds: usize) -> Vec<[f64; 2]> {
+    let mut by_second: Vec<Vec<u32>> = vec![Vec::new(); seconds];
+    for (second, micros) in samples {
+        if let Some(v) = by_second.get_mut(second as usize) {
+            v.push(micros);
+        }
+    }
+    by_second
+        .into_iter()
+        .map(|mut v| {
+            if v.is_empty() {
+                return [0.0, 0.0];
+            }
+            v.sort_unstable();
+            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+            [at(0.5), at(0.99)]
+        })
+        .collect()
 }
 
 fn record(out: &mut WorkerResult, step: usize, since: Instant) {
@@ -368,6 +412,10 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
             201 => {
                 // The latency of the accepted request itself, not of the waits before it.
                 record(out, 0, t);
+                if out.samples.len() < out.max_samples {
+                    let second = s.started.elapsed().as_secs() as u32;
+                    out.samples.push((second, t.elapsed().as_micros().min(u32::MAX as u128) as u32));
+                }
                 break answer;
             }
             503 if s.retry_overloaded && attempts < MAX_ATTEMPTS && answer["error"]["code"] == "overloaded" => {

@@ -82,6 +82,9 @@ enum Command {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also draw throughput and latency over time into this SVG file.
+        #[arg(long)]
+        chart: Option<PathBuf>,
         /// Buyers refused with 503 `overloaded` wait as the answer says
         /// (`error.queue.estimated_wait_ms`) and try again (at most 20 attempts).
         #[arg(long)]
@@ -164,6 +167,7 @@ fn main() -> ExitCode {
             shards,
             mode,
             json,
+            chart,
             retry_overloaded,
         } => {
             if concurrency == 0 || shards == 0 {
@@ -202,6 +206,12 @@ fn main() -> ExitCode {
                 }
                 Ok(report) => {
                     print!("{}", report.table());
+                    if let Some(path) = chart {
+                        if let Err(e) = kami::load::chart::write_svg(&report, &path) {
+                            eprintln!("kami load: cannot draw {}: {e}", path.display());
+                            return ExitCode::from(2);
+                        }
+                    }
                     if let Some(path) = json {
                         let text = serde_json::to_string_pretty(&report).expect("report serialises");
                         if let Err(e) = std::fs::write(&path, text) {

@@ -43,3 +43,24 @@ async fn an_order_only_run_reserves_and_never_oversells() {
     assert_eq!(report.steps.len(), 1);
     assert_eq!(report.answers.values().sum::<u64>(), 120);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_draws_throughput_and_latency_for_every_second_of_the_run() {
+    let report = run(config(Mode::OrderOnly, 300, 300)).await.unwrap();
+    assert!(report.verdict.ok, "{}", report.table());
+    assert_eq!(report.create_latency_by_second.len(), report.timeline.len());
+    for (second, (&done, lat)) in report.timeline.iter().zip(&report.create_latency_by_second).enumerate() {
+        assert_eq!(done > 0, lat[1] > 0.0, "second {second}: a latency exactly when orders were accepted");
+        assert!(lat[0] <= lat[1], "p50 <= p99 in second {second}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.svg");
+    kami::load::chart::write_svg(&report, &path).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    assert!(svg.starts_with("<svg") || svg.contains("<svg "), "not SVG: {}", &svg[..svg.len().min(200)]);
+    // Three series (throughput, p50, p99), each a polyline, and their legends.
+    assert!(svg.matches("<polyline").count() >= 3, "{svg}");
+    for label in ["buyers done per second", "create order p50", "create order p99"] {
+        assert!(svg.contains(label), "legend {label:?} missing");
+    }
+}
