@@ -51,7 +51,7 @@ async fn full_mailbox_is_answered_overloaded_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
     // Every flush lingers 100 ms, so each admitted order stays in line that long;
-    // any line of 8 or more exceeds a 1 ms wait.
+    // past the floor of 256 always admitted, any line exceeds a 1 ms wait.
     let t = TestApp::spawn_with(&[
         ("actors.mailbox_capacity", "10000"),
         ("actors.max_queue_wait_ms", "1"),
@@ -59,12 +59,12 @@ async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
     ])
     .await;
     let api = t.api();
-    api.product_with_keys("p", 2000, 0).await;
+    api.product_with_keys("p", 8000, 0).await;
     let (mut created, mut refusals) = (0u64, vec![]);
-    // Waves of 40 simultaneous orders; the first teaches the line its drain rate.
+    // Waves of 320 simultaneous orders; the first teaches the line its drain rate.
     for wave in 0..20 {
-        let start = Arc::new(tokio::sync::Barrier::new(40));
-        let tasks: Vec<_> = (0..40)
+        let start = Arc::new(tokio::sync::Barrier::new(320));
+        let tasks: Vec<_> = (0..320)
             .map(|i| {
                 let (api, start) = (api.clone(), start.clone());
                 tokio::spawn(async move {
@@ -92,7 +92,7 @@ async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
         let depth = q["depth"].as_u64().expect("queue.depth");
         let drain = q["drain_per_sec"].as_u64().expect("queue.drain_per_sec");
         let wait_ms = q["estimated_wait_ms"].as_u64().expect("queue.estimated_wait_ms");
-        assert!(depth >= 8 && drain > 0, "{q}");
+        assert!(depth >= 256 && drain > 0, "{q}");
         assert_eq!(wait_ms, (depth * 1000).div_ceil(drain), "{q}");
         let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
         assert_eq!(retry, wait_ms.div_ceil(1000).max(1));

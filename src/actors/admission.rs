@@ -23,8 +23,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// How often the drain rate is re-estimated.
 const SAMPLE_MS: u64 = 100;
 /// Below this many requests in line a request is always admitted (when a permit is
-/// free): the rate estimate is meaningless for a nearly empty queue.
-const MIN_DEPTH: usize = 8;
+/// free). It keeps group commit fed (a batch per flush) and keeps the actor busy:
+/// a line cut shorter than what one flush drains would lower the answers per second,
+/// then the measured drain rate, then the bound again — a spiral down to nothing
+/// under a storm of retries.
+const MIN_DEPTH: usize = 256;
 
 /// Which bounds a request is admitted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,9 +141,15 @@ impl Admission {
         let answered = self.answered.load(Ordering::Relaxed);
         let delta = answered.saturating_sub(self.sample_answered.swap(answered, Ordering::Relaxed));
         let fresh = delta * 1000 / elapsed_ms.max(1);
-        // An idle gap (several sample periods) says nothing about the drain rate.
+        // An idle gap (several sample periods) says nothing about the drain rate. The
+        // estimate follows a rising rate at once and a falling one slowly (1/8 per
+        // sample): fewer answers are as often the effect of refusing as a slower actor.
         let previous = self.drain_per_sec();
-        let next = if previous == 0 || elapsed_ms > 10 * SAMPLE_MS { fresh } else { (previous + fresh) / 2 };
+        let next = if previous == 0 || elapsed_ms > 10 * SAMPLE_MS || fresh >= previous {
+            fresh
+        } else {
+            previous - (previous - fresh) / 8
+        };
         if delta > 0 || elapsed_ms > 10 * SAMPLE_MS {
             self.drain_per_sec.store(next, Ordering::Relaxed);
         }
@@ -166,15 +175,25 @@ mod tests {
     #[test]
     fn the_time_bound_refuses_once_the_line_would_take_longer_than_the_wait() {
         let a = Admission::new(10_000, 50);
-        // Pretend the actor answered 1,000 per second: a 50 ms line is 50 requests.
-        a.drain_per_sec.store(1000, Ordering::Relaxed);
-        let tickets: Vec<_> = (0..50).map(|_| a.admit_at(Lane::NewOrder, 0).unwrap()).collect();
+        // Pretend the actor answered 10,000 per second: a 50 ms line is 500 requests.
+        a.drain_per_sec.store(10_000, Ordering::Relaxed);
+        let tickets: Vec<_> = (0..500).map(|_| a.admit_at(Lane::NewOrder, 0).unwrap()).collect();
         let full = a.admit_at(Lane::NewOrder, 0).unwrap_err();
-        assert_eq!(full, QueueFull { depth: 50, drain_per_sec: 1000, estimated_wait_ms: Some(50) });
+        assert_eq!(full, QueueFull { depth: 500, drain_per_sec: 10_000, estimated_wait_ms: Some(50) });
         let payment = a.admit_at(Lane::Settle, 0).expect("settling work is held only to the hard bound");
         drop(payment);
         drop(tickets);
         assert!(a.admit_at(Lane::NewOrder, 0).is_ok());
+    }
+
+    #[test]
+    fn a_short_line_is_always_admitted_however_slow_the_actor_seems() {
+        // 10 answers per second would allow a 0-request line: the floor keeps the actor fed.
+        let a = Admission::new(10_000, 25);
+        a.drain_per_sec.store(10, Ordering::Relaxed);
+        let tickets: Vec<_> = (0..MIN_DEPTH).map(|_| a.admit_at(Lane::NewOrder, 0).unwrap()).collect();
+        assert_eq!(a.admit_at(Lane::NewOrder, 0).unwrap_err().depth, MIN_DEPTH);
+        drop(tickets);
     }
 
     #[test]
@@ -189,9 +208,14 @@ mod tests {
             drop(a.admit_at(Lane::NewOrder, 150).unwrap());
         }
         a.sample_at(200);
-        assert_eq!(a.drain_per_sec(), 300, "smoothed: (400 + 200) / 2");
+        assert_eq!(a.drain_per_sec(), 375, "a fall is followed by 1/8: 400 - (400 - 200) / 8");
         a.sample_at(250);
-        assert_eq!(a.drain_per_sec(), 300, "not due yet");
+        assert_eq!(a.drain_per_sec(), 375, "not due yet");
+        for _ in 0..100 {
+            drop(a.admit_at(Lane::NewOrder, 250).unwrap());
+        }
+        a.sample_at(300);
+        assert_eq!(a.drain_per_sec(), 1000, "a rise is followed at once: 100 answers in 100 ms");
         a.sample_at(5000);
         assert_eq!(a.drain_per_sec(), 0, "after a long idle gap the line drains at an unknown rate");
     }
