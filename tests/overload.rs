@@ -8,6 +8,26 @@ use std::sync::Arc;
 use common::*;
 use serde_json::json;
 
+/// `n` orders of product `p` sent at the same moment (a barrier), by buyers
+/// `{prefix}{i}`; their answers in order.
+async fn simultaneous_orders(api: &Api, n: usize, prefix: &str) -> Vec<Reply> {
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (api, start, buyer) = (api.clone(), start.clone(), format!("{prefix}{i}"));
+            tokio::spawn(async move {
+                start.wait().await;
+                api.order("p", 1, &buyer, None).await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    replies
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_mailbox_is_answered_overloaded_with_retry_after() {
     // One request admitted per actor at a time, and each reply held >= 100 ms by the
@@ -15,19 +35,8 @@ async fn full_mailbox_is_answered_overloaded_with_retry_after() {
     let t = TestApp::spawn_with(&[("actors.mailbox_capacity", "1"), ("storage.commit_linger_us", "100000")]).await;
     let api = t.api();
     api.product_with_keys("p", 100, 0).await;
-    let start = Arc::new(tokio::sync::Barrier::new(50));
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let (api, start) = (api.clone(), start.clone());
-            tokio::spawn(async move {
-                start.wait().await;
-                api.order("p", 1, &format!("buyer{i}"), None).await
-            })
-        })
-        .collect();
     let (mut created, mut overloaded) = (0, 0);
-    for task in tasks {
-        let r = task.await.unwrap();
+    for r in simultaneous_orders(&api, 50, "buyer").await {
         match r.status {
             201 => created += 1,
             503 => {
@@ -63,18 +72,7 @@ async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
     let (mut created, mut refusals) = (0u64, vec![]);
     // Waves of 320 simultaneous orders; the first teaches the line its drain rate.
     for wave in 0..20 {
-        let start = Arc::new(tokio::sync::Barrier::new(320));
-        let tasks: Vec<_> = (0..320)
-            .map(|i| {
-                let (api, start) = (api.clone(), start.clone());
-                tokio::spawn(async move {
-                    start.wait().await;
-                    api.order("p", 1, &format!("w{wave}b{i}"), None).await
-                })
-            })
-            .collect();
-        for task in tasks {
-            let r = task.await.unwrap();
+        for r in simultaneous_orders(&api, 320, &format!("w{wave}b")).await {
             match r.status {
                 201 => created += 1,
                 503 => refusals.push(r),
