@@ -136,6 +136,7 @@ async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, con
         price_cents: 100,
         per_buyer_limit: 0,
         shards,
+        points_price: None,
     })
     .await
     .unwrap();
@@ -188,8 +189,14 @@ fn actor_round_trip(c: &mut Criterion) {
     let app = rt.block_on(start(dir.path(), 1));
     let core = app.core().clone();
     let order_id = rt.block_on(async {
-        let new =
-            kami::core::NewProduct { id: "rt".into(), name: "P".into(), price_cents: 1, per_buyer_limit: 0, shards: 1 };
+        let new = kami::core::NewProduct {
+            id: "rt".into(),
+            name: "P".into(),
+            price_cents: 1,
+            per_buyer_limit: 0,
+            shards: 1,
+            points_price: None,
+        };
         core.create_product(new).await.unwrap();
         core.import_keys("rt", vec!["k".into()]).await.unwrap();
         let req = kami::core::OrderRequest { product_id: "rt".into(), quantity: 1, buyer: "b".into() };

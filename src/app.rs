@@ -291,7 +291,11 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     // Its own thread: gateway calls never share an arbiter with stock actors.
     let payments =
         Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
-    let parts = Parts { registry, supervisor, payments, storage, clock, channels };
+    let points =
+        crate::actors::points::start_points(&storage, &clock, &actors.arbiters, settings.actors.mailbox_capacity)
+            .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
+    let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
+    let parts = Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices };
     let core = Arc::new(Kami::new(parts, CoreLimits::from_settings(&settings), settings.orders.ttl_secs * 1000));
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
     state.set_ready(core.clone());
@@ -320,6 +324,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             loop {
                 tick.tick().await;
                 core.settle_transfers().await;
+                core.resolve_holds().await;
             }
         })
     };

@@ -23,6 +23,8 @@ pub enum Target {
     Orders,
     /// The payment supervisor (`payments`).
     Payments,
+    /// Every points actor (`points`).
+    Points,
     /// One actor picked at random among all of the above (`random`).
     Random,
 }
@@ -34,10 +36,11 @@ impl std::str::FromStr for Target {
         match s {
             "orders" => Ok(Target::Orders),
             "payments" => Ok(Target::Payments),
+            "points" => Ok(Target::Points),
             "random" => Ok(Target::Random),
             _ => {
                 let rest = s.strip_prefix("product:").ok_or_else(|| {
-                    format!("actor: {s:?} is not one of \"product:<id>\", \"product:<id>#<shard>\", \"orders\", \"payments\", \"random\"")
+                    format!("actor: {s:?} is not one of \"product:<id>\", \"product:<id>#<shard>\", \"orders\", \"payments\", \"points\", \"random\"")
                 })?;
                 let (id, shard) = match rest.split_once('#') {
                     None => (rest, None),

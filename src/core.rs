@@ -12,14 +12,16 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::actors::admission::Lane;
+use crate::actors::admission::{Admission, Lane};
 use crate::actors::payments::{ChannelView, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
+use crate::actors::points::{self as points_actor, points_shard_of, PointsActor, PointsHandle};
 use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
 use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
 use crate::actors::{Kill, Registry, ShardHandle};
 use crate::chaos::Target;
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
 use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit, ShardId};
 use crate::error::Error;
@@ -66,6 +68,9 @@ pub struct NewProduct {
     pub per_buyer_limit: u32,
     #[serde(default = "one")]
     pub shards: u16,
+    /// Points per key when redeemed (`POST /api/v1/redemptions`); none: not redeemable.
+    #[serde(default)]
+    pub points_price: Option<u64>,
 }
 
 fn one() -> u16 {
@@ -106,6 +111,9 @@ pub struct ProductAudit {
     pub sold: u64,
     /// Keys lent by one shard to another and not yet received.
     pub in_transit: u64,
+    /// Keys delivered by redemptions (paid with points).
+    #[serde(skip)]
+    pub redeemed: u64,
 }
 
 impl ProductAudit {
@@ -115,6 +123,7 @@ impl ProductAudit {
         self.available += shard.available;
         self.reserved += shard.reserved;
         self.sold += shard.sold;
+        self.redeemed += shard.redeemed;
     }
 
     /// The product-wide check once every shard was added: returns its violation.
@@ -131,6 +140,16 @@ pub struct AuditReport {
     pub products: Vec<ProductAudit>,
     pub orders: BTreeMap<OrderStatus, u64>,
     pub violations: Vec<String>,
+    pub points: PointsTotals,
+}
+
+/// The points ledgers, all shards together (their audit recomputes every balance).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PointsTotals {
+    pub buyers: u64,
+    pub total_balance: u64,
+    pub total_held: u64,
+    pub redemptions_settled: u64,
 }
 
 /// An Idempotency-Key seen by this process, pinned to the body it first came with,
@@ -139,6 +158,23 @@ struct Pin {
     fingerprint: [u8; 16],
     at_ms: u64,
     confirmed: bool,
+}
+
+/// `POST /api/v1/redemptions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemRequest {
+    pub buyer: String,
+    pub product_id: String,
+    pub quantity: u64,
+}
+
+/// A delivered redemption: the order (with its keys), what it cost, the balance after.
+#[derive(Debug, Clone)]
+pub struct Redeemed {
+    pub order: OrderSnapshot,
+    pub points_spent: u64,
+    pub balance: Balance,
 }
 
 pub struct Kami {
@@ -152,6 +188,10 @@ pub struct Kami {
     ttl_ms: u64,
     pins: DashMap<String, Pin>,
     nonces: DashMap<String, ([u8; 16], u64)>,
+    /// One per points shard (`actors::points::POINTS_SHARDS`).
+    points: Vec<PointsHandle>,
+    /// Product → points price, for products that can be redeemed (durable in storage).
+    points_prices: DashMap<String, u64>,
 }
 
 /// The actors and shared tables a [`Kami`] routes to.
@@ -162,11 +202,13 @@ pub struct Parts {
     pub storage: Arc<Storage>,
     pub clock: Arc<dyn Clock>,
     pub channels: Arc<Channels>,
+    pub points: Vec<PointsHandle>,
+    pub points_prices: Vec<(String, u64)>,
 }
 
 impl Kami {
     pub fn new(parts: Parts, limits: CoreLimits, ttl_ms: u64) -> Kami {
-        let Parts { registry, supervisor, payments, storage, clock, channels } = parts;
+        let Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices } = parts;
         Kami {
             registry,
             supervisor,
@@ -178,6 +220,8 @@ impl Kami {
             ttl_ms,
             pins: DashMap::new(),
             nonces: DashMap::new(),
+            points,
+            points_prices: points_prices.into_iter().collect(),
         }
     }
 
@@ -247,6 +291,10 @@ impl Kami {
         if p.price_cents > 1_000_000_000_000 {
             return Err(Error::Invalid("price_cents: must be at most 10^12".into()));
         }
+        if p.points_price == Some(0) {
+            return Err(Error::Invalid("points_price: must be at least 1".into()));
+        }
+        let points_price = p.points_price;
         let info = ProductInfo {
             id: p.id,
             name: p.name,
@@ -256,11 +304,17 @@ impl Kami {
             created_at_ms: self.clock.now_ms(),
         };
         let sent = tokio::time::timeout(self.limits.request_timeout, self.supervisor.send(CreateProduct(info))).await;
-        match sent {
-            Err(_) => Err(Error::Timeout),
-            Ok(Err(_)) => Err(Error::Unavailable("the order supervisor stopped".into())),
-            Ok(Ok(result)) => Ok(result?),
+        let info = match sent {
+            Err(_) => return Err(Error::Timeout),
+            Ok(Err(_)) => return Err(Error::Unavailable("the order supervisor stopped".into())),
+            Ok(Ok(result)) => result?,
+        };
+        // A crash between the two leaves a product without its points price: the
+        // merchant sets it again (`PUT /api/v1/products/{id}/points-price`).
+        if points_price.is_some() {
+            self.set_points_price(&info.id, points_price).await?;
         }
+        Ok(info)
     }
 
     /// Imports keys (already split into lines or array items). Trims each key; empty
@@ -303,6 +357,23 @@ impl Kami {
         for status in OrderStatus::ALL {
             report.orders.insert(status, 0);
         }
+        // Points first: every balance against its ledger. Then, below, keys delivered
+        // by redemptions against the settled redemptions (plus those in flight, held):
+        // a redemption settled before this point has its order before the stock audit.
+        let (mut settled, mut held) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
+        for (i, a) in self.audit_points().await?.into_iter().enumerate() {
+            report.points.buyers += a.buyers;
+            report.points.total_balance += a.total_balance;
+            report.points.total_held += a.total_held;
+            report.points.redemptions_settled += a.redemptions_settled;
+            report.violations.extend(a.violations.iter().map(|v| format!("points#{i}: {v}")));
+            for (p, n) in a.settled_quantity {
+                *settled.entry(p).or_default() += n;
+            }
+            for (p, n) in a.held_quantity {
+                *held.entry(p).or_default() += n;
+            }
+        }
         for id in ids {
             let route = &routes[id];
             let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
@@ -324,8 +395,200 @@ impl Kami {
             report.violations.extend(pa.finish(&audits).map(|v| format!("{id}: {v}")));
             report.products.push(pa);
         }
+        for pa in &report.products {
+            let (s, h) = (settled.get(&pa.id).copied().unwrap_or(0), held.get(&pa.id).copied().unwrap_or(0));
+            if pa.redeemed < s || pa.redeemed > s + h {
+                report.violations.push(format!(
+                    "{}: {} keys delivered by redemptions, but {s} paid by settled ones ({h} in flight)",
+                    pa.id, pa.redeemed
+                ));
+            }
+        }
         report.ok = report.violations.is_empty();
         Ok(report)
+    }
+
+    // ---- points ----
+
+    async fn call_points<M, R>(&self, buyer: &str, msg: M) -> Result<R, Error>
+    where
+        M: Message<Result = ShardResult<R>> + Send + 'static,
+        R: Send + 'static,
+        PointsActor: Handler<M>,
+    {
+        let handle = &self.points[points_shard_of(buyer) as usize];
+        let _ticket = admit(&handle.admission, Lane::Settle)?;
+        let sent = tokio::time::timeout(self.limits.request_timeout, handle.addr.send(msg)).await;
+        answer(sent, "the points actor stopped")
+    }
+
+    /// A merchant's credit (`delta > 0`) or debit, idempotent by `request_id`.
+    pub async fn adjust_points(&self, buyer: &str, request_id: &str, delta: i64, note: &str) -> Result<Balance, Error> {
+        validate::buyer(buyer).map_err(Error::Invalid)?;
+        validate::token("request_id", request_id).map_err(Error::Invalid)?;
+        if delta == 0 {
+            return Err(Error::Invalid("delta: must not be 0".into()));
+        }
+        if note.len() > 256 {
+            return Err(Error::Invalid("note: at most 256 bytes".into()));
+        }
+        let msg = points_actor::Adjust {
+            request_id: request_id.to_string(),
+            buyer: buyer.to_string(),
+            delta,
+            note: note.to_string(),
+        };
+        self.call_points(buyer, msg).await
+    }
+
+    /// A buyer's balance and the last `limit` lines of their ledger.
+    pub async fn points_statement(&self, buyer: &str, limit: usize) -> Result<(Balance, Vec<Entry>), Error> {
+        validate::buyer(buyer).map_err(Error::Invalid)?;
+        self.call_points(buyer, points_actor::Statement { buyer: buyer.to_string(), limit }).await
+    }
+
+    pub fn points_price(&self, product: &str) -> Option<u64> {
+        self.points_prices.get(product).map(|p| *p)
+    }
+
+    /// Makes a product redeemable for `points` per key (`None`: no longer). Durable
+    /// when it returns.
+    pub async fn set_points_price(&self, product: &str, points: Option<u64>) -> Result<(), Error> {
+        self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        if points == Some(0) {
+            return Err(Error::Invalid("points_price: must be at least 1".into()));
+        }
+        self.storage.set_points_price(product, points)?;
+        self.storage.ticket()?.wait().await?;
+        match points {
+            Some(p) => self.points_prices.insert(product.to_string(), p),
+            None => self.points_prices.remove(product).map(|(_, p)| p),
+        };
+        Ok(())
+    }
+
+    /// Deducts points and delivers keys as one outcome (the saga of
+    /// `domain::points`): on 201 the order is delivered and the points are spent
+    /// (or held, settled at the latest by the next resolver round); on a refusal
+    /// neither happened. The same `Idempotency-Key` replays the same redemption.
+    pub async fn redeem(&self, req: RedeemRequest, idempotency_key: &str) -> Result<Redeemed, Error> {
+        if req.quantity == 0 || req.quantity > self.limits.max_quantity as u64 {
+            return Err(Error::Invalid(format!("quantity: must be 1..={}", self.limits.max_quantity)));
+        }
+        validate::buyer(&req.buyer).map_err(Error::Invalid)?;
+        validate::token("Idempotency-Key", idempotency_key).map_err(Error::Invalid)?;
+        let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
+        let price = self.points_price(&req.product_id).ok_or(Error::Domain(DomainError::NotRedeemable))?;
+        let points = price.checked_mul(req.quantity).ok_or_else(|| Error::Invalid("points: too many".into()))?;
+        let redemption = {
+            let mut h = Sha256::new();
+            for part in [req.buyer.as_bytes(), req.product_id.as_bytes(), idempotency_key.as_bytes()] {
+                h.update((part.len() as u64).to_be_bytes());
+                h.update(part);
+            }
+            hex::encode(&h.finalize()[..16])
+        };
+        let hold = Hold {
+            redemption,
+            buyer: req.buyer.clone(),
+            points,
+            product_id: req.product_id.clone(),
+            quantity: req.quantity as u32,
+            at_ms: 0,
+        };
+        let state = self.call_points(&req.buyer, points_actor::HoldPoints(hold.clone())).await?;
+        let (order, replayed) = match state {
+            RedemptionState::Settled { order_id, .. } => (self.get_order(&order_id, None).await?, true),
+            RedemptionState::Held(held) => {
+                if (held.points, held.quantity) != (points, req.quantity as u32) {
+                    return Err(Error::Domain(DomainError::IdempotencyKeyReused));
+                }
+                let order = self.finish_redemption(&route, &held).await?;
+                let replayed = order.replayed;
+                (order, replayed)
+            }
+        };
+        let (balance, _) = self.points_statement(&req.buyer, 0).await?;
+        Ok(Redeemed { order: OrderSnapshot { replayed, ..order }, points_spent: points, balance })
+    }
+
+    /// Steps 2 and 3 of a held redemption: the stock shard delivers (or refuses),
+    /// then the hold is settled (or released). An answer that leaves step 2's
+    /// outcome unknown (timeout, actor restarting) leaves the hold for the resolver.
+    async fn finish_redemption(
+        &self,
+        route: &crate::actors::ProductRoute,
+        hold: &Hold,
+    ) -> Result<OrderSnapshot, Error> {
+        let home = route.shard_index_for_buyer(&hold.buyer);
+        let redemption = shard::Redeem(crate::domain::shard::Redemption {
+            redemption: hold.redemption.clone(),
+            buyer: hold.buyer.clone(),
+            quantity: hold.quantity,
+            query_token: new_token(),
+        });
+        let msg = || shard::Redeem(redemption.0.clone());
+        let delivered = match self.call_in(Lane::NewOrder, &route.shards[home], msg()).await {
+            Err(Error::Domain(DomainError::SoldOut { .. })) if route.shards.len() > 1 => {
+                self.order_with_borrowed_keys(route, home, hold.quantity, msg).await
+            }
+            other => other,
+        };
+        match delivered {
+            Ok(order) => {
+                let order_id =
+                    OrderId { shard: ShardId::new(order.product_id.clone(), order.shard), seq: order.order.seq };
+                let settle =
+                    points_actor::Settle { redemption: hold.redemption.clone(), order_id: order_id.to_string() };
+                // The order is durable and the points are held for it: a failed settle
+                // is retried by the resolver, which can only settle it (step 2 repeats).
+                if let Err(e) = self.call_points(&hold.buyer, settle).await {
+                    tracing::warn!(redemption = %hold.redemption, error = %e, "settle deferred to the resolver");
+                }
+                Ok(order)
+            }
+            // Refused for good, or never sent: the points come back.
+            Err(e @ (Error::Domain(_) | Error::Overloaded | Error::QueueFull(_) | Error::ProductNotFound)) => {
+                let reason = e.code().to_string();
+                let release = points_actor::Release { redemption: hold.redemption.clone(), reason };
+                if let Err(release_failed) = self.call_points(&hold.buyer, release).await {
+                    tracing::warn!(redemption = %hold.redemption, error = %release_failed, "release deferred to the resolver");
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Finishes redemptions a crash or a timeout left held: each is sent to its
+    /// stock shard again (idempotent) and settled or released. Holds younger than
+    /// the request timeout may still be in their own request and are left alone.
+    pub async fn resolve_holds(&self) {
+        let before_ms = self.clock.now_ms().saturating_sub(self.limits.request_timeout.as_millis() as u64 + 1000);
+        for handle in &self.points {
+            let sent = handle.addr.send(points_actor::StaleHolds { before_ms, limit: 256 });
+            let Ok(Ok(Ok(holds))) = tokio::time::timeout(self.limits.request_timeout, sent).await else { continue };
+            for hold in holds {
+                let outcome = match self.registry.get(&hold.product_id) {
+                    Some(route) => self.finish_redemption(&route, &hold).await.map(|_| ()),
+                    None => Err(Error::ProductNotFound),
+                };
+                tracing::info!(redemption = %hold.redemption, ?outcome, "held redemption resolved");
+            }
+        }
+    }
+
+    /// Every points shard's audit, and the cross-check against the stock shards:
+    /// keys delivered by redemptions == keys of settled redemptions, give or take
+    /// the redemptions in flight.
+    pub async fn audit_points(&self) -> Result<Vec<PointsAudit>, Error> {
+        let mut out = Vec::with_capacity(self.points.len());
+        for handle in &self.points {
+            let sent =
+                tokio::time::timeout(self.limits.request_timeout, handle.addr.send(points_actor::AuditPoints)).await;
+            out.push(answer(sent, "the points actor stopped")?);
+        }
+        Ok(out)
     }
 
     // ---- buyer ----
@@ -374,7 +637,7 @@ impl Kami {
         } else {
             match self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new.clone())).await {
                 Err(Error::Domain(DomainError::SoldOut { .. })) => {
-                    self.order_with_borrowed_keys(&route, home, new).await
+                    self.order_with_borrowed_keys(&route, home, new.quantity, || shard::CreateOrder(new.clone())).await
                 }
                 other => other,
             }
@@ -396,15 +659,20 @@ impl Kami {
     /// buyer stays on its own shard, so per-buyer limits stay exact. `sold_out` is
     /// answered only when every sibling had no key to lend and no keys were in
     /// transit between shards meanwhile: the whole product was empty.
-    async fn order_with_borrowed_keys(
+    async fn order_with_borrowed_keys<M>(
         &self,
         route: &crate::actors::ProductRoute,
         home: usize,
-        new: NewOrder,
-    ) -> Result<OrderSnapshot, Error> {
+        quantity: u32,
+        msg: impl Fn() -> M,
+    ) -> Result<OrderSnapshot, Error>
+    where
+        M: Message<Result = ShardResult<OrderSnapshot>> + Send + 'static,
+        ShardActor: Handler<M>,
+    {
         let track = &route.transfers;
         let siblings = || (1..route.shards.len()).map(|k| (home + k) % route.shards.len());
-        let sold_out = || Error::Domain(DomainError::SoldOut { requested: new.quantity, available: 0 });
+        let sold_out = || Error::Domain(DomainError::SoldOut { requested: quantity, available: 0 });
         // Fast answer once the sale is over: every sibling's durable stock is 0.
         let mark = track.mark();
         if siblings().all(|j| route.shards[j].gauge.get().available == 0) && track.quiet_since(&mark) {
@@ -413,7 +681,7 @@ impl Kami {
         let _turn = track.borrowing[home].lock().await;
         loop {
             // A borrower ahead in line may have refilled the shard.
-            match self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new.clone())).await {
+            match self.call_in(Lane::NewOrder, &route.shards[home], msg()).await {
                 Err(Error::Domain(DomainError::SoldOut { .. })) => {}
                 other => return other,
             }
@@ -423,7 +691,7 @@ impl Kami {
                 if route.shards[j].gauge.get().available == 0 {
                     continue;
                 }
-                match self.transfer(route, j, home, new.quantity as usize).await {
+                match self.transfer(route, j, home, quantity as usize).await {
                     Ok(0) => {}
                     Ok(_) => {
                         moved = true;
@@ -691,6 +959,12 @@ impl Kami {
                 kill(tokio::time::timeout(timeout, self.payments.send(Kill)).await)?;
                 Ok("payments".into())
             }
+            Target::Points => {
+                for h in &self.points {
+                    kill(tokio::time::timeout(timeout, h.addr.send(Kill)).await)?;
+                }
+                Ok("points".into())
+            }
             Target::Product { id, shard } => {
                 let route = self.registry.get(&id).ok_or(Error::ProductNotFound)?;
                 let shards: Vec<usize> = match shard {
@@ -737,14 +1011,26 @@ where
     R: Send + 'static,
     ShardActor: Handler<M>,
 {
-    let _ticket = shard.admission.admit(lane).map_err(|full| {
+    let _ticket = admit(&shard.admission, lane)?;
+    answer(tokio::time::timeout(timeout, shard.addr.send(msg)).await, "the stock actor stopped")
+}
+
+fn admit(admission: &Admission, lane: Lane) -> Result<crate::actors::admission::Ticket, Error> {
+    admission.admit(lane).map_err(|full| {
         crate::telemetry::count_rejection("queue_full");
         Error::QueueFull(full)
-    })?;
-    match tokio::time::timeout(timeout, shard.addr.send(msg)).await {
+    })
+}
+
+/// An actor's answer within a timeout, as the core's error.
+fn answer<R>(
+    sent: Result<Result<ShardResult<R>, MailboxError>, tokio::time::error::Elapsed>,
+    stopped: &str,
+) -> Result<R, Error> {
+    match sent {
         Err(_) => Err(Error::Timeout),
         Ok(Err(MailboxError::Timeout)) => Err(Error::Timeout),
-        Ok(Err(MailboxError::Closed)) => Err(Error::Unavailable("the stock actor stopped".into())),
+        Ok(Err(MailboxError::Closed)) => Err(Error::Unavailable(stopped.into())),
         Ok(Ok(result)) => Ok(result?),
     }
 }

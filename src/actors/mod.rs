@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod payments;
+pub mod points;
 pub mod registry;
 pub mod shard;
 pub mod supervisor;

@@ -21,7 +21,7 @@ use actix::prelude::*;
 use futures::future;
 
 use crate::clock::Clock;
-use crate::domain::shard::{Counts, NewOrder, Outcome, OutgoingTransfer, Payment};
+use crate::domain::shard::{Counts, NewOrder, Outcome, OutgoingTransfer, Payment, Redemption};
 use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
 use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
 
@@ -92,6 +92,11 @@ pub struct ImportKeys(pub Vec<String>);
 #[derive(Message)]
 #[rtype(result = "ShardResult<OrderSnapshot>")]
 pub struct CreateOrder(pub NewOrder);
+
+/// Step 2 of a redemption: an order paid with points, delivered at once.
+#[derive(Message)]
+#[rtype(result = "ShardResult<OrderSnapshot>")]
+pub struct Redeem(pub Redemption);
 
 #[derive(Message)]
 #[rtype(result = "ShardResult<PaymentOutcome>")]
@@ -244,7 +249,7 @@ fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
         | Event::KeysLent { .. }
         | Event::KeysReceived { .. }
         | Event::TransferSettled { .. } => None,
-        Event::OrderCreated { order } => Some(order.seq),
+        Event::OrderCreated { order } | Event::OrderRedeemed { order } => Some(order.seq),
         Event::PaymentApplied { record, .. } => Some(record.order_seq),
         Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),
     }
@@ -374,6 +379,28 @@ impl ShardActor {
             gauge.publish(seq, counts);
             Ok(value)
         })
+    }
+
+    /// Runs a domain step that makes (or repeats) one order, journals it, and replies
+    /// with the order once durable (a repeat: once its own changes are).
+    fn order_step(
+        &mut self,
+        ctx: &mut Context<Self>,
+        step: impl FnOnce(&mut Shard) -> Result<Outcome<u64>, DomainError>,
+    ) -> ResponseFuture<ShardResult<OrderSnapshot>> {
+        let (ticket, seq, replayed) = match self.guarded(ctx, step) {
+            Err(e) => return fail(e),
+            Ok(Err(refusal)) => return fail(refusal),
+            Ok(Ok(Outcome::Repeat(seq))) => (None, seq, true),
+            Ok(Ok(Outcome::Changed(event, seq))) => match self.persist(ctx, &[event]) {
+                Ok(t) => (Some(t), seq, false),
+                Err(e) => return fail(e),
+            },
+        };
+        match self.order_snapshot(seq, replayed) {
+            Ok(view) => self.reply_order(ticket, view),
+            Err(e) => fail(e),
+        }
     }
 
     /// Replies with an order view once that order's own changes are durable.
@@ -537,19 +564,16 @@ impl Handler<CreateOrder> for ShardActor {
 
     fn handle(&mut self, msg: CreateOrder, ctx: &mut Context<Self>) -> Self::Result {
         let now = self.env.clock.now_ms();
-        let (ticket, seq, replayed) = match self.guarded(ctx, |s| s.create_order(msg.0, now)) {
-            Err(e) => return fail(e),
-            Ok(Err(refusal)) => return fail(refusal),
-            Ok(Ok(Outcome::Repeat(seq))) => (None, seq, true),
-            Ok(Ok(Outcome::Changed(event, seq))) => match self.persist(ctx, &[event]) {
-                Ok(t) => (Some(t), seq, false),
-                Err(e) => return fail(e),
-            },
-        };
-        match self.order_snapshot(seq, replayed) {
-            Ok(view) => self.reply_order(ticket, view),
-            Err(e) => fail(e),
-        }
+        self.order_step(ctx, |s| s.create_order(msg.0, now))
+    }
+}
+
+impl Handler<Redeem> for ShardActor {
+    type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
+
+    fn handle(&mut self, msg: Redeem, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        self.order_step(ctx, |s| s.redeem(msg.0, now))
     }
 }
 

@@ -23,6 +23,16 @@ pub enum DomainError {
     PaymentNotFound,
     #[error("this payment owes no refund")]
     NoRefundOwed,
+    #[error("not enough points: {needed} needed, {available} available")]
+    InsufficientPoints { needed: u64, available: u64 },
+    #[error("the balance would exceed the largest number of points")]
+    PointsOverflow,
+    #[error("no such redemption")]
+    RedemptionNotFound,
+    #[error("the redemption was settled: its key is delivered")]
+    RedemptionSettled,
+    #[error("this product has no points price")]
+    NotRedeemable,
 }
 
 impl DomainError {
@@ -38,6 +48,11 @@ impl DomainError {
             DomainError::PaymentIdConflict => "payment_id_conflict",
             DomainError::PaymentNotFound => "payment_not_found",
             DomainError::NoRefundOwed => "no_refund_owed",
+            DomainError::InsufficientPoints { .. } => "insufficient_points",
+            DomainError::PointsOverflow => "points_overflow",
+            DomainError::RedemptionNotFound => "redemption_not_found",
+            DomainError::RedemptionSettled => "redemption_settled",
+            DomainError::NotRedeemable => "not_redeemable",
         }
     }
 }

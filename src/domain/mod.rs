@@ -8,6 +8,8 @@
 //!   idempotency keys, the expiry heap). Commands are *decided and applied* in one
 //!   call that returns the [`Event`] to journal; replaying the same events on an
 //!   empty shard rebuilds the same state.
+//! * [`points`] — the points balances and append-only ledger of one points shard,
+//!   and its side of a redemption (hold, settle, release).
 //! * [`breaker`] — the circuit breaker of one payment channel; [`routing`] — which
 //!   channel a new order goes to.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
@@ -18,6 +20,7 @@
 pub mod breaker;
 pub mod error;
 pub mod ids;
+pub mod points;
 pub mod routing;
 pub mod shard;
 pub mod signature;

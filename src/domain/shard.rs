@@ -164,6 +164,7 @@ impl Event {
             Event::OrderExpired { .. } => Some("expired"),
             Event::OrderCancelled { .. } => Some("cancelled"),
             Event::RefundCompleted { .. } => Some("refunded"),
+            Event::OrderRedeemed { .. } => Some("redeemed"),
             Event::KeysImported { .. }
             | Event::KeysLent { .. }
             | Event::KeysReceived { .. }
@@ -217,6 +218,31 @@ pub enum Event {
     TransferSettled {
         transfer: u64,
     },
+    /// An order paid with points, delivered in the same step (step 2 of a
+    /// redemption, see `domain::points`). Its `payment_id` is [`redeemed_payment_id`].
+    OrderRedeemed {
+        order: Order,
+    },
+}
+
+/// The `payment_id` of an order paid with points: it contains a space, which no
+/// gateway's payment id may (`validate::token`), so the two never collide.
+pub fn redeemed_payment_id(redemption: &str) -> String {
+    format!("points {redemption}")
+}
+
+fn is_redeemed(order: &Order) -> bool {
+    order.payment_id.as_deref().is_some_and(|p| p.starts_with("points "))
+}
+
+/// Step 2 of a redemption, as the stock shard sees it.
+#[derive(Debug, Clone)]
+pub struct Redemption {
+    /// The saga's id: also this order's idempotency key (`redeem:<id>`).
+    pub redemption: String,
+    pub buyer: String,
+    pub quantity: u32,
+    pub query_token: String,
 }
 
 /// Keys moving between the shards of one product: a shard that runs dry borrows
@@ -327,6 +353,9 @@ pub struct ShardAudit {
     pub unsettled: Vec<(u64, u16, u64)>,
     #[serde(skip)]
     pub received: std::collections::BTreeSet<(u16, u64)>,
+    /// Keys delivered by redemptions (paid with points), for the points cross-check.
+    #[serde(skip)]
+    pub redeemed: u64,
 }
 
 /// The product-wide half of the audit: a key lent by one shard is in the
@@ -603,6 +632,47 @@ impl Shard {
             amount_mismatch: false,
         };
         let event = Event::OrderCreated { order };
+        self.apply(&event);
+        Ok(Outcome::Changed(event, seq))
+    }
+
+    /// Step 2 of a redemption: an order delivered at once, its keys taken from stock.
+    /// The same redemption again is a repeat (its order), whatever became of it.
+    pub fn redeem(&mut self, r: Redemption, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
+        assert!(r.quantity >= 1, "quantity validated by the caller");
+        let key = format!("redeem:{}", r.redemption);
+        if let Some(&(_, seq)) = self.idempotency.get(&key) {
+            return Ok(Outcome::Repeat(seq));
+        }
+        let limit = self.product.per_buyer_limit;
+        if limit > 0 {
+            let held = self.holdings.get(&r.buyer).copied().unwrap_or(0);
+            if held.saturating_add(r.quantity) > limit {
+                return Err(DomainError::LimitExceeded { limit, held });
+            }
+        }
+        if (self.available.len() as u64) < r.quantity as u64 {
+            return Err(DomainError::SoldOut { requested: r.quantity, available: self.available.len() as u64 });
+        }
+        let seq = self.orders.len() as u64 + 1;
+        let order = Order {
+            seq,
+            amount_cents: 0,
+            buyer: r.buyer,
+            quantity: r.quantity,
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms,
+            paid_at_ms: Some(now_ms),
+            delivered_at_ms: Some(now_ms),
+            closed_at_ms: None,
+            status: OrderStatus::Delivered,
+            keys: self.available.iter().take(r.quantity as usize).copied().collect(),
+            query_token: r.query_token,
+            idempotency: Some(Idempotency { key, fingerprint: [0; 16] }),
+            payment_id: Some(redeemed_payment_id(&r.redemption)),
+            amount_mismatch: false,
+        };
+        let event = Event::OrderRedeemed { order };
         self.apply(&event);
         Ok(Outcome::Changed(event, seq))
     }
@@ -899,6 +969,18 @@ impl Shard {
                     order.status = OrderStatus::Refunded;
                 }
             }
+            Event::OrderRedeemed { order } => {
+                assert_eq!(order.seq, self.orders.len() as u64 + 1, "order sequence gap");
+                assert_eq!(order.status, OrderStatus::Delivered);
+                assert!(is_redeemed(order), "a redeemed order names its redemption");
+                assert_eq!(order.keys.len(), order.quantity as usize);
+                self.take_available(&order.keys);
+                self.sold += order.keys.len() as u64;
+                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+                let idem = order.idempotency.as_ref().expect("a redeemed order has its idempotency key");
+                self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
+                self.orders.push(order.clone());
+            }
             Event::KeysLent { .. } | Event::KeysReceived { .. } | Event::TransferSettled { .. } => {
                 self.apply_transfer(event)
             }
@@ -1015,6 +1097,9 @@ impl Shard {
                         mark(id, Place::Sold(order.seq), &mut violations);
                     }
                     audit.sold += order.keys.len() as u64;
+                    if is_redeemed(order) {
+                        audit.redeemed += order.keys.len() as u64;
+                    }
                 }
                 _ if !order.keys.is_empty() => {
                     violations.push(format!("order {} is {} but holds keys", order.seq, order.status))
@@ -1084,6 +1169,8 @@ impl Shard {
             let needs_payment =
                 matches!(order.status, OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded);
             match (&order.payment_id, needs_payment) {
+                // Paid with points: the points shard's ledger holds its payment.
+                (Some(_), true) if is_redeemed(order) && order.status == OrderStatus::Delivered => {}
                 (None, true) => violations.push(format!("order {} is {} without a payment", order.seq, order.status)),
                 (Some(id), true) if !takers.contains(&(order.seq, id.as_str())) => {
                     violations.push(format!("order {} names payment {id:?}, which is not its own", order.seq))

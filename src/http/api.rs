@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::limits::Tier;
 use super::{extract, views, AppState};
-use crate::core::{NewProduct, OrderRequest};
+use crate::core::{NewProduct, OrderRequest, RedeemRequest};
 use crate::domain::DomainError;
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -29,7 +29,8 @@ pub async fn create_product(
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: NewProduct = extract::json(&bytes)?;
     let info = core.create_product(req).await?;
-    Ok((StatusCode::CREATED, Json(views::product(&info, 0))))
+    let points_price = core.points_price(&info.id);
+    Ok((StatusCode::CREATED, Json(views::product(&info, 0, points_price))))
 }
 
 #[derive(Deserialize)]
@@ -118,8 +119,117 @@ pub async fn chaos_kill(State(st): State<AppState>, headers: HeaderMap, body: Bo
 }
 
 pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let p = st.core()?.product(&id)?;
-    Ok(Json(json!({"id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available})))
+    let core = st.core()?;
+    let p = core.product(&id)?;
+    let points_price = core.points_price(&id);
+    Ok(Json(json!({
+        "id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available,
+        "points_price": points_price,
+    })))
+}
+
+// ---- points ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PointsPriceBody {
+    points_price: Option<u64>,
+}
+
+/// `PUT /api/v1/products/{id}/points-price` (merchant): `{"points_price": N}` or null.
+pub async fn set_points_price(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: PointsPriceBody = extract::json(&bytes)?;
+    core.set_points_price(&id, req.points_price).await?;
+    Ok(Json(json!({"id": id, "points_price": req.points_price})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdjustBody {
+    request_id: String,
+    delta: i64,
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /api/v1/admin/buyers/{buyer}/points` (merchant): credit or debit, idempotent
+/// by `request_id`.
+pub async fn adjust_points(
+    State(st): State<AppState>,
+    Path(buyer): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: AdjustBody = extract::json(&bytes)?;
+    let balance = core.adjust_points(&buyer, &req.request_id, req.delta, &req.note).await?;
+    Ok(Json(views::balance(&buyer, &balance)))
+}
+
+/// `GET /api/v1/buyers/{buyer}/points`.
+pub async fn get_points(State(st): State<AppState>, Path(buyer): Path<String>) -> ApiResult<Json<Value>> {
+    let (balance, _) = st.core()?.points_statement(&buyer, 0).await?;
+    Ok(Json(views::balance(&buyer, &balance)))
+}
+
+#[derive(Deserialize)]
+pub struct LedgerQuery {
+    limit: Option<usize>,
+}
+
+/// Most ledger lines one statement shows.
+const MAX_LEDGER_LINES: usize = 1000;
+
+/// `GET /api/v1/admin/buyers/{buyer}/points/ledger?limit=N` (merchant): the newest
+/// `limit` (default and most 1,000) lines of the buyer's append-only ledger.
+pub async fn points_ledger(
+    State(st): State<AppState>,
+    Path(buyer): Path<String>,
+    query: Result<axum::extract::Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    let limit = q.limit.unwrap_or(MAX_LEDGER_LINES).min(MAX_LEDGER_LINES);
+    let (balance, entries) = st.core()?.points_statement(&buyer, limit).await?;
+    let mut v = views::balance(&buyer, &balance);
+    v["entries"] = entries.iter().map(views::ledger_entry).collect();
+    Ok(Json(v))
+}
+
+/// `POST /api/v1/redemptions` with `Idempotency-Key` (required): points for keys.
+pub async fn redeem(
+    State(st): State<AppState>,
+    tier: Option<Extension<Arc<Tier>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let core = st.core()?;
+    let key = extract::header_str(&headers, "idempotency-key")?
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key: required for redemptions"))?
+        .to_string();
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: RedeemRequest = extract::json(&bytes)?;
+    if let Some(Extension(tier)) = tier {
+        tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
+    }
+    let redeemed = core.redeem(req, &key).await?;
+    super::record_order(&views::order_id(&redeemed.order));
+    let mut response = (StatusCode::CREATED, Json(views::redeemed(&redeemed))).into_response();
+    if redeemed.order.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }
 
 pub async fn create_order(

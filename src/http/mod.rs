@@ -116,6 +116,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/reconcile", post(api::reconcile))
         .route("/api/v1/admin/payments/channels", get(api::payment_channels))
+        .route("/api/v1/products/{id}/points-price", axum::routing::put(api::set_points_price))
+        .route("/api/v1/admin/buyers/{buyer}/points", post(api::adjust_points))
+        .route("/api/v1/admin/buyers/{buyer}/points/ledger", get(api::points_ledger))
+        .route("/api/v1/buyers/{buyer}/points", get(api::get_points))
+        .route("/api/v1/redemptions", post(api::redeem))
         .route("/api/v1/orders", post(api::create_order))
         .route("/api/v1/orders/{order_id}", get(api::get_order))
         .route("/api/v1/orders/{order_id}/cancel", post(api::cancel_order))
@@ -168,6 +173,8 @@ async fn rate_limit(State(st): State<AppState>, mut req: Request, next: Next) ->
     if let Some(rate_limits) = &st.rate_limits {
         let path = req.uri().path();
         let buyer_route = path.starts_with("/api/v1/orders")
+            || path.starts_with("/api/v1/redemptions")
+            || path.starts_with("/api/v1/buyers/")
             || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
         if buyer_route {
             let api_key = match extract::header_str(req.headers(), "x-api-key") {

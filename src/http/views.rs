@@ -3,7 +3,8 @@
 use serde_json::{json, Value};
 
 use crate::actors::shard::OrderSnapshot;
-use crate::core::AuditReport;
+use crate::core::{AuditReport, Redeemed};
+use crate::domain::points::{Balance, Entry};
 use crate::domain::{OrderId, ProductInfo, ShardId};
 
 pub fn ts(ms: u64) -> String {
@@ -20,7 +21,7 @@ pub fn order_id(s: &OrderSnapshot) -> String {
     OrderId { shard: ShardId::new(s.product_id.clone(), s.shard), seq: s.order.seq }.to_string()
 }
 
-pub fn product(info: &ProductInfo, available: u64) -> Value {
+pub fn product(info: &ProductInfo, available: u64, points_price: Option<u64>) -> Value {
     json!({
         "id": info.id,
         "name": info.name,
@@ -28,7 +29,27 @@ pub fn product(info: &ProductInfo, available: u64) -> Value {
         "per_buyer_limit": info.per_buyer_limit,
         "shards": info.shards,
         "available": available,
+        "points_price": points_price,
         "created_at": ts(info.created_at_ms),
+    })
+}
+
+pub fn balance(buyer: &str, b: &Balance) -> Value {
+    json!({"buyer": buyer, "balance": b.balance, "held": b.held, "available": b.available()})
+}
+
+pub fn redeemed(r: &Redeemed) -> Value {
+    let mut v = order(&r.order);
+    v["points_spent"] = json!(r.points_spent);
+    v["points_balance"] = json!(r.balance.available());
+    v["query_token"] = json!(r.order.order.query_token);
+    v
+}
+
+pub fn ledger_entry(e: &Entry) -> Value {
+    json!({
+        "seq": e.seq, "kind": e.kind, "delta": e.delta, "balance_after": e.balance_after,
+        "held_after": e.held_after, "reference": e.reference, "order_id": e.order_id, "at": ts(e.at_ms),
     })
 }
 
@@ -93,5 +114,5 @@ pub fn audit(r: &AuditReport) -> Value {
         .collect();
     let orders: serde_json::Map<String, Value> =
         r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();
-    json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations})
+    json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations, "points": r.points})
 }

@@ -17,6 +17,7 @@ pub mod commit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::domain::points::{PointsBook, PointsEvent};
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
 pub use commit::{Committer, Ticket};
@@ -114,6 +115,38 @@ impl Storage {
         let value = codec::encode(Kind::Product, product);
         let swapped = self.products.compare_and_swap(product.id.as_bytes(), None as Option<&[u8]>, Some(value))?;
         Ok(swapped.is_ok())
+    }
+
+    // ---- points ----
+
+    /// The ledger of points shard `shard` (tree `points/<shard>`).
+    pub fn points_journal(&self, shard: u16) -> Result<PointsJournal, StorageError> {
+        let tree = self.db.open_tree(format!("points/{shard}"))?;
+        Ok(PointsJournal { tree, _handle: self.handles.clone() })
+    }
+
+    /// A product's points price (`None`: not redeemable). Durable after a flush.
+    pub fn set_points_price(&self, product: &str, points: Option<u64>) -> Result<(), StorageError> {
+        let tree = self.db.open_tree("points-prices")?;
+        match points {
+            Some(p) => tree.insert(product.as_bytes(), &p.to_be_bytes())?,
+            None => tree.remove(product.as_bytes())?,
+        };
+        Ok(())
+    }
+
+    pub fn points_prices(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        let tree = self.db.open_tree("points-prices")?;
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let price = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StorageError::Corrupt {
+                place: "points-prices".into(),
+                error: "a price is not 8 bytes".into(),
+            })?);
+            out.push((String::from_utf8_lossy(&k).into_owned(), price));
+        }
+        Ok(out)
     }
 
     // ---- journals and snapshots ----
@@ -317,6 +350,60 @@ pub struct Recovered {
     /// What was wrong on disk (repaired by [`Storage::recover`], only reported by
     /// [`Storage::inspect`]).
     pub findings: Vec<Finding>,
+}
+
+/// The append-only ledger of one points shard (no snapshots: it is replayed whole).
+#[derive(Clone)]
+pub struct PointsJournal {
+    tree: sled::Tree,
+    _handle: Arc<()>,
+}
+
+impl PointsJournal {
+    pub fn append(&self, seq: u64, event: &PointsEvent) -> Result<usize, StorageError> {
+        let bytes = codec::encode(Kind::Event, event);
+        let size = bytes.len();
+        self.tree.insert(seq.to_be_bytes(), bytes)?;
+        Ok(size)
+    }
+
+    /// Replays the ledger into a book. A torn or corrupt tail (never acknowledged:
+    /// replies wait for the flush of whole records) is removed and logged; a record
+    /// that decodes but contradicts the ledger before it stops recovery.
+    pub fn recover(&self, shard: u16) -> Result<PointsBook, StorageError> {
+        let mut book = PointsBook::new();
+        let mut last = 0u64;
+        let mut torn = None;
+        for kv in self.tree.iter() {
+            let (k, v) = kv?;
+            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+            let event = match codec::decode::<PointsEvent>(Kind::Event, &v) {
+                Ok(event) if seq == last + 1 => event,
+                Ok(_) => {
+                    torn = Some((seq, format!("expected record {} next", last + 1)));
+                    break;
+                }
+                Err(e) => {
+                    torn = Some((seq, e.to_string()));
+                    break;
+                }
+            };
+            crate::domain::catch_broken_step(|| book.apply(&event)).map_err(|panic| StorageError::Corrupt {
+                place: format!("points/{shard} record {seq}"),
+                error: format!("the record decodes but contradicts the ledger before it: {panic}"),
+            })?;
+            last = seq;
+        }
+        if let Some((seq, error)) = torn {
+            tracing::warn!(shard, seq, %error, "points ledger: torn tail removed");
+            let mut batch = sled::Batch::default();
+            for k in self.tree.range(seq.to_be_bytes()..).keys() {
+                batch.remove(k?);
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(book)
+    }
 }
 
 /// The append-only event log of one shard.
