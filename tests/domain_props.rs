@@ -4,7 +4,8 @@
 
 use std::collections::HashSet;
 
-use kami::domain::shard::{NewOrder, Outcome, Payment};
+use kami::domain::points::{PointsBook, Step};
+use kami::domain::shard::{NewOrder, Outcome, Payment, Redemption};
 use kami::domain::{Event, OrderStatus, ProductInfo, Shard};
 use proptest::prelude::*;
 
@@ -16,6 +17,7 @@ enum Op {
     Cancel { order: usize },
     Advance { ms: u64 },
     Refund { nth: usize },
+    Redeem { buyer: u8, quantity: u32, redemption: u8 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -27,6 +29,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..64).prop_map(|order| Op::Cancel { order }),
         (0u64..3000).prop_map(|ms| Op::Advance { ms }),
         (0usize..8).prop_map(|nth| Op::Refund { nth }),
+        (0u8..6, 1u32..3, 0u8..8).prop_map(|(buyer, quantity, redemption)| Op::Redeem { buyer, quantity, redemption }),
     ]
 }
 
@@ -100,6 +103,23 @@ proptest! {
                     journal.push(e);
                     prop_assert_eq!(s.complete_refund(&channel, &id, now), Ok(Outcome::Repeat(())), "a repeat changes nothing");
                     prop_assert!(s.refunds_due(usize::MAX).iter().all(|d| d.payment_id != id));
+                }
+                Op::Redeem { buyer, quantity, redemption } => {
+                    let before = s.counts();
+                    let r = Redemption { redemption: format!("r{redemption}"), buyer: format!("b{buyer}"), quantity, query_token: "t".into() };
+                    match s.redeem(r, now) {
+                        Ok(Outcome::Changed(e, seq)) => {
+                            prop_assert_eq!(s.order(seq).unwrap().status, OrderStatus::Delivered);
+                            prop_assert_eq!(s.counts().sold, before.sold + quantity as u64);
+                            journal.push(e);
+                        }
+                        // The same redemption is its first order, whatever came since.
+                        Ok(Outcome::Repeat(seq)) => prop_assert_eq!(
+                            s.order(seq).unwrap().payment_id.clone(),
+                            Some(kami::domain::shard::redeemed_payment_id(&format!("r{redemption}")))
+                        ),
+                        Err(_) => prop_assert_eq!(before, s.counts(), "a refusal changes nothing"),
+                    }
                 }
             }
             check_invariants(&s);
@@ -304,5 +324,103 @@ proptest! {
             prop_assert_eq!(restored.orders(), shards[i].orders());
             prop_assert!(restored.audit().violations.is_empty());
         }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum PointsOp {
+    Adjust { buyer: u8, request: u8, delta: i64 },
+    Hold { buyer: u8, redemption: u8, points: u64 },
+    Settle { redemption: u8 },
+    Release { redemption: u8 },
+}
+
+fn points_op() -> impl Strategy<Value = PointsOp> {
+    prop_oneof![
+        (0u8..4, 0u8..6, -300i64..300).prop_map(|(buyer, request, delta)| PointsOp::Adjust { buyer, request, delta }),
+        (0u8..4, 0u8..10, 0u64..200).prop_map(|(buyer, redemption, points)| PointsOp::Hold {
+            buyer,
+            redemption,
+            points
+        }),
+        (0u8..10).prop_map(|redemption| PointsOp::Settle { redemption }),
+        (0u8..10).prop_map(|redemption| PointsOp::Release { redemption }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// A balance never goes below what is held, every balance equals its buyer's
+    /// credits − debits − settled redemptions (a model kept beside the book), a
+    /// settled redemption is never released, and replaying the ledger rebuilds it.
+    #[test]
+    fn points_balances_follow_their_ledger(ops in prop::collection::vec(points_op(), 1..120)) {
+        let mut book = PointsBook::new();
+        let mut ledger = Vec::new();
+        // Model: buyer → balance; redemption → (buyer, points, settled).
+        let mut model = std::collections::HashMap::<String, i64>::new();
+        let mut redemptions = std::collections::HashMap::<String, (String, u64, bool)>::new();
+        for (t, op) in ops.into_iter().enumerate() {
+            let now = t as u64;
+            match op {
+                PointsOp::Adjust { buyer, request, delta } => {
+                    if delta == 0 { continue; }
+                    let b = format!("b{buyer}");
+                    if let Ok(Step::Changed(e, _)) = book.adjust(&format!("q{request}"), &b, delta, "", now) {
+                        *model.entry(b).or_default() += delta;
+                        ledger.push(e);
+                    }
+                }
+                PointsOp::Hold { buyer, redemption, points } => {
+                    let (b, r) = (format!("b{buyer}"), format!("r{redemption}"));
+                    if let Ok(Step::Changed(e, _)) = book.hold(&r, &b, points, "p", 1, now) {
+                        redemptions.insert(r, (b, points, false));
+                        ledger.push(e);
+                    }
+                }
+                PointsOp::Settle { redemption } => {
+                    let r = format!("r{redemption}");
+                    if let Ok(Step::Changed(e, _)) = book.settle(&r, "o", now) {
+                        let (b, points, settled) = redemptions.get_mut(&r).expect("settled a held redemption");
+                        prop_assert!(!*settled);
+                        *settled = true;
+                        *model.entry(b.clone()).or_default() -= *points as i64;
+                        ledger.push(e);
+                    }
+                }
+                PointsOp::Release { redemption } => {
+                    let r = format!("r{redemption}");
+                    match book.release(&r, "x", now) {
+                        Ok(Step::Changed(e, _)) => {
+                            let (_, _, settled) = redemptions.remove(&r).expect("released a held redemption");
+                            prop_assert!(!settled, "a settled redemption is never released");
+                            ledger.push(e);
+                        }
+                        Ok(Step::Repeat(())) => prop_assert!(!redemptions.contains_key(&r)),
+                        Err(_) => prop_assert!(redemptions[&r].2, "only a settled redemption refuses release"),
+                    }
+                }
+            }
+            for buyer in 0..4 {
+                let b = format!("b{buyer}");
+                let balance = book.balance(&b);
+                let held: u64 = redemptions.values().filter(|(x, _, s)| *x == b && !s).map(|(_, p, _)| p).sum();
+                prop_assert_eq!(balance.balance as i64, model.get(&b).copied().unwrap_or(0));
+                prop_assert_eq!(balance.held, held);
+                prop_assert!(balance.held <= balance.balance);
+            }
+        }
+        prop_assert!(book.audit().violations.is_empty());
+        let mut replayed = PointsBook::new();
+        for e in &ledger {
+            replayed.apply(e);
+        }
+        for buyer in 0..4 {
+            let b = format!("b{buyer}");
+            prop_assert_eq!(replayed.balance(&b), book.balance(&b));
+            prop_assert_eq!(replayed.statement(&b, 1000), book.statement(&b, 1000));
+        }
+        prop_assert_eq!(replayed.holds(100), book.holds(100));
     }
 }
