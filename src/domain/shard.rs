@@ -592,6 +592,22 @@ impl Shard {
         (events, imported, total - imported)
     }
 
+    /// Whether `buyer` may take `quantity` more keys now: within the per-buyer limit
+    /// (pending, paid and delivered orders count) and within the available stock.
+    fn check_can_take(&self, buyer: &str, quantity: u32) -> Result<(), DomainError> {
+        let limit = self.product.per_buyer_limit;
+        if limit > 0 {
+            let held = self.holdings.get(buyer).copied().unwrap_or(0);
+            if held.saturating_add(quantity) > limit {
+                return Err(DomainError::LimitExceeded { limit, held });
+            }
+        }
+        if (self.available.len() as u64) < quantity as u64 {
+            return Err(DomainError::SoldOut { requested: quantity, available: self.available.len() as u64 });
+        }
+        Ok(())
+    }
+
     pub fn create_order(&mut self, req: NewOrder, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
         assert!(req.quantity >= 1, "quantity validated by the caller");
         if let Some(idem) = &req.idempotency {
@@ -603,16 +619,7 @@ impl Shard {
                 };
             }
         }
-        let limit = self.product.per_buyer_limit;
-        if limit > 0 {
-            let held = self.holdings.get(&req.buyer).copied().unwrap_or(0);
-            if held.saturating_add(req.quantity) > limit {
-                return Err(DomainError::LimitExceeded { limit, held });
-            }
-        }
-        if (self.available.len() as u64) < req.quantity as u64 {
-            return Err(DomainError::SoldOut { requested: req.quantity, available: self.available.len() as u64 });
-        }
+        self.check_can_take(&req.buyer, req.quantity)?;
         let seq = self.orders.len() as u64 + 1;
         let order = Order {
             seq,
@@ -644,16 +651,7 @@ impl Shard {
         if let Some(&(_, seq)) = self.idempotency.get(&key) {
             return Ok(Outcome::Repeat(seq));
         }
-        let limit = self.product.per_buyer_limit;
-        if limit > 0 {
-            let held = self.holdings.get(&r.buyer).copied().unwrap_or(0);
-            if held.saturating_add(r.quantity) > limit {
-                return Err(DomainError::LimitExceeded { limit, held });
-            }
-        }
-        if (self.available.len() as u64) < r.quantity as u64 {
-            return Err(DomainError::SoldOut { requested: r.quantity, available: self.available.len() as u64 });
-        }
+        self.check_can_take(&r.buyer, r.quantity)?;
         let seq = self.orders.len() as u64 + 1;
         let order = Order {
             seq,
