@@ -37,11 +37,14 @@ async fn request_ids_are_echoed_and_one_orders_life_can_be_followed_in_json_logs
 
     // The lines about this order: the two requests (with their ids) and the stock
     // actor's journaled events (created, delivered). Logs are written as they
-    // happen, so wait for the last one, bounded.
+    // happen (a request's line after its response is sent): wait for both, bounded.
     let lines = || server.lines_with(&order_id);
-    let delivered =
-        api.eventually(Duration::from_secs(20), || async { lines().iter().any(|l| l.contains("delivered")) });
-    assert!(delivered.await, "no delivered line for {order_id}: {:#?}", lines());
+    let logged = api.eventually(Duration::from_secs(20), || async {
+        let lines = lines();
+        let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+        has("\"delivered\"") && has("trace-pay-1") && has("trace-order-1")
+    });
+    assert!(logged.await, "lines for {order_id} missing: {:#?}", lines());
     let parsed: Vec<Value> = lines()
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))

@@ -68,11 +68,11 @@ async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
     ])
     .await;
     let api = t.api();
-    api.product_with_keys("p", 8000, 0).await;
+    api.product_with_keys("p", 12_000, 0).await;
     let (mut created, mut refusals) = (0u64, vec![]);
-    // Waves of 320 simultaneous orders; the first teaches the line its drain rate.
+    // Waves of 512 simultaneous orders; the first teaches the line its drain rate.
     for wave in 0..20 {
-        for r in simultaneous_orders(&api, 320, &format!("w{wave}b")).await {
+        for r in simultaneous_orders(&api, 512, &format!("w{wave}b")).await {
             match r.status {
                 201 => created += 1,
                 503 => refusals.push(r),
