@@ -122,7 +122,7 @@ impl Storage {
     /// The ledger of points shard `shard` (tree `points/<shard>`).
     pub fn points_journal(&self, shard: u16) -> Result<PointsJournal, StorageError> {
         let tree = self.db.open_tree(format!("points/{shard}"))?;
-        Ok(PointsJournal { tree, _handle: self.handles.clone() })
+        Ok(Journal::open(tree, self.handles.clone()))
     }
 
     /// A product's points price (`None`: not redeemable). Durable after a flush.
@@ -153,7 +153,7 @@ impl Storage {
 
     pub fn journal(&self, id: &ShardId) -> Result<Journal, StorageError> {
         let tree = self.db.open_tree(format!("journal/{}/{}", id.product, id.shard))?;
-        Ok(Journal { tree, _handle: self.handles.clone() })
+        Ok(Journal::open(tree, self.handles.clone()))
     }
 
     /// Every shard that has a journal (tooling: finds journals of unknown products).
@@ -353,20 +353,9 @@ pub struct Recovered {
 }
 
 /// The append-only ledger of one points shard (no snapshots: it is replayed whole).
-#[derive(Clone)]
-pub struct PointsJournal {
-    tree: sled::Tree,
-    _handle: Arc<()>,
-}
+pub type PointsJournal = Journal<PointsEvent>;
 
-impl PointsJournal {
-    pub fn append(&self, seq: u64, event: &PointsEvent) -> Result<usize, StorageError> {
-        let bytes = codec::encode(Kind::Event, event);
-        let size = bytes.len();
-        self.tree.insert(seq.to_be_bytes(), bytes)?;
-        Ok(size)
-    }
-
+impl Journal<PointsEvent> {
     /// Replays the ledger into a book. A torn or corrupt tail (never acknowledged:
     /// replies wait for the flush of whole records) is removed and logged; a record
     /// that decodes but contradicts the ledger before it stops recovery.
@@ -396,27 +385,34 @@ impl PointsJournal {
         }
         if let Some((seq, error)) = torn {
             tracing::warn!(shard, seq, %error, "points ledger: torn tail removed");
-            let mut batch = sled::Batch::default();
-            for k in self.tree.range(seq.to_be_bytes()..).keys() {
-                batch.remove(k?);
-            }
-            self.tree.apply_batch(batch)?;
+            self.truncate_from(seq)?;
         }
         Ok(book)
     }
 }
 
-/// The append-only event log of one shard.
-#[derive(Clone)]
-pub struct Journal {
+/// An append-only log of events `E` (a stock shard's by default, or a points
+/// ledger): key = big-endian sequence, value = envelope(bincode(event)).
+pub struct Journal<E = Event> {
     tree: sled::Tree,
     /// Dropped after `tree` (fields drop in order): see [`Storage::open_handles`].
     _handle: Arc<()>,
+    _events: std::marker::PhantomData<fn(&E)>,
 }
 
-impl Journal {
+impl<E> Clone for Journal<E> {
+    fn clone(&self) -> Self {
+        Journal { tree: self.tree.clone(), _handle: self._handle.clone(), _events: std::marker::PhantomData }
+    }
+}
+
+impl<E: serde::Serialize> Journal<E> {
+    fn open(tree: sled::Tree, handle: Arc<()>) -> Journal<E> {
+        Journal { tree, _handle: handle, _events: std::marker::PhantomData }
+    }
+
     /// Appends the record for `seq`. Returns the encoded size in bytes.
-    pub fn append(&self, seq: u64, event: &Event) -> Result<usize, StorageError> {
+    pub fn append(&self, seq: u64, event: &E) -> Result<usize, StorageError> {
         let bytes = codec::encode(Kind::Event, event);
         let size = bytes.len();
         self.tree.insert(seq.to_be_bytes(), bytes)?;
