@@ -6,7 +6,9 @@
 //! violation); I1 (no oversell), I2 (every key in one place, delivered at most once),
 //! I6 (conservation), counters against a recount, and that every paid order and
 //! its payment record point at each other. Per product: no key in two shards.
-//! Per directory: no journal for a product or shard that does not exist.
+//! Per directory: no journal for a product or shard that does not exist. Points:
+//! every ledger replays without contradiction, every balance equals its ledger, and
+//! keys delivered by redemptions match the settled redemptions (plus those held).
 //!
 //! Torn tails, undecodable snapshots and interrupted trims are *findings*, not
 //! violations: recovery repairs them at the next start, and none of them can hold
@@ -41,6 +43,7 @@ pub struct OfflineReport {
     /// Repairable damage that recovery will fix.
     pub findings: Vec<String>,
     pub violations: Vec<String>,
+    pub points: crate::core::PointsTotals,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,7 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
         orders: crate::domain::OrderStatus::ALL.iter().map(|s| (s.as_str().to_string(), 0)).collect(),
         findings: Vec::new(),
         violations: Vec::new(),
+        points: Default::default(),
     };
     for product in &products {
         let mut line = ProductReport {
@@ -119,6 +123,21 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
         }
         report.products.push(line);
     }
+    let mut points = Vec::new();
+    for shard in 0..crate::actors::points::POINTS_SHARDS {
+        let inspected = storage.points_journal(shard).and_then(|j| j.inspect(shard));
+        match inspected {
+            Ok((book, torn)) => {
+                if let Some((seq, error)) = torn {
+                    report.findings.push(format!("points/{shard}: torn tail from record {seq}: {error}"));
+                }
+                points.push(book.audit());
+            }
+            Err(e) => report.violations.push(format!("points/{shard}: {e}")),
+        }
+    }
+    let counts: Vec<ProductAudit> = report.products.iter().map(|p| p.counts.clone()).collect();
+    report.points = crate::core::check_points(points, &counts, &mut report.violations);
     for id in storage.journal_shards() {
         let known = products.iter().any(|p| p.id == id.product && id.shard < p.shards);
         if !known {
@@ -141,6 +160,12 @@ impl std::fmt::Display for OfflineReport {
         }
         let orders: Vec<String> = self.orders.iter().map(|(s, n)| format!("{s} {n}")).collect();
         writeln!(f, "orders: {}", orders.join(", "))?;
+        let p = &self.points;
+        writeln!(
+            f,
+            "points: {} buyers, balance {} (held {}), {} redemptions settled",
+            p.buyers, p.total_balance, p.total_held, p.redemptions_settled
+        )?;
         for x in &self.findings {
             writeln!(f, "finding (repaired at next start): {x}")?;
         }

@@ -143,6 +143,39 @@ pub struct AuditReport {
     pub points: PointsTotals,
 }
 
+/// Totals of the points shards' audits, their violations, and the cross-check with
+/// the stock shards: keys delivered by redemptions must be at least the keys of
+/// settled redemptions and at most those plus the ones held (in flight). Exact when
+/// the points were audited before the stock (a redemption is settled only once its
+/// order is durable) and nothing new was held in between.
+pub fn check_points(audits: Vec<PointsAudit>, products: &[ProductAudit], violations: &mut Vec<String>) -> PointsTotals {
+    let mut totals = PointsTotals::default();
+    let (mut settled, mut held) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
+    for (i, a) in audits.into_iter().enumerate() {
+        totals.buyers += a.buyers;
+        totals.total_balance += a.total_balance;
+        totals.total_held += a.total_held;
+        totals.redemptions_settled += a.redemptions_settled;
+        violations.extend(a.violations.iter().map(|v| format!("points#{i}: {v}")));
+        for (p, n) in a.settled_quantity {
+            *settled.entry(p).or_default() += n;
+        }
+        for (p, n) in a.held_quantity {
+            *held.entry(p).or_default() += n;
+        }
+    }
+    for pa in products {
+        let (s, h) = (settled.get(&pa.id).copied().unwrap_or(0), held.get(&pa.id).copied().unwrap_or(0));
+        if pa.redeemed < s || pa.redeemed > s + h {
+            violations.push(format!(
+                "{}: {} keys delivered by redemptions, but {s} paid by settled ones ({h} in flight)",
+                pa.id, pa.redeemed
+            ));
+        }
+    }
+    totals
+}
+
 /// The points ledgers, all shards together (their audit recomputes every balance).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PointsTotals {
@@ -357,23 +390,8 @@ impl Kami {
         for status in OrderStatus::ALL {
             report.orders.insert(status, 0);
         }
-        // Points first: every balance against its ledger. Then, below, keys delivered
-        // by redemptions against the settled redemptions (plus those in flight, held):
-        // a redemption settled before this point has its order before the stock audit.
-        let (mut settled, mut held) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
-        for (i, a) in self.audit_points().await?.into_iter().enumerate() {
-            report.points.buyers += a.buyers;
-            report.points.total_balance += a.total_balance;
-            report.points.total_held += a.total_held;
-            report.points.redemptions_settled += a.redemptions_settled;
-            report.violations.extend(a.violations.iter().map(|v| format!("points#{i}: {v}")));
-            for (p, n) in a.settled_quantity {
-                *settled.entry(p).or_default() += n;
-            }
-            for (p, n) in a.held_quantity {
-                *held.entry(p).or_default() += n;
-            }
-        }
+        // Points first (see `check_points` for why the order matters).
+        let points = self.audit_points().await?;
         for id in ids {
             let route = &routes[id];
             let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
@@ -395,15 +413,7 @@ impl Kami {
             report.violations.extend(pa.finish(&audits).map(|v| format!("{id}: {v}")));
             report.products.push(pa);
         }
-        for pa in &report.products {
-            let (s, h) = (settled.get(&pa.id).copied().unwrap_or(0), held.get(&pa.id).copied().unwrap_or(0));
-            if pa.redeemed < s || pa.redeemed > s + h {
-                report.violations.push(format!(
-                    "{}: {} keys delivered by redemptions, but {s} paid by settled ones ({h} in flight)",
-                    pa.id, pa.redeemed
-                ));
-            }
-        }
+        report.points = check_points(points, &report.products, &mut report.violations);
         report.ok = report.violations.is_empty();
         Ok(report)
     }

@@ -319,6 +319,15 @@ async fn kill_9_during_redemptions_loses_no_acknowledged_redemption_and_strands_
     }
     let acked = std::mem::take(&mut *acked.lock().unwrap());
 
+    // The directory as the crash left it passes the offline audit, points included.
+    let (code, out, err) = kami_audit(&data, true);
+    assert_eq!(code, 0, "offline audit: {out}{err}");
+    let offline: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(offline["points"]["buyers"], 20, "{offline}");
+    assert!(
+        n(&offline["points"]["redemptions_settled"]) + n(&offline["points"]["total_held"]) / 10 >= acked.len() as u64
+    );
+
     let restarted = Server::start(&data, &env);
     let api = restarted.api();
     let resolved = api

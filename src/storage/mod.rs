@@ -360,6 +360,16 @@ impl Journal<PointsEvent> {
     /// replies wait for the flush of whole records) is removed and logged; a record
     /// that decodes but contradicts the ledger before it stops recovery.
     pub fn recover(&self, shard: u16) -> Result<PointsBook, StorageError> {
+        let (book, torn) = self.inspect(shard)?;
+        if let Some((seq, error)) = torn {
+            tracing::warn!(shard, seq, %error, "points ledger: torn tail removed");
+            self.truncate_from(seq)?;
+        }
+        Ok(book)
+    }
+
+    /// [`Self::recover`] without repairing: the book, and where a torn tail starts.
+    pub fn inspect(&self, shard: u16) -> Result<(PointsBook, Option<(u64, String)>), StorageError> {
         let mut book = PointsBook::new();
         let mut last = 0u64;
         let mut torn = None;
@@ -383,11 +393,7 @@ impl Journal<PointsEvent> {
             })?;
             last = seq;
         }
-        if let Some((seq, error)) = torn {
-            tracing::warn!(shard, seq, %error, "points ledger: torn tail removed");
-            self.truncate_from(seq)?;
-        }
-        Ok(book)
+        Ok((book, torn))
     }
 }
 
