@@ -457,6 +457,11 @@ impl Kami {
         self.call_points(buyer, points_actor::Statement { buyer: buyer.to_string(), limit }).await
     }
 
+    /// Requests in line at the points actors, all shards together.
+    pub fn points_queue_depth(&self) -> usize {
+        self.points.iter().map(|h| h.admission.depth()).sum()
+    }
+
     pub fn points_price(&self, product: &str) -> Option<u64> {
         self.points_prices.get(product).map(|p| *p)
     }

@@ -134,4 +134,7 @@ async fn metrics_parse_as_prometheus_text_and_count_the_traffic_sent() {
     assert!(value(&m, "kami_commit_flush_seconds_count", &[]) >= 1.0);
     assert!(m.iter().any(|s| s.name == "kami_recovery_seconds"), "recovery duration missing");
     assert!(m.iter().any(|s| s.name == "kami_payment_channel_state"), "breaker state missing");
+    let points_line: Vec<_> = m.iter().filter(|s| s.name == "kami_points_queue_depth").collect();
+    assert_eq!(points_line.len(), 1, "the points actors' line is exported");
+    assert_eq!(points_line[0].value, 0.0, "and empty when idle");
 }

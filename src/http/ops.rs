@@ -37,6 +37,7 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("kami_admission_queue_depth", "product" => id.clone()).set(depth as f64);
             metrics::gauge!("kami_admission_drain_per_sec", "product" => id.clone()).set(drain as f64);
         }
+        metrics::gauge!("kami_points_queue_depth").set(core.points_queue_depth() as f64);
         for (i, c) in core.channels().all().iter().enumerate() {
             // 0 closed, 1 half-open, 2 open.
             metrics::gauge!("kami_payment_channel_state", "channel" => c.name.clone())
