@@ -1071,3 +1071,33 @@ pub(crate) async fn apply_payment(
 pub fn new_token() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(settled: u64, held: u64) -> PointsAudit {
+        PointsAudit {
+            buyers: 1,
+            total_balance: 10,
+            redemptions_settled: settled,
+            settled_quantity: [("p".to_string(), settled)].into_iter().collect(),
+            held_quantity: [("p".to_string(), held)].into_iter().collect(),
+            ..PointsAudit::default()
+        }
+    }
+
+    fn product(redeemed: u64) -> ProductAudit {
+        ProductAudit { id: "p".into(), redeemed, ..ProductAudit::default() }
+    }
+
+    #[test]
+    fn redeemed_keys_must_match_settled_redemptions_give_or_take_those_in_flight() {
+        for (redeemed, ok) in [(2, true), (3, true), (1, false), (4, false)] {
+            let mut violations = Vec::new();
+            let totals = check_points(vec![points(2, 1), points(0, 0)], &[product(redeemed)], &mut violations);
+            assert_eq!(violations.is_empty(), ok, "redeemed {redeemed}: {violations:?}");
+            assert_eq!((totals.buyers, totals.total_balance, totals.redemptions_settled), (2, 20, 2));
+        }
+    }
+}
