@@ -23,7 +23,7 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
-use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit, ShardId};
+use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit};
 use crate::error::Error;
 use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
@@ -275,12 +275,9 @@ impl Kami {
     /// Where the buyer pays `order` on `channel`: the gateway's checkout URL, signed
     /// with the channel secret over `"{order_id}:{amount_cents}"` so the amount
     /// cannot be altered. `None` when the channel has no gateway configured.
-    pub fn pay_url(&self, channel: &Channel, order: &OrderSnapshot) -> Option<String> {
+    pub fn pay_url(&self, channel: &Channel, id: &str, amount: u64) -> Option<String> {
         let base = channel.endpoint.as_ref()?;
-        let id =
-            OrderId { shard: ShardId::new(order.product_id.clone(), order.shard), seq: order.order.seq }.to_string();
-        let amount = order.order.amount_cents;
-        let sig = crate::sandbox::checkout_signature(&channel.secret, &id, amount).replace('=', "%3D");
+        let sig = crate::sandbox::checkout_signature(&channel.secret, id, amount).replace('=', "%3D");
         Some(format!("{base}/checkout/{id}?amount_cents={amount}&sig={sig}"))
     }
 
@@ -378,7 +375,7 @@ impl Kami {
 
     pub fn product(&self, id: &str) -> Result<ProductView, Error> {
         let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
-        let available = route.shards.iter().map(|s| s.gauge.get().available).sum();
+        let available = route.counts().available;
         Ok(ProductView { info: route.info.clone(), available })
     }
 
@@ -509,7 +506,7 @@ impl Kami {
             points,
             product_id: req.product_id.clone(),
             quantity: req.quantity as u32,
-            at_ms: 0,
+            at_ms: 0, // the points actor stamps the hold with its own clock
         };
         let state = self.call_points(&req.buyer, points_actor::HoldPoints(hold.clone())).await?;
         let (order, replayed) = match state {
@@ -551,10 +548,7 @@ impl Kami {
         };
         match delivered {
             Ok(order) => {
-                let order_id =
-                    OrderId { shard: ShardId::new(order.product_id.clone(), order.shard), seq: order.order.seq };
-                let settle =
-                    points_actor::Settle { redemption: hold.redemption.clone(), order_id: order_id.to_string() };
+                let settle = points_actor::Settle { redemption: hold.redemption.clone(), order_id: order.order_id() };
                 // The order is durable and the points are held for it: a failed settle
                 // is retried by the resolver, which can only settle it (step 2 repeats).
                 if let Err(e) = self.call_points(&hold.buyer, settle).await {

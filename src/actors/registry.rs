@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 
 use super::admission::Admission;
 use super::shard::{ShardActor, ShardEnv, ShardGauge};
+use crate::domain::shard::Counts;
 use crate::domain::ProductInfo;
 use crate::storage::Recovered;
 
@@ -86,6 +87,26 @@ impl ProductRoute {
 
     /// The shard owning a buyer: stable across restarts (per-buyer limits live there,
     /// so they are exact however many shards the product has).
+    /// The product's durable stock counters, all shards together.
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for s in &self.shards {
+            let g = s.gauge.get();
+            c.imported += g.imported;
+            c.available += g.available;
+            c.reserved += g.reserved;
+            c.sold += g.sold;
+            c.orders += g.orders;
+        }
+        c
+    }
+
+    /// Requests in line in front of the product's actors, and their drain rate.
+    pub fn line(&self) -> (usize, u64) {
+        let depth = self.shards.iter().map(|s| s.admission.depth()).sum();
+        (depth, self.shards.iter().map(|s| s.admission.drain_per_sec()).sum())
+    }
+
     pub fn shard_index_for_buyer(&self, buyer: &str) -> usize {
         buyer_shard(buyer, self.shards.len())
     }

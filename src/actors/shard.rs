@@ -83,6 +83,13 @@ pub struct OrderSnapshot {
     pub replayed: bool,
 }
 
+impl OrderSnapshot {
+    /// The order's public id (`{product}.{shard}.{seq}`).
+    pub fn order_id(&self) -> String {
+        OrderId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.order.seq }.to_string()
+    }
+}
+
 // ---- messages ----
 
 #[derive(Message)]

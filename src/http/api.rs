@@ -224,7 +224,7 @@ pub async fn redeem(
         tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
     }
     let redeemed = core.redeem(req, &key).await?;
-    super::record_order(&views::order_id(&redeemed.order));
+    super::record_order(&redeemed.order.order_id());
     let mut response = (StatusCode::CREATED, Json(views::redeemed(&redeemed))).into_response();
     if redeemed.order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -246,12 +246,12 @@ pub async fn create_order(
         tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
     }
     let order = core.create_order(req, idempotency_key).await?;
-    let order_id = views::order_id(&order);
+    let order_id = order.order_id();
     super::record_order(&order_id);
     let channel = core.pick_channel();
-    let pay_url = core.pay_url(channel, &order);
+    let pay_url = core.pay_url(channel, &order_id, order.order.amount_cents);
     let mut response =
-        (StatusCode::CREATED, Json(views::order_created(&order, &channel.name, pay_url))).into_response();
+        (StatusCode::CREATED, Json(views::order_created(&order, &order_id, &channel.name, pay_url))).into_response();
     if order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }

@@ -22,18 +22,11 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value
 pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     if let Ok(core) = st.core() {
         for (id, route) in core.registry().all().iter() {
-            let (mut available, mut reserved, mut sold) = (0, 0, 0);
-            for s in &route.shards {
-                let c = s.gauge.get();
-                available += c.available;
-                reserved += c.reserved;
-                sold += c.sold;
-            }
-            metrics::gauge!("kami_stock_available", "product" => id.clone()).set(available as f64);
-            metrics::gauge!("kami_stock_reserved", "product" => id.clone()).set(reserved as f64);
-            metrics::gauge!("kami_stock_sold", "product" => id.clone()).set(sold as f64);
-            let depth: usize = route.shards.iter().map(|s| s.admission.depth()).sum();
-            let drain: u64 = route.shards.iter().map(|s| s.admission.drain_per_sec()).sum();
+            let c = route.counts();
+            metrics::gauge!("kami_stock_available", "product" => id.clone()).set(c.available as f64);
+            metrics::gauge!("kami_stock_reserved", "product" => id.clone()).set(c.reserved as f64);
+            metrics::gauge!("kami_stock_sold", "product" => id.clone()).set(c.sold as f64);
+            let (depth, drain) = route.line();
             metrics::gauge!("kami_admission_queue_depth", "product" => id.clone()).set(depth as f64);
             metrics::gauge!("kami_admission_drain_per_sec", "product" => id.clone()).set(drain as f64);
         }
@@ -70,15 +63,8 @@ pub async fn status_json(State(st): State<AppState>) -> Json<serde_json::Value> 
         .all()
         .iter()
         .map(|(id, route)| {
-            let mut c = crate::domain::shard::Counts::default();
-            for s in &route.shards {
-                let g = s.gauge.get();
-                c.imported += g.imported;
-                c.available += g.available;
-                c.reserved += g.reserved;
-                c.sold += g.sold;
-                c.orders += g.orders;
-            }
+            let c = route.counts();
+            let (depth, drain) = route.line();
             json!({
                 "id": id,
                 "shards": route.shards.len(),
@@ -86,8 +72,8 @@ pub async fn status_json(State(st): State<AppState>) -> Json<serde_json::Value> 
                 "reserved": c.reserved,
                 "sold": c.sold,
                 "orders": c.orders,
-                "queue_depth": route.shards.iter().map(|s| s.admission.depth()).sum::<usize>(),
-                "drain_per_sec": route.shards.iter().map(|s| s.admission.drain_per_sec()).sum::<u64>(),
+                "queue_depth": depth,
+                "drain_per_sec": drain,
             })
         })
         .collect();

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use crate::actors::shard::OrderSnapshot;
 use crate::core::{AuditReport, Redeemed};
 use crate::domain::points::{Balance, Entry};
-use crate::domain::{OrderId, ProductInfo, ShardId};
+use crate::domain::ProductInfo;
 
 pub fn ts(ms: u64) -> String {
     chrono::DateTime::from_timestamp_millis(ms as i64)
@@ -15,10 +15,6 @@ pub fn ts(ms: u64) -> String {
 
 fn ts_opt(ms: Option<u64>) -> Value {
     ms.map(|m| Value::String(ts(m))).unwrap_or(Value::Null)
-}
-
-pub fn order_id(s: &OrderSnapshot) -> String {
-    OrderId { shard: ShardId::new(s.product_id.clone(), s.shard), seq: s.order.seq }.to_string()
 }
 
 pub fn product(info: &ProductInfo, available: u64, points_price: Option<u64>) -> Value {
@@ -54,14 +50,15 @@ pub fn ledger_entry(e: &Entry) -> Value {
 }
 
 /// The 201 answer to order creation; replays of the same Idempotency-Key get it unchanged.
-pub fn order_created(s: &OrderSnapshot, channel: &str, pay_url: Option<String>) -> Value {
+/// `order_id` is `s.order_id()`, formatted once by the caller (it also signs the pay URL).
+pub fn order_created(s: &OrderSnapshot, order_id: &str, channel: &str, pay_url: Option<String>) -> Value {
     let o = &s.order;
     let mut payment = json!({"channel": channel});
     if let Some(url) = pay_url {
         payment["pay_url"] = json!(url);
     }
     json!({
-        "order_id": order_id(s),
+        "order_id": order_id,
         "status": "pending_payment",
         "product_id": s.product_id,
         "quantity": o.quantity,
@@ -77,7 +74,7 @@ pub fn order_created(s: &OrderSnapshot, channel: &str, pay_url: Option<String>) 
 pub fn order(s: &OrderSnapshot) -> Value {
     let o = &s.order;
     let mut v = json!({
-        "order_id": order_id(s),
+        "order_id": s.order_id(),
         "status": o.status.as_str(),
         "product_id": s.product_id,
         "quantity": o.quantity,
