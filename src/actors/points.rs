@@ -3,6 +3,7 @@
 //! every redemption. Every change is journaled and answered only after the group
 //! commit's flush; a killed actor rebuilds from its ledger, never from memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -60,6 +61,17 @@ pub struct PointsActor {
 struct Live {
     book: PointsBook,
     journal: PointsJournal,
+    /// Ledger records known durable (shared with reply futures): a read waits for a
+    /// flush only when the book shows more than that.
+    durable: Arc<AtomicU64>,
+}
+
+impl Live {
+    fn new(book: PointsBook, journal: PointsJournal) -> Live {
+        // A recovered ledger is durable as far as it goes.
+        let durable = Arc::new(AtomicU64::new(book.len()));
+        Live { book, journal, durable }
+    }
 }
 
 impl PointsActor {
@@ -67,7 +79,7 @@ impl PointsActor {
     pub fn recover(shard: u16, storage: Arc<Storage>, clock: Arc<dyn Clock>) -> Result<PointsActor, ShardError> {
         let journal = storage.points_journal(shard)?;
         let book = journal.recover(shard)?;
-        Ok(PointsActor { shard, storage, clock, live: Some(Live { book, journal }) })
+        Ok(PointsActor { shard, storage, clock, live: Some(Live::new(book, journal)) })
     }
 
     fn live(&mut self) -> ShardResult<&mut Live> {
@@ -106,9 +118,18 @@ impl PointsActor {
                 ctx.stop();
                 return Box::pin(future::ready(Err(e.into())));
             }
-            if let PointsEvent::Settled { .. } | PointsEvent::Released { .. } | PointsEvent::Held { .. } = event {
-                metrics::counter!("kami_points_events_total", "event" => event_name(event)).increment(1);
-            }
+            metrics::counter!("kami_points_events_total", "event" => event_name(event)).increment(1);
+        }
+        self.after_flush(Ok(value))
+    }
+
+    /// Answers `value` once everything the book shows is durable: at once if it is
+    /// known to be, else after the next group flush.
+    fn after_flush<T: 'static>(&mut self, value: ShardResult<T>) -> ResponseFuture<ShardResult<T>> {
+        let Some(live) = self.live.as_ref() else { return Box::pin(future::ready(Err(ShardError::Unavailable))) };
+        let (needed, durable) = (live.book.len(), live.durable.clone());
+        if durable.load(Ordering::Acquire) >= needed {
+            return Box::pin(future::ready(value));
         }
         let ticket = match self.storage.ticket() {
             Ok(t) => t,
@@ -116,23 +137,14 @@ impl PointsActor {
         };
         Box::pin(async move {
             ticket.wait().await?;
-            Ok(value)
+            durable.fetch_max(needed, Ordering::AcqRel);
+            value
         })
     }
 
-    fn read<T: Send + 'static>(&mut self, read: impl FnOnce(&PointsBook) -> T) -> ResponseFuture<ShardResult<T>> {
+    fn read<T: 'static>(&mut self, read: impl FnOnce(&PointsBook) -> T) -> ResponseFuture<ShardResult<T>> {
         let value = self.live().map(|l| read(&l.book));
-        // Reads answer after a flush too: what they show may not be durable yet.
-        let ticket = match value.is_ok().then(|| self.storage.ticket()).transpose() {
-            Ok(t) => t,
-            Err(e) => return Box::pin(future::ready(Err(e.into()))),
-        };
-        Box::pin(async move {
-            if let Some(t) = ticket {
-                t.wait().await?;
-            }
-            value
-        })
+        self.after_flush(value)
     }
 }
 
@@ -161,7 +173,7 @@ impl Supervised for PointsActor {
         match self.storage.points_journal(self.shard).and_then(|j| Ok((j.recover(self.shard)?, j))) {
             Ok((book, journal)) => {
                 tracing::info!(shard = self.shard, records = book.len(), "points actor rebuilt from its ledger");
-                self.live = Some(Live { book, journal });
+                self.live = Some(Live::new(book, journal));
             }
             Err(e) => tracing::error!(shard = self.shard, error = %e, "points actor could not rebuild"),
         }
