@@ -6,7 +6,10 @@
 
 use std::path::PathBuf;
 
-use kami::domain::shard::{Idempotency, KeyId, Outcome, OutgoingTransfer, PaymentOutcome, PaymentRecord, RefundReason};
+use kami::domain::group::{Group, GroupState, GroupTerms};
+use kami::domain::shard::{
+    Idempotency, KeyId, NewOrder, Outcome, OutgoingTransfer, Payment, PaymentOutcome, PaymentRecord, RefundReason,
+};
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
 use kami::storage::codec::{decode, decode_snapshot, encode, Kind, FORMAT_VERSION};
 
@@ -92,6 +95,89 @@ fn events_v3() -> Vec<Event> {
     events
 }
 
+/// Version 4 adds group-buy: groups in the snapshot, group events, a payment
+/// awaiting its group and the refund of a failed group.
+fn events_v4() -> Vec<Event> {
+    let mut events = events_v3();
+    let group = Group {
+        seq: 1,
+        deal_id: "duo".into(),
+        size: 2,
+        price_cents: 700,
+        opened_by: "alice@example.com".into(),
+        opened_at_ms: 10,
+        deadline_ms: 60_010,
+        orders: vec![4],
+        state: GroupState::Open,
+    };
+    let seat = |seq: u64, buyer: &str| Order { seq, buyer: buyer.into(), amount_cents: 700, ..order() };
+    events.extend([
+        Event::GroupOpened { group, order: seat(4, "alice@example.com") },
+        Event::GroupJoined { group: 1, order: seat(5, "bob") },
+        Event::PaymentApplied {
+            record: PaymentRecord {
+                payment_id: "pay-3".into(),
+                order_seq: 4,
+                channel: "sandbox".into(),
+                amount_cents: 700,
+                status: "paid".into(),
+                at_ms: 11,
+                outcome: PaymentOutcome::AwaitingGroup,
+            },
+            taken_keys: vec![],
+        },
+        Event::PaymentApplied {
+            record: PaymentRecord {
+                payment_id: "pay-4".into(),
+                order_seq: 6,
+                channel: "sandbox".into(),
+                amount_cents: 700,
+                status: "paid".into(),
+                at_ms: 12,
+                outcome: PaymentOutcome::RefundOwed(RefundReason::LeftGroup),
+            },
+            taken_keys: vec![],
+        },
+        Event::GroupFailed { group: 1, at_ms: 60_010 },
+    ]);
+    events
+}
+
+/// One completed group, one failed with a refund owed, one open with a paid seat.
+fn snapshot_v4() -> Shard {
+    let mut s = Shard::new(product(), 0);
+    s.import_keys((0..6).map(|i| format!("KEY-{i}")).collect());
+    let terms = GroupTerms { deal_id: "duo".into(), size: 2, price_cents: 700, time_limit_ms: 60_000 };
+    let seat = |buyer: &str| NewOrder {
+        buyer: buyer.into(),
+        quantity: 1,
+        idempotency: None,
+        query_token: "00112233445566778899aabbccddeeff".into(),
+        ttl_ms: 300_000,
+    };
+    let pay = |seq: u64, id: &str| Payment {
+        order_seq: seq,
+        payment_id: id.into(),
+        channel: "sandbox".into(),
+        amount_cents: 700,
+        status: "paid".into(),
+    };
+    let ids = |o: Outcome<(u64, u64)>| match o {
+        Outcome::Changed(_, ids) => ids,
+        Outcome::Repeat(_) => panic!("expected a new seat"),
+    };
+    let (g1, a) = ids(s.open_group(&terms, seat("a"), 0).unwrap());
+    let (_, b) = ids(s.join_group(g1, seat("b"), 1).unwrap());
+    s.pay(pay(a, "p-a"), 2).unwrap();
+    s.pay(pay(b, "p-b"), 3).unwrap();
+    let (_, d) = ids(s.open_group(&terms, seat("d"), 4).unwrap());
+    s.pay(pay(d, "p-d"), 5).unwrap();
+    s.expire_due(60_004, 10);
+    let (_, c) = ids(s.open_group(&terms, seat("c"), 70_000).unwrap());
+    s.pay(pay(c, "p-c"), 70_001).unwrap();
+    s
+}
+
 fn snapshot() -> Shard {
     let mut s = Shard::new(product(), 0);
     for e in &events()[..3] {
@@ -116,7 +202,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 3, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 4, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -125,8 +211,22 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v3; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v4; bump FORMAT_VERSION and keep a decoder"
     );
+    stored
+}
+
+/// As [`check`], for a snapshot with several payments: they are a hash map, so two
+/// encodings of the same state may order them differently. The stored file must
+/// have today's length (same layout) and decode to the same state (checked by the caller).
+fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
+    let path = dir(FORMAT_VERSION).join(name);
+    if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
+        std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v4 in length");
     stored
 }
 
@@ -174,15 +274,13 @@ fn v2_product_and_snapshot_decode() {
 
 #[test]
 fn v3_events_decode() {
-    let fresh = serde_json::to_vec(&events_v3().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v3());
+    assert_eq!(decode_events(&old(3, "events.bin")), events_v3());
 }
 
 #[test]
 fn v3_product_and_snapshot_decode() {
-    let stored = check("product.bin", encode(Kind::Product, &product()));
-    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
-    let stored = check("snapshot.bin", encode(Kind::Snapshot, &snapshot_v3()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(3, "product.bin")).unwrap(), product());
+    let stored = old(3, "snapshot.bin");
     let mut s = decode_snapshot(&stored).unwrap();
     s.rebuild_indexes();
     let want = snapshot_v3();
@@ -196,4 +294,35 @@ fn v3_product_and_snapshot_decode() {
     let audit = s.audit();
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
     assert_eq!((audit.imported, audit.available, audit.unsettled.len()), (3, 3, 1));
+}
+
+#[test]
+fn v4_events_decode() {
+    let fresh = serde_json::to_vec(&events_v4().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v4());
+}
+
+#[test]
+fn v4_product_and_snapshot_decode() {
+    let stored = check("product.bin", encode(Kind::Product, &product()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
+    let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &snapshot_v4()));
+    let mut s = decode_snapshot(&stored).unwrap();
+    s.rebuild_indexes();
+    let want = snapshot_v4();
+    assert_eq!(s.groups(), want.groups());
+    assert_eq!(s.orders(), want.orders());
+    assert_eq!(s.counts(), want.counts());
+    let mut payments: Vec<_> = s.payments().cloned().collect();
+    let mut wanted: Vec<_> = want.payments().cloned().collect();
+    payments.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    wanted.sort_by(|a, b| a.payment_id.cmp(&b.payment_id));
+    assert_eq!(payments, wanted);
+    let states: Vec<&str> = s.groups().iter().map(|g| g.state.as_str()).collect();
+    assert_eq!(states, ["completed", "failed", "open"]);
+    assert_eq!(s.refunds_due(10).len(), 1, "the failed group's paid seat is owed its refund");
+    assert_eq!(s.next_expiry(), want.next_expiry(), "the open group's deadline is back in the heap");
+    let audit = s.audit();
+    assert!(audit.violations.is_empty(), "{:?}", audit.violations);
+    assert_eq!((audit.sold, audit.reserved, audit.available), (2, 1, 3));
 }

@@ -249,8 +249,23 @@ impl Live {
     }
 }
 
+/// The orders an event changed: one, or every member of a group that completed or failed.
+fn orders_of(shard: &Shard, event: &Event) -> Vec<u64> {
+    let group_orders = |g: u64| shard.group(g).map(|g| g.orders.clone()).unwrap_or_default();
+    match event {
+        Event::GroupFailed { group, .. } => group_orders(*group),
+        Event::PaymentApplied { record, .. } => match shard.group_of_order(record.order_seq) {
+            Some(g) => group_orders(g),
+            None => vec![record.order_seq],
+        },
+        other => order_of(shard, other).into_iter().collect(),
+    }
+}
+
 fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
     match event {
+        Event::GroupOpened { order, .. } | Event::GroupJoined { order, .. } => Some(order.seq),
+        Event::GroupFailed { .. } => None,
         Event::RefundCompleted { channel, payment_id, .. } => shard.payment(channel, payment_id).map(|p| p.order_seq),
         Event::KeysImported { .. }
         | Event::KeysLent { .. }
@@ -323,7 +338,7 @@ impl ShardActor {
                     if let Some(name) = name {
                         crate::telemetry::count_order_event(name);
                     }
-                    if let Some(order) = order_of(&live.shard, event) {
+                    for order in orders_of(&live.shard, event) {
                         live.undurable.insert(order, seq);
                         live.undurable_queue.push_back((seq, order));
                         if log_orders {

@@ -33,6 +33,20 @@ pub enum DomainError {
     RedemptionSettled,
     #[error("this product has no points price")]
     NotRedeemable,
+    #[error("no such group")]
+    GroupNotFound,
+    #[error("the group has all its members")]
+    GroupFull,
+    #[error("the group is {state}: it takes no more members")]
+    GroupClosed { state: String },
+    #[error("the buyer already holds a seat in this group")]
+    AlreadyInGroup,
+    #[error("no open group of this deal has a free seat")]
+    NoOpenGroup,
+    #[error("no such group deal")]
+    DealNotFound,
+    #[error("a group deal with this id exists with other terms")]
+    DealExists,
 }
 
 impl DomainError {
@@ -53,6 +67,13 @@ impl DomainError {
             DomainError::RedemptionNotFound => "redemption_not_found",
             DomainError::RedemptionSettled => "redemption_settled",
             DomainError::NotRedeemable => "not_redeemable",
+            DomainError::GroupNotFound => "group_not_found",
+            DomainError::GroupFull => "group_full",
+            DomainError::GroupClosed { .. } => "group_closed",
+            DomainError::AlreadyInGroup => "already_in_group",
+            DomainError::NoOpenGroup => "no_open_group",
+            DomainError::DealNotFound => "deal_not_found",
+            DomainError::DealExists => "deal_exists",
         }
     }
 }

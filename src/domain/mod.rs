@@ -8,6 +8,7 @@
 //!   idempotency keys, the expiry heap). Commands are *decided and applied* in one
 //!   call that returns the [`Event`] to journal; replaying the same events on an
 //!   empty shard rebuilds the same state.
+//! * [`group`] — group-buy deals and groups (the group's steps are `Shard` commands).
 //! * [`points`] — the points balances and append-only ledger of one points shard,
 //!   and its side of a redemption (hold, settle, release).
 //! * [`breaker`] — the circuit breaker of one payment channel; [`routing`] — which
@@ -19,6 +20,7 @@
 
 pub mod breaker;
 pub mod error;
+pub mod group;
 pub mod ids;
 pub mod points;
 pub mod routing;

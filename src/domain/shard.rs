@@ -18,7 +18,10 @@ use std::hash::BuildHasher;
 use serde::{Deserialize, Serialize};
 
 use super::error::DomainError;
+use super::group::{Group, GroupState, GroupTerms};
 use super::Millis;
+
+mod groups;
 
 /// Index of a key in its shard's `keys` vector.
 pub type KeyId = u32;
@@ -121,6 +124,18 @@ pub enum RefundReason {
     SoldOut,
     /// A second, different payment for an order that was already paid.
     AlreadyPaid,
+    /// A group member's payment: the group failed to fill before its deadline.
+    GroupFailed,
+    /// A payment for a group seat its buyer gave up (cancelled or let expire) first.
+    LeftGroup,
+}
+
+impl RefundReason {
+    /// Whether a refund for this reason is the order's own payment (the order then
+    /// goes `refund_pending` → `refunded`), rather than an extra one.
+    pub fn takes_order(self) -> bool {
+        self != RefundReason::AlreadyPaid
+    }
 }
 
 /// What a payment notification did. Recorded per `payment_id` so repeats get the same answer.
@@ -136,6 +151,20 @@ pub enum PaymentOutcome {
     },
     /// A refund that was owed has been confirmed by the channel.
     Refunded(RefundReason),
+    /// A group member paid; the order stays `paid`, its keys reserved, until every
+    /// seat is paid (then `Delivered`) or the group fails (then `RefundOwed`).
+    AwaitingGroup,
+}
+
+impl PaymentOutcome {
+    /// Whether this payment is the one its order was paid with.
+    pub fn takes_order(self) -> bool {
+        match self {
+            PaymentOutcome::Delivered | PaymentOutcome::AwaitingGroup => true,
+            PaymentOutcome::RefundOwed(r) | PaymentOutcome::Refunded(r) => r.takes_order(),
+            PaymentOutcome::Ignored | PaymentOutcome::AmountMismatch { .. } => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,12 +189,15 @@ impl Event {
                 PaymentOutcome::RefundOwed(_) => Some("refund_owed"),
                 PaymentOutcome::Ignored | PaymentOutcome::AmountMismatch { .. } => Some("payment_ignored"),
                 PaymentOutcome::Refunded(_) => Some("refunded"),
+                PaymentOutcome::AwaitingGroup => Some("paid_awaiting_group"),
             },
             Event::OrderExpired { .. } => Some("expired"),
             Event::OrderCancelled { .. } => Some("cancelled"),
             Event::RefundCompleted { .. } => Some("refunded"),
             Event::OrderRedeemed { .. } => Some("redeemed"),
-            Event::KeysImported { .. }
+            Event::GroupOpened { .. } | Event::GroupJoined { .. } => Some("created"),
+            Event::GroupFailed { .. }
+            | Event::KeysImported { .. }
             | Event::KeysLent { .. }
             | Event::KeysReceived { .. }
             | Event::TransferSettled { .. } => None,
@@ -222,6 +254,24 @@ pub enum Event {
     /// redemption, see `domain::points`). Its `payment_id` is [`redeemed_payment_id`].
     OrderRedeemed {
         order: Order,
+    },
+    /// (v4) A group opened (see `domain::group`), with its first member's order.
+    GroupOpened {
+        group: Group,
+        order: Order,
+    },
+    /// (v4) A buyer took a free seat of an open group.
+    GroupJoined {
+        group: u64,
+        order: Order,
+    },
+    /// (v4) The group's deadline passed before every seat was paid: unpaid members
+    /// are cancelled, paid members owed a refund, reservations released. (A group
+    /// completes inside the `PaymentApplied` of its last seat: one event, so a
+    /// crash cannot leave a group half delivered.)
+    GroupFailed {
+        group: u64,
+        at_ms: Millis,
     },
 }
 
@@ -401,6 +451,8 @@ pub struct Shard {
     payments: HashMap<String, PaymentRecord>,
     /// (v3) Keys lent to and borrowed from sibling shards.
     transfers: Transfers,
+    /// (v4) Group-buy groups: `groups[seq - 1]`.
+    groups: Vec<Group>,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -420,6 +472,18 @@ pub struct Shard {
     /// Payments whose outcome is `RefundOwed`, by id.
     #[serde(skip)]
     refunds_owed: std::collections::BTreeSet<String>,
+    /// Order seq → the group it took a seat in.
+    #[serde(skip)]
+    group_of: HashMap<u64, u64>,
+    /// Groups still open, oldest first (for "join any open group").
+    #[serde(skip)]
+    open_groups: std::collections::BTreeSet<u64>,
+    /// Deadlines of open groups.
+    #[serde(skip)]
+    group_expiry: BinaryHeap<Reverse<(Millis, u64)>>,
+    /// Paid seats of open groups → their payment's key.
+    #[serde(skip)]
+    seat_payments: HashMap<u64, String>,
 }
 
 /// A snapshot as format v1 and v2 wrote it: no transfers.
@@ -444,6 +508,30 @@ impl From<ShardV2> for Shard {
     }
 }
 
+/// A snapshot as format v3 wrote it: no groups.
+#[derive(Deserialize)]
+pub struct ShardV3 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+}
+
+impl From<ShardV3> for Shard {
+    fn from(old: ShardV3) -> Shard {
+        let mut shard = Shard::new(old.product, old.shard);
+        shard.keys = old.keys;
+        shard.available = old.available;
+        shard.orders = old.orders;
+        shard.payments = old.payments;
+        shard.transfers = old.transfers;
+        shard
+    }
+}
+
 impl Shard {
     pub fn new(product: ProductInfo, shard: u16) -> Shard {
         assert!(shard < product.shards, "shard {shard} out of range for {}", product.id);
@@ -455,6 +543,7 @@ impl Shard {
             orders: Vec::new(),
             payments: HashMap::new(),
             transfers: Transfers::default(),
+            groups: Vec::new(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: HashMap::new(),
@@ -463,6 +552,10 @@ impl Shard {
             reserved: 0,
             sold: 0,
             refunds_owed: Default::default(),
+            group_of: HashMap::new(),
+            open_groups: Default::default(),
+            group_expiry: BinaryHeap::new(),
+            seat_payments: HashMap::new(),
         }
     }
 
@@ -489,8 +582,20 @@ impl Shard {
                     self.reserved += order.keys.len() as u64;
                     self.expiry.push(Reverse((order.expires_at_ms, order.seq)));
                 }
+                // Only a member of an open group waits in `paid`, its keys reserved.
+                OrderStatus::Paid => self.reserved += order.keys.len() as u64,
                 OrderStatus::Delivered => self.sold += order.keys.len() as u64,
                 _ => {}
+            }
+        }
+        self.group_of.clear();
+        self.open_groups.clear();
+        self.group_expiry.clear();
+        for g in &self.groups {
+            self.group_of.extend(g.orders.iter().map(|&seq| (seq, g.seq)));
+            if g.state == GroupState::Open {
+                self.open_groups.insert(g.seq);
+                self.group_expiry.push(Reverse((g.deadline_ms, g.seq)));
             }
         }
         // Snapshots of format v1 keyed payments by id alone: re-key them all.
@@ -501,6 +606,12 @@ impl Shard {
             .iter()
             .filter(|(_, p)| matches!(p.outcome, PaymentOutcome::RefundOwed(_)))
             .map(|(key, _)| key.clone())
+            .collect();
+        self.seat_payments = self
+            .payments
+            .iter()
+            .filter(|(_, p)| p.outcome == PaymentOutcome::AwaitingGroup)
+            .map(|(key, p)| (p.order_seq, key.clone()))
             .collect();
     }
 
@@ -690,9 +801,24 @@ impl Shard {
         } else if p.amount_cents != order.amount_cents {
             PaymentOutcome::AmountMismatch { expected_cents: order.amount_cents }
         } else {
-            match order.status {
-                OrderStatus::PendingPayment => PaymentOutcome::Delivered,
-                OrderStatus::Expired | OrderStatus::Cancelled => {
+            let group = self.group_of.get(&p.order_seq).map(|&g| &self.groups[(g - 1) as usize]);
+            match (order.status, group) {
+                (OrderStatus::PendingPayment, None) => PaymentOutcome::Delivered,
+                (OrderStatus::PendingPayment, Some(g)) => {
+                    // Pending seats of a group are seats of an open group (failing cancels them).
+                    let (taken, paid) = self.seats(g);
+                    if taken == g.size && paid + 1 == g.size {
+                        PaymentOutcome::Delivered
+                    } else {
+                        PaymentOutcome::AwaitingGroup
+                    }
+                }
+                // A group seat is sold at the group price only within its group.
+                (OrderStatus::Expired | OrderStatus::Cancelled, Some(g)) => PaymentOutcome::RefundOwed(match g.state {
+                    GroupState::Failed { .. } => RefundReason::GroupFailed,
+                    _ => RefundReason::LeftGroup,
+                }),
+                (OrderStatus::Expired | OrderStatus::Cancelled, None) => {
                     if self.available.len() >= order.quantity as usize {
                         taken_keys = self.available.iter().take(order.quantity as usize).copied().collect();
                         PaymentOutcome::Delivered
@@ -700,9 +826,10 @@ impl Shard {
                         PaymentOutcome::RefundOwed(RefundReason::SoldOut)
                     }
                 }
-                OrderStatus::Paid | OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded => {
-                    PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid)
-                }
+                (
+                    OrderStatus::Paid | OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded,
+                    _,
+                ) => PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid),
             }
         };
         let record = PaymentRecord {
@@ -779,10 +906,16 @@ impl Shard {
         out
     }
 
-    /// Orders left `paid` (a state every payment step leaves at once: delivered or
-    /// refund owed). Any found is a bug the reconciliation report must show. O(orders).
+    /// Orders left `paid` outside an open group (a state every other payment step
+    /// leaves at once: delivered or refund owed). Any found is a bug the
+    /// reconciliation report must show. O(orders).
     pub fn stuck_paid(&self, limit: usize) -> Vec<u64> {
-        self.orders.iter().filter(|o| o.status == OrderStatus::Paid).take(limit).map(|o| o.seq).collect()
+        self.orders
+            .iter()
+            .filter(|o| o.status == OrderStatus::Paid && !self.in_open_group(o.seq))
+            .take(limit)
+            .map(|o| o.seq)
+            .collect()
     }
 
     pub fn cancel(&mut self, seq: u64, now_ms: Millis) -> Result<Event, DomainError> {
@@ -852,15 +985,18 @@ impl Shard {
         Outcome::Changed(event, ())
     }
 
-    /// When the next pending order falls due, if any.
+    /// When the next pending order or open group falls due, if any.
     pub fn next_expiry(&self) -> Option<Millis> {
-        self.expiry.peek().map(|Reverse((at, _))| *at)
+        let order = self.expiry.peek().map(|Reverse((at, _))| *at);
+        let group = self.group_expiry.peek().map(|Reverse((at, _))| *at);
+        order.into_iter().chain(group).min()
     }
 
     /// Expires every pending order whose `expires_at` is at or before `now_ms`.
     /// Cost is proportional to the orders due (plus stale heap entries), never to all orders.
+    /// Groups past their deadline fail first (one event each, whatever their size).
     pub fn expire_due(&mut self, now_ms: Millis, max_events: usize) -> Vec<Event> {
-        let mut events = Vec::new();
+        let mut events = self.fail_due_groups(now_ms, max_events);
         while events.len() < max_events {
             let Some(&Reverse((at, seq))) = self.expiry.peek() else { break };
             if at > now_ms {
@@ -893,18 +1029,9 @@ impl Shard {
                     self.available.push_back(id);
                 }
             }
-            Event::OrderCreated { order } => {
-                assert_eq!(order.seq, self.orders.len() as u64 + 1, "order sequence gap");
-                assert_eq!(order.status, OrderStatus::PendingPayment);
-                assert_eq!(order.keys.len(), order.quantity as usize);
-                self.take_available(&order.keys);
-                self.reserved += order.keys.len() as u64;
-                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
-                if let Some(idem) = &order.idempotency {
-                    self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
-                }
-                self.expiry.push(Reverse((order.expires_at_ms, order.seq)));
-                self.orders.push(order.clone());
+            Event::OrderCreated { order } => self.add_pending_order(order),
+            Event::GroupOpened { .. } | Event::GroupJoined { .. } | Event::GroupFailed { .. } => {
+                self.apply_group(event)
             }
             Event::PaymentApplied { record, taken_keys } => {
                 let key = payment_key(&record.channel, &record.payment_id);
@@ -912,7 +1039,27 @@ impl Shard {
                 let at = record.at_ms;
                 let idx = record.order_seq.checked_sub(1).expect("order seq starts at 1") as usize;
                 let before = self.orders[idx].status;
+                let group = self.group_of.get(&record.order_seq).copied();
                 match record.outcome {
+                    // The last seat of a group paid: the whole group is delivered.
+                    PaymentOutcome::Delivered if group.is_some() => {
+                        assert_eq!(before, OrderStatus::PendingPayment, "a group seat is paid while pending");
+                        assert!(taken_keys.is_empty());
+                        let order = &mut self.orders[idx];
+                        order.status = OrderStatus::Paid;
+                        order.paid_at_ms = Some(at);
+                        order.payment_id = Some(record.payment_id.clone());
+                        self.complete_group(group.expect("checked"), record.order_seq, at);
+                    }
+                    PaymentOutcome::AwaitingGroup => {
+                        assert_eq!(before, OrderStatus::PendingPayment, "a group seat is paid while pending");
+                        assert!(group.is_some_and(|g| self.groups[(g - 1) as usize].state == GroupState::Open));
+                        let order = &mut self.orders[idx];
+                        order.status = OrderStatus::Paid;
+                        order.paid_at_ms = Some(at);
+                        order.payment_id = Some(record.payment_id.clone());
+                        self.seat_payments.insert(record.order_seq, key.clone());
+                    }
                     PaymentOutcome::Delivered => {
                         let order = &self.orders[idx];
                         let (quantity, buyer) = (order.quantity, order.buyer.clone());
@@ -936,15 +1083,17 @@ impl Shard {
                         order.delivered_at_ms = Some(at);
                         order.payment_id = Some(record.payment_id.clone());
                     }
-                    PaymentOutcome::RefundOwed(RefundReason::SoldOut) => {
+                    PaymentOutcome::RefundOwed(reason) if reason.takes_order() => {
                         assert!(matches!(before, OrderStatus::Expired | OrderStatus::Cancelled));
+                        assert_eq!(group.is_some(), reason != RefundReason::SoldOut, "refund reason fits the order");
                         let order = &mut self.orders[idx];
                         order.status = OrderStatus::RefundPending;
                         order.paid_at_ms = Some(at);
                         order.payment_id = Some(record.payment_id.clone());
                     }
                     PaymentOutcome::AmountMismatch { .. } => self.orders[idx].amount_mismatch = true,
-                    PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid) | PaymentOutcome::Ignored => {}
+                    // (Reasons that take the order are matched above.)
+                    PaymentOutcome::RefundOwed(_) | PaymentOutcome::Ignored => {}
                     PaymentOutcome::Refunded(_) => panic!("a payment is applied as owed, then refunded"),
                 }
                 if matches!(record.outcome, PaymentOutcome::RefundOwed(_)) {
@@ -962,7 +1111,7 @@ impl Shard {
                 let seq = record.order_seq;
                 self.refunds_owed.remove(&key);
                 let order = &mut self.orders[(seq - 1) as usize];
-                if reason == RefundReason::SoldOut {
+                if reason.takes_order() {
                     assert_eq!(order.status, OrderStatus::RefundPending);
                     order.status = OrderStatus::Refunded;
                 }
@@ -1084,7 +1233,10 @@ impl Shard {
         for order in &self.orders {
             *audit.orders.entry(order.status).or_default() += 1;
             match order.status {
-                OrderStatus::PendingPayment => {
+                OrderStatus::PendingPayment | OrderStatus::Paid => {
+                    if order.status == OrderStatus::Paid && !self.in_open_group(order.seq) {
+                        violations.push(format!("order {} is paid outside an open group", order.seq));
+                    }
                     for &id in &order.keys {
                         mark(id, Place::Reserved(order.seq), &mut violations);
                     }
@@ -1104,7 +1256,7 @@ impl Shard {
                 }
                 _ => {}
             }
-            if matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Delivered)
+            if matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered)
                 && order.keys.len() != order.quantity as usize
             {
                 violations.push(format!(
@@ -1116,6 +1268,7 @@ impl Shard {
             }
         }
         self.audit_payments(&mut violations);
+        self.audit_groups(&mut violations);
         let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
         if lost > 0 {
             violations.push(format!("{lost} keys are neither available, reserved, sold nor lent"));
@@ -1153,19 +1306,14 @@ impl Shard {
         let takers: std::collections::HashSet<(u64, &str)> = self
             .payments
             .values()
-            .filter(|p| {
-                matches!(
-                    p.outcome,
-                    PaymentOutcome::Delivered
-                        | PaymentOutcome::RefundOwed(RefundReason::SoldOut)
-                        | PaymentOutcome::Refunded(RefundReason::SoldOut)
-                )
-            })
+            .filter(|p| p.outcome.takes_order())
             .map(|p| (p.order_seq, p.payment_id.as_str()))
             .collect();
         for order in &self.orders {
-            let needs_payment =
-                matches!(order.status, OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded);
+            let needs_payment = matches!(
+                order.status,
+                OrderStatus::Paid | OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded
+            );
             match (&order.payment_id, needs_payment) {
                 // Paid with points: the points shard's ledger holds its payment.
                 (Some(_), true) if is_redeemed(order) && order.status == OrderStatus::Delivered => {}
@@ -1185,10 +1333,11 @@ impl Shard {
             let owns_order = order.payment_id.as_deref() == Some(p.payment_id.as_str());
             let consistent = match p.outcome {
                 PaymentOutcome::Delivered => owns_order && order.status == OrderStatus::Delivered,
-                PaymentOutcome::RefundOwed(RefundReason::SoldOut) => {
+                PaymentOutcome::AwaitingGroup => owns_order && order.status == OrderStatus::Paid,
+                PaymentOutcome::RefundOwed(r) if r.takes_order() => {
                     owns_order && order.status == OrderStatus::RefundPending
                 }
-                PaymentOutcome::Refunded(RefundReason::SoldOut) => owns_order && order.status == OrderStatus::Refunded,
+                PaymentOutcome::Refunded(r) if r.takes_order() => owns_order && order.status == OrderStatus::Refunded,
                 _ => true,
             };
             if !consistent {

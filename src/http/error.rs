@@ -62,6 +62,12 @@ impl From<Error> for ApiError {
                 DomainError::RedemptionNotFound => StatusCode::NOT_FOUND,
                 DomainError::RedemptionSettled => StatusCode::CONFLICT,
                 DomainError::NotRedeemable => StatusCode::CONFLICT,
+                DomainError::GroupNotFound | DomainError::DealNotFound => StatusCode::NOT_FOUND,
+                DomainError::GroupFull
+                | DomainError::GroupClosed { .. }
+                | DomainError::AlreadyInGroup
+                | DomainError::NoOpenGroup
+                | DomainError::DealExists => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,

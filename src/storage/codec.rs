@@ -12,7 +12,7 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::domain::shard::ShardV2;
+use crate::domain::shard::{ShardV2, ShardV3};
 use crate::domain::Shard;
 
 pub const MAGIC: [u8; 4] = *b"KAMI";
@@ -24,7 +24,11 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// Version 3: keys move between the shards of a product. Three events are added at
 /// the end of `Event` (older events decode unchanged) and a snapshot ends with the
 /// shard's transfers; v1/v2 snapshots decode as [`ShardV2`] (no transfers).
-pub const FORMAT_VERSION: u8 = 3;
+///
+/// Version 4: group-buy. Group events, a payment outcome and refund reasons are
+/// added at the end of their enums (older records decode unchanged) and a snapshot
+/// ends with the shard's groups; v3 snapshots decode as [`ShardV3`] (no groups).
+pub const FORMAT_VERSION: u8 = 4;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 const HEADER_BYTES: usize = 14;
@@ -113,6 +117,7 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
 pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
     match bytes.get(4) {
         Some(1 | 2) => decode::<ShardV2>(Kind::Snapshot, bytes).map(Shard::from),
+        Some(3) => decode::<ShardV3>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
     }
 }
