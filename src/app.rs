@@ -295,7 +295,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         crate::actors::points::start_points(&storage, &clock, &actors.arbiters, settings.actors.mailbox_capacity)
             .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
-    let parts = Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices };
+    let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
+    let parts = Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices, group_deals };
     let core = Arc::new(Kami::new(parts, CoreLimits::from_settings(&settings), settings.orders.ttl_secs * 1000));
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
     state.set_ready(core.clone());

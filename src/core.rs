@@ -28,6 +28,9 @@ use crate::error::Error;
 use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
 
+mod groups;
+pub use groups::{JoinRequest, NewDeal, OpenGroupRequest, MAX_DEALS_PER_PRODUCT};
+
 /// The knobs the core needs, taken from [`Settings`].
 #[derive(Debug, Clone)]
 pub struct CoreLimits {
@@ -225,6 +228,10 @@ pub struct Kami {
     points: Vec<PointsHandle>,
     /// Product → points price, for products that can be redeemed (durable in storage).
     points_prices: DashMap<String, u64>,
+    /// (product, deal id) → group deal (durable in storage).
+    deals: DashMap<(String, String), crate::domain::group::GroupDeal>,
+    /// Deal creation is rare: one at a time, so "same id, other terms" is exact.
+    deal_writes: tokio::sync::Mutex<()>,
 }
 
 /// The actors and shared tables a [`Kami`] routes to.
@@ -237,11 +244,13 @@ pub struct Parts {
     pub channels: Arc<Channels>,
     pub points: Vec<PointsHandle>,
     pub points_prices: Vec<(String, u64)>,
+    pub group_deals: Vec<crate::domain::group::GroupDeal>,
 }
 
 impl Kami {
     pub fn new(parts: Parts, limits: CoreLimits, ttl_ms: u64) -> Kami {
-        let Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices } = parts;
+        let Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices, group_deals } =
+            parts;
         Kami {
             registry,
             supervisor,
@@ -255,6 +264,8 @@ impl Kami {
             nonces: DashMap::new(),
             points,
             points_prices: points_prices.into_iter().collect(),
+            deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),
+            deal_writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -651,32 +662,39 @@ impl Kami {
                 other => other,
             }
         };
-        if let Some(Idempotency { key, fingerprint }) = &idempotency {
-            match &result {
+        self.settle_pin(&idempotency, &result);
+        result
+    }
+
+    /// After a request that pinned its Idempotency-Key: confirmed when it created
+    /// something, released when it was definitely refused (a retry runs anew), kept
+    /// when the outcome is unknown.
+    fn settle_pin<T>(&self, idempotency: &Option<Idempotency>, result: &Result<T, Error>) {
+        if let Some(Idempotency { key, fingerprint }) = idempotency {
+            match result {
                 Ok(_) => self.confirm_pin(key, *fingerprint),
-                // A definite refusal created nothing: a retry runs anew.
                 Err(Error::Domain(_)) => {
                     self.pins.remove_if(key, |_, p| p.fingerprint == *fingerprint && !p.confirmed);
                 }
                 Err(_) => {}
             }
         }
-        result
     }
 
     /// The buyer's shard is dry: borrow keys from its siblings and order again. The
     /// buyer stays on its own shard, so per-buyer limits stay exact. `sold_out` is
     /// answered only when every sibling had no key to lend and no keys were in
     /// transit between shards meanwhile: the whole product was empty.
-    async fn order_with_borrowed_keys<M>(
+    async fn order_with_borrowed_keys<M, R>(
         &self,
         route: &crate::actors::ProductRoute,
         home: usize,
         quantity: u32,
         msg: impl Fn() -> M,
-    ) -> Result<OrderSnapshot, Error>
+    ) -> Result<R, Error>
     where
-        M: Message<Result = ShardResult<OrderSnapshot>> + Send + 'static,
+        M: Message<Result = ShardResult<R>> + Send + 'static,
+        R: Send + 'static,
         ShardActor: Handler<M>,
     {
         let track = &route.transfers;

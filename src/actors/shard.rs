@@ -21,7 +21,9 @@ use actix::prelude::*;
 use futures::future;
 
 use crate::clock::Clock;
+use crate::domain::group::{Group, GroupId, GroupTerms};
 use crate::domain::shard::{Counts, NewOrder, Outcome, OutgoingTransfer, Payment, Redemption};
+use crate::domain::OrderStatus;
 use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
 use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
 
@@ -81,12 +83,19 @@ pub struct OrderSnapshot {
     pub keys: Vec<String>,
     /// True when this answer replays an earlier request (idempotency).
     pub replayed: bool,
+    /// The group this order holds (or held) a seat in.
+    pub group: Option<u64>,
 }
 
 impl OrderSnapshot {
     /// The order's public id (`{product}.{shard}.{seq}`).
     pub fn order_id(&self) -> String {
         OrderId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.order.seq }.to_string()
+    }
+
+    pub fn group_id(&self) -> Option<String> {
+        let shard = ShardId::new(self.product_id.clone(), self.shard);
+        self.group.map(|seq| GroupId { shard, seq }.to_string())
     }
 }
 
@@ -184,6 +193,64 @@ pub struct Settle(pub u64);
 #[rtype(result = "ShardResult<Vec<OutgoingTransfer>>")]
 pub struct ListUnsettled {
     pub limit: usize,
+}
+
+/// Opens a group with the buyer of `order` in its first seat.
+#[derive(Message)]
+#[rtype(result = "ShardResult<GroupSeat>")]
+pub struct OpenGroup {
+    pub terms: GroupTerms,
+    pub order: NewOrder,
+}
+
+/// Takes a seat in group `group`.
+#[derive(Message)]
+#[rtype(result = "ShardResult<GroupSeat>")]
+pub struct JoinGroup {
+    pub group: u64,
+    pub order: NewOrder,
+}
+
+/// Takes a seat in the oldest open group of the deal with one free, or opens one.
+#[derive(Message)]
+#[rtype(result = "ShardResult<GroupSeat>")]
+pub struct JoinAnyGroup {
+    pub terms: GroupTerms,
+    pub order: NewOrder,
+}
+
+#[derive(Message)]
+#[rtype(result = "ShardResult<GroupSnapshot>")]
+pub struct GetGroup(pub u64);
+
+/// A group as the shard reports it, with its members' orders.
+#[derive(Debug, Clone)]
+pub struct GroupSnapshot {
+    pub group: Group,
+    pub product_id: String,
+    pub shard: u16,
+    /// Every order that took a seat (members who left included), in join order.
+    pub members: Vec<Order>,
+}
+
+impl GroupSnapshot {
+    pub fn group_id(&self) -> String {
+        GroupId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.group.seq }.to_string()
+    }
+
+    /// `(seats taken, seats paid)`, as `Shard::seats` counts them.
+    pub fn seats(&self) -> (u32, u32) {
+        let taken = |o: &&Order| matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Paid);
+        let paid = self.members.iter().filter(|o| o.status == OrderStatus::Paid).count() as u32;
+        (self.members.iter().filter(taken).count() as u32, paid)
+    }
+}
+
+/// A seat taken: the group and the member's order.
+#[derive(Debug, Clone)]
+pub struct GroupSeat {
+    pub group: GroupSnapshot,
+    pub order: OrderSnapshot,
 }
 
 /// Writes a snapshot now (graceful shutdown).
@@ -439,6 +506,38 @@ impl ShardActor {
         self.reply_when_durable(ticket, needed, view)
     }
 
+    /// A group step: journal its event (if any) and answer with the seat once durable.
+    fn group_step(
+        &mut self,
+        ctx: &mut Context<Self>,
+        step: impl FnOnce(&mut Shard) -> Result<Outcome<(u64, u64)>, DomainError>,
+    ) -> ResponseFuture<ShardResult<GroupSeat>> {
+        let (ticket, (group, seq), replayed) = match self.guarded(ctx, step) {
+            Err(e) => return fail(e),
+            Ok(Err(refusal)) => return fail(refusal),
+            Ok(Ok(Outcome::Repeat(ids))) => (None, ids, true),
+            Ok(Ok(Outcome::Changed(event, ids))) => match self.persist(ctx, &[event]) {
+                Ok(t) => (Some(t), ids, false),
+                Err(e) => return fail(e),
+            },
+        };
+        let seat = self
+            .order_snapshot(seq, replayed)
+            .and_then(|order| Ok(GroupSeat { group: self.group_snapshot(group)?, order }));
+        match seat {
+            // The group shows other members' orders: wait for everything written so far.
+            Ok(seat) => self.reply(ticket, seat),
+            Err(e) => fail(e),
+        }
+    }
+
+    fn group_snapshot(&self, seq: u64) -> ShardResult<GroupSnapshot> {
+        let live = self.live.as_ref().ok_or(ShardError::Unavailable)?;
+        let group = live.shard.group(seq).ok_or(DomainError::GroupNotFound)?;
+        let members = group.orders.iter().filter_map(|&o| live.shard.order(o)).cloned().collect();
+        Ok(GroupSnapshot { group: group.clone(), product_id: self.product.id.clone(), shard: self.id.shard, members })
+    }
+
     fn order_snapshot(&self, seq: u64, replayed: bool) -> ShardResult<OrderSnapshot> {
         let live = self.live.as_ref().ok_or(ShardError::Unavailable)?;
         let order = live.shard.order(seq).ok_or(DomainError::OrderNotFound)?;
@@ -453,6 +552,7 @@ impl ShardActor {
             shard: self.id.shard,
             keys,
             replayed,
+            group: live.shard.group_of_order(seq),
         })
     }
 
@@ -767,6 +867,44 @@ impl Handler<ListUnsettled> for ShardActor {
     fn handle(&mut self, m: ListUnsettled, ctx: &mut Context<Self>) -> Self::Result {
         match self.guarded(ctx, |s| s.unsettled(m.limit)) {
             Ok(list) => self.reply(None, list),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<OpenGroup> for ShardActor {
+    type Result = ResponseFuture<ShardResult<GroupSeat>>;
+
+    fn handle(&mut self, m: OpenGroup, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        self.group_step(ctx, |s| s.open_group(&m.terms, m.order, now))
+    }
+}
+
+impl Handler<JoinGroup> for ShardActor {
+    type Result = ResponseFuture<ShardResult<GroupSeat>>;
+
+    fn handle(&mut self, m: JoinGroup, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        self.group_step(ctx, |s| s.join_group(m.group, m.order, now))
+    }
+}
+
+impl Handler<JoinAnyGroup> for ShardActor {
+    type Result = ResponseFuture<ShardResult<GroupSeat>>;
+
+    fn handle(&mut self, m: JoinAnyGroup, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        self.group_step(ctx, |s| s.join_any(&m.terms, m.order, now))
+    }
+}
+
+impl Handler<GetGroup> for ShardActor {
+    type Result = ResponseFuture<ShardResult<GroupSnapshot>>;
+
+    fn handle(&mut self, m: GetGroup, _ctx: &mut Context<Self>) -> Self::Result {
+        match self.group_snapshot(m.0) {
+            Ok(view) => self.reply(None, view),
             Err(e) => fail(e),
         }
     }

@@ -41,8 +41,6 @@ pub enum DomainError {
     GroupClosed { state: String },
     #[error("the buyer already holds a seat in this group")]
     AlreadyInGroup,
-    #[error("no open group of this deal has a free seat")]
-    NoOpenGroup,
     #[error("no such group deal")]
     DealNotFound,
     #[error("a group deal with this id exists with other terms")]
@@ -71,7 +69,6 @@ impl DomainError {
             DomainError::GroupFull => "group_full",
             DomainError::GroupClosed { .. } => "group_closed",
             DomainError::AlreadyInGroup => "already_in_group",
-            DomainError::NoOpenGroup => "no_open_group",
             DomainError::DealNotFound => "deal_not_found",
             DomainError::DealExists => "deal_exists",
         }

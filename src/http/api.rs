@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::limits::Tier;
 use super::{extract, views, AppState};
-use crate::core::{NewProduct, OrderRequest, RedeemRequest};
+use crate::core::{JoinRequest, NewDeal, NewProduct, OpenGroupRequest, OrderRequest, RedeemRequest};
 use crate::domain::DomainError;
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -220,9 +220,7 @@ pub async fn redeem(
         .to_string();
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: RedeemRequest = extract::json(&bytes)?;
-    if let Some(Extension(tier)) = tier {
-        tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
-    }
+    check_buyer_rate(&tier, &req.buyer)?;
     let redeemed = core.redeem(req, &key).await?;
     super::record_order(&redeemed.order.order_id());
     let mut response = (StatusCode::CREATED, Json(views::redeemed(&redeemed))).into_response();
@@ -242,9 +240,7 @@ pub async fn create_order(
     let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: OrderRequest = extract::json(&bytes)?;
-    if let Some(Extension(tier)) = tier {
-        tier.per_buyer.check(&req.buyer).map_err(|wait_secs| super::rate_limited(&tier, "buyer", wait_secs))?;
-    }
+    check_buyer_rate(&tier, &req.buyer)?;
     let order = core.create_order(req, idempotency_key).await?;
     let order_id = order.order_id();
     super::record_order(&order_id);
@@ -256,6 +252,89 @@ pub async fn create_order(
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+// ---- group-buy ----
+
+/// `POST /api/v1/products/{id}/group-deals`: 201 when created, 200 when the same
+/// deal exists already, 409 `deal_exists` when one with other terms does.
+pub async fn create_group_deal(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: NewDeal = extract::json(&bytes)?;
+    let (deal, created) = core.create_group_deal(&id, req).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(views::deal(&deal))))
+}
+
+pub async fn group_deals(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let deals = st.core()?.group_deals(&id)?;
+    Ok(Json(json!({"product_id": id, "deals": deals.iter().map(views::deal).collect::<Vec<_>>()})))
+}
+
+/// `POST /api/v1/groups`: open a group (or `join_open`), optional `Idempotency-Key`.
+pub async fn open_group(
+    State(st): State<AppState>,
+    tier: Option<Extension<Arc<Tier>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let core = st.core()?;
+    let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: OpenGroupRequest = extract::json(&bytes)?;
+    check_buyer_rate(&tier, &req.buyer)?;
+    let seat = core.open_group(req, idempotency_key).await?;
+    Ok(seat_created(&core, &seat))
+}
+
+/// `POST /api/v1/groups/{group_id}/join`, optional `Idempotency-Key`.
+pub async fn join_group(
+    State(st): State<AppState>,
+    tier: Option<Extension<Arc<Tier>>>,
+    Path(group_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let core = st.core()?;
+    let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: JoinRequest = extract::json(&bytes)?;
+    check_buyer_rate(&tier, &req.buyer)?;
+    let seat = core.join_group(&group_id, req, idempotency_key).await?;
+    Ok(seat_created(&core, &seat))
+}
+
+pub async fn get_group(State(st): State<AppState>, Path(group_id): Path<String>) -> ApiResult<Json<Value>> {
+    let group = st.core()?.get_group(&group_id).await?;
+    Ok(Json(views::group(&group)))
+}
+
+/// The per-buyer rate limit of the request's tier (the rate-limit layer attaches it).
+fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiResult<()> {
+    if let Some(Extension(tier)) = tier {
+        tier.per_buyer.check(buyer).map_err(|wait_secs| super::rate_limited(tier, "buyer", wait_secs))?;
+    }
+    Ok(())
+}
+
+fn seat_created(core: &crate::core::Kami, seat: &crate::actors::shard::GroupSeat) -> Response {
+    let order_id = seat.order.order_id();
+    super::record_order(&order_id);
+    let channel = core.pick_channel();
+    let pay_url = core.pay_url(channel, &order_id, seat.order.order.amount_cents);
+    let mut response =
+        (StatusCode::CREATED, Json(views::seat(seat, &order_id, &channel.name, pay_url))).into_response();
+    if seat.order.replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
 }
 
 fn order_token(headers: &HeaderMap) -> ApiResult<&str> {

@@ -66,7 +66,6 @@ impl From<Error> for ApiError {
                 DomainError::GroupFull
                 | DomainError::GroupClosed { .. }
                 | DomainError::AlreadyInGroup
-                | DomainError::NoOpenGroup
                 | DomainError::DealExists => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,

@@ -121,6 +121,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/buyers/{buyer}/points/ledger", get(api::points_ledger))
         .route("/api/v1/buyers/{buyer}/points", get(api::get_points))
         .route("/api/v1/redemptions", post(api::redeem))
+        .route("/api/v1/products/{id}/group-deals", post(api::create_group_deal).get(api::group_deals))
+        .route("/api/v1/groups", post(api::open_group))
+        .route("/api/v1/groups/{group_id}", get(api::get_group))
+        .route("/api/v1/groups/{group_id}/join", post(api::join_group))
         .route("/api/v1/orders", post(api::create_order))
         .route("/api/v1/orders/{order_id}", get(api::get_order))
         .route("/api/v1/orders/{order_id}/cancel", post(api::cancel_order))
@@ -174,6 +178,7 @@ async fn rate_limit(State(st): State<AppState>, mut req: Request, next: Next) ->
         let path = req.uri().path();
         let buyer_route = path.starts_with("/api/v1/orders")
             || path.starts_with("/api/v1/redemptions")
+            || path.starts_with("/api/v1/groups")
             || path.starts_with("/api/v1/buyers/")
             || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
         if buyer_route {

@@ -2,9 +2,11 @@
 
 use serde_json::{json, Value};
 
-use crate::actors::shard::OrderSnapshot;
+use crate::actors::shard::{GroupSeat, GroupSnapshot, OrderSnapshot};
 use crate::core::{AuditReport, Redeemed};
+use crate::domain::group::{GroupDeal, GroupState};
 use crate::domain::points::{Balance, Entry};
+use crate::domain::OrderStatus;
 use crate::domain::ProductInfo;
 
 pub fn ts(ms: u64) -> String {
@@ -67,6 +69,7 @@ pub fn order_created(s: &OrderSnapshot, order_id: &str, channel: &str, pay_url: 
         "expires_at": ts(o.expires_at_ms),
         "query_token": o.query_token,
         "payment": payment,
+        "group_id": s.group_id(),
     })
 }
 
@@ -84,6 +87,9 @@ pub fn order(s: &OrderSnapshot) -> Value {
         "paid_at": ts_opt(o.paid_at_ms),
         "delivered_at": ts_opt(o.delivered_at_ms),
     });
+    if let Some(group) = s.group_id() {
+        v["group_id"] = json!(group);
+    }
     if !s.keys.is_empty() {
         v["keys"] = json!(s.keys);
     }
@@ -112,4 +118,63 @@ pub fn audit(r: &AuditReport) -> Value {
     let orders: serde_json::Map<String, Value> =
         r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();
     json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations, "points": r.points})
+}
+
+pub fn deal(d: &GroupDeal) -> Value {
+    json!({
+        "deal_id": d.deal_id,
+        "product_id": d.product_id,
+        "group_size": d.group_size,
+        "price_cents": d.price_cents,
+        "time_limit_secs": d.time_limit_secs,
+        "created_at": ts(d.created_at_ms),
+    })
+}
+
+/// Other members see a buyer's first two characters only.
+fn masked(buyer: &str) -> String {
+    buyer.chars().take(2).chain("***".chars()).collect()
+}
+
+/// A group and its members: who holds a seat (or held one when the group ended),
+/// not buyers who left before.
+pub fn group(g: &GroupSnapshot) -> Value {
+    let grp = &g.group;
+    let (taken, paid) = g.seats();
+    let (completed_at, failed_at) = match grp.state {
+        GroupState::Open => (None, None),
+        GroupState::Completed { at_ms } => (Some(at_ms), None),
+        GroupState::Failed { at_ms } => (None, Some(at_ms)),
+    };
+    let members: Vec<Value> = g
+        .members
+        .iter()
+        .filter(|o| {
+            let seated = matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered);
+            // A failed group closed its members' orders at the failure itself.
+            seated || (failed_at.is_some() && o.closed_at_ms == failed_at)
+        })
+        .map(|o| json!({"buyer": masked(&o.buyer), "status": o.status.as_str(), "joined_at": ts(o.created_at_ms)}))
+        .collect();
+    json!({
+        "group_id": g.group_id(),
+        "product_id": g.product_id,
+        "deal_id": grp.deal_id,
+        "state": grp.state.as_str(),
+        "group_size": grp.size,
+        "price_cents": grp.price_cents,
+        "seats_taken": taken,
+        "seats_paid": paid,
+        "seats_left": grp.size.saturating_sub(taken),
+        "opened_at": ts(grp.opened_at_ms),
+        "deadline_at": ts(grp.deadline_ms),
+        "completed_at": ts_opt(completed_at),
+        "failed_at": ts_opt(failed_at),
+        "members": members,
+    })
+}
+
+/// The 201 answer to opening or joining a group: the group and the member's order.
+pub fn seat(s: &GroupSeat, order_id: &str, channel: &str, pay_url: Option<String>) -> Value {
+    json!({"group": group(&s.group), "order": order_created(&s.order, order_id, channel, pay_url)})
 }

@@ -40,6 +40,8 @@ pub enum Kind {
     Event = 1,
     Snapshot = 2,
     Product = 3,
+    /// (v4) A group-buy deal.
+    Deal = 4,
 }
 
 impl Kind {
@@ -48,7 +50,7 @@ impl Kind {
         match self {
             Kind::Event => 16 << 20,
             Kind::Snapshot => 4 << 30,
-            Kind::Product => 64 << 10,
+            Kind::Product | Kind::Deal => 64 << 10,
         }
     }
 }

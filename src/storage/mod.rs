@@ -5,6 +5,8 @@
 //! * `products` — product id → `ProductInfo` record.
 //! * `journal/{product}/{shard}` — big-endian journal sequence → `Event` record.
 //! * `snapshots` — `{product}/{shard}` ++ 0x00 ++ big-endian sequence → `Shard` record.
+//! * `points/{shard}` — the points ledgers; `points-prices` — product → points per key.
+//! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
 //!
 //! Durability: nothing written here is durable until a [`commit::Ticket`] for it
 //! has completed (see [`commit`]). Recovery = newest snapshot that decodes + every
@@ -17,6 +19,7 @@ pub mod commit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::domain::group::GroupDeal;
 use crate::domain::points::{PointsBook, PointsEvent};
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
@@ -145,6 +148,27 @@ impl Storage {
                 error: "a price is not 8 bytes".into(),
             })?);
             out.push((String::from_utf8_lossy(&k).into_owned(), price));
+        }
+        Ok(out)
+    }
+
+    /// Records a group deal (tree `group-deals`, key `{product}/{deal}`). Durable after a flush.
+    pub fn put_group_deal(&self, deal: &GroupDeal) -> Result<(), StorageError> {
+        let tree = self.db.open_tree("group-deals")?;
+        let key = format!("{}/{}", deal.product_id, deal.deal_id);
+        tree.insert(key.as_bytes(), codec::encode(Kind::Deal, deal))?;
+        Ok(())
+    }
+
+    pub fn group_deals(&self) -> Result<Vec<GroupDeal>, StorageError> {
+        let tree = self.db.open_tree("group-deals")?;
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            out.push(codec::decode(Kind::Deal, &v).map_err(|e| StorageError::Corrupt {
+                place: format!("group-deals/{}", String::from_utf8_lossy(&k)),
+                error: e.to_string(),
+            })?);
         }
         Ok(out)
     }

@@ -148,11 +148,12 @@ impl Shard {
         Ok(())
     }
 
-    /// Takes a seat in the oldest open group of `deal_id` that has one free for this
-    /// buyer; `NoOpenGroup` when there is none (the caller then opens one).
+    /// Takes a seat in the oldest open group of the deal that has one free for this
+    /// buyer, or opens a new group when none has: one step, so concurrent buyers
+    /// fill one group before the next is opened.
     pub fn join_any(
         &mut self,
-        deal_id: &str,
+        terms: &GroupTerms,
         req: NewOrder,
         now_ms: Millis,
     ) -> Result<Outcome<(u64, u64)>, DomainError> {
@@ -164,11 +165,11 @@ impl Shard {
             .iter()
             .take(MAX_GROUPS_SCANNED)
             .map(|&seq| &self.groups[(seq - 1) as usize])
-            .find(|g| g.deal_id == deal_id && self.check_seat(g, &req.buyer, now_ms).is_ok())
+            .find(|g| g.deal_id == terms.deal_id && self.check_seat(g, &req.buyer, now_ms).is_ok())
             .map(|g| g.seq);
         match found {
             Some(group) => self.join_group(group, req, now_ms),
-            None => Err(DomainError::NoOpenGroup),
+            None => self.open_group(terms, req, now_ms),
         }
     }
 
@@ -513,16 +514,18 @@ mod tests {
     }
 
     #[test]
-    fn join_any_fills_the_oldest_open_group_of_the_deal_first() {
+    fn join_any_fills_the_oldest_open_group_of_the_deal_first_then_opens_one() {
         let mut s = shard(10, 0);
         let (g1, _) = changed(s.open_group(&terms(2), seat("a"), 0));
         let other = GroupTerms { deal_id: "other".into(), ..terms(2) };
-        changed(s.open_group(&other, seat("x"), 0));
+        let (g2, _) = changed(s.open_group(&other, seat("x"), 0));
         let (g3, _) = changed(s.open_group(&terms(3), seat("b"), 1));
-        assert_eq!(changed(s.join_any("deal", seat("c"), 2)).0, g1);
-        assert_eq!(changed(s.join_any("deal", seat("a"), 2)).0, g3, "g1 is full; a sits in g1 already anyway");
-        assert_eq!(s.join_any("deal", seat("b"), 2), Err(DomainError::NoOpenGroup), "b holds a seat in g3");
-        assert_eq!(s.join_any("nope", seat("d"), 2), Err(DomainError::NoOpenGroup));
+        assert_eq!(changed(s.join_any(&terms(2), seat("c"), 2)).0, g1);
+        assert_eq!(changed(s.join_any(&terms(2), seat("a"), 2)).0, g3, "g1 is full; a sits in g1 already anyway");
+        let (g4, _) = changed(s.join_any(&terms(2), seat("b"), 2));
+        assert!(g4 > g3, "b holds a seat in g3: a new group is opened for b");
+        assert_eq!(changed(s.join_any(&other, seat("d"), 2)).0, g2);
+        assert_eq!(s.group(g4).unwrap().size, 2, "opened with the terms given");
     }
 
     #[test]
@@ -542,7 +545,7 @@ mod tests {
         let req = NewOrder { idempotency: Some(idem.clone()), ..seat("a") };
         let (g, a) = changed(s.open_group(&terms(2), req.clone(), 0));
         assert_eq!(s.open_group(&terms(2), req.clone(), 1), Ok(Outcome::Repeat((g, a))));
-        assert_eq!(s.join_any("deal", req, 1), Ok(Outcome::Repeat((g, a))));
+        assert_eq!(s.join_any(&terms(2), req, 1), Ok(Outcome::Repeat((g, a))));
         let other = NewOrder { idempotency: Some(Idempotency { fingerprint: [2; 16], ..idem }), ..seat("a") };
         assert_eq!(s.join_group(g, other, 1), Err(DomainError::IdempotencyKeyReused));
         assert_eq!(s.orders().len(), 1);

@@ -1,0 +1,205 @@
+//! Group-buy through the core (see [`crate::domain::group`]): deals are merchant
+//! settings kept in storage and in memory; groups live in stock shards.
+//!
+//! Every group of a deal lives in one shard of its product, the deal's shard
+//! (`hash(deal id)`): "join any open group" then sees every open group of the deal
+//! in one place and fills one group before the next, and a repeated request with
+//! the same Idempotency-Key always reaches the shard that answered it first.
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::actors::shard::{GroupSeat, GroupSnapshot};
+use crate::domain::group::{self, GroupDeal, GroupId};
+
+/// Deals one product may carry.
+pub const MAX_DEALS_PER_PRODUCT: usize = 64;
+
+/// `POST /api/v1/products/{id}/group-deals`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDeal {
+    pub deal_id: String,
+    pub group_size: u32,
+    pub price_cents: u64,
+    pub time_limit_secs: u64,
+}
+
+/// `POST /api/v1/groups`: open a group, or with `join_open` take a seat in the
+/// oldest open group of the deal that has one (opening a group if none has).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenGroupRequest {
+    pub product_id: String,
+    pub deal_id: String,
+    pub buyer: String,
+    #[serde(default)]
+    pub join_open: bool,
+}
+
+/// `POST /api/v1/groups/{group_id}/join`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub buyer: String,
+}
+
+fn fingerprint(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize()[..16].try_into().expect("16 bytes")
+}
+
+impl Kami {
+    /// Creates a deal; the same deal again (same terms) is answered `false`
+    /// (not created), other terms under the same id are `deal_exists`. Durable
+    /// when it returns.
+    pub async fn create_group_deal(&self, product: &str, d: NewDeal) -> Result<(GroupDeal, bool), Error> {
+        let info = self.registry.get(product).ok_or(Error::ProductNotFound)?.info.clone();
+        if !validate::is_product_id(&d.deal_id) {
+            return Err(Error::Invalid("deal_id: must match [a-z0-9_-]{1,64}".into()));
+        }
+        group::validate_deal(d.group_size, d.price_cents, d.time_limit_secs).map_err(Error::Invalid)?;
+        let _one_writer = self.deal_writes.lock().await;
+        let key = (product.to_string(), d.deal_id.clone());
+        if let Some(old) = self.deals.get(&key) {
+            let same = (old.group_size, old.price_cents, old.time_limit_secs)
+                == (d.group_size, d.price_cents, d.time_limit_secs);
+            return if same { Ok((old.clone(), false)) } else { Err(DomainError::DealExists.into()) };
+        }
+        if self.deals.iter().filter(|e| e.key().0 == product).count() >= MAX_DEALS_PER_PRODUCT {
+            return Err(Error::Invalid(format!("a product carries at most {MAX_DEALS_PER_PRODUCT} group deals")));
+        }
+        let deal = GroupDeal {
+            product_id: info.id,
+            deal_id: d.deal_id,
+            group_size: d.group_size,
+            price_cents: d.price_cents,
+            time_limit_secs: d.time_limit_secs,
+            created_at_ms: self.clock.now_ms(),
+        };
+        self.storage.put_group_deal(&deal)?;
+        self.storage.ticket()?.wait().await?;
+        self.deals.insert(key, deal.clone());
+        Ok((deal, true))
+    }
+
+    /// A product's deals, by id.
+    pub fn group_deals(&self, product: &str) -> Result<Vec<GroupDeal>, Error> {
+        self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        let mut deals: Vec<GroupDeal> =
+            self.deals.iter().filter(|e| e.key().0 == product).map(|e| e.value().clone()).collect();
+        deals.sort_by(|a, b| a.deal_id.cmp(&b.deal_id));
+        Ok(deals)
+    }
+
+    /// Opens a group of a deal (or joins the oldest open one, `join_open`) for the buyer.
+    pub async fn open_group(&self, req: OpenGroupRequest, idempotency_key: Option<String>) -> Result<GroupSeat, Error> {
+        validate::buyer(&req.buyer).map_err(Error::Invalid)?;
+        let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
+        let deal = self
+            .deals
+            .get(&(req.product_id.clone(), req.deal_id.clone()))
+            .map(|d| d.clone())
+            .ok_or(Error::Domain(DomainError::DealNotFound))?;
+        let kind: &[u8] = if req.join_open { b"group-join-open" } else { b"group-open" };
+        let fp = fingerprint(&[kind, req.product_id.as_bytes(), req.deal_id.as_bytes(), req.buyer.as_bytes()]);
+        let (order, idempotency) = self.seat_request(&req.buyer, idempotency_key, fp)?;
+        let home = route.shard_index_for_buyer(&deal.deal_id);
+        let terms = deal.terms();
+        let result = if req.join_open {
+            self.seat_with_borrowed_keys(&route, home, || shard::JoinAnyGroup {
+                terms: terms.clone(),
+                order: order.clone(),
+            })
+            .await
+        } else {
+            self.seat_with_borrowed_keys(&route, home, || shard::OpenGroup {
+                terms: terms.clone(),
+                order: order.clone(),
+            })
+            .await
+        };
+        self.settle_pin(&idempotency, &result);
+        result
+    }
+
+    /// Takes a seat in the group `group_id`.
+    pub async fn join_group(
+        &self,
+        group_id: &str,
+        req: JoinRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<GroupSeat, Error> {
+        validate::buyer(&req.buyer).map_err(Error::Invalid)?;
+        let (id, route) = self.locate_group(group_id)?;
+        let fp = fingerprint(&[b"group-join", group_id.as_bytes(), req.buyer.as_bytes()]);
+        let (order, idempotency) = self.seat_request(&req.buyer, idempotency_key, fp)?;
+        let join = || shard::JoinGroup { group: id.seq, order: order.clone() };
+        let result = self.seat_with_borrowed_keys(&route, id.shard.shard as usize, join).await;
+        self.settle_pin(&idempotency, &result);
+        result
+    }
+
+    pub async fn get_group(&self, group_id: &str) -> Result<GroupSnapshot, Error> {
+        let (id, route) = self.locate_group(group_id)?;
+        self.call(&route.shards[id.shard.shard as usize], shard::GetGroup(id.seq)).await
+    }
+
+    fn locate_group(&self, group_id: &str) -> Result<(GroupId, Arc<crate::actors::ProductRoute>), Error> {
+        let not_found = || Error::Domain(DomainError::GroupNotFound);
+        let id = GroupId::parse(group_id).ok_or_else(not_found)?;
+        let route = self.registry.get(&id.shard.product).ok_or_else(not_found)?;
+        if id.shard.shard as usize >= route.shards.len() {
+            return Err(not_found());
+        }
+        Ok((id, route))
+    }
+
+    /// The order a seat is taken with, its Idempotency-Key pinned to `fingerprint`.
+    fn seat_request(
+        &self,
+        buyer: &str,
+        idempotency_key: Option<String>,
+        fingerprint: [u8; 16],
+    ) -> Result<(NewOrder, Option<Idempotency>), Error> {
+        let idempotency = match idempotency_key {
+            Some(key) => {
+                validate::token("Idempotency-Key", &key).map_err(Error::Invalid)?;
+                self.pin(&key, fingerprint)?;
+                Some(Idempotency { key, fingerprint })
+            }
+            None => None,
+        };
+        let order = NewOrder {
+            buyer: buyer.to_string(),
+            quantity: 1,
+            idempotency: idempotency.clone(),
+            query_token: new_token(),
+            ttl_ms: self.ttl_ms,
+        };
+        Ok((order, idempotency))
+    }
+
+    /// A seat in shard `home`; when it is dry, keys are borrowed from its siblings.
+    async fn seat_with_borrowed_keys<M>(
+        &self,
+        route: &crate::actors::ProductRoute,
+        home: usize,
+        msg: impl Fn() -> M,
+    ) -> Result<GroupSeat, Error>
+    where
+        M: Message<Result = ShardResult<GroupSeat>> + Send + 'static,
+        ShardActor: Handler<M>,
+    {
+        match self.call_in(Lane::NewOrder, &route.shards[home], msg()).await {
+            Err(Error::Domain(DomainError::SoldOut { .. })) if route.shards.len() > 1 => {
+                self.order_with_borrowed_keys(route, home, 1, msg).await
+            }
+            other => other,
+        }
+    }
+}
