@@ -24,12 +24,22 @@ static ORDERS_DELIVERED: AtomicU64 = AtomicU64::new(0);
 
 /// Counts one journaled order event (`created`, `delivered`, `expired`, ...).
 pub fn count_order_event(name: &'static str) {
-    metrics::counter!("kami_order_events_total", "event" => name).increment(1);
+    count_order_events(name, 1);
+}
+
+/// Counts `n` orders that one journaled event moved (a group completes or fails at once).
+pub fn count_order_events(name: &'static str, n: u64) {
+    metrics::counter!("kami_order_events_total", "event" => name).increment(n);
     match name {
-        "created" => ORDERS_CREATED.fetch_add(1, Ordering::Relaxed),
-        "delivered" => ORDERS_DELIVERED.fetch_add(1, Ordering::Relaxed),
+        "created" => ORDERS_CREATED.fetch_add(n, Ordering::Relaxed),
+        "delivered" => ORDERS_DELIVERED.fetch_add(n, Ordering::Relaxed),
         _ => 0,
     };
+}
+
+/// Counts a group-buy event: `opened`, `joined`, `completed`, `failed`.
+pub fn count_group_event(name: &'static str) {
+    metrics::counter!("kami_group_events_total", "event" => name).increment(1);
 }
 
 /// Why requests are refused, as counted in `kami_rejected_total{reason}`.

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 
+use kami::domain::group::{GroupState, GroupTerms};
 use kami::domain::points::{PointsBook, Step};
 use kami::domain::shard::{NewOrder, Outcome, Payment, Redemption};
 use kami::domain::{Event, OrderStatus, ProductInfo, Shard};
@@ -12,12 +13,46 @@ use proptest::prelude::*;
 #[derive(Debug, Clone)]
 enum Op {
     Import(Vec<u8>),
-    Order { buyer: u8, quantity: u32 },
-    Pay { order: usize, payment: u8, right_amount: bool, paid: bool },
-    Cancel { order: usize },
-    Advance { ms: u64 },
-    Refund { nth: usize },
-    Redeem { buyer: u8, quantity: u32, redemption: u8 },
+    Order {
+        buyer: u8,
+        quantity: u32,
+    },
+    Pay {
+        order: usize,
+        payment: u8,
+        right_amount: bool,
+        paid: bool,
+    },
+    Cancel {
+        order: usize,
+    },
+    Advance {
+        ms: u64,
+    },
+    Refund {
+        nth: usize,
+    },
+    Redeem {
+        buyer: u8,
+        quantity: u32,
+        redemption: u8,
+    },
+    OpenGroup {
+        buyer: u8,
+        size: u32,
+    },
+    JoinGroup {
+        group: usize,
+        buyer: u8,
+    },
+    JoinAny {
+        buyer: u8,
+        size: u32,
+    },
+    /// Every pending seat of a group pays (fresh payment ids).
+    PaySeats {
+        group: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,6 +65,10 @@ fn op() -> impl Strategy<Value = Op> {
         (0u64..3000).prop_map(|ms| Op::Advance { ms }),
         (0usize..8).prop_map(|nth| Op::Refund { nth }),
         (0u8..6, 1u32..3, 0u8..8).prop_map(|(buyer, quantity, redemption)| Op::Redeem { buyer, quantity, redemption }),
+        (0u8..6, 2u32..4).prop_map(|(buyer, size)| Op::OpenGroup { buyer, size }),
+        (0usize..16, 0u8..6).prop_map(|(group, buyer)| Op::JoinGroup { group, buyer }),
+        (0u8..6, 2u32..4).prop_map(|(buyer, size)| Op::JoinAny { buyer, size }),
+        (0usize..16).prop_map(|group| Op::PaySeats { group }),
     ]
 }
 
@@ -58,6 +97,10 @@ proptest! {
         let mut s = Shard::new(product.clone(), 0);
         let mut journal: Vec<Event> = Vec::new();
         let mut now = 0u64;
+        // A group's first end (completed or failed) must be its only one.
+        let mut ended: std::collections::HashMap<u64, GroupState> = Default::default();
+        let seat = |buyer: u8| NewOrder { buyer: format!("b{buyer}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1500 };
+        let terms = |size: u32| GroupTerms { deal_id: format!("d{size}"), size, price_cents: 5, time_limit_ms: 2000 };
         for op in ops {
             match op {
                 Op::Import(ids) => {
@@ -104,6 +147,40 @@ proptest! {
                     prop_assert_eq!(s.complete_refund(&channel, &id, now), Ok(Outcome::Repeat(())), "a repeat changes nothing");
                     prop_assert!(s.refunds_due(usize::MAX).iter().all(|d| d.payment_id != id));
                 }
+                Op::OpenGroup { buyer, size } | Op::JoinAny { buyer, size } => {
+                    let before = s.counts();
+                    let step = match op {
+                        Op::OpenGroup { .. } => s.open_group(&terms(size), seat(buyer), now),
+                        _ => s.join_any(&terms(size), seat(buyer), now),
+                    };
+                    match step {
+                        Ok(Outcome::Changed(e, _)) => journal.push(e),
+                        Ok(Outcome::Repeat(_)) => prop_assert!(false, "no idempotency key, no repeat"),
+                        Err(_) => prop_assert_eq!(before, s.counts(), "a refusal changes nothing"),
+                    }
+                }
+                Op::JoinGroup { group, buyer } => {
+                    let n = s.groups().len();
+                    if n == 0 { continue; }
+                    let before = s.counts();
+                    match s.join_group((group % n) as u64 + 1, seat(buyer), now) {
+                        Ok(Outcome::Changed(e, _)) => journal.push(e),
+                        Ok(Outcome::Repeat(_)) => prop_assert!(false, "no idempotency key, no repeat"),
+                        Err(_) => prop_assert_eq!(before, s.counts(), "a refusal changes nothing"),
+                    }
+                }
+                Op::PaySeats { group } => {
+                    let n = s.groups().len();
+                    if n == 0 { continue; }
+                    let g = s.groups()[group % n].clone();
+                    for seq in g.orders {
+                        let o = s.order(seq).unwrap();
+                        if o.status != OrderStatus::PendingPayment { continue; }
+                        let p = Payment { order_seq: seq, payment_id: format!("seat{seq}"), channel: "c".into(), amount_cents: o.amount_cents, status: "paid".into() };
+                        let Ok(Outcome::Changed(e, _)) = s.pay(p, now) else { panic!("a fresh payment is applied") };
+                        journal.push(e);
+                    }
+                }
                 Op::Redeem { buyer, quantity, redemption } => {
                     let before = s.counts();
                     let r = Redemption { redemption: format!("r{redemption}"), buyer: format!("b{buyer}"), quantity, query_token: "t".into() };
@@ -123,6 +200,12 @@ proptest! {
                 }
             }
             check_invariants(&s);
+            for g in s.groups() {
+                prop_assert!(s.seats(g).0 <= g.size, "a group never exceeds its size");
+                if g.state != GroupState::Open {
+                    prop_assert_eq!(*ended.entry(g.seq).or_insert(g.state), g.state, "a group ends once");
+                }
+            }
         }
         // Replay from scratch.
         let mut replayed = Shard::new(product.clone(), 0);
@@ -130,6 +213,7 @@ proptest! {
             replayed.apply(e);
         }
         prop_assert_eq!(replayed.orders(), s.orders());
+        prop_assert_eq!(replayed.groups(), s.groups());
         prop_assert_eq!(replayed.counts(), s.counts());
         // Snapshot half-way, then replay the rest.
         let half = journal.len() / 2;
@@ -144,6 +228,7 @@ proptest! {
             restored.apply(e);
         }
         prop_assert_eq!(restored.orders(), s.orders());
+        prop_assert_eq!(restored.groups(), s.groups());
         prop_assert_eq!(restored.counts(), s.counts());
         prop_assert_eq!(restored.refunds_due(usize::MAX), s.refunds_due(usize::MAX));
         check_invariants(&restored);

@@ -118,6 +118,11 @@ async fn a_group_fills_to_its_size_and_every_member_is_delivered_when_the_last_o
     assert_eq!(api.join(&group, "dave", None).await.code(), "group_closed");
     // A repeated notification changes nothing.
     assert_eq!(api.pay_seat(&a).await.status, 200);
+    let metrics = api.metrics().await;
+    for (event, at_least) in [("opened", 1.0), ("joined", 2.0), ("completed", 1.0)] {
+        let series = format!("kami_group_events_total{{event=\"{event}\"}}");
+        assert!(metric_value(&metrics, &series) >= at_least, "{series} in\n{metrics}");
+    }
     let audit = api.audit().await;
     assert_audit_ok(&audit);
     assert_eq!((n(&audit.body["products"][0]["sold"]), n(&audit.body["products"][0]["reserved"])), (3, 0));

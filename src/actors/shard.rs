@@ -316,6 +316,39 @@ impl Live {
     }
 }
 
+/// Counts a journaled event in `kami_order_events_total` (every order it moved: a
+/// group's completion delivers all its members) and `kami_group_events_total`.
+fn count_events(shard: &Shard, event: &Event, name: Option<&'static str>) {
+    use crate::telemetry::{count_group_event, count_order_event, count_order_events};
+    match event {
+        Event::GroupOpened { .. } => count_group_event("opened"),
+        Event::GroupJoined { .. } => count_group_event("joined"),
+        Event::GroupFailed { group, at_ms } => {
+            count_group_event("failed");
+            let members = shard.group(*group).map(|g| g.orders.as_slice()).unwrap_or_default();
+            for o in members.iter().filter_map(|&seq| shard.order(seq)).filter(|o| o.closed_at_ms == Some(*at_ms)) {
+                match o.status {
+                    OrderStatus::Cancelled => count_order_event("cancelled"),
+                    OrderStatus::RefundPending => count_order_event("refund_owed"),
+                    _ => {}
+                }
+            }
+            return;
+        }
+        Event::PaymentApplied { record, .. } if record.outcome == PaymentOutcome::Delivered => {
+            if let Some(g) = shard.group_of_order(record.order_seq).and_then(|g| shard.group(g)) {
+                count_group_event("completed");
+                count_order_events("delivered", g.size as u64);
+                return;
+            }
+        }
+        _ => {}
+    }
+    if let Some(name) = name {
+        count_order_event(name);
+    }
+}
+
 /// The orders an event changed: one, or every member of a group that completed or failed.
 fn orders_of(shard: &Shard, event: &Event) -> Vec<u64> {
     let group_orders = |g: u64| shard.group(g).map(|g| g.orders.clone()).unwrap_or_default();
@@ -402,9 +435,7 @@ impl ShardActor {
                     live.seq = seq;
                     live.journal_bytes_since_snapshot += bytes as u64;
                     let name = event.order_event_name();
-                    if let Some(name) = name {
-                        crate::telemetry::count_order_event(name);
-                    }
+                    count_events(&live.shard, event, name);
                     for order in orders_of(&live.shard, event) {
                         live.undurable.insert(order, seq);
                         live.undurable_queue.push_back((seq, order));
