@@ -114,6 +114,7 @@ async fn a_group_fills_to_its_size_and_every_member_is_delivered_when_the_last_o
     assert_eq!(keys.len(), 3, "three distinct keys, delivered together");
     let g = api.group(&group).await.body;
     assert_eq!((g["state"].as_str(), g["members"].as_array().unwrap().len()), (Some("completed"), 3), "{g}");
+    assert_eq!((n(&g["seats_taken"]), n(&g["seats_paid"]), n(&g["seats_left"])), (3, 3, 0), "{g}");
     assert!(g["completed_at"].is_string());
     assert_eq!(api.join(&group, "dave", None).await.code(), "group_closed");
     // A repeated notification changes nothing.
@@ -372,4 +373,37 @@ async fn try_fill_and_pay(api: &Api, tag: &str) -> Option<(String, Vec<Value>)> 
         send(api.notify_request(id, &format!("pay-{id}"), 500)).await?;
     }
     Some((group, orders))
+}
+
+/// Time as the test sets it.
+struct ManualClock(std::sync::atomic::AtomicU64);
+
+impl kami::clock::Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_after_the_deadline_never_completes_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    // Starts at the real time: notifications carry real timestamps, checked for freshness.
+    let start_ms = now_secs() as u64 * 1000;
+    let clock = Arc::new(ManualClock(std::sync::atomic::AtomicU64::new(start_ms)));
+    let app = kami::app::start_with_clock(settings(&dir.path().join("data"), &[]), clock.clone()).await.unwrap();
+    let api = Api { url: app.url(), http: client() };
+    api.product_with_keys("p", 5, 0).await;
+    api.deal("p", "duo", 2, 500, 10).await;
+    let (group, a) = created(&api.open_group("p", "duo", "alice", false, None).await);
+    let (_, b) = created(&api.join(&group, "bob", None).await);
+    assert_eq!(api.pay_seat(&a).await.status, 200);
+    // The deadline passes; bob's payment arrives before any expiry tick could run.
+    clock.0.fetch_add(10_000, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(api.pay_seat(&b).await.status, 200);
+    let g = api.group(&group).await.body;
+    assert_eq!(g["state"], "failed", "{g}");
+    for seat in [&a, &b] {
+        assert_eq!(api.seat_order(seat).await["status"], "refund_pending", "both payments are owed back");
+    }
+    assert_audit_ok(&api.audit().await);
 }

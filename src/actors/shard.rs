@@ -238,11 +238,12 @@ impl GroupSnapshot {
         GroupId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.group.seq }.to_string()
     }
 
-    /// `(seats taken, seats paid)`, as `Shard::seats` counts them.
+    /// `(seats taken, seats paid)`: pending and paid seats, and the delivered ones
+    /// of a completed group.
     pub fn seats(&self) -> (u32, u32) {
-        let taken = |o: &&Order| matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Paid);
-        let paid = self.members.iter().filter(|o| o.status == OrderStatus::Paid).count() as u32;
-        (self.members.iter().filter(taken).count() as u32, paid)
+        let count = |f: fn(OrderStatus) -> bool| self.members.iter().filter(|o| f(o.status)).count() as u32;
+        let taken = count(|s| matches!(s, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered));
+        (taken, count(|s| matches!(s, OrderStatus::Paid | OrderStatus::Delivered)))
     }
 }
 
@@ -734,6 +735,9 @@ impl Handler<PayOrder> for ShardActor {
     type Result = ResponseFuture<ShardResult<PaymentOutcome>>;
 
     fn handle(&mut self, msg: PayOrder, ctx: &mut Context<Self>) -> Self::Result {
+        // What fell due is settled first: a group past its deadline fails before a
+        // payment could complete it, whenever the next expiry tick would have come.
+        self.expire(ctx);
         let now = self.env.clock.now_ms();
         let order_seq = msg.0.order_seq;
         match self.guarded(ctx, |s| s.pay(msg.0, now)) {
