@@ -20,6 +20,7 @@ pub struct Settings {
     pub actors: ActorSettings,
     pub admin: AdminSettings,
     pub products: ProductSettings,
+    pub groups: GroupSettings,
     pub keys: KeySettings,
     pub orders: OrderSettings,
     pub payments: PaymentSettings,
@@ -71,6 +72,18 @@ pub struct ProductSettings {
     pub max_transfer_keys: usize,
     /// How often unsettled transfers (left by a crash) are resent.
     pub settle_interval_ms: u64,
+}
+
+/// Group-buy limits (a deal's terms are set per product through the API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSettings {
+    /// Largest `group_size` a deal may ask for (at most 1000).
+    pub max_group_size: u32,
+    /// Longest `time_limit_secs` a deal may give a group to fill (at most 7 days).
+    pub max_time_limit_secs: u64,
+    /// Deals one product may carry.
+    pub max_deals_per_product: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -308,6 +321,21 @@ impl Settings {
             "must be 1..=4096",
         )?;
         check(self.products.settle_interval_ms >= 10, "products.settle_interval_ms", "must be at least 10")?;
+        check(
+            (2..=crate::domain::group::MAX_GROUP_SIZE).contains(&self.groups.max_group_size),
+            "groups.max_group_size",
+            "must be 2..=1000",
+        )?;
+        check(
+            (1..=crate::domain::group::MAX_TIME_LIMIT_SECS).contains(&self.groups.max_time_limit_secs),
+            "groups.max_time_limit_secs",
+            "must be 1..=604800",
+        )?;
+        check(
+            (1..=1024).contains(&self.groups.max_deals_per_product),
+            "groups.max_deals_per_product",
+            "must be 1..=1024",
+        )?;
         check(self.keys.max_import_bytes >= 1024, "keys.max_import_bytes", "must be at least 1024")?;
         check(self.orders.ttl_secs >= 1, "orders.ttl_secs", "must be at least 1")?;
         check(self.orders.ttl_secs <= 30 * 86400, "orders.ttl_secs", "must be at most 30 days")?;

@@ -29,7 +29,7 @@ use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
 
 mod groups;
-pub use groups::{JoinRequest, NewDeal, OpenGroupRequest, MAX_DEALS_PER_PRODUCT};
+pub use groups::{JoinRequest, NewDeal, OpenGroupRequest};
 
 /// The knobs the core needs, taken from [`Settings`].
 #[derive(Debug, Clone)]
@@ -43,6 +43,9 @@ pub struct CoreLimits {
     pub idempotency_ttl_ms: u64,
     pub max_idempotency_keys: usize,
     pub mailbox_capacity: usize,
+    pub max_group_size: u32,
+    pub max_group_time_limit_secs: u64,
+    pub max_deals_per_product: usize,
 }
 
 impl CoreLimits {
@@ -57,6 +60,9 @@ impl CoreLimits {
             idempotency_ttl_ms: s.orders.idempotency_ttl_secs * 1000,
             max_idempotency_keys: s.orders.max_idempotency_keys,
             mailbox_capacity: s.actors.mailbox_capacity,
+            max_group_size: s.groups.max_group_size,
+            max_group_time_limit_secs: s.groups.max_time_limit_secs,
+            max_deals_per_product: s.groups.max_deals_per_product,
         }
     }
 }

@@ -407,3 +407,31 @@ async fn a_payment_after_the_deadline_never_completes_the_group() {
     }
     assert_audit_ok(&api.audit().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deals_are_bounded_by_configuration_and_survive_a_restart() {
+    let limits =
+        [("groups.max_group_size", "5"), ("groups.max_time_limit_secs", "60"), ("groups.max_deals_per_product", "2")];
+    let mut t = TestApp::spawn_with(&limits).await;
+    let api = t.api();
+    api.product_with_keys("p", 3, 0).await;
+    let big = api.deal("p", "big", 6, 500, 60).await;
+    assert_eq!((big.status, big.body["error"]["message"].as_str()), (422, Some("group_size: must be 2..=5")));
+    assert_eq!(api.deal("p", "slow", 5, 500, 61).await.status, 422);
+    assert_eq!(api.deal("p", "a", 5, 500, 60).await.status, 201);
+    assert_eq!(api.deal("p", "b", 2, 400, 30).await.status, 201);
+    assert_eq!(api.deal("p", "c", 2, 400, 30).await.status, 422, "two deals per product");
+    let (group, _) = created(&api.open_group("p", "b", "alice", false, None).await);
+
+    let data = t.data.clone();
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &limits).await;
+    let api = t2.api();
+    let listed = reply(api.http.get(format!("{}/api/v1/products/p/group-deals", api.url))).await;
+    let ids: Vec<&str> =
+        listed.body["deals"].as_array().unwrap().iter().map(|d| d["deal_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["a", "b"], "acknowledged deals are durable");
+    let g = api.group(&group).await.body;
+    assert_eq!((g["state"].as_str(), n(&g["seats_taken"])), (Some("open"), 1), "{g}");
+    created(&api.join(&group, "bob", None).await);
+}

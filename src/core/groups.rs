@@ -12,9 +12,6 @@ use super::*;
 use crate::actors::shard::{GroupSeat, GroupSnapshot};
 use crate::domain::group::{self, GroupDeal, GroupId};
 
-/// Deals one product may carry.
-pub const MAX_DEALS_PER_PRODUCT: usize = 64;
-
 /// `POST /api/v1/products/{id}/group-deals`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +59,9 @@ impl Kami {
         if !validate::is_product_id(&d.deal_id) {
             return Err(Error::Invalid("deal_id: must match [a-z0-9_-]{1,64}".into()));
         }
-        group::validate_deal(d.group_size, d.price_cents, d.time_limit_secs).map_err(Error::Invalid)?;
+        let (max_size, max_secs) = (self.limits.max_group_size, self.limits.max_group_time_limit_secs);
+        group::validate_deal(d.group_size, d.price_cents, d.time_limit_secs, max_size, max_secs)
+            .map_err(Error::Invalid)?;
         let _one_writer = self.deal_writes.lock().await;
         let key = (product.to_string(), d.deal_id.clone());
         if let Some(old) = self.deals.get(&key) {
@@ -70,8 +69,9 @@ impl Kami {
                 == (d.group_size, d.price_cents, d.time_limit_secs);
             return if same { Ok((old.clone(), false)) } else { Err(DomainError::DealExists.into()) };
         }
-        if self.deals.iter().filter(|e| e.key().0 == product).count() >= MAX_DEALS_PER_PRODUCT {
-            return Err(Error::Invalid(format!("a product carries at most {MAX_DEALS_PER_PRODUCT} group deals")));
+        let max_deals = self.limits.max_deals_per_product;
+        if self.deals.iter().filter(|e| e.key().0 == product).count() >= max_deals {
+            return Err(Error::Invalid(format!("a product carries at most {max_deals} group deals")));
         }
         let deal = GroupDeal {
             product_id: info.id,

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Millis, ShardId};
 
-/// Largest group a deal may ask for.
+/// Largest group any deal may ask for (`groups.max_group_size` is at most this).
 pub const MAX_GROUP_SIZE: u32 = 1_000;
-/// Longest time a group may take to fill.
+/// Longest time any group may take to fill (`groups.max_time_limit_secs` is at most this).
 pub const MAX_TIME_LIMIT_SECS: u64 = 7 * 24 * 3600;
 
 /// A merchant's group offer on a product.
@@ -51,16 +51,24 @@ impl GroupDeal {
     }
 }
 
-/// Checks a deal's numbers; the error names the field.
-pub fn validate_deal(group_size: u32, price_cents: u64, time_limit_secs: u64) -> Result<(), String> {
-    if !(2..=MAX_GROUP_SIZE).contains(&group_size) {
-        return Err(format!("group_size: must be 2..={MAX_GROUP_SIZE}"));
+/// Checks a deal's numbers against the configured maxima; the error names the field.
+pub fn validate_deal(
+    group_size: u32,
+    price_cents: u64,
+    time_limit_secs: u64,
+    max_group_size: u32,
+    max_time_limit_secs: u64,
+) -> Result<(), String> {
+    let max_group_size = max_group_size.min(MAX_GROUP_SIZE);
+    let max_time_limit_secs = max_time_limit_secs.min(MAX_TIME_LIMIT_SECS);
+    if !(2..=max_group_size).contains(&group_size) {
+        return Err(format!("group_size: must be 2..={max_group_size}"));
     }
     if price_cents == 0 {
         return Err("price_cents: must be at least 1".into());
     }
-    if !(1..=MAX_TIME_LIMIT_SECS).contains(&time_limit_secs) {
-        return Err(format!("time_limit_secs: must be 1..={MAX_TIME_LIMIT_SECS}"));
+    if !(1..=max_time_limit_secs).contains(&time_limit_secs) {
+        return Err(format!("time_limit_secs: must be 1..={max_time_limit_secs}"));
     }
     Ok(())
 }
@@ -152,10 +160,14 @@ mod tests {
 
     #[test]
     fn deal_limits() {
-        assert!(validate_deal(2, 1, 1).is_ok());
-        assert!(validate_deal(1, 1, 1).unwrap_err().starts_with("group_size"));
-        assert!(validate_deal(MAX_GROUP_SIZE + 1, 1, 1).unwrap_err().starts_with("group_size"));
-        assert!(validate_deal(3, 0, 1).unwrap_err().starts_with("price_cents"));
-        assert!(validate_deal(3, 1, 0).unwrap_err().starts_with("time_limit_secs"));
+        let ok = |size, price, secs| validate_deal(size, price, secs, 10, 60);
+        assert!(ok(2, 1, 1).is_ok() && ok(10, 1, 60).is_ok());
+        assert!(ok(1, 1, 1).unwrap_err().starts_with("group_size"));
+        assert_eq!(ok(11, 1, 1).unwrap_err(), "group_size: must be 2..=10", "the configured maximum");
+        assert!(ok(3, 0, 1).unwrap_err().starts_with("price_cents"));
+        assert!(ok(3, 1, 0).unwrap_err().starts_with("time_limit_secs"));
+        assert!(ok(3, 1, 61).unwrap_err().starts_with("time_limit_secs"));
+        let hard = validate_deal(MAX_GROUP_SIZE + 1, 1, 1, u32::MAX, u64::MAX);
+        assert!(hard.unwrap_err().starts_with("group_size"), "never above the hard ceiling");
     }
 }
