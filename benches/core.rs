@@ -1,6 +1,7 @@
 //! criterion benches: the pure domain step, a storage group commit at several batch
 //! sizes, one actor round trip, and the in-process core (actors + journal, no HTTP)
-//! with 1 and 2 arbiters.
+//! with 1 and 2 arbiters; group-buy seats (join any open group of a size-10 deal,
+//! then pay) through the core.
 //! Run: `cargo bench --bench core`. Under `cargo test --all-targets` each runs once.
 
 use std::sync::Arc;
@@ -104,10 +105,27 @@ fn core_purchases(c: &mut Criterion) {
             let dir = tempfile::tempdir().unwrap();
             let app = rt.block_on(start(dir.path(), arbiters));
             let core = app.core().clone();
-            b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), arbiters as u16, iters, 256)));
+            b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), arbiters as u16, iters, 256, false)));
             drop(app);
         });
     }
+    g.finish();
+}
+
+/// Group-buy seats: every buyer joins any open group of a size-10 deal (one shard
+/// holds every group of the deal) and pays; each tenth payment delivers a group.
+fn core_group_seats(c: &mut Criterion) {
+    let mut g = c.benchmark_group("core_group_seat");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("join_any_then_pay_size_10", |b| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let app = rt.block_on(start(dir.path(), 2));
+        let core = app.core().clone();
+        b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), 1, iters, 256, true)));
+        drop(app);
+    });
     g.finish();
 }
 
@@ -127,7 +145,13 @@ async fn start(dir: &std::path::Path, arbiters: usize) -> kami::RunningApp {
     kami::start(settings).await.unwrap()
 }
 
-async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, concurrency: u64) -> Duration {
+async fn run_purchases(
+    core: Arc<kami::core::Kami>,
+    shards: u16,
+    iters: u64,
+    concurrency: u64,
+    group: bool,
+) -> Duration {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = format!("p{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     core.create_product(kami::core::NewProduct {
@@ -140,6 +164,11 @@ async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, con
     })
     .await
     .unwrap();
+    if group {
+        let deal =
+            kami::core::NewDeal { deal_id: "ten".into(), group_size: 10, price_cents: 100, time_limit_secs: 3600 };
+        core.create_group_deal(&id, deal).await.unwrap();
+    }
     // Exactly one key per purchase: a shard that runs dry borrows from its sibling.
     for chunk in (0..iters).collect::<Vec<_>>().chunks(4096) {
         core.import_keys(&id, chunk.iter().map(|i| format!("k{i}")).collect()).await.unwrap();
@@ -151,7 +180,11 @@ async fn run_purchases(core: Arc<kami::core::Kami>, shards: u16, iters: u64, con
             tokio::spawn(async move {
                 let mut i = w;
                 while i < iters {
-                    purchase(&core, &id, i).await;
+                    if group {
+                        group_seat(&core, &id, i).await;
+                    } else {
+                        purchase(&core, &id, i).await;
+                    }
                     i += concurrency;
                 }
             })
@@ -172,7 +205,27 @@ async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
             Err(e) => panic!("order: {e}"),
         }
     };
-    let order_id = format!("{}.{}.{}", order.product_id, order.shard, order.order.seq);
+    pay(core, &order.order_id()).await;
+}
+
+async fn group_seat(core: &kami::core::Kami, product: &str, i: u64) {
+    let req = kami::core::OpenGroupRequest {
+        product_id: product.into(),
+        deal_id: "ten".into(),
+        buyer: format!("buyer{i}"),
+        join_open: true,
+    };
+    let seat = loop {
+        match core.open_group(req.clone(), None).await {
+            Ok(s) => break s,
+            Err(kami::Error::Overloaded) => tokio::task::yield_now().await,
+            Err(e) => panic!("seat: {e}"),
+        }
+    };
+    pay(core, &seat.order.order_id()).await;
+}
+
+async fn pay(core: &kami::core::Kami, order_id: &str) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let body = format!(
         r#"{{"order_id":"{order_id}","payment_id":"pay-{order_id}","amount_cents":100,"status":"paid","timestamp":{now},"nonce":"{order_id}"}}"#
@@ -212,5 +265,5 @@ fn actor_round_trip(c: &mut Criterion) {
     drop(app);
 }
 
-criterion_group!(benches, domain, storage, actor_round_trip, core_purchases);
+criterion_group!(benches, domain, storage, actor_round_trip, core_purchases, core_group_seats);
 criterion_main!(benches);

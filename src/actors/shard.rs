@@ -355,10 +355,13 @@ fn orders_of(shard: &Shard, event: &Event) -> Vec<u64> {
     let group_orders = |g: u64| shard.group(g).map(|g| g.orders.clone()).unwrap_or_default();
     match event {
         Event::GroupFailed { group, .. } => group_orders(*group),
-        Event::PaymentApplied { record, .. } => match shard.group_of_order(record.order_seq) {
-            Some(g) => group_orders(g),
-            None => vec![record.order_seq],
-        },
+        // Only the last seat's payment (it completes the group) moves the other members.
+        Event::PaymentApplied { record, .. } if record.outcome == PaymentOutcome::Delivered => {
+            match shard.group_of_order(record.order_seq) {
+                Some(g) => group_orders(g),
+                None => vec![record.order_seq],
+            }
+        }
         other => order_of(shard, other).into_iter().collect(),
     }
 }
