@@ -236,8 +236,9 @@ pub struct Kami {
     points_prices: DashMap<String, u64>,
     /// (product, deal id) → group deal (durable in storage).
     deals: DashMap<(String, String), crate::domain::group::GroupDeal>,
-    /// Deal creation is rare: one at a time, so "same id, other terms" is exact.
-    deal_writes: tokio::sync::Mutex<()>,
+    /// Product and deal creation are rare: one at a time, so "exists" and "same id,
+    /// other terms" are exact.
+    merchant_writes: tokio::sync::Mutex<()>,
 }
 
 /// The actors and shared tables a [`Kami`] routes to.
@@ -271,7 +272,7 @@ impl Kami {
             points,
             points_prices: points_prices.into_iter().collect(),
             deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),
-            deal_writes: tokio::sync::Mutex::new(()),
+            merchant_writes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -342,6 +343,15 @@ impl Kami {
             return Err(Error::Invalid("points_price: must be at least 1".into()));
         }
         let points_price = p.points_price;
+        // One merchant write at a time: "exists" checked here stays true below.
+        let _one_writer = self.merchant_writes.lock().await;
+        if self.registry.get(&p.id).is_some() {
+            return Err(Error::ProductExists);
+        }
+        // The points price is written first: it is durable with the product record
+        // (one flush covers both), and a crash before the product leaves only a price
+        // for no product, which the next creation of that id overwrites.
+        self.storage.set_points_price(&p.id, points_price)?;
         let info = ProductInfo {
             id: p.id,
             name: p.name,
@@ -356,11 +366,10 @@ impl Kami {
             Ok(Err(_)) => return Err(Error::Unavailable("the order supervisor stopped".into())),
             Ok(Ok(result)) => result?,
         };
-        // A crash between the two leaves a product without its points price: the
-        // merchant sets it again (`PUT /api/v1/products/{id}/points-price`).
-        if points_price.is_some() {
-            self.set_points_price(&info.id, points_price).await?;
-        }
+        match points_price {
+            Some(p) => self.points_prices.insert(info.id.clone(), p),
+            None => self.points_prices.remove(&info.id).map(|(_, p)| p),
+        };
         Ok(info)
     }
 

@@ -353,3 +353,27 @@ async fn kill_9_during_redemptions_loses_no_acknowledged_redemption_and_strands_
     );
     eprintln!("points kill -9: {} acknowledged before the kill, {sold} delivered after recovery", acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_points_price_given_at_creation_is_durable_with_the_product_and_a_stray_one_is_overwritten() {
+    let mut t = TestApp::spawn().await;
+    let body = json!({"id": "gift", "name": "Gift", "price_cents": 990, "points_price": 100});
+    let r = reply(t.api().admin(t.api().http.post(format!("{}/api/v1/products", t.url))).json(&body)).await;
+    assert_eq!((r.status, &r.body["points_price"]), (201, &json!(100)), "{}", r.body);
+    let data = t.data.clone();
+    t.app.take().unwrap().crash().await;
+    // A crash between the price and the product record leaves a price for no product.
+    {
+        let storage = open_storage(&data);
+        storage.set_points_price("ghost", Some(50)).unwrap();
+        storage.flush_now().unwrap();
+    }
+    let t2 = TestApp::start_on(&data, &[]).await;
+    let api = t2.api();
+    assert_eq!(api.product("gift").await.body["points_price"], 100, "durable with the product");
+    assert_eq!(api.create_product("ghost", 990, 0, 1).await.status, 201);
+    assert_eq!(api.product("ghost").await.body["points_price"], Value::Null, "created without a price");
+    api.import("ghost", &["G-1".to_string()]).await;
+    api.adjust("alice", "c", 500).await;
+    assert_eq!(api.redeem("alice", "ghost", 1, "r1").await.code(), "not_redeemable");
+}

@@ -62,7 +62,7 @@ impl Kami {
         let (max_size, max_secs) = (self.limits.max_group_size, self.limits.max_group_time_limit_secs);
         group::validate_deal(d.group_size, d.price_cents, d.time_limit_secs, max_size, max_secs)
             .map_err(Error::Invalid)?;
-        let _one_writer = self.deal_writes.lock().await;
+        let _one_writer = self.merchant_writes.lock().await;
         let key = (product.to_string(), d.deal_id.clone());
         if let Some(old) = self.deals.get(&key) {
             let same = (old.group_size, old.price_cents, old.time_limit_secs)
