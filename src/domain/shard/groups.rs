@@ -58,15 +58,17 @@ impl Shard {
         })
     }
 
-    fn seat_order(&self, req: NewOrder, price_cents: u64, deadline_ms: Millis, now_ms: Millis) -> Order {
+    fn seat_order(&self, req: NewOrder, price_cents: u64, now_ms: Millis) -> Order {
         Order {
             seq: self.orders.len() as u64 + 1,
             amount_cents: price_cents,
             buyer: req.buyer,
             quantity: 1,
             created_at_ms: now_ms,
-            // A seat not paid in time frees itself; never later than the group's deadline.
-            expires_at_ms: now_ms.saturating_add(req.ttl_ms).min(deadline_ms),
+            // A seat not paid within the order TTL frees itself. (Not capped at the
+            // deadline: a failing group cancels its pending seats itself, and orders
+            // that expire in creation order keep `unheard`'s early stop exact.)
+            expires_at_ms: now_ms.saturating_add(req.ttl_ms),
             paid_at_ms: None,
             delivered_at_ms: None,
             closed_at_ms: None,
@@ -94,7 +96,7 @@ impl Shard {
         }
         self.check_can_take(&req.buyer, 1)?;
         let deadline_ms = now_ms.saturating_add(terms.time_limit_ms);
-        let order = self.seat_order(req, terms.price_cents, deadline_ms, now_ms);
+        let order = self.seat_order(req, terms.price_cents, now_ms);
         let group = Group {
             seq: self.groups.len() as u64 + 1,
             deal_id: terms.deal_id.clone(),
@@ -126,8 +128,7 @@ impl Shard {
         let g = self.group(group).ok_or(DomainError::GroupNotFound)?;
         self.check_seat(g, &req.buyer, now_ms)?;
         self.check_can_take(&req.buyer, 1)?;
-        let (price, deadline) = (g.price_cents, g.deadline_ms);
-        let order = self.seat_order(req, price, deadline, now_ms);
+        let order = self.seat_order(req, g.price_cents, now_ms);
         let seq = order.seq;
         let event = Event::GroupJoined { group, order };
         self.apply(&event);
@@ -526,6 +527,22 @@ mod tests {
         assert!(g4 > g3, "b holds a seat in g3: a new group is opened for b");
         assert_eq!(changed(s.join_any(&other, seat("d"), 2)).0, g2);
         assert_eq!(s.group(g4).unwrap().size, 2, "opened with the terms given");
+    }
+
+    #[test]
+    fn seats_of_a_short_lived_group_do_not_hide_older_orders_from_the_payment_sweep() {
+        let mut s = shard(5, 0);
+        let ordinary =
+            NewOrder { buyer: "o".into(), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 };
+        let Ok(Outcome::Changed(_, older)) = s.create_order(ordinary, 0) else { panic!() };
+        let short = GroupTerms { time_limit_ms: 1_000, ..terms(2) };
+        let (_, seat) = changed(s.open_group(&short, self::seat("a"), 10));
+        s.expire_due(1_010, 10);
+        assert_eq!(s.order(seat).unwrap().status, OrderStatus::Cancelled, "the failed group closed its seat");
+        // Past the group's deadline + grace, the older order is still pending and
+        // must still be asked about (as is the closed seat, within its own TTL + grace).
+        let unheard: Vec<u64> = s.unheard(5_000, 100, 2_000, 10).into_iter().map(|u| u.order_seq).collect();
+        assert_eq!(unheard, [seat, older]);
     }
 
     #[test]
