@@ -224,14 +224,15 @@ async fn a_group_not_filled_in_time_fails_and_paid_members_are_refunded_at_the_g
 /// Returns the group id and its orders once the last payment is acknowledged.
 async fn fill_and_pay(api: &Api, tag: &str, size: usize) -> (String, Vec<Value>) {
     async fn retried(what: &str, mut step: impl AsyncFnMut() -> Reply) -> Reply {
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
             let r = step().await;
             if r.status < 500 {
                 return r;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        panic!("{what}: never answered");
+        panic!("{what}: never answered within 60 s");
     }
     let key = format!("{tag}-open");
     let r = retried("open", async || api.open_group("hot", "trio", &format!("{tag}-0"), false, Some(&key)).await).await;
@@ -434,4 +435,27 @@ async fn deals_are_bounded_by_configuration_and_survive_a_restart() {
     let g = api.group(&group).await.body;
     assert_eq!((g["state"].as_str(), n(&g["seats_taken"])), (Some("open"), 1), "{g}");
     created(&api.join(&group, "bob", None).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_larger_than_its_shards_stock_borrows_keys_from_sibling_shards() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    api.create_product("p", 990, 0, 4).await;
+    api.import("p", &(0..20).map(|i| format!("K-{i}")).collect::<Vec<_>>()).await;
+    api.deal("p", "big", 20, 500, 600).await;
+    // Every key of the product ends up in the deal's shard, one seat at a time.
+    let (group, first) = created(&api.open_group("p", "big", "m0", false, None).await);
+    let mut seats = vec![first];
+    for m in 1..20 {
+        seats.push(created(&api.join(&group, &format!("m{m}"), None).await).1);
+    }
+    assert_eq!(api.open_group("p", "big", "m20", true, None).await.code(), "sold_out", "the product is empty");
+    for seat in &seats {
+        assert_eq!(api.pay_seat(seat).await.status, 200);
+    }
+    assert_eq!(api.group(&group).await.body["state"], "completed");
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(n(&audit.body["products"][0]["sold"]), 20);
 }
