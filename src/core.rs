@@ -29,7 +29,7 @@ use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
 
 mod groups;
-pub use groups::{JoinRequest, NewDeal, OpenGroupRequest};
+pub use groups::{JoinRequest, NewDeal, OpenGroupRequest, MAX_OPEN_GROUPS_LISTED};
 
 /// The knobs the core needs, taken from [`Settings`].
 #[derive(Debug, Clone)]

@@ -39,6 +39,13 @@ impl Api {
         reply(r).await
     }
 
+    async fn open_groups(&self, product: &str, deal: &str) -> Vec<Value> {
+        let url = format!("{}/api/v1/products/{product}/group-deals/{deal}/groups", self.url);
+        let r = reply(self.http.get(url)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["groups"].as_array().unwrap().clone()
+    }
+
     async fn group(&self, group_id: &str) -> Reply {
         reply(self.http.get(format!("{}/api/v1/groups/{group_id}", self.url))).await
     }
@@ -88,8 +95,11 @@ async fn a_group_fills_to_its_size_and_every_member_is_delivered_when_the_last_o
     assert_eq!(again.body["order"]["order_id"], a["order_id"], "a repeated Idempotency-Key replays the seat");
     assert_eq!(again.headers["idempotent-replayed"], "true");
     assert_eq!(api.join(&group, "alice", None).await.code(), "already_in_group");
+    let open = api.open_groups("p", "trio").await;
+    assert_eq!((open.len(), &open[0]["group_id"], n(&open[0]["seats_left"])), (1, &json!(group), 2), "{open:?}");
     let (_, b) = created(&api.join(&group, "bob", None).await);
     let (_, c) = created(&api.join(&group, "carol", None).await);
+    assert!(api.open_groups("p", "trio").await.is_empty(), "a full group is not listed");
     assert_eq!(api.join(&group, "dave", None).await.code(), "group_full");
     assert_eq!(api.join("p.0.g99", "dave", None).await.code(), "group_not_found");
     assert_eq!(api.join("p.0.7", "dave", None).await.code(), "group_not_found", "an order id is not a group id");

@@ -223,6 +223,14 @@ pub struct JoinAnyGroup {
 #[rtype(result = "ShardResult<GroupSnapshot>")]
 pub struct GetGroup(pub u64);
 
+/// Open groups of a deal with a free seat, oldest first, at most `limit`.
+#[derive(Message)]
+#[rtype(result = "ShardResult<Vec<GroupSnapshot>>")]
+pub struct ListOpenGroups {
+    pub deal_id: String,
+    pub limit: usize,
+}
+
 /// A group as the shard reports it, with its members' orders.
 #[derive(Debug, Clone)]
 pub struct GroupSnapshot {
@@ -943,6 +951,22 @@ impl Handler<GetGroup> for ShardActor {
     fn handle(&mut self, m: GetGroup, _ctx: &mut Context<Self>) -> Self::Result {
         match self.group_snapshot(m.0) {
             Ok(view) => self.reply(None, view),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<ListOpenGroups> for ShardActor {
+    type Result = ResponseFuture<ShardResult<Vec<GroupSnapshot>>>;
+
+    fn handle(&mut self, m: ListOpenGroups, _ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.env.clock.now_ms();
+        let open = match self.live() {
+            Ok(live) => live.shard.open_groups_of(&m.deal_id, now, m.limit),
+            Err(e) => return fail(e),
+        };
+        match open.into_iter().map(|g| self.group_snapshot(g)).collect::<ShardResult<Vec<_>>>() {
+            Ok(list) => self.reply(None, list),
             Err(e) => fail(e),
         }
     }

@@ -12,6 +12,9 @@ use super::*;
 use crate::actors::shard::{GroupSeat, GroupSnapshot};
 use crate::domain::group::{self, GroupDeal, GroupId};
 
+/// Most open groups one listing returns.
+pub const MAX_OPEN_GROUPS_LISTED: usize = 50;
+
 /// `POST /api/v1/products/{id}/group-deals`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +145,17 @@ impl Kami {
         let result = self.seat_with_borrowed_keys(&route, id.shard.shard as usize, join).await;
         self.settle_pin(&idempotency, &result);
         result
+    }
+
+    /// Open groups of a deal that a buyer could join now, oldest first (at most
+    /// [`MAX_OPEN_GROUPS_LISTED`]).
+    pub async fn open_groups(&self, product: &str, deal_id: &str, limit: usize) -> Result<Vec<GroupSnapshot>, Error> {
+        let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        if !self.deals.contains_key(&(product.to_string(), deal_id.to_string())) {
+            return Err(DomainError::DealNotFound.into());
+        }
+        let msg = shard::ListOpenGroups { deal_id: deal_id.to_string(), limit: limit.min(MAX_OPEN_GROUPS_LISTED) };
+        self.call(&route.shards[route.shard_index_for_buyer(deal_id)], msg).await
     }
 
     pub async fn get_group(&self, group_id: &str) -> Result<GroupSnapshot, Error> {

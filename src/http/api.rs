@@ -182,9 +182,18 @@ pub async fn get_points(State(st): State<AppState>, Path(buyer): Path<String>) -
     Ok(Json(views::balance(&buyer, &balance)))
 }
 
+/// `?limit=N` of a listing.
 #[derive(Deserialize)]
-pub struct LedgerQuery {
+pub struct LimitQuery {
     limit: Option<usize>,
+}
+
+type Limit = Result<axum::extract::Query<LimitQuery>, axum::extract::rejection::QueryRejection>;
+
+/// The `limit` asked for (`default` when absent), at most `max`; a malformed query is 422.
+fn limit(query: Limit, default: usize, max: usize) -> ApiResult<usize> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    Ok(q.limit.unwrap_or(default).min(max))
 }
 
 /// Most ledger lines one statement shows.
@@ -195,12 +204,11 @@ const MAX_LEDGER_LINES: usize = 1000;
 pub async fn points_ledger(
     State(st): State<AppState>,
     Path(buyer): Path<String>,
-    query: Result<axum::extract::Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
+    query: Limit,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
-    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
-    let limit = q.limit.unwrap_or(MAX_LEDGER_LINES).min(MAX_LEDGER_LINES);
+    let limit = limit(query, MAX_LEDGER_LINES, MAX_LEDGER_LINES)?;
     let (balance, entries) = st.core()?.points_statement(&buyer, limit).await?;
     let mut v = views::balance(&buyer, &balance);
     v["entries"] = entries.iter().map(views::ledger_entry).collect();
@@ -309,6 +317,20 @@ pub async fn join_group(
     check_buyer_rate(&tier, &req.buyer)?;
     let seat = core.join_group(&group_id, req, idempotency_key).await?;
     Ok(seat_created(&core, &seat))
+}
+
+/// `GET /api/v1/products/{id}/group-deals/{deal_id}/groups?limit=` (default 20, at
+/// most 50): open groups with a free seat, oldest first.
+pub async fn open_groups(
+    State(st): State<AppState>,
+    Path((id, deal_id)): Path<(String, String)>,
+    query: Limit,
+) -> ApiResult<Json<Value>> {
+    let limit = limit(query, 20, crate::core::MAX_OPEN_GROUPS_LISTED)?;
+    let groups = st.core()?.open_groups(&id, &deal_id, limit).await?;
+    Ok(Json(
+        json!({"product_id": id, "deal_id": deal_id, "groups": groups.iter().map(views::group).collect::<Vec<_>>()}),
+    ))
 }
 
 pub async fn get_group(State(st): State<AppState>, Path(group_id): Path<String>) -> ApiResult<Json<Value>> {

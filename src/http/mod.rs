@@ -122,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/buyers/{buyer}/points", get(api::get_points))
         .route("/api/v1/redemptions", post(api::redeem))
         .route("/api/v1/products/{id}/group-deals", post(api::create_group_deal).get(api::group_deals))
+        .route("/api/v1/products/{id}/group-deals/{deal_id}/groups", get(api::open_groups))
         .route("/api/v1/groups", post(api::open_group))
         .route("/api/v1/groups/{group_id}", get(api::get_group))
         .route("/api/v1/groups/{group_id}/join", post(api::join_group))

@@ -174,6 +174,19 @@ impl Shard {
         }
     }
 
+    /// Open groups of a deal that still take members at `now_ms`, oldest first
+    /// (scanning at most the 1,024 oldest open groups), at most `limit`.
+    pub fn open_groups_of(&self, deal_id: &str, now_ms: Millis, limit: usize) -> Vec<u64> {
+        self.open_groups
+            .iter()
+            .take(MAX_GROUPS_SCANNED)
+            .map(|&seq| &self.groups[(seq - 1) as usize])
+            .filter(|g| g.deal_id == deal_id && now_ms < g.deadline_ms && self.seats(g).0 < g.size)
+            .take(limit)
+            .map(|g| g.seq)
+            .collect()
+    }
+
     /// Fails every open group whose deadline is at or before `now_ms`.
     pub(super) fn fail_due_groups(&mut self, now_ms: Millis, max_events: usize) -> Vec<Event> {
         let mut events = Vec::new();
@@ -527,6 +540,10 @@ mod tests {
         assert!(g4 > g3, "b holds a seat in g3: a new group is opened for b");
         assert_eq!(changed(s.join_any(&other, seat("d"), 2)).0, g2);
         assert_eq!(s.group(g4).unwrap().size, 2, "opened with the terms given");
+        assert_eq!(s.open_groups_of("deal", 2, 10), [g3, g4], "g1 is full, g3 has 2 of 3");
+        assert_eq!(s.open_groups_of("deal", 2, 1), [g3], "oldest first, bounded");
+        assert_eq!(s.open_groups_of("other", 2, 10), Vec::<u64>::new(), "g2 is full");
+        assert_eq!(s.open_groups_of("deal", 20_000, 10), Vec::<u64>::new(), "past the deadline");
     }
 
     #[test]
