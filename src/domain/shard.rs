@@ -731,24 +731,9 @@ impl Shard {
             }
         }
         self.check_can_take(&req.buyer, req.quantity)?;
-        let seq = self.orders.len() as u64 + 1;
-        let order = Order {
-            seq,
-            amount_cents: self.product.price_cents.saturating_mul(req.quantity as u64),
-            buyer: req.buyer,
-            quantity: req.quantity,
-            created_at_ms: now_ms,
-            expires_at_ms: now_ms.saturating_add(req.ttl_ms),
-            paid_at_ms: None,
-            delivered_at_ms: None,
-            closed_at_ms: None,
-            status: OrderStatus::PendingPayment,
-            keys: self.available.iter().take(req.quantity as usize).copied().collect(),
-            query_token: req.query_token,
-            idempotency: req.idempotency,
-            payment_id: None,
-            amount_mismatch: false,
-        };
+        let amount_cents = self.product.price_cents.saturating_mul(req.quantity as u64);
+        let order = self.pending_order(req, amount_cents, now_ms);
+        let seq = order.seq;
         let event = Event::OrderCreated { order };
         self.apply(&event);
         Ok(Outcome::Changed(event, seq))
@@ -1133,23 +1118,52 @@ impl Shard {
             }
             Event::OrderExpired { seq, at_ms } | Event::OrderCancelled { seq, at_ms } => {
                 let idx = seq.checked_sub(1).expect("order seq starts at 1") as usize;
-                let order = &mut self.orders[idx];
-                assert_eq!(order.status, OrderStatus::PendingPayment, "only pending orders close");
-                order.status = match event {
+                assert_eq!(self.orders[idx].status, OrderStatus::PendingPayment, "only pending orders close");
+                let status = match event {
                     Event::OrderExpired { .. } => OrderStatus::Expired,
                     _ => OrderStatus::Cancelled,
                 };
-                order.closed_at_ms = Some(*at_ms);
-                let released = std::mem::take(&mut order.keys);
-                let (quantity, buyer) = (order.quantity, order.buyer.clone());
-                self.reserved -= released.len() as u64;
-                self.available.extend(released);
-                let held = self.holdings.get_mut(&buyer).expect("pending order counted in holdings");
-                *held -= quantity;
-                if *held == 0 {
-                    self.holdings.remove(&buyer);
-                }
+                self.close_order(idx, status, *at_ms);
             }
+        }
+    }
+
+    /// An order holding reserved keys closes: `status` and `closed_at` set, its keys
+    /// back at the end of the available queue, its quantity off the buyer's holdings.
+    fn close_order(&mut self, idx: usize, status: OrderStatus, at_ms: Millis) {
+        let order = &mut self.orders[idx];
+        order.status = status;
+        order.closed_at_ms = Some(at_ms);
+        let released = std::mem::take(&mut order.keys);
+        let (quantity, buyer) = (order.quantity, order.buyer.clone());
+        self.reserved -= released.len() as u64;
+        self.available.extend(released);
+        let held = self.holdings.get_mut(&buyer).expect("an open order counts in holdings");
+        *held -= quantity;
+        if *held == 0 {
+            self.holdings.remove(&buyer);
+        }
+    }
+
+    /// A new `pending_payment` order for `req` at `amount_cents`, reserving keys from
+    /// the front of the available queue (checked by the caller).
+    fn pending_order(&self, req: NewOrder, amount_cents: u64, now_ms: Millis) -> Order {
+        Order {
+            seq: self.orders.len() as u64 + 1,
+            amount_cents,
+            buyer: req.buyer,
+            quantity: req.quantity,
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(req.ttl_ms),
+            paid_at_ms: None,
+            delivered_at_ms: None,
+            closed_at_ms: None,
+            status: OrderStatus::PendingPayment,
+            keys: self.available.iter().take(req.quantity as usize).copied().collect(),
+            query_token: req.query_token,
+            idempotency: req.idempotency,
+            payment_id: None,
+            amount_mismatch: false,
         }
     }
 

@@ -244,22 +244,29 @@ pub async fn create_order(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let core = st.core()?;
-    let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: OrderRequest = extract::json(&bytes)?;
-    check_buyer_rate(&tier, &req.buyer)?;
+    let (core, idempotency_key, req) = buyer_request::<OrderRequest>(&st, &tier, &headers, body, |r| &r.buyer).await?;
     let order = core.create_order(req, idempotency_key).await?;
+    Ok(order_created(&core, &order, |order_id, channel, pay_url| {
+        views::order_created(&order, order_id, channel, pay_url)
+    }))
+}
+
+/// The 201 of a new order (or its replay): the order id recorded on the request's
+/// span, the channel to pay on and its pay URL, `Idempotent-Replayed` on a replay.
+fn order_created(
+    core: &crate::core::Kami,
+    order: &crate::actors::shard::OrderSnapshot,
+    body: impl FnOnce(&str, &str, Option<String>) -> Value,
+) -> Response {
     let order_id = order.order_id();
     super::record_order(&order_id);
     let channel = core.pick_channel();
     let pay_url = core.pay_url(channel, &order_id, order.order.amount_cents);
-    let mut response =
-        (StatusCode::CREATED, Json(views::order_created(&order, &order_id, &channel.name, pay_url))).into_response();
+    let mut response = (StatusCode::CREATED, Json(body(&order_id, &channel.name, pay_url))).into_response();
     if order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok(response)
+    response
 }
 
 // ---- group-buy ----
@@ -293,11 +300,8 @@ pub async fn open_group(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let core = st.core()?;
-    let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: OpenGroupRequest = extract::json(&bytes)?;
-    check_buyer_rate(&tier, &req.buyer)?;
+    let (core, idempotency_key, req) =
+        buyer_request::<OpenGroupRequest>(&st, &tier, &headers, body, |r| &r.buyer).await?;
     let seat = core.open_group(req, idempotency_key).await?;
     Ok(seat_created(&core, &seat))
 }
@@ -310,11 +314,7 @@ pub async fn join_group(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let core = st.core()?;
-    let idempotency_key = extract::header_str(&headers, "idempotency-key")?.map(str::to_string);
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: JoinRequest = extract::json(&bytes)?;
-    check_buyer_rate(&tier, &req.buyer)?;
+    let (core, idempotency_key, req) = buyer_request::<JoinRequest>(&st, &tier, &headers, body, |r| &r.buyer).await?;
     let seat = core.join_group(&group_id, req, idempotency_key).await?;
     Ok(seat_created(&core, &seat))
 }
@@ -338,6 +338,23 @@ pub async fn get_group(State(st): State<AppState>, Path(group_id): Path<String>)
     Ok(Json(views::group(&group)))
 }
 
+/// The start of a buyer's request that creates an order: the core, the optional
+/// `Idempotency-Key`, the body parsed strictly, and the buyer's rate limit checked.
+async fn buyer_request<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    tier: &Option<Extension<Arc<Tier>>>,
+    headers: &HeaderMap,
+    body: Body,
+    buyer: fn(&T) -> &String,
+) -> ApiResult<(Arc<crate::core::Kami>, Option<String>, T)> {
+    let core = st.core()?;
+    let idempotency_key = extract::header_str(headers, "idempotency-key")?.map(str::to_string);
+    let bytes = extract::body(headers, body, st.limits.max_body_bytes).await?;
+    let req: T = extract::json(&bytes)?;
+    check_buyer_rate(tier, buyer(&req))?;
+    Ok((core, idempotency_key, req))
+}
+
 /// The per-buyer rate limit of the request's tier (the rate-limit layer attaches it).
 fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiResult<()> {
     if let Some(Extension(tier)) = tier {
@@ -347,16 +364,7 @@ fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiR
 }
 
 fn seat_created(core: &crate::core::Kami, seat: &crate::actors::shard::GroupSeat) -> Response {
-    let order_id = seat.order.order_id();
-    super::record_order(&order_id);
-    let channel = core.pick_channel();
-    let pay_url = core.pay_url(channel, &order_id, seat.order.order.amount_cents);
-    let mut response =
-        (StatusCode::CREATED, Json(views::seat(seat, &order_id, &channel.name, pay_url))).into_response();
-    if seat.order.replayed {
-        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    response
+    order_created(core, &seat.order, |order_id, channel, pay_url| views::seat(seat, order_id, channel, pay_url))
 }
 
 fn order_token(headers: &HeaderMap) -> ApiResult<&str> {

@@ -58,27 +58,11 @@ impl Shard {
         })
     }
 
+    /// A seat's order: one key at the group price. It expires at the order TTL (not
+    /// capped at the deadline: a failing group cancels its pending seats itself, and
+    /// orders that expire in creation order keep `unheard`'s early stop exact).
     fn seat_order(&self, req: NewOrder, price_cents: u64, now_ms: Millis) -> Order {
-        Order {
-            seq: self.orders.len() as u64 + 1,
-            amount_cents: price_cents,
-            buyer: req.buyer,
-            quantity: 1,
-            created_at_ms: now_ms,
-            // A seat not paid within the order TTL frees itself. (Not capped at the
-            // deadline: a failing group cancels its pending seats itself, and orders
-            // that expire in creation order keep `unheard`'s early stop exact.)
-            expires_at_ms: now_ms.saturating_add(req.ttl_ms),
-            paid_at_ms: None,
-            delivered_at_ms: None,
-            closed_at_ms: None,
-            status: OrderStatus::PendingPayment,
-            keys: self.available.front().copied().into_iter().collect(),
-            query_token: req.query_token,
-            idempotency: req.idempotency,
-            payment_id: None,
-            amount_mismatch: false,
-        }
+        self.pending_order(req, price_cents, now_ms)
     }
 
     /// Opens a group of `terms` with the buyer of `req` in its first seat.
@@ -274,18 +258,7 @@ impl Shard {
             record.outcome = PaymentOutcome::RefundOwed(RefundReason::GroupFailed);
             self.refunds_owed.insert(key);
         }
-        let order = &mut self.orders[(seq - 1) as usize];
-        order.status = status;
-        order.closed_at_ms = Some(at_ms);
-        let released = std::mem::take(&mut order.keys);
-        let (quantity, buyer) = (order.quantity, order.buyer.clone());
-        self.reserved -= released.len() as u64;
-        self.available.extend(released);
-        let held = self.holdings.get_mut(&buyer).expect("a seat counts in holdings");
-        *held -= quantity;
-        if *held == 0 {
-            self.holdings.remove(&buyer);
-        }
+        self.close_order((seq - 1) as usize, status, at_ms);
     }
 
     /// Every seat is paid (`last` by the payment being applied, whose record is
