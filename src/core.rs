@@ -535,29 +535,35 @@ impl Kami {
             at_ms: 0, // the points actor stamps the hold with its own clock
         };
         let state = self.call_points(&req.buyer, points_actor::HoldPoints(hold.clone())).await?;
-        let (order, replayed) = match state {
-            RedemptionState::Settled { order_id, .. } => (self.get_order(&order_id, None).await?, true),
+        let (order, replayed, settled_balance) = match state {
+            RedemptionState::Settled { order_id, .. } => (self.get_order(&order_id, None).await?, true, None),
             RedemptionState::Held(held) => {
                 if (held.points, held.quantity) != (points, req.quantity as u32) {
                     return Err(Error::Domain(DomainError::IdempotencyKeyReused));
                 }
-                let order = self.finish_redemption(&route, &held).await?;
+                let (order, balance) = self.finish_redemption(&route, &held).await?;
                 let replayed = order.replayed;
-                (order, replayed)
+                (order, replayed, balance)
             }
         };
-        let (balance, _) = self.points_statement(&req.buyer, 0).await?;
+        // The settle step answers the balance after it; a replay (or a settle left
+        // to the resolver) reads it.
+        let balance = match settled_balance {
+            Some(b) => b,
+            None => self.points_statement(&req.buyer, 0).await?.0,
+        };
         Ok(Redeemed { order: OrderSnapshot { replayed, ..order }, points_spent: points, balance })
     }
 
     /// Steps 2 and 3 of a held redemption: the stock shard delivers (or refuses),
     /// then the hold is settled (or released). An answer that leaves step 2's
     /// outcome unknown (timeout, actor restarting) leaves the hold for the resolver.
+    /// Returns the order and, when this call settled the hold, the buyer's balance after.
     async fn finish_redemption(
         &self,
         route: &crate::actors::ProductRoute,
         hold: &Hold,
-    ) -> Result<OrderSnapshot, Error> {
+    ) -> Result<(OrderSnapshot, Option<Balance>), Error> {
         let home = route.shard_index_for_buyer(&hold.buyer);
         let redemption = shard::Redeem(crate::domain::shard::Redemption {
             redemption: hold.redemption.clone(),
@@ -574,13 +580,20 @@ impl Kami {
         };
         match delivered {
             Ok(order) => {
-                let settle = points_actor::Settle { redemption: hold.redemption.clone(), order_id: order.order_id() };
+                let settle = points_actor::Settle {
+                    redemption: hold.redemption.clone(),
+                    buyer: hold.buyer.clone(),
+                    order_id: order.order_id(),
+                };
                 // The order is durable and the points are held for it: a failed settle
                 // is retried by the resolver, which can only settle it (step 2 repeats).
-                if let Err(e) = self.call_points(&hold.buyer, settle).await {
-                    tracing::warn!(redemption = %hold.redemption, error = %e, "settle deferred to the resolver");
+                match self.call_points(&hold.buyer, settle).await {
+                    Ok(balance) => Ok((order, Some(balance))),
+                    Err(e) => {
+                        tracing::warn!(redemption = %hold.redemption, error = %e, "settle deferred to the resolver");
+                        Ok((order, None))
+                    }
                 }
-                Ok(order)
             }
             // Refused for good, or never sent: the points come back.
             Err(e @ (Error::Domain(_) | Error::Overloaded | Error::QueueFull(_) | Error::ProductNotFound)) => {

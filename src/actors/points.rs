@@ -196,9 +196,11 @@ pub struct Adjust {
 pub struct HoldPoints(pub Hold);
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<()>")]
+#[rtype(result = "ShardResult<Balance>")]
 pub struct Settle {
     pub redemption: String,
+    /// Whose balance the answer shows (the redemption's buyer).
+    pub buyer: String,
     pub order_id: String,
 }
 
@@ -242,10 +244,18 @@ impl Handler<HoldPoints> for PointsActor {
     }
 }
 
+/// Answers the buyer's balance after the settling (saving the redeemer a read).
 impl Handler<Settle> for PointsActor {
-    type Result = ResponseFuture<ShardResult<()>>;
+    type Result = ResponseFuture<ShardResult<Balance>>;
     fn handle(&mut self, m: Settle, ctx: &mut Context<Self>) -> Self::Result {
-        self.step(ctx, move |book, now| book.settle(&m.redemption, &m.order_id, now))
+        self.step(ctx, move |book, now| {
+            let step = book.settle(&m.redemption, &m.order_id, now)?;
+            let balance = book.balance(&m.buyer);
+            Ok(match step {
+                Step::Changed(event, ()) => Step::Changed(event, balance),
+                Step::Repeat(()) => Step::Repeat(balance),
+            })
+        })
     }
 }
 
