@@ -35,6 +35,22 @@ pub enum Mode {
     Full,
     /// create order only (stock stays reserved until expiry)
     OrderOnly,
+    /// group-buy: join any open group of a size-10 deal → signed notification for
+    /// the seat (a group is delivered when its tenth seat is paid)
+    Group,
+}
+
+/// Seats per group in `Mode::Group`.
+pub const LOAD_GROUP_SIZE: u64 = 10;
+
+impl Mode {
+    /// What the audit counts for this mode's verdict.
+    fn taken_field(self) -> &'static str {
+        match self {
+            Mode::Full | Mode::Group => "sold",
+            Mode::OrderOnly => "reserved",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +212,15 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         .map_err(|e| LoadError::Setup(e.to_string()))?;
     let product = format!("load-{:08x}", rand::random::<u32>());
     setup(&http, &url, &admin, &product, config.keys, config.shards).await?;
+    if config.mode == Mode::Group {
+        let deal =
+            json!({"deal_id": "load", "group_size": LOAD_GROUP_SIZE, "price_cents": 690, "time_limit_secs": 3600});
+        let r = http.post(format!("{url}/api/v1/products/{product}/group-deals")).bearer_auth(&admin).json(&deal);
+        let r = r.send().await.map_err(|e| LoadError::Setup(format!("creating the deal: {e}")))?;
+        if r.status() != 201 {
+            return Err(LoadError::Setup(format!("creating the deal: {}", r.text().await.unwrap_or_default())));
+        }
+    }
 
     let shared = Arc::new(Shared {
         http: http.clone(),
@@ -399,12 +424,18 @@ fn record(out: &mut WorkerResult, step: usize, since: Instant) {
 /// One buyer. `true` = acknowledged (order created, and in full mode paid and its
 /// key read back).
 async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
-    let body = json!({"product_id": s.product, "quantity": 1, "buyer": format!("{}-buyer-{i}", s.product)});
+    let buyer = format!("{}-buyer-{i}", s.product);
+    let (path, body) = match s.mode {
+        Mode::Group => {
+            ("groups", json!({"product_id": s.product, "deal_id": "load", "buyer": buyer, "join_open": true}))
+        }
+        _ => ("orders", json!({"product_id": s.product, "quantity": 1, "buyer": buyer})),
+    };
     let mut attempts = 0;
     let order = loop {
         attempts += 1;
         let t = Instant::now();
-        let Some((status, answer)) = call(s.http.post(format!("{}/api/v1/orders", s.url)).json(&body), out).await
+        let Some((status, answer)) = call(s.http.post(format!("{}/api/v1/{path}", s.url)).json(&body), out).await
         else {
             return false;
         };
@@ -416,7 +447,7 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
                     let second = s.started.elapsed().as_secs() as u32;
                     out.samples.push((second, t.elapsed().as_micros().min(u32::MAX as u128) as u32));
                 }
-                break answer;
+                break if s.mode == Mode::Group { answer["order"].clone() } else { answer };
             }
             503 if s.retry_overloaded && attempts < MAX_ATTEMPTS && answer["error"]["code"] == "overloaded" => {
                 let wait_ms = answer["error"]["queue"]["estimated_wait_ms"].as_u64().unwrap_or(1000);
@@ -446,6 +477,10 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
     match call(s.http.post(url).header("X-Signature", sig).body(note), out).await {
         Some((200, _)) => record(out, 1, t),
         _ => return false,
+    }
+    // A paid seat is delivered when its group completes, not now.
+    if s.mode == Mode::Group {
+        return true;
     }
     let t = Instant::now();
     let read = s.http.get(format!("{}/api/v1/orders/{id}", s.url)).header("X-Order-Token", token);
@@ -477,7 +512,7 @@ async fn verdict(
         .map_err(|e| LoadError::Setup(format!("audit: {e}")))?;
     let audit_ok = audit["ok"] == json!(true);
     let mine = audit["products"].as_array().into_iter().flatten().find(|p| p["id"] == product);
-    let field = if config.mode == Mode::Full { "sold" } else { "reserved" };
+    let field = config.mode.taken_field();
     let audit_taken = mine.and_then(|p| p[field].as_u64()).unwrap_or(0);
     let distinct: HashSet<&String> = total.keys.iter().collect();
     let mut problems = Vec::new();
@@ -498,7 +533,16 @@ async fn verdict(
         problems.push(format!("{seen} distinct keys delivered, audit counts {audit_taken} sold"));
     }
     let most = total.acknowledged + unanswered;
-    if !(total.acknowledged..=most).contains(&audit_taken) {
+    if config.mode == Mode::Group {
+        // Paid seats of groups still filling are not sold yet; groups sell whole.
+        if audit_taken % LOAD_GROUP_SIZE != 0 || audit_taken > most {
+            problems.push(format!("{audit_taken} sold for {} paid seats: not whole groups", total.acknowledged));
+        }
+        let every_group_filled = unanswered == 0 && total.acknowledged == config.buyers;
+        if every_group_filled && config.buyers % LOAD_GROUP_SIZE == 0 && audit_taken != total.acknowledged {
+            problems.push(format!("every seat paid, yet {audit_taken} sold of {}", total.acknowledged));
+        }
+    } else if !(total.acknowledged..=most).contains(&audit_taken) {
         problems.push(format!(
             "{} acknowledged and {unanswered} unanswered, audit counts {audit_taken} {field}",
             total.acknowledged
@@ -546,7 +590,7 @@ impl LoadReport {
             if v.ok { "OK" } else { "FAILED" },
             v.audit_ok,
             v.acknowledged,
-            if self.mode == Mode::Full { "sold" } else { "reserved" },
+            self.mode.taken_field(),
             v.audit_taken,
             v.distinct_keys_delivered
         );

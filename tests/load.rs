@@ -33,6 +33,18 @@ async fn a_full_run_sells_every_key_once_and_tells_the_rest_sold_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_run_fills_groups_of_ten_and_sells_them_whole() {
+    // 205 buyers, 200 keys: 20 groups fill and are delivered; 5 buyers find no key.
+    let report = run(config(Mode::Group, 200, 205)).await.unwrap();
+    assert!(report.verdict.ok, "{}", report.table());
+    assert_eq!((report.verdict.acknowledged, report.verdict.audit_taken), (200, 200), "{}", report.table());
+    assert_eq!(report.answers.get("201"), Some(&200));
+    assert_eq!(report.answers.get("409 sold_out"), Some(&5));
+    let steps: Vec<(&str, u64)> = report.steps.iter().map(|s| (s.step, s.count)).collect();
+    assert_eq!(steps, [("create order", 200), ("notify", 200)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_only_run_reserves_and_never_oversells() {
     let mut c = config(Mode::OrderOnly, 100, 120);
     c.shards = 2;
