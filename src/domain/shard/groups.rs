@@ -6,6 +6,10 @@ use super::*;
 /// Open groups looked at by one "join any open group" before opening a new one.
 const MAX_GROUPS_SCANNED: usize = 1024;
 
+/// Joins a group takes over its life, per seat: members who leave free their seat,
+/// but a group's member list (and the cost of reading it) stays bounded.
+pub const MAX_JOINS_PER_SEAT: usize = 8;
+
 impl Shard {
     pub fn group(&self, seq: u64) -> Option<&Group> {
         seq.checked_sub(1).and_then(|i| self.groups.get(i as usize))
@@ -127,7 +131,7 @@ impl Shard {
         if self.has_seat(g, buyer) {
             return Err(DomainError::AlreadyInGroup);
         }
-        if self.seats(g).0 >= g.size {
+        if self.seats(g).0 >= g.size || g.orders.len() >= g.size as usize * MAX_JOINS_PER_SEAT {
             return Err(DomainError::GroupFull);
         }
         Ok(())
@@ -485,6 +489,19 @@ mod tests {
         let (g2, _) = changed(s.open_group(&terms(2), seat("b"), 8));
         assert_ne!(g, g2);
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
+    }
+
+    #[test]
+    fn a_group_takes_a_bounded_number_of_joins_over_its_life() {
+        let mut s = shard(5, 0);
+        let (g, first) = changed(s.open_group(&terms(2), seat("a"), 0));
+        s.cancel(first, 1).unwrap();
+        for i in 1..2 * MAX_JOINS_PER_SEAT {
+            let (_, seq) = changed(s.join_group(g, seat(&format!("b{i}")), 2));
+            s.cancel(seq, 3).unwrap();
+        }
+        assert_eq!(s.seats(s.group(g).unwrap()), (0, 0), "every seat is free");
+        assert_eq!(s.join_group(g, seat("late"), 4), Err(DomainError::GroupFull), "but the group took its joins");
     }
 
     #[test]
