@@ -239,19 +239,13 @@ pub struct GroupSnapshot {
     pub shard: u16,
     /// Every order that took a seat (members who left included), in join order.
     pub members: Vec<Order>,
+    /// `(seats taken, seats paid)` (`Shard::seats`).
+    pub seats: (u32, u32),
 }
 
 impl GroupSnapshot {
     pub fn group_id(&self) -> String {
         GroupId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.group.seq }.to_string()
-    }
-
-    /// `(seats taken, seats paid)`: pending and paid seats, and the delivered ones
-    /// of a completed group.
-    pub fn seats(&self) -> (u32, u32) {
-        let count = |f: fn(OrderStatus) -> bool| self.members.iter().filter(|o| f(o.status)).count() as u32;
-        let taken = count(|s| matches!(s, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered));
-        (taken, count(|s| matches!(s, OrderStatus::Paid | OrderStatus::Delivered)))
     }
 }
 
@@ -359,18 +353,19 @@ fn count_events(shard: &Shard, event: &Event, name: Option<&'static str>) {
 }
 
 /// The orders an event changed: one, or every member of a group that completed or failed.
-fn orders_of(shard: &Shard, event: &Event) -> Vec<u64> {
-    let group_orders = |g: u64| shard.group(g).map(|g| g.orders.clone()).unwrap_or_default();
-    match event {
-        Event::GroupFailed { group, .. } => group_orders(*group),
+/// Calls `f` with each (no allocation on the path of ordinary orders).
+fn orders_of(shard: &Shard, event: &Event, mut f: impl FnMut(u64)) {
+    let group = match event {
+        Event::GroupFailed { group, .. } => Some(*group),
         // Only the last seat's payment (it completes the group) moves the other members.
         Event::PaymentApplied { record, .. } if record.outcome == PaymentOutcome::Delivered => {
-            match shard.group_of_order(record.order_seq) {
-                Some(g) => group_orders(g),
-                None => vec![record.order_seq],
-            }
+            shard.group_of_order(record.order_seq)
         }
-        other => order_of(shard, other).into_iter().collect(),
+        _ => None,
+    };
+    match group.and_then(|g| shard.group(g)) {
+        Some(g) => g.orders.iter().for_each(|&o| f(o)),
+        None => order_of(shard, event).into_iter().for_each(f),
     }
 }
 
@@ -448,13 +443,13 @@ impl ShardActor {
                     live.journal_bytes_since_snapshot += bytes as u64;
                     let name = event.order_event_name();
                     count_events(&live.shard, event, name);
-                    for order in orders_of(&live.shard, event) {
+                    orders_of(&live.shard, event, |order| {
                         live.undurable.insert(order, seq);
                         live.undurable_queue.push_back((seq, order));
                         if log_orders {
                             logged.push((order, name.unwrap_or("other"), seq));
                         }
-                    }
+                    });
                 }
                 Err(e) => {
                     // Memory is now ahead of the journal: rebuild from storage.
@@ -578,7 +573,14 @@ impl ShardActor {
         let live = self.live.as_ref().ok_or(ShardError::Unavailable)?;
         let group = live.shard.group(seq).ok_or(DomainError::GroupNotFound)?;
         let members = group.orders.iter().filter_map(|&o| live.shard.order(o)).cloned().collect();
-        Ok(GroupSnapshot { group: group.clone(), product_id: self.product.id.clone(), shard: self.id.shard, members })
+        let seats = live.shard.seats(group);
+        Ok(GroupSnapshot {
+            group: group.clone(),
+            product_id: self.product.id.clone(),
+            shard: self.id.shard,
+            members,
+            seats,
+        })
     }
 
     fn order_snapshot(&self, seq: u64, replayed: bool) -> ShardResult<OrderSnapshot> {

@@ -140,7 +140,7 @@ fn masked(buyer: &str) -> String {
 /// not buyers who left before.
 pub fn group(g: &GroupSnapshot) -> Value {
     let grp = &g.group;
-    let (taken, paid) = g.seats();
+    let (taken, paid) = g.seats;
     let (completed_at, failed_at) = match grp.state {
         GroupState::Open => (None, None),
         GroupState::Completed { at_ms } => (Some(at_ms), None),

@@ -24,14 +24,15 @@ impl Shard {
         self.group_of.get(&order_seq).copied()
     }
 
-    /// `(seats taken, seats paid)`: a seat is taken by a pending or paid order.
+    /// `(seats taken, seats paid)`: a seat is taken by a pending, paid or (in a
+    /// completed group) delivered order.
     pub fn seats(&self, g: &Group) -> (u32, u32) {
         let mut taken = 0;
         let mut paid = 0;
         for &seq in &g.orders {
             match self.orders[(seq - 1) as usize].status {
                 OrderStatus::PendingPayment => taken += 1,
-                OrderStatus::Paid => {
+                OrderStatus::Paid | OrderStatus::Delivered => {
                     taken += 1;
                     paid += 1
                 }
