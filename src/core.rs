@@ -518,14 +518,8 @@ impl Kami {
         let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
         let price = self.points_price(&req.product_id).ok_or(Error::Domain(DomainError::NotRedeemable))?;
         let points = price.checked_mul(req.quantity).ok_or_else(|| Error::Invalid("points: too many".into()))?;
-        let redemption = {
-            let mut h = Sha256::new();
-            for part in [req.buyer.as_bytes(), req.product_id.as_bytes(), idempotency_key.as_bytes()] {
-                h.update((part.len() as u64).to_be_bytes());
-                h.update(part);
-            }
-            hex::encode(&h.finalize()[..16])
-        };
+        let redemption =
+            hex::encode(digest(&[req.buyer.as_bytes(), req.product_id.as_bytes(), idempotency_key.as_bytes()]));
         let hold = Hold {
             redemption,
             buyer: req.buyer.clone(),
@@ -642,12 +636,7 @@ impl Kami {
     // ---- buyer ----
 
     fn fingerprint(req: &OrderRequest) -> [u8; 16] {
-        let mut h = Sha256::new();
-        for part in [req.product_id.as_bytes(), &req.quantity.to_be_bytes(), req.buyer.as_bytes()] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        h.finalize()[..16].try_into().expect("16 bytes")
+        digest(&[req.product_id.as_bytes(), &req.quantity.to_be_bytes(), req.buyer.as_bytes()])
     }
 
     pub async fn create_order(
@@ -1105,6 +1094,17 @@ pub(crate) async fn apply_payment(
         metrics::histogram!("kami_paid_to_delivered_seconds").record(heard.elapsed().as_secs_f64());
     }
     outcome
+}
+
+/// 128 bits of SHA-256 over length-prefixed `parts` (no two part lists collide by
+/// concatenation): request fingerprints and redemption ids.
+fn digest(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finalize()[..16].try_into().expect("16 bytes")
 }
 
 /// A fresh 128-bit query token, hex encoded.

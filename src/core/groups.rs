@@ -6,8 +6,6 @@
 //! in one place and fills one group before the next, and a repeated request with
 //! the same Idempotency-Key always reaches the shard that answered it first.
 
-use sha2::{Digest, Sha256};
-
 use super::*;
 use crate::actors::shard::{GroupSeat, GroupSnapshot};
 use crate::domain::group::{self, GroupDeal, GroupId};
@@ -42,15 +40,6 @@ pub struct OpenGroupRequest {
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     pub buyer: String,
-}
-
-fn fingerprint(parts: &[&[u8]]) -> [u8; 16] {
-    let mut h = Sha256::new();
-    for part in parts {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
-    }
-    h.finalize()[..16].try_into().expect("16 bytes")
 }
 
 impl Kami {
@@ -109,7 +98,7 @@ impl Kami {
             .map(|d| d.clone())
             .ok_or(Error::Domain(DomainError::DealNotFound))?;
         let kind: &[u8] = if req.join_open { b"group-join-open" } else { b"group-open" };
-        let fp = fingerprint(&[kind, req.product_id.as_bytes(), req.deal_id.as_bytes(), req.buyer.as_bytes()]);
+        let fp = digest(&[kind, req.product_id.as_bytes(), req.deal_id.as_bytes(), req.buyer.as_bytes()]);
         let (order, idempotency) = self.seat_request(&req.buyer, idempotency_key, fp)?;
         let home = route.shard_index_for_buyer(&deal.deal_id);
         let terms = deal.terms();
@@ -139,7 +128,7 @@ impl Kami {
     ) -> Result<GroupSeat, Error> {
         validate::buyer(&req.buyer).map_err(Error::Invalid)?;
         let (id, route) = self.locate_group(group_id)?;
-        let fp = fingerprint(&[b"group-join", group_id.as_bytes(), req.buyer.as_bytes()]);
+        let fp = digest(&[b"group-join", group_id.as_bytes(), req.buyer.as_bytes()]);
         let (order, idempotency) = self.seat_request(&req.buyer, idempotency_key, fp)?;
         let join = || shard::JoinGroup { group: id.seq, order: order.clone() };
         let result = self.seat_with_borrowed_keys(&route, id.shard.shard as usize, join).await;
