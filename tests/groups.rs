@@ -361,6 +361,74 @@ async fn kill_9_mid_completion_keeps_every_acknowledged_group_whole() {
     eprintln!("groups kill -9: {} completions acknowledged, {} keys sold after recovery", acked.len(), sold);
 }
 
+/// Workers fill and pay groups on `api` until a request fails (the process is
+/// gone); returns every group whose last payment was acknowledged.
+async fn groups_until_the_process_dies(api: &Api, tag: &str) -> Vec<(String, Vec<Value>)> {
+    let workers: Vec<_> = (0..12)
+        .map(|w| {
+            let (api, tag) = (api.clone(), format!("{tag}-w{w}"));
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                for i in 0.. {
+                    match try_fill_and_pay(&api, &format!("{tag}-{i}")).await {
+                        Some(group) => done.push(group),
+                        None => return done,
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for w in workers {
+        acked.extend(tokio::time::timeout(Duration::from_secs(90), w).await.expect("worker ends").unwrap());
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_points_during_group_completion_keep_every_acknowledged_group_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    {
+        let server = Server::start(&data, &[]);
+        let api = server.api();
+        api.create_product("hot", 990, 0, 2).await;
+        api.import("hot", &(0..6000).map(|i| format!("K-{i}")).collect::<Vec<_>>()).await;
+        api.deal("hot", "trio", 3, 500, 600).await;
+    }
+    // The process kills itself with a batch of joins and payments collected but not
+    // flushed, then with one flushed but not answered; each time the groups whose
+    // completion was acknowledged must come back whole, and no group half delivered.
+    for point in ["before_flush", "after_flush"] {
+        let env = [
+            ("KAMI_CHAOS__ENABLED", "true"),
+            ("KAMI_CHAOS__CRASH_POINT", point),
+            ("KAMI_CHAOS__CRASH_AFTER_HITS", "80"),
+        ];
+        let mut server = Server::start(&data, &env);
+        let acked = groups_until_the_process_dies(&server.api(), point).await;
+        let exited = server.exited_within(Duration::from_secs(60)).await;
+        assert!(exited.is_some(), "{point}: the process never reached its crash point");
+        let (code, out, err) = kami_audit(&data, true);
+        assert_eq!(code, 0, "{point}: offline audit of the crashed directory: {out}{err}");
+        let restarted = Server::start(&data, &[]);
+        let api = restarted.api();
+        let mut keys = HashSet::new();
+        for (group, orders) in &acked {
+            check_completed(&api, group, orders, &mut keys).await;
+        }
+        let audit = api.audit().await;
+        assert_audit_ok(&audit);
+        let sold = n(&audit.body["products"][0]["sold"]);
+        assert!(sold % 3 == 0, "{point}: sold {sold}: whole groups only");
+        eprintln!(
+            "groups at {point}: {} completions acknowledged before the crash, {sold} keys sold in all",
+            acked.len()
+        );
+    }
+}
+
 /// [`fill_and_pay`] without retries: `None` as soon as any step is not answered 2xx.
 async fn try_fill_and_pay(api: &Api, tag: &str) -> Option<(String, Vec<Value>)> {
     let send = |r: reqwest::RequestBuilder| async move {
