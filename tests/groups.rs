@@ -290,7 +290,7 @@ async fn groups_complete_exactly_once_while_stock_actors_are_killed() {
             kills
         })
     };
-    let done: Vec<(String, Vec<Value>)> = futures::stream::iter(0..60)
+    let done: Vec<(String, Vec<Value>)> = futures::stream::iter(0..150)
         .map(|g| {
             let api = api.clone();
             async move { fill_and_pay(&api, &format!("g{g}"), 3).await }
@@ -307,8 +307,8 @@ async fn groups_complete_exactly_once_while_stock_actors_are_killed() {
     }
     let audit = api.audit().await;
     assert_audit_ok(&audit);
-    assert_eq!(n(&audit.body["products"][0]["sold"]), 180, "60 groups of 3, each delivered once");
-    eprintln!("groups under actor kills: {kills} kills, 60 groups completed, 180 keys");
+    assert_eq!(n(&audit.body["products"][0]["sold"]), 450, "150 groups of 3, each delivered once");
+    eprintln!("groups under actor kills: {kills} kills, 150 groups completed, 450 keys");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
