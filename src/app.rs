@@ -126,6 +126,8 @@ pub struct RunningApp {
     state: AppState,
     /// sled handles still open (see `Storage::open_handles`).
     storage: std::sync::Weak<()>,
+    /// The data directory, whose lock sled releases a moment after its last handle.
+    data_path: std::path::PathBuf,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -161,8 +163,13 @@ impl RunningApp {
         self.state.detach();
         drop(self.core.take());
         drop(self.actors.take());
+        // The directory may be opened again once every handle is dropped and sled's
+        // own background work has let go of the directory lock (it can outlive the
+        // last handle by a moment).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.storage.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        while (self.storage.strong_count() > 0 || !Storage::lock_released(&self.data_path))
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -336,6 +343,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         core: Some(core),
         state,
         storage: storage_weak,
+        data_path: settings.storage.path.clone(),
         recovery,
         stop_server: Some(stop_tx),
         server: Some(server),

@@ -77,6 +77,23 @@ impl Storage {
         Ok(Arc::new(Storage { db, products, snapshots, committer, handles: Arc::new(()) }))
     }
 
+    /// Whether no process (this one included) holds the lock sled takes on the data
+    /// directory at `path`: probed by taking and dropping the same lock.
+    #[cfg(unix)]
+    pub fn lock_released(path: &std::path::Path) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(path.join("db")) else {
+            return true;
+        };
+        // SAFETY: flock on a file descriptor this function owns; closing it drops the lock.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+
+    #[cfg(not(unix))]
+    pub fn lock_released(_path: &std::path::Path) -> bool {
+        true
+    }
+
     /// Watches the handles on the database: once this has no strong count left,
     /// every sled handle is dropped and the directory can be opened again.
     pub fn open_handles(&self) -> std::sync::Weak<()> {
