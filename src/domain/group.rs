@@ -123,17 +123,9 @@ pub struct GroupId {
 
 impl GroupId {
     pub fn parse(s: &str) -> Option<GroupId> {
-        if s.len() > 96 {
-            return None;
-        }
-        let mut parts = s.rsplitn(3, '.');
-        let seq: u64 = parts.next()?.strip_prefix('g')?.parse().ok()?;
-        let shard: u16 = parts.next()?.parse().ok()?;
-        let product = parts.next()?;
-        if !super::validate::is_product_id(product) || seq == 0 {
-            return None;
-        }
-        Some(GroupId { shard: ShardId::new(product, shard), seq })
+        let (shard, rest) = super::ids::split_routed(s)?;
+        let seq: u64 = rest.strip_prefix('g')?.parse().ok()?;
+        (seq > 0).then_some(GroupId { shard, seq })
     }
 }
 

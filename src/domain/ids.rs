@@ -33,19 +33,23 @@ pub struct OrderId {
     pub seq: u64,
 }
 
+/// Splits an id of the form `{product}.{shard}.{rest}` (at most 96 bytes, a valid
+/// product id) into its shard and the rest, for the ids that route to a shard.
+pub(crate) fn split_routed(s: &str) -> Option<(ShardId, &str)> {
+    if s.len() > 96 {
+        return None;
+    }
+    let mut parts = s.rsplitn(3, '.');
+    let rest = parts.next()?;
+    let shard: u16 = parts.next()?.parse().ok()?;
+    let product = parts.next()?;
+    super::validate::is_product_id(product).then(|| (ShardId::new(product, shard), rest))
+}
+
 impl OrderId {
     pub fn parse(s: &str) -> Option<OrderId> {
-        if s.len() > 96 {
-            return None;
-        }
-        let mut parts = s.rsplitn(3, '.');
-        let seq: u64 = parts.next()?.parse().ok()?;
-        let shard: u16 = parts.next()?.parse().ok()?;
-        let product = parts.next()?;
-        if !super::validate::is_product_id(product) {
-            return None;
-        }
-        Some(OrderId { shard: ShardId::new(product, shard), seq })
+        let (shard, seq) = split_routed(s)?;
+        Some(OrderId { shard, seq: seq.parse().ok()? })
     }
 }
 
