@@ -63,13 +63,6 @@ impl Shard {
         })
     }
 
-    /// A seat's order: one key at the group price. It expires at the order TTL (not
-    /// capped at the deadline: a failing group cancels its pending seats itself, and
-    /// orders that expire in creation order keep `unheard`'s early stop exact).
-    fn seat_order(&self, req: NewOrder, price_cents: u64, now_ms: Millis) -> Order {
-        self.pending_order(req, price_cents, now_ms)
-    }
-
     /// Opens a group of `terms` with the buyer of `req` in its first seat.
     /// Returns `(group, order)`.
     pub fn open_group(
@@ -85,7 +78,10 @@ impl Shard {
         }
         self.check_can_take(&req.buyer, 1)?;
         let deadline_ms = now_ms.saturating_add(terms.time_limit_ms);
-        let order = self.seat_order(req, terms.price_cents, now_ms);
+        // One key at the group price, expiring at the order TTL (not capped at the
+        // deadline: a failing group cancels its pending seats itself, and orders that
+        // expire in creation order keep `unheard`'s early stop exact).
+        let order = self.pending_order(req, terms.price_cents, now_ms);
         let group = Group {
             seq: self.groups.len() as u64 + 1,
             deal_id: terms.deal_id.clone(),
@@ -117,7 +113,7 @@ impl Shard {
         let g = self.group(group).ok_or(DomainError::GroupNotFound)?;
         self.check_seat(g, &req.buyer, now_ms)?;
         self.check_can_take(&req.buyer, 1)?;
-        let order = self.seat_order(req, g.price_cents, now_ms);
+        let order = self.pending_order(req, g.price_cents, now_ms);
         let seq = order.seq;
         let event = Event::GroupJoined { group, order };
         self.apply(&event);
@@ -132,10 +128,25 @@ impl Shard {
         if self.has_seat(g, buyer) {
             return Err(DomainError::AlreadyInGroup);
         }
-        if self.seats(g).0 >= g.size || g.orders.len() >= g.size as usize * MAX_JOINS_PER_SEAT {
+        if !self.has_room(g) {
             return Err(DomainError::GroupFull);
         }
         Ok(())
+    }
+
+    /// A free seat, within the joins the group may take over its life.
+    fn has_room(&self, g: &Group) -> bool {
+        self.seats(g).0 < g.size && g.orders.len() < g.size as usize * MAX_JOINS_PER_SEAT
+    }
+
+    /// The open groups of a deal, oldest first, among the oldest
+    /// [`MAX_GROUPS_SCANNED`] open groups of the shard.
+    fn open_of_deal<'a>(&'a self, deal_id: &'a str) -> impl Iterator<Item = &'a Group> + 'a {
+        self.open_groups
+            .iter()
+            .take(MAX_GROUPS_SCANNED)
+            .map(|&seq| &self.groups[(seq - 1) as usize])
+            .filter(move |g| g.deal_id == deal_id)
     }
 
     /// Takes a seat in the oldest open group of the deal that has one free for this
@@ -150,13 +161,8 @@ impl Shard {
         if let Some(repeat) = self.repeated_seat(&req) {
             return repeat;
         }
-        let found = self
-            .open_groups
-            .iter()
-            .take(MAX_GROUPS_SCANNED)
-            .map(|&seq| &self.groups[(seq - 1) as usize])
-            .find(|g| g.deal_id == terms.deal_id && self.check_seat(g, &req.buyer, now_ms).is_ok())
-            .map(|g| g.seq);
+        let found =
+            self.open_of_deal(&terms.deal_id).find(|g| self.check_seat(g, &req.buyer, now_ms).is_ok()).map(|g| g.seq);
         match found {
             Some(group) => self.join_group(group, req, now_ms),
             None => self.open_group(terms, req, now_ms),
@@ -166,11 +172,8 @@ impl Shard {
     /// Open groups of a deal that still take members at `now_ms`, oldest first
     /// (scanning at most the 1,024 oldest open groups), at most `limit`.
     pub fn open_groups_of(&self, deal_id: &str, now_ms: Millis, limit: usize) -> Vec<u64> {
-        self.open_groups
-            .iter()
-            .take(MAX_GROUPS_SCANNED)
-            .map(|&seq| &self.groups[(seq - 1) as usize])
-            .filter(|g| g.deal_id == deal_id && now_ms < g.deadline_ms && self.seats(g).0 < g.size)
+        self.open_of_deal(deal_id)
+            .filter(|g| now_ms < g.deadline_ms && self.has_room(g))
             .take(limit)
             .map(|g| g.seq)
             .collect()
@@ -503,6 +506,7 @@ mod tests {
         }
         assert_eq!(s.seats(s.group(g).unwrap()), (0, 0), "every seat is free");
         assert_eq!(s.join_group(g, seat("late"), 4), Err(DomainError::GroupFull), "but the group took its joins");
+        assert_eq!(s.open_groups_of("deal", 4, 10), Vec::<u64>::new(), "nor is it listed as open to join");
     }
 
     #[test]
