@@ -237,22 +237,11 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         .map_err(|error| StartError::Bind { addr: settings.server.listen, error })?;
     let addr = listener.local_addr().map_err(|error| StartError::Bind { addr: settings.server.listen, error })?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    // TCP_NODELAY: without it, a response written in two segments waits for the
-    // client's delayed ACK (~40 ms) under Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
+    let app = http::router(state.clone());
+    let conn_limits = http::conn_limits(&settings);
+    let server = tokio::spawn(http::server::serve(listener, app, conn_limits, async move {
+        let _ = stop_rx.await;
+    }));
     crate::telemetry::metrics_handle();
 
     let actors = ActorSystem::start(settings.arbiters());

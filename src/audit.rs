@@ -54,11 +54,26 @@ pub enum AuditError {
     Open { path: String, error: StorageError },
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: StorageError },
+    #[error("cannot read {path}: the storage engine failed on it ({message}); the directory is damaged")]
+    Damaged { path: String, message: String },
 }
 
 /// Audits the data directory at `path`. Opening takes sled's lock, so this fails
-/// while a server uses the directory.
+/// while a server uses the directory. A directory so damaged that the storage
+/// engine panics reading it (a truncated `db` file) is an error, not a crash.
 pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| audit_dir_unguarded(path))).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("panic")
+            .to_string();
+        Err(AuditError::Damaged { path: path.display().to_string(), message })
+    })
+}
+
+fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
     let shown = path.display().to_string();
     if !path.join("conf").is_file() {
         return Err(AuditError::NotADataDir(shown));
@@ -83,6 +98,8 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
         violations: Vec::new(),
         points: Default::default(),
     };
+    // Payment digests of every shard, for the process-wide uniqueness check.
+    let mut payments: Vec<(String, crate::domain::ShardAudit)> = Vec::new();
     for product in &products {
         let mut line = ProductReport {
             counts: ProductAudit { id: product.id.clone(), ..ProductAudit::default() },
@@ -121,8 +138,14 @@ pub fn audit_dir(path: &Path) -> Result<OfflineReport, AuditError> {
         if audits.len() == product.shards as usize {
             report.violations.extend(line.counts.finish(&audits).map(|v| format!("{}: {v}", product.id)));
         }
+        payments.extend(audits.into_iter().map(|a| {
+            let label = ShardId::new(product.id.clone(), a.shard).to_string();
+            let only_payments = crate::domain::ShardAudit { payment_ids: a.payment_ids, ..Default::default() };
+            (label, only_payments)
+        }));
         report.products.push(line);
     }
+    report.violations.extend(crate::domain::shard::duplicate_payments(payments.iter().map(|(l, a)| (l.clone(), a))));
     let mut points = Vec::new();
     for shard in 0..crate::actors::points::POINTS_SHARDS {
         let inspected = storage.points_journal(shard).and_then(|j| j.inspect(shard));

@@ -36,6 +36,12 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
     pub max_concurrent_requests: usize,
+    pub reserved_notify_slots: usize,
+    pub max_connections: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    pub idle_timeout_secs: u64,
+    pub max_header_bytes: usize,
     pub shutdown_grace_secs: u64,
 }
 
@@ -303,6 +309,15 @@ impl Settings {
         check(self.server.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")?;
         check(self.server.request_timeout_ms >= 1, "server.request_timeout_ms", "must be at least 1")?;
         check(self.server.max_concurrent_requests >= 1, "server.max_concurrent_requests", "must be at least 1")?;
+        check(self.server.max_connections >= 1, "server.max_connections", "must be at least 1")?;
+        check(self.server.header_read_timeout_ms >= 1, "server.header_read_timeout_ms", "must be at least 1")?;
+        check(self.server.body_timeout_ms >= 1, "server.body_timeout_ms", "must be at least 1")?;
+        check(self.server.idle_timeout_secs >= 1, "server.idle_timeout_secs", "must be at least 1")?;
+        check(
+            (8192..=1 << 20).contains(&self.server.max_header_bytes),
+            "server.max_header_bytes",
+            "must be 8192..=1048576",
+        )?;
         check(self.storage.max_pending_commits >= 1, "storage.max_pending_commits", "must be at least 1")?;
         check(self.storage.max_commit_batch >= 1, "storage.max_commit_batch", "must be at least 1")?;
         check(self.storage.commit_linger_us <= 100_000, "storage.commit_linger_us", "must be at most 100000")?;
@@ -466,7 +481,7 @@ mod tests {
         assert_eq!(s.payments.max_skew_secs, 300);
         assert!(!s.chaos.enabled);
         assert!(s.rate_limits.enabled);
-        assert_eq!(s.server.max_body_bytes, 1 << 20);
+        assert_eq!(s.server.max_body_bytes, 64 << 10);
         assert_eq!(s.keys.max_import_bytes, 16 << 20);
         assert!(s.payments.channels.contains_key("sandbox"));
     }

@@ -336,7 +336,7 @@ impl Kami {
         if p.shards == 0 || p.shards > self.limits.max_shards {
             return Err(Error::Invalid(format!("shards: must be 1..={}", self.limits.max_shards)));
         }
-        if p.price_cents > 1_000_000_000_000 {
+        if p.price_cents > validate::MAX_PRICE_CENTS {
             return Err(Error::Invalid("price_cents: must be at most 10^12".into()));
         }
         if p.points_price == Some(0) {
@@ -415,6 +415,7 @@ impl Kami {
         }
         // Points first (see `check_points` for why the order matters).
         let points = self.audit_points().await?;
+        let mut all_shards = Vec::new();
         for id in ids {
             let route = &routes[id];
             let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
@@ -435,7 +436,9 @@ impl Kami {
             }
             report.violations.extend(pa.finish(&audits).map(|v| format!("{id}: {v}")));
             report.products.push(pa);
+            all_shards.extend(audits.into_iter().enumerate().map(|(i, a)| (format!("{id}#{i}"), a)));
         }
+        report.violations.extend(crate::domain::shard::duplicate_payments(all_shards.iter().map(|(l, a)| (l.clone(), a))));
         report.points = check_points(points, &report.products, &mut report.violations);
         report.ok = report.violations.is_empty();
         Ok(report)
@@ -1105,6 +1108,12 @@ fn digest(parts: &[&[u8]]) -> [u8; 16] {
         h.update(part);
     }
     h.finalize()[..16].try_into().expect("16 bytes")
+}
+
+/// The Idempotency-Key a request is remembered by: the client's key within its
+/// caller's scope and for one buyer (32 hex characters, whatever their lengths).
+pub fn scoped_idempotency_key(scope: &str, buyer: &str, key: &str) -> String {
+    hex::encode(digest(&[scope.as_bytes(), buyer.as_bytes(), key.as_bytes()]))
 }
 
 /// A fresh 128-bit query token, hex encoded.

@@ -43,8 +43,16 @@ pub fn count_group_event(name: &'static str) {
 }
 
 /// Why requests are refused, as counted in `kami_rejected_total{reason}`.
-pub const REJECTION_REASONS: [&str; 6] =
-    ["rate_limited", "queue_full", "concurrency", "timeout", "invalid_api_key", "bad_signature"];
+pub const REJECTION_REASONS: [&str; 8] = [
+    "rate_limited",
+    "queue_full",
+    "concurrency",
+    "timeout",
+    "invalid_api_key",
+    "bad_signature",
+    "connections",
+    "slow_body",
+];
 static REJECTED: [AtomicU64; REJECTION_REASONS.len()] = [const { AtomicU64::new(0) }; REJECTION_REASONS.len()];
 
 /// Counts one refused request (one of [`REJECTION_REASONS`]).

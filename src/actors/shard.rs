@@ -22,7 +22,7 @@ use futures::future;
 
 use crate::clock::Clock;
 use crate::domain::group::{Group, GroupId, GroupTerms};
-use crate::domain::shard::{Counts, NewOrder, Outcome, OutgoingTransfer, Payment, Redemption};
+use crate::domain::shard::{payment_key, Counts, NewOrder, Outcome, OutgoingTransfer, Payment, Redemption};
 use crate::domain::OrderStatus;
 use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
 use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
@@ -753,6 +753,9 @@ impl Handler<PayOrder> for ShardActor {
         self.expire(ctx);
         let now = self.env.clock.now_ms();
         let order_seq = msg.0.order_seq;
+        if let Err(e) = self.claim_payment(&msg.0) {
+            return fail(e);
+        }
         match self.guarded(ctx, |s| s.pay(msg.0, now)) {
             Err(e) => fail(e),
             Ok(Err(refusal)) => fail(refusal),
@@ -764,6 +767,25 @@ impl Handler<PayOrder> for ShardActor {
                 Ok(t) => self.reply(Some(t), outcome),
                 Err(e) => fail(e),
             },
+        }
+    }
+}
+
+impl ShardActor {
+    /// A payment id pays one order in the whole process, not only in this shard:
+    /// claimed in storage before the shard records it (see `Storage::claim_payment`).
+    fn claim_payment(&self, p: &Payment) -> Result<(), ShardError> {
+        let known = self.live.as_ref().is_some_and(|l| l.shard.order(p.order_seq).is_some());
+        if !known {
+            return Ok(()); // the domain step answers `order_not_found`
+        }
+        let order = OrderId { shard: self.id.clone(), seq: p.order_seq }.to_string();
+        match self.env.storage.claim_payment(&payment_key(&p.channel, &p.payment_id), &order)? {
+            None => Ok(()),
+            Some(other) => {
+                tracing::warn!(order = %order, other = %other, channel = %p.channel, "a payment id already paid another order");
+                Err(DomainError::PaymentIdConflict.into())
+            }
         }
     }
 }

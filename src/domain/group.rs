@@ -64,8 +64,8 @@ pub fn validate_deal(
     if !(2..=max_group_size).contains(&group_size) {
         return Err(format!("group_size: must be 2..={max_group_size}"));
     }
-    if price_cents == 0 {
-        return Err("price_cents: must be at least 1".into());
+    if !(1..=super::validate::MAX_PRICE_CENTS).contains(&price_cents) {
+        return Err("price_cents: must be 1..=10^12".into());
     }
     if !(1..=max_time_limit_secs).contains(&time_limit_secs) {
         return Err(format!("time_limit_secs: must be 1..={max_time_limit_secs}"));
@@ -124,7 +124,7 @@ pub struct GroupId {
 impl GroupId {
     pub fn parse(s: &str) -> Option<GroupId> {
         let (shard, rest) = super::ids::split_routed(s)?;
-        let seq: u64 = rest.strip_prefix('g')?.parse().ok()?;
+        let seq: u64 = super::ids::canonical_number(rest.strip_prefix('g')?)?;
         (seq > 0).then_some(GroupId { shard, seq })
     }
 }

@@ -41,15 +41,25 @@ pub(crate) fn split_routed(s: &str) -> Option<(ShardId, &str)> {
     }
     let mut parts = s.rsplitn(3, '.');
     let rest = parts.next()?;
-    let shard: u16 = parts.next()?.parse().ok()?;
+    let shard: u16 = canonical_number(parts.next()?)?;
     let product = parts.next()?;
     super::validate::is_product_id(product).then(|| (ShardId::new(product, shard), rest))
+}
+
+/// A number written the one way kami writes it: digits only, no sign, no leading
+/// zero (so one order has one id: `p.00.1` and `p.0.+1` are not `p.0.1`).
+pub(crate) fn canonical_number<T: std::str::FromStr>(s: &str) -> Option<T> {
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 impl OrderId {
     pub fn parse(s: &str) -> Option<OrderId> {
         let (shard, seq) = split_routed(s)?;
-        Some(OrderId { shard, seq: seq.parse().ok()? })
+        Some(OrderId { shard, seq: canonical_number(seq)? })
     }
 }
 
@@ -72,7 +82,7 @@ mod tests {
 
     #[test]
     fn order_id_rejects_garbage() {
-        for bad in ["", "p1", "p1.0", "p1.x.1", "p1.0.-1", ".0.1", "P1.0.1", "p.1.0.1", "p1.70000.1"] {
+        for bad in ["", "p1", "p1.0", "p1.x.1", "p1.0.-1", ".0.1", "P1.0.1", "p.1.0.1", "p1.70000.1", "p.00.1", "p.0.+1", "p.0.01", "p.+0.1", "p.0. 1"] {
             assert_eq!(OrderId::parse(bad), None, "{bad:?}");
         }
     }

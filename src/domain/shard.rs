@@ -406,6 +406,31 @@ pub struct ShardAudit {
     /// Keys delivered by redemptions (paid with points), for the points cross-check.
     #[serde(skip)]
     pub redeemed: u64,
+    /// A digest of every payment this shard recorded, for [`duplicate_payments`].
+    #[serde(skip)]
+    pub payment_ids: Vec<u128>,
+}
+
+/// 128 bits of SHA-256 of a [`payment_key`].
+fn payment_digest(key: &str) -> u128 {
+    use sha2::Digest;
+    u128::from_be_bytes(sha2::Sha256::digest(key.as_bytes())[..16].try_into().expect("16 bytes"))
+}
+
+/// The process-wide half of the payment audit: a payment id (per channel) pays one
+/// order, so no two shards (of any products) may record it. Returns a violation per
+/// payment recorded twice, naming the two shards by their labels.
+pub fn duplicate_payments<'a>(shards: impl IntoIterator<Item = (String, &'a ShardAudit)>) -> Vec<String> {
+    let mut seen: HashMap<u128, String> = HashMap::new();
+    let mut violations = Vec::new();
+    for (label, audit) in shards {
+        for &id in &audit.payment_ids {
+            if let Some(other) = seen.insert(id, label.clone()) {
+                violations.push(format!("one payment id is recorded by orders of {other} and {label}"));
+            }
+        }
+    }
+    violations
 }
 
 /// The product-wide half of the audit: a key lent by one shard is in the
@@ -773,11 +798,18 @@ impl Shard {
 
     pub fn pay(&mut self, p: Payment, now_ms: Millis) -> Result<Outcome<PaymentOutcome>, DomainError> {
         if let Some(rec) = self.payments.get(&payment_key(&p.channel, &p.payment_id)) {
-            return if rec.order_seq == p.order_seq {
-                Ok(Outcome::Repeat(rec.outcome))
-            } else {
-                Err(DomainError::PaymentIdConflict)
-            };
+            if rec.order_seq != p.order_seq {
+                return Err(DomainError::PaymentIdConflict);
+            }
+            // Gateways report a payment's status changes under its one id. A status
+            // that took nothing (`pending`, ...) does not pin the id: a later `paid`
+            // is decided afresh and serves the order (a paid order is never left
+            // unserved). A repeat, or a step back (`paid`, then `pending`), is the
+            // recorded answer and changes nothing.
+            let settles_now = rec.outcome == PaymentOutcome::Ignored && p.status == "paid";
+            if !settles_now {
+                return Ok(Outcome::Repeat(rec.outcome));
+            }
         }
         let order = self.order(p.order_seq).ok_or(DomainError::OrderNotFound)?;
         let mut taken_keys = Vec::new();
@@ -1020,7 +1052,12 @@ impl Shard {
             }
             Event::PaymentApplied { record, taken_keys } => {
                 let key = payment_key(&record.channel, &record.payment_id);
-                assert!(!self.payments.contains_key(&key), "payment applied twice");
+                assert!(
+                    self.payments
+                        .get(&key)
+                        .map_or(true, |r| r.outcome == PaymentOutcome::Ignored && r.order_seq == record.order_seq),
+                    "payment applied twice"
+                );
                 let at = record.at_ms;
                 let idx = record.order_seq.checked_sub(1).expect("order seq starts at 1") as usize;
                 let before = self.orders[idx].status;
@@ -1309,6 +1346,7 @@ impl Shard {
             violations.push(format!("counters drifted: {counts:?} vs recount {audit:?}"));
         }
         audit.violations = violations;
+        audit.payment_ids = self.payments.keys().map(|k| payment_digest(k)).collect();
         audit
     }
 
@@ -1405,6 +1443,31 @@ mod tests {
             Outcome::Changed(_, seq) => seq,
             Outcome::Repeat(_) => panic!("expected a new order"),
         }
+    }
+
+    #[test]
+    fn a_pending_status_does_not_pin_the_payment_id_and_a_later_paid_serves_the_order() {
+        let mut s = shard_with_keys(2, 0);
+        let Outcome::Changed(create, seq) = s.create_order(new_order("a", 1), 0).unwrap() else { panic!() };
+        let status = |st: &str| Payment { status: st.into(), ..paid(seq, "P", 990) };
+        let mut journal = vec![create];
+        let Outcome::Changed(e, PaymentOutcome::Ignored) = s.pay(status("pending"), 1).unwrap() else { panic!() };
+        journal.push(e);
+        assert_eq!(s.pay(status("pending"), 2).unwrap(), Outcome::Repeat(PaymentOutcome::Ignored), "same status");
+        assert_eq!(s.pay(status("closed"), 2).unwrap(), Outcome::Repeat(PaymentOutcome::Ignored));
+        let Outcome::Changed(e, PaymentOutcome::Delivered) = s.pay(status("paid"), 3).unwrap() else { panic!() };
+        journal.push(e);
+        assert_eq!(s.order(seq).unwrap().status, OrderStatus::Delivered);
+        assert_eq!(s.pay(status("paid"), 4).unwrap(), Outcome::Repeat(PaymentOutcome::Delivered), "a repeat");
+        assert_eq!(s.pay(status("pending"), 5).unwrap(), Outcome::Repeat(PaymentOutcome::Delivered), "a step back");
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
+        // The journal (pending, then paid under the same id) replays to the same state.
+        let mut replayed = shard_with_keys(2, 0);
+        for e in &journal {
+            replayed.apply(e);
+        }
+        assert_eq!(replayed.order(seq).unwrap().status, OrderStatus::Delivered);
+        assert_eq!(replayed.counts(), s.counts());
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub const KEY_MAX_BYTES: usize = 256;
 pub const BUYER_MAX_BYTES: usize = 254;
 /// Longest product name, in bytes.
 pub const NAME_MAX_BYTES: usize = 200;
+/// Highest price of anything, in cents (10^12: ten billion in the currency's unit).
+pub const MAX_PRICE_CENTS: u64 = 1_000_000_000_000;
 /// Longest Idempotency-Key, payment id or nonce, in bytes.
 pub const TOKEN_MAX_BYTES: usize = 128;
 
@@ -22,8 +24,24 @@ pub fn product_id(s: &str) -> Result<(), String> {
     }
 }
 
+/// No control characters, and none of the Unicode format characters that change
+/// how the text around them is shown (bidirectional overrides and isolates,
+/// zero-width characters, the byte-order mark): a name must read as it is stored.
 fn printable(s: &str) -> bool {
-    s.chars().all(|c| !c.is_control())
+    s.chars().all(|c| !c.is_control() && !is_invisible_format(c))
+}
+
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'                     // soft hyphen
+        | '\u{061C}'                   // Arabic letter mark
+        | '\u{180E}'                   // Mongolian vowel separator
+        | '\u{200B}'..='\u{200F}'      // zero-width space/joiners, LRM, RLM
+        | '\u{202A}'..='\u{202E}'      // bidi embeddings and overrides
+        | '\u{2060}'..='\u{206F}'      // word joiner, invisible operators, bidi isolates
+        | '\u{FEFF}'                   // byte-order mark
+        | '\u{FFF9}'..='\u{FFFB}'      // interlinear annotations
+    )
 }
 
 pub fn product_name(s: &str) -> Result<(), String> {
@@ -74,6 +92,10 @@ mod tests {
         assert!(key(&"k".repeat(256)).is_ok());
         assert!(key(&"k".repeat(257)).is_err());
         assert!(key("a\tb").is_err());
+        assert!(product_name("ok \u{202E}gnp.exe").is_err(), "bidi override");
+        assert!(product_name("a\u{2066}b").is_err(), "bidi isolate");
+        assert!(buyer("a\u{200B}b").is_err(), "zero-width space");
+        assert!(product_name("卡密 (月卡)").is_ok());
         assert!(token("nonce", "abc-123").is_ok());
         assert!(token("nonce", "a b").is_err());
     }

@@ -219,16 +219,12 @@ pub async fn points_ledger(
 pub async fn redeem(
     State(st): State<AppState>,
     tier: Option<Extension<Arc<Tier>>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let core = st.core()?;
-    let key = extract::header_str(&headers, "idempotency-key")?
-        .ok_or_else(|| ApiError::invalid("Idempotency-Key: required for redemptions"))?
-        .to_string();
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: RedeemRequest = extract::json(&bytes)?;
-    check_buyer_rate(&tier, &req.buyer)?;
+    let (core, key, req) = buyer_request::<RedeemRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
+    let key = key.ok_or_else(|| ApiError::invalid("Idempotency-Key: required for redemptions"))?;
     let redeemed = core.redeem(req, &key).await?;
     super::record_order(&redeemed.order.order_id());
     let mut response = (StatusCode::CREATED, Json(views::redeemed(&redeemed))).into_response();
@@ -241,10 +237,12 @@ pub async fn redeem(
 pub async fn create_order(
     State(st): State<AppState>,
     tier: Option<Extension<Arc<Tier>>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let (core, idempotency_key, req) = buyer_request::<OrderRequest>(&st, &tier, &headers, body, |r| &r.buyer).await?;
+    let (core, idempotency_key, req) =
+        buyer_request::<OrderRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let order = core.create_order(req, idempotency_key).await?;
     Ok(order_created(&core, &order, |order_id, channel, pay_url| {
         views::order_created(&order, order_id, channel, pay_url)
@@ -297,11 +295,12 @@ pub async fn group_deals(State(st): State<AppState>, Path(id): Path<String>) -> 
 pub async fn open_group(
     State(st): State<AppState>,
     tier: Option<Extension<Arc<Tier>>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     let (core, idempotency_key, req) =
-        buyer_request::<OpenGroupRequest>(&st, &tier, &headers, body, |r| &r.buyer).await?;
+        buyer_request::<OpenGroupRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let seat = core.open_group(req, idempotency_key).await?;
     Ok(seat_created(&core, &seat))
 }
@@ -310,11 +309,13 @@ pub async fn open_group(
 pub async fn join_group(
     State(st): State<AppState>,
     tier: Option<Extension<Arc<Tier>>>,
+    caller: Caller,
     Path(group_id): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let (core, idempotency_key, req) = buyer_request::<JoinRequest>(&st, &tier, &headers, body, |r| &r.buyer).await?;
+    let (core, idempotency_key, req) =
+        buyer_request::<JoinRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let seat = core.join_group(&group_id, req, idempotency_key).await?;
     Ok(seat_created(&core, &seat))
 }
@@ -339,20 +340,50 @@ pub async fn get_group(State(st): State<AppState>, Path(group_id): Path<String>)
 }
 
 /// The start of a buyer's request that creates an order: the core, the optional
-/// `Idempotency-Key`, the body parsed strictly, and the buyer's rate limit checked.
+/// `Idempotency-Key` scoped to its caller and buyer, the body parsed strictly, and
+/// the buyer's rate limit checked.
 async fn buyer_request<T: serde::de::DeserializeOwned>(
     st: &AppState,
     tier: &Option<Extension<Arc<Tier>>>,
+    caller: &Caller,
     headers: &HeaderMap,
     body: Body,
     buyer: fn(&T) -> &String,
 ) -> ApiResult<(Arc<crate::core::Kami>, Option<String>, T)> {
     let core = st.core()?;
-    let idempotency_key = extract::header_str(headers, "idempotency-key")?.map(str::to_string);
+    let raw_key = extract::header_str(headers, "idempotency-key")?;
     let bytes = extract::body(headers, body, st.limits.max_body_bytes).await?;
     let req: T = extract::json(&bytes)?;
     check_buyer_rate(tier, buyer(&req))?;
+    let idempotency_key = raw_key.map(|k| scoped_key(caller, tier, buyer(&req), k)).transpose()?;
     Ok((core, idempotency_key, req))
+}
+
+/// Who sent a request, for scoping its Idempotency-Key: the address it came from.
+pub struct Caller(Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Caller, Self::Rejection> {
+        let addr = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+        Ok(Caller(addr.map(|c| c.0.ip())))
+    }
+}
+
+/// An Idempotency-Key means "the same request again" only from the same caller for
+/// the same buyer: the API-key tier that sent it (a verified `X-Api-Key`), or else
+/// the client's address. So a key another client guessed or sent first never
+/// replays that client's order (or its `query_token`) to anyone else, and a key
+/// reused with another body refuses only its own caller.
+fn scoped_key(caller: &Caller, tier: &Option<Extension<Arc<Tier>>>, buyer: &str, key: &str) -> ApiResult<String> {
+    crate::domain::validate::token("Idempotency-Key", key).map_err(ApiError::invalid)?;
+    let scope = match (tier, caller.0) {
+        (Some(Extension(t)), _) if t.is_keyed() => format!("key:{}", t.name),
+        (_, Some(ip)) => format!("ip:{ip}"),
+        (_, None) => "local".to_string(),
+    };
+    Ok(crate::core::scoped_idempotency_key(&scope, buyer, key))
 }
 
 /// The per-buyer rate limit of the request's tier (the rate-limit layer attaches it).

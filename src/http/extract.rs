@@ -36,18 +36,26 @@ pub fn json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 pub fn require_admin(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
-    let ok = given.len() == token.len() && bool::from(given.as_bytes().ct_eq(token.as_bytes()));
-    if ok {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
+    if secret_matches(given, token) {
         Ok(())
     } else {
         Err(ApiError::unauthorized())
     }
+}
+
+/// The token of `Authorization: Bearer <token>` (RFC 7235 and 6750): the scheme in
+/// any case, one space, then the token (visible ASCII), with nothing around it.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    // Any visible ASCII (a configured token may hold more than RFC 6750's b64token).
+    let visible = |b: u8| b.is_ascii_graphic();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && token.bytes().all(visible)).then_some(token)
+}
+
+/// Compares a secret given by a client with the expected one in constant time.
+pub fn secret_matches(given: &str, expected: &str) -> bool {
+    !expected.is_empty() && given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// A header as text, if present; a header that is not visible ASCII is 422.
@@ -55,5 +63,20 @@ pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a s
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| ApiError::invalid(format!("{name}: must be visible ASCII"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_follows_rfc_7235() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"), "the scheme is case-insensitive");
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        for bad in ["Bearer  abc", "Bearer abc ", "Bearer", "Bearer ", "Basic abc", "Bearerabc", "Bearer a b", "Bearer\tabc"] {
+            assert_eq!(bearer(bad), None, "{bad:?}");
+        }
     }
 }

@@ -64,6 +64,11 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// Whether this tier is a named one, chosen by a verified `X-Api-Key`.
+    pub fn is_keyed(&self) -> bool {
+        self.api_key.is_some()
+    }
+
     fn new(name: &str, api_key: Option<String>, l: &TierLimits, s: &RateLimitSettings) -> Tier {
         Tier {
             name: name.to_string(),

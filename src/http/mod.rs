@@ -6,8 +6,10 @@
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod intake;
 pub mod limits;
 pub mod ops;
+pub mod server;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -48,6 +50,8 @@ pub struct Shared {
     pub rate_limits: Option<limits::RateLimits>,
     /// `chaos.enabled`: whether the chaos endpoint exists at all.
     pub chaos: bool,
+    /// Bodies read before a slot is taken; slots counted across the server.
+    pub intake: Arc<intake::Intake>,
     pub started: Instant,
 }
 
@@ -66,7 +70,7 @@ impl AppState {
         let rl = &settings.rate_limits;
         AppState(Arc::new(Shared {
             core: ArcSwapOption::empty(),
-            admin_token,
+            admin_token: admin_token.clone(),
             limits: HttpLimits {
                 max_body_bytes: settings.server.max_body_bytes,
                 max_import_bytes: settings.keys.max_import_bytes,
@@ -74,6 +78,14 @@ impl AppState {
                 request_timeout: settings.request_timeout(),
             },
             chaos: settings.chaos.enabled,
+            intake: Arc::new(intake::Intake::new(
+                settings.server.max_concurrent_requests,
+                settings.server.reserved_notify_slots,
+                settings.server.max_body_bytes,
+                settings.keys.max_import_bytes,
+                Duration::from_millis(settings.server.body_timeout_ms),
+                admin_token.clone(),
+            )),
             started: Instant::now(),
             rate_limits: rl.enabled.then(|| limits::RateLimits::new(rl)),
         }))
@@ -140,32 +152,43 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .route_layer(middleware::from_fn(track))
-        .with_state(state);
+        .with_state(state.clone());
     let request_id = HeaderName::from_static("x-request-id");
     routes.layer(
         ServiceBuilder::new()
+            .map_request(drop_unusable_request_id)
             .layer(SetRequestIdLayer::new(request_id.clone(), NextRequestId::default()))
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
                 let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
                 // `order_id` is filled in by handlers that know it (see `record_order`).
                 let order_id = tracing::field::Empty;
-                tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id, order_id)
+                // Client text in log fields is bounded: the method from a closed set,
+                // the path cut at `MAX_LOGGED_PATH` bytes, the query left out.
+                let path = truncate(req.uri().path(), MAX_LOGGED_PATH);
+                tracing::info_span!("request", method = method_label(req.method()), path, request_id = %id, order_id)
             }))
             .layer(PropagateRequestIdLayer::new(request_id))
+            .layer(middleware::from_fn(error::json_errors_only))
+            .layer(middleware::from_fn_with_state(state.intake.clone(), intake::door))
             .layer(HandleErrorLayer::new(overloaded))
-            .load_shed()
-            .concurrency_limit(limits.max_concurrent_requests)
             .timeout(limits.request_timeout),
     )
+}
+
+/// The connection limits of the settings.
+pub fn conn_limits(settings: &Settings) -> server::ConnLimits {
+    server::ConnLimits {
+        max_connections: settings.server.max_connections,
+        header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
+        idle_timeout: Duration::from_secs(settings.server.idle_timeout_secs),
+        max_header_bytes: settings.server.max_header_bytes,
+    }
 }
 
 async fn overloaded(err: BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
         crate::telemetry::count_rejection("timeout");
         ApiError::from(crate::error::Error::Timeout)
-    } else if err.is::<tower::load_shed::error::Overloaded>() {
-        crate::telemetry::count_rejection("concurrency");
-        ApiError::from(crate::error::Error::Overloaded)
     } else {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())
     }
@@ -220,21 +243,77 @@ pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) ->
 
 /// Per-route request counts and latency.
 async fn track(req: Request, next: Next) -> Response {
+    // Every label value comes from a closed set: the route's template (never the
+    // path a client sent), one of the standard methods or `other`, a status code.
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("kami_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    let status = status_label(response.status());
+    metrics::counter!("kami_http_requests_total", "method" => method, "route" => route.clone(), "status" => status).increment(1);
     metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response
 }
 
+/// A request method as a metrics label or log field: the standard methods by
+/// name, anything else (hyper accepts any token, of any length) as `other`.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// A status code as a label: three digits, so at most 500 values.
+fn status_label(status: StatusCode) -> &'static str {
+    // Status codes are 100..=999 by construction (`StatusCode` refuses others).
+    static LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..1000).map(|c| c.to_string()).collect());
+    labels[status.as_u16() as usize % 1000].as_str()
+}
+
 /// Puts the order a request is about into its span (and so into its log lines).
 pub fn record_order(order_id: &str) {
     tracing::Span::current().record("order_id", order_id);
+}
+
+/// Longest request path written into a log line.
+const MAX_LOGGED_PATH: usize = 256;
+/// Longest `X-Request-Id` kept from a client (longer or unprintable ones are replaced).
+pub const MAX_REQUEST_ID: usize = 64;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A client's `X-Request-Id` is echoed and logged: one that is too long or not
+/// printable ASCII is dropped, and the server makes its own.
+fn drop_unusable_request_id(mut req: Request) -> Request {
+    let usable = |v: &axum::http::HeaderValue| {
+        v.len() <= MAX_REQUEST_ID && !v.is_empty() && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    };
+    if req.headers().get("x-request-id").is_some_and(|v| !usable(v)) {
+        req.headers_mut().remove("x-request-id");
+    }
+    req
 }
 
 #[derive(Clone, Default)]

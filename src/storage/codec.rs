@@ -61,7 +61,11 @@ pub enum CodecError {
     Truncated(usize),
     #[error("bad magic")]
     BadMagic,
-    #[error("unsupported format version {0}")]
+    #[error(
+        "unsupported format version {0} (this kami reads versions {min} to {max}; a newer one was written by a newer kami)",
+        min = OLDEST_READABLE_VERSION,
+        max = FORMAT_VERSION
+    )]
     UnsupportedVersion(u8),
     #[error("expected a {expected:?} record, found kind {found}")]
     WrongKind { expected: Kind, found: u8 },

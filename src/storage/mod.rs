@@ -52,10 +52,16 @@ pub struct StorageOptions {
     pub commit_linger: Duration,
 }
 
+/// Marker in `payment-ids` (no payment key starts with a zero byte).
+const PAYMENTS_CLAIMED: &[u8] = b"\0all-claimed";
+
 pub struct Storage {
     db: sled::Db,
     products: sled::Tree,
     snapshots: sled::Tree,
+    /// `channel/payment_id` → the order it paid, across every shard of every
+    /// product: a payment id pays one order only.
+    payment_ids: sled::Tree,
     committer: Committer,
     /// One clone per live handle on the database (this value and every `Journal`),
     /// each dropped after its sled handle: when none is left, sled's lock on the
@@ -72,9 +78,10 @@ impl Storage {
             .open()?;
         let products = db.open_tree("products")?;
         let snapshots = db.open_tree("snapshots")?;
+        let payment_ids = db.open_tree("payment-ids")?;
         let committer =
             Committer::start(db.clone(), opts.max_pending_commits, opts.max_commit_batch, opts.commit_linger);
-        Ok(Arc::new(Storage { db, products, snapshots, committer, handles: Arc::new(()) }))
+        Ok(Arc::new(Storage { db, products, snapshots, payment_ids, committer, handles: Arc::new(()) }))
     }
 
     /// Whether no process (this one included) holds the lock sled takes on the data
@@ -113,6 +120,38 @@ impl Storage {
     pub fn flush_now(&self) -> Result<(), StorageError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    // ---- payment ids ----
+
+    /// Claims payment `key` ([`crate::domain::shard::payment_key`]) for `order`.
+    /// `Ok(None)`: claimed now or before by the same order; `Ok(Some(other))`: it
+    /// pays another order. A claim is durable with the next flush, which the
+    /// payment's own journal record waits for (it is appended after the claim).
+    pub fn claim_payment(&self, key: &str, order: &str) -> Result<Option<String>, StorageError> {
+        match self.payment_ids.compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(order.as_bytes()))? {
+            Ok(()) => Ok(None),
+            Err(e) => {
+                let current = e.current.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+                Ok((current != order).then_some(current))
+            }
+        }
+    }
+
+    /// Whether the payment ids of every shard are claimed (false for a directory
+    /// written before claims existed, until [`Storage::mark_payments_claimed`]).
+    pub fn payments_claimed(&self) -> Result<bool, StorageError> {
+        Ok(self.payment_ids.contains_key(PAYMENTS_CLAIMED)?)
+    }
+
+    pub fn mark_payments_claimed(&self) -> Result<(), StorageError> {
+        self.payment_ids.insert(PAYMENTS_CLAIMED, &[])?;
+        Ok(())
+    }
+
+    /// The order payment `key` is claimed for, if any.
+    pub fn payment_claim(&self, key: &str) -> Result<Option<String>, StorageError> {
+        Ok(self.payment_ids.get(key.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     // ---- products ----
@@ -264,6 +303,8 @@ impl Storage {
         let mut findings = Vec::new();
         let mut base: Option<(u64, Shard, usize)> = None;
         let mut older_snapshots = 0u64;
+        // The newest snapshot that does not decode, if newer than the one used.
+        let mut newest_bad: Option<(u64, String)> = None;
         for kv in self.snapshots.scan_prefix(&prefix).rev() {
             let (k, v) = kv?;
             let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
@@ -276,7 +317,10 @@ impl Storage {
                     shard.rebuild_indexes();
                     base = Some((seq, shard, v.len()));
                 }
-                Err(e) => findings.push(Finding::CorruptSnapshot { seq, error: e.to_string() }),
+                Err(e) => {
+                    newest_bad.get_or_insert((seq, e.to_string()));
+                    findings.push(Finding::CorruptSnapshot { seq, error: e.to_string() })
+                }
             }
         }
         let (snapshot_seq, mut shard, snapshot_bytes) =
@@ -312,9 +356,37 @@ impl Storage {
                 }
             };
             if let Some(error) = bad {
+                // The journal's first record after the base must follow it: a gap
+                // there is a trimmed (or lost) history, not a torn tail.
+                if seq > last + 1 && last == snapshot_seq {
+                    return Err(StorageError::Corrupt {
+                        place: format!("journal/{id}"),
+                        error: format!(
+                            "it starts at record {seq} but the state it continues ends at {last}{}; nothing was changed",
+                            newest_bad.as_ref().map_or(String::new(), |(s, e)| format!(
+                                " (the snapshot at {s} does not decode: {e})"
+                            ))
+                        ),
+                    });
+                }
                 let discarded = journal.tree.range(seq.to_be_bytes()..).count() as u64;
                 findings.push(Finding::TornTail { seq, error, discarded_records: discarded });
                 break;
+            }
+        }
+        // An older snapshot stands in for an undecodable newer one only if the
+        // journal still holds every record the newer one covered. Otherwise the
+        // shard's acknowledged history is not all readable: stop, delete nothing.
+        if let Some((bad_seq, error)) = newest_bad {
+            let torn_before = findings.iter().any(|f| matches!(f, Finding::TornTail { seq, .. } if *seq <= bad_seq));
+            if last < bad_seq || torn_before {
+                return Err(StorageError::Corrupt {
+                    place: format!("snapshots/{id} at {bad_seq}"),
+                    error: format!(
+                        "the snapshot does not decode ({error}) and the journal no longer holds the records it covers \
+                         (it ends at {last}); written by a newer kami, or damaged? Nothing was changed"
+                    ),
+                });
             }
         }
         Ok(Recovered {

@@ -1,0 +1,184 @@
+//! The server's door, in front of every route: a request is read whole (its body
+//! bounded in size and in time) *before* it takes one of the server's in-flight
+//! slots, so a client that trickles its body holds a connection, never a slot.
+//! Slots are counted once across the server (`server.max_concurrent_requests`),
+//! and payment notifications have slots of their own on top
+//! (`server.reserved_notify_slots`): money already taken is heard first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+
+use super::error::ApiError;
+
+pub struct Intake {
+    /// Slots every request may take.
+    general: Arc<Semaphore>,
+    /// Slots only payment notifications take (first; then the general ones).
+    notify: Arc<Semaphore>,
+    max_body_bytes: usize,
+    max_import_bytes: usize,
+    body_timeout: Duration,
+    admin_token: String,
+}
+
+impl Intake {
+    pub fn new(
+        max_concurrent: usize,
+        reserved_notify: usize,
+        max_body_bytes: usize,
+        max_import_bytes: usize,
+        body_timeout: Duration,
+        admin_token: String,
+    ) -> Intake {
+        Intake {
+            general: Arc::new(Semaphore::new(max_concurrent)),
+            notify: Arc::new(Semaphore::new(reserved_notify)),
+            max_body_bytes,
+            max_import_bytes,
+            body_timeout,
+            admin_token,
+        }
+    }
+
+    /// Requests holding a slot now.
+    pub fn in_flight(&self, max_concurrent: usize, reserved_notify: usize) -> usize {
+        (max_concurrent - self.general.available_permits()) + (reserved_notify - self.notify.available_permits())
+    }
+
+    /// The body limit of a request: key imports by the merchant may be larger (the
+    /// token is checked before the body is read, so nobody else can send that much).
+    fn body_limit(&self, req: &Request) -> usize {
+        let import = req.method() == Method::POST && is_import_path(req.uri().path());
+        let admin = || {
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(super::extract::bearer)
+                .is_some_and(|t| super::extract::secret_matches(t, &self.admin_token))
+        };
+        if import && admin() {
+            self.max_import_bytes
+        } else {
+            self.max_body_bytes
+        }
+    }
+}
+
+fn is_import_path(path: &str) -> bool {
+    path.strip_prefix("/api/v1/products/").and_then(|rest| rest.strip_suffix("/keys")).is_some_and(|id| !id.contains('/'))
+}
+
+fn is_notify_path(path: &str) -> bool {
+    path.strip_prefix("/api/v1/payments/").and_then(|rest| rest.strip_suffix("/notify")).is_some_and(|c| !c.contains('/'))
+}
+
+/// Most bytes read and thrown away after a 413, so that a client that writes its
+/// whole body before reading sees the answer (RFC 9112 9.6: close lingeringly).
+const MAX_DRAINED_BYTES: u64 = 4 << 20;
+
+/// The door (a `from_fn_with_state` middleware).
+pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -> Response {
+    // (A request with both Transfer-Encoding and Content-Length never reaches this
+    // point with both: hyper reads it by Transfer-Encoding alone, drops
+    // Content-Length and closes the connection after the answer, RFC 9112 6.3.)
+    let limit = intake.body_limit(&req);
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        // Answered now; what the client still writes is read and dropped meanwhile
+        // (the connection closes after), at most one such task per connection.
+        if declared.is_some_and(|len| len <= MAX_DRAINED_BYTES) {
+            tokio::spawn(drain(body, intake.body_timeout));
+        }
+        return closing(ApiError::too_large(limit));
+    }
+    let bytes = match tokio::time::timeout(intake.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => {
+            crate::telemetry::count_rejection("slow_body");
+            return closing(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {} ms", intake.body_timeout.as_millis()),
+            ));
+        }
+        Ok(Err(e)) if is_too_large(&e) => return closing(ApiError::too_large(limit)),
+        Ok(Err(e)) => {
+            return closing(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("could not read the request body: {e}"),
+            ))
+        }
+        Ok(Ok(bytes)) => bytes,
+    };
+    let notify = parts.method == Method::POST && is_notify_path(parts.uri.path());
+    let permit = if notify {
+        intake.notify.clone().try_acquire_owned().or_else(|_| intake.general.clone().try_acquire_owned())
+    } else {
+        intake.general.clone().try_acquire_owned()
+    };
+    let Ok(_permit) = permit else {
+        crate::telemetry::count_rejection("concurrency");
+        return ApiError::from(crate::error::Error::Overloaded).into_response();
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Reads and drops what the client still sends, within `timeout`.
+async fn drain(body: Body, timeout: Duration) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let _ = tokio::time::timeout(timeout, async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > MAX_DRAINED_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// An error after which the connection is closed (the body may be unread).
+fn closing(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert!(is_import_path("/api/v1/products/p1/keys"));
+        assert!(!is_import_path("/api/v1/products/p1/x/keys"));
+        assert!(!is_import_path("/api/v1/products/p1"));
+        assert!(is_notify_path("/api/v1/payments/sandbox/notify"));
+        assert!(!is_notify_path("/api/v1/payments/a/b/notify"));
+    }
+}

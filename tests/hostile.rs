@@ -1,0 +1,380 @@
+//! kami's own attack suite: what an outside attacker tried, kept so it stays fixed.
+//! Families: memory grown by client input, payment status changes, order hijack
+//! through a guessed Idempotency-Key, slow and greedy clients, one payment id for
+//! two orders, and malformed edges of HTTP. Each test asserts what the attack
+//! would change if the defence were removed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr(api: &Api) -> String {
+    api.url.trim_start_matches("http://").to_string()
+}
+
+/// Writes `raw` on a new connection and reads until the server closes it or a full
+/// answer (head + Content-Length body) arrived. Returns (status, head, body).
+async fn raw_exchange(addr: &str, raw: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    read_answer(&mut stream).await
+}
+
+async fn read_answer(stream: &mut TcpStream) -> (u16, String, Vec<u8>) {
+    let mut response = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .expect("an answer within 30 s")
+            .unwrap_or(0);
+        response.extend_from_slice(&buf[..n]);
+        if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..split]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            if response.len() >= split + 4 + len {
+                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                return (status, head, response[split + 4..split + 4 + len].to_vec());
+            }
+        }
+        if n == 0 {
+            panic!("connection closed before a full answer: {:?}", String::from_utf8_lossy(&response));
+        }
+    }
+}
+
+fn json_code(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not a JSON error: {:?}", String::from_utf8_lossy(body)));
+    v["error"]["code"].as_str().expect("error.code").to_string()
+}
+
+/// Waits until the server closes `stream` (reads return 0 or fail).
+async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+// ---- 1. memory grown by client input ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_methods_and_paths_do_not_become_metric_labels_or_log_fields() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    let a = addr(&api);
+    let before = api.metrics().await.len();
+    for i in 0..40 {
+        let method = format!("{}{i}", "X".repeat(20_000));
+        let raw = format!("{method} /api/v1/orders HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n");
+        let (status, _, body) = raw_exchange(&a, raw.as_bytes()).await;
+        assert_eq!(status, 405);
+        assert_eq!(json_code(&body), "method_not_allowed");
+        let path = format!("/api/v1/orders/{}{i}", "p".repeat(5_000));
+        let r = reply(api.http.get(format!("{}{path}", api.url)).header("X-Order-Token", "t")).await;
+        assert_eq!(r.status, 404);
+    }
+    let text = api.metrics().await;
+    assert!(!text.contains("XXXXXXXX"), "an invented method became a label");
+    assert!(!text.contains("pppppppp"), "a client's path became a label");
+    assert!(text.contains(r#"method="other""#), "unknown methods are counted as `other`");
+    // 80 hostile requests add a few series (route templates × statuses), not 80 × 20 KB.
+    assert!(text.len() < before + 16_384, "metrics grew from {before} to {} bytes", text.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_id_is_replaced_not_echoed() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    let long = "r".repeat(5_000);
+    let r = reply(api.http.get(format!("{}/healthz", api.url)).header("X-Request-Id", &long)).await;
+    let echoed = r.headers["x-request-id"].to_str().unwrap();
+    assert!(echoed.len() <= 64 && echoed != long, "{echoed}");
+    let r = reply(api.http.get(format!("{}/healthz", api.url)).header("X-Request-Id", "trace-42")).await;
+    assert_eq!(r.headers["x-request-id"], "trace-42", "a sensible id is kept");
+}
+
+// ---- 2. payment status changes under one payment id ----
+
+fn notification(order_id: &str, payment_id: &str, amount: u64, status: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "order_id": order_id, "payment_id": payment_id, "amount_cents": amount, "status": status,
+        "timestamp": now_secs(), "nonce": format!("{:032x}", rand::random::<u128>()),
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paid_after_pending_under_one_payment_id_serves_the_order() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("p", 2, 0).await;
+    let o = api.order("p", 1, "alice", None).await;
+    let (id, token) = (o.body["order_id"].as_str().unwrap(), o.body["query_token"].as_str().unwrap());
+    for status in ["pending", "pending", "paid", "paid", "pending"] {
+        let r = api.notify_raw("sandbox", &notification(id, "P-1", 990, status), SECRET).await;
+        assert_eq!(r.status, 200, "{status}: {}", r.body);
+    }
+    let order = api.get_order(id, token).await;
+    assert_eq!(order.body["status"], "delivered", "{}", order.body);
+    assert_eq!(order.body["keys"].as_array().unwrap().len(), 1);
+    assert_audit_ok(&api.audit().await);
+}
+
+// ---- 3. order hijack through a guessed Idempotency-Key ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_first_by_another_client_never_replays_its_order_to_the_victim() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("p", 5, 0).await;
+    // The attacker connects from another loopback address.
+    let attacker = reqwest::Client::builder().local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap()).build().unwrap();
+    let body = json!({"product_id": "p", "quantity": 1, "buyer": "victim@example.com"});
+    let send = |client: &reqwest::Client, body: &Value, key: &str| {
+        client.post(format!("{}/api/v1/orders", api.url)).header("Idempotency-Key", key).json(body)
+    };
+    let theirs = reply(send(&attacker, &body, "cart-42")).await;
+    assert_eq!(theirs.status, 201, "{}", theirs.body);
+    let mine = reply(send(&api.http, &body, "cart-42")).await;
+    assert_eq!(mine.status, 201, "{}", mine.body);
+    assert_ne!(mine.body["order_id"], theirs.body["order_id"], "the victim got the attacker's order");
+    assert_ne!(mine.body["query_token"], theirs.body["query_token"]);
+    assert!(mine.headers.get("idempotent-replayed").is_none());
+    // The victim's own retry is a replay of the victim's order.
+    let again = reply(send(&api.http, &body, "cart-42")).await;
+    assert_eq!(again.body["order_id"], mine.body["order_id"]);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+
+    // A key the attacker reused with another body refuses only the attacker.
+    let other = json!({"product_id": "p", "quantity": 2, "buyer": "victim@example.com"});
+    let spoiled = reply(send(&attacker, &other, "cart-43")).await;
+    assert_eq!(spoiled.status, 201);
+    let refused = reply(send(&attacker, &body, "cart-43")).await;
+    assert_eq!((refused.status, refused.code()), (422, "idempotency_key_reused"));
+    let fine = reply(send(&api.http, &body, "cart-43")).await;
+    assert_eq!(fine.status, 201, "the victim is not locked out: {}", fine.body);
+}
+
+// ---- 4. slow and greedy clients ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_bodies_hold_no_slot_and_a_genuine_notification_is_heard() {
+    let t = TestApp::spawn_with(&[
+        ("server.max_concurrent_requests", "4"),
+        ("server.reserved_notify_slots", "2"),
+        ("server.body_timeout_ms", "20000"),
+    ])
+    .await;
+    let api = t.api();
+    api.product_with_keys("p", 3, 0).await;
+    let o = api.order("p", 1, "alice", None).await;
+    let id = o.body["order_id"].as_str().unwrap().to_string();
+    let a = addr(&api);
+    // 40 connections send a notification's head and a few bytes of its body, and more orders'.
+    let mut tricklers = Vec::new();
+    for i in 0..40 {
+        let path = if i % 2 == 0 { "/api/v1/payments/sandbox/notify" } else { "/api/v1/orders" };
+        let mut s = TcpStream::connect(&a).await.unwrap();
+        let head = format!("POST {path} HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{{\"a\"");
+        s.write_all(head.as_bytes()).await.unwrap();
+        tricklers.push(s);
+    }
+    // Every trickler's request has reached the server (each answered /readyz-style probe proves the accept loop ran).
+    let n = api.notify(&id, "pay-1", 990).await;
+    assert_eq!(n.status, 200, "{}", n.body);
+    let honest = api.order("p", 1, "bob", None).await;
+    assert_eq!(honest.status, 201, "an honest order is served: {}", honest.body);
+    drop(tricklers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_is_408_json() {
+    let t = TestApp::spawn_with(&[("server.body_timeout_ms", "300")]).await;
+    let api = t.api();
+    let mut s = TcpStream::connect(addr(&api)).await.unwrap();
+    s.write_all(b"POST /api/v1/orders HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
+        .await
+        .unwrap();
+    let (status, head, body) = read_answer(&mut s).await;
+    assert_eq!(status, 408);
+    assert_eq!(json_code(&body), "request_timeout");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_do_not_arrive_in_time_close_the_connection() {
+    let t = TestApp::spawn_with(&[("server.header_read_timeout_ms", "300")]).await;
+    let api = t.api();
+    let mut s = TcpStream::connect(addr(&api)).await.unwrap();
+    s.write_all(b"POST /api/v1/orders HTTP/1.1\r\nHost: k\r\nX-Slow: ").await.unwrap();
+    assert!(closed_by_server(&mut s, Duration::from_secs(20)).await, "a slow head keeps its connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    let t = TestApp::spawn_with(&[("server.idle_timeout_secs", "1"), ("server.header_read_timeout_ms", "60000")]).await;
+    let api = t.api();
+    let mut s = TcpStream::connect(addr(&api)).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n").await.unwrap();
+    let (status, _, _) = read_answer(&mut s).await;
+    assert_eq!(status, 200);
+    assert!(closed_by_server(&mut s, Duration::from_secs(20)).await, "an idle connection stays open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_get_a_json_503() {
+    let t = TestApp::spawn_with(&[("server.max_connections", "8")]).await;
+    let api = t.api();
+    let a = addr(&api);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(&a).await.unwrap();
+        // A completed request proves the server holds this connection.
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n").await.unwrap();
+        assert_eq!(read_answer(&mut s).await.0, 200);
+        held.push(s);
+    }
+    let (status, head, body) = raw_exchange(&a, b"GET /healthz HTTP/1.1\r\nHost: k\r\n\r\n").await;
+    assert_eq!(status, 503);
+    assert_eq!(json_code(&body), "overloaded");
+    assert!(head.to_ascii_lowercase().contains("connection: close"));
+    drop(held);
+    // Slots come back when connections close.
+    assert!(
+        api.eventually(Duration::from_secs(20), || async {
+            raw_exchange(&a, b"GET /healthz HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n").await.0 == 200
+        })
+        .await
+    );
+}
+
+// ---- 8. one payment id, two orders ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_payment_id_pays_one_order_across_products_and_shards() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("a", 2, 0).await;
+    api.product_with_keys("b", 2, 0).await;
+    let first = api.order("a", 1, "alice", None).await;
+    let second = api.order("b", 1, "bob", None).await;
+    let (a_id, b_id) = (first.body["order_id"].as_str().unwrap(), second.body["order_id"].as_str().unwrap());
+    assert_eq!(api.notify(a_id, "P-shared", 990).await.status, 200);
+    let again = api.notify(b_id, "P-shared", 990).await;
+    assert_eq!((again.status, again.code()), (409, "payment_id_conflict"), "{}", again.body);
+    let b = api.admin_order(b_id).await;
+    assert_eq!(b.body["status"], "pending_payment", "{}", b.body);
+    // The first order's own retry is still a replay.
+    assert_eq!(api.notify(a_id, "P-shared", 990).await.status, 200);
+    assert_audit_ok(&api.audit().await);
+}
+
+// ---- 10. edges ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_canonical_order_ids_do_not_resolve() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("p", 2, 0).await;
+    let o = api.order("p", 1, "alice", None).await;
+    assert_eq!(o.body["order_id"], "p.0.1");
+    let token = o.body["query_token"].as_str().unwrap();
+    assert_eq!(api.get_order("p.0.1", token).await.status, 200);
+    for alias in ["p.00.1", "p.0.+1", "p.0.01", "p.+0.1"] {
+        let r = api.get_order(alias, token).await;
+        assert_eq!((r.status, r.code()), (404, "order_not_found"), "{alias}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_scheme_is_case_insensitive_with_exactly_one_space() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    let audit = |auth: String| reply(api.http.get(format!("{}/api/v1/admin/audit", api.url)).header("Authorization", auth));
+    assert_eq!(audit(format!("Bearer {ADMIN}")).await.status, 200);
+    assert_eq!(audit(format!("bearer {ADMIN}")).await.status, 200);
+    // (Whitespace around a header value is not part of it: RFC 9110 5.5.)
+    for bad in [format!("Bearer  {ADMIN}"), format!("Bearer\t{ADMIN}"), format!("Basic {ADMIN}"), ADMIN.to_string()] {
+        let r = audit(bad.clone()).await;
+        assert_eq!((r.status, r.code()), (401, "unauthorized"), "{bad:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_gets_json_errors() {
+    let t = TestApp::spawn_with(&[("server.max_header_bytes", "8192")]).await;
+    let api = t.api();
+    let a = addr(&api);
+    // Invalid UTF-8 in a path parameter.
+    let (status, _, body) = raw_exchange(&a, b"GET /api/v1/orders/%FF%FE HTTP/1.1\r\nHost: k\r\nX-Order-Token: t\r\n\r\n").await;
+    assert!(status == 400 || status == 404, "{status}");
+    json_code(&body);
+    // Headers larger than the limit (hyper answers itself).
+    let big = format!("GET /healthz HTTP/1.1\r\nHost: k\r\nX-Big: {}\r\n\r\n", "b".repeat(20_000));
+    let (status, head, body) = raw_exchange(&a, big.as_bytes()).await;
+    assert_eq!(status, 431, "{head}");
+    assert_eq!(json_code(&body), "headers_too_large");
+    // Not HTTP at all.
+    let (status, _, body) = raw_exchange(&a, b"HELLO THERE\r\n\r\n").await;
+    assert_eq!(status, 400);
+    assert_eq!(json_code(&body), "bad_request");
+    // Both Transfer-Encoding and Content-Length (RFC 9112 6.3): read by
+    // Transfer-Encoding alone, and the connection is closed after the answer, so
+    // nothing smuggled behind the body is ever served.
+    let smuggle = b"POST /api/v1/orders HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/v1/admin/audit HTTP/1.1\r\nHost: k\r\n\r\n";
+    let mut s = TcpStream::connect(&a).await.unwrap();
+    s.write_all(smuggle).await.unwrap();
+    let (status, head, body) = read_answer(&mut s).await;
+    assert_eq!(status, 400, "{head}");
+    assert_eq!(json_code(&body), "malformed_json", "the empty chunked body was read");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await.expect("closed");
+    assert!(rest.is_empty(), "a smuggled request was answered: {:?}", String::from_utf8_lossy(&rest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_answered_413_with_connection_close_even_when_fully_written() {
+    let t = TestApp::spawn_with(&[("server.max_body_bytes", "2048")]).await;
+    let api = t.api();
+    let body = format!("{{\"buyer\": \"{}\"}}", "x".repeat(200_000));
+    let raw = format!(
+        "POST /api/v1/orders HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The client writes everything before reading.
+    let (status, head, answer) = raw_exchange(&addr(&api), raw.as_bytes()).await;
+    assert_eq!(status, 413);
+    assert_eq!(json_code(&answer), "payload_too_large");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_bidi_or_invisible_characters_and_huge_deal_prices_are_refused() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    for name in ["Game \u{202E}yek", "a\u{2066}b", "zero\u{200B}width"] {
+        let body = json!({"id": "p", "name": name, "price_cents": 100, "per_buyer_limit": 0});
+        let r = reply(api.admin(api.http.post(format!("{}/api/v1/products", api.url))).json(&body)).await;
+        assert_eq!((r.status, r.code()), (422, "invalid_request"), "{name:?}");
+    }
+    api.product_with_keys("p", 2, 0).await;
+    let deal = json!({"deal_id": "d", "group_size": 2, "price_cents": u64::MAX, "time_limit_secs": 60});
+    let r = reply(api.admin(api.http.post(format!("{}/api/v1/products/p/group-deals", api.url))).json(&deal)).await;
+    assert_eq!((r.status, r.code()), (422, "invalid_request"), "{}", r.body);
+}
