@@ -27,6 +27,23 @@ pub struct Settings {
     pub rate_limits: RateLimitSettings,
     pub chaos: ChaosSettings,
     pub log: LogSettings,
+    pub ops: OpsSettings,
+    pub buyers: BuyerSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsSettings {
+    /// Empty: `/metrics` and `/status.json` answer anyone.
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuyerSettings {
+    /// Key of the buyer tokens storefronts pass (`X-Buyer-Token`); empty: derived
+    /// from the admin token.
+    pub token_secret: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -329,6 +346,11 @@ impl Settings {
         )?;
         check(self.actors.max_queue_wait_ms <= 600_000, "actors.max_queue_wait_ms", "must be at most 600000")?;
         check(!self.admin.token.contains(char::is_whitespace), "admin.token", "must not contain white space")?;
+        check(
+            self.ops.token.bytes().all(|b| b.is_ascii_graphic()),
+            "ops.token",
+            "must be visible ASCII without white space",
+        )?;
         check((1..=1024).contains(&self.products.max_shards), "products.max_shards", "must be 1..=1024")?;
         check(
             (1..=crate::domain::shard::MAX_KEYS_PER_EVENT).contains(&self.products.max_transfer_keys),

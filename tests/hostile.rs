@@ -378,3 +378,32 @@ async fn names_with_bidi_or_invisible_characters_and_huge_deal_prices_are_refuse
     let r = reply(api.admin(api.http.post(format!("{}/api/v1/products/p/group-deals", api.url))).json(&deal)).await;
     assert_eq!((r.status, r.code()), (422, "invalid_request"), "{}", r.body);
 }
+
+// ---- 9. privacy ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_is_read_only_with_the_buyers_token_and_ops_data_with_the_ops_token() {
+    let t = TestApp::spawn_with(&[("ops.token", "ops-secret-token"), ("buyers.token_secret", "storefront-key")]).await;
+    let api = t.api();
+    let url = format!("{}/api/v1/buyers/alice@example.com/points", api.url);
+    let anonymous = reply(api.http.get(&url)).await;
+    assert_eq!((anonymous.status, anonymous.code()), (401, "unauthorized"));
+    // The storefront computes the token from the secret it shares with kami.
+    let token = |buyer: &str| kami::domain::signature::buyer_token(b"storefront-key", buyer);
+    let bob_s = reply(api.http.get(&url).header("X-Buyer-Token", token("bob@example.com"))).await;
+    assert_eq!(bob_s.status, 401, "another buyer's token");
+    let own = reply(api.http.get(&url).header("X-Buyer-Token", token("alice@example.com"))).await;
+    assert_eq!(own.status, 200, "{}", own.body);
+    let handed_out = reply(api.admin(api.http.get(format!("{}/api/v1/admin/buyers/alice@example.com/token", api.url)))).await;
+    assert_eq!(handed_out.body["token"], token("alice@example.com"));
+    assert_eq!(reply(api.admin(api.http.get(&url))).await.status, 200, "the merchant reads any balance");
+
+    for path in ["/metrics", "/status.json"] {
+        let r = api.http.get(format!("{}{path}", api.url)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without the ops token");
+        let r = api.http.get(format!("{}{path}", api.url)).bearer_auth("ops-secret-token").send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path} with it");
+    }
+    let page = api.http.get(format!("{}/status.json?token=ops-secret-token", api.url)).send().await.unwrap();
+    assert_eq!(page.status(), 200, "the status page passes its ?token= on");
+}

@@ -17,8 +17,11 @@ impl Api {
         reply(self.admin(self.http.post(url)).json(&json!({"request_id": request_id, "delta": delta}))).await
     }
 
+    /// A buyer's balance as the storefront reads it: with the buyer's token.
     async fn points(&self, buyer: &str) -> Reply {
-        reply(self.http.get(format!("{}/api/v1/buyers/{buyer}/points", self.url))).await
+        let token = reply(self.admin(self.http.get(format!("{}/api/v1/admin/buyers/{buyer}/token", self.url)))).await;
+        let token = token.body["token"].as_str().expect("a buyer token").to_string();
+        reply(self.http.get(format!("{}/api/v1/buyers/{buyer}/points", self.url)).header("X-Buyer-Token", token)).await
     }
 
     async fn ledger(&self, buyer: &str) -> Reply {

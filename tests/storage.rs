@@ -173,3 +173,38 @@ async fn an_interrupted_trim_is_finished_at_recovery() {
     assert!(storage.journal(&id).unwrap().raw(1).unwrap().is_none());
     same_state(&live, &storage.recover(&id, &product()).unwrap().shard);
 }
+
+/// A snapshot this binary cannot read (written by a newer format version, say) after
+/// the journal it covers was trimmed: recovery stops and names it, and deletes
+/// nothing. Falling back to an empty shard would have treated the whole journal as
+/// a torn tail and removed it.
+#[tokio::test]
+async fn an_unreadable_snapshot_over_a_trimmed_journal_stops_recovery_and_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = open_storage(dir.path());
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let seq1 = drive(&storage, &mut live, 0, 6);
+    storage.write_snapshot(&id, seq1, &live).unwrap();
+    let journal = storage.journal(&id).unwrap();
+    storage.trim(&id, &journal, seq1).unwrap();
+    let at_seq1 = live.clone();
+    let seq2 = drive(&storage, &mut live, seq1, 4);
+    // The same snapshot as a newer kami would have written it.
+    let mut newer = kami::storage::codec::encode(kami::storage::codec::Kind::Snapshot, &at_seq1);
+    newer[4] = kami::storage::codec::FORMAT_VERSION + 1;
+    storage.write_snapshot_raw(&id, seq1, &newer).unwrap();
+
+    let err = storage.recover(&id, &product()).err().expect("recovery refuses");
+    let text = err.to_string();
+    assert!(text.contains(&format!("snapshots/{id} at {seq1}")), "{text}");
+    assert!(text.contains("unsupported format version"), "{text}");
+    for s in seq1 + 1..=seq2 {
+        assert!(journal.raw(s).unwrap().is_some(), "journal record {s} was deleted");
+    }
+    // With the snapshot readable again, the shard comes back whole.
+    storage.write_snapshot(&id, seq1, &at_seq1).unwrap();
+    let r = storage.recover(&id, &product()).unwrap();
+    assert_eq!(r.last_seq, seq2);
+    same_state(&live, &r.shard);
+}

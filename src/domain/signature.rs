@@ -14,6 +14,18 @@ fn mac(secret: &[u8], body: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// A buyer's read token: `hex(HMAC-SHA256(secret, buyer))`, what a storefront
+/// passes as `X-Buyer-Token` to read that buyer's points.
+pub fn buyer_token(secret: &[u8], buyer: &str) -> String {
+    hex::encode(mac(secret, buyer.as_bytes()))
+}
+
+/// Whether `given` is `buyer`'s token, compared in constant time.
+pub fn verify_buyer_token(secret: &[u8], buyer: &str, given: &str) -> bool {
+    let expected = buyer_token(secret, buyer);
+    given.len() == expected.len() && bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+}
+
 /// The header value a channel sends for `body`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("{PREFIX}{}", hex::encode(mac(secret, body)))

@@ -176,10 +176,28 @@ pub async fn adjust_points(
     Ok(Json(views::balance(&buyer, &balance)))
 }
 
-/// `GET /api/v1/buyers/{buyer}/points`.
-pub async fn get_points(State(st): State<AppState>, Path(buyer): Path<String>) -> ApiResult<Json<Value>> {
+/// `GET /api/v1/buyers/{buyer}/points` with the buyer's `X-Buyer-Token` (or the
+/// admin token): a balance is the buyer's business only.
+pub async fn get_points(
+    State(st): State<AppState>,
+    Path(buyer): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    st.require_buyer(&headers, &buyer)?;
     let (balance, _) = st.core()?.points_statement(&buyer, 0).await?;
     Ok(Json(views::balance(&buyer, &balance)))
+}
+
+/// `GET /api/v1/admin/buyers/{buyer}/token` (merchant): the buyer's `X-Buyer-Token`,
+/// for a storefront that does not compute it itself.
+pub async fn buyer_token(
+    State(st): State<AppState>,
+    Path(buyer): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    crate::domain::validate::buyer(&buyer).map_err(ApiError::invalid)?;
+    Ok(Json(json!({"buyer": buyer, "token": st.buyer_token(&buyer)})))
 }
 
 /// `?limit=N` of a listing.

@@ -52,6 +52,10 @@ pub struct Shared {
     pub chaos: bool,
     /// Bodies read before a slot is taken; slots counted across the server.
     pub intake: Arc<intake::Intake>,
+    /// `ops.token` (empty: metrics and status answer anyone).
+    ops_token: String,
+    /// Key of buyer tokens (`X-Buyer-Token`).
+    buyer_secret: Vec<u8>,
     pub started: Instant,
 }
 
@@ -87,6 +91,13 @@ impl AppState {
                 admin_token.clone(),
             )),
             started: Instant::now(),
+            ops_token: settings.ops.token.clone(),
+            buyer_secret: if settings.buyers.token_secret.is_empty() {
+                // Stable as long as the admin token is.
+                crate::domain::signature::buyer_token(admin_token.as_bytes(), "kami buyer tokens").into_bytes()
+            } else {
+                settings.buyers.token_secret.clone().into_bytes()
+            },
             rate_limits: rl.enabled.then(|| limits::RateLimits::new(rl)),
         }))
     }
@@ -111,6 +122,56 @@ impl AppState {
     fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
         extract::require_admin(headers, &self.admin_token)
     }
+
+    /// Operations data (metrics, status): open when no `ops.token` is set, else the
+    /// ops or the admin token, as `Authorization: Bearer` or `?token=`.
+    fn require_ops(&self, headers: &axum::http::HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
+        if self.ops_token.is_empty() {
+            return Ok(());
+        }
+        let from_query = query.and_then(|q| {
+            q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_string)
+        });
+        let from_header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(extract::bearer)
+            .map(str::to_string);
+        let ok = [from_header, from_query].into_iter().flatten().any(|given| {
+            extract::secret_matches(&given, &self.ops_token) || extract::secret_matches(&given, &self.admin_token)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong ops token (`Authorization: Bearer <ops.token>` or `?token=`)",
+            ))
+        }
+    }
+
+    /// A buyer's own data: their `X-Buyer-Token`, or the admin token.
+    fn require_buyer(&self, headers: &axum::http::HeaderMap, buyer: &str) -> Result<(), ApiError> {
+        if self.require_admin(headers).is_ok() {
+            return Ok(());
+        }
+        let given = extract::header_str(headers, "x-buyer-token").ok().flatten().unwrap_or("");
+        if crate::domain::signature::verify_buyer_token(&self.buyer_secret, buyer, given) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong X-Buyer-Token (or `Authorization: Bearer <admin token>`)",
+            ))
+        }
+    }
+
+    /// The `X-Buyer-Token` of `buyer`.
+    pub fn buyer_token(&self, buyer: &str) -> String {
+        crate::domain::signature::buyer_token(&self.buyer_secret, buyer)
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -132,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/buyers/{buyer}/points", post(api::adjust_points))
         .route("/api/v1/admin/buyers/{buyer}/points/ledger", get(api::points_ledger))
         .route("/api/v1/buyers/{buyer}/points", get(api::get_points))
+        .route("/api/v1/admin/buyers/{buyer}/token", get(api::buyer_token))
         .route("/api/v1/redemptions", post(api::redeem))
         .route("/api/v1/products/{id}/group-deals", post(api::create_group_deal).get(api::group_deals))
         .route("/api/v1/products/{id}/group-deals/{deal_id}/groups", get(api::open_groups))

@@ -19,7 +19,12 @@ pub async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value
     Ok(Json(json!({"status": "ready"})))
 }
 
-pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<impl IntoResponse, ApiError> {
+    st.require_ops(&headers, uri.query())?;
     if let Ok(core) = st.core() {
         for (id, route) in core.registry().all().iter() {
             let c = route.counts();
@@ -40,7 +45,7 @@ pub async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     metrics::gauge!("kami_payment_conversion_ratio").set(crate::telemetry::conversion_ratio());
     let handle = crate::telemetry::metrics_handle();
     handle.run_upkeep();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render())
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()))
 }
 
 /// The operator's live page: static HTML whose script polls `/status.json` every
@@ -54,9 +59,14 @@ const MAX_STATUS_PRODUCTS: usize = 200;
 
 /// What the status page shows: per product stock, orders and its line; payment
 /// channels; refused requests. Totals since start; the page turns them into rates.
-pub async fn status_json(State(st): State<AppState>) -> Json<serde_json::Value> {
+pub async fn status_json(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.require_ops(&headers, uri.query())?;
     let Ok(core) = st.core() else {
-        return Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs()}));
+        return Ok(Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs()})));
     };
     let mut products: Vec<serde_json::Value> = core
         .registry()
@@ -92,14 +102,14 @@ pub async fn status_json(State(st): State<AppState>) -> Json<serde_json::Value> 
     let rejected: serde_json::Map<String, serde_json::Value> =
         crate::telemetry::rejections().map(|(r, n)| (r.to_string(), json!(n))).collect();
     let (created, delivered) = crate::telemetry::order_totals();
-    Json(json!({
+    Ok(Json(json!({
         "ready": true,
         "uptime_secs": st.started.elapsed().as_secs(),
         "products": products,
         "channels": channels,
         "rejected": rejected,
         "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},
-    }))
+    })))
 }
 
 pub async fn not_found() -> ApiError {

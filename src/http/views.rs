@@ -131,9 +131,23 @@ pub fn deal(d: &GroupDeal) -> Value {
     })
 }
 
-/// Other members see a buyer's first two characters only.
-fn masked(buyer: &str) -> String {
-    buyer.chars().take(2).chain("***".chars()).collect()
+/// Other members see at most the first two characters of a buyer, and never more
+/// than half of them (a buyer of one character shows nothing).
+pub fn masked(buyer: &str) -> String {
+    let shown = (buyer.chars().count() / 2).min(2);
+    buyer.chars().take(shown).chain("***".chars()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masking_never_shows_more_than_half() {
+        assert_eq!(super::masked("a"), "***");
+        assert_eq!(super::masked("ab"), "a***");
+        assert_eq!(super::masked("abc"), "a***");
+        assert_eq!(super::masked("alice@example.com"), "al***");
+        assert_eq!(super::masked("买家一号"), "买家***");
+    }
 }
 
 /// A group and its members: who holds a seat (or held one when the group ended),

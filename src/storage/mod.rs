@@ -359,14 +359,19 @@ impl Storage {
                 // The journal's first record after the base must follow it: a gap
                 // there is a trimmed (or lost) history, not a torn tail.
                 if seq > last + 1 && last == snapshot_seq {
-                    return Err(StorageError::Corrupt {
-                        place: format!("journal/{id}"),
-                        error: format!(
-                            "it starts at record {seq} but the state it continues ends at {last}{}; nothing was changed",
-                            newest_bad.as_ref().map_or(String::new(), |(s, e)| format!(
-                                " (the snapshot at {s} does not decode: {e})"
-                            ))
-                        ),
+                    let journal_starts = format!("the journal starts at record {seq}, after a gap from {last}");
+                    return Err(match &newest_bad {
+                        Some((bad_seq, error)) => StorageError::Corrupt {
+                            place: format!("snapshots/{id} at {bad_seq}"),
+                            error: format!(
+                                "the snapshot does not decode ({error}) and {journal_starts}: written by a newer \
+                                 kami, or damaged? Nothing was changed"
+                            ),
+                        },
+                        None => StorageError::Corrupt {
+                            place: format!("journal/{id}"),
+                            error: format!("{journal_starts} and no snapshot covers it; nothing was changed"),
+                        },
                     });
                 }
                 let discarded = journal.tree.range(seq.to_be_bytes()..).count() as u64;
