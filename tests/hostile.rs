@@ -407,3 +407,35 @@ async fn a_balance_is_read_only_with_the_buyers_token_and_ops_data_with_the_ops_
     let page = api.http.get(format!("{}/status.json?token=ops-secret-token", api.url)).send().await.unwrap();
     assert_eq!(page.status(), 200, "the status page passes its ?token= on");
 }
+
+// ---- 7. group sabotage ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_buyer_cannot_churn_a_group_to_death() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("p", 10, 0).await;
+    let deal = json!({"deal_id": "d", "group_size": 3, "price_cents": 500, "time_limit_secs": 600});
+    let r = reply(api.admin(api.http.post(format!("{}/api/v1/products/p/group-deals", api.url))).json(&deal)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let open = json!({"product_id": "p", "deal_id": "d", "buyer": "owner"});
+    let opened = reply(api.http.post(format!("{}/api/v1/groups", api.url)).json(&open)).await;
+    let group_id = opened.body["group"]["group_id"].as_str().unwrap().to_string();
+    let join = |buyer: &str| {
+        api.http.post(format!("{}/api/v1/groups/{group_id}/join", api.url)).json(&json!({"buyer": buyer}))
+    };
+    for _ in 0..2 {
+        let seat = reply(join("churner")).await;
+        assert_eq!(seat.status, 201, "{}", seat.body);
+        let order = &seat.body["order"];
+        let c = api.cancel(order["order_id"].as_str().unwrap(), order["query_token"].as_str().unwrap()).await;
+        assert_eq!(c.status, 200);
+    }
+    let third = reply(join("churner")).await;
+    assert_eq!((third.status, third.code()), (409, "left_group_too_often"), "{}", third.body);
+    let g = reply(api.http.get(format!("{}/api/v1/groups/{group_id}", api.url))).await;
+    assert_eq!(g.body["seats_left"], 2, "{}", g.body);
+    for buyer in ["honest-1", "honest-2"] {
+        assert_eq!(reply(join(buyer)).await.status, 201, "an honest buyer takes a seat");
+    }
+}

@@ -241,6 +241,8 @@ pub struct GroupSnapshot {
     pub members: Vec<Order>,
     /// `(seats taken, seats paid)` (`Shard::seats`).
     pub seats: (u32, u32),
+    /// Seats that can still be taken (`Shard::seats_open`).
+    pub seats_open: u32,
 }
 
 impl GroupSnapshot {
@@ -580,6 +582,7 @@ impl ShardActor {
             shard: self.id.shard,
             members,
             seats,
+            seats_open: live.shard.seats_open(group),
         })
     }
 

@@ -41,6 +41,8 @@ pub enum DomainError {
     GroupClosed { state: String },
     #[error("the buyer already holds a seat in this group")]
     AlreadyInGroup,
+    #[error("the buyer left this group twice and cannot take a seat in it again")]
+    LeftTooOften,
     #[error("no such group deal")]
     DealNotFound,
     #[error("a group deal with this id exists with other terms")]
@@ -69,6 +71,7 @@ impl DomainError {
             DomainError::GroupFull => "group_full",
             DomainError::GroupClosed { .. } => "group_closed",
             DomainError::AlreadyInGroup => "already_in_group",
+            DomainError::LeftTooOften => "left_group_too_often",
             DomainError::DealNotFound => "deal_not_found",
             DomainError::DealExists => "deal_exists",
         }

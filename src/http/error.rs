@@ -66,6 +66,7 @@ impl From<Error> for ApiError {
                 DomainError::GroupFull
                 | DomainError::GroupClosed { .. }
                 | DomainError::AlreadyInGroup
+                | DomainError::LeftTooOften
                 | DomainError::DealExists => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,

@@ -179,7 +179,7 @@ pub fn group(g: &GroupSnapshot) -> Value {
         "price_cents": grp.price_cents,
         "seats_taken": taken,
         "seats_paid": paid,
-        "seats_left": if grp.state == GroupState::Open { grp.size.saturating_sub(taken) } else { 0 },
+        "seats_left": g.seats_open,
         "opened_at": ts(grp.opened_at_ms),
         "deadline_at": ts(grp.deadline_ms),
         "completed_at": ts_opt(completed_at),

@@ -10,6 +10,11 @@ const MAX_GROUPS_SCANNED: usize = 1024;
 /// but a group's member list (and the cost of reading it) stays bounded.
 pub const MAX_JOINS_PER_SEAT: usize = 8;
 
+/// Times one buyer may leave one group (cancel or let a seat expire): a buyer who
+/// left this often cannot take a seat in it again, so one buyer's join-and-leave
+/// churn cannot spend the group's joins.
+pub const MAX_LEAVES_PER_BUYER: usize = 2;
+
 impl Shard {
     pub fn group(&self, seq: u64) -> Option<&Group> {
         seq.checked_sub(1).and_then(|i| self.groups.get(i as usize))
@@ -128,15 +133,38 @@ impl Shard {
         if self.has_seat(g, buyer) {
             return Err(DomainError::AlreadyInGroup);
         }
+        if self.leaves(g, buyer) >= MAX_LEAVES_PER_BUYER {
+            return Err(DomainError::LeftTooOften);
+        }
         if !self.has_room(g) {
             return Err(DomainError::GroupFull);
         }
         Ok(())
     }
 
+    /// Seats of `g` this buyer took and gave up (cancelled or expired).
+    fn leaves(&self, g: &Group, buyer: &str) -> usize {
+        g.orders
+            .iter()
+            .map(|&seq| &self.orders[(seq - 1) as usize])
+            .filter(|o| o.buyer == buyer && matches!(o.status, OrderStatus::Cancelled | OrderStatus::Expired))
+            .count()
+    }
+
     /// A free seat, within the joins the group may take over its life.
     fn has_room(&self, g: &Group) -> bool {
-        self.seats(g).0 < g.size && g.orders.len() < g.size as usize * MAX_JOINS_PER_SEAT
+        self.seats_open(g) > 0
+    }
+
+    /// Seats that can still be taken: free seats, but no more than the joins the
+    /// group has left (what a group shows as `seats_left`).
+    pub fn seats_open(&self, g: &Group) -> u32 {
+        if g.state != GroupState::Open {
+            return 0;
+        }
+        let free = g.size.saturating_sub(self.seats(g).0);
+        let joins_left = (g.size as usize * MAX_JOINS_PER_SEAT).saturating_sub(g.orders.len());
+        free.min(u32::try_from(joins_left).unwrap_or(u32::MAX))
     }
 
     /// The open groups of a deal, oldest first, among the oldest
@@ -493,6 +521,19 @@ mod tests {
         let (g2, _) = changed(s.open_group(&terms(2), seat("b"), 8));
         assert_ne!(g, g2);
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
+    }
+
+    #[test]
+    fn a_buyer_who_left_a_group_twice_cannot_take_a_seat_in_it_again() {
+        let mut s = shard(10, 0);
+        let (g, _) = changed(s.open_group(&terms(4), seat("owner"), 0));
+        for round in 0..MAX_LEAVES_PER_BUYER {
+            let (_, taken) = changed(s.join_group(g, seat("churner"), 1));
+            s.cancel(taken, 2).unwrap();
+            assert_eq!(s.group(g).map(|grp| s.seats_open(grp)), Some(3), "round {round}");
+        }
+        assert_eq!(s.join_group(g, seat("churner"), 3), Err(DomainError::LeftTooOften));
+        assert!(s.join_group(g, seat("honest"), 3).is_ok(), "others still join");
     }
 
     #[test]
