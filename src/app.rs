@@ -288,7 +288,13 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let payments =
         Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
     let points =
-        crate::actors::points::start_points(&storage, &clock, &actors.arbiters, settings.actors.mailbox_capacity)
+        crate::actors::points::start_points(
+        &storage,
+        &clock,
+        &actors.arbiters,
+        settings.actors.mailbox_capacity,
+        settings.storage.snapshot_min_journal_bytes,
+    )
             .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;

@@ -148,9 +148,8 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
     report.violations.extend(crate::domain::shard::duplicate_payments(payments.iter().map(|(l, a)| (l.clone(), a))));
     let mut points = Vec::new();
     for shard in 0..crate::actors::points::POINTS_SHARDS {
-        let inspected = storage.points_journal(shard).and_then(|j| j.inspect(shard));
-        match inspected {
-            Ok((book, torn)) => {
+        match storage.inspect_points(shard) {
+            Ok(crate::storage::PointsRecovered { book, torn, .. }) => {
                 if let Some((seq, error)) = torn {
                     report.findings.push(format!("points/{shard}: torn tail from record {seq}: {error}"));
                 }

@@ -39,10 +39,11 @@ pub fn start_points(
     clock: &Arc<dyn Clock>,
     arbiters: &[ArbiterHandle],
     mailbox_capacity: usize,
+    snapshot_min_journal_bytes: u64,
 ) -> Result<Vec<PointsHandle>, ShardError> {
     (0..POINTS_SHARDS)
         .map(|shard| {
-            let actor = PointsActor::recover(shard, storage.clone(), clock.clone())?;
+            let actor = PointsActor::recover(shard, storage.clone(), clock.clone(), snapshot_min_journal_bytes)?;
             let arbiter = &arbiters[shard as usize % arbiters.len()];
             let addr = Supervisor::start_in_arbiter(arbiter, move |_| actor);
             Ok(PointsHandle { addr, admission: Arc::new(Admission::new(mailbox_capacity, 0)) })
@@ -54,6 +55,9 @@ pub struct PointsActor {
     shard: u16,
     storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
+    /// A snapshot is written once the journal since the last one exceeds
+    /// max(this, the last snapshot's size), as for stock shards.
+    snapshot_min_journal_bytes: u64,
     /// None when rebuilding failed: every request is answered `Unavailable`.
     live: Option<Live>,
 }
@@ -64,22 +68,62 @@ struct Live {
     /// Ledger records known durable (shared with reply futures): a read waits for a
     /// flush only when the book shows more than that.
     durable: Arc<AtomicU64>,
+    journal_bytes_since_snapshot: u64,
+    last_snapshot_bytes: u64,
 }
 
 impl Live {
-    fn new(book: PointsBook, journal: PointsJournal) -> Live {
+    fn new(r: crate::storage::PointsRecovered) -> Live {
         // A recovered ledger is durable as far as it goes.
-        let durable = Arc::new(AtomicU64::new(book.len()));
-        Live { book, journal, durable }
+        let durable = Arc::new(AtomicU64::new(r.book.len()));
+        Live {
+            book: r.book,
+            journal: r.journal,
+            durable,
+            journal_bytes_since_snapshot: 0,
+            last_snapshot_bytes: r.snapshot_bytes,
+        }
     }
 }
 
 impl PointsActor {
-    /// A points shard rebuilt from its ledger.
-    pub fn recover(shard: u16, storage: Arc<Storage>, clock: Arc<dyn Clock>) -> Result<PointsActor, ShardError> {
-        let journal = storage.points_journal(shard)?;
-        let book = journal.recover(shard)?;
-        Ok(PointsActor { shard, storage, clock, live: Some(Live::new(book, journal)) })
+    /// A points shard rebuilt from its snapshot and journal.
+    pub fn recover(
+        shard: u16,
+        storage: Arc<Storage>,
+        clock: Arc<dyn Clock>,
+        snapshot_min_journal_bytes: u64,
+    ) -> Result<PointsActor, ShardError> {
+        let recovered = storage.recover_points(shard)?;
+        Ok(PointsActor { shard, storage, clock, snapshot_min_journal_bytes, live: Some(Live::new(recovered)) })
+    }
+
+    /// Snapshots the book once enough journal has grown since the last snapshot;
+    /// once the snapshot is flushed, the journal it covers is trimmed (off the
+    /// actor's thread). So start-up reads at most about twice the book.
+    fn maybe_snapshot(&mut self) {
+        let Some(live) = self.live.as_mut() else { return };
+        if live.journal_bytes_since_snapshot < self.snapshot_min_journal_bytes.max(live.last_snapshot_bytes) {
+            return;
+        }
+        let shard = self.shard;
+        match self.storage.write_points_snapshot(shard, &live.book) {
+            Ok(bytes) => {
+                live.last_snapshot_bytes = bytes as u64;
+                live.journal_bytes_since_snapshot = 0;
+                let (seq, journal, storage) = (live.book.len(), live.journal.clone(), self.storage.clone());
+                let Ok(ticket) = self.storage.ticket() else { return };
+                actix_rt::spawn(async move {
+                    if ticket.wait().await.is_ok() {
+                        let trimmed = tokio::task::spawn_blocking(move || storage.trim_points(shard, &journal, seq));
+                        if let Ok(Err(e)) = trimmed.await {
+                            tracing::warn!(shard, error = %e, "trimming the points journal failed");
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(shard, error = %e, "points snapshot failed; the journal keeps growing until the next try"),
+        }
     }
 
     fn live(&mut self) -> ShardResult<&mut Live> {
@@ -112,13 +156,17 @@ impl PointsActor {
         // A repeat answers once everything before it is durable, like a change.
         if let Some(event) = &event {
             let seq = live.book.len();
-            if let Err(e) = live.journal.append(seq, event) {
-                tracing::error!(shard = self.shard, error = %e, "points append failed; rebuilding from the ledger");
-                self.live = None;
-                ctx.stop();
-                return Box::pin(future::ready(Err(e.into())));
+            match live.journal.append(seq, event) {
+                Ok(bytes) => live.journal_bytes_since_snapshot += bytes as u64,
+                Err(e) => {
+                    tracing::error!(shard = self.shard, error = %e, "points append failed; rebuilding from the ledger");
+                    self.live = None;
+                    ctx.stop();
+                    return Box::pin(future::ready(Err(e.into())));
+                }
             }
             metrics::counter!("kami_points_events_total", "event" => event_name(event)).increment(1);
+            self.maybe_snapshot();
         }
         self.after_flush(Ok(value))
     }
@@ -170,10 +218,10 @@ impl Supervised for PointsActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         metrics::counter!("kami_actor_restarts_total").increment(1);
         self.live = None;
-        match self.storage.points_journal(self.shard).and_then(|j| Ok((j.recover(self.shard)?, j))) {
-            Ok((book, journal)) => {
-                tracing::info!(shard = self.shard, records = book.len(), "points actor rebuilt from its ledger");
-                self.live = Some(Live::new(book, journal));
+        match self.storage.recover_points(self.shard) {
+            Ok(recovered) => {
+                tracing::info!(shard = self.shard, records = recovered.book.len(), "points actor rebuilt from storage");
+                self.live = Some(Live::new(recovered));
             }
             Err(e) => tracing::error!(shard = self.shard, error = %e, "points actor could not rebuild"),
         }

@@ -36,7 +36,7 @@ pub enum PointsEvent {
 }
 
 /// A redemption waiting for its stock shard's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
     pub redemption: String,
     pub buyer: String,
@@ -47,13 +47,13 @@ pub struct Hold {
 }
 
 /// Where a redemption stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RedemptionState {
     Held(Hold),
     Settled { order_id: String, points: u64 },
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Balance {
     /// Credits − debits − points spent.
     pub balance: u64,
@@ -84,10 +84,16 @@ pub struct Entry {
     pub at_ms: Millis,
 }
 
-#[derive(Debug, Default)]
+/// A points shard's state; also its snapshot (bincode, in the storage envelope).
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct PointsBook {
-    /// Every event, in journal order (`ledger[seq - 1]`).
-    ledger: Vec<PointsEvent>,
+    /// Events applied so far: the journal sequence of the last one.
+    applied: u64,
+    /// The ledger lines that changed something, by journal sequence. A redemption
+    /// the stock shard refused changed nothing: its `held` line is dropped when it
+    /// is released, and the release leaves no line (its two journal records go
+    /// with the next snapshot), so refusals cannot grow a buyer's statement.
+    ledger: BTreeMap<u64, PointsEvent>,
     balances: HashMap<String, Balance>,
     /// Ledger positions of each buyer's events.
     by_buyer: HashMap<String, Vec<u64>>,
@@ -120,12 +126,18 @@ impl PointsBook {
         self.balances.get(buyer).copied().unwrap_or_default()
     }
 
+    /// Journal records applied (the sequence of the last one).
     pub fn len(&self) -> u64 {
-        self.ledger.len() as u64
+        self.applied
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ledger.is_empty()
+        self.applied == 0
+    }
+
+    /// Ledger lines kept in memory.
+    pub fn lines(&self) -> usize {
+        self.ledger.len()
     }
 
     pub fn redemption(&self, redemption: &str) -> Option<&RedemptionState> {
@@ -251,7 +263,8 @@ impl PointsBook {
 
     /// Applies one event. Panics if it does not fit the state (a corrupt journal).
     pub fn apply(&mut self, event: &PointsEvent) {
-        let seq = self.ledger.len() as u64 + 1;
+        self.applied += 1;
+        let seq = self.applied;
         let buyer = match event {
             PointsEvent::Adjusted { request_id, buyer, delta, note, .. } => {
                 let b = self.balances.entry(buyer.clone()).or_default();
@@ -295,12 +308,32 @@ impl PointsBook {
                     b.balance -= hold.points;
                     let settled = RedemptionState::Settled { order_id: order_id.clone(), points: hold.points };
                     self.redemptions.insert(redemption.clone(), settled);
+                } else {
+                    // Released: the hold changed nothing in the end; neither line stays.
+                    let seqs = self.by_buyer.get_mut(&hold.buyer).expect("a hold has its line");
+                    let at = seqs
+                        .iter()
+                        .rposition(|s| {
+                            matches!(self.ledger.get(s), Some(PointsEvent::Held { redemption: r, .. }) if r == redemption)
+                        })
+                        .expect("a hold has its line");
+                    let held_seq = seqs.remove(at);
+                    self.ledger.remove(&held_seq);
+                    if seqs.is_empty() {
+                        self.by_buyer.remove(&hold.buyer);
+                    }
+                    if self.balances.get(&hold.buyer).is_some_and(|b| *b == Balance::default())
+                        && !self.by_buyer.contains_key(&hold.buyer)
+                    {
+                        self.balances.remove(&hold.buyer);
+                    }
+                    return;
                 }
                 hold.buyer
             }
         };
         self.by_buyer.entry(buyer).or_default().push(seq);
-        self.ledger.push(event.clone());
+        self.ledger.insert(seq, event.clone());
     }
 
     /// A buyer's statement, newest last: at most `limit` entries ending at the newest.
@@ -310,7 +343,7 @@ impl PointsBook {
         let mut held_points: HashMap<&str, u64> = HashMap::new();
         let mut out = Vec::with_capacity(seqs.len().min(limit));
         for &seq in seqs {
-            let (kind, delta, reference, order_id, at_ms) = match &self.ledger[(seq - 1) as usize] {
+            let (kind, delta, reference, order_id, at_ms) = match &self.ledger[&seq] {
                 PointsEvent::Adjusted { request_id, delta, at_ms, .. } => {
                     b.balance = (b.balance as i64 + delta) as u64;
                     (if *delta >= 0 { "credit" } else { "debit" }, *delta, request_id, None, *at_ms)
@@ -326,10 +359,7 @@ impl PointsBook {
                     b.balance -= points;
                     ("redeemed", -(points as i64), redemption, Some(order_id.clone()), *at_ms)
                 }
-                PointsEvent::Released { redemption, at_ms, .. } => {
-                    b.held -= held_points.remove(redemption.as_str()).unwrap_or(0);
-                    ("released", 0, redemption, None, *at_ms)
-                }
+                PointsEvent::Released { .. } => unreachable!("a release leaves no ledger line"),
             };
             out.push(Entry {
                 seq,
@@ -350,7 +380,7 @@ impl PointsBook {
     /// Recomputes every balance from the ledger and compares it with the one kept.
     pub fn audit(&self) -> PointsAudit {
         let mut recount = PointsBook::new();
-        for event in &self.ledger {
+        for event in self.ledger.values() {
             recount.apply(event);
         }
         let mut violations = Vec::new();
@@ -361,7 +391,7 @@ impl PointsBook {
         }
         let (mut settled, mut settled_quantity) = (0u64, BTreeMap::<String, u64>::new());
         let mut held: HashMap<&str, (&str, u32)> = HashMap::new();
-        for event in &self.ledger {
+        for event in self.ledger.values() {
             match event {
                 PointsEvent::Held { redemption, product_id, quantity, .. } => {
                     held.insert(redemption, (product_id, *quantity));
@@ -466,11 +496,11 @@ mod tests {
                 ("credit", 300, 300),
                 ("held", 0, 300),
                 ("redeemed", -200, 100),
-                ("held", 0, 100),
-                ("released", 0, 100),
                 ("held", 0, 100)
             ]
         );
+        assert_eq!(p.len(), 6, "every event counts toward the journal position");
+        assert_eq!(p.lines(), 4, "the released hold left no line");
         assert_eq!(p.statement("bob", 2).len(), 2);
         let audit = p.audit();
         assert!(audit.violations.is_empty(), "{:?}", audit.violations);
@@ -486,7 +516,7 @@ mod tests {
         changed(p.settle("h1", "g:0:1", 3));
         changed(p.hold("h2", "a", 100, "g", 1, 4));
         let mut replay = PointsBook::new();
-        for e in &p.ledger {
+        for e in p.ledger.values() {
             replay.apply(e);
         }
         assert_eq!(replay.balance("a"), p.balance("a"));

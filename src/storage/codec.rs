@@ -42,6 +42,8 @@ pub enum Kind {
     Product = 3,
     /// (v4) A group-buy deal.
     Deal = 4,
+    /// (v4) A points shard's book (`domain::points::PointsBook`).
+    PointsSnapshot = 5,
 }
 
 impl Kind {
@@ -49,7 +51,7 @@ impl Kind {
     fn max_payload_bytes(self) -> u64 {
         match self {
             Kind::Event => 16 << 20,
-            Kind::Snapshot => 4 << 30,
+            Kind::Snapshot | Kind::PointsSnapshot => 4 << 30,
             Kind::Product | Kind::Deal => 64 << 10,
         }
     }
