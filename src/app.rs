@@ -287,15 +287,14 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     // Its own thread: gateway calls never share an arbiter with stock actors.
     let payments =
         Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
-    let points =
-        crate::actors::points::start_points(
+    let points = crate::actors::points::start_points(
         &storage,
         &clock,
         &actors.arbiters,
         settings.actors.mailbox_capacity,
         settings.storage.snapshot_min_journal_bytes,
     )
-            .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
+    .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
     let parts = Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices, group_deals };

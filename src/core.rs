@@ -438,7 +438,9 @@ impl Kami {
             report.products.push(pa);
             all_shards.extend(audits.into_iter().enumerate().map(|(i, a)| (format!("{id}#{i}"), a)));
         }
-        report.violations.extend(crate::domain::shard::duplicate_payments(all_shards.iter().map(|(l, a)| (l.clone(), a))));
+        report
+            .violations
+            .extend(crate::domain::shard::duplicate_payments(all_shards.iter().map(|(l, a)| (l.clone(), a))));
         report.points = check_points(points, &report.products, &mut report.violations);
         report.ok = report.violations.is_empty();
         Ok(report)

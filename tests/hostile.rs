@@ -38,7 +38,9 @@ async fn read_answer(stream: &mut TcpStream) -> (u16, String, Vec<u8>) {
             let head = String::from_utf8_lossy(&response[..split]).to_string();
             let len: usize = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                })
                 .unwrap_or(0);
             if response.len() >= split + 4 + len {
                 let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -143,7 +145,8 @@ async fn a_key_sent_first_by_another_client_never_replays_its_order_to_the_victi
     let api = t.api();
     api.product_with_keys("p", 5, 0).await;
     // The attacker connects from another loopback address.
-    let attacker = reqwest::Client::builder().local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap()).build().unwrap();
+    let attacker =
+        reqwest::Client::builder().local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap()).build().unwrap();
     let body = json!({"product_id": "p", "quantity": 1, "buyer": "victim@example.com"});
     let send = |client: &reqwest::Client, body: &Value, key: &str| {
         client.post(format!("{}/api/v1/orders", api.url)).header("Idempotency-Key", key).json(body)
@@ -190,7 +193,9 @@ async fn trickling_bodies_hold_no_slot_and_a_genuine_notification_is_heard() {
     for i in 0..40 {
         let path = if i % 2 == 0 { "/api/v1/payments/sandbox/notify" } else { "/api/v1/orders" };
         let mut s = TcpStream::connect(&a).await.unwrap();
-        let head = format!("POST {path} HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{{\"a\"");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{{\"a\""
+        );
         s.write_all(head.as_bytes()).await.unwrap();
         tricklers.push(s);
     }
@@ -305,7 +310,8 @@ async fn non_canonical_order_ids_do_not_resolve() {
 async fn bearer_scheme_is_case_insensitive_with_exactly_one_space() {
     let t = TestApp::spawn().await;
     let api = t.api();
-    let audit = |auth: String| reply(api.http.get(format!("{}/api/v1/admin/audit", api.url)).header("Authorization", auth));
+    let audit =
+        |auth: String| reply(api.http.get(format!("{}/api/v1/admin/audit", api.url)).header("Authorization", auth));
     assert_eq!(audit(format!("Bearer {ADMIN}")).await.status, 200);
     assert_eq!(audit(format!("bearer {ADMIN}")).await.status, 200);
     // (Whitespace around a header value is not part of it: RFC 9110 5.5.)
@@ -321,7 +327,8 @@ async fn malformed_http_gets_json_errors() {
     let api = t.api();
     let a = addr(&api);
     // Invalid UTF-8 in a path parameter.
-    let (status, _, body) = raw_exchange(&a, b"GET /api/v1/orders/%FF%FE HTTP/1.1\r\nHost: k\r\nX-Order-Token: t\r\n\r\n").await;
+    let (status, _, body) =
+        raw_exchange(&a, b"GET /api/v1/orders/%FF%FE HTTP/1.1\r\nHost: k\r\nX-Order-Token: t\r\n\r\n").await;
     assert!(status == 400 || status == 404, "{status}");
     json_code(&body);
     // Headers larger than the limit (hyper answers itself).
@@ -394,7 +401,8 @@ async fn a_balance_is_read_only_with_the_buyers_token_and_ops_data_with_the_ops_
     assert_eq!(bob_s.status, 401, "another buyer's token");
     let own = reply(api.http.get(&url).header("X-Buyer-Token", token("alice@example.com"))).await;
     assert_eq!(own.status, 200, "{}", own.body);
-    let handed_out = reply(api.admin(api.http.get(format!("{}/api/v1/admin/buyers/alice@example.com/token", api.url)))).await;
+    let handed_out =
+        reply(api.admin(api.http.get(format!("{}/api/v1/admin/buyers/alice@example.com/token", api.url)))).await;
     assert_eq!(handed_out.body["token"], token("alice@example.com"));
     assert_eq!(reply(api.admin(api.http.get(&url))).await.status, 200, "the merchant reads any balance");
 

@@ -122,7 +122,9 @@ impl PointsActor {
                     }
                 });
             }
-            Err(e) => tracing::warn!(shard, error = %e, "points snapshot failed; the journal keeps growing until the next try"),
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "points snapshot failed; the journal keeps growing until the next try")
+            }
         }
     }
 

@@ -490,15 +490,7 @@ mod tests {
         // A released redemption is forgotten: a retry under the same id runs anew.
         changed(p.hold("z", "bob", 100, "game", 1, 8));
         let kinds: Vec<_> = p.statement("bob", 100).iter().map(|e| (e.kind, e.delta, e.balance_after)).collect();
-        assert_eq!(
-            kinds,
-            [
-                ("credit", 300, 300),
-                ("held", 0, 300),
-                ("redeemed", -200, 100),
-                ("held", 0, 100)
-            ]
-        );
+        assert_eq!(kinds, [("credit", 300, 300), ("held", 0, 300), ("redeemed", -200, 100), ("held", 0, 100)]);
         assert_eq!(p.len(), 6, "every event counts toward the journal position");
         assert_eq!(p.lines(), 4, "the released hold left no line");
         assert_eq!(p.statement("bob", 2).len(), 2);

@@ -75,7 +75,9 @@ mod tests {
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer abc"), Some("abc"), "the scheme is case-insensitive");
         assert_eq!(bearer("BEARER abc"), Some("abc"));
-        for bad in ["Bearer  abc", "Bearer abc ", "Bearer", "Bearer ", "Basic abc", "Bearerabc", "Bearer a b", "Bearer\tabc"] {
+        for bad in
+            ["Bearer  abc", "Bearer abc ", "Bearer", "Bearer ", "Basic abc", "Bearerabc", "Bearer a b", "Bearer\tabc"]
+        {
             assert_eq!(bearer(bad), None, "{bad:?}");
         }
     }

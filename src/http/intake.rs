@@ -72,11 +72,15 @@ impl Intake {
 }
 
 fn is_import_path(path: &str) -> bool {
-    path.strip_prefix("/api/v1/products/").and_then(|rest| rest.strip_suffix("/keys")).is_some_and(|id| !id.contains('/'))
+    path.strip_prefix("/api/v1/products/")
+        .and_then(|rest| rest.strip_suffix("/keys"))
+        .is_some_and(|id| !id.contains('/'))
 }
 
 fn is_notify_path(path: &str) -> bool {
-    path.strip_prefix("/api/v1/payments/").and_then(|rest| rest.strip_suffix("/notify")).is_some_and(|c| !c.contains('/'))
+    path.strip_prefix("/api/v1/payments/")
+        .and_then(|rest| rest.strip_suffix("/notify"))
+        .is_some_and(|c| !c.contains('/'))
 }
 
 /// Most bytes read and thrown away after a 413, so that a client that writes its
@@ -90,11 +94,8 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
     // Content-Length and closes the connection after the answer, RFC 9112 6.3.)
     let limit = intake.body_limit(&req);
     let (parts, body) = req.into_parts();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
         // Answered now; what the client still writes is read and dropped meanwhile
         // (the connection closes after), at most one such task per connection.

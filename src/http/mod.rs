@@ -129,9 +129,8 @@ impl AppState {
         if self.ops_token.is_empty() {
             return Ok(());
         }
-        let from_query = query.and_then(|q| {
-            q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_string)
-        });
+        let from_query =
+            query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_string));
         let from_header = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -313,7 +312,8 @@ async fn track(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(req).await;
     let status = status_label(response.status());
-    metrics::counter!("kami_http_requests_total", "method" => method, "route" => route.clone(), "status" => status).increment(1);
+    metrics::counter!("kami_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
+        .increment(1);
     metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
     response

@@ -302,7 +302,9 @@ mod tests {
         let json = String::from_utf8(json_error_for(hyper).unwrap()).unwrap();
         assert!(json.starts_with("HTTP/1.1 431 "), "{json}");
         assert!(json.contains("connection: close\r\n"), "{json}");
-        assert!(json.ends_with(r#"{"error":{"code":"headers_too_large","message":"the request headers are too large"}}"#));
+        assert!(
+            json.ends_with(r#"{"error":{"code":"headers_too_large","message":"the request headers are too large"}}"#)
+        );
         // kami's own answers (a body) and other statuses are left alone.
         assert!(json_error_for(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n").is_none());
         assert!(json_error_for(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());

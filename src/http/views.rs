@@ -138,18 +138,6 @@ pub fn masked(buyer: &str) -> String {
     buyer.chars().take(shown).chain("***".chars()).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn masking_never_shows_more_than_half() {
-        assert_eq!(super::masked("a"), "***");
-        assert_eq!(super::masked("ab"), "a***");
-        assert_eq!(super::masked("abc"), "a***");
-        assert_eq!(super::masked("alice@example.com"), "al***");
-        assert_eq!(super::masked("买家一号"), "买家***");
-    }
-}
-
 /// A group and its members: who holds a seat (or held one when the group ended),
 /// not buyers who left before.
 pub fn group(g: &GroupSnapshot) -> Value {
@@ -191,4 +179,16 @@ pub fn group(g: &GroupSnapshot) -> Value {
 /// The 201 answer to opening or joining a group: the group and the member's order.
 pub fn seat(s: &GroupSeat, order_id: &str, channel: &str, pay_url: Option<String>) -> Value {
     json!({"group": group(&s.group), "order": order_created(&s.order, order_id, channel, pay_url)})
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn masking_never_shows_more_than_half() {
+        assert_eq!(super::masked("a"), "***");
+        assert_eq!(super::masked("ab"), "a***");
+        assert_eq!(super::masked("abc"), "a***");
+        assert_eq!(super::masked("alice@example.com"), "al***");
+        assert_eq!(super::masked("买家一号"), "买家***");
+    }
 }

@@ -544,7 +544,10 @@ impl Storage {
             Some(kv) => {
                 let (k, v) = kv?;
                 let book: PointsBook = codec::decode(Kind::PointsSnapshot, &v).map_err(|e| StorageError::Corrupt {
-                    place: format!("points snapshot {shard} at {}", u64::from_be_bytes(k[2..].try_into().unwrap_or([0; 8]))),
+                    place: format!(
+                        "points snapshot {shard} at {}",
+                        u64::from_be_bytes(k[2..].try_into().unwrap_or([0; 8]))
+                    ),
                     error: format!("{e}; nothing was changed"),
                 })?;
                 (book, v.len() as u64)
@@ -588,7 +591,9 @@ impl Journal<PointsEvent> {
             if last == start && *seq > start + 1 && start > 0 {
                 return Err(StorageError::Corrupt {
                     place: format!("points/{shard}"),
-                    error: format!("the journal resumes at record {seq} after the snapshot at {start}; nothing was changed"),
+                    error: format!(
+                        "the journal resumes at record {seq} after the snapshot at {start}; nothing was changed"
+                    ),
                 });
             }
         }
