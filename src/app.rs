@@ -254,6 +254,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
         mailbox_capacity: settings.actors.mailbox_capacity,
         max_queue_wait_ms: settings.actors.max_queue_wait_ms,
+        archive_after_ms: settings.orders.archive_after_secs * 1000,
+        idempotency_ttl_ms: settings.orders.idempotency_ttl_secs * 1000,
     });
     let storage_weak = storage.open_handles();
     let registry = Arc::new(Registry::default());

@@ -176,8 +176,8 @@ impl std::fmt::Display for OfflineReport {
             let c = &p.counts;
             writeln!(
                 f,
-                "product {}: {} shard(s); imported {} = available {} + reserved {} + sold {} + in transit {}; {} orders; {} journal records after snapshots",
-                c.id, p.shards, c.imported, c.available, c.reserved, c.sold, c.in_transit, p.orders, p.journal_records
+                "product {}: {} shard(s); imported {} = available {} + reserved {} + sold {} + in transit {}; {} orders ({} archived); {} journal records after snapshots",
+                c.id, p.shards, c.imported, c.available, c.reserved, c.sold, c.in_transit, p.orders, c.orders_archived, p.journal_records
             )?;
         }
         let orders: Vec<String> = self.orders.iter().map(|(s, n)| format!("{s} {n}")).collect();

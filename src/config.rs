@@ -124,6 +124,7 @@ pub struct OrderSettings {
     pub max_expired_per_tick: usize,
     pub idempotency_ttl_secs: u64,
     pub max_idempotency_keys: usize,
+    pub archive_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -327,6 +328,11 @@ impl Settings {
         check(self.server.request_timeout_ms >= 1, "server.request_timeout_ms", "must be at least 1")?;
         check(self.server.max_concurrent_requests >= 1, "server.max_concurrent_requests", "must be at least 1")?;
         check(self.server.max_connections >= 1, "server.max_connections", "must be at least 1")?;
+        check(
+            self.orders.archive_after_secs >= self.payments.query_grace_secs,
+            "orders.archive_after_secs",
+            "must be at least payments.query_grace_secs (an order is asked about until then)",
+        )?;
         check(self.server.header_read_timeout_ms >= 1, "server.header_read_timeout_ms", "must be at least 1")?;
         check(self.server.body_timeout_ms >= 1, "server.body_timeout_ms", "must be at least 1")?;
         check(self.server.idle_timeout_secs >= 1, "server.idle_timeout_secs", "must be at least 1")?;

@@ -123,11 +123,16 @@ pub struct ProductAudit {
     /// Keys delivered by redemptions (paid with points).
     #[serde(skip)]
     pub redeemed: u64,
+    /// Orders still in the shards' memory, and those moved to the archive.
+    pub orders_in_memory: u64,
+    pub orders_archived: u64,
 }
 
 impl ProductAudit {
     /// Adds one shard's recount.
     pub fn add(&mut self, shard: &ShardAudit) {
+        self.orders_in_memory += shard.live_orders;
+        self.orders_archived += shard.archived_orders;
         self.imported += shard.imported;
         self.available += shard.available;
         self.reserved += shard.reserved;

@@ -26,6 +26,11 @@ enum Op {
     Cancel {
         order: usize,
     },
+    /// Archive what has been settled for `min_age` ms, keeping idempotency keys `keep` ms.
+    Archive {
+        min_age: u64,
+        keep: u64,
+    },
     Advance {
         ms: u64,
     },
@@ -62,6 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..64, 0u8..24, prop::bool::weighted(0.9), prop::bool::weighted(0.9))
             .prop_map(|(order, payment, right_amount, paid)| Op::Pay { order, payment, right_amount, paid }),
         (0usize..64).prop_map(|order| Op::Cancel { order }),
+        (0u64..3000, 0u64..5000).prop_map(|(min_age, keep)| Op::Archive { min_age, keep }),
         (0u64..3000).prop_map(|ms| Op::Advance { ms }),
         (0usize..8).prop_map(|nth| Op::Refund { nth }),
         (0u8..6, 1u32..3, 0u8..8).prop_map(|(buyer, quantity, redemption)| Op::Redeem { buyer, quantity, redemption }),
@@ -118,21 +124,32 @@ proptest! {
                     }
                 }
                 Op::Pay { order, payment, right_amount, paid } => {
-                    let n = s.orders().len();
+                    let n = s.counts().orders as usize;
                     if n == 0 { continue; }
                     let seq = (order % n) as u64 + 1;
-                    let amount = s.order(seq).unwrap().amount_cents + u64::from(!right_amount);
+                    // (An archived order's payment is owed back, whatever its amount.)
+                    let amount = s.order(seq).map_or(7, |o| o.amount_cents) + u64::from(!right_amount);
                     let p = Payment { order_seq: seq, payment_id: format!("pay{payment}"), channel: "c".into(), amount_cents: amount, status: if paid { "paid" } else { "failed" }.into() };
                     if let Ok(Outcome::Changed(e, _)) = s.pay(p, now) {
                         journal.push(e);
                     }
                 }
                 Op::Cancel { order } => {
-                    let n = s.orders().len();
+                    let n = s.counts().orders as usize;
                     if n == 0 { continue; }
                     if let Ok(e) = s.cancel((order % n) as u64 + 1, now) {
                         journal.push(e);
                     }
+                }
+                Op::Archive { min_age, keep } => {
+                    let before = s.counts();
+                    let seqs = s.archivable(now, min_age, usize::MAX);
+                    let n = seqs.len();
+                    if let Some(e) = s.archive(seqs, now, keep) {
+                        journal.push(e);
+                    }
+                    prop_assert_eq!(before, s.counts(), "archiving changes no count");
+                    prop_assert!(n == 0 || s.archived().orders() >= n as u64);
                 }
                 Op::Advance { ms } => {
                     now += ms;
@@ -190,11 +207,15 @@ proptest! {
                             prop_assert_eq!(s.counts().sold, before.sold + quantity as u64);
                             journal.push(e);
                         }
-                        // The same redemption is its first order, whatever came since.
-                        Ok(Outcome::Repeat(seq)) => prop_assert_eq!(
-                            s.order(seq).unwrap().payment_id.clone(),
-                            Some(kami::domain::shard::redeemed_payment_id(&format!("r{redemption}")))
-                        ),
+                        // The same redemption is its first order, whatever came since
+                        // (archived by now, perhaps).
+                        Ok(Outcome::Repeat(seq)) => match s.order(seq) {
+                            Some(o) => prop_assert_eq!(
+                                o.payment_id.clone(),
+                                Some(kami::domain::shard::redeemed_payment_id(&format!("r{redemption}")))
+                            ),
+                            None => prop_assert!(s.is_archived(seq)),
+                        },
                         Err(_) => prop_assert_eq!(before, s.counts(), "a refusal changes nothing"),
                     }
                 }
@@ -215,6 +236,7 @@ proptest! {
         prop_assert_eq!(replayed.orders(), s.orders());
         prop_assert_eq!(replayed.groups(), s.groups());
         prop_assert_eq!(replayed.counts(), s.counts());
+        prop_assert_eq!(replayed.archived(), s.archived());
         // Snapshot half-way, then replay the rest.
         let half = journal.len() / 2;
         let mut first = Shard::new(product, 0);
@@ -230,6 +252,7 @@ proptest! {
         prop_assert_eq!(restored.orders(), s.orders());
         prop_assert_eq!(restored.groups(), s.groups());
         prop_assert_eq!(restored.counts(), s.counts());
+        prop_assert_eq!(restored.archived(), s.archived());
         prop_assert_eq!(restored.refunds_due(usize::MAX), s.refunds_due(usize::MAX));
         check_invariants(&restored);
     }

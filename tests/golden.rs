@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use kami::domain::group::{Group, GroupState, GroupTerms};
 use kami::domain::shard::{
-    Idempotency, KeyId, NewOrder, Outcome, OutgoingTransfer, Payment, PaymentOutcome, PaymentRecord, RefundReason,
+    ArchivedOrder, Idempotency, KeyId, NewOrder, Outcome, OutgoingTransfer, Payment, PaymentOutcome, PaymentRecord,
+    RefundReason,
 };
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
 use kami::storage::codec::{decode, decode_snapshot, encode, Kind, FORMAT_VERSION};
@@ -143,6 +144,60 @@ fn events_v4() -> Vec<Event> {
     events
 }
 
+/// Version 5 adds the archive: orders leave memory, and a payment for an archived
+/// order is owed back.
+fn events_v5() -> Vec<Event> {
+    let mut events = events_v4();
+    events.extend([
+        Event::OrdersArchived { seqs: vec![2, 3], at_ms: 4_000_000, keep_keys_ms: 90_000_000 },
+        Event::PaymentApplied {
+            record: PaymentRecord {
+                payment_id: "pay-5".into(),
+                order_seq: 2,
+                channel: "sandbox".into(),
+                amount_cents: 990,
+                status: "paid".into(),
+                at_ms: 4_000_001,
+                outcome: PaymentOutcome::RefundOwed(RefundReason::OrderArchived),
+            },
+            taken_keys: vec![],
+        },
+    ]);
+    events
+}
+
+/// The v4 shard, then two plain orders (one delivered, one expired) archived.
+fn snapshot_v5() -> (Shard, Vec<ArchivedOrder>) {
+    let mut s = snapshot_v4();
+    let new = |buyer: &str, key: &str| NewOrder {
+        buyer: buyer.into(),
+        quantity: 1,
+        idempotency: Some(Idempotency { key: key.into(), fingerprint: [9; 16] }),
+        query_token: "00112233445566778899aabbccddeeff".into(),
+        ttl_ms: 300_000,
+    };
+    let seq = |o: Outcome<u64>| match o {
+        Outcome::Changed(_, seq) => seq,
+        Outcome::Repeat(_) => panic!("expected a new order"),
+    };
+    let paid = seq(s.create_order(new("e", "k-e"), 80_000).unwrap());
+    let lapsed = seq(s.create_order(new("f", "k-f"), 80_000).unwrap());
+    let payment = Payment {
+        order_seq: paid,
+        payment_id: "p-e".into(),
+        channel: "sandbox".into(),
+        amount_cents: 990,
+        status: "paid".into(),
+    };
+    s.pay(payment, 80_001).unwrap();
+    s.expire_due(380_000, 10);
+    let seqs = s.archivable(4_000_000, 3_600_000, 10);
+    assert_eq!(seqs, [paid, lapsed], "the two plain orders, not the group seats");
+    let records = seqs.iter().map(|&q| s.archive_record(q).unwrap()).collect();
+    s.archive(seqs, 4_000_000, 90_000_000);
+    (s, records)
+}
+
 /// One completed group, one failed with a refund owed, one open with a paid seat.
 fn snapshot_v4() -> Shard {
     let mut s = Shard::new(product(), 0);
@@ -202,7 +257,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 4, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 5, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -211,7 +266,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v4; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v5; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -226,7 +281,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v4 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v5 in length");
     stored
 }
 
@@ -298,15 +353,13 @@ fn v3_product_and_snapshot_decode() {
 
 #[test]
 fn v4_events_decode() {
-    let fresh = serde_json::to_vec(&events_v4().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v4());
+    assert_eq!(decode_events(&old(4, "events.bin")), events_v4());
 }
 
 #[test]
 fn v4_product_and_snapshot_decode() {
-    let stored = check("product.bin", encode(Kind::Product, &product()));
-    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
-    let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &snapshot_v4()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(4, "product.bin")).unwrap(), product());
+    let stored = old(4, "snapshot.bin");
     let mut s = decode_snapshot(&stored).unwrap();
     s.rebuild_indexes();
     let want = snapshot_v4();
@@ -325,4 +378,31 @@ fn v4_product_and_snapshot_decode() {
     let audit = s.audit();
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
     assert_eq!((audit.sold, audit.reserved, audit.available), (2, 1, 3));
+}
+
+#[test]
+fn v5_events_decode() {
+    let fresh = serde_json::to_vec(&events_v5().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v5());
+}
+
+#[test]
+fn v5_product_snapshot_and_archive_decode() {
+    let stored = check("product.bin", encode(Kind::Product, &product()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
+    let (want, records) = snapshot_v5();
+    let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
+    let mut s = decode_snapshot(&stored).unwrap();
+    s.rebuild_indexes();
+    assert_eq!(s.orders(), want.orders());
+    assert_eq!(s.counts(), want.counts());
+    assert_eq!(s.archived(), want.archived());
+    assert_eq!(s.archived().orders(), 2);
+    let audit = s.audit();
+    assert!(audit.violations.is_empty(), "{:?}", audit.violations);
+    assert_eq!(audit.orders.get(&OrderStatus::Delivered), Some(&3), "two group seats and one archived order");
+    for (i, record) in records.iter().enumerate() {
+        let stored = check(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
+        assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
+    }
 }

@@ -447,3 +447,67 @@ async fn one_buyer_cannot_churn_a_group_to_death() {
         assert_eq!(reply(join(buyer)).await.status, 201, "an honest buyer takes a seat");
     }
 }
+
+// ---- 5. memory that only grows ----
+
+/// Create-then-cancel (the memory attack) and ordinary sales: settled orders leave
+/// memory for the archive, and still read, replay and audit the same, after a crash too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_orders_leave_memory_and_still_read_the_same() {
+    let settings = [("orders.archive_after_secs", "1"), ("payments.query_grace_secs", "0")];
+    let mut t = TestApp::spawn_with(&settings).await;
+    let api = t.api();
+    api.product_with_keys("p", 20, 0).await;
+    let key = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
+    let first = reply(api.order_request("p", 1, "alice").header("Idempotency-Key", key)).await;
+    assert_eq!(first.status, 201);
+    let (sold_id, sold_token) =
+        (first.body["order_id"].as_str().unwrap().to_string(), first.body["query_token"].as_str().unwrap().to_string());
+    assert_eq!(api.notify(&sold_id, "pay-sold", 990).await.status, 200);
+    let mut cancelled = Vec::new();
+    for i in 0..200 {
+        let o = api.order("p", 1, &format!("churn-{i}"), None).await;
+        let (id, token) = (o.body["order_id"].as_str().unwrap(), o.body["query_token"].as_str().unwrap());
+        assert_eq!(api.cancel(id, token).await.status, 200);
+        cancelled.push((id.to_string(), token.to_string()));
+    }
+    let archived = |a: &Reply| a.body["products"][0]["orders_archived"].as_u64().unwrap_or(0);
+    assert!(
+        api.eventually(Duration::from_secs(30), || async { archived(&api.audit().await) == 201 }).await,
+        "orders were not archived: {}",
+        api.audit().await.body
+    );
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(audit.body["products"][0]["orders_in_memory"], 0);
+    assert_eq!(audit.body["orders"]["cancelled"], 200);
+
+    let check = |api: Api, sold_id: String, sold_token: String, cancelled: Vec<(String, String)>| async move {
+        let sold = api.get_order(&sold_id, &sold_token).await;
+        assert_eq!(sold.body["status"], "delivered", "{}", sold.body);
+        assert_eq!(sold.body["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(api.get_order(&sold_id, "wrong-token").await.status, 404);
+        let (id, token) = &cancelled[7];
+        assert_eq!(api.get_order(id, token).await.body["status"], "cancelled");
+        let again = api.cancel(id, token).await;
+        assert_eq!((again.status, again.code()), (409, "invalid_state"));
+        let replay = reply(api.order_request("p", 1, "alice").header("Idempotency-Key", key)).await;
+        assert_eq!(replay.body["order_id"], sold_id.as_str(), "the key still replays the archived order");
+        assert_eq!(replay.headers["idempotent-replayed"], "true");
+    };
+    check(api.clone(), sold_id.clone(), sold_token.clone(), cancelled.clone()).await;
+    // A payment for an archived order is acknowledged and owed back; the order is unchanged.
+    let (late_id, late_token) = &cancelled[3];
+    assert_eq!(api.notify(late_id, "pay-late", 990).await.status, 200);
+    assert_eq!(api.get_order(late_id, late_token).await.body["status"], "cancelled");
+
+    let data = t.data.clone();
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &settings).await;
+    let api2 = t2.api();
+    check(api2.clone(), sold_id, sold_token, cancelled).await;
+    let audit = api2.audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(audit.body["products"][0]["orders_archived"], 201);
+    assert_eq!(audit.body["products"][0]["sold"], 1);
+}

@@ -37,7 +37,15 @@ pub struct ShardEnv {
     pub snapshot_min_journal_bytes: u64,
     pub mailbox_capacity: usize,
     pub max_queue_wait_ms: u64,
+    /// Settled orders unchanged for this long leave memory for the archive.
+    pub archive_after_ms: u64,
+    /// An archived order's Idempotency-Key still replays it until this long after
+    /// its creation (the idempotency window).
+    pub idempotency_ttl_ms: u64,
 }
+
+/// Most orders archived by one tick of a stock actor.
+const MAX_ARCHIVED_PER_TICK: usize = 1024;
 
 /// Why a shard could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -379,7 +387,8 @@ fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
         Event::KeysImported { .. }
         | Event::KeysLent { .. }
         | Event::KeysReceived { .. }
-        | Event::TransferSettled { .. } => None,
+        | Event::TransferSettled { .. }
+        | Event::OrdersArchived { .. } => None,
         Event::OrderCreated { order } | Event::OrderRedeemed { order } => Some(order.seq),
         Event::PaymentApplied { record, .. } => Some(record.order_seq),
         Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),
@@ -588,7 +597,25 @@ impl ShardActor {
 
     fn order_snapshot(&self, seq: u64, replayed: bool) -> ShardResult<OrderSnapshot> {
         let live = self.live.as_ref().ok_or(ShardError::Unavailable)?;
-        let order = live.shard.order(seq).ok_or(DomainError::OrderNotFound)?;
+        let Some(order) = live.shard.order(seq) else {
+            if !live.shard.is_archived(seq) {
+                return Err(DomainError::OrderNotFound.into());
+            }
+            let archived = self.env.storage.archived_order(&self.id, seq)?.ok_or_else(|| StorageError::Corrupt {
+                place: format!("archive/{}", self.id),
+                error: format!("order {seq} is missing"),
+            })?;
+            let keys =
+                if archived.order.status == crate::domain::OrderStatus::Delivered { archived.keys } else { Vec::new() };
+            return Ok(OrderSnapshot {
+                order: archived.order,
+                product_id: self.product.id.clone(),
+                shard: self.id.shard,
+                keys,
+                replayed,
+                group: None,
+            });
+        };
         let keys = if order.status == crate::domain::OrderStatus::Delivered {
             order.keys.iter().map(|&k| live.shard.key(k).to_string()).collect()
         } else {
@@ -650,6 +677,30 @@ impl ShardActor {
         Ok(storage.ticket()?)
     }
 
+    /// Moves settled orders that have not changed for `archive_after_ms` out of
+    /// memory: written to the archive first, then journaled as archived (one flush
+    /// covers both). A crash in between leaves them in memory, archived again later.
+    fn archive(&mut self, ctx: &mut Context<Self>) {
+        let now = self.env.clock.now_ms();
+        let Some(live) = self.live.as_ref() else { return };
+        let seqs = live.shard.archivable(now, self.env.archive_after_ms, MAX_ARCHIVED_PER_TICK);
+        if seqs.is_empty() {
+            return;
+        }
+        let records: Vec<_> = seqs.iter().filter_map(|&seq| live.shard.archive_record(seq)).collect();
+        if let Err(e) = self.env.storage.archive_orders(&self.id, &records) {
+            tracing::warn!(shard = %self.id, error = %e, "archiving orders failed; they stay in memory");
+            return;
+        }
+        let keep = self.env.idempotency_ttl_ms;
+        let Ok(Some(event)) = self.guarded(ctx, |s| s.archive(seqs, now, keep)) else {
+            return;
+        };
+        if let Err(e) = self.persist(ctx, &[event]) {
+            tracing::warn!(shard = %self.id, error = %e, "journaling archived orders failed");
+        }
+    }
+
     /// Expires due reservations (at most `max_expired_per_tick`); returns how many.
     fn expire(&mut self, ctx: &mut Context<Self>) -> usize {
         let now = self.env.clock.now_ms();
@@ -688,6 +739,7 @@ impl Actor for ShardActor {
         ctx.set_mailbox_capacity(self.env.mailbox_capacity + 64);
         ctx.run_interval(self.env.expiry_tick, |act, ctx| {
             act.expire(ctx);
+            act.archive(ctx);
         });
     }
 }
@@ -778,7 +830,10 @@ impl ShardActor {
     /// A payment id pays one order in the whole process, not only in this shard:
     /// claimed in storage before the shard records it (see `Storage::claim_payment`).
     fn claim_payment(&self, p: &Payment) -> Result<(), ShardError> {
-        let known = self.live.as_ref().is_some_and(|l| l.shard.order(p.order_seq).is_some());
+        let known = self
+            .live
+            .as_ref()
+            .is_some_and(|l| l.shard.order(p.order_seq).is_some() || l.shard.is_archived(p.order_seq));
         if !known {
             return Ok(()); // the domain step answers `order_not_found`
         }
@@ -819,12 +874,15 @@ impl Handler<CancelOrder> for ShardActor {
     type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
 
     fn handle(&mut self, msg: CancelOrder, ctx: &mut Context<Self>) -> Self::Result {
-        let authorised = match self.live() {
-            Ok(live) => live.shard.order(msg.seq).is_some_and(|o| token_matches(&msg.token, &o.query_token)),
+        let authorised = match self.order_snapshot(msg.seq, false) {
+            Ok(view) => token_matches(&msg.token, &view.order.query_token).then_some(view.order.status),
             Err(e) => return fail(e),
         };
-        if !authorised {
+        let Some(status) = authorised else {
             return fail(DomainError::OrderNotFound);
+        };
+        if self.live.as_ref().is_some_and(|l| l.shard.is_archived(msg.seq)) {
+            return fail(DomainError::InvalidState { status });
         }
         let now = self.env.clock.now_ms();
         let event = match self.guarded(ctx, |s| s.cancel(msg.seq, now)) {

@@ -128,13 +128,16 @@ pub enum RefundReason {
     GroupFailed,
     /// A payment for a group seat its buyer gave up (cancelled or let expire) first.
     LeftGroup,
+    /// (v5) A payment for an order already archived (closed or delivered long ago):
+    /// owed back, the archived order unchanged.
+    OrderArchived,
 }
 
 impl RefundReason {
     /// Whether a refund for this reason is the order's own payment (the order then
     /// goes `refund_pending` → `refunded`), rather than an extra one.
     pub fn takes_order(self) -> bool {
-        self != RefundReason::AlreadyPaid
+        !matches!(self, RefundReason::AlreadyPaid | RefundReason::OrderArchived)
     }
 }
 
@@ -197,6 +200,7 @@ impl Event {
             Event::OrderRedeemed { .. } => Some("redeemed"),
             Event::GroupOpened { .. } | Event::GroupJoined { .. } => Some("created"),
             Event::GroupFailed { .. }
+            | Event::OrdersArchived { .. }
             | Event::KeysImported { .. }
             | Event::KeysLent { .. }
             | Event::KeysReceived { .. }
@@ -273,6 +277,42 @@ pub enum Event {
         group: u64,
         at_ms: Millis,
     },
+    /// (v5) Orders that can no longer change, already written to the archive
+    /// (`storage`), leave memory; what the shard still needs of them stays in
+    /// [`Archived`]. Their idempotency keys are kept until `created_at + keep_keys_ms`.
+    OrdersArchived {
+        seqs: Vec<u64>,
+        at_ms: Millis,
+        keep_keys_ms: Millis,
+    },
+}
+
+/// (v5) What a shard keeps of the orders it archived.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archived {
+    /// Orders archived, by status.
+    pub by_status: BTreeMap<OrderStatus, u64>,
+    /// Keys that archived orders sold (still this shard's keys: the audit places them).
+    pub sold_keys: Vec<KeyId>,
+    /// Of those, keys delivered by redemptions.
+    pub redeemed_keys: u64,
+    /// What archived orders still count toward per-buyer limits (delivered ones).
+    pub holdings: HashMap<String, u32>,
+    /// Idempotency keys of archived orders: key → (fingerprint, order, forget at).
+    pub idempotency: HashMap<String, ([u8; 16], u64, Millis)>,
+}
+
+impl Archived {
+    pub fn orders(&self) -> u64 {
+        self.by_status.values().sum()
+    }
+}
+
+/// (v5) An order as the archive keeps it: the order and its keys as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedOrder {
+    pub order: Order,
+    pub keys: Vec<String>,
 }
 
 /// The `payment_id` of an order paid with points: it contains a space, which no
@@ -406,6 +446,9 @@ pub struct ShardAudit {
     /// Keys delivered by redemptions (paid with points), for the points cross-check.
     #[serde(skip)]
     pub redeemed: u64,
+    /// Orders archived (out of memory) and still in memory.
+    pub archived_orders: u64,
+    pub live_orders: u64,
     /// A digest of every payment this shard recorded, for [`duplicate_payments`].
     #[serde(skip)]
     pub payment_ids: Vec<u128>,
@@ -470,14 +513,18 @@ pub struct Shard {
     shard: u16,
     keys: Vec<Box<str>>,
     available: VecDeque<KeyId>,
-    /// `orders[seq - 1]`: sequence numbers are dense and start at 1.
-    orders: Vec<Order>,
+    /// Orders in memory, by sequence (dense from 1, less those archived).
+    orders: BTreeMap<u64, Order>,
     /// By [`payment_key`]: payment ids are unique per channel only.
     payments: HashMap<String, PaymentRecord>,
     /// (v3) Keys lent to and borrowed from sibling shards.
     transfers: Transfers,
     /// (v4) Group-buy groups: `groups[seq - 1]`.
     groups: Vec<Group>,
+    /// (v5) Orders ever created here: the last order's sequence.
+    orders_created: u64,
+    /// (v5) What the shard keeps of archived orders.
+    archived: Archived,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -527,7 +574,7 @@ impl From<ShardV2> for Shard {
         let mut shard = Shard::new(old.product, old.shard);
         shard.keys = old.keys;
         shard.available = old.available;
-        shard.orders = old.orders;
+        shard.set_orders(old.orders);
         shard.payments = old.payments;
         shard
     }
@@ -550,9 +597,35 @@ impl From<ShardV3> for Shard {
         let mut shard = Shard::new(old.product, old.shard);
         shard.keys = old.keys;
         shard.available = old.available;
-        shard.orders = old.orders;
+        shard.set_orders(old.orders);
         shard.payments = old.payments;
         shard.transfers = old.transfers;
+        shard
+    }
+}
+
+/// A snapshot as format v4 wrote it: orders in a dense list, nothing archived.
+#[derive(Deserialize)]
+pub struct ShardV4 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+    groups: Vec<Group>,
+}
+
+impl From<ShardV4> for Shard {
+    fn from(old: ShardV4) -> Shard {
+        let mut shard = Shard::new(old.product, old.shard);
+        shard.keys = old.keys;
+        shard.available = old.available;
+        shard.set_orders(old.orders);
+        shard.payments = old.payments;
+        shard.transfers = old.transfers;
+        shard.groups = old.groups;
         shard
     }
 }
@@ -565,10 +638,12 @@ impl Shard {
             shard,
             keys: Vec::new(),
             available: VecDeque::new(),
-            orders: Vec::new(),
+            orders: BTreeMap::new(),
             payments: HashMap::new(),
             transfers: Transfers::default(),
             groups: Vec::new(),
+            orders_created: 0,
+            archived: Archived::default(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: HashMap::new(),
@@ -584,6 +659,12 @@ impl Shard {
         }
     }
 
+    /// Orders of an older snapshot format (a dense list).
+    fn set_orders(&mut self, orders: Vec<Order>) {
+        self.orders_created = orders.len() as u64;
+        self.orders = orders.into_iter().map(|o| (o.seq, o)).collect();
+    }
+
     /// Rebuilds every derived index from the primary state (after deserialising a snapshot).
     pub fn rebuild_indexes(&mut self) {
         self.key_index = hashbrown::HashTable::with_capacity(self.keys.len());
@@ -594,8 +675,9 @@ impl Shard {
         self.idempotency.clear();
         self.expiry.clear();
         self.reserved = 0;
-        self.sold = 0;
-        for order in &self.orders {
+        self.sold = self.archived.sold_keys.len() as u64;
+        self.holdings = self.archived.holdings.clone();
+        for order in self.orders.values() {
             if order.status.counts_toward_limit() {
                 *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
             }
@@ -654,16 +736,31 @@ impl Shard {
             available: self.available.len() as u64,
             reserved: self.reserved,
             sold: self.sold,
-            orders: self.orders.len() as u64,
+            orders: self.orders_created,
         }
     }
 
+    /// An order in memory (not archived).
     pub fn order(&self, seq: u64) -> Option<&Order> {
-        seq.checked_sub(1).and_then(|i| self.orders.get(i as usize))
+        self.orders.get(&seq)
     }
 
-    pub fn orders(&self) -> &[Order] {
-        &self.orders
+    fn order_mut(&mut self, seq: u64) -> &mut Order {
+        self.orders.get_mut(&seq).expect("the order is in memory")
+    }
+
+    /// Whether order `seq` existed here and was archived.
+    pub fn is_archived(&self, seq: u64) -> bool {
+        (1..=self.orders_created).contains(&seq) && !self.orders.contains_key(&seq)
+    }
+
+    /// The orders in memory, oldest first (tests and tools: it collects them).
+    pub fn orders(&self) -> Vec<&Order> {
+        self.orders.values().collect()
+    }
+
+    pub fn archived(&self) -> &Archived {
+        &self.archived
     }
 
     pub fn key(&self, id: KeyId) -> &str {
@@ -687,7 +784,13 @@ impl Shard {
 
     /// The idempotency keys this shard has answered, for the shared pin index.
     pub fn idempotency_keys(&self) -> impl Iterator<Item = (&str, [u8; 16])> {
-        self.idempotency.iter().map(|(k, (fp, _))| (k.as_str(), *fp))
+        let archived = self.archived.idempotency.iter().map(|(k, (fp, _, _))| (k.as_str(), *fp));
+        self.idempotency.iter().map(|(k, (fp, _))| (k.as_str(), *fp)).chain(archived)
+    }
+
+    /// The order an idempotency key answered, and the request's fingerprint.
+    fn idempotent(&self, key: &str) -> Option<([u8; 16], u64)> {
+        self.idempotency.get(key).copied().or_else(|| self.archived.idempotency.get(key).map(|&(fp, seq, _)| (fp, seq)))
     }
 
     /// Adds `keys[id]` to the deduplication index.
@@ -747,7 +850,7 @@ impl Shard {
     pub fn create_order(&mut self, req: NewOrder, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
         assert!(req.quantity >= 1, "quantity validated by the caller");
         if let Some(idem) = &req.idempotency {
-            if let Some(&(fingerprint, seq)) = self.idempotency.get(&idem.key) {
+            if let Some((fingerprint, seq)) = self.idempotent(&idem.key) {
                 return if fingerprint == idem.fingerprint {
                     Ok(Outcome::Repeat(seq))
                 } else {
@@ -769,11 +872,11 @@ impl Shard {
     pub fn redeem(&mut self, r: Redemption, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
         assert!(r.quantity >= 1, "quantity validated by the caller");
         let key = format!("redeem:{}", r.redemption);
-        if let Some(&(_, seq)) = self.idempotency.get(&key) {
+        if let Some((_, seq)) = self.idempotent(&key) {
             return Ok(Outcome::Repeat(seq));
         }
         self.check_can_take(&r.buyer, r.quantity)?;
-        let seq = self.orders.len() as u64 + 1;
+        let seq = self.orders_created + 1;
         let order = Order {
             seq,
             amount_cents: 0,
@@ -811,7 +914,9 @@ impl Shard {
                 return Ok(Outcome::Repeat(rec.outcome));
             }
         }
-        let order = self.order(p.order_seq).ok_or(DomainError::OrderNotFound)?;
+        let Some(order) = self.order(p.order_seq) else {
+            return self.pay_archived(p, now_ms);
+        };
         let mut taken_keys = Vec::new();
         let outcome = if p.status != "paid" {
             PaymentOutcome::Ignored
@@ -863,6 +968,75 @@ impl Shard {
         Ok(Outcome::Changed(event, outcome))
     }
 
+    /// A new payment for an archived order (closed or delivered long ago): recorded;
+    /// if `paid`, owed back (the archived order does not change).
+    fn pay_archived(&mut self, p: Payment, now_ms: Millis) -> Result<Outcome<PaymentOutcome>, DomainError> {
+        if !self.is_archived(p.order_seq) {
+            return Err(DomainError::OrderNotFound);
+        }
+        let outcome = if p.status == "paid" {
+            PaymentOutcome::RefundOwed(RefundReason::OrderArchived)
+        } else {
+            PaymentOutcome::Ignored
+        };
+        let record = PaymentRecord {
+            payment_id: p.payment_id,
+            order_seq: p.order_seq,
+            channel: p.channel,
+            amount_cents: p.amount_cents,
+            status: p.status,
+            at_ms: now_ms,
+            outcome,
+        };
+        let event = Event::PaymentApplied { record, taken_keys: Vec::new() };
+        self.apply(&event);
+        Ok(Outcome::Changed(event, outcome))
+    }
+
+    /// Orders that can no longer change and have not changed for `min_age_ms`:
+    /// delivered, refunded, expired or cancelled, outside any group, with no refund
+    /// owed. Oldest first, at most `limit`. (The caller writes them to the archive,
+    /// then [`Shard::archive`]s them.)
+    pub fn archivable(&self, now_ms: Millis, min_age_ms: Millis, limit: usize) -> Vec<u64> {
+        let owing: HashSet<u64> = self.refunds_owed.iter().map(|k| self.payments[k].order_seq).collect();
+        self.orders
+            .values()
+            .take_while(|o| o.created_at_ms.saturating_add(min_age_ms) <= now_ms)
+            .filter(|o| {
+                let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
+                let settled = matches!(
+                    o.status,
+                    OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
+                );
+                settled
+                    && last.unwrap_or(o.created_at_ms).saturating_add(min_age_ms) <= now_ms
+                    && !self.group_of.contains_key(&o.seq)
+                    && !owing.contains(&o.seq)
+            })
+            .take(limit)
+            .map(|o| o.seq)
+            .collect()
+    }
+
+    /// What the archive keeps of order `seq` (in memory).
+    pub fn archive_record(&self, seq: u64) -> Option<ArchivedOrder> {
+        let order = self.order(seq)?;
+        Some(ArchivedOrder {
+            order: order.clone(),
+            keys: order.keys.iter().map(|&k| self.key(k).to_string()).collect(),
+        })
+    }
+
+    /// Archives `seqs` (from [`Shard::archivable`], already written to the archive).
+    pub fn archive(&mut self, seqs: Vec<u64>, now_ms: Millis, keep_keys_ms: Millis) -> Option<Event> {
+        if seqs.is_empty() {
+            return None;
+        }
+        let event = Event::OrdersArchived { seqs, at_ms: now_ms, keep_keys_ms };
+        self.apply(&event);
+        Some(event)
+    }
+
     /// Records that `channel` refunded `payment_id`. A repeat changes nothing.
     pub fn complete_refund(
         &mut self,
@@ -909,7 +1083,7 @@ impl Shard {
     /// still ahead (orders are in creation order and share one TTL), newest first.
     pub fn unheard(&self, now_ms: Millis, quiet_ms: Millis, grace_ms: Millis, limit: usize) -> Vec<Unheard> {
         let mut out = Vec::new();
-        for o in self.orders.iter().rev() {
+        for o in self.orders.values().rev() {
             if o.expires_at_ms.saturating_add(grace_ms) <= now_ms || out.len() >= limit {
                 break;
             }
@@ -928,7 +1102,7 @@ impl Shard {
     /// reconciliation report must show. O(orders).
     pub fn stuck_paid(&self, limit: usize) -> Vec<u64> {
         self.orders
-            .iter()
+            .values()
             .filter(|o| o.status == OrderStatus::Paid && !self.in_open_group(o.seq))
             .take(limit)
             .map(|o| o.seq)
@@ -1059,15 +1233,30 @@ impl Shard {
                     "payment applied twice"
                 );
                 let at = record.at_ms;
-                let idx = record.order_seq.checked_sub(1).expect("order seq starts at 1") as usize;
-                let before = self.orders[idx].status;
+                let idx = record.order_seq;
+                if !self.orders.contains_key(&idx) {
+                    assert!(self.is_archived(idx), "payment for an order that never existed");
+                    assert!(
+                        matches!(
+                            record.outcome,
+                            PaymentOutcome::RefundOwed(RefundReason::OrderArchived) | PaymentOutcome::Ignored
+                        ),
+                        "an archived order only takes payments owed back"
+                    );
+                    if matches!(record.outcome, PaymentOutcome::RefundOwed(_)) {
+                        self.refunds_owed.insert(key.clone());
+                    }
+                    self.payments.insert(key, record.clone());
+                    return;
+                }
+                let before = self.orders[&idx].status;
                 let group = self.group_of.get(&record.order_seq).copied();
                 match record.outcome {
                     // The last seat of a group paid: the whole group is delivered.
                     PaymentOutcome::Delivered if group.is_some() => {
                         assert_eq!(before, OrderStatus::PendingPayment, "a group seat is paid while pending");
                         assert!(taken_keys.is_empty());
-                        let order = &mut self.orders[idx];
+                        let order = self.order_mut(idx);
                         order.status = OrderStatus::Paid;
                         order.paid_at_ms = Some(at);
                         order.payment_id = Some(record.payment_id.clone());
@@ -1076,14 +1265,14 @@ impl Shard {
                     PaymentOutcome::AwaitingGroup => {
                         assert_eq!(before, OrderStatus::PendingPayment, "a group seat is paid while pending");
                         assert!(group.is_some_and(|g| self.groups[(g - 1) as usize].state == GroupState::Open));
-                        let order = &mut self.orders[idx];
+                        let order = self.order_mut(idx);
                         order.status = OrderStatus::Paid;
                         order.paid_at_ms = Some(at);
                         order.payment_id = Some(record.payment_id.clone());
                         self.seat_payments.insert(record.order_seq, key.clone());
                     }
                     PaymentOutcome::Delivered => {
-                        let order = &self.orders[idx];
+                        let order = &self.orders[&idx];
                         let (quantity, buyer) = (order.quantity, order.buyer.clone());
                         match before {
                             OrderStatus::PendingPayment => {
@@ -1093,13 +1282,13 @@ impl Shard {
                             OrderStatus::Expired | OrderStatus::Cancelled => {
                                 assert_eq!(taken_keys.len(), quantity as usize);
                                 self.take_available(taken_keys);
-                                self.orders[idx].keys = taken_keys.clone();
+                                self.order_mut(idx).keys = taken_keys.clone();
                                 *self.holdings.entry(buyer).or_default() += quantity;
                             }
                             other => panic!("delivery applied to a {other} order"),
                         }
                         self.sold += quantity as u64;
-                        let order = &mut self.orders[idx];
+                        let order = self.order_mut(idx);
                         order.status = OrderStatus::Delivered;
                         order.paid_at_ms = Some(at);
                         order.delivered_at_ms = Some(at);
@@ -1108,12 +1297,12 @@ impl Shard {
                     PaymentOutcome::RefundOwed(reason) if reason.takes_order() => {
                         assert!(matches!(before, OrderStatus::Expired | OrderStatus::Cancelled));
                         assert_eq!(group.is_some(), reason != RefundReason::SoldOut, "refund reason fits the order");
-                        let order = &mut self.orders[idx];
+                        let order = self.order_mut(idx);
                         order.status = OrderStatus::RefundPending;
                         order.paid_at_ms = Some(at);
                         order.payment_id = Some(record.payment_id.clone());
                     }
-                    PaymentOutcome::AmountMismatch { .. } => self.orders[idx].amount_mismatch = true,
+                    PaymentOutcome::AmountMismatch { .. } => self.order_mut(idx).amount_mismatch = true,
                     // (Reasons that take the order are matched above.)
                     PaymentOutcome::RefundOwed(_) | PaymentOutcome::Ignored => {}
                     PaymentOutcome::Refunded(_) => panic!("a payment is applied as owed, then refunded"),
@@ -1132,14 +1321,14 @@ impl Shard {
                 record.outcome = PaymentOutcome::Refunded(reason);
                 let seq = record.order_seq;
                 self.refunds_owed.remove(&key);
-                let order = &mut self.orders[(seq - 1) as usize];
                 if reason.takes_order() {
+                    let order = self.order_mut(seq);
                     assert_eq!(order.status, OrderStatus::RefundPending);
                     order.status = OrderStatus::Refunded;
                 }
             }
             Event::OrderRedeemed { order } => {
-                assert_eq!(order.seq, self.orders.len() as u64 + 1, "order sequence gap");
+                assert_eq!(order.seq, self.orders_created + 1, "order sequence gap");
                 assert_eq!(order.status, OrderStatus::Delivered);
                 assert!(is_redeemed(order), "a redeemed order names its redemption");
                 assert_eq!(order.keys.len(), order.quantity as usize);
@@ -1148,14 +1337,16 @@ impl Shard {
                 *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
                 let idem = order.idempotency.as_ref().expect("a redeemed order has its idempotency key");
                 self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
-                self.orders.push(order.clone());
+                self.orders.insert(order.seq, order.clone());
+                self.orders_created += 1;
             }
+            Event::OrdersArchived { seqs, at_ms, keep_keys_ms } => self.apply_archive(seqs, *at_ms, *keep_keys_ms),
             Event::KeysLent { .. } | Event::KeysReceived { .. } | Event::TransferSettled { .. } => {
                 self.apply_transfer(event)
             }
             Event::OrderExpired { seq, at_ms } | Event::OrderCancelled { seq, at_ms } => {
-                let idx = seq.checked_sub(1).expect("order seq starts at 1") as usize;
-                assert_eq!(self.orders[idx].status, OrderStatus::PendingPayment, "only pending orders close");
+                let idx = *seq;
+                assert_eq!(self.order_mut(idx).status, OrderStatus::PendingPayment, "only pending orders close");
                 let status = match event {
                     Event::OrderExpired { .. } => OrderStatus::Expired,
                     _ => OrderStatus::Cancelled,
@@ -1165,10 +1356,45 @@ impl Shard {
         }
     }
 
+    /// Moves archived orders out of memory, keeping what the shard still needs:
+    /// their counts, the keys they sold, what they count toward per-buyer limits,
+    /// and their idempotency keys until `created_at + keep_keys_ms`.
+    fn apply_archive(&mut self, seqs: &[u64], at_ms: Millis, keep_keys_ms: Millis) {
+        for seq in seqs {
+            let order = self.orders.remove(seq).expect("archived orders are in memory");
+            assert!(
+                matches!(
+                    order.status,
+                    OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
+                ),
+                "only settled orders are archived"
+            );
+            assert!(!self.group_of.contains_key(seq), "group seats are not archived");
+            *self.archived.by_status.entry(order.status).or_default() += 1;
+            if order.status == OrderStatus::Delivered {
+                if is_redeemed(&order) {
+                    self.archived.redeemed_keys += order.keys.len() as u64;
+                }
+                self.archived.sold_keys.extend(&order.keys);
+            }
+            if order.status.counts_toward_limit() {
+                *self.archived.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+            }
+            if let Some(idem) = &order.idempotency {
+                self.idempotency.remove(&idem.key);
+                let forget_at = order.created_at_ms.saturating_add(keep_keys_ms);
+                if forget_at > at_ms {
+                    self.archived.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq, forget_at));
+                }
+            }
+        }
+        self.archived.idempotency.retain(|_, (_, _, forget_at)| *forget_at > at_ms);
+    }
+
     /// An order holding reserved keys closes: `status` and `closed_at` set, its keys
     /// back at the end of the available queue, its quantity off the buyer's holdings.
-    fn close_order(&mut self, idx: usize, status: OrderStatus, at_ms: Millis) {
-        let order = &mut self.orders[idx];
+    fn close_order(&mut self, idx: u64, status: OrderStatus, at_ms: Millis) {
+        let order = self.order_mut(idx);
         order.status = status;
         order.closed_at_ms = Some(at_ms);
         let released = std::mem::take(&mut order.keys);
@@ -1186,7 +1412,7 @@ impl Shard {
     /// the front of the available queue (checked by the caller).
     fn pending_order(&self, req: NewOrder, amount_cents: u64, now_ms: Millis) -> Order {
         Order {
-            seq: self.orders.len() as u64 + 1,
+            seq: self.orders_created + 1,
             amount_cents,
             buyer: req.buyer,
             quantity: req.quantity,
@@ -1281,7 +1507,23 @@ impl Shard {
             violations.push("a transfer lent keys to its own shard".into());
         }
         let mut audit = ShardAudit::default();
-        for order in &self.orders {
+        for &id in &self.archived.sold_keys {
+            mark(id, Place::Sold(0), &mut violations);
+        }
+        audit.sold += self.archived.sold_keys.len() as u64;
+        audit.redeemed += self.archived.redeemed_keys;
+        for (&status, &n) in &self.archived.by_status {
+            *audit.orders.entry(status).or_default() += n;
+        }
+        if self.orders.len() as u64 + self.archived.orders() != self.orders_created {
+            violations.push(format!(
+                "{} orders in memory and {} archived, but {} created",
+                self.orders.len(),
+                self.archived.orders(),
+                self.orders_created
+            ));
+        }
+        for order in self.orders.values() {
             *audit.orders.entry(order.status).or_default() += 1;
             match order.status {
                 OrderStatus::PendingPayment | OrderStatus::Paid => {
@@ -1346,6 +1588,8 @@ impl Shard {
             violations.push(format!("counters drifted: {counts:?} vs recount {audit:?}"));
         }
         audit.violations = violations;
+        audit.archived_orders = self.archived.orders();
+        audit.live_orders = self.orders.len() as u64;
         audit.payment_ids = self.payments.keys().map(|k| payment_digest(k)).collect();
         audit
     }
@@ -1361,7 +1605,7 @@ impl Shard {
             .filter(|p| p.outcome.takes_order())
             .map(|p| (p.order_seq, p.payment_id.as_str()))
             .collect();
-        for order in &self.orders {
+        for order in self.orders.values() {
             let needs_payment = matches!(
                 order.status,
                 OrderStatus::Paid | OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded
@@ -1377,9 +1621,11 @@ impl Shard {
             }
         }
         for p in self.payments.values() {
-            let Some(order) = p.order_seq.checked_sub(1).and_then(|i| self.orders.get(i as usize)) else {
-                violations
-                    .push(format!("payment {:?} is for order {}, which does not exist", p.payment_id, p.order_seq));
+            let Some(order) = self.orders.get(&p.order_seq) else {
+                if !self.is_archived(p.order_seq) {
+                    violations
+                        .push(format!("payment {:?} is for order {}, which does not exist", p.payment_id, p.order_seq));
+                }
                 continue;
             };
             let owns_order = order.payment_id.as_deref() == Some(p.payment_id.as_str());
@@ -1471,6 +1717,74 @@ mod tests {
     }
 
     #[test]
+    fn settled_orders_leave_memory_keeping_limits_replays_and_audit_whole() {
+        let mut s = shard_with_keys(5, 2);
+        let keyed = |buyer: &str, key: &str| NewOrder {
+            idempotency: Some(Idempotency { key: key.into(), fingerprint: [1; 16] }),
+            ..new_order(buyer, 1)
+        };
+        let mut journal = Vec::new();
+        let take = |o: Outcome<u64>, journal: &mut Vec<Event>| match o {
+            Outcome::Changed(e, seq) => {
+                journal.push(e);
+                seq
+            }
+            Outcome::Repeat(seq) => seq,
+        };
+        let sold = take(s.create_order(keyed("a", "k1"), 0).unwrap(), &mut journal);
+        let Outcome::Changed(e, _) = s.pay(paid(sold, "P1", 990), 10).unwrap() else { panic!() };
+        journal.push(e);
+        let lapsed = take(s.create_order(keyed("b", "k2"), 0).unwrap(), &mut journal);
+        journal.extend(s.expire_due(2_000, 10));
+        let open = take(s.create_order(new_order("c", 1), 5_000).unwrap(), &mut journal);
+        // Not yet old enough; then both settled ones, never the pending one.
+        assert!(s.archivable(3_000, 10_000, 10).is_empty());
+        let seqs = s.archivable(20_000, 10_000, 10);
+        assert_eq!(seqs, [sold, lapsed]);
+        journal.push(s.archive(seqs, 20_000, 60_000).unwrap());
+        assert!(s.order(sold).is_none() && s.is_archived(sold) && !s.is_archived(open));
+        assert_eq!(s.orders().len(), 1);
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
+        assert_eq!(s.counts().sold, 1);
+        // The key's replay survives archiving (within its window); the limit still counts.
+        assert_eq!(s.create_order(keyed("a", "k1"), 21_000), Ok(Outcome::Repeat(sold)));
+        assert_eq!(s.create_order(new_order("a", 2), 21_000), Err(DomainError::LimitExceeded { limit: 2, held: 1 }));
+        // A repeat of its payment is the recorded answer; a new one is owed back.
+        assert_eq!(s.pay(paid(sold, "P1", 990), 22_000), Ok(Outcome::Repeat(PaymentOutcome::Delivered)));
+        let Outcome::Changed(e, late) = s.pay(paid(lapsed, "P2", 990), 22_000).unwrap() else { panic!() };
+        assert_eq!(late, PaymentOutcome::RefundOwed(RefundReason::OrderArchived));
+        journal.push(e);
+        assert_eq!(s.refunds_due(10).len(), 1);
+        assert_eq!(s.cancel(lapsed, 22_000), Err(DomainError::OrderNotFound), "the shell answers invalid_state");
+        // Replay and snapshot rebuild the same state.
+        let mut replayed = shard_with_keys(5, 2);
+        for e in &journal {
+            replayed.apply(e);
+        }
+        assert_eq!(replayed.archived(), s.archived());
+        assert_eq!(replayed.counts(), s.counts());
+        let bytes = crate::storage::codec::encode(crate::storage::codec::Kind::Snapshot, &s);
+        let mut restored = crate::storage::codec::decode_snapshot(&bytes).unwrap();
+        restored.rebuild_indexes();
+        assert_eq!(
+            restored.create_order(new_order("a", 2), 23_000),
+            Err(DomainError::LimitExceeded { limit: 2, held: 1 })
+        );
+        assert_eq!(restored.create_order(keyed("a", "k1"), 23_000), Ok(Outcome::Repeat(sold)));
+        assert!(restored.audit().violations.is_empty());
+        // Past its window the key is forgotten at the next archiving.
+        let none_due = s.archivable(70_000, 10_000, 10);
+        assert!(none_due.is_empty(), "the pending order is not archived: {none_due:?}");
+        journal.extend(s.expire_due(70_000, 10));
+        let seqs = s.archivable(90_000, 10_000, 10);
+        assert_eq!(seqs, [open]);
+        s.archive(seqs, 90_000, 60_000);
+        assert!(s.archived().idempotency.is_empty(), "keys past their window are forgotten");
+        assert_eq!(s.orders().len(), 0);
+        assert_eq!(s.archived().orders(), 3);
+    }
+
+    #[test]
     fn audit_catches_a_paid_order_whose_payment_record_is_missing_or_foreign() {
         let mut s = shard_with_keys(3, 0);
         let a = created(s.create_order(new_order("a", 1), 0));
@@ -1484,12 +1798,12 @@ mod tests {
         assert!(lost.audit().violations.iter().any(|v| v.contains("order 1 names payment")), "{:?}", lost.audit());
 
         let mut swapped = s.clone();
-        swapped.orders[0].payment_id = Some("pb".into());
+        swapped.order_mut(1).payment_id = Some("pb".into());
         let v = swapped.audit().violations;
         assert!(v.iter().any(|v| v.contains("not its own")) && v.iter().any(|v| v.contains("disagrees")), "{v:?}");
 
         let mut unpaid = s;
-        unpaid.orders[1].payment_id = None;
+        unpaid.order_mut(2).payment_id = None;
         assert!(unpaid.audit().violations.iter().any(|v| v.contains("without a payment")));
     }
 

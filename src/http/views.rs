@@ -113,7 +113,13 @@ pub fn audit(r: &AuditReport) -> Value {
     let products: Vec<Value> = r
         .products
         .iter()
-        .map(|p| json!({"id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved, "sold": p.sold, "in_transit": p.in_transit}))
+        .map(|p| {
+            json!({
+                "id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved,
+                "sold": p.sold, "in_transit": p.in_transit,
+                "orders_in_memory": p.orders_in_memory, "orders_archived": p.orders_archived,
+            })
+        })
         .collect();
     let orders: serde_json::Map<String, Value> =
         r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();

@@ -12,7 +12,7 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::domain::shard::{ShardV2, ShardV3};
+use crate::domain::shard::{ShardV2, ShardV3, ShardV4};
 use crate::domain::Shard;
 
 pub const MAGIC: [u8; 4] = *b"KAMI";
@@ -28,7 +28,14 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// Version 4: group-buy. Group events, a payment outcome and refund reasons are
 /// added at the end of their enums (older records decode unchanged) and a snapshot
 /// ends with the shard's groups; v3 snapshots decode as [`ShardV3`] (no groups).
-pub const FORMAT_VERSION: u8 = 4;
+///
+/// Version 5: orders leave memory for the archive. A snapshot keeps its orders by
+/// sequence (a map, since archived ones are gone) and ends with the count of orders
+/// created and what the shard keeps of archived ones; one event
+/// (`OrdersArchived`) and one refund reason (`OrderArchived`) are added at the end
+/// of their enums; archive records are a new kind. v4 snapshots decode as
+/// [`ShardV4`].
+pub const FORMAT_VERSION: u8 = 5;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 const HEADER_BYTES: usize = 14;
@@ -44,6 +51,8 @@ pub enum Kind {
     Deal = 4,
     /// (v4) A points shard's book (`domain::points::PointsBook`).
     PointsSnapshot = 5,
+    /// (v5) An archived order (`domain::shard::ArchivedOrder`).
+    ArchivedOrder = 6,
 }
 
 impl Kind {
@@ -53,6 +62,7 @@ impl Kind {
             Kind::Event => 16 << 20,
             Kind::Snapshot | Kind::PointsSnapshot => 4 << 30,
             Kind::Product | Kind::Deal => 64 << 10,
+            Kind::ArchivedOrder => 16 << 20,
         }
     }
 }
@@ -126,6 +136,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
     match bytes.get(4) {
         Some(1 | 2) => decode::<ShardV2>(Kind::Snapshot, bytes).map(Shard::from),
         Some(3) => decode::<ShardV3>(Kind::Snapshot, bytes).map(Shard::from),
+        Some(4) => decode::<ShardV4>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
     }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::domain::group::GroupDeal;
 use crate::domain::points::{PointsBook, PointsEvent};
+use crate::domain::shard::ArchivedOrder;
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
 pub use commit::{Committer, Ticket};
@@ -131,6 +132,33 @@ impl Storage {
     pub fn flush_now(&self) -> Result<(), StorageError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    // ---- archived orders ----
+
+    fn archive_tree(&self, id: &ShardId) -> Result<sled::Tree, StorageError> {
+        Ok(self.db.open_tree(format!("archive/{}/{}", id.product, id.shard))?)
+    }
+
+    /// Writes orders to shard `id`'s archive (before the shard journals that it
+    /// archived them: the journal record's flush covers these writes too).
+    pub fn archive_orders(&self, id: &ShardId, orders: &[ArchivedOrder]) -> Result<(), StorageError> {
+        let tree = self.archive_tree(id)?;
+        let mut batch = sled::Batch::default();
+        for o in orders {
+            batch.insert(&o.order.seq.to_be_bytes(), codec::encode(Kind::ArchivedOrder, o));
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// An archived order of shard `id`, if there is one.
+    pub fn archived_order(&self, id: &ShardId, seq: u64) -> Result<Option<ArchivedOrder>, StorageError> {
+        let tree = self.archive_tree(id)?;
+        let Some(bytes) = tree.get(seq.to_be_bytes())? else { return Ok(None) };
+        codec::decode(Kind::ArchivedOrder, &bytes)
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt { place: format!("archive/{id} order {seq}"), error: e.to_string() })
     }
 
     // ---- payment ids ----

@@ -35,7 +35,7 @@ impl Shard {
         let mut taken = 0;
         let mut paid = 0;
         for &seq in &g.orders {
-            match self.orders[(seq - 1) as usize].status {
+            match self.orders[&seq].status {
                 OrderStatus::PendingPayment => taken += 1,
                 OrderStatus::Paid | OrderStatus::Delivered => {
                     taken += 1;
@@ -53,7 +53,7 @@ impl Shard {
 
     fn has_seat(&self, g: &Group, buyer: &str) -> bool {
         g.orders.iter().any(|&seq| {
-            let o = &self.orders[(seq - 1) as usize];
+            let o = &self.orders[&seq];
             o.buyer == buyer && matches!(o.status, OrderStatus::PendingPayment | OrderStatus::Paid)
         })
     }
@@ -61,7 +61,7 @@ impl Shard {
     /// The answer recorded for this Idempotency-Key, if it was used before.
     fn repeated_seat(&self, req: &NewOrder) -> Option<Result<Outcome<(u64, u64)>, DomainError>> {
         let idem = req.idempotency.as_ref()?;
-        let &(fingerprint, seq) = self.idempotency.get(&idem.key)?;
+        let (fingerprint, seq) = self.idempotent(&idem.key)?;
         Some(match self.group_of_order(seq) {
             Some(group) if fingerprint == idem.fingerprint => Ok(Outcome::Repeat((group, seq))),
             _ => Err(DomainError::IdempotencyKeyReused),
@@ -146,7 +146,7 @@ impl Shard {
     fn leaves(&self, g: &Group, buyer: &str) -> usize {
         g.orders
             .iter()
-            .map(|&seq| &self.orders[(seq - 1) as usize])
+            .map(|&seq| &self.orders[&seq])
             .filter(|o| o.buyer == buyer && matches!(o.status, OrderStatus::Cancelled | OrderStatus::Expired))
             .count()
     }
@@ -229,7 +229,7 @@ impl Shard {
 
     /// An order enters `pending_payment` with its keys reserved.
     pub(super) fn add_pending_order(&mut self, order: &Order) {
-        assert_eq!(order.seq, self.orders.len() as u64 + 1, "order sequence gap");
+        assert_eq!(order.seq, self.orders_created + 1, "order sequence gap");
         assert_eq!(order.status, OrderStatus::PendingPayment);
         assert_eq!(order.keys.len(), order.quantity as usize);
         self.take_available(&order.keys);
@@ -239,7 +239,8 @@ impl Shard {
             self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
         }
         self.expiry.push(Reverse((order.expires_at_ms, order.seq)));
-        self.orders.push(order.clone());
+        self.orders.insert(order.seq, order.clone());
+        self.orders_created += 1;
     }
 
     pub(super) fn apply_group(&mut self, event: &Event) {
@@ -281,7 +282,7 @@ impl Shard {
     /// The group of a failing seat: a pending seat is cancelled, a paid one is owed
     /// its refund; either way its keys return to stock.
     fn release_seat(&mut self, seq: u64, at_ms: Millis) {
-        let order = &mut self.orders[(seq - 1) as usize];
+        let order = self.order_mut(seq);
         let status = match order.status {
             OrderStatus::PendingPayment => OrderStatus::Cancelled,
             OrderStatus::Paid => OrderStatus::RefundPending,
@@ -294,7 +295,7 @@ impl Shard {
             record.outcome = PaymentOutcome::RefundOwed(RefundReason::GroupFailed);
             self.refunds_owed.insert(key);
         }
-        self.close_order((seq - 1) as usize, status, at_ms);
+        self.close_order(seq, status, at_ms);
     }
 
     /// Every seat is paid (`last` by the payment being applied, whose record is
@@ -308,7 +309,7 @@ impl Shard {
         self.groups[idx].state = GroupState::Completed { at_ms };
         self.open_groups.remove(&group);
         for seq in self.groups[idx].orders.clone() {
-            let order = &self.orders[(seq - 1) as usize];
+            let order = &self.orders[&seq];
             if order.status != OrderStatus::Paid {
                 continue;
             }
@@ -318,7 +319,7 @@ impl Shard {
                 assert_eq!(record.outcome, PaymentOutcome::AwaitingGroup);
                 record.outcome = PaymentOutcome::Delivered;
             }
-            let order = &mut self.orders[(seq - 1) as usize];
+            let order = self.order_mut(seq);
             order.status = OrderStatus::Delivered;
             order.delivered_at_ms = Some(at_ms);
             let n = order.keys.len() as u64;
