@@ -195,7 +195,10 @@ impl std::fmt::Display for OfflineReport {
             writeln!(f, "VIOLATION: {v}")?;
         }
         if self.ok {
-            writeln!(f, "ok: I1, I2, I6 and journal consistency hold")
+            writeln!(
+                f,
+                "ok: no oversell, no key sold twice, stock adds up, every payment accounted for, journals consistent"
+            )
         } else {
             writeln!(f, "FAILED: {} violation(s)", self.violations.len())
         }

@@ -55,6 +55,7 @@ pub struct ServerSettings {
     pub max_concurrent_requests: usize,
     pub reserved_notify_slots: usize,
     pub max_connections: usize,
+    pub max_buffered_body_bytes: u64,
     pub header_read_timeout_ms: u64,
     pub body_timeout_ms: u64,
     pub idle_timeout_secs: u64,
@@ -329,6 +330,12 @@ impl Settings {
         check(self.server.max_concurrent_requests >= 1, "server.max_concurrent_requests", "must be at least 1")?;
         check(self.server.max_connections >= 1, "server.max_connections", "must be at least 1")?;
         check(
+            self.server.max_buffered_body_bytes >= self.server.max_body_bytes as u64
+                && self.server.max_buffered_body_bytes >= self.keys.max_import_bytes as u64,
+            "server.max_buffered_body_bytes",
+            "must be at least server.max_body_bytes and keys.max_import_bytes",
+        )?;
+        check(
             self.orders.archive_after_secs >= self.payments.query_grace_secs,
             "orders.archive_after_secs",
             "must be at least payments.query_grace_secs (an order is asked about until then)",
@@ -509,7 +516,7 @@ mod tests {
         assert_eq!(s.payments.max_skew_secs, 300);
         assert!(!s.chaos.enabled);
         assert!(s.rate_limits.enabled);
-        assert_eq!(s.server.max_body_bytes, 64 << 10);
+        assert_eq!(s.server.max_body_bytes, 1 << 20);
         assert_eq!(s.keys.max_import_bytes, 16 << 20);
         assert!(s.payments.channels.contains_key("sandbox"));
     }

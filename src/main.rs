@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (the default).
     Serve,
-    /// Check a stopped server's data directory: I1, I2, I6 and journal consistency.
+    /// Check a stopped server's data directory: no oversell, no key sold twice, stock adds up, payments accounted for, journals consistent.
     /// Changes nothing. Exit status: 0 ok, 1 violations found, 2 cannot read.
     Audit {
         /// The data directory (`storage.path` of the server).

@@ -1,4 +1,4 @@
-//! Malformed, oversized, unauthenticated or forged requests: each gets the SPEC's
+//! Malformed, oversized, unauthenticated or forged requests: each gets its
 //! 4xx JSON error, and nothing changes.
 
 mod common;

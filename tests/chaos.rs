@@ -1,4 +1,4 @@
-//! The chaos endpoint (SPEC §2): exists only with `chaos.enabled`, kills what it
+//! The chaos endpoint (docs/api.md): exists only with `chaos.enabled`, kills what it
 //! names, and the killed actors come back from storage.
 
 mod common;

@@ -511,3 +511,38 @@ async fn settled_orders_leave_memory_and_still_read_the_same() {
     assert_eq!(audit.body["products"][0]["orders_archived"], 201);
     assert_eq!(audit.body["products"][0]["sold"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_trickled_bodies_share_a_budget_and_small_ones_never_wait_for_it() {
+    let t = TestApp::spawn_with(&[
+        ("server.max_buffered_body_bytes", "2097152"),
+        ("keys.max_import_bytes", "1048576"),
+        ("server.body_timeout_ms", "30000"),
+    ])
+    .await;
+    let api = t.api();
+    api.product_with_keys("p", 2, 0).await;
+    let a = addr(&api);
+    // Two bodies declaring 900 KB each take the 2 MiB budget while they trickle.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(&a).await.unwrap();
+        s.write_all(b"POST /api/v1/orders HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 900000\r\n\r\n{")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    // A third large body is refused once both hold their share (eventually: the
+    // first two are read by the server concurrently with this).
+    let refused = api
+        .eventually(Duration::from_secs(20), || async {
+            let body = "x".repeat(900_000);
+            let r = api.http.post(format!("{}/api/v1/orders", api.url)).body(body).send().await.unwrap();
+            r.status() == 503
+        })
+        .await;
+    assert!(refused, "a third large body was not refused");
+    let o = api.order("p", 1, "alice", None).await;
+    assert_eq!(o.status, 201, "a small body never waits for the budget: {}", o.body);
+    drop(held);
+}

@@ -75,7 +75,7 @@ impl OrderStatus {
         }
     }
 
-    /// Statuses that count against `per_buyer_limit` (SPEC §2).
+    /// Statuses that count against `per_buyer_limit` (docs/api.md).
     pub fn counts_toward_limit(self) -> bool {
         matches!(self, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered)
     }

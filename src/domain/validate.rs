@@ -1,6 +1,6 @@
 //! Input rules. Each returns a human message naming the field on failure.
 
-/// Longest key accepted, in bytes (SPEC: 1..=256 bytes of printable text).
+/// Longest key accepted, in bytes (the contract: 1..=256 bytes of printable text).
 pub const KEY_MAX_BYTES: usize = 256;
 /// Longest buyer identifier, in bytes.
 pub const BUYER_MAX_BYTES: usize = 254;

@@ -3,7 +3,10 @@
 //! slots, so a client that trickles its body holds a connection, never a slot.
 //! Slots are counted once across the server (`server.max_concurrent_requests`),
 //! and payment notifications have slots of their own on top
-//! (`server.reserved_notify_slots`): money already taken is heard first.
+//! (`server.reserved_notify_slots`): money already taken is heard first. Bodies
+//! over 16 KiB (or of unknown length) also draw on a byte budget for the whole
+//! server (`server.max_buffered_body_bytes`); smaller ones are bounded by the
+//! connection limit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +25,8 @@ pub struct Intake {
     general: Arc<Semaphore>,
     /// Slots only payment notifications take (first; then the general ones).
     notify: Arc<Semaphore>,
+    /// KiB of request bodies held in memory, all connections together.
+    buffered_kib: Arc<Semaphore>,
     max_body_bytes: usize,
     max_import_bytes: usize,
     body_timeout: Duration,
@@ -29,9 +34,11 @@ pub struct Intake {
 }
 
 impl Intake {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         max_concurrent: usize,
         reserved_notify: usize,
+        max_buffered_body_bytes: u64,
         max_body_bytes: usize,
         max_import_bytes: usize,
         body_timeout: Duration,
@@ -40,6 +47,7 @@ impl Intake {
         Intake {
             general: Arc::new(Semaphore::new(max_concurrent)),
             notify: Arc::new(Semaphore::new(reserved_notify)),
+            buffered_kib: Arc::new(Semaphore::new(kib(max_buffered_body_bytes) as usize)),
             max_body_bytes,
             max_import_bytes,
             body_timeout,
@@ -71,6 +79,11 @@ impl Intake {
     }
 }
 
+/// Bytes in whole KiB, rounded up (the unit of the body budget).
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
 fn is_import_path(path: &str) -> bool {
     path.strip_prefix("/api/v1/products/")
         .and_then(|rest| rest.strip_suffix("/keys"))
@@ -82,6 +95,9 @@ fn is_notify_path(path: &str) -> bool {
         .and_then(|rest| rest.strip_suffix("/notify"))
         .is_some_and(|c| !c.contains('/'))
 }
+
+/// Bodies up to this size do not count against `server.max_buffered_body_bytes`.
+pub const SMALL_BODY_BYTES: u64 = 16 << 10;
 
 /// Most bytes read and thrown away after a 413, so that a client that writes its
 /// whole body before reading sees the answer (RFC 9112 9.6: close lingeringly).
@@ -104,6 +120,20 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
         }
         return closing(ApiError::too_large(limit));
     }
+    // A large body (or one of unknown length) takes its share of the server's body
+    // budget until the answer is made. Small ones (every buyer's and gateway's) are
+    // bounded by the connection limit instead, so a client holding the budget with
+    // large trickled bodies never shuts out an order or a payment notification.
+    let _budget = match declared {
+        Some(len) if len <= SMALL_BODY_BYTES => None,
+        _ => match intake.buffered_kib.clone().try_acquire_many_owned(kib(declared.unwrap_or(limit as u64))) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                crate::telemetry::count_rejection("concurrency");
+                return closing(ApiError::from(crate::error::Error::Overloaded));
+            }
+        },
+    };
     let bytes = match tokio::time::timeout(intake.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => {
             crate::telemetry::count_rejection("slow_body");

@@ -85,6 +85,7 @@ impl AppState {
             intake: Arc::new(intake::Intake::new(
                 settings.server.max_concurrent_requests,
                 settings.server.reserved_notify_slots,
+                settings.server.max_buffered_body_bytes,
                 settings.server.max_body_bytes,
                 settings.keys.max_import_bytes,
                 Duration::from_millis(settings.server.body_timeout_ms),

@@ -1,4 +1,4 @@
-//! JSON shapes of responses (SPEC §2). Times are RFC 3339, money in cents.
+//! JSON shapes of responses (docs/api.md). Times are RFC 3339, money in cents.
 
 use serde_json::{json, Value};
 
