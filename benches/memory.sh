@@ -2,7 +2,8 @@
 # Memory per order while it is in a shard's memory, and once archived: the RSS of a
 # kami server (release build) as `kami load --mode order-only` creates N orders that
 # stay pending, then expire and move to the archive; twice, so the second round
-# shows what archived orders cost once the memory of the first is reused.
+# shows what archived orders cost once the memory of the first is reused. sled's
+# page cache is set small (CACHE bytes, 8 MiB) so that it does not hide the orders.
 #
 #   bash benches/memory.sh            # N=100000
 #   N=300000 bash benches/memory.sh
@@ -12,11 +13,12 @@ N=${N:-100000}
 PORT=${PORT:-18099}
 cargo build --release -q
 dir=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
+trap 'kill "$pid" 2>/dev/null || true; sleep 1; rm -rf "$dir"' EXIT
 export KAMI_STORAGE__PATH="$dir/data" KAMI_SERVER__LISTEN="127.0.0.1:$PORT" \
     KAMI_ADMIN__TOKEN=bench-admin-token KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET=bench-secret \
-    KAMI_RATE_LIMITS__ENABLED=false KAMI_ORDERS__TTL_SECS=40 KAMI_ORDERS__ARCHIVE_AFTER_SECS=1 \
-    KAMI_PAYMENTS__QUERY_GRACE_SECS=0 KAMI_LOG__LEVEL=warn
+    KAMI_RATE_LIMITS__ENABLED=false KAMI_ORDERS__TTL_SECS=25 KAMI_ORDERS__ARCHIVE_AFTER_SECS=1 \
+    KAMI_PAYMENTS__QUERY_GRACE_SECS=0 KAMI_LOG__LEVEL=warn \
+    KAMI_STORAGE__CACHE_CAPACITY_BYTES=${CACHE:-8388608}
 target/release/kami >"$dir/server.log" 2>&1 &
 pid=$!
 until curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null; do sleep 0.2; done
