@@ -124,9 +124,12 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
     // budget until the answer is made. Small ones (every buyer's and gateway's) are
     // bounded by the connection limit instead, so a client holding the budget with
     // large trickled bodies never shuts out an order or a payment notification.
-    let _budget = match declared {
+    // (A request with neither Content-Length nor Transfer-Encoding has no body:
+    // its size hint says 0; only a chunked body's size is unknown.)
+    let expected = http_body::Body::size_hint(&body).upper().or(declared);
+    let _budget = match expected {
         Some(len) if len <= SMALL_BODY_BYTES => None,
-        _ => match intake.buffered_kib.clone().try_acquire_many_owned(kib(declared.unwrap_or(limit as u64))) {
+        _ => match intake.buffered_kib.clone().try_acquire_many_owned(kib(expected.unwrap_or(limit as u64))) {
             Ok(permit) => Some(permit),
             Err(_) => {
                 crate::telemetry::count_rejection("concurrency");
