@@ -33,40 +33,107 @@ pub enum StartError {
     Bind { addr: SocketAddr, error: std::io::Error },
     #[error("recovery failed: {0}")]
     Recovery(String),
+    #[error("secrets: {0}")]
+    Secrets(String),
 }
 
-/// Secrets in force, and which of them were generated at this start.
+/// Secrets in force. Those not configured are generated once and kept in
+/// [`secrets_file`] (readable by the owner only), so a restart keeps them: the
+/// merchant's token and a gateway's shared secret do not change under them.
 #[derive(Debug, Clone)]
 pub struct Secrets {
     pub admin_token: String,
     pub channels: BTreeMap<String, String>,
+    /// Secrets kept in the file (not configured), by configuration key.
+    pub kept: Vec<String>,
+    /// Of those, the ones generated at this start.
     pub generated: Vec<String>,
+    /// The file they are kept in.
+    pub file: std::path::PathBuf,
+}
+
+/// The secrets kept in a data directory.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct StoredSecrets {
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    #[serde(default)]
+    pub channels: BTreeMap<String, String>,
+}
+
+/// Where kami keeps the secrets it generated: `<storage.path>/secrets.json`.
+pub fn secrets_file(data: &std::path::Path) -> std::path::PathBuf {
+    data.join("secrets.json")
+}
+
+/// The secrets kept in `data`'s file (none if there is no file).
+pub fn read_secrets(data: &std::path::Path) -> Result<StoredSecrets, String> {
+    let path = secrets_file(data);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredSecrets::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes the file whole (a temporary file renamed over it), readable by the owner only.
+fn write_secrets(data: &std::path::Path, secrets: &StoredSecrets) -> Result<(), String> {
+    use std::io::Write;
+    let path = secrets_file(data);
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    std::fs::create_dir_all(data).map_err(err)?;
+    let tmp = data.join("secrets.json.tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&tmp).map_err(err)?;
+    f.write_all(&serde_json::to_vec_pretty(secrets).expect("secrets serialise")).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(())
 }
 
 impl Secrets {
-    fn resolve(settings: &Settings) -> Secrets {
-        let mut generated = Vec::new();
+    fn resolve(settings: &Settings) -> Result<Secrets, StartError> {
+        let data = &settings.storage.path;
+        let file = secrets_file(data);
+        let mut stored = read_secrets(data).map_err(StartError::Secrets)?;
+        let (mut kept, mut generated) = (Vec::new(), Vec::new());
         let admin_token = if settings.admin.token.is_empty() {
-            generated.push("admin.token".to_string());
-            new_token()
+            kept.push("admin.token".to_string());
+            stored
+                .admin_token
+                .get_or_insert_with(|| {
+                    generated.push("admin.token".to_string());
+                    new_token()
+                })
+                .clone()
         } else {
             settings.admin.token.clone()
         };
-        let channels = settings
-            .payments
-            .channels
-            .iter()
-            .map(|(name, c)| {
-                let secret = if c.secret.is_empty() {
-                    generated.push(format!("payments.channels.{name}.secret"));
-                    new_token()
-                } else {
-                    c.secret.clone()
-                };
-                (name.clone(), secret)
-            })
-            .collect();
-        Secrets { admin_token, channels, generated }
+        let mut channels = BTreeMap::new();
+        for (name, c) in &settings.payments.channels {
+            let secret = if c.secret.is_empty() {
+                let key = format!("payments.channels.{name}.secret");
+                kept.push(key.clone());
+                stored
+                    .channels
+                    .entry(name.clone())
+                    .or_insert_with(|| {
+                        generated.push(key);
+                        new_token()
+                    })
+                    .clone()
+            } else {
+                c.secret.clone()
+            };
+            channels.insert(name.clone(), secret);
+        }
+        if !generated.is_empty() {
+            write_secrets(data, &stored).map_err(StartError::Secrets)?;
+        }
+        Ok(Secrets { admin_token, channels, kept, generated, file })
     }
 }
 
@@ -211,7 +278,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
 }
 
 pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<RunningApp, StartError> {
-    let secrets = Secrets::resolve(&settings);
+    let secrets = Secrets::resolve(&settings)?;
     if settings.chaos.enabled {
         crate::chaos::arm(settings.chaos.crash_point, settings.chaos.crash_after_hits);
     }

@@ -90,11 +90,26 @@ enum Command {
         #[arg(long)]
         retry_overloaded: bool,
     },
+    /// The secrets kami generated and keeps in a data directory (`secrets.json`).
+    Secrets {
+        #[command(subcommand)]
+        action: SecretsAction,
+    },
     /// Print the X-Signature header value for a notification body read from stdin.
     Sign {
         /// The channel's secret.
         #[arg(long)]
         secret: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsAction {
+    /// Print them, one `key = value` a line.
+    Show {
+        /// The data directory (`storage.path` of the server).
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
     },
 }
 
@@ -110,6 +125,25 @@ fn main() -> ExitCode {
             println!("{}", kami::domain::signature::sign(secret.as_bytes(), &body));
             ExitCode::SUCCESS
         }
+        Command::Secrets { action: SecretsAction::Show { data } } => match kami::app::read_secrets(&data) {
+            Err(e) => {
+                eprintln!("kami secrets: {e}");
+                ExitCode::from(2)
+            }
+            Ok(s) if s.admin_token.is_none() && s.channels.is_empty() => {
+                eprintln!("kami secrets: no secrets kept in {}", kami::app::secrets_file(&data).display());
+                ExitCode::from(1)
+            }
+            Ok(s) => {
+                if let Some(token) = &s.admin_token {
+                    println!("admin.token = {token}");
+                }
+                for (name, secret) in &s.channels {
+                    println!("payments.channels.{name}.secret = {secret}");
+                }
+                ExitCode::SUCCESS
+            }
+        },
         Command::Audit { data, json } => match kami::audit::audit_dir(&data) {
             Err(e) => {
                 eprintln!("kami audit: {e}");
@@ -255,14 +289,23 @@ async fn serve(settings: Settings) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    for key in &app.secrets.generated {
+    let secrets = &app.secrets;
+    for key in &secrets.generated {
         let value = if key == "admin.token" {
-            app.secrets.admin_token.clone()
+            secrets.admin_token.clone()
         } else {
             let name = key.trim_start_matches("payments.channels.").trim_end_matches(".secret");
-            app.secrets.channels[name].clone()
+            secrets.channels[name].clone()
         };
-        println!("{key} (generated for this run): {value}");
+        println!("{key} (generated, kept for the next starts): {value}");
+    }
+    if !secrets.kept.is_empty() {
+        println!(
+            "secrets not configured ({}) are kept in {} (readable by the owner only); `kami secrets show --data {}` prints them",
+            secrets.kept.join(", "),
+            secrets.file.display(),
+            secrets.file.parent().map_or(String::new(), |p| p.display().to_string()),
+        );
     }
     let r = &app.recovery;
     println!(

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_echoed_and_one_orders_life_can_be_followed_in_json_logs() {
@@ -137,4 +137,65 @@ async fn sigterm_during_load_loses_no_acknowledged_order_and_the_restart_replays
     }
     assert_audit_ok(&api.audit().await);
     eprintln!("sigterm: {} acknowledged orders survived", acked.len());
+}
+
+/// Secrets that are not configured are generated once, kept in the data directory
+/// (owner-only), and used again at the next start: the merchant's token and the
+/// gateway's shared secret survive a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_secrets_are_kept_for_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let unset = [("KAMI_ADMIN__TOKEN", ""), ("KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET", "")];
+    let audit = |api: &Api, token: &str| {
+        let req = api.http.get(format!("{}/api/v1/admin/audit", api.url)).bearer_auth(token.to_string());
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let (admin, sandbox) = {
+        let server = Server::start(&data, &unset);
+        let kept = kami::app::read_secrets(&data).unwrap();
+        let admin = kept.admin_token.expect("the admin token is kept");
+        let sandbox = kept.channels.get("sandbox").expect("the channel secret is kept").clone();
+        assert_eq!(audit(&server.api(), &admin).await, 200, "the server uses the kept token");
+        assert_eq!(audit(&server.api(), ADMIN).await, 401);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(kami::app::secrets_file(&data)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "readable by the owner only");
+        }
+        (admin, sandbox)
+    };
+    let server = Server::start(&data, &unset);
+    let api = server.api();
+    assert_eq!(audit(&api, &admin).await, 200, "the same token after a restart");
+    // The gateway's notifications still verify with the secret it was given.
+    let product = json!({"id": "p", "name": "P", "price_cents": 100, "per_buyer_limit": 0});
+    let r =
+        api.http.post(format!("{}/api/v1/products", api.url)).bearer_auth(&admin).json(&product).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = api
+        .http
+        .post(format!("{}/api/v1/products/p/keys", api.url))
+        .bearer_auth(&admin)
+        .json(&json!({"keys": ["K1"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let o = api.order("p", 1, "alice", None).await;
+    let id = o.body["order_id"].as_str().unwrap();
+    let body = serde_json::to_vec(&json!({
+        "order_id": id, "payment_id": "pay-1", "amount_cents": 100, "status": "paid",
+        "timestamp": now_secs(), "nonce": "n-1",
+    }))
+    .unwrap();
+    assert_eq!(api.notify_raw("sandbox", &body, &sandbox).await.status, 200);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kami"))
+        .args(["secrets", "show", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("admin.token = {admin}")));
 }
