@@ -27,6 +27,7 @@ pub struct Intake {
     notify: Arc<Semaphore>,
     /// KiB of request bodies held in memory, all connections together.
     buffered_kib: Arc<Semaphore>,
+    budget_kib: usize,
     max_body_bytes: usize,
     max_import_bytes: usize,
     body_timeout: Duration,
@@ -48,6 +49,7 @@ impl Intake {
             general: Arc::new(Semaphore::new(max_concurrent)),
             notify: Arc::new(Semaphore::new(reserved_notify)),
             buffered_kib: Arc::new(Semaphore::new(kib(max_buffered_body_bytes) as usize)),
+            budget_kib: kib(max_buffered_body_bytes) as usize,
             max_body_bytes,
             max_import_bytes,
             body_timeout,
@@ -55,9 +57,9 @@ impl Intake {
         }
     }
 
-    /// Requests holding a slot now.
-    pub fn in_flight(&self, max_concurrent: usize, reserved_notify: usize) -> usize {
-        (max_concurrent - self.general.available_permits()) + (reserved_notify - self.notify.available_permits())
+    /// Bytes of large request bodies held now (what `server.max_buffered_body_bytes` bounds).
+    pub fn buffered_body_bytes(&self) -> u64 {
+        (self.budget_kib - self.buffered_kib.available_permits()) as u64 * 1024
     }
 
     /// The body limit of a request: key imports by the merchant may be larger (the
@@ -133,6 +135,10 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
             Ok(permit) => Some(permit),
             Err(_) => {
                 crate::telemetry::count_rejection("concurrency");
+                // As after a 413: what the client still sends is read and dropped.
+                if expected.is_some_and(|len| len <= MAX_DRAINED_BYTES) {
+                    tokio::spawn(drain(body, intake.body_timeout));
+                }
                 return closing(ApiError::from(crate::error::Error::Overloaded));
             }
         },

@@ -43,6 +43,7 @@ pub async fn metrics(
         }
     }
     metrics::gauge!("kami_payment_conversion_ratio").set(crate::telemetry::conversion_ratio());
+    metrics::gauge!("kami_buffered_body_bytes").set(st.intake.buffered_body_bytes() as f64);
     let handle = crate::telemetry::metrics_handle();
     handle.run_upkeep();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()))
@@ -108,6 +109,7 @@ pub async fn status_json(
         "products": products,
         "channels": channels,
         "rejected": rejected,
+        "buffered_body_bytes": st.intake.buffered_body_bytes(),
         "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},
     })))
 }
