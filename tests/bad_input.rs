@@ -202,33 +202,11 @@ async fn bad_requests_get_json_errors_and_change_nothing() {
 
 /// Sends only the request head (declaring `content_length`) and reads the answer.
 async fn post_head_only(addr: &str, path: &str, auth: bool, content_length: usize) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = if auth { format!("Authorization: Bearer {ADMIN}\r\n") } else { String::new() };
     let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = std::time::Duration::from_secs(10);
-    loop {
-        let n = tokio::time::timeout(deadline, stream.read(&mut buf)).await.expect("answer within 10 s").unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        response.extend_from_slice(&buf[..n]);
-        if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&response[..split]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if response.len() >= split + 4 + len {
-                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-                return (status, serde_json::from_slice(&response[split + 4..split + 4 + len]).unwrap());
-            }
-        }
-    }
-    panic!("connection closed before a full answer: {:?}", String::from_utf8_lossy(&response));
+    let (status, _, body) = read_answer(&mut stream).await;
+    (status, serde_json::from_slice(&body).unwrap())
 }

@@ -25,34 +25,6 @@ async fn raw_exchange(addr: &str, raw: &[u8]) -> (u16, String, Vec<u8>) {
     read_answer(&mut stream).await
 }
 
-async fn read_answer(stream: &mut TcpStream) -> (u16, String, Vec<u8>) {
-    let mut response = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
-            .await
-            .expect("an answer within 30 s")
-            .unwrap_or(0);
-        response.extend_from_slice(&buf[..n]);
-        if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&response[..split]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if response.len() >= split + 4 + len {
-                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-                return (status, head, response[split + 4..split + 4 + len].to_vec());
-            }
-        }
-        if n == 0 {
-            panic!("connection closed before a full answer: {:?}", String::from_utf8_lossy(&response));
-        }
-    }
-}
-
 fn json_code(body: &[u8]) -> String {
     let v: Value = serde_json::from_slice(body)
         .unwrap_or_else(|_| panic!("not a JSON error: {:?}", String::from_utf8_lossy(body)));

@@ -954,6 +954,17 @@ impl Shard {
                 ) => PaymentOutcome::RefundOwed(RefundReason::AlreadyPaid),
             }
         };
+        Ok(self.record_payment(p, outcome, taken_keys, now_ms))
+    }
+
+    /// Journals payment `p` with the outcome decided for it (applied at once).
+    fn record_payment(
+        &mut self,
+        p: Payment,
+        outcome: PaymentOutcome,
+        taken_keys: Vec<KeyId>,
+        now_ms: Millis,
+    ) -> Outcome<PaymentOutcome> {
         let record = PaymentRecord {
             payment_id: p.payment_id,
             order_seq: p.order_seq,
@@ -965,7 +976,7 @@ impl Shard {
         };
         let event = Event::PaymentApplied { record, taken_keys };
         self.apply(&event);
-        Ok(Outcome::Changed(event, outcome))
+        Outcome::Changed(event, outcome)
     }
 
     /// A new payment for an archived order (closed or delivered long ago): recorded;
@@ -979,18 +990,7 @@ impl Shard {
         } else {
             PaymentOutcome::Ignored
         };
-        let record = PaymentRecord {
-            payment_id: p.payment_id,
-            order_seq: p.order_seq,
-            channel: p.channel,
-            amount_cents: p.amount_cents,
-            status: p.status,
-            at_ms: now_ms,
-            outcome,
-        };
-        let event = Event::PaymentApplied { record, taken_keys: Vec::new() };
-        self.apply(&event);
-        Ok(Outcome::Changed(event, outcome))
+        Ok(self.record_payment(p, outcome, Vec::new(), now_ms))
     }
 
     /// Orders that can no longer change and have not changed for `min_age_ms`:

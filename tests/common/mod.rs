@@ -402,3 +402,34 @@ pub fn open_storage(data: &Path) -> std::sync::Arc<kami::storage::Storage> {
     })
     .expect("open storage")
 }
+
+/// Reads one HTTP answer from `stream` until its head and Content-Length body have
+/// arrived (30 s at most). Returns (status, head, body).
+pub async fn read_answer(stream: &mut tokio::net::TcpStream) -> (u16, String, Vec<u8>) {
+    let mut response = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+            .await
+            .expect("an answer within 30 s")
+            .unwrap_or(0);
+        response.extend_from_slice(&buf[..n]);
+        if let Some(split) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&response[..split]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if response.len() >= split + 4 + len {
+                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                return (status, head, response[split + 4..split + 4 + len].to_vec());
+            }
+        }
+        if n == 0 {
+            panic!("connection closed before a full answer: {:?}", String::from_utf8_lossy(&response));
+        }
+    }
+}
