@@ -571,12 +571,8 @@ pub struct ShardV2 {
 
 impl From<ShardV2> for Shard {
     fn from(old: ShardV2) -> Shard {
-        let mut shard = Shard::new(old.product, old.shard);
-        shard.keys = old.keys;
-        shard.available = old.available;
-        shard.set_orders(old.orders);
-        shard.payments = old.payments;
-        shard
+        let ShardV2 { product, shard, keys, available, orders, payments } = old;
+        ShardV3 { product, shard, keys, available, orders, payments, transfers: Transfers::default() }.into()
     }
 }
 
@@ -594,13 +590,8 @@ pub struct ShardV3 {
 
 impl From<ShardV3> for Shard {
     fn from(old: ShardV3) -> Shard {
-        let mut shard = Shard::new(old.product, old.shard);
-        shard.keys = old.keys;
-        shard.available = old.available;
-        shard.set_orders(old.orders);
-        shard.payments = old.payments;
-        shard.transfers = old.transfers;
-        shard
+        let ShardV3 { product, shard, keys, available, orders, payments, transfers } = old;
+        ShardV4 { product, shard, keys, available, orders, payments, transfers, groups: Vec::new() }.into()
     }
 }
 
