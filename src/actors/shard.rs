@@ -44,8 +44,9 @@ pub struct ShardEnv {
     pub idempotency_ttl_ms: u64,
 }
 
-/// Most orders archived by one tick of a stock actor.
+/// Most orders archived by one tick of a stock actor, and most looked at.
 const MAX_ARCHIVED_PER_TICK: usize = 1024;
+const MAX_ARCHIVE_SCANNED_PER_TICK: usize = 8192;
 
 /// Why a shard could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -304,6 +305,8 @@ struct Live {
     /// when only other orders have unflushed changes.
     undurable: std::collections::HashMap<u64, u64>,
     undurable_queue: std::collections::VecDeque<(u64, u64)>,
+    /// Where the archiving scan goes on (`Shard::archivable_after`).
+    archive_cursor: u64,
 }
 
 impl Live {
@@ -416,6 +419,7 @@ impl ShardActor {
             // Everything recovered counts as not yet durable: `durable` starts at 0.
             undurable: std::collections::HashMap::new(),
             undurable_queue: std::collections::VecDeque::new(),
+            archive_cursor: 0,
         });
     }
 
@@ -682,8 +686,15 @@ impl ShardActor {
     /// covers both). A crash in between leaves them in memory, archived again later.
     fn archive(&mut self, ctx: &mut Context<Self>) {
         let now = self.env.clock.now_ms();
-        let Some(live) = self.live.as_ref() else { return };
-        let seqs = live.shard.archivable(now, self.env.archive_after_ms, MAX_ARCHIVED_PER_TICK);
+        let Some(live) = self.live.as_mut() else { return };
+        let (seqs, next) = live.shard.archivable_after(
+            live.archive_cursor,
+            now,
+            self.env.archive_after_ms,
+            MAX_ARCHIVE_SCANNED_PER_TICK,
+            MAX_ARCHIVED_PER_TICK,
+        );
+        live.archive_cursor = next;
         if seqs.is_empty() {
             return;
         }
@@ -1121,6 +1132,7 @@ mod tests {
             last_snapshot_bytes: 0,
             undurable: Default::default(),
             undurable_queue: Default::default(),
+            archive_cursor: 0,
         };
         for seq in 1..=1000u64 {
             live.undurable.insert(seq, seq);

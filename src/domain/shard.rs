@@ -989,24 +989,50 @@ impl Shard {
     /// owed. Oldest first, at most `limit`. (The caller writes them to the archive,
     /// then [`Shard::archive`]s them.)
     pub fn archivable(&self, now_ms: Millis, min_age_ms: Millis, limit: usize) -> Vec<u64> {
+        self.archivable_after(0, now_ms, min_age_ms, usize::MAX, limit).0
+    }
+
+    /// [`Shard::archivable`] for orders after `after`, looking at no more than
+    /// `max_scan` of them, so that orders that stay (group seats, refunds owed) are
+    /// not looked at again on every call. Returns the orders and where to go on
+    /// next time: the last order looked at, or 0 (from the start) once the scan
+    /// reached orders too young.
+    pub fn archivable_after(
+        &self,
+        after: u64,
+        now_ms: Millis,
+        min_age_ms: Millis,
+        max_scan: usize,
+        limit: usize,
+    ) -> (Vec<u64>, u64) {
         let owing: HashSet<u64> = self.refunds_owed.iter().map(|k| self.payments[k].order_seq).collect();
-        self.orders
-            .values()
-            .take_while(|o| o.created_at_ms.saturating_add(min_age_ms) <= now_ms)
-            .filter(|o| {
-                let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
-                let settled = matches!(
-                    o.status,
-                    OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
-                );
-                settled
-                    && last.unwrap_or(o.created_at_ms).saturating_add(min_age_ms) <= now_ms
-                    && !self.group_of.contains_key(&o.seq)
-                    && !owing.contains(&o.seq)
-            })
-            .take(limit)
-            .map(|o| o.seq)
-            .collect()
+        let old_enough = |at: Millis| at.saturating_add(min_age_ms) <= now_ms;
+        let mut found = Vec::new();
+        let mut next = 0;
+        for o in self.orders.range(after + 1..).map(|(_, o)| o).take(max_scan) {
+            if !old_enough(o.created_at_ms) {
+                return (found, 0);
+            }
+            next = o.seq;
+            let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
+            let settled = matches!(
+                o.status,
+                OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
+            );
+            if settled
+                && old_enough(last.unwrap_or(o.created_at_ms))
+                && !self.group_of.contains_key(&o.seq)
+                && !owing.contains(&o.seq)
+            {
+                found.push(o.seq);
+                if found.len() == limit {
+                    return (found, next);
+                }
+            }
+        }
+        // The scan ran out of orders (from the start next time) or of its budget.
+        let exhausted = self.orders.range(next + 1..).next().is_none();
+        (found, if exhausted { 0 } else { next })
     }
 
     /// What the archive keeps of order `seq` (in memory).
@@ -1773,6 +1799,32 @@ mod tests {
         assert!(s.archived().idempotency.is_empty(), "keys past their window are forgotten");
         assert_eq!(s.orders().len(), 0);
         assert_eq!(s.archived().orders(), 3);
+    }
+
+    #[test]
+    fn the_archiving_scan_goes_on_where_it_stopped_and_starts_over_at_young_orders() {
+        let mut s = shard_with_keys(10, 0);
+        // Five pending orders that stay, then two that settle.
+        let stay: Vec<u64> = (0..5).map(|i| created(s.create_order(new_order(&format!("s{i}"), 1), 0))).collect();
+        let go: Vec<u64> = (0..2).map(|i| created(s.create_order(new_order(&format!("g{i}"), 1), 0))).collect();
+        for (i, seq) in go.iter().enumerate() {
+            s.pay(paid(*seq, &format!("P{i}"), 990), 1).unwrap();
+        }
+        // A scan of three looks at three pending orders and says where it stopped.
+        let (found, next) = s.archivable_after(0, 50_000, 10_000, 3, 10);
+        assert!(found.is_empty());
+        assert_eq!(next, stay[2]);
+        // The next one goes on from there and reaches the settled orders.
+        let (found, next) = s.archivable_after(next, 50_000, 10_000, 3, 10);
+        assert_eq!(found, [go[0]]);
+        assert_eq!(next, go[0]);
+        // The end of the orders sends the scan back to the start.
+        let (found, next) = s.archivable_after(next, 50_000, 10_000, 3, 10);
+        assert_eq!((found, next), (vec![go[1]], 0));
+        // So does an order too young to archive.
+        let young = created(s.create_order(new_order("y", 1), 49_000));
+        let (_, next) = s.archivable_after(stay[4], 50_000, 10_000, 10, 10);
+        assert_eq!(next, 0, "stopped at {young}");
     }
 
     #[test]
