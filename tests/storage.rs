@@ -98,7 +98,7 @@ async fn torn_journal_tail_is_dropped_and_older_records_survive() {
         "{:?}",
         seen.findings
     );
-    assert!(journal.raw(seq).unwrap().is_some(), "inspecting changes nothing");
+    assert_eq!(storage.inspect(&id, &product()).unwrap().findings, seen.findings, "inspecting changes nothing");
 
     let r = storage.recover(&id, &product()).unwrap();
     assert_eq!(r.last_seq, seq - 1);
@@ -207,4 +207,72 @@ async fn an_unreadable_snapshot_over_a_trimmed_journal_stops_recovery_and_delete
     let r = storage.recover(&id, &product()).unwrap();
     assert_eq!(r.last_seq, seq2);
     same_state(&live, &r.shard);
+}
+
+/// A data directory written when journals were sled trees (`journal/{product}/{shard}`
+/// and `points/{shard}`, key = big-endian sequence, value = the record) opens with
+/// every record: the trees are moved into segment files once, then dropped.
+#[tokio::test]
+async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
+    use kami::domain::points::{PointsBook, PointsEvent};
+    use kami::storage::codec::{encode, Kind};
+    let dir = tempfile::tempdir().unwrap();
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let mut book = PointsBook::new();
+    let mut seq = 0u64;
+    {
+        // The old layout, written as the sled-tree journal wrote it.
+        let db = sled::open(dir.path()).unwrap();
+        let products = db.open_tree("products").unwrap();
+        products.insert("p", encode(Kind::Product, &product())).unwrap();
+        let tree = db.open_tree("journal/p/0").unwrap();
+        let (events, _, _) = live.import_keys((0..6).map(|i| format!("k{i}")).collect());
+        let mut all = events;
+        for i in 0..3 {
+            let req = NewOrder {
+                buyer: format!("b{i}"),
+                quantity: 1,
+                idempotency: None,
+                query_token: "t".into(),
+                ttl_ms: 60_000,
+            };
+            let Outcome::Changed(e, _) = live.create_order(req, 1000).unwrap() else { panic!() };
+            all.push(e);
+        }
+        for e in &all {
+            seq += 1;
+            tree.insert(seq.to_be_bytes(), encode(Kind::Event, e)).unwrap();
+        }
+        let points = db.open_tree("points/3").unwrap();
+        let kami::domain::points::Step::Changed(credit, _) = book.adjust("grant-1", "alice", 50, "welcome", 5).unwrap()
+        else {
+            panic!("a new grant changes the book")
+        };
+        let credit: PointsEvent = credit;
+        points.insert(1u64.to_be_bytes(), encode(Kind::Event, &credit)).unwrap();
+        db.flush().unwrap();
+    }
+    for round in 0..2 {
+        let storage = open_storage(dir.path());
+        let r = storage.recover(&id, &product()).unwrap();
+        assert!(r.findings.is_empty(), "{:?}", r.findings);
+        assert_eq!(r.last_seq, seq + round, "round {round}");
+        same_state(&live, &r.shard);
+        let p = storage.recover_points(3).unwrap();
+        assert_eq!(p.book.balance("alice"), book.balance("alice"));
+        assert!(dir.path().join("journal/stock/p/0/00000000000000000001.log").exists());
+        // Appends go on after the moved records.
+        if round == 0 {
+            let (events, _, _) = live.import_keys(vec!["late".into()]);
+            r.journal.append(seq + 1, &events[0]).unwrap();
+            storage.ticket().unwrap().wait().await.unwrap();
+            live = storage.recover(&id, &product()).unwrap().shard;
+        }
+    }
+    let db_trees: Vec<String> = {
+        let db = sled::open(dir.path()).unwrap();
+        db.tree_names().iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect()
+    };
+    assert!(!db_trees.iter().any(|n| n.starts_with("journal/") || n.starts_with("points/")), "{db_trees:?}");
 }

@@ -109,6 +109,9 @@ impl PointsActor {
         let shard = self.shard;
         match self.storage.write_points_snapshot(shard, &live.book) {
             Ok(bytes) => {
+                if let Err(e) = live.journal.roll() {
+                    tracing::warn!(shard, error = %e, "starting a new journal segment failed");
+                }
                 live.last_snapshot_bytes = bytes as u64;
                 live.journal_bytes_since_snapshot = 0;
                 let (seq, journal, storage) = (live.book.len(), live.journal.clone(), self.storage.clone());

@@ -450,30 +450,29 @@ impl ShardActor {
         let mut logged = Vec::new();
         let live = self.live()?;
         live.forget_durable();
+        // All of the step's records in one write.
+        match live.journal.append_all(live.seq + 1, events) {
+            Ok(bytes) => live.journal_bytes_since_snapshot += bytes as u64,
+            Err(e) => {
+                // Memory is now ahead of the journal: rebuild from storage.
+                tracing::error!(shard = %self.id, error = %e, "journal append failed; restarting from storage");
+                self.live = None;
+                ctx.stop();
+                return Err(e.into());
+            }
+        }
         for event in events {
             let seq = live.seq + 1;
-            match live.journal.append(seq, event) {
-                Ok(bytes) => {
-                    live.seq = seq;
-                    live.journal_bytes_since_snapshot += bytes as u64;
-                    let name = event.order_event_name();
-                    count_events(&live.shard, event, name);
-                    orders_of(&live.shard, event, |order| {
-                        live.undurable.insert(order, seq);
-                        live.undurable_queue.push_back((seq, order));
-                        if log_orders {
-                            logged.push((order, name.unwrap_or("other"), seq));
-                        }
-                    });
+            live.seq = seq;
+            let name = event.order_event_name();
+            count_events(&live.shard, event, name);
+            orders_of(&live.shard, event, |order| {
+                live.undurable.insert(order, seq);
+                live.undurable_queue.push_back((seq, order));
+                if log_orders {
+                    logged.push((order, name.unwrap_or("other"), seq));
                 }
-                Err(e) => {
-                    // Memory is now ahead of the journal: rebuild from storage.
-                    tracing::error!(shard = %self.id, error = %e, "journal append failed; restarting from storage");
-                    self.live = None;
-                    ctx.stop();
-                    return Err(e.into());
-                }
-            }
+            });
         }
         for (order, event, journal_seq) in logged {
             let order_id = OrderId { shard: self.id.clone(), seq: order };
@@ -656,6 +655,8 @@ impl ShardActor {
         let seq = live.seq;
         let started = std::time::Instant::now();
         let bytes = storage.write_snapshot(&id, seq, &live.shard)?;
+        // Records after the snapshot go to a new segment: the trim deletes whole files.
+        live.journal.roll()?;
         crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
             let _ = storage.flush_now();
         });

@@ -38,7 +38,8 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 pub const FORMAT_VERSION: u8 = 5;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
-const HEADER_BYTES: usize = 14;
+/// Size of the envelope's header.
+pub const HEADER_BYTES: usize = 14;
 
 /// What a record holds; checked on decode so a record is never read as another type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +107,28 @@ pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Vec<u8> {
     out
 }
 
-pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecError> {
+/// [`encode`], appended to `out` (no allocation once `out` has room).
+pub fn encode_into<T: Serialize>(kind: Kind, value: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT_VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&[0; 8]);
+    options(kind).serialize_into(&mut *out, value).expect("in-memory state always serialises within limits");
+    let payload = start + HEADER_BYTES;
+    let len = u32::try_from(out.len() - payload).expect("record under 4 GiB");
+    let crc = crc32fast::hash(&out[payload..]);
+    out[start + 6..start + 10].copy_from_slice(&len.to_le_bytes());
+    out[start + 10..start + 14].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Checks a record's envelope (magic, version, length, checksum) without decoding it.
+pub fn check(bytes: &[u8]) -> Result<(), CodecError> {
+    header(bytes).map(|_| ())
+}
+
+/// The kind byte and payload of a well-formed envelope.
+fn header(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     if bytes.len() < HEADER_BYTES {
         return Err(CodecError::Truncated(bytes.len()));
     }
@@ -116,9 +138,6 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
     if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&bytes[4]) {
         return Err(CodecError::UnsupportedVersion(bytes[4]));
     }
-    if bytes[5] != kind as u8 {
-        return Err(CodecError::WrongKind { expected: kind, found: bytes[5] });
-    }
     let declared = u32::from_le_bytes(bytes[6..10].try_into().expect("4 bytes")) as usize;
     let payload = &bytes[HEADER_BYTES..];
     if declared != payload.len() {
@@ -127,6 +146,14 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
     let crc = u32::from_le_bytes(bytes[10..14].try_into().expect("4 bytes"));
     if crc32fast::hash(payload) != crc {
         return Err(CodecError::BadChecksum);
+    }
+    Ok((bytes[5], payload))
+}
+
+pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecError> {
+    let (found, payload) = header(bytes)?;
+    if found != kind as u8 {
+        return Err(CodecError::WrongKind { expected: kind, found });
     }
     options(kind).deserialize(payload).map_err(|e| CodecError::Payload(e.to_string()))
 }
@@ -162,5 +189,10 @@ mod tests {
         old[4] = 0;
         assert_eq!(decode::<(u64, String, Vec<u32>)>(Kind::Event, &old), Err(CodecError::UnsupportedVersion(0)));
         assert_eq!(decode::<u8>(Kind::Event, b"KAM"), Err(CodecError::Truncated(3)));
+        let mut into = b"prefix".to_vec();
+        encode_into(Kind::Event, &(42u64, "key".to_string(), vec![1u32, 2, 3]), &mut into);
+        assert_eq!(&into[6..], &bytes[..], "encode_into writes what encode returns");
+        assert_eq!(check(&bytes), Ok(()));
+        assert_eq!(check(&flipped), Err(CodecError::BadChecksum));
     }
 }

@@ -1,20 +1,27 @@
 //! kami's storage interface. All sled use stays inside this module so that the
 //! engine could be replaced without touching actors or HTTP.
 //!
-//! Layout (sled trees):
+//! Layout: journals are segment files ([`journal`]) under `journal/` in the data
+//! directory (`journal/stock/{product}/{shard}`, `journal/points/{shard}`);
+//! everything else is in sled trees:
 //! * `products` — product id → `ProductInfo` record.
-//! * `journal/{product}/{shard}` — big-endian journal sequence → `Event` record.
 //! * `snapshots` — `{product}/{shard}` ++ 0x00 ++ big-endian sequence → `Shard` record.
-//! * `points/{shard}` — the points ledgers; `points-prices` — product → points per key.
+//! * `points-snapshots`, `points-prices` — product → points per key.
 //! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
+//! * `payment-ids`, `archive/{product}/{shard}`.
 //!
-//! Durability: nothing written here is durable until a [`commit::Ticket`] for it
-//! has completed (see [`commit`]). Recovery = newest snapshot that decodes + every
-//! journal record after it, stopping at the first record that fails its checksum
-//! (a torn tail), which is logged and removed.
+//! (Before the segment files, journals were sled trees `journal/{product}/{shard}`
+//! and `points/{shard}`, key = big-endian sequence; [`Storage::open`] moves them
+//! into segment files once.)
+//!
+//! Durability: nothing written here is durable until a [`commit::Ticket`] taken
+//! after it has completed (see [`commit`]). Recovery = newest snapshot that
+//! decodes + every journal record after it, stopping at the first record that
+//! fails its checksum (a torn tail), which is logged and removed.
 
 pub mod codec;
 pub mod commit;
+pub mod journal;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,11 +32,15 @@ use crate::domain::shard::ArchivedOrder;
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
 pub use commit::{Committer, Ticket};
+pub use journal::Journal;
+use journal::{DirtyJournals, End, JournalFile};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorageError {
     #[error("storage engine error: {0}")]
     Sled(String),
+    #[error("journal file error: {0}")]
+    Io(String),
     #[error("corrupt record in {place}: {error}")]
     Corrupt { place: String, error: String },
     #[error("commit queue is full")]
@@ -58,6 +69,12 @@ const PAYMENTS_CLAIMED: &[u8] = b"\0all-claimed";
 
 pub struct Storage {
     db: sled::Db,
+    /// The data directory.
+    root: std::path::PathBuf,
+    /// Journals written since their last sync (synced by the commit thread).
+    dirty: Arc<DirtyJournals>,
+    /// Open journals by directory: every handle on one journal shares its file.
+    journals: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<JournalFile>>>,
     products: sled::Tree,
     snapshots: sled::Tree,
     /// `channel/payment_id` → the order it paid, across every shard of every
@@ -83,17 +100,109 @@ impl Storage {
         let snapshots = db.open_tree("snapshots")?;
         let payment_ids = db.open_tree("payment-ids")?;
         let points_snapshots = db.open_tree("points-snapshots")?;
-        let committer =
-            Committer::start(db.clone(), opts.max_pending_commits, opts.max_commit_batch, opts.commit_linger);
-        Ok(Arc::new(Storage {
+        let dirty = Arc::new(DirtyJournals::default());
+        let committer = Committer::start(
+            db.clone(),
+            dirty.clone(),
+            opts.max_pending_commits,
+            opts.max_commit_batch,
+            opts.commit_linger,
+        );
+        let storage = Arc::new(Storage {
             db,
+            root: opts.path.clone(),
+            dirty,
+            journals: Default::default(),
             products,
             snapshots,
             payment_ids,
             points_snapshots,
             committer,
             handles: Arc::new(()),
-        }))
+        });
+        storage.move_sled_journals()?;
+        Ok(storage)
+    }
+
+    /// Moves journals kept in sled trees (before segment files) into segment files,
+    /// once: each is written whole into a temporary directory, synced, renamed into
+    /// place, and only then is its tree dropped. A crash before the rename leaves
+    /// the tree (moved again at the next start); after it, the tree is dropped.
+    fn move_sled_journals(&self) -> Result<(), StorageError> {
+        for name in self.db.tree_names() {
+            let Ok(name) = std::str::from_utf8(&name) else { continue };
+            let dir = if let Some(rest) = name.strip_prefix("journal/") {
+                let Some((product, shard)) = rest.rsplit_once('/') else { continue };
+                self.stock_journal_dir(&ShardId::new(product, shard.parse().unwrap_or(0)))
+            } else if let Some(shard) = name.strip_prefix("points/").and_then(|s| s.parse::<u16>().ok()) {
+                self.points_journal_dir(shard)
+            } else {
+                continue;
+            };
+            let tree = self.db.open_tree(name)?;
+            if !dir.exists() && !tree.is_empty() {
+                let tmp = dir.with_extension("moving");
+                let _ = std::fs::remove_dir_all(&tmp);
+                let file = JournalFile::open(tmp.clone(), Arc::new(DirtyJournals::default()))?;
+                let mut buf = Vec::new();
+                let mut first = None;
+                let mut last = 0;
+                for kv in tree.iter() {
+                    let (k, v) = kv?;
+                    let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
+                    if first.is_some() && seq != last + 1 {
+                        break; // a torn tail or gap: recovery of the tree would have stopped here too
+                    }
+                    first.get_or_insert(seq);
+                    last = seq;
+                    buf.extend_from_slice(&seq.to_le_bytes());
+                    buf.extend_from_slice(&v);
+                }
+                if let Some(first) = first {
+                    file.write_raw(first, last, &buf)?;
+                }
+                file.sync()?;
+                drop(file);
+                std::fs::rename(&tmp, &dir).map_err(|e| StorageError::Io(format!("{}: {e}", dir.display())))?;
+                if let Some(parent) = dir.parent() {
+                    std::fs::File::open(parent)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| StorageError::Io(format!("{}: {e}", parent.display())))?;
+                }
+                tracing::info!(
+                    journal = name,
+                    records = last.saturating_sub(first.unwrap_or(1)) + 1,
+                    "journal moved from sled into segment files"
+                );
+            }
+            drop(tree);
+            self.db.drop_tree(name)?;
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn stock_journal_dir(&self, id: &ShardId) -> std::path::PathBuf {
+        self.root.join("journal").join("stock").join(&id.product).join(id.shard.to_string())
+    }
+
+    fn points_journal_dir(&self, shard: u16) -> std::path::PathBuf {
+        self.root.join("journal").join("points").join(shard.to_string())
+    }
+
+    /// The journal in `dir`, shared with every other open handle on it.
+    fn open_journal<E: serde::Serialize>(&self, dir: std::path::PathBuf) -> Result<Journal<E>, StorageError> {
+        let mut open = self.journals.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, j| j.strong_count() > 0);
+        let file = match open.get(&dir).and_then(|j| j.upgrade()) {
+            Some(file) => file,
+            None => {
+                let file = Arc::new(JournalFile::open(dir.clone(), self.dirty.clone())?);
+                open.insert(dir, Arc::downgrade(&file));
+                file
+            }
+        };
+        Ok(Journal::new(file, self.handles.clone()))
     }
 
     /// Whether no process (this one included) holds the lock sled takes on the data
@@ -217,10 +326,9 @@ impl Storage {
 
     // ---- points ----
 
-    /// The ledger of points shard `shard` (tree `points/<shard>`).
+    /// The ledger of points shard `shard` (`journal/points/<shard>`).
     pub fn points_journal(&self, shard: u16) -> Result<PointsJournal, StorageError> {
-        let tree = self.db.open_tree(format!("points/{shard}"))?;
-        Ok(Journal::open(tree, self.handles.clone()))
+        self.open_journal(self.points_journal_dir(shard))
     }
 
     /// A product's points price (`None`: not redeemable). Durable after a flush.
@@ -271,21 +379,30 @@ impl Storage {
     // ---- journals and snapshots ----
 
     pub fn journal(&self, id: &ShardId) -> Result<Journal, StorageError> {
-        let tree = self.db.open_tree(format!("journal/{}/{}", id.product, id.shard))?;
-        Ok(Journal::open(tree, self.handles.clone()))
+        self.open_journal(self.stock_journal_dir(id))
     }
 
     /// Every shard that has a journal (tooling: finds journals of unknown products).
     pub fn journal_shards(&self) -> Vec<ShardId> {
-        self.db
-            .tree_names()
-            .iter()
-            .filter_map(|name| {
-                let name = std::str::from_utf8(name).ok()?.strip_prefix("journal/")?;
-                let (product, shard) = name.rsplit_once('/')?;
-                Some(ShardId::new(product, shard.parse().ok()?))
-            })
-            .collect()
+        let dirs = |p: std::path::PathBuf| {
+            std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect::<Vec<_>>()
+        };
+        let stock = self.root.join("journal").join("stock");
+        let mut out = Vec::new();
+        for product in dirs(stock.clone()) {
+            for shard in dirs(stock.join(&product)) {
+                if let Ok(shard) = shard.parse() {
+                    out.push(ShardId::new(product.clone(), shard));
+                }
+            }
+        }
+        out
     }
 
     fn snapshot_prefix(id: &ShardId) -> Vec<u8> {
@@ -328,7 +445,7 @@ impl Storage {
         crate::chaos::reached(crate::chaos::CrashPoint::MidTrim, || {
             let _ = self.flush_now();
         });
-        journal.trim_through(keep_from_seq)
+        journal.file().trim_through(keep_from_seq)
     }
 
     /// Reads one shard without changing anything: newest decodable snapshot, then
@@ -364,59 +481,65 @@ impl Storage {
         }
         let (snapshot_seq, mut shard, snapshot_bytes) =
             base.unwrap_or_else(|| (0, Shard::new(product.clone(), id.shard), 0));
-        let covered = journal.tree.range(..=snapshot_seq.to_be_bytes()).count() as u64;
+        let covered = journal.file().covered(snapshot_seq);
         if snapshot_seq > 0 && (covered > 0 || older_snapshots > 0) {
             findings.push(Finding::Untrimmed { snapshot_seq, journal_records: covered, older_snapshots });
         }
         let mut last = snapshot_seq;
         let mut replayed = 0u64;
         let mut journal_bytes = 0u64;
-        for kv in journal.tree.range((snapshot_seq + 1).to_be_bytes()..) {
-            let (k, v) = kv?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-            let bad = if seq != last + 1 {
-                Some(format!("expected record {} next", last + 1))
-            } else {
-                match codec::decode::<Event>(Kind::Event, &v) {
-                    Err(e) => Some(e.to_string()),
-                    Ok(event) => {
-                        // The domain asserts each event fits the state before it.
-                        crate::domain::catch_broken_step(|| shard.apply(&event)).map_err(|panic| {
-                            StorageError::Corrupt {
-                                place: format!("journal/{id} record {seq}"),
-                                error: format!("the record decodes but contradicts the state before it: {panic}"),
-                            }
-                        })?;
-                        last = seq;
-                        replayed += 1;
-                        journal_bytes += v.len() as u64;
-                        None
-                    }
-                }
-            };
-            if let Some(error) = bad {
-                // The journal's first record after the base must follow it: a gap
-                // there is a trimmed (or lost) history, not a torn tail.
-                if seq > last + 1 && last == snapshot_seq {
-                    let journal_starts = format!("the journal starts at record {seq}, after a gap from {last}");
-                    return Err(match &newest_bad {
-                        Some((bad_seq, error)) => StorageError::Corrupt {
-                            place: format!("snapshots/{id} at {bad_seq}"),
-                            error: format!(
-                                "the snapshot does not decode ({error}) and {journal_starts}: written by a newer \
-                                 kami, or damaged? Nothing was changed"
-                            ),
-                        },
-                        None => StorageError::Corrupt {
-                            place: format!("journal/{id}"),
-                            error: format!("{journal_starts} and no snapshot covers it; nothing was changed"),
-                        },
-                    });
-                }
-                let discarded = journal.tree.range(seq.to_be_bytes()..).count() as u64;
-                findings.push(Finding::TornTail { seq, error, discarded_records: discarded });
-                break;
+        // Where the journal stops being readable, and why.
+        let mut bad: Option<(u64, String)> = None;
+        let end = journal.file().read_after(snapshot_seq, |frame| {
+            let seq = frame.seq;
+            if seq != last + 1 {
+                bad = Some((seq, format!("expected record {} next", last + 1)));
+                return Ok(false);
             }
+            match codec::decode::<Event>(Kind::Event, &frame.record) {
+                Err(e) => {
+                    bad = Some((seq, e.to_string()));
+                    Ok(false)
+                }
+                Ok(event) => {
+                    // The domain asserts each event fits the state before it.
+                    crate::domain::catch_broken_step(|| shard.apply(&event)).map_err(|panic| {
+                        StorageError::Corrupt {
+                            place: format!("journal/{id} record {seq}"),
+                            error: format!("the record decodes but contradicts the state before it: {panic}"),
+                        }
+                    })?;
+                    last = seq;
+                    replayed += 1;
+                    journal_bytes += frame.record.len() as u64;
+                    Ok(true)
+                }
+            }
+        })?;
+        if let (None, End::Torn { seq, error }) = (&bad, end) {
+            bad = Some((seq, error));
+        }
+        if let Some((seq, error)) = bad {
+            // The journal's first record after the base must follow it: a gap
+            // there is a trimmed (or lost) history, not a torn tail.
+            if seq > last + 1 && last == snapshot_seq {
+                let journal_starts = format!("the journal starts at record {seq}, after a gap from {last}");
+                return Err(match &newest_bad {
+                    Some((bad_seq, error)) => StorageError::Corrupt {
+                        place: format!("snapshots/{id} at {bad_seq}"),
+                        error: format!(
+                            "the snapshot does not decode ({error}) and {journal_starts}: written by a newer \
+                             kami, or damaged? Nothing was changed"
+                        ),
+                    },
+                    None => StorageError::Corrupt {
+                        place: format!("journal/{id}"),
+                        error: format!("{journal_starts} and no snapshot covers it; nothing was changed"),
+                    },
+                });
+            }
+            let discarded = journal.last_seq().max(seq) - seq + 1;
+            findings.push(Finding::TornTail { seq, error, discarded_records: discarded });
         }
         // An older snapshot stands in for an undecodable newer one only if the
         // journal still holds every record the newer one covered. Otherwise the
@@ -455,7 +578,7 @@ impl Storage {
             tracing::warn!(shard = %id, %finding, "recovery repairs the shard's storage");
             match finding {
                 Finding::CorruptSnapshot { .. } => {}
-                Finding::TornTail { seq, .. } => r.journal.truncate_from(*seq)?,
+                Finding::TornTail { seq, .. } => r.journal.file().truncate_from(*seq)?,
                 Finding::Untrimmed { snapshot_seq, .. } => self.trim(id, &r.journal, *snapshot_seq)?,
             }
         }
@@ -509,31 +632,6 @@ pub struct Recovered {
     pub findings: Vec<Finding>,
 }
 
-/// Records removed per sled batch. One batch for a whole journal (200,000 records)
-/// took sled to ~1 GiB of memory; batches of a few hundred stay near its cache size.
-const REMOVALS_PER_BATCH: usize = 512;
-
-/// Removes `keys` from `tree`, [`REMOVALS_PER_BATCH`] at a time.
-fn remove_in_chunks(
-    tree: &sled::Tree,
-    keys: impl Iterator<Item = sled::Result<sled::IVec>>,
-) -> Result<(), StorageError> {
-    let mut batch = sled::Batch::default();
-    let mut n = 0;
-    for k in keys {
-        batch.remove(k?);
-        n += 1;
-        if n == REMOVALS_PER_BATCH {
-            tree.apply_batch(std::mem::take(&mut batch))?;
-            n = 0;
-        }
-    }
-    if n > 0 {
-        tree.apply_batch(batch)?;
-    }
-    Ok(())
-}
-
 /// The journal of one points shard: the records after its newest snapshot.
 pub type PointsJournal = Journal<PointsEvent>;
 
@@ -570,7 +668,7 @@ impl Storage {
             }
         }
         self.points_snapshots.apply_batch(batch)?;
-        journal.trim_through(seq)
+        journal.file().trim_through(seq)
     }
 
     /// Rebuilds points shard `shard`: its newest snapshot, then its journal after
@@ -580,10 +678,10 @@ impl Storage {
         let r = self.inspect_points(shard)?;
         if let Some((seq, error)) = &r.torn {
             tracing::warn!(shard, seq, %error, "points ledger: torn tail removed");
-            r.journal.truncate_from(*seq)?;
+            r.journal.file().truncate_from(*seq)?;
         }
         let covered = r.snapshot_seq;
-        if covered > 0 && r.journal.tree.range(..=covered.to_be_bytes()).next().is_some() {
+        if covered > 0 && r.journal.file().covered(covered) > 0 {
             self.trim_points(shard, &r.journal, covered)?; // a trim a crash interrupted
         }
         Ok(r)
@@ -619,18 +717,17 @@ impl Journal<PointsEvent> {
         let start = book.len();
         let mut last = start;
         let mut torn = None;
-        for kv in self.tree.range((start + 1).to_be_bytes()..) {
-            let (k, v) = kv?;
-            let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-            let event = match codec::decode::<PointsEvent>(Kind::Event, &v) {
+        let end = self.file().read_after(start, |frame| {
+            let seq = frame.seq;
+            let event = match codec::decode::<PointsEvent>(Kind::Event, &frame.record) {
                 Ok(event) if seq == last + 1 => event,
                 Ok(_) => {
                     torn = Some((seq, format!("expected record {} next", last + 1)));
-                    break;
+                    return Ok(false);
                 }
                 Err(e) => {
                     torn = Some((seq, e.to_string()));
-                    break;
+                    return Ok(false);
                 }
             };
             crate::domain::catch_broken_step(|| book.apply(&event)).map_err(|panic| StorageError::Corrupt {
@@ -638,6 +735,10 @@ impl Journal<PointsEvent> {
                 error: format!("the record decodes but contradicts the ledger before it: {panic}"),
             })?;
             last = seq;
+            Ok(true)
+        })?;
+        if let (None, End::Torn { seq, error }) = (&torn, end) {
+            torn = Some((seq, error));
         }
         // A journal that resumes after a gap past the snapshot lost history: stop.
         if let Some((seq, _)) = &torn {
@@ -651,57 +752,5 @@ impl Journal<PointsEvent> {
             }
         }
         Ok(torn)
-    }
-}
-
-/// An append-only log of events `E` (a stock shard's by default, or a points
-/// ledger): key = big-endian sequence, value = envelope(bincode(event)).
-pub struct Journal<E = Event> {
-    tree: sled::Tree,
-    /// Dropped after `tree` (fields drop in order): see [`Storage::open_handles`].
-    _handle: Arc<()>,
-    _events: std::marker::PhantomData<fn(&E)>,
-}
-
-impl<E> Clone for Journal<E> {
-    fn clone(&self) -> Self {
-        Journal { tree: self.tree.clone(), _handle: self._handle.clone(), _events: std::marker::PhantomData }
-    }
-}
-
-impl<E: serde::Serialize> Journal<E> {
-    fn open(tree: sled::Tree, handle: Arc<()>) -> Journal<E> {
-        Journal { tree, _handle: handle, _events: std::marker::PhantomData }
-    }
-
-    /// Appends the record for `seq`. Returns the encoded size in bytes.
-    pub fn append(&self, seq: u64, event: &E) -> Result<usize, StorageError> {
-        let bytes = codec::encode(Kind::Event, event);
-        let size = bytes.len();
-        self.tree.insert(seq.to_be_bytes(), bytes)?;
-        Ok(size)
-    }
-
-    /// Removes the records through `seq`, oldest first (a crash part-way leaves
-    /// records the snapshot covers, which recovery trims again).
-    fn trim_through(&self, seq: u64) -> Result<(), StorageError> {
-        remove_in_chunks(&self.tree, self.tree.range(..=seq.to_be_bytes()).keys())
-    }
-
-    /// Removes the records from `seq` on, newest first (a crash part-way leaves a
-    /// shorter tail that recovery removes again).
-    fn truncate_from(&self, seq: u64) -> Result<(), StorageError> {
-        remove_in_chunks(&self.tree, self.tree.range(seq.to_be_bytes()..).keys().rev())
-    }
-
-    /// Test and tooling access: raw record bytes by sequence.
-    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.tree.get(seq.to_be_bytes())?.map(|v| v.to_vec()))
-    }
-
-    /// Test and tooling access: overwrite a raw record (to simulate a torn write).
-    pub fn put_raw(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        self.tree.insert(seq.to_be_bytes(), bytes)?;
-        Ok(())
     }
 }

@@ -1,0 +1,656 @@
+//! Journals as append-only segment files, made for appends: per record, one encode
+//! into a reused buffer and one `write(2)` on the writer's thread; per group
+//! commit, one `fdatasync` per journal that changed (done by the commit thread).
+//!
+//! Layout: one directory per journal (`journal/stock/{product}/{shard}`,
+//! `journal/points/{shard}` under the data directory), holding segments named
+//! after their first sequence (`00000000000000000001.log`). A segment is a run
+//! of frames, each `seq (u64 LE) | record` where the record is the codec's
+//! envelope (magic, version, kind, length, CRC32, payload). Sequences are
+//! consecutive across segments. Segments are preallocated in
+//! [`PREALLOCATE_BYTES`] steps (an overwrite of allocated space syncs faster than
+//! an append that grows the file); the zeros after the last frame are the clean
+//! end of a segment (no record has sequence 0).
+//!
+//! A new segment starts at every snapshot ([`Journal::roll`]), so trimming what a
+//! snapshot covers deletes whole files. What does not parse, fails its checksum
+//! or breaks the sequence ends the journal there (a torn tail: never
+//! acknowledged, since replies wait for the sync of whole frames).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::codec::{self, Kind};
+use super::StorageError;
+
+/// Space allocated ahead of the writes of a segment.
+pub const PREALLOCATE_BYTES: u64 = 8 << 20;
+/// A frame's fixed part: the sequence and the record's envelope header.
+const FRAME_HEADER: usize = 8 + codec::HEADER_BYTES;
+/// Largest record accepted on read (a key import of 16 MiB, with room).
+const MAX_RECORD_BYTES: usize = 64 << 20;
+
+fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> StorageError {
+    StorageError::Io(format!("{what}: {e}"))
+}
+
+/// The journals with writes not yet synced, for the commit thread.
+#[derive(Default)]
+pub struct DirtyJournals(Mutex<Vec<Arc<JournalFile>>>);
+
+impl DirtyJournals {
+    /// Takes the journals to sync now.
+    pub fn take(&self) -> Vec<Arc<JournalFile>> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, j: Arc<JournalFile>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(j);
+    }
+}
+
+struct Segment {
+    first: u64,
+    /// Last sequence in it (`first - 1` while empty).
+    last: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// End of its last frame.
+    len: u64,
+    /// Bytes allocated (the file's size).
+    allocated: u64,
+}
+
+struct State {
+    segments: Vec<Segment>,
+    /// Files (rolled-over segments) whose writes are not synced yet.
+    unsynced: Vec<Arc<File>>,
+    /// A segment was created or removed since the directory was last synced.
+    dir_unsynced: bool,
+    /// Whether what follows the last frame of the last segment may not be zeros
+    /// (cut off at the first append after opening).
+    tail_unknown: bool,
+    buf: Vec<u8>,
+}
+
+/// One journal directory, shared by every handle on it.
+pub struct JournalFile {
+    dir: PathBuf,
+    state: Mutex<State>,
+    dirty: AtomicBool,
+    dirty_list: Arc<DirtyJournals>,
+}
+
+/// One frame read back: where it is, its sequence and its record.
+pub(crate) struct Frame {
+    pub seq: u64,
+    pub record: Vec<u8>,
+}
+
+/// How reading a journal ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// After the last frame.
+    Clean,
+    /// At something that is not the next frame: where (the sequence it should
+    /// have had) and why.
+    Torn { seq: u64, error: String },
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.log")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir.display(), e))
+}
+
+/// Reads the frames of one segment file from its start.
+struct SegmentReader {
+    file: std::io::BufReader<File>,
+    expected: u64,
+    pos: u64,
+}
+
+impl SegmentReader {
+    fn open(path: &Path, first: u64) -> Result<SegmentReader, StorageError> {
+        let file = File::open(path).map_err(|e| io_err(path.display(), e))?;
+        Ok(SegmentReader { file: std::io::BufReader::with_capacity(1 << 20, file), expected: first, pos: 0 })
+    }
+
+    /// The next frame, `Ok(None)` at the clean end, `Err` at a torn one.
+    fn next(&mut self) -> Result<Option<Frame>, String> {
+        let mut header = [0u8; FRAME_HEADER];
+        let got = read_full(&mut self.file, &mut header).map_err(|e| e.to_string())?;
+        if header[..got].iter().all(|&b| b == 0) {
+            return Ok(None);
+        }
+        if got < FRAME_HEADER {
+            return Err(format!("a frame cut short ({got} bytes)"));
+        }
+        let seq = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+        let declared = u32::from_le_bytes(header[14..18].try_into().expect("4 bytes")) as usize;
+        if declared > MAX_RECORD_BYTES {
+            return Err(format!("a record of {declared} bytes"));
+        }
+        let mut record = Vec::with_capacity(codec::HEADER_BYTES + declared);
+        record.extend_from_slice(&header[8..]);
+        record.resize(codec::HEADER_BYTES + declared, 0);
+        let got = read_full(&mut self.file, &mut record[codec::HEADER_BYTES..]).map_err(|e| e.to_string())?;
+        if got < declared {
+            return Err(format!("a record cut short ({got} of {declared} bytes)"));
+        }
+        if seq != self.expected {
+            return Err(format!("expected record {} next, found {seq}", self.expected));
+        }
+        codec::check(&record).map_err(|e| e.to_string())?;
+        self.expected += 1;
+        self.pos += (FRAME_HEADER + declared) as u64;
+        Ok(Some(Frame { seq, record }))
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl JournalFile {
+    /// Opens (creating) the journal in `dir`. Reads its last segment to find where
+    /// appends go on; changes nothing on disk but a missing directory.
+    pub(crate) fn open(dir: PathBuf, dirty_list: Arc<DirtyJournals>) -> Result<JournalFile, StorageError> {
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| io_err(dir.display(), e))?;
+            // The new directories must survive a crash with what is written in them.
+            let mut d = dir.as_path();
+            while let Some(parent) = d.parent() {
+                sync_dir(d)?;
+                if parent.join("db").exists() || parent.as_os_str().is_empty() {
+                    sync_dir(parent)?;
+                    break;
+                }
+                d = parent;
+            }
+        }
+        let mut firsts: Vec<u64> = std::fs::read_dir(&dir)
+            .map_err(|e| io_err(dir.display(), e))?
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name();
+                name.to_str()?.strip_suffix(".log")?.parse().ok()
+            })
+            .collect();
+        firsts.sort_unstable();
+        let mut segments = Vec::with_capacity(firsts.len());
+        for (i, &first) in firsts.iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| io_err(path.display(), e))?;
+            let allocated = file.metadata().map_err(|e| io_err(path.display(), e))?.len();
+            let (last, len) = match firsts.get(i + 1) {
+                // Older segments end where the next begins (checked when read).
+                Some(&next) => (next - 1, allocated),
+                None => {
+                    let mut reader = SegmentReader::open(&path, first)?;
+                    let mut last = first - 1;
+                    while let Ok(Some(frame)) = reader.next() {
+                        last = frame.seq;
+                    }
+                    (last, reader.pos)
+                }
+            };
+            segments.push(Segment { first, last, path, file: Arc::new(file), len, allocated });
+        }
+        Ok(JournalFile {
+            dir,
+            state: Mutex::new(State {
+                segments,
+                unsynced: Vec::new(),
+                dir_unsynced: false,
+                tail_unknown: true,
+                buf: Vec::new(),
+            }),
+            dirty: AtomicBool::new(false),
+            dirty_list,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every write made before this call durable (the commit thread).
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.dirty.store(false, Ordering::SeqCst);
+        let (mut files, dir) = {
+            let mut st = self.state();
+            let mut files = std::mem::take(&mut st.unsynced);
+            files.extend(st.segments.last().map(|s| s.file.clone()));
+            (files, std::mem::take(&mut st.dir_unsynced))
+        };
+        for f in files.drain(..) {
+            f.sync_data().map_err(|e| io_err(self.dir.display(), e))?;
+        }
+        if dir {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(self: &Arc<Self>) {
+        if !self.dirty.swap(true, Ordering::SeqCst) {
+            self.dirty_list.push(self.clone());
+        }
+    }
+
+    /// Starts a new segment at `first` (the state's lock held).
+    fn new_segment(&self, st: &mut State, first: u64) -> Result<(), StorageError> {
+        let path = self.dir.join(segment_name(first));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| io_err(path.display(), e))?;
+        if let Some(prev) = st.segments.last() {
+            st.unsynced.push(prev.file.clone());
+        }
+        st.segments.push(Segment { first, last: first - 1, path, file: Arc::new(file), len: 0, allocated: 0 });
+        st.dir_unsynced = true;
+        st.tail_unknown = false;
+        Ok(())
+    }
+
+    /// Writes the frames in `st.buf` (records `first..=last`) at the end of the last
+    /// segment, which must end at `first - 1`.
+    fn write_buf(&self, st: &mut State, first: u64, last: u64) -> Result<(), StorageError> {
+        match st.segments.last() {
+            None => self.new_segment(st, first)?,
+            Some(s) if s.last + 1 != first => {
+                return Err(StorageError::Corrupt {
+                    place: format!("journal {}", self.dir.display()),
+                    error: format!("record {first} appended after record {}", s.last),
+                })
+            }
+            Some(_) => {}
+        }
+        let tail_unknown = std::mem::take(&mut st.tail_unknown);
+        let State { segments, buf, .. } = st;
+        let seg = segments.last_mut().expect("a segment");
+        let io = |e| io_err(seg.path.display(), e);
+        if tail_unknown && seg.allocated > seg.len {
+            // What follows the last frame read at open may be a torn write: cut it.
+            seg.file.set_len(seg.len).map_err(io)?;
+            seg.allocated = seg.len;
+        }
+        let end = seg.len + buf.len() as u64;
+        if end > seg.allocated {
+            let want = (end - seg.allocated).max(PREALLOCATE_BYTES);
+            allocate(&seg.file, seg.allocated, want).map_err(io)?;
+            seg.allocated += want;
+        }
+        (&*seg.file).seek(SeekFrom::Start(seg.len)).map_err(io)?;
+        (&*seg.file).write_all(buf).map_err(io)?;
+        seg.len = end;
+        seg.last = last;
+        Ok(())
+    }
+
+    /// Writes frames already made (`bytes`, records `first..=last`) at the end.
+    pub(crate) fn write_raw(&self, first: u64, last: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut st = self.state();
+        let kept = std::mem::replace(&mut st.buf, bytes.to_vec());
+        let written = self.write_buf(&mut st, first, last);
+        st.buf = kept;
+        written
+    }
+
+    /// Where the data ends: the last sequence written (0: none).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.state().segments.last().map_or(0, |s| s.last)
+    }
+
+    /// Reads every frame after sequence `after`, calling `visit` on each; returns
+    /// how reading ended. Whole segments before `after` are skipped unread.
+    /// `visit` returns whether to go on (`Ok(false)` stops reading: `End::Clean`).
+    pub(crate) fn read_after(
+        &self,
+        after: u64,
+        mut visit: impl FnMut(Frame) -> Result<bool, StorageError>,
+    ) -> Result<End, StorageError> {
+        let segs: Vec<(u64, PathBuf)> = self.state().segments.iter().map(|s| (s.first, s.path.clone())).collect();
+        let mut expected: Option<u64> = None;
+        for (i, (first, path)) in segs.iter().enumerate() {
+            if segs.get(i + 1).is_some_and(|(next, _)| *next <= after + 1) {
+                continue;
+            }
+            if let Some(e) = expected {
+                if *first != e {
+                    return Ok(End::Torn { seq: e, error: format!("the next segment starts at record {first}") });
+                }
+            }
+            let mut reader = SegmentReader::open(path, *first)?;
+            loop {
+                match reader.next() {
+                    Ok(Some(frame)) if frame.seq <= after => {}
+                    Ok(Some(frame)) => {
+                        if !visit(frame)? {
+                            return Ok(End::Clean);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => return Ok(End::Torn { seq: reader.expected, error }),
+                }
+            }
+            expected = Some(reader.expected);
+        }
+        Ok(End::Clean)
+    }
+
+    /// Records in segments wholly at or before `seq` (what a trim through `seq` removes).
+    pub(crate) fn covered(&self, seq: u64) -> u64 {
+        let st = self.state();
+        st.segments.iter().filter(|s| s.last <= seq && s.last >= s.first).map(|s| s.last - s.first + 1).sum()
+    }
+
+    /// Starts a new segment unless the last one is empty (after a snapshot: what
+    /// it covers can then be trimmed by deleting files).
+    pub(crate) fn roll(&self) -> Result<(), StorageError> {
+        let mut st = self.state();
+        match st.segments.last() {
+            Some(s) if s.last >= s.first => {
+                let next = s.last + 1;
+                self.new_segment(&mut st, next)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes the segments wholly at or before `seq` (rolling first if the last
+    /// one is among them).
+    pub(crate) fn trim_through(&self, seq: u64) -> Result<(), StorageError> {
+        let doomed: Vec<PathBuf> = {
+            let mut st = self.state();
+            if st.segments.last().is_some_and(|s| s.last >= s.first && s.last <= seq) {
+                let next = st.segments.last().expect("a segment").last + 1;
+                self.new_segment(&mut st, next)?;
+            }
+            let keep = st.segments.iter().position(|s| s.last > seq || s.last < s.first).unwrap_or(st.segments.len());
+            st.segments.drain(..keep).map(|s| s.path).collect()
+        };
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for path in &doomed {
+            std::fs::remove_file(path).map_err(|e| io_err(path.display(), e))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Removes record `seq` and everything after it (and whatever does not parse
+    /// before it, from the first bad frame on), syncing the result.
+    pub(crate) fn truncate_from(&self, seq: u64) -> Result<(), StorageError> {
+        let mut st = self.state();
+        let mut cut: Option<(usize, u64, u64)> = None; // segment index, offset, last kept
+        for (i, s) in st.segments.iter().enumerate() {
+            if s.first >= seq {
+                cut = Some((i, 0, s.first - 1));
+                break;
+            }
+            let mut reader = SegmentReader::open(&s.path, s.first)?;
+            loop {
+                let (pos, kept) = (reader.pos, reader.expected - 1);
+                match reader.next() {
+                    Ok(Some(frame)) if frame.seq < seq => {}
+                    Ok(Some(_)) | Err(_) => {
+                        cut = Some((i, pos, kept));
+                        break;
+                    }
+                    Ok(None) => break,
+                }
+            }
+            if cut.is_some() {
+                break;
+            }
+        }
+        let Some((index, offset, kept)) = cut else { return Ok(()) };
+        let doomed: Vec<Segment> = st.segments.drain(index + 1..).collect();
+        for s in &doomed {
+            std::fs::remove_file(&s.path).map_err(|e| io_err(s.path.display(), e))?;
+        }
+        let seg = &mut st.segments[index];
+        let io = |e| io_err(seg.path.display(), e);
+        seg.file.set_len(offset).map_err(io)?;
+        seg.file.sync_all().map_err(io)?;
+        seg.len = offset;
+        seg.allocated = offset;
+        seg.last = kept;
+        st.tail_unknown = false;
+        drop(st);
+        sync_dir(&self.dir)
+    }
+}
+
+#[cfg(unix)]
+fn allocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fallocate on a file descriptor owned by `file`.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        // Filesystems without fallocate: the writes grow the file instead.
+        libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+#[cfg(not(unix))]
+fn allocate(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// An append-only log of events `E` (a stock shard's by default, or a points
+/// ledger), numbered from 1 without gaps.
+pub struct Journal<E = crate::domain::Event> {
+    file: Arc<JournalFile>,
+    /// See [`super::Storage::open_handles`].
+    _handle: Arc<()>,
+    _events: std::marker::PhantomData<fn(&E)>,
+}
+
+impl<E> Clone for Journal<E> {
+    fn clone(&self) -> Self {
+        Journal { file: self.file.clone(), _handle: self._handle.clone(), _events: std::marker::PhantomData }
+    }
+}
+
+impl<E: serde::Serialize> Journal<E> {
+    pub(crate) fn new(file: Arc<JournalFile>, handle: Arc<()>) -> Journal<E> {
+        Journal { file, _handle: handle, _events: std::marker::PhantomData }
+    }
+
+    pub(crate) fn file(&self) -> &Arc<JournalFile> {
+        &self.file
+    }
+
+    /// Appends the record for `seq` (the next one). Returns the record's size.
+    /// Durable once a ticket taken after this call completes.
+    pub fn append(&self, seq: u64, event: &E) -> Result<usize, StorageError> {
+        self.append_all(seq, std::slice::from_ref(event))
+    }
+
+    /// Appends `events` as records `first..`, in one write. Returns their size.
+    pub fn append_all(&self, first: u64, events: &[E]) -> Result<usize, StorageError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.file.state();
+        let mut buf = std::mem::take(&mut st.buf);
+        buf.clear();
+        for (i, event) in events.iter().enumerate() {
+            buf.extend_from_slice(&(first + i as u64).to_le_bytes());
+            codec::encode_into(Kind::Event, event, &mut buf);
+        }
+        let size = buf.len() - 8 * events.len();
+        st.buf = buf;
+        let written = self.file.write_buf(&mut st, first, first + events.len() as u64 - 1);
+        if st.buf.capacity() > 1 << 20 {
+            st.buf = Vec::new(); // a key import's buffer is not kept
+        }
+        drop(st);
+        written?;
+        self.file.mark_dirty();
+        Ok(size)
+    }
+
+    /// Starts a new segment (after a snapshot), see [`JournalFile::roll`].
+    pub fn roll(&self) -> Result<(), StorageError> {
+        self.file.roll()?;
+        self.file.mark_dirty();
+        Ok(())
+    }
+
+    /// The last sequence written (0: none).
+    pub fn last_seq(&self) -> u64 {
+        self.file.last_seq()
+    }
+
+    /// Test and tooling access: the record of `seq`, if the journal holds it.
+    pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut found = None;
+        self.file.read_after(seq.saturating_sub(1), |frame| {
+            if frame.seq == seq {
+                found = Some(frame.record);
+            }
+            Ok(frame.seq < seq)
+        })?;
+        Ok(found)
+    }
+
+    /// Test and tooling access: replaces the last record, or adds the next one,
+    /// with raw bytes (to simulate a torn or forged write); synced at once.
+    pub fn put_raw(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        let last = self.last_seq();
+        if seq < last {
+            return Err(StorageError::Io(format!("only the last record can be replaced ({last}), not {seq}")));
+        }
+        if seq == last {
+            self.file.truncate_from(seq)?;
+        }
+        let mut frame = seq.to_le_bytes().to_vec();
+        frame.extend_from_slice(bytes);
+        self.file.write_raw(seq, seq, &frame)?;
+        self.file.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> (Arc<JournalFile>, Arc<DirtyJournals>) {
+        let dirty = Arc::new(DirtyJournals::default());
+        (Arc::new(JournalFile::open(dir.join("j"), dirty.clone()).unwrap()), dirty)
+    }
+
+    fn journal(file: &Arc<JournalFile>) -> Journal<u64> {
+        Journal::new(file.clone(), Arc::new(()))
+    }
+
+    fn seqs(file: &JournalFile, after: u64) -> (Vec<u64>, End) {
+        let mut out = Vec::new();
+        let end = file
+            .read_after(after, |f| {
+                let value: u64 = codec::decode(Kind::Event, &f.record).unwrap();
+                assert_eq!(value, f.seq * 10);
+                out.push(f.seq);
+                Ok(true)
+            })
+            .unwrap();
+        (out, end)
+    }
+
+    fn segment_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.join("j")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn appends_read_back_across_segments_and_reopen_where_they_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, dirty) = open(dir.path());
+        let j = journal(&file);
+        j.append(1, &10).unwrap();
+        j.append_all(2, &[20, 30]).unwrap();
+        assert_eq!(dirty.take().len(), 1, "written once: listed once for the commit thread");
+        file.sync().unwrap();
+        j.roll().unwrap();
+        j.append(4, &40).unwrap();
+        assert_eq!(segment_files(dir.path()), ["00000000000000000001.log", "00000000000000000004.log"]);
+        assert_eq!(seqs(&file, 0), (vec![1, 2, 3, 4], End::Clean));
+        assert_eq!(seqs(&file, 2), (vec![3, 4], End::Clean));
+        assert!(j.append(6, &60).is_err(), "a gap is refused");
+        file.sync().unwrap();
+        drop((j, file));
+        let (file, _) = open(dir.path());
+        assert_eq!(file.last_seq(), 4);
+        journal(&file).append(5, &50).unwrap();
+        assert_eq!(seqs(&file, 0).0, [1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_trim_deletes_whole_segments_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, _) = open(dir.path());
+        let j = journal(&file);
+        j.append_all(1, &[10, 20, 30]).unwrap();
+        j.roll().unwrap();
+        j.append_all(4, &[40, 50]).unwrap();
+        assert_eq!(file.covered(3), 3);
+        assert_eq!(file.covered(4), 3, "a segment partly covered stays");
+        file.trim_through(3).unwrap();
+        assert_eq!(segment_files(dir.path()), ["00000000000000000004.log"]);
+        assert_eq!(seqs(&file, 0).0, [4, 5]);
+        // Trimming the segment being written starts a new one.
+        file.trim_through(5).unwrap();
+        assert_eq!(segment_files(dir.path()), ["00000000000000000006.log"]);
+        j.append(6, &60).unwrap();
+        assert_eq!(seqs(&file, 5).0, [6]);
+    }
+
+    #[test]
+    fn a_torn_frame_ends_the_journal_and_truncation_removes_it_and_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, _) = open(dir.path());
+        let j = journal(&file);
+        j.append_all(1, &[10, 20, 30, 40]).unwrap();
+        file.sync().unwrap();
+        // Damage record 3 in place (preallocated zeros follow the last frame).
+        let path = dir.path().join("j/00000000000000000001.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let frame = FRAME_HEADER + codec::encode(Kind::Event, &10u64).len() - codec::HEADER_BYTES;
+        bytes[2 * frame + FRAME_HEADER] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let (reread, _) = open(dir.path());
+        assert_eq!(reread.last_seq(), 2);
+        let (seen, end) = seqs(&reread, 0);
+        assert_eq!(seen, [1, 2]);
+        assert!(matches!(end, End::Torn { seq: 3, .. }), "{end:?}");
+        reread.truncate_from(3).unwrap();
+        assert_eq!(seqs(&reread, 0), (vec![1, 2], End::Clean));
+        journal(&reread).append(3, &30).unwrap();
+        assert_eq!(seqs(&reread, 0), (vec![1, 2, 3], End::Clean), "record 4 of before is gone for good");
+    }
+}
