@@ -2,8 +2,8 @@
 //! per core), recovery, and the HTTP server. Tests use [`start`] to run the real
 //! app on a random port; the binary uses it with the configured address.
 //!
-//! Order of start-up: open storage → bind and serve HTTP (only `/healthz`, and
-//! `/readyz` = 503 `recovering`) → start arbiters → rebuild every shard from
+//! Order of start-up: open storage → start arbiters → bind and serve HTTP on them
+//! (only `/healthz`, and `/readyz` = 503 `recovering`) → rebuild every shard from
 //! snapshot + journal → mark ready. So `/readyz` is 200 only after recovery.
 
 use std::collections::BTreeMap;
@@ -306,12 +306,25 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let app = http::router(state.clone());
     let conn_limits = http::conn_limits(&settings);
-    let server = tokio::spawn(http::server::serve(listener, app, conn_limits, async move {
+    let actors = ActorSystem::start(settings.arbiters());
+    // Connections are served on the arbiters in turn: a request whose stock actor
+    // lives on the same arbiter never changes thread.
+    let spawners: Vec<http::server::Spawn> = actors
+        .arbiters
+        .iter()
+        .map(|a| {
+            let a = a.clone();
+            Arc::new(move |f| {
+                a.spawn(f);
+            }) as http::server::Spawn
+        })
+        .collect();
+    // The recorder exists before any request is counted (handles are kept per thread).
+    crate::telemetry::metrics_handle();
+    let server = tokio::spawn(http::server::serve(listener, app, conn_limits, spawners, async move {
         let _ = stop_rx.await;
     }));
-    crate::telemetry::metrics_handle();
 
-    let actors = ActorSystem::start(settings.arbiters());
     let env = Arc::new(ShardEnv {
         storage: storage.clone(),
         clock: clock.clone(),

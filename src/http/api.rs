@@ -263,7 +263,7 @@ pub async fn create_order(
         buyer_request::<OrderRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let order = core.create_order(req, idempotency_key).await?;
     Ok(order_created(&core, &order, |order_id, channel, pay_url| {
-        views::order_created(&order, order_id, channel, pay_url)
+        views::to_json(&views::order_created(&order, order_id, channel, pay_url))
     }))
 }
 
@@ -272,13 +272,14 @@ pub async fn create_order(
 fn order_created(
     core: &crate::core::Kami,
     order: &crate::actors::shard::OrderSnapshot,
-    body: impl FnOnce(&str, &str, Option<String>) -> Value,
+    body: impl FnOnce(&str, &str, Option<String>) -> Vec<u8>,
 ) -> Response {
     let order_id = order.order_id();
     super::record_order(&order_id);
     let channel = core.pick_channel();
     let pay_url = core.pay_url(channel, &order_id, order.order.amount_cents);
-    let mut response = (StatusCode::CREATED, Json(body(&order_id, &channel.name, pay_url))).into_response();
+    let json = [(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+    let mut response = (StatusCode::CREATED, json, body(&order_id, &channel.name, pay_url)).into_response();
     if order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
@@ -413,7 +414,9 @@ fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiR
 }
 
 fn seat_created(core: &crate::core::Kami, seat: &crate::actors::shard::GroupSeat) -> Response {
-    order_created(core, &seat.order, |order_id, channel, pay_url| views::seat(seat, order_id, channel, pay_url))
+    order_created(core, &seat.order, |order_id, channel, pay_url| {
+        views::to_json(&views::seat(seat, order_id, channel, pay_url))
+    })
 }
 
 fn order_token(headers: &HeaderMap) -> ApiResult<&str> {

@@ -307,17 +307,47 @@ pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) ->
 async fn track(req: Request, next: Next) -> Response {
     // Every label value comes from a closed set: the route's template (never the
     // path a client sent), one of the standard methods or `other`, a status code.
-    let route =
-        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = status_label(response.status());
-    metrics::counter!("kami_http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
+    ROUTE_METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        let (count, duration) = m.handles(route, method, response.status().as_u16());
+        count.increment(1);
+        duration.record(started.elapsed().as_secs_f64());
+    });
     response
+}
+
+thread_local! {
+    /// The handles of the per-route metrics this thread has used (the registry
+    /// hashes and allocates the labels on every lookup). Bounded: routes, methods
+    /// and status codes are closed sets.
+    static ROUTE_METRICS: std::cell::RefCell<RouteMetrics> = std::cell::RefCell::default();
+}
+
+/// A route's request counter and latency histogram, by method and status.
+type ByCode = hashbrown::HashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>;
+
+#[derive(Default)]
+struct RouteMetrics(hashbrown::HashMap<String, ByCode>);
+
+impl RouteMetrics {
+    fn handles(&mut self, route: &str, method: &'static str, status: u16) -> &(metrics::Counter, metrics::Histogram) {
+        if !self.0.contains_key(route) {
+            self.0.insert(route.to_string(), Default::default());
+        }
+        let by_code = self.0.get_mut(route).expect("inserted");
+        by_code.entry((method, status)).or_insert_with(|| {
+            let status = status_label(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+            (
+                metrics::counter!("kami_http_requests_total", "method" => method, "route" => route.to_string(), "status" => status),
+                metrics::histogram!("kami_http_request_duration_seconds", "method" => method, "route" => route.to_string()),
+            )
+        })
+    }
 }
 
 /// A request method as a metrics label or log field: the standard methods by

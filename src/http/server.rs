@@ -38,9 +38,22 @@ pub struct ConnLimits {
     pub max_header_bytes: usize,
 }
 
+/// Runs a connection's future on a thread chosen by the caller (kami: the actor
+/// arbiters in turn, so a request and the stock actor it calls often share a
+/// thread). The future is handed over `Send`; the stream inside it is registered
+/// with the runtime of the thread that polls it.
+pub type Spawn = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + Sync>;
+
 /// Serves `app` on `listener` until `stop` fires, then lets open connections finish
-/// their requests (idle ones close at once) and returns when none is left.
-pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, stop: impl Future<Output = ()>) {
+/// their requests (idle ones close at once) and returns when none is left. Each
+/// connection is served by the next of `spawners` in turn (none: on this runtime).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    spawners: Vec<Spawn>,
+    stop: impl Future<Output = ()>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let (closing_tx, closing_rx) = watch::channel(false);
     let open = Arc::new(AtomicUsize::new(0));
@@ -50,6 +63,7 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, stop:
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     tokio::pin!(stop);
+    let mut next = 0usize;
     loop {
         let (tcp, remote) = tokio::select! {
             _ = &mut stop => break,
@@ -72,59 +86,100 @@ pub async fn serve(listener: TcpListener, app: Router, limits: ConnLimits, stop:
             // client's delayed ACK (~40 ms) under Nagle's algorithm.
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let (http, app, mut closing, open) = (http.clone(), app.clone(), closing_rx.clone(), open.clone());
-        let idle_timeout = limits.idle_timeout;
         open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let _slot = slot;
-            let activity = Arc::new(Activity::new());
-            let io = TokioIo::new(Watched { inner: tcp, activity: activity.clone(), rewrite: Rewrite::default() });
-            let service = {
-                let activity = activity.clone();
-                tower::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(remote));
-                    let in_flight = activity.request_started();
-                    let app = app.clone();
-                    async move {
-                        let response = app.oneshot(req.map(axum::body::Body::new)).await;
-                        drop(in_flight);
-                        response
-                    }
-                })
-            };
-            let conn = http.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
-            tokio::pin!(conn);
-            let mut shutting_down = false;
-            loop {
-                let idle_check = tokio::time::sleep(activity.idle_deadline(idle_timeout));
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    changed = closing.changed(), if !shutting_down => {
-                        if changed.is_err() || *closing.borrow() {
-                            shutting_down = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                    }
-                    _ = idle_check, if !shutting_down => {
-                        if activity.idle_for(idle_timeout) {
-                            shutting_down = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                    }
-                }
+        let conn = Conn {
+            http: http.clone(),
+            app: app.clone(),
+            closing: closing_rx.clone(),
+            open: open.clone(),
+            idle_timeout: limits.idle_timeout,
+            remote,
+        };
+        match spawners.get(next % spawners.len().max(1)) {
+            None => {
+                tokio::spawn(conn.serve(tcp, slot));
             }
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
+            Some(spawn) => match tcp.into_std() {
+                Ok(std) => spawn(Box::pin(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(tcp) => conn.serve(tcp, slot).await,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "could not hand a connection over");
+                            conn.open.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                })),
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not hand a connection over");
+                    open.fetch_sub(1, Ordering::Relaxed);
+                }
+            },
+        }
+        next = next.wrapping_add(1);
     }
     drop(listener);
     let _ = closing_tx.send(true);
     while open.load(Ordering::Relaxed) > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What serving one connection needs.
+struct Conn {
+    http: hyper::server::conn::http1::Builder,
+    app: Router,
+    closing: watch::Receiver<bool>,
+    open: Arc<AtomicUsize>,
+    idle_timeout: Duration,
+    remote: std::net::SocketAddr,
+}
+
+impl Conn {
+    async fn serve(self, tcp: TcpStream, slot: tokio::sync::OwnedSemaphorePermit) {
+        let Conn { http, app, mut closing, open, idle_timeout, remote } = self;
+        let _slot = slot;
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Watched { inner: tcp, activity: activity.clone(), rewrite: Rewrite::default() });
+        let service = {
+            let activity = activity.clone();
+            tower::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(remote));
+                let in_flight = activity.request_started();
+                let app = app.clone();
+                async move {
+                    let response = app.oneshot(req.map(axum::body::Body::new)).await;
+                    drop(in_flight);
+                    response
+                }
+            })
+        };
+        let conn = http.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
+        tokio::pin!(conn);
+        let mut shutting_down = false;
+        loop {
+            let idle_check = tokio::time::sleep(activity.idle_deadline(idle_timeout));
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    break;
+                }
+                changed = closing.changed(), if !shutting_down => {
+                    if changed.is_err() || *closing.borrow() {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+                _ = idle_check, if !shutting_down => {
+                    if activity.idle_for(idle_timeout) {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+        open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -51,26 +51,54 @@ pub fn ledger_entry(e: &Entry) -> Value {
     })
 }
 
-/// The 201 answer to order creation; replays of the same Idempotency-Key get it unchanged.
+/// A view as the bytes of its JSON.
+pub fn to_json(view: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(view).expect("views serialise")
+}
+
+/// The 201 answer to order creation; replays of the same Idempotency-Key get it
+/// unchanged. Serialised straight from the order (the hottest answer kami writes).
+#[derive(serde::Serialize)]
+pub struct OrderCreated<'a> {
+    order_id: &'a str,
+    status: &'static str,
+    product_id: &'a str,
+    quantity: u32,
+    amount_cents: u64,
+    created_at: String,
+    expires_at: String,
+    query_token: &'a str,
+    payment: PaymentView<'a>,
+    group_id: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct PaymentView<'a> {
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pay_url: Option<String>,
+}
+
 /// `order_id` is `s.order_id()`, formatted once by the caller (it also signs the pay URL).
-pub fn order_created(s: &OrderSnapshot, order_id: &str, channel: &str, pay_url: Option<String>) -> Value {
+pub fn order_created<'a>(
+    s: &'a OrderSnapshot,
+    order_id: &'a str,
+    channel: &'a str,
+    pay_url: Option<String>,
+) -> OrderCreated<'a> {
     let o = &s.order;
-    let mut payment = json!({"channel": channel});
-    if let Some(url) = pay_url {
-        payment["pay_url"] = json!(url);
+    OrderCreated {
+        order_id,
+        status: "pending_payment",
+        product_id: &s.product_id,
+        quantity: o.quantity,
+        amount_cents: o.amount_cents,
+        created_at: ts(o.created_at_ms),
+        expires_at: ts(o.expires_at_ms),
+        query_token: &o.query_token,
+        payment: PaymentView { channel, pay_url },
+        group_id: s.group_id(),
     }
-    json!({
-        "order_id": order_id,
-        "status": "pending_payment",
-        "product_id": s.product_id,
-        "quantity": o.quantity,
-        "amount_cents": o.amount_cents,
-        "created_at": ts(o.created_at_ms),
-        "expires_at": ts(o.expires_at_ms),
-        "query_token": o.query_token,
-        "payment": payment,
-        "group_id": s.group_id(),
-    })
 }
 
 /// The buyer's view: `keys` appears only once the order is delivered.
