@@ -3,6 +3,8 @@
 #   * Redis 7 + the Lua reserve script shops use (benches/reserve.lua: check stock,
 #     DECR, LPOP a key), driven by redis-benchmark, without persistence and with
 #     `appendfsync always` (every reply durable, as kami's are);
+#   * the shop kami replaces (examples/redis_shop.rs: axum, one Lua step per order
+#     over a multiplexed connection, Redis with `appendfsync always`),
 #   * a bare axum handler (examples/bare_axum.rs) and kami's durable order-create
 #     (one hot product, shards = arbiters), both driven by wrk (benches/order.lua);
 #   * kami's full purchase (create + signed notification + read) with `kami load`;
@@ -19,7 +21,7 @@ CONNS=${CONNS:-"256 5000"}
 REDIS_OPS=${REDIS_OPS:-300000}
 STOCK_KEYS=${STOCK_KEYS:-1000000}
 FULL_BUYERS=${FULL_BUYERS:-30000}
-PORT_REDIS=6391 PORT_BARE=8091 PORT_KAMI=8092
+PORT_REDIS=6391 PORT_BARE=8091 PORT_KAMI=8092 PORT_PEER=8093
 
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
@@ -31,10 +33,11 @@ if ((${#need[@]})); then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --quiet --bin kami --example bare_axum
+cargo build --release --quiet --bin kami --example bare_axum --example redis_shop
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 KAMI="$target_dir/release/kami"
 BARE="$target_dir/release/examples/bare_axum"
+PEER="$target_dir/release/examples/redis_shop"
 
 work=$(mktemp -d)
 pids=()
@@ -81,6 +84,19 @@ wrk_run() { # $1 = label, $2 = url
         [ "$other" -eq 0 ] || echo "  ($1: $other answers were not 201)"
     done
 }
+echo "axum + Redis Lua reserve shop, appendfsync always (examples/redis_shop.rs; wrk, ${SECS}s per run)"
+rm -rf "$work/redis-shop"; mkdir -p "$work/redis-shop"
+redis-server --port $PORT_REDIS --dir "$work/redis-shop" --save '' --maxclients 20000 --appendonly yes --appendfsync always \
+    >"$work/redis-shop.log" 2>&1 & redis_pid=$!; pids+=($redis_pid)
+until redis-cli -p $PORT_REDIS ping >/dev/null 2>&1; do sleep 0.1; done
+redis-cli -p $PORT_REDIS SET stock:flash "$STOCK_KEYS" >/dev/null
+seq 0 $((STOCK_KEYS - 1)) | awk '{ if ((NR-1) % 1000 == 0) { if (NR > 1) print ""; printf "RPUSH keys:flash" } printf " flash-key-%d", $1 } END { print "" }' \
+    | redis-cli -p $PORT_REDIS >/dev/null
+"$PEER" 127.0.0.1:$PORT_PEER "redis://127.0.0.1:$PORT_REDIS/" >/dev/null & pids+=($!)
+until curl -s -o /dev/null "http://127.0.0.1:$PORT_PEER/"; do sleep 0.1; done
+wrk_run "axum+redis shop (always)" "http://127.0.0.1:$PORT_PEER"
+kill $redis_pid; wait $redis_pid 2>/dev/null || true
+
 echo "bare axum handler (wrk, ${SECS}s per run)"
 "$BARE" 127.0.0.1:$PORT_BARE >/dev/null & pids+=($!)
 until curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT_BARE/api/v1/orders"; do sleep 0.1; done
@@ -127,6 +143,7 @@ done
 
 # ---- table and ratios ----
 get() { for r in "${results[@]}"; do IFS='|' read -r s c v _ <<<"$r"; if [ "$s" = "$1" ] && [ "$c" = "$2" ]; then echo "$v"; fi; done; }
+get_p99() { for r in "${results[@]}"; do IFS='|' read -r s c _ p <<<"$r"; if [ "$s" = "$1" ] && [ "$c" = "$2" ]; then echo "$p"; fi; done; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 echo
 echo "| system | conns | ops/s | p99 |"
@@ -135,6 +152,7 @@ for r in "${results[@]}"; do IFS='|' read -r s c v p <<<"$r"; echo "| $s | $c | 
 echo
 for c in $CONNS; do
     k=$(get "kami order-create (durable)" "$c"); f=$(get "kami full purchase" "$c"); f=${f:-0}
+    echo "$c conns: kami order-create / axum+redis shop (always) $(ratio "$k" "$(get "axum+redis shop (always)" "$c")"); kami p99 $(get_p99 "kami order-create (durable)" "$c") vs shop $(get_p99 "axum+redis shop (always)" "$c") vs bare $(get_p99 "bare axum handler" "$c")"
     echo "$c conns: kami order-create / redis-always $(ratio "$k" "$(get "redis+lua (appendfsync always)" "$c")"), / redis-none $(ratio "$k" "$(get "redis+lua (no persistence)" "$c")"), / bare axum $(ratio "$k" "$(get "bare axum handler" "$c")"); full purchase / redis-always $(ratio "$f" "$(get "redis+lua (appendfsync always)" "$c")")"
 done
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
