@@ -12,6 +12,11 @@ fn product() -> ProductInfo {
     ProductInfo { id: "p".into(), name: "P".into(), price_cents: 100, per_buyer_limit: 0, shards: 1, created_at_ms: 0 }
 }
 
+/// An order of one key by buyer `b{i}`.
+fn one_key(i: u64) -> NewOrder {
+    NewOrder { buyer: format!("b{i}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 }
+}
+
 /// Drives a shard through imports, orders and payments, journaling every event.
 fn drive(storage: &Storage, shard: &mut Shard, from_seq: u64, orders: u64) -> u64 {
     let id = ShardId::new("p", 0);
@@ -24,14 +29,7 @@ fn drive(storage: &Storage, shard: &mut Shard, from_seq: u64, orders: u64) -> u6
     let (events, _, _) = shard.import_keys((0..orders).map(|i| format!("k{from_seq}-{i}")).collect());
     events.iter().for_each(&mut append);
     for i in 0..orders {
-        let req = NewOrder {
-            buyer: format!("b{i}"),
-            quantity: 1,
-            idempotency: None,
-            query_token: "t".into(),
-            ttl_ms: 60_000,
-        };
-        let Outcome::Changed(e, order_seq) = shard.create_order(req, 1000 + i).unwrap() else { panic!() };
+        let Outcome::Changed(e, order_seq) = shard.create_order(one_key(i), 1000 + i).unwrap() else { panic!() };
         append(&e);
         if i % 2 == 0 {
             let pay = Payment {
@@ -230,14 +228,7 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
         let (events, _, _) = live.import_keys((0..6).map(|i| format!("k{i}")).collect());
         let mut all = events;
         for i in 0..3 {
-            let req = NewOrder {
-                buyer: format!("b{i}"),
-                quantity: 1,
-                idempotency: None,
-                query_token: "t".into(),
-                ttl_ms: 60_000,
-            };
-            let Outcome::Changed(e, _) = live.create_order(req, 1000).unwrap() else { panic!() };
+            let Outcome::Changed(e, _) = live.create_order(one_key(i), 1000).unwrap() else { panic!() };
             all.push(e);
         }
         for e in &all {

@@ -102,6 +102,21 @@ impl Drop for Committer {
     }
 }
 
+/// Syncs every journal written to since its last sync, then flushes sled (a flush
+/// with nothing new in it returns at once): everything written before the call
+/// is durable when it returns `Ok`.
+pub(super) fn make_durable(db: &sled::Db, journals: &DirtyJournals) -> Result<(), StorageError> {
+    let mut result = Ok(());
+    for journal in journals.take() {
+        if let Err(e) = journal.sync() {
+            result = Err(e);
+        }
+    }
+    result?;
+    db.flush().map_err(|e| StorageError::Sled(e.to_string()))?;
+    Ok(())
+}
+
 fn run(
     db: sled::Db,
     journals: Arc<DirtyJournals>,
@@ -124,17 +139,7 @@ fn run(
         }
         crate::chaos::reached(crate::chaos::CrashPoint::BeforeFlush, || {});
         let started = Instant::now();
-        // Every journal written to before these tickets were taken, then sled
-        // (a flush with nothing new in it returns at once).
-        let mut result = Ok(());
-        for journal in journals.take() {
-            if let Err(e) = journal.sync() {
-                result = Err(e);
-            }
-        }
-        if result.is_ok() {
-            result = db.flush().map(|_| ()).map_err(|e| StorageError::Sled(e.to_string()));
-        }
+        let result = make_durable(&db, &journals);
         let elapsed = started.elapsed();
         if let Err(e) = &result {
             tracing::error!(error = %e, "group flush failed");

@@ -18,7 +18,9 @@
 //! acknowledged, since replies wait for the sync of whole frames).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
+#[cfg(not(unix))]
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,6 +75,9 @@ struct State {
     /// Whether what follows the last frame of the last segment may not be zeros
     /// (cut off at the first append after opening).
     tail_unknown: bool,
+    /// Whether the last segment's `last` and `len` are known (read when first
+    /// needed: recovery reads the whole journal anyway and sets them on the way).
+    end_known: bool,
     buf: Vec<u8>,
 }
 
@@ -171,16 +176,15 @@ impl JournalFile {
     /// appends go on; changes nothing on disk but a missing directory.
     pub(crate) fn open(dir: PathBuf, dirty_list: Arc<DirtyJournals>) -> Result<JournalFile, StorageError> {
         if !dir.exists() {
+            // The directories made here, and the one that held the first of them,
+            // are synced: they must survive a crash with what is written in them.
+            let existing = dir.ancestors().find(|a| a.exists()).map(Path::to_path_buf);
             std::fs::create_dir_all(&dir).map_err(|e| io_err(dir.display(), e))?;
-            // The new directories must survive a crash with what is written in them.
-            let mut d = dir.as_path();
-            while let Some(parent) = d.parent() {
-                sync_dir(d)?;
-                if parent.join("db").exists() || parent.as_os_str().is_empty() {
-                    sync_dir(parent)?;
-                    break;
-                }
-                d = parent;
+            for made in dir.ancestors().take_while(|a| Some(*a) != existing.as_deref()) {
+                sync_dir(made)?;
+            }
+            if let Some(existing) = existing {
+                sync_dir(&existing)?;
             }
         }
         let mut firsts: Vec<u64> = std::fs::read_dir(&dir)
@@ -199,14 +203,8 @@ impl JournalFile {
             let (last, len) = match firsts.get(i + 1) {
                 // Older segments end where the next begins (checked when read).
                 Some(&next) => (next - 1, allocated),
-                None => {
-                    let mut reader = SegmentReader::open(&path, first)?;
-                    let mut last = first - 1;
-                    while let Ok(Some(frame)) = reader.next() {
-                        last = frame.seq;
-                    }
-                    (last, reader.pos)
-                }
+                // The last one's end is found when first needed (`with_end`).
+                None => (first - 1, 0),
             };
             segments.push(Segment { first, last, path, file: Arc::new(file), len, allocated });
         }
@@ -217,6 +215,7 @@ impl JournalFile {
                 unsynced: Vec::new(),
                 dir_unsynced: false,
                 tail_unknown: true,
+                end_known: firsts.is_empty(),
                 buf: Vec::new(),
             }),
             dirty: AtomicBool::new(false),
@@ -226,6 +225,32 @@ impl JournalFile {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, with the end of the last segment known (read up to its first
+    /// frame that does not parse, if nothing read it yet).
+    fn with_end(&self) -> Result<MutexGuard<'_, State>, StorageError> {
+        let mut st = self.state();
+        if !st.end_known {
+            let seg = st.segments.last_mut().expect("an unknown end has a segment");
+            let mut reader = SegmentReader::open(&seg.path, seg.first)?;
+            while let Ok(Some(_)) = reader.next() {}
+            (seg.last, seg.len) = (reader.expected - 1, reader.pos);
+            st.end_known = true;
+        }
+        Ok(st)
+    }
+
+    /// Records the end of the last segment (starting at `first`) found by a reader.
+    fn learn_end(&self, first: u64, reader: &SegmentReader) {
+        let mut st = self.state();
+        if st.end_known {
+            return;
+        }
+        if let Some(seg) = st.segments.last_mut().filter(|s| s.first == first) {
+            (seg.last, seg.len) = (reader.expected - 1, reader.pos);
+            st.end_known = true;
+        }
     }
 
     /// Makes every write made before this call durable (the commit thread).
@@ -244,6 +269,12 @@ impl JournalFile {
             sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// Whether it was written to since its last sync.
+    #[cfg(test)]
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::SeqCst)
     }
 
     fn mark_dirty(self: &Arc<Self>) {
@@ -299,8 +330,7 @@ impl JournalFile {
             allocate(&seg.file, seg.allocated, want).map_err(io)?;
             seg.allocated += want;
         }
-        (&*seg.file).seek(SeekFrom::Start(seg.len)).map_err(io)?;
-        (&*seg.file).write_all(buf).map_err(io)?;
+        write_at(&seg.file, buf, seg.len).map_err(io)?;
         seg.len = end;
         seg.last = last;
         Ok(())
@@ -308,7 +338,7 @@ impl JournalFile {
 
     /// Writes frames already made (`bytes`, records `first..=last`) at the end.
     pub(crate) fn write_raw(&self, first: u64, last: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        let mut st = self.state();
+        let mut st = self.with_end()?;
         let kept = std::mem::replace(&mut st.buf, bytes.to_vec());
         let written = self.write_buf(&mut st, first, last);
         st.buf = kept;
@@ -316,8 +346,8 @@ impl JournalFile {
     }
 
     /// Where the data ends: the last sequence written (0: none).
-    pub(crate) fn last_seq(&self) -> u64 {
-        self.state().segments.last().map_or(0, |s| s.last)
+    pub(crate) fn last_seq(&self) -> Result<u64, StorageError> {
+        Ok(self.with_end()?.segments.last().map_or(0, |s| s.last))
     }
 
     /// Reads every frame after sequence `after`, calling `visit` on each; returns
@@ -349,24 +379,28 @@ impl JournalFile {
                         }
                     }
                     Ok(None) => break,
-                    Err(error) => return Ok(End::Torn { seq: reader.expected, error }),
+                    Err(error) => {
+                        self.learn_end(*first, &reader);
+                        return Ok(End::Torn { seq: reader.expected, error });
+                    }
                 }
             }
+            self.learn_end(*first, &reader);
             expected = Some(reader.expected);
         }
         Ok(End::Clean)
     }
 
     /// Records in segments wholly at or before `seq` (what a trim through `seq` removes).
-    pub(crate) fn covered(&self, seq: u64) -> u64 {
-        let st = self.state();
-        st.segments.iter().filter(|s| s.last <= seq && s.last >= s.first).map(|s| s.last - s.first + 1).sum()
+    pub(crate) fn covered(&self, seq: u64) -> Result<u64, StorageError> {
+        let st = self.with_end()?;
+        Ok(st.segments.iter().filter(|s| s.last <= seq && s.last >= s.first).map(|s| s.last - s.first + 1).sum())
     }
 
     /// Starts a new segment unless the last one is empty (after a snapshot: what
     /// it covers can then be trimmed by deleting files).
     pub(crate) fn roll(&self) -> Result<(), StorageError> {
-        let mut st = self.state();
+        let mut st = self.with_end()?;
         match st.segments.last() {
             Some(s) if s.last >= s.first => {
                 let next = s.last + 1;
@@ -380,7 +414,7 @@ impl JournalFile {
     /// one is among them).
     pub(crate) fn trim_through(&self, seq: u64) -> Result<(), StorageError> {
         let doomed: Vec<PathBuf> = {
-            let mut st = self.state();
+            let mut st = self.with_end()?;
             if st.segments.last().is_some_and(|s| s.last >= s.first && s.last <= seq) {
                 let next = st.segments.last().expect("a segment").last + 1;
                 self.new_segment(&mut st, next)?;
@@ -436,9 +470,22 @@ impl JournalFile {
         seg.allocated = offset;
         seg.last = kept;
         st.tail_unknown = false;
+        st.end_known = true;
         drop(st);
         sync_dir(&self.dir)
     }
+}
+
+/// One `pwrite` (a seek and a write elsewhere).
+#[cfg(unix)]
+fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+fn write_at(mut file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(buf)
 }
 
 #[cfg(unix)]
@@ -494,7 +541,7 @@ impl<E: serde::Serialize> Journal<E> {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut st = self.file.state();
+        let mut st = self.file.with_end()?;
         let mut buf = std::mem::take(&mut st.buf);
         buf.clear();
         for (i, event) in events.iter().enumerate() {
@@ -521,7 +568,7 @@ impl<E: serde::Serialize> Journal<E> {
     }
 
     /// The last sequence written (0: none).
-    pub fn last_seq(&self) -> u64 {
+    pub fn last_seq(&self) -> Result<u64, StorageError> {
         self.file.last_seq()
     }
 
@@ -540,7 +587,7 @@ impl<E: serde::Serialize> Journal<E> {
     /// Test and tooling access: replaces the last record, or adds the next one,
     /// with raw bytes (to simulate a torn or forged write); synced at once.
     pub fn put_raw(&self, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        let last = self.last_seq();
+        let last = self.last_seq()?;
         if seq < last {
             return Err(StorageError::Io(format!("only the last record can be replaced ({last}), not {seq}")));
         }
@@ -605,9 +652,17 @@ mod tests {
         file.sync().unwrap();
         drop((j, file));
         let (file, _) = open(dir.path());
-        assert_eq!(file.last_seq(), 4);
+        assert_eq!(file.last_seq().unwrap(), 4);
         journal(&file).append(5, &50).unwrap();
         assert_eq!(seqs(&file, 0).0, [1, 2, 3, 4, 5]);
+        file.sync().unwrap();
+        drop(file);
+        // Reading the journal (as recovery does) finds where appends go on.
+        let (file, _) = open(dir.path());
+        assert_eq!(seqs(&file, 0).0, [1, 2, 3, 4, 5]);
+        journal(&file).append(6, &60).unwrap();
+        assert!(journal(&file).append(6, &60).is_err(), "record 6 is written");
+        assert_eq!(seqs(&file, 4).0, [5, 6]);
     }
 
     #[test]
@@ -618,8 +673,8 @@ mod tests {
         j.append_all(1, &[10, 20, 30]).unwrap();
         j.roll().unwrap();
         j.append_all(4, &[40, 50]).unwrap();
-        assert_eq!(file.covered(3), 3);
-        assert_eq!(file.covered(4), 3, "a segment partly covered stays");
+        assert_eq!(file.covered(3).unwrap(), 3);
+        assert_eq!(file.covered(4).unwrap(), 3, "a segment partly covered stays");
         file.trim_through(3).unwrap();
         assert_eq!(segment_files(dir.path()), ["00000000000000000004.log"]);
         assert_eq!(seqs(&file, 0).0, [4, 5]);
@@ -644,7 +699,7 @@ mod tests {
         bytes[2 * frame + FRAME_HEADER] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         let (reread, _) = open(dir.path());
-        assert_eq!(reread.last_seq(), 2);
+        assert_eq!(reread.last_seq().unwrap(), 2);
         let (seen, end) = seqs(&reread, 0);
         assert_eq!(seen, [1, 2]);
         assert!(matches!(end, End::Torn { seq: 3, .. }), "{end:?}");

@@ -237,10 +237,10 @@ impl Storage {
         &self.committer
     }
 
-    /// Flushes now, on the calling thread (start-up and shutdown only).
+    /// Makes everything written so far durable now, on the calling thread
+    /// (start-up, shutdown, crash points, tooling).
     pub fn flush_now(&self) -> Result<(), StorageError> {
-        self.db.flush()?;
-        Ok(())
+        commit::make_durable(&self.db, &self.dirty)
     }
 
     // ---- archived orders ----
@@ -481,10 +481,6 @@ impl Storage {
         }
         let (snapshot_seq, mut shard, snapshot_bytes) =
             base.unwrap_or_else(|| (0, Shard::new(product.clone(), id.shard), 0));
-        let covered = journal.file().covered(snapshot_seq);
-        if snapshot_seq > 0 && (covered > 0 || older_snapshots > 0) {
-            findings.push(Finding::Untrimmed { snapshot_seq, journal_records: covered, older_snapshots });
-        }
         let mut last = snapshot_seq;
         let mut replayed = 0u64;
         let mut journal_bytes = 0u64;
@@ -519,6 +515,13 @@ impl Storage {
         if let (None, End::Torn { seq, error }) = (&bad, end) {
             bad = Some((seq, error));
         }
+        // Counted after reading: the read found where the journal ends.
+        let covered = journal.file().covered(snapshot_seq)?;
+        if snapshot_seq > 0 && (covered > 0 || older_snapshots > 0) {
+            let untrimmed = Finding::Untrimmed { snapshot_seq, journal_records: covered, older_snapshots };
+            let after_snapshots = findings.iter().take_while(|f| matches!(f, Finding::CorruptSnapshot { .. })).count();
+            findings.insert(after_snapshots, untrimmed);
+        }
         if let Some((seq, error)) = bad {
             // The journal's first record after the base must follow it: a gap
             // there is a trimmed (or lost) history, not a torn tail.
@@ -538,7 +541,7 @@ impl Storage {
                     },
                 });
             }
-            let discarded = journal.last_seq().max(seq) - seq + 1;
+            let discarded = journal.last_seq()?.max(seq) - seq + 1;
             findings.push(Finding::TornTail { seq, error, discarded_records: discarded });
         }
         // An older snapshot stands in for an undecodable newer one only if the
@@ -681,7 +684,7 @@ impl Storage {
             r.journal.file().truncate_from(*seq)?;
         }
         let covered = r.snapshot_seq;
-        if covered > 0 && r.journal.file().covered(covered) > 0 {
+        if covered > 0 && r.journal.file().covered(covered)? > 0 {
             self.trim_points(shard, &r.journal, covered)?; // a trim a crash interrupted
         }
         Ok(r)
@@ -752,5 +755,31 @@ impl Journal<PointsEvent> {
             }
         }
         Ok(torn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ticket taken after an append completes only once the commit thread has
+    /// synced that journal (it is no longer listed as written since its last sync).
+    #[tokio::test]
+    async fn a_ticket_completes_after_the_journals_written_before_it_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&StorageOptions {
+            path: dir.path().to_path_buf(),
+            cache_capacity_bytes: 8 << 20,
+            max_pending_commits: 16,
+            max_commit_batch: 16,
+            commit_linger: Duration::ZERO,
+        })
+        .unwrap();
+        let journal = storage.journal(&ShardId::new("p", 0)).unwrap();
+        journal.append(1, &Event::KeysImported { keys: vec!["k".into()] }).unwrap();
+        assert!(journal.file().is_dirty(), "an append marks its journal for the next sync");
+        storage.ticket().unwrap().wait().await.unwrap();
+        assert!(!journal.file().is_dirty(), "the ticket's flush synced the journal");
+        assert!(storage.dirty.take().is_empty());
     }
 }
