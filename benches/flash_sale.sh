@@ -7,11 +7,12 @@
 #     over a multiplexed connection, Redis with `appendfsync always`),
 #   * a bare axum handler (examples/bare_axum.rs) and kami's durable order-create
 #     (one hot product, shards = arbiters), both driven by wrk (benches/order.lua);
-#   * kami's full purchase (create + signed notification + read) with `kami load`;
+#   * the full purchase (create + signed notification + read) through the shop
+#     and through kami, driven by one load client (`kami load --url`);
 # at the same connection counts, then prints a table and the ratios.
 #
-# Usage: bash benches/flash_sale.sh   (env: SECS=10 CONNS="256 5000" REDIS_OPS STOCK_KEYS
-# FULL_BUYERS; no variable may start with KAMI_, which kami reads as configuration)
+# Usage: bash benches/flash_sale.sh   (env: SECS=10 CONNS="256 5000" FULL_CONNS="256 5000"
+# REDIS_OPS STOCK_KEYS FULL_KEYS_PER_SEC; no variable may start with KAMI_, which kami reads as configuration)
 # Installs redis-server, redis-tools and wrk from the system packages if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,9 @@ SECS=${SECS:-10}
 CONNS=${CONNS:-"256 5000"}
 REDIS_OPS=${REDIS_OPS:-300000}
 STOCK_KEYS=${STOCK_KEYS:-1000000}
-FULL_BUYERS=${FULL_BUYERS:-30000}
+FULL_CONNS=${FULL_CONNS:-"256 5000"}
+# Keys per second of run imported for the full purchase (more than either sells).
+FULL_KEYS_PER_SEC=${FULL_KEYS_PER_SEC:-20000}
 PORT_REDIS=6391 PORT_BARE=8091 PORT_KAMI=8092 PORT_PEER=8093
 
 need=()
@@ -33,11 +36,12 @@ if ((${#need[@]})); then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --quiet --bin kami --example bare_axum --example redis_shop
+cargo build --release --quiet --bin kami --example bare_axum --example redis_shop --example purchase_client
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 KAMI="$target_dir/release/kami"
 BARE="$target_dir/release/examples/bare_axum"
 PEER="$target_dir/release/examples/redis_shop"
+CLIENT="$target_dir/release/examples/purchase_client"
 
 work=$(mktemp -d)
 pids=()
@@ -92,10 +96,10 @@ until redis-cli -p $PORT_REDIS ping >/dev/null 2>&1; do sleep 0.1; done
 redis-cli -p $PORT_REDIS SET stock:flash "$STOCK_KEYS" >/dev/null
 seq 0 $((STOCK_KEYS - 1)) | awk '{ if ((NR-1) % 1000 == 0) { if (NR > 1) print ""; printf "RPUSH keys:flash" } printf " flash-key-%d", $1 } END { print "" }' \
     | redis-cli -p $PORT_REDIS >/dev/null
-"$PEER" 127.0.0.1:$PORT_PEER "redis://127.0.0.1:$PORT_REDIS/" >/dev/null & pids+=($!)
+"$PEER" 127.0.0.1:$PORT_PEER "redis://127.0.0.1:$PORT_REDIS/" bench >/dev/null & peer_pid=$!; pids+=($peer_pid)
 until curl -s -o /dev/null "http://127.0.0.1:$PORT_PEER/"; do sleep 0.1; done
 wrk_run "axum+redis shop (always)" "http://127.0.0.1:$PORT_PEER"
-kill $redis_pid; wait $redis_pid 2>/dev/null || true
+kill $peer_pid $redis_pid; wait $redis_pid 2>/dev/null || true
 
 echo "bare axum handler (wrk, ${SECS}s per run)"
 "$BARE" 127.0.0.1:$PORT_BARE >/dev/null & pids+=($!)
@@ -103,14 +107,18 @@ until curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT_BARE/api/v1/orders"; 
 wrk_run "bare axum handler" "http://127.0.0.1:$PORT_BARE"
 
 echo "kami durable order-create (wrk, ${SECS}s per run, $STOCK_KEYS keys)"
-export KAMI_SERVER__LISTEN=127.0.0.1:$PORT_KAMI KAMI_STORAGE__PATH="$work/kami" KAMI_ADMIN__TOKEN=bench \
-    KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET=bench KAMI_RATE_LIMITS__ENABLED=false KAMI_LOG__LEVEL=warn
-"$KAMI" >"$work/kami.log" 2>&1 & kami_pid=$!; pids+=($kami_pid)
-for ((i = 0; ; i++)); do
-    curl -sf "http://127.0.0.1:$PORT_KAMI/readyz" >/dev/null && break
-    if ((i > 300)) || ! kill -0 $kami_pid 2>/dev/null; then echo "kami did not start:"; cat "$work/kami.log"; exit 1; fi
-    sleep 0.1
-done
+# kami as a server of its own, with a fresh data directory ($1).
+start_kami() {
+    KAMI_SERVER__LISTEN=127.0.0.1:$PORT_KAMI KAMI_STORAGE__PATH="$1" KAMI_ADMIN__TOKEN=bench \
+        KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET=bench KAMI_RATE_LIMITS__ENABLED=false KAMI_LOG__LEVEL=warn \
+        "$KAMI" >"$work/kami.log" 2>&1 & kami_pid=$!; pids+=($kami_pid)
+    for ((i = 0; ; i++)); do
+        curl -sf "http://127.0.0.1:$PORT_KAMI/readyz" >/dev/null && break
+        if ((i > 300)) || ! kill -0 $kami_pid 2>/dev/null; then echo "kami did not start:"; cat "$work/kami.log"; exit 1; fi
+        sleep 0.1
+    done
+}
+start_kami "$work/kami"
 shards=$(nproc)
 curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' \
     -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$shards}" \
@@ -126,20 +134,48 @@ audit=$(curl -sf -H 'Authorization: Bearer bench' "http://127.0.0.1:$PORT_KAMI/a
 echo "  audit: $(echo "$audit" | tr -d '\n' | sed 's/.*"ok":\([a-z]*\).*/ok=\1/')  $(echo "$audit" | grep -o '"products":\[[^]]*\]')"
 echo "  RSS after loading $STOCK_KEYS keys: $((rss_kib / 1024)) MiB"
 kill $kami_pid; wait $kami_pid 2>/dev/null || true
-unset KAMI_SERVER__LISTEN KAMI_STORAGE__PATH KAMI_ADMIN__TOKEN KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET
 
-echo "kami full purchase (kami load: create + signed notification + read, embedded, $FULL_BUYERS buyers)"
-# The generator shares the process and the two cores with kami: 256 connections by
-# default (FULL_CONNS); at 5,000 the in-process client itself times out.
-for c in ${FULL_CONNS:-256}; do
-    if ! "$KAMI" load --keys "$FULL_BUYERS" --buyers "$FULL_BUYERS" --concurrency "$c" --shards "$shards" \
-        --json "$work/full.json" >"$work/full.txt" 2>&1; then
-        grep -v '%' "$work/full.txt"; echo "  kami load verdict failed at $c connections"; exit 1
-    fi
-    rps=$(sed -n 's/.*"buyers_per_sec": *\([0-9.]*\).*/\1/p' "$work/full.json" | head -1)
-    p99=$(sed -n 's/.*"p99_ms": *\([0-9.]*\).*/\1/p' "$work/full.json" | head -1)
-    record "kami full purchase" "$c" "${rps%.*}" "create ${p99}ms"
-done
+# ---- full purchase, one load client for both ----
+# examples/purchase_client.rs (its own process, hand-written HTTP/1.1 so that it
+# costs little) drives the shop and kami alike: per connection, in a loop, create
+# an order for a new buyer, send the signed notification, read the key. It fails
+# on any refused step and on a key delivered twice.
+import_keys() { # $1 = base url, $2 = how many
+    curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' \
+        -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$shards}" "$1/api/v1/products" >/dev/null
+    for ((start = 0; start < $2; start += 100000)); do
+        seq $start $((start + 99999 < $2 - 1 ? start + 99999 : $2 - 1)) | sed 's/^/flash-key-/' \
+            | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
+                "$1/api/v1/products/flash/keys" >/dev/null
+    done
+}
+full_run() { # $1 = label, $2 = host:port
+    for c in $FULL_CONNS; do
+        local out
+        if ! out=$("$CLIENT" "$2" flash bench "$c" "$SECS" 2>&1); then
+            echo "$out"; echo "  the full purchase failed for $1 at $c connections"; exit 1
+        fi
+        local rps p99
+        rps=$(echo "$out" | sed -n 's/.* per_sec \([0-9]*\) .*/\1/p')
+        p99=$(echo "$out" | sed -n 's/.* create_p99_ms \([0-9.]*\) .*/\1/p')
+        record "$1" "$c" "$rps" "create ${p99}ms"
+    done
+}
+echo "full purchase (examples/purchase_client.rs: create + signed notification + read, ${SECS}s per run)"
+full_keys=$((FULL_KEYS_PER_SEC * SECS * $(echo $FULL_CONNS | wc -w)))
+rm -rf "$work/redis-full"; mkdir -p "$work/redis-full"
+redis-server --port $PORT_REDIS --dir "$work/redis-full" --save '' --maxclients 20000 --appendonly yes --appendfsync always \
+    >"$work/redis-full.log" 2>&1 & redis_pid=$!; pids+=($redis_pid)
+until redis-cli -p $PORT_REDIS ping >/dev/null 2>&1; do sleep 0.1; done
+"$PEER" 127.0.0.1:$PORT_PEER "redis://127.0.0.1:$PORT_REDIS/" bench >/dev/null & peer_pid=$!; pids+=($peer_pid)
+until curl -s -o /dev/null "http://127.0.0.1:$PORT_PEER/"; do sleep 0.1; done
+import_keys "http://127.0.0.1:$PORT_PEER" "$full_keys"
+full_run "axum+redis shop full purchase" "127.0.0.1:$PORT_PEER"
+kill $peer_pid $redis_pid; wait $peer_pid $redis_pid 2>/dev/null || true
+start_kami "$work/kami-full"
+import_keys "http://127.0.0.1:$PORT_KAMI" "$full_keys"
+full_run "kami full purchase" "127.0.0.1:$PORT_KAMI"
+kill $kami_pid; wait $kami_pid 2>/dev/null || true
 
 # ---- table and ratios ----
 get() { for r in "${results[@]}"; do IFS='|' read -r s c v _ <<<"$r"; if [ "$s" = "$1" ] && [ "$c" = "$2" ]; then echo "$v"; fi; done; }
@@ -151,8 +187,11 @@ echo "|---|---:|---:|---:|"
 for r in "${results[@]}"; do IFS='|' read -r s c v p <<<"$r"; echo "| $s | $c | $v | $p |"; done
 echo
 for c in $CONNS; do
-    k=$(get "kami order-create (durable)" "$c"); f=$(get "kami full purchase" "$c"); f=${f:-0}
+    k=$(get "kami order-create (durable)" "$c")
     echo "$c conns: kami order-create / axum+redis shop (always) $(ratio "$k" "$(get "axum+redis shop (always)" "$c")"); kami p99 $(get_p99 "kami order-create (durable)" "$c") vs shop $(get_p99 "axum+redis shop (always)" "$c") vs bare $(get_p99 "bare axum handler" "$c")"
-    echo "$c conns: kami order-create / redis-always $(ratio "$k" "$(get "redis+lua (appendfsync always)" "$c")"), / redis-none $(ratio "$k" "$(get "redis+lua (no persistence)" "$c")"), / bare axum $(ratio "$k" "$(get "bare axum handler" "$c")"); full purchase / redis-always $(ratio "$f" "$(get "redis+lua (appendfsync always)" "$c")")"
+    echo "$c conns: kami order-create / redis-always $(ratio "$k" "$(get "redis+lua (appendfsync always)" "$c")"), / redis-none $(ratio "$k" "$(get "redis+lua (no persistence)" "$c")"), / bare axum $(ratio "$k" "$(get "bare axum handler" "$c")")"
+done
+for c in $FULL_CONNS; do
+    echo "$c conns: kami full purchase / axum+redis shop full purchase $(ratio "$(get "kami full purchase" "$c")" "$(get "axum+redis shop full purchase" "$c")"); create p99 $(get_p99 "kami full purchase" "$c") vs shop $(get_p99 "axum+redis shop full purchase" "$c")"
 done
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"

@@ -13,10 +13,8 @@ use serde_json::{json, Value};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_echoed_and_one_orders_life_can_be_followed_in_json_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        &dir.path().join("data"),
-        &[("KAMI_LOG__FORMAT", "json"), ("RUST_LOG", "info,kami=debug,tower_http=debug")],
-    );
+    let server =
+        Server::start(&dir.path().join("data"), &[("KAMI_LOG__FORMAT", "json"), ("RUST_LOG", "info,kami=debug")]);
     let api = server.api();
     api.product_with_keys("p", 5, 0).await;
 

@@ -119,8 +119,7 @@ impl IntoResponse for ApiError {
 /// axum's extractors (a path parameter that is not UTF-8, a bad query string): an
 /// error response that is not JSON is rewritten with a code for its status and its
 /// text (at most 512 bytes) as the message.
-pub async fn json_errors_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let response = next.run(req).await;
+pub async fn as_json_error(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()

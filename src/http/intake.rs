@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
 
@@ -105,8 +104,22 @@ pub const SMALL_BODY_BYTES: u64 = 16 << 10;
 /// whole body before reading sees the answer (RFC 9112 9.6: close lingeringly).
 const MAX_DRAINED_BYTES: u64 = 4 << 20;
 
-/// The door (a `from_fn_with_state` middleware).
-pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -> Response {
+/// What an admitted request holds until its answer is made: its in-flight slot
+/// and, for a large body, its share of the body budget.
+pub struct Admitted {
+    _slot: OwnedSemaphorePermit,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl Intake {
+    /// The door: the request with its body read whole, and what it holds; or the
+    /// answer that refuses it.
+    pub async fn admit(&self, req: Request) -> Result<(Request, Admitted), Response> {
+        door(self, req).await
+    }
+}
+
+async fn door(intake: &Intake, req: Request) -> Result<(Request, Admitted), Response> {
     // (A request with both Transfer-Encoding and Content-Length never reaches this
     // point with both: hyper reads it by Transfer-Encoding alone, drops
     // Content-Length and closes the connection after the answer, RFC 9112 6.3.)
@@ -120,7 +133,7 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
         if declared.is_some_and(|len| len <= MAX_DRAINED_BYTES) {
             tokio::spawn(drain(body, intake.body_timeout));
         }
-        return closing(ApiError::too_large(limit));
+        return Err(closing(ApiError::too_large(limit)));
     }
     // A large body (or one of unknown length) takes its share of the server's body
     // budget until the answer is made. Small ones (every buyer's and gateway's) are
@@ -129,7 +142,7 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
     // (A request with neither Content-Length nor Transfer-Encoding has no body:
     // its size hint says 0; only a chunked body's size is unknown.)
     let expected = http_body::Body::size_hint(&body).upper().or(declared);
-    let _budget = match expected {
+    let budget = match expected {
         Some(len) if len <= SMALL_BODY_BYTES => None,
         _ => match intake.buffered_kib.clone().try_acquire_many_owned(kib(expected.unwrap_or(limit as u64))) {
             Ok(permit) => Some(permit),
@@ -139,26 +152,26 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
                 if expected.is_some_and(|len| len <= MAX_DRAINED_BYTES) {
                     tokio::spawn(drain(body, intake.body_timeout));
                 }
-                return closing(ApiError::from(crate::error::Error::Overloaded));
+                return Err(closing(ApiError::from(crate::error::Error::Overloaded)));
             }
         },
     };
     let bytes = match tokio::time::timeout(intake.body_timeout, axum::body::to_bytes(body, limit)).await {
         Err(_) => {
             crate::telemetry::count_rejection("slow_body");
-            return closing(ApiError::new(
+            return Err(closing(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
                 format!("the request body did not arrive within {} ms", intake.body_timeout.as_millis()),
-            ));
+            )));
         }
-        Ok(Err(e)) if is_too_large(&e) => return closing(ApiError::too_large(limit)),
+        Ok(Err(e)) if is_too_large(&e) => return Err(closing(ApiError::too_large(limit))),
         Ok(Err(e)) => {
-            return closing(ApiError::new(
+            return Err(closing(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
                 format!("could not read the request body: {e}"),
-            ))
+            )))
         }
         Ok(Ok(bytes)) => bytes,
     };
@@ -168,11 +181,11 @@ pub async fn door(State(intake): State<Arc<Intake>>, req: Request, next: Next) -
     } else {
         intake.general.clone().try_acquire_owned()
     };
-    let Ok(_permit) = permit else {
+    let Ok(slot) = permit else {
         crate::telemetry::count_rejection("concurrency");
-        return ApiError::from(crate::error::Error::Overloaded).into_response();
+        return Err(ApiError::from(crate::error::Error::Overloaded).into_response());
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    Ok((Request::from_parts(parts, Body::from(bytes)), Admitted { _slot: slot, _budget: budget }))
 }
 
 fn is_too_large(e: &axum::Error) -> bool {

@@ -6,27 +6,20 @@
 pub mod api;
 pub mod error;
 pub mod extract;
+pub mod front;
 pub mod intake;
 pub mod limits;
 pub mod ops;
 pub mod server;
 pub mod views;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use axum::error_handling::HandleErrorLayer;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderName, Method, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Method, StatusCode};
 use axum::routing::{get, post};
-use axum::{BoxError, Router};
-use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use axum::Router;
 
 use crate::config::Settings;
 use crate::core::Kami;
@@ -174,8 +167,8 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    let limits = state.limits.clone();
+/// The whole application: the routes behind the front ([`front`]).
+pub fn router(state: AppState) -> Arc<front::Front> {
     let mut routes = Router::new();
     if state.chaos {
         routes = routes.route("/api/v1/admin/chaos/kill", post(api::chaos_kill));
@@ -212,29 +205,9 @@ pub fn router(state: AppState) -> Router {
         .route("/status.json", get(ops::status_json))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .route_layer(middleware::from_fn_with_state(state.clone(), rate_limit))
-        .route_layer(middleware::from_fn(track))
+        .layer(front::GateLayer(state.clone()))
         .with_state(state.clone());
-    let request_id = HeaderName::from_static("x-request-id");
-    routes.layer(
-        ServiceBuilder::new()
-            .map_request(drop_unusable_request_id)
-            .layer(SetRequestIdLayer::new(request_id.clone(), NextRequestId::default()))
-            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-                // `order_id` is filled in by handlers that know it (see `record_order`).
-                let order_id = tracing::field::Empty;
-                // Client text in log fields is bounded: the method from a closed set,
-                // the path cut at `MAX_LOGGED_PATH` bytes, the query left out.
-                let path = truncate(req.uri().path(), MAX_LOGGED_PATH);
-                tracing::info_span!("request", method = method_label(req.method()), path, request_id = %id, order_id)
-            }))
-            .layer(PropagateRequestIdLayer::new(request_id))
-            .layer(middleware::from_fn(error::json_errors_only))
-            .layer(middleware::from_fn_with_state(state.intake.clone(), intake::door))
-            .layer(HandleErrorLayer::new(overloaded))
-            .timeout(limits.request_timeout),
-    )
+    Arc::new(front::Front::new(routes, state))
 }
 
 /// The connection limits of the settings.
@@ -245,51 +218,6 @@ pub fn conn_limits(settings: &Settings) -> server::ConnLimits {
         idle_timeout: Duration::from_secs(settings.server.idle_timeout_secs),
         max_header_bytes: settings.server.max_header_bytes,
     }
-}
-
-async fn overloaded(err: BoxError) -> ApiError {
-    if err.is::<tower::timeout::error::Elapsed>() {
-        crate::telemetry::count_rejection("timeout");
-        ApiError::from(crate::error::Error::Timeout)
-    } else {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())
-    }
-}
-
-/// Buyer routes are rate limited per client IP (and order creation per buyer, in
-/// its handler, with the tier put into the request here); merchant, payment-channel
-/// and operations routes are not (they are authenticated or must never be refused).
-async fn rate_limit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    if let Some(rate_limits) = &st.rate_limits {
-        let path = req.uri().path();
-        let buyer_route = path.starts_with("/api/v1/orders")
-            || path.starts_with("/api/v1/redemptions")
-            || path.starts_with("/api/v1/groups")
-            || path.starts_with("/api/v1/buyers/")
-            || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
-        if buyer_route {
-            let api_key = match extract::header_str(req.headers(), "x-api-key") {
-                Ok(k) => k,
-                Err(e) => return e.into_response(),
-            };
-            let tier = match rate_limits.tier(api_key) {
-                Ok(t) => t,
-                Err(_) => {
-                    crate::telemetry::count_rejection("invalid_api_key");
-                    return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "unknown X-Api-Key")
-                        .into_response();
-                }
-            };
-            let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-            if let Some(ip) = ip {
-                if let Err(wait_secs) = tier.per_ip.check(&ip) {
-                    return rate_limited(&tier, "ip", wait_secs).into_response();
-                }
-            }
-            req.extensions_mut().insert(tier);
-        }
-    }
-    next.run(req).await
 }
 
 /// 429 `rate_limited` with `Retry-After`, counted by tier and scope (`ip`, `buyer`).
@@ -303,22 +231,16 @@ pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) ->
     ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(wait_secs)
 }
 
-/// Per-route request counts and latency.
-async fn track(req: Request, next: Next) -> Response {
-    // Every label value comes from a closed set: the route's template (never the
-    // path a client sent), one of the standard methods or `other`, a status code.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = method_label(req.method());
-    let started = Instant::now();
-    let response = next.run(req).await;
-    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
+/// Counts an answer by route template, method and status, with its latency.
+/// Every label value comes from a closed set: the route's template (never the
+/// path a client sent), one of the standard methods or `other`, a status code.
+fn count_request(route: &str, method: &'static str, status: StatusCode, started: Instant) {
     ROUTE_METRICS.with(|m| {
         let mut m = m.borrow_mut();
-        let (count, duration) = m.handles(route, method, response.status().as_u16());
+        let (count, duration) = m.handles(route, method, status.as_u16());
         count.increment(1);
         duration.record(started.elapsed().as_secs_f64());
     });
-    response
 }
 
 thread_local! {
@@ -395,27 +317,4 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// A client's `X-Request-Id` is echoed and logged: one that is too long or not
-/// printable ASCII is dropped, and the server makes its own.
-fn drop_unusable_request_id(mut req: Request) -> Request {
-    let usable = |v: &axum::http::HeaderValue| {
-        v.len() <= MAX_REQUEST_ID && !v.is_empty() && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-    };
-    if req.headers().get("x-request-id").is_some_and(|v| !usable(v)) {
-        req.headers_mut().remove("x-request-id");
-    }
-    req
-}
-
-#[derive(Clone, Default)]
-struct NextRequestId(Arc<std::sync::atomic::AtomicU64>);
-
-impl MakeRequestId for NextRequestId {
-    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{:08x}-{n:x}", std::process::id());
-        Some(RequestId::new(id.parse().ok()?))
-    }
 }

@@ -22,12 +22,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
-use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tower::ServiceExt;
 
 /// The connection limits (`[server]` in the configuration).
 #[derive(Debug, Clone)]
@@ -49,7 +47,7 @@ pub type Spawn = Arc<dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + S
 /// connection is served by the next of `spawners` in turn (none: on this runtime).
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Arc<super::front::Front>,
     limits: ConnLimits,
     spawners: Vec<Spawn>,
     stop: impl Future<Output = ()>,
@@ -127,7 +125,7 @@ pub async fn serve(
 /// What serving one connection needs.
 struct Conn {
     http: hyper::server::conn::http1::Builder,
-    app: Router,
+    app: Arc<super::front::Front>,
     closing: watch::Receiver<bool>,
     open: Arc<AtomicUsize>,
     idle_timeout: Duration,
@@ -142,18 +140,18 @@ impl Conn {
         let io = TokioIo::new(Watched { inner: tcp, activity: activity.clone(), rewrite: Rewrite::default() });
         let service = {
             let activity = activity.clone();
-            tower::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            hyper::service::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(remote));
                 let in_flight = activity.request_started();
                 let app = app.clone();
                 async move {
-                    let response = app.oneshot(req.map(axum::body::Body::new)).await;
+                    let response = app.serve(req.map(axum::body::Body::new)).await;
                     drop(in_flight);
-                    response
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             })
         };
-        let conn = http.serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
+        let conn = http.serve_connection(io, service);
         tokio::pin!(conn);
         let mut shutting_down = false;
         loop {
