@@ -130,6 +130,12 @@ for ((start = 0; start < STOCK_KEYS; start += 100000)); do
 done
 rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$kami_pid/status)
 wrk_run "kami order-create (durable)" "http://127.0.0.1:$PORT_KAMI"
+# The longest stock-actor turn: the smallest histogram bucket holding every turn.
+curl -sf "http://127.0.0.1:$PORT_KAMI/metrics" | grep '^kami_actor_turn_seconds_bucket{actor="stock"' \
+    | sed 's/.*le="\([^"]*\)"} \([0-9]*\).*/\1 \2/' | awk '
+        { le[NR] = $1; n[NR] = $2; if ($1 == "+Inf") total = $2; if ($1 == "0.005") upto5 = $2 }
+        END { for (i = 1; i <= NR; i++) if (n[i] == total) { longest = le[i]; break }
+              printf "  stock actor turns: %d, longest <= %s s, over 5 ms: %d\n", total, longest, total - upto5 }'
 audit=$(curl -sf -H 'Authorization: Bearer bench' "http://127.0.0.1:$PORT_KAMI/api/v1/admin/audit")
 echo "  audit: $(echo "$audit" | tr -d '\n' | sed 's/.*"ok":\([a-z]*\).*/ok=\1/')  $(echo "$audit" | grep -o '"products":\[[^]]*\]')"
 echo "  RSS after loading $STOCK_KEYS keys: $((rss_kib / 1024)) MiB"

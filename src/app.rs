@@ -327,6 +327,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
 
     let env = Arc::new(ShardEnv {
         storage: storage.clone(),
+        claims: Arc::new(crate::actors::claims::PaymentClaims::new()),
         clock: clock.clone(),
         ttl_ms: settings.orders.ttl_secs * 1000,
         expiry_tick: Duration::from_millis(settings.orders.expiry_tick_ms),

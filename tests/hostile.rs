@@ -259,6 +259,18 @@ async fn one_payment_id_pays_one_order_across_products_and_shards() {
     // The first order's own retry is still a replay.
     assert_eq!(api.notify(a_id, "P-shared", 990).await.status, 200);
     assert_audit_ok(&api.audit().await);
+
+    // The claims are rebuilt after a crash from what the shards recorded.
+    let (a_id, b_id, data) = (a_id.to_string(), b_id.to_string(), t.data.clone());
+    let mut t = t;
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &[]).await;
+    let api = t2.api();
+    let again = api.notify(&b_id, "P-shared", 990).await;
+    assert_eq!((again.status, again.code()), (409, "payment_id_conflict"), "after the crash: {}", again.body);
+    assert_eq!(api.notify(&a_id, "P-shared", 990).await.status, 200);
+    assert_eq!(api.admin_order(&b_id).await.body["status"], "pending_payment");
+    assert_audit_ok(&api.audit().await);
 }
 
 // ---- 10. edges ----

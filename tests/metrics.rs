@@ -133,6 +133,10 @@ async fn metrics_parse_as_prometheus_text_and_count_the_traffic_sent() {
     assert!(value(&m, "kami_commit_batch_size_count", &[]) >= 1.0);
     assert!(value(&m, "kami_commit_flush_seconds_count", &[]) >= 1.0);
     assert!(m.iter().any(|s| s.name == "kami_recovery_seconds"), "recovery duration missing");
+    // Every message a stock actor handled is one timed turn: at least the 7 orders,
+    // 3 notifications and 1 cancel above (imports, ticks and reads add more).
+    let turns = value(&m, "kami_actor_turn_seconds_count", &[("actor", "stock")]);
+    assert!(turns >= 11.0, "stock actor turns counted: {turns}");
     assert!(m.iter().any(|s| s.name == "kami_payment_channel_state"), "breaker state missing");
     let points_line: Vec<_> = m.iter().filter(|s| s.name == "kami_points_queue_depth").collect();
     assert_eq!(points_line.len(), 1, "the points actors' line is exported");

@@ -8,6 +8,8 @@
 //! * [`payments::PaymentSupervisor`] — talks to payment gateways: queries orders whose
 //!   notification never came, retries refunds owed, health-checks channels and keeps
 //!   their circuit breakers. Not on the order path either.
+//! * [`claims::PaymentClaims`] — which order each payment id pays, across shards
+//!   (in memory, rebuilt at start from the shards' payment records).
 //! * [`registry::Registry`] — the immutable routing table (product id → shard
 //!   addresses), swapped atomically when a product is added; readers take no lock.
 
@@ -17,6 +19,7 @@
 //! before it handles the next message of its (preserved) mailbox.
 
 pub mod admission;
+pub mod claims;
 pub mod payments;
 pub mod points;
 pub mod registry;
@@ -32,3 +35,20 @@ pub use supervisor::OrderSupervisor;
 #[derive(actix::Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct Kill;
+
+/// Times one turn of an actor (one message handled, one tick) into
+/// `kami_actor_turn_seconds{actor}`: a long turn delays every message queued behind
+/// it and every request served on the same arbiter.
+pub struct Turn(std::time::Instant, metrics::Histogram);
+
+impl Turn {
+    pub fn start(histogram: &metrics::Histogram) -> Turn {
+        Turn(std::time::Instant::now(), histogram.clone())
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.1.record(self.0.elapsed().as_secs_f64());
+    }
+}

@@ -60,6 +60,8 @@ pub struct PointsActor {
     snapshot_min_journal_bytes: u64,
     /// None when rebuilding failed: every request is answered `Unavailable`.
     live: Option<Live>,
+    /// `kami_actor_turn_seconds{actor="points"}`.
+    turns: metrics::Histogram,
 }
 
 struct Live {
@@ -95,7 +97,14 @@ impl PointsActor {
         snapshot_min_journal_bytes: u64,
     ) -> Result<PointsActor, ShardError> {
         let recovered = storage.recover_points(shard)?;
-        Ok(PointsActor { shard, storage, clock, snapshot_min_journal_bytes, live: Some(Live::new(recovered)) })
+        Ok(PointsActor {
+            shard,
+            storage,
+            clock,
+            snapshot_min_journal_bytes,
+            live: Some(Live::new(recovered)),
+            turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "points"),
+        })
     }
 
     /// Snapshots the book once enough journal has grown since the last snapshot;
@@ -286,6 +295,7 @@ pub struct AuditPoints;
 impl Handler<Adjust> for PointsActor {
     type Result = ResponseFuture<ShardResult<Balance>>;
     fn handle(&mut self, m: Adjust, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.adjust(&m.request_id, &m.buyer, m.delta, &m.note, now))
     }
 }
@@ -293,6 +303,7 @@ impl Handler<Adjust> for PointsActor {
 impl Handler<HoldPoints> for PointsActor {
     type Result = ResponseFuture<ShardResult<RedemptionState>>;
     fn handle(&mut self, HoldPoints(h): HoldPoints, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.hold(&h.redemption, &h.buyer, h.points, &h.product_id, h.quantity, now))
     }
 }
@@ -301,6 +312,7 @@ impl Handler<HoldPoints> for PointsActor {
 impl Handler<Settle> for PointsActor {
     type Result = ResponseFuture<ShardResult<Balance>>;
     fn handle(&mut self, m: Settle, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| {
             let step = book.settle(&m.redemption, &m.order_id, now)?;
             let balance = book.balance(&m.buyer);
@@ -315,6 +327,7 @@ impl Handler<Settle> for PointsActor {
 impl Handler<Release> for PointsActor {
     type Result = ResponseFuture<ShardResult<()>>;
     fn handle(&mut self, m: Release, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.release(&m.redemption, &m.reason, now))
     }
 }
@@ -322,6 +335,7 @@ impl Handler<Release> for PointsActor {
 impl Handler<Statement> for PointsActor {
     type Result = ResponseFuture<ShardResult<(Balance, Vec<Entry>)>>;
     fn handle(&mut self, m: Statement, _: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.read(move |book| (book.balance(&m.buyer), book.statement(&m.buyer, m.limit)))
     }
 }
@@ -329,6 +343,7 @@ impl Handler<Statement> for PointsActor {
 impl Handler<StaleHolds> for PointsActor {
     type Result = ResponseFuture<ShardResult<Vec<Hold>>>;
     fn handle(&mut self, m: StaleHolds, _: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.read(move |book| {
             let mut holds = book.holds(usize::MAX);
             holds.retain(|h| h.at_ms < m.before_ms);
@@ -341,6 +356,7 @@ impl Handler<StaleHolds> for PointsActor {
 impl Handler<AuditPoints> for PointsActor {
     type Result = ResponseFuture<ShardResult<PointsAudit>>;
     fn handle(&mut self, _: AuditPoints, _: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         self.read(PointsBook::audit)
     }
 }
@@ -348,6 +364,7 @@ impl Handler<AuditPoints> for PointsActor {
 impl Handler<Kill> for PointsActor {
     type Result = ();
     fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
+        let _turn = super::Turn::start(&self.turns);
         tracing::warn!(shard = self.shard, "points actor killed on request");
         self.live = None;
         ctx.stop();

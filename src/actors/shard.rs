@@ -30,6 +30,8 @@ use crate::storage::{Journal, Recovered, Storage, StorageError, Ticket};
 /// What every stock actor of the process shares (immutable).
 pub struct ShardEnv {
     pub storage: Arc<Storage>,
+    /// Which order each payment id pays, across every shard.
+    pub claims: Arc<super::claims::PaymentClaims>,
     pub clock: Arc<dyn Clock>,
     pub ttl_ms: u64,
     pub expiry_tick: Duration,
@@ -288,6 +290,8 @@ pub struct ShardActor {
     gauge: Arc<ShardGauge>,
     /// None when rebuilding from storage failed: every request is answered `Unavailable`.
     live: Option<Live>,
+    /// `kami_actor_turn_seconds{actor="stock"}`.
+    turns: metrics::Histogram,
 }
 
 struct Live {
@@ -401,7 +405,14 @@ fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
 impl ShardActor {
     pub fn new(env: Arc<ShardEnv>, product: ProductInfo, gauge: Arc<ShardGauge>, recovered: Recovered) -> ShardActor {
         let id = ShardId::new(product.id.clone(), recovered.shard.shard_index());
-        let mut actor = ShardActor { id, product, env, gauge, live: None };
+        let mut actor = ShardActor {
+            id,
+            product,
+            env,
+            gauge,
+            live: None,
+            turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "stock"),
+        };
         actor.install(recovered);
         actor
     }
@@ -750,6 +761,7 @@ impl Actor for ShardActor {
         // the margin covers messages sent without a permit (audit, snapshot, kill).
         ctx.set_mailbox_capacity(self.env.mailbox_capacity + 64);
         ctx.run_interval(self.env.expiry_tick, |act, ctx| {
+            let _turn = super::Turn::start(&act.turns);
             act.expire(ctx);
             act.archive(ctx);
         });
@@ -777,6 +789,7 @@ impl Handler<ImportKeys> for ShardActor {
     type Result = ResponseFuture<ShardResult<(u64, u64)>>;
 
     fn handle(&mut self, msg: ImportKeys, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let (events, imported, duplicates) = match self.guarded(ctx, |s| s.import_keys(msg.0)) {
             Ok(r) => r,
             Err(e) => return fail(e),
@@ -797,6 +810,7 @@ impl Handler<CreateOrder> for ShardActor {
     type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
 
     fn handle(&mut self, msg: CreateOrder, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         self.order_step(ctx, |s| s.create_order(msg.0, now))
     }
@@ -806,6 +820,7 @@ impl Handler<Redeem> for ShardActor {
     type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
 
     fn handle(&mut self, msg: Redeem, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         self.order_step(ctx, |s| s.redeem(msg.0, now))
     }
@@ -815,6 +830,7 @@ impl Handler<PayOrder> for ShardActor {
     type Result = ResponseFuture<ShardResult<PaymentOutcome>>;
 
     fn handle(&mut self, msg: PayOrder, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         // What fell due is settled first: a group past its deadline fails before a
         // payment could complete it, whenever the next expiry tick would have come.
         self.expire(ctx);
@@ -840,7 +856,8 @@ impl Handler<PayOrder> for ShardActor {
 
 impl ShardActor {
     /// A payment id pays one order in the whole process, not only in this shard:
-    /// claimed in storage before the shard records it (see `Storage::claim_payment`).
+    /// claimed in the process-wide index before the shard records it (see
+    /// [`super::claims`]).
     fn claim_payment(&self, p: &Payment) -> Result<(), ShardError> {
         let known = self
             .live
@@ -850,10 +867,10 @@ impl ShardActor {
             return Ok(()); // the domain step answers `order_not_found`
         }
         let order = OrderId { shard: self.id.clone(), seq: p.order_seq }.to_string();
-        match self.env.storage.claim_payment(&payment_key(&p.channel, &p.payment_id), &order)? {
-            None => Ok(()),
-            Some(other) => {
-                tracing::warn!(order = %order, other = %other, channel = %p.channel, "a payment id already paid another order");
+        match self.env.claims.claim(&payment_key(&p.channel, &p.payment_id), &order) {
+            Ok(()) => Ok(()),
+            Err(super::claims::Conflict) => {
+                tracing::warn!(order = %order, channel = %p.channel, "a payment id already paid another order");
                 Err(DomainError::PaymentIdConflict.into())
             }
         }
@@ -869,6 +886,7 @@ impl Handler<GetOrder> for ShardActor {
     type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
 
     fn handle(&mut self, msg: GetOrder, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let view = match self.order_snapshot(msg.seq, false) {
             Ok(v) => v,
             Err(e) => return fail(e),
@@ -886,6 +904,7 @@ impl Handler<CancelOrder> for ShardActor {
     type Result = ResponseFuture<ShardResult<OrderSnapshot>>;
 
     fn handle(&mut self, msg: CancelOrder, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let authorised = match self.order_snapshot(msg.seq, false) {
             Ok(view) => token_matches(&msg.token, &view.order.query_token).then_some(view.order.status),
             Err(e) => return fail(e),
@@ -917,6 +936,7 @@ impl Handler<Audit> for ShardActor {
     type Result = ResponseFuture<ShardResult<ShardAudit>>;
 
     fn handle(&mut self, _: Audit, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         match self.guarded(ctx, |s| s.audit()) {
             Ok(audit) => self.reply(None, audit),
             Err(e) => fail(e),
@@ -928,6 +948,7 @@ impl Handler<GetPaymentWork> for ShardActor {
     type Result = ResponseFuture<ShardResult<PaymentWork>>;
 
     fn handle(&mut self, m: GetPaymentWork, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let expired_now = self.expire(ctx);
         let now = self.env.clock.now_ms();
         let work = self.guarded(ctx, |s| PaymentWork {
@@ -947,6 +968,7 @@ impl Handler<CompleteRefund> for ShardActor {
     type Result = ResponseFuture<ShardResult<()>>;
 
     fn handle(&mut self, m: CompleteRefund, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         let outcome = match self.guarded(ctx, |s| s.complete_refund(&m.channel, &m.payment_id, now)) {
             Ok(r) => r.map_err(ShardError::from),
@@ -978,6 +1000,7 @@ impl Handler<Lend> for ShardActor {
     type Result = ResponseFuture<ShardResult<Option<OutgoingTransfer>>>;
 
     fn handle(&mut self, m: Lend, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let outcome = self.guarded(ctx, |s| match s.lend(m.to, m.max_keys) {
             Some((event, transfer)) => Outcome::Changed(event, Some(transfer)),
             None => Outcome::Repeat(None),
@@ -990,6 +1013,7 @@ impl Handler<Receive> for ShardActor {
     type Result = ResponseFuture<ShardResult<()>>;
 
     fn handle(&mut self, m: Receive, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let outcome = self.guarded(ctx, |s| s.receive(m.0));
         self.journal_outcome(ctx, outcome)
     }
@@ -999,6 +1023,7 @@ impl Handler<Settle> for ShardActor {
     type Result = ResponseFuture<ShardResult<()>>;
 
     fn handle(&mut self, m: Settle, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let outcome = self.guarded(ctx, |s| s.settle(m.0));
         self.journal_outcome(ctx, outcome)
     }
@@ -1008,6 +1033,7 @@ impl Handler<ListUnsettled> for ShardActor {
     type Result = ResponseFuture<ShardResult<Vec<OutgoingTransfer>>>;
 
     fn handle(&mut self, m: ListUnsettled, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         match self.guarded(ctx, |s| s.unsettled(m.limit)) {
             Ok(list) => self.reply(None, list),
             Err(e) => fail(e),
@@ -1019,6 +1045,7 @@ impl Handler<OpenGroup> for ShardActor {
     type Result = ResponseFuture<ShardResult<GroupSeat>>;
 
     fn handle(&mut self, m: OpenGroup, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         self.group_step(ctx, |s| s.open_group(&m.terms, m.order, now))
     }
@@ -1028,6 +1055,7 @@ impl Handler<JoinGroup> for ShardActor {
     type Result = ResponseFuture<ShardResult<GroupSeat>>;
 
     fn handle(&mut self, m: JoinGroup, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         self.group_step(ctx, |s| s.join_group(m.group, m.order, now))
     }
@@ -1037,6 +1065,7 @@ impl Handler<JoinAnyGroup> for ShardActor {
     type Result = ResponseFuture<ShardResult<GroupSeat>>;
 
     fn handle(&mut self, m: JoinAnyGroup, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         self.group_step(ctx, |s| s.join_any(&m.terms, m.order, now))
     }
@@ -1046,6 +1075,7 @@ impl Handler<GetGroup> for ShardActor {
     type Result = ResponseFuture<ShardResult<GroupSnapshot>>;
 
     fn handle(&mut self, m: GetGroup, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         match self.group_snapshot(m.0) {
             Ok(view) => self.reply(None, view),
             Err(e) => fail(e),
@@ -1057,6 +1087,7 @@ impl Handler<ListOpenGroups> for ShardActor {
     type Result = ResponseFuture<ShardResult<Vec<GroupSnapshot>>>;
 
     fn handle(&mut self, m: ListOpenGroups, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         let open = match self.live() {
             Ok(live) => live.shard.open_groups_of(&m.deal_id, now, m.limit),
@@ -1073,6 +1104,7 @@ impl Handler<TakeSnapshot> for ShardActor {
     type Result = ResponseFuture<ShardResult<()>>;
 
     fn handle(&mut self, _: TakeSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         match self.snapshot_now() {
             Ok(ticket) => self.reply(Some(ticket), ()),
             Err(e) => fail(e),
@@ -1084,6 +1116,7 @@ impl Handler<Kill> for ShardActor {
     type Result = ();
 
     fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
+        let _turn = super::Turn::start(&self.turns);
         tracing::warn!(shard = %self.id, "stock actor killed on request");
         self.live = None;
         ctx.stop();
@@ -1094,6 +1127,7 @@ impl Handler<InjectPanic> for ShardActor {
     type Result = ResponseFuture<ShardResult<()>>;
 
     fn handle(&mut self, _: InjectPanic, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
         match self.guarded(ctx, |_| panic!("injected panic")) {
             Ok(()) => self.reply(None, ()),
             Err(e) => fail(e),

@@ -55,22 +55,19 @@ impl OrderSupervisor {
         let products = env.storage.load_products()?;
         let mut report = RecoveryReport { products: products.len(), ..RecoveryReport::default() };
         let mut jobs = Vec::new();
-        // A directory from before payment ids were claimed across shards: claim
-        // every recorded payment once (a conflict is logged; the audit names it).
-        let claim = !env.storage.payments_claimed()?;
         for product in &products {
             for shard in 0..product.shards {
-                let (storage, product) = (env.storage.clone(), product.clone());
+                let (storage, product, claims) = (env.storage.clone(), product.clone(), env.claims.clone());
                 jobs.push(tokio::task::spawn_blocking(move || {
                     let id = ShardId::new(product.id.clone(), shard);
                     let r = storage.recover(&id, &product)?;
-                    if claim {
-                        for p in r.shard.payments() {
-                            let order = crate::domain::OrderId { shard: id.clone(), seq: p.order_seq }.to_string();
-                            let key = crate::domain::shard::payment_key(&p.channel, &p.payment_id);
-                            if let Some(other) = storage.claim_payment(&key, &order)? {
-                                tracing::error!(payment = %key, %order, %other, "one payment id pays two orders");
-                            }
+                    // The claims index is rebuilt from the payments each shard
+                    // recorded (a conflict is logged; the audit names it).
+                    for p in r.shard.payments() {
+                        let order = crate::domain::OrderId { shard: id.clone(), seq: p.order_seq }.to_string();
+                        let key = crate::domain::shard::payment_key(&p.channel, &p.payment_id);
+                        if claims.claim(&key, &order).is_err() {
+                            tracing::error!(payment = %key, %order, "one payment id pays two orders");
                         }
                     }
                     Ok::<_, StorageError>((product, r))
@@ -96,9 +93,6 @@ impl OrderSupervisor {
         for (info, shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
             sup.registry.insert(ProductRoute::new(info, shards));
-        }
-        if claim {
-            sup.env.storage.mark_payments_claimed()?;
         }
         report.elapsed = started.elapsed();
         Ok((sup, report))

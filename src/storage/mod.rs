@@ -8,11 +8,13 @@
 //! * `snapshots` — `{product}/{shard}` ++ 0x00 ++ big-endian sequence → `Shard` record.
 //! * `points-snapshots`, `points-prices` — product → points per key.
 //! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
-//! * `payment-ids`, `archive/{product}/{shard}`.
+//! * `archive/{product}/{shard}`.
 //!
 //! (Before the segment files, journals were sled trees `journal/{product}/{shard}`
 //! and `points/{shard}`, key = big-endian sequence; [`Storage::open`] moves them
-//! into segment files once.)
+//! into segment files once. Payment-id claims were a sled tree `payment-ids`; they
+//! are now an index in memory rebuilt from the shards, and the tree is dropped at
+//! open.)
 //!
 //! Durability: nothing written here is durable until a [`commit::Ticket`] taken
 //! after it has completed (see [`commit`]). Recovery = newest snapshot that
@@ -64,9 +66,6 @@ pub struct StorageOptions {
     pub commit_linger: Duration,
 }
 
-/// Marker in `payment-ids` (no payment key starts with a zero byte).
-const PAYMENTS_CLAIMED: &[u8] = b"\0all-claimed";
-
 pub struct Storage {
     db: sled::Db,
     /// The data directory.
@@ -77,9 +76,6 @@ pub struct Storage {
     journals: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<JournalFile>>>,
     products: sled::Tree,
     snapshots: sled::Tree,
-    /// `channel/payment_id` → the order it paid, across every shard of every
-    /// product: a payment id pays one order only.
-    payment_ids: sled::Tree,
     /// Points shard (u16 BE) ++ record (u64 BE) → snapshot of its book.
     points_snapshots: sled::Tree,
     committer: Committer,
@@ -98,7 +94,8 @@ impl Storage {
             .open()?;
         let products = db.open_tree("products")?;
         let snapshots = db.open_tree("snapshots")?;
-        let payment_ids = db.open_tree("payment-ids")?;
+        // Claims are rebuilt in memory from the shards (`actors::claims`).
+        db.drop_tree("payment-ids")?;
         let points_snapshots = db.open_tree("points-snapshots")?;
         let dirty = Arc::new(DirtyJournals::default());
         let committer = Committer::start(
@@ -115,7 +112,6 @@ impl Storage {
             journals: Default::default(),
             products,
             snapshots,
-            payment_ids,
             points_snapshots,
             committer,
             handles: Arc::new(()),
@@ -271,36 +267,6 @@ impl Storage {
     }
 
     // ---- payment ids ----
-
-    /// Claims payment `key` ([`crate::domain::shard::payment_key`]) for `order`.
-    /// `Ok(None)`: claimed now or before by the same order; `Ok(Some(other))`: it
-    /// pays another order. A claim is durable with the next flush, which the
-    /// payment's own journal record waits for (it is appended after the claim).
-    pub fn claim_payment(&self, key: &str, order: &str) -> Result<Option<String>, StorageError> {
-        match self.payment_ids.compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(order.as_bytes()))? {
-            Ok(()) => Ok(None),
-            Err(e) => {
-                let current = e.current.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
-                Ok((current != order).then_some(current))
-            }
-        }
-    }
-
-    /// Whether the payment ids of every shard are claimed (false for a directory
-    /// written before claims existed, until [`Storage::mark_payments_claimed`]).
-    pub fn payments_claimed(&self) -> Result<bool, StorageError> {
-        Ok(self.payment_ids.contains_key(PAYMENTS_CLAIMED)?)
-    }
-
-    pub fn mark_payments_claimed(&self) -> Result<(), StorageError> {
-        self.payment_ids.insert(PAYMENTS_CLAIMED, &[])?;
-        Ok(())
-    }
-
-    /// The order payment `key` is claimed for, if any.
-    pub fn payment_claim(&self, key: &str) -> Result<Option<String>, StorageError> {
-        Ok(self.payment_ids.get(key.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
-    }
 
     // ---- products ----
 
