@@ -303,6 +303,8 @@ struct Live {
     durable: Rc<Cell<u64>>,
     journal_bytes_since_snapshot: u64,
     last_snapshot_bytes: u64,
+    /// A snapshot is being stored (at most one at a time).
+    snapshot_in_flight: Rc<Cell<bool>>,
     /// Orders whose last change may not be durable yet: order seq → journal seq of
     /// that change, with a queue in journal order to forget them once durable.
     /// Bounded by the writes in flight. Lets a read of one order skip the flush wait
@@ -427,6 +429,7 @@ impl ShardActor {
             durable: Rc::new(Cell::new(0)),
             journal_bytes_since_snapshot: r.journal_bytes,
             last_snapshot_bytes: r.snapshot_bytes,
+            snapshot_in_flight: Rc::default(),
             // Everything recovered counts as not yet durable: `durable` starts at 0.
             undurable: std::collections::HashMap::new(),
             undurable_queue: std::collections::VecDeque::new(),
@@ -647,50 +650,74 @@ impl ShardActor {
 
     /// Snapshots when the journal since the last snapshot outgrew the snapshot itself
     /// (and the configured minimum), so recovery reads at most about twice the state.
+    /// One snapshot at a time: the next waits until the last one is stored.
     fn maybe_snapshot(&mut self) {
         let Some(live) = self.live.as_ref() else { return };
         let threshold = self.env.snapshot_min_journal_bytes.max(live.last_snapshot_bytes);
-        if live.journal_bytes_since_snapshot >= threshold {
+        if live.journal_bytes_since_snapshot >= threshold && !live.snapshot_in_flight.get() {
             if let Err(e) = self.snapshot_now() {
                 tracing::warn!(shard = %self.id, error = %e, "snapshot failed; the journal keeps growing until the next try");
             }
         }
     }
 
-    /// Writes a snapshot at the current sequence. Returns a ticket for its flush; once
-    /// that flush returns, older snapshots and the journal it covers are removed.
-    fn snapshot_now(&mut self) -> ShardResult<Ticket> {
+    /// Takes a snapshot at the current sequence. Only the encoding runs on the
+    /// actor's thread (it must see the shard); storing it, its flush and the trim of
+    /// what it covers run on a blocking thread, so that a large shard does not stall
+    /// its arbiter for the write. The answer completes once the snapshot is durable;
+    /// after that, older snapshots and the journal it covers are removed.
+    fn snapshot_now(&mut self) -> ShardResult<ResponseFuture<ShardResult<()>>> {
         let id = self.id.clone();
         let storage = self.env.storage.clone();
         let live = self.live.as_mut().ok_or(ShardError::Unavailable)?;
         let seq = live.seq;
         let started = std::time::Instant::now();
-        let bytes = storage.write_snapshot(&id, seq, &live.shard)?;
+        let bytes = Storage::encode_snapshot(&live.shard, live.last_snapshot_bytes as usize);
         // Records after the snapshot go to a new segment: the trim deletes whole files.
         live.journal.roll()?;
-        crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
-            let _ = storage.flush_now();
-        });
-        live.last_snapshot_bytes = bytes as u64;
+        live.last_snapshot_bytes = bytes.len() as u64;
         live.journal_bytes_since_snapshot = 0;
-        metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(shard = %id, seq, bytes, "snapshot written");
-        let trim_ticket = storage.ticket()?;
+        let encoded = started.elapsed();
+        let in_flight = live.snapshot_in_flight.clone();
+        in_flight.set(true);
         let journal = live.journal.clone();
-        let trim_storage = storage.clone();
+        let (done_tx, done_rx) = futures::channel::oneshot::channel();
         actix_rt::spawn(async move {
-            if trim_ticket.wait().await.is_ok() {
-                // Removing a journal's worth of records takes long enough (hundreds
-                // of ms for ~100k records) to stall every order of this arbiter: off
-                // the actor's thread. Appends meanwhile only add records above `seq`.
+            let size = bytes.len();
+            let put_storage = storage.clone();
+            let put_id = id.clone();
+            let put = tokio::task::spawn_blocking(move || {
+                let stored = put_storage.put_snapshot(&put_id, seq, bytes);
+                crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
+                    let _ = put_storage.flush_now();
+                });
+                stored
+            });
+            let stored = match put.await {
+                Ok(stored) => stored,
+                Err(e) => Err(StorageError::Sled(format!("snapshot task failed: {e}"))),
+            };
+            let durable = match stored.and_then(|()| storage.ticket()) {
+                Ok(ticket) => ticket.wait().await,
+                Err(e) => Err(e),
+            };
+            in_flight.set(false);
+            metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());
+            tracing::debug!(shard = %id, seq, bytes = size, encode_ms = encoded.as_millis() as u64, "snapshot written");
+            let trim = durable.is_ok();
+            let _ = done_tx.send(durable.map_err(ShardError::from));
+            if trim {
+                // Removing a journal's worth of records takes long enough to stall
+                // every order of this arbiter: off the actor's thread. Appends
+                // meanwhile only add records above `seq`.
                 let trimmed =
-                    tokio::task::spawn_blocking(move || trim_storage.trim(&id, &journal, seq).map_err(|e| (id, e)));
+                    tokio::task::spawn_blocking(move || storage.trim(&id, &journal, seq).map_err(|e| (id, e)));
                 if let Ok(Err((id, e))) = trimmed.await {
                     tracing::warn!(shard = %id, error = %e, "trimming the journal failed");
                 }
             }
         });
-        Ok(storage.ticket()?)
+        Ok(Box::pin(async move { done_rx.await.unwrap_or(Err(ShardError::Unavailable)) }))
     }
 
     /// Moves settled orders that have not changed for `archive_after_ms` out of
@@ -1106,7 +1133,7 @@ impl Handler<TakeSnapshot> for ShardActor {
     fn handle(&mut self, _: TakeSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         match self.snapshot_now() {
-            Ok(ticket) => self.reply(Some(ticket), ()),
+            Ok(durable) => durable,
             Err(e) => fail(e),
         }
     }
@@ -1165,6 +1192,7 @@ mod tests {
             durable: Rc::new(Cell::new(0)),
             journal_bytes_since_snapshot: 0,
             last_snapshot_bytes: 0,
+            snapshot_in_flight: Rc::default(),
             undurable: Default::default(),
             undurable_queue: Default::default(),
             archive_cursor: 0,

@@ -379,12 +379,27 @@ impl Storage {
 
     /// Writes a snapshot covering the journal through `seq`. Returns its size in bytes.
     pub fn write_snapshot(&self, id: &ShardId, seq: u64, shard: &Shard) -> Result<usize, StorageError> {
-        let bytes = codec::encode(Kind::Snapshot, shard);
+        let bytes = Self::encode_snapshot(shard, 0);
         let size = bytes.len();
+        self.put_snapshot(id, seq, bytes)?;
+        Ok(size)
+    }
+
+    /// A shard's snapshot record (`size_hint`: the last one's size, so that the
+    /// buffer is allocated once). Encoding is the part of a snapshot that must see
+    /// the shard; [`Storage::put_snapshot`] may run on another thread.
+    pub fn encode_snapshot(shard: &Shard, size_hint: usize) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(size_hint + size_hint / 8);
+        codec::encode_into(Kind::Snapshot, shard, &mut bytes);
+        bytes
+    }
+
+    /// Stores an encoded snapshot taken at `seq` (durable with the next flush).
+    pub fn put_snapshot(&self, id: &ShardId, seq: u64, bytes: Vec<u8>) -> Result<(), StorageError> {
         let mut key = Self::snapshot_prefix(id);
         key.extend_from_slice(&seq.to_be_bytes());
         self.snapshots.insert(key, bytes)?;
-        Ok(size)
+        Ok(())
     }
 
     /// Test and tooling access: store raw snapshot bytes (to simulate corruption).
