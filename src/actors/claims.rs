@@ -16,6 +16,8 @@
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
+use crate::domain::shard::digest128 as digest;
+
 #[derive(Default)]
 pub struct PaymentClaims {
     by_payment: DashMap<u128, u128>,
@@ -43,20 +45,6 @@ impl PaymentClaims {
             }
         }
     }
-
-    /// Claims held (for the status page and tests).
-    pub fn len(&self) -> usize {
-        self.by_payment.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_payment.is_empty()
-    }
-}
-
-fn digest(s: &str) -> u128 {
-    use sha2::Digest;
-    u128::from_be_bytes(sha2::Sha256::digest(s.as_bytes())[..16].try_into().expect("16 bytes"))
 }
 
 #[cfg(test)]
@@ -70,6 +58,6 @@ mod tests {
         assert_eq!(claims.claim("sandbox/P1", "a.0.1"), Ok(()), "the same order again");
         assert_eq!(claims.claim("sandbox/P1", "b.1.7"), Err(Conflict), "another order");
         assert_eq!(claims.claim("other/P1", "b.1.7"), Ok(()), "ids are unique per channel");
-        assert_eq!(claims.len(), 2);
+        assert_eq!(claims.by_payment.len(), 2);
     }
 }

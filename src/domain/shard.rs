@@ -454,10 +454,11 @@ pub struct ShardAudit {
     pub payment_ids: Vec<u128>,
 }
 
-/// 128 bits of SHA-256 of a [`payment_key`].
-fn payment_digest(key: &str) -> u128 {
+/// 128 bits of SHA-256 of `s` (a [`payment_key`], an order id): what the audit
+/// and the process-wide payment claims compare.
+pub fn digest128(s: &str) -> u128 {
     use sha2::Digest;
-    u128::from_be_bytes(sha2::Sha256::digest(key.as_bytes())[..16].try_into().expect("16 bytes"))
+    u128::from_be_bytes(sha2::Sha256::digest(s.as_bytes())[..16].try_into().expect("16 bytes"))
 }
 
 /// The process-wide half of the payment audit: a payment id (per channel) pays one
@@ -1607,7 +1608,7 @@ impl Shard {
         audit.violations = violations;
         audit.archived_orders = self.archived.orders();
         audit.live_orders = self.orders.len() as u64;
-        audit.payment_ids = self.payments.keys().map(|k| payment_digest(k)).collect();
+        audit.payment_ids = self.payments.keys().map(|k| digest128(k)).collect();
         audit
     }
 
