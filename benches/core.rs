@@ -12,6 +12,10 @@ use kami::domain::shard::{NewOrder, Outcome, Payment};
 use kami::domain::{ProductInfo, Shard};
 use kami::storage::{Storage, StorageOptions};
 
+/// The allocator the server binary runs with (src/main.rs), so the core is measured as it serves.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn product() -> ProductInfo {
     ProductInfo { id: "p".into(), name: "P".into(), price_cents: 100, per_buyer_limit: 0, shards: 1, created_at_ms: 0 }
 }

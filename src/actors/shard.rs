@@ -302,7 +302,8 @@ struct Live {
     /// Highest sequence known to be durable. Shared with reply futures.
     durable: Rc<Cell<u64>>,
     journal_bytes_since_snapshot: u64,
-    last_snapshot_bytes: u64,
+    /// Size of the last snapshot (set once it is encoded, off this thread).
+    last_snapshot_bytes: Rc<Cell<u64>>,
     /// A snapshot is being stored (at most one at a time).
     snapshot_in_flight: Rc<Cell<bool>>,
     /// Orders whose last change may not be durable yet: order seq → journal seq of
@@ -428,7 +429,7 @@ impl ShardActor {
             // Recovered state may include writes sled holds but has not flushed yet.
             durable: Rc::new(Cell::new(0)),
             journal_bytes_since_snapshot: r.journal_bytes,
-            last_snapshot_bytes: r.snapshot_bytes,
+            last_snapshot_bytes: Rc::new(Cell::new(r.snapshot_bytes)),
             snapshot_in_flight: Rc::default(),
             // Everything recovered counts as not yet durable: `durable` starts at 0.
             undurable: std::collections::HashMap::new(),
@@ -653,7 +654,7 @@ impl ShardActor {
     /// One snapshot at a time: the next waits until the last one is stored.
     fn maybe_snapshot(&mut self) {
         let Some(live) = self.live.as_ref() else { return };
-        let threshold = self.env.snapshot_min_journal_bytes.max(live.last_snapshot_bytes);
+        let threshold = self.env.snapshot_min_journal_bytes.max(live.last_snapshot_bytes.get());
         if live.journal_bytes_since_snapshot >= threshold && !live.snapshot_in_flight.get() {
             if let Err(e) = self.snapshot_now() {
                 tracing::warn!(shard = %self.id, error = %e, "snapshot failed; the journal keeps growing until the next try");
@@ -661,49 +662,58 @@ impl ShardActor {
         }
     }
 
-    /// Takes a snapshot at the current sequence. Only the encoding runs on the
-    /// actor's thread (it must see the shard); storing it, its flush and the trim of
-    /// what it covers run on a blocking thread, so that a large shard does not stall
-    /// its arbiter for the write. The answer completes once the snapshot is durable;
-    /// after that, older snapshots and the journal it covers are removed.
+    /// Takes a snapshot at the current sequence without touching the shard: on the
+    /// actor's thread, only the journal is rolled (what is appended is written, and
+    /// records after `seq` go to a new segment, so that the trim deletes whole
+    /// files). On a blocking thread, a copy of the shard as of `seq` is rebuilt from
+    /// the stored snapshot and the journal, encoded, stored and dropped (memory is
+    /// doubled only while a snapshot is made; rebuilding costs about what encoding
+    /// does, once per journal's worth of records). The answer completes once the
+    /// snapshot is durable; after that, older snapshots and the journal it covers
+    /// are removed.
     fn snapshot_now(&mut self) -> ShardResult<ResponseFuture<ShardResult<()>>> {
         let id = self.id.clone();
+        let product = self.product.clone();
         let storage = self.env.storage.clone();
         let live = self.live.as_mut().ok_or(ShardError::Unavailable)?;
         let seq = live.seq;
         let started = std::time::Instant::now();
-        let bytes = Storage::encode_snapshot(&live.shard, live.last_snapshot_bytes as usize);
-        // Records after the snapshot go to a new segment: the trim deletes whole files.
         live.journal.roll()?;
-        live.last_snapshot_bytes = bytes.len() as u64;
         live.journal_bytes_since_snapshot = 0;
-        let encoded = started.elapsed();
-        let in_flight = live.snapshot_in_flight.clone();
+        let (in_flight, last_bytes) = (live.snapshot_in_flight.clone(), live.last_snapshot_bytes.clone());
         in_flight.set(true);
+        let size_hint = last_bytes.get() as usize;
         let journal = live.journal.clone();
         let (done_tx, done_rx) = futures::channel::oneshot::channel();
         actix_rt::spawn(async move {
-            let size = bytes.len();
             let put_storage = storage.clone();
             let put_id = id.clone();
             let put = tokio::task::spawn_blocking(move || {
-                let stored = put_storage.put_snapshot(&put_id, seq, bytes);
+                let copy = put_storage.advance_shadow(&put_id, &product, None, seq)?;
+                let bytes = Storage::encode_snapshot(copy.shard(), size_hint);
+                drop(copy);
+                let size = bytes.len();
+                put_storage.put_snapshot(&put_id, seq, bytes)?;
                 crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
                     let _ = put_storage.flush_now();
                 });
-                stored
+                Ok(size)
             });
             let stored = match put.await {
                 Ok(stored) => stored,
                 Err(e) => Err(StorageError::Sled(format!("snapshot task failed: {e}"))),
             };
-            let durable = match stored.and_then(|()| storage.ticket()) {
+            let size = stored.as_ref().map_or(0, |size| *size);
+            if size > 0 {
+                last_bytes.set(size as u64);
+            }
+            let durable = match stored.and_then(|_| storage.ticket()) {
                 Ok(ticket) => ticket.wait().await,
                 Err(e) => Err(e),
             };
             in_flight.set(false);
             metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());
-            tracing::debug!(shard = %id, seq, bytes = size, encode_ms = encoded.as_millis() as u64, "snapshot written");
+            tracing::debug!(shard = %id, seq, bytes = size, "snapshot written");
             let trim = durable.is_ok();
             let _ = done_tx.send(durable.map_err(ShardError::from));
             if trim {
@@ -1191,7 +1201,7 @@ mod tests {
             seq: 0,
             durable: Rc::new(Cell::new(0)),
             journal_bytes_since_snapshot: 0,
-            last_snapshot_bytes: 0,
+            last_snapshot_bytes: Rc::default(),
             snapshot_in_flight: Rc::default(),
             undurable: Default::default(),
             undurable_queue: Default::default(),

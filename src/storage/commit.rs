@@ -109,6 +109,8 @@ pub(super) fn make_durable(db: &sled::Db, journals: &DirtyJournals) -> Result<()
     let mut result = Ok(());
     for journal in journals.take() {
         if let Err(e) = journal.sync() {
+            // What it holds is still to be made durable: the next flush tries again.
+            journal.relist();
             result = Err(e);
         }
     }

@@ -1,6 +1,7 @@
 //! Journals as append-only segment files, made for appends: per record, one encode
-//! into a reused buffer and one `write(2)` on the writer's thread; per group
-//! commit, one `fdatasync` per journal that changed (done by the commit thread).
+//! into the journal's pending buffer on the writer's thread; per group commit, one
+//! `write(2)` of that buffer and one `fdatasync` per journal that changed (both
+//! done by the commit thread, so the writer never waits on the file system).
 //!
 //! Layout: one directory per journal (`journal/stock/{product}/{shard}`,
 //! `journal/points/{shard}` under the data directory), holding segments named
@@ -34,6 +35,11 @@ pub const PREALLOCATE_BYTES: u64 = 8 << 20;
 const FRAME_HEADER: usize = 8 + codec::HEADER_BYTES;
 /// Largest record accepted on read (a key import of 16 MiB, with room).
 const MAX_RECORD_BYTES: usize = 64 << 20;
+/// Most bytes appended and not yet written: past it (writes keep failing, or the
+/// commit thread is far behind) appends are refused until a write succeeds.
+const MAX_PENDING_BYTES: usize = 128 << 20;
+/// A pending buffer that grew past this (a key import) is not kept once written.
+const KEEP_PENDING_CAPACITY: usize = 1 << 20;
 
 fn io_err(what: impl std::fmt::Display, e: std::io::Error) -> StorageError {
     StorageError::Io(format!("{what}: {e}"))
@@ -78,7 +84,22 @@ struct State {
     /// Whether the last segment's `last` and `len` are known (read when first
     /// needed: recovery reads the whole journal anyway and sets them on the way).
     end_known: bool,
-    buf: Vec<u8>,
+    /// Frames appended and not yet written to the last segment: records
+    /// `pending_first..=pending_last` (none while empty). Written by the next
+    /// sync, or before anything reads or reshapes the files.
+    pending: Vec<u8>,
+    pending_first: u64,
+    pending_last: u64,
+}
+
+impl State {
+    /// The sequence the next append must carry (`None`: any, nothing written yet).
+    fn next_seq(&self) -> Option<u64> {
+        if !self.pending.is_empty() {
+            return Some(self.pending_last + 1);
+        }
+        self.segments.last().map(|s| s.last + 1)
+    }
 }
 
 /// One journal directory, shared by every handle on it.
@@ -87,6 +108,8 @@ pub struct JournalFile {
     state: Mutex<State>,
     dirty: AtomicBool,
     dirty_list: Arc<DirtyJournals>,
+    /// Why an `fdatasync` failed, if one did (see [`JournalFile::sync`]).
+    sync_failed: Mutex<Option<String>>,
 }
 
 /// One frame read back: where it is, its sequence and its record.
@@ -216,10 +239,13 @@ impl JournalFile {
                 dir_unsynced: false,
                 tail_unknown: true,
                 end_known: firsts.is_empty(),
-                buf: Vec::new(),
+                pending: Vec::new(),
+                pending_first: 0,
+                pending_last: 0,
             }),
             dirty: AtomicBool::new(false),
             dirty_list,
+            sync_failed: Mutex::new(None),
         })
     }
 
@@ -253,17 +279,32 @@ impl JournalFile {
         }
     }
 
-    /// Makes every write made before this call durable (the commit thread).
+    /// Makes every append made before this call durable (the commit thread): writes
+    /// what is pending, then syncs. If the write fails, what is pending stays
+    /// pending (nothing after it can become durable before it) and is written again
+    /// at the next sync.
+    ///
+    /// A failed `fdatasync` is final for this handle on the files: what it should
+    /// have made durable may be lost while a later one succeeds, so every later
+    /// sync fails too (until the journal is opened again, from what is on disk).
     pub fn sync(&self) -> Result<(), StorageError> {
+        if let Some(e) = self.sync_failed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Err(StorageError::Io(e.clone()));
+        }
         self.dirty.store(false, Ordering::SeqCst);
         let (mut files, dir) = {
             let mut st = self.state();
+            self.write_pending(&mut st)?;
             let mut files = std::mem::take(&mut st.unsynced);
             files.extend(st.segments.last().map(|s| s.file.clone()));
             (files, std::mem::take(&mut st.dir_unsynced))
         };
         for f in files.drain(..) {
-            f.sync_data().map_err(|e| io_err(self.dir.display(), e))?;
+            if let Err(e) = f.sync_data() {
+                let e = io_err(self.dir.display(), e);
+                *self.sync_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                return Err(e);
+            }
         }
         if dir {
             sync_dir(&self.dir)?;
@@ -275,6 +316,12 @@ impl JournalFile {
     #[cfg(test)]
     pub(crate) fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Lists it for the next sync again (after a sync that failed).
+    pub fn relist(self: &Arc<Self>) {
+        self.dirty.store(false, Ordering::SeqCst);
+        self.mark_dirty();
     }
 
     fn mark_dirty(self: &Arc<Self>) {
@@ -302,9 +349,26 @@ impl JournalFile {
         Ok(())
     }
 
-    /// Writes the frames in `st.buf` (records `first..=last`) at the end of the last
-    /// segment, which must end at `first - 1`.
-    fn write_buf(&self, st: &mut State, first: u64, last: u64) -> Result<(), StorageError> {
+    /// Writes what is pending at the end of the last segment (the state's lock held).
+    fn write_pending(&self, st: &mut State) -> Result<(), StorageError> {
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut st.pending);
+        let written = self.write_frames(st, &bytes, st.pending_first, st.pending_last);
+        st.pending = bytes;
+        written?;
+        if st.pending.capacity() > KEEP_PENDING_CAPACITY {
+            st.pending = Vec::new();
+        } else {
+            st.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes`, the frames of records `first..=last`, at the end of the last
+    /// segment, which must end at `first - 1` (the state's lock held).
+    fn write_frames(&self, st: &mut State, bytes: &[u8], first: u64, last: u64) -> Result<(), StorageError> {
         match st.segments.last() {
             None => self.new_segment(st, first)?,
             Some(s) if s.last + 1 != first => {
@@ -315,39 +379,46 @@ impl JournalFile {
             }
             Some(_) => {}
         }
-        let tail_unknown = std::mem::take(&mut st.tail_unknown);
-        let State { segments, buf, .. } = st;
-        let seg = segments.last_mut().expect("a segment");
+        let tail_unknown = st.tail_unknown;
+        let seg = st.segments.last_mut().expect("a segment");
         let io = |e| io_err(seg.path.display(), e);
         if tail_unknown && seg.allocated > seg.len {
             // What follows the last frame read at open may be a torn write: cut it.
             seg.file.set_len(seg.len).map_err(io)?;
             seg.allocated = seg.len;
         }
-        let end = seg.len + buf.len() as u64;
+        st.tail_unknown = false;
+        let seg = st.segments.last_mut().expect("a segment");
+        let io = |e| io_err(seg.path.display(), e);
+        let end = seg.len + bytes.len() as u64;
         if end > seg.allocated {
             let want = (end - seg.allocated).max(PREALLOCATE_BYTES);
             allocate(&seg.file, seg.allocated, want).map_err(io)?;
             seg.allocated += want;
         }
-        write_at(&seg.file, buf, seg.len).map_err(io)?;
+        write_at(&seg.file, bytes, seg.len).map_err(io)?;
         seg.len = end;
         seg.last = last;
         Ok(())
     }
 
-    /// Writes frames already made (`bytes`, records `first..=last`) at the end.
-    pub(crate) fn write_raw(&self, first: u64, last: u64, bytes: &[u8]) -> Result<(), StorageError> {
+    /// The state with nothing pending (written first).
+    fn written(&self) -> Result<MutexGuard<'_, State>, StorageError> {
         let mut st = self.with_end()?;
-        let kept = std::mem::replace(&mut st.buf, bytes.to_vec());
-        let written = self.write_buf(&mut st, first, last);
-        st.buf = kept;
-        written
+        self.write_pending(&mut st)?;
+        Ok(st)
     }
 
-    /// Where the data ends: the last sequence written (0: none).
+    /// Writes frames already made (`bytes`, records `first..=last`) at the end.
+    pub(crate) fn write_raw(&self, first: u64, last: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        let mut st = self.written()?;
+        self.write_frames(&mut st, bytes, first, last)
+    }
+
+    /// Where the data ends: the last sequence appended (0: none).
     pub(crate) fn last_seq(&self) -> Result<u64, StorageError> {
-        Ok(self.with_end()?.segments.last().map_or(0, |s| s.last))
+        let st = self.with_end()?;
+        Ok(st.next_seq().map_or(0, |next| next - 1))
     }
 
     /// Reads every frame after sequence `after`, calling `visit` on each; returns
@@ -358,7 +429,11 @@ impl JournalFile {
         after: u64,
         mut visit: impl FnMut(Frame) -> Result<bool, StorageError>,
     ) -> Result<End, StorageError> {
-        let segs: Vec<(u64, PathBuf)> = self.state().segments.iter().map(|s| (s.first, s.path.clone())).collect();
+        let segs: Vec<(u64, PathBuf)> = {
+            let mut st = self.state();
+            self.write_pending(&mut st)?;
+            st.segments.iter().map(|s| (s.first, s.path.clone())).collect()
+        };
         let mut expected: Option<u64> = None;
         for (i, (first, path)) in segs.iter().enumerate() {
             if segs.get(i + 1).is_some_and(|(next, _)| *next <= after + 1) {
@@ -400,7 +475,7 @@ impl JournalFile {
     /// Starts a new segment unless the last one is empty (after a snapshot: what
     /// it covers can then be trimmed by deleting files).
     pub(crate) fn roll(&self) -> Result<(), StorageError> {
-        let mut st = self.with_end()?;
+        let mut st = self.written()?;
         match st.segments.last() {
             Some(s) if s.last >= s.first => {
                 let next = s.last + 1;
@@ -414,7 +489,7 @@ impl JournalFile {
     /// one is among them).
     pub(crate) fn trim_through(&self, seq: u64) -> Result<(), StorageError> {
         let doomed: Vec<PathBuf> = {
-            let mut st = self.with_end()?;
+            let mut st = self.written()?;
             if st.segments.last().is_some_and(|s| s.last >= s.first && s.last <= seq) {
                 let next = st.segments.last().expect("a segment").last + 1;
                 self.new_segment(&mut st, next)?;
@@ -435,6 +510,7 @@ impl JournalFile {
     /// before it, from the first bad frame on), syncing the result.
     pub(crate) fn truncate_from(&self, seq: u64) -> Result<(), StorageError> {
         let mut st = self.state();
+        self.write_pending(&mut st)?;
         let mut cut: Option<(usize, u64, u64)> = None; // segment index, offset, last kept
         for (i, s) in st.segments.iter().enumerate() {
             if s.first >= seq {
@@ -473,6 +549,29 @@ impl JournalFile {
         st.end_known = true;
         drop(st);
         sync_dir(&self.dir)
+    }
+}
+
+impl Drop for JournalFile {
+    /// Writes what is pending (not synced: nothing waits on it any more).
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut st = std::mem::replace(
+            st,
+            State {
+                segments: Vec::new(),
+                unsynced: Vec::new(),
+                dir_unsynced: false,
+                tail_unknown: false,
+                end_known: true,
+                pending: Vec::new(),
+                pending_first: 0,
+                pending_last: 0,
+            },
+        );
+        if let Err(e) = self.write_pending(&mut st) {
+            tracing::warn!(journal = %self.dir.display(), error = %e, "journal closed with records not written");
+        }
     }
 }
 
@@ -542,20 +641,30 @@ impl<E: serde::Serialize> Journal<E> {
             return Ok(0);
         }
         let mut st = self.file.with_end()?;
-        let mut buf = std::mem::take(&mut st.buf);
-        buf.clear();
+        if let Some(next) = st.next_seq().filter(|&next| next != first) {
+            return Err(StorageError::Corrupt {
+                place: format!("journal {}", self.file.dir.display()),
+                error: format!("record {first} appended after record {}", next - 1),
+            });
+        }
+        if st.pending.len() > MAX_PENDING_BYTES {
+            return Err(StorageError::Io(format!(
+                "journal {}: {} bytes wait to be written",
+                self.file.dir.display(),
+                st.pending.len()
+            )));
+        }
+        let before = st.pending.len();
         for (i, event) in events.iter().enumerate() {
-            buf.extend_from_slice(&(first + i as u64).to_le_bytes());
-            codec::encode_into(Kind::Event, event, &mut buf);
+            st.pending.extend_from_slice(&(first + i as u64).to_le_bytes());
+            codec::encode_into(Kind::Event, event, &mut st.pending);
         }
-        let size = buf.len() - 8 * events.len();
-        st.buf = buf;
-        let written = self.file.write_buf(&mut st, first, first + events.len() as u64 - 1);
-        if st.buf.capacity() > 1 << 20 {
-            st.buf = Vec::new(); // a key import's buffer is not kept
+        let size = st.pending.len() - before - 8 * events.len();
+        if before == 0 {
+            st.pending_first = first;
         }
+        st.pending_last = first + events.len() as u64 - 1;
         drop(st);
-        written?;
         self.file.mark_dirty();
         Ok(size)
     }
@@ -663,6 +772,32 @@ mod tests {
         journal(&file).append(6, &60).unwrap();
         assert!(journal(&file).append(6, &60).is_err(), "record 6 is written");
         assert_eq!(seqs(&file, 4).0, [5, 6]);
+    }
+
+    #[test]
+    fn an_append_touches_no_file_until_the_commit_thread_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, dirty) = open(dir.path());
+        let j = journal(&file);
+        j.append_all(1, &[10, 20]).unwrap();
+        j.append(3, &30).unwrap();
+        assert_eq!(file.last_seq().unwrap(), 3, "pending records count");
+        assert!(j.append(3, &30).is_err(), "record 3 is appended");
+        assert!(segment_files(dir.path()).is_empty(), "no segment yet: the writer did no I/O");
+        assert!(file.is_dirty());
+        let listed = dirty.take();
+        assert_eq!(listed.len(), 1);
+        listed[0].sync().unwrap();
+        assert!(!file.is_dirty());
+        let path = dir.path().join("j/00000000000000000001.log");
+        let on_disk = std::fs::read(&path).unwrap();
+        let frame = FRAME_HEADER + codec::encode(Kind::Event, &10u64).len() - codec::HEADER_BYTES;
+        assert!(on_disk[..3 * frame].iter().any(|&b| b != 0) && on_disk[3 * frame..].iter().all(|&b| b == 0));
+        // Appended and dropped without a sync: written on the way out.
+        j.append(4, &40).unwrap();
+        drop((j, listed, file, dirty.take()));
+        let (file, _) = open(dir.path());
+        assert_eq!(seqs(&file, 0), (vec![1, 2, 3, 4], End::Clean));
     }
 
     #[test]

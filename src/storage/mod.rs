@@ -394,6 +394,60 @@ impl Storage {
         bytes
     }
 
+    /// The shard as of its journal record `seq`, for a snapshot taken off its
+    /// actor's thread: `shadow` (the same shard at an earlier record) brought
+    /// forward by replaying the journal, or, without one, the newest snapshot that
+    /// decodes and the journal after it. Records after `seq` (appended meanwhile)
+    /// are not read. Every record through `seq` must be in the journal's files
+    /// (see [`Journal::roll`]).
+    pub fn advance_shadow(
+        &self,
+        id: &ShardId,
+        product: &ProductInfo,
+        shadow: Option<Shadow>,
+        seq: u64,
+    ) -> Result<Shadow, StorageError> {
+        let journal = self.journal(id)?;
+        let Shadow { mut shard, seq: mut last } = match shadow.filter(|s| s.seq <= seq) {
+            Some(s) => s,
+            None => self.newest_snapshot(id, product)?,
+        };
+        let corrupt =
+            |at: u64, error: String| StorageError::Corrupt { place: format!("journal/{id} record {at}"), error };
+        if last < seq {
+            journal.file().read_after(last, |frame| {
+                if frame.seq != last + 1 {
+                    return Err(corrupt(frame.seq, format!("expected record {} next", last + 1)));
+                }
+                let event = codec::decode::<Event>(Kind::Event, &frame.record)
+                    .map_err(|e| corrupt(frame.seq, e.to_string()))?;
+                crate::domain::catch_broken_step(|| shard.apply(&event)).map_err(|panic| {
+                    corrupt(frame.seq, format!("the record contradicts the state before it: {panic}"))
+                })?;
+                last = frame.seq;
+                Ok(last < seq)
+            })?;
+        }
+        if last != seq {
+            return Err(corrupt(last + 1, format!("the journal ends before record {seq}")));
+        }
+        Ok(Shadow { shard, seq })
+    }
+
+    /// The newest snapshot of shard `id` that decodes (an empty shard without one).
+    fn newest_snapshot(&self, id: &ShardId, product: &ProductInfo) -> Result<Shadow, StorageError> {
+        let prefix = Self::snapshot_prefix(id);
+        for kv in self.snapshots.scan_prefix(&prefix).rev() {
+            let (k, v) = kv?;
+            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+            if let Ok(mut shard) = codec::decode_snapshot(&v) {
+                shard.rebuild_indexes();
+                return Ok(Shadow { shard, seq });
+            }
+        }
+        Ok(Shadow { shard: Shard::new(product.clone(), id.shard), seq: 0 })
+    }
+
     /// Stores an encoded snapshot taken at `seq` (durable with the next flush).
     pub fn put_snapshot(&self, id: &ShardId, seq: u64, bytes: Vec<u8>) -> Result<(), StorageError> {
         let mut key = Self::snapshot_prefix(id);
@@ -567,6 +621,25 @@ impl Storage {
             }
         }
         Ok(r)
+    }
+}
+
+/// A copy of one shard at a journal record, built off its actor's thread to encode
+/// a snapshot from ([`Storage::advance_shadow`]): a snapshot costs the actor nothing
+/// but a roll of its journal.
+pub struct Shadow {
+    shard: Shard,
+    seq: u64,
+}
+
+impl Shadow {
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// The journal record it is at.
+    pub fn seq(&self) -> u64 {
+        self.seq
     }
 }
 
@@ -762,5 +835,65 @@ mod tests {
         storage.ticket().unwrap().wait().await.unwrap();
         assert!(!journal.file().is_dirty(), "the ticket's flush synced the journal");
         assert!(storage.dirty.take().is_empty());
+    }
+
+    /// A snapshot's shadow copy is the shard as of the record asked for, whether
+    /// built from the stored snapshot or brought forward from an earlier copy, and
+    /// never includes what was appended after that record.
+    #[test]
+    fn a_shadow_is_the_shard_as_of_the_record_asked_for() {
+        use crate::domain::shard::{NewOrder, Outcome};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&StorageOptions {
+            path: dir.path().to_path_buf(),
+            cache_capacity_bytes: 8 << 20,
+            max_pending_commits: 16,
+            max_commit_batch: 16,
+            commit_linger: Duration::ZERO,
+        })
+        .unwrap();
+        let product = ProductInfo {
+            id: "p".into(),
+            name: "P".into(),
+            price_cents: 100,
+            per_buyer_limit: 0,
+            shards: 1,
+            created_at_ms: 0,
+        };
+        let id = ShardId::new("p", 0);
+        let journal = storage.journal(&id).unwrap();
+        let mut live = Shard::new(product.clone(), 0);
+        let mut states = vec![live.counts()];
+        let (events, _, _) = live.import_keys((0..10).map(|i| format!("k{i}")).collect());
+        let mut seq = 0;
+        for event in events {
+            seq += 1;
+            journal.append(seq, &event).unwrap();
+        }
+        states.push(live.counts());
+        for i in 0..6u64 {
+            let order = NewOrder {
+                buyer: format!("b{i}"),
+                quantity: 1,
+                idempotency: None,
+                query_token: String::new(),
+                ttl_ms: 60_000,
+            };
+            let Ok(Outcome::Changed(event, _)) = live.create_order(order, i) else { panic!("an order") };
+            seq += 1;
+            journal.append(seq, &event).unwrap();
+            states.push(live.counts());
+            if seq == 3 {
+                // A stored snapshot at record 3: a shadow built without a copy starts there.
+                storage.write_snapshot(&id, 3, &live).unwrap();
+            }
+        }
+        assert_eq!(seq, 7);
+        let at = |s: &Shadow| (s.seq(), s.shard().counts());
+        let first = storage.advance_shadow(&id, &product, None, 5).unwrap();
+        assert_eq!(at(&first), (5, states[5]), "from the snapshot at 3, records 4 and 5, not 6 and 7");
+        let later = storage.advance_shadow(&id, &product, Some(first), 7).unwrap();
+        assert_eq!(at(&later), (7, states[7]));
+        assert!(storage.advance_shadow(&id, &product, None, 8).is_err(), "record 8 is not in the journal");
     }
 }
