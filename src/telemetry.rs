@@ -98,6 +98,64 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Another recorder may exist when kami is embedded; then ours only renders empty.
         let _ = metrics::set_global_recorder(recorder);
+        describe_metrics();
         handle
     })
+}
+
+/// Every metric kami exports, with its type, unit and help text (the `# HELP` lines
+/// of `/metrics`). A metric recorded under a name not listed here has no help
+/// text, which `tests/metrics.rs` catches (`promtool check metrics`).
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    ("kami_http_requests_total", Kind::Counter, "HTTP requests answered, by method, route and status."),
+    ("kami_http_request_duration_seconds", Kind::Histogram, "Time from a request's arrival to its answer, by method and route."),
+    ("kami_http_errors_total", Kind::Counter, "Error answers by their stable error code."),
+    ("kami_rejected_total", Kind::Counter, "Requests refused before reaching an actor, by reason (rate_limited, queue_full, concurrency, timeout, invalid_api_key, bad_signature, connections, slow_body)."),
+    ("kami_rate_limited_total", Kind::Counter, "Requests refused by a rate limit, by tier and scope."),
+    ("kami_buffered_body_bytes", Kind::Gauge, "Bytes of request bodies held in memory now."),
+    ("kami_order_events_total", Kind::Counter, "Order events made durable, by event (created, delivered, expired, cancelled, refund_owed, refunded, ...)."),
+    ("kami_group_events_total", Kind::Counter, "Group-buy events made durable, by event (opened, joined, completed, failed)."),
+    ("kami_points_events_total", Kind::Counter, "Points ledger events made durable, by event."),
+    ("kami_stock_available", Kind::Gauge, "Keys in stock and free to sell, by product (as last made durable)."),
+    ("kami_stock_reserved", Kind::Gauge, "Keys held by orders waiting for payment, by product."),
+    ("kami_stock_sold", Kind::Gauge, "Keys delivered, by product."),
+    ("kami_admission_queue_depth", Kind::Gauge, "Requests waiting in the line in front of a product's actors."),
+    ("kami_admission_drain_per_second", Kind::Gauge, "Requests per second the line in front of a product's actors is drained at (the estimate admission uses)."),
+    ("kami_points_queue_depth", Kind::Gauge, "Requests waiting in front of the points actors."),
+    ("kami_paid_to_delivered_seconds", Kind::Histogram, "Time from a payment being heard of to its order's key being durable."),
+    ("kami_payment_conversion_ratio", Kind::Gauge, "Orders delivered divided by orders created since start."),
+    ("kami_payment_calls_total", Kind::Counter, "Calls to payment channels, by channel, call (query, refund) and result."),
+    ("kami_payment_channel_state", Kind::Gauge, "A payment channel's breaker: 0 closed, 1 half-open, 2 open."),
+    ("kami_payment_channel_opened_total", Kind::Counter, "Times a payment channel's breaker opened since start."),
+    ("kami_payments_found_by_query_total", Kind::Counter, "Payments learnt by asking the channel (active query) rather than from its notification."),
+    ("kami_refunds_completed_total", Kind::Counter, "Refunds the channel confirmed."),
+    ("kami_key_transfers_total", Kind::Counter, "Key loans between sibling shards of one product."),
+    ("kami_keys_transferred_total", Kind::Counter, "Keys moved by loans between sibling shards."),
+    ("kami_commit_batch_size", Kind::Histogram, "Commit tickets completed by one group flush."),
+    ("kami_commit_flush_seconds", Kind::Histogram, "Time one group flush took (journal writes, fdatasync, sled flush)."),
+    ("kami_snapshot_seconds", Kind::Histogram, "Time from starting a shard snapshot to it being durable."),
+    ("kami_recovery_seconds", Kind::Gauge, "How long the last start's recovery took."),
+    ("kami_recovery_events_replayed", Kind::Gauge, "Journal records the last start's recovery replayed."),
+    ("kami_actor_turn_seconds", Kind::Histogram, "How long one actor turn (one message or tick) held its thread, by actor (stock, points)."),
+    ("kami_actor_panics_total", Kind::Counter, "Domain steps that panicked (the actor is rebuilt from storage)."),
+    ("kami_actor_restarts_total", Kind::Counter, "Actors restarted by their supervisor."),
+    ("kami_chaos_kills_total", Kind::Counter, "Actors killed through the chaos API."),
+];
+
+/// A metric's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+fn describe_metrics() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }

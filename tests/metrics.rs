@@ -1,5 +1,7 @@
-//! `/metrics` is valid Prometheus text and its numbers match the traffic sent.
-//! One test only: the metrics recorder is global to a test process.
+//! `/metrics` is valid Prometheus text that Prometheus's own linter accepts, and its
+//! numbers match the traffic sent (one test only: the metrics recorder is global to a
+//! test process); the alert rules and dashboard in `ops/` load and name only
+//! metrics kami exports.
 
 mod common;
 
@@ -59,6 +61,97 @@ fn parse(text: &str) -> Vec<Sample> {
     samples
 }
 
+/// Every family in `/metrics` has a `# HELP` line and the type `telemetry::METRICS`
+/// gives it (a metric added without a description fails here).
+fn every_family_is_described(text: &str) {
+    let described: BTreeMap<&str, &str> = kami::telemetry::METRICS
+        .iter()
+        .map(|(name, kind, _)| {
+            let kind = match kind {
+                kami::telemetry::Kind::Counter => "counter",
+                kami::telemetry::Kind::Gauge => "gauge",
+                kami::telemetry::Kind::Histogram => "histogram",
+            };
+            (*name, kind)
+        })
+        .collect();
+    let helped: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# HELP ")).filter_map(|l| l.split(' ').next()).collect();
+    let mut families = 0;
+    for line in text.lines() {
+        let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|l| l.split_once(' ')) else { continue };
+        families += 1;
+        assert_eq!(described.get(name), Some(&kind), "{name} ({kind}) is not in telemetry::METRICS as a {kind}");
+        assert!(helped.contains(&name), "{name} has no HELP line");
+    }
+    assert!(families >= 15, "only {families} metric families exported");
+}
+
+/// `promtool` (Debian's `prometheus` package; scripts/test.sh installs it), if here.
+fn promtool() -> Option<&'static str> {
+    const PROMTOOL: &str = "/usr/bin/promtool";
+    if std::path::Path::new(PROMTOOL).exists() {
+        return Some(PROMTOOL);
+    }
+    assert!(std::env::var_os("CI").is_none(), "promtool is missing in CI (scripts/test.sh installs it)");
+    eprintln!("SKIPPED: {PROMTOOL} not installed (apt-get install prometheus)");
+    None
+}
+
+/// Metric families named in `text`: every `kami_...` word, less histogram suffixes.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("kami_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let word = &text[start..end];
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| word.strip_suffix(s)).unwrap_or(word);
+        names.insert(family.to_string());
+        i = end;
+    }
+    names
+}
+
+/// The alert rules and the Grafana dashboard in `ops/` are what an operator plugs
+/// in: they must load (`promtool check rules`; the dashboard parses, every panel
+/// has a query) and name only metrics kami exports.
+#[test]
+fn alert_rules_and_dashboard_load_and_name_only_exported_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ops");
+    let rules_path = root.join("prometheus/kami-alerts.yml");
+    let rules = std::fs::read_to_string(&rules_path).unwrap();
+    let dashboard_text = std::fs::read_to_string(root.join("grafana/kami-flash-sale.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard_text).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6);
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty() && targets.iter().all(|t| t["expr"].as_str().is_some_and(|e| e.contains("kami_"))));
+    }
+    let exported: std::collections::BTreeSet<&str> = kami::telemetry::METRICS.iter().map(|m| m.0).collect();
+    for (what, text) in [("alert rules", &rules), ("dashboard", &dashboard_text)] {
+        let named = metric_names(text);
+        assert!(named.len() >= 5, "{what} name only {named:?}");
+        for name in named {
+            assert!(exported.contains(name.as_str()), "the {what} name {name}, which kami does not export");
+        }
+    }
+    if let Some(promtool) = promtool() {
+        let out = std::process::Command::new(promtool).args(["check", "rules"]).arg(&rules_path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check rules: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Splits `a="x",b="y,z"` at the commas outside quotes.
 fn split_labels(body: &str) -> Vec<&str> {
     let (mut parts, mut start, mut quoted, mut escaped) = (vec![], 0, false, false);
@@ -112,6 +205,20 @@ async fn metrics_parse_as_prometheus_text_and_count_the_traffic_sent() {
 
     let text = api.metrics().await;
     let m = parse(&text);
+    every_family_is_described(&text);
+    if let Some(promtool) = promtool() {
+        // Prometheus's own linter: HELP texts, counter suffixes, unit names.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.txt");
+        std::fs::write(&path, &text).unwrap();
+        let out = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&path).unwrap())
+            .output()
+            .expect("run promtool");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}");
+    }
     let orders_route = [("method", "POST"), ("route", "/api/v1/orders")];
     let http = |status| value(&m, "kami_http_requests_total", &[orders_route[0], orders_route[1], ("status", status)]);
     assert_eq!(http("201"), 5.0);

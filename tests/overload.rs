@@ -99,5 +99,5 @@ async fn a_full_line_answers_with_its_depth_drain_rate_and_estimated_wait() {
     assert_audit_ok(&audit);
     assert_eq!(audit.body["products"][0]["reserved"], json!(created), "refused orders reserved nothing");
     let metrics = api.metrics().await;
-    assert!(metric_value(&metrics, "kami_admission_drain_per_sec") > 0.0);
+    assert!(metric_value(&metrics, "kami_admission_drain_per_second") > 0.0);
 }

@@ -514,8 +514,8 @@ impl PaymentSupervisor {
         for (i, (c, l)) in self.env.channels.all().iter().zip(&self.lanes).enumerate() {
             let state = l.breaker.state(now);
             self.env.channels.publish(i, state);
-            metrics::gauge!("kami_payment_channel_opened_total", "channel" => c.name.clone())
-                .set(l.breaker.opened_total() as f64);
+            metrics::counter!("kami_payment_channel_opened_total", "channel" => c.name.clone())
+                .absolute(l.breaker.opened_total());
         }
     }
 

@@ -33,7 +33,7 @@ pub async fn metrics(
             metrics::gauge!("kami_stock_sold", "product" => id.clone()).set(c.sold as f64);
             let (depth, drain) = route.line();
             metrics::gauge!("kami_admission_queue_depth", "product" => id.clone()).set(depth as f64);
-            metrics::gauge!("kami_admission_drain_per_sec", "product" => id.clone()).set(drain as f64);
+            metrics::gauge!("kami_admission_drain_per_second", "product" => id.clone()).set(drain as f64);
         }
         metrics::gauge!("kami_points_queue_depth").set(core.points_queue_depth() as f64);
         for (i, c) in core.channels().all().iter().enumerate() {
