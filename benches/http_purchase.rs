@@ -31,6 +31,7 @@ async fn run(buyers: u64, concurrency: u64, arbiters: usize) {
         admin_token: EMBEDDED_SECRET.into(),
         channel: "sandbox".into(),
         secret: EMBEDDED_SECRET.into(),
+        api_key: None,
     };
     let config = LoadConfig {
         target,

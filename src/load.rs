@@ -24,8 +24,9 @@ pub enum Target {
     /// Start kami in a temporary directory for the run.
     Embedded { arbiters: usize },
     /// A running kami; the admin token creates the product, the channel secret
-    /// signs notifications.
-    Url { url: String, admin_token: String, channel: String, secret: String },
+    /// signs notifications, the API key (if any) selects a rate-limit tier
+    /// (`X-Api-Key`) for the buyers' requests.
+    Url { url: String, admin_token: String, channel: String, secret: String, api_key: Option<String> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -92,6 +93,10 @@ pub struct Verdict {
     /// Acknowledged purchases (full) or created orders (order-only).
     pub acknowledged: u64,
     pub distinct_keys_delivered: u64,
+    /// Purchases paid whose key the client could not read (sold, not seen).
+    pub paid_unread: u64,
+    /// Requests refused 429 by the server's rate limits (refusals, not losses).
+    pub rate_limited: u64,
     pub problems: Vec<String>,
 }
 
@@ -124,6 +129,8 @@ pub enum LoadError {
     Start(String),
     #[error("setting up the product: {0}")]
     Setup(String),
+    #[error("after the run, reading the audit: {0}")]
+    Audit(String),
 }
 
 const STEPS: [&str; 3] = ["create order", "notify", "read order"];
@@ -149,6 +156,8 @@ struct WorkerResult {
     answers: BTreeMap<String, u64>,
     keys: Vec<String>,
     acknowledged: u64,
+    /// Purchases paid (notification answered 200) whose key could not be read.
+    paid_unread: u64,
     /// (second of the run, completions).
     completions: Vec<u64>,
     /// (second of the run, create latency in µs) of accepted orders, at most
@@ -190,8 +199,14 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
     assert!(config.concurrency >= 1 && config.shards >= 1);
     // Kept alive for the run: the embedded server and its directory.
     let mut _embedded = None;
+    let mut headers = reqwest::header::HeaderMap::new();
     let (url, admin, channel, secret, target) = match &config.target {
-        Target::Url { url, admin_token, channel, secret } => {
+        Target::Url { url, admin_token, channel, secret, api_key } => {
+            if let Some(key) = api_key {
+                let value = reqwest::header::HeaderValue::from_str(key)
+                    .map_err(|_| LoadError::Setup("the API key is not a valid header value".into()))?;
+                headers.insert("x-api-key", value);
+            }
             (url.trim_end_matches('/').to_string(), admin_token.clone(), channel.clone(), secret.clone(), url.clone())
         }
         Target::Embedded { arbiters } => {
@@ -206,6 +221,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         }
     };
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(config.concurrency as usize)
         .timeout(Duration::from_secs(60))
         .build()
@@ -267,6 +283,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         }
         total.keys.extend(r.keys);
         total.acknowledged += r.acknowledged;
+        total.paid_unread += r.paid_unread;
         if total.completions.len() < r.completions.len() {
             total.completions.resize(r.completions.len(), 0);
         }
@@ -484,7 +501,11 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
     }
     let t = Instant::now();
     let read = s.http.get(format!("{}/api/v1/orders/{id}", s.url)).header("X-Order-Token", token);
-    let Some((200, got)) = call(read, out).await else { return false };
+    let Some((200, got)) = call(read, out).await else {
+        // Paid, so sold, but the key was not read (refused, say, by a rate limit).
+        out.paid_unread += 1;
+        return false;
+    };
     record(out, 2, t);
     let keys: Vec<String> =
         got["keys"].as_array().into_iter().flatten().filter_map(|k| k.as_str().map(str::to_string)).collect();
@@ -506,10 +527,10 @@ async fn verdict(
         .bearer_auth(admin)
         .send()
         .await
-        .map_err(|e| LoadError::Setup(format!("audit: {e}")))?
+        .map_err(|e| LoadError::Audit(e.to_string()))?
         .json()
         .await
-        .map_err(|e| LoadError::Setup(format!("audit: {e}")))?;
+        .map_err(|e| LoadError::Audit(e.to_string()))?;
     let audit_ok = audit["ok"] == json!(true);
     let mine = audit["products"].as_array().into_iter().flatten().find(|p| p["id"] == product);
     let field = config.mode.taken_field();
@@ -526,13 +547,17 @@ async fn verdict(
         problems.push(format!("{} keys delivered more than once", total.keys.len() - distinct.len()));
     }
     // A request the client gave up on (transport error, client timeout) may still
-    // have succeeded: then only bounds hold, not equality.
+    // have succeeded, and a paid order whose read was refused is sold unseen: then
+    // only bounds hold, not equality.
     let unanswered = total.answers.get("transport").copied().unwrap_or(0);
     let seen = distinct.len() as u64;
-    if config.mode == Mode::Full && (seen > audit_taken || (unanswered == 0 && seen != audit_taken)) {
-        problems.push(format!("{seen} distinct keys delivered, audit counts {audit_taken} sold"));
+    if config.mode == Mode::Full && (seen > audit_taken || audit_taken > seen + total.paid_unread + unanswered) {
+        problems.push(format!(
+            "{seen} distinct keys delivered and {} paid orders not read, audit counts {audit_taken} sold",
+            total.paid_unread
+        ));
     }
-    let most = total.acknowledged + unanswered;
+    let most = total.acknowledged + unanswered + total.paid_unread;
     if config.mode == Mode::Group {
         // Paid seats of groups still filling are not sold yet; groups sell whole.
         if audit_taken % LOAD_GROUP_SIZE != 0 || audit_taken > most {
@@ -548,12 +573,15 @@ async fn verdict(
             total.acknowledged
         ));
     }
+    let rate_limited = total.answers.iter().filter(|(k, _)| k.starts_with("429")).map(|(_, n)| *n).sum();
     Ok(Verdict {
         ok: problems.is_empty(),
         audit_ok,
         audit_taken,
         acknowledged: total.acknowledged,
         distinct_keys_delivered: distinct.len() as u64,
+        paid_unread: total.paid_unread,
+        rate_limited,
         problems,
     })
 }
@@ -596,6 +624,15 @@ impl LoadReport {
         );
         for p in &v.problems {
             let _ = writeln!(t, "    problem: {p}");
+        }
+        if v.rate_limited > 0 {
+            let _ = writeln!(
+                t,
+                "  rate limited: {} requests refused 429 `rate_limited` (refused, not lost: {} paid orders were not \
+                 read, the audit counts them sold). The server's per-IP limits are on: give the load a tier's key \
+                 (`--api-key`, see `[rate_limits.tiers]`), or run against a server with `rate_limits.enabled = false`.",
+                v.rate_limited, v.paid_unread
+            );
         }
         t
     }

@@ -85,6 +85,10 @@ enum Command {
         /// Also draw throughput and latency over time into this SVG file.
         #[arg(long)]
         chart: Option<PathBuf>,
+        /// With --url: an API key of a rate-limit tier (`[rate_limits.tiers]`), sent as
+        /// `X-Api-Key` with the buyers' requests.
+        #[arg(long, env = "KAMI_LOAD_API_KEY")]
+        api_key: Option<String>,
         /// Buyers refused with 503 `overloaded` wait as the answer says
         /// (`error.queue.estimated_wait_ms`) and try again (at most 20 attempts).
         #[arg(long)]
@@ -203,6 +207,7 @@ fn main() -> ExitCode {
             json,
             chart,
             retry_overloaded,
+            api_key,
         } => {
             if concurrency == 0 || shards == 0 {
                 eprintln!("kami load: --concurrency and --shards must be at least 1");
@@ -213,7 +218,7 @@ fn main() -> ExitCode {
                     eprintln!("kami load: --url {url} needs --admin-token and --secret");
                     return ExitCode::from(2);
                 }
-                Some(url) => kami::load::Target::Url { url, admin_token, channel, secret },
+                Some(url) => kami::load::Target::Url { url, admin_token, channel, secret, api_key },
                 None => kami::load::Target::Embedded {
                     arbiters: if arbiters == 0 {
                         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

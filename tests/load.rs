@@ -32,6 +32,46 @@ async fn a_full_run_sells_every_key_once_and_tells_the_rest_sold_out() {
     assert_eq!(json["verdict"]["ok"], true);
 }
 
+/// Against a server whose per-IP limits are on, buyers refused 429 are refusals,
+/// not losses: the verdict holds (every paid order is sold, some unread) and the
+/// report says what refused them and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_buyers_are_counted_as_refused_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, secret) = ("load-test-admin-token", "load-test-channel-secret");
+    let overrides = [
+        ("server.listen", "127.0.0.1:0".to_string()),
+        ("storage.path", dir.path().join("data").display().to_string()),
+        ("admin.token", admin.into()),
+        ("payments.channels.sandbox.secret", secret.into()),
+        ("rate_limits.per_ip_per_sec", "50".into()),
+        ("rate_limits.per_ip_burst", "50".into()),
+    ];
+    let settings = kami::Settings::load(&kami::Sources {
+        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        ..Default::default()
+    })
+    .unwrap();
+    let app = kami::start(settings).await.unwrap();
+    let mut c = config(Mode::Full, 300, 300);
+    c.target = Target::Url {
+        url: app.url(),
+        admin_token: admin.into(),
+        channel: "sandbox".into(),
+        secret: secret.into(),
+        api_key: None,
+    };
+    let report = run(c).await.unwrap();
+    let table = report.table();
+    assert!(report.verdict.ok, "{table}");
+    assert!(report.verdict.rate_limited > 0, "{table}");
+    assert_eq!(
+        report.verdict.rate_limited,
+        report.answers.iter().filter(|(k, _)| k.starts_with("429")).map(|(_, n)| n).sum::<u64>()
+    );
+    assert!(table.contains("rate limited:") && table.contains("--api-key"), "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_run_fills_groups_of_ten_and_sells_them_whole() {
     // 205 buyers, 200 keys: 20 groups fill and are delivered; 5 buyers find no key.
