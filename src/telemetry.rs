@@ -11,7 +11,9 @@ use crate::config::{LogFormat, LogSettings};
 /// Installs the log subscriber once per process. `RUST_LOG` wins over `log.level`.
 pub fn init_logging(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Colours only for a terminal: a log written to a file or a pipe stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi);
     let _ = match settings.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),

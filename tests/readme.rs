@@ -34,7 +34,7 @@ fn free_port() -> u16 {
 
 /// What a person does by hand, as shell functions (see the module comment).
 const PRELUDE: &str = r#"set -euo pipefail
-export KAMI_SERVER__LISTEN="127.0.0.1:$PORT" KAMI_LOG__LEVEL=warn
+export KAMI_SERVER__LISTEN="127.0.0.1:$PORT" KAMI_LOG__LEVEL=info
 KAMI_PID=""
 shopt -s inherit_errexit
 curl() { local rc=0; command curl --fail-with-body --max-time 30 "$@" || rc=$?; echo; return $rc; }
@@ -136,4 +136,8 @@ fn the_readme_tours_work_pasted_in_order() {
     );
     assert!(stdout.contains("GW-000"), "the gateway's payment delivered no key:\n{}", report());
     assert!(stdout.contains("\"points_spent\":200"), "{}", report());
+    // The server's human log, written to a file, carries no terminal colour codes.
+    let log = std::fs::read_to_string(dir.path().join("kami.log")).unwrap();
+    assert!(log.contains("INFO"), "the server logged nothing at info:\n{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file:\n{log}");
 }

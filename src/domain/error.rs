@@ -11,6 +11,10 @@ pub enum DomainError {
     LimitExceeded { limit: u32, held: u32 },
     #[error("this Idempotency-Key was used with a different request body")]
     IdempotencyKeyReused,
+    /// A points adjustment's `request_id` reused for the same buyer with another
+    /// delta (same stable code as an Idempotency-Key reused).
+    #[error("this request_id was already used for this buyer with a different delta")]
+    RequestIdReused,
     #[error("order not found")]
     OrderNotFound,
     #[error("order is {status}, the operation needs it to be pending_payment")]
@@ -55,7 +59,7 @@ impl DomainError {
         match self {
             DomainError::SoldOut { .. } => "sold_out",
             DomainError::LimitExceeded { .. } => "limit_exceeded",
-            DomainError::IdempotencyKeyReused => "idempotency_key_reused",
+            DomainError::IdempotencyKeyReused | DomainError::RequestIdReused => "idempotency_key_reused",
             DomainError::OrderNotFound => "order_not_found",
             DomainError::InvalidState { .. } => "invalid_state",
             DomainError::AmountMismatch { .. } => "amount_mismatch",

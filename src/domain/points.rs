@@ -174,7 +174,7 @@ impl PointsBook {
             return if *seen == fingerprint {
                 Ok(Step::Repeat(self.balance(buyer)))
             } else {
-                Err(DomainError::IdempotencyKeyReused)
+                Err(DomainError::RequestIdReused)
             };
         }
         let b = self.balance(buyer);
@@ -453,7 +453,7 @@ mod tests {
         let mut p = PointsBook::new();
         assert_eq!(changed(p.adjust("r1", "alice", 500, "welcome", 1)).balance, 500);
         assert!(matches!(p.adjust("r1", "alice", 500, "welcome", 2), Ok(Step::Repeat(b)) if b.balance == 500));
-        assert_eq!(p.adjust("r1", "alice", 600, "welcome", 2), Err(DomainError::IdempotencyKeyReused));
+        assert_eq!(p.adjust("r1", "alice", 600, "welcome", 2), Err(DomainError::RequestIdReused));
         assert_eq!(
             p.adjust("r2", "alice", -501, "", 3),
             Err(DomainError::InsufficientPoints { needed: 501, available: 500 })

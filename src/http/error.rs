@@ -50,7 +50,7 @@ impl From<Error> for ApiError {
             Error::Domain(d) => match d {
                 DomainError::SoldOut { .. } => StatusCode::CONFLICT,
                 DomainError::LimitExceeded { .. } => StatusCode::FORBIDDEN,
-                DomainError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+                DomainError::IdempotencyKeyReused | DomainError::RequestIdReused => StatusCode::UNPROCESSABLE_ENTITY,
                 DomainError::OrderNotFound => StatusCode::NOT_FOUND,
                 DomainError::InvalidState { .. } => StatusCode::CONFLICT,
                 DomainError::AmountMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
