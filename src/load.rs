@@ -115,11 +115,13 @@ pub struct LoadReport {
     pub steps: Vec<StepReport>,
     /// "201", "409 sold_out", "503 overloaded", "transport": how many of each, all steps.
     pub answers: BTreeMap<String, u64>,
-    /// Completions per second, one entry per second of the run.
+    /// Width of the buckets of `timeline` and `create_latency_by_bucket` (100 ms).
+    pub bucket_ms: u64,
+    /// Completions per bucket of the run, one entry per `bucket_ms`.
     pub timeline: Vec<u64>,
-    /// Order creation latency per second of the run (of the requests answered 201
-    /// in that second): `[p50_ms, p99_ms]`, one entry per second like `timeline`.
-    pub create_latency_by_second: Vec<[f64; 2]>,
+    /// Order creation latency per bucket of the run (of the requests answered 201
+    /// in that bucket): `[p50_ms, p99_ms]`, one entry per bucket like `timeline`.
+    pub create_latency_by_bucket: Vec<[f64; 2]>,
     pub verdict: Verdict,
 }
 
@@ -158,15 +160,15 @@ struct WorkerResult {
     acknowledged: u64,
     /// Purchases paid (notification answered 200) whose key could not be read.
     paid_unread: u64,
-    /// (second of the run, completions).
+    /// Completions per bucket of the run (`BUCKET_MS`).
     completions: Vec<u64>,
-    /// (second of the run, create latency in µs) of accepted orders, at most
+    /// (bucket of the run, create latency in µs) of accepted orders, at most
     /// `MAX_SAMPLES / concurrency` per worker (for the per-second latency series).
     samples: Vec<(u32, u32)>,
     max_samples: usize,
 }
 
-/// Latency samples kept for the per-second series, all workers together (8 bytes each).
+/// Latency samples kept for the series over time, all workers together (8 bytes each).
 const MAX_SAMPLES: usize = 4_000_000;
 
 fn new_hist() -> Histogram<u64> {
@@ -292,7 +294,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         }
         total.samples.extend(r.samples);
     }
-    let create_latency_by_second = latency_by_second(total.samples.split_off(0), total.completions.len());
+    let create_latency_by_bucket = latency_by_bucket(total.samples.split_off(0), total.completions.len());
     let elapsed = started.elapsed();
     if let Some(p) = progress {
         p.abort();
@@ -325,8 +327,9 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         buyers_per_sec: config.buyers as f64 / secs,
         steps,
         answers: total.answers,
+        bucket_ms: BUCKET_MS,
         timeline: total.completions,
-        create_latency_by_second,
+        create_latency_by_bucket,
         verdict,
     })
 }
@@ -404,23 +407,26 @@ async fn worker(s: Arc<Shared>, started: Instant) -> WorkerResult {
             out.acknowledged += 1;
         }
         s.done.fetch_add(1, Ordering::Relaxed);
-        let second = started.elapsed().as_secs() as usize;
-        if out.completions.len() <= second {
-            out.completions.resize(second + 1, 0);
+        let bucket = (started.elapsed().as_millis() / BUCKET_MS as u128) as usize;
+        if out.completions.len() <= bucket {
+            out.completions.resize(bucket + 1, 0);
         }
-        out.completions[second] += 1;
+        out.completions[bucket] += 1;
     }
 }
 
-/// `[p50, p99]` in ms per second of the run, from `(second, µs)` samples.
-fn latency_by_second(samples: Vec<(u32, u32)>, seconds: usize) -> Vec<[f64; 2]> {
-    let mut by_second: Vec<Vec<u32>> = vec![Vec::new(); seconds];
-    for (second, micros) in samples {
-        if let Some(v) = by_second.get_mut(second as usize) {
+/// Width of the buckets the run is counted in over time (a 4 s run: 40 points).
+pub const BUCKET_MS: u64 = 100;
+
+/// `[p50, p99]` in ms per bucket of the run, from `(bucket, µs)` samples.
+fn latency_by_bucket(samples: Vec<(u32, u32)>, buckets: usize) -> Vec<[f64; 2]> {
+    let mut by_bucket: Vec<Vec<u32>> = vec![Vec::new(); buckets];
+    for (bucket, micros) in samples {
+        if let Some(v) = by_bucket.get_mut(bucket as usize) {
             v.push(micros);
         }
     }
-    by_second
+    by_bucket
         .into_iter()
         .map(|mut v| {
             if v.is_empty() {
@@ -461,8 +467,8 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
                 // The latency of the accepted request itself, not of the waits before it.
                 record(out, 0, t);
                 if out.samples.len() < out.max_samples {
-                    let second = s.started.elapsed().as_secs() as u32;
-                    out.samples.push((second, t.elapsed().as_micros().min(u32::MAX as u128) as u32));
+                    let bucket = (s.started.elapsed().as_millis() / BUCKET_MS as u128) as u32;
+                    out.samples.push((bucket, t.elapsed().as_micros().min(u32::MAX as u128) as u32));
                 }
                 break if s.mode == Mode::Group { answer["order"].clone() } else { answer };
             }
