@@ -109,6 +109,8 @@ pub struct Notification {
 pub struct ProductView {
     pub info: ProductInfo,
     pub available: u64,
+    /// Stock and orders over the product's shards, as last made durable.
+    pub counts: crate::domain::shard::Counts,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -406,8 +408,8 @@ impl Kami {
 
     pub fn product(&self, id: &str) -> Result<ProductView, Error> {
         let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
-        let available = route.counts().available;
-        Ok(ProductView { info: route.info.clone(), available })
+        let counts = route.counts();
+        Ok(ProductView { info: route.info.clone(), available: counts.available, counts })
     }
 
     pub async fn audit(&self) -> Result<AuditReport, Error> {

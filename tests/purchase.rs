@@ -243,3 +243,35 @@ async fn idempotency_keys_survive_a_restart_across_products() {
     let replay = api.order("p", 1, "alice", Some("restart-key")).await;
     assert_eq!((replay.status, &replay.body), (201, &first.body), "the owning shard replays");
 }
+
+/// The merchant reads a product with every field it was created with, its points
+/// price and its stock over all its shards; a buyer's token or none is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merchant_reads_a_product_with_every_field_and_its_stock() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    assert_eq!(api.create_product("full", 990, 3, 2).await.status, 201);
+    let keys: Vec<String> = (0..6).map(|i| format!("full-K{i}")).collect();
+    assert_eq!(api.import("full", &keys).await.status, 200);
+    let o = api.order("full", 2, "alice", None).await;
+    assert_eq!(o.status, 201, "{}", o.body);
+    let url = format!("{}/api/v1/admin/products/full", api.url);
+    let r = reply(api.admin(api.http.get(&url))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let b = &r.body;
+    assert_eq!((b["id"].as_str(), b["price_cents"].as_u64()), (Some("full"), Some(990)));
+    assert_eq!((b["per_buyer_limit"].as_u64(), b["shards"].as_u64()), (Some(3), Some(2)));
+    assert!(b["created_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{b}");
+    assert_eq!(b["points_price"], serde_json::Value::Null);
+    let stock = &b["stock"];
+    assert_eq!(
+        [&stock["imported"], &stock["available"], &stock["reserved"], &stock["sold"]].map(|v| v.as_u64()),
+        [Some(6), Some(4), Some(2), Some(0)],
+        "{b}"
+    );
+    assert_eq!(b["orders_created"].as_u64(), Some(1));
+    let anonymous = reply(api.http.get(&url)).await;
+    assert_eq!((anonymous.status, anonymous.code()), (401, "unauthorized"), "{}", anonymous.body);
+    let missing = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/nope", api.url)))).await;
+    assert_eq!((missing.status, missing.code()), (404, "product_not_found"));
+}

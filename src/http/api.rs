@@ -128,6 +128,23 @@ pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> 
     })))
 }
 
+/// `GET /api/v1/admin/products/{id}` (merchant): every field of the product, its
+/// points price and its stock over all shards (as last made durable).
+pub async fn admin_get_product(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let p = core.product(&id)?;
+    let c = p.counts;
+    let mut v = views::product(&p.info, c.available, core.points_price(&id));
+    v["stock"] = json!({"imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold});
+    v["orders_created"] = json!(c.orders);
+    Ok(Json(v))
+}
+
 // ---- points ----
 
 #[derive(Deserialize)]

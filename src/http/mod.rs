@@ -178,6 +178,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/products/{id}", get(api::get_product))
         .route("/api/v1/products/{id}/keys", post(api::import_keys))
         .route("/api/v1/admin/orders/{order_id}", get(api::admin_get_order))
+        .route("/api/v1/admin/products/{id}", get(api::admin_get_product))
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/reconcile", post(api::reconcile))
