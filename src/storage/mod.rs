@@ -816,19 +816,24 @@ impl Journal<PointsEvent> {
 mod tests {
     use super::*;
 
-    /// A ticket taken after an append completes only once the commit thread has
-    /// synced that journal (it is no longer listed as written since its last sync).
-    #[tokio::test]
-    async fn a_ticket_completes_after_the_journals_written_before_it_are_synced() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&StorageOptions {
-            path: dir.path().to_path_buf(),
+    /// Storage in `dir` with small limits and no linger.
+    fn open(dir: &std::path::Path) -> Arc<Storage> {
+        Storage::open(&StorageOptions {
+            path: dir.to_path_buf(),
             cache_capacity_bytes: 8 << 20,
             max_pending_commits: 16,
             max_commit_batch: 16,
             commit_linger: Duration::ZERO,
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A ticket taken after an append completes only once the commit thread has
+    /// synced that journal (it is no longer listed as written since its last sync).
+    #[tokio::test]
+    async fn a_ticket_completes_after_the_journals_written_before_it_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = open(dir.path());
         let journal = storage.journal(&ShardId::new("p", 0)).unwrap();
         journal.append(1, &Event::KeysImported { keys: vec!["k".into()] }).unwrap();
         assert!(journal.file().is_dirty(), "an append marks its journal for the next sync");
@@ -844,14 +849,7 @@ mod tests {
     fn a_shadow_is_the_shard_as_of_the_record_asked_for() {
         use crate::domain::shard::{NewOrder, Outcome};
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&StorageOptions {
-            path: dir.path().to_path_buf(),
-            cache_capacity_bytes: 8 << 20,
-            max_pending_commits: 16,
-            max_commit_batch: 16,
-            commit_linger: Duration::ZERO,
-        })
-        .unwrap();
+        let storage = open(dir.path());
         let product = ProductInfo {
             id: "p".into(),
             name: "P".into(),
