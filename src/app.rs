@@ -22,7 +22,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::core::{new_token, CoreLimits, Kami, Parts};
 use crate::http::{self, AppState};
-use crate::payments::Channels;
+use crate::payments::{Channels, RetiringSecret};
 use crate::storage::{Storage, StorageOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,8 @@ pub enum StartError {
 pub struct Secrets {
     pub admin_token: String,
     pub channels: BTreeMap<String, String>,
+    /// Kept channel secrets that were rotated out and are still in their grace period.
+    pub retiring: BTreeMap<String, RetiringSecret>,
     /// Secrets kept in the file (not configured), by configuration key.
     pub kept: Vec<String>,
     /// Of those, the ones generated at this start.
@@ -59,6 +61,99 @@ pub struct StoredSecrets {
     pub admin_token: Option<String>,
     #[serde(default)]
     pub channels: BTreeMap<String, String>,
+    /// Channel secrets replaced by `kami secrets rotate`, accepted until `valid_until`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub retiring: BTreeMap<String, StoredRetiring>,
+}
+
+/// A rotated-out channel secret and the end of its grace period (RFC 3339).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoredRetiring {
+    pub secret: String,
+    pub valid_until: String,
+}
+
+impl StoredRetiring {
+    /// The end of the grace period in Unix milliseconds.
+    pub fn until_ms(&self) -> Result<u64, String> {
+        chrono::DateTime::parse_from_rfc3339(&self.valid_until)
+            .map(|t| t.timestamp_millis().max(0) as u64)
+            .map_err(|e| format!("valid_until {:?}: {e}", self.valid_until))
+    }
+}
+
+/// Which kept secret `kami secrets rotate` replaces.
+#[derive(Debug, Clone)]
+pub enum RotateWhat {
+    AdminToken,
+    Channel(String),
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The configuration key of the secret (`admin.token`, `payments.channels.<name>.secret`).
+    pub key: String,
+    pub new_secret: String,
+    /// For a channel: until when the replaced secret is still accepted (RFC 3339);
+    /// `None` when the grace period is zero (or for the admin token, which has none).
+    pub old_valid_until: Option<String>,
+}
+
+/// Replaces a secret kept in `data` with a fresh one. A channel's replaced secret
+/// stays accepted on what its gateway signs for `grace` from `now` (a secret
+/// rotated earlier and still in its grace period is dropped: one previous secret
+/// per channel). The admin token is replaced at once. Takes effect at the next start.
+/// Only kept (generated) secrets rotate: a configured one is changed in the configuration.
+pub fn rotate_secret(
+    data: &std::path::Path,
+    what: &RotateWhat,
+    grace: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Rotated, String> {
+    let file = secrets_file(data);
+    let mut stored = read_secrets(data)?;
+    let new_secret = new_token();
+    let rotated = match what {
+        RotateWhat::AdminToken => {
+            let Some(token) = stored.admin_token.as_mut() else {
+                return Err(format!(
+                    "no admin token is kept in {} (a configured token is changed where it is configured)",
+                    file.display()
+                ));
+            };
+            *token = new_secret.clone();
+            Rotated { key: "admin.token".into(), new_secret, old_valid_until: None }
+        }
+        RotateWhat::Channel(name) => {
+            let Some(secret) = stored.channels.get_mut(name) else {
+                return Err(format!(
+                    "no secret of channel {name:?} is kept in {} (kept: {}; a configured secret is changed where it is configured)",
+                    file.display(),
+                    if stored.channels.is_empty() {
+                        "none".to_string()
+                    } else {
+                        stored.channels.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ));
+            };
+            let old = std::mem::replace(secret, new_secret.clone());
+            let grace = chrono::Duration::from_std(grace).map_err(|e| format!("grace period: {e}"))?;
+            let old_valid_until = (grace > chrono::Duration::zero())
+                .then(|| (now + grace).to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            match &old_valid_until {
+                Some(until) => {
+                    stored.retiring.insert(name.clone(), StoredRetiring { secret: old, valid_until: until.clone() });
+                }
+                None => {
+                    stored.retiring.remove(name);
+                }
+            }
+            Rotated { key: format!("payments.channels.{name}.secret"), new_secret, old_valid_until }
+        }
+    };
+    write_secrets(data, &stored)?;
+    Ok(rotated)
 }
 
 /// Where kami keeps the secrets it generated: `<storage.path>/secrets.json`.
@@ -113,18 +208,29 @@ impl Secrets {
             settings.admin.token.clone()
         };
         let mut channels = BTreeMap::new();
+        let mut retiring = BTreeMap::new();
+        let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
         for (name, c) in &settings.payments.channels {
             let secret = if c.secret.is_empty() {
                 let key = format!("payments.channels.{name}.secret");
                 kept.push(key.clone());
-                stored
+                let secret = stored
                     .channels
                     .entry(name.clone())
                     .or_insert_with(|| {
                         generated.push(key);
                         new_token()
                     })
-                    .clone()
+                    .clone();
+                if let Some(old) = stored.retiring.get(name) {
+                    let until_ms =
+                        old.until_ms().map_err(|e| StartError::Secrets(format!("{}: {e}", file.display())))?;
+                    if now_ms < until_ms {
+                        retiring
+                            .insert(name.clone(), RetiringSecret { secret: old.secret.clone().into_bytes(), until_ms });
+                    }
+                }
+                secret
             } else {
                 c.secret.clone()
             };
@@ -133,7 +239,7 @@ impl Secrets {
         if !generated.is_empty() {
             write_secrets(data, &stored).map_err(StartError::Secrets)?;
         }
-        Ok(Secrets { admin_token, channels, kept, generated, file })
+        Ok(Secrets { admin_token, channels, retiring, kept, generated, file })
     }
 }
 
@@ -356,7 +462,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         "recovery finished"
     );
 
-    let channels = Arc::new(Channels::from_settings(&settings, &secrets.channels));
+    let channels = Arc::new(Channels::from_settings(&settings, &secrets.channels, &secrets.retiring));
     let payment_env = Arc::new(PaymentEnv {
         registry: registry.clone(),
         channels: channels.clone(),

@@ -896,9 +896,10 @@ impl Kami {
 
     /// Verifies and applies a payment notification. `Ok` means the outcome is durable.
     pub async fn notify(&self, channel: &str, body: &[u8], signature: Option<&str>) -> Result<PaymentOutcome, Error> {
-        let secret = &self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?.secret;
+        let known = self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?;
         let signature = signature.ok_or(Error::BadSignature)?;
-        if !crate::domain::signature::verify(secret, body, signature) {
+        let now_ms = self.clock.now_ms();
+        if !known.verifies(body, signature, now_ms) {
             crate::telemetry::count_rejection("bad_signature");
             return Err(Error::BadSignature);
         }
@@ -908,7 +909,6 @@ impl Kami {
         if n.status.is_empty() || n.status.len() > 32 {
             return Err(Error::Invalid("status: must be 1..=32 bytes".into()));
         }
-        let now_ms = self.clock.now_ms();
         let skew_secs = ((now_ms / 1000) as i64).abs_diff(n.timestamp);
         if skew_secs > self.limits.max_skew_secs {
             return Err(Error::StaleRequest { skew_secs, max_secs: self.limits.max_skew_secs });

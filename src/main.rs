@@ -115,6 +115,23 @@ enum SecretsAction {
         #[arg(long, default_value = "./data")]
         data: PathBuf,
     },
+    /// Replace one kept secret with a fresh one and print it. A channel's old
+    /// secret stays accepted on what its gateway signs for the grace period; the
+    /// admin token is replaced at once. Takes effect when kami next starts.
+    Rotate {
+        /// The data directory (`storage.path` of the server).
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
+        /// Rotate the merchant's admin token.
+        #[arg(long, conflicts_with = "channel", required_unless_present = "channel")]
+        admin_token: bool,
+        /// Rotate this payment channel's shared secret.
+        #[arg(long)]
+        channel: Option<String>,
+        /// How long the channel's old secret stays accepted, in hours (0: not at all).
+        #[arg(long, default_value_t = 24)]
+        grace_hours: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -145,9 +162,42 @@ fn main() -> ExitCode {
                 for (name, secret) in &s.channels {
                     println!("payments.channels.{name}.secret = {secret}");
                 }
+                for (name, old) in &s.retiring {
+                    println!(
+                        "payments.channels.{name}.secret (replaced, accepted until {}) = {}",
+                        old.valid_until, old.secret
+                    );
+                }
                 ExitCode::SUCCESS
             }
         },
+        Command::Secrets { action: SecretsAction::Rotate { data, admin_token, channel, grace_hours } } => {
+            let what = match (admin_token, channel) {
+                (_, Some(name)) => kami::app::RotateWhat::Channel(name),
+                _ => kami::app::RotateWhat::AdminToken,
+            };
+            let grace = std::time::Duration::from_secs(grace_hours.saturating_mul(3600));
+            match kami::app::rotate_secret(&data, &what, grace, chrono::Utc::now()) {
+                Err(e) => {
+                    eprintln!("kami secrets rotate: {e}");
+                    ExitCode::from(2)
+                }
+                Ok(r) => {
+                    println!("{} = {}", r.key, r.new_secret);
+                    match (&what, &r.old_valid_until) {
+                        (kami::app::RotateWhat::AdminToken, _) => {
+                            println!("the old admin token stops working when kami next starts")
+                        }
+                        (_, Some(until)) => println!(
+                            "give the new secret to the gateway; the old one stays accepted on its notifications and answers until {until}"
+                        ),
+                        (_, None) => println!("the old secret stops working when kami next starts (no grace period)"),
+                    }
+                    println!("restart kami for the new secret to take effect");
+                    ExitCode::SUCCESS
+                }
+            }
+        }
         Command::Audit { data, json } => match kami::audit::audit_dir(&data) {
             Err(e) => {
                 eprintln!("kami audit: {e}");
@@ -303,6 +353,11 @@ async fn serve(settings: Settings) -> ExitCode {
             secrets.channels[name].clone()
         };
         println!("{key} (generated, kept for the next starts): {value}");
+    }
+    for (name, old) in &secrets.retiring {
+        let until = chrono::DateTime::from_timestamp_millis(old.until_ms as i64)
+            .map_or_else(|| old.until_ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        println!("payments.channels.{name}.secret was rotated: the replaced secret is accepted until {until}");
     }
     if !secrets.kept.is_empty() {
         println!(

@@ -197,3 +197,97 @@ async fn generated_secrets_are_kept_for_the_next_start() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("admin.token = {admin}")));
 }
+
+/// `kami secrets rotate`: the merchant's token is replaced at once; a channel's
+/// old secret stays accepted on notifications for its grace period, and not at
+/// all once rotated with no grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_channel_secret_keeps_the_old_one_for_its_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let unset = [("KAMI_ADMIN__TOKEN", ""), ("KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET", "")];
+    let rotate = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kami"))
+            .args(["secrets", "rotate", "--data"])
+            .arg(&data)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let first = stdout.lines().next().unwrap_or_default();
+        (first.split(" = ").nth(1).expect("`key = new secret` first").to_string(), stdout)
+    };
+    // A notification for a fresh order, signed with `secret`: its status.
+    let pay_with = |api: Api, admin: String, secret: String, n: u32| async move {
+        let product = format!("p{n}");
+        let r = api
+            .http
+            .post(format!("{}/api/v1/products", api.url))
+            .bearer_auth(&admin)
+            .json(&json!({"id": product, "name": "P", "price_cents": 100, "per_buyer_limit": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let r = api
+            .http
+            .post(format!("{}/api/v1/products/{product}/keys", api.url))
+            .bearer_auth(&admin)
+            .json(&json!({"keys": [format!("K{n}")]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let o = api.order(&product, 1, "alice", None).await;
+        let body = serde_json::to_vec(&json!({
+            "order_id": o.body["order_id"], "payment_id": format!("pay-{n}"), "amount_cents": 100,
+            "status": "paid", "timestamp": now_secs(), "nonce": format!("n-{n}"),
+        }))
+        .unwrap();
+        let r = api.notify_raw("sandbox", &body, &secret).await;
+        (r.status, r.code().to_string())
+    };
+    let admin_status = |api: Api, token: String| async move {
+        let req = api.http.get(format!("{}/api/v1/admin/audit", api.url)).bearer_auth(token);
+        req.send().await.unwrap().status().as_u16()
+    };
+    let (admin1, secret1) = {
+        let _server = Server::start(&data, &unset);
+        let kept = kami::app::read_secrets(&data).unwrap();
+        (kept.admin_token.unwrap(), kept.channels["sandbox"].clone())
+    };
+
+    let (admin2, said) = rotate(&["--admin-token"]);
+    assert!(said.contains("admin.token = "), "{said}");
+    let (secret2, said) = rotate(&["--channel", "sandbox", "--grace-hours", "1"]);
+    assert!(said.contains("accepted on its notifications and answers until"), "{said}");
+    assert_ne!(secret2, secret1);
+    {
+        let server = Server::start(&data, &unset);
+        assert!(!server.lines_with("the replaced secret is accepted until").is_empty(), "the start says so");
+        let api = server.api();
+        assert_eq!(admin_status(api.clone(), admin1.clone()).await, 401, "the old admin token no longer works");
+        assert_eq!(admin_status(api.clone(), admin2.clone()).await, 200);
+        assert_eq!(pay_with(api.clone(), admin2.clone(), secret1.clone(), 1).await.0, 200, "old secret, in grace");
+        assert_eq!(pay_with(api.clone(), admin2.clone(), secret2.clone(), 2).await.0, 200, "new secret");
+    }
+
+    let (secret3, said) = rotate(&["--channel", "sandbox", "--grace-hours", "0"]);
+    assert!(said.contains("no grace period"), "{said}");
+    let server = Server::start(&data, &unset);
+    let api = server.api();
+    let refused = (401, "bad_signature".to_string());
+    assert_eq!(pay_with(api.clone(), admin2.clone(), secret2, 3).await, refused, "rotated with no grace");
+    assert_eq!(pay_with(api.clone(), admin2.clone(), secret1, 4).await, refused, "two rotations ago");
+    assert_eq!(pay_with(api.clone(), admin2.clone(), secret3, 5).await.0, 200);
+
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_kami"))
+        .args(["secrets", "rotate", "--data"])
+        .arg(&data)
+        .args(["--channel", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(show.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&show.stderr).contains("no secret of channel \"nope\""));
+}

@@ -70,7 +70,9 @@ struct RefundReply {
 pub struct Gateway {
     http: reqwest::Client,
     endpoint: String,
-    secret: Vec<u8>,
+    /// Signs requests with its secret; verifies answers with it or the secret it
+    /// replaced (in its grace period).
+    channel: Channel,
     timeout: Duration,
 }
 
@@ -80,7 +82,7 @@ impl Gateway {
         Some(Gateway {
             http: http.clone(),
             endpoint: channel.endpoint.clone()?,
-            secret: channel.secret.clone(),
+            channel: channel.clone(),
             timeout: channel.timeout,
         })
     }
@@ -118,7 +120,7 @@ impl Gateway {
         body["timestamp"] = json!(chrono::Utc::now().timestamp());
         body["nonce"] = json!(format!("{:032x}", rand::random::<u128>()));
         let bytes = serde_json::to_vec(&body).expect("json");
-        let sig = signature::sign(&self.secret, &bytes);
+        let sig = signature::sign(&self.channel.secret, &bytes);
         let request = self
             .http
             .post(format!("{}{path}", self.endpoint))
@@ -126,7 +128,8 @@ impl Gateway {
             .header("x-signature", sig)
             .body(bytes);
         let (sig, answer) = self.send(request).await?;
-        if !signature::verify(&self.secret, &answer, &sig) {
+        let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        if !self.channel.verifies(&answer, &sig, now_ms) {
             return Err(CallError::BadSignature);
         }
         serde_json::from_slice(&answer).map_err(|e| CallError::BadAnswer(e.to_string()))

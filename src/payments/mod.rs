@@ -25,12 +25,36 @@ pub struct Channel {
     pub name: String,
     pub kind: ChannelKind,
     pub secret: Vec<u8>,
+    /// The secret this one replaced, still accepted on what the gateway signs
+    /// until its grace period ends (`kami secrets rotate`).
+    pub retiring: Option<RetiringSecret>,
     /// Base URL without a trailing `/`; `None` = notifications only.
     pub endpoint: Option<String>,
     pub priority: u32,
     pub weight: u32,
     pub timeout: Duration,
     pub queries_per_sec: u32,
+}
+
+/// A channel secret that was rotated out: signatures made with it are still
+/// accepted until `until_ms` (Unix milliseconds), so a gateway that has not been
+/// given the new secret yet keeps working for the grace period.
+#[derive(Debug, Clone)]
+pub struct RetiringSecret {
+    pub secret: Vec<u8>,
+    pub until_ms: u64,
+}
+
+impl Channel {
+    /// Whether `signature` signs `body` with the channel's secret, or with the
+    /// secret it replaced while that is still in its grace period at `now_ms`.
+    pub fn verifies(&self, body: &[u8], signature: &str, now_ms: u64) -> bool {
+        crate::domain::signature::verify(&self.secret, body, signature)
+            || self
+                .retiring
+                .as_ref()
+                .is_some_and(|r| now_ms < r.until_ms && crate::domain::signature::verify(&r.secret, body, signature))
+    }
 }
 
 pub struct Channels {
@@ -41,8 +65,13 @@ pub struct Channels {
 }
 
 impl Channels {
-    /// `secrets`: channel name → secret in force (configured or generated).
-    pub fn from_settings(settings: &Settings, secrets: &BTreeMap<String, String>) -> Channels {
+    /// `secrets`: channel name → secret in force (configured or generated);
+    /// `retiring`: channel name → the secret it replaced, in its grace period.
+    pub fn from_settings(
+        settings: &Settings,
+        secrets: &BTreeMap<String, String>,
+        retiring: &BTreeMap<String, RetiringSecret>,
+    ) -> Channels {
         let default = &settings.payments.default_channel;
         let mut list: Vec<Channel> = settings
             .payments
@@ -52,6 +81,7 @@ impl Channels {
                 name: name.clone(),
                 kind: c.kind,
                 secret: secrets.get(name).expect("a secret per channel").clone().into_bytes(),
+                retiring: retiring.get(name).cloned(),
                 endpoint: (!c.endpoint.is_empty()).then(|| c.endpoint.trim_end_matches('/').to_string()),
                 priority: c.priority,
                 weight: c.weight,
@@ -96,5 +126,31 @@ impl Channels {
         });
         let index = routing::choose(candidates, rand::random()).expect("at least one channel");
         &self.list[index]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::signature::sign;
+
+    #[test]
+    fn a_replaced_secret_verifies_only_until_its_grace_period_ends() {
+        let channel = Channel {
+            name: "c".into(),
+            kind: ChannelKind::Sandbox,
+            secret: b"new".to_vec(),
+            retiring: Some(RetiringSecret { secret: b"old".to_vec(), until_ms: 1_000 }),
+            endpoint: None,
+            priority: 0,
+            weight: 1,
+            timeout: Duration::from_secs(1),
+            queries_per_sec: 1,
+        };
+        let body = b"{}";
+        assert!(channel.verifies(body, &sign(b"new", body), 5_000));
+        assert!(channel.verifies(body, &sign(b"old", body), 999));
+        assert!(!channel.verifies(body, &sign(b"old", body), 1_000), "the grace period has ended");
+        assert!(!channel.verifies(body, &sign(b"other", body), 0));
     }
 }
