@@ -4,7 +4,9 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Extension;
+
+use super::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! Every failure leaves as `{"error": {"code": "...", "message": "..."}}`.
 
+use super::Json;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use crate::domain::DomainError;
 use crate::error::Error;

@@ -25,6 +25,27 @@ use crate::config::Settings;
 use crate::core::Kami;
 use error::ApiError;
 
+/// A JSON answer. Like `axum::Json`, with the body ending in a newline, so that
+/// what `curl` prints does not run into the shell's prompt.
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for Json<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut body = Vec::with_capacity(256);
+        match serde_json::to_writer(&mut body, &self.0) {
+            Ok(()) => {
+                body.push(b'\n');
+                let json = axum::http::HeaderValue::from_static("application/json");
+                ([(axum::http::header::CONTENT_TYPE, json)], body).into_response()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "an answer did not serialise");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
     pub max_body_bytes: usize,

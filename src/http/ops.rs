@@ -1,9 +1,9 @@
 //! Liveness, readiness and metrics.
 
+use super::Json;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::Json;
 use serde_json::json;
 
 use super::error::ApiError;

@@ -185,7 +185,7 @@ impl Conn {
 /// waiting (the socket's buffer takes it), then closed.
 fn refuse(tcp: TcpStream) {
     crate::telemetry::count_rejection("connections");
-    let body = r#"{"error":{"code":"overloaded","message":"too many open connections; try again shortly"}}"#;
+    let body = "{\"error\":{\"code\":\"overloaded\",\"message\":\"too many open connections; try again shortly\"}}\n";
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -266,7 +266,7 @@ fn json_error_for(hyper_wrote: &[u8]) -> Option<Vec<u8>> {
     if !empty_body || !hyper_wrote.ends_with(b"\r\n\r\n") {
         return None;
     }
-    let body = format!(r#"{{"error":{{"code":"{code}","message":"{message}"}}}}"#);
+    let body = format!("{{\"error\":{{\"code\":\"{code}\",\"message\":\"{message}\"}}}}\n");
     Some(
         format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -355,9 +355,10 @@ mod tests {
         let json = String::from_utf8(json_error_for(hyper).unwrap()).unwrap();
         assert!(json.starts_with("HTTP/1.1 431 "), "{json}");
         assert!(json.contains("connection: close\r\n"), "{json}");
-        assert!(
-            json.ends_with(r#"{"error":{"code":"headers_too_large","message":"the request headers are too large"}}"#)
-        );
+        assert!(json.ends_with(
+            r#"{"error":{"code":"headers_too_large","message":"the request headers are too large"}}
+"#
+        ));
         // kami's own answers (a body) and other statuses are left alone.
         assert!(json_error_for(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n").is_none());
         assert!(json_error_for(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());

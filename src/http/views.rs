@@ -51,9 +51,11 @@ pub fn ledger_entry(e: &Entry) -> Value {
     })
 }
 
-/// A view as the bytes of its JSON.
+/// A view as the bytes of its JSON, ending in a newline (as every JSON answer does).
 pub fn to_json(view: &impl serde::Serialize) -> Vec<u8> {
-    serde_json::to_vec(view).expect("views serialise")
+    let mut bytes = serde_json::to_vec(view).expect("views serialise");
+    bytes.push(b'\n');
+    bytes
 }
 
 /// The 201 answer to order creation; replays of the same Idempotency-Key get it

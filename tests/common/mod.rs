@@ -101,6 +101,8 @@ pub async fn reply(r: reqwest::RequestBuilder) -> Reply {
     let headers = resp.headers().clone();
     let text = resp.text().await.expect("body");
     let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+    // Every JSON answer ends in a newline (curl's output does not run into the prompt).
+    assert!(text.ends_with('\n'), "status {status}: the answer does not end in a newline: {text:?}");
     Reply { status, body, headers }
 }
 
