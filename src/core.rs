@@ -23,12 +23,21 @@ use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
+use crate::domain::shelf::{OpenOrders, Shelf};
 use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit};
 use crate::error::Error;
 use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
 
 mod groups;
+/// What a merchant does to a product's shelf state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShelfChange {
+    Retire,
+    Relist,
+    Delete,
+}
+
 pub use groups::{JoinRequest, NewDeal, OpenGroupRequest, MAX_OPEN_GROUPS_LISTED};
 
 /// The knobs the core needs, taken from [`Settings`].
@@ -111,6 +120,9 @@ pub struct ProductView {
     pub available: u64,
     /// Stock and orders over the product's shards, as last made durable.
     pub counts: crate::domain::shard::Counts,
+    pub shelf: Shelf,
+    /// When the shelf state last changed (0: on sale since creation).
+    pub shelf_since_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -352,8 +364,12 @@ impl Kami {
         let points_price = p.points_price;
         // One merchant write at a time: "exists" checked here stays true below.
         let _one_writer = self.merchant_writes.lock().await;
-        if self.registry.get(&p.id).is_some() {
-            return Err(Error::ProductExists);
+        if let Some(existing) = self.registry.get(&p.id) {
+            return Err(match existing.shelf.get() {
+                // Old order ids name the product: its id is never given to another.
+                Shelf::Deleted => DomainError::ProductDeleted.into(),
+                Shelf::OnSale | Shelf::Retired => Error::ProductExists,
+            });
         }
         // The points price is written first: it is durable with the product record
         // (one flush covers both), and a crash before the product leaves only a price
@@ -380,10 +396,46 @@ impl Kami {
         Ok(info)
     }
 
+    /// A product that is not deleted (a deleted one is not found, for buyers and merchants).
+    fn listed(&self, id: &str) -> Result<Arc<crate::actors::ProductRoute>, Error> {
+        self.registry.get(id).filter(|r| r.shelf.get() != Shelf::Deleted).ok_or(Error::ProductNotFound)
+    }
+
+    /// Takes a product off the shelf, puts it back on sale, or deletes it (see
+    /// [`crate::domain::shelf`]); returns the state, durable, and since when. A
+    /// deletion counts the open orders of every shard while the product is already
+    /// off the shelf, so no order can be created between the count and the deletion.
+    pub async fn change_shelf(&self, id: &str, change: ShelfChange) -> Result<(Shelf, u64), Error> {
+        let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
+        let _one_writer = self.merchant_writes.lock().await;
+        let current = route.shelf.get();
+        let next = match change {
+            ShelfChange::Retire => current.retire()?,
+            ShelfChange::Relist => current.relist()?,
+            ShelfChange::Delete => {
+                let mut open = OpenOrders::default();
+                if current == Shelf::Retired {
+                    for s in &route.shards {
+                        open.add(&self.call(s, shard::CountOpenOrders).await?);
+                    }
+                }
+                current.delete(&open)?
+            }
+        };
+        if next != current {
+            let now = self.clock.now_ms();
+            self.storage.set_shelf(id, next, now)?;
+            self.storage.ticket()?.wait().await?;
+            route.shelf.set(next, now);
+            tracing::info!(product = id, shelf = next.as_str(), "shelf state changed");
+        }
+        Ok((next, route.shelf.since_ms()))
+    }
+
     /// Imports keys (already split into lines or array items). Trims each key; empty
     /// ones are ignored; an invalid one rejects the whole batch before anything changes.
     pub async fn import_keys(&self, product: &str, raw: Vec<String>) -> Result<(u64, u64), Error> {
-        let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        let route = self.listed(product)?;
         let mut parts: Vec<Vec<String>> = vec![Vec::new(); route.shards.len()];
         for (i, key) in raw.into_iter().enumerate() {
             let key = key.trim();
@@ -407,9 +459,21 @@ impl Kami {
     }
 
     pub fn product(&self, id: &str) -> Result<ProductView, Error> {
+        self.listed(id)?;
+        self.product_as_merchant(id)
+    }
+
+    /// A product as its merchant sees it: deleted ones too.
+    pub fn product_as_merchant(&self, id: &str) -> Result<ProductView, Error> {
         let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
         let counts = route.counts();
-        Ok(ProductView { info: route.info.clone(), available: counts.available, counts })
+        Ok(ProductView {
+            info: route.info.clone(),
+            available: counts.available,
+            counts,
+            shelf: route.shelf.get(),
+            shelf_since_ms: route.shelf.since_ms(),
+        })
     }
 
     pub async fn audit(&self) -> Result<AuditReport, Error> {
@@ -504,7 +568,7 @@ impl Kami {
     /// Makes a product redeemable for `points` per key (`None`: no longer). Durable
     /// when it returns.
     pub async fn set_points_price(&self, product: &str, points: Option<u64>) -> Result<(), Error> {
-        self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        self.listed(product)?;
         if points == Some(0) {
             return Err(Error::Invalid("points_price: must be at least 1".into()));
         }
@@ -527,7 +591,7 @@ impl Kami {
         }
         validate::buyer(&req.buyer).map_err(Error::Invalid)?;
         validate::token("Idempotency-Key", idempotency_key).map_err(Error::Invalid)?;
-        let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
+        let route = self.listed(&req.product_id)?;
         let price = self.points_price(&req.product_id).ok_or(Error::Domain(DomainError::NotRedeemable))?;
         let points = price.checked_mul(req.quantity).ok_or_else(|| Error::Invalid("points: too many".into()))?;
         let redemption =
@@ -663,7 +727,7 @@ impl Kami {
         if let Some(k) = &idempotency_key {
             validate::token("Idempotency-Key", k).map_err(Error::Invalid)?;
         }
-        let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
+        let route = self.listed(&req.product_id)?;
         // Hashed only when there is a key to pin it to.
         let idempotency = match idempotency_key {
             Some(key) => {

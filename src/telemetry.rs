@@ -118,6 +118,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("kami_order_events_total", Kind::Counter, "Order events made durable, by event (created, delivered, expired, cancelled, refund_owed, refunded, ...)."),
     ("kami_group_events_total", Kind::Counter, "Group-buy events made durable, by event (opened, joined, completed, failed)."),
     ("kami_points_events_total", Kind::Counter, "Points ledger events made durable, by event."),
+    ("kami_product_on_sale", Kind::Gauge, "1 while a product is on sale, 0 once off the shelf or deleted (its other gauges stop updating when deleted)."),
     ("kami_stock_available", Kind::Gauge, "Keys in stock and free to sell, by product (as last made durable)."),
     ("kami_stock_reserved", Kind::Gauge, "Keys held by orders waiting for payment, by product."),
     ("kami_stock_sold", Kind::Gauge, "Keys delivered, by product."),

@@ -275,3 +275,78 @@ async fn the_merchant_reads_a_product_with_every_field_and_its_stock() {
     let missing = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/nope", api.url)))).await;
     assert_eq!((missing.status, missing.code()), (404, "product_not_found"));
 }
+
+/// Off the shelf a product takes no new order (a replay of one made before still
+/// answers), its existing orders go on, and it is deleted only off the shelf and
+/// with no open order. Deleted, it is gone for buyers, from the status page and
+/// for new products of that id, across a restart; its orders stay readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_off_the_shelf_takes_no_new_orders_and_is_deleted_once_none_is_open() {
+    let mut t = TestApp::spawn().await;
+    let api = t.api();
+    api.product_with_keys("shelf", 4, 0).await;
+    let admin = |method: reqwest::Method, path: &str| {
+        let req = api.http.request(method, format!("{}/api/v1/admin/products/shelf{path}", api.url));
+        reply(api.admin(req))
+    };
+    let alice = api.order("shelf", 1, "alice", Some("alice-1")).await;
+    assert_eq!(alice.status, 201, "{}", alice.body);
+
+    let retired = admin(reqwest::Method::POST, "/retire").await;
+    assert_eq!((retired.status, retired.body["shelf"].as_str()), (200, Some("retired")), "{}", retired.body);
+    assert!(retired.body["shelf_since"].as_str().is_some_and(|t| t.ends_with('Z')), "{}", retired.body);
+    assert_eq!(api.product("shelf").await.body["on_sale"], json!(false));
+    let bob = api.order("shelf", 1, "bob", None).await;
+    assert_eq!((bob.status, bob.code()), (409, "product_retired"), "{}", bob.body);
+    let replay = api.order("shelf", 1, "alice", Some("alice-1")).await;
+    assert_eq!(replay.body["order_id"], alice.body["order_id"], "a replay still answers: {}", replay.body);
+    assert_eq!(api.import("shelf", &["shelf-extra".to_string()]).await.status, 200, "restocking off the shelf");
+
+    let open = admin(reqwest::Method::DELETE, "").await;
+    assert_eq!((open.status, open.code()), (409, "product_has_open_orders"), "{}", open.body);
+    assert_eq!(open.body["error"]["open_orders"]["pending_payment"], json!(1), "{}", open.body);
+    // The open order goes on: paid and delivered off the shelf.
+    let id = alice.body["order_id"].as_str().unwrap();
+    assert_eq!(api.notify(id, "pay-shelf-1", alice.body["amount_cents"].as_u64().unwrap()).await.status, 200);
+
+    let relisted = admin(reqwest::Method::POST, "/relist").await;
+    assert_eq!((relisted.status, relisted.body["shelf"].as_str()), (200, Some("on_sale")));
+    let on_sale = admin(reqwest::Method::DELETE, "").await;
+    assert_eq!((on_sale.status, on_sale.code()), (409, "product_on_sale"), "{}", on_sale.body);
+    let carol = api.order("shelf", 1, "carol", None).await;
+    assert_eq!(carol.status, 201, "on sale again: {}", carol.body);
+    let cancelled =
+        api.cancel(carol.body["order_id"].as_str().unwrap(), carol.body["query_token"].as_str().unwrap()).await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+
+    assert_eq!(admin(reqwest::Method::POST, "/retire").await.status, 200);
+    let deleted = admin(reqwest::Method::DELETE, "").await;
+    assert_eq!((deleted.status, deleted.body["shelf"].as_str()), (200, Some("deleted")), "{}", deleted.body);
+
+    let check_deleted = |api: Api| async move {
+        assert_eq!(api.product("shelf").await.code(), "product_not_found");
+        let dave = api.order("shelf", 1, "dave", None).await;
+        assert_eq!((dave.status, dave.code()), (404, "product_not_found"));
+        let again = api.create_product("shelf", 100, 0, 1).await;
+        assert_eq!((again.status, again.code()), (409, "product_deleted"), "an id is never reused: {}", again.body);
+        let status = reply(api.http.get(format!("{}/status.json", api.url))).await;
+        assert!(
+            status.body["products"].as_array().unwrap().iter().all(|p| p["id"] != "shelf"),
+            "not on the status page: {}",
+            status.body
+        );
+        let read = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/shelf", api.url)))).await;
+        assert_eq!((read.status, read.body["shelf"].as_str()), (200, Some("deleted")), "the merchant still reads it");
+        let relist = reply(api.admin(api.http.post(format!("{}/api/v1/admin/products/shelf/relist", api.url)))).await;
+        assert_eq!((relist.status, relist.code()), (409, "product_deleted"));
+        assert_audit_ok(&api.audit().await);
+    };
+    check_deleted(api.clone()).await;
+    let kept = api.get_order(id, alice.body["query_token"].as_str().unwrap()).await;
+    assert_eq!((kept.status, kept.body["status"].as_str()), (200, Some("delivered")), "its orders stay readable");
+
+    let data = t.data.clone();
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &[]).await;
+    check_deleted(t2.api()).await;
+}

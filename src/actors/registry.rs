@@ -1,5 +1,5 @@
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -8,6 +8,7 @@ use arc_swap::ArcSwap;
 use super::admission::Admission;
 use super::shard::{ShardActor, ShardEnv, ShardGauge};
 use crate::domain::shard::Counts;
+use crate::domain::shelf::Shelf;
 use crate::domain::ProductInfo;
 use crate::storage::Recovered;
 
@@ -23,6 +24,9 @@ pub struct ShardHandle {
 pub struct ProductRoute {
     pub info: ProductInfo,
     pub shards: Vec<ShardHandle>,
+    /// On sale, off the shelf or deleted: read by the order path and by the
+    /// product's actors (which refuse anything new off the shelf).
+    pub shelf: Arc<ShelfCell>,
     /// Keys moving between this product's shards (see `Kami::create_order`).
     pub transfers: TransferTrack,
 }
@@ -79,10 +83,38 @@ impl Drop for InTransit<'_> {
     }
 }
 
+/// A product's shelf state as last made durable, and since when (Unix ms).
+#[derive(Debug, Default)]
+pub struct ShelfCell {
+    state: AtomicU8,
+    since_ms: AtomicU64,
+}
+
+impl ShelfCell {
+    pub fn new(shelf: Shelf, since_ms: u64) -> ShelfCell {
+        ShelfCell { state: AtomicU8::new(shelf.to_u8()), since_ms: AtomicU64::new(since_ms) }
+    }
+
+    pub fn get(&self) -> Shelf {
+        Shelf::from_u8(self.state.load(Ordering::SeqCst)).expect("only shelf states are stored")
+    }
+
+    /// When the state last changed (0: on sale since the product was created).
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms.load(Ordering::SeqCst)
+    }
+
+    /// Only once the state is durable.
+    pub fn set(&self, shelf: Shelf, since_ms: u64) {
+        self.since_ms.store(since_ms, Ordering::SeqCst);
+        self.state.store(shelf.to_u8(), Ordering::SeqCst);
+    }
+}
+
 impl ProductRoute {
-    pub fn new(info: ProductInfo, shards: Vec<ShardHandle>) -> ProductRoute {
+    pub fn new(info: ProductInfo, shards: Vec<ShardHandle>, shelf: Arc<ShelfCell>) -> ProductRoute {
         let transfers = TransferTrack::new(shards.len());
-        ProductRoute { info, shards, transfers }
+        ProductRoute { info, shards, shelf, transfers }
     }
 
     /// The shard owning a buyer: stable across restarts (per-buyer limits live there,
@@ -153,11 +185,12 @@ pub fn start_shard(
     env: &Arc<ShardEnv>,
     arbiter: &ArbiterHandle,
     product: &ProductInfo,
+    shelf: &Arc<ShelfCell>,
     recovered: Recovered,
 ) -> ShardHandle {
     let gauge = Arc::new(ShardGauge::default());
-    let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
-    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, recovered));
+    let (e, p, g, s) = (env.clone(), product.clone(), gauge.clone(), shelf.clone());
+    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, s, recovered));
     ShardHandle { addr, admission: Arc::new(Admission::new(env.mailbox_capacity, env.max_queue_wait_ms)), gauge }
 }
 

@@ -148,6 +148,11 @@ pub struct CancelOrder {
 #[rtype(result = "ShardResult<ShardAudit>")]
 pub struct Audit;
 
+/// The shard's orders not settled yet (what keeps a product from being deleted).
+#[derive(Message)]
+#[rtype(result = "ShardResult<crate::domain::shelf::OpenOrders>")]
+pub struct CountOpenOrders;
+
 /// What the payment supervisor should do for this shard: orders to ask the
 /// channels about, and refunds owed. Expires due reservations first. Answered once
 /// the state it describes is durable (a refund must never be made for a payment
@@ -288,6 +293,8 @@ pub struct ShardActor {
     product: ProductInfo,
     env: Arc<ShardEnv>,
     gauge: Arc<ShardGauge>,
+    /// The product's shelf state: off the shelf, the shard takes nothing new.
+    shelf: Arc<super::registry::ShelfCell>,
     /// None when rebuilding from storage failed: every request is answered `Unavailable`.
     live: Option<Live>,
     /// `kami_actor_turn_seconds{actor="stock"}`.
@@ -406,13 +413,20 @@ fn order_of(shard: &Shard, event: &Event) -> Option<u64> {
 }
 
 impl ShardActor {
-    pub fn new(env: Arc<ShardEnv>, product: ProductInfo, gauge: Arc<ShardGauge>, recovered: Recovered) -> ShardActor {
+    pub fn new(
+        env: Arc<ShardEnv>,
+        product: ProductInfo,
+        gauge: Arc<ShardGauge>,
+        shelf: Arc<super::registry::ShelfCell>,
+        recovered: Recovered,
+    ) -> ShardActor {
         let id = ShardId::new(product.id.clone(), recovered.shard.shard_index());
         let mut actor = ShardActor {
             id,
             product,
             env,
             gauge,
+            shelf,
             live: None,
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "stock"),
         };
@@ -444,7 +458,9 @@ impl ShardActor {
 
     /// Runs a domain step; a panic stops the actor so its supervisor rebuilds it.
     fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ShardResult<T> {
+        let retired = !self.shelf.get().sells();
         let live = self.live()?;
+        live.shard.set_retired(retired);
         match crate::domain::catch_broken_step(|| step(&mut live.shard)) {
             Ok(value) => Ok(value),
             Err(what) => {
@@ -964,6 +980,18 @@ impl Handler<CancelOrder> for ShardActor {
         };
         match self.order_snapshot(msg.seq, false) {
             Ok(view) => self.reply_order(Some(ticket), view),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<CountOpenOrders> for ShardActor {
+    type Result = ResponseFuture<ShardResult<crate::domain::shelf::OpenOrders>>;
+
+    fn handle(&mut self, _: CountOpenOrders, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        match self.guarded(ctx, |s| s.open_orders()) {
+            Ok(open) => self.reply(None, open),
             Err(e) => fail(e),
         }
     }

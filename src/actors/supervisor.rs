@@ -3,7 +3,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::registry::{start_shard, ProductRoute, Registry};
+use super::registry::{start_shard, ProductRoute, Registry, ShelfCell};
 use super::shard::ShardEnv;
 use super::Kill;
 use crate::domain::{ProductInfo, ShardId};
@@ -74,8 +74,13 @@ impl OrderSupervisor {
                 }));
             }
         }
+        let shelves = env.storage.shelves()?;
+        let shelf_of = |id: &str| {
+            let (shelf, since) = shelves.get(id).copied().unwrap_or_default();
+            Arc::new(ShelfCell::new(shelf, since))
+        };
         let mut sup = OrderSupervisor { env, arbiters, registry, next_arbiter: 0 };
-        let mut shards_by_product: Vec<(ProductInfo, Vec<_>)> = Vec::new();
+        let mut shards_by_product: Vec<(ProductInfo, Arc<ShelfCell>, Vec<_>)> = Vec::new();
         for job in jobs {
             let (product, recovered) =
                 job.await.map_err(|e| StorageError::Sled(format!("recovery task failed: {e}")))??;
@@ -84,15 +89,16 @@ impl OrderSupervisor {
             report.journal_bytes += recovered.journal_bytes;
             report.idempotency_keys.extend(recovered.shard.idempotency_keys().map(|(k, fp)| (k.to_string(), fp)));
             let arbiter = sup.pick_arbiter();
-            let handle = start_shard(&sup.env, &arbiter, &product, recovered);
-            match shards_by_product.last_mut() {
-                Some((p, handles)) if p.id == product.id => handles.push(handle),
-                _ => shards_by_product.push((product, vec![handle])),
+            if !shards_by_product.last().is_some_and(|(p, _, _)| p.id == product.id) {
+                let shelf = shelf_of(&product.id);
+                shards_by_product.push((product.clone(), shelf, Vec::new()));
             }
+            let (_, shelf, handles) = shards_by_product.last_mut().expect("pushed above");
+            handles.push(start_shard(&sup.env, &arbiter, &product, shelf, recovered));
         }
-        for (info, shards) in shards_by_product {
+        for (info, shelf, shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
-            sup.registry.insert(ProductRoute::new(info, shards));
+            sup.registry.insert(ProductRoute::new(info, shards, shelf));
         }
         report.elapsed = started.elapsed();
         Ok((sup, report))
@@ -113,14 +119,16 @@ impl OrderSupervisor {
         let recovered = (0..info.shards)
             .map(|shard| self.env.storage.recover(&ShardId::new(info.id.clone(), shard), info))
             .collect::<Result<Vec<_>, _>>()?;
+        let (shelf, since) = self.env.storage.shelves()?.get(&info.id).copied().unwrap_or_default();
+        let shelf = Arc::new(ShelfCell::new(shelf, since));
         let shards = recovered
             .into_iter()
             .map(|r| {
                 let arbiter = self.pick_arbiter();
-                start_shard(&self.env, &arbiter, info, r)
+                start_shard(&self.env, &arbiter, info, &shelf, r)
             })
             .collect();
-        self.registry.insert(ProductRoute::new(info.clone(), shards));
+        self.registry.insert(ProductRoute::new(info.clone(), shards, shelf));
         Ok(())
     }
 }

@@ -47,7 +47,7 @@ impl Kami {
     /// (not created), other terms under the same id are `deal_exists`. Durable
     /// when it returns.
     pub async fn create_group_deal(&self, product: &str, d: NewDeal) -> Result<(GroupDeal, bool), Error> {
-        let info = self.registry.get(product).ok_or(Error::ProductNotFound)?.info.clone();
+        let info = self.listed(product)?.info.clone();
         if !validate::is_product_id(&d.deal_id) {
             return Err(Error::Invalid("deal_id: must match [a-z0-9_-]{1,64}".into()));
         }
@@ -81,7 +81,7 @@ impl Kami {
 
     /// A product's deals, by id.
     pub fn group_deals(&self, product: &str) -> Result<Vec<GroupDeal>, Error> {
-        self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        self.listed(product)?;
         let mut deals: Vec<GroupDeal> =
             self.deals.iter().filter(|e| e.key().0 == product).map(|e| e.value().clone()).collect();
         deals.sort_by(|a, b| a.deal_id.cmp(&b.deal_id));
@@ -91,7 +91,7 @@ impl Kami {
     /// Opens a group of a deal (or joins the oldest open one, `join_open`) for the buyer.
     pub async fn open_group(&self, req: OpenGroupRequest, idempotency_key: Option<String>) -> Result<GroupSeat, Error> {
         validate::buyer(&req.buyer).map_err(Error::Invalid)?;
-        let route = self.registry.get(&req.product_id).ok_or(Error::ProductNotFound)?;
+        let route = self.listed(&req.product_id)?;
         let deal = self
             .deals
             .get(&(req.product_id.clone(), req.deal_id.clone()))
@@ -139,7 +139,7 @@ impl Kami {
     /// Open groups of a deal that a buyer could join now, oldest first (at most
     /// [`MAX_OPEN_GROUPS_LISTED`]).
     pub async fn open_groups(&self, product: &str, deal_id: &str, limit: usize) -> Result<Vec<GroupSnapshot>, Error> {
-        let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        let route = self.listed(product)?;
         if !self.deals.contains_key(&(product.to_string(), deal_id.to_string())) {
             return Err(DomainError::DealNotFound.into());
         }

@@ -51,6 +51,14 @@ pub enum DomainError {
     DealNotFound,
     #[error("a group deal with this id exists with other terms")]
     DealExists,
+    #[error("the product is off the shelf: it takes no new orders")]
+    ProductRetired,
+    #[error("the product is on sale: take it off the shelf first")]
+    ProductOnSale,
+    #[error("the product has orders still open ({} waiting for payment, {} paid seats of open groups, {} owed a refund)", open.pending_payment, open.paid, open.refund_pending)]
+    OpenOrders { open: super::shelf::OpenOrders },
+    #[error("the product was deleted")]
+    ProductDeleted,
 }
 
 impl DomainError {
@@ -78,6 +86,10 @@ impl DomainError {
             DomainError::LeftTooOften => "left_group_too_often",
             DomainError::DealNotFound => "deal_not_found",
             DomainError::DealExists => "deal_exists",
+            DomainError::ProductRetired => "product_retired",
+            DomainError::ProductOnSale => "product_on_sale",
+            DomainError::OpenOrders { .. } => "product_has_open_orders",
+            DomainError::ProductDeleted => "product_deleted",
         }
     }
 }

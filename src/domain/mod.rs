@@ -13,6 +13,7 @@
 //!   and its side of a redemption (hold, settle, release).
 //! * [`breaker`] — the circuit breaker of one payment channel; [`routing`] — which
 //!   channel a new order goes to.
+//! * [`shelf`] — whether a product is sold: on sale, off the shelf, deleted.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
 //! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
 //!   notifications.
@@ -25,6 +26,7 @@ pub mod ids;
 pub mod points;
 pub mod routing;
 pub mod shard;
+pub mod shelf;
 pub mod signature;
 pub mod validate;
 

@@ -557,6 +557,11 @@ pub struct Shard {
     /// Paid seats of open groups → their payment's key.
     #[serde(skip)]
     seat_payments: HashMap<u64, String>,
+    /// Off the shelf: nothing new is taken (orders, seats, redemptions), while
+    /// repeats and everything about existing orders go on. Set by the owner of the
+    /// shard from the product's durable shelf state; not part of the shard's history.
+    #[serde(skip)]
+    retired: bool,
 }
 
 /// A snapshot as format v1 and v2 wrote it: no transfers.
@@ -648,6 +653,7 @@ impl Shard {
             open_groups: Default::default(),
             group_expiry: BinaryHeap::new(),
             seat_payments: HashMap::new(),
+            retired: false,
         }
     }
 
@@ -826,6 +832,9 @@ impl Shard {
     /// Whether `buyer` may take `quantity` more keys now: within the per-buyer limit
     /// (pending, paid and delivered orders count) and within the available stock.
     fn check_can_take(&self, buyer: &str, quantity: u32) -> Result<(), DomainError> {
+        if self.retired {
+            return Err(DomainError::ProductRetired);
+        }
         let limit = self.product.per_buyer_limit;
         if limit > 0 {
             let held = self.holdings.get(buyer).copied().unwrap_or(0);
@@ -837,6 +846,27 @@ impl Shard {
             return Err(DomainError::SoldOut { requested: quantity, available: self.available.len() as u64 });
         }
         Ok(())
+    }
+
+    /// Takes the product off the shelf (`true`) or puts it back: off the shelf, nothing new
+    /// is taken (orders, seats, redemptions), while repeats and existing orders go on.
+    pub fn set_retired(&mut self, retired: bool) {
+        self.retired = retired;
+    }
+
+    /// Orders that are not settled yet: waiting for payment, paid seats of open
+    /// groups, refunds owed. (Archived orders are all settled.)
+    pub fn open_orders(&self) -> crate::domain::shelf::OpenOrders {
+        let mut open = crate::domain::shelf::OpenOrders::default();
+        for order in self.orders.values() {
+            match order.status {
+                OrderStatus::PendingPayment => open.pending_payment += 1,
+                OrderStatus::Paid => open.paid += 1,
+                OrderStatus::RefundPending => open.refund_pending += 1,
+                OrderStatus::Delivered | OrderStatus::Expired | OrderStatus::Cancelled | OrderStatus::Refunded => {}
+            }
+        }
+        open
     }
 
     pub fn create_order(&mut self, req: NewOrder, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
@@ -1983,6 +2013,31 @@ mod tests {
         assert_eq!(s.create_order(new_order("a", 1), 0), Err(DomainError::LimitExceeded { limit: 2, held: 2 }));
         assert_eq!(s.create_order(new_order("b", 2), 0), Err(DomainError::SoldOut { requested: 2, available: 1 }));
         created(s.create_order(new_order("b", 1), 0));
+    }
+
+    #[test]
+    fn off_the_shelf_nothing_new_is_taken_but_repeats_and_open_orders_go_on() {
+        let mut s = shard_with_keys(5, 0);
+        let mut req = new_order("a", 1);
+        req.idempotency = Some(Idempotency { key: "k1".into(), fingerprint: [1; 16] });
+        let seq = created(s.create_order(req.clone(), 0));
+        let redemption =
+            Redemption { redemption: "r1".into(), buyer: "b".into(), quantity: 1, query_token: "t".into() };
+        let redeemed = created(s.redeem(redemption.clone(), 0));
+        let terms = GroupTerms { deal_id: "d".into(), size: 2, price_cents: 500, time_limit_ms: 10_000 };
+        s.set_retired(true);
+        assert_eq!(s.create_order(new_order("c", 1), 0), Err(DomainError::ProductRetired));
+        let other = Redemption { redemption: "r2".into(), ..redemption.clone() };
+        assert_eq!(s.redeem(other, 0), Err(DomainError::ProductRetired));
+        assert_eq!(s.open_group(&terms, new_order("c", 1), 0), Err(DomainError::ProductRetired));
+        assert_eq!(s.join_any(&terms, new_order("c", 1), 0), Err(DomainError::ProductRetired));
+        assert_eq!(s.create_order(req, 0), Ok(Outcome::Repeat(seq)), "a repeat still answers");
+        assert_eq!(s.redeem(redemption, 0), Ok(Outcome::Repeat(redeemed)));
+        assert_eq!(s.open_orders(), crate::domain::shelf::OpenOrders { pending_payment: 1, ..Default::default() });
+        assert!(matches!(s.pay(paid(seq, "pay-1", 990), 1), Ok(Outcome::Changed(..))), "an open order is paid");
+        assert_eq!(s.open_orders().total(), 0);
+        s.set_retired(false);
+        created(s.create_order(new_order("c", 1), 0));
     }
 
     #[test]

@@ -5,16 +5,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-
-use super::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 use super::error::ApiError;
 use super::limits::Tier;
-use super::{extract, views, AppState};
-use crate::core::{JoinRequest, NewDeal, NewProduct, OpenGroupRequest, OrderRequest, RedeemRequest};
+use super::{extract, views, AppState, Json};
+use crate::core::{JoinRequest, NewDeal, NewProduct, OpenGroupRequest, OrderRequest, RedeemRequest, ShelfChange};
+use crate::domain::shelf::Shelf;
 use crate::domain::DomainError;
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -32,7 +31,7 @@ pub async fn create_product(
     let req: NewProduct = extract::json(&bytes)?;
     let info = core.create_product(req).await?;
     let points_price = core.points_price(&info.id);
-    Ok((StatusCode::CREATED, Json(views::product(&info, 0, points_price))))
+    Ok((StatusCode::CREATED, Json(views::product(&info, 0, points_price, Shelf::OnSale, 0))))
 }
 
 #[derive(Deserialize)]
@@ -126,7 +125,7 @@ pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> 
     let points_price = core.points_price(&id);
     Ok(Json(json!({
         "id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available,
-        "points_price": points_price,
+        "points_price": points_price, "on_sale": p.shelf.sells(),
     })))
 }
 
@@ -138,13 +137,53 @@ pub async fn admin_get_product(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
+    Ok(Json(merchant_product(&st, &id)?))
+}
+
+/// A product with its stock, as the merchant routes answer it (deleted ones too).
+fn merchant_product(st: &AppState, id: &str) -> ApiResult<Value> {
     let core = st.core()?;
-    let p = core.product(&id)?;
+    let p = core.product_as_merchant(id)?;
     let c = p.counts;
-    let mut v = views::product(&p.info, c.available, core.points_price(&id));
+    let mut v = views::product(&p.info, c.available, core.points_price(id), p.shelf, p.shelf_since_ms);
     v["stock"] = json!({"imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold});
     v["orders_created"] = json!(c.orders);
-    Ok(Json(v))
+    Ok(v)
+}
+
+/// `POST /api/v1/admin/products/{id}/retire`: off the shelf (no new orders, seats or
+/// redemptions; existing orders go on). Durable when answered.
+pub async fn retire_product(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    change_shelf(st, id, headers, ShelfChange::Retire).await
+}
+
+/// `POST /api/v1/admin/products/{id}/relist`: back on sale.
+pub async fn relist_product(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    change_shelf(st, id, headers, ShelfChange::Relist).await
+}
+
+/// `DELETE /api/v1/admin/products/{id}`: gone from the shop, for good; only off the
+/// shelf and with no open order.
+pub async fn delete_product(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    change_shelf(st, id, headers, ShelfChange::Delete).await
+}
+
+async fn change_shelf(st: AppState, id: String, headers: HeaderMap, change: ShelfChange) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    st.core()?.change_shelf(&id, change).await?;
+    Ok(Json(merchant_product(&st, &id)?))
 }
 
 // ---- points ----

@@ -1,9 +1,9 @@
 //! Every failure leaves as `{"error": {"code": "...", "message": "..."}}`.
 
-use super::Json;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::Json;
 use crate::domain::DomainError;
 use crate::error::Error;
 
@@ -67,7 +67,11 @@ impl From<Error> for ApiError {
                 | DomainError::GroupClosed { .. }
                 | DomainError::AlreadyInGroup
                 | DomainError::LeftTooOften
-                | DomainError::DealExists => StatusCode::CONFLICT,
+                | DomainError::DealExists
+                | DomainError::ProductRetired
+                | DomainError::ProductOnSale
+                | DomainError::OpenOrders { .. }
+                | DomainError::ProductDeleted => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,
@@ -89,6 +93,11 @@ impl From<Error> for ApiError {
                 "estimated_wait_ms": q.estimated_wait_ms,
             });
             err.details = Some(("queue", queue));
+            return err;
+        }
+        if let Error::Domain(DomainError::OpenOrders { open }) = &e {
+            let mut err = ApiError::new(status, e.code(), e.to_string());
+            err.details = Some(("open_orders", serde_json::to_value(open).expect("counts serialise")));
             return err;
         }
         let err = ApiError::new(status, e.code(), e.to_string());

@@ -27,6 +27,11 @@ pub async fn metrics(
     st.require_ops(&headers, uri.query())?;
     if let Ok(core) = st.core() {
         for (id, route) in core.registry().all().iter() {
+            let shelf = route.shelf.get();
+            metrics::gauge!("kami_product_on_sale", "product" => id.clone()).set(if shelf.sells() { 1.0 } else { 0.0 });
+            if shelf == crate::domain::shelf::Shelf::Deleted {
+                continue;
+            }
             let c = route.counts();
             metrics::gauge!("kami_stock_available", "product" => id.clone()).set(c.available as f64);
             metrics::gauge!("kami_stock_reserved", "product" => id.clone()).set(c.reserved as f64);
@@ -73,12 +78,14 @@ pub async fn status_json(
         .registry()
         .all()
         .iter()
+        .filter(|(_, route)| route.shelf.get() != crate::domain::shelf::Shelf::Deleted)
         .map(|(id, route)| {
             let c = route.counts();
             let (depth, drain) = route.line();
             json!({
                 "id": id,
                 "shards": route.shards.len(),
+                "on_sale": route.shelf.get().sells(),
                 "available": c.available,
                 "reserved": c.reserved,
                 "sold": c.sold,

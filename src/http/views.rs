@@ -6,6 +6,7 @@ use crate::actors::shard::{GroupSeat, GroupSnapshot, OrderSnapshot};
 use crate::core::{AuditReport, Redeemed};
 use crate::domain::group::{GroupDeal, GroupState};
 use crate::domain::points::{Balance, Entry};
+use crate::domain::shelf::Shelf;
 use crate::domain::OrderStatus;
 use crate::domain::ProductInfo;
 
@@ -19,8 +20,12 @@ fn ts_opt(ms: Option<u64>) -> Value {
     ms.map(|m| Value::String(ts(m))).unwrap_or(Value::Null)
 }
 
-pub fn product(info: &ProductInfo, available: u64, points_price: Option<u64>) -> Value {
+/// A product as its merchant sees it (`shelf`: on sale, retired or deleted; `shelf_since`:
+/// when that last changed, null if never).
+pub fn product(info: &ProductInfo, available: u64, points_price: Option<u64>, shelf: Shelf, since_ms: u64) -> Value {
     json!({
+        "shelf": shelf.as_str(),
+        "shelf_since": (since_ms > 0).then(|| ts(since_ms)),
         "id": info.id,
         "name": info.name,
         "price_cents": info.price_cents,

@@ -25,12 +25,14 @@ pub mod codec;
 pub mod commit;
 pub mod journal;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::domain::group::GroupDeal;
 use crate::domain::points::{PointsBook, PointsEvent};
 use crate::domain::shard::ArchivedOrder;
+use crate::domain::shelf::Shelf;
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
 pub use commit::{Committer, Ticket};
@@ -288,6 +290,32 @@ impl Storage {
         let value = codec::encode(Kind::Product, product);
         let swapped = self.products.compare_and_swap(product.id.as_bytes(), None as Option<&[u8]>, Some(value))?;
         Ok(swapped.is_ok())
+    }
+
+    /// A product's shelf state and since when (Unix ms). Durable after a flush.
+    pub fn set_shelf(&self, product: &str, shelf: Shelf, since_ms: u64) -> Result<(), StorageError> {
+        let tree = self.db.open_tree("shelf")?;
+        let mut value = [0u8; 9];
+        value[0] = shelf.to_u8();
+        value[1..].copy_from_slice(&since_ms.to_be_bytes());
+        tree.insert(product.as_bytes(), &value)?;
+        Ok(())
+    }
+
+    /// Every product's shelf state that is not the default (on sale since its creation).
+    pub fn shelves(&self) -> Result<HashMap<String, (Shelf, u64)>, StorageError> {
+        let tree = self.db.open_tree("shelf")?;
+        let mut out = HashMap::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let product = String::from_utf8_lossy(&k).into_owned();
+            let corrupt =
+                || StorageError::Corrupt { place: format!("shelf/{product}"), error: "not a shelf state".into() };
+            let shelf = v.first().copied().and_then(Shelf::from_u8).ok_or_else(corrupt)?;
+            let since = u64::from_be_bytes(v.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
+            out.insert(product, (shelf, since));
+        }
+        Ok(out)
     }
 
     // ---- points ----
