@@ -108,7 +108,8 @@ pub fn order_created<'a>(
     }
 }
 
-/// The buyer's view: `keys` appears only once the order is delivered.
+/// The buyer's view. `keys` is always an array: empty until the order is delivered
+/// (and after a refund), the delivered keys then.
 pub fn order(s: &OrderSnapshot) -> Value {
     let o = &s.order;
     let mut v = json!({
@@ -125,9 +126,7 @@ pub fn order(s: &OrderSnapshot) -> Value {
     if let Some(group) = s.group_id() {
         v["group_id"] = json!(group);
     }
-    if !s.keys.is_empty() {
-        v["keys"] = json!(s.keys);
-    }
+    v["keys"] = json!(s.keys);
     v
 }
 
@@ -135,7 +134,6 @@ pub fn order(s: &OrderSnapshot) -> Value {
 pub fn admin_order(s: &OrderSnapshot) -> Value {
     let o = &s.order;
     let mut v = order(s);
-    v["keys"] = json!(s.keys);
     v["buyer"] = json!(o.buyer);
     v["closed_at"] = ts_opt(o.closed_at_ms);
     v["payment_id"] = json!(o.payment_id);
