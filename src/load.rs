@@ -123,6 +123,9 @@ pub struct LoadReport {
     /// in that bucket): `[p50_ms, p99_ms]`, one entry per bucket like `timeline`.
     pub create_latency_by_bucket: Vec<[f64; 2]>,
     pub verdict: Verdict,
+    /// Against a URL: what became of the load's product after the run (taken off
+    /// the shelf, then deleted when no order of it is open). `None` when embedded.
+    pub product_left: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,6 +303,10 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         p.abort();
     }
     let verdict = verdict(&http, &url, &admin, &product, &config, &total).await?;
+    let product_left = match &config.target {
+        Target::Url { .. } => Some(clear_away(&http, &url, &admin, &product).await),
+        Target::Embedded { .. } => None,
+    };
     let secs = elapsed.as_secs_f64().max(1e-9);
     let steps = STEPS
         .iter()
@@ -331,7 +338,42 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         timeline: total.completions,
         create_latency_by_bucket,
         verdict,
+        product_left,
     })
+}
+
+/// Takes the load's product off the shelf of the shop it ran against, then deletes
+/// it if no order of it is open; says what it did.
+async fn clear_away(http: &reqwest::Client, url: &str, admin: &str, product: &str) -> String {
+    let admin_url = format!("{url}/api/v1/admin/products/{product}");
+    let retired = http.post(format!("{admin_url}/retire")).bearer_auth(admin).send().await;
+    match retired {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => return format!("{product} left on sale: retiring it answered {}", r.text().await.unwrap_or_default()),
+        Err(e) => return format!("{product} left on sale: {e}"),
+    }
+    let deleted = match http.delete(&admin_url).bearer_auth(admin).send().await {
+        Ok(r) => r,
+        Err(e) => return format!("{product} is off the shelf; deleting it failed: {e}"),
+    };
+    if deleted.status().is_success() {
+        return format!("{product} deleted from the shop");
+    }
+    let body: Value = deleted.json().await.unwrap_or_default();
+    match body["error"]["code"].as_str() {
+        Some("product_has_open_orders") => {
+            let open = &body["error"]["open_orders"];
+            let n = ["pending_payment", "paid", "refund_pending"]
+                .iter()
+                .map(|k| open[k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+            format!(
+                "{product} is off the shelf with {n} orders still open; delete it once they settle \
+                 (DELETE {admin_url})"
+            )
+        }
+        _ => format!("{product} is off the shelf; deleting it answered {body}"),
+    }
 }
 
 async fn setup(
@@ -630,6 +672,9 @@ impl LoadReport {
         );
         for p in &v.problems {
             let _ = writeln!(t, "    problem: {p}");
+        }
+        if let Some(left) = &self.product_left {
+            let _ = writeln!(t, "  product: {left}");
         }
         if v.rate_limited > 0 {
             let _ = writeln!(

@@ -70,6 +70,17 @@ async fn rate_limited_buyers_are_counted_as_refused_not_lost() {
         report.answers.iter().filter(|(k, _)| k.starts_with("429")).map(|(_, n)| n).sum::<u64>()
     );
     assert!(table.contains("rate limited:") && table.contains("--api-key"), "{table}");
+    // The load's product does not stay in the shop: every order of it settled, so it is deleted.
+    let left = report.product_left.as_deref().unwrap_or_default();
+    assert!(left.ends_with("deleted from the shop"), "{table}");
+    let read = reqwest::Client::new()
+        .get(format!("{}/api/v1/admin/products/{}", app.url(), report.product))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    let read: serde_json::Value = read.json().await.unwrap();
+    assert_eq!(read["shelf"], "deleted", "{read}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
