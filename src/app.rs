@@ -385,6 +385,7 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
 
 pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<RunningApp, StartError> {
     let secrets = Secrets::resolve(&settings)?;
+    crate::telemetry::history::start_sampler();
     if settings.chaos.enabled {
         crate::chaos::arm(settings.chaos.crash_point, settings.chaos.crash_after_hits);
     }

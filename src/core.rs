@@ -990,6 +990,7 @@ impl Kami {
         let outcome =
             apply_payment(&route.shards[id.shard.shard as usize], payment, self.limits.request_timeout).await?;
         if let PaymentOutcome::AmountMismatch { expected_cents } = outcome {
+            crate::telemetry::count_amount_mismatch();
             return Err(DomainError::AmountMismatch { expected: expected_cents, got: n.amount_cents }.into());
         }
         Ok(outcome)
@@ -1167,7 +1168,9 @@ pub(crate) async fn apply_payment(
     let heard = std::time::Instant::now();
     let outcome = call_shard(Lane::Settle, shard, shard::PayOrder(payment), timeout).await;
     if let Ok(PaymentOutcome::Delivered) = &outcome {
-        metrics::histogram!("kami_paid_to_delivered_seconds").record(heard.elapsed().as_secs_f64());
+        let elapsed = heard.elapsed();
+        metrics::histogram!("kami_paid_to_delivered_seconds").record(elapsed.as_secs_f64());
+        crate::telemetry::history::PAID_TO_DELIVERED.record(elapsed);
     }
     outcome
 }

@@ -8,6 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
+pub mod history;
+
 /// Installs the log subscriber once per process. `RUST_LOG` wins over `log.level`.
 pub fn init_logging(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
@@ -70,6 +72,18 @@ pub fn count_rejection(reason: &'static str) {
 /// Refused requests since start, by reason.
 pub fn rejections() -> impl Iterator<Item = (&'static str, u64)> {
     REJECTION_REASONS.iter().zip(&REJECTED).map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+}
+
+static AMOUNT_MISMATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a payment whose amount did not match its order (nothing was delivered).
+pub fn count_amount_mismatch() {
+    AMOUNT_MISMATCHES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Payments whose amount did not match their order, since start.
+pub fn amount_mismatches() -> u64 {
+    AMOUNT_MISMATCHES.load(Ordering::Relaxed)
 }
 
 /// Orders (created, delivered) since start.

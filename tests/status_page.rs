@@ -1,6 +1,7 @@
 //! The operator's status page in a real browser: headless Chromium driven through
 //! chromedriver (WebDriver over HTTP), loaded during a load run; the numbers it
-//! shows must move with the traffic. `.ci/run` installs Chromium when missing.
+//! shows must move with the traffic, and the charts must draw it (read back from
+//! the browser's screenshot of them). `.ci/run` installs Chromium when missing.
 
 mod common;
 
@@ -73,6 +74,8 @@ impl Driver {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            // The whole page in the viewport: an element screenshot shows only what is in view.
+            "--window-size=1400,2400",
         ]
         .iter()
         .map(|a| a.to_string())
@@ -102,6 +105,40 @@ impl Driver {
         v.as_str().map(str::to_string)
     }
 
+    /// Runs `script` in the page with `args`; its return value.
+    async fn script(&self, script: &str, args: Value) -> Value {
+        let id = self.session.as_ref().expect("open first");
+        self.call(
+            reqwest::Method::POST,
+            &format!("/session/{id}/execute/sync"),
+            json!({"script": script, "args": args}),
+        )
+        .await
+    }
+
+    /// The browser's picture of the first element matching `css`, decoded.
+    async fn screenshot(&self, css: &str) -> Picture {
+        use base64::Engine;
+        let id = self.session.as_ref().expect("open first");
+        let found = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/session/{id}/element"),
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        let element = found.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).expect("element id");
+        let path = format!("/session/{id}/element/{element}/screenshot");
+        let shot = self.call(reqwest::Method::GET, &path, json!({})).await;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot.as_str().expect("base64")).unwrap();
+        if let Some(dir) = std::env::var_os("KAMI_SCREENSHOTS") {
+            // For a person to look at: `KAMI_SCREENSHOTS=DIR cargo test --test status_page`.
+            let _ =
+                std::fs::write(std::path::Path::new(&dir).join(format!("{}.png", css.trim_start_matches('#'))), &png);
+        }
+        Picture::decode(&png)
+    }
+
     async fn number(&self, css: &str) -> Option<u64> {
         self.text(css).await.and_then(|t| t.trim().parse().ok())
     }
@@ -119,6 +156,43 @@ impl Driver {
         }
     }
 }
+
+/// A screenshot as RGB pixels.
+struct Picture {
+    width: usize,
+    rgb: Vec<[u8; 3]>,
+}
+
+impl Picture {
+    fn decode(png_bytes: &[u8]) -> Picture {
+        let mut reader = png::Decoder::new(png_bytes).read_info().expect("a PNG");
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).expect("a frame");
+        let channels = info.color_type.samples();
+        assert!(channels >= 3 && info.bit_depth == png::BitDepth::Eight, "{:?} {:?}", info.color_type, info.bit_depth);
+        let rgb = buf[..info.buffer_size()].chunks(channels).map(|p| [p[0], p[1], p[2]]).collect();
+        Picture { width: info.width as usize, rgb }
+    }
+
+    /// The rows in which some pixel has (nearly) `color`: how many pixels, and
+    /// the first and last such row.
+    fn drawn(&self, color: [u8; 3]) -> (usize, Option<(usize, usize)>) {
+        let near = |p: &[u8; 3]| p.iter().zip(color).all(|(a, b)| a.abs_diff(b) <= 40);
+        let mut count = 0;
+        let mut rows: Option<(usize, usize)> = None;
+        for (i, p) in self.rgb.iter().enumerate() {
+            if near(p) {
+                count += 1;
+                let row = i / self.width;
+                rows = Some(rows.map_or((row, row), |(lo, hi)| (lo.min(row), hi.max(row))));
+            }
+        }
+        (count, rows)
+    }
+}
+
+/// The orders line of the throughput chart (the page's colour for it).
+const ORDERS_COLOR: [u8; 3] = [0x1f, 0x77, 0xb4];
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -153,6 +227,38 @@ async fn the_status_page_shows_the_numbers_of_a_running_sale_and_they_move() {
     let row = |class: &str| format!("#products tr[data-key=\"hot\"] td.{class}");
     assert_eq!(driver.until(&row("available"), |n| n == KEYS).await, KEYS, "the page rendered the product");
     let orders_before = driver.number(&row("orders")).await.unwrap();
+    // Before the sale, the orders line lies flat on the chart's floor.
+    let (_, rows) = driver.screenshot("#chart-throughput").await.drawn(ORDERS_COLOR);
+    let flat = rows.map_or(0, |(lo, hi)| hi - lo);
+    assert!(flat <= 4, "no orders yet, yet the orders line spans {flat} rows");
+
+    // What needs attention: a product sold out, a refund owed, a wrong amount.
+    api.product_with_keys("tiny", 1, 0).await;
+    assert_eq!(api.buy("tiny", "t1").await.body["status"], "delivered");
+    // Its one key went to another buyer after the order was cancelled: its payment is owed back.
+    api.product_with_keys("late", 1, 0).await;
+    let late = api.order("late", 1, "l1", None).await;
+    let late_id = late.body["order_id"].as_str().unwrap();
+    assert_eq!(api.cancel(late_id, late.body["query_token"].as_str().unwrap()).await.status, 200);
+    assert_eq!(api.buy("late", "l2").await.body["status"], "delivered");
+    let refund = api.notify(late_id, "pay-late", 990).await;
+    assert_eq!(refund.status, 200, "{}", refund.body);
+    api.product_with_keys("wrong", 1, 0).await;
+    let wrong = api.order("wrong", 1, "w1", None).await;
+    let mismatch = api.notify(wrong.body["order_id"].as_str().unwrap(), "pay-wrong", 1).await;
+    assert_eq!((mismatch.status, mismatch.code()), (422, "amount_mismatch"));
+    driver.until("#refunds-owed", |n| n >= 1).await;
+    driver.until("#amount-mismatches", |n| n >= 1).await;
+    let warned = "return document.getElementById('card-refunds').classList.contains('warn');";
+    assert_eq!(driver.script(warned, json!([])).await, json!(true), "a refund owed is flagged");
+    let row_class = "const r = document.querySelector(`#products tr[data-key=\"${arguments[0]}\"]`); return r ? r.className : null;";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while driver.script(row_class, json!(["tiny"])).await != json!("sold-out") {
+        assert!(tokio::time::Instant::now() < deadline, "the sold-out product is not highlighted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(driver.text("#products tr[data-key=\"tiny\"] td.state").await.as_deref(), Some("sold out"));
+    assert_eq!(driver.script(row_class, json!(["hot"])).await, json!(""), "a product on sale is not highlighted");
 
     // The load: buyers ordering without pause, and forged notifications refused.
     let stop = Arc::new(AtomicBool::new(false));
@@ -185,6 +291,26 @@ async fn the_status_page_shows_the_numbers_of_a_running_sale_and_they_move() {
     let refused = driver.until("#rejected tr[data-key=\"bad_signature\"] td.total", |n| n >= 3).await;
     let refreshes = driver.number("#refreshes").await.unwrap();
     assert!(refreshes >= 2, "the page refreshed by itself ({refreshes})");
+    // The charts draw the sale: the orders line has several seconds of points and
+    // climbs off the floor, as the browser renders it.
+    let points =
+        "return +document.querySelector('#chart-throughput path[data-series=\"orders_per_sec\"]').dataset.points;";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let rise = loop {
+        let drawn = driver.script(points, json!([])).await.as_u64().unwrap_or(0);
+        let (pixels, rows) = driver.screenshot("#chart-throughput").await.drawn(ORDERS_COLOR);
+        let rise = rows.map_or(0, |(lo, hi)| hi - lo);
+        if drawn >= 3 && pixels >= 50 && rise >= 20 {
+            break rise;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the orders line did not draw the sale: {drawn} points, {pixels} pixels over {rise} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let p99 = "return +document.querySelector('#chart-latency path[data-series=\"create_p99_ms\"]').dataset.points;";
+    assert!(driver.script(p99, json!([])).await.as_u64().unwrap_or(0) >= 1, "the latency chart has points");
     assert_eq!(driver.text("#channels tr[data-key=\"sandbox\"] td:nth-child(2)").await.as_deref(), Some("closed"));
     stop.store(true, Ordering::Relaxed);
     for l in load {
@@ -195,7 +321,9 @@ async fn the_status_page_shows_the_numbers_of_a_running_sale_and_they_move() {
     driver.until(&row("orders"), |n| n == sent).await;
     driver.until(&row("reserved"), |n| n == sent).await;
     driver.until(&row("available"), |n| n == KEYS - sent).await;
+    // An idle line shows no drain rate (it used to keep the last one).
+    driver.until(&row("drain"), |n| n == 0).await;
     eprintln!(
-        "status page: {orders} orders, {per_sec}/s, {available} available, {refused} refused, {refreshes} refreshes"
+        "status page: {orders} orders, {per_sec}/s, {available} available, {refused} refused, {refreshes} refreshes, orders line rises {rise} rows"
     );
 }

@@ -103,6 +103,20 @@ impl Admission {
         self.drain_per_sec.load(Ordering::Relaxed)
     }
 
+    /// The drain rate to show a person: 0 once no request came for a second (the
+    /// estimate is only refreshed by requests, so an idle line keeps its last one).
+    pub fn recent_drain_per_sec(&self) -> u64 {
+        self.recent_drain_at(self.born.elapsed().as_millis() as u64)
+    }
+
+    fn recent_drain_at(&self, now_ms: u64) -> u64 {
+        if now_ms.saturating_sub(self.sample_at_ms.load(Ordering::Relaxed)) > 10 * SAMPLE_MS {
+            0
+        } else {
+            self.drain_per_sec()
+        }
+    }
+
     /// Admits one request, or says how long the line is.
     pub fn admit(&self, lane: Lane) -> Result<Ticket, QueueFull> {
         self.admit_at(lane, self.born.elapsed().as_millis() as u64)
@@ -216,6 +230,8 @@ mod tests {
         }
         a.sample_at(300);
         assert_eq!(a.drain_per_sec(), 1000, "a rise is followed at once: 100 answers in 100 ms");
+        assert_eq!(a.recent_drain_at(1000), 1000, "shown while requests come");
+        assert_eq!(a.recent_drain_at(1401), 0, "not shown once the line is idle for a second");
         a.sample_at(5000);
         assert_eq!(a.drain_per_sec(), 0, "after a long idle gap the line drains at an unknown rate");
     }

@@ -129,14 +129,17 @@ impl ProductRoute {
             c.reserved += g.reserved;
             c.sold += g.sold;
             c.orders += g.orders;
+            c.refunds_owed += g.refunds_owed;
+            c.paid_waiting += g.paid_waiting;
         }
         c
     }
 
-    /// Requests in line in front of the product's actors, and their drain rate.
+    /// Requests in line in front of the product's actors, and their drain rate (0
+    /// when idle for a second).
     pub fn line(&self) -> (usize, u64) {
         let depth = self.shards.iter().map(|s| s.admission.depth()).sum();
-        (depth, self.shards.iter().map(|s| s.admission.drain_per_sec()).sum())
+        (depth, self.shards.iter().map(|s| s.admission.recent_drain_per_sec()).sum())
     }
 
     pub fn shard_index_for_buyer(&self, buyer: &str) -> usize {

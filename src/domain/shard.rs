@@ -506,6 +506,10 @@ pub struct Counts {
     pub sold: u64,
     /// Orders ever created on this shard (for orders/s on the status page).
     pub orders: u64,
+    /// Payments owed back (orders `refund_pending`) now.
+    pub refunds_owed: u64,
+    /// Paid seats waiting for their group to complete (orders `paid`) now.
+    pub paid_waiting: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -735,6 +739,8 @@ impl Shard {
             reserved: self.reserved,
             sold: self.sold,
             orders: self.orders_created,
+            refunds_owed: self.refunds_owed.len() as u64,
+            paid_waiting: self.seat_payments.len() as u64,
         }
     }
 
@@ -1984,13 +1990,19 @@ mod tests {
     fn purchase_delivers_reserved_keys() {
         let mut s = shard_with_keys(3, 0);
         let seq = created(s.create_order(new_order("alice", 2), 10));
-        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 2, sold: 0, orders: 1 });
+        assert_eq!(
+            s.counts(),
+            Counts { imported: 3, available: 1, reserved: 2, sold: 0, orders: 1, ..Counts::default() }
+        );
         let out = s.pay(paid(seq, "pay1", 1980), 20).unwrap();
         assert!(matches!(out, Outcome::Changed(_, PaymentOutcome::Delivered)));
         let order = s.order(seq).unwrap();
         assert_eq!(order.status, OrderStatus::Delivered);
         assert_eq!(order.keys.iter().map(|&k| s.key(k)).collect::<Vec<_>>(), ["K0", "K1"]);
-        assert_eq!(s.counts(), Counts { imported: 3, available: 1, reserved: 0, sold: 2, orders: 1 });
+        assert_eq!(
+            s.counts(),
+            Counts { imported: 3, available: 1, reserved: 0, sold: 2, orders: 1, ..Counts::default() }
+        );
         assert!(s.audit().violations.is_empty());
     }
 
@@ -2071,7 +2083,10 @@ mod tests {
         // Cancel the other order: a late payment for it is served from stock.
         s.cancel(other, 2002).unwrap();
         assert!(matches!(s.pay(paid(other, "p2", 990), 2003).unwrap(), Outcome::Changed(_, PaymentOutcome::Delivered)));
-        assert_eq!(s.counts(), Counts { imported: 1, available: 0, reserved: 0, sold: 1, orders: 2 });
+        assert_eq!(
+            s.counts(),
+            Counts { imported: 1, available: 0, reserved: 0, sold: 1, orders: 2, refunds_owed: 1, paid_waiting: 0 }
+        );
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
     }
 

@@ -259,6 +259,9 @@ pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) ->
 /// Every label value comes from a closed set: the route's template (never the
 /// path a client sent), one of the standard methods or `other`, a status code.
 fn count_request(route: &str, method: &'static str, status: StatusCode, started: Instant) {
+    if route == "/api/v1/orders" && method == "POST" {
+        crate::telemetry::history::CREATE_LATENCY.record(started.elapsed());
+    }
     ROUTE_METRICS.with(|m| {
         let mut m = m.borrow_mut();
         let (count, duration) = m.handles(route, method, status.as_u16());

@@ -74,6 +74,7 @@ pub async fn status_json(
     let Ok(core) = st.core() else {
         return Ok(Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs()})));
     };
+    let (mut refunds_owed, mut paid_waiting) = (0, 0);
     let mut products: Vec<serde_json::Value> = core
         .registry()
         .all()
@@ -82,10 +83,15 @@ pub async fn status_json(
         .map(|(id, route)| {
             let c = route.counts();
             let (depth, drain) = route.line();
+            refunds_owed += c.refunds_owed;
+            paid_waiting += c.paid_waiting;
             json!({
                 "id": id,
                 "shards": route.shards.len(),
                 "on_sale": route.shelf.get().sells(),
+                "sold_out": c.available == 0 && c.reserved == 0 && c.imported > 0,
+                "refunds_owed": c.refunds_owed,
+                "paid_waiting": c.paid_waiting,
                 "available": c.available,
                 "reserved": c.reserved,
                 "sold": c.sold,
@@ -118,6 +124,15 @@ pub async fn status_json(
         "rejected": rejected,
         "buffered_body_bytes": st.intake.buffered_body_bytes(),
         "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},
+        "attention": {
+            "refunds_owed": refunds_owed,
+            "paid_waiting": paid_waiting,
+            "amount_mismatches": crate::telemetry::amount_mismatches(),
+        },
+        "history": {
+            "interval_ms": 1000,
+            "samples": crate::telemetry::history::history(),
+        },
     })))
 }
 
