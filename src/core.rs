@@ -12,7 +12,8 @@ use dashmap::DashMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::actors::admission::{Admission, Lane};
+use crate::actors::admission::Lane;
+use crate::actors::call::{admit, answer, apply_payment, call_shard};
 use crate::actors::payments::{ChannelView, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
 use crate::actors::points::{self as points_actor, points_shard_of, PointsActor, PointsHandle};
 use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
@@ -314,7 +315,7 @@ impl Kami {
     /// cannot be altered. `None` when the channel has no gateway configured.
     pub fn pay_url(&self, channel: &Channel, id: &str, amount: u64) -> Option<String> {
         let base = channel.endpoint.as_ref()?;
-        let sig = crate::sandbox::checkout_signature(&channel.secret, id, amount).replace('=', "%3D");
+        let sig = crate::payments::checkout_signature(&channel.secret, id, amount).replace('=', "%3D");
         Some(format!("{base}/checkout/{id}?amount_cents={amount}&sig={sig}"))
     }
 
@@ -344,7 +345,7 @@ impl Kami {
         R: Send + 'static,
         ShardActor: Handler<M>,
     {
-        call_shard(lane, shard, msg, self.limits.request_timeout).await
+        Ok(call_shard(lane, shard, msg, self.limits.request_timeout).await?)
     }
 
     // ---- merchant ----
@@ -528,7 +529,7 @@ impl Kami {
         let handle = &self.points[points_shard_of(buyer) as usize];
         let _ticket = admit(&handle.admission, Lane::Settle)?;
         let sent = tokio::time::timeout(self.limits.request_timeout, handle.addr.send(msg)).await;
-        answer(sent, "the points actor stopped")
+        Ok(answer(sent, "the points actor stopped")?)
     }
 
     /// A merchant's credit (`delta > 0`) or debit, idempotent by `request_id`.
@@ -977,7 +978,7 @@ impl Kami {
         if skew_secs > self.limits.max_skew_secs {
             return Err(Error::StaleRequest { skew_secs, max_secs: self.limits.max_skew_secs });
         }
-        crate::http::record_order(&n.order_id);
+        crate::telemetry::record_order(&n.order_id);
         self.check_nonce(&n.nonce, body, now_ms)?;
         let (id, route) = self.locate(&n.order_id)?;
         let payment = Payment {
@@ -1123,56 +1124,6 @@ impl Kami {
         }
         Target::Orders
     }
-}
-
-/// Sends to a stock actor: admitted to its line (else `QueueFull`), bounded wait.
-pub(crate) async fn call_shard<M, R>(lane: Lane, shard: &ShardHandle, msg: M, timeout: Duration) -> Result<R, Error>
-where
-    M: Message<Result = ShardResult<R>> + Send + 'static,
-    R: Send + 'static,
-    ShardActor: Handler<M>,
-{
-    let _ticket = admit(&shard.admission, lane)?;
-    answer(tokio::time::timeout(timeout, shard.addr.send(msg)).await, "the stock actor stopped")
-}
-
-fn admit(admission: &Admission, lane: Lane) -> Result<crate::actors::admission::Ticket, Error> {
-    admission.admit(lane).map_err(|full| {
-        crate::telemetry::count_rejection("queue_full");
-        Error::QueueFull(full)
-    })
-}
-
-/// An actor's answer within a timeout, as the core's error.
-fn answer<R>(
-    sent: Result<Result<ShardResult<R>, MailboxError>, tokio::time::error::Elapsed>,
-    stopped: &str,
-) -> Result<R, Error> {
-    match sent {
-        Err(_) => Err(Error::Timeout),
-        Ok(Err(MailboxError::Timeout)) => Err(Error::Timeout),
-        Ok(Err(MailboxError::Closed)) => Err(Error::Unavailable(stopped.into())),
-        Ok(Ok(result)) => Ok(result?),
-    }
-}
-
-/// Applies a payment a channel reported, by notification or in answer to a query:
-/// both take this one path, so the same `payment_id` is applied once however it
-/// arrives. `Ok` means the outcome is durable. The time from hearing of the payment
-/// to its durable delivery is `kami_paid_to_delivered_seconds`.
-pub(crate) async fn apply_payment(
-    shard: &ShardHandle,
-    payment: Payment,
-    timeout: Duration,
-) -> Result<PaymentOutcome, Error> {
-    let heard = std::time::Instant::now();
-    let outcome = call_shard(Lane::Settle, shard, shard::PayOrder(payment), timeout).await;
-    if let Ok(PaymentOutcome::Delivered) = &outcome {
-        let elapsed = heard.elapsed();
-        metrics::histogram!("kami_paid_to_delivered_seconds").record(elapsed.as_secs_f64());
-        crate::telemetry::history::PAID_TO_DELIVERED.record(elapsed);
-    }
-    outcome
 }
 
 /// 128 bits of SHA-256 over length-prefixed `parts` (no two part lists collide by

@@ -1,5 +1,6 @@
 //! The error every public operation returns, with its stable code.
 
+use crate::actors::call::CallError;
 use crate::actors::shard::ShardError;
 use crate::actors::supervisor::SupervisorError;
 use crate::domain::DomainError;
@@ -70,6 +71,17 @@ impl From<ShardError> for Error {
             ShardError::Domain(d) => Error::Domain(d),
             ShardError::Storage(s) => s.into(),
             ShardError::Unavailable => Error::Unavailable("the stock actor is restarting".into()),
+        }
+    }
+}
+
+impl From<CallError> for Error {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Actor(e) => e.into(),
+            CallError::QueueFull(full) => Error::QueueFull(full),
+            CallError::Timeout => Error::Timeout,
+            CallError::Stopped(which) => Error::Unavailable(which.into()),
         }
     }
 }

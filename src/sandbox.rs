@@ -94,11 +94,6 @@ impl Gateway {
     }
 }
 
-/// The signature a pay URL carries: HMAC of `"{order_id}:{amount_cents}"`.
-pub fn checkout_signature(secret: &[u8], order_id: &str, amount_cents: u64) -> String {
-    signature::sign(secret, format!("{order_id}:{amount_cents}").as_bytes())
-}
-
 /// A running sandbox gateway; dropping it stops the server and the notifier.
 pub struct RunningSandbox {
     pub addr: SocketAddr,

@@ -22,6 +22,12 @@ pub fn init_logging(settings: &LogSettings) {
     };
 }
 
+/// Puts the order a request is about on the request's log span (one order's life
+/// is then `grep <order_id>` in the logs).
+pub fn record_order(order_id: &str) {
+    tracing::Span::current().record("order_id", order_id);
+}
+
 /// Orders created and delivered since start, for the conversion gauge.
 static ORDERS_CREATED: AtomicU64 = AtomicU64::new(0);
 static ORDERS_DELIVERED: AtomicU64 = AtomicU64::new(0);

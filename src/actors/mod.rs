@@ -19,6 +19,7 @@
 //! before it handles the next message of its (preserved) mailbox.
 
 pub mod admission;
+pub mod call;
 pub mod claims;
 pub mod payments;
 pub mod points;

@@ -8,7 +8,7 @@
 //! * queries every channel with a gateway about each unheard order whose backoff
 //!   is due (first `query_after_ms` after creation, then doubling up to
 //!   `query_max_interval_ms`, within each channel's `queries_per_sec`); a `paid`
-//!   answer goes through [`crate::core::apply_payment`], the very path of a
+//!   answer goes through [`super::call::apply_payment`], the very path of a
 //!   notification, so a payment found twice (query and late notification) is
 //!   applied once;
 //! * refunds each payment owed at its channel and, once the gateway says
@@ -37,16 +37,15 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 
 use super::admission;
+use super::call::{apply_payment, call_shard, CallError as ActorCallError};
 use super::registry::{Registry, ShardHandle};
 use super::shard::{self, PaymentWork};
 use super::Kill;
 use crate::clock::Clock;
 use crate::config::Settings;
-use crate::core::{apply_payment, call_shard};
 use crate::domain::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::domain::shard::{payment_key, Payment};
 use crate::domain::{Millis, OrderId, PaymentOutcome, ShardId};
-use crate::error::Error;
 use crate::payments::client::{CallError, Gateway, QueryAnswer};
 use crate::payments::Channels;
 
@@ -220,13 +219,13 @@ enum Done {
         lane: usize,
         order_id: String,
         result: Result<QueryAnswer, CallError>,
-        applied: Option<Result<PaymentOutcome, Error>>,
+        applied: Option<Result<PaymentOutcome, ActorCallError>>,
     },
     Refund {
         lane: usize,
         refund: RefundView,
         result: Result<(), CallError>,
-        recorded: Option<Result<(), Error>>,
+        recorded: Option<Result<(), ActorCallError>>,
     },
     Health {
         lane: usize,

@@ -302,7 +302,7 @@ pub async fn redeem(
     let (core, key, req) = buyer_request::<RedeemRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let key = key.ok_or_else(|| ApiError::invalid("Idempotency-Key: required for redemptions"))?;
     let redeemed = core.redeem(req, &key).await?;
-    super::record_order(&redeemed.order.order_id());
+    crate::telemetry::record_order(&redeemed.order.order_id());
     let mut response = (StatusCode::CREATED, Json(views::redeemed(&redeemed))).into_response();
     if redeemed.order.replayed {
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -333,7 +333,7 @@ fn order_created(
     body: impl FnOnce(&str, &str, Option<String>) -> Vec<u8>,
 ) -> Response {
     let order_id = order.order_id();
-    super::record_order(&order_id);
+    crate::telemetry::record_order(&order_id);
     let channel = core.pick_channel();
     let pay_url = core.pay_url(channel, &order_id, order.order.amount_cents);
     let json = [(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))];
@@ -490,7 +490,7 @@ pub async fn get_order(
     Path(order_id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    super::record_order(&order_id);
+    crate::telemetry::record_order(&order_id);
     let core = st.core()?;
     let order = core.get_order(&order_id, Some(order_token(&headers)?)).await?;
     Ok(Json(views::order(&order)))
@@ -501,7 +501,7 @@ pub async fn cancel_order(
     Path(order_id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    super::record_order(&order_id);
+    crate::telemetry::record_order(&order_id);
     let core = st.core()?;
     let order = core.cancel_order(&order_id, order_token(&headers)?).await?;
     Ok(Json(views::order(&order)))

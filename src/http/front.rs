@@ -51,7 +51,7 @@ impl Front {
         let id = self.request_id(&mut req);
         // Client text in log fields is bounded: the method from a closed set, the
         // path cut at `MAX_LOGGED_PATH` bytes, the query left out. `order_id` is
-        // filled in by handlers that know it (see `record_order`).
+        // filled in by handlers that know it (see `telemetry::record_order`).
         let span = tracing::info_span!(
             "request",
             method = super::method_label(req.method()),

@@ -324,11 +324,6 @@ fn status_label(status: StatusCode) -> &'static str {
     labels[status.as_u16() as usize % 1000].as_str()
 }
 
-/// Puts the order a request is about into its span (and so into its log lines).
-pub fn record_order(order_id: &str) {
-    tracing::Span::current().record("order_id", order_id);
-}
-
 /// Longest request path written into a log line.
 const MAX_LOGGED_PATH: usize = 256;
 /// Longest `X-Request-Id` kept from a client (longer or unprintable ones are replaced).

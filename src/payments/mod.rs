@@ -45,6 +45,12 @@ pub struct RetiringSecret {
     pub until_ms: u64,
 }
 
+/// The signature a pay URL carries: HMAC of `"{order_id}:{amount_cents}"` with the
+/// channel's secret (the gateway checks it before it takes the money).
+pub fn checkout_signature(secret: &[u8], order_id: &str, amount_cents: u64) -> String {
+    crate::domain::signature::sign(secret, format!("{order_id}:{amount_cents}").as_bytes())
+}
+
 impl Channel {
     /// Whether `signature` signs `body` with the channel's secret, or with the
     /// secret it replaced while that is still in its grace period at `now_ms`.

@@ -1,0 +1,86 @@
+//! Dependencies point one way: http → core → actors → storage / payments → domain.
+//! Reads every source file of a layer and checks which of kami's modules it names
+//! (`crate::<module>` outside comments): a layer may name only the layers below it
+//! and the shared leaves (configuration, clock, chaos switches, telemetry, the error
+//! type). The sandbox gateway, the load generator and start-up (`app`) are used by
+//! nothing in the request path.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// A layer: its files (a module file and its directory), and the modules it may name.
+const LAYERS: &[(&str, &[&str])] = &[
+    ("domain", &["domain"]),
+    ("storage", &["storage", "domain", "chaos"]),
+    ("payments", &["payments", "domain", "config"]),
+    ("actors", &["actors", "domain", "storage", "payments", "chaos", "clock", "config", "telemetry"]),
+    ("core", &["core", "actors", "domain", "storage", "payments", "chaos", "clock", "config", "telemetry", "error"]),
+    ("http", &["http", "core", "actors", "domain", "chaos", "config", "telemetry", "error"]),
+    ("telemetry", &["telemetry", "config"]),
+    ("clock", &[]),
+];
+
+fn files_of(layer: &str) -> Vec<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    let single = src.join(format!("{layer}.rs"));
+    if single.exists() {
+        files.push(single);
+    }
+    let mut dirs = vec![src.join(layer)];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// The kami modules `text` names as `crate::<module>`, comments left out.
+fn named_modules(text: &str) -> BTreeSet<String> {
+    let mut named = BTreeSet::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(at) = rest.find("crate::") {
+            rest = &rest[at + "crate::".len()..];
+            let module: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !module.is_empty() {
+                named.insert(module);
+            }
+        }
+    }
+    named
+}
+
+#[test]
+fn each_layer_names_only_the_layers_below_it() {
+    let mut broken = Vec::new();
+    for (layer, allowed) in LAYERS {
+        let files = files_of(layer);
+        assert!(!files.is_empty(), "no source for layer {layer}");
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for module in named_modules(&text) {
+                if !allowed.contains(&module.as_str()) {
+                    broken.push(format!("{} names crate::{module}", file.display()));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "dependencies against the layering:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn the_check_sees_a_forbidden_name_and_ignores_comments() {
+    let named = named_modules(
+        "use crate::http::Json;\n// crate::sandbox in a comment\nlet x = crate::core::Kami::new(); // crate::app",
+    );
+    assert_eq!(named.into_iter().collect::<Vec<_>>(), ["core", "http"]);
+}
