@@ -1,0 +1,173 @@
+//! Merchant operations: products, their keys and shelf state, points prices, the audit.
+
+use super::*;
+
+impl Kami {
+    pub async fn create_product(&self, p: NewProduct) -> Result<ProductInfo, Error> {
+        validate::product_id(&p.id).map_err(Error::Invalid)?;
+        validate::product_name(&p.name).map_err(Error::Invalid)?;
+        if p.shards == 0 || p.shards > self.limits.max_shards {
+            return Err(Error::Invalid(format!("shards: must be 1..={}", self.limits.max_shards)));
+        }
+        if p.price_cents > validate::MAX_PRICE_CENTS {
+            return Err(Error::Invalid("price_cents: must be at most 10^12".into()));
+        }
+        if p.points_price == Some(0) {
+            return Err(Error::Invalid("points_price: must be at least 1".into()));
+        }
+        let points_price = p.points_price;
+        // One merchant write at a time: "exists" checked here stays true below.
+        let _one_writer = self.merchant_writes.lock().await;
+        if let Some(existing) = self.registry.get(&p.id) {
+            return Err(match existing.shelf.get() {
+                // Old order ids name the product: its id is never given to another.
+                Shelf::Deleted => DomainError::ProductDeleted.into(),
+                Shelf::OnSale | Shelf::Retired => Error::ProductExists,
+            });
+        }
+        // The points price is written first: it is durable with the product record
+        // (one flush covers both), and a crash before the product leaves only a price
+        // for no product, which the next creation of that id overwrites.
+        self.storage.set_points_price(&p.id, points_price)?;
+        let info = ProductInfo {
+            id: p.id,
+            name: p.name,
+            price_cents: p.price_cents,
+            per_buyer_limit: p.per_buyer_limit,
+            shards: p.shards,
+            created_at_ms: self.clock.now_ms(),
+        };
+        let sent = tokio::time::timeout(self.limits.request_timeout, self.supervisor.send(CreateProduct(info))).await;
+        let info = match sent {
+            Err(_) => return Err(Error::Timeout),
+            Ok(Err(_)) => return Err(Error::Unavailable("the order supervisor stopped".into())),
+            Ok(Ok(result)) => result?,
+        };
+        match points_price {
+            Some(p) => self.points_prices.insert(info.id.clone(), p),
+            None => self.points_prices.remove(&info.id).map(|(_, p)| p),
+        };
+        Ok(info)
+    }
+
+    /// A product that is not deleted (a deleted one is not found, for buyers and merchants).
+    pub(super) fn listed(&self, id: &str) -> Result<Arc<crate::actors::ProductRoute>, Error> {
+        self.registry.get(id).filter(|r| r.shelf.get() != Shelf::Deleted).ok_or(Error::ProductNotFound)
+    }
+
+    /// Takes a product off the shelf, puts it back on sale, or deletes it (see
+    /// [`crate::domain::shelf`]); returns the state, durable, and since when. A
+    /// deletion counts the open orders of every shard while the product is already
+    /// off the shelf, so no order can be created between the count and the deletion.
+    pub async fn change_shelf(&self, id: &str, change: ShelfChange) -> Result<(Shelf, u64), Error> {
+        let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
+        let _one_writer = self.merchant_writes.lock().await;
+        let current = route.shelf.get();
+        let next = match change {
+            ShelfChange::Retire => current.retire()?,
+            ShelfChange::Relist => current.relist()?,
+            ShelfChange::Delete => {
+                let mut open = OpenOrders::default();
+                if current == Shelf::Retired {
+                    for s in &route.shards {
+                        open.add(&self.call(s, shard::CountOpenOrders).await?);
+                    }
+                }
+                current.delete(&open)?
+            }
+        };
+        if next != current {
+            let now = self.clock.now_ms();
+            self.storage.set_shelf(id, next, now)?;
+            self.storage.ticket()?.wait().await?;
+            route.shelf.set(next, now);
+            tracing::info!(product = id, shelf = next.as_str(), "shelf state changed");
+        }
+        Ok((next, route.shelf.since_ms()))
+    }
+
+    /// Imports keys (already split into lines or array items). Trims each key; empty
+    /// ones are ignored; an invalid one rejects the whole batch before anything changes.
+    pub async fn import_keys(&self, product: &str, raw: Vec<String>) -> Result<(u64, u64), Error> {
+        let route = self.listed(product)?;
+        let mut parts: Vec<Vec<String>> = vec![Vec::new(); route.shards.len()];
+        for (i, key) in raw.into_iter().enumerate() {
+            let key = key.trim();
+            if key.is_empty() {
+                continue;
+            }
+            validate::key(key).map_err(|m| Error::Invalid(format!("keys[{i}]: {m}")))?;
+            parts[route.shard_index_for_key(key)].push(key.to_string());
+        }
+        let calls = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|(i, keys)| self.call(&route.shards[i], shard::ImportKeys(keys)));
+        let mut totals = (0, 0);
+        for result in futures::future::join_all(calls).await {
+            let (imported, duplicates) = result?;
+            totals = (totals.0 + imported, totals.1 + duplicates);
+        }
+        Ok(totals)
+    }
+
+    pub fn product(&self, id: &str) -> Result<ProductView, Error> {
+        self.listed(id)?;
+        self.product_as_merchant(id)
+    }
+
+    /// A product as its merchant sees it: deleted ones too.
+    pub fn product_as_merchant(&self, id: &str) -> Result<ProductView, Error> {
+        let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
+        let counts = route.counts();
+        Ok(ProductView {
+            info: route.info.clone(),
+            available: counts.available,
+            counts,
+            shelf: route.shelf.get(),
+            shelf_since_ms: route.shelf.since_ms(),
+        })
+    }
+
+    pub async fn audit(&self) -> Result<AuditReport, Error> {
+        let routes = self.registry.all();
+        let mut ids: Vec<&String> = routes.keys().collect();
+        ids.sort();
+        let mut report = AuditReport { ok: true, ..AuditReport::default() };
+        for status in OrderStatus::ALL {
+            report.orders.insert(status, 0);
+        }
+        // Points first (see `check_points` for why the order matters).
+        let points = self.audit_points().await?;
+        let mut all_shards = Vec::new();
+        for id in ids {
+            let route = &routes[id];
+            let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
+            let mut audits = Vec::with_capacity(route.shards.len());
+            for (i, s) in route.shards.iter().enumerate() {
+                // The audit is not admission-controlled: it must work under overload.
+                let a: ShardAudit =
+                    match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::Audit)).await {
+                        Ok(Ok(r)) => r?,
+                        _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
+                    };
+                pa.add(&a);
+                for (&status, &n) in &a.orders {
+                    *report.orders.entry(status).or_default() += n;
+                }
+                report.violations.extend(a.violations.iter().map(|v| format!("{id}#{i}: {v}")));
+                audits.push(a);
+            }
+            report.violations.extend(pa.finish(&audits).map(|v| format!("{id}: {v}")));
+            report.products.push(pa);
+            all_shards.extend(audits.into_iter().enumerate().map(|(i, a)| (format!("{id}#{i}"), a)));
+        }
+        report
+            .violations
+            .extend(crate::domain::shard::duplicate_payments(all_shards.iter().map(|(l, a)| (l.clone(), a))));
+        report.points = check_points(points, &report.products, &mut report.violations);
+        report.ok = report.violations.is_empty();
+        Ok(report)
+    }
+}

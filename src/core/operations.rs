@@ -1,0 +1,93 @@
+//! Operations: snapshots of every shard, reconciliation, and chaos kills.
+
+use super::*;
+
+impl Kami {
+    /// Snapshots every shard and flushes (graceful shutdown, admin request).
+    /// Returns the number of shards snapshotted.
+    pub async fn snapshot_all(&self) -> Result<usize, Error> {
+        let mut shards = 0;
+        for route in self.registry.all().values() {
+            for s in &route.shards {
+                match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::TakeSnapshot)).await {
+                    Ok(Ok(r)) => r?,
+                    Ok(Err(_)) => return Err(Error::Unavailable("a stock actor stopped".into())),
+                    Err(_) => return Err(Error::Timeout),
+                }
+                shards += 1;
+            }
+        }
+        self.storage.flush_now()?;
+        Ok(shards)
+    }
+
+    // ---- chaos ----
+
+    /// Kills the actor(s) named by `target` (see [`crate::chaos`]) and returns the
+    /// name of what was killed. Each kill is answered by the actor before it stops,
+    /// so when this returns the actor is down or already rebuilding.
+    pub async fn chaos_kill(&self, target: &Target) -> Result<String, Error> {
+        let target = match target {
+            Target::Random => self.random_actor(),
+            other => other.clone(),
+        };
+        let kill = |sent: Result<Result<(), MailboxError>, tokio::time::error::Elapsed>| match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::Unavailable("the actor stopped before the kill".into())),
+            Err(_) => Err(Error::Timeout),
+        };
+        let timeout = self.limits.request_timeout;
+        match target {
+            Target::Random => unreachable!("resolved above"),
+            Target::Orders => {
+                kill(tokio::time::timeout(timeout, self.supervisor.send(Kill)).await)?;
+                Ok("orders".into())
+            }
+            Target::Payments => {
+                kill(tokio::time::timeout(timeout, self.payments.send(Kill)).await)?;
+                Ok("payments".into())
+            }
+            Target::Points => {
+                for h in &self.points {
+                    kill(tokio::time::timeout(timeout, h.addr.send(Kill)).await)?;
+                }
+                Ok("points".into())
+            }
+            Target::Product { id, shard } => {
+                let route = self.registry.get(&id).ok_or(Error::ProductNotFound)?;
+                let shards: Vec<usize> = match shard {
+                    None => (0..route.shards.len()).collect(),
+                    Some(n) if (n as usize) < route.shards.len() => vec![n as usize],
+                    Some(n) => return Err(Error::ActorNotFound(format!("product {id} has no shard {n}"))),
+                };
+                for &i in &shards {
+                    kill(tokio::time::timeout(timeout, route.shards[i].addr.send(Kill)).await)?;
+                }
+                metrics::counter!("kami_chaos_kills_total").increment(shards.len() as u64);
+                Ok(match shard {
+                    None => format!("product:{id}"),
+                    Some(n) => format!("product:{id}#{n}"),
+                })
+            }
+        }
+    }
+
+    /// One actor uniformly at random: any product shard, the order supervisor or
+    /// the payment supervisor.
+    fn random_actor(&self) -> Target {
+        use rand::Rng;
+        let routes = self.registry.all();
+        let shards: usize = routes.values().map(|r| r.shards.len()).sum();
+        let mut pick = rand::rng().random_range(0..shards + 2);
+        if pick == shards + 1 {
+            return Target::Payments;
+        }
+        for (id, route) in routes.iter() {
+            if pick < route.shards.len() {
+                return Target::Product { id: id.clone(), shard: Some(pick as u16) };
+            }
+            pick -= route.shards.len();
+        }
+        Target::Orders
+    }
+}
