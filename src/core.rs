@@ -29,7 +29,9 @@ use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome,
 use crate::error::Error;
 use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
+use fingerprints::{Fingerprints, Refusal};
 
+mod fingerprints;
 mod groups;
 mod merchant;
 mod notify;
@@ -219,14 +221,6 @@ pub struct PointsTotals {
     pub redemptions_settled: u64,
 }
 
-/// An Idempotency-Key seen by this process, pinned to the body it first came with,
-/// so that reuse with another product is caught too (the owning shard catches the rest).
-struct Pin {
-    fingerprint: [u8; 16],
-    at_ms: u64,
-    confirmed: bool,
-}
-
 /// `POST /api/v1/redemptions`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,8 +247,10 @@ pub struct Kami {
     limits: CoreLimits,
     channels: Arc<Channels>,
     ttl_ms: u64,
-    pins: DashMap<String, Pin>,
-    nonces: DashMap<String, ([u8; 16], u64)>,
+    /// Idempotency-Keys across products (window: `orders.idempotency_ttl_secs`).
+    pins: Fingerprints,
+    /// Notification nonces (window: twice the allowed clock skew).
+    nonces: Fingerprints,
     /// One per points shard (`actors::points::POINTS_SHARDS`).
     points: Vec<PointsHandle>,
     /// Product → points price, for products that can be redeemed (durable in storage).
@@ -281,6 +277,10 @@ pub struct Parts {
 
 impl Kami {
     pub fn new(parts: Parts, limits: CoreLimits, ttl_ms: u64) -> Kami {
+        // An Idempotency-Key is pinned to the body it first came with, so that reuse
+        // with another product is caught too (the owning shard catches the rest).
+        let pins = Fingerprints::new(limits.max_idempotency_keys, limits.idempotency_ttl_ms);
+        let nonces = Fingerprints::new(limits.max_nonces, limits.max_skew_secs * 2000);
         let Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices, group_deals } =
             parts;
         Kami {
@@ -292,8 +292,8 @@ impl Kami {
             limits,
             channels,
             ttl_ms,
-            pins: DashMap::new(),
-            nonces: DashMap::new(),
+            pins,
+            nonces,
             points,
             points_prices: points_prices.into_iter().collect(),
             deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),

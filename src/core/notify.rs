@@ -45,21 +45,10 @@ impl Kami {
     /// A nonce may come again only with the very same body (a gateway's resend).
     fn check_nonce(&self, nonce: &str, body: &[u8], now_ms: u64) -> Result<(), Error> {
         let digest: [u8; 16] = Sha256::digest(body)[..16].try_into().expect("16 bytes");
-        if let Some(seen) = self.nonces.get(nonce) {
-            return if seen.0 == digest { Ok(()) } else { Err(Error::Replayed) };
-        }
-        if self.nonces.len() >= self.limits.max_nonces {
-            self.prune();
-            if self.nonces.len() >= self.limits.max_nonces {
-                return Err(Error::Overloaded);
-            }
-        }
-        let entry = self.nonces.entry(nonce.to_string()).or_insert((digest, now_ms));
-        if entry.0 == digest {
-            Ok(())
-        } else {
-            Err(Error::Replayed)
-        }
+        self.nonces.claim(nonce, digest, now_ms).map_err(|refusal| match refusal {
+            Refusal::Mismatch => Error::Replayed,
+            Refusal::Full => Error::Overloaded,
+        })
     }
 
     pub fn sign_for_channel(&self, channel: &str, body: &[u8]) -> Option<String> {

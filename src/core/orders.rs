@@ -58,9 +58,9 @@ impl Kami {
     pub(super) fn settle_pin<T>(&self, idempotency: &Option<Idempotency>, result: &Result<T, Error>) {
         if let Some(Idempotency { key, fingerprint }) = idempotency {
             match result {
-                Ok(_) => self.confirm_pin(key, *fingerprint),
+                Ok(_) => self.pins.confirm(key, *fingerprint, self.clock.now_ms()),
                 Err(Error::Domain(_)) => {
-                    self.pins.remove_if(key, |_, p| p.fingerprint == *fingerprint && !p.confirmed);
+                    self.pins.release(key, *fingerprint);
                 }
                 Err(_) => {}
             }
@@ -178,34 +178,10 @@ impl Kami {
     }
 
     pub(super) fn pin(&self, key: &str, fingerprint: [u8; 16]) -> Result<(), Error> {
-        if let Some(p) = self.pins.get(key) {
-            return if p.fingerprint == fingerprint { Ok(()) } else { Err(DomainError::IdempotencyKeyReused.into()) };
-        }
-        if self.pins.len() >= self.limits.max_idempotency_keys {
-            self.prune();
-            if self.pins.len() >= self.limits.max_idempotency_keys {
-                return Err(Error::Overloaded);
-            }
-        }
-        let entry = self.pins.entry(key.to_string()).or_insert(Pin {
-            fingerprint,
-            at_ms: self.clock.now_ms(),
-            confirmed: false,
-        });
-        if entry.fingerprint == fingerprint {
-            Ok(())
-        } else {
-            Err(DomainError::IdempotencyKeyReused.into())
-        }
-    }
-
-    fn confirm_pin(&self, key: &str, fingerprint: [u8; 16]) {
-        let now = self.clock.now_ms();
-        self.pins.entry(key.to_string()).and_modify(|p| p.confirmed = true).or_insert(Pin {
-            fingerprint,
-            at_ms: now,
-            confirmed: true,
-        });
+        self.pins.claim(key, fingerprint, self.clock.now_ms()).map_err(|refusal| match refusal {
+            Refusal::Mismatch => DomainError::IdempotencyKeyReused.into(),
+            Refusal::Full => Error::Overloaded,
+        })
     }
 
     /// Re-pins the Idempotency-Keys recovered shards hold (start-up), so reuse of a
@@ -213,17 +189,15 @@ impl Kami {
     pub fn restore_pins(&self, pins: Vec<(String, [u8; 16])>) {
         let now = self.clock.now_ms();
         for (key, fingerprint) in pins {
-            self.pins.insert(key, Pin { fingerprint, at_ms: now, confirmed: true });
+            self.pins.confirm(&key, fingerprint, now);
         }
     }
 
     /// Drops idempotency pins and nonces past their windows. Called periodically.
     pub fn prune(&self) {
         let now = self.clock.now_ms();
-        let ttl = self.limits.idempotency_ttl_ms;
-        self.pins.retain(|_, p| p.at_ms.saturating_add(ttl) > now);
-        let window_ms = self.limits.max_skew_secs * 2000;
-        self.nonces.retain(|_, (_, at)| at.saturating_add(window_ms) > now);
+        self.pins.prune(now);
+        self.nonces.prune(now);
     }
 
     pub(super) fn locate(&self, order_id: &str) -> Result<(OrderId, Arc<crate::actors::ProductRoute>), Error> {
