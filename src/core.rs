@@ -32,6 +32,14 @@ use crate::storage::Storage;
 use fingerprints::{Fingerprints, Refusal};
 
 mod fingerprints;
+
+/// Unsettled key transfers resent per lending shard in one settling round.
+const MAX_TRANSFERS_PER_ROUND: usize = 64;
+/// Stale redemption holds finished per points shard in one resolving round.
+const MAX_HOLDS_PER_ROUND: usize = 256;
+/// Longest note on a merchant's points adjustment.
+const MAX_NOTE_BYTES: usize = 256;
+
 mod groups;
 mod merchant;
 mod notify;

@@ -10,7 +10,7 @@ impl Kami {
             return Err(Error::Invalid(format!("shards: must be 1..={}", self.limits.max_shards)));
         }
         if p.price_cents > validate::MAX_PRICE_CENTS {
-            return Err(Error::Invalid("price_cents: must be at most 10^12".into()));
+            return Err(Error::Invalid(format!("price_cents: must be at most {}", validate::MAX_PRICE_CENTS)));
         }
         if p.points_price == Some(0) {
             return Err(Error::Invalid("points_price: must be at least 1".into()));

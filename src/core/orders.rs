@@ -160,7 +160,9 @@ impl Kami {
         let mut settled = 0;
         for route in self.registry.all().values().filter(|r| r.shards.len() > 1) {
             for lender in &route.shards {
-                let Ok(list) = self.call(lender, shard::ListUnsettled { limit: 64 }).await else { continue };
+                let Ok(list) = self.call(lender, shard::ListUnsettled { limit: MAX_TRANSFERS_PER_ROUND }).await else {
+                    continue;
+                };
                 for t in list {
                     let (transfer, to) = (t.transfer, t.to as usize);
                     if self.call(&route.shards[to], shard::Receive(t)).await.is_ok()

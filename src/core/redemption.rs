@@ -23,8 +23,8 @@ impl Kami {
         if delta == 0 {
             return Err(Error::Invalid("delta: must not be 0".into()));
         }
-        if note.len() > 256 {
-            return Err(Error::Invalid("note: at most 256 bytes".into()));
+        if note.len() > MAX_NOTE_BYTES {
+            return Err(Error::Invalid(format!("note: at most {MAX_NOTE_BYTES} bytes")));
         }
         let msg = points_actor::Adjust {
             request_id: request_id.to_string(),
@@ -169,7 +169,7 @@ impl Kami {
     pub async fn resolve_holds(&self) {
         let before_ms = self.clock.now_ms().saturating_sub(self.limits.request_timeout.as_millis() as u64 + 1000);
         for handle in &self.points {
-            let sent = handle.addr.send(points_actor::StaleHolds { before_ms, limit: 256 });
+            let sent = handle.addr.send(points_actor::StaleHolds { before_ms, limit: MAX_HOLDS_PER_ROUND });
             let Ok(Ok(Ok(holds))) = tokio::time::timeout(self.limits.request_timeout, sent).await else { continue };
             for hold in holds {
                 let outcome = match self.registry.get(&hold.product_id) {
