@@ -344,6 +344,12 @@ async fn a_product_off_the_shelf_takes_no_new_orders_and_is_deleted_once_none_is
     check_deleted(api.clone()).await;
     let kept = api.get_order(id, alice.body["query_token"].as_str().unwrap()).await;
     assert_eq!((kept.status, kept.body["status"].as_str()), (200, Some("delivered")), "its orders stay readable");
+    // A payment that comes late, after the deletion, is still served: paid means served.
+    let carol_id = carol.body["order_id"].as_str().unwrap();
+    let late = api.notify(carol_id, "pay-shelf-late", carol.body["amount_cents"].as_u64().unwrap()).await;
+    assert_eq!(late.status, 200, "{}", late.body);
+    let served = api.get_order(carol_id, carol.body["query_token"].as_str().unwrap()).await;
+    assert_eq!(served.body["status"], "delivered", "{}", served.body);
 
     let data = t.data.clone();
     t.app.take().unwrap().crash().await;

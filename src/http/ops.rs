@@ -74,17 +74,21 @@ pub async fn status_json(
     let Ok(core) = st.core() else {
         return Ok(Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs()})));
     };
+    let routes = core.registry().all();
+    // What needs attention counts every product: a deleted one can still owe a refund
+    // (a payment that came after its order expired).
     let (mut refunds_owed, mut paid_waiting) = (0, 0);
-    let mut products: Vec<serde_json::Value> = core
-        .registry()
-        .all()
+    for route in routes.values() {
+        let c = route.counts();
+        refunds_owed += c.refunds_owed;
+        paid_waiting += c.paid_waiting;
+    }
+    let mut products: Vec<serde_json::Value> = routes
         .iter()
         .filter(|(_, route)| route.shelf.get() != crate::domain::shelf::Shelf::Deleted)
         .map(|(id, route)| {
             let c = route.counts();
             let (depth, drain) = route.line();
-            refunds_owed += c.refunds_owed;
-            paid_waiting += c.paid_waiting;
             json!({
                 "id": id,
                 "shards": route.shards.len(),
