@@ -119,17 +119,6 @@ pub struct OrderRequest {
     pub buyer: String,
 }
 
-/// A payment notification body. Unknown fields are ignored (gateways add fields).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Notification {
-    pub order_id: String,
-    pub payment_id: String,
-    pub amount_cents: u64,
-    pub status: String,
-    pub timestamp: i64,
-    pub nonce: String,
-}
-
 #[derive(Debug, Clone)]
 pub struct ProductView {
     pub info: ProductInfo,

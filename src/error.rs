@@ -4,6 +4,7 @@ use crate::actors::call::CallError;
 use crate::actors::shard::ShardError;
 use crate::actors::supervisor::SupervisorError;
 use crate::domain::DomainError;
+use crate::payments::notification::Refused;
 use crate::storage::StorageError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +83,16 @@ impl From<CallError> for Error {
             CallError::QueueFull(full) => Error::QueueFull(full),
             CallError::Timeout => Error::Timeout,
             CallError::Stopped(which) => Error::Unavailable(which.into()),
+        }
+    }
+}
+
+impl From<Refused> for Error {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::BadSignature => Error::BadSignature,
+            Refused::Invalid(m) => Error::Invalid(m),
+            Refused::Stale { skew_secs, max_secs } => Error::StaleRequest { skew_secs, max_secs },
         }
     }
 }

@@ -2,27 +2,19 @@
 //! payment takes.
 
 use super::*;
+use crate::payments::notification;
 
 impl Kami {
     /// Verifies and applies a payment notification. `Ok` means the outcome is durable.
     pub async fn notify(&self, channel: &str, body: &[u8], signature: Option<&str>) -> Result<PaymentOutcome, Error> {
         let known = self.channels.get(channel).ok_or_else(|| Error::UnknownChannel(channel.to_string()))?;
-        let signature = signature.ok_or(Error::BadSignature)?;
         let now_ms = self.clock.now_ms();
-        if !known.verifies(body, signature, now_ms) {
-            crate::telemetry::count_rejection("bad_signature");
-            return Err(Error::BadSignature);
-        }
-        let n: Notification = serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("notification: {e}")))?;
-        validate::token("payment_id", &n.payment_id).map_err(Error::Invalid)?;
-        validate::token("nonce", &n.nonce).map_err(Error::Invalid)?;
-        if n.status.is_empty() || n.status.len() > 32 {
-            return Err(Error::Invalid("status: must be 1..=32 bytes".into()));
-        }
-        let skew_secs = ((now_ms / 1000) as i64).abs_diff(n.timestamp);
-        if skew_secs > self.limits.max_skew_secs {
-            return Err(Error::StaleRequest { skew_secs, max_secs: self.limits.max_skew_secs });
-        }
+        let n = notification::verify(known, body, signature, now_ms, self.limits.max_skew_secs).map_err(|refused| {
+            if refused == notification::Refused::BadSignature {
+                crate::telemetry::count_rejection("bad_signature");
+            }
+            Error::from(refused)
+        })?;
         crate::telemetry::record_order(&n.order_id);
         self.check_nonce(&n.nonce, body, now_ms)?;
         let (id, route) = self.locate(&n.order_id)?;

@@ -11,6 +11,7 @@
 //! `actors::payments::PaymentSupervisor`; it is never on the order path.
 
 pub mod client;
+pub mod notification;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
