@@ -16,7 +16,7 @@ use crate::actors::admission::Lane;
 use crate::actors::call::{admit, answer, apply_payment, call_shard};
 use crate::actors::payments::{ChannelView, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
 use crate::actors::points::{self as points_actor, points_shard_of, PointsActor, PointsHandle};
-use crate::actors::shard::{self, OrderSnapshot, ShardActor, ShardResult};
+use crate::actors::shard::{self, ActorResult, OrderSnapshot, ShardActor};
 use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
 use crate::actors::{Kill, Registry, ShardHandle};
 use crate::chaos::Target;
@@ -332,7 +332,7 @@ impl Kami {
     /// Sends to a stock actor in the `Lane::Settle` lane (see [`call_in`](Self::call_in)).
     async fn call<M, R>(&self, shard: &ShardHandle, msg: M) -> Result<R, Error>
     where
-        M: Message<Result = ShardResult<R>> + Send + 'static,
+        M: Message<Result = ActorResult<R>> + Send + 'static,
         R: Send + 'static,
         ShardActor: Handler<M>,
     {
@@ -343,7 +343,7 @@ impl Kami {
     /// answered within the request timeout (else `Timeout`).
     async fn call_in<M, R>(&self, lane: Lane, shard: &ShardHandle, msg: M) -> Result<R, Error>
     where
-        M: Message<Result = ShardResult<R>> + Send + 'static,
+        M: Message<Result = ActorResult<R>> + Send + 'static,
         R: Send + 'static,
         ShardActor: Handler<M>,
     {

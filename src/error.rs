@@ -1,7 +1,7 @@
 //! The error every public operation returns, with its stable code.
 
 use crate::actors::call::CallError;
-use crate::actors::shard::ShardError;
+use crate::actors::ActorError;
 use crate::actors::supervisor::SupervisorError;
 use crate::domain::DomainError;
 use crate::payments::notification::Refused;
@@ -66,12 +66,12 @@ impl From<StorageError> for Error {
     }
 }
 
-impl From<ShardError> for Error {
-    fn from(e: ShardError) -> Self {
+impl From<ActorError> for Error {
+    fn from(e: ActorError) -> Self {
         match e {
-            ShardError::Domain(d) => Error::Domain(d),
-            ShardError::Storage(s) => s.into(),
-            ShardError::Unavailable => Error::Unavailable("the stock actor is restarting".into()),
+            ActorError::Domain(d) => Error::Domain(d),
+            ActorError::Storage(s) => s.into(),
+            ActorError::Unavailable => Error::Unavailable("the actor holding this state is restarting; try again".into()),
         }
     }
 }

@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 
 use kami::domain::group::{GroupState, GroupTerms};
-use kami::domain::points::{PointsBook, Step};
-use kami::domain::shard::{NewOrder, Outcome, Payment, Redemption};
+use kami::domain::points::PointsBook;
+use kami::domain::shard::{NewOrder, Payment, Redemption};
+use kami::domain::Outcome;
 use kami::domain::{Event, OrderStatus, ProductInfo, Shard};
 use proptest::prelude::*;
 
@@ -475,21 +476,21 @@ proptest! {
                 PointsOp::Adjust { buyer, request, delta } => {
                     if delta == 0 { continue; }
                     let b = format!("b{buyer}");
-                    if let Ok(Step::Changed(e, _)) = book.adjust(&format!("q{request}"), &b, delta, "", now) {
+                    if let Ok(Outcome::Changed(e, _)) = book.adjust(&format!("q{request}"), &b, delta, "", now) {
                         *model.entry(b).or_default() += delta;
                         ledger.push(e);
                     }
                 }
                 PointsOp::Hold { buyer, redemption, points } => {
                     let (b, r) = (format!("b{buyer}"), format!("r{redemption}"));
-                    if let Ok(Step::Changed(e, _)) = book.hold(&r, &b, points, "p", 1, now) {
+                    if let Ok(Outcome::Changed(e, _)) = book.hold(&r, &b, points, "p", 1, now) {
                         redemptions.insert(r, (b, points, false));
                         ledger.push(e);
                     }
                 }
                 PointsOp::Settle { redemption } => {
                     let r = format!("r{redemption}");
-                    if let Ok(Step::Changed(e, _)) = book.settle(&r, "o", now) {
+                    if let Ok(Outcome::Changed(e, _)) = book.settle(&r, "o", now) {
                         let (b, points, settled) = redemptions.get_mut(&r).expect("settled a held redemption");
                         prop_assert!(!*settled);
                         *settled = true;
@@ -500,12 +501,12 @@ proptest! {
                 PointsOp::Release { redemption } => {
                     let r = format!("r{redemption}");
                     match book.release(&r, "x", now) {
-                        Ok(Step::Changed(e, _)) => {
+                        Ok(Outcome::Changed(e, _)) => {
                             let (_, _, settled) = redemptions.remove(&r).expect("released a held redemption");
                             prop_assert!(!settled, "a settled redemption is never released");
                             ledger.push(e);
                         }
-                        Ok(Step::Repeat(())) => prop_assert!(!redemptions.contains_key(&r)),
+                        Ok(Outcome::Repeat(())) => prop_assert!(!redemptions.contains_key(&r)),
                         Err(_) => prop_assert!(redemptions[&r].2, "only a settled redemption refuses release"),
                     }
                 }

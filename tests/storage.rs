@@ -236,7 +236,7 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
             tree.insert(seq.to_be_bytes(), encode(Kind::Event, e)).unwrap();
         }
         let points = db.open_tree("points/3").unwrap();
-        let kami::domain::points::Step::Changed(credit, _) = book.adjust("grant-1", "alice", 50, "welcome", 5).unwrap()
+        let kami::domain::Outcome::Changed(credit, _) = book.adjust("grant-1", "alice", 50, "welcome", 5).unwrap()
         else {
             panic!("a new grant changes the book")
         };

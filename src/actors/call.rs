@@ -9,7 +9,7 @@ use actix::prelude::*;
 
 use super::admission::{Admission, Lane, QueueFull, Ticket};
 use super::registry::ShardHandle;
-use super::shard::{self, ShardActor, ShardError, ShardResult};
+use super::shard::{self, ActorError, ActorResult, ShardActor};
 use crate::domain::shard::Payment;
 use crate::domain::PaymentOutcome;
 
@@ -17,7 +17,7 @@ use crate::domain::PaymentOutcome;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     #[error(transparent)]
-    Actor(#[from] ShardError),
+    Actor(#[from] ActorError),
     #[error("the line in front of the actor is full")]
     QueueFull(QueueFull),
     #[error("no answer within the timeout")]
@@ -36,7 +36,7 @@ pub fn admit(admission: &Admission, lane: Lane) -> Result<Ticket, CallError> {
 
 /// An actor's answer within a timeout; `stopped` says which actor when its mailbox closed.
 pub fn answer<R>(
-    sent: Result<Result<ShardResult<R>, MailboxError>, tokio::time::error::Elapsed>,
+    sent: Result<Result<ActorResult<R>, MailboxError>, tokio::time::error::Elapsed>,
     stopped: &'static str,
 ) -> Result<R, CallError> {
     match sent {
@@ -49,7 +49,7 @@ pub fn answer<R>(
 /// Sends `msg` to a stock actor in `lane`, answered within `timeout`.
 pub async fn call_shard<M, R>(lane: Lane, shard: &ShardHandle, msg: M, timeout: Duration) -> Result<R, CallError>
 where
-    M: Message<Result = ShardResult<R>> + Send + 'static,
+    M: Message<Result = ActorResult<R>> + Send + 'static,
     R: Send + 'static,
     ShardActor: Handler<M>,
 {

@@ -21,14 +21,16 @@
 pub mod admission;
 pub mod call;
 pub mod claims;
+pub mod journaled;
 pub mod payments;
 pub mod points;
 pub mod registry;
 pub mod shard;
 pub mod supervisor;
 
+pub use journaled::{ActorError, ActorResult};
 pub use registry::{ProductRoute, Registry, ShardHandle};
-pub use shard::{ShardActor, ShardEnv, ShardError, ShardGauge};
+pub use shard::{ShardActor, ShardEnv, ShardGauge};
 pub use supervisor::OrderSupervisor;
 
 /// Stops an actor abruptly, discarding its memory; its supervisor rebuilds it from

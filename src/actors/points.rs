@@ -3,19 +3,17 @@
 //! every redemption. Every change is journaled and answered only after the group
 //! commit's flush; a killed actor rebuilds from its ledger, never from memory.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use futures::future;
 
 use super::admission::Admission;
-use super::shard::{ShardError, ShardResult};
+use super::journaled::{fail, ActorError, ActorResult, Journaled, Machine, Shell};
 use super::Kill;
 use crate::clock::Clock;
-use crate::domain::points::{Balance, Entry, Hold, PointsAudit, PointsBook, PointsEvent, RedemptionState, Step};
+use crate::domain::points::{Balance, Entry, Hold, Outcome, PointsAudit, PointsBook, PointsEvent, RedemptionState};
 use crate::domain::DomainError;
-use crate::storage::{PointsJournal, Storage};
+use crate::storage::{PointsRecovered, Storage};
 
 /// Points shards (fixed: the buyer → shard map must not change between starts).
 pub const POINTS_SHARDS: u16 = 8;
@@ -40,12 +38,16 @@ pub fn start_points(
     arbiters: &[ArbiterHandle],
     mailbox_capacity: usize,
     snapshot_min_journal_bytes: u64,
-) -> Result<Vec<PointsHandle>, ShardError> {
+) -> Result<Vec<PointsHandle>, ActorError> {
     (0..POINTS_SHARDS)
         .map(|shard| {
-            let actor = PointsActor::recover(shard, storage.clone(), clock.clone(), snapshot_min_journal_bytes)?;
+            let recovered = storage.recover_points(shard)?;
+            let (storage, clock) = (storage.clone(), clock.clone());
             let arbiter = &arbiters[shard as usize % arbiters.len()];
-            let addr = Supervisor::start_in_arbiter(arbiter, move |_| actor);
+            // Built on its arbiter: the actor's state is not shared across threads.
+            let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
+                PointsActor::new(shard, storage, clock, snapshot_min_journal_bytes, recovered)
+            });
             Ok(PointsHandle { addr, admission: Arc::new(Admission::new(mailbox_capacity, 0)) })
         })
         .collect()
@@ -58,155 +60,105 @@ pub struct PointsActor {
     /// A snapshot is written once the journal since the last one exceeds
     /// max(this, the last snapshot's size), as for stock shards.
     snapshot_min_journal_bytes: u64,
-    /// None when rebuilding failed: every request is answered `Unavailable`.
-    live: Option<Live>,
+    /// The book and its ledger (see [`super::journaled`]).
+    shell: Shell<PointsBook>,
     /// `kami_actor_turn_seconds{actor="points"}`.
     turns: metrics::Histogram,
 }
 
-struct Live {
-    book: PointsBook,
-    journal: PointsJournal,
-    /// Ledger records known durable (shared with reply futures): a read waits for a
-    /// flush only when the book shows more than that.
-    durable: Arc<AtomicU64>,
-    journal_bytes_since_snapshot: u64,
-    last_snapshot_bytes: u64,
-}
+impl Machine for PointsBook {
+    type Event = PointsEvent;
 
-impl Live {
-    fn new(r: crate::storage::PointsRecovered) -> Live {
-        // A recovered ledger is durable as far as it goes.
-        let durable = Arc::new(AtomicU64::new(r.book.len()));
-        Live {
-            book: r.book,
-            journal: r.journal,
-            durable,
-            journal_bytes_since_snapshot: 0,
-            last_snapshot_bytes: r.snapshot_bytes,
-        }
+    fn journaled(&self, event: &PointsEvent, _seq: u64, _touched: &mut dyn FnMut(u64)) {
+        metrics::counter!("kami_points_events_total", "event" => event_name(event)).increment(1);
     }
 }
 
+fn live(r: PointsRecovered) -> Journaled<PointsBook> {
+    let seq = r.book.len();
+    Journaled::recovered(r.book, r.journal, seq, 0, r.snapshot_bytes)
+}
+
 impl PointsActor {
-    /// A points shard rebuilt from its snapshot and journal.
-    pub fn recover(
+    /// A points shard rebuilt from its snapshot and journal (`recovered`).
+    pub fn new(
         shard: u16,
         storage: Arc<Storage>,
         clock: Arc<dyn Clock>,
         snapshot_min_journal_bytes: u64,
-    ) -> Result<PointsActor, ShardError> {
-        let recovered = storage.recover_points(shard)?;
-        Ok(PointsActor {
+        recovered: PointsRecovered,
+    ) -> PointsActor {
+        PointsActor {
             shard,
             storage,
             clock,
             snapshot_min_journal_bytes,
-            live: Some(Live::new(recovered)),
+            shell: Shell::new(format!("points {shard}"), Some(live(recovered))),
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "points"),
-        })
+        }
     }
 
     /// Snapshots the book once enough journal has grown since the last snapshot;
     /// once the snapshot is flushed, the journal it covers is trimmed (off the
     /// actor's thread). So start-up reads at most about twice the book.
     fn maybe_snapshot(&mut self) {
-        let Some(live) = self.live.as_mut() else { return };
-        if live.journal_bytes_since_snapshot < self.snapshot_min_journal_bytes.max(live.last_snapshot_bytes) {
+        let shard = self.shard;
+        let Ok(live) = self.shell.live_mut() else { return };
+        if !live.snapshot_due(self.snapshot_min_journal_bytes) {
             return;
         }
-        let shard = self.shard;
-        match self.storage.write_points_snapshot(shard, &live.book) {
-            Ok(bytes) => {
-                if let Err(e) = live.journal.roll() {
-                    tracing::warn!(shard, error = %e, "starting a new journal segment failed");
-                }
-                live.last_snapshot_bytes = bytes as u64;
-                live.journal_bytes_since_snapshot = 0;
-                let (seq, journal, storage) = (live.book.len(), live.journal.clone(), self.storage.clone());
-                let Ok(ticket) = self.storage.ticket() else { return };
-                actix_rt::spawn(async move {
-                    if ticket.wait().await.is_ok() {
-                        let trimmed = tokio::task::spawn_blocking(move || storage.trim_points(shard, &journal, seq));
-                        if let Ok(Err(e)) = trimmed.await {
-                            tracing::warn!(shard, error = %e, "trimming the points journal failed");
-                        }
-                    }
-                });
-            }
+        let slot = match live.begin_snapshot() {
+            Ok(slot) => slot,
+            Err(e) => return tracing::warn!(shard, error = %e, "starting a new journal segment failed"),
+        };
+        match self.storage.write_points_snapshot(shard, live.state()) {
+            Ok(bytes) => slot.stored(bytes),
             Err(e) => {
-                tracing::warn!(shard, error = %e, "points snapshot failed; the journal keeps growing until the next try")
+                return tracing::warn!(shard, error = %e, "points snapshot failed; the journal keeps growing until the next try")
             }
         }
+        let storage = self.storage.clone();
+        let Ok(ticket) = storage.ticket() else { return };
+        actix_rt::spawn(async move {
+            let flushed = ticket.wait().await.is_ok();
+            let (seq, journal) = (slot.seq, slot.journal.clone());
+            drop(slot);
+            if flushed {
+                let trimmed = tokio::task::spawn_blocking(move || storage.trim_points(shard, &journal, seq));
+                if let Ok(Err(e)) = trimmed.await {
+                    tracing::warn!(shard, error = %e, "trimming the points journal failed");
+                }
+            }
+        });
     }
 
-    fn live(&mut self) -> ShardResult<&mut Live> {
-        self.live.as_mut().ok_or(ShardError::Unavailable)
-    }
-
-    /// Runs a domain step; journals its event (if any) and answers after the flush.
-    fn step<T: Send + 'static>(
+    /// Runs a domain command; journals its event (if any) and answers once
+    /// everything the book shows is durable (a repeat too, like a change).
+    fn step<T: 'static>(
         &mut self,
         ctx: &mut Context<Self>,
-        step: impl FnOnce(&mut PointsBook, u64) -> Result<Step<T>, DomainError>,
-    ) -> ResponseFuture<ShardResult<T>> {
+        command: impl FnOnce(&mut PointsBook, u64) -> Result<Outcome<T>, DomainError>,
+    ) -> ResponseFuture<ActorResult<T>> {
         let now = self.clock.now_ms();
-        let live = match self.live() {
-            Ok(l) => l,
-            Err(e) => return Box::pin(future::ready(Err(e))),
-        };
-        let outcome = crate::domain::catch_broken_step(|| step(&mut live.book, now));
-        let (event, value) = match outcome {
-            Err(panic) => {
-                tracing::error!(shard = self.shard, %panic, "points step broke; rebuilding from the ledger");
-                self.live = None;
-                ctx.stop();
-                return Box::pin(future::ready(Err(ShardError::Unavailable)));
-            }
-            Ok(Err(refusal)) => return Box::pin(future::ready(Err(refusal.into()))),
-            Ok(Ok(Step::Repeat(value))) => (None, value),
-            Ok(Ok(Step::Changed(event, value))) => (Some(event), value),
-        };
-        // A repeat answers once everything before it is durable, like a change.
-        if let Some(event) = &event {
-            let seq = live.book.len();
-            match live.journal.append(seq, event) {
-                Ok(bytes) => live.journal_bytes_since_snapshot += bytes as u64,
-                Err(e) => {
-                    tracing::error!(shard = self.shard, error = %e, "points append failed; rebuilding from the ledger");
-                    self.live = None;
-                    ctx.stop();
-                    return Box::pin(future::ready(Err(e.into())));
+        match self.shell.change(ctx, |book| command(book, now)) {
+            Ok((value, written)) => {
+                if written.is_some() {
+                    self.maybe_snapshot();
                 }
+                self.shell.reply_after_all(&self.storage, value)
             }
-            metrics::counter!("kami_points_events_total", "event" => event_name(event)).increment(1);
-            self.maybe_snapshot();
+            Err(e) => fail(e),
         }
-        self.after_flush(Ok(value))
     }
 
-    /// Answers `value` once everything the book shows is durable: at once if it is
-    /// known to be, else after the next group flush.
-    fn after_flush<T: 'static>(&mut self, value: ShardResult<T>) -> ResponseFuture<ShardResult<T>> {
-        let Some(live) = self.live.as_ref() else { return Box::pin(future::ready(Err(ShardError::Unavailable))) };
-        let (needed, durable) = (live.book.len(), live.durable.clone());
-        if durable.load(Ordering::Acquire) >= needed {
-            return Box::pin(future::ready(value));
+    fn read<T: 'static>(&mut self, read: impl FnOnce(&PointsBook) -> T) -> ResponseFuture<ActorResult<T>> {
+        match self.shell.live() {
+            Ok(live) => {
+                let value = read(live.state());
+                self.shell.reply_after_all(&self.storage, value)
+            }
+            Err(e) => fail(e),
         }
-        let ticket = match self.storage.ticket() {
-            Ok(t) => t,
-            Err(e) => return Box::pin(future::ready(Err(e.into()))),
-        };
-        Box::pin(async move {
-            ticket.wait().await?;
-            durable.fetch_max(needed, Ordering::AcqRel);
-            value
-        })
-    }
-
-    fn read<T: 'static>(&mut self, read: impl FnOnce(&PointsBook) -> T) -> ResponseFuture<ShardResult<T>> {
-        let value = self.live().map(|l| read(&l.book));
-        self.after_flush(value)
     }
 }
 
@@ -231,11 +183,11 @@ impl Actor for PointsActor {
 impl Supervised for PointsActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         metrics::counter!("kami_actor_restarts_total").increment(1);
-        self.live = None;
+        self.shell.clear();
         match self.storage.recover_points(self.shard) {
             Ok(recovered) => {
                 tracing::info!(shard = self.shard, records = recovered.book.len(), "points actor rebuilt from storage");
-                self.live = Some(Live::new(recovered));
+                self.shell.install(live(recovered));
             }
             Err(e) => tracing::error!(shard = self.shard, error = %e, "points actor could not rebuild"),
         }
@@ -245,7 +197,7 @@ impl Supervised for PointsActor {
 // ---- messages ----
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<Balance>")]
+#[rtype(result = "ActorResult<Balance>")]
 pub struct Adjust {
     pub request_id: String,
     pub buyer: String,
@@ -254,12 +206,12 @@ pub struct Adjust {
 }
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<RedemptionState>")]
+#[rtype(result = "ActorResult<RedemptionState>")]
 pub struct HoldPoints(pub Hold);
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<Balance>")]
-pub struct Settle {
+#[rtype(result = "ActorResult<Balance>")]
+pub struct SettleRedemption {
     pub redemption: String,
     /// Whose balance the answer shows (the redemption's buyer).
     pub buyer: String,
@@ -267,14 +219,14 @@ pub struct Settle {
 }
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<()>")]
+#[rtype(result = "ActorResult<()>")]
 pub struct Release {
     pub redemption: String,
     pub reason: String,
 }
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<(Balance, Vec<Entry>)>")]
+#[rtype(result = "ActorResult<(Balance, Vec<Entry>)>")]
 pub struct Statement {
     pub buyer: String,
     pub limit: usize,
@@ -282,18 +234,18 @@ pub struct Statement {
 
 /// Holds made before `before_ms` and not yet settled or released (the resolver's work).
 #[derive(Message)]
-#[rtype(result = "ShardResult<Vec<Hold>>")]
+#[rtype(result = "ActorResult<Vec<Hold>>")]
 pub struct StaleHolds {
     pub before_ms: u64,
     pub limit: usize,
 }
 
 #[derive(Message)]
-#[rtype(result = "ShardResult<PointsAudit>")]
+#[rtype(result = "ActorResult<PointsAudit>")]
 pub struct AuditPoints;
 
 impl Handler<Adjust> for PointsActor {
-    type Result = ResponseFuture<ShardResult<Balance>>;
+    type Result = ResponseFuture<ActorResult<Balance>>;
     fn handle(&mut self, m: Adjust, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.adjust(&m.request_id, &m.buyer, m.delta, &m.note, now))
@@ -301,7 +253,7 @@ impl Handler<Adjust> for PointsActor {
 }
 
 impl Handler<HoldPoints> for PointsActor {
-    type Result = ResponseFuture<ShardResult<RedemptionState>>;
+    type Result = ResponseFuture<ActorResult<RedemptionState>>;
     fn handle(&mut self, HoldPoints(h): HoldPoints, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.hold(&h.redemption, &h.buyer, h.points, &h.product_id, h.quantity, now))
@@ -309,23 +261,19 @@ impl Handler<HoldPoints> for PointsActor {
 }
 
 /// Answers the buyer's balance after the settling (saving the redeemer a read).
-impl Handler<Settle> for PointsActor {
-    type Result = ResponseFuture<ShardResult<Balance>>;
-    fn handle(&mut self, m: Settle, ctx: &mut Context<Self>) -> Self::Result {
+impl Handler<SettleRedemption> for PointsActor {
+    type Result = ResponseFuture<ActorResult<Balance>>;
+    fn handle(&mut self, m: SettleRedemption, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| {
-            let step = book.settle(&m.redemption, &m.order_id, now)?;
-            let balance = book.balance(&m.buyer);
-            Ok(match step {
-                Step::Changed(event, ()) => Step::Changed(event, balance),
-                Step::Repeat(()) => Step::Repeat(balance),
-            })
+            let outcome = book.settle(&m.redemption, &m.order_id, now)?;
+            Ok(outcome.map(|()| book.balance(&m.buyer)))
         })
     }
 }
 
 impl Handler<Release> for PointsActor {
-    type Result = ResponseFuture<ShardResult<()>>;
+    type Result = ResponseFuture<ActorResult<()>>;
     fn handle(&mut self, m: Release, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.release(&m.redemption, &m.reason, now))
@@ -333,7 +281,7 @@ impl Handler<Release> for PointsActor {
 }
 
 impl Handler<Statement> for PointsActor {
-    type Result = ResponseFuture<ShardResult<(Balance, Vec<Entry>)>>;
+    type Result = ResponseFuture<ActorResult<(Balance, Vec<Entry>)>>;
     fn handle(&mut self, m: Statement, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| (book.balance(&m.buyer), book.statement(&m.buyer, m.limit)))
@@ -341,7 +289,7 @@ impl Handler<Statement> for PointsActor {
 }
 
 impl Handler<StaleHolds> for PointsActor {
-    type Result = ResponseFuture<ShardResult<Vec<Hold>>>;
+    type Result = ResponseFuture<ActorResult<Vec<Hold>>>;
     fn handle(&mut self, m: StaleHolds, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| {
@@ -354,7 +302,7 @@ impl Handler<StaleHolds> for PointsActor {
 }
 
 impl Handler<AuditPoints> for PointsActor {
-    type Result = ResponseFuture<ShardResult<PointsAudit>>;
+    type Result = ResponseFuture<ActorResult<PointsAudit>>;
     fn handle(&mut self, _: AuditPoints, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(PointsBook::audit)
@@ -366,7 +314,6 @@ impl Handler<Kill> for PointsActor {
     fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
         let _turn = super::Turn::start(&self.turns);
         tracing::warn!(shard = self.shard, "points actor killed on request");
-        self.live = None;
-        ctx.stop();
+        self.shell.stop(ctx);
     }
 }

@@ -195,7 +195,7 @@ impl Kami {
         msg: impl Fn() -> M,
     ) -> Result<GroupSeat, Error>
     where
-        M: Message<Result = ShardResult<GroupSeat>> + Send + 'static,
+        M: Message<Result = ActorResult<GroupSeat>> + Send + 'static,
         ShardActor: Handler<M>,
     {
         match self.call_in(Lane::NewOrder, &route.shards[home], msg()).await {

@@ -79,7 +79,7 @@ impl Kami {
         msg: impl Fn() -> M,
     ) -> Result<R, Error>
     where
-        M: Message<Result = ShardResult<R>> + Send + 'static,
+        M: Message<Result = ActorResult<R>> + Send + 'static,
         R: Send + 'static,
         ShardActor: Handler<M>,
     {
@@ -147,7 +147,7 @@ impl Kami {
         let (transfer, n) = (t.transfer, t.keys.len());
         // Should this fail, the lender resends it later (`settle_transfers`).
         self.call(&route.shards[to], shard::Receive(t)).await?;
-        let _ = self.call(&route.shards[from], shard::Settle(transfer)).await;
+        let _ = self.call(&route.shards[from], shard::SettleTransfer(transfer)).await;
         metrics::counter!("kami_key_transfers_total").increment(1);
         metrics::counter!("kami_keys_transferred_total").increment(n as u64);
         Ok(n)
@@ -166,7 +166,7 @@ impl Kami {
                 for t in list {
                     let (transfer, to) = (t.transfer, t.to as usize);
                     if self.call(&route.shards[to], shard::Receive(t)).await.is_ok()
-                        && self.call(lender, shard::Settle(transfer)).await.is_ok()
+                        && self.call(lender, shard::SettleTransfer(transfer)).await.is_ok()
                     {
                         settled += 1;
                     }

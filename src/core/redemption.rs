@@ -6,7 +6,7 @@ use super::*;
 impl Kami {
     async fn call_points<M, R>(&self, buyer: &str, msg: M) -> Result<R, Error>
     where
-        M: Message<Result = ShardResult<R>> + Send + 'static,
+        M: Message<Result = ActorResult<R>> + Send + 'static,
         R: Send + 'static,
         PointsActor: Handler<M>,
     {
@@ -135,7 +135,7 @@ impl Kami {
         };
         match delivered {
             Ok(order) => {
-                let settle = points_actor::Settle {
+                let settle = points_actor::SettleRedemption {
                     redemption: hold.redemption.clone(),
                     buyer: hold.buyer.clone(),
                     order_id: order.order_id(),

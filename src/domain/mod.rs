@@ -34,6 +34,29 @@ pub use error::DomainError;
 pub use ids::{OrderId, ShardId};
 pub use shard::{Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard, ShardAudit};
 
+/// The result of a command: either it changed state (and the event `E` must be
+/// journaled before anyone is told), or it is a repeat answered from recorded state.
+/// Returned by value and consumed at once; boxing the event would cost an
+/// allocation per order for no gain.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<E, T> {
+    /// A new event to journal, already applied.
+    Changed(E, T),
+    /// A repeat of something already done: nothing to journal.
+    Repeat(T),
+}
+
+impl<E, T> Outcome<E, T> {
+    /// The same outcome answering `f(value)`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<E, U> {
+        match self {
+            Outcome::Changed(event, value) => Outcome::Changed(event, f(value)),
+            Outcome::Repeat(value) => Outcome::Repeat(f(value)),
+        }
+    }
+}
+
 /// Runs a domain step, turning a failed domain assertion (a panic) into its
 /// message. Callers decide what a broken step means: a stock actor rebuilds from
 /// storage, recovery refuses the journal.

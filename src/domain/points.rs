@@ -108,14 +108,8 @@ pub struct PointsBook {
 
 type AdjustFingerprint = (i64, String);
 
-/// What a command did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step<T> {
-    /// A new event to journal, already applied.
-    Changed(PointsEvent, T),
-    /// A repeat of something already done: nothing to journal.
-    Repeat(T),
-}
+/// What a points command did (see [`crate::domain::Outcome`]).
+pub type Outcome<T> = crate::domain::Outcome<PointsEvent, T>;
 
 impl PointsBook {
     pub fn new() -> PointsBook {
@@ -168,11 +162,11 @@ impl PointsBook {
         delta: i64,
         note: &str,
         now_ms: Millis,
-    ) -> Result<Step<Balance>, DomainError> {
+    ) -> Result<Outcome<Balance>, DomainError> {
         let fingerprint = (delta, note.to_string());
         if let Some((seen, _)) = self.requests.get(&(buyer.to_string(), request_id.to_string())) {
             return if *seen == fingerprint {
-                Ok(Step::Repeat(self.balance(buyer)))
+                Ok(Outcome::Repeat(self.balance(buyer)))
             } else {
                 Err(DomainError::RequestIdReused)
             };
@@ -192,7 +186,7 @@ impl PointsBook {
             at_ms: now_ms,
         };
         self.apply(&event);
-        Ok(Step::Changed(event, self.balance(buyer)))
+        Ok(Outcome::Changed(event, self.balance(buyer)))
     }
 
     /// Saga step 1. A redemption already held or settled is a repeat.
@@ -204,9 +198,9 @@ impl PointsBook {
         product_id: &str,
         quantity: u32,
         now_ms: Millis,
-    ) -> Result<Step<RedemptionState>, DomainError> {
+    ) -> Result<Outcome<RedemptionState>, DomainError> {
         if let Some(state) = self.redemptions.get(redemption) {
-            return Ok(Step::Repeat(state.clone()));
+            return Ok(Outcome::Repeat(state.clone()));
         }
         let available = self.balance(buyer).available();
         if points > available {
@@ -221,11 +215,11 @@ impl PointsBook {
             at_ms: now_ms,
         };
         self.apply(&event);
-        Ok(Step::Changed(event, self.redemptions[redemption].clone()))
+        Ok(Outcome::Changed(event, self.redemptions[redemption].clone()))
     }
 
     /// Saga step 3, success. Settling a settled redemption is a repeat.
-    pub fn settle(&mut self, redemption: &str, order_id: &str, now_ms: Millis) -> Result<Step<()>, DomainError> {
+    pub fn settle(&mut self, redemption: &str, order_id: &str, now_ms: Millis) -> Result<Outcome<()>, DomainError> {
         match self.redemptions.get(redemption) {
             Some(RedemptionState::Held(_)) => {
                 let event = PointsEvent::Settled {
@@ -234,16 +228,16 @@ impl PointsBook {
                     at_ms: now_ms,
                 };
                 self.apply(&event);
-                Ok(Step::Changed(event, ()))
+                Ok(Outcome::Changed(event, ()))
             }
-            Some(RedemptionState::Settled { .. }) => Ok(Step::Repeat(())),
+            Some(RedemptionState::Settled { .. }) => Ok(Outcome::Repeat(())),
             None => Err(DomainError::RedemptionNotFound),
         }
     }
 
     /// Saga step 3, failure: the points come back. Only a held redemption can be
     /// released; a settled one never (its key was delivered).
-    pub fn release(&mut self, redemption: &str, reason: &str, now_ms: Millis) -> Result<Step<()>, DomainError> {
+    pub fn release(&mut self, redemption: &str, reason: &str, now_ms: Millis) -> Result<Outcome<()>, DomainError> {
         match self.redemptions.get(redemption) {
             Some(RedemptionState::Held(_)) => {
                 let event = PointsEvent::Released {
@@ -252,10 +246,10 @@ impl PointsBook {
                     at_ms: now_ms,
                 };
                 self.apply(&event);
-                Ok(Step::Changed(event, ()))
+                Ok(Outcome::Changed(event, ()))
             }
             Some(RedemptionState::Settled { .. }) => Err(DomainError::RedemptionSettled),
-            None => Ok(Step::Repeat(())),
+            None => Ok(Outcome::Repeat(())),
         }
     }
 
@@ -441,10 +435,10 @@ pub struct PointsAudit {
 mod tests {
     use super::*;
 
-    fn changed<T>(s: Result<Step<T>, DomainError>) -> T {
+    fn changed<T>(s: Result<Outcome<T>, DomainError>) -> T {
         match s.unwrap() {
-            Step::Changed(_, v) => v,
-            Step::Repeat(_) => panic!("expected a change"),
+            Outcome::Changed(_, v) => v,
+            Outcome::Repeat(_) => panic!("expected a change"),
         }
     }
 
@@ -452,7 +446,7 @@ mod tests {
     fn credits_and_debits_are_idempotent_and_never_go_below_zero() {
         let mut p = PointsBook::new();
         assert_eq!(changed(p.adjust("r1", "alice", 500, "welcome", 1)).balance, 500);
-        assert!(matches!(p.adjust("r1", "alice", 500, "welcome", 2), Ok(Step::Repeat(b)) if b.balance == 500));
+        assert!(matches!(p.adjust("r1", "alice", 500, "welcome", 2), Ok(Outcome::Repeat(b)) if b.balance == 500));
         assert_eq!(p.adjust("r1", "alice", 600, "welcome", 2), Err(DomainError::RequestIdReused));
         assert_eq!(
             p.adjust("r2", "alice", -501, "", 3),
@@ -477,11 +471,11 @@ mod tests {
             p.adjust("r2", "bob", -150, "", 3),
             Err(DomainError::InsufficientPoints { needed: 150, available: 100 })
         );
-        assert!(matches!(p.hold("x", "bob", 200, "game", 2, 3), Ok(Step::Repeat(RedemptionState::Held(_)))));
+        assert!(matches!(p.hold("x", "bob", 200, "game", 2, 3), Ok(Outcome::Repeat(RedemptionState::Held(_)))));
         assert_eq!(p.holds(10).len(), 1);
         changed(p.settle("x", "game:0:1", 4));
         assert_eq!(p.balance("bob"), Balance { balance: 100, held: 0 });
-        assert_eq!(p.settle("x", "game:0:1", 5), Ok(Step::Repeat(())));
+        assert_eq!(p.settle("x", "game:0:1", 5), Ok(Outcome::Repeat(())));
         assert_eq!(p.release("x", "late", 5), Err(DomainError::RedemptionSettled));
         changed(p.hold("z", "bob", 100, "game", 1, 6));
         changed(p.release("z", "sold_out", 7));

@@ -21,7 +21,10 @@ use super::error::DomainError;
 use super::group::{Group, GroupState, GroupTerms};
 use super::Millis;
 
+mod effects;
 mod groups;
+
+pub use effects::Tally;
 
 /// Index of a key in its shard's `keys` vector.
 pub type KeyId = u32;
@@ -115,6 +118,15 @@ pub struct Order {
     pub payment_id: Option<String>,
     /// A notification with the wrong amount arrived: flagged for the merchant.
     pub amount_mismatch: bool,
+}
+
+impl Order {
+    /// Whether `given` is this order's query token (compared in constant time). Who
+    /// does not hold it is told the order does not exist.
+    pub fn token_matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        given.len() == self.query_token.len() && bool::from(given.as_bytes().ct_eq(self.query_token.as_bytes()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,16 +428,8 @@ pub struct Payment {
     pub status: String,
 }
 
-/// The result of a command: either it changed state (and the event must be
-/// journaled before anyone is told), or it is a repeat answered from recorded state.
-/// Returned by value and consumed at once; boxing the event would cost an
-/// allocation per order for no gain.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome<T> {
-    Changed(Event, T),
-    Repeat(T),
-}
+/// What a shard command did (see [`crate::domain::Outcome`]).
+pub type Outcome<T> = crate::domain::Outcome<Event, T>;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ShardAudit {

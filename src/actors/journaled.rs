@@ -1,0 +1,428 @@
+//! The one shell every journaled actor is built from (stock shards and points shards).
+//!
+//! A journaled actor owns a pure domain state machine `S` whose changes are events
+//! `E`. Every request goes the same way:
+//! 1. [`Shell::step`] runs the domain step under `catch_unwind`; a panic drops the
+//!    state and stops the actor, and its supervisor rebuilds it from storage, never
+//!    from the memory it had;
+//! 2. [`Shell::persist`] appends the step's events to the journal in one write (a
+//!    failed append also drops the state: memory would be ahead of the journal);
+//! 3. [`Shell::reply`] answers once the group commit covering what the answer shows
+//!    has flushed (invariant I4: every 2xx describes durable state).
+//!
+//! The actor does not wait for the flush itself: it goes on with its next message, so
+//! one flush serves many requests of many actors. The shell also keeps the one
+//! durability tracker (which prefix of the journal is known durable, and which keys,
+//! e.g. orders, still have changes waiting for a flush) and the snapshot bookkeeping
+//! (journal written since the last snapshot, one snapshot at a time).
+
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use actix::prelude::*;
+use futures::future;
+
+use crate::domain::{DomainError, Outcome};
+use crate::storage::{Journal, Storage, StorageError, Ticket};
+
+/// Why a journaled actor could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActorError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The actor crashed while handling the request or could not rebuild itself.
+    #[error("the actor is restarting")]
+    Unavailable,
+}
+
+pub type ActorResult<T> = Result<T, ActorError>;
+
+/// An answer that is already known.
+pub fn fail<T: 'static>(e: impl Into<ActorError>) -> ResponseFuture<ActorResult<T>> {
+    Box::pin(future::ready(Err(e.into())))
+}
+
+/// A domain state machine a journaled actor owns: its commands return
+/// [`Outcome`]s whose events the shell journals.
+pub trait Machine {
+    type Event: serde::Serialize;
+
+    /// Called once for each event just written as journal record `seq`: calls
+    /// `touched` with each key (e.g. order) the event changed, so that a read of that
+    /// key waits for the flush covering it, and counts the event in the metrics.
+    fn journaled(&self, event: &Self::Event, seq: u64, touched: &mut dyn FnMut(u64));
+}
+
+/// What a journaled actor holds while it is live: its state, its journal and what is
+/// known about their durability.
+pub struct Journaled<S: Machine> {
+    state: S,
+    journal: Journal<S::Event>,
+    /// Sequence of the last journal record written (durable or not).
+    seq: u64,
+    /// Highest sequence known to be durable. Shared with reply futures.
+    durable: Rc<Cell<u64>>,
+    /// Keys (e.g. orders) whose last change may not be durable yet: key → journal seq
+    /// of that change, with a queue in journal order to forget them once durable.
+    /// Bounded by the writes in flight. Lets a read of one key skip the flush wait
+    /// when only other keys have unflushed changes.
+    undurable: HashMap<u64, u64>,
+    undurable_queue: VecDeque<(u64, u64)>,
+    journal_bytes_since_snapshot: u64,
+    /// Size of the last snapshot (set once it is encoded, maybe off this thread).
+    last_snapshot_bytes: Rc<Cell<u64>>,
+    /// A snapshot is being stored (at most one at a time).
+    snapshot_in_flight: Rc<Cell<bool>>,
+}
+
+impl<S: Machine> Journaled<S> {
+    /// State rebuilt from storage, whose journal ends at `last_seq`.
+    pub fn recovered(
+        state: S,
+        journal: Journal<S::Event>,
+        last_seq: u64,
+        journal_bytes: u64,
+        snapshot_bytes: u64,
+    ) -> Self {
+        Journaled {
+            state,
+            journal,
+            seq: last_seq,
+            // Recovered state may include writes read back before any flush: nothing
+            // counts as durable until the first flush after the start.
+            durable: Rc::new(Cell::new(0)),
+            undurable: HashMap::new(),
+            undurable_queue: VecDeque::new(),
+            journal_bytes_since_snapshot: journal_bytes,
+            last_snapshot_bytes: Rc::new(Cell::new(snapshot_bytes)),
+            snapshot_in_flight: Rc::default(),
+        }
+    }
+
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    pub fn state_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+
+    /// Sequence of the last record written.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Records that `key` changed in record `seq` (not yet known durable).
+    #[cfg(test)]
+    fn touched(&mut self, key: u64, seq: u64) {
+        self.undurable.insert(key, seq);
+        self.undurable_queue.push_back((seq, key));
+    }
+
+    /// Appends `events` (already applied) as the next records, in one write. Returns
+    /// the sequence of the first.
+    fn append(&mut self, events: &[S::Event]) -> Result<u64, StorageError> {
+        self.forget_durable();
+        let first = self.seq + 1;
+        let bytes = self.journal.append_all(first, events)?;
+        self.journal_bytes_since_snapshot += bytes as u64;
+        self.seq += events.len() as u64;
+        let Journaled { state, undurable, undurable_queue, .. } = self;
+        for (seq, event) in (first..).zip(events) {
+            state.journaled(event, seq, &mut |key| {
+                undurable.insert(key, seq);
+                undurable_queue.push_back((seq, key));
+            });
+        }
+        Ok(first)
+    }
+
+    /// Forgets changes now known durable. Called on every write and read, so the
+    /// map holds only writes still waiting for a flush (bounded by the commit queue).
+    fn forget_durable(&mut self) {
+        let durable = self.durable.get();
+        while let Some(&(jseq, key)) = self.undurable_queue.front() {
+            if jseq > durable {
+                break;
+            }
+            self.undurable_queue.pop_front();
+            if self.undurable.get(&key) == Some(&jseq) {
+                self.undurable.remove(&key);
+            }
+        }
+    }
+
+    /// The journal seq that must be durable before `key` may be shown.
+    pub fn needed_for(&mut self, key: u64) -> u64 {
+        self.forget_durable();
+        self.undurable.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether the journal has outgrown the last snapshot (and `min_bytes`) and no
+    /// snapshot is being stored: so recovery reads at most about twice the state.
+    pub fn snapshot_due(&self, min_bytes: u64) -> bool {
+        let threshold = min_bytes.max(self.last_snapshot_bytes.get());
+        self.journal_bytes_since_snapshot >= threshold && !self.snapshot_in_flight.get()
+    }
+
+    /// Starts a snapshot as of the last record: rolls the journal (records after it go
+    /// to a new segment, so the trim deletes whole files) and marks one in flight
+    /// until the returned slot is finished or dropped.
+    pub fn begin_snapshot(&mut self) -> Result<SnapshotSlot<S::Event>, StorageError> {
+        self.journal.roll()?;
+        self.journal_bytes_since_snapshot = 0;
+        self.snapshot_in_flight.set(true);
+        Ok(SnapshotSlot {
+            seq: self.seq,
+            journal: self.journal.clone(),
+            in_flight: self.snapshot_in_flight.clone(),
+            last_bytes: self.last_snapshot_bytes.clone(),
+        })
+    }
+}
+
+/// One snapshot being made (see [`Journaled::begin_snapshot`]).
+pub struct SnapshotSlot<E> {
+    /// The snapshot covers the journal through this record.
+    pub seq: u64,
+    /// The journal to trim once the snapshot is durable.
+    pub journal: Journal<E>,
+    in_flight: Rc<Cell<bool>>,
+    last_bytes: Rc<Cell<u64>>,
+}
+
+impl<E> SnapshotSlot<E> {
+    /// The size of the last snapshot, a hint for the next encoding.
+    pub fn size_hint(&self) -> usize {
+        self.last_bytes.get() as usize
+    }
+
+    /// The snapshot was encoded at `bytes`: the next one is due after as much journal.
+    pub fn stored(&self, bytes: usize) {
+        self.last_bytes.set(bytes as u64);
+    }
+}
+
+impl<E> Drop for SnapshotSlot<E> {
+    fn drop(&mut self) {
+        self.in_flight.set(false);
+    }
+}
+
+/// Waits for the flush that makes the journal durable through the records written
+/// when it was taken, then records that in the tracker.
+pub struct Flush {
+    ticket: Ticket,
+    durable: Rc<Cell<u64>>,
+    through: u64,
+}
+
+impl Flush {
+    pub async fn wait(self) -> Result<(), StorageError> {
+        self.ticket.wait().await?;
+        if self.durable.get() < self.through {
+            self.durable.set(self.through);
+        }
+        Ok(())
+    }
+}
+
+/// The live state of a journaled actor, or nothing while it is broken or rebuilding
+/// (every request is then answered [`ActorError::Unavailable`]).
+pub struct Shell<S: Machine> {
+    /// Names the actor in logs (`stock p1/0`, `points 3`).
+    name: String,
+    live: Option<Journaled<S>>,
+}
+
+impl<S: Machine> Shell<S> {
+    pub fn new(name: String, live: Option<Journaled<S>>) -> Self {
+        Shell { name, live }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn live(&self) -> ActorResult<&Journaled<S>> {
+        self.live.as_ref().ok_or(ActorError::Unavailable)
+    }
+
+    pub fn live_mut(&mut self) -> ActorResult<&mut Journaled<S>> {
+        self.live.as_mut().ok_or(ActorError::Unavailable)
+    }
+
+    /// Installs state rebuilt from storage.
+    pub fn install(&mut self, live: Journaled<S>) {
+        self.live = Some(live);
+    }
+
+    /// Drops the state (before a rebuild): until then every request is answered
+    /// [`ActorError::Unavailable`].
+    pub fn clear(&mut self) {
+        self.live = None;
+    }
+
+    /// Drops the state and stops the actor: its supervisor rebuilds it from storage.
+    pub fn stop(&mut self, ctx: &mut impl ActorContext) {
+        self.live = None;
+        ctx.stop();
+    }
+
+    /// Runs a domain step; a panic stops the actor so its supervisor rebuilds it.
+    pub fn step<T>(&mut self, ctx: &mut impl ActorContext, step: impl FnOnce(&mut S) -> T) -> ActorResult<T> {
+        let live = self.live_mut()?;
+        match crate::domain::catch_broken_step(|| step(&mut live.state)) {
+            Ok(value) => Ok(value),
+            Err(what) => {
+                tracing::error!(actor = %self.name, panic = %what, "actor step panicked; restarting it from storage");
+                metrics::counter!("kami_actor_panics_total").increment(1);
+                self.stop(ctx);
+                Err(ActorError::Unavailable)
+            }
+        }
+    }
+
+    /// Journals `events` (already applied) in one write. Returns the sequence of the
+    /// first; on failure the actor stops (memory is ahead of the journal).
+    pub fn persist(&mut self, ctx: &mut impl ActorContext, events: &[S::Event]) -> ActorResult<u64> {
+        match self.live_mut()?.append(events) {
+            Ok(first) => Ok(first),
+            Err(e) => {
+                tracing::error!(actor = %self.name, error = %e, "journal append failed; restarting from storage");
+                self.stop(ctx);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Journals the event of a changed outcome. Returns the value and the sequence a
+    /// reply showing it must wait for (`None` for a repeat: its caller decides).
+    pub fn journal<T>(
+        &mut self,
+        ctx: &mut impl ActorContext,
+        outcome: Outcome<S::Event, T>,
+    ) -> ActorResult<(T, Option<u64>)> {
+        match outcome {
+            Outcome::Repeat(value) => Ok((value, None)),
+            Outcome::Changed(event, value) => {
+                let seq = self.persist(ctx, std::slice::from_ref(&event))?;
+                Ok((value, Some(seq)))
+            }
+        }
+    }
+
+    /// Runs a domain command ([`Shell::step`]) and journals its event if it changed
+    /// anything ([`Shell::journal`]).
+    pub fn change<T>(
+        &mut self,
+        ctx: &mut impl ActorContext,
+        command: impl FnOnce(&mut S) -> Result<Outcome<S::Event, T>, DomainError>,
+    ) -> ActorResult<(T, Option<u64>)> {
+        let outcome = self.step(ctx, command)??;
+        self.journal(ctx, outcome)
+    }
+
+    /// A wait for the flush covering the journal through `needed`, or `None` if it is
+    /// known durable already.
+    pub fn flush_for(&self, storage: &Storage, needed: u64) -> ActorResult<Option<Flush>> {
+        let live = self.live()?;
+        if live.durable.get() >= needed {
+            return Ok(None);
+        }
+        Ok(Some(Flush { ticket: storage.ticket()?, durable: live.durable.clone(), through: live.seq }))
+    }
+
+    /// Replies with `value` (which shows the journal through `needed`) once that prefix
+    /// is durable, then runs `on_durable`: at once if it is known durable, else after
+    /// the next flush.
+    pub fn reply<T: 'static>(
+        &self,
+        storage: &Storage,
+        needed: u64,
+        value: T,
+        on_durable: impl FnOnce() + 'static,
+    ) -> ResponseFuture<ActorResult<T>> {
+        match self.flush_for(storage, needed) {
+            Err(e) => fail(e),
+            Ok(None) => Box::pin(future::ready(Ok(value))),
+            Ok(Some(flush)) => Box::pin(async move {
+                flush.wait().await?;
+                on_durable();
+                Ok(value)
+            }),
+        }
+    }
+
+    /// Replies with `value` once everything written so far is durable.
+    pub fn reply_after_all<T: 'static>(&self, storage: &Storage, value: T) -> ResponseFuture<ActorResult<T>> {
+        let needed = self.live.as_ref().map_or(0, |l| l.seq);
+        self.reply(storage, needed, value, || ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A machine whose events change the key they carry.
+    struct Keys;
+
+    impl Machine for Keys {
+        type Event = crate::domain::points::PointsEvent;
+        fn journaled(&self, _: &Self::Event, seq: u64, touched: &mut dyn FnMut(u64)) {
+            touched(seq)
+        }
+    }
+
+    fn points_journal(dir: &std::path::Path) -> Journal<crate::domain::points::PointsEvent> {
+        let storage = Storage::open(&crate::storage::StorageOptions {
+            path: dir.to_path_buf(),
+            cache_capacity_bytes: 1 << 20,
+            max_pending_commits: 16,
+            max_commit_batch: 16,
+            commit_linger: std::time::Duration::ZERO,
+        })
+        .unwrap();
+        storage.points_journal(0).unwrap()
+    }
+
+    #[test]
+    fn undurable_keys_are_forgotten_once_durable_even_without_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = points_journal(dir.path());
+        let mut live = Journaled::recovered(Keys, journal, 0, 0, 0);
+        for seq in 1..=1000 {
+            live.touched(seq, seq);
+        }
+        assert_eq!(live.needed_for(7), 7);
+        live.durable.set(1000);
+        // Writes forget what is durable, so the map stays bounded by what is in flight.
+        live.forget_durable();
+        assert!(live.undurable.is_empty() && live.undurable_queue.is_empty());
+        assert_eq!(live.needed_for(7), 0);
+        live.touched(3, 1001);
+        assert_eq!(live.needed_for(3), 1001, "a newer change of a key is waited for");
+    }
+
+    #[test]
+    fn a_snapshot_is_due_once_the_journal_outgrows_the_last_one_and_only_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = points_journal(dir.path());
+        let mut live = Journaled::recovered(Keys, journal, 0, 500, 1000);
+        assert!(!live.snapshot_due(100), "500 bytes of journal do not outgrow a 1000-byte snapshot");
+        live.journal_bytes_since_snapshot = 1000;
+        assert!(live.snapshot_due(100));
+        let slot = live.begin_snapshot().unwrap();
+        live.journal_bytes_since_snapshot = 5000;
+        assert!(!live.snapshot_due(100), "one snapshot at a time");
+        slot.stored(8000);
+        drop(slot);
+        assert!(!live.snapshot_due(100), "the next is due after as much journal as the last snapshot");
+        live.journal_bytes_since_snapshot = 8000;
+        assert!(live.snapshot_due(100));
+    }
+}
