@@ -14,13 +14,13 @@
 //! violations: recovery repairs them at the next start, and none of them can hold
 //! an acknowledged write (a reply waits for the flush of whole records).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::core::ProductAudit;
+use crate::domain::audit::{Auditor, PointsTotals, ProductAudit};
 use crate::domain::ShardId;
 use crate::storage::{Storage, StorageError, StorageOptions};
 
@@ -43,7 +43,7 @@ pub struct OfflineReport {
     /// Repairable damage that recovery will fix.
     pub findings: Vec<String>,
     pub violations: Vec<String>,
-    pub points: crate::core::PointsTotals,
+    pub points: PointsTotals,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,84 +90,67 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
     let mut products = storage.load_products().map_err(read_err)?;
     products.sort_by(|a, b| a.id.cmp(&b.id));
 
-    let mut report = OfflineReport {
-        ok: true,
-        products: Vec::new(),
-        orders: crate::domain::OrderStatus::ALL.iter().map(|s| (s.as_str().to_string(), 0)).collect(),
-        findings: Vec::new(),
-        violations: Vec::new(),
-        points: Default::default(),
-    };
-    // Payment digests of every shard, for the process-wide uniqueness check.
-    let mut payments: Vec<(String, crate::domain::ShardAudit)> = Vec::new();
-    for product in &products {
-        let mut line = ProductReport {
-            counts: ProductAudit { id: product.id.clone(), ..ProductAudit::default() },
-            shards: product.shards,
-            orders: 0,
-            journal_records: 0,
-        };
-        // Key string → shard holding it, across the product's shards.
-        let mut owner: HashMap<String, u16> = HashMap::new();
-        let mut audits = Vec::with_capacity(product.shards as usize);
-        for shard in 0..product.shards {
-            let id = ShardId::new(product.id.clone(), shard);
-            let r = match storage.inspect(&id, product) {
-                Ok(r) => r,
-                Err(e) => {
-                    report.violations.push(format!("{id}: {e}"));
-                    continue;
-                }
-            };
-            report.findings.extend(r.findings.iter().map(|f| format!("{id}: {f}")));
-            line.journal_records += r.replayed;
-            let a = r.shard.audit();
-            line.counts.add(&a);
-            for (status, n) in &a.orders {
-                *report.orders.entry(status.as_str().to_string()).or_default() += n;
-                line.orders += n;
-            }
-            report.violations.extend(a.violations.iter().map(|v| format!("{id}: {v}")));
-            for key in r.shard.key_strings() {
-                if let Some(other) = owner.insert(key.to_string(), shard) {
-                    report.violations.push(format!("{}: key {key:?} is in shards {other} and {shard}", product.id));
-                }
-            }
-            audits.push(a);
-        }
-        if audits.len() == product.shards as usize {
-            report.violations.extend(line.counts.finish(&audits).map(|v| format!("{}: {v}", product.id)));
-        }
-        payments.extend(audits.into_iter().map(|a| {
-            let label = ShardId::new(product.id.clone(), a.shard).to_string();
-            let only_payments = crate::domain::ShardAudit { payment_ids: a.payment_ids, ..Default::default() };
-            (label, only_payments)
-        }));
-        report.products.push(line);
-    }
-    report.violations.extend(crate::domain::shard::duplicate_payments(payments.iter().map(|(l, a)| (l.clone(), a))));
+    let mut findings = Vec::new();
+    // Points first (see `Auditor` for why the order matters).
     let mut points = Vec::new();
+    let mut violations = Vec::new();
     for shard in 0..crate::actors::points::POINTS_SHARDS {
         match storage.inspect_points(shard) {
             Ok(crate::storage::PointsRecovered { book, torn, .. }) => {
                 if let Some((seq, error)) = torn {
-                    report.findings.push(format!("points/{shard}: torn tail from record {seq}: {error}"));
+                    findings.push(format!("points/{shard}: torn tail from record {seq}: {error}"));
                 }
                 points.push(book.audit());
             }
-            Err(e) => report.violations.push(format!("points/{shard}: {e}")),
+            Err(e) => violations.push(format!("points/{shard}: {e}")),
         }
     }
-    let counts: Vec<ProductAudit> = report.products.iter().map(|p| p.counts.clone()).collect();
-    report.points = crate::core::check_points(points, &counts, &mut report.violations);
+    let mut auditor = Auditor::new();
+    violations.into_iter().for_each(|v| auditor.violation(v));
+    let mut extras = Vec::new();
+    for product in &products {
+        let mut journal_records = 0;
+        let mut audits = Vec::with_capacity(product.shards as usize);
+        for shard in 0..product.shards {
+            let id = ShardId::new(product.id.clone(), shard);
+            match storage.inspect(&id, product) {
+                Ok(r) => {
+                    findings.extend(r.findings.iter().map(|f| format!("{id}: {f}")));
+                    journal_records += r.replayed;
+                    audits.push(r.shard.audit());
+                }
+                Err(e) => auditor.violation(format!("{id}: {e}")),
+            }
+        }
+        let complete = audits.len() == product.shards as usize;
+        auditor.add_product(&product.id, audits, complete);
+        extras.push((product.shards, journal_records));
+    }
     for id in storage.journal_shards() {
         let known = products.iter().any(|p| p.id == id.product && id.shard < p.shards);
         if !known {
-            report.violations.push(format!("journal {id} belongs to no product"));
+            auditor.violation(format!("journal {id} belongs to no product"));
         }
     }
-    report.ok = report.violations.is_empty();
-    Ok(report)
+    let report = auditor.finish(points);
+    Ok(OfflineReport {
+        ok: report.ok,
+        products: report
+            .products
+            .into_iter()
+            .zip(extras)
+            .map(|(counts, (shards, journal_records))| ProductReport {
+                orders: counts.orders,
+                counts,
+                shards,
+                journal_records,
+            })
+            .collect(),
+        orders: report.orders.into_iter().map(|(status, n)| (status.as_str().to_string(), n)).collect(),
+        findings,
+        violations: report.violations,
+        points: report.points,
+    })
 }
 
 impl std::fmt::Display for OfflineReport {

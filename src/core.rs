@@ -3,7 +3,6 @@
 //! stock actor that owns it (through the lock-free registry), bounds admission per
 //! actor, and bounds waiting with a timeout. It holds no lock across an await.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use crate::config::Settings;
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
 use crate::domain::shard::{Idempotency, NewOrder, Payment};
 use crate::domain::shelf::{OpenOrders, Shelf};
-use crate::domain::{validate, DomainError, OrderId, OrderStatus, PaymentOutcome, ProductInfo, ShardAudit};
+use crate::domain::{validate, DomainError, OrderId, PaymentOutcome, ProductInfo, ShardAudit};
 use crate::error::Error;
 use crate::payments::{Channel, Channels};
 use crate::storage::Storage;
@@ -130,93 +129,7 @@ pub struct ProductView {
     pub shelf_since_ms: u64,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct ProductAudit {
-    pub id: String,
-    pub imported: u64,
-    pub available: u64,
-    pub reserved: u64,
-    pub sold: u64,
-    /// Keys lent by one shard to another and not yet received.
-    pub in_transit: u64,
-    /// Keys delivered by redemptions (paid with points).
-    #[serde(skip)]
-    pub redeemed: u64,
-    /// Orders still in the shards' memory, and those moved to the archive.
-    pub orders_in_memory: u64,
-    pub orders_archived: u64,
-}
-
-impl ProductAudit {
-    /// Adds one shard's recount.
-    pub fn add(&mut self, shard: &ShardAudit) {
-        self.orders_in_memory += shard.live_orders;
-        self.orders_archived += shard.archived_orders;
-        self.imported += shard.imported;
-        self.available += shard.available;
-        self.reserved += shard.reserved;
-        self.sold += shard.sold;
-        self.redeemed += shard.redeemed;
-    }
-
-    /// The product-wide check once every shard was added: returns its violation.
-    pub fn finish(&mut self, shards: &[ShardAudit]) -> Option<String> {
-        let (in_transit, violation) = crate::domain::shard::audit_product(shards);
-        self.in_transit = in_transit;
-        violation
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct AuditReport {
-    pub ok: bool,
-    pub products: Vec<ProductAudit>,
-    pub orders: BTreeMap<OrderStatus, u64>,
-    pub violations: Vec<String>,
-    pub points: PointsTotals,
-}
-
-/// Totals of the points shards' audits, their violations, and the cross-check with
-/// the stock shards: keys delivered by redemptions must be at least the keys of
-/// settled redemptions and at most those plus the ones held (in flight). Exact when
-/// the points were audited before the stock (a redemption is settled only once its
-/// order is durable) and nothing new was held in between.
-pub fn check_points(audits: Vec<PointsAudit>, products: &[ProductAudit], violations: &mut Vec<String>) -> PointsTotals {
-    let mut totals = PointsTotals::default();
-    let (mut settled, mut held) = (BTreeMap::<String, u64>::new(), BTreeMap::<String, u64>::new());
-    for (i, a) in audits.into_iter().enumerate() {
-        totals.buyers += a.buyers;
-        totals.total_balance += a.total_balance;
-        totals.total_held += a.total_held;
-        totals.redemptions_settled += a.redemptions_settled;
-        violations.extend(a.violations.iter().map(|v| format!("points#{i}: {v}")));
-        for (p, n) in a.settled_quantity {
-            *settled.entry(p).or_default() += n;
-        }
-        for (p, n) in a.held_quantity {
-            *held.entry(p).or_default() += n;
-        }
-    }
-    for pa in products {
-        let (s, h) = (settled.get(&pa.id).copied().unwrap_or(0), held.get(&pa.id).copied().unwrap_or(0));
-        if pa.redeemed < s || pa.redeemed > s + h {
-            violations.push(format!(
-                "{}: {} keys delivered by redemptions, but {s} paid by settled ones ({h} in flight)",
-                pa.id, pa.redeemed
-            ));
-        }
-    }
-    totals
-}
-
-/// The points ledgers, all shards together (their audit recomputes every balance).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct PointsTotals {
-    pub buyers: u64,
-    pub total_balance: u64,
-    pub total_held: u64,
-    pub redemptions_settled: u64,
-}
+pub use crate::domain::audit::{AuditReport, PointsTotals, ProductAudit};
 
 /// `POST /api/v1/redemptions`.
 #[derive(Debug, Clone, Deserialize)]
@@ -371,34 +284,4 @@ pub fn scoped_idempotency_key(scope: &str, buyer: &str, key: &str) -> String {
 /// A fresh 128-bit query token, hex encoded.
 pub fn new_token() -> String {
     hex::encode(rand::random::<[u8; 16]>())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn points(settled: u64, held: u64) -> PointsAudit {
-        PointsAudit {
-            buyers: 1,
-            total_balance: 10,
-            redemptions_settled: settled,
-            settled_quantity: [("p".to_string(), settled)].into_iter().collect(),
-            held_quantity: [("p".to_string(), held)].into_iter().collect(),
-            ..PointsAudit::default()
-        }
-    }
-
-    fn product(redeemed: u64) -> ProductAudit {
-        ProductAudit { id: "p".into(), redeemed, ..ProductAudit::default() }
-    }
-
-    #[test]
-    fn redeemed_keys_must_match_settled_redemptions_give_or_take_those_in_flight() {
-        for (redeemed, ok) in [(2, true), (3, true), (1, false), (4, false)] {
-            let mut violations = Vec::new();
-            let totals = check_points(vec![points(2, 1), points(0, 0)], &[product(redeemed)], &mut violations);
-            assert_eq!(violations.is_empty(), ok, "redeemed {redeemed}: {violations:?}");
-            assert_eq!((totals.buyers, totals.total_balance, totals.redemptions_settled), (2, 20, 2));
-        }
-    }
 }

@@ -1,8 +1,8 @@
 //! The error every public operation returns, with its stable code.
 
 use crate::actors::call::CallError;
-use crate::actors::ActorError;
 use crate::actors::supervisor::SupervisorError;
+use crate::actors::ActorError;
 use crate::domain::DomainError;
 use crate::payments::notification::Refused;
 use crate::storage::StorageError;
@@ -71,7 +71,9 @@ impl From<ActorError> for Error {
         match e {
             ActorError::Domain(d) => Error::Domain(d),
             ActorError::Storage(s) => s.into(),
-            ActorError::Unavailable => Error::Unavailable("the actor holding this state is restarting; try again".into()),
+            ActorError::Unavailable => {
+                Error::Unavailable("the actor holding this state is restarting; try again".into())
+            }
         }
     }
 }

@@ -321,7 +321,7 @@ fn check_product(shards: &[Shard]) -> u64 {
     for a in &audits {
         assert!(a.violations.is_empty(), "{:?}", a.violations);
     }
-    let (in_transit, violation) = kami::domain::shard::audit_product(&audits);
+    let (in_transit, violation) = kami::domain::audit::audit_product(&audits);
     assert_eq!(violation, None);
     let mut live = HashSet::new();
     for s in shards {

@@ -16,7 +16,7 @@
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 
-use crate::domain::shard::digest128 as digest;
+use crate::domain::audit::digest128 as digest;
 
 #[derive(Default)]
 pub struct PaymentClaims {

@@ -1,6 +1,7 @@
 //! Merchant operations: products, their keys and shelf state, points prices, the audit.
 
 use super::*;
+use crate::domain::audit::Auditor;
 
 impl Kami {
     pub async fn create_product(&self, p: NewProduct) -> Result<ProductInfo, Error> {
@@ -134,16 +135,11 @@ impl Kami {
         let routes = self.registry.all();
         let mut ids: Vec<&String> = routes.keys().collect();
         ids.sort();
-        let mut report = AuditReport { ok: true, ..AuditReport::default() };
-        for status in OrderStatus::ALL {
-            report.orders.insert(status, 0);
-        }
-        // Points first (see `check_points` for why the order matters).
+        // Points first (see `Auditor` for why the order matters).
         let points = self.audit_points().await?;
-        let mut all_shards = Vec::new();
+        let mut auditor = Auditor::new();
         for id in ids {
             let route = &routes[id];
-            let mut pa = ProductAudit { id: id.clone(), ..ProductAudit::default() };
             let mut audits = Vec::with_capacity(route.shards.len());
             for (i, s) in route.shards.iter().enumerate() {
                 // The audit is not admission-controlled: it must work under overload.
@@ -152,22 +148,10 @@ impl Kami {
                         Ok(Ok(r)) => r?,
                         _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
                     };
-                pa.add(&a);
-                for (&status, &n) in &a.orders {
-                    *report.orders.entry(status).or_default() += n;
-                }
-                report.violations.extend(a.violations.iter().map(|v| format!("{id}#{i}: {v}")));
                 audits.push(a);
             }
-            report.violations.extend(pa.finish(&audits).map(|v| format!("{id}: {v}")));
-            report.products.push(pa);
-            all_shards.extend(audits.into_iter().enumerate().map(|(i, a)| (format!("{id}#{i}"), a)));
+            auditor.add_product(id, audits, true);
         }
-        report
-            .violations
-            .extend(crate::domain::shard::duplicate_payments(all_shards.iter().map(|(l, a)| (l.clone(), a))));
-        report.points = check_points(points, &report.products, &mut report.violations);
-        report.ok = report.violations.is_empty();
-        Ok(report)
+        Ok(auditor.finish(points))
     }
 }

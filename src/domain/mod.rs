@@ -19,6 +19,7 @@
 //!   notifications.
 //! * [`validate`] — the input rules shared by HTTP and the library API.
 
+pub mod audit;
 pub mod breaker;
 pub mod error;
 pub mod group;
@@ -30,9 +31,10 @@ pub mod shelf;
 pub mod signature;
 pub mod validate;
 
+pub use audit::ShardAudit;
 pub use error::DomainError;
 pub use ids::{OrderId, ShardId};
-pub use shard::{Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard, ShardAudit};
+pub use shard::{Event, Order, OrderStatus, PaymentOutcome, PaymentRecord, ProductInfo, Shard};
 
 /// The result of a command: either it changed state (and the event `E` must be
 /// journaled before anyone is told), or it is a repeat answered from recorded state.

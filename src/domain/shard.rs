@@ -17,6 +17,7 @@ use std::hash::BuildHasher;
 
 use serde::{Deserialize, Serialize};
 
+use super::audit::{key_digest, ShardAudit};
 use super::error::DomainError;
 use super::group::{Group, GroupState, GroupTerms};
 use super::Millis;
@@ -430,76 +431,6 @@ pub struct Payment {
 
 /// What a shard command did (see [`crate::domain::Outcome`]).
 pub type Outcome<T> = crate::domain::Outcome<Event, T>;
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ShardAudit {
-    pub imported: u64,
-    pub available: u64,
-    pub reserved: u64,
-    pub sold: u64,
-    pub orders: BTreeMap<OrderStatus, u64>,
-    pub violations: Vec<String>,
-    /// For the product-wide check ([`audit_product`]): this shard's index, its
-    /// unsettled outgoing transfers `(transfer, to, keys)` and the transfers it received.
-    #[serde(skip)]
-    pub shard: u16,
-    #[serde(skip)]
-    pub unsettled: Vec<(u64, u16, u64)>,
-    #[serde(skip)]
-    pub received: std::collections::BTreeSet<(u16, u64)>,
-    /// Keys delivered by redemptions (paid with points), for the points cross-check.
-    #[serde(skip)]
-    pub redeemed: u64,
-    /// Orders archived (out of memory) and still in memory.
-    pub archived_orders: u64,
-    pub live_orders: u64,
-    /// A digest of every payment this shard recorded, for [`duplicate_payments`].
-    #[serde(skip)]
-    pub payment_ids: Vec<u128>,
-}
-
-/// 128 bits of SHA-256 of `s` (a [`payment_key`], an order id): what the audit
-/// and the process-wide payment claims compare.
-pub fn digest128(s: &str) -> u128 {
-    use sha2::Digest;
-    u128::from_be_bytes(sha2::Sha256::digest(s.as_bytes())[..16].try_into().expect("16 bytes"))
-}
-
-/// The process-wide half of the payment audit: a payment id (per channel) pays one
-/// order, so no two shards (of any products) may record it. Returns a violation per
-/// payment recorded twice, naming the two shards by their labels.
-pub fn duplicate_payments<'a>(shards: impl IntoIterator<Item = (String, &'a ShardAudit)>) -> Vec<String> {
-    let mut seen: HashMap<u128, String> = HashMap::new();
-    let mut violations = Vec::new();
-    for (label, audit) in shards {
-        for &id in &audit.payment_ids {
-            if let Some(other) = seen.insert(id, label.clone()) {
-                violations.push(format!("one payment id is recorded by orders of {other} and {label}"));
-            }
-        }
-    }
-    violations
-}
-
-/// The product-wide half of the audit: a key lent by one shard is in the
-/// borrower's stock once received, and "in transit" before. Returns the keys in
-/// transit and a violation if Σ imported ≠ Σ (available + reserved + sold) + in transit.
-pub fn audit_product(shards: &[ShardAudit]) -> (u64, Option<String>) {
-    let received: HashSet<(u16, u16, u64)> =
-        shards.iter().flat_map(|a| a.received.iter().map(move |&(from, t)| (a.shard, from, t))).collect();
-    let in_transit: u64 = shards
-        .iter()
-        .flat_map(|a| a.unsettled.iter().map(move |&(t, to, n)| (a.shard, t, to, n)))
-        .filter(|&(from, t, to, _)| !received.contains(&(to, from, t)))
-        .map(|(_, _, _, n)| n)
-        .sum();
-    let imported: u64 = shards.iter().map(|a| a.imported).sum();
-    let placed: u64 = shards.iter().map(|a| a.available + a.reserved + a.sold).sum();
-    let violation = (imported != placed + in_transit).then(|| {
-        format!("product conservation broken: imported {imported} != in stock {placed} + in transit {in_transit}")
-    });
-    (in_transit, violation)
-}
 
 /// Counters kept in step with the state; the audit checks them against a recount.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1643,12 +1574,16 @@ impl Shard {
         audit.received = self.transfers.received.clone();
         let counts = self.counts();
         if (counts.reserved, counts.sold) != (audit.reserved, audit.sold) {
-            violations.push(format!("counters drifted: {counts:?} vs recount {audit:?}"));
+            violations.push(format!(
+                "counters drifted: reserved {} and sold {} counted, {} and {} recounted",
+                counts.reserved, counts.sold, audit.reserved, audit.sold
+            ));
         }
         audit.violations = violations;
         audit.archived_orders = self.archived.orders();
         audit.live_orders = self.orders.len() as u64;
-        audit.payment_ids = self.payments.keys().map(|k| digest128(k)).collect();
+        audit.payment_ids = self.payments.keys().map(|k| super::audit::digest128(k)).collect();
+        audit.key_digests = self.key_strings().map(key_digest).collect();
         audit
     }
 
