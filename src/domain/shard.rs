@@ -22,10 +22,18 @@ use super::error::DomainError;
 use super::group::{Group, GroupState, GroupTerms};
 use super::Millis;
 
+mod apply;
+mod archive;
+mod audit;
 mod effects;
+mod event;
 mod groups;
+mod transfers;
 
+pub use archive::{Archived, ArchivedOrder};
 pub use effects::Tally;
+pub use event::{Event, PaymentOutcome, PaymentRecord, RefundReason};
+pub use transfers::{OutgoingTransfer, Transfers};
 
 /// Index of a key in its shard's `keys` vector.
 pub type KeyId = u32;
@@ -130,204 +138,6 @@ impl Order {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefundReason {
-    /// Paid after expiry or cancellation and no key could be had.
-    SoldOut,
-    /// A second, different payment for an order that was already paid.
-    AlreadyPaid,
-    /// A group member's payment: the group failed to fill before its deadline.
-    GroupFailed,
-    /// A payment for a group seat its buyer gave up (cancelled or let expire) first.
-    LeftGroup,
-    /// (v5) A payment for an order already archived (closed or delivered long ago):
-    /// owed back, the archived order unchanged.
-    OrderArchived,
-}
-
-impl RefundReason {
-    /// Whether a refund for this reason is the order's own payment (the order then
-    /// goes `refund_pending` → `refunded`), rather than an extra one.
-    pub fn takes_order(self) -> bool {
-        !matches!(self, RefundReason::AlreadyPaid | RefundReason::OrderArchived)
-    }
-}
-
-/// What a payment notification did. Recorded per `payment_id` so repeats get the same answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PaymentOutcome {
-    Delivered,
-    RefundOwed(RefundReason),
-    /// A status other than `paid`: recorded, changes nothing.
-    Ignored,
-    AmountMismatch {
-        expected_cents: u64,
-    },
-    /// A refund that was owed has been confirmed by the channel.
-    Refunded(RefundReason),
-    /// A group member paid; the order stays `paid`, its keys reserved, until every
-    /// seat is paid (then `Delivered`) or the group fails (then `RefundOwed`).
-    AwaitingGroup,
-}
-
-impl PaymentOutcome {
-    /// Whether this payment is the one its order was paid with.
-    pub fn takes_order(self) -> bool {
-        match self {
-            PaymentOutcome::Delivered | PaymentOutcome::AwaitingGroup => true,
-            PaymentOutcome::RefundOwed(r) | PaymentOutcome::Refunded(r) => r.takes_order(),
-            PaymentOutcome::Ignored | PaymentOutcome::AmountMismatch { .. } => false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PaymentRecord {
-    pub payment_id: String,
-    pub order_seq: u64,
-    pub channel: String,
-    pub amount_cents: u64,
-    pub status: String,
-    pub at_ms: Millis,
-    pub outcome: PaymentOutcome,
-}
-
-impl Event {
-    /// What happened to an order, for counting (`kami_order_events_total{event}`):
-    /// `None` for events that are not about one order.
-    pub fn order_event_name(&self) -> Option<&'static str> {
-        match self {
-            Event::OrderCreated { .. } => Some("created"),
-            Event::PaymentApplied { record, .. } => match record.outcome {
-                PaymentOutcome::Delivered => Some("delivered"),
-                PaymentOutcome::RefundOwed(_) => Some("refund_owed"),
-                PaymentOutcome::Ignored | PaymentOutcome::AmountMismatch { .. } => Some("payment_ignored"),
-                PaymentOutcome::Refunded(_) => Some("refunded"),
-                PaymentOutcome::AwaitingGroup => Some("paid_awaiting_group"),
-            },
-            Event::OrderExpired { .. } => Some("expired"),
-            Event::OrderCancelled { .. } => Some("cancelled"),
-            Event::RefundCompleted { .. } => Some("refunded"),
-            Event::OrderRedeemed { .. } => Some("redeemed"),
-            Event::GroupOpened { .. } | Event::GroupJoined { .. } => Some("created"),
-            Event::GroupFailed { .. }
-            | Event::OrdersArchived { .. }
-            | Event::KeysImported { .. }
-            | Event::KeysLent { .. }
-            | Event::KeysReceived { .. }
-            | Event::TransferSettled { .. } => None,
-        }
-    }
-}
-
-/// A journaled state change. Applying the same events in the same order to a new
-/// shard yields the same state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Event {
-    KeysImported {
-        keys: Vec<String>,
-    },
-    OrderCreated {
-        order: Order,
-    },
-    PaymentApplied {
-        record: PaymentRecord,
-        taken_keys: Vec<KeyId>,
-    },
-    OrderExpired {
-        seq: u64,
-        at_ms: Millis,
-    },
-    OrderCancelled {
-        seq: u64,
-        at_ms: Millis,
-    },
-    /// The channel confirmed the refund of a payment whose outcome was `RefundOwed`.
-    RefundCompleted {
-        channel: String,
-        payment_id: String,
-        at_ms: Millis,
-    },
-    /// (v3) Available keys, taken from the back of the queue, left for sibling shard
-    /// `to`. They wait in `unsettled` until the borrower is known to have them.
-    KeysLent {
-        transfer: u64,
-        to: u16,
-        keys: Vec<KeyId>,
-    },
-    /// (v3) Keys lent by sibling shard `from` arrived (once per `(from, transfer)`).
-    KeysReceived {
-        from: u16,
-        transfer: u64,
-        keys: Vec<String>,
-    },
-    /// (v3) The borrower of `transfer` is known to hold its keys.
-    TransferSettled {
-        transfer: u64,
-    },
-    /// An order paid with points, delivered in the same step (step 2 of a
-    /// redemption, see `domain::points`). Its `payment_id` is [`redeemed_payment_id`].
-    OrderRedeemed {
-        order: Order,
-    },
-    /// (v4) A group opened (see `domain::group`), with its first member's order.
-    GroupOpened {
-        group: Group,
-        order: Order,
-    },
-    /// (v4) A buyer took a free seat of an open group.
-    GroupJoined {
-        group: u64,
-        order: Order,
-    },
-    /// (v4) The group's deadline passed before every seat was paid: unpaid members
-    /// are cancelled, paid members owed a refund, reservations released. (A group
-    /// completes inside the `PaymentApplied` of its last seat: one event, so a
-    /// crash cannot leave a group half delivered.)
-    GroupFailed {
-        group: u64,
-        at_ms: Millis,
-    },
-    /// (v5) Orders that can no longer change, already written to the archive
-    /// (`storage`), leave memory; what the shard still needs of them stays in
-    /// [`Archived`]. Their idempotency keys are kept until `created_at + keep_keys_ms`.
-    OrdersArchived {
-        seqs: Vec<u64>,
-        at_ms: Millis,
-        keep_keys_ms: Millis,
-    },
-}
-
-/// (v5) What a shard keeps of the orders it archived.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Archived {
-    /// Orders archived, by status.
-    pub by_status: BTreeMap<OrderStatus, u64>,
-    /// Keys that archived orders sold (still this shard's keys: the audit places them).
-    pub sold_keys: Vec<KeyId>,
-    /// Of those, keys delivered by redemptions.
-    pub redeemed_keys: u64,
-    /// What archived orders still count toward per-buyer limits (delivered ones).
-    pub holdings: HashMap<String, u32>,
-    /// Idempotency keys of archived orders: key → (fingerprint, order, forget at).
-    pub idempotency: HashMap<String, ([u8; 16], u64, Millis)>,
-}
-
-impl Archived {
-    pub fn orders(&self) -> u64 {
-        self.by_status.values().sum()
-    }
-}
-
-/// (v5) An order as the archive keeps it: the order and its keys as text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArchivedOrder {
-    pub order: Order,
-    pub keys: Vec<String>,
-}
-
 /// The `payment_id` of an order paid with points: it contains a space, which no
 /// gateway's payment id may (`validate::token`), so the two never collide.
 pub fn redeemed_payment_id(redemption: &str) -> String {
@@ -346,43 +156,6 @@ pub struct Redemption {
     pub buyer: String,
     pub quantity: u32,
     pub query_token: String,
-}
-
-/// Keys moving between the shards of one product: a shard that runs dry borrows
-/// from a sibling. The two shards have separate journals and no shared
-/// transaction, so a transfer is three journaled steps, each safe to crash after:
-///
-/// 1. the lender journals [`Event::KeysLent`]: the keys leave its available queue
-///    and wait in `unsettled` (they are then in no shard's stock: "in transit");
-/// 2. the borrower journals [`Event::KeysReceived`]: they join its available queue.
-///    A borrower accepts each `(from, transfer)` once, so the lender may resend;
-/// 3. the lender journals [`Event::TransferSettled`].
-///
-/// A crash between 1 and 3 leaves the transfer unsettled; the lender's unsettled
-/// transfers are resent until settled (at start-up and periodically), so keys in
-/// transit always arrive exactly once. A lent key stays known to its lender (in
-/// `away`), which keeps import deduplication exact and lets the key come back.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Transfers {
-    /// Sequence of this shard's next outgoing transfer.
-    next: u64,
-    /// Lent, not yet settled: transfer → (borrower shard, keys).
-    unsettled: BTreeMap<u64, (u16, Vec<KeyId>)>,
-    /// Keys this shard knows that are now held by a sibling.
-    away: HashSet<KeyId>,
-    /// `(from, transfer)` of every transfer received (one entry per transfer, not per key).
-    received: std::collections::BTreeSet<(u16, u64)>,
-    /// Keys first known here by a transfer rather than an import.
-    received_new: u64,
-}
-
-/// A lent batch of keys on its way to the borrower.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutgoingTransfer {
-    pub from: u16,
-    pub transfer: u64,
-    pub to: u16,
-    pub keys: Vec<String>,
 }
 
 /// Where a payment is recorded: its id is unique within its channel only. Channel
@@ -503,62 +276,27 @@ pub struct Shard {
     retired: bool,
 }
 
-/// A snapshot as format v1 and v2 wrote it: no transfers.
-#[derive(Deserialize)]
-pub struct ShardV2 {
-    product: ProductInfo,
-    shard: u16,
-    keys: Vec<Box<str>>,
-    available: VecDeque<KeyId>,
-    orders: Vec<Order>,
-    payments: HashMap<String, PaymentRecord>,
+/// A shard's primary state with its orders in a dense list and nothing archived:
+/// what older snapshot formats hold (storage's decoders of those formats build a
+/// shard from it; the domain knows no format).
+pub struct ShardParts {
+    pub product: ProductInfo,
+    pub shard: u16,
+    pub keys: Vec<Box<str>>,
+    pub available: VecDeque<KeyId>,
+    pub orders: Vec<Order>,
+    pub payments: HashMap<String, PaymentRecord>,
+    pub transfers: Transfers,
+    pub groups: Vec<Group>,
 }
 
-impl From<ShardV2> for Shard {
-    fn from(old: ShardV2) -> Shard {
-        let ShardV2 { product, shard, keys, available, orders, payments } = old;
-        ShardV3 { product, shard, keys, available, orders, payments, transfers: Transfers::default() }.into()
-    }
-}
-
-/// A snapshot as format v3 wrote it: no groups.
-#[derive(Deserialize)]
-pub struct ShardV3 {
-    product: ProductInfo,
-    shard: u16,
-    keys: Vec<Box<str>>,
-    available: VecDeque<KeyId>,
-    orders: Vec<Order>,
-    payments: HashMap<String, PaymentRecord>,
-    transfers: Transfers,
-}
-
-impl From<ShardV3> for Shard {
-    fn from(old: ShardV3) -> Shard {
-        let ShardV3 { product, shard, keys, available, orders, payments, transfers } = old;
-        ShardV4 { product, shard, keys, available, orders, payments, transfers, groups: Vec::new() }.into()
-    }
-}
-
-/// A snapshot as format v4 wrote it: orders in a dense list, nothing archived.
-#[derive(Deserialize)]
-pub struct ShardV4 {
-    product: ProductInfo,
-    shard: u16,
-    keys: Vec<Box<str>>,
-    available: VecDeque<KeyId>,
-    orders: Vec<Order>,
-    payments: HashMap<String, PaymentRecord>,
-    transfers: Transfers,
-    groups: Vec<Group>,
-}
-
-impl From<ShardV4> for Shard {
-    fn from(old: ShardV4) -> Shard {
+impl From<ShardParts> for Shard {
+    fn from(old: ShardParts) -> Shard {
         let mut shard = Shard::new(old.product, old.shard);
         shard.keys = old.keys;
         shard.available = old.available;
-        shard.set_orders(old.orders);
+        shard.orders_created = old.orders.len() as u64;
+        shard.orders = old.orders.into_iter().map(|o| (o.seq, o)).collect();
         shard.payments = old.payments;
         shard.transfers = old.transfers;
         shard.groups = old.groups;
@@ -594,12 +332,6 @@ impl Shard {
             seat_payments: HashMap::new(),
             retired: false,
         }
-    }
-
-    /// Orders of an older snapshot format (a dense list).
-    fn set_orders(&mut self, orders: Vec<Order>) {
-        self.orders_created = orders.len() as u64;
-        self.orders = orders.into_iter().map(|o| (o.seq, o)).collect();
     }
 
     /// Rebuilds every derived index from the primary state (after deserialising a snapshot).
@@ -956,76 +688,6 @@ impl Shard {
         Ok(self.record_payment(p, outcome, Vec::new(), now_ms))
     }
 
-    /// Orders that can no longer change and have not changed for `min_age_ms`:
-    /// delivered, refunded, expired or cancelled, outside any group, with no refund
-    /// owed. Oldest first, at most `limit`. (The caller writes them to the archive,
-    /// then [`Shard::archive`]s them.)
-    pub fn archivable(&self, now_ms: Millis, min_age_ms: Millis, limit: usize) -> Vec<u64> {
-        self.archivable_after(0, now_ms, min_age_ms, usize::MAX, limit).0
-    }
-
-    /// [`Shard::archivable`] for orders after `after`, looking at no more than
-    /// `max_scan` of them, so that orders that stay (group seats, refunds owed) are
-    /// not looked at again on every call. Returns the orders and where to go on
-    /// next time: the last order looked at, or 0 (from the start) once the scan
-    /// reached orders too young.
-    pub fn archivable_after(
-        &self,
-        after: u64,
-        now_ms: Millis,
-        min_age_ms: Millis,
-        max_scan: usize,
-        limit: usize,
-    ) -> (Vec<u64>, u64) {
-        let owing: HashSet<u64> = self.refunds_owed.iter().map(|k| self.payments[k].order_seq).collect();
-        let old_enough = |at: Millis| at.saturating_add(min_age_ms) <= now_ms;
-        let mut found = Vec::new();
-        let mut next = 0;
-        for o in self.orders.range(after + 1..).map(|(_, o)| o).take(max_scan) {
-            if !old_enough(o.created_at_ms) {
-                return (found, 0);
-            }
-            next = o.seq;
-            let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
-            let settled = matches!(
-                o.status,
-                OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
-            );
-            if settled
-                && old_enough(last.unwrap_or(o.created_at_ms))
-                && !self.group_of.contains_key(&o.seq)
-                && !owing.contains(&o.seq)
-            {
-                found.push(o.seq);
-                if found.len() == limit {
-                    return (found, next);
-                }
-            }
-        }
-        // The scan ran out of orders (from the start next time) or of its budget.
-        let exhausted = self.orders.range(next + 1..).next().is_none();
-        (found, if exhausted { 0 } else { next })
-    }
-
-    /// What the archive keeps of order `seq` (in memory).
-    pub fn archive_record(&self, seq: u64) -> Option<ArchivedOrder> {
-        let order = self.order(seq)?;
-        Some(ArchivedOrder {
-            order: order.clone(),
-            keys: order.keys.iter().map(|&k| self.key(k).to_string()).collect(),
-        })
-    }
-
-    /// Archives `seqs` (from [`Shard::archivable`], already written to the archive).
-    pub fn archive(&mut self, seqs: Vec<u64>, now_ms: Millis, keep_keys_ms: Millis) -> Option<Event> {
-        if seqs.is_empty() {
-            return None;
-        }
-        let event = Event::OrdersArchived { seqs, at_ms: now_ms, keep_keys_ms };
-        self.apply(&event);
-        Some(event)
-    }
-
     /// Records that `channel` refunded `payment_id`. A repeat changes nothing.
     pub fn complete_refund(
         &mut self,
@@ -1110,61 +772,6 @@ impl Shard {
 
     // ---- transfers between sibling shards (see [`Transfers`]) ----
 
-    /// Lends up to `max_keys` available keys to sibling `to`: half of what this shard
-    /// has (rounded up), so a lender keeps stock for its own buyers. `None` when it
-    /// has none to lend.
-    pub fn lend(&mut self, to: u16, max_keys: usize) -> Option<(Event, OutgoingTransfer)> {
-        assert!(to != self.shard && to < self.product.shards, "lend to a sibling");
-        let n = self.available.len().div_ceil(2).min(max_keys).min(MAX_KEYS_PER_EVENT);
-        if n == 0 {
-            return None;
-        }
-        let start = self.available.len() - n;
-        let keys: Vec<KeyId> = self.available.range(start..).copied().collect();
-        let transfer = self.transfers.next;
-        let event = Event::KeysLent { transfer, to, keys };
-        self.apply(&event);
-        Some((event, self.outgoing(transfer)))
-    }
-
-    fn outgoing(&self, transfer: u64) -> OutgoingTransfer {
-        let (to, keys) = &self.transfers.unsettled[&transfer];
-        OutgoingTransfer {
-            from: self.shard,
-            transfer,
-            to: *to,
-            keys: keys.iter().map(|&k| self.key(k).to_string()).collect(),
-        }
-    }
-
-    /// Lent transfers not yet settled, oldest first (to resend), at most `limit`.
-    pub fn unsettled(&self, limit: usize) -> Vec<OutgoingTransfer> {
-        self.transfers.unsettled.keys().take(limit).map(|&t| self.outgoing(t)).collect()
-    }
-
-    /// Takes in keys lent by a sibling; a transfer already received is a repeat.
-    /// Panics (a broken step: the actor rebuilds) if a key would be in stock twice.
-    pub fn receive(&mut self, t: OutgoingTransfer) -> Outcome<()> {
-        assert!(t.to == self.shard && t.from != self.shard && t.from < self.product.shards);
-        assert!(t.keys.len() <= MAX_KEYS_PER_EVENT);
-        if self.transfers.received.contains(&(t.from, t.transfer)) {
-            return Outcome::Repeat(());
-        }
-        let event = Event::KeysReceived { from: t.from, transfer: t.transfer, keys: t.keys };
-        self.apply(&event);
-        Outcome::Changed(event, ())
-    }
-
-    /// The borrower holds the keys of `transfer`.
-    pub fn settle(&mut self, transfer: u64) -> Outcome<()> {
-        if !self.transfers.unsettled.contains_key(&transfer) {
-            return Outcome::Repeat(());
-        }
-        let event = Event::TransferSettled { transfer };
-        self.apply(&event);
-        Outcome::Changed(event, ())
-    }
-
     /// When the next pending order or open group falls due, if any.
     pub fn next_expiry(&self) -> Option<Millis> {
         let order = self.expiry.peek().map(|Reverse((at, _))| *at);
@@ -1195,208 +802,6 @@ impl Shard {
 
     // ---- the only mutator ----
 
-    /// Applies one event. Panics if the event does not fit the state: the journal
-    /// would then be corrupt, and continuing would risk selling a key twice.
-    pub fn apply(&mut self, event: &Event) {
-        match event {
-            Event::KeysImported { keys } => {
-                assert!(keys.len() <= MAX_KEYS_PER_EVENT);
-                for key in keys {
-                    assert!(self.find_key(key).is_none(), "duplicate key in journal");
-                    let id = KeyId::try_from(self.keys.len()).expect("at most u32::MAX keys per shard");
-                    self.keys.push(key.as_str().into());
-                    self.index_key(id);
-                    self.available.push_back(id);
-                }
-            }
-            Event::OrderCreated { order } => self.add_pending_order(order),
-            Event::GroupOpened { .. } | Event::GroupJoined { .. } | Event::GroupFailed { .. } => {
-                self.apply_group(event)
-            }
-            Event::PaymentApplied { record, taken_keys } => {
-                let key = payment_key(&record.channel, &record.payment_id);
-                assert!(
-                    self.payments
-                        .get(&key)
-                        .map_or(true, |r| r.outcome == PaymentOutcome::Ignored && r.order_seq == record.order_seq),
-                    "payment applied twice"
-                );
-                let at = record.at_ms;
-                let idx = record.order_seq;
-                if !self.orders.contains_key(&idx) {
-                    assert!(self.is_archived(idx), "payment for an order that never existed");
-                    assert!(
-                        matches!(
-                            record.outcome,
-                            PaymentOutcome::RefundOwed(RefundReason::OrderArchived) | PaymentOutcome::Ignored
-                        ),
-                        "an archived order only takes payments owed back"
-                    );
-                    if matches!(record.outcome, PaymentOutcome::RefundOwed(_)) {
-                        self.refunds_owed.insert(key.clone());
-                    }
-                    self.payments.insert(key, record.clone());
-                    return;
-                }
-                let before = self.orders[&idx].status;
-                let group = self.group_of.get(&record.order_seq).copied();
-                match record.outcome {
-                    // The last seat of a group paid: the whole group is delivered.
-                    PaymentOutcome::Delivered if group.is_some() => {
-                        assert_eq!(before, OrderStatus::PendingPayment, "a group seat is paid while pending");
-                        assert!(taken_keys.is_empty());
-                        let order = self.order_mut(idx);
-                        order.status = OrderStatus::Paid;
-                        order.paid_at_ms = Some(at);
-                        order.payment_id = Some(record.payment_id.clone());
-                        self.complete_group(group.expect("checked"), record.order_seq, at);
-                    }
-                    PaymentOutcome::AwaitingGroup => {
-                        assert_eq!(before, OrderStatus::PendingPayment, "a group seat is paid while pending");
-                        assert!(group.is_some_and(|g| self.groups[(g - 1) as usize].state == GroupState::Open));
-                        let order = self.order_mut(idx);
-                        order.status = OrderStatus::Paid;
-                        order.paid_at_ms = Some(at);
-                        order.payment_id = Some(record.payment_id.clone());
-                        self.seat_payments.insert(record.order_seq, key.clone());
-                    }
-                    PaymentOutcome::Delivered => {
-                        let order = &self.orders[&idx];
-                        let (quantity, buyer) = (order.quantity, order.buyer.clone());
-                        match before {
-                            OrderStatus::PendingPayment => {
-                                assert!(taken_keys.is_empty());
-                                self.reserved -= quantity as u64;
-                            }
-                            OrderStatus::Expired | OrderStatus::Cancelled => {
-                                assert_eq!(taken_keys.len(), quantity as usize);
-                                self.take_available(taken_keys);
-                                self.order_mut(idx).keys = taken_keys.clone();
-                                *self.holdings.entry(buyer).or_default() += quantity;
-                            }
-                            other => panic!("delivery applied to a {other} order"),
-                        }
-                        self.sold += quantity as u64;
-                        let order = self.order_mut(idx);
-                        order.status = OrderStatus::Delivered;
-                        order.paid_at_ms = Some(at);
-                        order.delivered_at_ms = Some(at);
-                        order.payment_id = Some(record.payment_id.clone());
-                    }
-                    PaymentOutcome::RefundOwed(reason) if reason.takes_order() => {
-                        assert!(matches!(before, OrderStatus::Expired | OrderStatus::Cancelled));
-                        assert_eq!(group.is_some(), reason != RefundReason::SoldOut, "refund reason fits the order");
-                        let order = self.order_mut(idx);
-                        order.status = OrderStatus::RefundPending;
-                        order.paid_at_ms = Some(at);
-                        order.payment_id = Some(record.payment_id.clone());
-                    }
-                    PaymentOutcome::AmountMismatch { .. } => self.order_mut(idx).amount_mismatch = true,
-                    // (Reasons that take the order are matched above.)
-                    PaymentOutcome::RefundOwed(_) | PaymentOutcome::Ignored => {}
-                    PaymentOutcome::Refunded(_) => panic!("a payment is applied as owed, then refunded"),
-                }
-                if matches!(record.outcome, PaymentOutcome::RefundOwed(_)) {
-                    self.refunds_owed.insert(key.clone());
-                }
-                self.payments.insert(key, record.clone());
-            }
-            Event::RefundCompleted { channel, payment_id, at_ms: _ } => {
-                let key = payment_key(channel, payment_id);
-                let record = self.payments.get_mut(&key).expect("refund of a recorded payment");
-                let PaymentOutcome::RefundOwed(reason) = record.outcome else {
-                    panic!("refund completed for a payment that owed none")
-                };
-                record.outcome = PaymentOutcome::Refunded(reason);
-                let seq = record.order_seq;
-                self.refunds_owed.remove(&key);
-                if reason.takes_order() {
-                    let order = self.order_mut(seq);
-                    assert_eq!(order.status, OrderStatus::RefundPending);
-                    order.status = OrderStatus::Refunded;
-                }
-            }
-            Event::OrderRedeemed { order } => {
-                assert_eq!(order.seq, self.orders_created + 1, "order sequence gap");
-                assert_eq!(order.status, OrderStatus::Delivered);
-                assert!(is_redeemed(order), "a redeemed order names its redemption");
-                assert_eq!(order.keys.len(), order.quantity as usize);
-                self.take_available(&order.keys);
-                self.sold += order.keys.len() as u64;
-                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
-                let idem = order.idempotency.as_ref().expect("a redeemed order has its idempotency key");
-                self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
-                self.orders.insert(order.seq, order.clone());
-                self.orders_created += 1;
-            }
-            Event::OrdersArchived { seqs, at_ms, keep_keys_ms } => self.apply_archive(seqs, *at_ms, *keep_keys_ms),
-            Event::KeysLent { .. } | Event::KeysReceived { .. } | Event::TransferSettled { .. } => {
-                self.apply_transfer(event)
-            }
-            Event::OrderExpired { seq, at_ms } | Event::OrderCancelled { seq, at_ms } => {
-                let idx = *seq;
-                assert_eq!(self.order_mut(idx).status, OrderStatus::PendingPayment, "only pending orders close");
-                let status = match event {
-                    Event::OrderExpired { .. } => OrderStatus::Expired,
-                    _ => OrderStatus::Cancelled,
-                };
-                self.close_order(idx, status, *at_ms);
-            }
-        }
-    }
-
-    /// Moves archived orders out of memory, keeping what the shard still needs:
-    /// their counts, the keys they sold, what they count toward per-buyer limits,
-    /// and their idempotency keys until `created_at + keep_keys_ms`.
-    fn apply_archive(&mut self, seqs: &[u64], at_ms: Millis, keep_keys_ms: Millis) {
-        for seq in seqs {
-            let order = self.orders.remove(seq).expect("archived orders are in memory");
-            assert!(
-                matches!(
-                    order.status,
-                    OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
-                ),
-                "only settled orders are archived"
-            );
-            assert!(!self.group_of.contains_key(seq), "group seats are not archived");
-            *self.archived.by_status.entry(order.status).or_default() += 1;
-            if order.status == OrderStatus::Delivered {
-                if is_redeemed(&order) {
-                    self.archived.redeemed_keys += order.keys.len() as u64;
-                }
-                self.archived.sold_keys.extend(&order.keys);
-            }
-            if order.status.counts_toward_limit() {
-                *self.archived.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
-            }
-            if let Some(idem) = &order.idempotency {
-                self.idempotency.remove(&idem.key);
-                let forget_at = order.created_at_ms.saturating_add(keep_keys_ms);
-                if forget_at > at_ms {
-                    self.archived.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq, forget_at));
-                }
-            }
-        }
-        self.archived.idempotency.retain(|_, (_, _, forget_at)| *forget_at > at_ms);
-    }
-
-    /// An order holding reserved keys closes: `status` and `closed_at` set, its keys
-    /// back at the end of the available queue, its quantity off the buyer's holdings.
-    fn close_order(&mut self, idx: u64, status: OrderStatus, at_ms: Millis) {
-        let order = self.order_mut(idx);
-        order.status = status;
-        order.closed_at_ms = Some(at_ms);
-        let released = std::mem::take(&mut order.keys);
-        let (quantity, buyer) = (order.quantity, order.buyer.clone());
-        self.reserved -= released.len() as u64;
-        self.available.extend(released);
-        let held = self.holdings.get_mut(&buyer).expect("an open order counts in holdings");
-        *held -= quantity;
-        if *held == 0 {
-            self.holdings.remove(&buyer);
-        }
-    }
-
     /// A new `pending_payment` order for `req` at `amount_cents`, reserving keys from
     /// the front of the available queue (checked by the caller).
     fn pending_order(&self, req: NewOrder, amount_cents: u64, now_ms: Millis) -> Order {
@@ -1419,226 +824,7 @@ impl Shard {
         }
     }
 
-    fn apply_transfer(&mut self, event: &Event) {
-        match event {
-            Event::KeysLent { transfer, to, keys } => {
-                assert_eq!(*transfer, self.transfers.next, "transfer sequence gap");
-                assert!(keys.len() <= self.available.len(), "lent more keys than available");
-                let start = self.available.len() - keys.len();
-                assert!(self.available.range(start..).eq(keys.iter()), "lent keys must be the back of the queue");
-                self.available.truncate(start);
-                self.transfers.away.extend(keys.iter().copied());
-                self.transfers.unsettled.insert(*transfer, (*to, keys.clone()));
-                self.transfers.next += 1;
-            }
-            Event::KeysReceived { from, transfer, keys } => {
-                assert!(self.transfers.received.insert((*from, *transfer)), "transfer received twice");
-                for key in keys {
-                    let id = match self.find_key(key) {
-                        Some(id) => {
-                            assert!(self.transfers.away.remove(&id), "received a key already in stock");
-                            id
-                        }
-                        None => {
-                            let id = KeyId::try_from(self.keys.len()).expect("at most u32::MAX keys per shard");
-                            self.keys.push(key.as_str().into());
-                            self.index_key(id);
-                            self.transfers.received_new += 1;
-                            id
-                        }
-                    };
-                    self.available.push_back(id);
-                }
-            }
-            Event::TransferSettled { transfer } => {
-                self.transfers.unsettled.remove(transfer).expect("settled an unsettled transfer");
-            }
-            _ => unreachable!("not a transfer event"),
-        }
-    }
-
-    /// Removes `ids` from the front of the available queue; they must be exactly there.
-    fn take_available(&mut self, ids: &[KeyId]) {
-        for &id in ids {
-            let front = self.available.pop_front();
-            assert_eq!(front, Some(id), "keys must be taken from the front of the available queue");
-        }
-    }
-
     // ---- audit ----
-
-    /// Recounts the key accounting from the state itself (I1, I2, I6) and compares it
-    /// with the running counters.
-    pub fn audit(&self) -> ShardAudit {
-        #[derive(Clone, Copy, PartialEq)]
-        enum Place {
-            Nowhere,
-            Available,
-            Away,
-            Reserved(u64),
-            Sold(u64),
-        }
-        let mut violations = Vec::new();
-        let mut place = vec![Place::Nowhere; self.keys.len()];
-        let mut mark = |id: KeyId, to: Place, violations: &mut Vec<String>| match place.get(id as usize) {
-            None => violations.push(format!("key id {id} does not exist")),
-            Some(Place::Nowhere) => place[id as usize] = to,
-            Some(_) => violations.push(format!("key id {id} is in two places")),
-        };
-        for &id in &self.available {
-            mark(id, Place::Available, &mut violations);
-        }
-        for &id in &self.transfers.away {
-            mark(id, Place::Away, &mut violations);
-        }
-        // (A key of an unsettled transfer may be back already: lent on by the borrower.)
-        if self.transfers.unsettled.values().any(|(to, _)| *to == self.shard) {
-            violations.push("a transfer lent keys to its own shard".into());
-        }
-        let mut audit = ShardAudit::default();
-        for &id in &self.archived.sold_keys {
-            mark(id, Place::Sold(0), &mut violations);
-        }
-        audit.sold += self.archived.sold_keys.len() as u64;
-        audit.redeemed += self.archived.redeemed_keys;
-        for (&status, &n) in &self.archived.by_status {
-            *audit.orders.entry(status).or_default() += n;
-        }
-        if self.orders.len() as u64 + self.archived.orders() != self.orders_created {
-            violations.push(format!(
-                "{} orders in memory and {} archived, but {} created",
-                self.orders.len(),
-                self.archived.orders(),
-                self.orders_created
-            ));
-        }
-        for order in self.orders.values() {
-            *audit.orders.entry(order.status).or_default() += 1;
-            match order.status {
-                OrderStatus::PendingPayment | OrderStatus::Paid => {
-                    if order.status == OrderStatus::Paid && !self.in_open_group(order.seq) {
-                        violations.push(format!("order {} is paid outside an open group", order.seq));
-                    }
-                    for &id in &order.keys {
-                        mark(id, Place::Reserved(order.seq), &mut violations);
-                    }
-                    audit.reserved += order.keys.len() as u64;
-                }
-                OrderStatus::Delivered => {
-                    for &id in &order.keys {
-                        mark(id, Place::Sold(order.seq), &mut violations);
-                    }
-                    audit.sold += order.keys.len() as u64;
-                    if is_redeemed(order) {
-                        audit.redeemed += order.keys.len() as u64;
-                    }
-                }
-                _ if !order.keys.is_empty() => {
-                    violations.push(format!("order {} is {} but holds keys", order.seq, order.status))
-                }
-                _ => {}
-            }
-            if matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Paid | OrderStatus::Delivered)
-                && order.keys.len() != order.quantity as usize
-            {
-                violations.push(format!(
-                    "order {} holds {} keys for quantity {}",
-                    order.seq,
-                    order.keys.len(),
-                    order.quantity
-                ));
-            }
-        }
-        self.audit_payments(&mut violations);
-        self.audit_groups(&mut violations);
-        let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
-        if lost > 0 {
-            violations.push(format!("{lost} keys are neither available, reserved, sold nor lent"));
-        }
-        let distinct: HashSet<&str> = self.keys.iter().map(|k| &**k).collect();
-        if distinct.len() != self.keys.len() {
-            violations.push("the same key was imported twice".into());
-        }
-        let known = self.keys.len() as u64;
-        let away = self.transfers.away.len() as u64;
-        audit.imported = known - self.transfers.received_new;
-        audit.available = self.available.len() as u64;
-        if known != audit.available + audit.reserved + audit.sold + away {
-            violations.push(format!(
-                "conservation broken: known {known} != available {} + reserved {} + sold {} + lent {away}",
-                audit.available, audit.reserved, audit.sold
-            ));
-        }
-        audit.shard = self.shard;
-        audit.unsettled = self.transfers.unsettled.iter().map(|(&t, (to, k))| (t, *to, k.len() as u64)).collect();
-        audit.received = self.transfers.received.clone();
-        let counts = self.counts();
-        if (counts.reserved, counts.sold) != (audit.reserved, audit.sold) {
-            violations.push(format!(
-                "counters drifted: reserved {} and sold {} counted, {} and {} recounted",
-                counts.reserved, counts.sold, audit.reserved, audit.sold
-            ));
-        }
-        audit.violations = violations;
-        audit.archived_orders = self.archived.orders();
-        audit.live_orders = self.orders.len() as u64;
-        audit.payment_ids = self.payments.keys().map(|k| super::audit::digest128(k)).collect();
-        audit.key_digests = self.key_strings().map(key_digest).collect();
-        audit
-    }
-
-    /// I3's bookkeeping: every paid order points at a recorded payment of its own,
-    /// and every payment that delivered or owes a refund points back at its order.
-    fn audit_payments(&self, violations: &mut Vec<String>) {
-        // (order, payment id) of every payment that took its order (delivered or
-        // owes/made a sold-out refund): a paid order must be taken by its own.
-        let takers: std::collections::HashSet<(u64, &str)> = self
-            .payments
-            .values()
-            .filter(|p| p.outcome.takes_order())
-            .map(|p| (p.order_seq, p.payment_id.as_str()))
-            .collect();
-        for order in self.orders.values() {
-            let needs_payment = matches!(
-                order.status,
-                OrderStatus::Paid | OrderStatus::Delivered | OrderStatus::RefundPending | OrderStatus::Refunded
-            );
-            match (&order.payment_id, needs_payment) {
-                // Paid with points: the points shard's ledger holds its payment.
-                (Some(_), true) if is_redeemed(order) && order.status == OrderStatus::Delivered => {}
-                (None, true) => violations.push(format!("order {} is {} without a payment", order.seq, order.status)),
-                (Some(id), true) if !takers.contains(&(order.seq, id.as_str())) => {
-                    violations.push(format!("order {} names payment {id:?}, which is not its own", order.seq))
-                }
-                _ => {}
-            }
-        }
-        for p in self.payments.values() {
-            let Some(order) = self.orders.get(&p.order_seq) else {
-                if !self.is_archived(p.order_seq) {
-                    violations
-                        .push(format!("payment {:?} is for order {}, which does not exist", p.payment_id, p.order_seq));
-                }
-                continue;
-            };
-            let owns_order = order.payment_id.as_deref() == Some(p.payment_id.as_str());
-            let consistent = match p.outcome {
-                PaymentOutcome::Delivered => owns_order && order.status == OrderStatus::Delivered,
-                PaymentOutcome::AwaitingGroup => owns_order && order.status == OrderStatus::Paid,
-                PaymentOutcome::RefundOwed(r) if r.takes_order() => {
-                    owns_order && order.status == OrderStatus::RefundPending
-                }
-                PaymentOutcome::Refunded(r) if r.takes_order() => owns_order && order.status == OrderStatus::Refunded,
-                _ => true,
-            };
-            if !consistent {
-                violations.push(format!(
-                    "payment {:?} ({:?}) disagrees with order {} ({})",
-                    p.payment_id, p.outcome, order.seq, order.status
-                ));
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::domain::shard::{ShardV2, ShardV3, ShardV4};
+use super::legacy::{ShardV2, ShardV3, ShardV4};
 use crate::domain::Shard;
 
 pub const MAGIC: [u8; 4] = *b"KAMI";

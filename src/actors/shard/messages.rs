@@ -1,0 +1,203 @@
+//! What a stock actor is asked, and the views it answers with.
+
+use super::*;
+
+/// An order as the shard reports it, key strings resolved.
+#[derive(Debug, Clone)]
+pub struct OrderSnapshot {
+    pub order: Order,
+    pub product_id: String,
+    pub shard: u16,
+    /// Key strings; empty unless the order is delivered.
+    pub keys: Vec<String>,
+    /// True when this answer replays an earlier request (idempotency).
+    pub replayed: bool,
+    /// The group this order holds (or held) a seat in.
+    pub group: Option<u64>,
+}
+
+impl OrderSnapshot {
+    /// The order's public id (`{product}.{shard}.{seq}`).
+    pub fn order_id(&self) -> String {
+        OrderId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.order.seq }.to_string()
+    }
+
+    pub fn group_id(&self) -> Option<String> {
+        let shard = ShardId::new(self.product_id.clone(), self.shard);
+        self.group.map(|seq| GroupId { shard, seq }.to_string())
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "ActorResult<(u64, u64)>")]
+pub struct ImportKeys(pub Vec<String>);
+
+#[derive(Message)]
+#[rtype(result = "ActorResult<OrderSnapshot>")]
+pub struct CreateOrder(pub NewOrder);
+
+/// Step 2 of a redemption: an order paid with points, delivered at once.
+#[derive(Message)]
+#[rtype(result = "ActorResult<OrderSnapshot>")]
+pub struct Redeem(pub Redemption);
+
+#[derive(Message)]
+#[rtype(result = "ActorResult<PaymentOutcome>")]
+pub struct PayOrder(pub Payment);
+
+/// `token: None` is the merchant's view (no token check).
+#[derive(Message)]
+#[rtype(result = "ActorResult<OrderSnapshot>")]
+pub struct GetOrder {
+    pub seq: u64,
+    pub token: Option<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "ActorResult<OrderSnapshot>")]
+pub struct CancelOrder {
+    pub seq: u64,
+    pub token: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "ActorResult<ShardAudit>")]
+pub struct Audit;
+
+/// The shard's orders not settled yet (what keeps a product from being deleted).
+#[derive(Message)]
+#[rtype(result = "ActorResult<crate::domain::shelf::OpenOrders>")]
+pub struct CountOpenOrders;
+
+/// What the payment supervisor should do for this shard: orders to ask the
+/// channels about, and refunds owed. Expires due reservations first. Answered once
+/// the state it describes is durable (a refund must never be made for a payment
+/// whose outcome could still be lost).
+#[derive(Message)]
+#[rtype(result = "ActorResult<PaymentWork>")]
+pub struct GetPaymentWork {
+    pub quiet_ms: u64,
+    pub grace_ms: u64,
+    pub max_unheard: usize,
+    pub max_refunds: usize,
+    /// Also scan every order for ones stuck in `paid` (reconciliation on request).
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PaymentWork {
+    pub unheard: Vec<crate::domain::shard::Unheard>,
+    pub refunds: Vec<crate::domain::shard::RefundDue>,
+    pub expired_now: usize,
+    pub stuck_paid: Vec<u64>,
+}
+
+/// The channel confirmed the refund of this payment.
+#[derive(Message)]
+#[rtype(result = "ActorResult<()>")]
+pub struct CompleteRefund {
+    pub channel: String,
+    pub payment_id: String,
+}
+
+/// Lend up to `max_keys` available keys to sibling shard `to` (see
+/// [`crate::domain::shard::Transfers`]). Answered once the lending is durable;
+/// `None` when this shard has nothing to lend.
+#[derive(Message)]
+#[rtype(result = "ActorResult<Option<OutgoingTransfer>>")]
+pub struct Lend {
+    pub to: u16,
+    pub max_keys: usize,
+}
+
+/// Take in keys a sibling lent (a repeat is answered without a change).
+#[derive(Message)]
+#[rtype(result = "ActorResult<()>")]
+pub struct Receive(pub OutgoingTransfer);
+
+/// The borrower holds the keys of this transfer.
+#[derive(Message)]
+#[rtype(result = "ActorResult<()>")]
+pub struct SettleTransfer(pub u64);
+
+/// Outgoing transfers not yet settled (to resend), at most `limit`.
+#[derive(Message)]
+#[rtype(result = "ActorResult<Vec<OutgoingTransfer>>")]
+pub struct ListUnsettled {
+    pub limit: usize,
+}
+
+/// Opens a group with the buyer of `order` in its first seat.
+#[derive(Message)]
+#[rtype(result = "ActorResult<GroupSeat>")]
+pub struct OpenGroup {
+    pub terms: GroupTerms,
+    pub order: NewOrder,
+}
+
+/// Takes a seat in group `group`.
+#[derive(Message)]
+#[rtype(result = "ActorResult<GroupSeat>")]
+pub struct JoinGroup {
+    pub group: u64,
+    pub order: NewOrder,
+}
+
+/// Takes a seat in the oldest open group of the deal with one free, or opens one.
+#[derive(Message)]
+#[rtype(result = "ActorResult<GroupSeat>")]
+pub struct JoinAnyGroup {
+    pub terms: GroupTerms,
+    pub order: NewOrder,
+}
+
+#[derive(Message)]
+#[rtype(result = "ActorResult<GroupSnapshot>")]
+pub struct GetGroup(pub u64);
+
+/// Open groups of a deal with a free seat, oldest first, at most `limit`.
+#[derive(Message)]
+#[rtype(result = "ActorResult<Vec<GroupSnapshot>>")]
+pub struct ListOpenGroups {
+    pub deal_id: String,
+    pub limit: usize,
+}
+
+/// A group as the shard reports it, with its members' orders.
+#[derive(Debug, Clone)]
+pub struct GroupSnapshot {
+    pub group: Group,
+    pub product_id: String,
+    pub shard: u16,
+    /// Every order that took a seat (members who left included), in join order.
+    pub members: Vec<Order>,
+    /// `(seats taken, seats paid)` (`Shard::seats`).
+    pub seats: (u32, u32),
+    /// Seats that can still be taken (`Shard::seats_open`).
+    pub seats_open: u32,
+}
+
+impl GroupSnapshot {
+    pub fn group_id(&self) -> String {
+        GroupId { shard: ShardId::new(self.product_id.clone(), self.shard), seq: self.group.seq }.to_string()
+    }
+}
+
+/// A seat taken: the group and the member's order.
+#[derive(Debug, Clone)]
+pub struct GroupSeat {
+    pub group: GroupSnapshot,
+    pub order: OrderSnapshot,
+}
+
+/// Writes a snapshot now (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "ActorResult<()>")]
+pub struct TakeSnapshot;
+
+pub use crate::actors::Kill;
+
+/// Test hook: panics inside the domain step, as a bug would.
+#[derive(Message)]
+#[rtype(result = "ActorResult<()>")]
+pub struct InjectPanic;

@@ -1,0 +1,104 @@
+//! Settled orders leaving memory for the archive: what the shard keeps of them
+//! (counts, sold key ids, limit weight, Idempotency-Keys) and how they are chosen.
+
+use super::*;
+
+/// (v5) What a shard keeps of the orders it archived.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archived {
+    /// Orders archived, by status.
+    pub by_status: BTreeMap<OrderStatus, u64>,
+    /// Keys that archived orders sold (still this shard's keys: the audit places them).
+    pub sold_keys: Vec<KeyId>,
+    /// Of those, keys delivered by redemptions.
+    pub redeemed_keys: u64,
+    /// What archived orders still count toward per-buyer limits (delivered ones).
+    pub holdings: HashMap<String, u32>,
+    /// Idempotency keys of archived orders: key → (fingerprint, order, forget at).
+    pub idempotency: HashMap<String, ([u8; 16], u64, Millis)>,
+}
+
+impl Archived {
+    pub fn orders(&self) -> u64 {
+        self.by_status.values().sum()
+    }
+}
+
+/// (v5) An order as the archive keeps it: the order and its keys as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedOrder {
+    pub order: Order,
+    pub keys: Vec<String>,
+}
+
+impl Shard {
+    /// Orders that can no longer change and have not changed for `min_age_ms`:
+    /// delivered, refunded, expired or cancelled, outside any group, with no refund
+    /// owed. Oldest first, at most `limit`. (The caller writes them to the archive,
+    /// then [`Shard::archive`]s them.)
+    pub fn archivable(&self, now_ms: Millis, min_age_ms: Millis, limit: usize) -> Vec<u64> {
+        self.archivable_after(0, now_ms, min_age_ms, usize::MAX, limit).0
+    }
+
+    /// [`Shard::archivable`] for orders after `after`, looking at no more than
+    /// `max_scan` of them, so that orders that stay (group seats, refunds owed) are
+    /// not looked at again on every call. Returns the orders and where to go on
+    /// next time: the last order looked at, or 0 (from the start) once the scan
+    /// reached orders too young.
+    pub fn archivable_after(
+        &self,
+        after: u64,
+        now_ms: Millis,
+        min_age_ms: Millis,
+        max_scan: usize,
+        limit: usize,
+    ) -> (Vec<u64>, u64) {
+        let owing: HashSet<u64> = self.refunds_owed.iter().map(|k| self.payments[k].order_seq).collect();
+        let old_enough = |at: Millis| at.saturating_add(min_age_ms) <= now_ms;
+        let mut found = Vec::new();
+        let mut next = 0;
+        for o in self.orders.range(after + 1..).map(|(_, o)| o).take(max_scan) {
+            if !old_enough(o.created_at_ms) {
+                return (found, 0);
+            }
+            next = o.seq;
+            let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
+            let settled = matches!(
+                o.status,
+                OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
+            );
+            if settled
+                && old_enough(last.unwrap_or(o.created_at_ms))
+                && !self.group_of.contains_key(&o.seq)
+                && !owing.contains(&o.seq)
+            {
+                found.push(o.seq);
+                if found.len() == limit {
+                    return (found, next);
+                }
+            }
+        }
+        // The scan ran out of orders (from the start next time) or of its budget.
+        let exhausted = self.orders.range(next + 1..).next().is_none();
+        (found, if exhausted { 0 } else { next })
+    }
+
+    /// What the archive keeps of order `seq` (in memory).
+    pub fn archive_record(&self, seq: u64) -> Option<ArchivedOrder> {
+        let order = self.order(seq)?;
+        Some(ArchivedOrder {
+            order: order.clone(),
+            keys: order.keys.iter().map(|&k| self.key(k).to_string()).collect(),
+        })
+    }
+
+    /// Archives `seqs` (from [`Shard::archivable`], already written to the archive).
+    pub fn archive(&mut self, seqs: Vec<u64>, now_ms: Millis, keep_keys_ms: Millis) -> Option<Event> {
+        if seqs.is_empty() {
+            return None;
+        }
+        let event = Event::OrdersArchived { seqs, at_ms: now_ms, keep_keys_ms };
+        self.apply(&event);
+        Some(event)
+    }
+}

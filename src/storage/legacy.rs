@@ -1,0 +1,70 @@
+//! Decoders of older snapshot formats. Each older layout of a stock shard decodes
+//! into its own type here and becomes a [`Shard`] through
+//! [`ShardParts`](crate::domain::shard::ShardParts), the domain's format-free
+//! constructor: the domain knows no storage format. See `codec::FORMAT_VERSION` for
+//! what each version changed; `tests/golden.rs` decodes a record of every version.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Deserialize;
+
+use crate::domain::group::Group;
+use crate::domain::shard::{KeyId, ShardParts, Transfers};
+use crate::domain::{Order, PaymentRecord, ProductInfo, Shard};
+
+/// A snapshot as format v1 and v2 wrote it: no transfers.
+#[derive(Deserialize)]
+pub struct ShardV2 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+}
+
+impl From<ShardV2> for Shard {
+    fn from(old: ShardV2) -> Shard {
+        let ShardV2 { product, shard, keys, available, orders, payments } = old;
+        ShardV3 { product, shard, keys, available, orders, payments, transfers: Transfers::default() }.into()
+    }
+}
+
+/// A snapshot as format v3 wrote it: no groups.
+#[derive(Deserialize)]
+pub struct ShardV3 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+}
+
+impl From<ShardV3> for Shard {
+    fn from(old: ShardV3) -> Shard {
+        let ShardV3 { product, shard, keys, available, orders, payments, transfers } = old;
+        ShardV4 { product, shard, keys, available, orders, payments, transfers, groups: Vec::new() }.into()
+    }
+}
+
+/// A snapshot as format v4 wrote it: orders in a dense list, nothing archived.
+#[derive(Deserialize)]
+pub struct ShardV4 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: Vec<Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+    groups: Vec<Group>,
+}
+
+impl From<ShardV4> for Shard {
+    fn from(old: ShardV4) -> Shard {
+        let ShardV4 { product, shard, keys, available, orders, payments, transfers, groups } = old;
+        ShardParts { product, shard, keys, available, orders, payments, transfers, groups }.into()
+    }
+}
