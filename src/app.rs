@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use crate::actors::payments::{PaymentEnv, PaymentSupervisor, PaymentTuning};
 use crate::actors::shard::ShardEnv;
 use crate::actors::supervisor::RecoveryReport;
-use crate::actors::{OrderSupervisor, Registry};
+use crate::actors::{ProductSupervisor, Registry};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::core::{new_token, CoreLimits, Kami, Parts};
@@ -447,7 +447,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     });
     let storage_weak = storage.open_handles();
     let registry = Arc::new(Registry::default());
-    let (supervisor, mut recovery) = OrderSupervisor::recover(env, actors.arbiters.clone(), registry.clone())
+    let (supervisor, mut recovery) = ProductSupervisor::recover(env, actors.arbiters.clone(), registry.clone())
         .await
         .map_err(|e| StartError::Recovery(e.to_string()))?;
     let supervisor = Supervisor::start_in_arbiter(&actors.arbiters[0], move |_| supervisor);

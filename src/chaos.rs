@@ -1,6 +1,6 @@
 //! Fault injection for chaos tests. Two tools, both off unless `chaos.enabled`:
 //!
-//! * **Actor kills** ([`Target`], used by `POST /api/v1/admin/chaos/kill` and by
+//! * **Actor kills** ([`KillTarget`], used by `POST /api/v1/admin/chaos/kill` and by
 //!   [`crate::core::Kami::chaos_kill`]): an actor drops its memory and stops at a
 //!   message boundary; its supervisor rebuilds it from storage.
 //! * **Crash points** (`chaos.crash_point` + `chaos.crash_after_hits`): the process
@@ -16,10 +16,10 @@ use serde::Deserialize;
 
 /// An actor to kill, as named in the chaos API.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub enum KillTarget {
     /// Every stock actor of a product (`product:<id>`), or one shard (`product:<id>#<n>`).
     Product { id: String, shard: Option<u16> },
-    /// The order supervisor (`orders`).
+    /// The product supervisor (`orders`: it was named for orders once; the name stays for compatibility).
     Orders,
     /// The payment supervisor (`payments`).
     Payments,
@@ -29,15 +29,15 @@ pub enum Target {
     Random,
 }
 
-impl std::str::FromStr for Target {
+impl std::str::FromStr for KillTarget {
     type Err = String;
 
-    fn from_str(s: &str) -> Result<Target, String> {
+    fn from_str(s: &str) -> Result<KillTarget, String> {
         match s {
-            "orders" => Ok(Target::Orders),
-            "payments" => Ok(Target::Payments),
-            "points" => Ok(Target::Points),
-            "random" => Ok(Target::Random),
+            "orders" => Ok(KillTarget::Orders),
+            "payments" => Ok(KillTarget::Payments),
+            "points" => Ok(KillTarget::Points),
+            "random" => Ok(KillTarget::Random),
             _ => {
                 let rest = s.strip_prefix("product:").ok_or_else(|| {
                     format!("actor: {s:?} is not one of \"product:<id>\", \"product:<id>#<shard>\", \"orders\", \"payments\", \"points\", \"random\"")
@@ -49,7 +49,7 @@ impl std::str::FromStr for Target {
                     }
                 };
                 crate::domain::validate::product_id(id).map_err(|e| format!("actor: {e}"))?;
-                Ok(Target::Product { id: id.to_string(), shard })
+                Ok(KillTarget::Product { id: id.to_string(), shard })
             }
         }
     }
@@ -129,13 +129,13 @@ mod tests {
 
     #[test]
     fn targets_parse_as_documented() {
-        assert_eq!("orders".parse(), Ok(Target::Orders));
-        assert_eq!("payments".parse(), Ok(Target::Payments));
-        assert_eq!("random".parse(), Ok(Target::Random));
-        assert_eq!("product:p1".parse(), Ok(Target::Product { id: "p1".into(), shard: None }));
-        assert_eq!("product:p1#3".parse(), Ok(Target::Product { id: "p1".into(), shard: Some(3) }));
+        assert_eq!("orders".parse(), Ok(KillTarget::Orders));
+        assert_eq!("payments".parse(), Ok(KillTarget::Payments));
+        assert_eq!("random".parse(), Ok(KillTarget::Random));
+        assert_eq!("product:p1".parse(), Ok(KillTarget::Product { id: "p1".into(), shard: None }));
+        assert_eq!("product:p1#3".parse(), Ok(KillTarget::Product { id: "p1".into(), shard: Some(3) }));
         for bad in ["", "product:", "product:P!", "product:p#x", "shard", "product:p#70000"] {
-            assert!(bad.parse::<Target>().is_err(), "{bad:?}");
+            assert!(bad.parse::<KillTarget>().is_err(), "{bad:?}");
         }
     }
 

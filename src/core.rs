@@ -8,17 +8,16 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use dashmap::DashMap;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::actors::admission::Lane;
 use crate::actors::call::{admit, answer, apply_payment, call_shard};
-use crate::actors::payments::{ChannelView, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
+use crate::actors::payments::{ChannelStatus, ListChannels, PaymentSupervisor, Reconcile, ReconcileReport};
 use crate::actors::points::{self as points_actor, points_shard_of, PointsActor, PointsHandle};
 use crate::actors::shard::{self, ActorResult, OrderSnapshot, ShardActor};
-use crate::actors::supervisor::{CreateProduct, OrderSupervisor};
+use crate::actors::supervisor::{CreateProduct, ProductSupervisor};
 use crate::actors::{Kill, Registry, ShardHandle};
-use crate::chaos::Target;
+use crate::chaos::KillTarget;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
@@ -91,27 +90,21 @@ impl CoreLimits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Create a product.
+#[derive(Debug, Clone)]
 pub struct NewProduct {
     pub id: String,
     pub name: String,
     pub price_cents: u64,
-    #[serde(default)]
+    /// 0 = unlimited.
     pub per_buyer_limit: u32,
-    #[serde(default = "one")]
     pub shards: u16,
-    /// Points per key when redeemed (`POST /api/v1/redemptions`); none: not redeemable.
-    #[serde(default)]
+    /// Points per key when redeemed; none: not redeemable.
     pub points_price: Option<u64>,
 }
 
-fn one() -> u16 {
-    1
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Order keys of a product for a buyer.
+#[derive(Debug, Clone)]
 pub struct OrderRequest {
     pub product_id: String,
     pub quantity: u64,
@@ -131,9 +124,8 @@ pub struct ProductView {
 
 pub use crate::domain::audit::{AuditReport, PointsTotals, ProductAudit};
 
-/// `POST /api/v1/redemptions`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Pay keys with points.
+#[derive(Debug, Clone)]
 pub struct RedeemRequest {
     pub buyer: String,
     pub product_id: String,
@@ -150,7 +142,7 @@ pub struct Redeemed {
 
 pub struct Kami {
     registry: Arc<Registry>,
-    supervisor: Addr<OrderSupervisor>,
+    supervisor: Addr<ProductSupervisor>,
     payments: Addr<PaymentSupervisor>,
     storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
@@ -175,7 +167,7 @@ pub struct Kami {
 /// The actors and shared tables a [`Kami`] routes to.
 pub struct Parts {
     pub registry: Arc<Registry>,
-    pub supervisor: Addr<OrderSupervisor>,
+    pub supervisor: Addr<ProductSupervisor>,
     pub payments: Addr<PaymentSupervisor>,
     pub storage: Arc<Storage>,
     pub clock: Arc<dyn Clock>,
@@ -242,14 +234,14 @@ impl Kami {
         &self.registry
     }
 
-    /// Sends to a stock actor in the `Lane::Settle` lane (see [`call_in`](Self::call_in)).
+    /// Sends to a stock actor in the `Lane::Existing` lane (see [`call_in`](Self::call_in)).
     async fn call<M, R>(&self, shard: &ShardHandle, msg: M) -> Result<R, Error>
     where
         M: Message<Result = ActorResult<R>> + Send + 'static,
         R: Send + 'static,
         ShardActor: Handler<M>,
     {
-        self.call_in(Lane::Settle, shard, msg).await
+        self.call_in(Lane::Existing, shard, msg).await
     }
 
     /// Sends to a stock actor: admitted to its line in `lane` (else `QueueFull`),

@@ -62,7 +62,7 @@ async fn killed_actors_come_back_with_their_durable_state() {
     for actor in ["product:p", "orders", "random", "product:p#0"] {
         assert_eq!(api.kill(actor).await.status, 200);
     }
-    // The order supervisor serves again: a new product can be created.
+    // The product supervisor serves again: a new product can be created.
     assert_eq!(api.create_product("q", 100, 0, 1).await.status, 201);
     let again = api.admin_order(sold.body["order_id"].as_str().unwrap()).await;
     assert_eq!((again.body["status"].as_str(), &again.body["keys"]), (Some("delivered"), &sold.body["keys"]));
@@ -74,7 +74,7 @@ async fn killed_actors_come_back_with_their_durable_state() {
 }
 
 /// A product whose record reached storage but whose actors were never started
-/// (a creation cut short) is started by the order supervisor when it restarts.
+/// (a creation cut short) is started by the product supervisor when it restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_order_supervisor_starts_products_it_finds_only_in_storage() {
     let t = TestApp::spawn_with(&[("chaos.enabled", "true")]).await;
@@ -90,7 +90,7 @@ async fn a_restarted_order_supervisor_starts_products_it_finds_only_in_storage()
     assert!(t.core().storage().insert_product(&orphan).unwrap());
     assert_eq!(api.product("orphan").await.status, 404, "not started yet");
 
-    assert_eq!(t.core().chaos_kill(&kami::chaos::Target::Orders).await.unwrap(), "orders");
+    assert_eq!(t.core().chaos_kill(&kami::chaos::KillTarget::Orders).await.unwrap(), "orders");
     // The restart happens before the supervisor's next message is handled.
     assert_eq!(api.create_product("next", 100, 0, 1).await.status, 201);
     let p = api.product("orphan").await;

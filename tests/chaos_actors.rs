@@ -1,5 +1,5 @@
 //! Chaos suite, actor kills: a flash sale over HTTP while stock actors and the
-//! order supervisor are killed every few milliseconds. Afterwards I1–I6 are checked
+//! product supervisor are killed every few milliseconds. Afterwards I1–I6 are checked
 //! from the audit and from reading every acknowledged order.
 //!
 //! Seeded (the seed is printed; rerun with `KAMI_SEED=...`); `KAMI_SOAK=n` runs n

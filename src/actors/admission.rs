@@ -38,7 +38,7 @@ pub enum Lane {
     /// Work on what already exists (payments, refunds, reads, cancels, imports,
     /// transfers): only the hard bound, so money already taken is applied even while
     /// the line for new orders is full.
-    Settle,
+    Existing,
 }
 
 /// Why a request was not admitted, and what the caller can tell the buyer.
@@ -194,7 +194,7 @@ mod tests {
         let tickets: Vec<_> = (0..500).map(|_| a.admit_at(Lane::NewOrder, 0).unwrap()).collect();
         let full = a.admit_at(Lane::NewOrder, 0).unwrap_err();
         assert_eq!(full, QueueFull { depth: 500, drain_per_sec: 10_000, estimated_wait_ms: Some(50) });
-        let payment = a.admit_at(Lane::Settle, 0).expect("settling work is held only to the hard bound");
+        let payment = a.admit_at(Lane::Existing, 0).expect("settling work is held only to the hard bound");
         drop(payment);
         drop(tickets);
         assert!(a.admit_at(Lane::NewOrder, 0).is_ok());

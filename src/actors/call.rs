@@ -67,7 +67,7 @@ pub async fn apply_payment(
     timeout: Duration,
 ) -> Result<PaymentOutcome, CallError> {
     let heard = std::time::Instant::now();
-    let outcome = call_shard(Lane::Settle, shard, shard::PayOrder(payment), timeout).await;
+    let outcome = call_shard(Lane::Existing, shard, shard::PayOrder(payment), timeout).await;
     if let Ok(PaymentOutcome::Delivered) = &outcome {
         let elapsed = heard.elapsed();
         metrics::histogram!("kami_paid_to_delivered_seconds").record(elapsed.as_secs_f64());

@@ -2,7 +2,7 @@
 //!
 //! * [`shard::ShardActor`] — one per product shard; owns its keys, reservations and
 //!   orders (see `domain::shard`). Started under an actix `Supervisor`.
-//! * [`supervisor::OrderSupervisor`] — creates products: persists the product, starts
+//! * [`supervisor::ProductSupervisor`] — creates products: persists the product, starts
 //!   its stock actors on the arbiters round-robin, and publishes the route.
 //!   It is not on the order path.
 //! * [`payments::PaymentSupervisor`] — talks to payment gateways: queries orders whose
@@ -31,7 +31,11 @@ pub mod supervisor;
 pub use journaled::{ActorError, ActorResult};
 pub use registry::{ProductRoute, Registry, ShardHandle};
 pub use shard::{ShardActor, ShardEnv, ShardGauge};
-pub use supervisor::OrderSupervisor;
+pub use supervisor::ProductSupervisor;
+
+/// Room in every actor's mailbox beyond its admission permits, for the messages
+/// sent without one (audit, snapshot, kill, ticks of the supervisors).
+pub const UNADMITTED_MESSAGES: usize = 64;
 
 /// Stops an actor abruptly, discarding its memory; its supervisor rebuilds it from
 /// storage. Chaos tests send it; it is answered before the actor stops.

@@ -34,7 +34,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use serde::Serialize;
 
 use super::admission;
 use super::call::{apply_payment, call_shard, CallError as ActorCallError};
@@ -98,7 +97,7 @@ pub struct PaymentEnv {
 }
 
 /// One channel as the supervisor drives it.
-struct Lane {
+struct DrivenChannel {
     gateway: Option<Gateway>,
     breaker: Breaker,
     queries: DefaultDirectRateLimiter,
@@ -124,7 +123,7 @@ impl Backoff {
 
 pub struct PaymentSupervisor {
     env: Arc<PaymentEnv>,
-    lanes: Vec<Lane>,
+    lanes: Vec<DrivenChannel>,
     /// Order id → when to ask the channels next. Holds only orders of the last sweep.
     queries: HashMap<String, Backoff>,
     /// Payment key (channel/id) → when to try its refund next. Holds only refunds of the last sweep.
@@ -143,11 +142,12 @@ pub struct Reconcile;
 
 /// The channels and their breakers (`GET /api/v1/admin/payments/channels`).
 #[derive(Message)]
-#[rtype(result = "Vec<ChannelView>")]
+#[rtype(result = "Vec<ChannelStatus>")]
 pub struct ListChannels;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ChannelView {
+/// One channel as the payment supervisor sees it.
+#[derive(Debug, Clone)]
+pub struct ChannelStatus {
     pub name: String,
     pub kind: crate::config::ChannelKind,
     pub endpoint: Option<String>,
@@ -160,7 +160,8 @@ pub struct ChannelView {
     pub last_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+/// What one payment sweep did.
+#[derive(Debug, Clone, Default)]
 pub struct ReconcileReport {
     pub shards: usize,
     /// Stock actors that did not answer (restarting); their work waits for the next sweep.
@@ -174,14 +175,15 @@ pub struct ReconcileReport {
     pub queries_deferred: usize,
     /// Payments a channel knew of and kami did not, now applied.
     pub payments_found: Vec<FoundPayment>,
-    pub refunds_completed: Vec<RefundView>,
+    pub refunds_completed: Vec<RefundOwed>,
     /// Refunds still owed after this sweep, with why.
-    pub refunds_pending: Vec<RefundView>,
+    pub refunds_pending: Vec<RefundOwed>,
     /// Orders left `paid` without delivery or refund (never expected; shown, not hidden).
     pub stuck_paid: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A payment a channel knew of and kami did not, now applied.
+#[derive(Debug, Clone)]
 pub struct FoundPayment {
     pub order_id: String,
     pub payment_id: String,
@@ -190,13 +192,13 @@ pub struct FoundPayment {
     pub outcome: PaymentOutcome,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct RefundView {
+/// A payment owed back, and why it is still owed (if it is).
+#[derive(Debug, Clone)]
+pub struct RefundOwed {
     pub payment_id: String,
     pub order_id: String,
     pub channel: String,
     pub amount_cents: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -210,7 +212,7 @@ struct ShardWork {
 
 enum Call {
     Query { lane: usize, order_id: String, shard: ShardHandle, seq: u64 },
-    Refund { lane: usize, refund: RefundView, shard: ShardHandle },
+    Refund { lane: usize, refund: RefundOwed, shard: ShardHandle },
     Health { lane: usize },
 }
 
@@ -223,7 +225,7 @@ enum Done {
     },
     Refund {
         lane: usize,
-        refund: RefundView,
+        refund: RefundOwed,
         result: Result<(), CallError>,
         recorded: Option<Result<(), ActorCallError>>,
     },
@@ -299,7 +301,7 @@ async fn execute(env: Arc<PaymentEnv>, lanes: Vec<Option<Gateway>>, calls: Vec<C
                     let recorded = match result {
                         Ok(()) => Some(
                             call_shard(
-                                admission::Lane::Settle,
+                                admission::Lane::Existing,
                                 &shard,
                                 shard::CompleteRefund {
                                     channel: refund.channel.clone(),
@@ -332,7 +334,7 @@ impl PaymentSupervisor {
         }
     }
 
-    fn lanes(env: &PaymentEnv) -> Vec<Lane> {
+    fn lanes(env: &PaymentEnv) -> Vec<DrivenChannel> {
         env.channels
             .all()
             .iter()
@@ -340,7 +342,7 @@ impl PaymentSupervisor {
             .map(|(i, c)| {
                 env.channels.publish(i, BreakerState::Closed);
                 let per_sec = NonZeroU32::new(c.queries_per_sec).expect("validated: queries_per_sec >= 1");
-                Lane {
+                DrivenChannel {
                     gateway: Gateway::for_channel(&env.http, c),
                     breaker: Breaker::new(env.tuning.breaker.clone()),
                     queries: RateLimiter::direct(Quota::per_second(per_sec)),
@@ -393,7 +395,7 @@ impl PaymentSupervisor {
             for r in &w.work.refunds {
                 let key = payment_key(&r.channel, &r.payment_id);
                 seen_refunds.insert(key.clone());
-                let view = RefundView {
+                let view = RefundOwed {
                     payment_id: r.payment_id.clone(),
                     order_id: order_id(&w.shard, r.order_seq),
                     channel: r.channel.clone(),
@@ -401,7 +403,7 @@ impl PaymentSupervisor {
                     error: None,
                 };
                 let Some(lane) = self.env.channels.index_of(&r.channel) else {
-                    report.refunds_pending.push(RefundView {
+                    report.refunds_pending.push(RefundOwed {
                         error: Some(format!("channel {} is no longer configured", r.channel)),
                         ..view
                     });
@@ -411,11 +413,11 @@ impl PaymentSupervisor {
                 let l = &mut self.lanes[lane];
                 if l.gateway.is_none() {
                     let error = Some(format!("channel {} has no endpoint to refund at", r.channel));
-                    report.refunds_pending.push(RefundView { error, ..view });
+                    report.refunds_pending.push(RefundOwed { error, ..view });
                 } else if !force && backoff.next_at_ms > now {
-                    report.refunds_pending.push(RefundView { error: Some("backing off".into()), ..view });
+                    report.refunds_pending.push(RefundOwed { error: Some("backing off".into()), ..view });
                 } else if !l.breaker.try_call(now) {
-                    report.refunds_pending.push(RefundView { error: Some("channel breaker open".into()), ..view });
+                    report.refunds_pending.push(RefundOwed { error: Some("channel breaker open".into()), ..view });
                 } else {
                     backoff.advance(now, t.sweep_interval.as_millis() as u64, t.refund_max_interval_ms);
                     calls.push(Call::Refund { lane, refund: view, shard: w.handle.clone() });
@@ -604,7 +606,7 @@ impl Handler<ListChannels> for PaymentSupervisor {
             .all()
             .iter()
             .zip(&self.lanes)
-            .map(|(c, l)| ChannelView {
+            .map(|(c, l)| ChannelStatus {
                 name: c.name.clone(),
                 kind: c.kind,
                 endpoint: c.endpoint.clone(),

@@ -46,7 +46,7 @@ pub fn start_points(
             let arbiter = &arbiters[shard as usize % arbiters.len()];
             // Built on its arbiter: the actor's state is not shared across threads.
             let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
-                PointsActor::new(shard, storage, clock, snapshot_min_journal_bytes, recovered)
+                PointsActor::new(shard, storage, clock, snapshot_min_journal_bytes, mailbox_capacity, recovered)
             });
             Ok(PointsHandle { addr, admission: Arc::new(Admission::new(mailbox_capacity, 0)) })
         })
@@ -60,6 +60,8 @@ pub struct PointsActor {
     /// A snapshot is written once the journal since the last one exceeds
     /// max(this, the last snapshot's size), as for stock shards.
     snapshot_min_journal_bytes: u64,
+    /// Admission permits of its line (callers hold one per request).
+    mailbox_capacity: usize,
     /// The book and its ledger (see [`super::journaled`]).
     shell: Shell<PointsBook>,
     /// `kami_actor_turn_seconds{actor="points"}`.
@@ -86,9 +88,11 @@ impl PointsActor {
         storage: Arc<Storage>,
         clock: Arc<dyn Clock>,
         snapshot_min_journal_bytes: u64,
+        mailbox_capacity: usize,
         recovered: PointsRecovered,
     ) -> PointsActor {
         PointsActor {
+            mailbox_capacity,
             shard,
             storage,
             clock,
@@ -176,7 +180,7 @@ impl Actor for PointsActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Callers hold an admission ticket per request (see `core`); this is a backstop.
-        ctx.set_mailbox_capacity(4096 + 64);
+        ctx.set_mailbox_capacity(self.mailbox_capacity + super::UNADMITTED_MESSAGES);
     }
 }
 

@@ -146,6 +146,12 @@ impl ProductRoute {
         buyer_shard(buyer, self.shards.len())
     }
 
+    /// The shard that holds every group of a group-buy deal (so its groups can be
+    /// joined without a lookup). The same stable hash as buyers', over the deal id.
+    pub fn shard_index_for_deal(&self, deal_id: &str) -> usize {
+        buyer_shard(deal_id, self.shards.len())
+    }
+
     /// The shard that deduplicates and holds a key when it is imported.
     pub fn shard_index_for_key(&self, key: &str) -> usize {
         crc32fast::hash(key.as_bytes()) as usize % self.shards.len()

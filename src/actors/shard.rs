@@ -456,7 +456,7 @@ impl Actor for ShardActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Admission permits (held by callers) keep the queue under `mailbox_capacity`;
         // the margin covers messages sent without a permit (audit, snapshot, kill).
-        ctx.set_mailbox_capacity(self.env.mailbox_capacity + 64);
+        ctx.set_mailbox_capacity(self.env.mailbox_capacity + super::UNADMITTED_MESSAGES);
         ctx.run_interval(self.env.expiry_tick, |act, ctx| {
             let _turn = super::Turn::start(&act.turns);
             act.expire(ctx);

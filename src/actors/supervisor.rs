@@ -19,7 +19,7 @@ pub enum SupervisorError {
 
 /// Registry owner and parent of the stock actors. Product creation is serialised
 /// here (so two creations of one id cannot race); orders never pass through it.
-pub struct OrderSupervisor {
+pub struct ProductSupervisor {
     env: Arc<ShardEnv>,
     arbiters: Vec<ArbiterHandle>,
     registry: Arc<Registry>,
@@ -42,14 +42,14 @@ pub struct RecoveryReport {
     pub idempotency_keys: Vec<(String, [u8; 16])>,
 }
 
-impl OrderSupervisor {
+impl ProductSupervisor {
     /// Rebuilds every product's shards from storage (in parallel, off the async
     /// threads), starts their actors, and fills the registry.
     pub async fn recover(
         env: Arc<ShardEnv>,
         arbiters: Vec<ArbiterHandle>,
         registry: Arc<Registry>,
-    ) -> Result<(OrderSupervisor, RecoveryReport), StorageError> {
+    ) -> Result<(ProductSupervisor, RecoveryReport), StorageError> {
         assert!(!arbiters.is_empty());
         let started = Instant::now();
         let products = env.storage.load_products()?;
@@ -79,7 +79,7 @@ impl OrderSupervisor {
             let (shelf, since) = shelves.get(id).copied().unwrap_or_default();
             Arc::new(ShelfCell::new(shelf, since))
         };
-        let mut sup = OrderSupervisor { env, arbiters, registry, next_arbiter: 0 };
+        let mut sup = ProductSupervisor { env, arbiters, registry, next_arbiter: 0 };
         let mut shards_by_product: Vec<(ProductInfo, Arc<ShelfCell>, Vec<_>)> = Vec::new();
         for job in jobs {
             let (product, recovered) =
@@ -105,7 +105,7 @@ impl OrderSupervisor {
     }
 }
 
-impl OrderSupervisor {
+impl ProductSupervisor {
     fn pick_arbiter(&mut self) -> ArbiterHandle {
         let a = self.arbiters[self.next_arbiter % self.arbiters.len()].clone();
         self.next_arbiter += 1;
@@ -133,11 +133,11 @@ impl OrderSupervisor {
     }
 }
 
-impl Actor for OrderSupervisor {
+impl Actor for ProductSupervisor {
     type Context = Context<Self>;
 }
 
-impl Supervised for OrderSupervisor {
+impl Supervised for ProductSupervisor {
     /// The supervisor's state is the registry, which lives outside the actor; a
     /// restart re-reads the product records and starts any product that storage
     /// holds but the registry lacks (a creation interrupted by the crash).
@@ -146,7 +146,7 @@ impl Supervised for OrderSupervisor {
         let products = match self.env.storage.load_products() {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "order supervisor could not read the products after a restart");
+                tracing::error!(error = %e, "product supervisor could not read the products after a restart");
                 return;
             }
         };
@@ -157,20 +157,20 @@ impl Supervised for OrderSupervisor {
                 Err(e) => tracing::error!(product = %info.id, error = %e, "product could not be started"),
             }
         }
-        tracing::info!(products = products.len(), "order supervisor restarted");
+        tracing::info!(products = products.len(), "product supervisor restarted");
     }
 }
 
-impl Handler<Kill> for OrderSupervisor {
+impl Handler<Kill> for ProductSupervisor {
     type Result = ();
 
     fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
-        tracing::warn!("order supervisor killed on request");
+        tracing::warn!("product supervisor killed on request");
         ctx.stop();
     }
 }
 
-impl Handler<CreateProduct> for OrderSupervisor {
+impl Handler<CreateProduct> for ProductSupervisor {
     type Result = ResponseFuture<Result<ProductInfo, SupervisorError>>;
 
     fn handle(&mut self, msg: CreateProduct, _ctx: &mut Context<Self>) -> Self::Result {

@@ -13,9 +13,8 @@ use crate::domain::group::{self, GroupDeal, GroupId};
 /// Most open groups one listing returns.
 pub const MAX_OPEN_GROUPS_LISTED: usize = 50;
 
-/// `POST /api/v1/products/{id}/group-deals`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Create a group-buy deal of a product.
+#[derive(Debug, Clone)]
 pub struct NewDeal {
     pub deal_id: String,
     pub group_size: u32,
@@ -23,21 +22,18 @@ pub struct NewDeal {
     pub time_limit_secs: u64,
 }
 
-/// `POST /api/v1/groups`: open a group, or with `join_open` take a seat in the
-/// oldest open group of the deal that has one (opening a group if none has).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Open a group, or with `join_open` take a seat in the oldest open group of the
+/// deal that has one (opening a group if none has).
+#[derive(Debug, Clone)]
 pub struct OpenGroupRequest {
     pub product_id: String,
     pub deal_id: String,
     pub buyer: String,
-    #[serde(default)]
     pub join_open: bool,
 }
 
-/// `POST /api/v1/groups/{group_id}/join`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Take a seat in a given group.
+#[derive(Debug, Clone)]
 pub struct JoinRequest {
     pub buyer: String,
 }
@@ -100,7 +96,7 @@ impl Kami {
         let kind: &[u8] = if req.join_open { b"group-join-open" } else { b"group-open" };
         let fp = digest(&[kind, req.product_id.as_bytes(), req.deal_id.as_bytes(), req.buyer.as_bytes()]);
         let (order, idempotency) = self.seat_request(&req.buyer, idempotency_key, fp)?;
-        let home = route.shard_index_for_buyer(&deal.deal_id);
+        let home = route.shard_index_for_deal(&deal.deal_id);
         let terms = deal.terms();
         let result = if req.join_open {
             self.seat_with_borrowed_keys(&route, home, || shard::JoinAnyGroup {
@@ -144,7 +140,7 @@ impl Kami {
             return Err(DomainError::DealNotFound.into());
         }
         let msg = shard::ListOpenGroups { deal_id: deal_id.to_string(), limit: limit.min(MAX_OPEN_GROUPS_LISTED) };
-        self.call(&route.shards[route.shard_index_for_buyer(deal_id)], msg).await
+        self.call(&route.shards[route.shard_index_for_deal(deal_id)], msg).await
     }
 
     pub async fn get_group(&self, group_id: &str) -> Result<GroupSnapshot, Error> {

@@ -41,7 +41,7 @@ impl Kami {
         let sent = tokio::time::timeout(self.limits.request_timeout, self.supervisor.send(CreateProduct(info))).await;
         let info = match sent {
             Err(_) => return Err(Error::Timeout),
-            Ok(Err(_)) => return Err(Error::Unavailable("the order supervisor stopped".into())),
+            Ok(Err(_)) => return Err(Error::Unavailable("the product supervisor stopped".into())),
             Ok(Ok(result)) => result?,
         };
         match points_price {

@@ -23,7 +23,7 @@ impl Kami {
             payment_id: n.payment_id,
             channel: channel.to_string(),
             amount_cents: n.amount_cents,
-            status: n.status,
+            status: n.status.into(),
         };
         let outcome =
             apply_payment(&route.shards[id.shard.shard as usize], payment, self.limits.request_timeout).await?;
@@ -53,7 +53,7 @@ impl Kami {
         self.payments.send(Reconcile).await.map_err(|_| Error::Unavailable("the payment supervisor stopped".into()))
     }
 
-    pub async fn payment_channels(&self) -> Result<Vec<ChannelView>, Error> {
+    pub async fn payment_channels(&self) -> Result<Vec<ChannelStatus>, Error> {
         match tokio::time::timeout(self.limits.request_timeout, self.payments.send(ListChannels)).await {
             Ok(Ok(views)) => Ok(views),
             Ok(Err(_)) => Err(Error::Unavailable("the payment supervisor stopped".into())),

@@ -26,9 +26,9 @@ impl Kami {
     /// Kills the actor(s) named by `target` (see [`crate::chaos`]) and returns the
     /// name of what was killed. Each kill is answered by the actor before it stops,
     /// so when this returns the actor is down or already rebuilding.
-    pub async fn chaos_kill(&self, target: &Target) -> Result<String, Error> {
+    pub async fn chaos_kill(&self, target: &KillTarget) -> Result<String, Error> {
         let target = match target {
-            Target::Random => self.random_actor(),
+            KillTarget::Random => self.random_actor(),
             other => other.clone(),
         };
         let kill = |sent: Result<Result<(), MailboxError>, tokio::time::error::Elapsed>| match sent {
@@ -38,22 +38,22 @@ impl Kami {
         };
         let timeout = self.limits.request_timeout;
         match target {
-            Target::Random => unreachable!("resolved above"),
-            Target::Orders => {
+            KillTarget::Random => unreachable!("resolved above"),
+            KillTarget::Orders => {
                 kill(tokio::time::timeout(timeout, self.supervisor.send(Kill)).await)?;
                 Ok("orders".into())
             }
-            Target::Payments => {
+            KillTarget::Payments => {
                 kill(tokio::time::timeout(timeout, self.payments.send(Kill)).await)?;
                 Ok("payments".into())
             }
-            Target::Points => {
+            KillTarget::Points => {
                 for h in &self.points {
                     kill(tokio::time::timeout(timeout, h.addr.send(Kill)).await)?;
                 }
                 Ok("points".into())
             }
-            Target::Product { id, shard } => {
+            KillTarget::Product { id, shard } => {
                 let route = self.registry.get(&id).ok_or(Error::ProductNotFound)?;
                 let shards: Vec<usize> = match shard {
                     None => (0..route.shards.len()).collect(),
@@ -72,22 +72,22 @@ impl Kami {
         }
     }
 
-    /// One actor uniformly at random: any product shard, the order supervisor or
+    /// One actor uniformly at random: any product shard, the product supervisor or
     /// the payment supervisor.
-    fn random_actor(&self) -> Target {
+    fn random_actor(&self) -> KillTarget {
         use rand::Rng;
         let routes = self.registry.all();
         let shards: usize = routes.values().map(|r| r.shards.len()).sum();
         let mut pick = rand::rng().random_range(0..shards + 2);
         if pick == shards + 1 {
-            return Target::Payments;
+            return KillTarget::Payments;
         }
         for (id, route) in routes.iter() {
             if pick < route.shards.len() {
-                return Target::Product { id: id.clone(), shard: Some(pick as u16) };
+                return KillTarget::Product { id: id.clone(), shard: Some(pick as u16) };
             }
             pick -= route.shards.len();
         }
-        Target::Orders
+        KillTarget::Orders
     }
 }

@@ -11,7 +11,7 @@ impl Kami {
         PointsActor: Handler<M>,
     {
         let handle = &self.points[points_shard_of(buyer) as usize];
-        let _ticket = admit(&handle.admission, Lane::Settle)?;
+        let _ticket = admit(&handle.admission, Lane::Existing)?;
         let sent = tokio::time::timeout(self.limits.request_timeout, handle.addr.send(msg)).await;
         Ok(answer(sent, "the points actor stopped")?)
     }

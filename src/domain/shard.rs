@@ -138,14 +138,23 @@ impl Order {
     }
 }
 
-/// The `payment_id` of an order paid with points: it contains a space, which no
-/// gateway's payment id may (`validate::token`), so the two never collide.
+/// How the `payment_id` of an order paid with points begins: it contains a space,
+/// which no gateway's payment id may (`validate::token`), so the two never collide.
+/// Journals and snapshots record redemptions this way: changing it is a format change.
+const REDEEMED_PAYMENT_PREFIX: &str = "points ";
+
+/// The `payment_id` of an order paid with points by `redemption`.
 pub fn redeemed_payment_id(redemption: &str) -> String {
-    format!("points {redemption}")
+    format!("{REDEEMED_PAYMENT_PREFIX}{redemption}")
+}
+
+/// The redemption that paid `order`, if points paid it.
+pub fn redemption_of(order: &Order) -> Option<&str> {
+    order.payment_id.as_deref().and_then(|p| p.strip_prefix(REDEEMED_PAYMENT_PREFIX))
 }
 
 fn is_redeemed(order: &Order) -> bool {
-    order.payment_id.as_deref().is_some_and(|p| p.starts_with("points "))
+    redemption_of(order).is_some()
 }
 
 /// Step 2 of a redemption, as the stock shard sees it.
@@ -199,7 +208,42 @@ pub struct Payment {
     pub payment_id: String,
     pub channel: String,
     pub amount_cents: u64,
-    pub status: String,
+    pub status: PaymentStatus,
+}
+
+/// What a channel says of a payment. Only `paid` moves an order; any other status a
+/// gateway reports (`pending`, `closed`, ...) is recorded as it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentStatus {
+    Paid,
+    Other(String),
+}
+
+impl PaymentStatus {
+    pub fn as_str(&self) -> &str {
+        match self {
+            PaymentStatus::Paid => "paid",
+            PaymentStatus::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for PaymentStatus {
+    fn from(s: &str) -> Self {
+        match s {
+            "paid" => PaymentStatus::Paid,
+            other => PaymentStatus::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<String> for PaymentStatus {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "paid" => PaymentStatus::Paid,
+            _ => PaymentStatus::Other(s),
+        }
+    }
 }
 
 /// What a shard command did (see [`crate::domain::Outcome`]).
@@ -604,7 +648,7 @@ impl Shard {
             // is decided afresh and serves the order (a paid order is never left
             // unserved). A repeat, or a step back (`paid`, then `pending`), is the
             // recorded answer and changes nothing.
-            let settles_now = rec.outcome == PaymentOutcome::Ignored && p.status == "paid";
+            let settles_now = rec.outcome == PaymentOutcome::Ignored && p.status == PaymentStatus::Paid;
             if !settles_now {
                 return Ok(Outcome::Repeat(rec.outcome));
             }
@@ -613,7 +657,7 @@ impl Shard {
             return self.pay_archived(p, now_ms);
         };
         let mut taken_keys = Vec::new();
-        let outcome = if p.status != "paid" {
+        let outcome = if p.status != PaymentStatus::Paid {
             PaymentOutcome::Ignored
         } else if p.amount_cents != order.amount_cents {
             PaymentOutcome::AmountMismatch { expected_cents: order.amount_cents }
@@ -665,7 +709,7 @@ impl Shard {
             order_seq: p.order_seq,
             channel: p.channel,
             amount_cents: p.amount_cents,
-            status: p.status,
+            status: p.status.as_str().to_string(),
             at_ms: now_ms,
             outcome,
         };
@@ -680,7 +724,7 @@ impl Shard {
         if !self.is_archived(p.order_seq) {
             return Err(DomainError::OrderNotFound);
         }
-        let outcome = if p.status == "paid" {
+        let outcome = if p.status == PaymentStatus::Paid {
             PaymentOutcome::RefundOwed(RefundReason::OrderArchived)
         } else {
             PaymentOutcome::Ignored

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::limits::Tier;
+use super::requests;
 use super::{extract, views, AppState, Json};
-use crate::core::{JoinRequest, NewDeal, NewProduct, OpenGroupRequest, OrderRequest, RedeemRequest, ShelfChange};
+use crate::core::ShelfChange;
 use crate::domain::shelf::Shelf;
 use crate::domain::DomainError;
 
@@ -28,8 +29,8 @@ pub async fn create_product(
     st.require_admin(&headers)?;
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: NewProduct = extract::json(&bytes)?;
-    let info = core.create_product(req).await?;
+    let req: requests::NewProduct = extract::json(&bytes)?;
+    let info = core.create_product(req.into()).await?;
     let points_price = core.points_price(&info.id);
     Ok((StatusCode::CREATED, Json(views::product(&info, 0, points_price, Shelf::OnSale, 0))))
 }
@@ -90,14 +91,14 @@ pub async fn snapshot(State(st): State<AppState>, headers: HeaderMap) -> ApiResu
 pub async fn reconcile(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
     let report = st.core()?.reconcile().await?;
-    Ok(Json(json!(report)))
+    Ok(Json(views::reconcile(&report)))
 }
 
 /// `GET /api/v1/admin/payments/channels`: each channel with its breaker state.
 pub async fn payment_channels(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
     let channels = st.core()?.payment_channels().await?;
-    Ok(Json(json!({"channels": channels})))
+    Ok(Json(json!({"channels": channels.iter().map(views::channel).collect::<Vec<_>>()})))
 }
 
 // ---- buyer ----
@@ -114,7 +115,7 @@ pub async fn chaos_kill(State(st): State<AppState>, headers: HeaderMap, body: Bo
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: KillBody = extract::json(&bytes)?;
-    let target: crate::chaos::Target = req.actor.parse().map_err(ApiError::invalid)?;
+    let target: crate::chaos::KillTarget = req.actor.parse().map_err(ApiError::invalid)?;
     let killed = core.chaos_kill(&target).await?;
     Ok(Json(json!({"killed": killed})))
 }
@@ -299,9 +300,10 @@ pub async fn redeem(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let (core, key, req) = buyer_request::<RedeemRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
+    let (core, key, req) =
+        buyer_request::<requests::Redemption>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let key = key.ok_or_else(|| ApiError::invalid("Idempotency-Key: required for redemptions"))?;
-    let redeemed = core.redeem(req, &key).await?;
+    let redeemed = core.redeem(req.into(), &key).await?;
     crate::telemetry::record_order(&redeemed.order.order_id());
     let mut response = (StatusCode::CREATED, Json(views::redeemed(&redeemed))).into_response();
     if redeemed.order.replayed {
@@ -318,8 +320,8 @@ pub async fn create_order(
     body: Body,
 ) -> ApiResult<Response> {
     let (core, idempotency_key, req) =
-        buyer_request::<OrderRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
-    let order = core.create_order(req, idempotency_key).await?;
+        buyer_request::<requests::NewOrder>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
+    let order = core.create_order(req.into(), idempotency_key).await?;
     Ok(order_created(&core, &order, |order_id, channel, pay_url| {
         views::to_json(&views::order_created(&order, order_id, channel, pay_url))
     }))
@@ -357,8 +359,8 @@ pub async fn create_group_deal(
     st.require_admin(&headers)?;
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: NewDeal = extract::json(&bytes)?;
-    let (deal, created) = core.create_group_deal(&id, req).await?;
+    let req: requests::NewDeal = extract::json(&bytes)?;
+    let (deal, created) = core.create_group_deal(&id, req.into()).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(views::deal(&deal))))
 }
@@ -377,8 +379,8 @@ pub async fn open_group(
     body: Body,
 ) -> ApiResult<Response> {
     let (core, idempotency_key, req) =
-        buyer_request::<OpenGroupRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
-    let seat = core.open_group(req, idempotency_key).await?;
+        buyer_request::<requests::OpenGroup>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
+    let seat = core.open_group(req.into(), idempotency_key).await?;
     Ok(seat_created(&core, &seat))
 }
 
@@ -392,8 +394,8 @@ pub async fn join_group(
     body: Body,
 ) -> ApiResult<Response> {
     let (core, idempotency_key, req) =
-        buyer_request::<JoinRequest>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
-    let seat = core.join_group(&group_id, req, idempotency_key).await?;
+        buyer_request::<requests::JoinGroup>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
+    let seat = core.join_group(&group_id, req.into(), idempotency_key).await?;
     Ok(seat_created(&core, &seat))
 }
 

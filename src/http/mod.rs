@@ -10,6 +10,7 @@ pub mod front;
 pub mod intake;
 pub mod limits;
 pub mod ops;
+pub mod requests;
 pub mod server;
 pub mod views;
 

@@ -220,6 +220,56 @@ pub fn seat(s: &GroupSeat, order_id: &str, channel: &str, pay_url: Option<String
     json!({"group": group(&s.group), "order": order_created(&s.order, order_id, channel, pay_url)})
 }
 
+/// `POST /api/v1/admin/reconcile`: what one payment sweep did.
+pub fn reconcile(r: &crate::actors::payments::ReconcileReport) -> Value {
+    let refund = |f: &crate::actors::payments::RefundOwed| {
+        let mut v = json!({
+            "payment_id": f.payment_id,
+            "order_id": f.order_id,
+            "channel": f.channel,
+            "amount_cents": f.amount_cents,
+        });
+        if let Some(error) = &f.error {
+            v["error"] = json!(error);
+        }
+        v
+    };
+    json!({
+        "shards": r.shards,
+        "shards_unavailable": r.shards_unavailable,
+        "expired": r.expired,
+        "orders_unheard": r.orders_unheard,
+        "queries_sent": r.queries_sent,
+        "queries_deferred": r.queries_deferred,
+        "payments_found": r.payments_found.iter().map(|p| json!({
+            "order_id": p.order_id,
+            "payment_id": p.payment_id,
+            "channel": p.channel,
+            "amount_cents": p.amount_cents,
+            "outcome": p.outcome,
+        })).collect::<Vec<_>>(),
+        "refunds_completed": r.refunds_completed.iter().map(refund).collect::<Vec<_>>(),
+        "refunds_pending": r.refunds_pending.iter().map(refund).collect::<Vec<_>>(),
+        "stuck_paid": r.stuck_paid,
+    })
+}
+
+/// One payment channel with its breaker state (`GET /api/v1/admin/payments/channels`).
+pub fn channel(c: &crate::actors::payments::ChannelStatus) -> Value {
+    json!({
+        "name": c.name,
+        "kind": c.kind,
+        "endpoint": c.endpoint,
+        "priority": c.priority,
+        "weight": c.weight,
+        "state": c.state,
+        "opened_total": c.opened_total,
+        "calls_total": c.calls_total,
+        "failures_total": c.failures_total,
+        "last_error": c.last_error,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

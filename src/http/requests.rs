@@ -1,0 +1,113 @@
+//! The request bodies of the HTTP API, as the wire carries them: strict JSON (an
+//! unknown field is refused), each turned into the core's typed command. Field names
+//! and defaults are part of the API (`docs/api.md`).
+
+use serde::Deserialize;
+
+use crate::core;
+
+/// `POST /api/v1/admin/products`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    pub id: String,
+    pub name: String,
+    pub price_cents: u64,
+    #[serde(default)]
+    pub per_buyer_limit: u32,
+    #[serde(default = "one")]
+    pub shards: u16,
+    #[serde(default)]
+    pub points_price: Option<u64>,
+}
+
+fn one() -> u16 {
+    1
+}
+
+impl From<NewProduct> for core::NewProduct {
+    fn from(p: NewProduct) -> Self {
+        let NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price } = p;
+        core::NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price }
+    }
+}
+
+/// `POST /api/v1/orders`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    pub product_id: String,
+    pub quantity: u64,
+    pub buyer: String,
+}
+
+impl From<NewOrder> for core::OrderRequest {
+    fn from(o: NewOrder) -> Self {
+        let NewOrder { product_id, quantity, buyer } = o;
+        core::OrderRequest { product_id, quantity, buyer }
+    }
+}
+
+/// `POST /api/v1/redemptions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redemption {
+    pub buyer: String,
+    pub product_id: String,
+    pub quantity: u64,
+}
+
+impl From<Redemption> for core::RedeemRequest {
+    fn from(r: Redemption) -> Self {
+        let Redemption { buyer, product_id, quantity } = r;
+        core::RedeemRequest { buyer, product_id, quantity }
+    }
+}
+
+/// `POST /api/v1/admin/products/{id}/group-deals`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDeal {
+    pub deal_id: String,
+    pub group_size: u32,
+    pub price_cents: u64,
+    pub time_limit_secs: u64,
+}
+
+impl From<NewDeal> for core::NewDeal {
+    fn from(d: NewDeal) -> Self {
+        let NewDeal { deal_id, group_size, price_cents, time_limit_secs } = d;
+        core::NewDeal { deal_id, group_size, price_cents, time_limit_secs }
+    }
+}
+
+/// `POST /api/v1/groups`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenGroup {
+    pub product_id: String,
+    pub deal_id: String,
+    pub buyer: String,
+    #[serde(default)]
+    pub join_open: bool,
+}
+
+impl From<OpenGroup> for core::OpenGroupRequest {
+    fn from(g: OpenGroup) -> Self {
+        let OpenGroup { product_id, deal_id, buyer, join_open } = g;
+        core::OpenGroupRequest { product_id, deal_id, buyer, join_open }
+    }
+}
+
+/// `POST /api/v1/groups/{group_id}/join`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinGroup {
+    pub buyer: String,
+}
+
+impl From<JoinGroup> for core::JoinRequest {
+    fn from(j: JoinGroup) -> Self {
+        core::JoinRequest { buyer: j.buyer }
+    }
+}
