@@ -38,7 +38,9 @@ const MAX_HOLDS_PER_ROUND: usize = 256;
 /// Longest note on a merchant's points adjustment.
 const MAX_NOTE_BYTES: usize = 256;
 
+mod borrow;
 mod groups;
+mod idempotency;
 mod merchant;
 mod notify;
 mod operations;

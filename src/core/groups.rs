@@ -149,12 +149,8 @@ impl Kami {
     }
 
     fn locate_group(&self, group_id: &str) -> Result<(GroupId, Arc<crate::actors::ProductRoute>), Error> {
-        let not_found = || Error::Domain(DomainError::GroupNotFound);
-        let id = GroupId::parse(group_id).ok_or_else(not_found)?;
-        let route = self.registry.get(&id.shard.product).ok_or_else(not_found)?;
-        if id.shard.shard as usize >= route.shards.len() {
-            return Err(not_found());
-        }
+        let id = GroupId::parse(group_id).ok_or(DomainError::GroupNotFound)?;
+        let route = self.route_to(&id.shard, DomainError::GroupNotFound)?;
         Ok((id, route))
     }
 
