@@ -351,7 +351,7 @@ impl ShardActor {
             let put_storage = storage.clone();
             let put_id = id.clone();
             let put = tokio::task::spawn_blocking(move || {
-                let copy = put_storage.advance_shadow(&put_id, &product, None, seq)?;
+                let copy = put_storage.shard_as_of(&put_id, &product, seq)?;
                 let bytes = Storage::encode_snapshot(copy.shard(), size_hint);
                 drop(copy);
                 let size = bytes.len();

@@ -119,7 +119,7 @@ impl ProductSupervisor {
         let recovered = (0..info.shards)
             .map(|shard| self.env.storage.recover(&ShardId::new(info.id.clone(), shard), info))
             .collect::<Result<Vec<_>, _>>()?;
-        let (shelf, since) = self.env.storage.shelves()?.get(&info.id).copied().unwrap_or_default();
+        let (shelf, since) = self.env.storage.shelf(&info.id)?;
         let shelf = Arc::new(ShelfCell::new(shelf, since));
         let shards = recovered
             .into_iter()

@@ -76,35 +76,33 @@ pub async fn status_json(
     };
     let routes = core.registry().all();
     // What needs attention counts every product: a deleted one can still owe a refund
-    // (a payment that came after its order expired).
+    // (a payment that came after its order expired). One read of each product's counts.
     let (mut refunds_owed, mut paid_waiting) = (0, 0);
-    for route in routes.values() {
+    let mut products: Vec<serde_json::Value> = Vec::with_capacity(routes.len());
+    for (id, route) in routes.iter() {
         let c = route.counts();
         refunds_owed += c.refunds_owed;
         paid_waiting += c.paid_waiting;
+        let shelf = route.shelf.get();
+        if shelf == crate::domain::shelf::Shelf::Deleted {
+            continue;
+        }
+        let (depth, drain) = route.line();
+        products.push(json!({
+            "id": id,
+            "shards": route.shards.len(),
+            "on_sale": shelf.sells(),
+            "sold_out": c.available == 0 && c.reserved == 0 && c.imported > 0,
+            "refunds_owed": c.refunds_owed,
+            "paid_waiting": c.paid_waiting,
+            "available": c.available,
+            "reserved": c.reserved,
+            "sold": c.sold,
+            "orders": c.orders,
+            "queue_depth": depth,
+            "drain_per_sec": drain,
+        }));
     }
-    let mut products: Vec<serde_json::Value> = routes
-        .iter()
-        .filter(|(_, route)| route.shelf.get() != crate::domain::shelf::Shelf::Deleted)
-        .map(|(id, route)| {
-            let c = route.counts();
-            let (depth, drain) = route.line();
-            json!({
-                "id": id,
-                "shards": route.shards.len(),
-                "on_sale": route.shelf.get().sells(),
-                "sold_out": c.available == 0 && c.reserved == 0 && c.imported > 0,
-                "refunds_owed": c.refunds_owed,
-                "paid_waiting": c.paid_waiting,
-                "available": c.available,
-                "reserved": c.reserved,
-                "sold": c.sold,
-                "orders": c.orders,
-                "queue_depth": depth,
-                "drain_per_sec": drain,
-            })
-        })
-        .collect();
     products.sort_by_key(|p| std::cmp::Reverse(p["orders"].as_u64()));
     products.truncate(MAX_STATUS_PRODUCTS);
     let channels: Vec<_> = core

@@ -313,13 +313,18 @@ impl Storage {
         for kv in tree.iter() {
             let (k, v) = kv?;
             let product = String::from_utf8_lossy(&k).into_owned();
-            let corrupt =
-                || StorageError::Corrupt { place: format!("shelf/{product}"), error: "not a shelf state".into() };
-            let shelf = v.first().copied().and_then(Shelf::from_u8).ok_or_else(corrupt)?;
-            let since = u64::from_be_bytes(v.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
-            out.insert(product, (shelf, since));
+            let state = decode_shelf(&product, &v)?;
+            out.insert(product, state);
         }
         Ok(out)
+    }
+
+    /// One product's shelf state and since when (on sale since creation if none is stored).
+    pub fn shelf(&self, product: &str) -> Result<(Shelf, u64), StorageError> {
+        match self.db.open_tree("shelf")?.get(product.as_bytes())? {
+            Some(v) => decode_shelf(product, &v),
+            None => Ok(Default::default()),
+        }
     }
 
     // ---- points ----
@@ -427,23 +432,12 @@ impl Storage {
     }
 
     /// The shard as of its journal record `seq`, for a snapshot taken off its
-    /// actor's thread: `shadow` (the same shard at an earlier record) brought
-    /// forward by replaying the journal, or, without one, the newest snapshot that
-    /// decodes and the journal after it. Records after `seq` (appended meanwhile)
-    /// are not read. Every record through `seq` must be in the journal's files
-    /// (see [`Journal::roll`]).
-    pub fn advance_shadow(
-        &self,
-        id: &ShardId,
-        product: &ProductInfo,
-        shadow: Option<Shadow>,
-        seq: u64,
-    ) -> Result<Shadow, StorageError> {
+    /// actor's thread: the newest snapshot that decodes and the journal after it.
+    /// Records after `seq` (appended meanwhile) are not read. Every record through
+    /// `seq` must be in the journal's files (see [`Journal::roll`]).
+    pub fn shard_as_of(&self, id: &ShardId, product: &ProductInfo, seq: u64) -> Result<Shadow, StorageError> {
         let journal = self.journal(id)?;
-        let Shadow { mut shard, seq: mut last } = match shadow.filter(|s| s.seq <= seq) {
-            Some(s) => s,
-            None => self.newest_snapshot(id, product)?,
-        };
+        let Shadow { mut shard, seq: mut last } = self.newest_snapshot(id, product)?;
         let corrupt =
             |at: u64, error: String| StorageError::Corrupt { place: format!("journal/{id} record {at}"), error };
         if last < seq {
@@ -657,7 +651,7 @@ impl Storage {
 }
 
 /// A copy of one shard at a journal record, built off its actor's thread to encode
-/// a snapshot from ([`Storage::advance_shadow`]): a snapshot costs the actor nothing
+/// a snapshot from ([`Storage::shard_as_of`]): a snapshot costs the actor nothing
 /// but a roll of its journal.
 pub struct Shadow {
     shard: Shard,
@@ -704,6 +698,14 @@ impl std::fmt::Display for Finding {
             ),
         }
     }
+}
+
+/// A stored shelf state: the state's byte, then since when (u64 BE).
+fn decode_shelf(product: &str, v: &[u8]) -> Result<(Shelf, u64), StorageError> {
+    let corrupt = || StorageError::Corrupt { place: format!("shelf/{product}"), error: "not a shelf state".into() };
+    let shelf = v.first().copied().and_then(Shelf::from_u8).ok_or_else(corrupt)?;
+    let since = u64::from_be_bytes(v.get(1..9).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
+    Ok((shelf, since))
 }
 
 /// A shard as rebuilt from storage, with its journal positioned after the last record.
@@ -797,10 +799,10 @@ mod tests {
         }
         assert_eq!(seq, 7);
         let at = |s: &Shadow| (s.seq(), s.shard().counts());
-        let first = storage.advance_shadow(&id, &product, None, 5).unwrap();
+        let first = storage.shard_as_of(&id, &product, 5).unwrap();
         assert_eq!(at(&first), (5, states[5]), "from the snapshot at 3, records 4 and 5, not 6 and 7");
-        let later = storage.advance_shadow(&id, &product, Some(first), 7).unwrap();
+        let later = storage.shard_as_of(&id, &product, 7).unwrap();
         assert_eq!(at(&later), (7, states[7]));
-        assert!(storage.advance_shadow(&id, &product, None, 8).is_err(), "record 8 is not in the journal");
+        assert!(storage.shard_as_of(&id, &product, 8).is_err(), "record 8 is not in the journal");
     }
 }
