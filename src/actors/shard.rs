@@ -394,8 +394,11 @@ impl ShardActor {
     }
 
     /// Moves settled orders that have not changed for `archive_after_ms` out of
-    /// memory: written to the archive first, then journaled as archived (one flush
-    /// covers both). A crash in between leaves them in memory, archived again later.
+    /// memory, in two steps: their records are written to the archive, and once a
+    /// flush has made those durable, `OrdersArchived` is journaled for the ones still
+    /// unchanged ([`Shard::archive_written`]). The journal never says an order left
+    /// memory before its archive record is durable; a crash in between leaves the
+    /// orders in memory, archived again later.
     fn archive(&mut self, ctx: &mut Context<Self>) {
         let now = self.env.clock.now_ms();
         let Ok(shard) = self.shard() else { return };
@@ -408,15 +411,28 @@ impl ShardActor {
         );
         let records: Vec<_> = seqs.iter().filter_map(|&seq| shard.archive_record(seq)).collect();
         self.archive_cursor = next;
-        if seqs.is_empty() {
+        if records.is_empty() {
             return;
         }
-        if let Err(e) = self.env.storage.archive_orders(&self.id, &records) {
-            tracing::warn!(shard = %self.id, error = %e, "archiving orders failed; they stay in memory");
-            return;
-        }
-        let keep = self.env.idempotency_ttl_ms;
-        let Ok(Some(event)) = self.guarded(ctx, |s| s.archive(seqs, now, keep)) else {
+        let ticket = self.env.storage.archive_orders(&self.id, &records).and_then(|()| self.env.storage.ticket());
+        let ticket = match ticket {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                return tracing::warn!(shard = %self.id, error = %e, "archiving orders failed; they stay in memory");
+            }
+        };
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(ticket.wait()).map(move |flushed, act, ctx| match flushed {
+            Ok(()) => act.journal_archived(ctx, &records),
+            Err(e) => tracing::warn!(shard = %act.id, error = %e, "archive not flushed; the orders stay in memory"),
+        }));
+    }
+
+    /// The second step of [`ShardActor::archive`], once the records are durable.
+    fn journal_archived(&mut self, ctx: &mut Context<Self>, written: &[crate::domain::shard::ArchivedOrder]) {
+        let _turn = super::Turn::start(&self.turns);
+        let now = self.env.clock.now_ms();
+        let (min_age, keep) = (self.env.archive_after_ms, self.env.idempotency_ttl_ms);
+        let Ok(Some(event)) = self.guarded(ctx, |s| s.archive_written(written, now, min_age, keep)) else {
             return;
         };
         if let Err(e) = self.persist(ctx, &[event]) {

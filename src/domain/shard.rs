@@ -1008,6 +1008,34 @@ mod tests {
     }
 
     #[test]
+    fn written_archive_records_are_archived_only_if_their_orders_did_not_change_meanwhile() {
+        let mut s = shard_with_keys(5, 0);
+        let a = created(s.create_order(new_order("a", 1), 0));
+        s.pay(paid(a, "P1", 990), 10).unwrap();
+        let b = created(s.create_order(new_order("b", 1), 0));
+        s.pay(paid(b, "P2", 990), 10).unwrap();
+        let c = created(s.create_order(new_order("c", 1), 0));
+        s.expire_due(2_000, 10);
+        let seqs = s.archivable(20_000, 10_000, 10);
+        assert_eq!(seqs, [a, b, c]);
+        let written: Vec<_> = seqs.iter().filter_map(|&seq| s.archive_record(seq)).collect();
+        // While the records are being flushed: a second payment of `a` is owed back
+        // (the order itself is unchanged), and `c`, expired, is paid late and served.
+        let Outcome::Changed(_, owed) = s.pay(paid(a, "P1-again", 990), 20_001).unwrap() else { panic!() };
+        assert!(matches!(owed, PaymentOutcome::RefundOwed(_)));
+        let Outcome::Changed(_, served) = s.pay(paid(c, "P3", 990), 20_001).unwrap() else { panic!() };
+        assert_eq!(served, PaymentOutcome::Delivered);
+        let Some(Event::OrdersArchived { seqs, .. }) = s.archive_written(&written, 20_002, 10_000, 60_000) else {
+            panic!("b is still archivable");
+        };
+        assert_eq!(seqs, [b], "a owes a refund, c changed since its record was written");
+        assert!(s.is_archived(b) && s.order(a).is_some() && s.order(c).is_some());
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
+        // Written again later, nothing is left to archive twice.
+        assert_eq!(s.archive_written(&written[1..2], 20_003, 10_000, 60_000), None);
+    }
+
+    #[test]
     fn the_archiving_scan_goes_on_where_it_stopped_and_starts_over_at_young_orders() {
         let mut s = shard_with_keys(10, 0);
         // Five pending orders that stay, then two that settle.

@@ -53,25 +53,15 @@ impl Shard {
         max_scan: usize,
         limit: usize,
     ) -> (Vec<u64>, u64) {
-        let owing: HashSet<u64> = self.refunds_owed.iter().map(|k| self.payments[k].order_seq).collect();
-        let old_enough = |at: Millis| at.saturating_add(min_age_ms) <= now_ms;
+        let owing = self.orders_owing_refunds();
         let mut found = Vec::new();
         let mut next = 0;
         for o in self.orders.range(after + 1..).map(|(_, o)| o).take(max_scan) {
-            if !old_enough(o.created_at_ms) {
+            if o.created_at_ms.saturating_add(min_age_ms) > now_ms {
                 return (found, 0);
             }
             next = o.seq;
-            let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
-            let settled = matches!(
-                o.status,
-                OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
-            );
-            if settled
-                && old_enough(last.unwrap_or(o.created_at_ms))
-                && !self.group_of.contains_key(&o.seq)
-                && !owing.contains(&o.seq)
-            {
+            if self.can_archive(o, &owing, now_ms, min_age_ms) {
                 found.push(o.seq);
                 if found.len() == limit {
                     return (found, next);
@@ -81,6 +71,48 @@ impl Shard {
         // The scan ran out of orders (from the start next time) or of its budget.
         let exhausted = self.orders.range(next + 1..).next().is_none();
         (found, if exhausted { 0 } else { next })
+    }
+
+    fn orders_owing_refunds(&self) -> HashSet<u64> {
+        self.refunds_owed.iter().map(|k| self.payments[k].order_seq).collect()
+    }
+
+    /// Whether order `o` can leave memory now: settled (delivered, refunded,
+    /// expired or cancelled), unchanged for `min_age_ms`, outside any group, and
+    /// owed no refund (`owing`: [`Shard::orders_owing_refunds`]).
+    fn can_archive(&self, o: &Order, owing: &HashSet<u64>, now_ms: Millis, min_age_ms: Millis) -> bool {
+        let last = [o.paid_at_ms, o.delivered_at_ms, o.closed_at_ms].into_iter().flatten().max();
+        let settled = matches!(
+            o.status,
+            OrderStatus::Delivered | OrderStatus::Refunded | OrderStatus::Expired | OrderStatus::Cancelled
+        );
+        settled
+            && last.unwrap_or(o.created_at_ms).saturating_add(min_age_ms) <= now_ms
+            && !self.group_of.contains_key(&o.seq)
+            && !owing.contains(&o.seq)
+    }
+
+    /// Archives the orders whose records were written to the archive and made
+    /// durable since they were chosen, keeping only those still archivable and
+    /// unchanged: an order may have changed in between (a late payment that owes a
+    /// refund), and its written record would then be stale. `None` if none is left.
+    pub fn archive_written(
+        &mut self,
+        written: &[ArchivedOrder],
+        now_ms: Millis,
+        min_age_ms: Millis,
+        keep_keys_ms: Millis,
+    ) -> Option<Event> {
+        let owing = self.orders_owing_refunds();
+        let seqs = written
+            .iter()
+            .filter(|w| {
+                self.order(w.order.seq)
+                    .is_some_and(|o| *o == w.order && self.can_archive(o, &owing, now_ms, min_age_ms))
+            })
+            .map(|w| w.order.seq)
+            .collect();
+        self.archive(seqs, now_ms, keep_keys_ms)
     }
 
     /// What the archive keeps of order `seq` (in memory).
