@@ -99,6 +99,10 @@ impl Machine for Shard {
         self.tally(event, |t| match t {
             Tally::Orders { event, n } => count_order_events(event, n),
             Tally::Group { event } => count_group_event(event),
+            Tally::KeysReceived { keys } => {
+                metrics::counter!("kami_key_transfers_total").increment(1);
+                metrics::counter!("kami_keys_transferred_total").increment(keys);
+            }
         });
         let log_orders = tracing::enabled!(tracing::Level::DEBUG);
         self.orders_moved_by(event, |order| {

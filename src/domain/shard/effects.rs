@@ -11,6 +11,9 @@ pub enum Tally {
     Orders { event: &'static str, n: u64 },
     /// A group-buy group went through `event`.
     Group { event: &'static str },
+    /// A loan of `keys` keys from a sibling shard arrived (counted once per loan,
+    /// whichever path delivered it: the borrowing order, or a resend after a crash).
+    KeysReceived { keys: u64 },
 }
 
 impl Shard {
@@ -68,6 +71,10 @@ impl Shard {
                         _ => {}
                     }
                 }
+                return;
+            }
+            Event::KeysReceived { keys, .. } => {
+                f(Tally::KeysReceived { keys: keys.len() as u64 });
                 return;
             }
             Event::PaymentApplied { record, .. } if record.outcome == PaymentOutcome::Delivered => {
