@@ -106,10 +106,6 @@ impl<S: Machine> Journaled<S> {
         &self.state
     }
 
-    pub fn state_mut(&mut self) -> &mut S {
-        &mut self.state
-    }
-
     /// Sequence of the last record written.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -241,10 +237,6 @@ pub struct Shell<S: Machine> {
 impl<S: Machine> Shell<S> {
     pub fn new(name: String, live: Option<Journaled<S>>) -> Self {
         Shell { name, live }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     pub fn live(&self) -> ActorResult<&Journaled<S>> {

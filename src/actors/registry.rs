@@ -117,8 +117,6 @@ impl ProductRoute {
         ProductRoute { info, shards, shelf, transfers }
     }
 
-    /// The shard owning a buyer: stable across restarts (per-buyer limits live there,
-    /// so they are exact however many shards the product has).
     /// The product's durable stock counters, all shards together.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();

@@ -102,7 +102,7 @@ pub struct ProductAudit {
     /// Orders still in the shards' memory, and those moved to the archive.
     pub orders_in_memory: u64,
     pub orders_archived: u64,
-    /// Orders by status over the product's shards.
+    /// Orders over the product's shards (any status).
     #[serde(skip)]
     pub orders: u64,
 }
