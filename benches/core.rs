@@ -1,6 +1,7 @@
 //! criterion benches: the pure domain step, a storage group commit at several batch
 //! sizes, one actor round trip, and the in-process core (actors + journal, no HTTP)
-//! with 1 and 2 arbiters; group-buy seats (join any open group of a size-10 deal,
+//! with 1 and 2 arbiters (callers on their own runtime, or on the arbiters as HTTP
+//! handlers are); group-buy seats (join any open group of a size-10 deal,
 //! then pay) through the core.
 //! Run: `cargo bench --bench core`. Under `cargo test --all-targets` each runs once.
 
@@ -98,22 +99,29 @@ fn storage(c: &mut Criterion) {
     g.finish();
 }
 
-/// Orders + payments through the in-process core, `concurrency` at a time.
+/// Orders + payments through the in-process core, 256 at a time, with 1 and 2
+/// arbiters. `callers_on_arbiters`: the callers run on the stock arbiters (as HTTP
+/// handlers do: an order goes to the product's shard on the caller's own thread);
+/// otherwise on a separate 2-thread runtime (an embedder calling from its own).
 fn core_purchases(c: &mut Criterion) {
-    let mut g = c.benchmark_group("core_purchase");
-    g.sample_size(10);
-    for arbiters in [1usize, 2] {
-        g.throughput(Throughput::Elements(1));
-        g.bench_with_input(BenchmarkId::new("arbiters", arbiters), &arbiters, |b, &arbiters| {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let app = rt.block_on(start(dir.path(), arbiters));
-            let core = app.core().clone();
-            b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), arbiters as u16, iters, 256, false)));
-            drop(app);
-        });
+    for (name, on_arbiters) in [("core_purchase", false), ("core_purchase_on_arbiters", true)] {
+        let mut g = c.benchmark_group(name);
+        g.sample_size(10);
+        for arbiters in [1usize, 2] {
+            g.throughput(Throughput::Elements(1));
+            g.bench_with_input(BenchmarkId::new("arbiters", arbiters), &arbiters, |b, &arbiters| {
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+                let dir = tempfile::tempdir().unwrap();
+                let app = rt.block_on(start(dir.path(), arbiters));
+                let callers = on_arbiters.then_some(&app);
+                b.iter_custom(|iters| {
+                    rt.block_on(run_purchases(app.core().clone(), arbiters as u16, iters, 256, false, callers))
+                });
+                drop(app);
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 /// Group-buy seats: every buyer joins any open group of a size-10 deal (one shard
@@ -127,7 +135,7 @@ fn core_group_seats(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let app = rt.block_on(start(dir.path(), 2));
         let core = app.core().clone();
-        b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), 1, iters, 256, true)));
+        b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), 1, iters, 256, true, None)));
         drop(app);
     });
     g.finish();
@@ -155,6 +163,7 @@ async fn run_purchases(
     iters: u64,
     concurrency: u64,
     group: bool,
+    callers: Option<&kami::RunningApp>,
 ) -> Duration {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = format!("p{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
@@ -178,24 +187,30 @@ async fn run_purchases(
         core.import_keys(&id, chunk.iter().map(|i| format!("k{i}")).collect()).await.unwrap();
     }
     let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency.min(iters))
-        .map(|w| {
-            let (core, id) = (core.clone(), id.clone());
-            tokio::spawn(async move {
-                let mut i = w;
-                while i < iters {
-                    if group {
-                        group_seat(&core, &id, i).await;
-                    } else {
-                        purchase(&core, &id, i).await;
-                    }
-                    i += concurrency;
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(concurrency as usize);
+    let workers = concurrency.min(iters);
+    for w in 0..workers {
+        let (core, id, done) = (core.clone(), id.clone(), done_tx.clone());
+        let worker = async move {
+            let mut i = w;
+            while i < iters {
+                if group {
+                    group_seat(&core, &id, i).await;
+                } else {
+                    purchase(&core, &id, i).await;
                 }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await.unwrap();
+                i += concurrency;
+            }
+            let _ = done.send(()).await;
+        };
+        match callers {
+            Some(app) => assert!(app.spawn_on_arbiter(w as usize, worker), "arbiter running"),
+            None => drop(tokio::spawn(worker)),
+        }
+    }
+    drop(done_tx); // a worker that panicked drops its sender: recv then ends with None
+    for _ in 0..workers {
+        done_rx.recv().await.expect("every worker finished");
     }
     started.elapsed()
 }

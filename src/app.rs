@@ -268,6 +268,9 @@ impl ActorSystem {
             })
             .expect("spawn actor system thread");
         let (system, threads, payments) = rx.recv().expect("actor system starts");
+        for (index, arbiter) in threads.iter().enumerate() {
+            arbiter.spawn_fn(move || crate::actors::mark_arbiter(index));
+        }
         let arbiters = threads.iter().map(|a| a.handle()).collect();
         ActorSystem { system, arbiters, threads, payments, thread: Some(thread) }
     }
@@ -315,6 +318,25 @@ impl RunningApp {
 
     pub fn core(&self) -> &Arc<Kami> {
         self.core.as_ref().expect("core lives as long as the app")
+    }
+
+    /// How many stock arbiters serve the actors (`actors.arbiters`).
+    pub fn arbiter_count(&self) -> usize {
+        self.actors.as_ref().map_or(0, |a| a.arbiters.len())
+    }
+
+    /// Runs `future` on stock arbiter `index` (mod the count), the thread that also
+    /// serves HTTP connections and hosts stock actors: an embedder calling the core
+    /// from there places orders in the shard on the same thread, as HTTP requests do.
+    /// `false` if the arbiter has stopped.
+    pub fn spawn_on_arbiter<F>(&self, index: usize, future: F) -> bool
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.actors {
+            Some(a) if !a.arbiters.is_empty() => a.arbiters[index % a.arbiters.len()].spawn(future),
+            _ => false,
+        }
     }
 
     /// Stops everything at once, without snapshots, and returns once the data

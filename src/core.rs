@@ -46,6 +46,26 @@ mod notify;
 mod operations;
 mod orders;
 mod redemption;
+/// A merchant's change to a product: its terms, and on or off the shelf.
+#[derive(Debug, Clone, Default)]
+pub struct ProductChange {
+    pub terms: crate::domain::terms::TermsChange,
+    /// `false` takes it off the shelf ([`ShelfChange::Retire`]), `true` puts it back.
+    pub on_sale: Option<bool>,
+}
+
+/// Which products a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Catalogue {
+    /// On the shelf (what buyers see).
+    OnSale,
+    /// Every product, deleted ones too (what the merchant sees).
+    All,
+}
+
+/// Most products one catalogue page holds.
+pub const MAX_CATALOGUE_PAGE: usize = 500;
+
 /// What a merchant does to a product's shelf state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShelfChange {
@@ -115,7 +135,10 @@ pub struct OrderRequest {
 
 #[derive(Debug, Clone)]
 pub struct ProductView {
+    /// Its identity with the terms in force (name, price, per-buyer limit).
     pub info: ProductInfo,
+    /// The terms in force, sale window included.
+    pub terms: crate::domain::terms::Terms,
     pub available: u64,
     /// Stock and orders over the product's shards, as last made durable.
     pub counts: crate::domain::shard::Counts,

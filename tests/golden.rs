@@ -406,3 +406,17 @@ fn v5_product_snapshot_and_archive_decode() {
         assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
     }
 }
+
+/// Terms of sale (a kind added within v5: no earlier record changed).
+#[test]
+fn v5_terms_decode() {
+    let terms = kami::domain::terms::Terms {
+        name: "Renamed".into(),
+        price_cents: 750,
+        per_buyer_limit: 3,
+        sale_starts_at_ms: Some(1_780_000_000_000),
+        sale_ends_at_ms: None,
+    };
+    let stored = check("terms.bin", encode(Kind::Terms, &terms));
+    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &stored).unwrap(), terms);
+}

@@ -28,8 +28,9 @@ async fn product(api: &Api, id: &str, shards: u16, keys: usize, limit: u32) {
 async fn a_dry_shard_borrows_so_sold_out_means_the_whole_product_is_empty() {
     let t = TestApp::spawn().await;
     let api = t.api();
-    product(&api, "hot", 4, 200, 0).await;
-    // All the demand lands on shard 0, which holds about a quarter of the keys.
+    // A per-buyer limit (never reached here) routes each order to its buyer's home
+    // shard, so all the demand lands on shard 0, which holds about a quarter of the keys.
+    product(&api, "hot", 4, 200, 1000).await;
     let buyers = buyers_on(0, 4, 200, "skew");
     let replies = join_all(buyers.iter().map(|b| api.order("hot", 1, b, None))).await;
     let refused: Vec<_> = replies.iter().filter(|r| r.status != 201).map(|r| r.body.clone()).collect();

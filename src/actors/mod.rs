@@ -37,6 +37,22 @@ pub use supervisor::ProductSupervisor;
 /// sent without one (audit, snapshot, kill, ticks of the supervisors).
 pub const UNADMITTED_MESSAGES: usize = 64;
 
+thread_local! {
+    static ARBITER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the calling thread as the stock arbiter at `index` (called once on each
+/// arbiter's thread when the actor system starts).
+pub fn mark_arbiter(index: usize) {
+    ARBITER.with(|a| a.set(Some(index)));
+}
+
+/// The index of the stock arbiter the caller runs on (`None` off the arbiters):
+/// lets the order path pick a shard on its own thread.
+pub fn current_arbiter() -> Option<usize> {
+    ARBITER.with(|a| a.get())
+}
+
 /// Stops an actor abruptly, discarding its memory; its supervisor rebuilds it from
 /// storage. Chaos tests send it; it is answered before the actor stops.
 #[derive(actix::Message, Debug, Clone, Copy)]

@@ -9,6 +9,7 @@ use super::admission::Admission;
 use super::shard::{ShardActor, ShardEnv, ShardGauge};
 use crate::domain::shard::Counts;
 use crate::domain::shelf::Shelf;
+use crate::domain::terms::Terms;
 use crate::domain::ProductInfo;
 use crate::storage::Recovered;
 
@@ -19,6 +20,8 @@ pub struct ShardHandle {
     /// The bounded line in front of this actor (also its mailbox bound).
     pub admission: Arc<Admission>,
     pub gauge: Arc<ShardGauge>,
+    /// The index of the arbiter it runs on (see [`super::current_arbiter`]).
+    pub arbiter: usize,
 }
 
 pub struct ProductRoute {
@@ -27,6 +30,8 @@ pub struct ProductRoute {
     /// On sale, off the shelf or deleted: read by the order path and by the
     /// product's actors (which refuse anything new off the shelf).
     pub shelf: Arc<ShelfCell>,
+    /// Name, price, per-buyer limit and sale window, as last changed (durable).
+    pub terms: Arc<TermsCell>,
     /// Keys moving between this product's shards (see `Kami::create_order`).
     pub transfers: TransferTrack,
 }
@@ -111,10 +116,58 @@ impl ShelfCell {
     }
 }
 
+/// A product's terms of sale (`domain::terms`), shared by the order path and the
+/// product's actors; replaced, with the next version, once a change is durable.
+pub struct TermsCell(ArcSwap<VersionedTerms>);
+
+pub struct VersionedTerms {
+    /// 1 for the terms the product started with; one more at each change.
+    pub version: u64,
+    pub terms: Terms,
+}
+
+impl TermsCell {
+    pub fn new(terms: Terms) -> TermsCell {
+        TermsCell(ArcSwap::from_pointee(VersionedTerms { version: 1, terms }))
+    }
+
+    pub fn get(&self) -> Arc<VersionedTerms> {
+        self.0.load_full()
+    }
+
+    /// The version in force, without taking a reference (the actors' per-step check).
+    pub fn version(&self) -> u64 {
+        self.0.load().version
+    }
+
+    pub fn per_buyer_limit(&self) -> u32 {
+        self.0.load().terms.per_buyer_limit
+    }
+
+    /// Only once the terms are durable, by one writer at a time.
+    pub fn set(&self, terms: Terms) {
+        let version = self.0.load().version + 1;
+        self.0.store(Arc::new(VersionedTerms { version, terms }));
+    }
+}
+
 impl ProductRoute {
-    pub fn new(info: ProductInfo, shards: Vec<ShardHandle>, shelf: Arc<ShelfCell>) -> ProductRoute {
+    pub fn new(
+        info: ProductInfo,
+        shards: Vec<ShardHandle>,
+        shelf: Arc<ShelfCell>,
+        terms: Arc<TermsCell>,
+    ) -> ProductRoute {
         let transfers = TransferTrack::new(shards.len());
-        ProductRoute { info, shards, shelf, transfers }
+        ProductRoute { info, shards, shelf, terms, transfers }
+    }
+
+    /// The product as it sells now: its identity with the terms in force.
+    pub fn current_info(&self) -> (ProductInfo, Arc<VersionedTerms>) {
+        let terms = self.terms.get();
+        let mut info = self.info.clone();
+        terms.terms.apply_to(&mut info);
+        (info, terms)
     }
 
     /// The product's durable stock counters, all shards together.
@@ -142,6 +195,32 @@ impl ProductRoute {
 
     pub fn shard_index_for_buyer(&self, buyer: &str) -> usize {
         buyer_shard(buyer, self.shards.len())
+    }
+
+    /// The shard a new order goes to. A buyer's home shard (its stable hash) when
+    /// the product limits orders per buyer (each shard counts its buyers' holdings)
+    /// or the request carries an Idempotency-Key (a retry must reach the shard that
+    /// may hold the first attempt). Otherwise one of the product's shards on the
+    /// caller's own arbiter (by the buyer's hash among them), so the order never
+    /// changes thread; the home shard when it has none there.
+    pub fn shard_index_for_new_order(&self, buyer: &str, per_buyer_limit: u32, idempotent: bool) -> usize {
+        if per_buyer_limit == 0 && !idempotent {
+            if let Some(here) = super::current_arbiter() {
+                let local = self.shards.iter().filter(|s| s.arbiter == here).count();
+                if local > 0 {
+                    let pick = buyer_shard(buyer, local);
+                    let (index, _) = self
+                        .shards
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| s.arbiter == here)
+                        .nth(pick)
+                        .expect("pick < local");
+                    return index;
+                }
+            }
+        }
+        self.shard_index_for_buyer(buyer)
     }
 
     /// The shard that holds every group of a group-buy deal (so its groups can be
@@ -190,15 +269,17 @@ impl Registry {
 /// Starts one stock actor under a supervisor on `arbiter`, from recovered state.
 pub fn start_shard(
     env: &Arc<ShardEnv>,
-    arbiter: &ArbiterHandle,
+    (arbiter_index, arbiter): (usize, &ArbiterHandle),
     product: &ProductInfo,
-    shelf: &Arc<ShelfCell>,
+    (shelf, terms): (&Arc<ShelfCell>, &Arc<TermsCell>),
     recovered: Recovered,
 ) -> ShardHandle {
     let gauge = Arc::new(ShardGauge::default());
-    let (e, p, g, s) = (env.clone(), product.clone(), gauge.clone(), shelf.clone());
-    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, s, recovered));
-    ShardHandle { addr, admission: Arc::new(Admission::new(env.mailbox_capacity, env.max_queue_wait_ms)), gauge }
+    let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
+    let (s, t) = (shelf.clone(), terms.clone());
+    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, (s, t), recovered));
+    let admission = Arc::new(Admission::new(env.mailbox_capacity, env.max_queue_wait_ms));
+    ShardHandle { addr, admission, gauge, arbiter: arbiter_index }
 }
 
 #[cfg(test)]

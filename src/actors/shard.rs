@@ -79,6 +79,9 @@ pub struct ShardActor {
     gauge: Arc<ShardGauge>,
     /// The product's shelf state: off the shelf, the shard takes nothing new.
     shelf: Arc<super::registry::ShelfCell>,
+    /// The product's terms of sale, and the version the shard sells on (0: none yet).
+    terms: Arc<super::registry::TermsCell>,
+    terms_seen: u64,
     /// The shard and its journal (see [`super::journaled`]).
     shell: Shell<Shard>,
     /// Where the archiving scan goes on (`Shard::archivable_after`).
@@ -122,7 +125,7 @@ impl ShardActor {
         env: Arc<ShardEnv>,
         product: ProductInfo,
         gauge: Arc<ShardGauge>,
-        shelf: Arc<super::registry::ShelfCell>,
+        (shelf, terms): (Arc<super::registry::ShelfCell>, Arc<super::registry::TermsCell>),
         recovered: Recovered,
     ) -> ShardActor {
         let id = ShardId::new(product.id.clone(), recovered.shard.shard_index());
@@ -133,6 +136,8 @@ impl ShardActor {
             env,
             gauge,
             shelf,
+            terms,
+            terms_seen: 0,
             archive_cursor: 0,
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "stock"),
         };
@@ -144,17 +149,33 @@ impl ShardActor {
         self.gauge.publish(r.last_seq, r.shard.counts());
         self.shell.install(Journaled::recovered(r.shard, r.journal, r.last_seq, r.journal_bytes, r.snapshot_bytes));
         self.archive_cursor = 0;
+        self.terms_seen = 0;
     }
 
     fn shard(&self) -> ActorResult<&Shard> {
         Ok(self.shell.live()?.state())
     }
 
-    /// Runs a domain step (see [`Shell::step`]) knowing whether the product sells.
-    fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ActorResult<T> {
+    /// What the product sells on now: whether it is on the shelf, and its terms if
+    /// they changed since the shard last took them.
+    fn listing(&mut self) -> (bool, Option<Arc<super::registry::VersionedTerms>>) {
         let retired = !self.shelf.get().sells();
+        if self.terms.version() == self.terms_seen {
+            return (retired, None);
+        }
+        let terms = self.terms.get();
+        self.terms_seen = terms.version;
+        (retired, Some(terms))
+    }
+
+    /// Runs a domain step (see [`Shell::step`]) on the product's current listing.
+    fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ActorResult<T> {
+        let (retired, terms) = self.listing();
         self.shell.step(ctx, |shard| {
             shard.set_retired(retired);
+            if let Some(t) = &terms {
+                shard.set_terms(&t.terms);
+            }
             step(shard)
         })
     }
@@ -165,9 +186,12 @@ impl ShardActor {
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut Shard) -> Result<Outcome<T>, DomainError>,
     ) -> ActorResult<(T, Option<u64>)> {
-        let retired = !self.shelf.get().sells();
+        let (retired, terms) = self.listing();
         let changed = self.shell.change(ctx, |shard| {
             shard.set_retired(retired);
+            if let Some(t) = &terms {
+                shard.set_terms(&t.terms);
+            }
             command(shard)
         })?;
         if changed.1.is_some() {

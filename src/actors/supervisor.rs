@@ -3,9 +3,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::registry::{start_shard, ProductRoute, Registry, ShelfCell};
+use super::registry::{start_shard, ProductRoute, Registry, ShelfCell, TermsCell};
 use super::shard::ShardEnv;
 use super::Kill;
+use crate::domain::terms::Terms;
 use crate::domain::{ProductInfo, ShardId};
 use crate::storage::StorageError;
 
@@ -41,6 +42,9 @@ pub struct RecoveryReport {
     /// Idempotency-Keys held by the recovered shards, with their fingerprints.
     pub idempotency_keys: Vec<(String, [u8; 16])>,
 }
+
+/// A product's shelf state and terms, shared by its route and its actors.
+type Cells = (Arc<ShelfCell>, Arc<TermsCell>);
 
 impl ProductSupervisor {
     /// Rebuilds every product's shards from storage (in parallel, off the async
@@ -79,8 +83,9 @@ impl ProductSupervisor {
             let (shelf, since) = shelves.get(id).copied().unwrap_or_default();
             Arc::new(ShelfCell::new(shelf, since))
         };
+        let mut terms = env.storage.all_terms()?;
         let mut sup = ProductSupervisor { env, arbiters, registry, next_arbiter: 0 };
-        let mut shards_by_product: Vec<(ProductInfo, Arc<ShelfCell>, Vec<_>)> = Vec::new();
+        let mut shards_by_product: Vec<(ProductInfo, Cells, Vec<_>)> = Vec::new();
         for job in jobs {
             let (product, recovered) =
                 job.await.map_err(|e| StorageError::Sled(format!("recovery task failed: {e}")))??;
@@ -91,14 +96,15 @@ impl ProductSupervisor {
             let arbiter = sup.pick_arbiter();
             if !shards_by_product.last().is_some_and(|(p, _, _)| p.id == product.id) {
                 let shelf = shelf_of(&product.id);
-                shards_by_product.push((product.clone(), shelf, Vec::new()));
+                let terms = terms.remove(&product.id).unwrap_or_else(|| Terms::of(&product));
+                shards_by_product.push((product.clone(), (shelf, Arc::new(TermsCell::new(terms))), Vec::new()));
             }
-            let (_, shelf, handles) = shards_by_product.last_mut().expect("pushed above");
-            handles.push(start_shard(&sup.env, &arbiter, &product, shelf, recovered));
+            let (_, (shelf, terms), handles) = shards_by_product.last_mut().expect("pushed above");
+            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), &product, (shelf, terms), recovered));
         }
-        for (info, shelf, shards) in shards_by_product {
+        for (info, (shelf, terms), shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
-            sup.registry.insert(ProductRoute::new(info, shards, shelf));
+            sup.registry.insert(ProductRoute::new(info, shards, shelf, terms));
         }
         report.elapsed = started.elapsed();
         Ok((sup, report))
@@ -106,10 +112,10 @@ impl ProductSupervisor {
 }
 
 impl ProductSupervisor {
-    fn pick_arbiter(&mut self) -> ArbiterHandle {
-        let a = self.arbiters[self.next_arbiter % self.arbiters.len()].clone();
+    fn pick_arbiter(&mut self) -> (usize, ArbiterHandle) {
+        let index = self.next_arbiter % self.arbiters.len();
         self.next_arbiter += 1;
-        a
+        (index, self.arbiters[index].clone())
     }
 
     /// Rebuilds every shard of `info` from storage, then starts their actors and
@@ -121,14 +127,16 @@ impl ProductSupervisor {
             .collect::<Result<Vec<_>, _>>()?;
         let (shelf, since) = self.env.storage.shelf(&info.id)?;
         let shelf = Arc::new(ShelfCell::new(shelf, since));
+        let terms = self.env.storage.terms(&info.id)?.unwrap_or_else(|| Terms::of(info));
+        let terms = Arc::new(TermsCell::new(terms));
         let shards = recovered
             .into_iter()
             .map(|r| {
                 let arbiter = self.pick_arbiter();
-                start_shard(&self.env, &arbiter, info, &shelf, r)
+                start_shard(&self.env, (arbiter.0, &arbiter.1), info, (&shelf, &terms), r)
             })
             .collect();
-        self.registry.insert(ProductRoute::new(info.clone(), shards, shelf));
+        self.registry.insert(ProductRoute::new(info.clone(), shards, shelf, terms));
         Ok(())
     }
 }

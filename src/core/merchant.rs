@@ -121,14 +121,69 @@ impl Kami {
     /// A product as its merchant sees it: deleted ones too.
     pub fn product_as_merchant(&self, id: &str) -> Result<ProductView, Error> {
         let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
+        Ok(Self::view(&route))
+    }
+
+    fn view(route: &crate::actors::ProductRoute) -> ProductView {
         let counts = route.counts();
-        Ok(ProductView {
-            info: route.info.clone(),
+        let (info, terms) = route.current_info();
+        ProductView {
+            info,
+            terms: terms.terms.clone(),
             available: counts.available,
             counts,
             shelf: route.shelf.get(),
             shelf_since_ms: route.shelf.since_ms(),
-        })
+        }
+    }
+
+    /// One page of products in id order, after the id `after` (exclusive), at most
+    /// `limit` (1..=[`MAX_CATALOGUE_PAGE`]); with the id to continue after when
+    /// there may be more.
+    pub fn catalogue(
+        &self,
+        which: Catalogue,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<ProductView>, Option<String>), Error> {
+        if limit == 0 || limit > MAX_CATALOGUE_PAGE {
+            return Err(Error::Invalid(format!("limit: must be 1..={MAX_CATALOGUE_PAGE}")));
+        }
+        let routes = self.registry.all();
+        let mut ids: Vec<&String> = routes
+            .iter()
+            .filter(|(id, r)| {
+                after.map_or(true, |a| id.as_str() > a) && (which == Catalogue::All || r.shelf.get().sells())
+            })
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        let page: Vec<ProductView> = ids.into_iter().take(limit).map(|id| Self::view(&routes[id])).collect();
+        let next = if more { page.last().map(|p| p.info.id.clone()) } else { None };
+        Ok((page, next))
+    }
+
+    /// Changes a product's terms and/or puts it on or off the shelf; each part is
+    /// durable when this returns. The terms are checked whole before anything is
+    /// written; orders already created keep their amounts.
+    pub async fn change_product(&self, id: &str, change: ProductChange) -> Result<ProductView, Error> {
+        let route = self.listed(id)?;
+        if !change.terms.is_empty() {
+            let _one_writer = self.merchant_writes.lock().await;
+            let current = route.terms.get();
+            let next = current.terms.changed(&change.terms).map_err(Error::Invalid)?;
+            if next != current.terms {
+                self.storage.set_terms(id, &next)?;
+                self.storage.ticket()?.wait().await?;
+                tracing::info!(product = id, price_cents = next.price_cents, "terms of sale changed");
+                route.terms.set(next);
+            }
+        }
+        if let Some(on_sale) = change.on_sale {
+            self.change_shelf(id, if on_sale { ShelfChange::Relist } else { ShelfChange::Retire }).await?;
+        }
+        Ok(Self::view(&route))
     }
 
     pub async fn audit(&self) -> Result<AuditReport, Error> {

@@ -37,7 +37,7 @@ impl Kami {
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
         };
-        let home = route.shard_index_for_buyer(&req.buyer);
+        let home = route.shard_index_for_new_order(&req.buyer, route.terms.per_buyer_limit(), idempotency.is_some());
         let result = if route.shards.len() == 1 {
             self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new)).await
         } else {

@@ -59,6 +59,10 @@ pub enum DomainError {
     OpenOrders { open: super::shelf::OpenOrders },
     #[error("the product was deleted")]
     ProductDeleted,
+    #[error("the sale has not started: it opens at {}", super::terms::rfc3339(*starts_at_ms))]
+    SaleNotStarted { starts_at_ms: u64, ends_at_ms: Option<u64> },
+    #[error("the sale has ended: it closed at {}", super::terms::rfc3339(*ends_at_ms))]
+    SaleEnded { starts_at_ms: Option<u64>, ends_at_ms: u64 },
 }
 
 impl DomainError {
@@ -90,6 +94,8 @@ impl DomainError {
             DomainError::ProductOnSale => "product_on_sale",
             DomainError::OpenOrders { .. } => "product_has_open_orders",
             DomainError::ProductDeleted => "product_deleted",
+            DomainError::SaleNotStarted { .. } => "sale_not_started",
+            DomainError::SaleEnded { .. } => "sale_ended",
         }
     }
 }

@@ -14,6 +14,8 @@
 //! * [`breaker`] — the circuit breaker of one payment channel; [`routing`] — which
 //!   channel a new order goes to.
 //! * [`shelf`] — whether a product is sold: on sale, off the shelf, deleted.
+//! * [`terms`] — what a merchant may change of a product while it sells: name,
+//!   price, per-buyer limit, sale window.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
 //! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
 //!   notifications.
@@ -29,6 +31,7 @@ pub mod routing;
 pub mod shard;
 pub mod shelf;
 pub mod signature;
+pub mod terms;
 pub mod validate;
 
 pub use audit::ShardAudit;

@@ -318,6 +318,11 @@ pub struct Shard {
     /// shard from the product's durable shelf state; not part of the shard's history.
     #[serde(skip)]
     retired: bool,
+    /// The product's terms of sale (its name, price and limit are also in
+    /// `product`; the window only here). Set by the owner of the shard from the
+    /// product's durable terms; not part of the shard's history.
+    #[serde(skip)]
+    terms: crate::domain::terms::Terms,
 }
 
 /// A shard's primary state with its orders in a dense list and nothing archived:
@@ -351,6 +356,7 @@ impl From<ShardParts> for Shard {
 impl Shard {
     pub fn new(product: ProductInfo, shard: u16) -> Shard {
         assert!(shard < product.shards, "shard {shard} out of range for {}", product.id);
+        let terms = crate::domain::terms::Terms::of(&product);
         Shard {
             product,
             shard,
@@ -375,6 +381,7 @@ impl Shard {
             group_expiry: BinaryHeap::new(),
             seat_payments: HashMap::new(),
             retired: false,
+            terms,
         }
     }
 
@@ -548,10 +555,11 @@ impl Shard {
 
     /// Whether `buyer` may take `quantity` more keys now: within the per-buyer limit
     /// (pending, paid and delivered orders count) and within the available stock.
-    fn check_can_take(&self, buyer: &str, quantity: u32) -> Result<(), DomainError> {
+    fn check_can_take(&self, buyer: &str, quantity: u32, now_ms: Millis) -> Result<(), DomainError> {
         if self.retired {
             return Err(DomainError::ProductRetired);
         }
+        self.terms.check_window(now_ms)?;
         let limit = self.product.per_buyer_limit;
         if limit > 0 {
             let held = self.holdings.get(buyer).copied().unwrap_or(0);
@@ -569,6 +577,13 @@ impl Shard {
     /// is taken (orders, seats, redemptions), while repeats and existing orders go on.
     pub fn set_retired(&mut self, retired: bool) {
         self.retired = retired;
+    }
+
+    /// Sells on `terms` from now on (price, per-buyer limit, sale window): what was
+    /// created before keeps its amounts.
+    pub fn set_terms(&mut self, terms: &crate::domain::terms::Terms) {
+        terms.apply_to(&mut self.product);
+        self.terms.clone_from(terms);
     }
 
     /// Orders that are not settled yet: waiting for payment, paid seats of open
@@ -597,7 +612,7 @@ impl Shard {
                 };
             }
         }
-        self.check_can_take(&req.buyer, req.quantity)?;
+        self.check_can_take(&req.buyer, req.quantity, now_ms)?;
         let amount_cents = self.product.price_cents.saturating_mul(req.quantity as u64);
         let order = self.pending_order(req, amount_cents, now_ms);
         let seq = order.seq;
@@ -614,7 +629,7 @@ impl Shard {
         if let Some((_, seq)) = self.idempotent(&key) {
             return Ok(Outcome::Repeat(seq));
         }
-        self.check_can_take(&r.buyer, r.quantity)?;
+        self.check_can_take(&r.buyer, r.quantity, now_ms)?;
         let seq = self.orders_created + 1;
         let order = Order {
             seq,

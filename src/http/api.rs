@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::limits::Tier;
 use super::requests;
-use super::{extract, views, AppState, Json};
-use crate::core::ShelfChange;
+use super::{cursor, extract, views, AppState, Json};
+use crate::core::{Catalogue, ProductChange, ShelfChange};
 use crate::domain::shelf::Shelf;
 use crate::domain::DomainError;
 
@@ -32,7 +32,8 @@ pub async fn create_product(
     let req: requests::NewProduct = extract::json(&bytes)?;
     let info = core.create_product(req.into()).await?;
     let points_price = core.points_price(&info.id);
-    Ok((StatusCode::CREATED, Json(views::product(&info, 0, points_price, Shelf::OnSale, 0))))
+    let terms = crate::domain::terms::Terms::of(&info);
+    Ok((StatusCode::CREATED, Json(views::product(&info, &terms, 0, points_price, Shelf::OnSale, 0))))
 }
 
 #[derive(Deserialize)]
@@ -123,11 +124,71 @@ pub async fn chaos_kill(State(st): State<AppState>, headers: HeaderMap, body: Bo
 pub async fn get_product(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let core = st.core()?;
     let p = core.product(&id)?;
-    let points_price = core.points_price(&id);
-    Ok(Json(json!({
-        "id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available,
-        "points_price": points_price, "on_sale": p.shelf.sells(),
-    })))
+    Ok(Json(views::public_product(&p, core.points_price(&id))))
+}
+
+/// `?cursor=&limit=` of a catalogue page.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+type Page = Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>;
+
+/// Products a catalogue page holds unless `limit` says otherwise.
+const DEFAULT_CATALOGUE_PAGE: usize = 100;
+
+/// One catalogue page: `{"products": [...], "next_cursor"}` (null on the last page).
+fn catalogue_page(st: &AppState, which: Catalogue, query: Page) -> ApiResult<Json<Value>> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    let scope = match which {
+        Catalogue::OnSale => "products",
+        Catalogue::All => "admin-products",
+    };
+    let after = q.cursor.as_deref().map(|c| cursor::decode(scope, c)).transpose()?;
+    let limit = q.limit.unwrap_or(DEFAULT_CATALOGUE_PAGE);
+    let core = st.core()?;
+    let (page, next) = core.catalogue(which, after.as_deref(), limit)?;
+    let products: Vec<Value> = page
+        .iter()
+        .map(|p| match which {
+            Catalogue::OnSale => views::public_product(p, core.points_price(&p.info.id)),
+            Catalogue::All => views::merchant_product(p, core.points_price(&p.info.id)),
+        })
+        .collect();
+    Ok(Json(json!({"products": products, "next_cursor": next.map(|id| cursor::encode(scope, &id))})))
+}
+
+/// `GET /api/v1/products?cursor=&limit=`: the products on sale, in id order.
+pub async fn catalogue(State(st): State<AppState>, query: Page) -> ApiResult<Json<Value>> {
+    catalogue_page(&st, Catalogue::OnSale, query)
+}
+
+/// `GET /api/v1/admin/products?cursor=&limit=` (merchant): every product, deleted
+/// ones too, with every counter.
+pub async fn admin_catalogue(State(st): State<AppState>, headers: HeaderMap, query: Page) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    catalogue_page(&st, Catalogue::All, query)
+}
+
+/// `PATCH /api/v1/products/{id}` (merchant): name, price, per-buyer limit, sale
+/// window, on or off the shelf. Durable when answered; orders already created keep
+/// their amounts.
+pub async fn change_product(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let patch: requests::ProductPatch = extract::json(&bytes)?;
+    let change = ProductChange::try_from(patch).map_err(ApiError::invalid)?;
+    let p = core.change_product(&id, change).await?;
+    Ok(Json(views::merchant_product(&p, core.points_price(&id))))
 }
 
 /// `GET /api/v1/admin/products/{id}` (merchant): every field of the product, its
@@ -145,11 +206,7 @@ pub async fn admin_get_product(
 fn merchant_product(st: &AppState, id: &str) -> ApiResult<Value> {
     let core = st.core()?;
     let p = core.product_as_merchant(id)?;
-    let c = p.counts;
-    let mut v = views::product(&p.info, c.available, core.points_price(id), p.shelf, p.shelf_since_ms);
-    v["stock"] = json!({"imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold});
-    v["orders_created"] = json!(c.orders);
-    Ok(v)
+    Ok(views::merchant_product(&p, core.points_price(id)))
 }
 
 /// `POST /api/v1/admin/products/{id}/retire`: off the shelf (no new orders, seats or

@@ -71,7 +71,9 @@ impl From<Error> for ApiError {
                 | DomainError::ProductRetired
                 | DomainError::ProductOnSale
                 | DomainError::OpenOrders { .. }
-                | DomainError::ProductDeleted => StatusCode::CONFLICT,
+                | DomainError::ProductDeleted
+                | DomainError::SaleNotStarted { .. }
+                | DomainError::SaleEnded { .. } => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,
@@ -98,6 +100,21 @@ impl From<Error> for ApiError {
         if let Error::Domain(DomainError::OpenOrders { open }) = &e {
             let mut err = ApiError::new(status, e.code(), e.to_string());
             err.details = Some(("open_orders", serde_json::to_value(open).expect("counts serialise")));
+            return err;
+        }
+        let window = match &e {
+            Error::Domain(DomainError::SaleNotStarted { starts_at_ms, ends_at_ms }) => {
+                Some((Some(*starts_at_ms), *ends_at_ms))
+            }
+            Error::Domain(DomainError::SaleEnded { starts_at_ms, ends_at_ms }) => {
+                Some((*starts_at_ms, Some(*ends_at_ms)))
+            }
+            _ => None,
+        };
+        if let Some((starts, ends)) = window {
+            let mut err = ApiError::new(status, e.code(), e.to_string());
+            let ts = |ms: Option<u64>| ms.map(crate::domain::terms::rfc3339);
+            err.details = Some(("sale_window", serde_json::json!({"starts_at": ts(starts), "ends_at": ts(ends)})));
             return err;
         }
         let err = ApiError::new(status, e.code(), e.to_string());

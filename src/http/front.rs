@@ -199,7 +199,7 @@ fn rate_limit(st: &AppState, req: &mut Request) -> Result<(), ApiError> {
         || path.starts_with("/api/v1/redemptions")
         || path.starts_with("/api/v1/groups")
         || path.starts_with("/api/v1/buyers/")
-        || (req.method() == Method::GET && path.starts_with("/api/v1/products/"));
+        || (req.method() == Method::GET && (path == "/api/v1/products" || path.starts_with("/api/v1/products/")));
     if !buyer_route {
         return Ok(());
     }

@@ -4,6 +4,7 @@
 //! request timeout, per-IP rate limits on buyer routes, and body limits per route.
 
 pub mod api;
+pub mod cursor;
 pub mod error;
 pub mod extract;
 pub mod front;
@@ -196,8 +197,9 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         routes = routes.route("/api/v1/admin/chaos/kill", post(api::chaos_kill));
     }
     let routes = routes
-        .route("/api/v1/products", post(api::create_product))
-        .route("/api/v1/products/{id}", get(api::get_product))
+        .route("/api/v1/products", post(api::create_product).get(api::catalogue))
+        .route("/api/v1/products/{id}", get(api::get_product).patch(api::change_product))
+        .route("/api/v1/admin/products", get(api::admin_catalogue))
         .route("/api/v1/products/{id}/keys", post(api::import_keys))
         .route("/api/v1/admin/orders/{order_id}", get(api::admin_get_order))
         .route("/api/v1/admin/products/{id}", get(api::admin_get_product).delete(api::delete_product))

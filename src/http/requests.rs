@@ -21,6 +21,59 @@ pub struct NewProduct {
     pub points_price: Option<u64>,
 }
 
+/// `PATCH /api/v1/products/{id}`: each field present changes; a window bound set
+/// to `null` is cleared.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductPatch {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub price_cents: Option<u64>,
+    #[serde(default)]
+    pub per_buyer_limit: Option<u32>,
+    #[serde(default)]
+    pub on_sale: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    pub sale_starts_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub sale_ends_at: Option<Option<String>>,
+}
+
+/// A field that is present, `null` included (absent stays `None` by `default`).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl TryFrom<ProductPatch> for core::ProductChange {
+    type Error = String;
+
+    fn try_from(p: ProductPatch) -> Result<Self, String> {
+        let time = |field: &str, v: Option<Option<String>>| -> Result<Option<Option<u64>>, String> {
+            match v {
+                None => Ok(None),
+                Some(None) => Ok(Some(None)),
+                Some(Some(s)) => crate::domain::terms::parse_rfc3339(&s)
+                    .map(|ms| Some(Some(ms)))
+                    .ok_or_else(|| format!("{field}: not an RFC 3339 time (e.g. 2026-12-01T10:00:00Z)")),
+            }
+        };
+        let terms = crate::domain::terms::TermsChange {
+            sale_starts_at_ms: time("sale_starts_at", p.sale_starts_at)?,
+            sale_ends_at_ms: time("sale_ends_at", p.sale_ends_at)?,
+            name: p.name,
+            price_cents: p.price_cents,
+            per_buyer_limit: p.per_buyer_limit,
+        };
+        if terms.is_empty() && p.on_sale.is_none() {
+            return Err("nothing to change: give at least one of name, price_cents, per_buyer_limit, on_sale, \
+                        sale_starts_at, sale_ends_at"
+                .into());
+        }
+        Ok(core::ProductChange { terms, on_sale: p.on_sale })
+    }
+}
+
 fn one() -> u16 {
     1
 }

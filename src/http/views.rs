@@ -3,17 +3,16 @@
 use serde_json::{json, Value};
 
 use crate::actors::shard::{GroupSeat, GroupSnapshot, OrderSnapshot};
-use crate::core::{AuditReport, Redeemed};
+use crate::core::{AuditReport, ProductView, Redeemed};
 use crate::domain::group::{GroupDeal, GroupState};
 use crate::domain::points::{Balance, Entry};
 use crate::domain::shelf::Shelf;
+use crate::domain::terms::Terms;
 use crate::domain::OrderStatus;
 use crate::domain::ProductInfo;
 
 pub fn ts(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    crate::domain::terms::rfc3339(ms)
 }
 
 fn ts_opt(ms: Option<u64>) -> Value {
@@ -22,7 +21,14 @@ fn ts_opt(ms: Option<u64>) -> Value {
 
 /// A product as its merchant sees it (`shelf`: on sale, retired or deleted; `shelf_since`:
 /// when that last changed, null if never).
-pub fn product(info: &ProductInfo, available: u64, points_price: Option<u64>, shelf: Shelf, since_ms: u64) -> Value {
+pub fn product(
+    info: &ProductInfo,
+    terms: &Terms,
+    available: u64,
+    points_price: Option<u64>,
+    shelf: Shelf,
+    since_ms: u64,
+) -> Value {
     json!({
         "shelf": shelf.as_str(),
         "shelf_since": (since_ms > 0).then(|| ts(since_ms)),
@@ -34,7 +40,29 @@ pub fn product(info: &ProductInfo, available: u64, points_price: Option<u64>, sh
         "available": available,
         "points_price": points_price,
         "created_at": ts(info.created_at_ms),
+        "sale_starts_at": ts_opt(terms.sale_starts_at_ms),
+        "sale_ends_at": ts_opt(terms.sale_ends_at_ms),
     })
+}
+
+/// A product as buyers see it (`GET /api/v1/products`, `/products/{id}`).
+pub fn public_product(p: &ProductView, points_price: Option<u64>) -> Value {
+    json!({
+        "id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available,
+        "per_buyer_limit": p.info.per_buyer_limit, "points_price": points_price, "on_sale": p.shelf.sells(),
+        "sale_starts_at": ts_opt(p.terms.sale_starts_at_ms), "sale_ends_at": ts_opt(p.terms.sale_ends_at_ms),
+    })
+}
+
+/// A product with every counter, as merchant routes answer it (deleted ones too).
+pub fn merchant_product(p: &ProductView, points_price: Option<u64>) -> Value {
+    let c = p.counts;
+    let mut v = product(&p.info, &p.terms, c.available, points_price, p.shelf, p.shelf_since_ms);
+    v["stock"] = json!({"imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold});
+    v["orders_created"] = json!(c.orders);
+    v["refunds_owed"] = json!(c.refunds_owed);
+    v["paid_waiting"] = json!(c.paid_waiting);
+    v
 }
 
 pub fn balance(buyer: &str, b: &Balance) -> Value {

@@ -54,6 +54,9 @@ pub enum Kind {
     PointsSnapshot = 5,
     /// (v5) An archived order (`domain::shard::ArchivedOrder`).
     ArchivedOrder = 6,
+    /// (v5, added without changing any earlier kind) A product's terms of sale
+    /// (`domain::terms::Terms`).
+    Terms = 7,
 }
 
 impl Kind {
@@ -62,7 +65,7 @@ impl Kind {
         match self {
             Kind::Event => 16 << 20,
             Kind::Snapshot | Kind::PointsSnapshot => 4 << 30,
-            Kind::Product | Kind::Deal => 64 << 10,
+            Kind::Product | Kind::Deal | Kind::Terms => 64 << 10,
             Kind::ArchivedOrder => 16 << 20,
         }
     }

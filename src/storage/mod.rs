@@ -37,6 +37,7 @@ use crate::domain::group::GroupDeal;
 use crate::domain::points::{PointsBook, PointsEvent};
 use crate::domain::shard::ArchivedOrder;
 use crate::domain::shelf::Shelf;
+use crate::domain::terms::Terms;
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
 pub use commit::{Committer, Ticket};
@@ -325,6 +326,32 @@ impl Storage {
             Some(v) => decode_shelf(product, &v),
             None => Ok(Default::default()),
         }
+    }
+
+    /// A product's terms of sale as last changed (tree `terms`). Durable after a flush.
+    pub fn set_terms(&self, product: &str, terms: &Terms) -> Result<(), StorageError> {
+        self.db.open_tree("terms")?.insert(product.as_bytes(), codec::encode(Kind::Terms, terms))?;
+        Ok(())
+    }
+
+    /// One product's changed terms (`None`: it sells on the terms it was created with).
+    pub fn terms(&self, product: &str) -> Result<Option<Terms>, StorageError> {
+        match self.db.open_tree("terms")?.get(product.as_bytes())? {
+            Some(v) => Ok(Some(decode_terms(product, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every product's changed terms.
+    pub fn all_terms(&self) -> Result<HashMap<String, Terms>, StorageError> {
+        let mut out = HashMap::new();
+        for kv in self.db.open_tree("terms")?.iter() {
+            let (k, v) = kv?;
+            let product = String::from_utf8_lossy(&k).into_owned();
+            let terms = decode_terms(&product, &v)?;
+            out.insert(product, terms);
+        }
+        Ok(out)
     }
 
     // ---- points ----
@@ -701,6 +728,11 @@ impl std::fmt::Display for Finding {
 }
 
 /// A stored shelf state: the state's byte, then since when (u64 BE).
+fn decode_terms(product: &str, v: &[u8]) -> Result<Terms, StorageError> {
+    codec::decode(Kind::Terms, v)
+        .map_err(|e| StorageError::Corrupt { place: format!("terms/{product}"), error: e.to_string() })
+}
+
 fn decode_shelf(product: &str, v: &[u8]) -> Result<(Shelf, u64), StorageError> {
     let corrupt = || StorageError::Corrupt { place: format!("shelf/{product}"), error: "not a shelf state".into() };
     let shelf = v.first().copied().and_then(Shelf::from_u8).ok_or_else(corrupt)?;

@@ -81,7 +81,7 @@ impl Shard {
         if let Some(repeat) = self.repeated_seat(&req) {
             return repeat;
         }
-        self.check_can_take(&req.buyer, 1)?;
+        self.check_can_take(&req.buyer, 1, now_ms)?;
         let deadline_ms = now_ms.saturating_add(terms.time_limit_ms);
         // One key at the group price, expiring at the order TTL (not capped at the
         // deadline: a failing group cancels its pending seats itself, and orders that
@@ -117,7 +117,7 @@ impl Shard {
         }
         let g = self.group(group).ok_or(DomainError::GroupNotFound)?;
         self.check_seat(g, &req.buyer, now_ms)?;
-        self.check_can_take(&req.buyer, 1)?;
+        self.check_can_take(&req.buyer, 1, now_ms)?;
         let order = self.pending_order(req, g.price_cents, now_ms);
         let seq = order.seq;
         let event = Event::GroupJoined { group, order };
