@@ -21,7 +21,7 @@ use crate::chaos::KillTarget;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
-use crate::domain::shard::{Idempotency, NewOrder, Payment};
+use crate::domain::shard::{Idempotency, NewOrder, OrderFilter, Payment};
 use crate::domain::shelf::{OpenOrders, Shelf};
 use crate::domain::{validate, DomainError, OrderId, PaymentOutcome, ProductInfo, ShardAudit};
 use crate::error::Error;
@@ -41,11 +41,15 @@ const MAX_NOTE_BYTES: usize = 256;
 mod borrow;
 mod groups;
 mod idempotency;
+mod listing;
 mod merchant;
 mod notify;
 mod operations;
 mod orders;
 mod redemption;
+
+pub use listing::{OrderPage, OrderPosition, OrderQuery, MAX_ORDERS_SCANNED_PER_PAGE, MAX_ORDER_PAGE};
+
 /// A merchant's change to a product: its terms, and on or off the shelf.
 #[derive(Debug, Clone, Default)]
 pub struct ProductChange {

@@ -465,6 +465,17 @@ async fn settled_orders_leave_memory_and_still_read_the_same() {
     assert_audit_ok(&audit);
     assert_eq!(audit.body["products"][0]["orders_in_memory"], 0);
     assert_eq!(audit.body["orders"]["cancelled"], 200);
+    // The merchant's listing reads archived orders like the others.
+    let list = |q: &'static str| {
+        let api = t.api();
+        async move { reply(api.admin(api.http.get(format!("{}/api/v1/admin/orders?limit=500{q}", api.url)))).await }
+    };
+    let all = list("").await;
+    assert_eq!(all.body["orders"].as_array().unwrap().len(), 201, "{}", all.body);
+    let sold = list("&status=delivered&include_keys=true").await;
+    assert_eq!(sold.body["orders"][0]["order_id"], json!(sold_id));
+    assert_eq!(sold.body["orders"][0]["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(list("&status=cancelled&buyer=churn-7").await.body["orders"].as_array().unwrap().len(), 1);
 
     let check = |api: Api, sold_id: String, sold_token: String, cancelled: Vec<(String, String)>| async move {
         let sold = api.get_order(&sold_id, &sold_token).await;

@@ -346,6 +346,33 @@ impl ShardActor {
         })
     }
 
+    /// Orders after `m.after` that the filter keeps, in sequence order: those in
+    /// memory and those archived alike, looking at no more than `m.max_scan`.
+    fn list_orders(&self, m: &ListOrders) -> ActorResult<ListedOrders> {
+        let shard = self.shard()?;
+        let end = shard.orders_created();
+        let mut listed = ListedOrders { orders: Vec::new(), scanned: 0, last_scanned: m.after, at_end: false };
+        let mut seq = m.after;
+        while seq < end && listed.orders.len() < m.limit && (listed.scanned as usize) < m.max_scan {
+            seq += 1;
+            listed.scanned += 1;
+            let keep = match shard.order(seq) {
+                Some(order) => m.filter.matches(order),
+                // Archived: read it to know (it no longer changes).
+                None => true,
+            };
+            if keep {
+                let view = self.order_snapshot(seq, false)?;
+                if m.filter.matches(&view.order) {
+                    listed.orders.push(view);
+                }
+            }
+        }
+        listed.last_scanned = seq;
+        listed.at_end = seq >= end;
+        Ok(listed)
+    }
+
     /// Snapshots when the journal since the last snapshot outgrew the snapshot itself
     /// (and the configured minimum), so recovery reads at most about twice the state.
     /// One snapshot at a time: the next waits until the last one is stored.
@@ -784,6 +811,18 @@ impl Handler<ListOpenGroups> for ShardActor {
         };
         match open.into_iter().map(|g| self.group_snapshot(g)).collect::<ActorResult<Vec<_>>>() {
             Ok(list) => self.reply_after_all(list),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<ListOrders> for ShardActor {
+    type Result = ResponseFuture<ActorResult<ListedOrders>>;
+
+    fn handle(&mut self, m: ListOrders, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        match self.list_orders(&m) {
+            Ok(listed) => self.reply_after_all(listed),
             Err(e) => fail(e),
         }
     }

@@ -28,11 +28,13 @@ mod audit;
 mod effects;
 mod event;
 mod groups;
+mod listing;
 mod transfers;
 
 pub use archive::{Archived, ArchivedOrder};
 pub use effects::Tally;
 pub use event::{Event, PaymentOutcome, PaymentRecord, RefundReason};
+pub use listing::OrderFilter;
 pub use transfers::{OutgoingTransfer, Transfers};
 
 /// Index of a key in its shard's `keys` vector.
@@ -460,6 +462,11 @@ impl Shard {
             refunds_owed: self.refunds_owed.len() as u64,
             paid_waiting: self.seat_payments.len() as u64,
         }
+    }
+
+    /// How many orders this shard ever created (sequences `1..=` this).
+    pub fn orders_created(&self) -> u64 {
+        self.orders_created
     }
 
     /// An order in memory (not archived).

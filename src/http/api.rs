@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::limits::Tier;
 use super::requests;
-use super::{cursor, extract, views, AppState, Json};
-use crate::core::{Catalogue, ProductChange, ShelfChange};
+use super::{cursor, export, extract, views, AppState, Json};
+use crate::core::{Catalogue, OrderPosition, ProductChange, ShelfChange};
 use crate::domain::shelf::Shelf;
 use crate::domain::DomainError;
 
@@ -71,6 +71,118 @@ pub async fn admin_get_order(
     st.require_admin(&headers)?;
     let order = st.core()?.get_order(&order_id, None).await?;
     Ok(Json(views::admin_order(&order)))
+}
+
+/// The query of the merchant's order listing and export.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersQuery {
+    product: Option<String>,
+    status: Option<String>,
+    buyer: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+    include_keys: Option<bool>,
+    /// Export only: `csv` (default) or `ndjson`.
+    format: Option<String>,
+}
+
+type Orders = Result<axum::extract::Query<OrdersQuery>, axum::extract::rejection::QueryRejection>;
+
+/// Orders a listing page holds unless `limit` says otherwise.
+const DEFAULT_ORDER_PAGE: usize = 100;
+
+impl OrdersQuery {
+    fn parse(query: Orders) -> ApiResult<OrdersQuery> {
+        query.map(|q| q.0).map_err(|e| ApiError::invalid(format!("query: {e}")))
+    }
+
+    /// What to list, checked whole.
+    fn to_query(&self) -> ApiResult<crate::core::OrderQuery> {
+        let status = match &self.status {
+            None => None,
+            Some(s) => Some(
+                crate::domain::OrderStatus::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| ApiError::invalid(format!("status: not an order status: {s}")))?,
+            ),
+        };
+        if let Some(b) = &self.buyer {
+            crate::domain::validate::buyer(b).map_err(|m| ApiError::invalid(format!("buyer: {m}")))?;
+        }
+        let time = |field: &str, v: &Option<String>| -> ApiResult<Option<u64>> {
+            v.as_deref()
+                .map(|s| {
+                    crate::domain::terms::parse_rfc3339(s)
+                        .ok_or_else(|| ApiError::invalid(format!("{field}: not an RFC 3339 time")))
+                })
+                .transpose()
+        };
+        let (from_ms, to_ms) = (time("from", &self.from)?, time("to", &self.to)?);
+        if let (Some(f), Some(t)) = (from_ms, to_ms) {
+            if t <= f {
+                return Err(ApiError::invalid("to: must be after from"));
+            }
+        }
+        let filter = crate::domain::shard::OrderFilter { status, buyer: self.buyer.clone(), from_ms, to_ms };
+        Ok(crate::core::OrderQuery { product: self.product.clone(), filter })
+    }
+
+    fn after(&self) -> ApiResult<Option<OrderPosition>> {
+        let Some(c) = &self.cursor else { return Ok(None) };
+        let position = cursor::decode("orders", c)?;
+        let mut parts = position.splitn(3, '.');
+        let (shard, seq, product) = (parts.next(), parts.next(), parts.next());
+        match (shard.and_then(|s| s.parse().ok()), seq.and_then(|s| s.parse().ok()), product) {
+            (Some(shard), Some(seq), Some(product)) => Ok(Some(OrderPosition { product: product.into(), shard, seq })),
+            _ => Err(cursor::invalid()),
+        }
+    }
+}
+
+fn order_cursor(p: &OrderPosition) -> String {
+    cursor::encode("orders", &format!("{}.{}.{}", p.shard, p.seq, p.product))
+}
+
+/// `GET /api/v1/admin/orders?product=&status=&buyer=&from=&to=&cursor=&limit=&include_keys=`
+/// (merchant): orders by product, shard and sequence; `next_cursor` null at the end.
+pub async fn list_orders(State(st): State<AppState>, headers: HeaderMap, query: Orders) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let q = OrdersQuery::parse(query)?;
+    if q.format.is_some() {
+        return Err(ApiError::invalid("format: only for /api/v1/admin/orders/export"));
+    }
+    let (query, after) = (q.to_query()?, q.after()?);
+    let page = st.core()?.list_orders(&query, after.as_ref(), q.limit.unwrap_or(DEFAULT_ORDER_PAGE)).await?;
+    let include_keys = q.include_keys.unwrap_or(false);
+    let orders: Vec<Value> = page.orders.iter().map(|o| views::listed_order(o, include_keys)).collect();
+    Ok(Json(json!({"orders": orders, "next_cursor": page.next.as_ref().map(order_cursor)})))
+}
+
+/// `GET /api/v1/admin/orders/export?format=csv|ndjson&include_keys=&...` (merchant):
+/// every order the filters keep, streamed.
+pub async fn export_orders(State(st): State<AppState>, headers: HeaderMap, query: Orders) -> ApiResult<Response> {
+    st.require_admin(&headers)?;
+    let q = OrdersQuery::parse(query)?;
+    if q.cursor.is_some() || q.limit.is_some() {
+        return Err(ApiError::invalid(
+            "cursor, limit: an export has every order; list pages with /api/v1/admin/orders",
+        ));
+    }
+    let format = match q.format.as_deref() {
+        None | Some("csv") => export::Format::Csv,
+        Some("ndjson") => export::Format::Ndjson,
+        Some(f) => return Err(ApiError::invalid(format!("format: csv or ndjson, not {f}"))),
+    };
+    let query = q.to_query()?;
+    let core = st.core()?;
+    if let Some(p) = &query.product {
+        core.product_as_merchant(p)?;
+    }
+    Ok(export::response(core.clone(), query, format, q.include_keys.unwrap_or(false)))
 }
 
 pub async fn audit(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {

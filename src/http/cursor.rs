@@ -19,15 +19,17 @@ pub fn encode(scope: &str, position: &str) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// 400 `invalid_cursor`.
+pub fn invalid() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "invalid_cursor",
+        "cursor: not a cursor of this listing (pass the next_cursor of the previous page as it is)",
+    )
+}
+
 /// The position a cursor of listing `scope` holds.
 pub fn decode(scope: &str, cursor: &str) -> Result<String, ApiError> {
-    let invalid = || {
-        ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_cursor",
-            "cursor: not a cursor of this listing (pass the next_cursor of the previous page as it is)",
-        )
-    };
     if cursor.len() > MAX_CURSOR_CHARS {
         return Err(invalid());
     }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cursor;
 pub mod error;
+pub mod export;
 pub mod extract;
 pub mod front;
 pub mod intake;
@@ -201,6 +202,8 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/products/{id}", get(api::get_product).patch(api::change_product))
         .route("/api/v1/admin/products", get(api::admin_catalogue))
         .route("/api/v1/products/{id}/keys", post(api::import_keys))
+        .route("/api/v1/admin/orders", get(api::list_orders))
+        .route("/api/v1/admin/orders/export", get(api::export_orders))
         .route("/api/v1/admin/orders/{order_id}", get(api::admin_get_order))
         .route("/api/v1/admin/products/{id}", get(api::admin_get_product).delete(api::delete_product))
         .route("/api/v1/admin/products/{id}/retire", post(api::retire_product))

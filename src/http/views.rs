@@ -170,6 +170,17 @@ pub fn admin_order(s: &OrderSnapshot) -> Value {
     v
 }
 
+/// An order in the merchant's listing: the merchant's view, keys only when asked.
+pub fn listed_order(s: &OrderSnapshot, include_keys: bool) -> Value {
+    let mut v = admin_order(s);
+    if !include_keys {
+        if let Some(m) = v.as_object_mut() {
+            m.remove("keys");
+        }
+    }
+    v
+}
+
 pub fn audit(r: &AuditReport) -> Value {
     let products: Vec<Value> = r
         .products

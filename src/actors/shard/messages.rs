@@ -201,3 +201,24 @@ pub use crate::actors::Kill;
 #[derive(Message)]
 #[rtype(result = "ActorResult<()>")]
 pub struct InjectPanic;
+
+/// The merchant's order listing: orders after sequence `after` that `filter` keeps,
+/// at most `limit`, looking at no more than `max_scan` orders (one short turn).
+#[derive(Message)]
+#[rtype(result = "ActorResult<ListedOrders>")]
+pub struct ListOrders {
+    pub after: u64,
+    pub filter: crate::domain::shard::OrderFilter,
+    pub limit: usize,
+    pub max_scan: usize,
+}
+
+pub struct ListedOrders {
+    pub orders: Vec<OrderSnapshot>,
+    /// Orders looked at.
+    pub scanned: u64,
+    /// The last sequence looked at (where to go on from).
+    pub last_scanned: u64,
+    /// Whether every order of the shard after `after` was looked at.
+    pub at_end: bool,
+}
