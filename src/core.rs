@@ -48,7 +48,9 @@ mod operations;
 mod orders;
 mod redemption;
 
-pub use listing::{OrderPage, OrderPosition, OrderQuery, MAX_ORDERS_SCANNED_PER_PAGE, MAX_ORDER_PAGE};
+pub use listing::{
+    KeyPage, OrderPage, OrderPosition, OrderQuery, MAX_KEY_PAGE, MAX_ORDERS_SCANNED_PER_PAGE, MAX_ORDER_PAGE,
+};
 
 /// A merchant's change to a product: its terms, and on or off the shelf.
 #[derive(Debug, Clone, Default)]

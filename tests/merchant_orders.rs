@@ -1,5 +1,6 @@
 //! The merchant's orders: listed page by page across every shard and product with
-//! filters, and exported whole as CSV or NDJSON, streamed.
+//! filters, and exported whole as CSV or NDJSON, streamed; and a product's keys,
+//! listed by state.
 
 mod common;
 
@@ -237,4 +238,72 @@ async fn an_export_streams_every_order_with_cells_escaped_and_keys_only_when_ask
         let r = reply(api.admin(api.http.get(format!("{}/api/v1/admin/orders/export{q}", api.url)))).await;
         assert_eq!(r.status, status, "{q}: {}", r.body);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_listed_by_state_masked_unless_revealed() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    assert_eq!(api.create_product("k", 100, 0, 2).await.status, 201);
+    let all: Vec<String> = (0..30).map(|i| format!("KEY-{i:04}")).collect();
+    assert_eq!(api.import("k", &all).await.status, 200);
+    let mut delivered = HashSet::new();
+    for i in 0..5 {
+        let o = api.order("k", 1, &format!("b{i}"), None).await;
+        assert_eq!(o.status, 201);
+        if i < 3 {
+            let id = o.body["order_id"].as_str().unwrap();
+            assert_eq!(api.notify(id, &format!("pay-{id}"), 100).await.status, 200);
+            let read = api.get_order(id, o.body["query_token"].as_str().unwrap()).await;
+            delivered.insert(read.body["keys"][0].as_str().unwrap().to_string());
+        }
+    }
+    let get = |q: String| {
+        let api = t.api();
+        async move { reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/k/keys{q}", api.url)))).await }
+    };
+    let walk = |state: &'static str, reveal: bool| {
+        let get = &get;
+        async move {
+            let (mut keys, mut cursor) = (Vec::new(), None::<String>);
+            loop {
+                let mut q = format!("?state={state}&limit=4&reveal={reveal}");
+                if let Some(c) = &cursor {
+                    q.push_str(&format!("&cursor={c}"));
+                }
+                let r = get(q).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                keys.extend(r.body["keys"].as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap().to_string()));
+                match r.body["next_cursor"].as_str() {
+                    Some(c) => cursor = Some(c.to_string()),
+                    None => return keys,
+                }
+            }
+        }
+    };
+    let (available, reserved, sold) =
+        (walk("available", true).await, walk("reserved", true).await, walk("sold", true).await);
+    assert_eq!((available.len(), reserved.len(), sold.len()), (25, 2, 3));
+    assert_eq!(sold.iter().cloned().collect::<HashSet<_>>(), delivered, "sold keys are the delivered ones");
+    let union: HashSet<String> = available.iter().chain(&reserved).chain(&sold).cloned().collect();
+    assert_eq!(union, all.iter().cloned().collect::<HashSet<_>>(), "every key in exactly one state");
+    let masked = walk("available", false).await;
+    assert_eq!(masked.len(), 25);
+    assert!(masked.iter().all(|k| k.starts_with("KE****") && k.len() == 8), "{masked:?}");
+
+    let other = get("?state=sold&limit=1".into()).await;
+    let cursor = other.body["next_cursor"].as_str().unwrap();
+    for (q, status, code) in [
+        ("?state=lost".to_string(), 422, "invalid_request"),
+        (format!("?state=available&cursor={cursor}"), 400, "invalid_cursor"),
+        ("?limit=0".to_string(), 422, "invalid_request"),
+        ("?limit=501".to_string(), 422, "invalid_request"),
+    ] {
+        let r = get(q.clone()).await;
+        assert_eq!((r.status, r.code()), (status, code), "{q}: {}", r.body);
+    }
+    let r = reply(api.http.get(format!("{}/api/v1/admin/products/k/keys", api.url))).await;
+    assert_eq!(r.status, 401);
+    let r = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/nope/keys", api.url)))).await;
+    assert_eq!((r.status, r.code()), (404, "product_not_found"));
 }

@@ -828,6 +828,18 @@ impl Handler<ListOrders> for ShardActor {
     }
 }
 
+impl Handler<ListKeys> for ShardActor {
+    type Result = ResponseFuture<ActorResult<ListedKeys>>;
+
+    fn handle(&mut self, m: ListKeys, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        self.read(ctx, |s| {
+            let (keys, at_end) = s.keys_in(m.state, m.after, m.limit);
+            ListedKeys { keys: keys.into_iter().map(|(id, k)| (id, k.to_string())).collect(), at_end }
+        })
+    }
+}
+
 impl Handler<TakeSnapshot> for ShardActor {
     type Result = ResponseFuture<ActorResult<()>>;
 

@@ -5,6 +5,7 @@
 //! position to go on from).
 
 use super::*;
+use crate::domain::shard::{KeyId, KeyState};
 
 /// Most orders one listing request looks at (across its shards).
 pub const MAX_ORDERS_SCANNED_PER_PAGE: usize = 20_000;
@@ -35,7 +36,52 @@ pub struct OrderPage {
     pub next: Option<OrderPosition>,
 }
 
+/// Most keys one key listing page holds.
+pub const MAX_KEY_PAGE: usize = 500;
+
+/// One page of a product's keys in one state, and where the next starts: after key
+/// id `.1` of shard `.0` (`None`: nothing after).
+pub struct KeyPage {
+    /// `(shard, key)`.
+    pub keys: Vec<(u16, String)>,
+    pub next: Option<(u16, KeyId)>,
+}
+
 impl Kami {
+    /// One page of `product`'s keys in `state`, shard by shard in key id order,
+    /// after `after`, at most `limit` (1..=[`MAX_KEY_PAGE`]). Deleted products too.
+    pub async fn list_keys(
+        &self,
+        product: &str,
+        state: KeyState,
+        after: Option<(u16, KeyId)>,
+        limit: usize,
+    ) -> Result<KeyPage, Error> {
+        if limit == 0 || limit > MAX_KEY_PAGE {
+            return Err(Error::Invalid(format!("limit: must be 1..={MAX_KEY_PAGE}")));
+        }
+        let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        let mut keys = Vec::new();
+        for (index, handle) in route.shards.iter().enumerate() {
+            let shard = index as u16;
+            let from = match after {
+                Some((s, _)) if shard < s => continue,
+                Some((s, id)) if shard == s => Some(id),
+                _ => None,
+            };
+            let listed = self.call(handle, shard::ListKeys { state, after: from, limit: limit - keys.len() }).await?;
+            let last = listed.keys.last().map(|(id, _)| *id);
+            keys.extend(listed.keys.into_iter().map(|(_, k)| (shard, k)));
+            if keys.len() == limit {
+                // After the shard's last key (`KeyId::MAX`): the next page starts at the next shard.
+                let next = if listed.at_end { (shard, KeyId::MAX) } else { (shard, last.expect("a full page")) };
+                let done = listed.at_end && index + 1 == route.shards.len();
+                return Ok(KeyPage { keys, next: (!done).then_some(next) });
+            }
+        }
+        Ok(KeyPage { keys, next: None })
+    }
+
     /// One page of orders matching `query`, after `after`, at most `limit`
     /// (1..=[`MAX_ORDER_PAGE`]). Each shard answers once what it shows is durable.
     pub async fn list_orders(

@@ -28,12 +28,14 @@ mod audit;
 mod effects;
 mod event;
 mod groups;
+mod keys;
 mod listing;
 mod transfers;
 
 pub use archive::{Archived, ArchivedOrder};
 pub use effects::Tally;
 pub use event::{Event, PaymentOutcome, PaymentRecord, RefundReason};
+pub use keys::KeyState;
 pub use listing::OrderFilter;
 pub use transfers::{OutgoingTransfer, Transfers};
 
@@ -934,6 +936,27 @@ mod tests {
             Outcome::Changed(_, seq) => seq,
             Outcome::Repeat(_) => panic!("expected a new order"),
         }
+    }
+
+    #[test]
+    fn keys_are_listed_by_state_page_by_page() {
+        let mut s = shard_with_keys(6, 0);
+        let sold = created(s.create_order(new_order("a", 2), 0));
+        s.pay(paid(sold, "P1", 1980), 1).unwrap();
+        created(s.create_order(new_order("b", 1), 2));
+        let ids =
+            |state, after, limit| s.keys_in(state, after, limit).0.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(KeyState::Sold, None, 10), [0, 1]);
+        assert_eq!(ids(KeyState::Reserved, None, 10), [2]);
+        assert_eq!(ids(KeyState::Available, None, 10), [3, 4, 5]);
+        // Pages: after an id, at most `limit`, and whether more follow.
+        assert_eq!(s.keys_in(KeyState::Available, None, 2).0, [(3, "K3"), (4, "K4")]);
+        assert!(!s.keys_in(KeyState::Available, None, 2).1);
+        assert_eq!(s.keys_in(KeyState::Available, Some(4), 2), (vec![(5, "K5")], true));
+        assert_eq!(s.keys_in(KeyState::Available, Some(5), 2), (vec![], true));
+        // Every key in exactly one state.
+        let total: usize = KeyState::ALL.iter().map(|&st| s.keys_in(st, None, 100).0.len()).sum();
+        assert_eq!(total, 6);
     }
 
     #[test]

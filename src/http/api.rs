@@ -185,6 +185,64 @@ pub async fn export_orders(State(st): State<AppState>, headers: HeaderMap, query
     Ok(export::response(core.clone(), query, format, q.include_keys.unwrap_or(false)))
 }
 
+/// The query of the merchant's key listing.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysQuery {
+    state: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+    reveal: Option<bool>,
+}
+
+/// Keys a listing page holds unless `limit` says otherwise.
+const DEFAULT_KEY_PAGE: usize = 100;
+
+/// `GET /api/v1/admin/products/{id}/keys?state=available|reserved|sold&cursor=&limit=&reveal=`
+/// (merchant): the product's keys in one state, masked unless `reveal=true`.
+pub async fn list_keys(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<KeysQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    use crate::domain::shard::KeyState;
+    st.require_admin(&headers)?;
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid(format!("query: {e}")))?;
+    let state = match q.state.as_deref() {
+        None => KeyState::Available,
+        Some(s) => KeyState::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| ApiError::invalid(format!("state: available, reserved or sold, not {s}")))?,
+    };
+    // A cursor belongs to one product and state.
+    let scope = format!("keys/{id}/{}", state.as_str());
+    let after = match &q.cursor {
+        None => None,
+        Some(c) => {
+            let position = cursor::decode(&scope, c)?;
+            let (shard, key) = position.split_once('.').ok_or_else(cursor::invalid)?;
+            Some((shard.parse().map_err(|_| cursor::invalid())?, key.parse().map_err(|_| cursor::invalid())?))
+        }
+    };
+    let page = st.core()?.list_keys(&id, state, after, q.limit.unwrap_or(DEFAULT_KEY_PAGE)).await?;
+    let reveal = q.reveal.unwrap_or(false);
+    if reveal && !page.keys.is_empty() {
+        tracing::info!(product = %id, keys = page.keys.len(), state = state.as_str(), "keys revealed to the merchant");
+    }
+    let keys: Vec<Value> = page
+        .keys
+        .iter()
+        .map(|(shard, key)| {
+            let shown = if reveal { key.clone() } else { views::mask(key) };
+            json!({"key": shown, "shard": shard})
+        })
+        .collect();
+    let next = page.next.map(|(shard, key)| cursor::encode(&scope, &format!("{shard}.{key}")));
+    Ok(Json(json!({"product_id": id, "state": state.as_str(), "keys": keys, "next_cursor": next})))
+}
+
 pub async fn audit(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     st.require_admin(&headers)?;
     let report = st.core()?.audit().await?;

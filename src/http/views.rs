@@ -211,6 +211,18 @@ pub fn deal(d: &GroupDeal) -> Value {
 
 /// Other members see at most the first two characters of a buyer, and never more
 /// than half of them (a buyer of one character shows nothing).
+/// A key as listed without `reveal`: its first two and last two characters, the
+/// rest as `*` (a key of 6 characters or fewer: all `*`).
+pub fn mask(key: &str) -> String {
+    let n = key.chars().count();
+    if n <= 6 {
+        return "*".repeat(n);
+    }
+    let head: String = key.chars().take(2).collect();
+    let tail: String = key.chars().skip(n - 2).collect();
+    format!("{head}{}{tail}", "*".repeat(n - 4))
+}
+
 pub fn masked(buyer: &str) -> String {
     let shown = (buyer.chars().count() / 2).min(2);
     buyer.chars().take(shown).chain("***".chars()).collect()

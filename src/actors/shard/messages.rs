@@ -222,3 +222,18 @@ pub struct ListedOrders {
     /// Whether every order of the shard after `after` was looked at.
     pub at_end: bool,
 }
+
+/// The merchant's key listing: keys in `state` after key id `after`, at most `limit`.
+#[derive(Message)]
+#[rtype(result = "ActorResult<ListedKeys>")]
+pub struct ListKeys {
+    pub state: crate::domain::shard::KeyState,
+    pub after: Option<crate::domain::shard::KeyId>,
+    pub limit: usize,
+}
+
+pub struct ListedKeys {
+    pub keys: Vec<(crate::domain::shard::KeyId, String)>,
+    /// Whether no key in that state follows.
+    pub at_end: bool,
+}
