@@ -99,7 +99,12 @@ fn storage(c: &mut Criterion) {
     g.finish();
 }
 
-/// Orders + payments through the in-process core, 256 at a time, with 1 and 2
+/// Purchases in flight at once in the in-process benches (`BENCH_IN_FLIGHT`, default 256).
+fn in_flight() -> u64 {
+    std::env::var("BENCH_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+}
+
+/// Orders + payments through the in-process core, `in_flight()` at a time, with 1 and 2
 /// arbiters. `callers_on_arbiters`: the callers run on the stock arbiters (as HTTP
 /// handlers do: an order goes to the product's shard on the caller's own thread);
 /// otherwise on a separate 2-thread runtime (an embedder calling from its own).
@@ -115,7 +120,7 @@ fn core_purchases(c: &mut Criterion) {
                 let app = rt.block_on(start(dir.path(), arbiters));
                 let callers = on_arbiters.then_some(&app);
                 b.iter_custom(|iters| {
-                    rt.block_on(run_purchases(app.core().clone(), arbiters as u16, iters, 256, false, callers))
+                    rt.block_on(run_purchases(app.core().clone(), arbiters as u16, iters, in_flight(), false, callers))
                 });
                 drop(app);
             });
@@ -135,7 +140,7 @@ fn core_group_seats(c: &mut Criterion) {
         let dir = tempfile::tempdir().unwrap();
         let app = rt.block_on(start(dir.path(), 2));
         let core = app.core().clone();
-        b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), 1, iters, 256, true, None)));
+        b.iter_custom(|iters| rt.block_on(run_purchases(core.clone(), 1, iters, in_flight(), true, None)));
         drop(app);
     });
     g.finish();
