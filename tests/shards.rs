@@ -121,3 +121,37 @@ async fn keys_lent_before_a_crash_reach_the_borrower_after_restart() {
     let replies = join_all(buyers_on(0, 2, 40, "after").iter().map(|b| api.order("p", 1, b, None))).await;
     assert!(replies.iter().all(|r| r.status == 201));
 }
+
+/// Without a per-buyer limit or an Idempotency-Key, an order placed from an arbiter
+/// goes to the product's shard on that arbiter: every order from one arbiter lands
+/// in one shard, and the two arbiters' orders in different shards (by buyer hash they
+/// would spread over both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_stays_on_the_arbiter_that_placed_it() {
+    let t = TestApp::spawn_with(&[("actors.arbiters", "2")]).await;
+    let api = t.api();
+    product(&api, "local", 2, 100, 0).await;
+    let app = t.app.as_ref().unwrap();
+    let mut shards_by_arbiter = Vec::new();
+    for arbiter in 0..2 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let core = t.core().clone();
+        assert!(app.spawn_on_arbiter(arbiter, async move {
+            let mut shards = HashSet::new();
+            for i in 0..20 {
+                let req = kami::core::OrderRequest {
+                    product_id: "local".into(),
+                    quantity: 1,
+                    buyer: format!("a{arbiter}-{i}"),
+                };
+                let order = core.create_order(req, None).await.unwrap();
+                shards.insert(order.shard);
+            }
+            let _ = tx.send(shards);
+        }));
+        shards_by_arbiter.push(rx.await.unwrap());
+    }
+    assert_eq!(shards_by_arbiter[0].len(), 1, "{shards_by_arbiter:?}");
+    assert_eq!(shards_by_arbiter[1].len(), 1, "{shards_by_arbiter:?}");
+    assert_ne!(shards_by_arbiter[0], shards_by_arbiter[1]);
+}

@@ -206,17 +206,10 @@ impl ProductRoute {
     pub fn shard_index_for_new_order(&self, buyer: &str, per_buyer_limit: u32, idempotent: bool) -> usize {
         if per_buyer_limit == 0 && !idempotent {
             if let Some(here) = super::current_arbiter() {
-                let local = self.shards.iter().filter(|s| s.arbiter == here).count();
-                if local > 0 {
-                    let pick = buyer_shard(buyer, local);
-                    let (index, _) = self
-                        .shards
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, s)| s.arbiter == here)
-                        .nth(pick)
-                        .expect("pick < local");
-                    return index;
+                let local = || self.shards.iter().enumerate().filter(move |(_, s)| s.arbiter == here).map(|(i, _)| i);
+                let n = local().count();
+                if n > 0 {
+                    return local().nth(buyer_shard(buyer, n)).expect("an index below the count");
                 }
             }
         }

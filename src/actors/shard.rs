@@ -156,26 +156,27 @@ impl ShardActor {
         Ok(self.shell.live()?.state())
     }
 
-    /// What the product sells on now: whether it is on the shelf, and its terms if
-    /// they changed since the shard last took them.
-    fn listing(&mut self) -> (bool, Option<Arc<super::registry::VersionedTerms>>) {
+    /// What the product sells on now, for the next step: whether it is on the shelf,
+    /// and its terms if they changed since the shard last took them.
+    fn listing(&mut self) -> impl FnOnce(&mut Shard) {
         let retired = !self.shelf.get().sells();
-        if self.terms.version() == self.terms_seen {
-            return (retired, None);
+        let terms = (self.terms.version() != self.terms_seen).then(|| self.terms.get());
+        if let Some(t) = &terms {
+            self.terms_seen = t.version;
         }
-        let terms = self.terms.get();
-        self.terms_seen = terms.version;
-        (retired, Some(terms))
-    }
-
-    /// Runs a domain step (see [`Shell::step`]) on the product's current listing.
-    fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ActorResult<T> {
-        let (retired, terms) = self.listing();
-        self.shell.step(ctx, |shard| {
+        move |shard: &mut Shard| {
             shard.set_retired(retired);
             if let Some(t) = &terms {
                 shard.set_terms(&t.terms);
             }
+        }
+    }
+
+    /// Runs a domain step (see [`Shell::step`]) on the product's current listing.
+    fn guarded<T>(&mut self, ctx: &mut Context<Self>, step: impl FnOnce(&mut Shard) -> T) -> ActorResult<T> {
+        let listing = self.listing();
+        self.shell.step(ctx, |shard| {
+            listing(shard);
             step(shard)
         })
     }
@@ -186,12 +187,9 @@ impl ShardActor {
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut Shard) -> Result<Outcome<T>, DomainError>,
     ) -> ActorResult<(T, Option<u64>)> {
-        let (retired, terms) = self.listing();
+        let listing = self.listing();
         let changed = self.shell.change(ctx, |shard| {
-            shard.set_retired(retired);
-            if let Some(t) = &terms {
-                shard.set_terms(&t.terms);
-            }
+            listing(shard);
             command(shard)
         })?;
         if changed.1.is_some() {
