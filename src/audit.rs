@@ -42,6 +42,10 @@ pub struct OfflineReport {
     pub orders: BTreeMap<String, u64>,
     /// Repairable damage that recovery will fix.
     pub findings: Vec<String>,
+    /// Journal records the commit log held that their journals' own files had
+    /// lost (a crash of the machine), written into them when the audit opened the
+    /// directory.
+    pub redone: u64,
     pub violations: Vec<String>,
     pub points: PointsTotals,
 }
@@ -148,6 +152,7 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
             .collect(),
         orders: report.orders.into_iter().map(|(status, n)| (status.as_str().to_string(), n)).collect(),
         findings,
+        redone: storage.redone_at_open(),
         violations: report.violations,
         points: report.points,
     })
@@ -171,6 +176,9 @@ impl std::fmt::Display for OfflineReport {
             "points: {} buyers, balance {} (held {}), {} redemptions settled",
             p.buyers, p.total_balance, p.total_held, p.redemptions_settled
         )?;
+        if self.redone > 0 {
+            writeln!(f, "commit log: {} journal record(s) the journals' files lacked, written into them", self.redone)?;
+        }
         for x in &self.findings {
             writeln!(f, "finding (repaired at next start): {x}")?;
         }

@@ -79,6 +79,46 @@ async fn recovery_is_snapshot_plus_journal_and_trim_bounds_the_journal() {
     same_state(&live, &r.shard);
 }
 
+/// What a machine crash (power loss, kernel panic) can do to files written and
+/// not synced: lose what was written. Every segment of `dir` keeps its first `keep` bytes.
+fn lose_unsynced_writes(dir: &std::path::Path, keep: u64) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let f = std::fs::OpenOptions::new().write(true).open(entry.unwrap().path()).unwrap();
+        f.set_len(keep).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_machine_crash_that_loses_the_journal_files_writes_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let seq = {
+        let storage = open_storage(dir.path());
+        storage.insert_product(&product()).unwrap();
+        let seq = drive(&storage, &mut live, 0, 30);
+        // Acknowledged: a ticket taken after the appends completed.
+        storage.ticket().unwrap().wait().await.unwrap();
+        storage.abandon();
+        seq
+    };
+    // Nothing was checkpointed: the journal's own file was never synced, and a
+    // machine crash may leave it empty. Only the commit log was synced.
+    lose_unsynced_writes(&dir.path().join("journal/stock/p/0"), 0);
+    let storage = open_storage(dir.path());
+    assert_eq!(storage.redone_at_open(), seq, "every record comes back from the commit log");
+    let r = storage.recover(&id, &product()).unwrap();
+    assert_eq!(r.last_seq, seq);
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    same_state(&live, &r.shard);
+    drop((r, storage));
+    // A clean close checkpoints: the journal's file alone holds everything.
+    let storage = open_storage(dir.path());
+    assert_eq!(storage.redone_at_open(), 0);
+    assert!(std::fs::read_dir(dir.path().join("journal/log")).unwrap().next().is_none(), "the log is empty");
+    assert_eq!(storage.recover(&id, &product()).unwrap().last_seq, seq);
+}
+
 #[tokio::test]
 async fn torn_journal_tail_is_dropped_and_older_records_survive() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,8 +3,10 @@
 //!
 //! Protocol: a writer first appends its records to its journal (and writes to
 //! sled), *then* calls [`Committer::ticket`]. The commit thread takes every
-//! ticket queued so far, syncs every journal written to since its last sync
-//! (`fdatasync`) and flushes sled once, and completes those tickets. A ticket is therefore only
+//! ticket queued so far, stages what every journal appended since the last cycle
+//! in the commit log and syncs the log once (one `write` and one `fdatasync`
+//! for all of them, see [`super::log`]), flushes sled once, and completes those
+//! tickets. A ticket is therefore only
 //! completed by a flush that started after the writer's insert returned, which is
 //! what makes the reply that waits on it durable. Writers arriving during a flush
 //! share the next one.
@@ -20,6 +22,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::oneshot;
 
 use super::journal::DirtyJournals;
+use super::log::CommitLog;
 use super::StorageError;
 
 type Waiter = oneshot::Sender<Result<(), StorageError>>;
@@ -59,9 +62,10 @@ pub struct Committer {
 impl Committer {
     /// Starts the commit thread. `max_pending` bounds queued tickets; `linger` is how
     /// long the thread waits for more writers after the first (0 = flush at once).
-    pub fn start(
+    pub(crate) fn start(
         db: sled::Db,
         journals: Arc<DirtyJournals>,
+        log: Arc<Mutex<CommitLog>>,
         max_pending: usize,
         max_batch: usize,
         linger: Duration,
@@ -72,7 +76,7 @@ impl Committer {
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("kami-commit".into())
-            .spawn(move || run(db, journals, rx, max_batch, linger, thread_stats))
+            .spawn(move || run(db, journals, log, rx, max_batch, linger, thread_stats))
             .expect("spawn commit thread");
         Committer { tx: Some(tx), stats, thread: Some(thread) }
     }
@@ -102,19 +106,29 @@ impl Drop for Committer {
     }
 }
 
-/// Syncs every journal written to since its last sync, then flushes sled (a flush
-/// with nothing new in it returns at once): everything written before the call
-/// is durable when it returns `Ok`.
-pub(super) fn make_durable(db: &sled::Db, journals: &DirtyJournals) -> Result<(), StorageError> {
+/// Stages what every journal appended since its last sync in the commit log and
+/// syncs the log once, then flushes sled (a flush with nothing new in it returns
+/// at once): everything written before the call is durable when it returns `Ok`.
+pub(super) fn make_durable(
+    db: &sled::Db,
+    journals: &DirtyJournals,
+    log: &Mutex<CommitLog>,
+) -> Result<(), StorageError> {
+    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
     let mut result = Ok(());
     for journal in journals.take() {
-        if let Err(e) = journal.sync() {
+        if let Err(e) = journal.sync_into(&mut log) {
             // What it holds is still to be made durable: the next flush tries again.
             journal.relist();
             result = Err(e);
         }
     }
+    // What was staged is written even when a journal failed (the next cycle
+    // would write it anyway); the cycle fails as a whole.
+    let synced = log.sync();
+    drop(log);
     result?;
+    synced?;
     db.flush().map_err(|e| StorageError::Sled(e.to_string()))?;
     Ok(())
 }
@@ -122,6 +136,7 @@ pub(super) fn make_durable(db: &sled::Db, journals: &DirtyJournals) -> Result<()
 fn run(
     db: sled::Db,
     journals: Arc<DirtyJournals>,
+    log: Arc<Mutex<CommitLog>>,
     rx: Receiver<Waiter>,
     max_batch: usize,
     linger: Duration,
@@ -141,7 +156,7 @@ fn run(
         }
         crate::chaos::reached(crate::chaos::CrashPoint::BeforeFlush, || {});
         let started = Instant::now();
-        let result = make_durable(&db, &journals);
+        let result = make_durable(&db, &journals, &log);
         let elapsed = started.elapsed();
         if let Err(e) = &result {
             tracing::error!(error = %e, "group flush failed");

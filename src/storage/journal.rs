@@ -37,7 +37,7 @@ const FRAME_HEADER: usize = 8 + codec::HEADER_BYTES;
 const MAX_RECORD_BYTES: usize = 64 << 20;
 /// Most bytes appended and not yet written: past it (writes keep failing, or the
 /// commit thread is far behind) appends are refused until a write succeeds.
-const MAX_PENDING_BYTES: usize = 128 << 20;
+pub(crate) const MAX_PENDING_BYTES: usize = 128 << 20;
 /// A pending buffer that grew past this (a key import) is not kept once written.
 const KEEP_PENDING_CAPACITY: usize = 1 << 20;
 
@@ -90,6 +90,10 @@ struct State {
     pending: Vec<u8>,
     pending_first: u64,
     pending_last: u64,
+    /// The last segment holds frames written there other than through the commit
+    /// log (by a read, a roll or a trim that wrote what was pending): its own
+    /// sync must make them durable.
+    uncovered: bool,
 }
 
 impl State {
@@ -132,8 +136,19 @@ fn segment_name(first: u64) -> String {
     format!("{first:020}.log")
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir.display(), e))
+}
+
+/// Creates (or empties) the file at `path` for reading and writing.
+pub(crate) fn create_file(path: &Path) -> Result<File, StorageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| io_err(path.display(), e))
 }
 
 /// Reads the frames of one segment file from its start.
@@ -181,7 +196,7 @@ impl SegmentReader {
     }
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -242,6 +257,7 @@ impl JournalFile {
                 pending: Vec::new(),
                 pending_first: 0,
                 pending_last: 0,
+                uncovered: false,
             }),
             dirty: AtomicBool::new(false),
             dirty_list,
@@ -288,18 +304,55 @@ impl JournalFile {
     /// have made durable may be lost while a later one succeeds, so every later
     /// sync fails too (until the journal is opened again, from what is on disk).
     pub fn sync(&self) -> Result<(), StorageError> {
-        if let Some(e) = self.sync_failed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Err(StorageError::Io(e.clone()));
-        }
+        self.check_sync_failed()?;
         self.dirty.store(false, Ordering::SeqCst);
-        let (mut files, dir) = {
+        let (files, dir) = {
             let mut st = self.state();
             self.write_pending(&mut st)?;
             let mut files = std::mem::take(&mut st.unsynced);
             files.extend(st.segments.last().map(|s| s.file.clone()));
+            st.uncovered = false;
             (files, std::mem::take(&mut st.dir_unsynced))
         };
-        for f in files.drain(..) {
+        self.sync_collected(files, dir)
+    }
+
+    /// The commit thread's sync, through the shared log: what is pending is staged
+    /// in `log` (durable once the log's next sync returns) and written to the
+    /// segment file without a sync of its own; what reached the files some other
+    /// way since the last sync (a roll, a trim, a read that wrote what was
+    /// pending) and new or removed segments are synced here directly.
+    pub(crate) fn sync_into(self: &Arc<Self>, log: &mut super::log::CommitLog) -> Result<(), StorageError> {
+        self.check_sync_failed()?;
+        self.dirty.store(false, Ordering::SeqCst);
+        let (files, dir) = {
+            let mut st = self.state();
+            if !st.pending.is_empty() {
+                log.stage(self, st.pending_first, st.pending_last, &st.pending)?;
+                let uncovered = st.uncovered;
+                self.write_pending(&mut st)?;
+                st.uncovered = uncovered;
+            }
+            let mut files = std::mem::take(&mut st.unsynced);
+            if std::mem::take(&mut st.uncovered) {
+                files.extend(st.segments.last().map(|s| s.file.clone()));
+            }
+            (files, std::mem::take(&mut st.dir_unsynced))
+        };
+        self.sync_collected(files, dir)
+    }
+
+    fn check_sync_failed(&self) -> Result<(), StorageError> {
+        match self.sync_failed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(e) => Err(StorageError::Io(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Syncs `files` (a failure is final, see [`JournalFile::sync`]), then the
+    /// directory if `dir`.
+    fn sync_collected(&self, files: Vec<Arc<File>>, dir: bool) -> Result<(), StorageError> {
+        for f in files {
             if let Err(e) = f.sync_data() {
                 let e = io_err(self.dir.display(), e);
                 *self.sync_failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
@@ -310,6 +363,20 @@ impl JournalFile {
             sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// Syncs every segment file and the directory (a checkpoint of the commit
+    /// log: afterwards the journal's files hold whatever the log gave them).
+    pub(crate) fn sync_files(&self) -> Result<(), StorageError> {
+        let files: Vec<Arc<File>> = self.state().segments.iter().map(|s| s.file.clone()).collect();
+        for f in files {
+            f.sync_data().map_err(|e| io_err(self.dir.display(), e))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Whether it was written to since its last sync.
@@ -333,13 +400,7 @@ impl JournalFile {
     /// Starts a new segment at `first` (the state's lock held).
     fn new_segment(&self, st: &mut State, first: u64) -> Result<(), StorageError> {
         let path = self.dir.join(segment_name(first));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| io_err(path.display(), e))?;
+        let file = create_file(&path)?;
         if let Some(prev) = st.segments.last() {
             st.unsynced.push(prev.file.clone());
         }
@@ -399,6 +460,7 @@ impl JournalFile {
         write_at(&seg.file, bytes, seg.len).map_err(io)?;
         seg.len = end;
         seg.last = last;
+        st.uncovered = true;
         Ok(())
     }
 
@@ -567,6 +629,7 @@ impl Drop for JournalFile {
                 pending: Vec::new(),
                 pending_first: 0,
                 pending_last: 0,
+                uncovered: false,
             },
         );
         if let Err(e) = self.write_pending(&mut st) {
@@ -577,18 +640,18 @@ impl Drop for JournalFile {
 
 /// One `pwrite` (a seek and a write elsewhere).
 #[cfg(unix)]
-fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
 }
 
 #[cfg(not(unix))]
-fn write_at(mut file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_at(mut file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     file.seek(SeekFrom::Start(offset))?;
     file.write_all(buf)
 }
 
 #[cfg(unix)]
-fn allocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: posix_fallocate on a file descriptor owned by `file`.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t) };
@@ -601,8 +664,25 @@ fn allocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn allocate(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+pub(crate) fn allocate(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
     Ok(())
+}
+
+/// Where the frame of record `want` starts in `body`, the frames of records
+/// `first..` (`None`: they do not parse that far).
+pub(crate) fn frames_offset(body: &[u8], first: u64, want: u64) -> Option<usize> {
+    let mut offset = 0usize;
+    let mut seq = first;
+    while seq < want {
+        let header = body.get(offset..offset + FRAME_HEADER)?;
+        if u64::from_le_bytes(header[..8].try_into().ok()?) != seq {
+            return None;
+        }
+        let declared = u32::from_le_bytes(header[14..18].try_into().ok()?) as usize;
+        offset = offset.checked_add(FRAME_HEADER + declared)?;
+        seq += 1;
+    }
+    (offset < body.len()).then_some(offset)
 }
 
 /// An append-only log of events `E` (a stock shard's by default, or a points

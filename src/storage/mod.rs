@@ -17,7 +17,9 @@
 //! open.)
 //!
 //! Durability: nothing written here is durable until a [`commit::Ticket`] taken
-//! after it has completed (see [`commit`]). Recovery = newest snapshot that
+//! after it has completed (see [`commit`]). Journals' new records are made
+//! durable through one commit log (`journal/log/`, see [`log`]), redone into the
+//! journals at open. Recovery = newest snapshot that
 //! decodes + every journal record after it, stopping at the first record that
 //! fails its checksum (a torn tail), which is logged and removed.
 
@@ -25,6 +27,7 @@ pub mod codec;
 pub mod commit;
 pub mod journal;
 mod legacy;
+pub(crate) mod log;
 mod points;
 
 pub use points::{PointsJournal, PointsRecovered};
@@ -79,6 +82,13 @@ pub struct Storage {
     root: std::path::PathBuf,
     /// Journals written since their last sync (synced by the commit thread).
     dirty: Arc<DirtyJournals>,
+    /// The one file every journal's new records are made durable through.
+    log: Arc<std::sync::Mutex<log::CommitLog>>,
+    /// Journal records the commit log held that their journals lacked, written
+    /// into them at open (what a crash cost the journals' own files).
+    redone: std::sync::atomic::AtomicU64,
+    /// Set by [`Storage::abandon`]: dropped as a crash would leave it.
+    abandoned: std::sync::atomic::AtomicBool,
     /// Open journals by directory: every handle on one journal shares its file.
     journals: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<JournalFile>>>,
     products: sled::Tree,
@@ -90,6 +100,17 @@ pub struct Storage {
     /// each dropped after its sled handle: when none is left, sled's lock on the
     /// directory is released.
     handles: Arc<()>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if self.abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self.close_log() {
+            tracing::warn!(error = %e, "commit log not closed cleanly: the next start redoes it");
+        }
+    }
 }
 
 impl Storage {
@@ -105,9 +126,12 @@ impl Storage {
         db.drop_tree("payment-ids")?;
         let points_snapshots = db.open_tree("points-snapshots")?;
         let dirty = Arc::new(DirtyJournals::default());
+        let journals_dir = opts.path.join("journal");
+        let log = Arc::new(std::sync::Mutex::new(log::CommitLog::open(&journals_dir)?));
         let committer = Committer::start(
             db.clone(),
             dirty.clone(),
+            log.clone(),
             opts.max_pending_commits,
             opts.max_commit_batch,
             opts.commit_linger,
@@ -116,6 +140,9 @@ impl Storage {
             db,
             root: opts.path.clone(),
             dirty,
+            log,
+            redone: Default::default(),
+            abandoned: Default::default(),
             journals: Default::default(),
             products,
             snapshots,
@@ -124,6 +151,8 @@ impl Storage {
             handles: Arc::new(()),
         });
         storage.move_sled_journals()?;
+        let redone = log::redo(&journals_dir, |dir| storage.journal_file(dir.to_path_buf()))?;
+        storage.redone.store(redone, std::sync::atomic::Ordering::Relaxed);
         Ok(storage)
     }
 
@@ -195,17 +224,20 @@ impl Storage {
 
     /// The journal in `dir`, shared with every other open handle on it.
     fn open_journal<E: serde::Serialize>(&self, dir: std::path::PathBuf) -> Result<Journal<E>, StorageError> {
+        Ok(Journal::new(self.journal_file(dir)?, self.handles.clone()))
+    }
+
+    fn journal_file(&self, dir: std::path::PathBuf) -> Result<Arc<JournalFile>, StorageError> {
         let mut open = self.journals.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|_, j| j.strong_count() > 0);
-        let file = match open.get(&dir).and_then(|j| j.upgrade()) {
+        Ok(match open.get(&dir).and_then(|j| j.upgrade()) {
             Some(file) => file,
             None => {
                 let file = Arc::new(JournalFile::open(dir.clone(), self.dirty.clone())?);
                 open.insert(dir, Arc::downgrade(&file));
                 file
             }
-        };
-        Ok(Journal::new(file, self.handles.clone()))
+        })
     }
 
     /// Whether no process (this one included) holds the lock sled takes on the data
@@ -243,7 +275,27 @@ impl Storage {
     /// Makes everything written so far durable now, on the calling thread
     /// (start-up, shutdown, crash points, tooling).
     pub fn flush_now(&self) -> Result<(), StorageError> {
-        commit::make_durable(&self.db, &self.dirty)
+        commit::make_durable(&self.db, &self.dirty, &self.log)
+    }
+
+    /// Journal records written again from the commit log when this was opened.
+    pub fn redone_at_open(&self) -> u64 {
+        self.redone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tests and tooling: when dropped, leave the commit log as a crash would
+    /// (not closed: the next open redoes it).
+    #[doc(hidden)]
+    pub fn abandon(&self) {
+        self.abandoned.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A clean close of the commit log: what is appended is made durable, every
+    /// journal the log covers is synced in its own files and the log emptied, so
+    /// the next open has nothing to redo.
+    fn close_log(&self) -> Result<(), StorageError> {
+        self.flush_now()?;
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).close()
     }
 
     // ---- archived orders ----
