@@ -21,7 +21,8 @@ use crate::chaos::KillTarget;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
-use crate::domain::shard::{Idempotency, NewOrder, OrderFilter, Payment};
+pub use crate::domain::shard::Withdrawal;
+use crate::domain::shard::{Idempotency, KeyFate, NewOrder, OrderFilter, Payment};
 use crate::domain::shelf::{OpenOrders, Shelf};
 use crate::domain::{validate, DomainError, OrderId, PaymentOutcome, ProductInfo, ShardAudit};
 use crate::error::Error;
@@ -81,6 +82,19 @@ pub enum ShelfChange {
 }
 
 pub use groups::{JoinRequest, NewDeal, OpenGroupRequest, MAX_OPEN_GROUPS_LISTED};
+
+/// Most keys one withdrawal may name.
+pub const MAX_WITHDRAW_KEYS: usize = 10_000;
+
+/// What a withdrawal did: how many keys left stock, and of the keys named, those
+/// that are known but not in stock (reserved, sold, or withdrawn before) and those
+/// no shard of the product knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WithdrawReport {
+    pub withdrawn: u64,
+    pub not_in_stock: Vec<String>,
+    pub unknown: Vec<String>,
+}
 
 /// The knobs the core needs, taken from [`Settings`].
 #[derive(Debug, Clone)]

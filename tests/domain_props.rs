@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use kami::domain::group::{GroupState, GroupTerms};
 use kami::domain::points::PointsBook;
-use kami::domain::shard::{NewOrder, Payment, Redemption};
+use kami::domain::shard::{NewOrder, Payment, Redemption, Withdrawal};
 use kami::domain::Outcome;
 use kami::domain::{Event, OrderStatus, ProductInfo, Shard};
 use proptest::prelude::*;
@@ -59,6 +59,11 @@ enum Op {
     PaySeats {
         group: usize,
     },
+    /// The merchant withdraws these keys (by name), or `count` keys.
+    Withdraw {
+        ids: Vec<u8>,
+        count: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -76,6 +81,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0usize..16, 0u8..6).prop_map(|(group, buyer)| Op::JoinGroup { group, buyer }),
         (0u8..6, 2u32..4).prop_map(|(buyer, size)| Op::JoinAny { buyer, size }),
         (0usize..16).prop_map(|group| Op::PaySeats { group }),
+        (prop::collection::vec(0u8..40, 0..4), 0u64..4).prop_map(|(ids, count)| Op::Withdraw { ids, count }),
     ]
 }
 
@@ -84,7 +90,7 @@ fn check_invariants(s: &Shard) {
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
     let c = s.counts();
     assert!(c.reserved + c.sold <= c.imported, "I1");
-    assert_eq!(c.imported, c.available + c.reserved + c.sold, "I6");
+    assert_eq!(c.imported, c.available + c.reserved + c.sold + c.withdrawn, "I6");
     let mut delivered = HashSet::new();
     for o in s.orders() {
         if o.status == OrderStatus::Delivered {
@@ -151,6 +157,20 @@ proptest! {
                     }
                     prop_assert_eq!(before, s.counts(), "archiving changes no count");
                     prop_assert!(n == 0 || s.archived().orders() >= n as u64);
+                }
+                Op::Withdraw { ids, count } => {
+                    let before = s.counts();
+                    let what = if ids.is_empty() {
+                        Withdrawal::Count(count)
+                    } else {
+                        Withdrawal::Keys(ids.iter().map(|i| format!("key{i}")).collect())
+                    };
+                    let (events, n, _) = s.withdraw(&what);
+                    let after = s.counts();
+                    prop_assert_eq!(after.available + n, before.available, "only available keys leave");
+                    prop_assert_eq!((after.reserved, after.sold), (before.reserved, before.sold));
+                    prop_assert_eq!(after.withdrawn, before.withdrawn + n);
+                    journal.extend(events);
                 }
                 Op::Advance { ms } => {
                     now += ms;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use kami::domain::group::{Group, GroupState, GroupTerms};
 use kami::domain::shard::{
     ArchivedOrder, Idempotency, KeyId, NewOrder, Outcome, OutgoingTransfer, Payment, PaymentOutcome, PaymentRecord,
-    RefundReason,
+    RefundReason, Withdrawal,
 };
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
 use kami::storage::codec::{decode, decode_snapshot, encode, Kind, FORMAT_VERSION};
@@ -166,6 +166,21 @@ fn events_v5() -> Vec<Event> {
     events
 }
 
+/// Version 6 adds the merchant's withdrawal of keys.
+fn events_v6() -> Vec<Event> {
+    let mut events = events_v5();
+    events.push(Event::KeysWithdrawn { keys: vec![4, 5] });
+    events
+}
+
+/// The v5 shard with one key withdrawn.
+fn snapshot_v6() -> (Shard, Vec<ArchivedOrder>) {
+    let (mut s, records) = snapshot_v5();
+    let (events, n, _) = s.withdraw(&Withdrawal::Count(1));
+    assert_eq!((events.len(), n), (1, 1));
+    (s, records)
+}
+
 /// The v4 shard, then two plain orders (one delivered, one expired) archived.
 fn snapshot_v5() -> (Shard, Vec<ArchivedOrder>) {
     let mut s = snapshot_v4();
@@ -257,7 +272,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 5, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 6, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -266,7 +281,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v5; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v6; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -281,7 +296,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v5 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v6 in length");
     stored
 }
 
@@ -382,27 +397,23 @@ fn v4_product_and_snapshot_decode() {
 
 #[test]
 fn v5_events_decode() {
-    let fresh = serde_json::to_vec(&events_v5().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v5());
+    assert_eq!(decode_events(&old(5, "events.bin")), events_v5());
 }
 
+/// A v5 snapshot (nothing withdrawn then) decodes through its own layout.
 #[test]
 fn v5_product_snapshot_and_archive_decode() {
-    let stored = check("product.bin", encode(Kind::Product, &product()));
-    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(5, "product.bin")).unwrap(), product());
     let (want, records) = snapshot_v5();
-    let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
-    let mut s = decode_snapshot(&stored).unwrap();
+    let mut s = decode_snapshot(&old(5, "snapshot.bin")).unwrap();
     s.rebuild_indexes();
     assert_eq!(s.orders(), want.orders());
     assert_eq!(s.counts(), want.counts());
     assert_eq!(s.archived(), want.archived());
-    assert_eq!(s.archived().orders(), 2);
-    let audit = s.audit();
-    assert!(audit.violations.is_empty(), "{:?}", audit.violations);
-    assert_eq!(audit.orders.get(&OrderStatus::Delivered), Some(&3), "two group seats and one archived order");
+    assert_eq!(s.counts().withdrawn, 0);
+    assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
     for (i, record) in records.iter().enumerate() {
-        let stored = check(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
+        let stored = old(5, &format!("archived-{i}.bin"));
         assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
     }
 }
@@ -410,13 +421,45 @@ fn v5_product_snapshot_and_archive_decode() {
 /// Terms of sale (a kind added within v5: no earlier record changed).
 #[test]
 fn v5_terms_decode() {
-    let terms = kami::domain::terms::Terms {
+    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &old(5, "terms.bin")).unwrap(), terms());
+}
+
+fn terms() -> kami::domain::terms::Terms {
+    kami::domain::terms::Terms {
         name: "Renamed".into(),
         price_cents: 750,
         per_buyer_limit: 3,
         sale_starts_at_ms: Some(1_780_000_000_000),
         sale_ends_at_ms: None,
-    };
-    let stored = check("terms.bin", encode(Kind::Terms, &terms));
-    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &stored).unwrap(), terms);
+    }
+}
+
+#[test]
+fn v6_events_decode() {
+    let fresh = serde_json::to_vec(&events_v6().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v6());
+}
+
+#[test]
+fn v6_product_snapshot_archive_and_terms_decode() {
+    let stored = check("product.bin", encode(Kind::Product, &product()));
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
+    let (want, records) = snapshot_v6();
+    let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
+    let mut s = decode_snapshot(&stored).unwrap();
+    s.rebuild_indexes();
+    assert_eq!(s.orders(), want.orders());
+    assert_eq!(s.counts(), want.counts());
+    assert_eq!(s.archived(), want.archived());
+    assert_eq!(s.counts().withdrawn, 1);
+    let audit = s.audit();
+    assert!(audit.violations.is_empty(), "{:?}", audit.violations);
+    assert_eq!(audit.withdrawn, 1);
+    assert_eq!(audit.orders.get(&OrderStatus::Delivered), Some(&3), "two group seats and one archived order");
+    for (i, record) in records.iter().enumerate() {
+        let stored = check(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
+        assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
+    }
+    let stored = check("terms.bin", encode(Kind::Terms, &terms()));
+    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &stored).unwrap(), terms());
 }

@@ -1,6 +1,6 @@
 //! The merchant's orders: listed page by page across every shard and product with
 //! filters, and exported whole as CSV or NDJSON, streamed; and a product's keys,
-//! listed by state.
+//! listed by state and withdrawn from stock.
 
 mod common;
 
@@ -306,4 +306,111 @@ async fn keys_are_listed_by_state_masked_unless_revealed() {
     assert_eq!(r.status, 401);
     let r = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/nope/keys", api.url)))).await;
     assert_eq!((r.status, r.code()), (404, "product_not_found"));
+}
+
+impl Api {
+    async fn withdraw(&self, product: &str, body: Value) -> Reply {
+        let url = format!("{}/api/v1/admin/products/{product}/keys/withdraw", self.url);
+        reply(self.admin(self.http.post(url)).json(&body)).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_keys_leave_stock_under_concurrent_orders_never_sold_and_the_audit_counts_them() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    assert_eq!(api.create_product("w", 100, 0, 2).await.status, 201);
+    let all: Vec<String> = (0..300).map(|i| format!("WKEY-{i:04}")).collect();
+    assert_eq!(api.import("w", &all).await.status, 200);
+
+    // Buyers order (and pay one order in two) while the merchant withdraws.
+    let buyers: Vec<_> = (0..8)
+        .map(|w| {
+            let api = t.api();
+            tokio::spawn(async move {
+                let mut delivered = Vec::new();
+                for i in 0..15 {
+                    let o = api.order("w", 1, &format!("w{w}-{i}"), None).await;
+                    if o.status != 201 {
+                        assert_eq!((o.status, o.code()), (409, "sold_out"), "{}", o.body);
+                        continue;
+                    }
+                    if i % 2 == 0 {
+                        let id = o.body["order_id"].as_str().unwrap();
+                        assert_eq!(api.notify(id, &format!("pay-{id}"), 100).await.status, 200);
+                        let read = api.get_order(id, o.body["query_token"].as_str().unwrap()).await;
+                        delivered.push(read.body["keys"][0].as_str().unwrap().to_string());
+                    }
+                }
+                delivered
+            })
+        })
+        .collect();
+    let named: Vec<String> = all[..60].to_vec();
+    let by_name =
+        api.withdraw("w", json!({ "keys": named.iter().chain([&"NOT-A-KEY".to_string()]).collect::<Vec<_>>() })).await;
+    assert_eq!(by_name.status, 200, "{}", by_name.body);
+    let by_count = api.withdraw("w", json!({"count": 100})).await;
+    assert_eq!(by_count.status, 200, "{}", by_count.body);
+    let mut delivered = HashSet::new();
+    for b in buyers {
+        delivered.extend(b.await.unwrap());
+    }
+
+    // The named keys: each either withdrawn or already with an order, never both.
+    let n_named = by_name.body["withdrawn"].as_u64().unwrap();
+    let not_in_stock: Vec<String> = serde_json::from_value(by_name.body["not_in_stock"].clone()).unwrap();
+    assert_eq!(by_name.body["unknown"], json!(["NOT-A-KEY"]));
+    assert_eq!(n_named + not_in_stock.len() as u64, 60, "{}", by_name.body);
+    assert_eq!(by_count.body["withdrawn"], json!(100), "100 keys were still in stock");
+    let withdrawn: HashSet<String> = {
+        let r = reply(api.admin(
+            api.http.get(format!("{}/api/v1/admin/products/w/keys?state=withdrawn&limit=500&reveal=true", api.url)),
+        ))
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["keys"].as_array().unwrap().iter().map(|k| k["key"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(withdrawn.len() as u64, n_named + 100);
+    assert!(withdrawn.is_disjoint(&delivered), "a withdrawn key was sold");
+    for key in &not_in_stock {
+        assert!(!withdrawn.contains(key));
+    }
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    let p = &audit.body["products"][0];
+    assert_eq!(p["withdrawn"], json!(n_named + 100));
+    let sum = ["available", "reserved", "sold", "withdrawn", "in_transit"]
+        .iter()
+        .map(|f| p[f].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(p["imported"].as_u64().unwrap(), sum, "imported = available + reserved + sold + withdrawn + in transit");
+    let stock = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/w", api.url)))).await;
+    assert_eq!(stock.body["stock"]["withdrawn"], json!(n_named + 100), "{}", stock.body);
+
+    // Bad requests, then durability: a crash right after keeps every withdrawal.
+    for body in [
+        json!({}),
+        json!({"count": 0}),
+        json!({"count": 1, "keys": []}),
+        json!({"keys": ["   "]}),
+        json!({"keys": ["a\u{7}b"]}),
+    ] {
+        let r = api.withdraw("w", body.clone()).await;
+        assert_eq!((r.status, r.code()), (422, "invalid_request"), "{body}: {}", r.body);
+    }
+    let r =
+        reply(api.http.post(format!("{}/api/v1/admin/products/w/keys/withdraw", api.url)).json(&json!({"count": 1})))
+            .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(api.withdraw("nope", json!({"count": 1})).await.code(), "product_not_found");
+    let last = api.withdraw("w", json!({"count": 1})).await;
+    let expected = n_named + 100 + last.body["withdrawn"].as_u64().unwrap();
+    let data = t.data.clone();
+    let mut t = t;
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &[]).await;
+    let audit = t2.api().audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(audit.body["products"][0]["withdrawn"], json!(expected));
 }

@@ -182,6 +182,7 @@ impl ProductRoute {
             c.orders += g.orders;
             c.refunds_owed += g.refunds_owed;
             c.paid_waiting += g.paid_waiting;
+            c.withdrawn += g.withdrawn;
         }
         c
     }

@@ -567,6 +567,22 @@ impl Handler<ImportKeys> for ShardActor {
     }
 }
 
+impl Handler<WithdrawKeys> for ShardActor {
+    type Result = ResponseFuture<ActorResult<(u64, Vec<crate::domain::shard::KeyFate>)>>;
+
+    fn handle(&mut self, msg: WithdrawKeys, ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        let (events, withdrawn, fates) = match self.guarded(ctx, |s| s.withdraw(&msg.0)) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        if let Err(e) = self.persist(ctx, &events) {
+            return fail(e);
+        }
+        self.reply_after_all((withdrawn, fates))
+    }
+}
+
 impl Handler<CreateOrder> for ShardActor {
     type Result = ResponseFuture<ActorResult<OrderSnapshot>>;
 

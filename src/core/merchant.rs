@@ -113,6 +113,69 @@ impl Kami {
         Ok(totals)
     }
 
+    /// Takes keys out of stock (see [`crate::domain::shard::Withdrawal`]): named keys
+    /// are asked of every shard (a key may have moved to a sibling), a count is
+    /// taken shard by shard until it is reached or nothing is left. Only available
+    /// keys leave; each shard journals what it withdrew before this answers.
+    pub async fn withdraw_keys(&self, product: &str, what: Withdrawal) -> Result<WithdrawReport, Error> {
+        let route = self.listed(product)?;
+        match what {
+            Withdrawal::Count(n) => {
+                let mut left = n;
+                for shard in &route.shards {
+                    if left == 0 {
+                        break;
+                    }
+                    let msg = shard::WithdrawKeys(Arc::new(Withdrawal::Count(left)));
+                    let (got, _) = self.call(shard, msg).await?;
+                    left -= got.min(left);
+                }
+                Ok(WithdrawReport { withdrawn: n - left, not_in_stock: Vec::new(), unknown: Vec::new() })
+            }
+            Withdrawal::Keys(raw) => {
+                if raw.len() > MAX_WITHDRAW_KEYS {
+                    return Err(Error::Invalid(format!("at most {MAX_WITHDRAW_KEYS} keys per withdrawal")));
+                }
+                let mut keys = Vec::with_capacity(raw.len());
+                for (i, key) in raw.into_iter().enumerate() {
+                    let key = key.trim();
+                    validate::key(key).map_err(|m| Error::Invalid(format!("keys[{i}]: {m}")))?;
+                    keys.push(key.to_string());
+                }
+                let mut fates = vec![KeyFate::Unknown; keys.len()];
+                let what = Arc::new(Withdrawal::Keys(keys));
+                let calls = route.shards.iter().map(|s| self.call(s, shard::WithdrawKeys(what.clone())));
+                let mut withdrawn = 0;
+                // Every shard is asked even when one fails, so that the answer (an
+                // error) never hides a withdrawal that was made and journaled.
+                let mut failed = None;
+                for result in futures::future::join_all(calls).await {
+                    match result {
+                        Ok((n, shard_fates)) => {
+                            withdrawn += n;
+                            for (fate, seen) in fates.iter_mut().zip(shard_fates) {
+                                *fate = (*fate).max(seen);
+                            }
+                        }
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                let Withdrawal::Keys(keys) = &*what else { unreachable!("named keys") };
+                let pick = |want: KeyFate| -> Vec<String> {
+                    keys.iter().zip(&fates).filter(|(_, f)| **f == want).map(|(k, _)| k.clone()).collect()
+                };
+                Ok(WithdrawReport {
+                    withdrawn,
+                    not_in_stock: pick(KeyFate::NotInStock),
+                    unknown: pick(KeyFate::Unknown),
+                })
+            }
+        }
+    }
+
     pub fn product(&self, id: &str) -> Result<ProductView, Error> {
         self.listed(id)?;
         self.product_as_merchant(id)

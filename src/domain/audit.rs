@@ -20,6 +20,8 @@ pub struct ShardAudit {
     pub available: u64,
     pub reserved: u64,
     pub sold: u64,
+    /// Keys the merchant took out of stock.
+    pub withdrawn: u64,
     pub orders: BTreeMap<OrderStatus, u64>,
     pub violations: Vec<String>,
     /// For the product-wide check ([`audit_product`]): this shard's index, its
@@ -68,7 +70,8 @@ pub fn key_digest(key: &str) -> u128 {
 
 /// The product-wide half of the stock audit: a key lent by one shard is in the
 /// borrower's stock once received, and "in transit" before. Returns the keys in
-/// transit and a violation if Σ imported ≠ Σ (available + reserved + sold) + in transit.
+/// transit and a violation if Σ imported ≠ Σ (available + reserved + sold +
+/// withdrawn) + in transit.
 pub fn audit_product(shards: &[ShardAudit]) -> (u64, Option<String>) {
     let received: HashSet<(u16, u16, u64)> =
         shards.iter().flat_map(|a| a.received.iter().map(move |&(from, t)| (a.shard, from, t))).collect();
@@ -79,7 +82,7 @@ pub fn audit_product(shards: &[ShardAudit]) -> (u64, Option<String>) {
         .map(|(_, _, _, n)| n)
         .sum();
     let imported: u64 = shards.iter().map(|a| a.imported).sum();
-    let placed: u64 = shards.iter().map(|a| a.available + a.reserved + a.sold).sum();
+    let placed: u64 = shards.iter().map(|a| a.available + a.reserved + a.sold + a.withdrawn).sum();
     let violation = (imported != placed + in_transit).then(|| {
         format!("product conservation broken: imported {imported} != in stock {placed} + in transit {in_transit}")
     });
@@ -94,6 +97,8 @@ pub struct ProductAudit {
     pub available: u64,
     pub reserved: u64,
     pub sold: u64,
+    /// Keys the merchant took out of stock.
+    pub withdrawn: u64,
     /// Keys lent by one shard to another and not yet received.
     pub in_transit: u64,
     /// Keys delivered by redemptions (paid with points).
@@ -115,6 +120,7 @@ impl ProductAudit {
         self.available += shard.available;
         self.reserved += shard.reserved;
         self.sold += shard.sold;
+        self.withdrawn += shard.withdrawn;
         self.redeemed += shard.redeemed;
         self.orders += shard.orders.values().sum::<u64>();
     }

@@ -35,7 +35,7 @@ mod transfers;
 pub use archive::{Archived, ArchivedOrder};
 pub use effects::Tally;
 pub use event::{Event, PaymentOutcome, PaymentRecord, RefundReason};
-pub use keys::KeyState;
+pub use keys::{KeyFate, KeyState, Withdrawal};
 pub use listing::OrderFilter;
 pub use transfers::{OutgoingTransfer, Transfers};
 
@@ -266,6 +266,8 @@ pub struct Counts {
     pub refunds_owed: u64,
     /// Paid seats waiting for their group to complete (orders `paid`) now.
     pub paid_waiting: u64,
+    /// Keys the merchant withdrew from stock.
+    pub withdrawn: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +288,8 @@ pub struct Shard {
     orders_created: u64,
     /// (v5) What the shard keeps of archived orders.
     archived: Archived,
+    /// (v6) Keys the merchant took out of stock, in the order they left.
+    withdrawn: Vec<KeyId>,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -341,6 +345,9 @@ pub struct ShardParts {
     pub payments: HashMap<String, PaymentRecord>,
     pub transfers: Transfers,
     pub groups: Vec<Group>,
+    /// Orders ever created (`None`: as many as `orders`, nothing archived).
+    pub orders_created: Option<u64>,
+    pub archived: Archived,
 }
 
 impl From<ShardParts> for Shard {
@@ -348,8 +355,9 @@ impl From<ShardParts> for Shard {
         let mut shard = Shard::new(old.product, old.shard);
         shard.keys = old.keys;
         shard.available = old.available;
-        shard.orders_created = old.orders.len() as u64;
+        shard.orders_created = old.orders_created.unwrap_or(old.orders.len() as u64);
         shard.orders = old.orders.into_iter().map(|o| (o.seq, o)).collect();
+        shard.archived = old.archived;
         shard.payments = old.payments;
         shard.transfers = old.transfers;
         shard.groups = old.groups;
@@ -372,6 +380,7 @@ impl Shard {
             groups: Vec::new(),
             orders_created: 0,
             archived: Archived::default(),
+            withdrawn: Vec::new(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: HashMap::new(),
@@ -463,6 +472,7 @@ impl Shard {
             orders: self.orders_created,
             refunds_owed: self.refunds_owed.len() as u64,
             paid_waiting: self.seat_payments.len() as u64,
+            withdrawn: self.withdrawn.len() as u64,
         }
     }
 
@@ -1327,7 +1337,16 @@ mod tests {
         assert!(matches!(s.pay(paid(other, "p2", 990), 2003).unwrap(), Outcome::Changed(_, PaymentOutcome::Delivered)));
         assert_eq!(
             s.counts(),
-            Counts { imported: 1, available: 0, reserved: 0, sold: 1, orders: 2, refunds_owed: 1, paid_waiting: 0 }
+            Counts {
+                imported: 1,
+                available: 0,
+                reserved: 0,
+                sold: 1,
+                orders: 2,
+                refunds_owed: 1,
+                paid_waiting: 0,
+                withdrawn: 0
+            }
         );
         assert!(s.audit().violations.is_empty(), "{:?}", s.audit());
     }

@@ -63,6 +63,39 @@ pub async fn import_keys(
     Ok(Json(json!({"imported": imported, "duplicates": duplicates})))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WithdrawBody {
+    keys: Option<Vec<String>>,
+    count: Option<u64>,
+}
+
+/// Takes unsold keys out of stock: `{"keys": [...]}` or `{"count": n}`.
+pub async fn withdraw_keys(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_import_bytes).await?;
+    let what = match extract::json::<WithdrawBody>(&bytes)? {
+        WithdrawBody { keys: Some(keys), count: None } => crate::core::Withdrawal::Keys(keys),
+        WithdrawBody { keys: None, count: Some(n) } if n > 0 => crate::core::Withdrawal::Count(n),
+        WithdrawBody { keys: None, count: Some(_) } => return Err(ApiError::invalid("count: at least 1")),
+        _ => return Err(ApiError::invalid("body: either keys or count")),
+    };
+    let report = core.withdraw_keys(&id, what).await?;
+    tracing::info!(product = %id, withdrawn = report.withdrawn, "keys withdrawn from stock");
+    Ok(Json(json!({
+        "product_id": id,
+        "withdrawn": report.withdrawn,
+        "not_in_stock": report.not_in_stock,
+        "unknown": report.unknown,
+    })))
+}
+
 pub async fn admin_get_order(
     State(st): State<AppState>,
     Path(order_id): Path<String>,
@@ -214,7 +247,7 @@ pub async fn list_keys(
         Some(s) => KeyState::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| ApiError::invalid(format!("state: available, reserved or sold, not {s}")))?,
+            .ok_or_else(|| ApiError::invalid(format!("state: available, reserved, sold or withdrawn, not {s}")))?,
     };
     // A cursor belongs to one product and state.
     let scope = format!("keys/{id}/{}", state.as_str());

@@ -58,7 +58,10 @@ pub fn public_product(p: &ProductView, points_price: Option<u64>) -> Value {
 pub fn merchant_product(p: &ProductView, points_price: Option<u64>) -> Value {
     let c = p.counts;
     let mut v = product(&p.info, &p.terms, c.available, points_price, p.shelf, p.shelf_since_ms);
-    v["stock"] = json!({"imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold});
+    v["stock"] = json!({
+        "imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold,
+        "withdrawn": c.withdrawn,
+    });
     v["orders_created"] = json!(c.orders);
     v["refunds_owed"] = json!(c.refunds_owed);
     v["paid_waiting"] = json!(c.paid_waiting);
@@ -188,7 +191,7 @@ pub fn audit(r: &AuditReport) -> Value {
         .map(|p| {
             json!({
                 "id": p.id, "imported": p.imported, "available": p.available, "reserved": p.reserved,
-                "sold": p.sold, "in_transit": p.in_transit,
+                "sold": p.sold, "withdrawn": p.withdrawn, "in_transit": p.in_transit,
                 "orders_in_memory": p.orders_in_memory, "orders_archived": p.orders_archived,
             })
         })

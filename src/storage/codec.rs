@@ -12,7 +12,7 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::legacy::{ShardV2, ShardV3, ShardV4};
+use super::legacy::{ShardV2, ShardV3, ShardV4, ShardV5};
 use crate::domain::Shard;
 
 pub const MAGIC: [u8; 4] = *b"KAMI";
@@ -35,7 +35,11 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// (`OrdersArchived`) and one refund reason (`OrderArchived`) are added at the end
 /// of their enums; archive records are a new kind. v4 snapshots decode as
 /// [`ShardV4`].
-pub const FORMAT_VERSION: u8 = 5;
+///
+/// Version 6: the merchant withdraws keys. One event (`KeysWithdrawn`) is added at
+/// the end of `Event` and a snapshot ends with the shard's withdrawn keys; v5
+/// snapshots decode as [`ShardV5`] (nothing withdrawn).
+pub const FORMAT_VERSION: u8 = 6;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 /// Size of the envelope's header.
@@ -167,6 +171,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
         Some(1 | 2) => decode::<ShardV2>(Kind::Snapshot, bytes).map(Shard::from),
         Some(3) => decode::<ShardV3>(Kind::Snapshot, bytes).map(Shard::from),
         Some(4) => decode::<ShardV4>(Kind::Snapshot, bytes).map(Shard::from),
+        Some(5) => decode::<ShardV5>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
     }
 }

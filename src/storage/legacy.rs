@@ -4,12 +4,12 @@
 //! constructor: the domain knows no storage format. See `codec::FORMAT_VERSION` for
 //! what each version changed; `tests/golden.rs` decodes a record of every version.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Deserialize;
 
 use crate::domain::group::Group;
-use crate::domain::shard::{KeyId, ShardParts, Transfers};
+use crate::domain::shard::{Archived, KeyId, ShardParts, Transfers};
 use crate::domain::{Order, PaymentRecord, ProductInfo, Shard};
 
 /// A snapshot as format v1 and v2 wrote it: no transfers.
@@ -65,6 +65,53 @@ pub struct ShardV4 {
 impl From<ShardV4> for Shard {
     fn from(old: ShardV4) -> Shard {
         let ShardV4 { product, shard, keys, available, orders, payments, transfers, groups } = old;
-        ShardParts { product, shard, keys, available, orders, payments, transfers, groups }.into()
+        ShardParts {
+            product,
+            shard,
+            keys,
+            available,
+            orders,
+            payments,
+            transfers,
+            groups,
+            orders_created: None,
+            archived: Archived::default(),
+        }
+        .into()
+    }
+}
+
+/// A snapshot as format v5 wrote it: nothing withdrawn.
+#[derive(Deserialize)]
+pub struct ShardV5 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: BTreeMap<u64, Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+    groups: Vec<Group>,
+    orders_created: u64,
+    archived: Archived,
+}
+
+impl From<ShardV5> for Shard {
+    fn from(old: ShardV5) -> Shard {
+        let ShardV5 { product, shard, keys, available, orders, payments, transfers, groups, orders_created, archived } =
+            old;
+        ShardParts {
+            product,
+            shard,
+            keys,
+            available,
+            orders: orders.into_values().collect(),
+            payments,
+            transfers,
+            groups,
+            orders_created: Some(orders_created),
+            archived,
+        }
+        .into()
     }
 }

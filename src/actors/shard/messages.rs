@@ -32,6 +32,12 @@ impl OrderSnapshot {
 #[rtype(result = "ActorResult<(u64, u64)>")]
 pub struct ImportKeys(pub Vec<String>);
 
+/// Takes keys out of stock; answers how many left and, for named keys, the fate
+/// of each in the order asked.
+#[derive(Message)]
+#[rtype(result = "ActorResult<(u64, Vec<crate::domain::shard::KeyFate>)>")]
+pub struct WithdrawKeys(pub std::sync::Arc<crate::domain::shard::Withdrawal>);
+
 #[derive(Message)]
 #[rtype(result = "ActorResult<OrderSnapshot>")]
 pub struct CreateOrder(pub NewOrder);

@@ -139,6 +139,15 @@ impl Shard {
                 self.orders_created += 1;
             }
             Event::OrdersArchived { seqs, at_ms, keep_keys_ms } => self.apply_archive(seqs, *at_ms, *keep_keys_ms),
+            Event::KeysWithdrawn { keys } => {
+                assert!(keys.len() <= MAX_KEYS_PER_EVENT);
+                let leaving: HashSet<KeyId> = keys.iter().copied().collect();
+                assert_eq!(leaving.len(), keys.len(), "a key withdrawn twice in one event");
+                let before = self.available.len();
+                self.available.retain(|id| !leaving.contains(id));
+                assert_eq!(before - self.available.len(), keys.len(), "only available keys are withdrawn");
+                self.withdrawn.extend_from_slice(keys);
+            }
             Event::KeysLent { .. } | Event::KeysReceived { .. } | Event::TransferSettled { .. } => {
                 self.apply_transfer(event)
             }

@@ -13,6 +13,7 @@ impl Shard {
             Nowhere,
             Available,
             Away,
+            Withdrawn,
             Reserved(u64),
             Sold(u64),
         }
@@ -28,6 +29,9 @@ impl Shard {
         }
         for &id in &self.transfers.away {
             mark(id, Place::Away, &mut violations);
+        }
+        for &id in &self.withdrawn {
+            mark(id, Place::Withdrawn, &mut violations);
         }
         // (A key of an unsettled transfer may be back already: lent on by the borrower.)
         if self.transfers.unsettled.values().any(|(to, _)| *to == self.shard) {
@@ -91,7 +95,7 @@ impl Shard {
         self.audit_groups(&mut violations);
         let lost = place.iter().filter(|p| **p == Place::Nowhere).count();
         if lost > 0 {
-            violations.push(format!("{lost} keys are neither available, reserved, sold nor lent"));
+            violations.push(format!("{lost} keys are neither available, reserved, sold, lent nor withdrawn"));
         }
         let distinct: HashSet<&str> = self.keys.iter().map(|k| &**k).collect();
         if distinct.len() != self.keys.len() {
@@ -101,10 +105,11 @@ impl Shard {
         let away = self.transfers.away.len() as u64;
         audit.imported = known - self.transfers.received_new;
         audit.available = self.available.len() as u64;
-        if known != audit.available + audit.reserved + audit.sold + away {
+        audit.withdrawn = self.withdrawn.len() as u64;
+        if known != audit.available + audit.reserved + audit.sold + away + audit.withdrawn {
             violations.push(format!(
-                "conservation broken: known {known} != available {} + reserved {} + sold {} + lent {away}",
-                audit.available, audit.reserved, audit.sold
+                "conservation broken: known {known} != available {} + reserved {} + sold {} + lent {away} + withdrawn {}",
+                audit.available, audit.reserved, audit.sold, audit.withdrawn
             ));
         }
         audit.shard = self.shard;

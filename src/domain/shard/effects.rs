@@ -46,7 +46,8 @@ impl Shard {
             | Event::KeysLent { .. }
             | Event::KeysReceived { .. }
             | Event::TransferSettled { .. }
-            | Event::OrdersArchived { .. } => None,
+            | Event::OrdersArchived { .. }
+            | Event::KeysWithdrawn { .. } => None,
             Event::OrderCreated { order } | Event::OrderRedeemed { order } => Some(order.seq),
             Event::PaymentApplied { record, .. } => Some(record.order_seq),
             Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),

@@ -89,7 +89,8 @@ impl Event {
             | Event::KeysImported { .. }
             | Event::KeysLent { .. }
             | Event::KeysReceived { .. }
-            | Event::TransferSettled { .. } => None,
+            | Event::TransferSettled { .. }
+            | Event::KeysWithdrawn { .. } => None,
         }
     }
 }
@@ -169,5 +170,11 @@ pub enum Event {
         seqs: Vec<u64>,
         at_ms: Millis,
         keep_keys_ms: Millis,
+    },
+    /// (v6) The merchant took available keys out of stock (at most
+    /// [`super::MAX_KEYS_PER_EVENT`] per event). They stay known (a withdrawn key
+    /// cannot be imported again) and are never sold.
+    KeysWithdrawn {
+        keys: Vec<KeyId>,
     },
 }

@@ -1,25 +1,58 @@
 //! A shard's keys by state, for the merchant's key listing: available (in stock),
 //! reserved (held by an order waiting for its payment, or a paid seat of an open
-//! group) and sold (delivered, archived orders' included). Keys lent to a sibling
-//! shard are in none of them here (the sibling lists them).
+//! group), sold (delivered, archived orders' included) and withdrawn (taken out
+//! of stock by the merchant). Keys lent to a sibling shard are in none of them
+//! here (the sibling lists them). And the merchant's withdrawal of keys.
 
-use super::{KeyId, OrderStatus, Shard};
+use std::collections::HashMap;
+
+use super::{Event, KeyId, OrderStatus, Shard, MAX_KEYS_PER_EVENT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
     Available,
     Reserved,
     Sold,
+    Withdrawn,
 }
 
 impl KeyState {
-    pub const ALL: [KeyState; 3] = [KeyState::Available, KeyState::Reserved, KeyState::Sold];
+    pub const ALL: [KeyState; 4] = [KeyState::Available, KeyState::Reserved, KeyState::Sold, KeyState::Withdrawn];
 
     pub fn as_str(self) -> &'static str {
         match self {
             KeyState::Available => "available",
             KeyState::Reserved => "reserved",
             KeyState::Sold => "sold",
+            KeyState::Withdrawn => "withdrawn",
+        }
+    }
+}
+
+/// What a merchant takes out of stock: these keys, or any `n` available ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Withdrawal {
+    Keys(Vec<String>),
+    Count(u64),
+}
+
+/// What became of one key asked for by a [`Withdrawal::Keys`], in one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KeyFate {
+    /// Not a key of this shard.
+    Unknown,
+    /// A key of this shard, not available (reserved, sold, lent or withdrawn before).
+    NotInStock,
+    /// Taken out of stock now.
+    Withdrawn,
+}
+
+impl KeyFate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyFate::Unknown => "unknown",
+            KeyFate::NotInStock => "not_in_stock",
+            KeyFate::Withdrawn => "withdrawn",
         }
     }
 }
@@ -43,6 +76,7 @@ impl Shard {
                 mark(front);
                 mark(back);
             }
+            KeyState::Withdrawn => mark(&self.withdrawn),
             KeyState::Reserved | KeyState::Sold => {
                 for order in self.orders.values() {
                     let reserved = matches!(order.status, OrderStatus::PendingPayment | OrderStatus::Paid);
@@ -67,5 +101,146 @@ impl Shard {
         }
         let at_end = ids.next().is_none();
         (page, at_end)
+    }
+
+    /// Takes keys out of stock: the ones named that are available here, or up to
+    /// `n` available ones (from the back of the queue, the last to be sold). Only
+    /// available keys leave: a reserved key stays with its order, a sold one with
+    /// its buyer. Returns the events (already applied, [`MAX_KEYS_PER_EVENT`] keys
+    /// each), how many keys left, and for [`Withdrawal::Keys`] the fate of each key
+    /// asked for, in the order asked.
+    pub fn withdraw(&mut self, what: &Withdrawal) -> (Vec<Event>, u64, Vec<KeyFate>) {
+        let (ids, fates) = match what {
+            Withdrawal::Count(n) => {
+                let n = (*n).min(self.available.len() as u64) as usize;
+                (self.available.iter().rev().take(n).copied().collect::<Vec<KeyId>>(), Vec::new())
+            }
+            Withdrawal::Keys(keys) => {
+                let mut asked: HashMap<KeyId, usize> = HashMap::with_capacity(keys.len());
+                let mut fates = Vec::with_capacity(keys.len());
+                for (i, key) in keys.iter().enumerate() {
+                    match self.find_key(key) {
+                        None => fates.push(KeyFate::Unknown),
+                        Some(id) => {
+                            fates.push(KeyFate::NotInStock);
+                            asked.entry(id).or_insert(i);
+                        }
+                    }
+                }
+                let mut ids = Vec::new();
+                for id in &self.available {
+                    if let Some(&i) = asked.get(id) {
+                        fates[i] = KeyFate::Withdrawn;
+                        ids.push(*id);
+                    }
+                }
+                (ids, fates)
+            }
+        };
+        let mut events = Vec::new();
+        for chunk in ids.chunks(MAX_KEYS_PER_EVENT) {
+            let event = Event::KeysWithdrawn { keys: chunk.to_vec() };
+            self.apply(&event);
+            events.push(event);
+        }
+        (events, ids.len() as u64, fates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::shard::{NewOrder, Outcome, Payment};
+    use crate::domain::ProductInfo;
+
+    fn shard(keys: usize) -> Shard {
+        let product = ProductInfo {
+            id: "p".into(),
+            name: "P".into(),
+            price_cents: 100,
+            per_buyer_limit: 0,
+            shards: 1,
+            created_at_ms: 0,
+        };
+        let mut s = Shard::new(product, 0);
+        s.import_keys((0..keys).map(|i| format!("K{i}")).collect());
+        s
+    }
+
+    fn order(s: &mut Shard, buyer: &str, quantity: u32) -> u64 {
+        let new =
+            NewOrder { buyer: buyer.into(), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 };
+        let Outcome::Changed(_, seq) = s.create_order(new, 1).unwrap() else { panic!("created") };
+        seq
+    }
+
+    fn replayed(s: &Shard, events: &[Event]) -> Shard {
+        let mut copy = s.clone();
+        for e in events {
+            copy.apply(e);
+        }
+        copy
+    }
+
+    #[test]
+    fn only_available_keys_are_withdrawn_and_the_audit_counts_them() {
+        let mut s = shard(6);
+        let reserved = order(&mut s, "a", 1); // takes K0
+        let sold = order(&mut s, "b", 1); // takes K1
+        let pay = Payment {
+            order_seq: sold,
+            payment_id: "pay".into(),
+            channel: "sandbox".into(),
+            amount_cents: 100,
+            status: "paid".into(),
+        };
+        s.pay(pay, 2).unwrap();
+        let before = s.clone();
+        let asked: Vec<String> = ["K0", "K1", "K2", "nope", "K2", "K3"].iter().map(|k| k.to_string()).collect();
+        let (events, n, fates) = s.withdraw(&Withdrawal::Keys(asked));
+        assert_eq!(n, 2);
+        use KeyFate::*;
+        assert_eq!(fates, [NotInStock, NotInStock, Withdrawn, Unknown, NotInStock, Withdrawn]);
+        assert_eq!(
+            s.keys_in(KeyState::Withdrawn, None, 10).0.iter().map(|(_, k)| *k).collect::<Vec<_>>(),
+            ["K2", "K3"]
+        );
+        assert_eq!(s.order(reserved).unwrap().keys.len(), 1, "the reserved key stays with its order");
+        let c = s.counts();
+        assert_eq!((c.imported, c.available, c.reserved, c.sold, c.withdrawn), (6, 2, 1, 1, 2));
+        let audit = s.audit();
+        assert!(audit.violations.is_empty(), "{:?}", audit.violations);
+        assert_eq!(audit.withdrawn, 2);
+        // The journal replays to the same state.
+        let again = replayed(&before, &events);
+        assert_eq!(again.counts(), s.counts());
+        // Withdrawn again: nothing left to take; and never sold.
+        let (events, n, _) = s.withdraw(&Withdrawal::Keys(vec!["K2".into()]));
+        assert!(events.is_empty() && n == 0);
+        order(&mut s, "c", 2);
+        assert!(
+            s.create_order(
+                NewOrder { buyer: "d".into(), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1 },
+                1
+            )
+            .is_err(),
+            "K4 and K5 were the last keys in stock"
+        );
+    }
+
+    #[test]
+    fn a_count_takes_from_the_back_of_the_queue_and_stops_at_what_is_available() {
+        let mut s = shard(MAX_KEYS_PER_EVENT + 10);
+        order(&mut s, "a", 1);
+        let (events, n, fates) = s.withdraw(&Withdrawal::Count(u64::MAX));
+        assert_eq!(n as usize, MAX_KEYS_PER_EVENT + 9);
+        assert_eq!(events.len(), 2, "at most MAX_KEYS_PER_EVENT keys an event");
+        assert!(fates.is_empty());
+        assert_eq!(s.counts().available, 0);
+        assert!(s.audit().violations.is_empty());
+        let mut t = shard(5);
+        t.withdraw(&Withdrawal::Count(2));
+        let left: Vec<&str> = t.keys_in(KeyState::Available, None, 10).0.into_iter().map(|(_, k)| k).collect();
+        assert_eq!(left, ["K0", "K1", "K2"], "the first in line are kept");
     }
 }
