@@ -6,7 +6,8 @@
 //! * `kami audit --data DIR` must pass on the directory as the crash left it;
 //! * the restarted server must show every write a client was told succeeded: each
 //!   acknowledged order exists, each acknowledged payment is delivered with the
-//!   keys the buyer saw, no key is delivered twice, and conservation holds.
+//!   keys the buyer saw, no key is delivered twice, and conservation holds (with
+//!   the keys restocked and withdrawn by acknowledged requests counted).
 //!
 //! Seeded (rerun with `KAMI_SEED=...`); `KAMI_SOAK=n` runs n times the cycles.
 
@@ -35,6 +36,8 @@ type Ledger = Arc<Mutex<HashMap<String, Acked>>>;
 
 /// Keys imported by a worker that found the product sold out.
 const RESTOCK_KEYS: usize = 500;
+/// Keys that worker then withdraws.
+const WITHDRAW_KEYS: u64 = 10;
 
 /// Shared by the traffic workers of a run.
 #[derive(Clone, Default)]
@@ -43,11 +46,13 @@ struct Counts {
     acked: Arc<AtomicUsize>,
     /// Keys added by acknowledged restocks, over the whole run.
     restocked: Arc<AtomicUsize>,
+    /// Keys taken out of stock by acknowledged withdrawals, over the whole run.
+    withdrawn: Arc<AtomicUsize>,
 }
 
 /// Buyers order and pay until the server goes away; every 2xx goes in the ledger.
 async fn traffic(api: Api, ledger: Ledger, worker: usize, cycle: usize, counts: Counts) {
-    let Counts { acked, restocked } = counts;
+    let Counts { acked, restocked, withdrawn } = counts;
     for i in 0.. {
         let buyer = format!("c{cycle}-w{worker}-b{i}");
         let Ok(resp) = api
@@ -78,6 +83,19 @@ async fn traffic(api: Api, ledger: Ledger, worker: usize, cycle: usize, counts: 
                 };
                 if r.status() == 200 || r.status() == 201 {
                     restocked.fetch_add(RESTOCK_KEYS, Ordering::SeqCst);
+                }
+                // And takes a few back out of stock (a journaled withdrawal).
+                let Ok(w) = api
+                    .admin(api.http.post(format!("{}/api/v1/admin/products/p/keys/withdraw", api.url)))
+                    .json(&json!({ "count": WITHDRAW_KEYS }))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if w.status() == 200 {
+                    let Ok(body) = w.json::<serde_json::Value>().await else { return };
+                    withdrawn.fetch_add(body["withdrawn"].as_u64().unwrap() as usize, Ordering::SeqCst);
                 }
             }
             continue;
@@ -198,6 +216,7 @@ async fn kill_9_at_random_instants_loses_no_acknowledged_write() {
 
     let ledger: Ledger = Arc::default();
     let restocked = Arc::new(AtomicUsize::new(0));
+    let withdrawn = Arc::new(AtomicUsize::new(0));
     let mut deaths: BTreeMap<String, usize> = BTreeMap::new();
     let mut recovery_ms = Vec::new();
     let mut findings = 0;
@@ -218,7 +237,7 @@ async fn kill_9_at_random_instants_loses_no_acknowledged_write() {
         let mut server = Server::start(&data, &env);
         recovery_ms.push(server.recovery_ms);
 
-        let counts = Counts { acked: Arc::default(), restocked: restocked.clone() };
+        let counts = Counts { acked: Arc::default(), restocked: restocked.clone(), withdrawn: withdrawn.clone() };
         let workers: Vec<_> =
             (0..16).map(|w| tokio::spawn(traffic(server.api(), ledger.clone(), w, cycle, counts.clone()))).collect();
         let api = server.api();
@@ -294,11 +313,19 @@ async fn kill_9_at_random_instants_loses_no_acknowledged_write() {
     let imported = audit.body["products"][0]["imported"].as_u64().unwrap() as usize;
     assert!(imported >= keys.len() + restocked.load(Ordering::SeqCst), "an acknowledged import was lost");
     assert!(audit.body["products"][0]["sold"].as_u64().unwrap() >= paid as u64);
+    let acked_withdrawn = withdrawn.load(Ordering::SeqCst) as u64;
+    assert!(
+        audit.body["products"][0]["withdrawn"].as_u64().unwrap() >= acked_withdrawn,
+        "an acknowledged withdrawal was lost: {} acknowledged, audit {}",
+        acked_withdrawn,
+        audit.body
+    );
 
     recovery_ms.sort_unstable();
     eprintln!(
         "{cycles} deaths {deaths:?}; {} acknowledged orders and {paid} acknowledged payments checked; \
-         {findings} repairable findings; 0 violations; {} keys restocked; recovery ms median {} max {}",
+         {findings} repairable findings; 0 violations; {} keys restocked, {acked_withdrawn} withdrawn; \
+         recovery ms median {} max {}",
         all.len(),
         restocked.load(Ordering::SeqCst),
         recovery_ms[recovery_ms.len() / 2],

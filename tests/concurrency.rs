@@ -57,7 +57,7 @@ async fn two_thousand_buyers_on_five_hundred_keys() {
     assert_audit_ok(&audit);
     assert_eq!(
         audit.body["products"][0],
-        json!({"id": "hot", "imported": KEYS, "available": 0, "reserved": 0, "sold": KEYS, "in_transit": 0,
+        json!({"id": "hot", "imported": KEYS, "available": 0, "reserved": 0, "sold": KEYS, "in_transit": 0, "withdrawn": 0,
             "orders_in_memory": KEYS, "orders_archived": 0})
     );
     assert_eq!(audit.body["orders"]["delivered"], json!(KEYS));

@@ -38,7 +38,7 @@ async fn full_purchase_delivers_a_key_and_audit_holds() {
     assert_audit_ok(&audit);
     assert_eq!(
         audit.body["products"][0],
-        json!({"id": "p1", "imported": 3, "available": 2, "reserved": 0, "sold": 1, "in_transit": 0,
+        json!({"id": "p1", "imported": 3, "available": 2, "reserved": 0, "sold": 1, "in_transit": 0, "withdrawn": 0,
             "orders_in_memory": 1, "orders_archived": 0})
     );
     assert_eq!(audit.body["orders"]["delivered"], json!(1));

@@ -31,7 +31,7 @@ async fn panicked_stock_actor_is_rebuilt_from_storage() {
     assert_audit_ok(&audit);
     assert_eq!(
         audit.body["products"][0],
-        json!({"id": "p", "imported": 3, "available": 0, "reserved": 1, "sold": 2, "in_transit": 0,
+        json!({"id": "p", "imported": 3, "available": 0, "reserved": 1, "sold": 2, "in_transit": 0, "withdrawn": 0,
             "orders_in_memory": 3, "orders_archived": 0})
     );
 }
