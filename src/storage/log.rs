@@ -42,6 +42,10 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 const HEADER: usize = 2 + 8 + 8 + 4 + 4;
 /// Space allocated ahead of the writes of a segment.
 const PREALLOCATE_BYTES: u64 = 8 << 20;
+/// Most bytes staged and not yet written: past it (the log's writes keep failing)
+/// staging is refused, so what journals append stays pending in them, where
+/// their own bound refuses new appends.
+const MAX_BUFFER_BYTES: usize = 256 << 20;
 /// A buffer that grew past this (a key import) is not kept once written.
 const KEEP_BUFFER_CAPACITY: usize = 4 << 20;
 
@@ -225,6 +229,9 @@ impl CommitLog {
             .ok_or_else(|| {
                 StorageError::Io(format!("journal {} is not under the log's directory", journal.dir().display()))
             })?;
+        if self.buf.len() > MAX_BUFFER_BYTES {
+            return Err(StorageError::Io(format!("commit log: {} bytes wait to be written", self.buf.len())));
+        }
         let name = name.as_bytes();
         let mut header = [0u8; HEADER];
         header[0..2].copy_from_slice(&(name.len() as u16).to_le_bytes());
