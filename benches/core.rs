@@ -36,6 +36,7 @@ fn domain(c: &mut Criterion) {
                     idempotency: None,
                     query_token: String::new(),
                     ttl_ms: 60_000,
+                    password: None,
                 };
                 let Ok(Outcome::Changed(_, seq)) = s.create_order(req, i) else { panic!("reserve") };
                 let pay = Payment {
@@ -62,6 +63,7 @@ fn domain(c: &mut Criterion) {
                 idempotency: None,
                 query_token: String::new(),
                 ttl_ms: 60_000,
+                password: None,
             };
             let Ok(Outcome::Changed(_, seq)) = s.create_order(req, now) else { panic!("reserve") };
             s.cancel(seq, now).expect("cancel");
@@ -221,7 +223,12 @@ async fn run_purchases(
 }
 
 async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
-    let req = kami::core::OrderRequest { product_id: product.into(), quantity: 1, buyer: format!("buyer{i}") };
+    let req = kami::core::OrderRequest {
+        product_id: product.into(),
+        quantity: 1,
+        buyer: format!("buyer{i}"),
+        query_password: None,
+    };
     let order = loop {
         match core.create_order(req.clone(), None).await {
             Ok(o) => break o,
@@ -276,7 +283,8 @@ fn actor_round_trip(c: &mut Criterion) {
         };
         core.create_product(new).await.unwrap();
         core.import_keys("rt", vec!["k".into()]).await.unwrap();
-        let req = kami::core::OrderRequest { product_id: "rt".into(), quantity: 1, buyer: "b".into() };
+        let req =
+            kami::core::OrderRequest { product_id: "rt".into(), quantity: 1, buyer: "b".into(), query_password: None };
         let o = core.create_order(req, None).await.unwrap();
         format!("{}.{}.{}", o.product_id, o.shard, o.order.seq)
     });

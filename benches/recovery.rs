@@ -46,6 +46,7 @@ fn sell(storage: &Storage, shard: &mut Shard, seq: u64, orders: u64, tag: &str) 
             idempotency: None,
             query_token: format!("{:032x}", i),
             ttl_ms: 300_000,
+            password: None,
         };
         let Outcome::Changed(created, order_seq) = shard.create_order(new, 1_000 + i).unwrap() else { unreachable!() };
         append(&created);

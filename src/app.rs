@@ -509,7 +509,19 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
-    let parts = Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices, group_deals };
+    let lookup_secret = storage.lookup_secret().map_err(|e| StartError::Recovery(format!("lookup secret: {e}")))?;
+    let parts = Parts {
+        registry,
+        supervisor,
+        payments,
+        storage,
+        clock,
+        channels,
+        points,
+        points_prices,
+        group_deals,
+        lookup_secret,
+    };
     let core = Arc::new(Kami::new(parts, CoreLimits::from_settings(&settings), settings.orders.ttl_secs * 1000));
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
     state.set_ready(core.clone());
@@ -524,6 +536,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
                 if let Some(l) = &limiter_state.rate_limits {
                     l.prune();
                 }
+                limiter_state.lookup_limits.prune();
             }
         })
     };

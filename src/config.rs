@@ -29,6 +29,21 @@ pub struct Settings {
     pub log: LogSettings,
     pub ops: OpsSettings,
     pub buyers: BuyerSettings,
+    pub lookup: LookupSettings,
+}
+
+/// Buyer order lookup: hashing query passwords and the route's own rate limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupSettings {
+    /// 0: one per core.
+    pub max_parallel_hashes: usize,
+    pub max_waiting_hashes: usize,
+    pub per_ip_per_minute: u32,
+    pub per_ip_burst: u32,
+    pub per_buyer_per_minute: u32,
+    pub per_buyer_burst: u32,
+    pub max_tracked: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -386,6 +401,18 @@ impl Settings {
             "groups.max_deals_per_product",
             "must be 1..=1024",
         )?;
+        let l = &self.lookup;
+        check(l.max_parallel_hashes <= 1024, "lookup.max_parallel_hashes", "must be at most 1024")?;
+        check(l.max_waiting_hashes <= 1_000_000, "lookup.max_waiting_hashes", "must be at most 1000000")?;
+        for (value, key) in [
+            (l.per_ip_per_minute, "lookup.per_ip_per_minute"),
+            (l.per_ip_burst, "lookup.per_ip_burst"),
+            (l.per_buyer_per_minute, "lookup.per_buyer_per_minute"),
+            (l.per_buyer_burst, "lookup.per_buyer_burst"),
+        ] {
+            check(value >= 1, key, "must be at least 1")?;
+        }
+        check(l.max_tracked >= 1, "lookup.max_tracked", "must be at least 1")?;
         check(self.keys.max_import_bytes >= 1024, "keys.max_import_bytes", "must be at least 1024")?;
         check(self.orders.ttl_secs >= 1, "orders.ttl_secs", "must be at least 1")?;
         check(self.orders.ttl_secs <= 30 * 86400, "orders.ttl_secs", "must be at most 30 days")?;

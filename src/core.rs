@@ -43,6 +43,7 @@ mod borrow;
 mod groups;
 mod idempotency;
 mod listing;
+mod lookup;
 mod merchant;
 mod notify;
 mod operations;
@@ -52,6 +53,7 @@ mod redemption;
 pub use listing::{
     KeyPage, OrderPage, OrderPosition, OrderQuery, MAX_KEY_PAGE, MAX_ORDERS_SCANNED_PER_PAGE, MAX_ORDER_PAGE,
 };
+pub use lookup::{position as lookup_position, LookupPage, Passwords, MAX_LOOKUP_PAGE};
 
 /// A merchant's change to a product: its terms, and on or off the shelf.
 #[derive(Debug, Clone, Default)]
@@ -111,6 +113,8 @@ pub struct CoreLimits {
     pub max_group_size: u32,
     pub max_group_time_limit_secs: u64,
     pub max_deals_per_product: usize,
+    pub max_parallel_hashes: usize,
+    pub max_waiting_hashes: usize,
 }
 
 impl CoreLimits {
@@ -128,6 +132,8 @@ impl CoreLimits {
             max_group_size: s.groups.max_group_size,
             max_group_time_limit_secs: s.groups.max_time_limit_secs,
             max_deals_per_product: s.groups.max_deals_per_product,
+            max_parallel_hashes: s.lookup.max_parallel_hashes,
+            max_waiting_hashes: s.lookup.max_waiting_hashes,
         }
     }
 }
@@ -151,6 +157,8 @@ pub struct OrderRequest {
     pub product_id: String,
     pub quantity: u64,
     pub buyer: String,
+    /// Lets the buyer find the order again (`lookup_orders`); stored as a hash.
+    pub query_password: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +215,8 @@ pub struct Kami {
     /// Product and deal creation are rare: one at a time, so "exists" and "same id,
     /// other terms" are exact.
     merchant_writes: tokio::sync::Mutex<()>,
+    /// Hashes query passwords (buyer order lookup).
+    passwords: Passwords,
 }
 
 /// The actors and shared tables a [`Kami`] routes to.
@@ -220,6 +230,8 @@ pub struct Parts {
     pub points: Vec<PointsHandle>,
     pub points_prices: Vec<(String, u64)>,
     pub group_deals: Vec<crate::domain::group::GroupDeal>,
+    /// Salts query passwords (`Storage::lookup_secret`).
+    pub lookup_secret: [u8; 32],
 }
 
 impl Kami {
@@ -228,8 +240,19 @@ impl Kami {
         // with another product is caught too (the owning shard catches the rest).
         let pins = Fingerprints::new(limits.max_idempotency_keys, limits.idempotency_ttl_ms);
         let nonces = Fingerprints::new(limits.max_nonces, limits.max_skew_secs * 2000);
-        let Parts { registry, supervisor, payments, storage, clock, channels, points, points_prices, group_deals } =
-            parts;
+        let Parts {
+            registry,
+            supervisor,
+            payments,
+            storage,
+            clock,
+            channels,
+            points,
+            points_prices,
+            group_deals,
+            lookup_secret,
+        } = parts;
+        let passwords = Passwords::new(lookup_secret, limits.max_parallel_hashes, limits.max_waiting_hashes);
         Kami {
             registry,
             supervisor,
@@ -245,6 +268,7 @@ impl Kami {
             points_prices: points_prices.into_iter().collect(),
             deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),
             merchant_writes: tokio::sync::Mutex::new(()),
+            passwords,
         }
     }
 

@@ -7,7 +7,8 @@
 //! * the restarted server must show every write a client was told succeeded: each
 //!   acknowledged order exists, each acknowledged payment is delivered with the
 //!   keys the buyer saw, no key is delivered twice, and conservation holds (with
-//!   the keys restocked and withdrawn by acknowledged requests counted).
+//!   the keys restocked and withdrawn by acknowledged requests counted), and an
+//!   order created with a query password is found by it.
 //!
 //! Seeded (rerun with `KAMI_SEED=...`); `KAMI_SOAK=n` runs n times the cycles.
 
@@ -30,6 +31,8 @@ struct Acked {
     paid: bool,
     /// The cycle in which it was acknowledged.
     cycle: usize,
+    /// The query password it was created with, if any (a journaled lookup index).
+    password: Option<String>,
 }
 
 type Ledger = Arc<Mutex<HashMap<String, Acked>>>;
@@ -55,13 +58,13 @@ async fn traffic(api: Api, ledger: Ledger, worker: usize, cycle: usize, counts: 
     let Counts { acked, restocked, withdrawn } = counts;
     for i in 0.. {
         let buyer = format!("c{cycle}-w{worker}-b{i}");
-        let Ok(resp) = api
-            .http
-            .post(format!("{}/api/v1/orders", api.url))
-            .json(&json!({"product_id": "p", "quantity": 1, "buyer": buyer}))
-            .send()
-            .await
-        else {
+        // Every twentieth order can be looked up with a password.
+        let password = (i % 20 == 7).then(|| format!("pw-{buyer}"));
+        let mut order = json!({"product_id": "p", "quantity": 1, "buyer": buyer});
+        if let Some(p) = &password {
+            order["query_password"] = json!(p);
+        }
+        let Ok(resp) = api.http.post(format!("{}/api/v1/orders", api.url)).json(&order).send().await else {
             return;
         };
         if resp.status() != 201 {
@@ -103,7 +106,7 @@ async fn traffic(api: Api, ledger: Ledger, worker: usize, cycle: usize, counts: 
         let Ok(body) = resp.json::<serde_json::Value>().await else { return };
         let id = body["order_id"].as_str().unwrap().to_string();
         let token = body["query_token"].as_str().unwrap().to_string();
-        ledger.lock().unwrap().insert(id.clone(), Acked { token: token.clone(), cycle, ..Acked::default() });
+        ledger.lock().unwrap().insert(id.clone(), Acked { token: token.clone(), cycle, password, ..Acked::default() });
         acked.fetch_add(1, Ordering::SeqCst);
         if i % 3 == 0 {
             continue; // leave some orders pending
@@ -163,6 +166,12 @@ async fn verify(api: &Api, orders: Vec<(String, Acked)>) -> Vec<String> {
                     } else {
                         assert!(["pending_payment", "delivered"].contains(&status), "order {id} is {status}");
                     }
+                    if let Some(password) = &acked.password {
+                        let body = json!({"order_id": id, "query_password": password});
+                        let url = format!("{}/api/v1/orders/lookup", api.url);
+                        let found = reply(api.http.post(url).json(&body)).await;
+                        assert_eq!(found.body["orders"][0]["order_id"], json!(id), "order {id}'s password was lost");
+                    }
                 }
                 keys
             })
@@ -205,7 +214,13 @@ async fn kill_9_at_random_instants_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Small snapshot threshold: recovery goes through snapshots and journal tails.
-    let base_env = [("KAMI_STORAGE__SNAPSHOT_MIN_JOURNAL_BYTES", "16384"), ("KAMI_CHAOS__ENABLED", "true")];
+    let base_env = [
+        ("KAMI_STORAGE__SNAPSHOT_MIN_JOURNAL_BYTES", "16384"),
+        ("KAMI_CHAOS__ENABLED", "true"),
+        // The verifier looks orders up by password many times from one address.
+        ("KAMI_LOOKUP__PER_IP_BURST", "1000000"),
+        ("KAMI_LOOKUP__PER_BUYER_BURST", "1000000"),
+    ];
     let keys: Vec<String> = (0..12_000 * soak_factor()).map(|i| format!("key-{i}")).collect();
     {
         let server = Server::start(&data, &base_env);

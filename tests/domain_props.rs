@@ -112,7 +112,7 @@ proptest! {
         let mut now = 0u64;
         // A group's first end (completed or failed) must be its only one.
         let mut ended: std::collections::HashMap<u64, GroupState> = Default::default();
-        let seat = |buyer: u8| NewOrder { buyer: format!("b{buyer}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1500 };
+        let seat = |buyer: u8| NewOrder { buyer: format!("b{buyer}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1500, password: None };
         let terms = |size: u32| GroupTerms { deal_id: format!("d{size}"), size, price_cents: 5, time_limit_ms: 2000 };
         for op in ops {
             match op {
@@ -123,7 +123,9 @@ proptest! {
                 }
                 Op::Order { buyer, quantity } => {
                     let before = s.counts();
-                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000 };
+                    // Even buyers set a query password (theirs: [buyer; 32]).
+                    let password = (buyer % 2 == 0).then_some([buyer; 32]);
+                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password };
                     match s.create_order(req, now) {
                         Ok(Outcome::Changed(e, _)) => journal.push(e),
                         Ok(Outcome::Repeat(_)) => prop_assert!(false, "no idempotency key, no repeat"),
@@ -275,6 +277,17 @@ proptest! {
         prop_assert_eq!(restored.counts(), s.counts());
         prop_assert_eq!(restored.archived(), s.archived());
         prop_assert_eq!(restored.refunds_due(usize::MAX), s.refunds_due(usize::MAX));
+        // Buyer lookup: the same orders open with the same password, live, replayed
+        // and restored; each is the buyer's own and in memory.
+        for buyer in 0..6u8 {
+            let (name, password) = (format!("b{buyer}"), [buyer; 32]);
+            let opened = s.orders_opened_by(&name, &password);
+            prop_assert_eq!(&replayed.orders_opened_by(&name, &password), &opened);
+            prop_assert_eq!(&restored.orders_opened_by(&name, &password), &opened);
+            prop_assert!(opened.iter().all(|&q| s.order(q).is_some_and(|o| o.buyer == name)));
+            prop_assert!(buyer % 2 == 0 || opened.is_empty());
+            prop_assert!(s.orders_opened_by(&name, &[buyer.wrapping_add(1); 32]).is_empty());
+        }
         check_invariants(&restored);
     }
 
@@ -284,7 +297,7 @@ proptest! {
         let mut s = Shard::new(product, 0);
         s.import_keys((0..200).map(|i| format!("k{i}")).collect());
         for (buyer, quantity) in quantities {
-            let _ = s.create_order(NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000 }, 0);
+            let _ = s.create_order(NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password: None }, 0);
             for b in 0..3 {
                 let held: u32 = s.orders().iter().filter(|o| o.buyer == format!("b{b}")).map(|o| o.quantity).sum();
                 prop_assert!(held <= limit, "buyer b{} holds {} > {}", b, held, limit);
@@ -375,7 +388,7 @@ proptest! {
                     journals[shard].extend(events);
                 }
                 MultiOp::Order { shard, buyer, quantity } => {
-                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000 };
+                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password: None };
                     if let Ok(Outcome::Changed(e, _)) = shards[shard].create_order(req, now) {
                         journals[shard].push(e);
                     }

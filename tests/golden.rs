@@ -173,6 +173,31 @@ fn events_v6() -> Vec<Event> {
     events
 }
 
+/// Version 7 adds orders created with a query password.
+fn events_v7() -> Vec<Event> {
+    let mut events = events_v6();
+    events.push(Event::OrderCreatedWithPassword { order: Order { seq: 7, ..order() }, password: [5; 32] });
+    events
+}
+
+/// The v6 shard with an order created with a query password (its sequence too).
+fn snapshot_v7() -> (Shard, Vec<ArchivedOrder>, u64) {
+    let (mut s, records) = snapshot_v6();
+    let req = NewOrder {
+        buyer: "g".into(),
+        quantity: 1,
+        idempotency: None,
+        query_token: "00112233445566778899aabbccddeeff".into(),
+        ttl_ms: 300_000,
+        password: Some([5; 32]),
+    };
+    let seq = match s.create_order(req, 4_000_100).unwrap() {
+        Outcome::Changed(Event::OrderCreatedWithPassword { order, .. }, seq) if order.seq == seq => seq,
+        other => panic!("expected a new order with its password: {other:?}"),
+    };
+    (s, records, seq)
+}
+
 /// The v5 shard with one key withdrawn.
 fn snapshot_v6() -> (Shard, Vec<ArchivedOrder>) {
     let (mut s, records) = snapshot_v5();
@@ -190,6 +215,7 @@ fn snapshot_v5() -> (Shard, Vec<ArchivedOrder>) {
         idempotency: Some(Idempotency { key: key.into(), fingerprint: [9; 16] }),
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
+        password: None,
     };
     let seq = |o: Outcome<u64>| match o {
         Outcome::Changed(_, seq) => seq,
@@ -224,6 +250,7 @@ fn snapshot_v4() -> Shard {
         idempotency: None,
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
+        password: None,
     };
     let pay = |seq: u64, id: &str| Payment {
         order_seq: seq,
@@ -272,7 +299,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 6, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 7, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -281,7 +308,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v6; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v7; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -296,7 +323,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v6 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v7 in length");
     stored
 }
 
@@ -436,15 +463,43 @@ fn terms() -> kami::domain::terms::Terms {
 
 #[test]
 fn v6_events_decode() {
-    let fresh = serde_json::to_vec(&events_v6().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v6());
+    assert_eq!(decode_events(&old(6, "events.bin")), events_v6());
+}
+
+/// A v6 snapshot (no query passwords then) decodes through its own layout.
+#[test]
+fn v6_product_snapshot_archive_and_terms_decode() {
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(6, "product.bin")).unwrap(), product());
+    let (want, records) = snapshot_v6();
+    let mut s = decode_snapshot(&old(6, "snapshot.bin")).unwrap();
+    s.rebuild_indexes();
+    assert_eq!(s.orders(), want.orders());
+    assert_eq!(s.counts(), want.counts());
+    assert_eq!(s.archived(), want.archived());
+    assert_eq!(s.counts().withdrawn, 1);
+    let audit = s.audit();
+    assert!(audit.violations.is_empty(), "{:?}", audit.violations);
+    assert_eq!(audit.withdrawn, 1);
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(
+            &decode::<ArchivedOrder>(Kind::ArchivedOrder, &old(6, &format!("archived-{i}.bin"))).unwrap(),
+            record
+        );
+    }
+    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &old(6, "terms.bin")).unwrap(), terms());
 }
 
 #[test]
-fn v6_product_snapshot_archive_and_terms_decode() {
+fn v7_events_decode() {
+    let fresh = serde_json::to_vec(&events_v7().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v7());
+}
+
+#[test]
+fn v7_product_snapshot_archive_and_terms_decode() {
     let stored = check("product.bin", encode(Kind::Product, &product()));
     assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
-    let (want, records) = snapshot_v6();
+    let (want, records, seq) = snapshot_v7();
     let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
     let mut s = decode_snapshot(&stored).unwrap();
     s.rebuild_indexes();
@@ -452,6 +507,8 @@ fn v6_product_snapshot_archive_and_terms_decode() {
     assert_eq!(s.counts(), want.counts());
     assert_eq!(s.archived(), want.archived());
     assert_eq!(s.counts().withdrawn, 1);
+    assert_eq!(s.password(seq), Some(&[5; 32]));
+    assert_eq!(s.orders_opened_by("g", &[5; 32]), [seq], "the lookup index is rebuilt");
     let audit = s.audit();
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
     assert_eq!(audit.withdrawn, 1);

@@ -175,8 +175,12 @@ async fn an_export_streams_every_order_with_cells_escaped_and_keys_only_when_ask
             tokio::spawn(async move {
                 let mut i = w;
                 while i < n {
-                    let req =
-                        kami::core::OrderRequest { product_id: "big".into(), quantity: 1, buyer: format!("buyer{i}") };
+                    let req = kami::core::OrderRequest {
+                        product_id: "big".into(),
+                        quantity: 1,
+                        buyer: format!("buyer{i}"),
+                        query_password: None,
+                    };
                     core.create_order(req, None).await.unwrap();
                     i += 64;
                 }

@@ -14,7 +14,14 @@ fn product() -> ProductInfo {
 
 /// An order of one key by buyer `b{i}`.
 fn one_key(i: u64) -> NewOrder {
-    NewOrder { buyer: format!("b{i}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 }
+    NewOrder {
+        buyer: format!("b{i}"),
+        quantity: 1,
+        idempotency: None,
+        query_token: "t".into(),
+        ttl_ms: 60_000,
+        password: None,
+    }
 }
 
 /// Drives a shard through imports, orders and payments, journaling every event.

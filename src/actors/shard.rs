@@ -45,6 +45,9 @@ pub struct ShardEnv {
 /// Most orders archived by one tick of a stock actor, and most looked at.
 const MAX_ARCHIVED_PER_TICK: usize = 1024;
 const MAX_ARCHIVE_SCANNED_PER_TICK: usize = 8192;
+/// Most of one buyer's orders a lookup looks at per shard, in memory and in the
+/// archive each (the newest): bounds a lookup's turn.
+pub const MAX_LOOKUP_ORDERS: usize = 2_000;
 
 /// Durable stock counters of a shard, readable without a message to the actor.
 /// Published only once the writes they reflect are durable.
@@ -371,6 +374,57 @@ impl ShardActor {
         Ok(listed)
     }
 
+    /// [`LookupOrders`]: the buyer's orders in memory from the shard's index, the
+    /// archived ones from the archive's; the newest [`MAX_LOOKUP_ORDERS`] of each.
+    fn lookup_orders(&self, m: &LookupOrders) -> ActorResult<Vec<OrderSnapshot>> {
+        use crate::domain::lookup::{same, LookupPosition};
+        let shard = self.shard()?;
+        let at = |created_at_ms, seq| LookupPosition {
+            created_at_ms,
+            product: self.product.id.clone(),
+            shard: self.id.shard,
+            seq,
+        };
+        let mut found = Vec::new();
+        for seq in shard.orders_opened_by(&m.buyer, &m.password).into_iter().take(MAX_LOOKUP_ORDERS) {
+            let order = shard.order(seq).expect("indexed orders are in memory");
+            found.push((at(order.created_at_ms, seq), None));
+        }
+        for (seq, stored) in self.env.storage.archived_lookups(&self.id, &m.buyer, MAX_LOOKUP_ORDERS)? {
+            // An entry for an order still in memory was written by an archiving
+            // that was not journaled: the order's own password decided above.
+            if shard.order(seq).is_some() || !shard.is_archived(seq) || !same(&stored, &m.password) {
+                continue;
+            }
+            let view = self.order_snapshot(seq, false)?;
+            // (The archive's index is by a digest of the buyer.)
+            if view.order.buyer == m.buyer {
+                found.push((at(view.order.created_at_ms, seq), Some(view)));
+            }
+        }
+        found.retain(|(position, _)| m.after.as_ref().map_or(true, |after| position.is_after(after)));
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(m.limit);
+        found
+            .into_iter()
+            .map(|(position, view)| view.map_or_else(|| self.order_snapshot(position.seq, false), Ok))
+            .collect()
+    }
+
+    /// [`OrderWithPassword`].
+    fn order_with_password(
+        &self,
+        seq: u64,
+    ) -> ActorResult<(OrderSnapshot, Option<crate::domain::lookup::PasswordHash>)> {
+        let shard = self.shard()?;
+        let view = self.order_snapshot(seq, false)?;
+        let password = match shard.order(seq) {
+            Some(_) => shard.password(seq).copied(),
+            None => self.env.storage.archived_password(&self.id, &view.order.buyer, seq)?,
+        };
+        Ok((view, password))
+    }
+
     /// Snapshots when the journal since the last snapshot outgrew the snapshot itself
     /// (and the configured minimum), so recovery reads at most about twice the state.
     /// One snapshot at a time: the next waits until the last one is stored.
@@ -463,11 +517,13 @@ impl ShardActor {
             MAX_ARCHIVED_PER_TICK,
         );
         let records: Vec<_> = seqs.iter().filter_map(|&seq| shard.archive_record(seq)).collect();
+        let passwords: Vec<_> = records.iter().map(|r| shard.password(r.order.seq).copied()).collect();
         self.archive_cursor = next;
         if records.is_empty() {
             return;
         }
-        let ticket = self.env.storage.archive_orders(&self.id, &records).and_then(|()| self.env.storage.ticket());
+        let ticket =
+            self.env.storage.archive_orders(&self.id, &records, &passwords).and_then(|()| self.env.storage.ticket());
         let ticket = match ticket {
             Ok(ticket) => ticket,
             Err(e) => {
@@ -837,6 +893,30 @@ impl Handler<ListOrders> for ShardActor {
         let _turn = super::Turn::start(&self.turns);
         match self.list_orders(&m) {
             Ok(listed) => self.reply_after_all(listed),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<LookupOrders> for ShardActor {
+    type Result = ResponseFuture<ActorResult<Vec<OrderSnapshot>>>;
+
+    fn handle(&mut self, m: LookupOrders, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        match self.lookup_orders(&m) {
+            Ok(found) => self.reply_after_all(found),
+            Err(e) => fail(e),
+        }
+    }
+}
+
+impl Handler<OrderWithPassword> for ShardActor {
+    type Result = ResponseFuture<ActorResult<(OrderSnapshot, Option<crate::domain::lookup::PasswordHash>)>>;
+
+    fn handle(&mut self, m: OrderWithPassword, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        match self.order_with_password(m.seq) {
+            Ok(found) => self.reply_for_order(m.seq, false, found),
             Err(e) => fail(e),
         }
     }

@@ -175,6 +175,7 @@ impl Kami {
             idempotency: idempotency.clone(),
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
+            password: None,
         };
         Ok((order, idempotency))
     }

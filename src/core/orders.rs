@@ -2,10 +2,17 @@
 //! shards when a shard is dry, see `borrow`), reads and cancels.
 
 use super::*;
+use crate::domain::lookup::PasswordHash;
 
 impl Kami {
-    fn fingerprint(req: &OrderRequest) -> [u8; 16] {
-        digest(&[req.product_id.as_bytes(), &req.quantity.to_be_bytes(), req.buyer.as_bytes()])
+    /// (A request with a query password adds its stored form; without one, the
+    /// fingerprint is what it always was: fingerprints are kept with orders.)
+    fn fingerprint(req: &OrderRequest, password: Option<&PasswordHash>) -> [u8; 16] {
+        let parts = [req.product_id.as_bytes(), &req.quantity.to_be_bytes(), req.buyer.as_bytes()];
+        match password {
+            None => digest(&parts),
+            Some(p) => digest(&[&parts[..], &[&p[..]]].concat()),
+        }
     }
 
     pub async fn create_order(
@@ -21,10 +28,14 @@ impl Kami {
             validate::token("Idempotency-Key", k).map_err(Error::Invalid)?;
         }
         let route = self.listed(&req.product_id)?;
+        let password = match &req.query_password {
+            Some(p) => Some(self.password_hash(&req.buyer, p).await?),
+            None => None,
+        };
         // Hashed only when there is a key to pin it to.
         let idempotency = match idempotency_key {
             Some(key) => {
-                let fingerprint = Self::fingerprint(&req);
+                let fingerprint = Self::fingerprint(&req, password.as_ref());
                 self.pin(&key, fingerprint)?;
                 Some(Idempotency { key, fingerprint })
             }
@@ -36,6 +47,7 @@ impl Kami {
             idempotency: idempotency.clone(),
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
+            password,
         };
         let home = route.shard_index_for_new_order(&req.buyer, route.terms.per_buyer_limit(), idempotency.is_some());
         let result = if route.shards.len() == 1 {

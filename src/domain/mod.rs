@@ -16,6 +16,8 @@
 //! * [`shelf`] — whether a product is sold: on sale, off the shelf, deleted.
 //! * [`terms`] — what a merchant may change of a product while it sells: name,
 //!   price, per-buyer limit, sale window.
+//! * [`lookup`] — buyer order lookup: query passwords as slow salted hashes, and
+//!   the order of a lookup's answer.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
 //! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
 //!   notifications.
@@ -26,6 +28,7 @@ pub mod breaker;
 pub mod error;
 pub mod group;
 pub mod ids;
+pub mod lookup;
 pub mod points;
 pub mod routing;
 pub mod shard;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::audit::{key_digest, ShardAudit};
 use super::error::DomainError;
 use super::group::{Group, GroupState, GroupTerms};
+use super::lookup::PasswordHash;
 use super::Millis;
 
 mod apply;
@@ -30,6 +31,7 @@ mod event;
 mod groups;
 mod keys;
 mod listing;
+mod lookup;
 mod transfers;
 
 pub use archive::{Archived, ArchivedOrder};
@@ -203,6 +205,8 @@ pub struct NewOrder {
     pub idempotency: Option<Idempotency>,
     pub query_token: String,
     pub ttl_ms: Millis,
+    /// The stored form of the buyer's query password, if they set one.
+    pub password: Option<PasswordHash>,
 }
 
 /// A payment notification, signature and freshness already checked by the caller.
@@ -290,6 +294,9 @@ pub struct Shard {
     archived: Archived,
     /// (v6) Keys the merchant took out of stock, in the order they left.
     withdrawn: Vec<KeyId>,
+    /// (v7) Query passwords of orders in memory (archived ones are in the
+    /// archive's lookup index), by order.
+    passwords: BTreeMap<u64, PasswordHash>,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -298,6 +305,9 @@ pub struct Shard {
     hasher: hashbrown::DefaultHashBuilder,
     #[serde(skip)]
     holdings: HashMap<String, u32>,
+    /// Buyer → their orders in memory that have a query password.
+    #[serde(skip)]
+    password_orders: HashMap<String, std::collections::BTreeSet<u64>>,
     #[serde(skip)]
     idempotency: HashMap<String, ([u8; 16], u64)>,
     #[serde(skip)]
@@ -348,6 +358,8 @@ pub struct ShardParts {
     /// Orders ever created (`None`: as many as `orders`, nothing archived).
     pub orders_created: Option<u64>,
     pub archived: Archived,
+    pub withdrawn: Vec<KeyId>,
+    pub passwords: BTreeMap<u64, PasswordHash>,
 }
 
 impl From<ShardParts> for Shard {
@@ -361,6 +373,8 @@ impl From<ShardParts> for Shard {
         shard.payments = old.payments;
         shard.transfers = old.transfers;
         shard.groups = old.groups;
+        shard.withdrawn = old.withdrawn;
+        shard.passwords = old.passwords;
         shard
     }
 }
@@ -381,9 +395,11 @@ impl Shard {
             orders_created: 0,
             archived: Archived::default(),
             withdrawn: Vec::new(),
+            passwords: BTreeMap::new(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: HashMap::new(),
+            password_orders: HashMap::new(),
             idempotency: HashMap::new(),
             expiry: BinaryHeap::new(),
             reserved: 0,
@@ -427,6 +443,11 @@ impl Shard {
                 OrderStatus::Delivered => self.sold += order.keys.len() as u64,
                 _ => {}
             }
+        }
+        self.password_orders.clear();
+        for seq in self.passwords.keys().copied().collect::<Vec<_>>() {
+            let order = self.orders.get(&seq).expect("a password belongs to an order in memory").clone();
+            self.index_password(&order);
         }
         self.group_of.clear();
         self.open_groups.clear();
@@ -633,9 +654,13 @@ impl Shard {
         }
         self.check_can_take(&req.buyer, req.quantity, now_ms)?;
         let amount_cents = self.product.price_cents.saturating_mul(req.quantity as u64);
+        let password = req.password;
         let order = self.pending_order(req, amount_cents, now_ms);
         let seq = order.seq;
-        let event = Event::OrderCreated { order };
+        let event = match password {
+            Some(password) => Event::OrderCreatedWithPassword { order, password },
+            None => Event::OrderCreated { order },
+        };
         self.apply(&event);
         Ok(Outcome::Changed(event, seq))
     }
@@ -928,7 +953,14 @@ mod tests {
     }
 
     fn new_order(buyer: &str, quantity: u32) -> NewOrder {
-        NewOrder { buyer: buyer.into(), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000 }
+        NewOrder {
+            buyer: buyer.into(),
+            quantity,
+            idempotency: None,
+            query_token: "t".into(),
+            ttl_ms: 1000,
+            password: None,
+        }
     }
 
     fn paid(seq: u64, payment_id: &str, amount: u64) -> Payment {

@@ -587,6 +587,69 @@ pub async fn create_order(
     }))
 }
 
+/// `POST /api/v1/orders/lookup` (查单): a buyer's orders that their query password
+/// opens, newest first (`{"buyer", "query_password", "cursor"?, "limit"?}`), or
+/// one order (`{"order_id", "query_password"}`). A wrong password, an unknown buyer
+/// and an order without a password all answer `{"orders": []}`. Its own strict
+/// limits per client address and per buyer (or order) come first.
+pub async fn lookup_orders(
+    State(st): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: requests::Lookup = extract::json(&bytes)?;
+    let subject = match (&req.buyer, &req.order_id) {
+        (Some(buyer), None) => buyer.clone(),
+        (None, Some(order_id)) => {
+            if req.cursor.is_some() || req.limit.is_some() {
+                return Err(ApiError::invalid("cursor, limit: only for a lookup by buyer"));
+            }
+            order_id.clone()
+        }
+        _ => return Err(ApiError::invalid("buyer or order_id: exactly one of them")),
+    };
+    let limits = &st.lookup_limits;
+    if let Some(ip) = caller.0 {
+        limits.per_ip.check(&ip).map_err(|wait| super::rate_limited("lookup", "lookup_ip", wait))?;
+    }
+    limits.per_subject.check(&subject).map_err(|wait| super::rate_limited("lookup", "lookup_buyer", wait))?;
+    let (orders, next) = match (&req.buyer, &req.order_id) {
+        (Some(buyer), _) => {
+            let scope = format!("lookup:{buyer}");
+            let after = req.cursor.as_deref().map(|c| lookup_position(&cursor::decode(&scope, c)?)).transpose()?;
+            let limit = req.limit.unwrap_or(DEFAULT_LOOKUP_PAGE);
+            let page = core.lookup_orders(buyer, &req.query_password, after, limit).await?;
+            let next = page
+                .next
+                .map(|p| cursor::encode(&scope, &format!("{}/{}/{}/{}", p.created_at_ms, p.product, p.shard, p.seq)));
+            (page.orders, next)
+        }
+        (None, _) => (core.lookup_order(&subject, &req.query_password).await?.into_iter().collect(), None),
+    };
+    let orders: Vec<Value> = orders.iter().map(views::looked_up_order).collect();
+    Ok(Json(json!({"orders": orders, "next_cursor": next})))
+}
+
+/// Orders a lookup page holds unless `limit` says otherwise.
+const DEFAULT_LOOKUP_PAGE: usize = 20;
+
+/// The position a lookup cursor holds: `created_at_ms/product/shard/seq`.
+fn lookup_position(s: &str) -> ApiResult<crate::domain::lookup::LookupPosition> {
+    let mut parts = s.split('/');
+    let mut next = || parts.next().ok_or_else(cursor::invalid);
+    let created_at_ms = next()?.parse().map_err(|_| cursor::invalid())?;
+    let product = next()?.to_string();
+    let shard = next()?.parse().map_err(|_| cursor::invalid())?;
+    let seq = next()?.parse().map_err(|_| cursor::invalid())?;
+    if parts.next().is_some() {
+        return Err(cursor::invalid());
+    }
+    Ok(crate::domain::lookup::LookupPosition { created_at_ms, product, shard, seq })
+}
+
 /// The 201 of a new order (or its replay): the order id recorded on the request's
 /// span, the channel to pay on and its pay URL, `Idempotent-Replayed` on a replay.
 fn order_created(
@@ -728,7 +791,7 @@ fn scoped_key(caller: &Caller, tier: &Option<Extension<Arc<Tier>>>, buyer: &str,
 /// The per-buyer rate limit of the request's tier (the rate-limit layer attaches it).
 fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiResult<()> {
     if let Some(Extension(tier)) = tier {
-        tier.per_buyer.check(buyer).map_err(|wait_secs| super::rate_limited(tier, "buyer", wait_secs))?;
+        tier.per_buyer.check(buyer).map_err(|wait_secs| super::rate_limited(&tier.name, "buyer", wait_secs))?;
     }
     Ok(())
 }

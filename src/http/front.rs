@@ -210,7 +210,7 @@ fn rate_limit(st: &AppState, req: &mut Request) -> Result<(), ApiError> {
     })?;
     if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
         if let Err(wait_secs) = tier.per_ip.check(&addr.ip()) {
-            return Err(super::rate_limited(&tier, "ip", wait_secs));
+            return Err(super::rate_limited(&tier.name, "ip", wait_secs));
         }
     }
     req.extensions_mut().insert(tier);

@@ -34,6 +34,13 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         KeyedLimiter { limiter: ArcSwap::from_pointee(RateLimiter::keyed(quota)), quota, max_tracked }
     }
 
+    /// `per_min` a minute, at most `burst` at once.
+    pub fn per_minute(per_min: u32, burst: u32, max_tracked: usize) -> Self {
+        let quota = Quota::per_minute(NonZeroU32::new(per_min).expect("validated ≥ 1"))
+            .allow_burst(NonZeroU32::new(burst).expect("validated ≥ 1"));
+        KeyedLimiter { limiter: ArcSwap::from_pointee(RateLimiter::keyed(quota)), quota, max_tracked }
+    }
+
     /// `Err(whole seconds to wait, at least 1)` when `key` is over its rate.
     pub fn check(&self, key: &K) -> Result<(), u64> {
         self.limiter.load().check_key(key).map_err(|not_until| {
@@ -122,6 +129,29 @@ impl RateLimits {
             t.per_ip.prune();
             t.per_buyer.prune();
         }
+    }
+}
+
+/// The buyer order lookup's own limits (`[lookup]`), whatever the tier and even
+/// with `rate_limits.enabled = false`: a lookup costs a slow hash, and a password
+/// must not be guessed at speed.
+pub struct LookupLimits {
+    pub per_ip: KeyedLimiter<IpAddr>,
+    /// By buyer, or by order id for a lookup by order.
+    pub per_subject: KeyedLimiter<String>,
+}
+
+impl LookupLimits {
+    pub fn new(s: &crate::config::LookupSettings) -> LookupLimits {
+        LookupLimits {
+            per_ip: KeyedLimiter::per_minute(s.per_ip_per_minute, s.per_ip_burst, s.max_tracked),
+            per_subject: KeyedLimiter::per_minute(s.per_buyer_per_minute, s.per_buyer_burst, s.max_tracked),
+        }
+    }
+
+    pub fn prune(&self) {
+        self.per_ip.prune();
+        self.per_subject.prune();
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Shared {
     pub limits: HttpLimits,
     /// `None` when `rate_limits.enabled = false`.
     pub rate_limits: Option<limits::RateLimits>,
+    /// The buyer order lookup's own limits (always on).
+    pub lookup_limits: limits::LookupLimits,
     /// `chaos.enabled`: whether the chaos endpoint exists at all.
     pub chaos: bool,
     /// Bodies read before a slot is taken; slots counted across the server.
@@ -117,6 +119,7 @@ impl AppState {
                 settings.buyers.token_secret.clone().into_bytes()
             },
             rate_limits: rl.enabled.then(|| limits::RateLimits::new(rl)),
+            lookup_limits: limits::LookupLimits::new(&settings.lookup),
         }))
     }
 
@@ -226,6 +229,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/groups/{group_id}", get(api::get_group))
         .route("/api/v1/groups/{group_id}/join", post(api::join_group))
         .route("/api/v1/orders", post(api::create_order))
+        .route("/api/v1/orders/lookup", post(api::lookup_orders))
         .route("/api/v1/orders/{order_id}", get(api::get_order))
         .route("/api/v1/orders/{order_id}/cancel", post(api::cancel_order))
         .route("/api/v1/payments/{channel}/notify", post(api::notify))
@@ -252,12 +256,15 @@ pub fn conn_limits(settings: &Settings) -> server::ConnLimits {
     }
 }
 
-/// 429 `rate_limited` with `Retry-After`, counted by tier and scope (`ip`, `buyer`).
-pub fn rate_limited(tier: &limits::Tier, scope: &'static str, wait_secs: u64) -> ApiError {
+/// 429 `rate_limited` with `Retry-After`, counted by tier (`lookup` for the
+/// lookup's own limits) and scope (`ip`, `buyer`, `lookup_ip`, `lookup_buyer`).
+pub fn rate_limited(tier: &str, scope: &'static str, wait_secs: u64) -> ApiError {
     crate::telemetry::count_rejection("rate_limited");
-    metrics::counter!("kami_rate_limited_total", "tier" => tier.name.clone(), "scope" => scope).increment(1);
+    metrics::counter!("kami_rate_limited_total", "tier" => tier.to_string(), "scope" => scope).increment(1);
     let message = match scope {
         "ip" => "too many requests from this address",
+        "lookup_ip" => "too many order lookups from this address",
+        "lookup_buyer" => "too many order lookups for this buyer or order",
         _ => "too many orders from this buyer",
     };
     ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(wait_secs)

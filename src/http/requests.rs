@@ -92,13 +92,26 @@ pub struct NewOrder {
     pub product_id: String,
     pub quantity: u64,
     pub buyer: String,
+    #[serde(default)]
+    pub query_password: Option<String>,
 }
 
 impl From<NewOrder> for core::OrderRequest {
     fn from(o: NewOrder) -> Self {
-        let NewOrder { product_id, quantity, buyer } = o;
-        core::OrderRequest { product_id, quantity, buyer }
+        let NewOrder { product_id, quantity, buyer, query_password } = o;
+        core::OrderRequest { product_id, quantity, buyer, query_password }
     }
+}
+
+/// `POST /api/v1/orders/lookup`: by `buyer` (paged) or by `order_id`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lookup {
+    pub buyer: Option<String>,
+    pub order_id: Option<String>,
+    pub query_password: String,
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
 }
 
 /// `POST /api/v1/redemptions`.

@@ -161,6 +161,14 @@ pub fn order(s: &OrderSnapshot) -> Value {
     v
 }
 
+/// An order found by a buyer's lookup: what the buyer sees, with its
+/// `query_token` (the password proved the buyer's claim to it).
+pub fn looked_up_order(s: &OrderSnapshot) -> Value {
+    let mut v = order(s);
+    v["query_token"] = json!(s.order.query_token);
+    v
+}
+
 /// The merchant's view: everything the buyer sees plus buyer, payment and flags.
 pub fn admin_order(s: &OrderSnapshot) -> Value {
     let o = &s.order;

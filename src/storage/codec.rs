@@ -12,7 +12,7 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::legacy::{ShardV2, ShardV3, ShardV4, ShardV5};
+use super::legacy::{ShardV2, ShardV3, ShardV4, ShardV5, ShardV6};
 use crate::domain::Shard;
 
 pub const MAGIC: [u8; 4] = *b"KAMI";
@@ -39,7 +39,13 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// Version 6: the merchant withdraws keys. One event (`KeysWithdrawn`) is added at
 /// the end of `Event` and a snapshot ends with the shard's withdrawn keys; v5
 /// snapshots decode as [`ShardV5`] (nothing withdrawn).
-pub const FORMAT_VERSION: u8 = 6;
+///
+/// Version 7: buyer order lookup. One event (`OrderCreatedWithPassword`) is added
+/// at the end of `Event` and a snapshot ends with the query passwords of its
+/// orders in memory; v6 snapshots decode as [`ShardV6`] (no passwords). Archived
+/// orders' passwords live in a new tree (`lookup/{product}/{shard}`, see
+/// `Storage::archive_orders`); archived order records are unchanged.
+pub const FORMAT_VERSION: u8 = 7;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 /// Size of the envelope's header.
@@ -172,6 +178,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
         Some(3) => decode::<ShardV3>(Kind::Snapshot, bytes).map(Shard::from),
         Some(4) => decode::<ShardV4>(Kind::Snapshot, bytes).map(Shard::from),
         Some(5) => decode::<ShardV5>(Kind::Snapshot, bytes).map(Shard::from),
+        Some(6) => decode::<ShardV6>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
     }
 }

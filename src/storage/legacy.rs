@@ -76,6 +76,8 @@ impl From<ShardV4> for Shard {
             groups,
             orders_created: None,
             archived: Archived::default(),
+            withdrawn: Vec::new(),
+            passwords: BTreeMap::new(),
         }
         .into()
     }
@@ -111,6 +113,57 @@ impl From<ShardV5> for Shard {
             groups,
             orders_created: Some(orders_created),
             archived,
+            withdrawn: Vec::new(),
+            passwords: BTreeMap::new(),
+        }
+        .into()
+    }
+}
+
+/// A snapshot as format v6 wrote it: no query passwords.
+#[derive(Deserialize)]
+pub struct ShardV6 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: BTreeMap<u64, Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+    groups: Vec<Group>,
+    orders_created: u64,
+    archived: Archived,
+    withdrawn: Vec<KeyId>,
+}
+
+impl From<ShardV6> for Shard {
+    fn from(old: ShardV6) -> Shard {
+        let ShardV6 {
+            product,
+            shard,
+            keys,
+            available,
+            orders,
+            payments,
+            transfers,
+            groups,
+            orders_created,
+            archived,
+            withdrawn,
+        } = old;
+        ShardParts {
+            product,
+            shard,
+            keys,
+            available,
+            orders: orders.into_values().collect(),
+            payments,
+            transfers,
+            groups,
+            orders_created: Some(orders_created),
+            archived,
+            withdrawn,
+            passwords: BTreeMap::new(),
         }
         .into()
     }

@@ -8,7 +8,9 @@
 //! * `snapshots` — `{product}/{shard}` ++ 0x00 ++ big-endian sequence → `Shard` record.
 //! * `points-snapshots`, `points-prices` — product → points per key.
 //! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
-//! * `archive/{product}/{shard}`.
+//! * `archive/{product}/{shard}` — archived orders; `lookup/{product}/{shard}` —
+//!   their query passwords by buyer (see [`Storage::archive_orders`]).
+//! * `meta` — `lookup-secret`: this shop's salt key for query passwords.
 //!
 //! (Before the segment files, journals were sled trees `journal/{product}/{shard}`
 //! and `points/{shard}`, key = big-endian sequence; [`Storage::open`] moves them
@@ -37,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::domain::group::GroupDeal;
+use crate::domain::lookup::PasswordHash;
 use crate::domain::points::{PointsBook, PointsEvent};
 use crate::domain::shard::ArchivedOrder;
 use crate::domain::shelf::Shelf;
@@ -304,16 +307,86 @@ impl Storage {
         Ok(self.db.open_tree(format!("archive/{}/{}", id.product, id.shard))?)
     }
 
-    /// Writes orders to shard `id`'s archive (before the shard journals that it
-    /// archived them: the journal record's flush covers these writes too).
-    pub fn archive_orders(&self, id: &ShardId, orders: &[ArchivedOrder]) -> Result<(), StorageError> {
+    /// (v7) Shard `id`'s lookup index of archived orders with a query password:
+    /// `buyer_digest (16) ++ big-endian sequence (8)` → the password's stored form (32).
+    fn lookup_tree(&self, id: &ShardId) -> Result<sled::Tree, StorageError> {
+        Ok(self.db.open_tree(format!("lookup/{}/{}", id.product, id.shard))?)
+    }
+
+    /// Writes orders to shard `id`'s archive, and the query passwords of those
+    /// that have one (`passwords[i]` is `orders[i]`'s) to its lookup index, before
+    /// the shard journals that it archived them: the journal record's flush covers
+    /// these writes too.
+    pub fn archive_orders(
+        &self,
+        id: &ShardId,
+        orders: &[ArchivedOrder],
+        passwords: &[Option<PasswordHash>],
+    ) -> Result<(), StorageError> {
+        assert_eq!(orders.len(), passwords.len(), "one password slot per order");
         let tree = self.archive_tree(id)?;
         let mut batch = sled::Batch::default();
-        for o in orders {
+        let mut lookups = sled::Batch::default();
+        for (o, password) in orders.iter().zip(passwords) {
             batch.insert(&o.order.seq.to_be_bytes(), codec::encode(Kind::ArchivedOrder, o));
+            if let Some(password) = password {
+                lookups.insert(&Self::lookup_key(&o.order.buyer, o.order.seq)[..], &password[..]);
+            }
+        }
+        if passwords.iter().any(Option::is_some) {
+            self.lookup_tree(id)?.apply_batch(lookups)?;
         }
         tree.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Archived orders of `buyer` in shard `id` with a query password, newest
+    /// first, at most `max`: their sequence and the password's stored form. (An
+    /// entry may name an order that is still in memory, if archiving it was not
+    /// journaled: the caller checks.)
+    pub fn archived_lookups(
+        &self,
+        id: &ShardId,
+        buyer: &str,
+        max: usize,
+    ) -> Result<Vec<(u64, PasswordHash)>, StorageError> {
+        let digest = crate::domain::lookup::buyer_digest(buyer);
+        let mut found = Vec::new();
+        for kv in self.lookup_tree(id)?.scan_prefix(digest).rev().take(max) {
+            let (k, v) = kv?;
+            let corrupt = || StorageError::Corrupt { place: format!("lookup/{id}"), error: "malformed entry".into() };
+            let seq = u64::from_be_bytes(k.get(16..24).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
+            let hash: PasswordHash = v.as_ref().try_into().map_err(|_| corrupt())?;
+            found.push((seq, hash));
+        }
+        Ok(found)
+    }
+
+    /// The query password of archived order `seq` of `buyer` in shard `id`, if it has one.
+    pub fn archived_password(&self, id: &ShardId, buyer: &str, seq: u64) -> Result<Option<PasswordHash>, StorageError> {
+        match self.lookup_tree(id)?.get(Self::lookup_key(buyer, seq))? {
+            None => Ok(None),
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(Some)
+                .map_err(|_| StorageError::Corrupt { place: format!("lookup/{id}"), error: "malformed entry".into() }),
+        }
+    }
+
+    /// This shop's lookup secret (salts query passwords, see `domain::lookup`):
+    /// random, made at first use and kept with the data. Durable before it is
+    /// returned the first time.
+    pub fn lookup_secret(&self) -> Result<[u8; 32], StorageError> {
+        let tree = self.db.open_tree("meta")?;
+        let fresh: [u8; 32] = rand::random();
+        let _ = tree.compare_and_swap(b"lookup-secret", None as Option<&[u8]>, Some(&fresh[..]))?;
+        let stored = tree.get(b"lookup-secret")?.expect("just set");
+        self.db.flush().map_err(StorageError::from)?;
+        stored.as_ref().try_into().map_err(|_| StorageError::Corrupt {
+            place: "meta/lookup-secret".into(),
+            error: format!("{} bytes, expected 32", stored.len()),
+        })
     }
 
     /// An archived order of shard `id`, if there is one.
@@ -323,6 +396,14 @@ impl Storage {
         codec::decode(Kind::ArchivedOrder, &bytes)
             .map(Some)
             .map_err(|e| StorageError::Corrupt { place: format!("archive/{id} order {seq}"), error: e.to_string() })
+    }
+
+    /// A lookup index key: the buyer's digest, then the order's sequence.
+    fn lookup_key(buyer: &str, seq: u64) -> [u8; 24] {
+        let mut key = [0u8; 24];
+        key[..16].copy_from_slice(&crate::domain::lookup::buyer_digest(buyer));
+        key[16..].copy_from_slice(&seq.to_be_bytes());
+        key
     }
 
     // ---- payment ids ----
@@ -871,6 +952,7 @@ mod tests {
                 idempotency: None,
                 query_token: String::new(),
                 ttl_ms: 60_000,
+                password: None,
             };
             let Ok(Outcome::Changed(event, _)) = live.create_order(order, i) else { panic!("an order") };
             seq += 1;

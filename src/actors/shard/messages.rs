@@ -229,6 +229,27 @@ pub struct ListedOrders {
     pub at_end: bool,
 }
 
+/// Buyer order lookup: `buyer`'s orders that the query password whose stored form
+/// is `password` opens (in memory and archived), in the lookup's order
+/// ([`LookupPosition`](crate::domain::lookup::LookupPosition)), after `after`, at
+/// most `limit`.
+#[derive(Message)]
+#[rtype(result = "ActorResult<Vec<OrderSnapshot>>")]
+pub struct LookupOrders {
+    pub buyer: String,
+    pub password: crate::domain::lookup::PasswordHash,
+    pub after: Option<crate::domain::lookup::LookupPosition>,
+    pub limit: usize,
+}
+
+/// One order (the merchant's view) and the stored form of its query password, if
+/// it has one.
+#[derive(Message)]
+#[rtype(result = "ActorResult<(OrderSnapshot, Option<crate::domain::lookup::PasswordHash>)>")]
+pub struct OrderWithPassword {
+    pub seq: u64,
+}
+
 /// The merchant's key listing: keys in `state` after key id `after`, at most `limit`.
 #[derive(Message)]
 #[rtype(result = "ActorResult<ListedKeys>")]

@@ -19,6 +19,11 @@ impl Shard {
                 }
             }
             Event::OrderCreated { order } => self.add_pending_order(order),
+            Event::OrderCreatedWithPassword { order, password } => {
+                self.add_pending_order(order);
+                self.passwords.insert(order.seq, *password);
+                self.index_password(order);
+            }
             Event::GroupOpened { .. } | Event::GroupJoined { .. } | Event::GroupFailed { .. } => {
                 self.apply_group(event)
             }
@@ -169,6 +174,9 @@ impl Shard {
     fn apply_archive(&mut self, seqs: &[u64], at_ms: Millis, keep_keys_ms: Millis) {
         for seq in seqs {
             let order = self.orders.remove(seq).expect("archived orders are in memory");
+            if self.passwords.remove(seq).is_some() {
+                self.unindex_password(&order);
+            }
             assert!(
                 matches!(
                     order.status,

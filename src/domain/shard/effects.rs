@@ -48,7 +48,9 @@ impl Shard {
             | Event::TransferSettled { .. }
             | Event::OrdersArchived { .. }
             | Event::KeysWithdrawn { .. } => None,
-            Event::OrderCreated { order } | Event::OrderRedeemed { order } => Some(order.seq),
+            Event::OrderCreated { order }
+            | Event::OrderCreatedWithPassword { order, .. }
+            | Event::OrderRedeemed { order } => Some(order.seq),
             Event::PaymentApplied { record, .. } => Some(record.order_seq),
             Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),
         }

@@ -71,7 +71,7 @@ impl Event {
     /// `None` for events that are not about one order.
     pub fn order_event_name(&self) -> Option<&'static str> {
         match self {
-            Event::OrderCreated { .. } => Some("created"),
+            Event::OrderCreated { .. } | Event::OrderCreatedWithPassword { .. } => Some("created"),
             Event::PaymentApplied { record, .. } => match record.outcome {
                 PaymentOutcome::Delivered => Some("delivered"),
                 PaymentOutcome::RefundOwed(_) => Some("refund_owed"),
@@ -176,5 +176,11 @@ pub enum Event {
     /// cannot be imported again) and are never sold.
     KeysWithdrawn {
         keys: Vec<KeyId>,
+    },
+    /// (v7) An order created with a query password (see `domain::lookup`): an
+    /// `OrderCreated` that also records the password's stored form.
+    OrderCreatedWithPassword {
+        order: Order,
+        password: PasswordHash,
     },
 }

@@ -388,7 +388,14 @@ mod tests {
     }
 
     fn seat(buyer: &str) -> NewOrder {
-        NewOrder { buyer: buyer.into(), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 }
+        NewOrder {
+            buyer: buyer.into(),
+            quantity: 1,
+            idempotency: None,
+            query_token: "t".into(),
+            ttl_ms: 60_000,
+            password: None,
+        }
     }
 
     fn pay(seq: u64, id: &str) -> Payment {
@@ -589,8 +596,14 @@ mod tests {
     #[test]
     fn seats_of_a_short_lived_group_do_not_hide_older_orders_from_the_payment_sweep() {
         let mut s = shard(5, 0);
-        let ordinary =
-            NewOrder { buyer: "o".into(), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 };
+        let ordinary = NewOrder {
+            buyer: "o".into(),
+            quantity: 1,
+            idempotency: None,
+            query_token: "t".into(),
+            ttl_ms: 60_000,
+            password: None,
+        };
         let Ok(Outcome::Changed(_, older)) = s.create_order(ordinary, 0) else { panic!() };
         let short = GroupTerms { time_limit_ms: 1_000, ..terms(2) };
         let (_, seat) = changed(s.open_group(&short, self::seat("a"), 10));

@@ -168,8 +168,14 @@ mod tests {
     }
 
     fn order(s: &mut Shard, buyer: &str, quantity: u32) -> u64 {
-        let new =
-            NewOrder { buyer: buyer.into(), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 60_000 };
+        let new = NewOrder {
+            buyer: buyer.into(),
+            quantity,
+            idempotency: None,
+            query_token: "t".into(),
+            ttl_ms: 60_000,
+            password: None,
+        };
         let Outcome::Changed(_, seq) = s.create_order(new, 1).unwrap() else { panic!("created") };
         seq
     }
@@ -220,7 +226,14 @@ mod tests {
         order(&mut s, "c", 2);
         assert!(
             s.create_order(
-                NewOrder { buyer: "d".into(), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1 },
+                NewOrder {
+                    buyer: "d".into(),
+                    quantity: 1,
+                    idempotency: None,
+                    query_token: "t".into(),
+                    ttl_ms: 1,
+                    password: None
+                },
                 1
             )
             .is_err(),
