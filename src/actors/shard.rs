@@ -251,6 +251,24 @@ impl ShardActor {
         }
     }
 
+    /// Runs a domain step that applied any number of events (none, or one per
+    /// bounded batch of keys), journals them in one write, and replies with its
+    /// value once everything written so far is durable.
+    fn batch_step<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        step: impl FnOnce(&mut Shard) -> (Vec<Event>, T),
+    ) -> ResponseFuture<ActorResult<T>> {
+        let (events, value) = match self.guarded(ctx, step) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        if let Err(e) = self.persist(ctx, &events) {
+            return fail(e);
+        }
+        self.reply_after_all(value)
+    }
+
     /// A group step: journal its event (if any) and answer with the seat once durable.
     fn group_step(
         &mut self,
@@ -612,14 +630,10 @@ impl Handler<ImportKeys> for ShardActor {
 
     fn handle(&mut self, msg: ImportKeys, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
-        let (events, imported, duplicates) = match self.guarded(ctx, |s| s.import_keys(msg.0)) {
-            Ok(r) => r,
-            Err(e) => return fail(e),
-        };
-        if let Err(e) = self.persist(ctx, &events) {
-            return fail(e);
-        }
-        self.reply_after_all((imported, duplicates))
+        self.batch_step(ctx, |s| {
+            let (events, imported, duplicates) = s.import_keys(msg.0);
+            (events, (imported, duplicates))
+        })
     }
 }
 
@@ -628,14 +642,10 @@ impl Handler<WithdrawKeys> for ShardActor {
 
     fn handle(&mut self, msg: WithdrawKeys, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
-        let (events, withdrawn, fates) = match self.guarded(ctx, |s| s.withdraw(&msg.0)) {
-            Ok(r) => r,
-            Err(e) => return fail(e),
-        };
-        if let Err(e) = self.persist(ctx, &events) {
-            return fail(e);
-        }
-        self.reply_after_all((withdrawn, fates))
+        self.batch_step(ctx, |s| {
+            let (events, withdrawn, fates) = s.withdraw(&msg.0);
+            (events, (withdrawn, fates))
+        })
     }
 }
 

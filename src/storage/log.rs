@@ -125,22 +125,26 @@ impl Reader {
     }
 }
 
-/// Every chunk in the log directory `dir`, oldest first, up to the first torn
-/// one (only the newest segment can end torn: a segment is synced whole before
-/// the next one is started). Returns the chunks and the segments read.
-pub(crate) fn read_all(dir: &Path) -> Result<(Vec<Chunk>, Vec<PathBuf>), StorageError> {
+/// Hands every chunk in the log directory `dir` to `each`, oldest first, up to
+/// the first torn one (only the newest segment can end torn: a segment is synced
+/// whole before the next one is started), one at a time: memory holds one chunk
+/// (bounded by what one journal stages per cycle) whatever the log's size.
+/// Returns the segments read.
+pub(crate) fn for_each_chunk(
+    dir: &Path,
+    mut each: impl FnMut(Chunk) -> Result<(), StorageError>,
+) -> Result<Vec<PathBuf>, StorageError> {
     if !dir.exists() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Vec::new());
     }
     let found = segments(dir)?;
-    let mut chunks = Vec::new();
     let last_index = found.len().saturating_sub(1);
     for (i, (_, path)) in found.iter().enumerate() {
         let file = File::open(path).map_err(|e| io_err(path.display(), e))?;
         let mut reader = Reader { file: std::io::BufReader::with_capacity(1 << 20, file) };
         loop {
             match reader.next() {
-                Ok(Some(chunk)) => chunks.push(chunk),
+                Ok(Some(chunk)) => each(chunk)?,
                 Ok(None) => break,
                 Err(error) => {
                     if i != last_index {
@@ -152,7 +156,7 @@ pub(crate) fn read_all(dir: &Path) -> Result<(Vec<Chunk>, Vec<PathBuf>), Storage
             }
         }
     }
-    Ok((chunks, found.into_iter().map(|(_, p)| p).collect()))
+    Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
 /// A journal the log covers, by address (the same file is staged every cycle).
@@ -390,13 +394,9 @@ pub(crate) fn redo(
     open: impl Fn(&Path) -> Result<Arc<JournalFile>, StorageError>,
 ) -> Result<u64, StorageError> {
     let dir = base.join("log");
-    let (chunks, found) = read_all(&dir)?;
-    if found.is_empty() {
-        return Ok(0);
-    }
     let mut journals: HashMap<String, Option<Arc<JournalFile>>> = HashMap::new();
     let mut written = 0;
-    for chunk in chunks {
+    let found = for_each_chunk(&dir, |chunk| {
         if chunk.name.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
             return Err(StorageError::Corrupt {
                 place: dir.display().to_string(),
@@ -411,10 +411,10 @@ pub(crate) fn redo(
                 Some(j)
             }
         };
-        let Some(j) = entry else { continue };
+        let Some(j) = entry else { return Ok(()) };
         let have = j.last_seq()?;
         if chunk.last <= have {
-            continue;
+            return Ok(());
         }
         if chunk.first > have + 1 {
             tracing::warn!(
@@ -424,7 +424,7 @@ pub(crate) fn redo(
                 "commit log chunk after a gap in its journal: not redone"
             );
             journals.insert(chunk.name.clone(), None);
-            continue;
+            return Ok(());
         }
         let offset =
             journal::frames_offset(&chunk.body, chunk.first, have + 1).ok_or_else(|| StorageError::Corrupt {
@@ -433,6 +433,10 @@ pub(crate) fn redo(
             })?;
         j.write_raw(have + 1, chunk.last, &chunk.body[offset..])?;
         written += chunk.last - have;
+        Ok(())
+    })?;
+    if found.is_empty() {
+        return Ok(0);
     }
     for j in journals.values().flatten() {
         j.sync()?;
@@ -538,8 +542,13 @@ mod tests {
         let end = bytes.iter().rposition(|&b| b != 0).unwrap();
         bytes[end] ^= 0xff;
         std::fs::write(&seg, &bytes).unwrap();
-        let (chunks, _) = read_all(&base.join("log")).unwrap();
-        assert_eq!(chunks.iter().map(|c| c.last).collect::<Vec<_>>(), [1, 2], "the torn chunk is not read");
+        let mut lasts = Vec::new();
+        for_each_chunk(&base.join("log"), |c| {
+            lasts.push(c.last);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(lasts, [1, 2], "the torn chunk is not read");
         // The journal lost everything: the chunks read are redone, record 3 is gone.
         lose_tail(&a_dir, 0);
         assert_eq!(redo(&base, |p| Ok(open_journal(p))).unwrap(), 2);
