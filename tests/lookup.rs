@@ -222,15 +222,23 @@ async fn pages_across_shards_miss_and_repeat_nothing_while_orders_arrive() {
     assert_eq!(all.len(), 60);
 }
 
-/// The lookup's own limits: per buyer, then per address; 429 with Retry-After.
+/// The lookup's own limits: per buyer, then per address (not for a storefront's
+/// verified API key); 429 with Retry-After.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_are_rate_limited_per_buyer_and_per_address() {
+    const PARTNER_KEY: &str = "partner-key-0123456789";
     // One token a minute: nothing refills while the test runs.
     let t = TestApp::spawn_with(&[
         ("lookup.per_ip_per_minute", "1"),
         ("lookup.per_ip_burst", "7"),
         ("lookup.per_buyer_per_minute", "1"),
         ("lookup.per_buyer_burst", "3"),
+        ("rate_limits.enabled", "true"),
+        ("rate_limits.tiers.partner.api_key", PARTNER_KEY),
+        ("rate_limits.tiers.partner.per_ip_per_sec", "1000"),
+        ("rate_limits.tiers.partner.per_ip_burst", "1000"),
+        ("rate_limits.tiers.partner.per_buyer_per_sec", "1000"),
+        ("rate_limits.tiers.partner.per_buyer_burst", "1000"),
     ])
     .await;
     let api = t.api();
@@ -249,6 +257,14 @@ async fn lookups_are_rate_limited_per_buyer_and_per_address() {
     let limited = look("hal").await;
     assert_eq!((limited.status, limited.code()), (429, "rate_limited"));
     assert!(limited.body["error"]["message"].as_str().unwrap().contains("address"), "{}", limited.body);
+    // A storefront's verified key speaks for many buyers from one address: limited
+    // per buyer only.
+    let keyed = |buyer: &str| {
+        let body = json!({"buyer": buyer, "query_password": "a-password"});
+        reply(api.http.post(format!("{}/api/v1/orders/lookup", api.url)).header("X-Api-Key", PARTNER_KEY).json(&body))
+    };
+    assert_eq!(keyed("hal").await.status, 200);
+    assert_eq!(keyed("fay").await.status, 429, "the buyer's own limit still holds");
     // Ordering is not limited by the lookup's limits.
     api.product_with_keys("p", 1, 0).await;
     assert_eq!(api.order_with_password("p", "hal", "a-password").await.status, 201);

@@ -591,9 +591,12 @@ pub async fn create_order(
 /// opens, newest first (`{"buyer", "query_password", "cursor"?, "limit"?}`), or
 /// one order (`{"order_id", "query_password"}`). A wrong password, an unknown buyer
 /// and an order without a password all answer `{"orders": []}`. Its own strict
-/// limits per client address and per buyer (or order) come first.
+/// limits per client address and per buyer (or order) come first; a storefront
+/// with a verified `X-Api-Key` (many buyers behind one address) is limited per
+/// buyer only.
 pub async fn lookup_orders(
     State(st): State<AppState>,
+    tier: Option<Extension<Arc<Tier>>>,
     caller: Caller,
     headers: HeaderMap,
     body: Body,
@@ -612,7 +615,8 @@ pub async fn lookup_orders(
         _ => return Err(ApiError::invalid("buyer or order_id: exactly one of them")),
     };
     let limits = &st.lookup_limits;
-    if let Some(ip) = caller.0 {
+    let storefront = tier.as_ref().is_some_and(|Extension(t)| t.is_keyed());
+    if let (Some(ip), false) = (caller.0, storefront) {
         limits.per_ip.check(&ip).map_err(|wait| super::rate_limited("lookup", "lookup_ip", wait))?;
     }
     limits.per_subject.check(&subject).map_err(|wait| super::rate_limited("lookup", "lookup_buyer", wait))?;
