@@ -166,6 +166,9 @@ async fn a_password_finds_its_buyers_orders_across_products_and_shards_and_nothi
         (json!({"buyer": "bob", "query_password": "ann-secret-1", "cursor": anns}), 400, "invalid_cursor"),
         (json!({"order_id": paid, "query_password": "ann-secret-1", "limit": 5}), 422, "invalid_request"),
         (json!({"buyer": "ann", "query_password": "ann-secret-1", "colour": "red"}), 422, "invalid_request"),
+        // Nothing unbounded reaches the limiters' keys.
+        (json!({"buyer": "b".repeat(300), "query_password": "ann-secret-1"}), 422, "invalid_request"),
+        (json!({"order_id": "o".repeat(200), "query_password": "ann-secret-1"}), 422, "invalid_request"),
     ] {
         let r = api.lookup(body.clone()).await;
         assert_eq!((r.status, r.code()), (status, code), "{body}: {}", r.body);
@@ -183,7 +186,7 @@ async fn a_password_finds_its_buyers_orders_across_products_and_shards_and_nothi
 async fn pages_across_shards_miss_and_repeat_nothing_while_orders_arrive() {
     let t = TestApp::spawn_with(&LOOSE).await;
     let api = t.api();
-    // A buyer's orders of one product go to one shard (by buyer): two products.
+    // A buyer's orders of one product may all go to one shard: two products.
     for product in ["hot", "cold"] {
         assert_eq!(api.create_product(product, 100, 0, 2).await.status, 201);
         let keys: Vec<String> = (0..200).map(|i| format!("{product}-{i}")).collect();
@@ -217,7 +220,7 @@ async fn pages_across_shards_miss_and_repeat_nothing_while_orders_arrive() {
     assert!(before.iter().all(|id| unique.contains(id)), "an order that existed before paging was missed");
     assert!(shown_ids.iter().all(|id| before.contains(id) || later.contains(id)));
     let shards: HashSet<&str> = before.iter().map(|id| id.rsplit_once('.').unwrap().0).collect();
-    assert_eq!(shards.len(), 2, "the orders span shards: {shards:?}");
+    assert!(shards.len() >= 2, "the orders span shards: {shards:?}");
     let all = all_pages(&api, "eve", "eve-password", 100).await;
     assert_eq!(all.len(), 60);
 }

@@ -604,11 +604,18 @@ pub async fn lookup_orders(
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: requests::Lookup = extract::json(&bytes)?;
+    // Checked before either limiter keys on it: keys bounded in size too.
     let subject = match (&req.buyer, &req.order_id) {
-        (Some(buyer), None) => buyer.clone(),
+        (Some(buyer), None) => {
+            crate::domain::validate::buyer(buyer).map_err(ApiError::invalid)?;
+            buyer.clone()
+        }
         (None, Some(order_id)) => {
             if req.cursor.is_some() || req.limit.is_some() {
                 return Err(ApiError::invalid("cursor, limit: only for a lookup by buyer"));
+            }
+            if order_id.len() > MAX_ORDER_ID_BYTES {
+                return Err(ApiError::invalid(format!("order_id: at most {MAX_ORDER_ID_BYTES} bytes")));
             }
             order_id.clone()
         }
@@ -636,6 +643,10 @@ pub async fn lookup_orders(
     let orders: Vec<Value> = orders.iter().map(views::looked_up_order).collect();
     Ok(Json(json!({"orders": orders, "next_cursor": next})))
 }
+
+/// Longest order id a lookup accepts (a product id is at most 64 bytes; a shard
+/// and a sequence add at most 27).
+const MAX_ORDER_ID_BYTES: usize = 128;
 
 /// Orders a lookup page holds unless `limit` says otherwise.
 const DEFAULT_LOOKUP_PAGE: usize = 20;
@@ -793,7 +804,10 @@ fn scoped_key(caller: &Caller, tier: &Option<Extension<Arc<Tier>>>, buyer: &str,
 }
 
 /// The per-buyer rate limit of the request's tier (the rate-limit layer attaches it).
+/// The buyer is checked first: a limiter's keys are bounded in number and, so, in
+/// size (a buyer is at most 254 bytes; a longer one would be refused anyway).
 fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiResult<()> {
+    crate::domain::validate::buyer(buyer).map_err(ApiError::invalid)?;
     if let Some(Extension(tier)) = tier {
         tier.per_buyer.check(buyer).map_err(|wait_secs| super::rate_limited(&tier.name, "buyer", wait_secs))?;
     }
