@@ -1,6 +1,11 @@
 -- wrk script for benches/flash_sale.sh: every request is a new buyer ordering one
--- key of product "flash"; counts 201s apart from every other answer.
+-- key of product "flash"; counts 201s apart from every other answer. With
+-- ORDER_QUERY_PASSWORD set, every order carries it as its query password (kami
+-- only: what buyer order lookup costs an order).
 local threads = {}
+local password = os.getenv("ORDER_QUERY_PASSWORD")
+local extra = password and string.format(',"query_password":"%s"', password) or ""
+
 
 function setup(thread)
   thread:set("id", #threads + 1)
@@ -15,7 +20,7 @@ end
 
 function request()
   n = n + 1
-  local body = string.format('{"product_id":"flash","quantity":1,"buyer":"w%d-%d"}', id, n)
+  local body = string.format('{"product_id":"flash","quantity":1,"buyer":"w%d-%d"%s}', id, n, extra)
   return wrk.format("POST", "/api/v1/orders", {["Content-Type"] = "application/json"}, body)
 end
 
