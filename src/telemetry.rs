@@ -53,7 +53,7 @@ pub fn count_group_event(name: &'static str) {
 }
 
 /// Why requests are refused, as counted in `kami_rejected_total{reason}`.
-pub const REJECTION_REASONS: [&str; 8] = [
+pub const REJECTION_REASONS: [&str; 9] = [
     "rate_limited",
     "queue_full",
     "concurrency",
@@ -62,6 +62,7 @@ pub const REJECTION_REASONS: [&str; 8] = [
     "bad_signature",
     "connections",
     "slow_body",
+    "hash_queue",
 ];
 static REJECTED: [AtomicU64; REJECTION_REASONS.len()] = [const { AtomicU64::new(0) }; REJECTION_REASONS.len()];
 
@@ -132,8 +133,10 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("kami_http_requests_total", Kind::Counter, "HTTP requests answered, by method, route and status."),
     ("kami_http_request_duration_seconds", Kind::Histogram, "Time from a request's arrival to its answer, by method and route."),
     ("kami_http_errors_total", Kind::Counter, "Error answers by their stable error code."),
-    ("kami_rejected_total", Kind::Counter, "Requests refused before reaching an actor, by reason (rate_limited, queue_full, concurrency, timeout, invalid_api_key, bad_signature, connections, slow_body)."),
+    ("kami_rejected_total", Kind::Counter, "Requests refused before reaching an actor, by reason (rate_limited, queue_full, concurrency, timeout, invalid_api_key, bad_signature, connections, slow_body, hash_queue)."),
     ("kami_rate_limited_total", Kind::Counter, "Requests refused by a rate limit, by tier and scope."),
+    ("kami_password_hashes_waiting", Kind::Gauge, "Orders and lookups waiting for a query password hash (bounded by lookup.max_waiting_hashes)."),
+    ("kami_password_hash_seconds", Kind::Histogram, "Time one query password hash took, waiting for a thread included."),
     ("kami_buffered_body_bytes", Kind::Gauge, "Bytes of request bodies held in memory now."),
     ("kami_order_events_total", Kind::Counter, "Order events made durable, by event (created, delivered, expired, cancelled, refund_owed, refunded, ...)."),
     ("kami_group_events_total", Kind::Counter, "Group-buy events made durable, by event (opened, joined, completed, failed)."),

@@ -272,6 +272,7 @@ async fn lookups_are_rate_limited_per_buyer_and_per_address() {
     api.product_with_keys("p", 1, 0).await;
     assert_eq!(api.order_with_password("p", "hal", "a-password").await.status, 201);
     let metrics = api.metrics().await;
+    assert!(metric_value(&metrics, "kami_password_hash_seconds_count") > 0.0, "hashes are timed");
     assert!(metrics.contains("scope=\"lookup_buyer\"") && metrics.contains("scope=\"lookup_ip\""), "counted");
 }
 
@@ -333,4 +334,20 @@ async fn archived_orders_and_a_crash_keep_every_password() {
     let t2 = TestApp::start_on(&data, &settings).await;
     check(t2.api()).await;
     assert_audit_ok(&t2.api().audit().await);
+}
+
+/// Hashing is bounded: past `lookup.max_waiting_hashes` an order with a password
+/// is refused (503, counted), and orders without one go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_hash_queue_bound_orders_with_a_password_are_refused_and_others_go_on() {
+    let t = TestApp::spawn_with(&[("lookup.max_waiting_hashes", "0")]).await;
+    let api = t.api();
+    api.product_with_keys("p", 2, 0).await;
+    let refused = api.order_with_password("p", "kim", "kims-password").await;
+    assert_eq!((refused.status, refused.code()), (503, "overloaded"), "{}", refused.body);
+    assert!(refused.headers.get("retry-after").is_some());
+    assert_eq!(api.order("p", 1, "kim", None).await.status, 201);
+    let metrics = api.metrics().await;
+    assert!(metrics.contains("reason=\"hash_queue\""), "the refusal is counted");
+    assert_eq!(api.audit().await.body["products"][0]["reserved"], 1, "the refused order took nothing");
 }

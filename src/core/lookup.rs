@@ -21,7 +21,8 @@ struct Waiting<'a>(&'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("kami_password_hashes_waiting").set(now as f64);
     }
 }
 
@@ -35,16 +36,22 @@ impl Passwords {
 
     /// The stored form of `buyer`'s query `password`.
     pub async fn hash(&self, buyer: &str, password: &str) -> Result<PasswordHash, Error> {
+        let started = std::time::Instant::now();
         let waiting = Waiting(&self.waiting);
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+        let before = self.waiting.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("kami_password_hashes_waiting").set((before + 1) as f64);
+        if before >= self.max_waiting {
+            crate::telemetry::count_rejection("hash_queue");
             return Err(Error::Overloaded);
         }
         let _permit = self.permits.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         drop(waiting);
         let (secret, buyer, password) = (self.secret, buyer.to_string(), password.to_string());
-        tokio::task::spawn_blocking(move || lookup::hash_password(&secret, &buyer, &password))
+        let hash = tokio::task::spawn_blocking(move || lookup::hash_password(&secret, &buyer, &password))
             .await
-            .map_err(|e| Error::Unavailable(format!("hashing a password failed: {e}")))
+            .map_err(|e| Error::Unavailable(format!("hashing a password failed: {e}")))?;
+        metrics::histogram!("kami_password_hash_seconds").record(started.elapsed().as_secs_f64());
+        Ok(hash)
     }
 }
 
