@@ -445,9 +445,9 @@ impl Shard {
             }
         }
         self.password_orders.clear();
-        for seq in self.passwords.keys().copied().collect::<Vec<_>>() {
-            let order = self.orders.get(&seq).expect("a password belongs to an order in memory").clone();
-            self.index_password(&order);
+        for seq in self.passwords.keys() {
+            let order = self.orders.get(seq).expect("a password belongs to an order in memory");
+            self.password_orders.entry(order.buyer.clone()).or_default().insert(*seq);
         }
         self.group_of.clear();
         self.open_groups.clear();

@@ -354,24 +354,25 @@ impl Storage {
         let mut found = Vec::new();
         for kv in self.lookup_tree(id)?.scan_prefix(digest).rev().take(max) {
             let (k, v) = kv?;
-            let corrupt = || StorageError::Corrupt { place: format!("lookup/{id}"), error: "malformed entry".into() };
-            let seq = u64::from_be_bytes(k.get(16..24).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?);
-            let hash: PasswordHash = v.as_ref().try_into().map_err(|_| corrupt())?;
-            found.push((seq, hash));
+            let seq = k.get(16..24).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let seq = seq.ok_or_else(|| Self::malformed_lookup(id))?;
+            found.push((seq, Self::lookup_value(id, &v)?));
         }
         Ok(found)
     }
 
+    fn malformed_lookup(id: &ShardId) -> StorageError {
+        StorageError::Corrupt { place: format!("lookup/{id}"), error: "malformed entry".into() }
+    }
+
+    /// A lookup index value: the password's stored form.
+    fn lookup_value(id: &ShardId, v: &[u8]) -> Result<PasswordHash, StorageError> {
+        v.try_into().map_err(|_| Self::malformed_lookup(id))
+    }
+
     /// The query password of archived order `seq` of `buyer` in shard `id`, if it has one.
     pub fn archived_password(&self, id: &ShardId, buyer: &str, seq: u64) -> Result<Option<PasswordHash>, StorageError> {
-        match self.lookup_tree(id)?.get(Self::lookup_key(buyer, seq))? {
-            None => Ok(None),
-            Some(v) => v
-                .as_ref()
-                .try_into()
-                .map(Some)
-                .map_err(|_| StorageError::Corrupt { place: format!("lookup/{id}"), error: "malformed entry".into() }),
-        }
+        self.lookup_tree(id)?.get(Self::lookup_key(buyer, seq))?.map(|v| Self::lookup_value(id, &v)).transpose()
     }
 
     /// This shop's lookup secret (salts query passwords, see `domain::lookup`):
@@ -380,9 +381,11 @@ impl Storage {
     pub fn lookup_secret(&self) -> Result<[u8; 32], StorageError> {
         let tree = self.db.open_tree("meta")?;
         let fresh: [u8; 32] = rand::random();
-        let _ = tree.compare_and_swap(b"lookup-secret", None as Option<&[u8]>, Some(&fresh[..]))?;
+        let created = tree.compare_and_swap(b"lookup-secret", None as Option<&[u8]>, Some(&fresh[..]))?.is_ok();
         let stored = tree.get(b"lookup-secret")?.expect("just set");
-        self.db.flush().map_err(StorageError::from)?;
+        if created {
+            self.db.flush().map_err(StorageError::from)?;
+        }
         stored.as_ref().try_into().map_err(|_| StorageError::Corrupt {
             place: "meta/lookup-secret".into(),
             error: format!("{} bytes, expected 32", stored.len()),
