@@ -181,6 +181,7 @@ async fn run_purchases(
         per_buyer_limit: 0,
         shards,
         points_price: None,
+        key_mode: Default::default(),
     })
     .await
     .unwrap();
@@ -280,6 +281,7 @@ fn actor_round_trip(c: &mut Criterion) {
             per_buyer_limit: 0,
             shards: 1,
             points_price: None,
+            key_mode: Default::default(),
         };
         core.create_product(new).await.unwrap();
         core.import_keys("rt", vec!["k".into()]).await.unwrap();

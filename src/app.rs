@@ -508,6 +508,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     )
     .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
+    let reusable_products = storage.reusable_products().map_err(|e| StartError::Recovery(format!("key modes: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
     let lookup_secret = storage.lookup_secret().map_err(|e| StartError::Recovery(format!("lookup secret: {e}")))?;
     let parts = Parts {
@@ -519,6 +520,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         channels,
         points,
         points_prices,
+        reusable_products,
         group_deals,
         lookup_secret,
     };

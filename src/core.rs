@@ -20,6 +20,7 @@ use crate::actors::{Kill, Registry, ShardHandle};
 use crate::chaos::KillTarget;
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::domain::key_mode::{self, KeyMode};
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, RedemptionState};
 pub use crate::domain::shard::Withdrawal;
 use crate::domain::shard::{Idempotency, KeyFate, NewOrder, OrderFilter, Payment};
@@ -149,6 +150,8 @@ pub struct NewProduct {
     pub shards: u16,
     /// Points per key when redeemed; none: not redeemable.
     pub points_price: Option<u64>,
+    /// Unique keys, or a reusable key sold as units (`domain::key_mode`).
+    pub key_mode: KeyMode,
 }
 
 /// Order keys of a product for a buyer.
@@ -173,6 +176,7 @@ pub struct ProductView {
     pub shelf: Shelf,
     /// When the shelf state last changed (0: on sale since creation).
     pub shelf_since_ms: u64,
+    pub key_mode: KeyMode,
 }
 
 pub use crate::domain::audit::{AuditReport, PointsTotals, ProductAudit};
@@ -210,6 +214,8 @@ pub struct Kami {
     points: Vec<PointsHandle>,
     /// Product → points price, for products that can be redeemed (durable in storage).
     points_prices: DashMap<String, u64>,
+    /// Products whose keys are reusable (durable in storage).
+    reusable: dashmap::DashSet<String>,
     /// (product, deal id) → group deal (durable in storage).
     deals: DashMap<(String, String), crate::domain::group::GroupDeal>,
     /// Product and deal creation are rare: one at a time, so "exists" and "same id,
@@ -229,6 +235,8 @@ pub struct Parts {
     pub channels: Arc<Channels>,
     pub points: Vec<PointsHandle>,
     pub points_prices: Vec<(String, u64)>,
+    /// Products whose keys are reusable (`Storage::reusable_products`).
+    pub reusable_products: Vec<String>,
     pub group_deals: Vec<crate::domain::group::GroupDeal>,
     /// Salts query passwords (`Storage::lookup_secret`).
     pub lookup_secret: [u8; 32],
@@ -249,6 +257,7 @@ impl Kami {
             channels,
             points,
             points_prices,
+            reusable_products,
             group_deals,
             lookup_secret,
         } = parts;
@@ -266,6 +275,7 @@ impl Kami {
             nonces,
             points,
             points_prices: points_prices.into_iter().collect(),
+            reusable: reusable_products.into_iter().collect(),
             deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),
             merchant_writes: tokio::sync::Mutex::new(()),
             passwords,

@@ -17,6 +17,9 @@ pub enum Error {
     ProductNotFound,
     #[error("a product with this id exists")]
     ProductExists,
+    /// The operation does not fit how this product's keys are sold (`domain::key_mode`).
+    #[error("{0}")]
+    KeyMode(String),
     #[error("signature does not verify")]
     BadSignature,
     #[error("timestamp is {skew_secs} s away from now; at most {max_secs} s allowed")]
@@ -45,6 +48,7 @@ impl Error {
             Error::Invalid(_) => "invalid_request",
             Error::ProductNotFound => "product_not_found",
             Error::ProductExists => "product_exists",
+            Error::KeyMode(_) => "key_mode_mismatch",
             Error::BadSignature => "bad_signature",
             Error::StaleRequest { .. } => "stale_request",
             Error::Replayed => "replayed",

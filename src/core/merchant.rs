@@ -3,6 +3,9 @@
 use super::*;
 use crate::domain::audit::Auditor;
 
+/// Units of a reusable key sent to the shards at once (see [`Kami::set_reusable_stock`]).
+const REUSABLE_UNITS_PER_BATCH: u64 = 65_536;
+
 impl Kami {
     pub async fn create_product(&self, p: NewProduct) -> Result<ProductInfo, Error> {
         validate::product_id(&p.id).map_err(Error::Invalid)?;
@@ -17,6 +20,7 @@ impl Kami {
             return Err(Error::Invalid("points_price: must be at least 1".into()));
         }
         let points_price = p.points_price;
+        let key_mode = p.key_mode;
         // One merchant write at a time: "exists" checked here stays true below.
         let _one_writer = self.merchant_writes.lock().await;
         if let Some(existing) = self.registry.get(&p.id) {
@@ -26,10 +30,12 @@ impl Kami {
                 Shelf::OnSale | Shelf::Retired => Error::ProductExists,
             });
         }
-        // The points price is written first: it is durable with the product record
-        // (one flush covers both), and a crash before the product leaves only a price
-        // for no product, which the next creation of that id overwrites.
+        // The points price and key mode are written first: they are durable with the
+        // product record (one flush covers them all), and a crash before the product
+        // leaves only a price or mode for no product, which the next creation of that
+        // id overwrites.
         self.storage.set_points_price(&p.id, points_price)?;
+        self.storage.set_key_mode(&p.id, key_mode)?;
         let info = ProductInfo {
             id: p.id,
             name: p.name,
@@ -47,6 +53,10 @@ impl Kami {
         match points_price {
             Some(p) => self.points_prices.insert(info.id.clone(), p),
             None => self.points_prices.remove(&info.id).map(|(_, p)| p),
+        };
+        match key_mode {
+            KeyMode::Reusable => self.reusable.insert(info.id.clone()),
+            KeyMode::Unique => self.reusable.remove(&info.id).is_some(),
         };
         Ok(info)
     }
@@ -91,6 +101,11 @@ impl Kami {
     /// ones are ignored; an invalid one rejects the whole batch before anything changes.
     pub async fn import_keys(&self, product: &str, raw: Vec<String>) -> Result<(u64, u64), Error> {
         let route = self.listed(product)?;
+        if self.key_mode(product) == KeyMode::Reusable {
+            return Err(Error::KeyMode(format!(
+                "{product} sells a reusable key: set its units with PUT /api/v1/admin/products/{product}/stock"
+            )));
+        }
         let mut parts: Vec<Vec<String>> = vec![Vec::new(); route.shards.len()];
         for (i, key) in raw.into_iter().enumerate() {
             let key = key.trim();
@@ -111,6 +126,57 @@ impl Kami {
             totals = (totals.0 + imported, totals.1 + duplicates);
         }
         Ok(totals)
+    }
+
+    /// How `product`'s keys are sold.
+    pub fn key_mode(&self, product: &str) -> KeyMode {
+        if self.reusable.contains(product) {
+            KeyMode::Reusable
+        } else {
+            KeyMode::Unique
+        }
+    }
+
+    /// Sets the stock of reusable key `key` of a reusable product to `units` units
+    /// in all (see [`crate::domain::key_mode`]): the units it lacks are added, spread
+    /// over the product's shards like keys; asking again for the same number adds
+    /// nothing, so a retry is safe. Units already added are never taken back here
+    /// (withdraw them). Returns how many units were added now.
+    pub async fn set_reusable_stock(&self, product: &str, key: &str, units: u64) -> Result<u64, Error> {
+        let route = self.listed(product)?;
+        if self.key_mode(product) != KeyMode::Reusable {
+            return Err(Error::KeyMode(format!(
+                "{product} sells unique keys: import them with POST /api/v1/products/{product}/keys"
+            )));
+        }
+        validate::key(key).map_err(|m| Error::Invalid(format!("key: {m}")))?;
+        if units > key_mode::MAX_UNITS {
+            return Err(Error::Invalid(format!("units: must be at most {}", key_mode::MAX_UNITS)));
+        }
+        let mut added = 0;
+        // A bounded batch at a time: the units of one call are never all in memory.
+        let mut start = 0;
+        while start < units {
+            let end = (start + REUSABLE_UNITS_PER_BATCH).min(units);
+            let mut parts: Vec<Vec<String>> = vec![Vec::new(); route.shards.len()];
+            for n in start..end {
+                let unit = key_mode::unit(key, n);
+                parts[route.shard_index_for_key(&unit)].push(unit);
+            }
+            let calls = parts
+                .into_iter()
+                .enumerate()
+                .filter(|(_, units)| !units.is_empty())
+                .map(|(i, units)| self.call(&route.shards[i], shard::ImportKeys(units)));
+            for result in futures::future::join_all(calls).await {
+                added += result?.0;
+            }
+            start = end;
+        }
+        if added > 0 {
+            tracing::info!(product, units, added, "reusable key stock set");
+        }
+        Ok(added)
     }
 
     /// Takes keys out of stock (see [`crate::domain::shard::Withdrawal`]): named keys
@@ -192,10 +258,10 @@ impl Kami {
     /// A product as its merchant sees it: deleted ones too.
     pub fn product_as_merchant(&self, id: &str) -> Result<ProductView, Error> {
         let route = self.registry.get(id).ok_or(Error::ProductNotFound)?;
-        Ok(Self::view(&route))
+        Ok(self.view(&route))
     }
 
-    fn view(route: &crate::actors::ProductRoute) -> ProductView {
+    fn view(&self, route: &crate::actors::ProductRoute) -> ProductView {
         let counts = route.counts();
         let (info, terms) = route.current_info();
         ProductView {
@@ -205,6 +271,7 @@ impl Kami {
             counts,
             shelf: route.shelf.get(),
             shelf_since_ms: route.shelf.since_ms(),
+            key_mode: self.key_mode(&route.info.id),
         }
     }
 
@@ -230,7 +297,7 @@ impl Kami {
             .collect();
         ids.sort_unstable();
         let more = ids.len() > limit;
-        let page: Vec<ProductView> = ids.into_iter().take(limit).map(|id| Self::view(&routes[id])).collect();
+        let page: Vec<ProductView> = ids.into_iter().take(limit).map(|id| self.view(&routes[id])).collect();
         let next = if more { page.last().map(|p| p.info.id.clone()) } else { None };
         Ok((page, next))
     }
@@ -254,7 +321,7 @@ impl Kami {
         if let Some(on_sale) = change.on_sale {
             self.change_shelf(id, if on_sale { ShelfChange::Relist } else { ShelfChange::Retire }).await?;
         }
-        Ok(Self::view(&route))
+        Ok(self.view(&route))
     }
 
     pub async fn audit(&self) -> Result<AuditReport, Error> {

@@ -16,6 +16,7 @@
 //! * [`shelf`] — whether a product is sold: on sale, off the shelf, deleted.
 //! * [`terms`] — what a merchant may change of a product while it sells: name,
 //!   price, per-buyer limit, sale window.
+//! * [`key_mode`] — unique keys, or a reusable key sold as units.
 //! * [`lookup`] — buyer order lookup: query passwords as slow salted hashes, and
 //!   the order of a lookup's answer.
 //! * [`error`] — typed refusals, each with a stable code used by the HTTP layer.
@@ -28,6 +29,7 @@ pub mod breaker;
 pub mod error;
 pub mod group;
 pub mod ids;
+pub mod key_mode;
 pub mod lookup;
 pub mod points;
 pub mod routing;

@@ -525,7 +525,14 @@ impl Shard {
         &self.archived
     }
 
+    /// Key `id` as buyers and merchants see it (a reusable key's unit shows the
+    /// key, see [`crate::domain::key_mode`]).
     pub fn key(&self, id: KeyId) -> &str {
+        super::key_mode::shown(&self.keys[id as usize])
+    }
+
+    /// Key `id` as stored: what identifies it among this product's keys.
+    fn stored_key(&self, id: KeyId) -> &str {
         &self.keys[id as usize]
     }
 

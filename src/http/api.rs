@@ -30,10 +30,40 @@ pub async fn create_product(
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: requests::NewProduct = extract::json(&bytes)?;
+    let key_mode = req.key_mode;
     let info = core.create_product(req.into()).await?;
     let points_price = core.points_price(&info.id);
     let terms = crate::domain::terms::Terms::of(&info);
-    Ok((StatusCode::CREATED, Json(views::product(&info, &terms, 0, points_price, Shelf::OnSale, 0))))
+    Ok((StatusCode::CREATED, Json(views::product(&info, &terms, 0, points_price, Shelf::OnSale, 0, key_mode))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StockBody {
+    key: String,
+    units: u64,
+}
+
+/// `PUT /api/v1/admin/products/{id}/stock`: a reusable product's units of one key.
+pub async fn set_stock(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: StockBody = extract::json(&bytes)?;
+    let added = core.set_reusable_stock(&id, &req.key, req.units).await?;
+    let p = core.product(&id)?;
+    Ok(Json(json!({
+        "product_id": id,
+        "key_mode": p.key_mode.as_str(),
+        "units": req.units,
+        "added": added,
+        "stock": {"imported": p.counts.imported, "available": p.counts.available, "sold": p.counts.sold},
+    })))
 }
 
 #[derive(Deserialize)]

@@ -77,7 +77,7 @@ impl From<Error> for ApiError {
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,
-            Error::ProductExists => StatusCode::CONFLICT,
+            Error::ProductExists | Error::KeyMode(_) => StatusCode::CONFLICT,
             Error::BadSignature => StatusCode::UNAUTHORIZED,
             Error::StaleRequest { .. } => StatusCode::BAD_REQUEST,
             Error::Replayed => StatusCode::CONFLICT,

@@ -211,6 +211,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/products/{id}", get(api::admin_get_product).delete(api::delete_product))
         .route("/api/v1/admin/products/{id}/keys", get(api::list_keys))
         .route("/api/v1/admin/products/{id}/keys/withdraw", post(api::withdraw_keys))
+        .route("/api/v1/admin/products/{id}/stock", axum::routing::put(api::set_stock))
         .route("/api/v1/admin/products/{id}/retire", post(api::retire_product))
         .route("/api/v1/admin/products/{id}/relist", post(api::relist_product))
         .route("/api/v1/admin/audit", get(api::audit))

@@ -19,6 +19,8 @@ pub struct NewProduct {
     pub shards: u16,
     #[serde(default)]
     pub points_price: Option<u64>,
+    #[serde(default)]
+    pub key_mode: crate::domain::key_mode::KeyMode,
 }
 
 /// `PATCH /api/v1/products/{id}`: each field present changes; a window bound set
@@ -80,8 +82,8 @@ fn one() -> u16 {
 
 impl From<NewProduct> for core::NewProduct {
     fn from(p: NewProduct) -> Self {
-        let NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price } = p;
-        core::NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price }
+        let NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price, key_mode } = p;
+        core::NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price, key_mode }
     }
 }
 

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 use crate::actors::shard::{GroupSeat, GroupSnapshot, OrderSnapshot};
 use crate::core::{AuditReport, ProductView, Redeemed};
 use crate::domain::group::{GroupDeal, GroupState};
+use crate::domain::key_mode::KeyMode;
 use crate::domain::points::{Balance, Entry};
 use crate::domain::shelf::Shelf;
 use crate::domain::terms::Terms;
@@ -28,8 +29,10 @@ pub fn product(
     points_price: Option<u64>,
     shelf: Shelf,
     since_ms: u64,
+    key_mode: KeyMode,
 ) -> Value {
     json!({
+        "key_mode": key_mode.as_str(),
         "shelf": shelf.as_str(),
         "shelf_since": (since_ms > 0).then(|| ts(since_ms)),
         "id": info.id,
@@ -50,6 +53,7 @@ pub fn public_product(p: &ProductView, points_price: Option<u64>) -> Value {
     json!({
         "id": p.info.id, "name": p.info.name, "price_cents": p.info.price_cents, "available": p.available,
         "per_buyer_limit": p.info.per_buyer_limit, "points_price": points_price, "on_sale": p.shelf.sells(),
+        "key_mode": p.key_mode.as_str(),
         "sale_starts_at": ts_opt(p.terms.sale_starts_at_ms), "sale_ends_at": ts_opt(p.terms.sale_ends_at_ms),
     })
 }
@@ -57,7 +61,7 @@ pub fn public_product(p: &ProductView, points_price: Option<u64>) -> Value {
 /// A product with every counter, as merchant routes answer it (deleted ones too).
 pub fn merchant_product(p: &ProductView, points_price: Option<u64>) -> Value {
     let c = p.counts;
-    let mut v = product(&p.info, &p.terms, c.available, points_price, p.shelf, p.shelf_since_ms);
+    let mut v = product(&p.info, &p.terms, c.available, points_price, p.shelf, p.shelf_since_ms, p.key_mode);
     v["stock"] = json!({
         "imported": c.imported, "available": c.available, "reserved": c.reserved, "sold": c.sold,
         "withdrawn": c.withdrawn,

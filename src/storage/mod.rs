@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::domain::group::GroupDeal;
+use crate::domain::key_mode::KeyMode;
 use crate::domain::lookup::PasswordHash;
 use crate::domain::points::{PointsBook, PointsEvent};
 use crate::domain::shard::ArchivedOrder;
@@ -505,6 +506,33 @@ impl Storage {
             None => tree.remove(product.as_bytes())?,
         };
         Ok(())
+    }
+
+    /// Records that a product's keys are reusable (tree `key-modes`; unique
+    /// products have no entry). Durable after a flush.
+    pub fn set_key_mode(&self, product: &str, mode: KeyMode) -> Result<(), StorageError> {
+        let tree = self.db.open_tree("key-modes")?;
+        match mode {
+            KeyMode::Reusable => tree.insert(product.as_bytes(), mode.as_str().as_bytes())?,
+            KeyMode::Unique => tree.remove(product.as_bytes())?,
+        };
+        Ok(())
+    }
+
+    /// The products whose keys are reusable.
+    pub fn reusable_products(&self) -> Result<Vec<String>, StorageError> {
+        let mut out = Vec::new();
+        for kv in self.db.open_tree("key-modes")?.iter() {
+            let (k, v) = kv?;
+            if v.as_ref() != KeyMode::Reusable.as_str().as_bytes() {
+                return Err(StorageError::Corrupt {
+                    place: "key-modes".into(),
+                    error: format!("unknown key mode {:?}", String::from_utf8_lossy(&v)),
+                });
+            }
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
     }
 
     pub fn points_prices(&self) -> Result<Vec<(String, u64)>, StorageError> {

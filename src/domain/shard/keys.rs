@@ -103,8 +103,8 @@ impl Shard {
         (page, at_end)
     }
 
-    /// Takes keys out of stock: the ones named that are available here, or up to
-    /// `n` available ones (from the back of the queue, the last to be sold). Only
+    /// Takes keys out of stock: the ones named that are available here (every
+    /// available unit of a reusable key named), or up to `n` available ones (from the back of the queue, the last to be sold). Only
     /// available keys leave: a reserved key stays with its order, a sold one with
     /// its buyer. Returns the events (already applied, [`MAX_KEYS_PER_EVENT`] keys
     /// each), how many keys left, and for [`Withdrawal::Keys`] the fate of each key
@@ -118,12 +118,31 @@ impl Shard {
             Withdrawal::Keys(keys) => {
                 let mut asked: HashMap<KeyId, usize> = HashMap::with_capacity(keys.len());
                 let mut fates = Vec::with_capacity(keys.len());
+                // Names that are no stored key: perhaps a reusable key, whose units go.
+                let mut reusable: HashMap<&str, usize> = HashMap::new();
                 for (i, key) in keys.iter().enumerate() {
                     match self.find_key(key) {
-                        None => fates.push(KeyFate::Unknown),
+                        None => {
+                            fates.push(KeyFate::Unknown);
+                            reusable.entry(key.as_str()).or_insert(i);
+                        }
                         Some(id) => {
                             fates.push(KeyFate::NotInStock);
                             asked.entry(id).or_insert(i);
+                        }
+                    }
+                }
+                if !reusable.is_empty() {
+                    for (id, stored) in self.keys.iter().enumerate() {
+                        if let Some(&i) = reusable.get(crate::domain::key_mode::shown(stored)) {
+                            fates[i] = KeyFate::NotInStock;
+                            asked.insert(id as KeyId, i);
+                        }
+                    }
+                    // A reusable key named twice: the second is not in stock either.
+                    for (i, key) in keys.iter().enumerate() {
+                        if fates[i] == KeyFate::Unknown && fates[reusable[key.as_str()]] != KeyFate::Unknown {
+                            fates[i] = KeyFate::NotInStock;
                         }
                     }
                 }
@@ -239,6 +258,33 @@ mod tests {
             .is_err(),
             "K4 and K5 were the last keys in stock"
         );
+    }
+
+    #[test]
+    fn a_reusable_key_is_sold_as_units_and_named_withdrawal_takes_its_available_units() {
+        use crate::domain::key_mode::unit;
+        let mut s = shard(1);
+        let units: Vec<String> = (0..5).map(|n| unit("SHARED", n)).collect();
+        let (_, imported, _) = s.import_keys(units.clone());
+        assert_eq!(imported, 5);
+        assert_eq!(s.import_keys(units).1, 0, "a unit is added once");
+        let mut buyers = Vec::new();
+        while buyers.len() < 3 {
+            let seq = order(&mut s, &format!("b{}", buyers.len()), 1);
+            buyers.push(seq);
+        }
+        // K0 went first; the two others are units, delivered as the key itself.
+        let shown: Vec<&str> = buyers.iter().map(|&b| s.key(s.order(b).unwrap().keys[0])).collect();
+        assert_eq!(shown, ["K0", "SHARED", "SHARED"]);
+        let (events, n, fates) = s.withdraw(&Withdrawal::Keys(vec!["SHARED".into(), "SHARED".into(), "nope".into()]));
+        assert_eq!(n, 3, "every available unit of the key, none of the reserved ones");
+        assert_eq!(fates, [KeyFate::Withdrawn, KeyFate::NotInStock, KeyFate::Unknown]);
+        assert_eq!(events.len(), 1);
+        let c = s.counts();
+        assert_eq!((c.imported, c.available, c.reserved, c.withdrawn), (6, 0, 3, 3));
+        assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
+        let listed: Vec<&str> = s.keys_in(KeyState::Withdrawn, None, 10).0.into_iter().map(|(_, k)| k).collect();
+        assert_eq!(listed, ["SHARED"; 3]);
     }
 
     #[test]

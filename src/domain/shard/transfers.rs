@@ -63,7 +63,7 @@ impl Shard {
             from: self.shard,
             transfer,
             to: *to,
-            keys: keys.iter().map(|&k| self.key(k).to_string()).collect(),
+            keys: keys.iter().map(|&k| self.stored_key(k).to_string()).collect(),
         }
     }
 
