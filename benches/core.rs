@@ -182,6 +182,7 @@ async fn run_purchases(
         shards,
         points_price: None,
         key_mode: Default::default(),
+        tiers: Vec::new(),
     })
     .await
     .unwrap();
@@ -282,6 +283,7 @@ fn actor_round_trip(c: &mut Criterion) {
             shards: 1,
             points_price: None,
             key_mode: Default::default(),
+            tiers: Vec::new(),
         };
         core.create_product(new).await.unwrap();
         core.import_keys("rt", vec!["k".into()]).await.unwrap();

@@ -152,6 +152,8 @@ pub struct NewProduct {
     pub points_price: Option<u64>,
     /// Unique keys, or a reusable key sold as units (`domain::key_mode`).
     pub key_mode: KeyMode,
+    /// Quantity tiers (`domain::pricing`); empty: one price for any quantity.
+    pub tiers: Vec<crate::domain::pricing::PriceTier>,
 }
 
 /// Order keys of a product for a buyer.

@@ -12,7 +12,7 @@ use kami::domain::shard::{
     RefundReason, Withdrawal,
 };
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
-use kami::storage::codec::{decode, decode_snapshot, encode, Kind, FORMAT_VERSION};
+use kami::storage::codec::{decode, decode_snapshot, decode_terms, encode, Kind, FORMAT_VERSION};
 
 fn product() -> ProductInfo {
     ProductInfo {
@@ -299,7 +299,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 7, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 8, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -308,7 +308,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v7; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v8; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -323,7 +323,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v7 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v8 in length");
     stored
 }
 
@@ -448,7 +448,7 @@ fn v5_product_snapshot_and_archive_decode() {
 /// Terms of sale (a kind added within v5: no earlier record changed).
 #[test]
 fn v5_terms_decode() {
-    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &old(5, "terms.bin")).unwrap(), terms());
+    assert_eq!(decode_terms(&old(5, "terms.bin")).unwrap(), terms());
 }
 
 fn terms() -> kami::domain::terms::Terms {
@@ -458,6 +458,19 @@ fn terms() -> kami::domain::terms::Terms {
         per_buyer_limit: 3,
         sale_starts_at_ms: Some(1_780_000_000_000),
         sale_ends_at_ms: None,
+        tiers: Vec::new(),
+    }
+}
+
+/// Terms with quantity tiers (v8).
+fn terms_v8() -> kami::domain::terms::Terms {
+    use kami::domain::pricing::PriceTier;
+    kami::domain::terms::Terms {
+        tiers: vec![
+            PriceTier { min_quantity: 10, unit_price_cents: 700 },
+            PriceTier { min_quantity: 100, unit_price_cents: 650 },
+        ],
+        ..terms()
     }
 }
 
@@ -486,17 +499,43 @@ fn v6_product_snapshot_archive_and_terms_decode() {
             record
         );
     }
-    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &old(6, "terms.bin")).unwrap(), terms());
+    assert_eq!(decode_terms(&old(6, "terms.bin")).unwrap(), terms());
 }
 
 #[test]
 fn v7_events_decode() {
+    assert_eq!(decode_events(&old(7, "events.bin")), events_v7());
+}
+
+/// A v7 snapshot decodes as today's (its layout is unchanged in v8); v7 terms
+/// (no tiers) through their own layout.
+#[test]
+fn v7_product_snapshot_archive_and_terms_decode() {
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(7, "product.bin")).unwrap(), product());
+    let (want, records, seq) = snapshot_v7();
+    let mut s = decode_snapshot(&old(7, "snapshot.bin")).unwrap();
+    s.rebuild_indexes();
+    assert_eq!(s.orders(), want.orders());
+    assert_eq!(s.counts(), want.counts());
+    assert_eq!(s.password(seq), Some(&[5; 32]));
+    assert!(s.audit().violations.is_empty());
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(
+            &decode::<ArchivedOrder>(Kind::ArchivedOrder, &old(7, &format!("archived-{i}.bin"))).unwrap(),
+            record
+        );
+    }
+    assert_eq!(decode_terms(&old(7, "terms.bin")).unwrap(), terms());
+}
+
+#[test]
+fn v8_events_decode() {
     let fresh = serde_json::to_vec(&events_v7().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
     assert_eq!(decode_events(&check("events.bin", fresh)), events_v7());
 }
 
 #[test]
-fn v7_product_snapshot_archive_and_terms_decode() {
+fn v8_product_snapshot_archive_and_terms_decode() {
     let stored = check("product.bin", encode(Kind::Product, &product()));
     assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
     let (want, records, seq) = snapshot_v7();
@@ -517,6 +556,6 @@ fn v7_product_snapshot_archive_and_terms_decode() {
         let stored = check(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
         assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
     }
-    let stored = check("terms.bin", encode(Kind::Terms, &terms()));
-    assert_eq!(decode::<kami::domain::terms::Terms>(Kind::Terms, &stored).unwrap(), terms());
+    let stored = check("terms.bin", encode(Kind::Terms, &terms_v8()));
+    assert_eq!(decode_terms(&stored).unwrap(), terms_v8());
 }

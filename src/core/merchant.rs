@@ -19,6 +19,7 @@ impl Kami {
         if p.points_price == Some(0) {
             return Err(Error::Invalid("points_price: must be at least 1".into()));
         }
+        crate::domain::pricing::check_tiers(p.price_cents, &p.tiers).map_err(Error::Invalid)?;
         let points_price = p.points_price;
         let key_mode = p.key_mode;
         // One merchant write at a time: "exists" checked here stays true below.
@@ -30,12 +31,25 @@ impl Kami {
                 Shelf::OnSale | Shelf::Retired => Error::ProductExists,
             });
         }
-        // The points price and key mode are written first: they are durable with the
-        // product record (one flush covers them all), and a crash before the product
-        // leaves only a price or mode for no product, which the next creation of that
-        // id overwrites.
+        // The points price, key mode and tiers are written first: they are durable
+        // with the product record (one flush covers them all), and a crash before the
+        // product leaves only a price, mode or terms for no product, which the next
+        // creation of that id overwrites.
         self.storage.set_points_price(&p.id, points_price)?;
         self.storage.set_key_mode(&p.id, key_mode)?;
+        if p.tiers.is_empty() {
+            self.storage.remove_terms(&p.id)?;
+        } else {
+            // Read by the supervisor when it starts the product's shards.
+            let terms = crate::domain::terms::Terms {
+                name: p.name.clone(),
+                price_cents: p.price_cents,
+                per_buyer_limit: p.per_buyer_limit,
+                tiers: p.tiers,
+                ..Default::default()
+            };
+            self.storage.set_terms(&p.id, &terms)?;
+        }
         let info = ProductInfo {
             id: p.id,
             name: p.name,

@@ -63,6 +63,8 @@ pub enum DomainError {
     SaleNotStarted { starts_at_ms: u64, ends_at_ms: Option<u64> },
     #[error("the sale has ended: it closed at {}", super::terms::rfc3339(*ends_at_ms))]
     SaleEnded { starts_at_ms: Option<u64>, ends_at_ms: u64 },
+    #[error("the order's amount would exceed the largest amount")]
+    AmountTooLarge,
 }
 
 impl DomainError {
@@ -96,6 +98,7 @@ impl DomainError {
             DomainError::ProductDeleted => "product_deleted",
             DomainError::SaleNotStarted { .. } => "sale_not_started",
             DomainError::SaleEnded { .. } => "sale_ended",
+            DomainError::AmountTooLarge => "amount_too_large",
         }
     }
 }

@@ -14,6 +14,7 @@
 //! * [`breaker`] — the circuit breaker of one payment channel; [`routing`] — which
 //!   channel a new order goes to.
 //! * [`shelf`] — whether a product is sold: on sale, off the shelf, deleted.
+//! * [`pricing`] — what an order costs: the one pricing function (quantity tiers).
 //! * [`terms`] — what a merchant may change of a product while it sells: name,
 //!   price, per-buyer limit, sale window.
 //! * [`key_mode`] — unique keys, or a reusable key sold as units.
@@ -32,6 +33,7 @@ pub mod ids;
 pub mod key_mode;
 pub mod lookup;
 pub mod points;
+pub mod pricing;
 pub mod routing;
 pub mod shard;
 pub mod shelf;

@@ -660,7 +660,8 @@ impl Shard {
             }
         }
         self.check_can_take(&req.buyer, req.quantity, now_ms)?;
-        let amount_cents = self.product.price_cents.saturating_mul(req.quantity as u64);
+        let amount_cents =
+            super::pricing::price(self.product.price_cents, &self.terms.tiers, req.quantity)?.total_cents;
         let password = req.password;
         let order = self.pending_order(req, amount_cents, now_ms);
         let seq = order.seq;

@@ -1,5 +1,5 @@
 //! A product's terms of sale: what the merchant may change while it sells (name,
-//! unit price, per-buyer limit, sale window), apart from its identity (id, shards,
+//! unit price, quantity tiers, per-buyer limit, sale window), apart from its identity (id, shards,
 //! creation time) which never changes.
 //!
 //! Terms apply to what is created from then on: an order keeps the `amount_cents`
@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::DomainError;
+use super::pricing::{self, PriceTier};
 use super::shard::ProductInfo;
 use super::validate;
 use super::Millis;
@@ -25,6 +26,8 @@ pub struct Terms {
     pub sale_starts_at_ms: Option<Millis>,
     /// Orders from this instant on (Unix ms) are refused (`sale_ended`).
     pub sale_ends_at_ms: Option<Millis>,
+    /// (v8) Quantity tiers (see [`super::pricing`]), checked against `price_cents`.
+    pub tiers: Vec<PriceTier>,
 }
 
 /// A change of terms: each field present replaces the current one (`Some(None)`
@@ -36,6 +39,7 @@ pub struct TermsChange {
     pub per_buyer_limit: Option<u32>,
     pub sale_starts_at_ms: Option<Option<Millis>>,
     pub sale_ends_at_ms: Option<Option<Millis>>,
+    pub tiers: Option<Vec<PriceTier>>,
 }
 
 impl TermsChange {
@@ -53,6 +57,7 @@ impl Terms {
             per_buyer_limit: info.per_buyer_limit,
             sale_starts_at_ms: None,
             sale_ends_at_ms: None,
+            tiers: Vec::new(),
         }
     }
 
@@ -84,6 +89,12 @@ impl Terms {
                 return Err("sale_ends_at: must be after sale_starts_at".into());
             }
         }
+        if let Some(tiers) = &change.tiers {
+            next.tiers.clone_from(tiers);
+        }
+        // Checked whole: a new price must stay above the tiers kept, and new tiers
+        // below the price.
+        pricing::check_tiers(next.price_cents, &next.tiers)?;
         Ok(next)
     }
 

@@ -33,7 +33,7 @@ pub async fn create_product(
     let key_mode = req.key_mode;
     let info = core.create_product(req.into()).await?;
     let points_price = core.points_price(&info.id);
-    let terms = crate::domain::terms::Terms::of(&info);
+    let terms = core.product_as_merchant(&info.id)?.terms;
     Ok((StatusCode::CREATED, Json(views::product(&info, &terms, 0, points_price, Shelf::OnSale, 0, key_mode))))
 }
 

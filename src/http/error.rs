@@ -58,7 +58,7 @@ impl From<Error> for ApiError {
                 DomainError::PaymentNotFound => StatusCode::NOT_FOUND,
                 DomainError::NoRefundOwed => StatusCode::CONFLICT,
                 DomainError::InsufficientPoints { .. } => StatusCode::CONFLICT,
-                DomainError::PointsOverflow => StatusCode::UNPROCESSABLE_ENTITY,
+                DomainError::PointsOverflow | DomainError::AmountTooLarge => StatusCode::UNPROCESSABLE_ENTITY,
                 DomainError::RedemptionNotFound => StatusCode::NOT_FOUND,
                 DomainError::RedemptionSettled => StatusCode::CONFLICT,
                 DomainError::NotRedeemable => StatusCode::CONFLICT,

@@ -5,6 +5,7 @@
 use serde::Deserialize;
 
 use crate::core;
+use crate::domain::pricing::PriceTier;
 
 /// `POST /api/v1/admin/products`.
 #[derive(Debug, Deserialize)]
@@ -21,6 +22,8 @@ pub struct NewProduct {
     pub points_price: Option<u64>,
     #[serde(default)]
     pub key_mode: crate::domain::key_mode::KeyMode,
+    #[serde(default)]
+    pub tiers: Vec<PriceTier>,
 }
 
 /// `PATCH /api/v1/products/{id}`: each field present changes; a window bound set
@@ -40,6 +43,9 @@ pub struct ProductPatch {
     pub sale_starts_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     pub sale_ends_at: Option<Option<String>>,
+    /// `null` or `[]` clears them.
+    #[serde(default, deserialize_with = "present")]
+    pub tiers: Option<Option<Vec<PriceTier>>>,
 }
 
 /// A field that is present, `null` included (absent stays `None` by `default`).
@@ -66,10 +72,11 @@ impl TryFrom<ProductPatch> for core::ProductChange {
             name: p.name,
             price_cents: p.price_cents,
             per_buyer_limit: p.per_buyer_limit,
+            tiers: p.tiers.map(Option::unwrap_or_default),
         };
         if terms.is_empty() && p.on_sale.is_none() {
             return Err("nothing to change: give at least one of name, price_cents, per_buyer_limit, on_sale, \
-                        sale_starts_at, sale_ends_at"
+                        sale_starts_at, sale_ends_at, tiers"
                 .into());
         }
         Ok(core::ProductChange { terms, on_sale: p.on_sale })
@@ -82,8 +89,8 @@ fn one() -> u16 {
 
 impl From<NewProduct> for core::NewProduct {
     fn from(p: NewProduct) -> Self {
-        let NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price, key_mode } = p;
-        core::NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price, key_mode }
+        let NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price, key_mode, tiers } = p;
+        core::NewProduct { id, name, price_cents, per_buyer_limit, shards, points_price, key_mode, tiers }
     }
 }
 

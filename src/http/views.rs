@@ -45,6 +45,7 @@ pub fn product(
         "created_at": ts(info.created_at_ms),
         "sale_starts_at": ts_opt(terms.sale_starts_at_ms),
         "sale_ends_at": ts_opt(terms.sale_ends_at_ms),
+        "tiers": terms.tiers,
     })
 }
 
@@ -55,6 +56,7 @@ pub fn public_product(p: &ProductView, points_price: Option<u64>) -> Value {
         "per_buyer_limit": p.info.per_buyer_limit, "points_price": points_price, "on_sale": p.shelf.sells(),
         "key_mode": p.key_mode.as_str(),
         "sale_starts_at": ts_opt(p.terms.sale_starts_at_ms), "sale_ends_at": ts_opt(p.terms.sale_ends_at_ms),
+        "tiers": p.terms.tiers,
     })
 }
 

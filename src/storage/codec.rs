@@ -12,7 +12,8 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::legacy::{ShardV2, ShardV3, ShardV4, ShardV5, ShardV6};
+use super::legacy::{ShardV2, ShardV3, ShardV4, ShardV5, ShardV6, TermsV7};
+use crate::domain::terms::Terms;
 use crate::domain::Shard;
 
 pub const MAGIC: [u8; 4] = *b"KAMI";
@@ -45,7 +46,10 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// orders in memory; v6 snapshots decode as [`ShardV6`] (no passwords). Archived
 /// orders' passwords live in a new tree (`lookup/{product}/{shard}`, see
 /// `Storage::archive_orders`); archived order records are unchanged.
-pub const FORMAT_VERSION: u8 = 7;
+///
+/// Version 8: quantity tiers. A product's terms (`Kind::Terms`) end with its tiers;
+/// v5–v7 terms decode as [`TermsV7`] (no tiers). Nothing else changed.
+pub const FORMAT_VERSION: u8 = 8;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 /// Size of the envelope's header.
@@ -180,6 +184,14 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
         Some(5) => decode::<ShardV5>(Kind::Snapshot, bytes).map(Shard::from),
         Some(6) => decode::<ShardV6>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
+    }
+}
+
+/// Decodes a product's terms of any readable version.
+pub fn decode_terms(bytes: &[u8]) -> Result<Terms, CodecError> {
+    match bytes.get(4) {
+        Some(..=7) => decode::<TermsV7>(Kind::Terms, bytes).map(Terms::from),
+        _ => decode::<Terms>(Kind::Terms, bytes),
     }
 }
 

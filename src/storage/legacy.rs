@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::domain::group::Group;
 use crate::domain::shard::{Archived, KeyId, ShardParts, Transfers};
+use crate::domain::terms::Terms;
 use crate::domain::{Order, PaymentRecord, ProductInfo, Shard};
 
 /// A snapshot as format v1 and v2 wrote it: no transfers.
@@ -166,5 +167,28 @@ impl From<ShardV6> for Shard {
             passwords: BTreeMap::new(),
         }
         .into()
+    }
+}
+
+/// Terms as formats v5–v7 wrote them: no quantity tiers.
+#[derive(Deserialize)]
+pub struct TermsV7 {
+    name: String,
+    price_cents: u64,
+    per_buyer_limit: u32,
+    sale_starts_at_ms: Option<u64>,
+    sale_ends_at_ms: Option<u64>,
+}
+
+impl From<TermsV7> for Terms {
+    fn from(t: TermsV7) -> Terms {
+        Terms {
+            name: t.name,
+            price_cents: t.price_cents,
+            per_buyer_limit: t.per_buyer_limit,
+            sale_starts_at_ms: t.sale_starts_at_ms,
+            sale_ends_at_ms: t.sale_ends_at_ms,
+            tiers: Vec::new(),
+        }
     }
 }

@@ -471,6 +471,12 @@ impl Storage {
         Ok(())
     }
 
+    /// Forgets a product's terms (before a product of that id is created anew).
+    pub fn remove_terms(&self, product: &str) -> Result<(), StorageError> {
+        self.db.open_tree("terms")?.remove(product.as_bytes())?;
+        Ok(())
+    }
+
     /// One product's changed terms (`None`: it sells on the terms it was created with).
     pub fn terms(&self, product: &str) -> Result<Option<Terms>, StorageError> {
         match self.db.open_tree("terms")?.get(product.as_bytes())? {
@@ -893,7 +899,7 @@ impl std::fmt::Display for Finding {
 
 /// A stored shelf state: the state's byte, then since when (u64 BE).
 fn decode_terms(product: &str, v: &[u8]) -> Result<Terms, StorageError> {
-    codec::decode(Kind::Terms, v)
+    codec::decode_terms(v)
         .map_err(|e| StorageError::Corrupt { place: format!("terms/{product}"), error: e.to_string() })
 }
 

@@ -1,0 +1,149 @@
+//! What an order costs: the one pricing function.
+//!
+//! An order's amount is the unit price of its quantity times the quantity, in
+//! integer cents. The unit price is the product's price, or the price of the
+//! quantity tier the order reaches (批发价: "10 or more, 80 cents each"): the tier
+//! with the largest `min_quantity` not above the quantity. Tiers are checked when
+//! the merchant sets them ([`check_tiers`]): strictly increasing in quantity, never
+//! above the price before them, so buying more never costs more per key. No float
+//! anywhere; every product is overflow-checked.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::DomainError;
+
+/// Most quantity tiers a product may have.
+pub const MAX_TIERS: usize = 16;
+
+/// From `min_quantity` keys on, each costs `unit_price_cents`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceTier {
+    pub min_quantity: u32,
+    pub unit_price_cents: u64,
+}
+
+/// An order's amount, line by line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub quantity: u32,
+    /// The product's own unit price.
+    pub list_unit_cents: u64,
+    /// The tier the quantity reached, if any.
+    pub tier: Option<PriceTier>,
+    /// What each key costs in this order.
+    pub unit_cents: u64,
+    /// `unit_cents × quantity`.
+    pub total_cents: u64,
+}
+
+impl Price {
+    /// What the tier saves against the list price (0 without a tier).
+    pub fn tier_discount_cents(&self) -> u64 {
+        (self.list_unit_cents - self.unit_cents) * self.quantity as u64
+    }
+}
+
+/// Whether `tiers` may go with unit price `price_cents`: at most [`MAX_TIERS`],
+/// `min_quantity` at least 2 and strictly increasing, each unit price at most the
+/// one before it (the product's price before the first). The message names the
+/// field.
+pub fn check_tiers(price_cents: u64, tiers: &[PriceTier]) -> Result<(), String> {
+    if tiers.len() > MAX_TIERS {
+        return Err(format!("tiers: at most {MAX_TIERS}"));
+    }
+    let (mut last_quantity, mut last_price) = (1u32, price_cents);
+    for (i, t) in tiers.iter().enumerate() {
+        if t.min_quantity <= last_quantity {
+            return Err(format!(
+                "tiers[{i}].min_quantity: must be above {last_quantity} (tiers increase in quantity, from 2)"
+            ));
+        }
+        if t.unit_price_cents > last_price {
+            return Err(format!(
+                "tiers[{i}].unit_price_cents: must be at most {last_price} (more keys never cost more each)"
+            ));
+        }
+        (last_quantity, last_price) = (t.min_quantity, t.unit_price_cents);
+    }
+    Ok(())
+}
+
+/// The price of `quantity` keys at unit price `list_unit_cents` with `tiers`
+/// (checked by [`check_tiers`]).
+pub fn price(list_unit_cents: u64, tiers: &[PriceTier], quantity: u32) -> Result<Price, DomainError> {
+    let tier = tiers.iter().rev().find(|t| t.min_quantity <= quantity).copied();
+    let unit_cents = tier.map_or(list_unit_cents, |t| t.unit_price_cents.min(list_unit_cents));
+    let total_cents = unit_cents.checked_mul(quantity as u64).ok_or(DomainError::AmountTooLarge)?;
+    Ok(Price { quantity, list_unit_cents, tier, unit_cents, total_cents })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tier(min_quantity: u32, unit_price_cents: u64) -> PriceTier {
+        PriceTier { min_quantity, unit_price_cents }
+    }
+
+    #[test]
+    fn the_largest_tier_reached_sets_the_unit_price() {
+        let tiers = [tier(10, 80), tier(100, 60)];
+        let at = |q| price(100, &tiers, q).unwrap();
+        assert_eq!((at(1).unit_cents, at(1).total_cents, at(1).tier), (100, 100, None));
+        assert_eq!((at(9).total_cents, at(10).total_cents, at(10).tier), (900, 800, Some(tier(10, 80))));
+        assert_eq!((at(99).unit_cents, at(100).unit_cents, at(500).total_cents), (80, 60, 30_000));
+        assert_eq!(at(10).tier_discount_cents(), 200);
+        assert_eq!(price(u64::MAX, &[], 2), Err(DomainError::AmountTooLarge));
+    }
+
+    #[test]
+    fn tiers_must_increase_in_quantity_and_never_in_price() {
+        assert_eq!(check_tiers(100, &[tier(10, 80), tier(20, 80)]), Ok(()));
+        assert!(check_tiers(100, &[tier(1, 80)]).unwrap_err().starts_with("tiers[0].min_quantity"));
+        assert!(check_tiers(100, &[tier(10, 80), tier(10, 70)]).unwrap_err().starts_with("tiers[1].min_quantity"));
+        assert!(check_tiers(100, &[tier(10, 80), tier(5, 70)]).unwrap_err().starts_with("tiers[1].min_quantity"));
+        assert!(check_tiers(100, &[tier(10, 101)]).unwrap_err().starts_with("tiers[0].unit_price_cents"));
+        assert!(check_tiers(100, &[tier(10, 80), tier(20, 90)]).unwrap_err().starts_with("tiers[1].unit_price_cents"));
+        let many: Vec<PriceTier> = (0..=MAX_TIERS as u32).map(|i| tier(i + 2, 50)).collect();
+        assert!(check_tiers(100, &many).unwrap_err().starts_with("tiers:"));
+    }
+
+    fn tiers() -> impl Strategy<Value = (u64, Vec<PriceTier>)> {
+        (0u64..1_000_000_000_000, proptest::collection::vec((1u32..50, 0u64..1_000), 0..MAX_TIERS)).prop_map(
+            |(price, steps)| {
+                let (mut q, mut p, mut out) = (1u32, price, Vec::new());
+                for (dq, dp) in steps {
+                    q += dq;
+                    p = p.saturating_sub(dp);
+                    out.push(PriceTier { min_quantity: q, unit_price_cents: p });
+                }
+                (price, out)
+            },
+        )
+    }
+
+    proptest! {
+        /// The total is the unit price times the quantity, the unit price is the
+        /// list price or a tier's, never above the list price, and buying more
+        /// never costs more per key.
+        #[test]
+        fn a_price_adds_up_and_more_never_costs_more_each((list, tiers) in tiers(), q in 1u32..10_000) {
+            prop_assert_eq!(check_tiers(list, &tiers), Ok(()));
+            let p = price(list, &tiers, q).unwrap();
+            prop_assert_eq!(p.total_cents, p.unit_cents * q as u64);
+            prop_assert!(p.unit_cents <= list);
+            prop_assert_eq!(p.total_cents + p.tier_discount_cents(), list * q as u64);
+            match p.tier {
+                None => prop_assert!(p.unit_cents == list && tiers.iter().all(|t| t.min_quantity > q)),
+                Some(t) => {
+                    prop_assert!(t.min_quantity <= q && p.unit_cents == t.unit_price_cents);
+                    prop_assert!(tiers.iter().all(|o| o.min_quantity <= t.min_quantity || o.min_quantity > q));
+                }
+            }
+            let more = price(list, &tiers, q + 1).unwrap();
+            prop_assert!(more.unit_cents <= p.unit_cents);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Quantity tiers (批发价): an order's amount uses the tier its quantity reaches, the
+//! payment must match that amount, bad tiers are refused naming the field, and a
+//! change of tiers reaches only orders created after it, durably.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+impl Api {
+    async fn create_with(&self, body: Value) -> Reply {
+        reply(self.admin(self.http.post(format!("{}/api/v1/products", self.url))).json(&body)).await
+    }
+
+    async fn patch_product(&self, id: &str, body: Value) -> Reply {
+        reply(self.admin(self.http.patch(format!("{}/api/v1/products/{id}", self.url))).json(&body)).await
+    }
+
+    /// An order of `quantity` for a new buyer: its amount.
+    async fn amount_of(&self, product: &str, quantity: u64, buyer: &str) -> (Reply, u64) {
+        let o = self.order(product, quantity, buyer, None).await;
+        assert_eq!(o.status, 201, "{}", o.body);
+        let amount = o.body["amount_cents"].as_u64().unwrap();
+        (o, amount)
+    }
+}
+
+fn tiered(id: &str) -> Value {
+    json!({"id": id, "name": "Wholesale", "price_cents": 100, "tiers": [
+        {"min_quantity": 3, "unit_price_cents": 80}, {"min_quantity": 5, "unit_price_cents": 60}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_pays_the_tier_its_quantity_reaches_and_nothing_else() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    let created = api.create_with(tiered("w")).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["tiers"][1], json!({"min_quantity": 5, "unit_price_cents": 60}));
+    let keys: Vec<String> = (0..40).map(|i| format!("W-{i}")).collect();
+    assert_eq!(api.import("w", &keys).await.status, 200);
+    assert_eq!(api.product("w").await.body["tiers"].as_array().map(Vec::len), Some(2), "buyers see the tiers");
+
+    let mut amounts = Vec::new();
+    for (i, q) in [1u64, 2, 3, 4, 5, 10].into_iter().enumerate() {
+        amounts.push(api.amount_of("w", q, &format!("b{i}")).await.1);
+    }
+    assert_eq!(amounts, [100, 200, 240, 320, 300, 600]);
+
+    // The payment must be the tier's amount: the list amount is a mismatch.
+    let (o, amount) = api.amount_of("w", 3, "payer").await;
+    let id = o.body["order_id"].as_str().unwrap();
+    let wrong = api.notify(id, "pay-list-price", 300).await;
+    assert_eq!(wrong.code(), "amount_mismatch", "{}", wrong.body);
+    let right = api.notify(id, "pay-tier-price", amount).await;
+    assert_eq!(right.status, 200, "{}", right.body);
+    let got = api.get_order(id, o.body["query_token"].as_str().unwrap()).await;
+    assert_eq!((got.body["status"].as_str(), got.body["keys"].as_array().map(Vec::len)), (Some("delivered"), Some(3)));
+    assert_audit_ok(&api.audit().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_that_raise_the_unit_price_or_do_not_increase_in_quantity_are_refused_naming_the_field() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    let cases = [
+        (json!([{"min_quantity": 1, "unit_price_cents": 80}]), "tiers[0].min_quantity"),
+        (
+            json!([{"min_quantity": 5, "unit_price_cents": 80}, {"min_quantity": 5, "unit_price_cents": 70}]),
+            "tiers[1].min_quantity",
+        ),
+        (
+            json!([{"min_quantity": 5, "unit_price_cents": 80}, {"min_quantity": 3, "unit_price_cents": 70}]),
+            "tiers[1].min_quantity",
+        ),
+        (json!([{"min_quantity": 5, "unit_price_cents": 101}]), "tiers[0].unit_price_cents"),
+        (
+            json!([{"min_quantity": 5, "unit_price_cents": 80}, {"min_quantity": 9, "unit_price_cents": 90}]),
+            "tiers[1].unit_price_cents",
+        ),
+    ];
+    for (i, (tiers, field)) in cases.iter().enumerate() {
+        let r =
+            api.create_with(json!({"id": format!("bad{i}"), "name": "B", "price_cents": 100, "tiers": tiers})).await;
+        assert_eq!((r.status, r.code()), (422, "invalid_request"), "{}", r.body);
+        assert!(r.body["error"]["message"].as_str().unwrap().starts_with(field), "{}", r.body);
+        assert_eq!(api.product(&format!("bad{i}")).await.status, 404, "nothing created");
+    }
+    let negative = api
+        .create_with(json!({"id": "neg", "name": "N", "price_cents": 100,
+        "tiers": [{"min_quantity": 5, "unit_price_cents": -1}]}))
+        .await;
+    assert_eq!(negative.status, 422, "{}", negative.body);
+
+    // A change is checked whole: a price below a kept tier is refused, nothing changes.
+    assert_eq!(api.create_with(tiered("w")).await.status, 201);
+    let below = api.patch_product("w", json!({"price_cents": 70})).await;
+    assert_eq!(below.status, 422, "{}", below.body);
+    assert!(
+        below.body["error"]["message"].as_str().unwrap().starts_with("tiers[0].unit_price_cents"),
+        "{}",
+        below.body
+    );
+    assert_eq!(api.product("w").await.body["price_cents"], json!(100));
+    let bad = api.patch_product("w", json!({"tiers": [{"min_quantity": 4, "unit_price_cents": 120}]})).await;
+    assert_eq!(bad.status, 422, "{}", bad.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_tiers_price_new_orders_only_and_survive_a_crash() {
+    let t = TestApp::spawn().await;
+    let api = t.api();
+    assert_eq!(api.create_with(tiered("w")).await.status, 201);
+    let keys: Vec<String> = (0..40).map(|i| format!("W-{i}")).collect();
+    assert_eq!(api.import("w", &keys).await.status, 200);
+    let (before, amount) = api.amount_of("w", 5, "early").await;
+    assert_eq!(amount, 300);
+
+    let changed = api
+        .patch_product("w", json!({"tiers": [{"min_quantity": 2, "unit_price_cents": 90}], "price_cents": 95}))
+        .await;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    assert_eq!(api.amount_of("w", 5, "later").await.1, 450);
+    // The earlier order keeps its amount: paid at it, it is delivered.
+    let id = before.body["order_id"].as_str().unwrap();
+    assert_eq!(api.notify(id, "pay-early", 300).await.status, 200);
+
+    let data = t.data.clone();
+    let mut t = t;
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &[]).await;
+    let api = t2.api();
+    assert_eq!(api.product("w").await.body["tiers"], json!([{"min_quantity": 2, "unit_price_cents": 90}]));
+    assert_eq!(api.amount_of("w", 1, "after-1").await.1, 95);
+    assert_eq!(api.amount_of("w", 2, "after-2").await.1, 180);
+    // Cleared: one price for any quantity again.
+    assert_eq!(api.patch_product("w", json!({"tiers": null})).await.status, 200);
+    assert_eq!(api.amount_of("w", 2, "cleared").await.1, 190);
+    assert_audit_ok(&api.audit().await);
+}
