@@ -29,6 +29,7 @@ mod audit;
 mod effects;
 mod event;
 mod groups;
+mod holdings;
 mod keys;
 mod listing;
 mod lookup;
@@ -304,7 +305,7 @@ pub struct Shard {
     #[serde(skip)]
     hasher: hashbrown::DefaultHashBuilder,
     #[serde(skip)]
-    holdings: HashMap<String, u32>,
+    holdings: holdings::Holdings,
     /// Buyer → their orders in memory that have a query password.
     #[serde(skip)]
     password_orders: HashMap<String, std::collections::BTreeSet<u64>>,
@@ -398,7 +399,7 @@ impl Shard {
             passwords: BTreeMap::new(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
-            holdings: HashMap::new(),
+            holdings: holdings::Holdings::default(),
             password_orders: HashMap::new(),
             idempotency: HashMap::new(),
             expiry: BinaryHeap::new(),
@@ -425,10 +426,12 @@ impl Shard {
         self.expiry.clear();
         self.reserved = 0;
         self.sold = self.archived.sold_keys.len() as u64;
-        self.holdings = self.archived.holdings.clone();
+        for (buyer, &held) in &self.archived.holdings {
+            self.holdings.add(buyer, held);
+        }
         for order in self.orders.values() {
             if order.status.counts_toward_limit() {
-                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+                self.holdings.add(&order.buyer, order.quantity);
             }
             if let Some(idem) = &order.idempotency {
                 self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
@@ -609,7 +612,7 @@ impl Shard {
         self.terms.check_window(now_ms)?;
         let limit = self.product.per_buyer_limit;
         if limit > 0 {
-            let held = self.holdings.get(buyer).copied().unwrap_or(0);
+            let held = self.holdings.get(buyer);
             if held.saturating_add(quantity) > limit {
                 return Err(DomainError::LimitExceeded { limit, held });
             }

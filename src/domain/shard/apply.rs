@@ -86,7 +86,7 @@ impl Shard {
                                 assert_eq!(taken_keys.len(), quantity as usize);
                                 self.take_available(taken_keys);
                                 self.order_mut(idx).keys = taken_keys.clone();
-                                *self.holdings.entry(buyer).or_default() += quantity;
+                                self.holdings.add(&buyer, quantity);
                             }
                             other => panic!("delivery applied to a {other} order"),
                         }
@@ -137,7 +137,7 @@ impl Shard {
                 assert_eq!(order.keys.len(), order.quantity as usize);
                 self.take_available(&order.keys);
                 self.sold += order.keys.len() as u64;
-                *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+                self.holdings.add(&order.buyer, order.quantity);
                 let idem = order.idempotency.as_ref().expect("a redeemed order has its idempotency key");
                 self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
                 self.orders.insert(order.seq, order.clone());
@@ -213,14 +213,11 @@ impl Shard {
         order.status = status;
         order.closed_at_ms = Some(at_ms);
         let released = std::mem::take(&mut order.keys);
-        let (quantity, buyer) = (order.quantity, order.buyer.clone());
+        let quantity = order.quantity;
         self.reserved -= released.len() as u64;
         self.available.extend(released);
-        let held = self.holdings.get_mut(&buyer).expect("an open order counts in holdings");
-        *held -= quantity;
-        if *held == 0 {
-            self.holdings.remove(&buyer);
-        }
+        let buyer = &self.orders[&idx].buyer;
+        self.holdings.remove(buyer, quantity);
     }
 
     fn apply_transfer(&mut self, event: &Event) {

@@ -234,7 +234,7 @@ impl Shard {
         assert_eq!(order.keys.len(), order.quantity as usize);
         self.take_available(&order.keys);
         self.reserved += order.keys.len() as u64;
-        *self.holdings.entry(order.buyer.clone()).or_default() += order.quantity;
+        self.holdings.add(&order.buyer, order.quantity);
         if let Some(idem) = &order.idempotency {
             self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
         }
