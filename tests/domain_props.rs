@@ -91,13 +91,32 @@ fn check_invariants(s: &Shard) {
     let c = s.counts();
     assert!(c.reserved + c.sold <= c.imported, "I1");
     assert_eq!(c.imported, c.available + c.reserved + c.sold + c.withdrawn, "I6");
+    // I2 by key id: a reusable key's units show the same key, each sold once.
     let mut delivered = HashSet::new();
     for o in s.orders() {
         if o.status == OrderStatus::Delivered {
             for &k in &o.keys {
-                assert!(delivered.insert(s.key(k).to_string()), "I2: key delivered twice");
+                assert!(delivered.insert(k), "I2: key {} delivered twice", s.key(k));
             }
         }
+    }
+}
+
+/// Key `i` of the generated ones: from 30 on, a unit of one reusable key.
+fn key_name(i: u8) -> String {
+    if i < 30 {
+        format!("key{i}")
+    } else {
+        kami::domain::key_mode::unit("SHARED", i.into())
+    }
+}
+
+/// How a withdrawal names key `i`: a unit by its reusable key.
+fn withdrawn_name(i: u8) -> String {
+    if i < 30 {
+        format!("key{i}")
+    } else {
+        "SHARED".into()
     }
 }
 
@@ -117,7 +136,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Import(ids) => {
-                    let (events, imported, dups) = s.import_keys(ids.iter().map(|i| format!("key{i}")).collect());
+                    let (events, imported, dups) = s.import_keys(ids.iter().map(|&i| key_name(i)).collect());
                     prop_assert_eq!(imported + dups, ids.len() as u64);
                     journal.extend(events);
                 }
@@ -165,7 +184,7 @@ proptest! {
                     let what = if ids.is_empty() {
                         Withdrawal::Count(count)
                     } else {
-                        Withdrawal::Keys(ids.iter().map(|i| format!("key{i}")).collect())
+                        Withdrawal::Keys(ids.iter().map(|&i| withdrawn_name(i)).collect())
                     };
                     let (events, n, _) = s.withdraw(&what);
                     let after = s.counts();
@@ -383,7 +402,7 @@ proptest! {
             match op {
                 MultiOp::Import { shard, keys } => {
                     // Imports go to the key's own shard, as the registry routes them.
-                    let keys: Vec<String> = keys.iter().filter(|k| **k as usize % 3 == shard).map(|k| format!("key{k}")).collect();
+                    let keys: Vec<String> = keys.iter().filter(|k| **k as usize % 3 == shard).map(|&k| key_name(k)).collect();
                     let (events, _, _) = shards[shard].import_keys(keys);
                     journals[shard].extend(events);
                 }
