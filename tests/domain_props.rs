@@ -127,6 +127,9 @@ proptest! {
     fn invariants_hold_and_replay_rebuilds_the_same_state(ops in prop::collection::vec(op(), 1..80), limit in 0u32..4) {
         let product = ProductInfo { id: "p".into(), name: "P".into(), price_cents: 7, per_buyer_limit: limit, shards: 1, created_at_ms: 0 };
         let mut s = Shard::new(product.clone(), 0);
+        // Two or more keys at 5 each: such orders keep how they were priced.
+        let tiers = vec![kami::domain::pricing::PriceTier { min_quantity: 2, unit_price_cents: 5 }];
+        s.set_terms(&kami::domain::terms::Terms { tiers, ..kami::domain::terms::Terms::of(&product) });
         let mut journal: Vec<Event> = Vec::new();
         let mut now = 0u64;
         // A group's first end (completed or failed) must be its only one.
@@ -306,6 +309,16 @@ proptest! {
             prop_assert!(opened.iter().all(|&q| s.order(q).is_some_and(|o| o.buyer == name)));
             prop_assert!(buyer % 2 == 0 || opened.is_empty());
             prop_assert!(s.orders_opened_by(&name, &[buyer.wrapping_add(1); 32]).is_empty());
+        }
+        // Pricing records: the same live, replayed and restored; a priced order
+        // was priced by the tier.
+        for o in s.orders() {
+            prop_assert_eq!(replayed.pricing(o.seq), s.pricing(o.seq));
+            prop_assert_eq!(restored.pricing(o.seq), s.pricing(o.seq));
+            if let Some(p) = s.pricing(o.seq) {
+                prop_assert_eq!((p.list_unit_cents, p.tier_min_quantity), (7, Some(2)));
+                prop_assert_eq!(o.amount_cents, 5 * o.quantity as u64);
+            }
         }
         check_invariants(&restored);
     }

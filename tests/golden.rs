@@ -12,7 +12,7 @@ use kami::domain::shard::{
     RefundReason, Withdrawal,
 };
 use kami::domain::{Event, Order, OrderStatus, ProductInfo, Shard};
-use kami::storage::codec::{decode, decode_snapshot, decode_terms, encode, Kind, FORMAT_VERSION};
+use kami::storage::codec::{decode, decode_archived, decode_snapshot, decode_terms, encode, Kind, FORMAT_VERSION};
 
 fn product() -> ProductInfo {
     ProductInfo {
@@ -299,7 +299,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 8, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 9, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -308,7 +308,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v8; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v9; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -323,7 +323,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v8 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v9 in length");
     stored
 }
 
@@ -441,7 +441,7 @@ fn v5_product_snapshot_and_archive_decode() {
     assert!(s.audit().violations.is_empty(), "{:?}", s.audit().violations);
     for (i, record) in records.iter().enumerate() {
         let stored = old(5, &format!("archived-{i}.bin"));
-        assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
+        assert_eq!(&decode_archived(&stored).unwrap(), record);
     }
 }
 
@@ -494,10 +494,7 @@ fn v6_product_snapshot_archive_and_terms_decode() {
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
     assert_eq!(audit.withdrawn, 1);
     for (i, record) in records.iter().enumerate() {
-        assert_eq!(
-            &decode::<ArchivedOrder>(Kind::ArchivedOrder, &old(6, &format!("archived-{i}.bin"))).unwrap(),
-            record
-        );
+        assert_eq!(&decode_archived(&old(6, &format!("archived-{i}.bin"))).unwrap(), record);
     }
     assert_eq!(decode_terms(&old(6, "terms.bin")).unwrap(), terms());
 }
@@ -507,54 +504,114 @@ fn v7_events_decode() {
     assert_eq!(decode_events(&old(7, "events.bin")), events_v7());
 }
 
-/// A v7 snapshot decodes as today's (its layout is unchanged in v8); v7 terms
-/// (no tiers) through their own layout.
 #[test]
-fn v7_product_snapshot_archive_and_terms_decode() {
-    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(7, "product.bin")).unwrap(), product());
+fn v8_events_decode() {
+    assert_eq!(decode_events(&old(8, "events.bin")), events_v7());
+}
+
+/// v7 and v8 wrote the same snapshot and archive layouts (no pricing records),
+/// decoded through their own; v7 terms have no tiers, v8 terms do.
+fn v7_layout_decodes(version: u8, terms: kami::domain::terms::Terms) {
+    assert_eq!(decode::<ProductInfo>(Kind::Product, &old(version, "product.bin")).unwrap(), product());
     let (want, records, seq) = snapshot_v7();
-    let mut s = decode_snapshot(&old(7, "snapshot.bin")).unwrap();
+    let mut s = decode_snapshot(&old(version, "snapshot.bin")).unwrap();
     s.rebuild_indexes();
     assert_eq!(s.orders(), want.orders());
     assert_eq!(s.counts(), want.counts());
     assert_eq!(s.password(seq), Some(&[5; 32]));
     assert!(s.audit().violations.is_empty());
     for (i, record) in records.iter().enumerate() {
-        assert_eq!(
-            &decode::<ArchivedOrder>(Kind::ArchivedOrder, &old(7, &format!("archived-{i}.bin"))).unwrap(),
-            record
-        );
+        assert_eq!(&decode_archived(&old(version, &format!("archived-{i}.bin"))).unwrap(), record);
     }
-    assert_eq!(decode_terms(&old(7, "terms.bin")).unwrap(), terms());
+    assert_eq!(decode_terms(&old(version, "terms.bin")).unwrap(), terms);
 }
 
 #[test]
-fn v8_events_decode() {
-    let fresh = serde_json::to_vec(&events_v7().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v7());
+fn v7_product_snapshot_archive_and_terms_decode() {
+    v7_layout_decodes(7, terms());
 }
 
 #[test]
 fn v8_product_snapshot_archive_and_terms_decode() {
+    v7_layout_decodes(8, terms_v8());
+}
+
+fn pricing_v9() -> kami::domain::pricing::OrderPricing {
+    kami::domain::pricing::OrderPricing {
+        list_unit_cents: 750,
+        tier_min_quantity: Some(2),
+        reseller: None,
+        coupon: None,
+        discount_cents: 0,
+    }
+}
+
+fn events_v9() -> Vec<Event> {
+    let mut events = events_v7();
+    let order = Order { seq: 8, quantity: 2, amount_cents: 1400, keys: vec![3, 4], ..order() };
+    events.push(Event::OrderCreatedPriced { order: order.clone(), password: None, pricing: pricing_v9() });
+    events.push(Event::OrderCreatedPriced {
+        order: Order { seq: 9, ..order },
+        password: Some([6; 32]),
+        pricing: pricing_v9(),
+    });
+    events
+}
+
+/// The v7 shard with two more keys and a tier (2 or more at 700 each), then an
+/// order of 2 priced by it; and an archived order with its pricing record.
+fn snapshot_v9() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
+    let (mut s, mut records, password_seq) = snapshot_v7();
+    s.import_keys(vec!["KEY-V9-1".into(), "KEY-V9-2".into()]);
+    s.set_terms(&kami::domain::terms::Terms {
+        tiers: vec![kami::domain::pricing::PriceTier { min_quantity: 2, unit_price_cents: 700 }],
+        sale_starts_at_ms: None,
+        ..terms()
+    });
+    let req = NewOrder {
+        buyer: "h".into(),
+        quantity: 2,
+        idempotency: None,
+        query_token: "00112233445566778899aabbccddeeff".into(),
+        ttl_ms: 300_000,
+        password: None,
+    };
+    let seq = match s.create_order(req, 4_000_200).unwrap() {
+        Outcome::Changed(Event::OrderCreatedPriced { order, pricing, .. }, seq) if order.seq == seq => {
+            assert_eq!((order.amount_cents, pricing.tier_min_quantity), (1400, Some(2)));
+            seq
+        }
+        other => panic!("expected an order priced by its tier: {other:?}"),
+    };
+    records.push(ArchivedOrder { pricing: Some(pricing_v9()), ..records[0].clone() });
+    (s, records, password_seq, seq)
+}
+
+#[test]
+fn v9_events_decode() {
+    let fresh = serde_json::to_vec(&events_v9().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v9());
+}
+
+#[test]
+fn v9_product_snapshot_archive_and_terms_decode() {
     let stored = check("product.bin", encode(Kind::Product, &product()));
     assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
-    let (want, records, seq) = snapshot_v7();
+    let (want, records, password_seq, priced) = snapshot_v9();
     let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
     let mut s = decode_snapshot(&stored).unwrap();
     s.rebuild_indexes();
     assert_eq!(s.orders(), want.orders());
     assert_eq!(s.counts(), want.counts());
     assert_eq!(s.archived(), want.archived());
-    assert_eq!(s.counts().withdrawn, 1);
-    assert_eq!(s.password(seq), Some(&[5; 32]));
-    assert_eq!(s.orders_opened_by("g", &[5; 32]), [seq], "the lookup index is rebuilt");
+    assert_eq!(s.password(password_seq), Some(&[5; 32]));
+    assert_eq!(s.pricing(priced), want.pricing(priced));
+    assert_eq!(s.pricing(priced).map(|p| p.list_unit_cents), Some(750));
     let audit = s.audit();
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
-    assert_eq!(audit.withdrawn, 1);
-    assert_eq!(audit.orders.get(&OrderStatus::Delivered), Some(&3), "two group seats and one archived order");
     for (i, record) in records.iter().enumerate() {
         let stored = check(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
-        assert_eq!(&decode::<ArchivedOrder>(Kind::ArchivedOrder, &stored).unwrap(), record);
+        assert_eq!(&decode_archived(&stored).unwrap(), record);
     }
     let stored = check("terms.bin", encode(Kind::Terms, &terms_v8()));
     assert_eq!(decode_terms(&stored).unwrap(), terms_v8());

@@ -138,3 +138,50 @@ async fn changed_tiers_price_new_orders_only_and_survive_a_crash() {
     assert_eq!(api.amount_of("w", 2, "cleared").await.1, 190);
     assert_audit_ok(&api.audit().await);
 }
+
+/// Every answer about an order explains its amount the same way, as it was priced:
+/// on creation, on reads after the terms changed, after a crash and once archived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_price_breakdown_stays_what_the_order_was_priced_at() {
+    let settings = [("orders.archive_after_secs", "1"), ("payments.query_grace_secs", "0")];
+    let t = TestApp::spawn_with(&settings).await;
+    let api = t.api();
+    assert_eq!(api.create_with(tiered("w")).await.status, 201);
+    let keys: Vec<String> = (0..10).map(|i| format!("W-{i}")).collect();
+    assert_eq!(api.import("w", &keys).await.status, 200);
+    let tiered_breakdown = json!({"quantity": 3, "list_unit_price_cents": 100, "tier_min_quantity": 3,
+        "unit_price_cents": 80, "subtotal_cents": 240, "discount_cents": 0, "total_cents": 240});
+    let (o, _) = api.amount_of("w", 3, "bulk").await;
+    assert_eq!(o.body["price_breakdown"], tiered_breakdown, "{}", o.body);
+    let (plain, _) = api.amount_of("w", 1, "single").await;
+    assert_eq!(
+        plain.body["price_breakdown"],
+        json!({"quantity": 1, "list_unit_price_cents": 100, "tier_min_quantity": null,
+               "unit_price_cents": 100, "subtotal_cents": 100, "discount_cents": 0, "total_cents": 100})
+    );
+    let (id, token) =
+        (o.body["order_id"].as_str().unwrap().to_string(), o.body["query_token"].as_str().unwrap().to_string());
+
+    // New terms do not rewrite an order's explanation.
+    assert_eq!(api.patch_product("w", json!({"price_cents": 90, "tiers": null})).await.status, 200);
+    assert_eq!(api.get_order(&id, &token).await.body["price_breakdown"], tiered_breakdown);
+    assert_eq!(api.admin_order(&id).await.body["price_breakdown"], tiered_breakdown);
+    assert_eq!(api.notify(&id, "pay-bulk", 240).await.status, 200);
+
+    // A crash: rebuilt from the journal.
+    let data = t.data.clone();
+    let mut t = t;
+    t.app.take().unwrap().crash().await;
+    let t2 = TestApp::start_on(&data, &settings).await;
+    let api = t2.api();
+    assert_eq!(api.get_order(&id, &token).await.body["price_breakdown"], tiered_breakdown);
+
+    // Archived (delivered and settled): read from the archive record.
+    let archived = |a: &Reply| a.body["products"][0]["orders_archived"].as_u64().unwrap_or(0);
+    assert!(
+        api.eventually(std::time::Duration::from_secs(30), || async { archived(&api.audit().await) >= 1 }).await,
+        "the delivered order was not archived"
+    );
+    let read = api.get_order(&id, &token).await;
+    assert_eq!((read.body["status"].as_str(), &read.body["price_breakdown"]), (Some("delivered"), &tiered_breakdown));
+}

@@ -348,6 +348,7 @@ impl ShardActor {
                 keys,
                 replayed,
                 group: None,
+                pricing: archived.pricing,
             });
         };
         let keys = if order.status == crate::domain::OrderStatus::Delivered {
@@ -362,6 +363,7 @@ impl ShardActor {
             keys,
             replayed,
             group: shard.group_of_order(seq),
+            pricing: shard.pricing(seq).cloned(),
         })
     }
 

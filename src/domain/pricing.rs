@@ -42,6 +42,69 @@ impl Price {
     pub fn tier_discount_cents(&self) -> u64 {
         (self.list_unit_cents - self.unit_cents) * self.quantity as u64
     }
+
+    /// What an order priced so keeps of its pricing (`None`: the list price, which
+    /// its amount alone tells).
+    pub fn record(&self) -> Option<OrderPricing> {
+        self.tier.map(|t| OrderPricing {
+            list_unit_cents: self.list_unit_cents,
+            tier_min_quantity: Some(t.min_quantity),
+            reseller: None,
+            coupon: None,
+            discount_cents: 0,
+        })
+    }
+}
+
+/// (v9) How an order was priced, when not simply at the list price: kept with the
+/// order (journal, snapshot, archive), so that every answer about it explains its
+/// amount the same way, whatever the product's terms have become since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPricing {
+    /// The product's unit price when the order was made.
+    pub list_unit_cents: u64,
+    /// The quantity tier the order reached.
+    pub tier_min_quantity: Option<u32>,
+    /// Reserved: the reseller tier that priced it.
+    pub reseller: Option<String>,
+    /// Reserved: the coupon it used.
+    pub coupon: Option<String>,
+    /// Reserved: what the coupon took off the subtotal.
+    pub discount_cents: u64,
+}
+
+/// An order's amount explained (`price_breakdown` in its answers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Breakdown {
+    pub quantity: u32,
+    /// The product's unit price when the order was made.
+    pub list_unit_price_cents: u64,
+    /// The quantity tier reached (its `min_quantity`), if any.
+    pub tier_min_quantity: Option<u32>,
+    /// What each key cost.
+    pub unit_price_cents: u64,
+    /// `unit_price_cents × quantity`.
+    pub subtotal_cents: u64,
+    /// Taken off the subtotal (a coupon).
+    pub discount_cents: u64,
+    /// The order's amount.
+    pub total_cents: u64,
+}
+
+/// The breakdown of an order of `quantity` for `amount_cents`, from its pricing
+/// record, or at the list price when it has none.
+pub fn breakdown(quantity: u32, amount_cents: u64, record: Option<&OrderPricing>) -> Breakdown {
+    let subtotal_cents = amount_cents + record.map_or(0, |r| r.discount_cents);
+    let unit_price_cents = subtotal_cents / u64::from(quantity.max(1));
+    Breakdown {
+        quantity,
+        list_unit_price_cents: record.map_or(unit_price_cents, |r| r.list_unit_cents),
+        tier_min_quantity: record.and_then(|r| r.tier_min_quantity),
+        unit_price_cents,
+        subtotal_cents,
+        discount_cents: record.map_or(0, |r| r.discount_cents),
+        total_cents: amount_cents,
+    }
 }
 
 /// Whether `tiers` may go with unit price `price_cents`: at most [`MAX_TIERS`],
@@ -144,6 +207,10 @@ mod tests {
             }
             let more = price(list, &tiers, q + 1).unwrap();
             prop_assert!(more.unit_cents <= p.unit_cents);
+            // What an order keeps explains its amount as it was priced.
+            let b = breakdown(q, p.total_cents, p.record().as_ref());
+            prop_assert_eq!((b.list_unit_price_cents, b.unit_price_cents, b.total_cents), (list, p.unit_cents, p.total_cents));
+            prop_assert_eq!(b.tier_min_quantity, p.tier.map(|t| t.min_quantity));
         }
     }
 }

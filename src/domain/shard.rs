@@ -298,6 +298,9 @@ pub struct Shard {
     /// (v7) Query passwords of orders in memory (archived ones are in the
     /// archive's lookup index), by order.
     passwords: BTreeMap<u64, PasswordHash>,
+    /// (v9) How orders in memory were priced, for those not at their list price
+    /// (archived ones keep it in their archive record).
+    pricings: BTreeMap<u64, super::pricing::OrderPricing>,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -361,6 +364,7 @@ pub struct ShardParts {
     pub archived: Archived,
     pub withdrawn: Vec<KeyId>,
     pub passwords: BTreeMap<u64, PasswordHash>,
+    pub pricings: BTreeMap<u64, super::pricing::OrderPricing>,
 }
 
 impl From<ShardParts> for Shard {
@@ -376,6 +380,7 @@ impl From<ShardParts> for Shard {
         shard.groups = old.groups;
         shard.withdrawn = old.withdrawn;
         shard.passwords = old.passwords;
+        shard.pricings = old.pricings;
         shard
     }
 }
@@ -397,6 +402,7 @@ impl Shard {
             archived: Archived::default(),
             withdrawn: Vec::new(),
             passwords: BTreeMap::new(),
+            pricings: BTreeMap::new(),
             key_index: hashbrown::HashTable::new(),
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: holdings::Holdings::default(),
@@ -530,6 +536,11 @@ impl Shard {
 
     /// Key `id` as buyers and merchants see it (a reusable key's unit shows the
     /// key, see [`crate::domain::key_mode`]).
+    /// How order `seq` (in memory) was priced, if not at its list price.
+    pub fn pricing(&self, seq: u64) -> Option<&super::pricing::OrderPricing> {
+        self.pricings.get(&seq)
+    }
+
     pub fn key(&self, id: KeyId) -> &str {
         super::key_mode::shown(&self.keys[id as usize])
     }
@@ -663,14 +674,14 @@ impl Shard {
             }
         }
         self.check_can_take(&req.buyer, req.quantity, now_ms)?;
-        let amount_cents =
-            super::pricing::price(self.product.price_cents, &self.terms.tiers, req.quantity)?.total_cents;
+        let price = super::pricing::price(self.product.price_cents, &self.terms.tiers, req.quantity)?;
         let password = req.password;
-        let order = self.pending_order(req, amount_cents, now_ms);
+        let order = self.pending_order(req, price.total_cents, now_ms);
         let seq = order.seq;
-        let event = match password {
-            Some(password) => Event::OrderCreatedWithPassword { order, password },
-            None => Event::OrderCreated { order },
+        let event = match (password, price.record()) {
+            (password, Some(pricing)) => Event::OrderCreatedPriced { order, password, pricing },
+            (Some(password), None) => Event::OrderCreatedWithPassword { order, password },
+            (None, None) => Event::OrderCreated { order },
         };
         self.apply(&event);
         Ok(Outcome::Changed(event, seq))

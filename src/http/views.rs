@@ -114,6 +114,7 @@ pub struct OrderCreated<'a> {
     query_token: &'a str,
     payment: PaymentView<'a>,
     group_id: Option<String>,
+    price_breakdown: crate::domain::pricing::Breakdown,
 }
 
 #[derive(serde::Serialize)]
@@ -142,6 +143,7 @@ pub fn order_created<'a>(
         query_token: &o.query_token,
         payment: PaymentView { channel, pay_url },
         group_id: s.group_id(),
+        price_breakdown: s.breakdown(),
     }
 }
 
@@ -155,6 +157,7 @@ pub fn order(s: &OrderSnapshot) -> Value {
         "product_id": s.product_id,
         "quantity": o.quantity,
         "amount_cents": o.amount_cents,
+        "price_breakdown": s.breakdown(),
         "created_at": ts(o.created_at_ms),
         "expires_at": ts(o.expires_at_ms),
         "paid_at": ts_opt(o.paid_at_ms),

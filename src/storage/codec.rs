@@ -12,7 +12,8 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::legacy::{ShardV2, ShardV3, ShardV4, ShardV5, ShardV6, TermsV7};
+use super::legacy::{ArchivedOrderV8, ShardV2, ShardV3, ShardV4, ShardV5, ShardV6, ShardV8, TermsV7};
+use crate::domain::shard::ArchivedOrder;
 use crate::domain::terms::Terms;
 use crate::domain::Shard;
 
@@ -49,7 +50,12 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 ///
 /// Version 8: quantity tiers. A product's terms (`Kind::Terms`) end with its tiers;
 /// v5–v7 terms decode as [`TermsV7`] (no tiers). Nothing else changed.
-pub const FORMAT_VERSION: u8 = 8;
+///
+/// Version 9: orders keep how they were priced. One event (`OrderCreatedPriced`)
+/// is added at the end of `Event`, a snapshot ends with the pricing records of its
+/// orders in memory, and an archived order ends with its own; v7/v8 snapshots
+/// decode as [`ShardV8`], v5–v8 archived orders as [`ArchivedOrderV8`].
+pub const FORMAT_VERSION: u8 = 9;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 /// Size of the envelope's header.
@@ -183,7 +189,16 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
         Some(4) => decode::<ShardV4>(Kind::Snapshot, bytes).map(Shard::from),
         Some(5) => decode::<ShardV5>(Kind::Snapshot, bytes).map(Shard::from),
         Some(6) => decode::<ShardV6>(Kind::Snapshot, bytes).map(Shard::from),
+        Some(7 | 8) => decode::<ShardV8>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
+    }
+}
+
+/// Decodes an archived order of any readable version.
+pub fn decode_archived(bytes: &[u8]) -> Result<ArchivedOrder, CodecError> {
+    match bytes.get(4) {
+        Some(..=8) => decode::<ArchivedOrderV8>(Kind::ArchivedOrder, bytes).map(ArchivedOrder::from),
+        _ => decode::<ArchivedOrder>(Kind::ArchivedOrder, bytes),
     }
 }
 

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::Deserialize;
 
 use crate::domain::group::Group;
-use crate::domain::shard::{Archived, KeyId, ShardParts, Transfers};
+use crate::domain::lookup::PasswordHash;
+use crate::domain::shard::{Archived, ArchivedOrder, KeyId, ShardParts, Transfers};
 use crate::domain::terms::Terms;
 use crate::domain::{Order, PaymentRecord, ProductInfo, Shard};
 
@@ -79,6 +80,7 @@ impl From<ShardV4> for Shard {
             archived: Archived::default(),
             withdrawn: Vec::new(),
             passwords: BTreeMap::new(),
+            pricings: BTreeMap::new(),
         }
         .into()
     }
@@ -116,6 +118,7 @@ impl From<ShardV5> for Shard {
             archived,
             withdrawn: Vec::new(),
             passwords: BTreeMap::new(),
+            pricings: BTreeMap::new(),
         }
         .into()
     }
@@ -165,6 +168,7 @@ impl From<ShardV6> for Shard {
             archived,
             withdrawn,
             passwords: BTreeMap::new(),
+            pricings: BTreeMap::new(),
         }
         .into()
     }
@@ -190,5 +194,70 @@ impl From<TermsV7> for Terms {
             sale_ends_at_ms: t.sale_ends_at_ms,
             tiers: Vec::new(),
         }
+    }
+}
+
+/// A snapshot as formats v7 and v8 wrote it: no order pricing records.
+#[derive(Deserialize)]
+pub struct ShardV8 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: BTreeMap<u64, Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+    groups: Vec<Group>,
+    orders_created: u64,
+    archived: Archived,
+    withdrawn: Vec<KeyId>,
+    passwords: BTreeMap<u64, PasswordHash>,
+}
+
+impl From<ShardV8> for Shard {
+    fn from(old: ShardV8) -> Shard {
+        let ShardV8 {
+            product,
+            shard,
+            keys,
+            available,
+            orders,
+            payments,
+            transfers,
+            groups,
+            orders_created,
+            archived,
+            withdrawn,
+            passwords,
+        } = old;
+        ShardParts {
+            product,
+            shard,
+            keys,
+            available,
+            orders: orders.into_values().collect(),
+            payments,
+            transfers,
+            groups,
+            orders_created: Some(orders_created),
+            archived,
+            withdrawn,
+            passwords,
+            pricings: BTreeMap::new(),
+        }
+        .into()
+    }
+}
+
+/// An archived order as formats v5–v8 wrote it: no pricing record.
+#[derive(Deserialize)]
+pub struct ArchivedOrderV8 {
+    order: Order,
+    keys: Vec<String>,
+}
+
+impl From<ArchivedOrderV8> for ArchivedOrder {
+    fn from(old: ArchivedOrderV8) -> ArchivedOrder {
+        ArchivedOrder { order: old.order, keys: old.keys, pricing: None }
     }
 }

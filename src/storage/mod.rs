@@ -397,7 +397,7 @@ impl Storage {
     pub fn archived_order(&self, id: &ShardId, seq: u64) -> Result<Option<ArchivedOrder>, StorageError> {
         let tree = self.archive_tree(id)?;
         let Some(bytes) = tree.get(seq.to_be_bytes())? else { return Ok(None) };
-        codec::decode(Kind::ArchivedOrder, &bytes)
+        codec::decode_archived(&bytes)
             .map(Some)
             .map_err(|e| StorageError::Corrupt { place: format!("archive/{id} order {seq}"), error: e.to_string() })
     }

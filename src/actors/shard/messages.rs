@@ -14,6 +14,15 @@ pub struct OrderSnapshot {
     pub replayed: bool,
     /// The group this order holds (or held) a seat in.
     pub group: Option<u64>,
+    /// How it was priced, when not at its list price.
+    pub pricing: Option<crate::domain::pricing::OrderPricing>,
+}
+
+impl OrderSnapshot {
+    /// Its amount explained (`price_breakdown`).
+    pub fn breakdown(&self) -> crate::domain::pricing::Breakdown {
+        crate::domain::pricing::breakdown(self.order.quantity, self.order.amount_cents, self.pricing.as_ref())
+    }
 }
 
 impl OrderSnapshot {

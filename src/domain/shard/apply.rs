@@ -24,6 +24,14 @@ impl Shard {
                 self.passwords.insert(order.seq, *password);
                 self.index_password(order);
             }
+            Event::OrderCreatedPriced { order, password, pricing } => {
+                self.add_pending_order(order);
+                if let Some(password) = password {
+                    self.passwords.insert(order.seq, *password);
+                    self.index_password(order);
+                }
+                self.pricings.insert(order.seq, pricing.clone());
+            }
             Event::GroupOpened { .. } | Event::GroupJoined { .. } | Event::GroupFailed { .. } => {
                 self.apply_group(event)
             }
@@ -177,6 +185,7 @@ impl Shard {
             if self.passwords.remove(seq).is_some() {
                 self.unindex_password(&order);
             }
+            self.pricings.remove(seq);
             assert!(
                 matches!(
                     order.status,

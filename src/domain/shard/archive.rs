@@ -24,11 +24,13 @@ impl Archived {
     }
 }
 
-/// (v5) An order as the archive keeps it: the order and its keys as text.
+/// (v5) An order as the archive keeps it: the order and its keys as text, and
+/// (v9) how it was priced when not at its list price.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchivedOrder {
     pub order: Order,
     pub keys: Vec<String>,
+    pub pricing: Option<crate::domain::pricing::OrderPricing>,
 }
 
 impl Shard {
@@ -121,6 +123,7 @@ impl Shard {
         Some(ArchivedOrder {
             order: order.clone(),
             keys: order.keys.iter().map(|&k| self.key(k).to_string()).collect(),
+            pricing: self.pricings.get(&seq).cloned(),
         })
     }
 

@@ -50,6 +50,7 @@ impl Shard {
             | Event::KeysWithdrawn { .. } => None,
             Event::OrderCreated { order }
             | Event::OrderCreatedWithPassword { order, .. }
+            | Event::OrderCreatedPriced { order, .. }
             | Event::OrderRedeemed { order } => Some(order.seq),
             Event::PaymentApplied { record, .. } => Some(record.order_seq),
             Event::OrderExpired { seq, .. } | Event::OrderCancelled { seq, .. } => Some(*seq),

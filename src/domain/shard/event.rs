@@ -1,6 +1,7 @@
 //! What a shard journals: its events and the payment records they carry.
 
 use super::*;
+use crate::domain::pricing::OrderPricing;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,7 +72,9 @@ impl Event {
     /// `None` for events that are not about one order.
     pub fn order_event_name(&self) -> Option<&'static str> {
         match self {
-            Event::OrderCreated { .. } | Event::OrderCreatedWithPassword { .. } => Some("created"),
+            Event::OrderCreated { .. } | Event::OrderCreatedWithPassword { .. } | Event::OrderCreatedPriced { .. } => {
+                Some("created")
+            }
             Event::PaymentApplied { record, .. } => match record.outcome {
                 PaymentOutcome::Delivered => Some("delivered"),
                 PaymentOutcome::RefundOwed(_) => Some("refund_owed"),
@@ -182,5 +185,13 @@ pub enum Event {
     OrderCreatedWithPassword {
         order: Order,
         password: PasswordHash,
+    },
+    /// (v9) An order created at other than its list price (a quantity tier): an
+    /// `OrderCreated` that also records how it was priced, and its query password
+    /// if it has one.
+    OrderCreatedPriced {
+        order: Order,
+        password: Option<PasswordHash>,
+        pricing: OrderPricing,
     },
 }
