@@ -149,7 +149,12 @@ proptest! {
                     let password = (buyer % 2 == 0).then_some([buyer; 32]);
                     let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password };
                     match s.create_order(req, now) {
-                        Ok(Outcome::Changed(e, _)) => journal.push(e),
+                        Ok(Outcome::Changed(e, _)) => {
+                            // The tier (2 or more) prices it, and the order keeps that.
+                            let priced = matches!(&e, Event::OrderCreatedPriced { pricing, .. } if pricing.tier_min_quantity == Some(2));
+                            prop_assert_eq!(priced, quantity >= 2);
+                            journal.push(e);
+                        }
                         Ok(Outcome::Repeat(_)) => prop_assert!(false, "no idempotency key, no repeat"),
                         Err(_) => prop_assert_eq!(before, s.counts(), "a refusal changes nothing"),
                     }

@@ -3,9 +3,6 @@
 use super::*;
 use crate::domain::audit::Auditor;
 
-/// Units of a reusable key sent to the shards at once (see [`Kami::set_reusable_stock`]).
-const REUSABLE_UNITS_PER_BATCH: u64 = 65_536;
-
 impl Kami {
     pub async fn create_product(&self, p: NewProduct) -> Result<ProductInfo, Error> {
         validate::product_id(&p.id).map_err(Error::Invalid)?;
@@ -168,10 +165,13 @@ impl Kami {
             return Err(Error::Invalid(format!("units: must be at most {}", key_mode::MAX_UNITS)));
         }
         let mut added = 0;
-        // A bounded batch at a time: the units of one call are never all in memory.
+        // About one journal event's worth of units per shard at a time: the units of
+        // one call are never all in memory, and no shard spends more than a short
+        // turn on them while it sells.
+        let per_batch = (crate::domain::shard::MAX_KEYS_PER_EVENT * route.shards.len()) as u64;
         let mut start = 0;
         while start < units {
-            let end = (start + REUSABLE_UNITS_PER_BATCH).min(units);
+            let end = (start + per_batch).min(units);
             let mut parts: Vec<Vec<String>> = vec![Vec::new(); route.shards.len()];
             for n in start..end {
                 let unit = key_mode::unit(key, n);

@@ -41,6 +41,11 @@ pub fn unit(key: &str, unit: u64) -> String {
     format!("{key}{UNIT_MARK}{unit}")
 }
 
+/// Whether a stored key is a reusable key's unit.
+pub fn is_unit(stored: &str) -> bool {
+    stored.contains(UNIT_MARK)
+}
+
 /// What a stored key shows to buyers and merchants: a unit shows its key.
 pub fn shown(stored: &str) -> &str {
     stored.split_once(UNIT_MARK).map_or(stored, |(key, _)| key)
@@ -64,6 +69,7 @@ mod tests {
             prop_assume!(crate::domain::validate::key(&key).is_ok());
             let stored = unit(&key, a);
             prop_assert_eq!(shown(&stored), key.as_str());
+            prop_assert!(is_unit(&stored) && !is_unit(&key));
             prop_assert_eq!(unit(&key, a) == unit(&key, b), a == b);
             prop_assert!(crate::domain::validate::key(&unit(&key, a)).is_err(), "a unit is never a key one can import");
         }

@@ -38,11 +38,6 @@ pub struct Price {
 }
 
 impl Price {
-    /// What the tier saves against the list price (0 without a tier).
-    pub fn tier_discount_cents(&self) -> u64 {
-        (self.list_unit_cents - self.unit_cents) * self.quantity as u64
-    }
-
     /// What an order priced so keeps of its pricing (`None`: the list price, which
     /// its amount alone tells).
     pub fn record(&self) -> Option<OrderPricing> {
@@ -157,7 +152,7 @@ mod tests {
         assert_eq!((at(1).unit_cents, at(1).total_cents, at(1).tier), (100, 100, None));
         assert_eq!((at(9).total_cents, at(10).total_cents, at(10).tier), (900, 800, Some(tier(10, 80))));
         assert_eq!((at(99).unit_cents, at(100).unit_cents, at(500).total_cents), (80, 60, 30_000));
-        assert_eq!(at(10).tier_discount_cents(), 200);
+        assert_eq!((at(10).list_unit_cents - at(10).unit_cents) * 10, 200, "the tier saves 20 a key");
         assert_eq!(price(u64::MAX, &[], 2), Err(DomainError::AmountTooLarge));
     }
 
@@ -197,7 +192,7 @@ mod tests {
             let p = price(list, &tiers, q).unwrap();
             prop_assert_eq!(p.total_cents, p.unit_cents * q as u64);
             prop_assert!(p.unit_cents <= list);
-            prop_assert_eq!(p.total_cents + p.tier_discount_cents(), list * q as u64);
+            prop_assert_eq!(p.total_cents + (list - p.unit_cents) * q as u64, list * q as u64);
             match p.tier {
                 None => prop_assert!(p.unit_cents == list && tiers.iter().all(|t| t.min_quantity > q)),
                 Some(t) => {

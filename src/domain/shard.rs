@@ -305,6 +305,9 @@ pub struct Shard {
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
     key_index: hashbrown::HashTable<KeyId>,
+    /// Whether any key here is a reusable key's unit (`domain::key_mode`).
+    #[serde(skip)]
+    has_units: bool,
     #[serde(skip)]
     hasher: hashbrown::DefaultHashBuilder,
     #[serde(skip)]
@@ -404,6 +407,7 @@ impl Shard {
             passwords: BTreeMap::new(),
             pricings: BTreeMap::new(),
             key_index: hashbrown::HashTable::new(),
+            has_units: false,
             hasher: hashbrown::DefaultHashBuilder::default(),
             holdings: holdings::Holdings::default(),
             password_orders: HashMap::new(),
@@ -579,6 +583,7 @@ impl Shard {
     /// Adds `keys[id]` to the deduplication index.
     fn index_key(&mut self, id: KeyId) {
         let (keys, hasher) = (&self.keys, &self.hasher);
+        self.has_units |= super::key_mode::is_unit(&keys[id as usize]);
         let hash = hasher.hash_one(&*keys[id as usize]);
         self.key_index.insert_unique(hash, id, |&k| hasher.hash_one(&*keys[k as usize]));
     }

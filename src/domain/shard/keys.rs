@@ -132,7 +132,8 @@ impl Shard {
                         }
                     }
                 }
-                if !reusable.is_empty() {
+                // One pass over the keys, only where reusable units are kept.
+                if self.has_units && !reusable.is_empty() {
                     for (id, stored) in self.keys.iter().enumerate() {
                         if let Some(&i) = reusable.get(crate::domain::key_mode::shown(stored)) {
                             fates[i] = KeyFate::NotInStock;
