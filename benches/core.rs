@@ -37,6 +37,7 @@ fn domain(c: &mut Criterion) {
                     query_token: String::new(),
                     ttl_ms: 60_000,
                     password: None,
+                    coupon: None,
                 };
                 let Ok(Outcome::Changed(_, seq)) = s.create_order(req, i) else { panic!("reserve") };
                 let pay = Payment {
@@ -64,6 +65,7 @@ fn domain(c: &mut Criterion) {
                 query_token: String::new(),
                 ttl_ms: 60_000,
                 password: None,
+                coupon: None,
             };
             let Ok(Outcome::Changed(_, seq)) = s.create_order(req, now) else { panic!("reserve") };
             s.cancel(seq, now).expect("cancel");
@@ -230,6 +232,7 @@ async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
         quantity: 1,
         buyer: format!("buyer{i}"),
         query_password: None,
+        coupon: None,
     };
     let order = loop {
         match core.create_order(req.clone(), None).await {
@@ -287,8 +290,13 @@ fn actor_round_trip(c: &mut Criterion) {
         };
         core.create_product(new).await.unwrap();
         core.import_keys("rt", vec!["k".into()]).await.unwrap();
-        let req =
-            kami::core::OrderRequest { product_id: "rt".into(), quantity: 1, buyer: "b".into(), query_password: None };
+        let req = kami::core::OrderRequest {
+            product_id: "rt".into(),
+            quantity: 1,
+            buyer: "b".into(),
+            query_password: None,
+            coupon: None,
+        };
         let o = core.create_order(req, None).await.unwrap();
         format!("{}.{}.{}", o.product_id, o.shard, o.order.seq)
     });

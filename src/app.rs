@@ -507,6 +507,14 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         settings.storage.snapshot_min_journal_bytes,
     )
     .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
+    let coupons = crate::actors::coupons::start_coupons(
+        &storage,
+        &clock,
+        &actors.arbiters,
+        settings.actors.mailbox_capacity,
+        settings.storage.snapshot_min_journal_bytes,
+    )
+    .map_err(|e| StartError::Recovery(format!("coupons: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
     let reusable_products = storage.reusable_products().map_err(|e| StartError::Recovery(format!("key modes: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
@@ -520,6 +528,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         channels,
         points,
         points_prices,
+        coupons,
         reusable_products,
         group_deals,
         lookup_secret,
@@ -554,6 +563,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
                 tick.tick().await;
                 core.settle_transfers().await;
                 core.resolve_holds().await;
+                core.resolve_coupon_holds().await;
             }
         })
     };

@@ -99,7 +99,7 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
     let mut points = Vec::new();
     let mut violations = Vec::new();
     for shard in 0..crate::actors::points::POINTS_SHARDS {
-        match storage.inspect_points(shard) {
+        match storage.inspect_ledger::<crate::domain::points::PointsBook>(shard) {
             Ok(crate::storage::PointsRecovered { book, torn, .. }) => {
                 if let Some((seq, error)) = torn {
                     findings.push(format!("points/{shard}: torn tail from record {seq}: {error}"));

@@ -41,6 +41,7 @@ const MAX_HOLDS_PER_ROUND: usize = 256;
 const MAX_NOTE_BYTES: usize = 256;
 
 mod borrow;
+mod coupons;
 mod groups;
 mod idempotency;
 mod listing;
@@ -51,6 +52,7 @@ mod operations;
 mod orders;
 mod redemption;
 
+pub use coupons::MAX_COUPONS_LISTED;
 pub use listing::{
     KeyPage, OrderPage, OrderPosition, OrderQuery, MAX_KEY_PAGE, MAX_ORDERS_SCANNED_PER_PAGE, MAX_ORDER_PAGE,
 };
@@ -164,6 +166,8 @@ pub struct OrderRequest {
     pub buyer: String,
     /// Lets the buyer find the order again (`lookup_orders`); stored as a hash.
     pub query_password: Option<String>,
+    /// A coupon code to price the order with (see `domain::coupon`).
+    pub coupon: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +220,10 @@ pub struct Kami {
     points: Vec<PointsHandle>,
     /// Product → points price, for products that can be redeemed (durable in storage).
     points_prices: DashMap<String, u64>,
+    /// One per coupon shard (`actors::coupons::COUPON_SHARDS`).
+    coupons: Vec<crate::actors::coupons::CouponHandle>,
+    /// Where the coupon-hold resolver goes on in each coupon shard next round.
+    coupon_cursors: std::sync::Mutex<Vec<Option<(u64, String)>>>,
     /// Products whose keys are reusable (durable in storage).
     reusable: dashmap::DashSet<String>,
     /// (product, deal id) → group deal (durable in storage).
@@ -237,6 +245,7 @@ pub struct Parts {
     pub channels: Arc<Channels>,
     pub points: Vec<PointsHandle>,
     pub points_prices: Vec<(String, u64)>,
+    pub coupons: Vec<crate::actors::coupons::CouponHandle>,
     /// Products whose keys are reusable (`Storage::reusable_products`).
     pub reusable_products: Vec<String>,
     pub group_deals: Vec<crate::domain::group::GroupDeal>,
@@ -259,6 +268,7 @@ impl Kami {
             channels,
             points,
             points_prices,
+            coupons,
             reusable_products,
             group_deals,
             lookup_secret,
@@ -277,6 +287,8 @@ impl Kami {
             nonces,
             points,
             points_prices: points_prices.into_iter().collect(),
+            coupon_cursors: std::sync::Mutex::new(vec![None; coupons.len()]),
+            coupons,
             reusable: reusable_products.into_iter().collect(),
             deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),
             merchant_writes: tokio::sync::Mutex::new(()),

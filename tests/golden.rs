@@ -190,6 +190,7 @@ fn snapshot_v7() -> (Shard, Vec<ArchivedOrder>, u64) {
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
         password: Some([5; 32]),
+        coupon: None,
     };
     let seq = match s.create_order(req, 4_000_100).unwrap() {
         Outcome::Changed(Event::OrderCreatedWithPassword { order, .. }, seq) if order.seq == seq => seq,
@@ -216,6 +217,7 @@ fn snapshot_v5() -> (Shard, Vec<ArchivedOrder>) {
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
         password: None,
+        coupon: None,
     };
     let seq = |o: Outcome<u64>| match o {
         Outcome::Changed(_, seq) => seq,
@@ -251,6 +253,7 @@ fn snapshot_v4() -> Shard {
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
         password: None,
+        coupon: None,
     };
     let pay = |seq: u64, id: &str| Payment {
         order_seq: seq,
@@ -299,7 +302,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 9, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 10, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -308,7 +311,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v9; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v10; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -323,7 +326,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v9 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v10 in length");
     stored
 }
 
@@ -575,6 +578,7 @@ fn snapshot_v9() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
         password: None,
+        coupon: None,
     };
     let seq = match s.create_order(req, 4_000_200).unwrap() {
         Outcome::Changed(Event::OrderCreatedPriced { order, pricing, .. }, seq) if order.seq == seq => {
@@ -587,32 +591,125 @@ fn snapshot_v9() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
     (s, records, password_seq, seq)
 }
 
+/// A stored file of an earlier version.
+fn stored(version: u8, name: &str) -> Vec<u8> {
+    let path = dir(version).join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 #[test]
 fn v9_events_decode() {
-    let fresh = serde_json::to_vec(&events_v9().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v9());
+    assert_eq!(decode_events(&stored(9, "events.bin")), events_v9());
 }
 
 #[test]
 fn v9_product_snapshot_archive_and_terms_decode() {
-    let stored = check("product.bin", encode(Kind::Product, &product()));
+    check_product_snapshot_archive_and_terms(|name, _fresh| stored(9, name), &snapshot_v9());
+}
+
+/// The product, snapshot, archived orders and terms read by `read(name, fresh)`
+/// decode to `want` (v9 and v10 share these layouts).
+fn check_product_snapshot_archive_and_terms(
+    read: impl Fn(&str, Vec<u8>) -> Vec<u8>,
+    (want, records, password_seq, priced): &(Shard, Vec<ArchivedOrder>, u64, u64),
+) {
+    let stored = read("product.bin", encode(Kind::Product, &product()));
     assert_eq!(decode::<ProductInfo>(Kind::Product, &stored).unwrap(), product());
-    let (want, records, password_seq, priced) = snapshot_v9();
-    let stored = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
+    let stored = read("snapshot.bin", encode(Kind::Snapshot, want));
     let mut s = decode_snapshot(&stored).unwrap();
     s.rebuild_indexes();
     assert_eq!(s.orders(), want.orders());
     assert_eq!(s.counts(), want.counts());
     assert_eq!(s.archived(), want.archived());
-    assert_eq!(s.password(password_seq), Some(&[5; 32]));
-    assert_eq!(s.pricing(priced), want.pricing(priced));
-    assert_eq!(s.pricing(priced).map(|p| p.list_unit_cents), Some(750));
+    assert_eq!(s.password(*password_seq), Some(&[5; 32]));
+    assert_eq!(s.pricing(*priced), want.pricing(*priced));
+    assert_eq!(s.pricing(*priced).map(|p| p.list_unit_cents), Some(750));
     let audit = s.audit();
     assert!(audit.violations.is_empty(), "{:?}", audit.violations);
     for (i, record) in records.iter().enumerate() {
-        let stored = check(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
+        let stored = read(&format!("archived-{i}.bin"), encode(Kind::ArchivedOrder, record));
         assert_eq!(&decode_archived(&stored).unwrap(), record);
     }
-    let stored = check("terms.bin", encode(Kind::Terms, &terms_v8()));
+    let stored = read("terms.bin", encode(Kind::Terms, &terms_v8()));
     assert_eq!(decode_terms(&stored).unwrap(), terms_v8());
+}
+
+fn coupon_ref() -> kami::domain::pricing::CouponRef {
+    kami::domain::pricing::CouponRef { code: "SPRING-10".into(), hold: "0123456789abcdef".into() }
+}
+
+/// v9's events, an order priced with a coupon, and the late payment of such an
+/// order owed back (`CouponReturned`).
+fn events_v10() -> Vec<Event> {
+    let mut events = events_v9();
+    let pricing =
+        kami::domain::pricing::OrderPricing { coupon: Some(coupon_ref()), discount_cents: 100, ..pricing_v9() };
+    let order = Order { seq: 10, quantity: 2, amount_cents: 1300, keys: vec![], ..order() };
+    events.push(Event::OrderCreatedPriced { order, password: None, pricing });
+    events.push(Event::PaymentApplied {
+        record: PaymentRecord {
+            payment_id: "pay-late".into(),
+            order_seq: 10,
+            channel: "sandbox".into(),
+            amount_cents: 1300,
+            status: "paid".into(),
+            at_ms: 4_000_900,
+            outcome: PaymentOutcome::RefundOwed(RefundReason::CouponReturned),
+        },
+        taken_keys: vec![],
+    });
+    events
+}
+
+/// A coupon shard's book: one coupon with a hold in flight and a use spent.
+fn coupon_book() -> kami::domain::coupon::CouponBook {
+    use kami::domain::coupon::*;
+    let mut b = CouponBook::new();
+    let spec = CouponSpec {
+        code: "SPRING-10".into(),
+        kind: CouponKind::Percent,
+        value: 10,
+        max_uses: 100,
+        per_buyer_max: 1,
+        products: vec!["golden".into()],
+        min_amount_cents: 500,
+        starts_at_ms: Some(1_000),
+        ends_at_ms: None,
+    };
+    b.create(spec, 2_000).unwrap();
+    for (hold, buyer) in [("h1", "alice"), ("h2", "bob")] {
+        let h = CouponHold {
+            hold: hold.into(),
+            code: "SPRING-10".into(),
+            buyer: buyer.into(),
+            product_id: "golden".into(),
+            idempotency_key: format!("coupon:{hold}"),
+            at_ms: 0,
+        };
+        b.hold(h, 3_000).unwrap();
+    }
+    b.finish("h1", Finish::Used { order_id: "golden.0-1".into() }, 4_000).unwrap();
+    b
+}
+
+#[test]
+fn v10_events_decode() {
+    let fresh = serde_json::to_vec(&events_v10().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v10());
+}
+
+#[test]
+fn v10_product_snapshot_archive_terms_and_coupon_book_decode() {
+    let (want, mut records, password_seq, priced) = snapshot_v9();
+    let pricing =
+        kami::domain::pricing::OrderPricing { coupon: Some(coupon_ref()), discount_cents: 100, ..pricing_v9() };
+    records.push(ArchivedOrder { pricing: Some(pricing), ..records[0].clone() });
+    let snapshot = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
+    let read = |name: &str, fresh: Vec<u8>| if name == "snapshot.bin" { snapshot.clone() } else { check(name, fresh) };
+    check_product_snapshot_archive_and_terms(read, &(want.clone(), records, password_seq, priced));
+    let book = coupon_book();
+    let stored = check_unordered("coupons.bin", encode(Kind::CouponSnapshot, &book));
+    let decoded: kami::domain::coupon::CouponBook = decode(Kind::CouponSnapshot, &stored).unwrap();
+    assert_eq!(decoded, book);
+    assert!(decoded.audit().violations.is_empty());
 }

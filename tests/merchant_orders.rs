@@ -180,6 +180,7 @@ async fn an_export_streams_every_order_with_cells_escaped_and_keys_only_when_ask
                         quantity: 1,
                         buyer: format!("buyer{i}"),
                         query_password: None,
+                        coupon: None,
                     };
                     core.create_order(req, None).await.unwrap();
                     i += 64;

@@ -406,7 +406,7 @@ async fn points_snapshots_bound_the_journal_and_refusals_leave_nothing_behind() 
     {
         let storage = open_storage(&data);
         let shard = kami::actors::points::points_shard_of("dave");
-        let r = storage.inspect_points(shard).unwrap();
+        let r = storage.inspect_ledger::<kami::domain::points::PointsBook>(shard).unwrap();
         assert!(r.snapshot_bytes > 0, "a snapshot was written");
         assert!(r.journal.raw(1).unwrap().is_none(), "the journal it covers was trimmed");
         assert_eq!(r.book.lines(), 3);

@@ -21,6 +21,7 @@ fn one_key(i: u64) -> NewOrder {
         query_token: "t".into(),
         ttl_ms: 60_000,
         password: None,
+        coupon: None,
     }
 }
 
@@ -297,7 +298,7 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
         assert!(r.findings.is_empty(), "{:?}", r.findings);
         assert_eq!(r.last_seq, seq + round, "round {round}");
         same_state(&live, &r.shard);
-        let p = storage.recover_points(3).unwrap();
+        let p = storage.recover_ledger::<kami::domain::points::PointsBook>(3).unwrap();
         assert_eq!(p.book.balance("alice"), book.balance("alice"));
         assert!(dir.path().join("journal/stock/p/0/00000000000000000001.log").exists());
         // Appends go on after the moved records.

@@ -379,7 +379,7 @@ mod tests {
             commit_linger: std::time::Duration::ZERO,
         })
         .unwrap();
-        storage.points_journal(0).unwrap()
+        storage.ledger_journal::<crate::domain::points::PointsBook>(0).unwrap()
     }
 
     #[test]

@@ -21,7 +21,9 @@
 pub mod admission;
 pub mod call;
 pub mod claims;
+pub mod coupons;
 pub mod journaled;
+pub mod ledger;
 pub mod payments;
 pub mod points;
 pub mod registry;

@@ -727,6 +727,25 @@ impl Handler<GetOrder> for ShardActor {
     }
 }
 
+impl Handler<FindIdempotent> for ShardActor {
+    type Result = ResponseFuture<ActorResult<Option<OrderSnapshot>>>;
+
+    fn handle(&mut self, msg: FindIdempotent, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        let seq = match self.shard() {
+            Ok(s) => s.order_for_key(&msg.key),
+            Err(e) => return fail(e),
+        };
+        let Some(seq) = seq else { return Box::pin(futures::future::ready(Ok(None))) };
+        let view = match self.order_snapshot(seq, false) {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let reply = self.reply_for_order(seq, false, view);
+        Box::pin(async move { reply.await.map(Some) })
+    }
+}
+
 impl Handler<CancelOrder> for ShardActor {
     type Result = ResponseFuture<ActorResult<OrderSnapshot>>;
 

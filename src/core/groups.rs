@@ -176,6 +176,7 @@ impl Kami {
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
             password: None,
+            coupon: None,
         };
         Ok((order, idempotency))
     }

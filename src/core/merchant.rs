@@ -345,6 +345,7 @@ impl Kami {
         // Points first (see `Auditor` for why the order matters).
         let points = self.audit_points().await?;
         let mut auditor = Auditor::new();
+        auditor.add_coupons(self.audit_coupons().await?);
         for id in ids {
             let route = &routes[id];
             let mut audits = Vec::with_capacity(route.shards.len());

@@ -7,12 +7,13 @@ use crate::domain::lookup::PasswordHash;
 impl Kami {
     /// (A request with a query password adds its stored form; without one, the
     /// fingerprint is what it always was: fingerprints are kept with orders.)
+    /// A coupon adds its code (after the password, if any).
     fn fingerprint(req: &OrderRequest, password: Option<&PasswordHash>) -> [u8; 16] {
-        let parts = [req.product_id.as_bytes(), &req.quantity.to_be_bytes(), req.buyer.as_bytes()];
-        match password {
-            None => digest(&parts),
-            Some(p) => digest(&[&parts[..], &[&p[..]]].concat()),
-        }
+        let quantity = req.quantity.to_be_bytes();
+        let mut parts: Vec<&[u8]> = vec![req.product_id.as_bytes(), &quantity, req.buyer.as_bytes()];
+        parts.extend(password.map(|p| &p[..]));
+        parts.extend(req.coupon.as_ref().map(|c| c.as_bytes()));
+        digest(&parts)
     }
 
     pub async fn create_order(
@@ -32,14 +33,31 @@ impl Kami {
             Some(p) => Some(self.password_hash(&req.buyer, p).await?),
             None => None,
         };
-        // Hashed only when there is a key to pin it to.
-        let idempotency = match idempotency_key {
-            Some(key) => {
+        // Hashed only when there is a key to pin it to. An order with a coupon
+        // always has one: the resolver finds the hold's order by it.
+        let coupon_ids = req.coupon.as_ref().map(|_| Self::coupon_hold_ids(idempotency_key.as_deref()));
+        let client_key = idempotency_key.is_some();
+        let idempotency = match (idempotency_key, &coupon_ids) {
+            (Some(key), _) => {
                 let fingerprint = Self::fingerprint(&req, password.as_ref());
                 self.pin(&key, fingerprint)?;
                 Some(Idempotency { key, fingerprint })
             }
-            None => None,
+            (None, Some((_, key))) => {
+                Some(Idempotency { key: key.clone(), fingerprint: Self::fingerprint(&req, password.as_ref()) })
+            }
+            (None, None) => None,
+        };
+        let coupon = match (&req.coupon, coupon_ids) {
+            (Some(code), Some((hold, key))) => match self.hold_coupon(code, &req, &key, hold).await {
+                Ok(used) => Some(used),
+                Err(e) => {
+                    let e = Err(e);
+                    self.settle_pin(&idempotency.clone().filter(|_| client_key), &e);
+                    return e;
+                }
+            },
+            _ => None,
         };
         let new = NewOrder {
             buyer: req.buyer.clone(),
@@ -48,6 +66,7 @@ impl Kami {
             query_token: new_token(),
             ttl_ms: self.ttl_ms,
             password,
+            coupon: coupon.clone(),
         };
         let home = route.shard_index_for_new_order(&req.buyer, route.terms.per_buyer_limit(), idempotency.is_some());
         let result = if route.shards.len() == 1 {
@@ -60,7 +79,10 @@ impl Kami {
                 other => other,
             }
         };
-        self.settle_pin(&idempotency, &result);
+        self.settle_pin(&idempotency.clone().filter(|_| client_key), &result);
+        if let Some(used) = &coupon {
+            self.after_coupon_order(used, &result).await;
+        }
         result
     }
 
@@ -93,6 +115,14 @@ impl Kami {
     pub async fn cancel_order(&self, order_id: &str, token: &str) -> Result<OrderSnapshot, Error> {
         let (id, route) = self.locate(order_id)?;
         let msg = shard::CancelOrder { seq: id.seq, token: token.to_string() };
-        self.call(&route.shards[id.shard.shard as usize], msg).await
+        let order: OrderSnapshot = self.call(&route.shards[id.shard.shard as usize], msg).await?;
+        // Its coupon use comes back now rather than at the resolver's next round.
+        if let Some(c) = order.pricing.as_ref().and_then(|p| p.coupon.as_ref()) {
+            if order.order.status == crate::domain::OrderStatus::Cancelled {
+                let reason = crate::domain::coupon::Finish::Released { reason: "cancelled".into() };
+                self.finish_coupon(&c.code, &c.hold, reason).await;
+            }
+        }
+        Ok(order)
     }
 }

@@ -10,10 +10,7 @@ impl Kami {
         R: Send + 'static,
         PointsActor: Handler<M>,
     {
-        let handle = &self.points[points_shard_of(buyer) as usize];
-        let _ticket = admit(&handle.admission, Lane::Existing)?;
-        let sent = tokio::time::timeout(self.limits.request_timeout, handle.addr.send(msg)).await;
-        Ok(answer(sent, "the points actor stopped")?)
+        self.call_ledger(&self.points[points_shard_of(buyer) as usize], msg).await
     }
 
     /// A merchant's credit (`delta > 0`) or debit, idempotent by `request_id`.

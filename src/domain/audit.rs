@@ -142,6 +142,8 @@ pub struct AuditReport {
     pub orders: BTreeMap<OrderStatus, u64>,
     pub violations: Vec<String>,
     pub points: PointsTotals,
+    /// Every coupon shard's counts together (and their violations, also in `violations`).
+    pub coupons: crate::domain::coupon::CouponAudit,
 }
 
 /// Collects shard and points audits into one [`AuditReport`].
@@ -170,6 +172,16 @@ impl Auditor {
     /// Adds one product from the audits of its shards (each labelled `id#shard` in
     /// violations). `complete` is false when some shard could not be audited (its
     /// violation is reported by the caller): the product-wide sums are then skipped.
+    /// Adds the coupon shards' audits (their totals and violations).
+    pub fn add_coupons(&mut self, audits: Vec<crate::domain::coupon::CouponAudit>) {
+        let total = &mut self.report.coupons;
+        for a in audits {
+            (total.coupons, total.held, total.used, total.released) =
+                (total.coupons + a.coupons, total.held + a.held, total.used + a.used, total.released + a.released);
+            total.violations.extend(a.violations);
+        }
+    }
+
     pub fn add_product(&mut self, id: &str, audits: Vec<ShardAudit>, complete: bool) -> &ProductAudit {
         let mut product = ProductAudit { id: id.to_string(), ..ProductAudit::default() };
         let mut owner: HashMap<u128, u16> = HashMap::new();
@@ -204,6 +216,7 @@ impl Auditor {
     pub fn finish(mut self, points: Vec<PointsAudit>) -> AuditReport {
         self.duplicate_payments();
         self.check_points(points);
+        self.report.violations.extend(self.report.coupons.violations.iter().cloned());
         self.report.ok = self.report.violations.is_empty();
         self.report
     }

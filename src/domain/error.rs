@@ -65,6 +65,26 @@ pub enum DomainError {
     SaleEnded { starts_at_ms: Option<u64>, ends_at_ms: u64 },
     #[error("the order's amount would exceed the largest amount")]
     AmountTooLarge,
+    #[error("no such coupon")]
+    CouponUnknown,
+    #[error("the coupon was disabled")]
+    CouponDisabled,
+    #[error("the coupon is not valid yet")]
+    CouponNotStarted,
+    #[error("the coupon has expired")]
+    CouponExpired,
+    #[error("the coupon does not apply to this order (its products or its minimum amount)")]
+    CouponNotApplicable,
+    #[error("the coupon has no uses left")]
+    CouponExhausted,
+    #[error("this buyer has used the coupon the {limit} times it allows")]
+    CouponLimitPerBuyer { limit: u32 },
+    #[error("the coupon's hold for this request expired; send the order again (with a new Idempotency-Key)")]
+    CouponHoldExpired,
+    #[error("a coupon with this code exists with other terms")]
+    CouponExists,
+    #[error("no more coupons fit in this coupon shard")]
+    CouponsFull,
 }
 
 impl DomainError {
@@ -99,6 +119,15 @@ impl DomainError {
             DomainError::SaleNotStarted { .. } => "sale_not_started",
             DomainError::SaleEnded { .. } => "sale_ended",
             DomainError::AmountTooLarge => "amount_too_large",
+            DomainError::CouponUnknown => "coupon_unknown",
+            DomainError::CouponDisabled => "coupon_disabled",
+            DomainError::CouponNotStarted => "coupon_not_started",
+            DomainError::CouponExpired | DomainError::CouponHoldExpired => "coupon_expired",
+            DomainError::CouponNotApplicable => "coupon_not_applicable",
+            DomainError::CouponExhausted => "coupon_exhausted",
+            DomainError::CouponLimitPerBuyer { .. } => "coupon_limit_per_buyer",
+            DomainError::CouponExists => "coupon_exists",
+            DomainError::CouponsFull => "coupons_full",
         }
     }
 }

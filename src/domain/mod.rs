@@ -27,6 +27,7 @@
 
 pub mod audit;
 pub mod breaker;
+pub mod coupon;
 pub mod error;
 pub mod group;
 pub mod ids;

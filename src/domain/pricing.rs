@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::coupon::{self, CouponUse};
 use super::error::DomainError;
 
 /// Most quantity tiers a product may have.
@@ -24,7 +25,7 @@ pub struct PriceTier {
 }
 
 /// An order's amount, line by line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Price {
     pub quantity: u32,
     /// The product's own unit price.
@@ -34,6 +35,11 @@ pub struct Price {
     /// What each key costs in this order.
     pub unit_cents: u64,
     /// `unit_cents × quantity`.
+    pub subtotal_cents: u64,
+    /// The coupon applied, if any, and what it took off the subtotal.
+    pub coupon: Option<CouponRef>,
+    pub discount_cents: u64,
+    /// `subtotal_cents − discount_cents`, never below one cent when a coupon applies.
     pub total_cents: u64,
 }
 
@@ -41,12 +47,12 @@ impl Price {
     /// What an order priced so keeps of its pricing (`None`: the list price, which
     /// its amount alone tells).
     pub fn record(&self) -> Option<OrderPricing> {
-        self.tier.map(|t| OrderPricing {
+        (self.tier.is_some() || self.coupon.is_some()).then(|| OrderPricing {
             list_unit_cents: self.list_unit_cents,
-            tier_min_quantity: Some(t.min_quantity),
+            tier_min_quantity: self.tier.map(|t| t.min_quantity),
             reseller: None,
-            coupon: None,
-            discount_cents: 0,
+            coupon: self.coupon.clone(),
+            discount_cents: self.discount_cents,
         })
     }
 }
@@ -62,15 +68,15 @@ pub struct OrderPricing {
     pub tier_min_quantity: Option<u32>,
     /// Reserved: the reseller tier that priced it.
     pub reseller: Option<String>,
-    /// Reserved: the coupon it used.
-    pub coupon: Option<String>,
-    /// Reserved: what the coupon took off the subtotal.
+    /// (v10) The coupon it used, and the use held for it.
+    pub coupon: Option<CouponRef>,
+    /// What the coupon took off the subtotal.
     pub discount_cents: u64,
 }
 
 /// An order's amount explained (`price_breakdown` in its answers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Breakdown {
+pub struct Breakdown<'a> {
     pub quantity: u32,
     /// The product's unit price when the order was made.
     pub list_unit_price_cents: u64,
@@ -80,7 +86,9 @@ pub struct Breakdown {
     pub unit_price_cents: u64,
     /// `unit_price_cents × quantity`.
     pub subtotal_cents: u64,
-    /// Taken off the subtotal (a coupon).
+    /// The coupon applied, if any (its code).
+    pub coupon: Option<&'a str>,
+    /// Taken off the subtotal (by the coupon).
     pub discount_cents: u64,
     /// The order's amount.
     pub total_cents: u64,
@@ -88,7 +96,7 @@ pub struct Breakdown {
 
 /// The breakdown of an order of `quantity` for `amount_cents`, from its pricing
 /// record, or at the list price when it has none.
-pub fn breakdown(quantity: u32, amount_cents: u64, record: Option<&OrderPricing>) -> Breakdown {
+pub fn breakdown(quantity: u32, amount_cents: u64, record: Option<&OrderPricing>) -> Breakdown<'_> {
     let subtotal_cents = amount_cents + record.map_or(0, |r| r.discount_cents);
     let unit_price_cents = subtotal_cents / u64::from(quantity.max(1));
     Breakdown {
@@ -97,6 +105,7 @@ pub fn breakdown(quantity: u32, amount_cents: u64, record: Option<&OrderPricing>
         tier_min_quantity: record.and_then(|r| r.tier_min_quantity),
         unit_price_cents,
         subtotal_cents,
+        coupon: record.and_then(|r| r.coupon.as_ref()).map(|c| c.code.as_str()),
         discount_cents: record.map_or(0, |r| r.discount_cents),
         total_cents: amount_cents,
     }
@@ -127,18 +136,47 @@ pub fn check_tiers(price_cents: u64, tiers: &[PriceTier]) -> Result<(), String> 
     Ok(())
 }
 
+/// (v10) A coupon as an order keeps it: its code and the use held for the order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CouponRef {
+    pub code: String,
+    pub hold: String,
+}
+
 /// The price of `quantity` keys at unit price `list_unit_cents` with `tiers`
-/// (checked by [`check_tiers`]).
-pub fn price(list_unit_cents: u64, tiers: &[PriceTier], quantity: u32) -> Result<Price, DomainError> {
+/// (checked by [`check_tiers`]), less `coupon`'s discount if it applies: a coupon
+/// whose minimum amount the subtotal does not reach is refused
+/// (`CouponNotApplicable`).
+pub fn price(
+    list_unit_cents: u64,
+    tiers: &[PriceTier],
+    quantity: u32,
+    coupon: Option<&CouponUse>,
+) -> Result<Price, DomainError> {
     let tier = tiers.iter().rev().find(|t| t.min_quantity <= quantity).copied();
     let unit_cents = tier.map_or(list_unit_cents, |t| t.unit_price_cents.min(list_unit_cents));
-    let total_cents = unit_cents.checked_mul(quantity as u64).ok_or(DomainError::AmountTooLarge)?;
-    Ok(Price { quantity, list_unit_cents, tier, unit_cents, total_cents })
+    let subtotal_cents = unit_cents.checked_mul(quantity as u64).ok_or(DomainError::AmountTooLarge)?;
+    let discount_cents = match coupon {
+        Some(c) if subtotal_cents < c.min_amount_cents => return Err(DomainError::CouponNotApplicable),
+        Some(c) => coupon::discount(c.kind, c.value, subtotal_cents),
+        None => 0,
+    };
+    Ok(Price {
+        quantity,
+        list_unit_cents,
+        tier,
+        unit_cents,
+        subtotal_cents,
+        coupon: coupon.map(|c| CouponRef { code: c.code.clone(), hold: c.hold.clone() }),
+        discount_cents,
+        total_cents: subtotal_cents - discount_cents,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::coupon::CouponKind;
     use proptest::prelude::*;
 
     fn tier(min_quantity: u32, unit_price_cents: u64) -> PriceTier {
@@ -148,12 +186,12 @@ mod tests {
     #[test]
     fn the_largest_tier_reached_sets_the_unit_price() {
         let tiers = [tier(10, 80), tier(100, 60)];
-        let at = |q| price(100, &tiers, q).unwrap();
+        let at = |q| price(100, &tiers, q, None).unwrap();
         assert_eq!((at(1).unit_cents, at(1).total_cents, at(1).tier), (100, 100, None));
         assert_eq!((at(9).total_cents, at(10).total_cents, at(10).tier), (900, 800, Some(tier(10, 80))));
         assert_eq!((at(99).unit_cents, at(100).unit_cents, at(500).total_cents), (80, 60, 30_000));
         assert_eq!((at(10).list_unit_cents - at(10).unit_cents) * 10, 200, "the tier saves 20 a key");
-        assert_eq!(price(u64::MAX, &[], 2), Err(DomainError::AmountTooLarge));
+        assert_eq!(price(u64::MAX, &[], 2, None), Err(DomainError::AmountTooLarge));
     }
 
     #[test]
@@ -189,7 +227,7 @@ mod tests {
         #[test]
         fn a_price_adds_up_and_more_never_costs_more_each((list, tiers) in tiers(), q in 1u32..10_000) {
             prop_assert_eq!(check_tiers(list, &tiers), Ok(()));
-            let p = price(list, &tiers, q).unwrap();
+            let p = price(list, &tiers, q, None).unwrap();
             prop_assert_eq!(p.total_cents, p.unit_cents * q as u64);
             prop_assert!(p.unit_cents <= list);
             prop_assert_eq!(p.total_cents + (list - p.unit_cents) * q as u64, list * q as u64);
@@ -200,12 +238,37 @@ mod tests {
                     prop_assert!(tiers.iter().all(|o| o.min_quantity <= t.min_quantity || o.min_quantity > q));
                 }
             }
-            let more = price(list, &tiers, q + 1).unwrap();
+            let more = price(list, &tiers, q + 1, None).unwrap();
             prop_assert!(more.unit_cents <= p.unit_cents);
             // What an order keeps explains its amount as it was priced.
-            let b = breakdown(q, p.total_cents, p.record().as_ref());
+            let record = p.record();
+            let b = breakdown(q, p.total_cents, record.as_ref());
             prop_assert_eq!((b.list_unit_price_cents, b.unit_price_cents, b.total_cents), (list, p.unit_cents, p.total_cents));
             prop_assert_eq!(b.tier_min_quantity, p.tier.map(|t| t.min_quantity));
+        }
+
+        /// A coupon takes its discount off the subtotal, never leaves less than a
+        /// cent, is refused below its minimum amount, and what the order keeps
+        /// explains the amount line by line.
+        #[test]
+        fn a_coupon_discount_adds_up((list, tiers) in tiers(), q in 1u32..1_000, percent in any::<bool>(), value in 1u64..2_000, min in 0u64..5_000) {
+            let (kind, value) = if percent { (CouponKind::Percent, value % 100 + 1) } else { (CouponKind::Amount, value) };
+            let c = CouponUse { code: "C".into(), hold: "h".into(), kind, value, min_amount_cents: min, deadline_ms: 0 };
+            let plain = price(list, &tiers, q, None).unwrap();
+            match price(list, &tiers, q, Some(&c)) {
+                Err(e) => prop_assert!(e == DomainError::CouponNotApplicable && plain.subtotal_cents < min),
+                Ok(p) => {
+                    prop_assert!(plain.subtotal_cents >= min);
+                    prop_assert_eq!(p.subtotal_cents, plain.total_cents);
+                    prop_assert_eq!(p.total_cents + p.discount_cents, p.subtotal_cents);
+                    prop_assert!(p.subtotal_cents == 0 || p.total_cents >= 1);
+                    prop_assert!(p.discount_cents <= value.max(p.subtotal_cents));
+                    let record = p.record();
+            let b = breakdown(q, p.total_cents, record.as_ref());
+                    prop_assert_eq!((b.subtotal_cents, b.discount_cents, b.total_cents), (p.subtotal_cents, p.discount_cents, p.total_cents));
+                    prop_assert_eq!(b.coupon, Some("C"));
+                }
+            }
         }
     }
 }

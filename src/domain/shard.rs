@@ -208,6 +208,8 @@ pub struct NewOrder {
     pub ttl_ms: Millis,
     /// The stored form of the buyer's query password, if they set one.
     pub password: Option<PasswordHash>,
+    /// The coupon use held for this order (see `domain::coupon`), if any.
+    pub coupon: Option<super::coupon::CouponUse>,
 }
 
 /// A payment notification, signature and freshness already checked by the caller.
@@ -576,6 +578,11 @@ impl Shard {
     }
 
     /// The order an idempotency key answered, and the request's fingerprint.
+    /// The order created under idempotency key `key`, while the key is kept.
+    pub fn order_for_key(&self, key: &str) -> Option<u64> {
+        self.idempotent(key).map(|(_, seq)| seq)
+    }
+
     fn idempotent(&self, key: &str) -> Option<([u8; 16], u64)> {
         self.idempotency.get(key).copied().or_else(|| self.archived.idempotency.get(key).map(|&(fp, seq, _)| (fp, seq)))
     }
@@ -667,7 +674,7 @@ impl Shard {
         open
     }
 
-    pub fn create_order(&mut self, req: NewOrder, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
+    pub fn create_order(&mut self, mut req: NewOrder, now_ms: Millis) -> Result<Outcome<u64>, DomainError> {
         assert!(req.quantity >= 1, "quantity validated by the caller");
         if let Some(idem) = &req.idempotency {
             if let Some((fingerprint, seq)) = self.idempotent(&idem.key) {
@@ -678,9 +685,14 @@ impl Shard {
                 };
             }
         }
+        // After its deadline the core may have given the use back: no order for it.
+        if req.coupon.as_ref().is_some_and(|c| now_ms > c.deadline_ms) {
+            return Err(DomainError::CouponHoldExpired);
+        }
         self.check_can_take(&req.buyer, req.quantity, now_ms)?;
-        let price = super::pricing::price(self.product.price_cents, &self.terms.tiers, req.quantity)?;
-        let password = req.password;
+        let price =
+            super::pricing::price(self.product.price_cents, &self.terms.tiers, req.quantity, req.coupon.as_ref())?;
+        let password = req.password.take();
         let order = self.pending_order(req, price.total_cents, now_ms);
         let seq = order.seq;
         let event = match (password, price.record()) {
@@ -765,6 +777,12 @@ impl Shard {
                     GroupState::Failed { .. } => RefundReason::GroupFailed,
                     _ => RefundReason::LeftGroup,
                 }),
+                // Its coupon use was given back when it closed: it is never delivered.
+                (OrderStatus::Expired | OrderStatus::Cancelled, None)
+                    if self.pricings.get(&p.order_seq).is_some_and(|r| r.coupon.is_some()) =>
+                {
+                    PaymentOutcome::RefundOwed(RefundReason::CouponReturned)
+                }
                 (OrderStatus::Expired | OrderStatus::Cancelled, None) => {
                     if self.available.len() >= order.quantity as usize {
                         taken_keys = self.available.iter().take(order.quantity as usize).copied().collect();
@@ -987,6 +1005,7 @@ mod tests {
             query_token: "t".into(),
             ttl_ms: 1000,
             password: None,
+            coupon: None,
         }
     }
 

@@ -17,7 +17,7 @@ use crate::core::{Catalogue, OrderPosition, ProductChange, ShelfChange};
 use crate::domain::shelf::Shelf;
 use crate::domain::DomainError;
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 // ---- merchant ----
 

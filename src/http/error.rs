@@ -74,6 +74,16 @@ impl From<Error> for ApiError {
                 | DomainError::ProductDeleted
                 | DomainError::SaleNotStarted { .. }
                 | DomainError::SaleEnded { .. } => StatusCode::CONFLICT,
+                DomainError::CouponUnknown
+                | DomainError::CouponDisabled
+                | DomainError::CouponNotStarted
+                | DomainError::CouponExpired
+                | DomainError::CouponNotApplicable
+                | DomainError::CouponExhausted
+                | DomainError::CouponLimitPerBuyer { .. }
+                | DomainError::CouponHoldExpired
+                | DomainError::CouponExists
+                | DomainError::CouponsFull => StatusCode::CONFLICT,
             },
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::ProductNotFound | Error::ActorNotFound(_) => StatusCode::NOT_FOUND,

@@ -4,6 +4,7 @@
 //! request timeout, per-IP rate limits on buyer routes, and body limits per route.
 
 pub mod api;
+pub mod coupons;
 pub mod cursor;
 pub mod error;
 pub mod export;
@@ -214,6 +215,9 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/products/{id}/stock", axum::routing::put(api::set_stock))
         .route("/api/v1/admin/products/{id}/retire", post(api::retire_product))
         .route("/api/v1/admin/products/{id}/relist", post(api::relist_product))
+        .route("/api/v1/admin/coupons", post(coupons::create).get(coupons::list))
+        .route("/api/v1/admin/coupons/{code}", get(coupons::get))
+        .route("/api/v1/admin/coupons/{code}/disable", post(coupons::disable))
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/reconcile", post(api::reconcile))

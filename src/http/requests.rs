@@ -103,12 +103,14 @@ pub struct NewOrder {
     pub buyer: String,
     #[serde(default)]
     pub query_password: Option<String>,
+    #[serde(default)]
+    pub coupon: Option<String>,
 }
 
 impl From<NewOrder> for core::OrderRequest {
     fn from(o: NewOrder) -> Self {
-        let NewOrder { product_id, quantity, buyer, query_password } = o;
-        core::OrderRequest { product_id, quantity, buyer, query_password }
+        let NewOrder { product_id, quantity, buyer, query_password, coupon } = o;
+        core::OrderRequest { product_id, quantity, buyer, query_password, coupon }
     }
 }
 

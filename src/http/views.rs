@@ -114,7 +114,7 @@ pub struct OrderCreated<'a> {
     query_token: &'a str,
     payment: PaymentView<'a>,
     group_id: Option<String>,
-    price_breakdown: crate::domain::pricing::Breakdown,
+    price_breakdown: crate::domain::pricing::Breakdown<'a>,
 }
 
 #[derive(serde::Serialize)]
@@ -215,7 +215,7 @@ pub fn audit(r: &AuditReport) -> Value {
         .collect();
     let orders: serde_json::Map<String, Value> =
         r.orders.iter().map(|(s, n)| (s.as_str().to_string(), json!(n))).collect();
-    json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations, "points": r.points})
+    json!({"ok": r.ok, "products": products, "orders": orders, "violations": r.violations, "points": r.points, "coupons": r.coupons})
 }
 
 pub fn deal(d: &GroupDeal) -> Value {

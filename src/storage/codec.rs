@@ -55,7 +55,13 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// is added at the end of `Event`, a snapshot ends with the pricing records of its
 /// orders in memory, and an archived order ends with its own; v7/v8 snapshots
 /// decode as [`ShardV8`], v5–v8 archived orders as [`ArchivedOrderV8`].
-pub const FORMAT_VERSION: u8 = 9;
+///
+/// Version 10: coupons. An order's pricing record names its coupon and hold
+/// (`coupon: Option<CouponRef>`; v9 never wrote one, so v9 records decode as they
+/// are), one refund reason (`CouponReturned`) is added at the end of its enum, and
+/// coupon shards' snapshots are a new kind (`CouponSnapshot`, their journals
+/// `journal/coupons/{shard}`).
+pub const FORMAT_VERSION: u8 = 10;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 /// Size of the envelope's header.
@@ -77,6 +83,8 @@ pub enum Kind {
     /// (v5, added without changing any earlier kind) A product's terms of sale
     /// (`domain::terms::Terms`).
     Terms = 7,
+    /// (v10) A coupon shard's book (`domain::coupon::CouponBook`).
+    CouponSnapshot = 8,
 }
 
 impl Kind {
@@ -84,7 +92,7 @@ impl Kind {
     fn max_payload_bytes(self) -> u64 {
         match self {
             Kind::Event => 16 << 20,
-            Kind::Snapshot | Kind::PointsSnapshot => 4 << 30,
+            Kind::Snapshot | Kind::PointsSnapshot | Kind::CouponSnapshot => 4 << 30,
             Kind::Product | Kind::Deal | Kind::Terms => 64 << 10,
             Kind::ArchivedOrder => 16 << 20,
         }

@@ -28,16 +28,17 @@
 pub mod codec;
 pub mod commit;
 pub mod journal;
+mod ledger;
 mod legacy;
 pub(crate) mod log;
-mod points;
 
-pub use points::{PointsJournal, PointsRecovered};
+pub use ledger::{Ledger, LedgerRecovered, PointsJournal, PointsRecovered};
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::domain::coupon::{CouponBook, CouponEvent};
 use crate::domain::group::GroupDeal;
 use crate::domain::key_mode::KeyMode;
 use crate::domain::lookup::PasswordHash;
@@ -98,7 +99,6 @@ pub struct Storage {
     products: sled::Tree,
     snapshots: sled::Tree,
     /// Points shard (u16 BE) ++ record (u64 BE) → snapshot of its book.
-    points_snapshots: sled::Tree,
     committer: Committer,
     /// One clone per live handle on the database (this value and every `Journal`),
     /// each dropped after its sled handle: when none is left, sled's lock on the
@@ -128,7 +128,6 @@ impl Storage {
         let snapshots = db.open_tree("snapshots")?;
         // Claims are rebuilt in memory from the shards (`actors::claims`).
         db.drop_tree("payment-ids")?;
-        let points_snapshots = db.open_tree("points-snapshots")?;
         let dirty = Arc::new(DirtyJournals::default());
         let journals_dir = opts.path.join("journal");
         let log = Arc::new(std::sync::Mutex::new(log::CommitLog::open(&journals_dir)?));
@@ -150,7 +149,6 @@ impl Storage {
             journals: Default::default(),
             products,
             snapshots,
-            points_snapshots,
             committer,
             handles: Arc::new(()),
         });
@@ -171,7 +169,7 @@ impl Storage {
                 let Some((product, shard)) = rest.rsplit_once('/') else { continue };
                 self.stock_journal_dir(&ShardId::new(product, shard.parse().unwrap_or(0)))
             } else if let Some(shard) = name.strip_prefix("points/").and_then(|s| s.parse::<u16>().ok()) {
-                self.points_journal_dir(shard)
+                self.ledger_journal_dir("points", shard)
             } else {
                 continue;
             };
@@ -222,8 +220,8 @@ impl Storage {
         self.root.join("journal").join("stock").join(&id.product).join(id.shard.to_string())
     }
 
-    fn points_journal_dir(&self, shard: u16) -> std::path::PathBuf {
-        self.root.join("journal").join("points").join(shard.to_string())
+    fn ledger_journal_dir(&self, name: &str, shard: u16) -> std::path::PathBuf {
+        self.root.join("journal").join(name).join(shard.to_string())
     }
 
     /// The journal in `dir`, shared with every other open handle on it.
@@ -498,11 +496,6 @@ impl Storage {
     }
 
     // ---- points ----
-
-    /// The ledger of points shard `shard` (`journal/points/<shard>`).
-    pub fn points_journal(&self, shard: u16) -> Result<PointsJournal, StorageError> {
-        self.open_journal(self.points_journal_dir(shard))
-    }
 
     /// A product's points price (`None`: not redeemable). Durable after a flush.
     pub fn set_points_price(&self, product: &str, points: Option<u64>) -> Result<(), StorageError> {
@@ -990,6 +983,7 @@ mod tests {
                 query_token: String::new(),
                 ttl_ms: 60_000,
                 password: None,
+                coupon: None,
             };
             let Ok(Outcome::Changed(event, _)) = live.create_order(order, i) else { panic!("an order") };
             seq += 1;

@@ -20,7 +20,7 @@ pub struct OrderSnapshot {
 
 impl OrderSnapshot {
     /// Its amount explained (`price_breakdown`).
-    pub fn breakdown(&self) -> crate::domain::pricing::Breakdown {
+    pub fn breakdown(&self) -> crate::domain::pricing::Breakdown<'_> {
         crate::domain::pricing::breakdown(self.order.quantity, self.order.amount_cents, self.pricing.as_ref())
     }
 }
@@ -61,6 +61,14 @@ pub struct Redeem(pub Redemption);
 pub struct PayOrder(pub Payment);
 
 /// `token: None` is the merchant's view (no token check).
+/// The order created under idempotency key `key` in this shard, if any (a coupon
+/// hold's order, found by the resolver).
+#[derive(Message)]
+#[rtype(result = "ActorResult<Option<OrderSnapshot>>")]
+pub struct FindIdempotent {
+    pub key: String,
+}
+
 #[derive(Message)]
 #[rtype(result = "ActorResult<OrderSnapshot>")]
 pub struct GetOrder {

@@ -107,7 +107,8 @@ impl Shard {
                     }
                     PaymentOutcome::RefundOwed(reason) if reason.takes_order() => {
                         assert!(matches!(before, OrderStatus::Expired | OrderStatus::Cancelled));
-                        assert_eq!(group.is_some(), reason != RefundReason::SoldOut, "refund reason fits the order");
+                        let solo = matches!(reason, RefundReason::SoldOut | RefundReason::CouponReturned);
+                        assert_eq!(group.is_some(), !solo, "refund reason fits the order");
                         let order = self.order_mut(idx);
                         order.status = OrderStatus::RefundPending;
                         order.paid_at_ms = Some(at);

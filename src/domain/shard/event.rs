@@ -17,6 +17,9 @@ pub enum RefundReason {
     /// (v5) A payment for an order already archived (closed or delivered long ago):
     /// owed back, the archived order unchanged.
     OrderArchived,
+    /// (v10) Paid after its order expired or was cancelled, when the order used a
+    /// coupon: the coupon's use was given back then, so the order is not delivered.
+    CouponReturned,
 }
 
 impl RefundReason {

@@ -395,6 +395,7 @@ mod tests {
             query_token: "t".into(),
             ttl_ms: 60_000,
             password: None,
+            coupon: None,
         }
     }
 
@@ -603,6 +604,7 @@ mod tests {
             query_token: "t".into(),
             ttl_ms: 60_000,
             password: None,
+            coupon: None,
         };
         let Ok(Outcome::Changed(_, older)) = s.create_order(ordinary, 0) else { panic!() };
         let short = GroupTerms { time_limit_ms: 1_000, ..terms(2) };

@@ -195,6 +195,7 @@ mod tests {
             query_token: "t".into(),
             ttl_ms: 60_000,
             password: None,
+            coupon: None,
         };
         let Outcome::Changed(_, seq) = s.create_order(new, 1).unwrap() else { panic!("created") };
         seq
@@ -252,7 +253,8 @@ mod tests {
                     idempotency: None,
                     query_token: "t".into(),
                     ttl_ms: 1,
-                    password: None
+                    password: None,
+                    coupon: None,
                 },
                 1
             )

@@ -58,6 +58,7 @@ mod tests {
             query_token: "t".into(),
             ttl_ms: 1000,
             password,
+            coupon: None,
         };
         match s.create_order(req, at).expect("in stock") {
             Outcome::Changed(_, seq) => seq,
