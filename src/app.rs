@@ -499,7 +499,9 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     // Its own thread: gateway calls never share an arbiter with stock actors.
     let payments =
         Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
-    let points = crate::actors::points::start_points(
+    use crate::actors::ledger::start_ledger;
+    let points = start_ledger(
+        crate::actors::points::POINTS_SHARDS,
         &storage,
         &clock,
         &actors.arbiters,
@@ -507,7 +509,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         settings.storage.snapshot_min_journal_bytes,
     )
     .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
-    let coupons = crate::actors::coupons::start_coupons(
+    let coupons = start_ledger(
+        crate::actors::coupons::COUPON_SHARDS,
         &storage,
         &clock,
         &actors.arbiters,

@@ -150,14 +150,14 @@ async fn the_price_breakdown_stays_what_the_order_was_priced_at() {
     let keys: Vec<String> = (0..10).map(|i| format!("W-{i}")).collect();
     assert_eq!(api.import("w", &keys).await.status, 200);
     let tiered_breakdown = json!({"quantity": 3, "list_unit_price_cents": 100, "tier_min_quantity": 3,
-        "unit_price_cents": 80, "subtotal_cents": 240, "discount_cents": 0, "total_cents": 240});
+        "unit_price_cents": 80, "subtotal_cents": 240, "coupon": null, "discount_cents": 0, "total_cents": 240});
     let (o, _) = api.amount_of("w", 3, "bulk").await;
     assert_eq!(o.body["price_breakdown"], tiered_breakdown, "{}", o.body);
     let (plain, _) = api.amount_of("w", 1, "single").await;
     assert_eq!(
         plain.body["price_breakdown"],
         json!({"quantity": 1, "list_unit_price_cents": 100, "tier_min_quantity": null,
-               "unit_price_cents": 100, "subtotal_cents": 100, "discount_cents": 0, "total_cents": 100})
+               "unit_price_cents": 100, "subtotal_cents": 100, "coupon": null, "discount_cents": 0, "total_cents": 100})
     );
     let (id, token) =
         (o.body["order_id"].as_str().unwrap().to_string(), o.body["query_token"].as_str().unwrap().to_string());

@@ -2,15 +2,11 @@
 //! messages. Codes are spread over [`COUPON_SHARDS`] of them by a stable hash: one
 //! actor counts every use of a code, whichever stock shards its orders are in.
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 
-use super::journaled::{ActorError, ActorResult, Machine};
-use super::ledger::{start_ledger, LedgerActor, LedgerHandle};
-use crate::clock::Clock;
+use super::journaled::{ActorResult, Machine};
+use super::ledger::{LedgerActor, LedgerHandle};
 use crate::domain::coupon::{Coupon, CouponAudit, CouponBook, CouponEvent, CouponHold, CouponSpec, Finish};
-use crate::storage::Storage;
 
 /// Coupon shards (fixed: the code → shard map must not change between starts).
 pub const COUPON_SHARDS: u16 = 8;
@@ -22,17 +18,6 @@ pub fn coupon_shard_of(code: &str) -> u16 {
 
 pub type CouponHandle = LedgerHandle<CouponBook>;
 pub type CouponActor = LedgerActor<CouponBook>;
-
-/// Rebuilds every coupon shard from its journal and starts its actor.
-pub fn start_coupons(
-    storage: &Arc<Storage>,
-    clock: &Arc<dyn Clock>,
-    arbiters: &[ArbiterHandle],
-    mailbox_capacity: usize,
-    snapshot_min_journal_bytes: u64,
-) -> Result<Vec<CouponHandle>, ActorError> {
-    start_ledger(COUPON_SHARDS, storage, clock, arbiters, mailbox_capacity, snapshot_min_journal_bytes)
-}
 
 impl Machine for CouponBook {
     type Event = CouponEvent;
@@ -49,8 +34,9 @@ impl Machine for CouponBook {
     }
 }
 
+/// Answers the coupon and whether this message created it.
 #[derive(Message)]
-#[rtype(result = "ActorResult<Coupon>")]
+#[rtype(result = "ActorResult<(Coupon, bool)>")]
 pub struct Define(pub CouponSpec);
 
 #[derive(Message)]
@@ -96,7 +82,7 @@ pub struct HoldsBefore {
 pub struct Audit;
 
 impl Handler<Define> for CouponActor {
-    type Result = ResponseFuture<ActorResult<Coupon>>;
+    type Result = ResponseFuture<ActorResult<(Coupon, bool)>>;
     fn handle(&mut self, Define(spec): Define, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.create(spec, now))

@@ -2,15 +2,11 @@
 //! messages. Buyers are spread over [`POINTS_SHARDS`] of them by a stable hash, so
 //! no single actor sees every redemption.
 
-use std::sync::Arc;
-
 use actix::prelude::*;
 
-use super::journaled::{ActorError, ActorResult, Machine};
-use super::ledger::{start_ledger, LedgerActor, LedgerHandle};
-use crate::clock::Clock;
+use super::journaled::{ActorResult, Machine};
+use super::ledger::{LedgerActor, LedgerHandle};
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, PointsBook, PointsEvent, RedemptionState};
-use crate::storage::Storage;
 
 /// Points shards (fixed: the buyer → shard map must not change between starts).
 pub const POINTS_SHARDS: u16 = 8;
@@ -25,18 +21,6 @@ pub type PointsHandle = LedgerHandle<PointsBook>;
 
 /// One points shard's actor.
 pub type PointsActor = LedgerActor<PointsBook>;
-
-/// Rebuilds every points shard from its ledger and starts its actor (see
-/// [`start_ledger`]). Returns them by shard index.
-pub fn start_points(
-    storage: &Arc<Storage>,
-    clock: &Arc<dyn Clock>,
-    arbiters: &[ArbiterHandle],
-    mailbox_capacity: usize,
-    snapshot_min_journal_bytes: u64,
-) -> Result<Vec<PointsHandle>, ActorError> {
-    start_ledger(POINTS_SHARDS, storage, clock, arbiters, mailbox_capacity, snapshot_min_journal_bytes)
-}
 
 impl Machine for PointsBook {
     type Event = PointsEvent;

@@ -39,8 +39,9 @@ impl Kami {
     }
 
     /// Defines a coupon (the same definition again is a repeat; other terms under
-    /// the same code: `coupon_exists`). Durable when it returns.
-    pub async fn create_coupon(&self, spec: CouponSpec) -> Result<Coupon, Error> {
+    /// the same code: `coupon_exists`). Durable when it returns; answers whether
+    /// this call created it.
+    pub async fn create_coupon(&self, spec: CouponSpec) -> Result<(Coupon, bool), Error> {
         coupon::check_spec(&spec).map_err(Error::Invalid)?;
         for (i, p) in spec.products.iter().enumerate() {
             validate::product_id(p).map_err(|e| Error::Invalid(format!("products[{i}]: {e}")))?;

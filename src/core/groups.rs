@@ -111,7 +111,7 @@ impl Kami {
             })
             .await
         };
-        self.settle_pin(&idempotency, &result);
+        self.settle_pin(idempotency.as_ref(), &result);
         result
     }
 
@@ -128,7 +128,7 @@ impl Kami {
         let (order, idempotency) = self.seat_request(&req.buyer, idempotency_key, fp)?;
         let join = || shard::JoinGroup { group: id.seq, order: order.clone() };
         let result = self.seat_with_borrowed_keys(&route, id.shard.shard as usize, join).await;
-        self.settle_pin(&idempotency, &result);
+        self.settle_pin(idempotency.as_ref(), &result);
         result
     }
 

@@ -8,7 +8,7 @@ impl Kami {
     /// After a request that pinned its Idempotency-Key: confirmed when it created
     /// something, released when it was definitely refused (a retry runs anew), kept
     /// when the outcome is unknown.
-    pub(super) fn settle_pin<T>(&self, idempotency: &Option<Idempotency>, result: &Result<T, Error>) {
+    pub(super) fn settle_pin<T>(&self, idempotency: Option<&Idempotency>, result: &Result<T, Error>) {
         if let Some(Idempotency { key, fingerprint }) = idempotency {
             match result {
                 Ok(_) => self.pins.confirm(key, *fingerprint, self.clock.now_ms()),

@@ -53,7 +53,7 @@ impl Kami {
                 Ok(used) => Some(used),
                 Err(e) => {
                     let e = Err(e);
-                    self.settle_pin(&idempotency.clone().filter(|_| client_key), &e);
+                    self.settle_pin(idempotency.as_ref().filter(|_| client_key), &e);
                     return e;
                 }
             },
@@ -79,7 +79,7 @@ impl Kami {
                 other => other,
             }
         };
-        self.settle_pin(&idempotency.clone().filter(|_| client_key), &result);
+        self.settle_pin(idempotency.as_ref().filter(|_| client_key), &result);
         if let Some(used) = &coupon {
             self.after_coupon_order(used, &result).await;
         }

@@ -241,15 +241,21 @@ impl CouponBook {
             .collect()
     }
 
-    pub fn create(&mut self, spec: CouponSpec, now_ms: Millis) -> Result<Outcome<Coupon>, DomainError> {
+    /// Defines a coupon; answers it and whether this call created it (the same
+    /// definition again is a repeat).
+    pub fn create(&mut self, spec: CouponSpec, now_ms: Millis) -> Result<Outcome<(Coupon, bool)>, DomainError> {
         if let Some(c) = self.coupons.get(&spec.code) {
-            return if c.spec == spec { Ok(Outcome::Repeat(c.clone())) } else { Err(DomainError::CouponExists) };
+            return if c.spec == spec {
+                Ok(Outcome::Repeat((c.clone(), false)))
+            } else {
+                Err(DomainError::CouponExists)
+            };
         }
         if self.coupons.len() >= MAX_COUPONS_PER_SHARD {
             return Err(DomainError::CouponsFull);
         }
         let code = spec.code.clone();
-        self.change(CouponEvent::Created { spec, at_ms: now_ms }, |book| book.coupons[&code].clone())
+        self.change(CouponEvent::Created { spec, at_ms: now_ms }, |book| (book.coupons[&code].clone(), true))
     }
 
     pub fn disable(&mut self, code: &str, now_ms: Millis) -> Result<Outcome<Coupon>, DomainError> {

@@ -83,11 +83,8 @@ pub async fn create(
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let req: NewCoupon = extract::json(&bytes)?;
-    let spec = req.spec()?;
-    let code = spec.code.clone();
-    let known = core.coupon(&code).await.is_ok();
-    let coupon = core.create_coupon(spec).await?;
-    let status = if known { StatusCode::OK } else { StatusCode::CREATED };
+    let (coupon, created) = core.create_coupon(req.spec()?).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(view(&coupon))))
 }
 
