@@ -38,6 +38,7 @@ fn domain(c: &mut Criterion) {
                     ttl_ms: 60_000,
                     password: None,
                     coupon: None,
+                    reseller: None,
                 };
                 let Ok(Outcome::Changed(_, seq)) = s.create_order(req, i) else { panic!("reserve") };
                 let pay = Payment {
@@ -66,6 +67,7 @@ fn domain(c: &mut Criterion) {
                 ttl_ms: 60_000,
                 password: None,
                 coupon: None,
+                reseller: None,
             };
             let Ok(Outcome::Changed(_, seq)) = s.create_order(req, now) else { panic!("reserve") };
             s.cancel(seq, now).expect("cancel");
@@ -233,6 +235,7 @@ async fn purchase(core: &kami::core::Kami, product: &str, i: u64) {
         buyer: format!("buyer{i}"),
         query_password: None,
         coupon: None,
+        reseller: None,
     };
     let order = loop {
         match core.create_order(req.clone(), None).await {
@@ -296,6 +299,7 @@ fn actor_round_trip(c: &mut Criterion) {
             buyer: "b".into(),
             query_password: None,
             coupon: None,
+            reseller: None,
         };
         let o = core.create_order(req, None).await.unwrap();
         format!("{}.{}.{}", o.product_id, o.shard, o.order.seq)

@@ -48,6 +48,7 @@ fn sell(storage: &Storage, shard: &mut Shard, seq: u64, orders: u64, tag: &str) 
             ttl_ms: 300_000,
             password: None,
             coupon: None,
+            reseller: None,
         };
         let Outcome::Changed(created, order_seq) = shard.create_order(new, 1_000 + i).unwrap() else { unreachable!() };
         append(&created);

@@ -547,9 +547,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             loop {
                 tick.tick().await;
                 core.prune();
-                if let Some(l) = &limiter_state.rate_limits {
-                    l.prune();
-                }
+                limiter_state.rate_limits.prune();
                 limiter_state.lookup_limits.prune();
             }
         })

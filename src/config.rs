@@ -239,7 +239,9 @@ impl RateLimitSettings {
     }
 }
 
-/// A named tier, selected by `X-Api-Key: <api_key>`.
+/// A named tier, selected by `X-Api-Key: <api_key>`. A reseller's tier carries
+/// its price list: a unit price per product (`unit_prices`), and a percentage of
+/// the public price for the products it does not name (`price_percent`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierSettings {
@@ -248,9 +250,22 @@ pub struct TierSettings {
     pub per_ip_burst: u32,
     pub per_buyer_per_sec: u32,
     pub per_buyer_burst: u32,
+    #[serde(default)]
+    pub price_percent: Option<u32>,
+    #[serde(default)]
+    pub unit_prices: BTreeMap<String, u64>,
 }
 
 impl TierSettings {
+    /// The tier's price list, if it has one.
+    pub fn prices(&self, name: &str) -> Option<crate::domain::pricing::ResellerPrices> {
+        (self.price_percent.is_some() || !self.unit_prices.is_empty()).then(|| crate::domain::pricing::ResellerPrices {
+            name: name.to_string(),
+            percent: self.price_percent,
+            unit_prices: self.unit_prices.clone(),
+        })
+    }
+
     pub fn limits(&self) -> TierLimits {
         TierLimits {
             per_ip_per_sec: self.per_ip_per_sec,
@@ -503,9 +518,12 @@ impl Settings {
             check(t.per_buyer_burst >= 1, "rate_limits.per_buyer_burst", "must be at least 1 (in every tier)")?;
         }
         let mut keys = std::collections::BTreeSet::new();
-        for t in rl.tiers.values() {
+        for (name, t) in &rl.tiers {
             check(t.api_key.len() >= 16, "rate_limits.tiers.<name>.api_key", "must be at least 16 characters")?;
             check(keys.insert(t.api_key.as_str()), "rate_limits.tiers.<name>.api_key", "must differ between tiers")?;
+            if let Some(Err(problem)) = t.prices(name).map(|p| p.check()) {
+                return Err(ConfigError::Invalid { key: "rate_limits.tiers", problem: format!("{name}.{problem}") });
+            }
         }
         Ok(())
     }
@@ -558,5 +576,22 @@ mod tests {
         assert!(e.contains("ttl"), "{e}");
         let e = with(&[("server.listen", "nowhere")]).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+        let tier = |extra: (&'static str, &'static str)| {
+            with(&[
+                ("rate_limits.tiers.acme.api_key", "a-long-random-secret"),
+                ("rate_limits.tiers.acme.per_ip_per_sec", "1"),
+                ("rate_limits.tiers.acme.per_ip_burst", "1"),
+                ("rate_limits.tiers.acme.per_buyer_per_sec", "1"),
+                ("rate_limits.tiers.acme.per_buyer_burst", "1"),
+                extra,
+            ])
+        };
+        let s = tier(("rate_limits.tiers.acme.unit_prices.vip", "800")).unwrap();
+        let prices = s.rate_limits.tiers["acme"].prices("acme").expect("a price list");
+        assert_eq!((prices.percent, prices.unit_prices.get("vip")), (None, Some(&800)));
+        let e = tier(("rate_limits.tiers.acme.price_percent", "101")).unwrap_err().to_string();
+        assert!(e.contains("rate_limits.tiers") && e.contains("acme.price_percent"), "{e}");
+        let e = tier(("rate_limits.tiers.acme.unit_prices.vip", "0")).unwrap_err().to_string();
+        assert!(e.contains("acme.unit_prices.vip"), "{e}");
     }
 }

@@ -168,6 +168,8 @@ pub struct OrderRequest {
     pub query_password: Option<String>,
     /// A coupon code to price the order with (see `domain::coupon`).
     pub coupon: Option<String>,
+    /// The reseller price of the caller's API-key tier for this product, if any.
+    pub reseller: Option<crate::domain::pricing::Reseller>,
 }
 
 #[derive(Debug, Clone)]

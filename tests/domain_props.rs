@@ -134,7 +134,7 @@ proptest! {
         let mut now = 0u64;
         // A group's first end (completed or failed) must be its only one.
         let mut ended: std::collections::HashMap<u64, GroupState> = Default::default();
-        let seat = |buyer: u8| NewOrder { buyer: format!("b{buyer}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1500, password: None, coupon: None };
+        let seat = |buyer: u8| NewOrder { buyer: format!("b{buyer}"), quantity: 1, idempotency: None, query_token: "t".into(), ttl_ms: 1500, password: None, coupon: None, reseller: None };
         let terms = |size: u32| GroupTerms { deal_id: format!("d{size}"), size, price_cents: 5, time_limit_ms: 2000 };
         for op in ops {
             match op {
@@ -147,7 +147,7 @@ proptest! {
                     let before = s.counts();
                     // Even buyers set a query password (theirs: [buyer; 32]).
                     let password = (buyer % 2 == 0).then_some([buyer; 32]);
-                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password, coupon: None };
+                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password, coupon: None, reseller: None };
                     match s.create_order(req, now) {
                         Ok(Outcome::Changed(e, _)) => {
                             // The tier (2 or more) prices it, and the order keeps that.
@@ -334,7 +334,7 @@ proptest! {
         let mut s = Shard::new(product, 0);
         s.import_keys((0..200).map(|i| format!("k{i}")).collect());
         for (buyer, quantity) in quantities {
-            let _ = s.create_order(NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password: None, coupon: None }, 0);
+            let _ = s.create_order(NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password: None, coupon: None, reseller: None }, 0);
             for b in 0..3 {
                 let held: u32 = s.orders().iter().filter(|o| o.buyer == format!("b{b}")).map(|o| o.quantity).sum();
                 prop_assert!(held <= limit, "buyer b{} holds {} > {}", b, held, limit);
@@ -425,7 +425,7 @@ proptest! {
                     journals[shard].extend(events);
                 }
                 MultiOp::Order { shard, buyer, quantity } => {
-                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password: None, coupon: None };
+                    let req = NewOrder { buyer: format!("b{buyer}"), quantity, idempotency: None, query_token: "t".into(), ttl_ms: 1000, password: None, coupon: None, reseller: None };
                     if let Ok(Outcome::Changed(e, _)) = shards[shard].create_order(req, now) {
                         journals[shard].push(e);
                     }

@@ -191,6 +191,7 @@ fn snapshot_v7() -> (Shard, Vec<ArchivedOrder>, u64) {
         ttl_ms: 300_000,
         password: Some([5; 32]),
         coupon: None,
+        reseller: None,
     };
     let seq = match s.create_order(req, 4_000_100).unwrap() {
         Outcome::Changed(Event::OrderCreatedWithPassword { order, .. }, seq) if order.seq == seq => seq,
@@ -218,6 +219,7 @@ fn snapshot_v5() -> (Shard, Vec<ArchivedOrder>) {
         ttl_ms: 300_000,
         password: None,
         coupon: None,
+        reseller: None,
     };
     let seq = |o: Outcome<u64>| match o {
         Outcome::Changed(_, seq) => seq,
@@ -254,6 +256,7 @@ fn snapshot_v4() -> Shard {
         ttl_ms: 300_000,
         password: None,
         coupon: None,
+        reseller: None,
     };
     let pay = |seq: u64, id: &str| Payment {
         order_seq: seq,
@@ -579,6 +582,7 @@ fn snapshot_v9() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
         ttl_ms: 300_000,
         password: None,
         coupon: None,
+        reseller: None,
     };
     let seq = match s.create_order(req, 4_000_200).unwrap() {
         Outcome::Changed(Event::OrderCreatedPriced { order, pricing, .. }, seq) if order.seq == seq => {

@@ -181,6 +181,7 @@ async fn an_export_streams_every_order_with_cells_escaped_and_keys_only_when_ask
                         buyer: format!("buyer{i}"),
                         query_password: None,
                         coupon: None,
+                        reseller: None,
                     };
                     core.create_order(req, None).await.unwrap();
                     i += 64;

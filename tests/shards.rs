@@ -145,6 +145,7 @@ async fn an_order_stays_on_the_arbiter_that_placed_it() {
                     buyer: format!("a{arbiter}-{i}"),
                     query_password: None,
                     coupon: None,
+                    reseller: None,
                 };
                 let order = core.create_order(req, None).await.unwrap();
                 shards.insert(order.shard);

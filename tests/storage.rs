@@ -22,6 +22,7 @@ fn one_key(i: u64) -> NewOrder {
         ttl_ms: 60_000,
         password: None,
         coupon: None,
+        reseller: None,
     }
 }
 

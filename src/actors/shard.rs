@@ -378,13 +378,13 @@ impl ShardActor {
             seq += 1;
             listed.scanned += 1;
             let keep = match shard.order(seq) {
-                Some(order) => m.filter.matches(order),
+                Some(order) => m.filter.matches(order, shard.pricing(seq)),
                 // Archived: read it to know (it no longer changes).
                 None => true,
             };
             if keep {
                 let view = self.order_snapshot(seq, false)?;
-                if m.filter.matches(&view.order) {
+                if m.filter.matches(&view.order, view.pricing.as_ref()) {
                     listed.orders.push(view);
                 }
             }

@@ -177,6 +177,7 @@ impl Kami {
             ttl_ms: self.ttl_ms,
             password: None,
             coupon: None,
+            reseller: None,
         };
         Ok((order, idempotency))
     }

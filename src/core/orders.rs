@@ -67,6 +67,7 @@ impl Kami {
             ttl_ms: self.ttl_ms,
             password,
             coupon: coupon.clone(),
+            reseller: req.reseller.clone(),
         };
         let home = route.shard_index_for_new_order(&req.buyer, route.terms.per_buyer_limit(), idempotency.is_some());
         let result = if route.shards.len() == 1 {

@@ -210,6 +210,8 @@ pub struct NewOrder {
     pub password: Option<PasswordHash>,
     /// The coupon use held for this order (see `domain::coupon`), if any.
     pub coupon: Option<super::coupon::CouponUse>,
+    /// The reseller price the caller's API-key tier sells this product at, if any.
+    pub reseller: Option<super::pricing::Reseller>,
 }
 
 /// A payment notification, signature and freshness already checked by the caller.
@@ -690,8 +692,13 @@ impl Shard {
             return Err(DomainError::CouponHoldExpired);
         }
         self.check_can_take(&req.buyer, req.quantity, now_ms)?;
-        let price =
-            super::pricing::price(self.product.price_cents, &self.terms.tiers, req.quantity, req.coupon.as_ref())?;
+        let price = super::pricing::price(
+            self.product.price_cents,
+            &self.terms.tiers,
+            req.quantity,
+            req.reseller.as_ref(),
+            req.coupon.as_ref(),
+        )?;
         let password = req.password.take();
         let order = self.pending_order(req, price.total_cents, now_ms);
         let seq = order.seq;
@@ -1006,6 +1013,7 @@ mod tests {
             ttl_ms: 1000,
             password: None,
             coupon: None,
+            reseller: None,
         }
     }
 

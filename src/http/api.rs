@@ -145,6 +145,8 @@ pub struct OrdersQuery {
     buyer: Option<String>,
     from: Option<String>,
     to: Option<String>,
+    /// Orders priced by this reseller (API-key tier) only.
+    reseller: Option<String>,
     cursor: Option<String>,
     limit: Option<usize>,
     include_keys: Option<bool>,
@@ -190,7 +192,16 @@ impl OrdersQuery {
                 return Err(ApiError::invalid("to: must be after from"));
             }
         }
-        let filter = crate::domain::shard::OrderFilter { status, buyer: self.buyer.clone(), from_ms, to_ms };
+        if let Some(r) = &self.reseller {
+            crate::domain::validate::product_id(r).map_err(|m| ApiError::invalid(format!("reseller: {m}")))?;
+        }
+        let filter = crate::domain::shard::OrderFilter {
+            status,
+            buyer: self.buyer.clone(),
+            from_ms,
+            to_ms,
+            reseller: self.reseller.clone(),
+        };
         Ok(crate::core::OrderQuery { product: self.product.clone(), filter })
     }
 
@@ -611,7 +622,9 @@ pub async fn create_order(
 ) -> ApiResult<Response> {
     let (core, idempotency_key, req) =
         buyer_request::<requests::NewOrder>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
-    let order = core.create_order(req.into(), idempotency_key).await?;
+    let mut req: crate::core::OrderRequest = req.into();
+    req.reseller = tier.as_ref().and_then(|Extension(t)| t.reseller_price(&req.product_id));
+    let order = core.create_order(req, idempotency_key).await?;
     Ok(order_created(&core, &order, |order_id, channel, pay_url| {
         views::to_json(&views::order_created(&order, order_id, channel, pay_url))
     }))
@@ -839,7 +852,7 @@ fn scoped_key(caller: &Caller, tier: &Option<Extension<Arc<Tier>>>, buyer: &str,
 fn check_buyer_rate(tier: &Option<Extension<Arc<Tier>>>, buyer: &String) -> ApiResult<()> {
     crate::domain::validate::buyer(buyer).map_err(ApiError::invalid)?;
     if let Some(Extension(tier)) = tier {
-        tier.per_buyer.check(buyer).map_err(|wait_secs| super::rate_limited(&tier.name, "buyer", wait_secs))?;
+        tier.check_buyer(buyer).map_err(|wait_secs| super::rate_limited(&tier.name, "buyer", wait_secs))?;
     }
     Ok(())
 }

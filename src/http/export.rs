@@ -25,7 +25,7 @@ pub enum Format {
 }
 
 const CSV_HEADER: &str =
-    "order_id,product_id,status,buyer,quantity,amount_cents,created_at,expires_at,paid_at,delivered_at,closed_at,payment_id,amount_mismatch,group_id";
+    "order_id,product_id,status,buyer,quantity,amount_cents,created_at,expires_at,paid_at,delivered_at,closed_at,payment_id,amount_mismatch,group_id,reseller,coupon,discount_cents";
 
 /// One CSV cell: quoted when it holds a comma, a quote or a line break (quotes
 /// doubled, RFC 4180), and prefixed with `'` when a spreadsheet would read it as a
@@ -59,9 +59,10 @@ fn csv_row(o: &OrderSnapshot, include_keys: bool, out: &mut String) {
     use std::fmt::Write;
     let ts = |ms: Option<u64>| ms.map(super::views::ts).unwrap_or_default();
     let order = &o.order;
+    let price = o.breakdown();
     let _ = write!(
         out,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
         csv_cell(&o.order_id()),
         csv_cell(&o.product_id),
         order.status.as_str(),
@@ -76,6 +77,9 @@ fn csv_row(o: &OrderSnapshot, include_keys: bool, out: &mut String) {
         csv_cell(order.payment_id.as_deref().unwrap_or("")),
         order.amount_mismatch,
         csv_cell(&o.group_id().unwrap_or_default()),
+        csv_cell(price.reseller.unwrap_or_default()),
+        csv_cell(price.coupon.unwrap_or_default()),
+        price.discount_cents,
     );
     if include_keys {
         out.push(',');

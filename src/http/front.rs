@@ -193,7 +193,7 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for GateFuture<F> 
 
 /// The per-IP limit of a buyer route; the caller's tier is put into the request.
 fn rate_limit(st: &AppState, req: &mut Request) -> Result<(), ApiError> {
-    let Some(rate_limits) = &st.rate_limits else { return Ok(()) };
+    let rate_limits = &st.rate_limits;
     let path = req.uri().path();
     let buyer_route = path.starts_with("/api/v1/orders")
         || path.starts_with("/api/v1/redemptions")
@@ -209,7 +209,7 @@ fn rate_limit(st: &AppState, req: &mut Request) -> Result<(), ApiError> {
         ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "unknown X-Api-Key")
     })?;
     if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        if let Err(wait_secs) = tier.per_ip.check(&addr.ip()) {
+        if let Err(wait_secs) = tier.check_ip(&addr.ip()) {
             return Err(super::rate_limited(&tier.name, "ip", wait_secs));
         }
     }

@@ -2,7 +2,10 @@
 //! per buyer on order creation, with tiers. A request without an API key gets the
 //! default tier; a trusted storefront (which sends every buyer's traffic from a few
 //! addresses) sends `X-Api-Key` and gets its named tier's limits. An unknown key is
-//! refused (401 `invalid_api_key`) rather than silently downgraded.
+//! refused (401 `invalid_api_key`) rather than silently downgraded. A tier may
+//! carry a reseller's price list (`domain::pricing::ResellerPrices`): orders sent
+//! with its key are priced from it. Tiers are resolved even when the limits are
+//! off (`rate_limits.enabled = false`), so that prices never depend on them.
 //!
 //! Memory is bounded: each keyed limiter forgets idle keys on every prune and, if
 //! it still tracks more than its bound, starts afresh (everybody gets a full bucket
@@ -18,7 +21,8 @@ use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use subtle::ConstantTimeEq;
 
-use crate::config::{RateLimitSettings, TierLimits};
+use crate::config::{RateLimitSettings, TierLimits, TierSettings};
+use crate::domain::pricing::{Reseller, ResellerPrices};
 
 /// A keyed token bucket whose number of tracked keys is bounded.
 pub struct KeyedLimiter<K: Hash + Eq + Clone> {
@@ -62,12 +66,15 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 }
 
-/// One tier's limits.
+/// One tier's limits, and its price list.
 pub struct Tier {
     pub name: String,
     api_key: Option<String>,
-    pub per_ip: KeyedLimiter<IpAddr>,
-    pub per_buyer: KeyedLimiter<String>,
+    /// Whether the limits apply (`rate_limits.enabled`).
+    limited: bool,
+    per_ip: KeyedLimiter<IpAddr>,
+    per_buyer: KeyedLimiter<String>,
+    pub prices: Option<ResellerPrices>,
 }
 
 impl Tier {
@@ -76,12 +83,37 @@ impl Tier {
         self.api_key.is_some()
     }
 
-    fn new(name: &str, api_key: Option<String>, l: &TierLimits, s: &RateLimitSettings) -> Tier {
+    /// `Err(seconds to wait)` when `ip` is over this tier's rate.
+    pub fn check_ip(&self, ip: &IpAddr) -> Result<(), u64> {
+        if self.limited {
+            self.per_ip.check(ip)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `Err(seconds to wait)` when `buyer` is over this tier's rate.
+    pub fn check_buyer(&self, buyer: &String) -> Result<(), u64> {
+        if self.limited {
+            self.per_buyer.check(buyer)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// This tier's reseller price of `product`, if its price list has one.
+    pub fn reseller_price(&self, product: &str) -> Option<Reseller> {
+        self.prices.as_ref().and_then(|p| p.for_product(product))
+    }
+
+    fn new(name: &str, settings: Option<&TierSettings>, l: &TierLimits, s: &RateLimitSettings) -> Tier {
         Tier {
             name: name.to_string(),
-            api_key,
+            api_key: settings.map(|t| t.api_key.clone()),
+            limited: s.enabled,
             per_ip: KeyedLimiter::new(l.per_ip_per_sec, l.per_ip_burst, s.max_tracked_ips),
             per_buyer: KeyedLimiter::new(l.per_buyer_per_sec, l.per_buyer_burst, s.max_tracked_buyers),
+            prices: settings.and_then(|t| t.prices(name)),
         }
     }
 }
@@ -102,11 +134,7 @@ pub struct RateLimits {
 impl RateLimits {
     pub fn new(s: &RateLimitSettings) -> RateLimits {
         let default = Arc::new(Tier::new("default", None, &s.default_tier(), s));
-        let named = s
-            .tiers
-            .iter()
-            .map(|(name, t)| Arc::new(Tier::new(name, Some(t.api_key.clone()), &t.limits(), s)))
-            .collect();
+        let named = s.tiers.iter().map(|(name, t)| Arc::new(Tier::new(name, Some(t), &t.limits(), s))).collect();
         RateLimits { default, named }
     }
 

@@ -64,8 +64,8 @@ pub struct Shared {
     core: ArcSwapOption<Kami>,
     admin_token: String,
     pub limits: HttpLimits,
-    /// `None` when `rate_limits.enabled = false`.
-    pub rate_limits: Option<limits::RateLimits>,
+    /// The API-key tiers (their limits apply when `rate_limits.enabled`).
+    pub rate_limits: limits::RateLimits,
     /// The buyer order lookup's own limits (always on).
     pub lookup_limits: limits::LookupLimits,
     /// `chaos.enabled`: whether the chaos endpoint exists at all.
@@ -91,7 +91,6 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(settings: &Settings, admin_token: String) -> AppState {
-        let rl = &settings.rate_limits;
         AppState(Arc::new(Shared {
             core: ArcSwapOption::empty(),
             admin_token: admin_token.clone(),
@@ -119,7 +118,7 @@ impl AppState {
             } else {
                 settings.buyers.token_secret.clone().into_bytes()
             },
-            rate_limits: rl.enabled.then(|| limits::RateLimits::new(rl)),
+            rate_limits: limits::RateLimits::new(&settings.rate_limits),
             lookup_limits: limits::LookupLimits::new(&settings.lookup),
         }))
     }

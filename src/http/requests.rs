@@ -110,7 +110,7 @@ pub struct NewOrder {
 impl From<NewOrder> for core::OrderRequest {
     fn from(o: NewOrder) -> Self {
         let NewOrder { product_id, quantity, buyer, query_password, coupon } = o;
-        core::OrderRequest { product_id, quantity, buyer, query_password, coupon }
+        core::OrderRequest { product_id, quantity, buyer, query_password, coupon, reseller: None }
     }
 }
 

@@ -984,6 +984,7 @@ mod tests {
                 ttl_ms: 60_000,
                 password: None,
                 coupon: None,
+                reseller: None,
             };
             let Ok(Outcome::Changed(event, _)) = live.create_order(order, i) else { panic!("an order") };
             seq += 1;

@@ -396,6 +396,7 @@ mod tests {
             ttl_ms: 60_000,
             password: None,
             coupon: None,
+            reseller: None,
         }
     }
 
@@ -605,6 +606,7 @@ mod tests {
             ttl_ms: 60_000,
             password: None,
             coupon: None,
+            reseller: None,
         };
         let Ok(Outcome::Changed(_, older)) = s.create_order(ordinary, 0) else { panic!() };
         let short = GroupTerms { time_limit_ms: 1_000, ..terms(2) };

@@ -196,6 +196,7 @@ mod tests {
             ttl_ms: 60_000,
             password: None,
             coupon: None,
+            reseller: None,
         };
         let Outcome::Changed(_, seq) = s.create_order(new, 1).unwrap() else { panic!("created") };
         seq
@@ -255,6 +256,7 @@ mod tests {
                     ttl_ms: 1,
                     password: None,
                     coupon: None,
+                    reseller: None,
                 },
                 1
             )

@@ -1,7 +1,8 @@
-//! Which orders a merchant's listing keeps: a filter over an order's status, buyer
-//! and creation time, checked the same on orders in memory and archived ones.
+//! Which orders a merchant's listing keeps: a filter over an order's status, buyer,
+//! creation time and reseller, checked the same on orders in memory and archived ones.
 
 use super::{Order, OrderStatus};
+use crate::domain::pricing::OrderPricing;
 use crate::domain::Millis;
 
 /// What a merchant's order listing keeps (every field absent: everything).
@@ -13,11 +14,16 @@ pub struct OrderFilter {
     pub from_ms: Option<Millis>,
     /// Created before this instant (Unix ms).
     pub to_ms: Option<Millis>,
+    /// Priced by this reseller's price list.
+    pub reseller: Option<String>,
 }
 
 impl OrderFilter {
-    pub fn matches(&self, order: &Order) -> bool {
-        self.status.map_or(true, |s| order.status == s)
+    /// Whether the filter keeps `order`, priced as `pricing` says.
+    pub fn matches(&self, order: &Order, pricing: Option<&OrderPricing>) -> bool {
+        let reseller = pricing.and_then(|p| p.reseller.as_deref());
+        self.reseller.as_deref().map_or(true, |r| reseller == Some(r))
+            && self.status.map_or(true, |s| order.status == s)
             && self.buyer.as_deref().map_or(true, |b| order.buyer == b)
             && self.from_ms.map_or(true, |t| order.created_at_ms >= t)
             && self.to_ms.map_or(true, |t| order.created_at_ms < t)
@@ -51,13 +57,24 @@ mod tests {
     #[test]
     fn every_field_narrows_and_the_range_is_half_open() {
         let o = order("ann", OrderStatus::Delivered, 100);
-        assert!(OrderFilter::default().matches(&o));
-        assert!(OrderFilter { status: Some(OrderStatus::Delivered), ..Default::default() }.matches(&o));
-        assert!(!OrderFilter { status: Some(OrderStatus::Expired), ..Default::default() }.matches(&o));
-        assert!(OrderFilter { buyer: Some("ann".into()), ..Default::default() }.matches(&o));
-        assert!(!OrderFilter { buyer: Some("an".into()), ..Default::default() }.matches(&o));
-        assert!(OrderFilter { from_ms: Some(100), to_ms: Some(101), ..Default::default() }.matches(&o));
-        assert!(!OrderFilter { from_ms: Some(101), ..Default::default() }.matches(&o));
-        assert!(!OrderFilter { to_ms: Some(100), ..Default::default() }.matches(&o));
+        assert!(OrderFilter::default().matches(&o, None));
+        assert!(OrderFilter { status: Some(OrderStatus::Delivered), ..Default::default() }.matches(&o, None));
+        assert!(!OrderFilter { status: Some(OrderStatus::Expired), ..Default::default() }.matches(&o, None));
+        assert!(OrderFilter { buyer: Some("ann".into()), ..Default::default() }.matches(&o, None));
+        assert!(!OrderFilter { buyer: Some("an".into()), ..Default::default() }.matches(&o, None));
+        assert!(OrderFilter { from_ms: Some(100), to_ms: Some(101), ..Default::default() }.matches(&o, None));
+        assert!(!OrderFilter { from_ms: Some(101), ..Default::default() }.matches(&o, None));
+        assert!(!OrderFilter { to_ms: Some(100), ..Default::default() }.matches(&o, None));
+        let acme = OrderFilter { reseller: Some("acme".into()), ..Default::default() };
+        let priced = |reseller: Option<&str>| OrderPricing {
+            list_unit_cents: 100,
+            tier_min_quantity: None,
+            reseller: reseller.map(String::from),
+            coupon: None,
+            discount_cents: 0,
+        };
+        assert!(acme.matches(&o, Some(&priced(Some("acme")))));
+        assert!(!acme.matches(&o, Some(&priced(Some("other")))));
+        assert!(!acme.matches(&o, Some(&priced(None))) && !acme.matches(&o, None));
     }
 }

@@ -59,6 +59,7 @@ mod tests {
             ttl_ms: 1000,
             password,
             coupon: None,
+            reseller: None,
         };
         match s.create_order(req, at).expect("in stock") {
             Outcome::Changed(_, seq) => seq,
