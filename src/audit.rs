@@ -9,6 +9,8 @@
 //! Per directory: no journal for a product or shard that does not exist. Points:
 //! every ledger replays without contradiction, every balance equals its ledger, and
 //! keys delivered by redemptions match the settled redemptions (plus those held).
+//! Coupons: every coupon ledger replays, its counts add up, and the delivered
+//! orders that used a coupon match its uses (plus those held).
 //!
 //! Torn tails, undecodable snapshots and interrupted trims are *findings*, not
 //! violations: recovery repairs them at the next start, and none of them can hold
@@ -48,6 +50,8 @@ pub struct OfflineReport {
     pub redone: u64,
     pub violations: Vec<String>,
     pub points: PointsTotals,
+    /// The coupon shards' counts (checked against delivered orders).
+    pub coupons: crate::domain::coupon::CouponAudit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,22 +98,24 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
     let mut products = storage.load_products().map_err(read_err)?;
     products.sort_by(|a, b| a.id.cmp(&b.id));
 
-    let mut findings = Vec::new();
+    let (mut findings, mut violations) = (Vec::new(), Vec::new());
     // Points first (see `Auditor` for why the order matters).
-    let mut points = Vec::new();
-    let mut violations = Vec::new();
-    for shard in 0..crate::actors::points::POINTS_SHARDS {
-        match storage.inspect_ledger::<crate::domain::points::PointsBook>(shard) {
-            Ok(crate::storage::PointsRecovered { book, torn, .. }) => {
-                if let Some((seq, error)) = torn {
-                    findings.push(format!("points/{shard}: torn tail from record {seq}: {error}"));
-                }
-                points.push(book.audit());
-            }
-            Err(e) => violations.push(format!("points/{shard}: {e}")),
-        }
-    }
+    let points = ledger_audits(
+        &storage,
+        crate::actors::points::POINTS_SHARDS,
+        &mut findings,
+        &mut violations,
+        |b: &crate::domain::points::PointsBook| b.audit(),
+    );
+    let coupons = ledger_audits(
+        &storage,
+        crate::actors::coupons::COUPON_SHARDS,
+        &mut findings,
+        &mut violations,
+        |b: &crate::domain::coupon::CouponBook| b.audit(),
+    );
     let mut auditor = Auditor::new();
+    auditor.add_coupons(coupons);
     violations.into_iter().for_each(|v| auditor.violation(v));
     let mut extras = Vec::new();
     for product in &products {
@@ -155,7 +161,32 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
         redone: storage.redone_at_open(),
         violations: report.violations,
         points: report.points,
+        coupons: report.coupons,
     })
+}
+
+/// Every shard of one kind of ledger (points, coupons) inspected and audited; a
+/// torn tail is a finding, a ledger that cannot be read a violation.
+fn ledger_audits<B: crate::storage::Ledger, A>(
+    storage: &Storage,
+    shards: u16,
+    findings: &mut Vec<String>,
+    violations: &mut Vec<String>,
+    audit: impl Fn(&B) -> A,
+) -> Vec<A> {
+    let mut audits = Vec::with_capacity(shards as usize);
+    for shard in 0..shards {
+        match storage.inspect_ledger::<B>(shard) {
+            Ok(crate::storage::LedgerRecovered { book, torn, .. }) => {
+                if let Some((seq, error)) = torn {
+                    findings.push(format!("{}/{shard}: torn tail from record {seq}: {error}", B::NAME));
+                }
+                audits.push(audit(&book));
+            }
+            Err(e) => violations.push(format!("{}/{shard}: {e}", B::NAME)),
+        }
+    }
+    audits
 }
 
 impl std::fmt::Display for OfflineReport {
@@ -176,6 +207,8 @@ impl std::fmt::Display for OfflineReport {
             "points: {} buyers, balance {} (held {}), {} redemptions settled",
             p.buyers, p.total_balance, p.total_held, p.redemptions_settled
         )?;
+        let c = &self.coupons;
+        writeln!(f, "coupons: {}, uses held {}, used {}, released {}", c.coupons, c.held, c.used, c.released)?;
         if self.redone > 0 {
             writeln!(f, "commit log: {} journal record(s) the journals' files lacked, written into them", self.redone)?;
         }

@@ -25,6 +25,8 @@ pub enum KillTarget {
     Payments,
     /// Every points actor (`points`).
     Points,
+    /// Every coupon actor (`coupons`).
+    Coupons,
     /// One actor picked at random among all of the above (`random`).
     Random,
 }
@@ -37,10 +39,11 @@ impl std::str::FromStr for KillTarget {
             "orders" => Ok(KillTarget::Orders),
             "payments" => Ok(KillTarget::Payments),
             "points" => Ok(KillTarget::Points),
+            "coupons" => Ok(KillTarget::Coupons),
             "random" => Ok(KillTarget::Random),
             _ => {
                 let rest = s.strip_prefix("product:").ok_or_else(|| {
-                    format!("actor: {s:?} is not one of \"product:<id>\", \"product:<id>#<shard>\", \"orders\", \"payments\", \"points\", \"random\"")
+                    format!("actor: {s:?} is not one of \"product:<id>\", \"product:<id>#<shard>\", \"orders\", \"payments\", \"points\", \"coupons\", \"random\"")
                 })?;
                 let (id, shard) = match rest.split_once('#') {
                     None => (rest, None),
@@ -132,6 +135,7 @@ mod tests {
         assert_eq!("orders".parse(), Ok(KillTarget::Orders));
         assert_eq!("payments".parse(), Ok(KillTarget::Payments));
         assert_eq!("random".parse(), Ok(KillTarget::Random));
+        assert_eq!("coupons".parse(), Ok(KillTarget::Coupons));
         assert_eq!("product:p1".parse(), Ok(KillTarget::Product { id: "p1".into(), shard: None }));
         assert_eq!("product:p1#3".parse(), Ok(KillTarget::Product { id: "p1".into(), shard: Some(3) }));
         for bad in ["", "product:", "product:P!", "product:p#x", "shard", "product:p#70000"] {

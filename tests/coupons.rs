@@ -1,7 +1,8 @@
 //! Coupons: a coupon's uses are exact under concurrency across shards, a use comes
 //! back when its order expires or is cancelled (and a late payment of such an order
 //! is owed back, never delivered), refusals say which and hold nothing, and the
-//! counts survive a restart.
+//! counts survive a restart. Actor kills and kill -9 in the middle of the saga
+//! lose no use and count none twice: every use counted matches a delivered order.
 
 mod common;
 
@@ -36,6 +37,27 @@ impl Api {
         let u = &c.body["uses"];
         let n = |f: &str| u[f].as_u64().unwrap();
         (n("held"), n("used"), n("released"), n("remaining"))
+    }
+}
+
+impl Api {
+    /// Delivered orders that used coupon `code`, from the merchant's listing.
+    async fn delivered_with(&self, code: &str) -> u64 {
+        let (mut n, mut cursor) = (0, None::<String>);
+        loop {
+            let mut url = format!("{}/api/v1/admin/orders?status=delivered&limit=500", self.url);
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let r = reply(self.admin(self.http.get(url))).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            let orders = r.body["orders"].as_array().unwrap();
+            n += orders.iter().filter(|o| o["price_breakdown"]["coupon"] == code).count() as u64;
+            match r.body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return n,
+            }
+        }
     }
 }
 
@@ -221,5 +243,168 @@ async fn coupons_and_their_counts_survive_a_kill_9() {
         assert_eq!(api.order_with_coupon("p", 1, &format!("b{i}"), "KEEP").await.status, 201);
     }
     assert_eq!(api.order_with_coupon("p", 1, "b9", "KEEP").await.code(), "coupon_exhausted");
+    assert_audit_ok(&api.audit().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coupon_saga_survives_coupon_and_stock_actors_killed_mid_way() {
+    let t = TestApp::spawn_with(&[
+        ("chaos.enabled", "true"),
+        ("orders.ttl_secs", "2"),
+        ("server.request_timeout_ms", "1000"),
+        ("products.settle_interval_ms", "50"),
+    ])
+    .await;
+    let api = t.api();
+    api.create_product("hot", 1_000, 0, 2).await;
+    let keys: Vec<String> = (0..2_000).map(|i| format!("HOT-{i}")).collect();
+    assert_eq!(api.import("hot", &keys).await.status, 200);
+    assert_eq!(api.create_coupon(amount_coupon("KILL", 300, 150)).await.status, 201);
+
+    // Kill the coupon actors and the product's stock actors, in turn, while 1,600
+    // buyers order with the coupon (and one in three pays at once when answered).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (api, stop) = (api.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut kills = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let actor = if kills % 2 == 0 { "coupons" } else { "product:hot" };
+                let url = format!("{}/api/v1/admin/chaos/kill", api.url);
+                let r = reply(api.admin(api.http.post(url)).json(&json!({"actor": actor}))).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                kills += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            kills
+        })
+    };
+    // Four waves a second apart: uses of unpaid orders (two in three) come back
+    // and are held again by later waves, all under kills.
+    let mut outcomes: Vec<(u16, bool)> = Vec::new();
+    for wave in 0..4 {
+        if wave > 0 {
+            tokio::time::sleep(Duration::from_millis(1_000)).await;
+        }
+        let wave: Vec<(u16, bool)> = stream::iter(wave * 400..(wave + 1) * 400)
+            .map(|i| {
+                let api = api.clone();
+                async move {
+                    let o = api.order_with_coupon("hot", 1, &format!("buyer-{i}"), "KILL").await;
+                    if o.status != 201 || i % 3 != 0 {
+                        return (o.status, false);
+                    }
+                    let id = o.body["order_id"].as_str().unwrap();
+                    (201, api.notify(id, &format!("pay-{i}"), 700).await.status == 200)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        outcomes.extend(wave);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.await.unwrap();
+    assert!(kills >= 2, "the actors were killed during the run ({kills})");
+    let created = outcomes.iter().filter(|o| o.0 == 201).count() as u64;
+    assert!(created >= 1, "some orders got through: {outcomes:?}");
+
+    // Every hold is resolved in the end: unpaid orders expire, lost answers are found.
+    let resolved = api.eventually(Duration::from_secs(60), || async { api.uses("KILL").await.0 == 0 }).await;
+    assert!(resolved, "holds never resolved: {:?}", api.uses("KILL").await);
+    let (held, used, _, remaining) = api.uses("KILL").await;
+    let delivered = api.delivered_with("KILL").await;
+    assert_eq!(used, delivered, "a use counted for every delivered coupon order, and only for those");
+    assert_eq!((held, remaining), (0, 150 - used), "no use lost");
+    assert!(delivered <= 150);
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(audit.body["coupons"]["used"].as_u64(), Some(used));
+    let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
+    outcomes.iter().for_each(|o| *statuses.entry(o.0).or_default() += 1);
+    let paid = outcomes.iter().filter(|o| o.1).count();
+    eprintln!(
+        "coupon saga under kills: {kills} kills, {created} created, {paid} paid, {used} used, answers {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_the_coupon_saga_loses_no_use_and_counts_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Unpaid orders expire in 2 s; holds older than the request timeout + 1 s are
+    // resolved every 100 ms.
+    let env = [
+        ("KAMI_ORDERS__TTL_SECS", "2"),
+        ("KAMI_PRODUCTS__SETTLE_INTERVAL_MS", "100"),
+        ("KAMI_SERVER__REQUEST_TIMEOUT_MS", "1000"),
+    ];
+    let mut server = Server::start(&data, &env);
+    let api = server.api();
+    api.create_product("hot", 1_000, 0, 2).await;
+    assert_eq!(api.import("hot", &(0..3_000).map(|i| format!("K-{i}")).collect::<Vec<_>>()).await.status, 200);
+    assert_eq!(api.create_coupon(amount_coupon("NINE", 300, 2_000)).await.status, 201);
+    // Coupon orders run, one in two paid at once; after the 40th acknowledged
+    // delivery the process dies.
+    let delivered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let forty = std::sync::Arc::new(tokio::sync::Notify::new());
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let (api, delivered, forty) = (api.clone(), delivered.clone(), forty.clone());
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let body =
+                        json!({"product_id": "hot", "quantity": 1, "buyer": format!("w{w}-{i}"), "coupon": "NINE"});
+                    let sent = api
+                        .http
+                        .post(format!("{}/api/v1/orders", api.url))
+                        .header("Idempotency-Key", format!("w{w}-{i}"));
+                    let Ok(resp) = sent.json(&body).send().await else { return };
+                    if resp.status() != 201 {
+                        return;
+                    }
+                    let Ok(o) = resp.json::<Value>().await else { return };
+                    if i % 2 == 1 {
+                        continue;
+                    }
+                    let id = o["order_id"].as_str().unwrap().to_string();
+                    let Ok(paid) = api.notify_request(&id, &format!("pay-w{w}-{i}"), 700).send().await else { return };
+                    if paid.status() != 200 {
+                        return;
+                    }
+                    let mut d = delivered.lock().unwrap();
+                    d.push((id, o["query_token"].as_str().unwrap().to_string()));
+                    if d.len() == 40 {
+                        forty.notify_one();
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(60), forty.notified()).await.expect("40 deliveries acknowledged");
+    server.kill9();
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(30), w).await.expect("worker ends").unwrap();
+    }
+    let delivered = std::mem::take(&mut *delivered.lock().unwrap());
+
+    // The directory as the crash left it passes the offline audit, coupons included.
+    let (code, out, err) = kami_audit(&data, true);
+    assert_eq!(code, 0, "offline audit: {out}{err}");
+    let offline: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(offline["coupons"]["coupons"], 1, "{offline}");
+
+    let restarted = Server::start(&data, &env);
+    let api = restarted.api();
+    let resolved = api.eventually(Duration::from_secs(60), || async { api.uses("NINE").await.0 == 0 }).await;
+    assert!(resolved, "holds never resolved: {:?}", api.uses("NINE").await);
+    for (id, token) in &delivered {
+        let o = api.get_order(id, token).await;
+        assert_eq!(o.body["status"].as_str(), Some("delivered"), "acknowledged delivery lost: {}", o.body);
+    }
+    let (_, used, _, remaining) = api.uses("NINE").await;
+    assert_eq!(used, api.delivered_with("NINE").await, "a use for every delivered coupon order, and only those");
+    assert!(used >= delivered.len() as u64);
+    assert_eq!(remaining, 2_000 - used, "no use lost");
     assert_audit_ok(&api.audit().await);
 }

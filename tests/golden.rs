@@ -305,7 +305,7 @@ fn dir(version: u8) -> PathBuf {
 
 /// The current version's file, checked against today's encoding.
 fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
-    assert_eq!(FORMAT_VERSION, 10, "a new format version needs its golden files and tests");
+    assert_eq!(FORMAT_VERSION, 11, "a new format version needs its golden files and tests");
     let path = dir(FORMAT_VERSION).join(name);
     if std::env::var_os("KAMI_WRITE_GOLDEN").is_some() {
         std::fs::create_dir_all(dir(FORMAT_VERSION)).unwrap();
@@ -314,7 +314,7 @@ fn check(name: &str, fresh: Vec<u8>) -> Vec<u8> {
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(
         stored, fresh,
-        "{name}: today's encoding differs from format v10; bump FORMAT_VERSION and keep a decoder"
+        "{name}: today's encoding differs from format v11; bump FORMAT_VERSION and keep a decoder"
     );
     stored
 }
@@ -329,7 +329,7 @@ fn check_unordered(name: &str, fresh: Vec<u8>) -> Vec<u8> {
         std::fs::write(&path, &fresh).unwrap();
     }
     let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v10 in length");
+    assert_eq!(stored.len(), fresh.len(), "{name}: today's encoding differs from format v11 in length");
     stored
 }
 
@@ -698,22 +698,117 @@ fn coupon_book() -> kami::domain::coupon::CouponBook {
 
 #[test]
 fn v10_events_decode() {
-    let fresh = serde_json::to_vec(&events_v10().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
-    assert_eq!(decode_events(&check("events.bin", fresh)), events_v10());
+    assert_eq!(decode_events(&stored(10, "events.bin")), events_v10());
+}
+
+fn coupon_pricing() -> kami::domain::pricing::OrderPricing {
+    kami::domain::pricing::OrderPricing { coupon: Some(coupon_ref()), discount_cents: 100, ..pricing_v9() }
 }
 
 #[test]
 fn v10_product_snapshot_archive_terms_and_coupon_book_decode() {
     let (want, mut records, password_seq, priced) = snapshot_v9();
-    let pricing =
-        kami::domain::pricing::OrderPricing { coupon: Some(coupon_ref()), discount_cents: 100, ..pricing_v9() };
-    records.push(ArchivedOrder { pricing: Some(pricing), ..records[0].clone() });
+    records.push(ArchivedOrder { pricing: Some(coupon_pricing()), ..records[0].clone() });
+    let read = |name: &str, _fresh: Vec<u8>| stored(10, name);
+    check_product_snapshot_archive_and_terms(read, &(want.clone(), records, password_seq, priced));
+    let decoded: kami::domain::coupon::CouponBook = decode(Kind::CouponSnapshot, &stored(10, "coupons.bin")).unwrap();
+    assert_eq!(decoded, coupon_book());
+    assert!(decoded.audit().violations.is_empty());
+}
+
+/// A v10 snapshot did not count its archived coupon orders: storage recounts them
+/// from the shard's archive (orders archived as of the snapshot only).
+#[test]
+fn a_v10_snapshot_has_its_archived_coupon_orders_recounted_from_the_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = kami::storage::Storage::open(&kami::storage::StorageOptions {
+        path: dir.path().join("data"),
+        cache_capacity_bytes: 8 << 20,
+        max_pending_commits: 1,
+        max_commit_batch: 1,
+        commit_linger: std::time::Duration::ZERO,
+    })
+    .unwrap();
+    let snapshot = stored(10, "snapshot.bin");
+    let shard = decode_snapshot(&snapshot).unwrap();
+    let id = kami::domain::ShardId::new(product().id, 0);
+    storage.write_snapshot_raw(&id, 1, &snapshot).unwrap();
+    // One delivered coupon order archived before the snapshot, one order still in
+    // memory (its archive record written, its archiving not journaled), one not
+    // delivered.
+    let archived_seq = (1..=shard.orders_created()).find(|&s| shard.order(s).is_none()).expect("an archived order");
+    let live_seq = shard.orders().first().expect("an order in memory").seq;
+    let delivered = |seq| ArchivedOrder {
+        order: Order { seq, status: OrderStatus::Delivered, ..order() },
+        keys: vec![],
+        pricing: Some(coupon_pricing()),
+    };
+    let mut expired = delivered(archived_seq + 1_000);
+    expired.order.status = OrderStatus::Expired;
+    let records = [delivered(archived_seq), delivered(live_seq), expired];
+    storage.archive_orders(&id, &records, &[None, None, None]).unwrap();
+    let recovered = storage.inspect(&id, &product()).unwrap();
+    let counted: Vec<(&str, u64)> = recovered.shard.archived_coupons().iter().map(|(c, &n)| (c.as_str(), n)).collect();
+    assert_eq!(counted, [("SPRING-10", 1)]);
+}
+
+#[test]
+fn v11_events_decode() {
+    let fresh = serde_json::to_vec(&events_v10().iter().map(|e| encode(Kind::Event, e)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(decode_events(&check("events.bin", fresh)), events_v10());
+}
+
+/// The v9 shard with an order priced with a coupon, paid, delivered and archived:
+/// the snapshot counts it.
+fn snapshot_v11() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
+    let (mut s, mut records, password_seq, priced) = snapshot_v9();
+    s.import_keys(vec!["KEY-V11-1".into()]);
+    let coupon = kami::domain::coupon::CouponUse {
+        code: "SPRING-10".into(),
+        hold: "0123456789abcdef".into(),
+        kind: kami::domain::coupon::CouponKind::Amount,
+        value: 100,
+        min_amount_cents: 0,
+        deadline_ms: u64::MAX,
+    };
+    let req = NewOrder {
+        buyer: "k".into(),
+        quantity: 1,
+        idempotency: None,
+        query_token: "00112233445566778899aabbccddeeff".into(),
+        ttl_ms: 300_000,
+        password: None,
+        coupon: Some(coupon),
+        reseller: None,
+    };
+    let Outcome::Changed(_, seq) = s.create_order(req, 4_000_300).unwrap() else { panic!("a new order") };
+    let amount = s.order(seq).unwrap().amount_cents;
+    let payment = Payment {
+        order_seq: seq,
+        payment_id: "pay-coupon".into(),
+        channel: "sandbox".into(),
+        amount_cents: amount,
+        status: "paid".into(),
+    };
+    s.pay(payment, 4_000_400).unwrap();
+    assert_eq!(s.order(seq).unwrap().status, OrderStatus::Delivered);
+    s.archive(vec![seq], 4_000_500, 0).expect("archived");
+    assert_eq!(s.archived_coupons().get("SPRING-10"), Some(&1));
+    records.push(ArchivedOrder { pricing: Some(coupon_pricing()), ..records[0].clone() });
+    (s, records, password_seq, priced)
+}
+
+#[test]
+fn v11_product_snapshot_archive_terms_and_coupon_book_decode() {
+    let (want, records, password_seq, priced) = snapshot_v11();
     let snapshot = check_unordered("snapshot.bin", encode(Kind::Snapshot, &want));
     let read = |name: &str, fresh: Vec<u8>| if name == "snapshot.bin" { snapshot.clone() } else { check(name, fresh) };
     check_product_snapshot_archive_and_terms(read, &(want.clone(), records, password_seq, priced));
+    let decoded = decode_snapshot(&snapshot).unwrap();
+    assert_eq!(decoded.archived_coupons(), want.archived_coupons());
+    assert_eq!(decoded.audit().coupon_delivered.get("SPRING-10"), Some(&1));
     let book = coupon_book();
     let stored = check_unordered("coupons.bin", encode(Kind::CouponSnapshot, &book));
     let decoded: kami::domain::coupon::CouponBook = decode(Kind::CouponSnapshot, &stored).unwrap();
     assert_eq!(decoded, book);
-    assert!(decoded.audit().violations.is_empty());
 }

@@ -345,7 +345,8 @@ impl Kami {
         // Points first (see `Auditor` for why the order matters).
         let points = self.audit_points().await?;
         let mut auditor = Auditor::new();
-        auditor.add_coupons(self.audit_coupons().await?);
+        // Coupons before and after the stock (see `Auditor::coupons_before`).
+        auditor.coupons_before(&self.audit_coupons().await?);
         for id in ids {
             let route = &routes[id];
             let mut audits = Vec::with_capacity(route.shards.len());
@@ -360,6 +361,7 @@ impl Kami {
             }
             auditor.add_product(id, audits, true);
         }
+        auditor.add_coupons(self.audit_coupons().await?);
         Ok(auditor.finish(points))
     }
 }

@@ -53,6 +53,12 @@ impl Kami {
                 }
                 Ok("points".into())
             }
+            KillTarget::Coupons => {
+                for h in &self.coupons {
+                    kill(tokio::time::timeout(timeout, h.addr.send(Kill)).await)?;
+                }
+                Ok("coupons".into())
+            }
             KillTarget::Product { id, shard } => {
                 let route = self.registry.get(&id).ok_or(Error::ProductNotFound)?;
                 let shards: Vec<usize> = match shard {

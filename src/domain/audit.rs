@@ -35,6 +35,9 @@ pub struct ShardAudit {
     /// Keys delivered by redemptions (paid with points), for the points cross-check.
     #[serde(skip)]
     pub redeemed: u64,
+    /// Delivered orders that used a coupon, by code, for the coupons cross-check.
+    #[serde(skip)]
+    pub coupon_delivered: BTreeMap<String, u64>,
     /// Orders archived (out of memory) and still in memory.
     pub archived_orders: u64,
     pub live_orders: u64,
@@ -155,6 +158,12 @@ pub struct Auditor {
     report: AuditReport,
     /// Each shard's label and payment digests.
     payments: Vec<(String, Vec<u128>)>,
+    /// Per coupon code: uses counted before the stock shards were audited (see
+    /// [`Auditor::coupons_before`]), delivered orders that used it, and (used,
+    /// held) after.
+    coupon_floor: Option<BTreeMap<String, u64>>,
+    coupon_delivered: BTreeMap<String, u64>,
+    coupon_after: BTreeMap<String, (u64, u64)>,
 }
 
 impl Default for Auditor {
@@ -166,14 +175,35 @@ impl Default for Auditor {
 impl Auditor {
     pub fn new() -> Auditor {
         let orders = OrderStatus::ALL.iter().map(|&s| (s, 0)).collect();
-        Auditor { report: AuditReport { ok: true, orders, ..AuditReport::default() }, payments: Vec::new() }
+        Auditor {
+            report: AuditReport { ok: true, orders, ..AuditReport::default() },
+            payments: Vec::new(),
+            coupon_floor: None,
+            coupon_delivered: BTreeMap::new(),
+            coupon_after: BTreeMap::new(),
+        }
     }
 
-    /// Adds one product from the audits of its shards (each labelled `id#shard` in
-    /// violations). `complete` is false when some shard could not be audited (its
-    /// violation is reported by the caller): the product-wide sums are then skipped.
-    /// Adds the coupon shards' audits (their totals and violations).
+    /// The coupon shards' uses as counted *before* the stock shards are audited,
+    /// while the server sells. A use is counted only once its order was delivered,
+    /// and the hold of a delivered order is never given back, so the delivered
+    /// orders that used a code then lie between its uses counted before and its
+    /// uses plus holds counted after ([`Auditor::add_coupons`]). Without this call
+    /// (a stopped server's directory) the count after serves as both.
+    pub fn coupons_before(&mut self, audits: &[crate::domain::coupon::CouponAudit]) {
+        let floor = self.coupon_floor.get_or_insert_with(BTreeMap::new);
+        for (code, &(used, _)) in audits.iter().flat_map(|a| &a.by_code) {
+            *floor.entry(code.clone()).or_default() += used;
+        }
+    }
+
+    /// Adds the coupon shards' audits (their totals and violations), read after the
+    /// stock shards' audits.
     pub fn add_coupons(&mut self, audits: Vec<crate::domain::coupon::CouponAudit>) {
+        for (code, &(used, held)) in audits.iter().flat_map(|a| &a.by_code) {
+            let after = self.coupon_after.entry(code.clone()).or_default();
+            (after.0, after.1) = (after.0 + used, after.1 + held);
+        }
         let total = &mut self.report.coupons;
         for a in audits {
             (total.coupons, total.held, total.used, total.released) =
@@ -182,11 +212,17 @@ impl Auditor {
         }
     }
 
+    /// Adds one product from the audits of its shards (each labelled `id#shard` in
+    /// violations). `complete` is false when some shard could not be audited (its
+    /// violation is reported by the caller): the product-wide sums are then skipped.
     pub fn add_product(&mut self, id: &str, audits: Vec<ShardAudit>, complete: bool) -> &ProductAudit {
         let mut product = ProductAudit { id: id.to_string(), ..ProductAudit::default() };
         let mut owner: HashMap<u128, u16> = HashMap::new();
         for a in &audits {
             product.add(a);
+            for (code, &n) in &a.coupon_delivered {
+                *self.coupon_delivered.entry(code.clone()).or_default() += n;
+            }
             for (&status, &n) in &a.orders {
                 *self.report.orders.entry(status).or_default() += n;
             }
@@ -217,6 +253,7 @@ impl Auditor {
         self.duplicate_payments();
         self.check_points(points);
         self.report.violations.extend(self.report.coupons.violations.iter().cloned());
+        self.check_coupons();
         self.report.ok = self.report.violations.is_empty();
         self.report
     }
@@ -231,6 +268,22 @@ impl Auditor {
                     let v = format!("one payment id is recorded by orders of {other} and {label}");
                     self.report.violations.push(v);
                 }
+            }
+        }
+    }
+
+    /// Delivered orders with each coupon against its uses (see
+    /// [`Auditor::coupons_before`] for why the bounds are exact).
+    fn check_coupons(&mut self) {
+        let codes: BTreeSet<&String> = self.coupon_after.keys().chain(self.coupon_delivered.keys()).collect();
+        for code in codes {
+            let delivered = self.coupon_delivered.get(code).copied().unwrap_or(0);
+            let (used, held) = self.coupon_after.get(code).copied().unwrap_or((0, 0));
+            let floor = self.coupon_floor.as_ref().map_or(used, |f| f.get(code).copied().unwrap_or(0));
+            if delivered < floor || delivered > used + held {
+                self.report.violations.push(format!(
+                    "coupon {code}: {delivered} delivered orders used it, but {floor} uses counted ({used} used and {held} held after)"
+                ));
             }
         }
     }
@@ -289,6 +342,41 @@ mod tests {
             payment_ids: payments.iter().map(|p| digest128(p)).collect(),
             ..ShardAudit::default()
         }
+    }
+
+    fn coupons(used: u64, held: u64) -> crate::domain::coupon::CouponAudit {
+        crate::domain::coupon::CouponAudit {
+            coupons: 1,
+            used,
+            held,
+            by_code: [("C".to_string(), (used, held))].into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn delivered_coupon_orders_lie_between_uses_counted_before_and_uses_and_holds_after() {
+        let delivered =
+            |n| ShardAudit { coupon_delivered: [("C".to_string(), n)].into_iter().collect(), ..ShardAudit::default() };
+        // Stopped: one count serves as both bounds.
+        for (n, ok) in [(2, true), (3, true), (1, false), (4, false)] {
+            let mut auditor = Auditor::new();
+            auditor.add_product("p", vec![delivered(n)], true);
+            auditor.add_coupons(vec![coupons(2, 1)]);
+            assert_eq!(auditor.finish(vec![]).ok, ok, "{n} delivered, 2 used, 1 held");
+        }
+        // Live: 2 used before the stock was read, 3 used + 1 held after.
+        for (n, ok) in [(1, false), (2, true), (4, true), (5, false)] {
+            let mut auditor = Auditor::new();
+            auditor.coupons_before(&[coupons(2, 2)]);
+            auditor.add_product("p", vec![delivered(n)], true);
+            auditor.add_coupons(vec![coupons(3, 1)]);
+            assert_eq!(auditor.finish(vec![]).ok, ok, "{n} delivered");
+        }
+        // A delivered coupon order of a code no coupon shard knows.
+        let mut auditor = Auditor::new();
+        auditor.add_product("p", vec![delivered(1)], true);
+        assert!(!auditor.finish(vec![]).ok);
     }
 
     #[test]

@@ -191,6 +191,9 @@ pub struct CouponAudit {
     pub released: u64,
     /// Broken invariants (empty when all hold).
     pub violations: Vec<String>,
+    /// Per code: (used, held), for the cross-check with delivered orders.
+    #[serde(skip)]
+    pub by_code: BTreeMap<String, (u64, u64)>,
 }
 
 /// One coupon shard: its coupons and the holds in flight.
@@ -376,6 +379,7 @@ impl CouponBook {
         for (code, c) in &self.coupons {
             a.coupons += 1;
             (a.held, a.used, a.released) = (a.held + c.held, a.used + c.used, a.released + c.released);
+            a.by_code.insert(code.clone(), (c.used, c.held));
             if held.get(code.as_str()).copied().unwrap_or(0) != c.held {
                 a.violations.push(format!("coupon {code}: held {} but {} holds", c.held, held[code.as_str()]));
             }

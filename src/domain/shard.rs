@@ -305,6 +305,9 @@ pub struct Shard {
     /// (v9) How orders in memory were priced, for those not at their list price
     /// (archived ones keep it in their archive record).
     pricings: BTreeMap<u64, super::pricing::OrderPricing>,
+    /// (v11) Archived delivered orders that used a coupon, by code (for the audit's
+    /// cross-check against the coupons' counts of uses).
+    archived_coupons: BTreeMap<String, u64>,
 
     // Derived indexes, rebuilt by `rebuild_indexes` after a snapshot is loaded.
     #[serde(skip)]
@@ -410,6 +413,7 @@ impl Shard {
             withdrawn: Vec::new(),
             passwords: BTreeMap::new(),
             pricings: BTreeMap::new(),
+            archived_coupons: BTreeMap::new(),
             key_index: hashbrown::HashTable::new(),
             has_units: false,
             hasher: hashbrown::DefaultHashBuilder::default(),

@@ -12,7 +12,7 @@
 use bincode::Options;
 use serde::{de::DeserializeOwned, Serialize};
 
-use super::legacy::{ArchivedOrderV8, ShardV2, ShardV3, ShardV4, ShardV5, ShardV6, ShardV8, TermsV7};
+use super::legacy::{ArchivedOrderV8, ShardV10, ShardV2, ShardV3, ShardV4, ShardV5, ShardV6, ShardV8, TermsV7};
 use crate::domain::shard::ArchivedOrder;
 use crate::domain::terms::Terms;
 use crate::domain::Shard;
@@ -61,7 +61,15 @@ pub const MAGIC: [u8; 4] = *b"KAMI";
 /// are), one refund reason (`CouponReturned`) is added at the end of its enum, and
 /// coupon shards' snapshots are a new kind (`CouponSnapshot`, their journals
 /// `journal/coupons/{shard}`).
-pub const FORMAT_VERSION: u8 = 10;
+///
+/// Version 11: a snapshot ends with the shard's archived delivered orders that used
+/// a coupon, counted by code (the audit checks coupons' uses against them); v9/v10
+/// snapshots decode as [`ShardV10`], and storage recounts a v10 snapshot's from
+/// the shard's archive ([`SNAPSHOT_WITHOUT_COUPON_COUNTS`]).
+pub const FORMAT_VERSION: u8 = 11;
+/// The version whose snapshots may have archived coupon orders but do not count
+/// them.
+pub const SNAPSHOT_WITHOUT_COUPON_COUNTS: u8 = 10;
 /// The oldest version still read.
 pub const OLDEST_READABLE_VERSION: u8 = 1;
 /// Size of the envelope's header.
@@ -198,6 +206,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<Shard, CodecError> {
         Some(5) => decode::<ShardV5>(Kind::Snapshot, bytes).map(Shard::from),
         Some(6) => decode::<ShardV6>(Kind::Snapshot, bytes).map(Shard::from),
         Some(7 | 8) => decode::<ShardV8>(Kind::Snapshot, bytes).map(Shard::from),
+        Some(9 | 10) => decode::<ShardV10>(Kind::Snapshot, bytes).map(Shard::from),
         _ => decode::<Shard>(Kind::Snapshot, bytes),
     }
 }

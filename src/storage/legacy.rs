@@ -261,3 +261,58 @@ impl From<ArchivedOrderV8> for ArchivedOrder {
         ArchivedOrder { order: old.order, keys: old.keys, pricing: None }
     }
 }
+
+/// A snapshot as formats v9 and v10 wrote it: no archived coupon counts (storage
+/// recounts them from the archive for a v10 snapshot; v9 had no coupons).
+#[derive(Deserialize)]
+pub struct ShardV10 {
+    product: ProductInfo,
+    shard: u16,
+    keys: Vec<Box<str>>,
+    available: VecDeque<KeyId>,
+    orders: BTreeMap<u64, Order>,
+    payments: HashMap<String, PaymentRecord>,
+    transfers: Transfers,
+    groups: Vec<Group>,
+    orders_created: u64,
+    archived: Archived,
+    withdrawn: Vec<KeyId>,
+    passwords: BTreeMap<u64, PasswordHash>,
+    pricings: BTreeMap<u64, crate::domain::pricing::OrderPricing>,
+}
+
+impl From<ShardV10> for Shard {
+    fn from(old: ShardV10) -> Shard {
+        let ShardV10 {
+            product,
+            shard,
+            keys,
+            available,
+            orders,
+            payments,
+            transfers,
+            groups,
+            orders_created,
+            archived,
+            withdrawn,
+            passwords,
+            pricings,
+        } = old;
+        ShardParts {
+            product,
+            shard,
+            keys,
+            available,
+            orders: orders.into_values().collect(),
+            payments,
+            transfers,
+            groups,
+            orders_created: Some(orders_created),
+            archived,
+            withdrawn,
+            passwords,
+            pricings,
+        }
+        .into()
+    }
+}

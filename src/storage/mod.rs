@@ -650,13 +650,28 @@ impl Storage {
         Ok(Shadow { shard, seq })
     }
 
+    /// Decodes a snapshot of shard `id`. One written by format v10 did not count
+    /// its archived coupon orders: they are recounted from the shard's archive.
+    fn decode_snapshot_of(&self, id: &ShardId, bytes: &[u8]) -> Result<Shard, String> {
+        let mut shard = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
+        if bytes.get(4) == Some(&codec::SNAPSHOT_WITHOUT_COUPON_COUNTS) {
+            let archive = self.archive_tree(id).map_err(|e| e.to_string())?;
+            for kv in archive.iter() {
+                let (k, v) = kv.map_err(|e| e.to_string())?;
+                let archived = codec::decode_archived(&v).map_err(|e| format!("archive/{id} record {k:?}: {e}"))?;
+                shard.recount_archived_coupon(&archived);
+            }
+        }
+        Ok(shard)
+    }
+
     /// The newest snapshot of shard `id` that decodes (an empty shard without one).
     fn newest_snapshot(&self, id: &ShardId, product: &ProductInfo) -> Result<Shadow, StorageError> {
         let prefix = Self::snapshot_prefix(id);
         for kv in self.snapshots.scan_prefix(&prefix).rev() {
             let (k, v) = kv?;
             let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
-            if let Ok(mut shard) = codec::decode_snapshot(&v) {
+            if let Ok(mut shard) = self.decode_snapshot_of(id, &v) {
                 shard.rebuild_indexes();
                 return Ok(Shadow { shard, seq });
             }
@@ -719,7 +734,7 @@ impl Storage {
                 older_snapshots += 1;
                 continue;
             }
-            match codec::decode_snapshot(&v) {
+            match self.decode_snapshot_of(id, &v) {
                 Ok(mut shard) => {
                     shard.rebuild_indexes();
                     base = Some((seq, shard, v.len()));

@@ -186,7 +186,7 @@ impl Shard {
             if self.passwords.remove(seq).is_some() {
                 self.unindex_password(&order);
             }
-            self.pricings.remove(seq);
+            let pricing = self.pricings.remove(seq);
             assert!(
                 matches!(
                     order.status,
@@ -197,6 +197,9 @@ impl Shard {
             assert!(!self.group_of.contains_key(seq), "group seats are not archived");
             *self.archived.by_status.entry(order.status).or_default() += 1;
             if order.status == OrderStatus::Delivered {
+                if let Some(c) = pricing.as_ref().and_then(|p| p.coupon.as_ref()) {
+                    *self.archived_coupons.entry(c.code.clone()).or_default() += 1;
+                }
                 if is_redeemed(&order) {
                     self.archived.redeemed_keys += order.keys.len() as u64;
                 }

@@ -34,6 +34,25 @@ pub struct ArchivedOrder {
 }
 
 impl Shard {
+    /// (v11) Archived delivered orders that used a coupon, by code.
+    pub fn archived_coupons(&self) -> &BTreeMap<String, u64> {
+        &self.archived_coupons
+    }
+
+    /// Counts `archived` (a record of this shard's archive) in the archived coupon
+    /// uses if it is archived as of this state (not in memory, created here) and a
+    /// delivered order with a coupon. For a state from a snapshot that did not keep
+    /// those counts (format v10): storage recounts them from the archive.
+    pub fn recount_archived_coupon(&mut self, archived: &ArchivedOrder) {
+        let seq = archived.order.seq;
+        let archived_here = seq <= self.orders_created && !self.orders.contains_key(&seq);
+        if archived_here && archived.order.status == OrderStatus::Delivered {
+            if let Some(c) = archived.pricing.as_ref().and_then(|p| p.coupon.as_ref()) {
+                *self.archived_coupons.entry(c.code.clone()).or_default() += 1;
+            }
+        }
+    }
+
     /// Orders that can no longer change and have not changed for `min_age_ms`:
     /// delivered, refunded, expired or cancelled, outside any group, with no refund
     /// owed. Oldest first, at most `limit`. (The caller writes them to the archive,

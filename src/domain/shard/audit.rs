@@ -43,6 +43,7 @@ impl Shard {
         }
         audit.sold += self.archived.sold_keys.len() as u64;
         audit.redeemed += self.archived.redeemed_keys;
+        audit.coupon_delivered = self.archived_coupons.clone();
         for (&status, &n) in &self.archived.by_status {
             *audit.orders.entry(status).or_default() += n;
         }
@@ -73,6 +74,9 @@ impl Shard {
                     audit.sold += order.keys.len() as u64;
                     if is_redeemed(order) {
                         audit.redeemed += order.keys.len() as u64;
+                    }
+                    if let Some(c) = self.pricings.get(&order.seq).and_then(|p| p.coupon.as_ref()) {
+                        *audit.coupon_delivered.entry(c.code.clone()).or_default() += 1;
                     }
                 }
                 _ if !order.keys.is_empty() => {
