@@ -180,19 +180,24 @@ fn events_v7() -> Vec<Event> {
     events
 }
 
-/// The v6 shard with an order created with a query password (its sequence too).
-fn snapshot_v7() -> (Shard, Vec<ArchivedOrder>, u64) {
-    let (mut s, records) = snapshot_v6();
-    let req = NewOrder {
-        buyer: "g".into(),
-        quantity: 1,
+/// A new order of `quantity` for `buyer`, with nothing else set (a fixed token).
+fn new_order(buyer: &str, quantity: u32) -> NewOrder {
+    NewOrder {
+        buyer: buyer.into(),
+        quantity,
         idempotency: None,
         query_token: "00112233445566778899aabbccddeeff".into(),
         ttl_ms: 300_000,
-        password: Some([5; 32]),
+        password: None,
         coupon: None,
         reseller: None,
-    };
+    }
+}
+
+/// The v6 shard with an order created with a query password (its sequence too).
+fn snapshot_v7() -> (Shard, Vec<ArchivedOrder>, u64) {
+    let (mut s, records) = snapshot_v6();
+    let req = NewOrder { password: Some([5; 32]), ..new_order("g", 1) };
     let seq = match s.create_order(req, 4_000_100).unwrap() {
         Outcome::Changed(Event::OrderCreatedWithPassword { order, .. }, seq) if order.seq == seq => seq,
         other => panic!("expected a new order with its password: {other:?}"),
@@ -212,14 +217,8 @@ fn snapshot_v6() -> (Shard, Vec<ArchivedOrder>) {
 fn snapshot_v5() -> (Shard, Vec<ArchivedOrder>) {
     let mut s = snapshot_v4();
     let new = |buyer: &str, key: &str| NewOrder {
-        buyer: buyer.into(),
-        quantity: 1,
         idempotency: Some(Idempotency { key: key.into(), fingerprint: [9; 16] }),
-        query_token: "00112233445566778899aabbccddeeff".into(),
-        ttl_ms: 300_000,
-        password: None,
-        coupon: None,
-        reseller: None,
+        ..new_order(buyer, 1)
     };
     let seq = |o: Outcome<u64>| match o {
         Outcome::Changed(_, seq) => seq,
@@ -248,16 +247,7 @@ fn snapshot_v4() -> Shard {
     let mut s = Shard::new(product(), 0);
     s.import_keys((0..6).map(|i| format!("KEY-{i}")).collect());
     let terms = GroupTerms { deal_id: "duo".into(), size: 2, price_cents: 700, time_limit_ms: 60_000 };
-    let seat = |buyer: &str| NewOrder {
-        buyer: buyer.into(),
-        quantity: 1,
-        idempotency: None,
-        query_token: "00112233445566778899aabbccddeeff".into(),
-        ttl_ms: 300_000,
-        password: None,
-        coupon: None,
-        reseller: None,
-    };
+    let seat = |buyer: &str| new_order(buyer, 1);
     let pay = |seq: u64, id: &str| Payment {
         order_seq: seq,
         payment_id: id.into(),
@@ -574,16 +564,7 @@ fn snapshot_v9() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
         sale_starts_at_ms: None,
         ..terms()
     });
-    let req = NewOrder {
-        buyer: "h".into(),
-        quantity: 2,
-        idempotency: None,
-        query_token: "00112233445566778899aabbccddeeff".into(),
-        ttl_ms: 300_000,
-        password: None,
-        coupon: None,
-        reseller: None,
-    };
+    let req = new_order("h", 2);
     let seq = match s.create_order(req, 4_000_200).unwrap() {
         Outcome::Changed(Event::OrderCreatedPriced { order, pricing, .. }, seq) if order.seq == seq => {
             assert_eq!((order.amount_cents, pricing.tier_min_quantity), (1400, Some(2)));
@@ -771,16 +752,7 @@ fn snapshot_v11() -> (Shard, Vec<ArchivedOrder>, u64, u64) {
         min_amount_cents: 0,
         deadline_ms: u64::MAX,
     };
-    let req = NewOrder {
-        buyer: "k".into(),
-        quantity: 1,
-        idempotency: None,
-        query_token: "00112233445566778899aabbccddeeff".into(),
-        ttl_ms: 300_000,
-        password: None,
-        coupon: Some(coupon),
-        reseller: None,
-    };
+    let req = NewOrder { coupon: Some(coupon), ..new_order("k", 1) };
     let Outcome::Changed(_, seq) = s.create_order(req, 4_000_300).unwrap() else { panic!("a new order") };
     let amount = s.order(seq).unwrap().amount_cents;
     let payment = Payment {

@@ -214,8 +214,9 @@ pub struct ShardV8 {
     passwords: BTreeMap<u64, PasswordHash>,
 }
 
-impl From<ShardV8> for Shard {
-    fn from(old: ShardV8) -> Shard {
+impl ShardV8 {
+    /// The shard's parts, with the pricing records a later layout adds.
+    fn into_parts(self, pricings: BTreeMap<u64, crate::domain::pricing::OrderPricing>) -> ShardParts {
         let ShardV8 {
             product,
             shard,
@@ -229,7 +230,7 @@ impl From<ShardV8> for Shard {
             archived,
             withdrawn,
             passwords,
-        } = old;
+        } = self;
         ShardParts {
             product,
             shard,
@@ -243,9 +244,14 @@ impl From<ShardV8> for Shard {
             archived,
             withdrawn,
             passwords,
-            pricings: BTreeMap::new(),
+            pricings,
         }
-        .into()
+    }
+}
+
+impl From<ShardV8> for Shard {
+    fn from(old: ShardV8) -> Shard {
+        old.into_parts(BTreeMap::new()).into()
     }
 }
 
@@ -262,57 +268,18 @@ impl From<ArchivedOrderV8> for ArchivedOrder {
     }
 }
 
-/// A snapshot as formats v9 and v10 wrote it: no archived coupon counts (storage
-/// recounts them from the archive for a v10 snapshot; v9 had no coupons).
+/// A snapshot as formats v9 and v10 wrote it: v8's layout followed by the pricing
+/// records (bincode puts a nested struct's fields in line, so this is the same
+/// byte layout), with no archived coupon counts (storage recounts them from the
+/// archive for a v10 snapshot; v9 had no coupons).
 #[derive(Deserialize)]
 pub struct ShardV10 {
-    product: ProductInfo,
-    shard: u16,
-    keys: Vec<Box<str>>,
-    available: VecDeque<KeyId>,
-    orders: BTreeMap<u64, Order>,
-    payments: HashMap<String, PaymentRecord>,
-    transfers: Transfers,
-    groups: Vec<Group>,
-    orders_created: u64,
-    archived: Archived,
-    withdrawn: Vec<KeyId>,
-    passwords: BTreeMap<u64, PasswordHash>,
+    v8: ShardV8,
     pricings: BTreeMap<u64, crate::domain::pricing::OrderPricing>,
 }
 
 impl From<ShardV10> for Shard {
     fn from(old: ShardV10) -> Shard {
-        let ShardV10 {
-            product,
-            shard,
-            keys,
-            available,
-            orders,
-            payments,
-            transfers,
-            groups,
-            orders_created,
-            archived,
-            withdrawn,
-            passwords,
-            pricings,
-        } = old;
-        ShardParts {
-            product,
-            shard,
-            keys,
-            available,
-            orders: orders.into_values().collect(),
-            payments,
-            transfers,
-            groups,
-            orders_created: Some(orders_created),
-            archived,
-            withdrawn,
-            passwords,
-            pricings,
-        }
-        .into()
+        old.v8.into_parts(old.pricings).into()
     }
 }
