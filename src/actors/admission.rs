@@ -9,8 +9,10 @@
 //!   answering. Latency of accepted requests then stays near the unloaded latency
 //!   plus at most that wait, however many buyers arrive.
 //!
-//! The drain rate is sampled from the requests themselves (every `SAMPLE_MS`, by
-//! whichever request sees the sample is due), so an idle product costs nothing.
+//! The drain rate is sampled from the new-order requests themselves (every
+//! `SAMPLE_MS`, by whichever one sees the sample is due), so an idle product costs
+//! nothing, and the periodic housekeeping calls of an idle product (transfers, holds)
+//! do not keep a stale rate alive.
 //! A refusal carries the queue depth, the drain rate and the estimated wait: the
 //! "you are in line, about N ms" answer storefronts show.
 
@@ -124,7 +126,9 @@ impl Admission {
 
     /// [`Self::admit`] at `now_ms` after this line was made (tests choose the time).
     fn admit_at(&self, lane: Lane, now_ms: u64) -> Result<Ticket, QueueFull> {
-        self.sample_at(now_ms);
+        if lane == Lane::NewOrder {
+            self.sample_at(now_ms);
+        }
         let depth = self.depth();
         let drain = self.drain_per_sec();
         let full = || QueueFull {
@@ -162,7 +166,9 @@ impl Admission {
         let next = if previous == 0 || elapsed_ms > 10 * SAMPLE_MS || fresh >= previous {
             fresh
         } else {
-            previous - (previous - fresh) / 8
+            // Rounded up, so that the estimate reaches `fresh` (rounded down, it
+            // would stay up to 7 above it for good).
+            previous - (previous - fresh).div_ceil(8)
         };
         if delta > 0 || elapsed_ms > 10 * SAMPLE_MS {
             self.drain_per_sec.store(next, Ordering::Relaxed);
@@ -234,5 +240,31 @@ mod tests {
         assert_eq!(a.recent_drain_at(1401), 0, "not shown once the line is idle for a second");
         a.sample_at(5000);
         assert_eq!(a.drain_per_sec(), 0, "after a long idle gap the line drains at an unknown rate");
+    }
+
+    #[test]
+    fn a_falling_rate_is_followed_all_the_way_down() {
+        let a = Admission::new(100, 10);
+        a.drain_per_sec.store(16, Ordering::Relaxed);
+        for t in 1..=10 {
+            drop(a.admit_at(Lane::Existing, t * SAMPLE_MS).unwrap());
+            a.sample_at(t * SAMPLE_MS);
+        }
+        assert_eq!(a.drain_per_sec(), 10, "one answer per 100 ms: the estimate falls to 10, not to a floor 7 above it");
+    }
+
+    #[test]
+    fn housekeeping_calls_of_an_idle_line_do_not_keep_its_last_rate_on_show() {
+        let a = Admission::new(100, 10);
+        for _ in 0..100 {
+            drop(a.admit_at(Lane::NewOrder, 0).unwrap());
+        }
+        drop(a.admit_at(Lane::NewOrder, 100).unwrap());
+        assert_eq!(a.recent_drain_at(100), 1000);
+        // The sale is over; a transfer settler calls every second.
+        for s in 1..=5 {
+            drop(a.admit_at(Lane::Existing, 100 + s * 1000).unwrap());
+        }
+        assert_eq!(a.recent_drain_at(5_150), 0, "an idle line shows no rate");
     }
 }
