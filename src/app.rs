@@ -522,6 +522,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let reusable_products = storage.reusable_products().map_err(|e| StartError::Recovery(format!("key modes: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
     let lookup_secret = storage.lookup_secret().map_err(|e| StartError::Recovery(format!("lookup secret: {e}")))?;
+    let webhooks = crate::core::webhooks::Webhooks::load(&settings.webhooks, &storage, clock.now_ms())
+        .map_err(|e| StartError::Recovery(format!("webhooks: {e}")))?;
     let parts = Parts {
         registry,
         supervisor,
@@ -535,6 +537,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         reusable_products,
         group_deals,
         lookup_secret,
+        webhooks: Arc::new(webhooks),
     };
     let core = Arc::new(Kami::new(parts, CoreLimits::from_settings(&settings), settings.orders.ttl_secs * 1000));
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));
@@ -569,6 +572,9 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         })
     };
 
+    // Merchant webhooks: one delivery worker per endpoint, off the order path.
+    let webhook_workers = crate::webhooks::spawn(core.clone());
+
     Ok(RunningApp {
         addr,
         secrets,
@@ -579,7 +585,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         recovery,
         stop_server: Some(stop_tx),
         server: Some(server),
-        background: vec![pruner, settler],
+        background: vec![pruner, settler, webhook_workers],
         grace: Duration::from_secs(settings.server.shutdown_grace_secs),
         actors: Some(actors),
     })

@@ -30,6 +30,107 @@ pub struct Settings {
     pub ops: OpsSettings,
     pub buyers: BuyerSettings,
     pub lookup: LookupSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Merchant webhooks: where order events are sent, and how hard to try.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// How often a delivery worker looks for new journal records.
+    pub poll_ms: u64,
+    /// Most journal records read at once per journal.
+    pub max_batch: usize,
+    /// The first retry waits this long; each next one twice as long...
+    pub backoff_base_ms: u64,
+    /// ...up to this.
+    pub backoff_max_ms: u64,
+    /// Consecutive failures that open an endpoint's breaker (no calls for a backoff).
+    pub breaker_failures: u32,
+    /// Journal records waiting for an endpoint past which the status page and
+    /// `kami_webhook_backlog_exceeded` say so (nothing pending is ever dropped).
+    pub max_pending_records: u64,
+    /// Most endpoints added through the admin API.
+    pub max_endpoints: usize,
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, EndpointSettings>,
+}
+
+/// One webhook endpoint from the configuration (`[webhooks.endpoints.<name>]`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSettings {
+    pub url: String,
+    pub secret: String,
+    /// Event types sent; empty: all. A list, or one string of names separated by
+    /// commas (what an environment variable can hold).
+    #[serde(default, deserialize_with = "list_or_commas")]
+    pub events: Vec<String>,
+    /// Whether `order.delivered` carries the keys.
+    #[serde(default)]
+    pub include_keys: bool,
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// An event failing for this long is given up on (dead letter).
+    #[serde(default = "default_retry_horizon_secs")]
+    pub retry_horizon_secs: u64,
+    /// Journals sent to at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Commas(s) => s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect(),
+    })
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    5_000
+}
+fn default_retry_horizon_secs() -> u64 {
+    86_400
+}
+fn default_max_in_flight() -> u32 {
+    4
+}
+
+impl EndpointSettings {
+    /// What is wrong with it (`None`: nothing).
+    pub fn problem(&self) -> Option<String> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.len() > 2048 {
+            return Some("url must be an http:// or https:// URL".into());
+        }
+        if self.secret.len() < 16 || self.secret.len() > 256 {
+            return Some("secret must be 16..=256 bytes".into());
+        }
+        if let Some(bad) = self.events.iter().find(|e| crate::domain::webhook::EventType::parse(e).is_none()) {
+            return Some(format!("events: unknown event type {bad:?}"));
+        }
+        if !(1..=60_000).contains(&self.timeout_ms) {
+            return Some("timeout_ms must be 1..=60000".into());
+        }
+        if !(1..=30 * 86_400).contains(&self.retry_horizon_secs) {
+            return Some("retry_horizon_secs must be 1..=2592000 (30 days)".into());
+        }
+        if !(1..=64).contains(&self.max_in_flight) {
+            return Some("max_in_flight must be 1..=64".into());
+        }
+        None
+    }
+}
+
+/// What a webhook endpoint's name may be: 1..=64 of `[a-z0-9_-]`.
+pub fn valid_endpoint_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// Buyer order lookup: hashing query passwords and the route's own rate limits.
@@ -428,6 +529,25 @@ impl Settings {
             check(value >= 1, key, "must be at least 1")?;
         }
         check(l.max_tracked >= 1, "lookup.max_tracked", "must be at least 1")?;
+        let w = &self.webhooks;
+        check((10..=60_000).contains(&w.poll_ms), "webhooks.poll_ms", "must be 10..=60000")?;
+        check((1..=10_000).contains(&w.max_batch), "webhooks.max_batch", "must be 1..=10000")?;
+        check(w.backoff_base_ms >= 1, "webhooks.backoff_base_ms", "must be at least 1")?;
+        check(w.backoff_max_ms >= w.backoff_base_ms, "webhooks.backoff_max_ms", "must be at least backoff_base_ms")?;
+        check(w.breaker_failures >= 1, "webhooks.breaker_failures", "must be at least 1")?;
+        check(w.max_pending_records >= 1, "webhooks.max_pending_records", "must be at least 1")?;
+        check((1..=1_000).contains(&w.max_endpoints), "webhooks.max_endpoints", "must be 1..=1000")?;
+        for (name, e) in &w.endpoints {
+            if !valid_endpoint_name(name) {
+                return Err(ConfigError::Invalid {
+                    key: "webhooks.endpoints",
+                    problem: format!("{name:?}: a name is 1..=64 of a-z, 0-9, _ and -"),
+                });
+            }
+            if let Some(problem) = e.problem() {
+                return Err(ConfigError::Invalid { key: "webhooks.endpoints", problem: format!("{name}.{problem}") });
+            }
+        }
         check(self.keys.max_import_bytes >= 1024, "keys.max_import_bytes", "must be at least 1024")?;
         check(self.orders.ttl_secs >= 1, "orders.ttl_secs", "must be at least 1")?;
         check(self.orders.ttl_secs <= 30 * 86400, "orders.ttl_secs", "must be at most 30 days")?;

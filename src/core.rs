@@ -51,6 +51,7 @@ mod notify;
 mod operations;
 mod orders;
 mod redemption;
+pub mod webhooks;
 
 pub use coupons::MAX_COUPONS_LISTED;
 pub use listing::{
@@ -235,6 +236,8 @@ pub struct Kami {
     merchant_writes: tokio::sync::Mutex<()>,
     /// Hashes query passwords (buyer order lookup).
     passwords: Passwords,
+    /// Merchant webhook endpoints (see [`webhooks`]).
+    webhooks: Arc<webhooks::Webhooks>,
 }
 
 /// The actors and shared tables a [`Kami`] routes to.
@@ -253,6 +256,7 @@ pub struct Parts {
     pub group_deals: Vec<crate::domain::group::GroupDeal>,
     /// Salts query passwords (`Storage::lookup_secret`).
     pub lookup_secret: [u8; 32],
+    pub webhooks: Arc<webhooks::Webhooks>,
 }
 
 impl Kami {
@@ -274,6 +278,7 @@ impl Kami {
             reusable_products,
             group_deals,
             lookup_secret,
+            webhooks,
         } = parts;
         let passwords = Passwords::new(lookup_secret, limits.max_parallel_hashes, limits.max_waiting_hashes);
         Kami {
@@ -295,6 +300,7 @@ impl Kami {
             deals: group_deals.into_iter().map(|d| ((d.product_id.clone(), d.deal_id.clone()), d)).collect(),
             merchant_writes: tokio::sync::Mutex::new(()),
             passwords,
+            webhooks,
         }
     }
 

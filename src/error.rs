@@ -39,6 +39,15 @@ pub enum Error {
     ActorNotFound(String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    #[error("no webhook endpoint named {0:?}")]
+    WebhookNotFound(String),
+    /// An endpoint of this name exists (added earlier, or in the configuration).
+    #[error("a webhook endpoint named {0:?} exists")]
+    WebhookExists(String),
+    #[error("webhook endpoint {0:?} is in the configuration file; change it there")]
+    WebhookFromConfig(String),
+    #[error("at most {0} webhook endpoints may be added")]
+    WebhooksFull(usize),
 }
 
 impl Error {
@@ -57,6 +66,10 @@ impl Error {
             Error::Timeout => "timeout",
             Error::ActorNotFound(_) => "actor_not_found",
             Error::Unavailable(_) => "unavailable",
+            Error::WebhookNotFound(_) => "webhook_not_found",
+            Error::WebhookExists(_) => "webhook_exists",
+            Error::WebhookFromConfig(_) => "webhook_from_config",
+            Error::WebhooksFull(_) => "webhooks_full",
         }
     }
 }

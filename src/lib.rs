@@ -19,6 +19,7 @@ pub mod payments;
 pub mod sandbox;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use app::{start, RunningApp};
 pub use config::{Settings, Sources};

@@ -50,6 +50,16 @@ enum Command {
         #[arg(long, env = "KAMI_SANDBOX_SECRET")]
         secret: String,
     },
+    /// A webhook receiver for demos and tests: checks each delivery's
+    /// X-Kami-Signature, keeps what it received (GET /received, GET /stats) and
+    /// answers as told (POST /mode {"mode": "ok"|"fail"|"hang"|"slow", "delay_ms": N}).
+    WebhookSink {
+        #[arg(long, default_value = "127.0.0.1:8091")]
+        listen: std::net::SocketAddr,
+        /// The endpoint's secret (`webhooks.endpoints.<name>.secret`).
+        #[arg(long, env = "KAMI_WEBHOOK_SECRET")]
+        secret: String,
+    },
     /// Flash-sale load: K keys, N buyers over C connections, each creating an order,
     /// paying it with a signed notification and reading the key. Prints throughput,
     /// latency per step and a verdict checked against the audit (exit 1 if it fails).
@@ -216,6 +226,26 @@ fn main() -> ExitCode {
                 }
             }
         },
+        Command::WebhookSink { listen, secret } => {
+            kami::telemetry::init_logging(&kami::config::LogSettings {
+                level: "info".into(),
+                format: kami::config::LogFormat::Human,
+            });
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(async move {
+                match kami::webhooks::sink::start(listen, secret).await {
+                    Ok(sink) => {
+                        println!("webhook sink listening on {}", sink.url());
+                        shutdown_signal().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("kami webhook-sink: cannot listen on {listen}: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
         Command::SandboxGateway { listen, notify_url, secret } => {
             kami::telemetry::init_logging(&kami::config::LogSettings {
                 level: "info".into(),

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("actors", &["actors", "domain", "storage", "payments", "chaos", "clock", "config", "telemetry"]),
     ("core", &["core", "actors", "domain", "storage", "payments", "chaos", "clock", "config", "telemetry", "error"]),
     ("http", &["http", "core", "actors", "domain", "chaos", "config", "telemetry", "error"]),
+    ("webhooks", &["webhooks", "http", "core", "actors", "domain", "storage", "config", "telemetry", "error"]),
     ("telemetry", &["telemetry", "config"]),
     ("clock", &[]),
 ];

@@ -900,6 +900,21 @@ impl Handler<GetGroup> for ShardActor {
     }
 }
 
+impl Handler<GetPayment> for ShardActor {
+    type Result = ResponseFuture<ActorResult<Option<crate::domain::PaymentRecord>>>;
+
+    fn handle(&mut self, m: GetPayment, _ctx: &mut Context<Self>) -> Self::Result {
+        let _turn = super::Turn::start(&self.turns);
+        match self.shard() {
+            Ok(s) => {
+                let record = s.payment(&m.channel, &m.payment_id).cloned();
+                self.reply_after_all(record)
+            }
+            Err(e) => fail(e),
+        }
+    }
+}
+
 impl Handler<ListOpenGroups> for ShardActor {
     type Result = ResponseFuture<ActorResult<Vec<GroupSnapshot>>>;
 

@@ -24,6 +24,8 @@
 //! * [`signature`] — HMAC-SHA256 signing and constant-time verification of payment
 //!   notifications.
 //! * [`validate`] — the input rules shared by HTTP and the library API.
+//! * [`webhook`] — which merchant webhook events a journal record reports, their
+//!   signature and their retry schedule.
 
 pub mod audit;
 pub mod breaker;
@@ -41,6 +43,7 @@ pub mod shelf;
 pub mod signature;
 pub mod terms;
 pub mod validate;
+pub mod webhook;
 
 pub use audit::ShardAudit;
 pub use error::DomainError;

@@ -8,6 +8,11 @@ type HmacSha256 = Hmac<Sha256>;
 
 const PREFIX: &str = "sha256=";
 
+/// HMAC-SHA256 of `body` under `secret`.
+pub fn hmac_sha256(secret: &[u8], body: &[u8]) -> [u8; 32] {
+    mac(secret, body)
+}
+
 fn mac(secret: &[u8], body: &[u8]) -> [u8; 32] {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
     mac.update(body);

@@ -26,10 +26,7 @@ pub async fn create_product(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: requests::NewProduct = extract::json(&bytes)?;
+    let (core, req): (_, requests::NewProduct) = st.admin_json(&headers, body).await?;
     let key_mode = req.key_mode;
     let info = core.create_product(req.into()).await?;
     let points_price = core.points_price(&info.id);
@@ -51,10 +48,7 @@ pub async fn set_stock(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: StockBody = extract::json(&bytes)?;
+    let (core, req): (_, StockBody) = st.admin_json(&headers, body).await?;
     let added = core.set_reusable_stock(&id, &req.key, req.units).await?;
     let p = core.product(&id)?;
     Ok(Json(json!({
@@ -178,14 +172,7 @@ impl OrdersQuery {
         if let Some(b) = &self.buyer {
             crate::domain::validate::buyer(b).map_err(|m| ApiError::invalid(format!("buyer: {m}")))?;
         }
-        let time = |field: &str, v: &Option<String>| -> ApiResult<Option<u64>> {
-            v.as_deref()
-                .map(|s| {
-                    crate::domain::terms::parse_rfc3339(s)
-                        .ok_or_else(|| ApiError::invalid(format!("{field}: not an RFC 3339 time")))
-                })
-                .transpose()
-        };
+        let time = |field: &str, v: &Option<String>| v.as_deref().map(|s| super::extract::time(field, s)).transpose();
         let (from_ms, to_ms) = (time("from", &self.from)?, time("to", &self.to)?);
         if let (Some(f), Some(t)) = (from_ms, to_ms) {
             if t <= f {
@@ -356,10 +343,7 @@ struct KillBody {
 
 /// `POST /api/v1/admin/chaos/kill` (routed only when `chaos.enabled`).
 pub async fn chaos_kill(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Json<Value>> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: KillBody = extract::json(&bytes)?;
+    let (core, req): (_, KillBody) = st.admin_json(&headers, body).await?;
     let target: crate::chaos::KillTarget = req.actor.parse().map_err(ApiError::invalid)?;
     let killed = core.chaos_kill(&target).await?;
     Ok(Json(json!({"killed": killed})))
@@ -426,10 +410,7 @@ pub async fn change_product(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let patch: requests::ProductPatch = extract::json(&bytes)?;
+    let (core, patch): (_, requests::ProductPatch) = st.admin_json(&headers, body).await?;
     let change = ProductChange::try_from(patch).map_err(ApiError::invalid)?;
     let p = core.change_product(&id, change).await?;
     Ok(Json(views::merchant_product(&p, core.points_price(&id))))
@@ -503,10 +484,7 @@ pub async fn set_points_price(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: PointsPriceBody = extract::json(&bytes)?;
+    let (core, req): (_, PointsPriceBody) = st.admin_json(&headers, body).await?;
     core.set_points_price(&id, req.points_price).await?;
     Ok(Json(json!({"id": id, "points_price": req.points_price})))
 }
@@ -528,10 +506,7 @@ pub async fn adjust_points(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: AdjustBody = extract::json(&bytes)?;
+    let (core, req): (_, AdjustBody) = st.admin_json(&headers, body).await?;
     let balance = core.adjust_points(&buyer, &req.request_id, req.delta, &req.note).await?;
     Ok(Json(views::balance(&buyer, &balance)))
 }
@@ -737,10 +712,7 @@ pub async fn create_group_deal(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: requests::NewDeal = extract::json(&bytes)?;
+    let (core, req): (_, requests::NewDeal) = st.admin_json(&headers, body).await?;
     let (deal, created) = core.create_group_deal(&id, req.into()).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(views::deal(&deal))))

@@ -32,12 +32,7 @@ struct NewCoupon {
 
 impl NewCoupon {
     fn spec(self) -> Result<CouponSpec, ApiError> {
-        let time = |field: &str, v: Option<String>| match v {
-            None => Ok(None),
-            Some(s) => crate::domain::terms::parse_rfc3339(&s)
-                .map(Some)
-                .ok_or_else(|| ApiError::invalid(format!("{field}: not an RFC 3339 time (e.g. 2026-12-01T10:00:00Z)"))),
-        };
+        let time = |field: &str, v: Option<String>| v.map(|s| extract::time(field, &s)).transpose();
         Ok(CouponSpec {
             starts_at_ms: time("starts_at", self.starts_at)?,
             ends_at_ms: time("ends_at", self.ends_at)?,
@@ -79,10 +74,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    st.require_admin(&headers)?;
-    let core = st.core()?;
-    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let req: NewCoupon = extract::json(&bytes)?;
+    let (core, req): (_, NewCoupon) = st.admin_json(&headers, body).await?;
     let (coupon, created) = core.create_coupon(req.spec()?).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(view(&coupon))))

@@ -91,7 +91,8 @@ impl From<Error> for ApiError {
             Error::BadSignature => StatusCode::UNAUTHORIZED,
             Error::StaleRequest { .. } => StatusCode::BAD_REQUEST,
             Error::Replayed => StatusCode::CONFLICT,
-            Error::UnknownChannel(_) => StatusCode::NOT_FOUND,
+            Error::UnknownChannel(_) | Error::WebhookNotFound(_) => StatusCode::NOT_FOUND,
+            Error::WebhookExists(_) | Error::WebhookFromConfig(_) | Error::WebhooksFull(_) => StatusCode::CONFLICT,
             Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

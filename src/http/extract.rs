@@ -66,6 +66,13 @@ pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a s
     }
 }
 
+/// An RFC 3339 time in field `field`, as ms since the Unix epoch (422 naming the
+/// field otherwise).
+pub fn time(field: &str, value: &str) -> Result<u64, ApiError> {
+    crate::domain::terms::parse_rfc3339(value)
+        .ok_or_else(|| ApiError::invalid(format!("{field}: not an RFC 3339 time (e.g. 2026-12-01T10:00:00Z)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

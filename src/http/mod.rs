@@ -16,6 +16,7 @@ pub mod ops;
 pub mod requests;
 pub mod server;
 pub mod views;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,6 +145,19 @@ impl AppState {
         extract::require_admin(headers, &self.admin_token)
     }
 
+    /// The prologue of a merchant route with a JSON body: the admin token checked,
+    /// the core ready, the body read within its limits and parsed strictly.
+    async fn admin_json<T: serde::de::DeserializeOwned>(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<(Arc<Kami>, T), ApiError> {
+        self.require_admin(headers)?;
+        let core = self.core()?;
+        let bytes = extract::body(headers, body, self.limits.max_body_bytes).await?;
+        Ok((core, extract::json(&bytes)?))
+    }
+
     /// Operations data (metrics, status): open when no `ops.token` is set, else the
     /// ops or the admin token, as `Authorization: Bearer` or `?token=`.
     fn require_ops(&self, headers: &axum::http::HeaderMap, query: Option<&str>) -> Result<(), ApiError> {
@@ -217,6 +231,10 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/coupons", post(coupons::create).get(coupons::list))
         .route("/api/v1/admin/coupons/{code}", get(coupons::get))
         .route("/api/v1/admin/coupons/{code}/disable", post(coupons::disable))
+        .route("/api/v1/admin/webhooks", post(webhooks::add).get(webhooks::list))
+        .route("/api/v1/admin/webhooks/{name}", get(webhooks::get).delete(webhooks::delete))
+        .route("/api/v1/admin/webhooks/{name}/deliveries", get(webhooks::deliveries))
+        .route("/api/v1/admin/webhooks/{name}/redeliver", post(webhooks::redeliver))
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/reconcile", post(api::reconcile))

@@ -115,6 +115,26 @@ pub async fn status_json(
             json!({"name": c.name, "state": state})
         })
         .collect();
+    let backlog_bound = core.webhooks().settings.max_pending_records;
+    let webhooks: Vec<_> = core
+        .webhooks()
+        .all()
+        .iter()
+        .map(|e| {
+            use std::sync::atomic::Ordering::Relaxed;
+            let pending = e.live.pending_records.load(Relaxed);
+            json!({
+                "name": e.name,
+                "pending_records": pending,
+                "over_bound": pending > backlog_bound,
+                "failing": e.live.failing.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                "dead": e.live.dead.load(Relaxed),
+                "delivered": e.live.delivered.load(Relaxed),
+                "lag_seconds": e.live.lag_ms.load(Relaxed) as f64 / 1000.0,
+                "breaker": if e.live.breaker_open.load(Relaxed) { "open" } else { "closed" },
+            })
+        })
+        .collect();
     let rejected: serde_json::Map<String, serde_json::Value> =
         crate::telemetry::rejections().map(|(r, n)| (r.to_string(), json!(n))).collect();
     let (created, delivered) = crate::telemetry::order_totals();
@@ -123,6 +143,7 @@ pub async fn status_json(
         "uptime_secs": st.started.elapsed().as_secs(),
         "products": products,
         "channels": channels,
+        "webhooks": webhooks,
         "rejected": rejected,
         "buffered_body_bytes": st.intake.buffered_body_bytes(),
         "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},

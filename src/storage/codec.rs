@@ -93,6 +93,9 @@ pub enum Kind {
     Terms = 7,
     /// (v10) A coupon shard's book (`domain::coupon::CouponBook`).
     CouponSnapshot = 8,
+    /// (added in v11 without changing any earlier kind) A merchant webhook
+    /// endpoint added at run time, or one of its dead letters (`storage::webhooks`).
+    Webhook = 9,
 }
 
 impl Kind {
@@ -102,6 +105,7 @@ impl Kind {
             Kind::Event => 16 << 20,
             Kind::Snapshot | Kind::PointsSnapshot | Kind::CouponSnapshot => 4 << 30,
             Kind::Product | Kind::Deal | Kind::Terms => 64 << 10,
+            Kind::Webhook => 1 << 20,
             Kind::ArchivedOrder => 16 << 20,
         }
     }

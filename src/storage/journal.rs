@@ -528,6 +528,51 @@ impl JournalFile {
         Ok(End::Clean)
     }
 
+    /// Reads the frames after `after` up to `upto`, which must be known durable
+    /// (its records are then in the segment files, written by the commit thread):
+    /// nothing pending is written, so a reader never costs the commit protocol a
+    /// sync. `visit` returns whether to go on. Used by readers that follow a live
+    /// journal (the webhook outbox); a torn frame before `upto` is an error.
+    pub(crate) fn read_durable(
+        &self,
+        after: u64,
+        upto: u64,
+        mut visit: impl FnMut(Frame) -> Result<bool, StorageError>,
+    ) -> Result<(), StorageError> {
+        if upto <= after {
+            return Ok(());
+        }
+        let segs: Vec<(u64, PathBuf)> = self.state().segments.iter().map(|s| (s.first, s.path.clone())).collect();
+        for (i, (first, path)) in segs.iter().enumerate() {
+            if segs.get(i + 1).is_some_and(|(next, _)| *next <= after + 1) {
+                continue;
+            }
+            if *first > upto {
+                break;
+            }
+            let mut reader = SegmentReader::open(path, *first)?;
+            loop {
+                match reader.next() {
+                    Ok(Some(frame)) if frame.seq <= after => {}
+                    Ok(Some(frame)) => {
+                        let last = frame.seq >= upto;
+                        if !visit(frame)? || last {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        return Err(StorageError::Corrupt {
+                            place: format!("journal {} record {}", self.dir.display(), reader.expected),
+                            error,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Records in segments wholly at or before `seq` (what a trim through `seq` removes).
     pub(crate) fn covered(&self, seq: u64) -> Result<u64, StorageError> {
         let st = self.with_end()?;

@@ -31,6 +31,7 @@ pub mod journal;
 mod ledger;
 mod legacy;
 pub(crate) mod log;
+pub mod webhooks;
 
 pub use ledger::{Ledger, LedgerRecovered, PointsJournal, PointsRecovered};
 
@@ -429,6 +430,10 @@ impl Storage {
     pub fn insert_product(&self, product: &ProductInfo) -> Result<bool, StorageError> {
         let value = codec::encode(Kind::Product, product);
         let swapped = self.products.compare_and_swap(product.id.as_bytes(), None as Option<&[u8]>, Some(value))?;
+        if swapped.is_ok() {
+            // Every webhook endpoint is sent the new journals from their first record.
+            self.start_webhook_cursors(product)?;
+        }
         Ok(swapped.is_ok())
     }
 
@@ -711,7 +716,9 @@ impl Storage {
         crate::chaos::reached(crate::chaos::CrashPoint::MidTrim, || {
             let _ = self.flush_now();
         });
-        journal.file().trim_through(keep_from_seq)
+        // Records some webhook endpoint has not been sent yet stay (`webhooks`).
+        let keep = self.webhook_floor(id)?.map_or(keep_from_seq, |floor| floor.min(keep_from_seq));
+        journal.file().trim_through(keep)
     }
 
     /// Reads one shard without changing anything: newest decodable snapshot, then
@@ -782,7 +789,9 @@ impl Storage {
             bad = Some((seq, error));
         }
         // Counted after reading: the read found where the journal ends.
-        let covered = journal.file().covered(snapshot_seq)?;
+        // Records kept for webhook endpoints not sent them yet are not a trim left undone.
+        let kept_for_webhooks = self.webhook_floor(id)?.map_or(snapshot_seq, |floor| floor.min(snapshot_seq));
+        let covered = journal.file().covered(kept_for_webhooks)?;
         if snapshot_seq > 0 && (covered > 0 || older_snapshots > 0) {
             let untrimmed = Finding::Untrimmed { snapshot_seq, journal_records: covered, older_snapshots };
             let after_snapshots = findings.iter().take_while(|f| matches!(f, Finding::CorruptSnapshot { .. })).count();

@@ -178,6 +178,14 @@ pub struct JoinAnyGroup {
 #[rtype(result = "ActorResult<GroupSnapshot>")]
 pub struct GetGroup(pub u64);
 
+/// The payment this shard recorded under `channel`/`payment_id`, if any.
+#[derive(Message)]
+#[rtype(result = "ActorResult<Option<crate::domain::PaymentRecord>>")]
+pub struct GetPayment {
+    pub channel: String,
+    pub payment_id: String,
+}
+
 /// Open groups of a deal with a free seat, oldest first, at most `limit`.
 #[derive(Message)]
 #[rtype(result = "ActorResult<Vec<GroupSnapshot>>")]
