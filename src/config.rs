@@ -52,6 +52,11 @@ pub struct WebhookSettings {
     pub max_pending_records: u64,
     /// Most endpoints added through the admin API.
     pub max_endpoints: usize,
+    /// `stock.low` is sent when a product's available keys fall to this many...
+    pub low_stock_threshold: u64,
+    /// ...or to its own threshold here (product id → keys).
+    #[serde(default)]
+    pub low_stock: BTreeMap<String, u64>,
     #[serde(default)]
     pub endpoints: BTreeMap<String, EndpointSettings>,
 }

@@ -66,6 +66,30 @@ struct Cursor {
     failing: Option<Failing>,
 }
 
+/// How an attempt at an event ended.
+enum Sent {
+    Delivered,
+    /// Failed; tried again later.
+    Later,
+    /// Failed past the retry horizon: a dead letter now.
+    Dead,
+}
+
+/// Most stock events waiting for one endpoint (a product's level changes at most
+/// twice between two rounds, so this is reached only while the endpoint fails).
+const MAX_STOCK_QUEUED: usize = 10_000;
+
+/// What an endpoint's worker knows of products' stock levels.
+#[derive(Default)]
+struct Stock {
+    /// The level each product was at last round.
+    seen: HashMap<String, webhook::StockLevel>,
+    /// The level last announced (or found at the start).
+    announced: HashMap<String, webhook::StockLevel>,
+    queue: VecDeque<Prepared>,
+    failing: Option<Failing>,
+}
+
 /// Starts the supervisor of the delivery workers: one per endpoint, started when
 /// an endpoint appears, stopped when it is deleted.
 pub fn spawn(core: Arc<Kami>) -> tokio::task::JoinHandle<()> {
@@ -114,9 +138,11 @@ impl Worker {
         let poll = Duration::from_millis(settings.poll_ms);
         let name = self.endpoint.name.clone();
         let mut cursors: HashMap<ShardId, Cursor> = HashMap::new();
+        let mut stock = Stock::default();
         let breaker = Breaker { failures: AtomicU32::new(0), open_until_ms: AtomicU64::new(0) };
         tracing::info!(endpoint = %name, url = %self.endpoint.settings.url, "webhook worker started");
         while !self.endpoint.live.removed.load(Ordering::Relaxed) {
+            self.stock(&mut stock, &breaker).await;
             if let Err(e) = self.round(&mut cursors, &breaker).await {
                 tracing::warn!(endpoint = %name, error = %e, "webhook round failed; trying again");
             }
@@ -224,65 +250,120 @@ impl Worker {
             }
             let (seq, events, mut sent) = c.head.take().expect("a head");
             while sent < events.len() {
-                let now = self.core.now_ms();
-                if breaker.open_until_ms.load(Ordering::Relaxed) > now {
-                    c.head = Some((seq, events, sent));
-                    return;
-                }
-                let e = &events[sent];
-                match self.post(e).await {
-                    Ok(()) => {
-                        breaker.failures.store(0, Ordering::Relaxed);
-                        self.endpoint.live.breaker_open.store(false, Ordering::Relaxed);
-                        self.count("delivered");
-                        self.endpoint.live.delivered.fetch_add(1, Ordering::Relaxed);
-                        self.forget_failing(&e.id, &mut c.failing);
-                        sent += 1;
-                    }
-                    Err(error) => {
-                        self.count("failed");
-                        self.endpoint.live.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                        let failures = breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                        let settings = &self.core.webhooks().settings;
-                        let f = c.failing.get_or_insert(Failing {
-                            kind: e.kind,
-                            attempts: 0,
-                            last_error: String::new(),
-                            first_failed_ms: now,
-                            next_attempt_ms: now,
-                        });
-                        f.attempts += 1;
-                        f.last_error = error;
-                        let wait = webhook::backoff_ms(
-                            f.attempts,
-                            settings.backoff_base_ms,
-                            settings.backoff_max_ms,
-                            rand::random(),
-                        );
-                        f.next_attempt_ms = now + wait;
-                        if failures >= settings.breaker_failures {
-                            breaker.open_until_ms.store(now + wait, Ordering::Relaxed);
-                            self.endpoint.live.breaker_open.store(true, Ordering::Relaxed);
-                        }
-                        let horizon_ms = self.endpoint.settings.retry_horizon_secs * 1000;
-                        if now.saturating_sub(f.first_failed_ms) >= horizon_ms {
-                            self.bury(e, f);
-                            self.forget_failing(&e.id, &mut c.failing);
-                            sent += 1;
-                            continue;
-                        }
-                        let listed = f.clone();
-                        let mut failing = self.endpoint.live.failing.lock().unwrap_or_else(|p| p.into_inner());
-                        if failing.len() < crate::core::webhooks::MAX_FAILING_LISTED || failing.contains_key(&e.id) {
-                            failing.insert(e.id.clone(), listed);
-                        }
-                        drop(failing);
+                match self.attempt(&events[sent], &mut c.failing, breaker).await {
+                    Sent::Delivered | Sent::Dead => sent += 1,
+                    Sent::Later => {
                         c.head = Some((seq, events, sent));
                         return;
                     }
                 }
             }
             c.done = seq;
+        }
+    }
+
+    /// One attempt at `e` (none while the breaker is open); `failing` is its
+    /// failures so far, updated.
+    async fn attempt(&self, e: &Prepared, failing: &mut Option<Failing>, breaker: &Breaker) -> Sent {
+        let now = self.core.now_ms();
+        if breaker.open_until_ms.load(Ordering::Relaxed) > now {
+            return Sent::Later;
+        }
+        let error = match self.post(e).await {
+            Ok(()) => {
+                breaker.failures.store(0, Ordering::Relaxed);
+                self.endpoint.live.breaker_open.store(false, Ordering::Relaxed);
+                self.count("delivered");
+                self.endpoint.live.delivered.fetch_add(1, Ordering::Relaxed);
+                self.forget_failing(&e.id, failing);
+                return Sent::Delivered;
+            }
+            Err(error) => error,
+        };
+        self.count("failed");
+        self.endpoint.live.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        let failures = breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let settings = &self.core.webhooks().settings;
+        let f = failing.get_or_insert(Failing {
+            kind: e.kind,
+            attempts: 0,
+            last_error: String::new(),
+            first_failed_ms: now,
+            next_attempt_ms: now,
+        });
+        f.attempts += 1;
+        f.last_error = error;
+        let wait = webhook::backoff_ms(f.attempts, settings.backoff_base_ms, settings.backoff_max_ms, rand::random());
+        f.next_attempt_ms = now + wait;
+        if failures >= settings.breaker_failures {
+            breaker.open_until_ms.store(now + wait, Ordering::Relaxed);
+            self.endpoint.live.breaker_open.store(true, Ordering::Relaxed);
+        }
+        if now.saturating_sub(f.first_failed_ms) >= self.endpoint.settings.retry_horizon_secs * 1000 {
+            self.bury(e, f);
+            self.forget_failing(&e.id, failing);
+            return Sent::Dead;
+        }
+        let listed = f.clone();
+        let mut shown = self.endpoint.live.failing.lock().unwrap_or_else(|p| p.into_inner());
+        if shown.len() < crate::core::webhooks::MAX_FAILING_LISTED || shown.contains_key(&e.id) {
+            shown.insert(e.id.clone(), listed);
+        }
+        Sent::Later
+    }
+
+    /// Announces products whose stock reached a level (`stock.low`, `stock.sold_out`)
+    /// from their durable counts: a level is announced when seen in two rounds in a
+    /// row (keys moving between shards are counted in neither for a moment).
+    async fn stock(&self, stock: &mut Stock, breaker: &Breaker) {
+        let settings = &self.core.webhooks().settings;
+        let wants = self.endpoint.wants(EventType::StockLow) || self.endpoint.wants(EventType::StockSoldOut);
+        if !wants {
+            return;
+        }
+        let now = self.core.now_ms();
+        for (id, route) in self.core.registry().all().iter() {
+            if route.shelf.get() == crate::domain::shelf::Shelf::Deleted {
+                continue;
+            }
+            let c = route.counts();
+            let threshold = settings.low_stock.get(id).copied().unwrap_or(settings.low_stock_threshold);
+            let level = webhook::stock_level(c.available, c.imported, threshold);
+            let seen = stock.seen.insert(id.clone(), level);
+            if seen != Some(level) {
+                continue; // announced once it holds for a second round
+            }
+            let before = stock.announced.get(id).copied();
+            let Some(kind) = webhook::stock_event(before, level) else {
+                stock.announced.insert(id.clone(), level);
+                continue;
+            };
+            stock.announced.insert(id.clone(), level);
+            if !self.endpoint.wants(kind) || stock.queue.len() >= MAX_STOCK_QUEUED {
+                continue;
+            }
+            let object = json!({
+                "product_id": id,
+                "available": c.available,
+                "reserved": c.reserved,
+                "sold": c.sold,
+                "imported": c.imported,
+                "low_stock_threshold": threshold,
+            });
+            let r = Reported { index: 0, kind, subject: Subject::Order(0), at_ms: now, payment: None };
+            let event_id = format!("{id}.{}.{}.{}", kind.as_str(), c.imported, c.sold);
+            stock.queue.push_back(self.render(event_id, &r, object));
+        }
+        while let Some(e) = stock.queue.front() {
+            if stock.failing.as_ref().is_some_and(|f| f.next_attempt_ms > now) {
+                return;
+            }
+            match self.attempt(e, &mut stock.failing, breaker).await {
+                Sent::Delivered | Sent::Dead => {
+                    stock.queue.pop_front();
+                }
+                Sent::Later => return,
+            }
         }
     }
 

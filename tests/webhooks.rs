@@ -96,6 +96,7 @@ async fn every_event_type_reaches_a_healthy_receiver_once_signed_and_in_order() 
             ("payments.query_after_ms", "100"),
             ("payments.sweep_interval_ms", "50"),
             ("webhooks.poll_ms", "20"),
+            ("webhooks.low_stock.p", "18"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
@@ -171,6 +172,8 @@ async fn every_event_type_reaches_a_healthy_receiver_once_signed_and_in_order() 
         "group.completed",
         "group.failed",
         "redemption.settled",
+        "stock.low",
+        "stock.sold_out",
     ]
     .into();
     let got = until_received(&crm, "every type", |got| {
@@ -201,6 +204,9 @@ async fn every_event_type_reaches_a_healthy_receiver_once_signed_and_in_order() 
     let find = |kind: &str| got.iter().find(|r| r.kind == kind).unwrap().body.clone();
     assert_eq!(find("group.completed")["data"]["object"]["group_id"], group_id.as_str());
     assert_eq!(find("group.failed")["data"]["object"]["group_id"], failed_group.as_str());
+    assert_eq!(find("stock.low")["data"]["object"]["product_id"], "p", "p's 20 keys fell to its threshold of 18");
+    let sold_out = find("stock.sold_out")["data"]["object"].clone();
+    assert_eq!((sold_out["product_id"].as_str(), sold_out["available"].as_u64()), (Some("late"), Some(0)));
     let paid = got.iter().find(|r| r.kind == "order.paid" && order_of(r) == alice_id).unwrap();
     assert_eq!(paid.body["data"]["payment"]["amount_cents"], 990);
     assert_eq!(paid.body["data"]["payment"]["outcome"], "delivered");
@@ -310,7 +316,10 @@ async fn endpoints_come_and_go_at_run_time_and_dead_letters_are_redelivered() {
     let taken = add(json!({"name": "fixed", "url": s.url(), "secret": HOOK_SECRET})).await;
     assert_eq!((taken.status, taken.code()), (409, "webhook_exists"));
     s.set_mode(Mode::Fail, 0);
-    let added = add(json!({"name": "erp", "url": s.url(), "secret": HOOK_SECRET, "retry_horizon_secs": 1})).await;
+    let order_events = ["order.created", "order.paid", "order.delivered"];
+    let added = add(json!({"name": "erp", "url": s.url(), "secret": HOOK_SECRET, "retry_horizon_secs": 1,
+                           "events": order_events}))
+    .await;
     assert_eq!(added.status, 201, "{}", added.body);
     assert_eq!(added.body["source"], "api");
 

@@ -29,10 +29,12 @@ pub enum EventType {
     GroupCompleted,
     GroupFailed,
     RedemptionSettled,
+    StockLow,
+    StockSoldOut,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 13] = [
         EventType::OrderCreated,
         EventType::OrderPaid,
         EventType::OrderDelivered,
@@ -44,6 +46,8 @@ impl EventType {
         EventType::GroupCompleted,
         EventType::GroupFailed,
         EventType::RedemptionSettled,
+        EventType::StockLow,
+        EventType::StockSoldOut,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +63,8 @@ impl EventType {
             EventType::GroupCompleted => "group.completed",
             EventType::GroupFailed => "group.failed",
             EventType::RedemptionSettled => "redemption.settled",
+            EventType::StockLow => "stock.low",
+            EventType::StockSoldOut => "stock.sold_out",
         }
     }
 
@@ -162,6 +168,41 @@ pub fn events_of(event: &Event) -> Vec<Reported> {
         | Event::TransferSettled { .. }
         | Event::OrdersArchived { .. }
         | Event::KeysWithdrawn { .. } => Vec::new(),
+    }
+}
+
+/// Where a product's stock stands, for `stock.low` and `stock.sold_out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StockLevel {
+    /// Never stocked: nothing to announce.
+    Empty,
+    Plenty,
+    /// At most the threshold left, some left.
+    Low,
+    /// None left to sell (keys held by unpaid orders may still come back).
+    SoldOut,
+}
+
+pub fn stock_level(available: u64, imported: u64, threshold: u64) -> StockLevel {
+    match (imported, available) {
+        (0, _) => StockLevel::Empty,
+        (_, 0) => StockLevel::SoldOut,
+        (_, a) if a <= threshold => StockLevel::Low,
+        _ => StockLevel::Plenty,
+    }
+}
+
+/// What a move from `before` (`None`: not known, as after a start) to `now`
+/// announces. Announced once per arrival at a level; after a start the level
+/// found is announced again (receivers deduplicate by id).
+pub fn stock_event(before: Option<StockLevel>, now: StockLevel) -> Option<EventType> {
+    if before == Some(now) {
+        return None;
+    }
+    match now {
+        StockLevel::Low => Some(EventType::StockLow),
+        StockLevel::SoldOut => Some(EventType::StockSoldOut),
+        StockLevel::Plenty | StockLevel::Empty => None,
     }
 }
 
@@ -302,6 +343,22 @@ mod tests {
         let idx: Vec<u8> = events_of(&paid(PaymentOutcome::Delivered)).iter().map(|r| r.index).collect();
         assert_eq!(idx, [0, 1, 2]);
         assert_eq!(events_of(&paid(PaymentOutcome::Delivered))[2].subject, Subject::GroupOf(3));
+    }
+
+    #[test]
+    fn stock_is_announced_once_per_arrival_at_a_level() {
+        use StockLevel::*;
+        assert_eq!(stock_level(0, 0, 10), Empty);
+        assert_eq!(stock_level(11, 100, 10), Plenty);
+        assert_eq!(stock_level(10, 100, 10), Low);
+        assert_eq!(stock_level(0, 100, 10), SoldOut);
+        assert_eq!(stock_event(Some(Plenty), Low), Some(EventType::StockLow));
+        assert_eq!(stock_event(Some(Low), Low), None, "once per arrival");
+        assert_eq!(stock_event(Some(Low), SoldOut), Some(EventType::StockSoldOut));
+        assert_eq!(stock_event(Some(SoldOut), Low), Some(EventType::StockLow), "keys came back, then low again");
+        assert_eq!(stock_event(Some(SoldOut), Plenty), None, "a restock is not announced");
+        assert_eq!(stock_event(None, SoldOut), Some(EventType::StockSoldOut), "found after a start");
+        assert_eq!(stock_event(None, Plenty), None);
     }
 
     #[test]
