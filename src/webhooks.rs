@@ -171,6 +171,8 @@ impl Worker {
             ends.push((id, end));
         }
         storage.ticket()?.wait().await?;
+        // Reported before sending too: a round can take a timeout's length.
+        self.report(cursors, &ends);
         let now = self.core.now_ms();
         let mut ready = Vec::new();
         for (id, end) in &ends {

@@ -3,7 +3,7 @@
 //! directory. The harness only stands in for what a person does by hand:
 //! `cargo run --release` (re)starts the kami binary this suite built (stopping the
 //! one started before, as Ctrl-C would), `kami ...` is that binary, a line starting
-//! `# Stop the server` stops it, and the ports 8080 and 8090 become free ones. Every
+//! `# Stop the server` stops it, and the ports 8080, 8090 and 8091 become free ones. Every
 //! `curl` fails the tour on an HTTP error (`--fail-with-body`), every command on a
 //! non-zero exit (`set -e`): a tour that breaks when pasted fails here.
 
@@ -86,14 +86,15 @@ fn the_readme_tours_work_pasted_in_order() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let blocks = tours(&readme);
     assert!(blocks.len() >= 8, "only {} tour blocks found", blocks.len());
-    let (port, gateway_port) = (free_port(), free_port());
+    let (port, gateway_port, sink_port) = (free_port(), free_port(), free_port());
     let mut script = PRELUDE.to_string();
     for (i, block) in blocks.iter().enumerate() {
         script.push_str(&format!("echo '>>> tour block {}'\n", i + 1));
         let block = block
             .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
             .replace("localhost:8080", &format!("127.0.0.1:{port}"))
-            .replace("127.0.0.1:8090", &format!("127.0.0.1:{gateway_port}"));
+            .replace("127.0.0.1:8090", &format!("127.0.0.1:{gateway_port}"))
+            .replace("127.0.0.1:8091", &format!("127.0.0.1:{sink_port}"));
         for line in block.lines() {
             if line.trim_start().starts_with("# Stop the server") {
                 script.push_str("stop_kami\n");
@@ -118,7 +119,7 @@ fn the_readme_tours_work_pasted_in_order() {
         .status()
         .unwrap();
     // Whatever still listens on the tour's ports (after a timeout): stopped.
-    for p in [port, gateway_port] {
+    for p in [port, gateway_port, sink_port] {
         let _ = Command::new("pkill").args(["-f", &format!("127.0.0.1:{p}")]).status();
     }
     let stdout = std::fs::read_to_string(dir.path().join("output.txt")).unwrap_or_default();

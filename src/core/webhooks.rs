@@ -244,13 +244,10 @@ impl Kami {
     pub fn redeliver(&self, name: &str, which: Redeliver) -> Result<usize, Error> {
         let endpoint = self.webhook(name)?;
         let ids: Vec<String> = match which {
-            Redeliver::Event(id) => {
-                let found = self.storage.dead_letters(name, "", usize::MAX)?.into_iter().find(|d| d.event_id == id);
-                match found {
-                    Some(d) => vec![d.event_id],
-                    None => return Err(Error::Invalid(format!("no dead letter {id:?} for endpoint {name:?}"))),
-                }
-            }
+            Redeliver::Event(id) => match self.storage.dead_letter(name, &id)? {
+                Some(d) => vec![d.event_id],
+                None => return Err(Error::Invalid(format!("no dead letter {id:?} for endpoint {name:?}"))),
+            },
             Redeliver::Between { from_ms, to_ms } => {
                 let mut ids = Vec::new();
                 let mut after = String::new();
