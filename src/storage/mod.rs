@@ -118,13 +118,32 @@ impl Drop for Storage {
     }
 }
 
+/// How long an open waits for the data directory's lock held by this process's
+/// previous handle: sled's I/O threads finish their last writes after the
+/// handle is dropped, and keep the lock until then.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens sled, waiting (bounded) for a lock still held by a handle on its way out.
+/// A lock held by another process is reported once the wait is over.
+fn open_sled(opts: &StorageOptions) -> Result<sled::Db, StorageError> {
+    let config =
+        sled::Config::new().path(&opts.path).cache_capacity(opts.cache_capacity_bytes).mode(sled::Mode::HighThroughput);
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Storage {
     pub fn open(opts: &StorageOptions) -> Result<Arc<Storage>, StorageError> {
-        let db = sled::Config::new()
-            .path(&opts.path)
-            .cache_capacity(opts.cache_capacity_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        let db = open_sled(opts)?;
         let products = db.open_tree("products")?;
         let snapshots = db.open_tree("snapshots")?;
         // Claims are rebuilt in memory from the shards (`actors::claims`).
