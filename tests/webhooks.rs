@@ -399,6 +399,26 @@ async fn kill_9_during_a_sale_loses_no_acknowledged_delivery_and_invents_none() 
     api.import("p", &(0..5_000).map(|i| format!("K{i}")).collect::<Vec<_>>()).await;
     // The receiver is slow for part of the sale, so the kill finds events not sent yet.
     s.set_mode(Mode::Slow, 30);
+    // Acknowledged before the kill: a group completed, and a refund owed (a payment for
+    // an order whose key went to another buyer after it was cancelled).
+    let deal = json!({"deal_id": "duo", "group_size": 2, "price_cents": 500, "time_limit_secs": 3600});
+    let r = reply(api.admin(api.http.post(format!("{}/api/v1/products/p/group-deals", api.url))).json(&deal)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let body = json!({"product_id": "p", "deal_id": "duo", "buyer": "ga", "join_open": false});
+    let opened = reply(api.http.post(format!("{}/api/v1/groups", api.url)).json(&body)).await;
+    let group_id = opened.body["group"]["group_id"].as_str().unwrap().to_string();
+    let joined =
+        reply(api.http.post(format!("{}/api/v1/groups/{group_id}/join", api.url)).json(&json!({"buyer": "gb"}))).await;
+    for seat in [&opened, &joined] {
+        let id = seat.body["order"]["order_id"].as_str().unwrap();
+        assert_eq!(api.notify(id, &format!("pay-{id}"), 500).await.status, 200);
+    }
+    api.product_with_keys("late", 1, 0).await;
+    let late = api.order("late", 1, "l1", None).await;
+    let late_id = late.body["order_id"].as_str().unwrap().to_string();
+    assert_eq!(api.cancel(&late_id, late.body["query_token"].as_str().unwrap()).await.status, 200);
+    assert_eq!(api.buy("late", "l2").await.body["status"], "delivered");
+    assert_eq!(api.notify(&late_id, "pay-late", 990).await.status, 200, "a refund owed, acknowledged");
     let acked: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
     let buyers: Vec<_> = (0..8)
         .map(|w| {
@@ -434,9 +454,18 @@ async fn kill_9_during_a_sale_loses_no_acknowledged_delivery_and_invents_none() 
         acked.iter().all(|id| delivered.contains(id))
     })
     .await;
+    let outcome = |kind: &str, object: &str| {
+        got.iter().any(|r| {
+            r.kind == kind
+                && r.acknowledged
+                && r.body["data"]["object"][if kind.starts_with("group") { "group_id" } else { "order_id" }] == object
+        })
+    };
+    assert!(outcome("group.completed", &group_id), "the acknowledged group completion was sent");
+    assert!(outcome("order.refund_pending", &late_id), "the acknowledged refund owed was sent");
     // None invented: every order the receiver was told of is, after the restart, what it was told.
     let mut told: HashMap<String, Vec<String>> = HashMap::new();
-    for r in got.iter().filter(|r| r.acknowledged) {
+    for r in got.iter().filter(|r| r.acknowledged && r.kind.starts_with("order.")) {
         told.entry(order_of(r)).or_default().push(r.kind.clone());
     }
     for (id, kinds) in &told {
@@ -446,6 +475,8 @@ async fn kill_9_during_a_sale_loses_no_acknowledged_delivery_and_invents_none() 
             assert_eq!(order.body["status"], "delivered", "{id} was announced delivered: {}", order.body);
         }
     }
+    let group = reply(api.http.get(format!("{}/api/v1/groups/{group_id}", api.url))).await;
+    assert_eq!(group.body["state"], "completed", "announced completed: {}", group.body);
     let duplicates = got.iter().filter(|r| r.duplicate).count();
     assert_audit_ok(&api.audit().await);
     eprintln!(
