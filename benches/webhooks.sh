@@ -3,7 +3,8 @@
 # notification + read, examples/purchase_client.rs) against kami with no webhook
 # endpoint, with a healthy receiver taking every event, and with a receiver that
 # never answers (`kami webhook-sink`, mode "hang"): side by side in one run,
-# ROUNDS times in turn, then the table and the ratios to "none".
+# ROUNDS times (the order turning each round), then the table: mean and median,
+# each with its ratio to "none".
 #
 # Usage: bash benches/webhooks.sh   (env: SECS=10 CONNS=256 ROUNDS=2 KEYS_PER_SEC=20000)
 set -euo pipefail
@@ -65,18 +66,23 @@ run() { # $1 = label, $2 = sink mode ("" = no endpoint)
 }
 
 echo "full purchase, $CONNS connections, ${SECS}s per run, $ROUNDS rounds"
+# The order turns every round, so a drift of the machine does not favour one case.
+cases=("no endpoint|" "healthy receiver|ok" "hanging receiver|hang")
 for ((r = 0; r < ROUNDS; r++)); do
-    run "no endpoint" ""
-    run "healthy receiver" ok
-    run "hanging receiver" hang
+    for ((c = 0; c < 3; c++)); do
+        IFS='|' read -r label mode <<<"${cases[$(((r + c) % 3))]}"
+        run "$label" "$mode"
+    done
 done
 
-mean() { for x in "${results[@]}"; do IFS='|' read -r l v _ <<<"$x"; if [ "$l" = "$1" ]; then echo "$v"; fi; done | awk '{ s += $1; n++ } END { printf "%d", s / n }'; }
+values() { for x in "${results[@]}"; do IFS='|' read -r l v _ <<<"$x"; if [ "$l" = "$1" ]; then echo "$v"; fi; done; }
+mean() { values "$1" | awk '{ s += $1; n++ } END { printf "%d", s / n }'; }
+median() { values "$1" | sort -n | awk '{ v[n++] = $1 } END { printf "%d", n % 2 ? v[(n - 1) / 2] : (v[n / 2 - 1] + v[n / 2]) / 2 }'; }
 echo
-echo "| webhook endpoint | purchases/s (mean) | vs none |"
-echo "|---|---:|---:|"
-none=$(mean "no endpoint")
+echo "| webhook endpoint | purchases/s (mean) | vs none | purchases/s (median) | vs none |"
+echo "|---|---:|---:|---:|---:|"
+none=$(mean "no endpoint") none_median=$(median "no endpoint")
 for l in "no endpoint" "healthy receiver" "hanging receiver"; do
-    m=$(mean "$l")
-    echo "| $l | $m | $(awk -v a="$m" -v b="$none" 'BEGIN { printf "%.3f", a / b }') |"
+    m=$(mean "$l") md=$(median "$l")
+    echo "| $l | $m | $(awk -v a="$m" -v b="$none" 'BEGIN { printf "%.3f", a / b }') | $md | $(awk -v a="$md" -v b="$none_median" 'BEGIN { printf "%.3f", a / b }') |"
 done
