@@ -110,8 +110,15 @@ fn default_max_in_flight() -> u32 {
 impl EndpointSettings {
     /// What is wrong with it (`None`: nothing).
     pub fn problem(&self) -> Option<String> {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) || self.url.len() > 2048 {
-            return Some("url must be an http:// or https:// URL".into());
+        if self.url.starts_with("https://") {
+            // Built without TLS: an https:// endpoint would fail every attempt until
+            // its events went dead. Refused where the operator sees it at once.
+            return Some(
+                "url: https:// is not sent by this build; put TLS in a local proxy and give its http:// URL".into(),
+            );
+        }
+        if !self.url.starts_with("http://") || self.url.len() > 2048 {
+            return Some("url must be an http:// URL".into());
         }
         if self.secret.len() < 16 || self.secret.len() > 256 {
             return Some("secret must be 16..=256 bytes".into());

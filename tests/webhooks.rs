@@ -311,6 +311,10 @@ async fn endpoints_come_and_go_at_run_time_and_dead_letters_are_redelivered() {
     let add = |body: Value| reply(api.admin(api.http.post(format!("{}/api/v1/admin/webhooks", api.url))).json(&body));
     let bad = add(json!({"name": "x", "url": "ftp://nowhere", "secret": HOOK_SECRET})).await;
     assert_eq!((bad.status, bad.code()), (422, "invalid_request"), "{}", bad.body);
+    // This build has no TLS: an https:// endpoint is refused, not left to fail until dead.
+    let bad = add(json!({"name": "x", "url": "https://shop.example/hooks", "secret": HOOK_SECRET})).await;
+    assert_eq!((bad.status, bad.code()), (422, "invalid_request"), "{}", bad.body);
+    assert!(bad.body["error"]["message"].as_str().unwrap().contains("url: https://"), "{}", bad.body);
     let bad = add(json!({"name": "x", "url": s.url(), "secret": HOOK_SECRET, "events": ["order.shipped"]})).await;
     assert_eq!((bad.status, bad.code()), (422, "invalid_request"), "{}", bad.body);
     let taken = add(json!({"name": "fixed", "url": s.url(), "secret": HOOK_SECRET})).await;
