@@ -35,6 +35,9 @@ pub enum StartError {
     Recovery(String),
     #[error("secrets: {0}")]
     Secrets(String),
+    /// A payment channel's key file is missing, unreadable or holds no key.
+    #[error("payment channel: {0}")]
+    Channel(String),
 }
 
 /// Secrets in force. Those not configured are generated once and kept in
@@ -407,6 +410,10 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
 
 pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<RunningApp, StartError> {
     let secrets = Secrets::resolve(&settings)?;
+    // Key files are read before anything else starts: a missing key stops kami here.
+    let channels = Arc::new(
+        Channels::from_settings(&settings, &secrets.channels, &secrets.retiring).map_err(StartError::Channel)?,
+    );
     crate::telemetry::history::start_sampler();
     if settings.chaos.enabled {
         crate::chaos::arm(settings.chaos.crash_point, settings.chaos.crash_after_hits);
@@ -485,7 +492,6 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         "recovery finished"
     );
 
-    let channels = Arc::new(Channels::from_settings(&settings, &secrets.channels, &secrets.retiring));
     let payment_env = Arc::new(PaymentEnv {
         registry: registry.clone(),
         channels: channels.clone(),
@@ -496,6 +502,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             .build()
             .map_err(|e| StartError::Recovery(format!("payment client: {e}")))?,
     });
+    let pay_http = payment_env.http.clone();
     // Its own thread: gateway calls never share an arbiter with stock actors.
     let payments =
         Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
@@ -538,6 +545,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         group_deals,
         lookup_secret,
         webhooks: Arc::new(webhooks),
+        http: pay_http,
     };
     let core = Arc::new(Kami::new(parts, CoreLimits::from_settings(&settings), settings.orders.ttl_secs * 1000));
     core.restore_pins(std::mem::take(&mut recovery.idempotency_keys));

@@ -291,6 +291,40 @@ pub enum ChannelKind {
     Sandbox,
     /// Any gateway speaking the channel protocol; the endpoint is required.
     Http,
+    /// Alipay (支付宝) open platform: RSA2-signed page pay, notifications, query, refund.
+    Alipay,
+    /// WeChat Pay (微信支付) API v3: Native orders, signed and encrypted notifications.
+    Wechatpay,
+    /// Stripe: Checkout Sessions, signed webhooks, PaymentIntent search, refunds.
+    Stripe,
+}
+
+impl ChannelKind {
+    /// Whether the channel speaks a real gateway's own protocol (src/payments/adapter.rs)
+    /// rather than kami's channel protocol.
+    pub fn is_adapter(self) -> bool {
+        matches!(self, ChannelKind::Alipay | ChannelKind::Wechatpay | ChannelKind::Stripe)
+    }
+
+    /// The gateway's production base URL, used when `endpoint` is empty.
+    pub fn default_endpoint(self) -> Option<&'static str> {
+        match self {
+            ChannelKind::Alipay => Some("https://openapi.alipay.com/gateway.do"),
+            ChannelKind::Wechatpay => Some("https://api.mch.weixin.qq.com"),
+            ChannelKind::Stripe => Some("https://api.stripe.com"),
+            ChannelKind::Sandbox | ChannelKind::Http => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Sandbox => "sandbox",
+            ChannelKind::Http => "http",
+            ChannelKind::Alipay => "alipay",
+            ChannelKind::Wechatpay => "wechatpay",
+            ChannelKind::Stripe => "stripe",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,10 +332,53 @@ pub enum ChannelKind {
 pub struct ChannelSettings {
     #[serde(default = "sandbox_kind")]
     pub kind: ChannelKind,
+    /// The channel protocol's HMAC secret (kinds `sandbox` and `http`); empty = generated.
+    #[serde(default)]
     pub secret: String,
-    /// Base URL of the channel's gateway (`http://...`); empty = none (no pay URL).
+    /// Base URL of the channel's gateway (`http://...` or `https://...`); empty = none
+    /// (no pay URL), or the gateway's production URL for kinds alipay, wechatpay, stripe.
     #[serde(default)]
     pub endpoint: String,
+    /// Alipay: the app's `app_id`; WeChat Pay: the `appid` the merchant is bound to.
+    #[serde(default)]
+    pub app_id: String,
+    /// WeChat Pay: the merchant id (`mchid`).
+    #[serde(default)]
+    pub merchant_id: String,
+    /// WeChat Pay: the serial number of the merchant's API certificate (`serial_no`).
+    #[serde(default)]
+    pub merchant_serial: String,
+    /// Alipay, WeChat Pay: the merchant's RSA private key (PEM, PKCS#8 or PKCS#1, or
+    /// the bare base64 Alipay's key tool writes). Never logged.
+    #[serde(default)]
+    pub private_key_file: String,
+    /// Alipay: Alipay's public key; WeChat Pay: the platform public key (微信支付公钥).
+    #[serde(default)]
+    pub platform_public_key_file: String,
+    /// WeChat Pay: the platform public key's id (`PUB_KEY_ID_...`), sent as `Wechatpay-Serial`.
+    #[serde(default)]
+    pub platform_key_id: String,
+    /// WeChat Pay: a file holding the 32-byte APIv3 key. Never logged.
+    #[serde(default)]
+    pub apiv3_key_file: String,
+    /// Stripe: a file holding the secret API key (`sk_...`). Never logged.
+    #[serde(default)]
+    pub secret_key_file: String,
+    /// Stripe: a file holding the webhook signing secret(s) (`whsec_...`), one per
+    /// line: during a rotation both are accepted.
+    #[serde(default)]
+    pub webhook_secret_file: String,
+    /// Alipay, WeChat Pay: where the gateway sends its notifications (kami's public
+    /// `https://.../api/v1/payments/{name}/notify`).
+    #[serde(default)]
+    pub notify_url: String,
+    /// Alipay: where the buyer returns after paying; Stripe: `success_url` (both optional
+    /// for Alipay, required for Stripe).
+    #[serde(default)]
+    pub return_url: String,
+    /// Stripe: the currency of prices (ISO code, lowercase); WeChat Pay is always CNY.
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// Lower values are preferred among equally healthy channels.
     #[serde(default)]
     pub priority: u32,
@@ -311,6 +388,46 @@ pub struct ChannelSettings {
     pub timeout_ms: u64,
     #[serde(default = "hundred")]
     pub queries_per_sec: u32,
+}
+
+impl ChannelSettings {
+    /// The first setting a channel of a real gateway's kind is missing, with why.
+    /// (Whether the files can be read and hold keys is checked when kami starts.)
+    pub fn adapter_problem(&self) -> Option<(&'static str, String)> {
+        let need = |value: &str, field: &'static str, what: &str| {
+            value
+                .trim()
+                .is_empty()
+                .then(|| (field, format!("is required for kind = \"{}\" ({what})", self.kind.as_str())))
+        };
+        match self.kind {
+            ChannelKind::Sandbox | ChannelKind::Http => None,
+            ChannelKind::Alipay => need(&self.app_id, "app_id", "the app's id")
+                .or_else(|| need(&self.private_key_file, "private_key_file", "the app's RSA private key"))
+                .or_else(|| need(&self.platform_public_key_file, "platform_public_key_file", "Alipay's public key"))
+                .or_else(|| need(&self.notify_url, "notify_url", "kami's public notify URL")),
+            ChannelKind::Wechatpay => need(&self.app_id, "app_id", "the appid")
+                .or_else(|| need(&self.merchant_id, "merchant_id", "the mchid"))
+                .or_else(|| need(&self.merchant_serial, "merchant_serial", "the API certificate's serial"))
+                .or_else(|| need(&self.private_key_file, "private_key_file", "the merchant's RSA private key"))
+                .or_else(|| need(&self.platform_public_key_file, "platform_public_key_file", "the platform public key"))
+                .or_else(|| need(&self.platform_key_id, "platform_key_id", "the platform public key's id"))
+                .or_else(|| need(&self.apiv3_key_file, "apiv3_key_file", "the APIv3 key"))
+                .or_else(|| need(&self.notify_url, "notify_url", "kami's public notify URL")),
+            ChannelKind::Stripe => need(&self.secret_key_file, "secret_key_file", "the secret API key")
+                .or_else(|| need(&self.webhook_secret_file, "webhook_secret_file", "the webhook signing secret"))
+                .or_else(|| need(&self.return_url, "return_url", "Checkout's success_url"))
+                .or_else(|| {
+                    let ok =
+                        (3..=3).contains(&self.currency.len()) && self.currency.bytes().all(|b| b.is_ascii_lowercase());
+                    (!ok).then(|| ("currency", "must be a lowercase ISO 4217 code like usd".to_string()))
+                }),
+        }
+    }
+}
+
+fn default_currency() -> String {
+    "cny".into()
 }
 
 fn sandbox_kind() -> ChannelKind {
@@ -582,12 +699,16 @@ impl Settings {
             "needs chaos.enabled = true",
         )?;
         check(self.chaos.crash_after_hits >= 1, "chaos.crash_after_hits", "must be at least 1")?;
-        for c in self.payments.channels.values() {
+        for (name, c) in &self.payments.channels {
             check(
-                c.endpoint.is_empty() || c.endpoint.starts_with("http://"),
+                c.endpoint.is_empty() || c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://"),
                 "payments.channels.<name>.endpoint",
-                "must be empty or an http:// URL",
+                "must be empty or an http:// or https:// URL",
             )?;
+            if let Some((field, problem)) = c.adapter_problem() {
+                let problem = format!("{name}.{field} {problem}");
+                return Err(ConfigError::Invalid { key: "payments.channels", problem });
+            }
             check(
                 c.kind != ChannelKind::Http || !c.endpoint.is_empty(),
                 "payments.channels.<name>.endpoint",

@@ -41,6 +41,8 @@ const MAX_HOLDS_PER_ROUND: usize = 256;
 const MAX_NOTE_BYTES: usize = 256;
 
 mod borrow;
+mod checkout;
+pub use checkout::{GatewayReply, PayLink, PayLinkFor};
 mod coupons;
 mod groups;
 mod idempotency;
@@ -238,7 +240,13 @@ pub struct Kami {
     passwords: Passwords,
     /// Merchant webhook endpoints (see [`webhooks`]).
     webhooks: Arc<webhooks::Webhooks>,
+    http: reqwest::Client,
+    /// Pay-link calls to gateways in flight (bounded: [`MAX_PAY_CALLS`]).
+    pay_calls: tokio::sync::Semaphore,
 }
+
+/// Most pay-link calls to gateways at once; more wait (within the request timeout).
+pub const MAX_PAY_CALLS: usize = 256;
 
 /// The actors and shared tables a [`Kami`] routes to.
 pub struct Parts {
@@ -257,6 +265,9 @@ pub struct Parts {
     /// Salts query passwords (`Storage::lookup_secret`).
     pub lookup_secret: [u8; 32],
     pub webhooks: Arc<webhooks::Webhooks>,
+    /// Calls to payment gateways made for a buyer (pay links), bounded by each
+    /// channel's timeout.
+    pub http: reqwest::Client,
 }
 
 impl Kami {
@@ -279,6 +290,7 @@ impl Kami {
             group_deals,
             lookup_secret,
             webhooks,
+            http,
         } = parts;
         let passwords = Passwords::new(lookup_secret, limits.max_parallel_hashes, limits.max_waiting_hashes);
         Kami {
@@ -301,6 +313,8 @@ impl Kami {
             merchant_writes: tokio::sync::Mutex::new(()),
             passwords,
             webhooks,
+            http,
+            pay_calls: tokio::sync::Semaphore::new(MAX_PAY_CALLS),
         }
     }
 

@@ -28,6 +28,9 @@ pub enum Error {
     Replayed,
     #[error("no payment channel named {0:?}")]
     UnknownChannel(String),
+    /// The payment gateway did not make a pay link (down, slow, or refused).
+    #[error("payment channel {channel:?} failed: {reason}")]
+    ChannelFailed { channel: String, reason: String },
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
     /// The line in front of a stock actor is full (see `actors::admission`).
@@ -62,6 +65,7 @@ impl Error {
             Error::StaleRequest { .. } => "stale_request",
             Error::Replayed => "replayed",
             Error::UnknownChannel(_) => "unknown_channel",
+            Error::ChannelFailed { .. } => "channel_failed",
             Error::Overloaded | Error::QueueFull(_) => "overloaded",
             Error::Timeout => "timeout",
             Error::ActorNotFound(_) => "actor_not_found",

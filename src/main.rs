@@ -46,9 +46,20 @@ enum Command {
         /// kami's notification endpoint, e.g. http://127.0.0.1:8080/api/v1/payments/sandbox/notify
         #[arg(long)]
         notify_url: String,
-        /// The channel secret shared with kami (`payments.channels.sandbox.secret`).
-        #[arg(long, env = "KAMI_SANDBOX_SECRET")]
+        /// The channel secret shared with kami (`payments.channels.sandbox.secret`;
+        /// kind sandbox only).
+        #[arg(long, env = "KAMI_SANDBOX_SECRET", default_value = "")]
         secret: String,
+        /// Whose protocol to speak: sandbox (kami's own), alipay, wechatpay, stripe.
+        #[arg(long, default_value = "sandbox")]
+        kind: String,
+        /// For alipay, wechatpay, stripe: where to write kami's key files (new keys are
+        /// made at every start); the channel settings to paste are printed.
+        #[arg(long, default_value = "sandbox-keys")]
+        keys_dir: std::path::PathBuf,
+        /// The channel's name in kami's configuration (for the printed settings).
+        #[arg(long, default_value = "sandbox")]
+        channel: String,
     },
     /// A webhook receiver for demos and tests: checks each delivery's
     /// X-Kami-Signature, keeps what it received (GET /received, GET /stats) and
@@ -246,12 +257,39 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::SandboxGateway { listen, notify_url, secret } => {
+        Command::SandboxGateway { listen, notify_url, secret, kind, keys_dir, channel } => {
             kami::telemetry::init_logging(&kami::config::LogSettings {
                 level: "info".into(),
                 format: kami::config::LogFormat::Human,
             });
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let kind: kami::config::ChannelKind = match serde_json::from_value(serde_json::json!(kind)) {
+                Ok(
+                    k @ (kami::config::ChannelKind::Sandbox
+                    | kami::config::ChannelKind::Alipay
+                    | kami::config::ChannelKind::Wechatpay
+                    | kami::config::ChannelKind::Stripe),
+                ) => k,
+                _ => {
+                    eprintln!("kami sandbox-gateway: --kind must be sandbox, alipay, wechatpay or stripe");
+                    return ExitCode::from(2);
+                }
+            };
+            if kind == kami::config::ChannelKind::Sandbox && secret.len() < 16 {
+                eprintln!("kami sandbox-gateway: --secret (16..=256 bytes) is required for kind sandbox");
+                return ExitCode::from(2);
+            }
+            let (protocol, settings) = if kind == kami::config::ChannelKind::Sandbox {
+                (kami::sandbox::Protocol::Kami, Vec::new())
+            } else {
+                match kami::sandbox::gateways::generate(kind, &channel, &keys_dir) {
+                    Ok(made) => made,
+                    Err(e) => {
+                        eprintln!("kami sandbox-gateway: cannot write keys into {}: {e}", keys_dir.display());
+                        return ExitCode::from(1);
+                    }
+                }
+            };
             runtime.block_on(async move {
                 let config = kami::sandbox::SandboxConfig {
                     listen,
@@ -259,10 +297,24 @@ fn main() -> ExitCode {
                     secret,
                     max_payments: 1_000_000,
                     max_attempts: 8,
+                    protocol,
                 };
                 match kami::sandbox::start(config).await {
                     Ok(gw) => {
-                        println!("sandbox gateway listening on {}", gw.url());
+                        println!("sandbox gateway ({}) listening on {}", kind.as_str(), gw.url());
+                        if !settings.is_empty() {
+                            let path = if kind == kami::config::ChannelKind::Alipay { "/gateway.do" } else { "" };
+                            println!("kami's channel, as environment variables:");
+                            println!(
+                                "KAMI_PAYMENTS__CHANNELS__{}__ENDPOINT={}{path}",
+                                channel.to_uppercase(),
+                                gw.url()
+                            );
+                            for (key, value) in &settings {
+                                let var = format!("KAMI_{}", key.replace('.', "__").to_uppercase());
+                                println!("{var}={value}");
+                            }
+                        }
                         shutdown_signal().await;
                         ExitCode::SUCCESS
                     }

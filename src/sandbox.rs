@@ -5,8 +5,17 @@
 //! request (`POST /faults`): drop notifications, send each N times, delay or
 //! reorder them, answer 5xx, or hang.
 //!
-//! Run it with `kami sandbox-gateway --listen ... --notify-url ... --secret ...`;
-//! tests start it in-process with [`start`].
+//! With a [`Protocol`] other than `Kami` it plays a real gateway instead — Alipay,
+//! WeChat Pay API v3 or Stripe — speaking that gateway's own requests, signatures,
+//! notifications and retries with keys generated for the run
+//! ([`gateways::generate`]): see `src/sandbox/gateways.rs`.
+//!
+//! Run it with `kami sandbox-gateway --listen ... --notify-url ... --secret ...`
+//! (`--kind alipay|wechatpay|stripe --keys-dir DIR` for the others); tests start it
+//! in-process with [`start`].
+
+pub mod gateways;
+pub use gateways::Protocol;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +47,8 @@ pub struct SandboxConfig {
     pub max_payments: usize,
     /// Delivery attempts per notification before giving up (a real gateway's retry budget).
     pub max_attempts: u32,
+    /// Whose protocol it speaks.
+    pub protocol: Protocol,
 }
 
 /// Misbehaviour on request. All off by default.
@@ -69,10 +80,16 @@ pub struct SandboxPayment {
     pub notifications_sent: u32,
     pub notifications_acked: u32,
     pub refunds: u32,
+    /// What the merchant calls the order at this gateway (the kami order id, or the
+    /// merchant order number of Alipay and WeChat Pay).
+    pub reference: String,
+    /// Where this payment's notifications go when no address is set for all.
+    pub notify_url: Option<String>,
+    pub currency: String,
 }
 
 #[derive(Default)]
-struct Book {
+pub(crate) struct Book {
     payments: HashMap<String, SandboxPayment>,
     by_order: HashMap<String, String>,
     next: u64,
@@ -80,7 +97,7 @@ struct Book {
     notify_url: String,
 }
 
-struct Gateway {
+pub(crate) struct Gateway {
     config: SandboxConfig,
     book: Mutex<Book>,
     outbox: mpsc::Sender<String>,
@@ -91,6 +108,74 @@ type Shared = Arc<Gateway>;
 impl Gateway {
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the payment for `reference` (once: a second checkout answers the
+    /// first payment), or refuses with the answer to send when the book is full.
+    #[allow(clippy::result_large_err)] // the error is the response itself, built once
+    fn create_payment(
+        &self,
+        reference: &str,
+        order_id: &str,
+        amount_cents: u64,
+        notify_url: Option<String>,
+        currency: &str,
+        id_of: impl FnOnce(u64) -> String,
+    ) -> Result<SandboxPayment, Response> {
+        let mut book = self.book();
+        if let Some(id) = book.by_order.get(reference) {
+            return Ok(book.payments[id].clone());
+        }
+        if book.payments.len() >= self.config.max_payments {
+            return Err(error(StatusCode::INSUFFICIENT_STORAGE, "full", "the sandbox holds max_payments payments"));
+        }
+        book.next += 1;
+        let payment = SandboxPayment {
+            payment_id: id_of(book.next),
+            order_id: order_id.to_string(),
+            amount_cents,
+            status: "created".into(),
+            notifications_sent: 0,
+            notifications_acked: 0,
+            refunds: 0,
+            reference: reference.to_string(),
+            notify_url,
+            currency: currency.to_string(),
+        };
+        book.by_order.insert(reference.to_string(), payment.payment_id.clone());
+        book.payments.insert(payment.payment_id.clone(), payment.clone());
+        Ok(payment)
+    }
+
+    /// The payment the merchant knows as `reference`.
+    fn payment_for(&self, reference: &str) -> Option<SandboxPayment> {
+        let book = self.book();
+        book.by_order.get(reference).map(|id| book.payments[id].clone())
+    }
+
+    /// Refunds a paid payment in full (a repeat answers the same); the error is the
+    /// gateway-neutral reason.
+    fn refund_payment(
+        &self,
+        payment_id: &str,
+        amount_cents: u64,
+    ) -> Result<SandboxPayment, (StatusCode, &'static str)> {
+        let mut book = self.book();
+        let Some(p) = book.payments.get_mut(payment_id) else {
+            return Err((StatusCode::NOT_FOUND, "payment_not_found"));
+        };
+        if p.amount_cents != amount_cents {
+            return Err((StatusCode::UNPROCESSABLE_ENTITY, "amount_mismatch"));
+        }
+        match p.status.as_str() {
+            "paid" => {
+                p.status = "refunded".into();
+                p.refunds += 1;
+            }
+            "refunded" => {} // idempotent
+            _ => return Err((StatusCode::CONFLICT, "invalid_state")),
+        }
+        Ok(p.clone())
     }
 }
 
@@ -117,6 +202,18 @@ impl RunningSandbox {
         self.gw.book().faults = faults;
     }
 
+    /// Whose protocol it speaks, with the gateway's keys (tests sign with them).
+    pub fn protocol(&self) -> &Protocol {
+        &self.gw.config.protocol
+    }
+
+    /// The notifications the gateway would send now for a payment (as if it were
+    /// paid), without sending them: for tests that forge, tamper with or replay one.
+    pub fn notices(&self, payment_id: &str) -> Vec<gateways::Notice> {
+        let p = self.gw.book().payments.get(payment_id).cloned().expect("a payment of this sandbox");
+        notices_of(&self.gw, &p)
+    }
+
     /// Every payment, by id.
     pub fn payments(&self) -> Vec<SandboxPayment> {
         let mut all: Vec<SandboxPayment> = self.gw.book().payments.values().cloned().collect();
@@ -137,13 +234,17 @@ pub async fn start(config: SandboxConfig) -> std::io::Result<RunningSandbox> {
     let addr = listener.local_addr()?;
     let (tx, rx) = mpsc::channel(10_000);
     let book = Book { notify_url: config.notify_url.clone(), ..Book::default() };
+    let protocol = config.protocol.clone();
     let gw: Shared = Arc::new(Gateway { config, book: Mutex::new(book), outbox: tx });
-    let api = Router::new()
-        .route("/checkout/{order_id}", get(checkout))
-        .route("/api/query", post(query))
-        .route("/api/refund", post(refund))
-        .route("/api/health", get(|| async { Json(json!({"status": "ok"})) }))
-        .route_layer(middleware::from_fn_with_state(gw.clone(), api_faults));
+    let api = match protocol {
+        Protocol::Kami => Router::new()
+            .route("/checkout/{order_id}", get(checkout))
+            .route("/api/query", post(query))
+            .route("/api/refund", post(refund))
+            .route("/api/health", get(|| async { Json(json!({"status": "ok"})) })),
+        other => gateways::routes(&other),
+    }
+    .route_layer(middleware::from_fn_with_state(gw.clone(), api_faults));
     let app = Router::new()
         .merge(api)
         .route("/pay/{payment_id}", post(pay))
@@ -195,26 +296,10 @@ async fn checkout(
     if !signature::verify(gw.config.secret.as_bytes(), signed.as_bytes(), &p.sig) {
         return error(StatusCode::UNAUTHORIZED, "bad_signature", "the pay URL is not signed by the merchant");
     }
-    let mut book = gw.book();
-    if let Some(id) = book.by_order.get(&order_id) {
-        return Json(book.payments[id].clone()).into_response();
+    match gw.create_payment(&order_id, &order_id, p.amount_cents, None, "cny", |n| format!("sbx-{n:08}")) {
+        Ok(payment) => Json(payment).into_response(),
+        Err(full) => full,
     }
-    if book.payments.len() >= gw.config.max_payments {
-        return error(StatusCode::INSUFFICIENT_STORAGE, "full", "the sandbox holds max_payments payments");
-    }
-    book.next += 1;
-    let payment = SandboxPayment {
-        payment_id: format!("sbx-{:08}", book.next),
-        order_id: order_id.clone(),
-        amount_cents: p.amount_cents,
-        status: "created".into(),
-        notifications_sent: 0,
-        notifications_acked: 0,
-        refunds: 0,
-    };
-    book.by_order.insert(order_id, payment.payment_id.clone());
-    book.payments.insert(payment.payment_id.clone(), payment.clone());
-    Json(payment).into_response()
 }
 
 #[derive(Deserialize, Default)]
@@ -281,14 +366,12 @@ async fn query(State(gw): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
         Ok(q) => q,
         Err(r) => return r,
     };
-    let book = gw.book();
-    let value = match book.by_order.get(&q.order_id).map(|id| &book.payments[id]) {
+    let value = match gw.payment_for(&q.order_id) {
         None => json!({"order_id": q.order_id, "status": "none"}),
         Some(p) => {
             json!({"order_id": q.order_id, "status": p.status, "payment_id": p.payment_id, "amount_cents": p.amount_cents})
         }
     };
-    drop(book);
     answer(&gw, value)
 }
 
@@ -303,24 +386,10 @@ async fn refund(State(gw): State<Shared>, headers: HeaderMap, body: Bytes) -> Re
         Ok(r) => r,
         Err(resp) => return resp,
     };
-    let mut book = gw.book();
-    let Some(p) = book.payments.get_mut(&r.payment_id) else {
-        return error(StatusCode::NOT_FOUND, "payment_not_found", "no such payment");
-    };
-    if p.amount_cents != r.amount_cents {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "amount_mismatch", "refund amount differs from the payment");
+    if let Err((status, code)) = gw.refund_payment(&r.payment_id, r.amount_cents) {
+        return error(status, code, "the refund is refused");
     }
-    match p.status.as_str() {
-        "paid" => {
-            p.status = "refunded".into();
-            p.refunds += 1;
-        }
-        "refunded" => {} // idempotent
-        other => return error(StatusCode::CONFLICT, "invalid_state", &format!("payment is {other}")),
-    }
-    let value = json!({"payment_id": r.payment_id, "status": "refunded"});
-    drop(book);
-    answer(&gw, value)
+    answer(&gw, json!({"payment_id": r.payment_id, "status": "refunded"}))
 }
 
 async fn get_faults(State(gw): State<Shared>) -> Json<Faults> {
@@ -391,29 +460,58 @@ async fn notify_loop(gw: Shared, mut rx: mpsc::Receiver<String>) {
     }
 }
 
+/// The notification requests of a paid payment, signed afresh (new timestamp and
+/// nonce) as the gateway's protocol signs them.
+fn notices_of(gw: &Gateway, p: &SandboxPayment) -> Vec<gateways::Notice> {
+    match &gw.config.protocol {
+        Protocol::Kami => {
+            let body = serde_json::to_vec(&json!({
+                "order_id": p.order_id, "payment_id": p.payment_id, "amount_cents": p.amount_cents,
+                "status": "paid", "timestamp": chrono::Utc::now().timestamp(),
+                "nonce": format!("{:032x}", rand::random::<u128>()),
+            }))
+            .expect("json");
+            let sig = signature::sign(gw.config.secret.as_bytes(), &body);
+            vec![gateways::Notice { headers: vec![("x-signature".into(), sig)], body, success: None }]
+        }
+        other => gateways::notices(other, p),
+    }
+}
+
 /// One notification, retried with backoff until a 2xx or `max_attempts`.
 async fn deliver(gw: &Gateway, http: &reqwest::Client, payment_id: &str) {
     for attempt in 0..gw.config.max_attempts {
         let (p, url) = {
             let book = gw.book();
             let Some(p) = book.payments.get(payment_id).cloned() else { return };
-            (p, book.notify_url.clone())
+            let url = match (&p.notify_url, book.notify_url.is_empty()) {
+                (Some(own), true) => own.clone(),
+                _ => book.notify_url.clone(),
+            };
+            (p, url)
         };
-        // Signed afresh for every delivery: new timestamp and nonce.
-        let body = serde_json::to_vec(&json!({
-            "order_id": p.order_id, "payment_id": p.payment_id, "amount_cents": p.amount_cents,
-            "status": "paid", "timestamp": chrono::Utc::now().timestamp(),
-            "nonce": format!("{:032x}", rand::random::<u128>()),
-        }))
-        .expect("json");
-        let sig = signature::sign(gw.config.secret.as_bytes(), &body);
-        let sent = http.post(&url).header("x-signature", sig).body(body).send().await;
-        let acked = matches!(&sent, Ok(r) if r.status().is_success());
-        if let Some(p) = gw.book().payments.get_mut(payment_id) {
-            p.notifications_sent += 1;
-            p.notifications_acked += u32::from(acked);
+        let requests = notices_of(gw, &p);
+        let mut all_acked = true;
+        for notice in requests {
+            let mut request = http.post(&url).body(notice.body);
+            for (name, value) in notice.headers {
+                request = request.header(name, value);
+            }
+            let acked = match request.send().await {
+                Ok(r) if r.status().is_success() => match notice.success {
+                    // Alipay counts only the exact text `success` as handled.
+                    Some(expected) => r.text().await.is_ok_and(|t| t == expected),
+                    None => true,
+                },
+                _ => false,
+            };
+            all_acked &= acked;
+            if let Some(p) = gw.book().payments.get_mut(payment_id) {
+                p.notifications_sent += 1;
+                p.notifications_acked += u32::from(acked);
+            }
         }
-        if acked {
+        if all_acked {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100u64 << attempt.min(6))).await;

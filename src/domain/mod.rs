@@ -35,6 +35,7 @@ pub mod group;
 pub mod ids;
 pub mod key_mode;
 pub mod lookup;
+pub mod money;
 pub mod points;
 pub mod pricing;
 pub mod routing;

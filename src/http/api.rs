@@ -872,10 +872,73 @@ pub async fn notify(
     Path(channel): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let core = st.core()?;
+    if core.is_gateway_channel(&channel) {
+        return Ok(notify_gateway(&st, &core, &channel, &headers, body).await);
+    }
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
     let signature = extract::header_str(&headers, "x-signature").ok().flatten();
     core.notify(&channel, &bytes, signature).await?;
-    Ok(Json(json!({"result": "success"})))
+    Ok(Json(json!({"result": "success"})).into_response())
+}
+
+/// A real gateway's notification, answered in the shape that gateway expects: its
+/// success reply only once the outcome is durable, its failure reply (carrying
+/// kami's error code) otherwise. A malformed notification is a 400 here.
+async fn notify_gateway(
+    st: &AppState,
+    core: &crate::core::Kami,
+    channel: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let outcome = match extract::body(headers, body, st.limits.max_body_bytes).await {
+        Ok(bytes) => core.notify_gateway(channel, headers, &bytes).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let reply = match &outcome {
+        Ok(_) => core.gateway_reply(channel, None),
+        Err(e) => {
+            let status = if e.code == "invalid_request" { StatusCode::BAD_REQUEST } else { e.status };
+            core.gateway_reply(channel, Some((status.as_u16(), e.code, &e.message)))
+        }
+    };
+    let Some(reply) = reply else {
+        return ApiError::from(crate::error::Error::UnknownChannel(channel.to_string())).into_response();
+    };
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [(axum::http::header::CONTENT_TYPE, reply.content_type)], reply.body).into_response()
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PayRequest {
+    /// A channel by name; absent = the one routing picks.
+    #[serde(default)]
+    channel: Option<String>,
+}
+
+/// `POST /api/v1/orders/{order_id}/pay`: where the buyer pays, made by the channel's
+/// gateway now (a page URL, or a QR code's content for WeChat Pay Native).
+pub async fn pay(
+    State(st): State<AppState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    crate::telemetry::record_order(&order_id);
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let request: PayRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        PayRequest::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("body: {e}")))?
+    };
+    let link = core.pay_link(&order_id, order_token(&headers)?, request.channel.as_deref()).await?;
+    let (field, value) = match link.link {
+        crate::core::PayLink::Url(url) => ("pay_url", url),
+        crate::core::PayLink::Qr(code) => ("qr_code", code),
+    };
+    Ok(Json(json!({"order_id": order_id, "channel": link.channel, "kind": link.kind.as_str(), field: value})))
 }

@@ -93,6 +93,7 @@ impl From<Error> for ApiError {
             Error::Replayed => StatusCode::CONFLICT,
             Error::UnknownChannel(_) | Error::WebhookNotFound(_) => StatusCode::NOT_FOUND,
             Error::WebhookExists(_) | Error::WebhookFromConfig(_) | Error::WebhooksFull(_) => StatusCode::CONFLICT,
+            Error::ChannelFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

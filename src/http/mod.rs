@@ -254,6 +254,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/orders/lookup", post(api::lookup_orders))
         .route("/api/v1/orders/{order_id}", get(api::get_order))
         .route("/api/v1/orders/{order_id}/cancel", post(api::cancel_order))
+        .route("/api/v1/orders/{order_id}/pay", post(api::pay))
         .route("/api/v1/payments/{channel}/notify", post(api::notify))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -11,9 +11,6 @@ use serde_json::{json, Value};
 use super::Channel;
 use crate::domain::signature;
 
-/// Largest answer body read from a gateway.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     #[error("no answer within {0:?}")]
@@ -77,17 +74,20 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `None` when the channel has no endpoint (notifications only).
+    /// `None` when the channel has no endpoint (notifications only). Channels of a
+    /// real gateway's kind always have one (their gateway's own protocol).
     pub fn for_channel(http: &reqwest::Client, channel: &Channel) -> Option<Gateway> {
-        Some(Gateway {
-            http: http.clone(),
-            endpoint: channel.endpoint.clone()?,
-            channel: channel.clone(),
-            timeout: channel.timeout,
-        })
+        let endpoint = match &channel.adapter {
+            Some(_) => String::new(),
+            None => channel.endpoint.clone()?,
+        };
+        Some(Gateway { http: http.clone(), endpoint, channel: channel.clone(), timeout: channel.timeout })
     }
 
     pub async fn query(&self, order_id: &str) -> Result<QueryAnswer, CallError> {
+        if let Some(adapter) = &self.channel.adapter {
+            return adapter.query(&self.http, order_id, self.timeout).await;
+        }
         let body = self.post("/api/query", json!({"order_id": order_id})).await?;
         let r: QueryReply = serde_json::from_value(body).map_err(|e| CallError::BadAnswer(e.to_string()))?;
         if r.order_id != order_id {
@@ -103,6 +103,9 @@ impl Gateway {
 
     /// Refunds a payment in full. `Ok` once the gateway says it is refunded (repeats too).
     pub async fn refund(&self, payment_id: &str, amount_cents: u64) -> Result<(), CallError> {
+        if let Some(adapter) = &self.channel.adapter {
+            return adapter.refund(&self.http, payment_id, amount_cents, self.timeout).await;
+        }
         let body = self.post("/api/refund", json!({"payment_id": payment_id, "amount_cents": amount_cents})).await?;
         let r: RefundReply = serde_json::from_value(body).map_err(|e| CallError::BadAnswer(e.to_string()))?;
         if r.payment_id != payment_id || r.status != "refunded" {
@@ -112,6 +115,9 @@ impl Gateway {
     }
 
     pub async fn health(&self) -> Result<(), CallError> {
+        if let Some(adapter) = &self.channel.adapter {
+            return adapter.health(&self.http, self.timeout).await;
+        }
         let request = self.http.get(format!("{}/api/health", self.endpoint));
         self.send(request).await.map(|_| ())
     }
@@ -138,26 +144,15 @@ impl Gateway {
     /// Sends, reads at most `MAX_ANSWER_BYTES`, all within the timeout. Returns the
     /// answer's signature header and body; a non-2xx is a `Status` error.
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<(String, Vec<u8>), CallError> {
-        let exchange = async {
-            let mut resp = request.send().await.map_err(|e| CallError::Transport(e.to_string()))?;
-            let status = resp.status();
-            let sig = resp.headers().get("x-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            let mut body = Vec::new();
-            while let Some(chunk) = resp.chunk().await.map_err(|e| CallError::Transport(e.to_string()))? {
-                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                    return Err(CallError::BadAnswer(format!("answer larger than {MAX_ANSWER_BYTES} bytes")));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            if !status.is_success() {
-                let code = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
-                    .unwrap_or_default();
-                return Err(CallError::Status { status: status.as_u16(), code });
-            }
-            Ok((sig, body))
-        };
-        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| CallError::Timeout(self.timeout))?
+        let (status, headers, body) = super::adapter::exchange(request, self.timeout).await?;
+        if !(200..300).contains(&status) {
+            let code = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            return Err(CallError::Status { status, code });
+        }
+        let sig = headers.get("x-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        Ok((sig, body))
     }
 }

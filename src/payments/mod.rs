@@ -10,11 +10,17 @@
 //! The actor that drives queries, refunds, health checks and breakers is
 //! `actors::payments::PaymentSupervisor`; it is never on the order path.
 
+pub mod adapter;
+pub mod alipay;
 pub mod client;
+pub mod keys;
 pub mod notification;
+pub mod stripe;
+pub mod wechatpay;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{ChannelKind, Settings};
@@ -35,6 +41,8 @@ pub struct Channel {
     pub weight: u32,
     pub timeout: Duration,
     pub queries_per_sec: u32,
+    /// For kinds alipay, wechatpay and stripe: the gateway's own protocol, keys loaded.
+    pub adapter: Option<Arc<adapter::Adapter>>,
 }
 
 /// A channel secret that was rotated out: signatures made with it are still
@@ -78,28 +86,29 @@ impl Channels {
         settings: &Settings,
         secrets: &BTreeMap<String, String>,
         retiring: &BTreeMap<String, RetiringSecret>,
-    ) -> Channels {
+    ) -> Result<Channels, String> {
         let default = &settings.payments.default_channel;
-        let mut list: Vec<Channel> = settings
-            .payments
-            .channels
-            .iter()
-            .map(|(name, c)| Channel {
+        let mut list: Vec<Channel> = Vec::new();
+        for (name, c) in &settings.payments.channels {
+            let adapter = adapter::Adapter::load(name, c)?.map(Arc::new);
+            let endpoint = if adapter.is_some() { "" } else { c.endpoint.as_str() };
+            list.push(Channel {
                 name: name.clone(),
                 kind: c.kind,
                 secret: secrets.get(name).expect("a secret per channel").clone().into_bytes(),
                 retiring: retiring.get(name).cloned(),
-                endpoint: (!c.endpoint.is_empty()).then(|| c.endpoint.trim_end_matches('/').to_string()),
+                endpoint: (!endpoint.is_empty()).then(|| endpoint.trim_end_matches('/').to_string()),
                 priority: c.priority,
                 weight: c.weight,
                 timeout: Duration::from_millis(c.timeout_ms),
                 queries_per_sec: c.queries_per_sec,
-            })
-            .collect();
+                adapter,
+            });
+        }
         list.sort_by_key(|c| (&c.name != default, c.name.clone()));
         assert!(list.first().is_some_and(|c| &c.name == default), "config validation: default channel exists");
         let levels = list.iter().map(|_| AtomicU8::new(0)).collect();
-        Channels { list, levels }
+        Ok(Channels { list, levels })
     }
 
     pub fn all(&self) -> &[Channel] {
@@ -153,6 +162,7 @@ mod tests {
             weight: 1,
             timeout: Duration::from_secs(1),
             queries_per_sec: 1,
+            adapter: None,
         };
         let body = b"{}";
         assert!(channel.verifies(body, &sign(b"new", body), 5_000));

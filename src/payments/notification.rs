@@ -71,6 +71,7 @@ mod tests {
             weight: 1,
             timeout: std::time::Duration::from_secs(1),
             queries_per_sec: 1,
+            adapter: None,
         }
     }
 

@@ -15,6 +15,7 @@ pub async fn gateway(secret: &str) -> RunningSandbox {
         secret: secret.into(),
         max_payments: 100_000,
         max_attempts: 8,
+        protocol: kami::sandbox::Protocol::Kami,
     })
     .await
     .unwrap()

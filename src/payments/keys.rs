@@ -1,0 +1,138 @@
+//! RSA keys of the real gateways, and the one signature they all use: RSASSA-PKCS1-v1_5
+//! with SHA-256 (Alipay's "RSA2", WeChat Pay's "SHA256-RSA2048"), base64 encoded.
+
+use base64::Engine;
+use rsa::pkcs1::{DecodeRsaPrivateKey, DecodeRsaPublicKey};
+use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
+use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::signature::{SignatureEncoding, Signer, Verifier};
+use rsa::{RsaPrivateKey, RsaPublicKey};
+use sha2::Sha256;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Largest key file read (a 4096-bit PEM key is ~3.3 KiB).
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
+/// A merchant's private key: signs requests.
+#[derive(Clone)]
+pub struct PrivateKey(SigningKey<Sha256>);
+
+/// A gateway's public key: verifies what the gateway signs.
+#[derive(Clone)]
+pub struct PublicKey(VerifyingKey<Sha256>);
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(..)") // never the key itself
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PublicKey(..)")
+    }
+}
+
+impl PrivateKey {
+    /// PEM (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`), or bare base64 of
+    /// either DER form (what Alipay's key tool writes).
+    pub fn parse(text: &str) -> Result<PrivateKey, String> {
+        let text = text.trim();
+        let key = if text.starts_with("-----") {
+            RsaPrivateKey::from_pkcs8_pem(text)
+                .or_else(|_| RsaPrivateKey::from_pkcs1_pem(text))
+                .map_err(|e| format!("not an RSA private key in PEM: {e}"))?
+        } else {
+            let der = bare_base64(text)?;
+            RsaPrivateKey::from_pkcs8_der(&der)
+                .or_else(|_| RsaPrivateKey::from_pkcs1_der(&der))
+                .map_err(|e| format!("not an RSA private key: {e}"))?
+        };
+        Ok(PrivateKey(SigningKey::new(key)))
+    }
+
+    /// `base64(SHA256withRSA(message))`.
+    pub fn sign(&self, message: &[u8]) -> String {
+        B64.encode(self.0.sign(message).to_bytes())
+    }
+}
+
+impl PublicKey {
+    /// PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`), or bare base64 of the DER.
+    pub fn parse(text: &str) -> Result<PublicKey, String> {
+        let text = text.trim();
+        let key = if text.starts_with("-----") {
+            RsaPublicKey::from_public_key_pem(text)
+                .or_else(|_| RsaPublicKey::from_pkcs1_pem(text))
+                .map_err(|e| format!("not an RSA public key in PEM: {e}"))?
+        } else {
+            let der = bare_base64(text)?;
+            RsaPublicKey::from_public_key_der(&der)
+                .or_else(|_| RsaPublicKey::from_pkcs1_der(&der))
+                .map_err(|e| format!("not an RSA public key: {e}"))?
+        };
+        Ok(PublicKey(VerifyingKey::new(key)))
+    }
+
+    /// Whether `signature_b64` is a SHA256withRSA signature of `message`.
+    pub fn verifies(&self, message: &[u8], signature_b64: &str) -> bool {
+        let Ok(bytes) = B64.decode(signature_b64.trim()) else { return false };
+        let Ok(signature) = Signature::try_from(bytes.as_slice()) else { return false };
+        self.0.verify(message, &signature).is_ok()
+    }
+}
+
+fn bare_base64(text: &str) -> Result<Vec<u8>, String> {
+    let joined: String = text.split_whitespace().collect();
+    B64.decode(joined).map_err(|_| "neither PEM nor base64".to_string())
+}
+
+/// Reads a key or secret file (bounded), naming it on failure. The contents are
+/// never put in the error.
+pub fn read_file(path: &str) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut text = String::new();
+    file.take(MAX_KEY_FILE_BYTES + 1).read_to_string(&mut text).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if text.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(format!("{path} is larger than {MAX_KEY_FILE_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
+/// A fresh RSA-2048 key pair as PEM (PKCS#8 private, SPKI public): for the
+/// simulators, the tests and `kami sandbox-gateway`.
+pub fn generate_pem_pair() -> (String, String) {
+    let key = RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("RSA key generation");
+    let private = key.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8 PEM").to_string();
+    let public = key.to_public_key().to_public_key_pem(LineEnding::LF).expect("SPKI PEM");
+    (private, public)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_verifies_only_for_its_message_and_key() {
+        let (private, public) = generate_pem_pair();
+        let (_, other_public) = generate_pem_pair();
+        let private = PrivateKey::parse(&private).unwrap();
+        let sig = private.sign(b"a=1&b=2");
+        assert!(PublicKey::parse(&public).unwrap().verifies(b"a=1&b=2", &sig));
+        assert!(!PublicKey::parse(&public).unwrap().verifies(b"a=1&b=3", &sig));
+        assert!(!PublicKey::parse(&other_public).unwrap().verifies(b"a=1&b=2", &sig));
+        assert!(!PublicKey::parse(&public).unwrap().verifies(b"a=1&b=2", "not base64!"));
+    }
+
+    #[test]
+    fn bare_base64_keys_as_alipay_writes_them_are_read() {
+        let (private, public) = generate_pem_pair();
+        let strip = |pem: &str| pem.lines().filter(|l| !l.starts_with("-----")).collect::<String>();
+        let key = PrivateKey::parse(&strip(&private)).unwrap();
+        assert!(PublicKey::parse(&strip(&public)).unwrap().verifies(b"m", &key.sign(b"m")));
+        assert!(PrivateKey::parse("garbage").is_err());
+        assert!(format!("{key:?}").len() < 20, "Debug never shows the key");
+    }
+}
