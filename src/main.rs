@@ -293,7 +293,7 @@ fn main() -> ExitCode {
             runtime.block_on(async move {
                 let config = kami::sandbox::SandboxConfig {
                     listen,
-                    notify_url,
+                    notify_url: notify_url.clone(),
                     secret,
                     max_payments: 1_000_000,
                     max_attempts: 8,
@@ -312,6 +312,11 @@ fn main() -> ExitCode {
                             );
                             for (key, value) in &settings {
                                 let var = format!("KAMI_{}", key.replace('.', "__").to_uppercase());
+                                let value = if key.ends_with(".notify_url") && !notify_url.is_empty() {
+                                    &notify_url
+                                } else {
+                                    value
+                                };
                                 println!("{var}={value}");
                             }
                         }
