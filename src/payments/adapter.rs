@@ -179,7 +179,7 @@ impl Adapter {
         timeout: Duration,
     ) -> Result<PayLink, CallError> {
         match self {
-            Adapter::Alipay(a) => Ok(PayLink::Url(a.page_pay_url(order, chrono::Utc::now()))),
+            Adapter::Alipay(a) => Ok(PayLink::Url(a.page_pay_url(order, chrono::Utc::now()).await)),
             Adapter::Wechatpay(w) => w.native(http, order, timeout).await.map(PayLink::Qr),
             Adapter::Stripe(s) => s.checkout(http, order, timeout).await.map(PayLink::Url),
         }

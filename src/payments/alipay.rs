@@ -48,7 +48,7 @@ pub fn beijing_time(now: DateTime<Utc>) -> String {
 
 impl Alipay {
     /// The common parameters of a call, `biz_content` and any `extra`, signed.
-    fn signed_params(
+    async fn signed_params(
         &self,
         method: &str,
         biz: &Value,
@@ -67,13 +67,13 @@ impl Alipay {
         ];
         params.extend(extra.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.to_string(), v.to_string())));
         let content = sign_content(params.iter().map(|(k, v)| (k.as_str(), v.as_str())), &["sign"]);
-        params.push(("sign".into(), self.private_key.sign(content.as_bytes())));
+        params.push(("sign".into(), self.private_key.sign_off_thread(content.into_bytes()).await));
         params
     }
 
     /// The page the buyer pays on (`alipay.trade.page.pay`, opened with GET). Made
     /// locally: signing needs no call to Alipay.
-    pub fn page_pay_url(&self, order: &PayOrder<'_>, now: DateTime<Utc>) -> String {
+    pub async fn page_pay_url(&self, order: &PayOrder<'_>, now: DateTime<Utc>) -> String {
         let biz = json!({
             "out_trade_no": trade_no(order.order_id),
             "total_amount": money::cents_to_yuan(order.amount_cents),
@@ -82,7 +82,7 @@ impl Alipay {
             "passback_params": order.order_id,
         });
         let extra = [("notify_url", self.notify_url.as_str()), ("return_url", self.return_url.as_str())];
-        let params = self.signed_params("alipay.trade.page.pay", &biz, &extra, now);
+        let params = self.signed_params("alipay.trade.page.pay", &biz, &extra, now).await;
         format!("{}?{}", self.gateway, serde_urlencoded::to_string(&params).expect("form encoding"))
     }
 
@@ -137,7 +137,7 @@ impl Alipay {
         biz: Value,
         timeout: Duration,
     ) -> Result<Value, CallError> {
-        let params = self.signed_params(method, &biz, &[], Utc::now());
+        let params = self.signed_params(method, &biz, &[], Utc::now()).await;
         let request = http
             .post(&self.gateway)
             .header("content-type", "application/x-www-form-urlencoded;charset=utf-8")

@@ -56,6 +56,17 @@ impl PrivateKey {
     pub fn sign(&self, message: &[u8]) -> String {
         B64.encode(self.0.sign(message).to_bytes())
     }
+
+    /// [`sign`](Self::sign) on tokio's blocking threads: an RSA-2048 private-key
+    /// operation takes on the order of a millisecond of CPU, too long for a thread
+    /// that serves requests.
+    pub async fn sign_off_thread(&self, message: Vec<u8>) -> String {
+        let key = self.clone();
+        match tokio::task::spawn_blocking(move || key.sign(&message)).await {
+            Ok(signature) => signature,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
 }
 
 impl PublicKey {

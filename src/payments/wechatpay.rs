@@ -198,9 +198,8 @@ impl Wechatpay {
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let timestamp = chrono::Utc::now().timestamp();
         let nonce = format!("{:032X}", rand::random::<u128>());
-        let signature = self
-            .private_key
-            .sign(request_message(method.as_str(), path_and_query, timestamp, &nonce, &body).as_bytes());
+        let message = request_message(method.as_str(), path_and_query, timestamp, &nonce, &body);
+        let signature = self.private_key.sign_off_thread(message.into_bytes()).await;
         let authorization = format!(
             "WECHATPAY2-SHA256-RSA2048 mchid=\"{}\",nonce_str=\"{nonce}\",signature=\"{signature}\",timestamp=\"{timestamp}\",serial_no=\"{}\"",
             self.merchant_id, self.merchant_serial
