@@ -42,7 +42,7 @@ const MAX_NOTE_BYTES: usize = 256;
 
 mod borrow;
 mod checkout;
-pub use checkout::{GatewayReply, PayLink, PayLinkFor};
+pub use checkout::{GatewayReply, JsapiParams, PayLink, PayLinkFor};
 mod coupons;
 mod groups;
 mod idempotency;

@@ -498,3 +498,39 @@ async fn a_missing_key_file_stops_kami_at_start_naming_the_setting() {
     .to_string();
     assert!(err.contains("st.webhook_secret_file"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_wechat_a_jsapi_payment_gets_merchant_signed_request_payment_parameters() {
+    let s = shop(&[(ChannelKind::Wechatpay, "wx", 0), (ChannelKind::Alipay, "ali", 1)], &[]).await;
+    let api = s.t.api();
+    api.product_with_keys("p", 1, 0).await;
+    let order = api.order("p", 1, "in-wechat", None).await;
+    let ask = |body: Value| {
+        let r = api
+            .http
+            .post(format!("{}/api/v1/orders/{}/pay", api.url, order.body["order_id"].as_str().unwrap()))
+            .header("X-Order-Token", order.body["query_token"].as_str().unwrap())
+            .json(&body);
+        reply(r)
+    };
+    let refused = ask(json!({"channel": "ali", "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"})).await;
+    assert_eq!((refused.status, refused.code()), (422, "invalid_request"), "{}", refused.body);
+    let link = ask(json!({"channel": "wx", "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"})).await;
+    assert_eq!(link.status, 200, "{}", link.body);
+    let p = &link.body["jsapi"];
+    let Protocol::Wechatpay(side) = s.gw("wx").sim.protocol() else { unreachable!() };
+    assert_eq!((p["appId"].as_str(), p["signType"].as_str()), (Some(side.app_id.as_str()), Some("RSA")));
+    let message = kami::payments::wechatpay::jsapi_message(
+        p["appId"].as_str().unwrap(),
+        p["timeStamp"].as_str().unwrap(),
+        p["nonceStr"].as_str().unwrap(),
+        p["package"].as_str().unwrap(),
+    );
+    assert!(
+        side.merchant_key.verifies(message.as_bytes(), p["paySign"].as_str().unwrap()),
+        "paySign by the merchant key"
+    );
+    let payment_id = p["package"].as_str().unwrap().strip_prefix("prepay_id=wx").expect("prepay_id").to_string();
+    pay(&api, s.gw("wx"), &payment_id).await;
+    reaches(&api, &order, "delivered").await;
+}

@@ -3,7 +3,7 @@
 //! the order is created, so the flash-sale path makes no call to a gateway.
 
 use super::*;
-pub use crate::payments::adapter::{PayLink, Reply as GatewayReply};
+pub use crate::payments::adapter::{JsapiParams, PayLink, Reply as GatewayReply};
 use crate::payments::adapter::{PayOrder, Verified};
 
 /// Where a buyer pays for one order.
@@ -17,7 +17,17 @@ pub struct PayLinkFor {
 impl Kami {
     /// A pay link for a pending order, on `channel` or on the channel routing picks
     /// (breakers and priorities, as for new orders). The order token is checked first.
-    pub async fn pay_link(&self, order_id: &str, token: &str, channel: Option<&str>) -> Result<PayLinkFor, Error> {
+    /// `openid`: pay inside WeChat (JSAPI) as this user; only for a WeChat Pay channel.
+    pub async fn pay_link(
+        &self,
+        order_id: &str,
+        token: &str,
+        channel: Option<&str>,
+        openid: Option<&str>,
+    ) -> Result<PayLinkFor, Error> {
+        if let Some(openid) = openid {
+            validate::token("openid", openid).map_err(Error::Invalid)?;
+        }
         let order = self.get_order(order_id, Some(token)).await?;
         if order.order.status != crate::domain::OrderStatus::PendingPayment {
             return Err(DomainError::InvalidState { status: order.order.status }.into());
@@ -27,6 +37,13 @@ impl Kami {
             None => self.channels.pick(),
         };
         let amount = order.order.amount_cents;
+        if openid.is_some() && channel.kind != crate::config::ChannelKind::Wechatpay {
+            return Err(Error::Invalid(format!(
+                "openid: only for a wechatpay channel; {} is {}",
+                channel.name,
+                channel.kind.as_str()
+            )));
+        }
         let Some(adapter) = &channel.adapter else {
             // The channel protocol's kinds: the signed checkout URL, made locally.
             let url = self.pay_url(channel, order_id, amount).ok_or_else(|| Error::ChannelFailed {
@@ -41,7 +58,7 @@ impl Kami {
             .map_err(|_| Error::Overloaded)?
             .map_err(|_| Error::Overloaded)?;
         let subject = order.product_id.clone();
-        let request = PayOrder { order_id, amount_cents: amount, subject: &subject };
+        let request = PayOrder { order_id, amount_cents: amount, subject: &subject, openid };
         let link = adapter.pay(&self.http, &request, channel.timeout).await.map_err(|e| failed(e.to_string()))?;
         Ok(PayLinkFor { channel: channel.name.clone(), kind: channel.kind, link })
     }

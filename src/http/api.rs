@@ -917,6 +917,9 @@ pub struct PayRequest {
     /// A channel by name; absent = the one routing picks.
     #[serde(default)]
     channel: Option<String>,
+    /// WeChat Pay inside WeChat (JSAPI): the paying user's openid.
+    #[serde(default)]
+    openid: Option<String>,
 }
 
 /// `POST /api/v1/orders/{order_id}/pay`: where the buyer pays, made by the channel's
@@ -935,10 +938,12 @@ pub async fn pay(
     } else {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("body: {e}")))?
     };
-    let link = core.pay_link(&order_id, order_token(&headers)?, request.channel.as_deref()).await?;
+    let link =
+        core.pay_link(&order_id, order_token(&headers)?, request.channel.as_deref(), request.openid.as_deref()).await?;
     let (field, value) = match link.link {
-        crate::core::PayLink::Url(url) => ("pay_url", url),
-        crate::core::PayLink::Qr(code) => ("qr_code", code),
+        crate::core::PayLink::Url(url) => ("pay_url", json!(url)),
+        crate::core::PayLink::Qr(code) => ("qr_code", json!(code)),
+        crate::core::PayLink::Jsapi(params) => ("jsapi", json!(params)),
     };
     Ok(Json(json!({"order_id": order_id, "channel": link.channel, "kind": link.kind.as_str(), field: value})))
 }

@@ -33,6 +33,27 @@ pub enum PayLink {
     Url(String),
     /// A code to show as a QR code (WeChat Pay Native: `weixin://...`).
     Qr(String),
+    /// WeChat Pay JSAPI (inside WeChat: official accounts, mini programs): the
+    /// parameters the page passes to `wx.requestPayment`, signed by the merchant.
+    Jsapi(JsapiParams),
+}
+
+/// `wx.requestPayment`'s parameters (WeChat Pay JSAPI), in WeChat's own names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JsapiParams {
+    #[serde(rename = "appId")]
+    pub app_id: String,
+    #[serde(rename = "timeStamp")]
+    pub time_stamp: String,
+    #[serde(rename = "nonceStr")]
+    pub nonce_str: String,
+    /// `prepay_id=...`
+    pub package: String,
+    #[serde(rename = "signType")]
+    pub sign_type: &'static str,
+    /// SHA256withRSA by the merchant key over `appId\ntimeStamp\nnonceStr\npackage\n`.
+    #[serde(rename = "paySign")]
+    pub pay_sign: String,
 }
 
 /// What a kami order looks like to a gateway when the buyer pays.
@@ -42,6 +63,8 @@ pub struct PayOrder<'a> {
     pub amount_cents: u64,
     /// Shown to the buyer by the gateway (the product's name or id).
     pub subject: &'a str,
+    /// WeChat Pay JSAPI: the paying user's `openid` under the channel's `app_id`.
+    pub openid: Option<&'a str>,
 }
 
 /// A notification whose signature verified.
@@ -180,7 +203,10 @@ impl Adapter {
     ) -> Result<PayLink, CallError> {
         match self {
             Adapter::Alipay(a) => Ok(PayLink::Url(a.page_pay_url(order, chrono::Utc::now()).await)),
-            Adapter::Wechatpay(w) => w.native(http, order, timeout).await.map(PayLink::Qr),
+            Adapter::Wechatpay(w) => match order.openid {
+                Some(openid) => w.jsapi(http, order, openid, timeout).await.map(PayLink::Jsapi),
+                None => w.native(http, order, timeout).await.map(PayLink::Qr),
+            },
             Adapter::Stripe(s) => s.checkout(http, order, timeout).await.map(PayLink::Url),
         }
     }

@@ -21,7 +21,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::adapter::{exchange, header, trade_no, PayOrder, Verified};
+use super::adapter::{exchange, header, trade_no, JsapiParams, PayOrder, Verified};
 use super::client::{CallError, QueryAnswer};
 use super::keys::{PrivateKey, PublicKey};
 use super::notification::Refused;
@@ -83,6 +83,11 @@ pub struct Wechatpay {
 /// The message a request signature covers.
 pub fn request_message(method: &str, path_and_query: &str, timestamp: i64, nonce: &str, body: &str) -> String {
     format!("{method}\n{path_and_query}\n{timestamp}\n{nonce}\n{body}\n")
+}
+
+/// The message `paySign` covers.
+pub fn jsapi_message(app_id: &str, time_stamp: &str, nonce_str: &str, package: &str) -> String {
+    format!("{app_id}\n{time_stamp}\n{nonce_str}\n{package}\n")
 }
 
 /// The message an answer's or a notification's signature covers.
@@ -249,6 +254,39 @@ impl Wechatpay {
             return Err(CallError::Status { status, code: r["code"].as_str().unwrap_or("").to_string() });
         }
         r["code_url"].as_str().map(str::to_string).ok_or_else(|| CallError::BadAnswer("no code_url".into()))
+    }
+
+    /// JSAPI order (`/v3/pay/transactions/jsapi`) for the user `openid`: the signed
+    /// parameters of `wx.requestPayment`.
+    pub async fn jsapi(
+        &self,
+        http: &reqwest::Client,
+        order: &PayOrder<'_>,
+        openid: &str,
+        timeout: Duration,
+    ) -> Result<JsapiParams, CallError> {
+        let body = json!({
+            "appid": self.app_id,
+            "mchid": self.merchant_id,
+            "description": order.subject,
+            "out_trade_no": trade_no(order.order_id),
+            "attach": order.order_id,
+            "notify_url": self.notify_url,
+            "amount": {"total": order.amount_cents, "currency": "CNY"},
+            "payer": {"openid": openid},
+        });
+        let (status, r) =
+            self.call(http, reqwest::Method::POST, "/v3/pay/transactions/jsapi", Some(body), timeout).await?;
+        if status >= 300 {
+            return Err(CallError::Status { status, code: r["code"].as_str().unwrap_or("").to_string() });
+        }
+        let prepay_id = r["prepay_id"].as_str().ok_or_else(|| CallError::BadAnswer("no prepay_id".into()))?;
+        let time_stamp = chrono::Utc::now().timestamp().to_string();
+        let nonce_str = format!("{:032X}", rand::random::<u128>());
+        let package = format!("prepay_id={prepay_id}");
+        let message = jsapi_message(&self.app_id, &time_stamp, &nonce_str, &package);
+        let pay_sign = self.private_key.sign_off_thread(message.into_bytes()).await;
+        Ok(JsapiParams { app_id: self.app_id.clone(), time_stamp, nonce_str, package, sign_type: "RSA", pay_sign })
     }
 
     /// Query by merchant order number.

@@ -160,6 +160,7 @@ pub(super) fn routes(protocol: &Protocol) -> Router<Shared> {
         Protocol::Alipay(_) => Router::new().route("/gateway.do", get(alipay_page_pay).post(alipay_api)),
         Protocol::Wechatpay(_) => Router::new()
             .route("/v3/pay/transactions/native", post(wechat_native))
+            .route("/v3/pay/transactions/jsapi", post(wechat_jsapi))
             .route("/v3/pay/transactions/out-trade-no/{no}", get(wechat_query))
             .route("/v3/refund/domestic/refunds", post(wechat_refund)),
         Protocol::Stripe(_) => Router::new()
@@ -445,16 +446,29 @@ fn wechat_authorized(
 }
 
 async fn wechat_native(State(gw): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let w = wechat(&gw);
-    if let Err(r) = wechat_authorized(w, "POST", "/v3/pay/transactions/native", &headers, &body) {
+    wechat_create(&gw, "/v3/pay/transactions/native", &headers, &body)
+}
+
+/// JSAPI: as Native, with a payer; answers `prepay_id` (`wx` + the payment id here).
+async fn wechat_jsapi(State(gw): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    wechat_create(&gw, "/v3/pay/transactions/jsapi", &headers, &body)
+}
+
+fn wechat_create(gw: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+    let w = wechat(gw);
+    let jsapi = path.ends_with("/jsapi");
+    if let Err(r) = wechat_authorized(w, "POST", path, headers, body) {
         return r;
     }
-    let b: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let b: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let (Some(no), Some(total), Some(attach)) =
         (b["out_trade_no"].as_str(), b["amount"]["total"].as_u64(), b["attach"].as_str())
     else {
         return wechat_answer(w, StatusCode::BAD_REQUEST, json!({"code": "PARAM_ERROR", "message": "参数错误"}));
     };
+    if jsapi && b["payer"]["openid"].as_str().unwrap_or("").is_empty() {
+        return wechat_answer(w, StatusCode::BAD_REQUEST, json!({"code": "PARAM_ERROR", "message": "payer.openid"}));
+    }
     if b["mchid"].as_str() != Some(w.merchant_id.as_str()) || b["appid"].as_str() != Some(w.app_id.as_str()) {
         return wechat_answer(
             w,
@@ -464,6 +478,7 @@ async fn wechat_native(State(gw): State<Shared>, headers: HeaderMap, body: Bytes
     }
     let notify = b["notify_url"].as_str().map(str::to_string);
     match gw.create_payment(no, attach, total, notify, "cny", |n| format!("42000020262026{n:014}")) {
+        Ok(p) if jsapi => wechat_answer(w, StatusCode::OK, json!({"prepay_id": format!("wx{}", p.payment_id)})),
         Ok(p) => wechat_answer(
             w,
             StatusCode::OK,
