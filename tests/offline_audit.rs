@@ -55,9 +55,13 @@ async fn offline_audit_agrees_with_the_online_one_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_audit_refuses_a_directory_in_use_or_not_a_data_dir() {
     let t = TestApp::spawn().await;
+    let asked = std::time::Instant::now();
     let (code, _, err) = kami_audit(&t.data, false);
     assert_eq!(code, 2);
     assert!(err.contains("is a server running on it?"), "{err}");
+    // Another process's lock is refused at once: the wait for a lock (10 s) is only
+    // for a directory the same process opened before.
+    assert!(asked.elapsed() < std::time::Duration::from_secs(10), "refused after {:?}", asked.elapsed());
     let empty = tempfile::tempdir().unwrap();
     let (code, _, err) = kami_audit(empty.path(), false);
     assert_eq!(code, 2);

@@ -123,8 +123,18 @@ impl Drop for Storage {
 /// handle is dropped, and keep the lock until then.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
-/// Opens sled, waiting (bounded) for a lock still held by a handle on its way out.
-/// A lock held by another process is reported once the wait is over.
+/// Data directories this process has opened: only for these is a held lock one of
+/// our own handles on its way out, worth waiting for.
+static OPENED_HERE: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn opened_here(path: &std::path::Path) -> bool {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    OPENED_HERE.lock().unwrap_or_else(|e| e.into_inner()).contains(&path)
+}
+
+/// Opens sled. A lock held by a handle of this process on its way out is waited for
+/// (bounded by `LOCK_WAIT`); a lock held by another process (a running server, for
+/// an offline audit) is reported at once.
 fn open_sled(opts: &StorageOptions) -> Result<sled::Db, StorageError> {
     let config =
         sled::Config::new().path(&opts.path).cache_capacity(opts.cache_capacity_bytes).mode(sled::Mode::HighThroughput);
@@ -132,11 +142,26 @@ fn open_sled(opts: &StorageOptions) -> Result<sled::Db, StorageError> {
     loop {
         match config.open() {
             Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline
+                    && opened_here(&opts.path) =>
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            other => return Ok(other?),
+            Ok(db) => {
+                let path = opts.path.canonicalize().unwrap_or_else(|_| opts.path.clone());
+                let mut opened = OPENED_HERE.lock().unwrap_or_else(|e| e.into_inner());
+                if !opened.contains(&path) {
+                    // Bounded by the directories one process opens (tests open many;
+                    // a server opens one): the oldest is forgotten past 4,096.
+                    if opened.len() >= 4096 {
+                        opened.remove(0);
+                    }
+                    opened.push(path);
+                }
+                return Ok(db);
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
