@@ -118,7 +118,7 @@ impl EndpointSettings {
             );
         }
         if !self.url.starts_with("http://") || self.url.len() > 2048 {
-            return Some("url must be an http:// URL".into());
+            return Some("url must be an http:// URL of at most 2048 bytes".into());
         }
         if self.secret.len() < 16 || self.secret.len() > 256 {
             return Some("secret must be 16..=256 bytes".into());
