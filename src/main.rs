@@ -275,8 +275,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if kind == kami::config::ChannelKind::Sandbox && secret.len() < 16 {
-                eprintln!("kami sandbox-gateway: --secret (16..=256 bytes) is required for kind sandbox");
+            if kind == kami::config::ChannelKind::Sandbox && secret.is_empty() {
+                eprintln!("kami sandbox-gateway: --secret (the channel's secret) is required for kind sandbox");
                 return ExitCode::from(2);
             }
             let (protocol, settings) = if kind == kami::config::ChannelKind::Sandbox {
