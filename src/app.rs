@@ -35,8 +35,9 @@ pub enum StartError {
     Recovery(String),
     #[error("secrets: {0}")]
     Secrets(String),
-    /// A payment channel's key file is missing, unreadable or holds no key.
-    #[error("payment channel: {0}")]
+    /// A payment channel's key file, or the webhooks' CA file, is missing,
+    /// unreadable or holds no key or certificate.
+    #[error("key file: {0}")]
     Channel(String),
 }
 
@@ -410,7 +411,9 @@ pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
 
 pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<RunningApp, StartError> {
     let secrets = Secrets::resolve(&settings)?;
-    // Key files are read before anything else starts: a missing key stops kami here.
+    // Key and certificate files are read before anything else starts: a missing one
+    // stops kami here.
+    crate::webhooks::extra_roots(&settings.webhooks.ca_file).map_err(StartError::Channel)?;
     let channels = Arc::new(
         Channels::from_settings(&settings, &secrets.channels, &secrets.retiring).map_err(StartError::Channel)?,
     );

@@ -59,6 +59,10 @@ pub struct WebhookSettings {
     pub low_stock: BTreeMap<String, u64>,
     #[serde(default)]
     pub endpoints: BTreeMap<String, EndpointSettings>,
+    /// A PEM file of extra root certificates trusted for https:// endpoints, besides
+    /// the public roots (a receiver behind a private CA). Empty = none.
+    #[serde(default)]
+    pub ca_file: String,
 }
 
 /// One webhook endpoint from the configuration (`[webhooks.endpoints.<name>]`).
@@ -110,15 +114,9 @@ fn default_max_in_flight() -> u32 {
 impl EndpointSettings {
     /// What is wrong with it (`None`: nothing).
     pub fn problem(&self) -> Option<String> {
-        if self.url.starts_with("https://") {
-            // Built without TLS: an https:// endpoint would fail every attempt until
-            // its events went dead. Refused where the operator sees it at once.
-            return Some(
-                "url: https:// is not sent by this build; put TLS in a local proxy and give its http:// URL".into(),
-            );
-        }
-        if !self.url.starts_with("http://") || self.url.len() > 2048 {
-            return Some("url must be an http:// URL of at most 2048 bytes".into());
+        let scheme_ok = self.url.starts_with("http://") || self.url.starts_with("https://");
+        if !scheme_ok || self.url.len() > 2048 {
+            return Some("url must be an http:// or https:// URL of at most 2048 bytes".into());
         }
         if self.secret.len() < 16 || self.secret.len() > 256 {
             return Some("secret must be 16..=256 bytes".into());

@@ -70,6 +70,12 @@ enum Command {
         /// The endpoint's secret (`webhooks.endpoints.<name>.secret`).
         #[arg(long, env = "KAMI_WEBHOOK_SECRET")]
         secret: String,
+        /// Serve HTTPS with this certificate chain (PEM)...
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// ...and its private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Flash-sale load: K keys, N buyers over C connections, each creating an order,
     /// paying it with a signed notification and reading the key. Prints throughput,
@@ -237,14 +243,24 @@ fn main() -> ExitCode {
                 }
             }
         },
-        Command::WebhookSink { listen, secret } => {
+        Command::WebhookSink { listen, secret, tls_cert, tls_key } => {
             kami::telemetry::init_logging(&kami::config::LogSettings {
                 level: "info".into(),
                 format: kami::config::LogFormat::Human,
             });
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => match kami::webhooks::sink::tls_config(&cert, &key) {
+                    Ok(config) => Some(config),
+                    Err(e) => {
+                        eprintln!("kami webhook-sink: TLS: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                _ => None,
+            };
             runtime.block_on(async move {
-                match kami::webhooks::sink::start(listen, secret).await {
+                match kami::webhooks::sink::start_tls(listen, secret, tls).await {
                     Ok(sink) => {
                         println!("webhook sink listening on {}", sink.url());
                         shutdown_signal().await;

@@ -90,11 +90,35 @@ struct Stock {
     failing: Option<Failing>,
 }
 
+/// The client deliveries go through: HTTP and HTTPS (rustls, the public roots, and
+/// the roots in `ca_file` when set). Start-up checks the file first (`app::start`),
+/// so an error here is a file changed since.
+pub fn client(ca_file: &str) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(64);
+    for root in extra_roots(ca_file)? {
+        builder = builder.add_root_certificate(root);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// The certificates of `webhooks.ca_file` (none when it is empty).
+pub fn extra_roots(ca_file: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    if ca_file.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pem = std::fs::read(ca_file).map_err(|e| format!("webhooks.ca_file: {ca_file}: {e}"))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("webhooks.ca_file: {ca_file}: {e}"))?;
+    if roots.is_empty() {
+        return Err(format!("webhooks.ca_file: {ca_file}: no certificate in it"));
+    }
+    Ok(roots)
+}
+
 /// Starts the supervisor of the delivery workers: one per endpoint, started when
 /// an endpoint appears, stopped when it is deleted.
 pub fn spawn(core: Arc<Kami>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let http = match reqwest::Client::builder().pool_max_idle_per_host(64).build() {
+        let http = match client(&core.webhooks().settings.ca_file) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "webhooks: no HTTP client; no webhook will be sent");

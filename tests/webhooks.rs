@@ -311,10 +311,10 @@ async fn endpoints_come_and_go_at_run_time_and_dead_letters_are_redelivered() {
     let add = |body: Value| reply(api.admin(api.http.post(format!("{}/api/v1/admin/webhooks", api.url))).json(&body));
     let bad = add(json!({"name": "x", "url": "ftp://nowhere", "secret": HOOK_SECRET})).await;
     assert_eq!((bad.status, bad.code()), (422, "invalid_request"), "{}", bad.body);
-    // This build has no TLS: an https:// endpoint is refused, not left to fail until dead.
-    let bad = add(json!({"name": "x", "url": "https://shop.example/hooks", "secret": HOOK_SECRET})).await;
+    let long = format!("http://shop.example/{}", "a".repeat(2048));
+    let bad = add(json!({"name": "x", "url": long, "secret": HOOK_SECRET})).await;
     assert_eq!((bad.status, bad.code()), (422, "invalid_request"), "{}", bad.body);
-    assert!(bad.body["error"]["message"].as_str().unwrap().contains("url: https://"), "{}", bad.body);
+    assert!(bad.body["error"]["message"].as_str().unwrap().contains("2048"), "{}", bad.body);
     let bad = add(json!({"name": "x", "url": s.url(), "secret": HOOK_SECRET, "events": ["order.shipped"]})).await;
     assert_eq!((bad.status, bad.code()), (422, "invalid_request"), "{}", bad.body);
     let taken = add(json!({"name": "fixed", "url": s.url(), "secret": HOOK_SECRET})).await;
@@ -488,4 +488,72 @@ async fn kill_9_during_a_sale_loses_no_acknowledged_delivery_and_invents_none() 
         acked.len(),
         got.len()
     );
+}
+
+/// A certificate authority of the test's own, and a receiver's certificate for
+/// `localhost` signed by it: (CA PEM path, certificate PEM path, key PEM path).
+fn private_ca(dir: &std::path::Path) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let (ca_file, cert, key) = (dir.join("ca.pem"), dir.join("receiver.pem"), dir.join("receiver.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    (ca_file.display().to_string(), cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_endpoint_behind_a_private_ca_gets_its_deliveries_and_a_wrong_name_gets_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, cert, key) = private_ca(dir.path());
+    let tls = sink::tls_config(&cert, &key).unwrap();
+    let s = sink::start_tls("127.0.0.1:0".parse().unwrap(), HOOK_SECRET.into(), Some(tls)).await.unwrap();
+    assert!(s.url().starts_with("https://localhost:"), "{}", s.url());
+    // The same receiver under a name its certificate does not carry.
+    let wrong_name = format!("https://127.0.0.1:{}/", s.addr.port());
+    let mut extra = endpoint("tls", &s.url());
+    extra.extend(endpoint("wrongname", &wrong_name));
+    extra.push(("webhooks.ca_file".into(), ca_file));
+    extra.extend([("webhooks.poll_ms", "20"), ("webhooks.backoff_base_ms", "20")].map(|(k, v)| (k.into(), v.into())));
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let t = TestApp::spawn_with(&extra).await;
+    let api = t.api();
+    api.product_with_keys("p", 2, 0).await;
+    let order = api.buy("p", "alice").await;
+    let id = order.body["order_id"].as_str().unwrap().to_string();
+    let got = until_received(&s, "the order's events over TLS", |got| {
+        by_order(got).get(&id).is_some_and(|kinds| kinds.iter().any(|k| k == "order.delivered"))
+    })
+    .await;
+    assert_eq!(s.refused(), 0, "every delivery over TLS verified");
+    assert!(got.iter().all(|r| !r.duplicate || r.acknowledged));
+    // The endpoint whose name the certificate does not match: attempts, no delivery.
+    let failing = api
+        .eventually(Duration::from_secs(20), || async {
+            let w = api.webhook("wrongname").await;
+            w.body["failed_attempts"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    let w = api.webhook("wrongname").await;
+    assert!(failing, "{}", w.body);
+    assert_eq!(w.body["delivered"], json!(0), "{}", w.body);
+    assert_eq!(api.webhook("tls").await.body["failed_attempts"], json!(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_that_holds_no_certificate_stops_kami_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("empty.pem");
+    std::fs::write(&bad, "not a certificate\n").unwrap();
+    let bad = bad.display().to_string();
+    let settings = common::settings(&dir.path().join("data"), &[("webhooks.ca_file", bad.as_str())]);
+    let err = kami::start(settings).await.err().expect("kami refuses to start").to_string();
+    assert!(err.contains("webhooks.ca_file") && err.contains("empty.pem"), "{err}");
 }

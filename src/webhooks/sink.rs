@@ -4,7 +4,9 @@
 //! `POST /mode {"mode": "ok" | "fail" | "hang" | "slow", "delay_ms": N}`.
 //! `GET /received` lists the deliveries (every attempt that verified, in arrival
 //! order, with `duplicate` set on an id seen before); `GET /stats` counts them.
-//! The receiver's own check is [`verify`]: a shop can copy it.
+//! The receiver's own check is [`verify`]: a shop can copy it. With a certificate
+//! and key ([`start_tls`], `--tls-cert`/`--tls-key`) it serves HTTPS, as most
+//! receivers do.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -75,13 +77,20 @@ struct Sink {
 /// A running sink.
 pub struct RunningSink {
     pub addr: SocketAddr,
+    tls: bool,
     sink: Arc<Sink>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl RunningSink {
+    /// `http://127.0.0.1:port/`, or `https://localhost:port/` when it serves TLS (the
+    /// name a test certificate is made for).
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        if self.tls {
+            format!("https://localhost:{}/", self.addr.port())
+        } else {
+            format!("http://{}/", self.addr)
+        }
     }
 
     /// Every verified delivery so far, in arrival order.
@@ -116,6 +125,18 @@ pub fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), BadS
 }
 
 pub async fn start(listen: SocketAddr, secret: String) -> std::io::Result<RunningSink> {
+    start_tls(listen, secret, None).await
+}
+
+/// Most TLS handshakes and connections served at once by a TLS sink.
+const MAX_TLS_CONNECTIONS: usize = 1024;
+
+/// A sink serving HTTPS with `tls` (see [`tls_config`]), or HTTP without.
+pub async fn start_tls(
+    listen: SocketAddr,
+    secret: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<RunningSink> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let sink = Arc::new(Sink { secret, inner: Mutex::new(Inner::default()) });
@@ -125,10 +146,53 @@ pub async fn start(listen: SocketAddr, secret: String) -> std::io::Result<Runnin
         .route("/stats", get(stats))
         .route("/mode", post(set_mode))
         .with_state(sink.clone());
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(RunningSink { addr, sink, server })
+    let with_tls = tls.is_some();
+    let server = match tls {
+        None => tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }),
+        Some(config) => tokio::spawn(serve_tls(listener, app, config)),
+    };
+    Ok(RunningSink { addr, tls: with_tls, sink, server })
+}
+
+async fn serve_tls(listener: tokio::net::TcpListener, app: Router, config: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await;
+            let Ok(Ok(stream)) = handshake else { return };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+/// A server TLS configuration from PEM files: the certificate chain and its key.
+pub fn tls_config(
+    cert_file: &std::path::Path,
+    key_file: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+    Ok(Arc::new(config))
 }
 
 async fn receive(State(sink): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> Response {
