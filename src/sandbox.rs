@@ -86,6 +86,8 @@ pub struct SandboxPayment {
     /// Where this payment's notifications go when no address is set for all.
     pub notify_url: Option<String>,
     pub currency: String,
+    /// When the gateway closes the unpaid trade (`time_expire`), Unix ms.
+    pub expires_at_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -120,6 +122,7 @@ impl Gateway {
         amount_cents: u64,
         notify_url: Option<String>,
         currency: &str,
+        expires_at_ms: Option<u64>,
         id_of: impl FnOnce(u64) -> String,
     ) -> Result<SandboxPayment, Response> {
         let mut book = self.book();
@@ -141,6 +144,7 @@ impl Gateway {
             reference: reference.to_string(),
             notify_url,
             currency: currency.to_string(),
+            expires_at_ms,
         };
         book.by_order.insert(reference.to_string(), payment.payment_id.clone());
         book.payments.insert(payment.payment_id.clone(), payment.clone());
@@ -296,7 +300,7 @@ async fn checkout(
     if !signature::verify(gw.config.secret.as_bytes(), signed.as_bytes(), &p.sig) {
         return error(StatusCode::UNAUTHORIZED, "bad_signature", "the pay URL is not signed by the merchant");
     }
-    match gw.create_payment(&order_id, &order_id, p.amount_cents, None, "cny", |n| format!("sbx-{n:08}")) {
+    match gw.create_payment(&order_id, &order_id, p.amount_cents, None, "cny", None, |n| format!("sbx-{n:08}")) {
         Ok(payment) => Json(payment).into_response(),
         Err(full) => full,
     }
@@ -324,6 +328,11 @@ async fn pay(State(gw): State<Shared>, Path(payment_id): Path<String>, body: Byt
         let Some(p) = book.payments.get_mut(&payment_id) else {
             return error(StatusCode::NOT_FOUND, "payment_not_found", "no such payment");
         };
+        let now_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        if p.status == "created" && p.expires_at_ms.is_some_and(|at| now_ms >= at) {
+            // The merchant's time_expire passed: the gateway closed the trade.
+            p.status = "closed".into();
+        }
         if p.status != "created" {
             return error(StatusCode::CONFLICT, "invalid_state", &format!("payment is {}", p.status));
         }

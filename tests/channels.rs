@@ -534,3 +534,29 @@ async fn inside_wechat_a_jsapi_payment_gets_merchant_signed_request_payment_para
     pay(&api, s.gw("wx"), &payment_id).await;
     reaches(&api, &order, "delivered").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alipay_and_wechat_pay_close_the_trade_when_the_order_expires_so_it_cannot_be_paid_late() {
+    let s =
+        shop(&[(ChannelKind::Alipay, "ali", 0), (ChannelKind::Wechatpay, "wx", 1)], &[("orders.ttl_secs", "1")]).await;
+    let api = s.t.api();
+    api.product_with_keys("p", 2, 0).await;
+    for g in &s.gws {
+        let order = api.order("p", 1, &format!("late-{}", g.name), None).await;
+        let payment_id = open_pay_link(&api, g, &order).await;
+        reaches(&api, &order, "expired").await;
+        let late = reply(api.http.post(format!("{}/pay/{payment_id}", g.sim.url()))).await;
+        assert_eq!((late.status, late.code()), (409, "invalid_state"), "{}: {}", g.name, late.body);
+        let p = at_gateway(g, &payment_id);
+        assert_eq!((p.status.as_str(), p.notifications_sent), ("closed", 0), "{}: {p:?}", g.name);
+    }
+    // Nothing was paid, so nothing is owed back; the keys went back to stock.
+    let r = reply(api.admin(api.http.post(format!("{}/api/v1/admin/reconcile", api.url)))).await;
+    assert_eq!(r.body["payments_found"], json!([]), "{}", r.body);
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    assert_eq!(
+        (audit.body["products"][0]["sold"].as_u64(), audit.body["orders"]["refund_pending"].as_u64()),
+        (Some(0), Some(0))
+    );
+}

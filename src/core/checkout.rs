@@ -58,7 +58,13 @@ impl Kami {
             .map_err(|_| Error::Overloaded)?
             .map_err(|_| Error::Overloaded)?;
         let subject = order.product_id.clone();
-        let request = PayOrder { order_id, amount_cents: amount, subject: &subject, openid };
+        let request = PayOrder {
+            order_id,
+            amount_cents: amount,
+            subject: &subject,
+            openid,
+            expires_at_ms: order.order.expires_at_ms,
+        };
         let link = adapter.pay(&self.http, &request, channel.timeout).await.map_err(|e| failed(e.to_string()))?;
         Ok(PayLinkFor { channel: channel.name.clone(), kind: channel.kind, link })
     }

@@ -65,6 +65,15 @@ pub struct PayOrder<'a> {
     pub subject: &'a str,
     /// WeChat Pay JSAPI: the paying user's `openid` under the channel's `app_id`.
     pub openid: Option<&'a str>,
+    /// When the order expires (Unix ms): Alipay and WeChat Pay are told to close the
+    /// trade then (`time_expire`), so a buyer cannot pay an expired order there.
+    pub expires_at_ms: u64,
+}
+
+/// `expires_at_ms` as a time in Beijing (the Chinese gateways' clocks).
+pub fn beijing(ms: u64) -> chrono::DateTime<chrono::FixedOffset> {
+    let utc = chrono::DateTime::from_timestamp_millis(ms as i64).unwrap_or_default();
+    utc.with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).expect("UTC+8"))
 }
 
 /// A notification whose signature verified.

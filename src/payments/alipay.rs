@@ -80,6 +80,7 @@ impl Alipay {
             "subject": order.subject,
             "product_code": "FAST_INSTANT_TRADE_PAY",
             "passback_params": order.order_id,
+            "time_expire": super::adapter::beijing(order.expires_at_ms).format("%Y-%m-%d %H:%M:%S").to_string(),
         });
         let extra = [("notify_url", self.notify_url.as_str()), ("return_url", self.return_url.as_str())];
         let params = self.signed_params("alipay.trade.page.pay", &biz, &extra, now).await;

@@ -246,6 +246,7 @@ impl Wechatpay {
             "out_trade_no": trade_no(order.order_id),
             "attach": order.order_id,
             "notify_url": self.notify_url,
+            "time_expire": super::adapter::beijing(order.expires_at_ms).format("%Y-%m-%dT%H:%M:%S%:z").to_string(),
             "amount": {"total": order.amount_cents, "currency": "CNY"},
         });
         let (status, r) =
@@ -272,6 +273,7 @@ impl Wechatpay {
             "out_trade_no": trade_no(order.order_id),
             "attach": order.order_id,
             "notify_url": self.notify_url,
+            "time_expire": super::adapter::beijing(order.expires_at_ms).format("%Y-%m-%dT%H:%M:%S%:z").to_string(),
             "amount": {"total": order.amount_cents, "currency": "CNY"},
             "payer": {"openid": openid},
         });

@@ -315,7 +315,11 @@ async fn alipay_page_pay(State(gw): State<Shared>, RawQuery(query): RawQuery) ->
         return error(StatusCode::BAD_REQUEST, "isv.invalid-total-amount", total);
     };
     let notify = Some(param(&params, "notify_url").to_string()).filter(|u| !u.is_empty());
-    match gw.create_payment(out_trade_no, passback, amount, notify, "cny", |n| format!("2026{n:016}")) {
+    let expires = biz["time_expire"].as_str().and_then(|t| {
+        let t = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S").ok()?;
+        Some((t - chrono::Duration::hours(8)).and_utc().timestamp_millis() as u64)
+    });
+    match gw.create_payment(out_trade_no, passback, amount, notify, "cny", expires, |n| format!("2026{n:016}")) {
         Ok(p) => super::Json(p).into_response(),
         Err(full) => full,
     }
@@ -477,7 +481,11 @@ fn wechat_create(gw: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -> R
         );
     }
     let notify = b["notify_url"].as_str().map(str::to_string);
-    match gw.create_payment(no, attach, total, notify, "cny", |n| format!("42000020262026{n:014}")) {
+    let expires = b["time_expire"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp_millis() as u64);
+    match gw.create_payment(no, attach, total, notify, "cny", expires, |n| format!("42000020262026{n:014}")) {
         Ok(p) if jsapi => wechat_answer(w, StatusCode::OK, json!({"prepay_id": format!("wx{}", p.payment_id)})),
         Ok(p) => wechat_answer(
             w,
@@ -505,6 +513,7 @@ async fn wechat_query(
             let state = match p.status.as_str() {
                 "created" => "NOTPAY",
                 "paid" => "SUCCESS",
+                "closed" => "CLOSED",
                 _ => "REFUND",
             };
             wechat_answer(
@@ -590,7 +599,9 @@ async fn stripe_checkout(State(gw): State<Shared>, headers: HeaderMap, body: Byt
         return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "metadata and success_url are required");
     }
     let base = format!("http://{}", gw.config.listen);
-    match gw.create_payment(&order_id, &order_id, amount * quantity, None, &currency, |n| format!("pi_sbx{n:020}")) {
+    match gw
+        .create_payment(&order_id, &order_id, amount * quantity, None, &currency, None, |n| format!("pi_sbx{n:020}"))
+    {
         Ok(p) => super::Json(json!({
             "id": format!("cs_{}", &p.payment_id[3..]), "object": "checkout.session",
             "url": format!("{base}/pay/{}", p.payment_id), "payment_intent": p.payment_id,
@@ -617,7 +628,7 @@ async fn stripe_search(
     };
     let data: Vec<Value> = gw
         .payment_for(order_id)
-        .filter(|p| p.status != "created")
+        .filter(|p| p.status == "paid" || p.status == "refunded")
         .map(|p| {
             json!({"id": p.payment_id, "object": "payment_intent", "status": "succeeded",
                    "amount": p.amount_cents, "amount_received": p.amount_cents, "currency": p.currency,
