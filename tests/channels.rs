@@ -437,6 +437,7 @@ async fn channel_state(api: &Api, name: &str) -> String {
     let r = reply(api.admin(api.http.get(format!("{}/api/v1/admin/payments/channels", api.url)))).await;
     let c = r.body["channels"].as_array().unwrap().iter().find(|c| c["name"] == name).expect("listed").clone();
     assert_eq!(c["kind"], if name == "ali" { "alipay" } else { "wechatpay" });
+    assert!(c["endpoint"].as_str().is_some_and(|e| e.starts_with("http://127.0.0.1:")), "{c}");
     c["state"].as_str().unwrap().to_string()
 }
 

@@ -609,7 +609,7 @@ impl Handler<ListChannels> for PaymentSupervisor {
             .map(|(c, l)| ChannelStatus {
                 name: c.name.clone(),
                 kind: c.kind,
-                endpoint: c.endpoint.clone(),
+                endpoint: c.endpoint.clone().or_else(|| c.adapter.as_ref().map(|a| a.endpoint().to_string())),
                 priority: c.priority,
                 weight: c.weight,
                 state: l.breaker.state(now).name(),

@@ -196,6 +196,15 @@ impl Adapter {
         }))
     }
 
+    /// The gateway's base URL (Alipay: its `gateway.do`).
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Adapter::Alipay(a) => &a.gateway,
+            Adapter::Wechatpay(w) => &w.base,
+            Adapter::Stripe(s) => &s.base,
+        }
+    }
+
     pub fn kind(&self) -> ChannelKind {
         match self {
             Adapter::Alipay(_) => ChannelKind::Alipay,
