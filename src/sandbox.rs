@@ -112,19 +112,15 @@ impl Gateway {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Creates the payment for `reference` (once: a second checkout answers the
+    /// Creates the payment for `new.reference` (once: a second checkout answers the
     /// first payment), or refuses with the answer to send when the book is full.
     #[allow(clippy::result_large_err)] // the error is the response itself, built once
     fn create_payment(
         &self,
-        reference: &str,
-        order_id: &str,
-        amount_cents: u64,
-        notify_url: Option<String>,
-        currency: &str,
-        expires_at_ms: Option<u64>,
+        new: NewPayment<'_>,
         id_of: impl FnOnce(u64) -> String,
     ) -> Result<SandboxPayment, Response> {
+        let NewPayment { reference, order_id, amount_cents, notify_url, currency, expires_at_ms } = new;
         let mut book = self.book();
         if let Some(id) = book.by_order.get(reference) {
             return Ok(book.payments[id].clone());
@@ -180,6 +176,23 @@ impl Gateway {
             _ => return Err((StatusCode::CONFLICT, "invalid_state")),
         }
         Ok(p.clone())
+    }
+}
+
+/// What a checkout tells the gateway about the payment to create.
+struct NewPayment<'a> {
+    /// What the merchant calls the order here (kami order id or merchant order number).
+    reference: &'a str,
+    order_id: &'a str,
+    amount_cents: u64,
+    notify_url: Option<String>,
+    currency: &'a str,
+    expires_at_ms: Option<u64>,
+}
+
+impl<'a> NewPayment<'a> {
+    fn new(reference: &'a str, order_id: &'a str, amount_cents: u64) -> NewPayment<'a> {
+        NewPayment { reference, order_id, amount_cents, notify_url: None, currency: "cny", expires_at_ms: None }
     }
 }
 
@@ -300,7 +313,7 @@ async fn checkout(
     if !signature::verify(gw.config.secret.as_bytes(), signed.as_bytes(), &p.sig) {
         return error(StatusCode::UNAUTHORIZED, "bad_signature", "the pay URL is not signed by the merchant");
     }
-    match gw.create_payment(&order_id, &order_id, p.amount_cents, None, "cny", None, |n| format!("sbx-{n:08}")) {
+    match gw.create_payment(NewPayment::new(&order_id, &order_id, p.amount_cents), |n| format!("sbx-{n:08}")) {
         Ok(payment) => Json(payment).into_response(),
         Err(full) => full,
     }

@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
-use super::{error, SandboxPayment, Shared};
+use super::{error, NewPayment, SandboxPayment, Shared};
 use crate::domain::money;
 use crate::payments::adapter::header;
 use crate::payments::alipay::{beijing_time, sign_content};
@@ -319,7 +319,9 @@ async fn alipay_page_pay(State(gw): State<Shared>, RawQuery(query): RawQuery) ->
         let t = chrono::NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S").ok()?;
         Some((t - chrono::Duration::hours(8)).and_utc().timestamp_millis() as u64)
     });
-    match gw.create_payment(out_trade_no, passback, amount, notify, "cny", expires, |n| format!("2026{n:016}")) {
+    let new =
+        NewPayment { notify_url: notify, expires_at_ms: expires, ..NewPayment::new(out_trade_no, passback, amount) };
+    match gw.create_payment(new, |n| format!("2026{n:016}")) {
         Ok(p) => super::Json(p).into_response(),
         Err(full) => full,
     }
@@ -485,7 +487,8 @@ fn wechat_create(gw: &Shared, path: &str, headers: &HeaderMap, body: &[u8]) -> R
         .as_str()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.timestamp_millis() as u64);
-    match gw.create_payment(no, attach, total, notify, "cny", expires, |n| format!("42000020262026{n:014}")) {
+    let new = NewPayment { notify_url: notify, expires_at_ms: expires, ..NewPayment::new(no, attach, total) };
+    match gw.create_payment(new, |n| format!("42000020262026{n:014}")) {
         Ok(p) if jsapi => wechat_answer(w, StatusCode::OK, json!({"prepay_id": format!("wx{}", p.payment_id)})),
         Ok(p) => wechat_answer(
             w,
@@ -599,9 +602,10 @@ async fn stripe_checkout(State(gw): State<Shared>, headers: HeaderMap, body: Byt
         return stripe_error(StatusCode::BAD_REQUEST, "invalid_request_error", "metadata and success_url are required");
     }
     let base = format!("http://{}", gw.config.listen);
-    match gw
-        .create_payment(&order_id, &order_id, amount * quantity, None, &currency, None, |n| format!("pi_sbx{n:020}"))
-    {
+    match gw.create_payment(
+        NewPayment { currency: &currency, ..NewPayment::new(&order_id, &order_id, amount * quantity) },
+        |n| format!("pi_sbx{n:020}"),
+    ) {
         Ok(p) => super::Json(json!({
             "id": format!("cs_{}", &p.payment_id[3..]), "object": "checkout.session",
             "url": format!("{base}/pay/{}", p.payment_id), "payment_intent": p.payment_id,
