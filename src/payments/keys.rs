@@ -1,13 +1,15 @@
 //! RSA keys of the real gateways, and the one signature they all use: RSASSA-PKCS1-v1_5
 //! with SHA-256 (Alipay's "RSA2", WeChat Pay's "SHA256-RSA2048"), base64 encoded.
+//! The `rsa` crate reads the key formats; `ring` does the arithmetic (verifying a
+//! notification: 29 µs against 215 µs with `rsa`; a signature 0.57 ms against 1.75 ms,
+//! `benches/channels.rs`).
+
+use std::sync::Arc;
 
 use base64::Engine;
-use rsa::pkcs1::{DecodeRsaPrivateKey, DecodeRsaPublicKey};
-use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
+use rsa::pkcs1::{DecodeRsaPrivateKey, DecodeRsaPublicKey, EncodeRsaPrivateKey, EncodeRsaPublicKey};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
-use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use rsa::{RsaPrivateKey, RsaPublicKey};
-use sha2::Sha256;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -16,11 +18,11 @@ const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// A merchant's private key: signs requests.
 #[derive(Clone)]
-pub struct PrivateKey(SigningKey<Sha256>);
+pub struct PrivateKey(Arc<ring::rsa::KeyPair>);
 
-/// A gateway's public key: verifies what the gateway signs.
+/// A gateway's public key (PKCS#1 DER): verifies what the gateway signs.
 #[derive(Clone)]
-pub struct PublicKey(VerifyingKey<Sha256>);
+pub struct PublicKey(Arc<Vec<u8>>);
 
 impl std::fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,12 +51,18 @@ impl PrivateKey {
                 .or_else(|_| RsaPrivateKey::from_pkcs1_der(&der))
                 .map_err(|e| format!("not an RSA private key: {e}"))?
         };
-        Ok(PrivateKey(SigningKey::new(key)))
+        let der = key.to_pkcs1_der().map_err(|e| format!("RSA private key: {e}"))?;
+        let pair = ring::rsa::KeyPair::from_der(der.as_bytes()).map_err(|e| format!("RSA private key: {e}"))?;
+        Ok(PrivateKey(Arc::new(pair)))
     }
 
     /// `base64(SHA256withRSA(message))`.
     pub fn sign(&self, message: &[u8]) -> String {
-        B64.encode(self.0.sign(message).to_bytes())
+        let mut signature = vec![0; self.0.public().modulus_len()];
+        self.0
+            .sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), message, &mut signature)
+            .expect("RSA signing with a key ring accepted");
+        B64.encode(signature)
     }
 
     /// [`sign`](Self::sign) on tokio's blocking threads: an RSA-2048 private-key
@@ -83,14 +91,16 @@ impl PublicKey {
                 .or_else(|_| RsaPublicKey::from_pkcs1_der(&der))
                 .map_err(|e| format!("not an RSA public key: {e}"))?
         };
-        Ok(PublicKey(VerifyingKey::new(key)))
+        let der = key.to_pkcs1_der().map_err(|e| format!("RSA public key: {e}"))?;
+        Ok(PublicKey(Arc::new(der.as_bytes().to_vec())))
     }
 
-    /// Whether `signature_b64` is a SHA256withRSA signature of `message`.
+    /// Whether `signature_b64` is a SHA256withRSA signature of `message` (keys of
+    /// 2048 to 8192 bits).
     pub fn verifies(&self, message: &[u8], signature_b64: &str) -> bool {
-        let Ok(bytes) = B64.decode(signature_b64.trim()) else { return false };
-        let Ok(signature) = Signature::try_from(bytes.as_slice()) else { return false };
-        self.0.verify(message, &signature).is_ok()
+        let Ok(signature) = B64.decode(signature_b64.trim()) else { return false };
+        let key = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, &**self.0);
+        key.verify(message, &signature).is_ok()
     }
 }
 
