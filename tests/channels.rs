@@ -157,7 +157,7 @@ async fn reaches(api: &Api, order: &Reply, status: &str) -> Value {
 async fn a_purchase_paid_through_each_kind_is_delivered_and_the_gateway_is_answered_as_it_expects() {
     let s = shop(ALL, &[]).await;
     let api = s.t.api();
-    let keys = api.product_with_keys("p", 3, 0).await;
+    let keys = api.product_with_keys("p", 4, 0).await;
     for g in &s.gws {
         let order = api.order("p", 1, &format!("buyer-{}", g.name), None).await;
         assert_eq!(order.status, 201, "{}", order.body);
@@ -187,6 +187,17 @@ async fn a_purchase_paid_through_each_kind_is_delivered_and_the_gateway_is_answe
     let wrong_token =
         api.http.post(format!("{}/api/v1/orders/p.0.1/pay", api.url)).header("X-Order-Token", "nope").json(&json!({}));
     assert_eq!(reply(wrong_token).await.status, 404);
+    let order = api.order("p", 1, "bad-bodies", None).await;
+    let id = order.body["order_id"].as_str().unwrap();
+    let token = order.body["query_token"].as_str().unwrap();
+    for (body, status, code) in [("{", 400, "malformed_json"), (r#"{"chanel": "ali"}"#, 422, "invalid_request")] {
+        let r = api.http.post(format!("{}/api/v1/orders/{id}/pay", api.url)).header("X-Order-Token", token).body(body);
+        let r = reply(r).await;
+        assert_eq!((r.status, r.code()), (status, code), "{body}: {}", r.body);
+    }
+    let unknown = pay_link(&api, &order, Some("nope")).await;
+    assert_eq!((unknown.status, unknown.code()), (404, "unknown_channel"), "{}", unknown.body);
+    api.cancel(id, token).await;
     let audit = api.audit().await;
     assert_audit_ok(&audit);
     assert_eq!(audit.body["products"][0]["sold"], json!(3));

@@ -933,11 +933,8 @@ pub async fn pay(
     crate::telemetry::record_order(&order_id);
     let core = st.core()?;
     let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let request: PayRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
-        PayRequest::default()
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("body: {e}")))?
-    };
+    let request: PayRequest =
+        if bytes.iter().all(u8::is_ascii_whitespace) { PayRequest::default() } else { extract::json(&bytes)? };
     let link =
         core.pay_link(&order_id, order_token(&headers)?, request.channel.as_deref(), request.openid.as_deref()).await?;
     let (field, value) = match link.link {
