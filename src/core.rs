@@ -40,6 +40,8 @@ const MAX_HOLDS_PER_ROUND: usize = 256;
 /// Longest note on a merchant's points adjustment.
 const MAX_NOTE_BYTES: usize = 256;
 
+mod backup;
+pub use backup::{BackupStream, MIN_PASSPHRASE_BYTES};
 mod borrow;
 mod checkout;
 pub use checkout::{GatewayReply, JsapiParams, PayLink, PayLinkFor};
@@ -243,6 +245,8 @@ pub struct Kami {
     http: reqwest::Client,
     /// Pay-link calls to gateways in flight (bounded: [`MAX_PAY_CALLS`]).
     pay_calls: tokio::sync::Semaphore,
+    /// Set while a backup is written: one at a time.
+    backup_running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Most pay-link calls to gateways at once; more wait (within the request timeout).
@@ -315,6 +319,7 @@ impl Kami {
             webhooks,
             http,
             pay_calls: tokio::sync::Semaphore::new(MAX_PAY_CALLS),
+            backup_running: Default::default(),
         }
     }
 

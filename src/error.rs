@@ -51,6 +51,8 @@ pub enum Error {
     WebhookFromConfig(String),
     #[error("at most {0} webhook endpoints may be added")]
     WebhooksFull(usize),
+    #[error("a backup is being written; one at a time")]
+    BackupRunning,
 }
 
 impl Error {
@@ -74,6 +76,7 @@ impl Error {
             Error::WebhookExists(_) => "webhook_exists",
             Error::WebhookFromConfig(_) => "webhook_from_config",
             Error::WebhooksFull(_) => "webhooks_full",
+            Error::BackupRunning => "backup_running",
         }
     }
 }

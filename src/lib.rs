@@ -7,6 +7,7 @@
 pub mod actors;
 pub mod app;
 pub mod audit;
+pub mod backup;
 pub mod chaos;
 pub mod clock;
 pub mod config;

@@ -318,6 +318,42 @@ pub async fn snapshot(State(st): State<AppState>, headers: HeaderMap) -> ApiResu
     Ok(Json(json!({"snapshots": shards})))
 }
 
+/// The body of `POST /api/v1/admin/backup` (may be empty).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// With it, the generated secrets go in too, sealed by it.
+    passphrase: Option<String>,
+}
+
+/// `POST /api/v1/admin/backup`: an online, consistent backup of the data
+/// directory, streamed (`storage::backup`'s format). Selling goes on meanwhile.
+pub async fn backup(State(st): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    st.require_admin(&headers)?;
+    let core = st.core()?;
+    let bytes = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let req: BackupRequest =
+        if bytes.iter().all(u8::is_ascii_whitespace) { BackupRequest::default() } else { extract::json(&bytes)? };
+    if let Some(p) = &req.passphrase {
+        if p.len() < crate::core::MIN_PASSPHRASE_BYTES || p.len() > 1024 {
+            return Err(ApiError::invalid(format!("passphrase: {} to 1024 bytes", crate::core::MIN_PASSPHRASE_BYTES)));
+        }
+    }
+    let stream = core.backup(req.passphrase)?;
+    let chunks = futures::stream::unfold(stream.chunks, |mut rx| async move {
+        let next = rx.recv().await?;
+        Some((next.map_err(std::io::Error::other), rx))
+    });
+    let mut r = (StatusCode::OK, Body::from_stream(chunks)).into_response();
+    let h = r.headers_mut();
+    h.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        axum::http::header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"kami.kamibak\""),
+    );
+    Ok(r)
+}
+
 /// `POST /api/v1/admin/reconcile`: one payment sweep now (query every order not
 /// heard of, retry every refund owed, release expired reservations) and its report.
 pub async fn reconcile(State(st): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {

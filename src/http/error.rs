@@ -92,7 +92,9 @@ impl From<Error> for ApiError {
             Error::StaleRequest { .. } => StatusCode::BAD_REQUEST,
             Error::Replayed => StatusCode::CONFLICT,
             Error::UnknownChannel(_) | Error::WebhookNotFound(_) => StatusCode::NOT_FOUND,
-            Error::WebhookExists(_) | Error::WebhookFromConfig(_) | Error::WebhooksFull(_) => StatusCode::CONFLICT,
+            Error::WebhookExists(_) | Error::WebhookFromConfig(_) | Error::WebhooksFull(_) | Error::BackupRunning => {
+                StatusCode::CONFLICT
+            }
             Error::ChannelFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -237,6 +237,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/webhooks/{name}/redeliver", post(webhooks::redeliver))
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
+        .route("/api/v1/admin/backup", post(api::backup))
         .route("/api/v1/admin/reconcile", post(api::reconcile))
         .route("/api/v1/admin/payments/channels", get(api::payment_channels))
         .route("/api/v1/products/{id}/points-price", axum::routing::put(api::set_points_price))

@@ -116,16 +116,27 @@ pub(super) fn make_durable(
 ) -> Result<(), StorageError> {
     let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
     let mut result = Ok(());
+    let mut covered = Vec::new();
     for journal in journals.take() {
-        if let Err(e) = journal.sync_into(&mut log) {
-            // What it holds is still to be made durable: the next flush tries again.
-            journal.relist();
-            result = Err(e);
+        match journal.sync_into(&mut log) {
+            Ok(last) => covered.push((journal, last)),
+            Err(e) => {
+                // What it holds is still to be made durable: the next flush tries again.
+                journal.relist();
+                result = Err(e);
+            }
         }
     }
     // What was staged is written even when a journal failed (the next cycle
     // would write it anyway); the cycle fails as a whole.
     let synced = log.sync();
+    if synced.is_ok() {
+        // Before the log's lock is let go: a backup's cut, taken under it, sees
+        // every journal as of the end of one cycle.
+        for (journal, last) in covered {
+            journal.mark_durable(last);
+        }
+    }
     drop(log);
     result?;
     synced?;

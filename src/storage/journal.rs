@@ -23,7 +23,7 @@ use std::io::Read;
 #[cfg(not(unix))]
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::codec::{self, Kind};
@@ -114,6 +114,10 @@ pub struct JournalFile {
     dirty_list: Arc<DirtyJournals>,
     /// Why an `fdatasync` failed, if one did (see [`JournalFile::sync`]).
     sync_failed: Mutex<Option<String>>,
+    /// The last record known durable: what was on disk when the end was first
+    /// learnt (before any append), then raised by every sync that succeeded (for the
+    /// commit log's syncs, only once the log's own sync returned). A backup's cut.
+    durable: AtomicU64,
 }
 
 /// One frame read back: where it is, its sequence and its record.
@@ -262,6 +266,7 @@ impl JournalFile {
             dirty: AtomicBool::new(false),
             dirty_list,
             sync_failed: Mutex::new(None),
+            durable: AtomicU64::new(0),
         })
     }
 
@@ -278,6 +283,9 @@ impl JournalFile {
             let mut reader = SegmentReader::open(&seg.path, seg.first)?;
             while let Ok(Some(_)) = reader.next() {}
             (seg.last, seg.len) = (reader.expected - 1, reader.pos);
+            // Nothing was appended before the end was known: what is on disk is
+            // all there is, and the log was redone into it at open.
+            self.durable.fetch_max(seg.last, Ordering::SeqCst);
             st.end_known = true;
         }
         Ok(st)
@@ -291,6 +299,7 @@ impl JournalFile {
         }
         if let Some(seg) = st.segments.last_mut().filter(|s| s.first == first) {
             (seg.last, seg.len) = (reader.expected - 1, reader.pos);
+            self.durable.fetch_max(seg.last, Ordering::SeqCst);
             st.end_known = true;
         }
     }
@@ -306,15 +315,18 @@ impl JournalFile {
     pub fn sync(&self) -> Result<(), StorageError> {
         self.check_sync_failed()?;
         self.dirty.store(false, Ordering::SeqCst);
-        let (files, dir) = {
+        let (files, dir, last) = {
             let mut st = self.state();
             self.write_pending(&mut st)?;
             let mut files = std::mem::take(&mut st.unsynced);
             files.extend(st.segments.last().map(|s| s.file.clone()));
             st.uncovered = false;
-            (files, std::mem::take(&mut st.dir_unsynced))
+            let last = st.next_seq().map_or(0, |next| next - 1);
+            (files, std::mem::take(&mut st.dir_unsynced), last)
         };
-        self.sync_collected(files, dir)
+        self.sync_collected(files, dir)?;
+        self.mark_durable(last);
+        Ok(())
     }
 
     /// The commit thread's sync, through the shared log: what is pending is staged
@@ -322,10 +334,13 @@ impl JournalFile {
     /// segment file without a sync of its own; what reached the files some other
     /// way since the last sync (a roll, a trim, a read that wrote what was
     /// pending) and new or removed segments are synced here directly.
-    pub(crate) fn sync_into(self: &Arc<Self>, log: &mut super::log::CommitLog) -> Result<(), StorageError> {
+    ///
+    /// Returns the last record it covers: durable once the log's sync returned
+    /// (then [`JournalFile::mark_durable`]).
+    pub(crate) fn sync_into(self: &Arc<Self>, log: &mut super::log::CommitLog) -> Result<u64, StorageError> {
         self.check_sync_failed()?;
         self.dirty.store(false, Ordering::SeqCst);
-        let (files, dir) = {
+        let (files, dir, last) = {
             let mut st = self.state();
             if !st.pending.is_empty() {
                 log.stage(self, st.pending_first, st.pending_last, &st.pending)?;
@@ -337,9 +352,22 @@ impl JournalFile {
             if std::mem::take(&mut st.uncovered) {
                 files.extend(st.segments.last().map(|s| s.file.clone()));
             }
-            (files, std::mem::take(&mut st.dir_unsynced))
+            let last = st.next_seq().map_or(0, |next| next - 1);
+            (files, std::mem::take(&mut st.dir_unsynced), last)
         };
-        self.sync_collected(files, dir)
+        self.sync_collected(files, dir)?;
+        Ok(last)
+    }
+
+    /// Records that every record through `last` is durable.
+    pub(crate) fn mark_durable(&self, last: u64) {
+        self.durable.fetch_max(last, Ordering::SeqCst);
+    }
+
+    /// The last record known durable (see the field). Only a cut taken with the
+    /// commit log's lock held is one instant across journals.
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
     }
 
     fn check_sync_failed(&self) -> Result<(), StorageError> {

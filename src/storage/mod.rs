@@ -25,6 +25,7 @@
 //! decodes + every journal record after it, stopping at the first record that
 //! fails its checksum (a torn tail), which is logged and removed.
 
+pub mod backup;
 pub mod codec;
 pub mod commit;
 pub mod journal;
@@ -105,6 +106,10 @@ pub struct Storage {
     /// each dropped after its sled handle: when none is left, sled's lock on the
     /// directory is released.
     handles: Arc<()>,
+    /// Backups running: while any is, trims wait (see [`backup`]); a trim holds
+    /// the gate's read side while it works, a backup starting its write side.
+    backups: std::sync::atomic::AtomicUsize,
+    trim_gate: std::sync::RwLock<()>,
 }
 
 impl Drop for Storage {
@@ -196,6 +201,8 @@ impl Storage {
             snapshots,
             committer,
             handles: Arc::new(()),
+            backups: Default::default(),
+            trim_gate: Default::default(),
         });
         storage.move_sled_journals()?;
         let redone = log::redo(&journals_dir, |dir| storage.journal_file(dir.to_path_buf()))?;
@@ -746,7 +753,13 @@ impl Storage {
 
     /// Removes snapshots older than `keep_from_seq` and journal records through it.
     /// Call only once the snapshot at `keep_from_seq` is durable.
+    /// While a backup runs, nothing is trimmed (the next snapshot's trim does it).
     pub fn trim(&self, id: &ShardId, journal: &Journal, keep_from_seq: u64) -> Result<(), StorageError> {
+        let _gate = self.trim_gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.trims_held() {
+            metrics::counter!("kami_trims_deferred_total").increment(1);
+            return Ok(());
+        }
         let prefix = Self::snapshot_prefix(id);
         let mut batch = sled::Batch::default();
         for kv in self.snapshots.scan_prefix(&prefix) {

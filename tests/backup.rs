@@ -1,0 +1,372 @@
+//! Online backups: the cut is one instant across journals, selling, snapshots and
+//! trims going on meanwhile; restores are exact and audited; a damaged backup is
+//! refused before anything is written; secrets go in only sealed.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Runs the `kami` binary with `args`; returns its exit code and what it printed.
+fn kami(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kami")).args(args).output().expect("run kami");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().expect("exit code"), text)
+}
+
+async fn kami_async(args: Vec<String>) -> (i32, String) {
+    tokio::task::spawn_blocking(move || kami(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+/// Restores `file` into `to` with the binary, then audits it with the binary.
+fn restore_and_audit(file: &Path, to: &Path) {
+    let (code, out) = kami(&["backup", "verify", path(file)]);
+    assert_eq!(code, 0, "verify: {out}");
+    let (code, out) = kami(&["restore", "--from", path(file), "--data", path(to)]);
+    assert_eq!(code, 0, "restore: {out}");
+    let (code, out, err) = kami_audit(to, false);
+    assert_eq!(code, 0, "audit of the restored directory: {out}{err}");
+}
+
+fn product_counts(audit: &Reply, product: &str) -> Value {
+    audit.body["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == product)
+        .cloned()
+        .unwrap_or_else(|| panic!("{product} in the audit: {}", audit.body))
+}
+
+/// One purchase as its buyer saw it.
+#[derive(Clone, Debug)]
+struct Bought {
+    order_id: String,
+    token: String,
+    key: Value,
+}
+
+async fn buy(api: &Api, product: &str, buyer: &str) -> Bought {
+    let o = api.order(product, 1, buyer, None).await;
+    assert_eq!(o.status, 201, "{:?}", o.body);
+    let (id, token) = (o.body["order_id"].as_str().unwrap(), o.body["query_token"].as_str().unwrap());
+    let n = api.notify(id, &format!("pay-{id}"), o.body["amount_cents"].as_u64().unwrap()).await;
+    assert_eq!(n.status, 200, "{:?}", n.body);
+    let read = api.get_order(id, token).await;
+    assert_eq!(read.body["status"], "delivered", "{:?}", read.body);
+    Bought { order_id: id.into(), token: token.into(), key: read.body["keys"].clone() }
+}
+
+async fn snapshot(api: &Api) {
+    let r = reply(api.admin(api.http.post(format!("{}/api/v1/admin/snapshot", api.url)))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+/// A writer that says when it is first written to (the backup has taken its cut
+/// then) and waits for leave to go on.
+struct Gated {
+    out: Vec<u8>,
+    cut: Option<std::sync::mpsc::Sender<()>>,
+    go: std::sync::mpsc::Receiver<()>,
+}
+
+impl Write for Gated {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Some(cut) = self.cut.take() {
+            cut.send(()).unwrap();
+            self.go.recv_timeout(Duration::from_secs(120)).expect("leave to go on");
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_holds_exactly_what_was_durable_at_its_cut_while_selling_snapshots_and_trims_go_on() {
+    let app = TestApp::spawn().await;
+    let api = app.api();
+    assert_eq!(api.create_product("flash", 100, 0, 2).await.status, 201);
+    let keys: Vec<String> = (0..400).map(|i| format!("flash-K{i}")).collect();
+    assert_eq!(api.import("flash", &keys).await.status, 200);
+
+    // Before the cut: purchases, a snapshot of every shard (its trim done), more
+    // purchases on top of it, and orders left unpaid.
+    let mut before = Vec::new();
+    for i in 0..30 {
+        before.push(buy(&api, "flash", &format!("early{i}")).await);
+    }
+    snapshot(&api).await;
+    for i in 30..50 {
+        before.push(buy(&api, "flash", &format!("early{i}")).await);
+    }
+    let mut unpaid = Vec::new();
+    for i in 0..10 {
+        let o = api.order("flash", 1, &format!("unpaid{i}"), None).await;
+        assert_eq!(o.status, 201);
+        unpaid.push(o.body);
+    }
+
+    // The cut: the backup stops at its first write, after it has read every journal's end.
+    let (cut_tx, cut_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let storage = app.core().storage().clone();
+    let backup = std::thread::spawn(move || {
+        let mut out = Gated { out: Vec::new(), cut: Some(cut_tx), go: go_rx };
+        let summary = storage.backup(&mut out, None, 0).expect("backup");
+        (summary, out.out)
+    });
+    tokio::task::spawn_blocking(move || cut_rx.recv_timeout(Duration::from_secs(60)).expect("the cut taken"))
+        .await
+        .unwrap();
+
+    // After the cut: more purchases, the payment of an order left unpaid, and a
+    // snapshot of every shard, whose trim a running backup must hold back.
+    let deferred = |text: &str| metric_value(text, "kami_trims_deferred_total");
+    let deferred_before = deferred(&api.metrics().await);
+    let mut after = Vec::new();
+    for i in 0..40 {
+        after.push(buy(&api, "flash", &format!("late{i}")).await);
+    }
+    let late_paid = unpaid[0]["order_id"].as_str().unwrap().to_string();
+    let n = api.notify(&late_paid, "pay-late", 100).await;
+    assert_eq!(n.status, 200, "{:?}", n.body);
+    snapshot(&api).await;
+    let held = api
+        .eventually(Duration::from_secs(30), || {
+            let api = api.clone();
+            async move { deferred(&api.metrics().await) >= deferred_before + 2.0 }
+        })
+        .await;
+    assert!(held, "both shards' trims were held back while the backup ran");
+    go_tx.send(()).unwrap();
+    let (summary, bytes) = tokio::task::spawn_blocking(move || backup.join().unwrap()).await.unwrap();
+    assert!(summary.journal_records > 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cut.kamibak");
+    std::fs::write(&file, &bytes).unwrap();
+    let restored = dir.path().join("restored");
+    tokio::task::spawn_blocking({
+        let (file, restored) = (file.clone(), restored.clone());
+        move || restore_and_audit(&file, &restored)
+    })
+    .await
+    .unwrap();
+
+    let again = TestApp::start_on(&restored, &[]).await;
+    let rapi = again.api();
+    for b in &before {
+        let r = rapi.get_order(&b.order_id, &b.token).await;
+        assert_eq!(
+            (r.status, &r.body["status"], &r.body["keys"]),
+            (200, &json!("delivered"), &b.key),
+            "{}",
+            b.order_id
+        );
+    }
+    for o in &unpaid {
+        let r = rapi.admin_order(o["order_id"].as_str().unwrap()).await;
+        // Paid after the cut: not paid in the backup.
+        assert_eq!((r.status, &r.body["status"]), (200, &json!("pending_payment")), "{:?}", r.body);
+    }
+    for b in &after {
+        let r = rapi.admin_order(&b.order_id).await;
+        assert_eq!(r.status, 404, "{} was bought after the cut: {:?}", b.order_id, r.body);
+    }
+    let audit = rapi.audit().await;
+    assert_audit_ok(&audit);
+    let p = product_counts(&audit, "flash");
+    assert_eq!((p["sold"].as_u64(), p["reserved"].as_u64()), (Some(50), Some(10)), "{p}");
+    // The original sells on with everything.
+    let p = product_counts(&api.audit().await, "flash");
+    assert_eq!((p["sold"].as_u64(), p["reserved"].as_u64()), (Some(91), Some(9)), "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_online_backup_through_the_api_during_a_sale_restores_every_purchase_acknowledged_before_it() {
+    let app = TestApp::spawn().await;
+    let api = app.api();
+    assert_eq!(api.create_product("sale", 100, 0, 2).await.status, 201);
+    let keys: Vec<String> = (0..4000).map(|i| format!("sale-K{i}")).collect();
+    assert_eq!(api.import("sale", &keys).await.status, 200);
+
+    let bought: Arc<Mutex<Vec<(Instant, Bought)>>> = Default::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..16 {
+        let (api, bought, stop) = (api.clone(), bought.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 200 {
+                let b = buy(&api, "sale", &format!("w{w}-{i}")).await;
+                bought.lock().unwrap().push((Instant::now(), b));
+                i += 1;
+            }
+        }));
+    }
+    let count = || bought.lock().unwrap().len();
+    assert!(api.eventually(Duration::from_secs(60), || async { count() >= 200 }).await, "the sale runs");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sale.kamibak");
+    let started = Instant::now();
+    let args = ["backup", "--url", &app.url, "--admin-token", ADMIN, "--to", path(&file)];
+    let (code, out) = kami_async(args.iter().map(|s| s.to_string()).collect()).await;
+    assert_eq!(code, 0, "kami backup: {out}");
+    let at_backup = count();
+    assert!(api.eventually(Duration::from_secs(60), || async { count() >= at_backup + 100 }).await, "selling goes on");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(!dir.path().join("sale.kamibak.partial").exists(), "the partial file became the backup");
+
+    let restored = dir.path().join("restored");
+    tokio::task::spawn_blocking({
+        let (file, restored) = (file.clone(), restored.clone());
+        move || restore_and_audit(&file, &restored)
+    })
+    .await
+    .unwrap();
+    let all = bought.lock().unwrap().clone();
+    let again = TestApp::start_on(&restored, &[]).await;
+    let rapi = again.api();
+    let acknowledged_before: Vec<&Bought> = all.iter().filter(|(at, _)| *at < started).map(|(_, b)| b).collect();
+    assert!(acknowledged_before.len() >= 200);
+    for b in &acknowledged_before {
+        let r = rapi.get_order(&b.order_id, &b.token).await;
+        assert_eq!(
+            (r.status, &r.body["status"], &r.body["keys"]),
+            (200, &json!("delivered"), &b.key),
+            "{}",
+            b.order_id
+        );
+    }
+    let audit = rapi.audit().await;
+    assert_audit_ok(&audit);
+    let sold = product_counts(&audit, "sale")["sold"].as_u64().unwrap() as usize;
+    assert!(sold >= acknowledged_before.len() && sold < all.len(), "{sold} sold in the backup of {} in all", all.len());
+}
+
+#[tokio::test]
+async fn secrets_go_in_only_sealed_and_come_back_only_with_the_passphrase() {
+    let app = TestApp::spawn().await;
+    let api = app.api();
+    api.product_with_keys("sealed", 3, 0).await;
+    buy(&api, "sealed", "alice").await;
+    // What kami keeps when it generates its secrets (the file a server without
+    // configured secrets writes at its first start).
+    let secrets = br#"{"admin_token":"very-secret-admin-token-123"}"#;
+    std::fs::write(app.data.join("secrets.json"), secrets).unwrap();
+
+    let short = reply(
+        api.admin(api.http.post(format!("{}/api/v1/admin/backup", api.url))).json(&json!({"passphrase": "short"})),
+    )
+    .await;
+    assert_eq!((short.status, short.code()), (422, "invalid_request"), "{:?}", short.body);
+
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, "correct horse battery staple\n").unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "incorrect horse battery\n").unwrap();
+    let file = dir.path().join("s.kamibak");
+    let args =
+        ["backup", "--url", &app.url, "--admin-token", ADMIN, "--to", path(&file), "--passphrase-file", path(&pass)];
+    let (code, out) = kami_async(args.iter().map(|s| s.to_string()).collect()).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sealed with a passphrase: secrets.json"), "{out}");
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(!bytes.windows(14).any(|w| w == b"very-secret-ad"), "the secret is not in the clear");
+
+    let at = |name: &str| dir.path().join(name);
+    let (code, out) =
+        kami(&["restore", "--from", path(&file), "--data", path(&at("w")), "--passphrase-file", path(&wrong)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("wrong passphrase"), "{out}");
+    assert!(!at("w").exists() && !at("w.restoring").exists(), "nothing left by a refused restore");
+
+    let (code, out) = kami(&["restore", "--from", path(&file), "--data", path(&at("none"))]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sealed secrets left out"), "{out}");
+    assert!(!at("none").join("secrets.json").exists());
+
+    let (code, out) =
+        kami(&["restore", "--from", path(&file), "--data", path(&at("with")), "--passphrase-file", path(&pass)]);
+    assert_eq!(code, 0, "{out}");
+    let restored = at("with").join("secrets.json");
+    assert_eq!(std::fs::read(&restored).unwrap(), secrets);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&restored).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_backup_is_refused_by_verify_and_by_restore_and_nothing_is_written() {
+    let app = TestApp::spawn().await;
+    let api = app.api();
+    api.product_with_keys("d", 50, 0).await;
+    for i in 0..10 {
+        buy(&api, "d", &format!("b{i}")).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("good.kamibak");
+    let args = ["backup", "--url", &app.url, "--admin-token", ADMIN, "--to", path(&file)];
+    let (code, out) = kami_async(args.iter().map(|s| s.to_string()).collect()).await;
+    assert_eq!(code, 0, "{out}");
+    let good = std::fs::read(&file).unwrap();
+
+    let damaged = |name: &str, bytes: &[u8]| -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let cases = [
+        ("flipped", damaged("flipped.kamibak", &flipped)),
+        ("truncated", damaged("truncated.kamibak", &good[..good.len() - 10])),
+        ("no end", damaged("headless.kamibak", &good[..good.len() / 3])),
+        ("bytes after the end", damaged("trailing.kamibak", &trailing)),
+        ("not a backup", damaged("other.kamibak", b"{\"orders\": []}")),
+    ];
+    for (what, p) in &cases {
+        let (code, out) = kami(&["backup", "verify", path(p)]);
+        assert_eq!(code, 1, "{what}: verify must refuse: {out}");
+        let to = dir.path().join(format!("r-{what}"));
+        let (code, out) = kami(&["restore", "--from", path(p), "--data", path(&to)]);
+        assert_eq!(code, 1, "{what}: restore must refuse: {out}");
+        assert!(!to.exists() && !dir.path().join(format!("r-{what}.restoring")).exists(), "{what}: nothing written");
+    }
+
+    // Never over a directory that holds something.
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep.txt"), "mine").unwrap();
+    let (code, out) = kami(&["restore", "--from", path(&file), "--data", path(&busy)]);
+    assert_eq!(code, 1);
+    assert!(out.contains("not empty"), "{out}");
+    assert_eq!(std::fs::read_to_string(busy.join("keep.txt")).unwrap(), "mine");
+    // The good one restores into an empty directory that exists.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    restore_and_audit(&file, &empty);
+}
