@@ -436,6 +436,11 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             .map_err(|e| storage_err(e.to_string()))?
             .map_err(|e| storage_err(e.to_string()))?
     };
+    let archiving = !settings.backup.archive_dir.as_os_str().is_empty();
+    if archiving {
+        // Before recovery, which may trim: nothing not yet shipped is trimmed.
+        storage.enable_archiving();
+    }
 
     let state = AppState::new(&settings, secrets.admin_token.clone());
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
@@ -539,7 +544,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         supervisor,
         payments,
         storage,
-        clock,
+        clock: clock.clone(),
         channels,
         points,
         points_prices,
@@ -585,6 +590,10 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
 
     // Merchant webhooks: one delivery worker per endpoint, off the order path.
     let webhook_workers = crate::webhooks::spawn(core.clone());
+    let mut background = vec![pruner, settler, webhook_workers];
+    if archiving {
+        background.push(spawn_archiver(core.storage().clone(), clock.clone(), &settings.backup));
+    }
 
     Ok(RunningApp {
         addr,
@@ -596,8 +605,55 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         recovery,
         stop_server: Some(stop_tx),
         server: Some(server),
-        background: vec![pruner, settler, webhook_workers],
+        background,
         grace: Duration::from_secs(settings.server.shutdown_grace_secs),
         actors: Some(actors),
+    })
+}
+
+/// Continuous archiving (`backup.archive_dir`): a round every
+/// `archive_interval_ms` on a blocking thread (one at a time), its lag exported.
+fn spawn_archiver(
+    storage: Arc<Storage>,
+    clock: Arc<dyn Clock>,
+    settings: &crate::config::BackupSettings,
+) -> tokio::task::JoinHandle<()> {
+    let interval = Duration::from_millis(settings.archive_interval_ms);
+    let archive = crate::storage::backup::Archive::new(
+        settings.archive_dir.clone(),
+        settings.full_every_secs * 1000,
+        settings.keep_full,
+    );
+    let started_ms = clock.now_ms();
+    tokio::spawn(async move {
+        let archive = Arc::new(std::sync::Mutex::new(archive));
+        loop {
+            let (storage, archive_ref, now_ms) = (storage.clone(), archive.clone(), clock.now_ms());
+            let round = tokio::task::spawn_blocking(move || {
+                let mut a = archive_ref.lock().unwrap_or_else(|e| e.into_inner());
+                let round = storage.archive_round(&mut a, now_ms);
+                (round, a.current_as_of_ms())
+            })
+            .await;
+            let as_of = match round {
+                Ok((Ok(round), as_of)) => {
+                    if !matches!(round, crate::storage::backup::Round::Current) {
+                        tracing::debug!(?round, "archive: shipped");
+                    }
+                    as_of
+                }
+                Ok((Err(e), as_of)) => {
+                    tracing::warn!(error = %e, "archive: round failed; retried next interval");
+                    as_of
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "archive: round stopped");
+                    None
+                }
+            };
+            let lag_ms = clock.now_ms().saturating_sub(as_of.unwrap_or(started_ms));
+            metrics::gauge!("kami_backup_lag_seconds").set(lag_ms as f64 / 1000.0);
+            tokio::time::sleep(interval).await;
+        }
     })
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub use crate::storage::backup::{restore, verify, BackupError, Summary, MIN_PASSPHRASE_BYTES};
+pub use crate::storage::backup::{restore, restore_archive, verify, BackupError, Summary, MIN_PASSPHRASE_BYTES};
 
 /// Reads a passphrase from a file (its first line), for sealing or opening secrets.
 pub fn read_passphrase(path: &Path) -> Result<String, String> {

@@ -31,6 +31,22 @@ pub struct Settings {
     pub buyers: BuyerSettings,
     pub lookup: LookupSettings,
     pub webhooks: WebhookSettings,
+    pub backup: BackupSettings,
+}
+
+/// Continuous archiving (`storage::backup::Archive`): off while `archive_dir` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSettings {
+    /// Where full backups and increments go (best on another disk or a mount of
+    /// another machine); empty: no continuous archiving.
+    pub archive_dir: PathBuf,
+    /// How often what became durable is shipped (an increment).
+    pub archive_interval_ms: u64,
+    /// How often a full backup starts a new chain.
+    pub full_every_secs: u64,
+    /// Full backups kept, with the increments after the oldest of them.
+    pub keep_full: usize,
 }
 
 /// Merchant webhooks: where order events are sent, and how hard to try.
@@ -657,6 +673,14 @@ impl Settings {
         }
         check(l.max_tracked >= 1, "lookup.max_tracked", "must be at least 1")?;
         let w = &self.webhooks;
+        let b = &self.backup;
+        check(
+            (100..=3_600_000).contains(&b.archive_interval_ms),
+            "backup.archive_interval_ms",
+            "must be 100..=3600000",
+        )?;
+        check((60..=31_536_000).contains(&b.full_every_secs), "backup.full_every_secs", "must be 60..=31536000")?;
+        check((1..=1_000).contains(&b.keep_full), "backup.keep_full", "must be 1..=1000")?;
         check((10..=60_000).contains(&w.poll_ms), "webhooks.poll_ms", "must be 10..=60000")?;
         check((1..=10_000).contains(&w.max_batch), "webhooks.max_batch", "must be 1..=10000")?;
         check(w.backoff_base_ms >= 1, "webhooks.backoff_base_ms", "must be at least 1")?;

@@ -62,9 +62,14 @@ enum Command {
     /// Restore a backup into a new data directory (refused over a non-empty one);
     /// the backup is verified whole before anything is written.
     Restore {
-        /// The backup file.
+        /// A backup file, or an archive directory (`backup.archive_dir`: full
+        /// backups and increments).
         #[arg(long)]
         from: PathBuf,
+        /// From an archive directory: the shop as of this time (RFC 3339), that is as
+        /// of the newest cut at or before it. Default: the newest.
+        #[arg(long)]
+        until: Option<String>,
         /// The new data directory (`storage.path` of the server to start on it).
         #[arg(long)]
         data: PathBuf,
@@ -304,7 +309,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Restore { from, data, passphrase_file } => {
+        Command::Restore { from, until, data, passphrase_file } => {
             let passphrase = match passphrase_file.as_deref().map(kami::backup::read_passphrase).transpose() {
                 Ok(p) => p,
                 Err(e) => {
@@ -312,7 +317,22 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match kami::backup::restore(&from, &data, passphrase.as_deref()) {
+            let until_ms = match until.as_deref().map(chrono::DateTime::parse_from_rfc3339).transpose() {
+                Ok(t) => t.map(|t| t.timestamp_millis().max(0) as u64),
+                Err(e) => {
+                    eprintln!("kami restore: --until: {e} (RFC 3339, e.g. 2026-12-01T10:15:00Z)");
+                    return ExitCode::from(2);
+                }
+            };
+            let restored = if from.is_dir() {
+                kami::backup::restore_archive(&from, &data, until_ms, passphrase.as_deref())
+            } else if until_ms.is_some() {
+                eprintln!("kami restore: --until needs an archive directory in --from");
+                return ExitCode::from(2);
+            } else {
+                kami::backup::restore(&from, &data, passphrase.as_deref())
+            };
+            match restored {
                 Ok(summary) => {
                     print!("{} restored from {}: {}", data.display(), from.display(), kami::backup::describe(&summary));
                     if !summary.sealed.is_empty() && passphrase.is_none() {

@@ -159,6 +159,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("kami_backups_total", Kind::Counter, "Online backups written, by result (ok, failed)."),
     ("kami_backup_last_success_timestamp_seconds", Kind::Gauge, "When the last backup that was written whole was cut (unix seconds)."),
     ("kami_backup_last_bytes", Kind::Gauge, "Size of the last backup written whole."),
+    ("kami_backup_lag_seconds", Kind::Gauge, "Continuous archiving: how far behind now the archive's newest cut is (what a lost disk would cost)."),
     ("kami_trims_deferred_total", Kind::Counter, "Journal trims left for the next snapshot because a backup was being written."),
     ("kami_payment_channel_state", Kind::Gauge, "A payment channel's breaker: 0 closed, 1 half-open, 2 open."),
     ("kami_payment_channel_opened_total", Kind::Counter, "Times a payment channel's breaker opened since start."),

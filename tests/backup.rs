@@ -370,3 +370,152 @@ async fn a_damaged_backup_is_refused_by_verify_and_by_restore_and_nothing_is_wri
     std::fs::create_dir(&empty).unwrap();
     restore_and_audit(&file, &empty);
 }
+
+/// The newest archive file (full or increment) cut at or after `since_ms`: its time.
+fn shipped_since(dir: &Path, since_ms: u64) -> Option<u64> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let stem = name.strip_suffix(".kamibak")?;
+            stem.strip_prefix("inc-").or_else(|| stem.strip_prefix("full-"))?.parse::<u64>().ok()
+        })
+        .filter(|&ms| ms >= since_ms)
+        .max()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Waits until the archive holds everything acknowledged so far; returns that cut's time.
+async fn archived(api: &Api, dir: &Path) -> u64 {
+    let since = now_ms() + 1;
+    let mut at = None;
+    let ok = api
+        .eventually(Duration::from_secs(30), || {
+            at = shipped_since(dir, since);
+            let found = at.is_some();
+            async move { found }
+        })
+        .await;
+    assert!(ok, "the archive shipped what was acknowledged");
+    shipped_since(dir, since).unwrap()
+}
+
+fn rfc3339(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn continuous_archiving_restores_the_shop_as_of_a_moment_in_the_middle_of_a_sale() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let archive_str = path(&archive).to_string();
+    let app = TestApp::spawn_with(&[
+        ("backup.archive_dir", &archive_str),
+        ("backup.archive_interval_ms", "100"),
+        ("orders.archive_after_secs", "1"),
+        ("payments.query_grace_secs", "0"),
+    ])
+    .await;
+    let api = app.api();
+    assert_eq!(api.create_product("pitr", 100, 0, 2).await.status, 201);
+    let keys: Vec<String> = (0..300).map(|i| format!("pitr-K{i}")).collect();
+    assert_eq!(api.import("pitr", &keys).await.status, 200);
+
+    let mut phase_a = Vec::new();
+    for i in 0..25 {
+        phase_a.push(buy(&api, "pitr", &format!("a{i}")).await);
+    }
+    let at_a = archived(&api, &archive).await;
+
+    // Phase B: more sales, phase A's orders leave memory for the archive, and a
+    // snapshot of every shard (whose trim must keep what is not shipped yet).
+    let mut phase_b = Vec::new();
+    for i in 0..25 {
+        phase_b.push(buy(&api, "pitr", &format!("b{i}")).await);
+    }
+    let moved = api
+        .eventually(Duration::from_secs(30), || async {
+            let audit = api.audit().await;
+            product_counts(&audit, "pitr")["orders_archived"].as_u64().unwrap_or(0) >= 25
+        })
+        .await;
+    assert!(moved, "phase A's orders were archived");
+    snapshot(&api).await;
+    let at_b = archived(&api, &archive).await;
+
+    let mut phase_c = Vec::new();
+    for i in 0..25 {
+        phase_c.push(buy(&api, "pitr", &format!("c{i}")).await);
+    }
+    archived(&api, &archive).await;
+    drop(app);
+
+    for (until, sold, kept, gone) in [
+        (Some(at_a), 25, vec![&phase_a], vec![&phase_b, &phase_c]),
+        (Some(at_b), 50, vec![&phase_a, &phase_b], vec![&phase_c]),
+        (None, 75, vec![&phase_a, &phase_b, &phase_c], vec![]),
+    ] {
+        let to = dir.path().join(format!("restored-{}", until.unwrap_or(0)));
+        let mut args =
+            vec!["restore".to_string(), "--from".into(), archive_str.clone(), "--data".into(), path(&to).into()];
+        if let Some(ms) = until {
+            args.extend(["--until".to_string(), rfc3339(ms)]);
+        }
+        let (code, out) = kami_async(args).await;
+        assert_eq!(code, 0, "restore: {out}");
+        let (code, out, err) = kami_audit(&to, false);
+        assert_eq!(code, 0, "audit of the restored directory: {out}{err}");
+        let restored = TestApp::start_on(&to, &[]).await;
+        let rapi = restored.api();
+        for b in kept.iter().flat_map(|p| p.iter()) {
+            let r = rapi.get_order(&b.order_id, &b.token).await;
+            assert_eq!(
+                (r.status, &r.body["status"], &r.body["keys"]),
+                (200, &json!("delivered"), &b.key),
+                "{until:?}: {}",
+                b.order_id
+            );
+        }
+        for b in gone.iter().flat_map(|p| p.iter()) {
+            let r = rapi.admin_order(&b.order_id).await;
+            assert_eq!(r.status, 404, "{until:?}: {} came after: {:?}", b.order_id, r.body);
+        }
+        let audit = rapi.audit().await;
+        assert_audit_ok(&audit);
+        assert_eq!(product_counts(&audit, "pitr")["sold"].as_u64(), Some(sold), "{until:?}");
+        drop(restored);
+    }
+}
+
+#[tokio::test]
+async fn an_archive_keeps_its_newest_full_backups_and_the_increments_they_lead() {
+    use kami::storage::backup::{Archive, Round};
+    let app = TestApp::spawn().await;
+    let api = app.api();
+    api.product_with_keys("keep", 20, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = app.core().storage().clone();
+    let mut a = Archive::new(dir.path().to_path_buf(), u64::MAX, 2);
+    let round = |a: &mut Archive, ms: u64| storage.archive_round(a, ms).expect("round");
+    assert!(matches!(round(&mut a, 1_000), Round::Full(_)));
+    assert_eq!(round(&mut a, 1_500), Round::Current, "nothing new: no file");
+    buy(&api, "keep", "x").await;
+    let Round::Increment(increment) = round(&mut a, 2_000) else { panic!("an increment") };
+    let (code, out) = kami(&["backup", "verify", path(&increment)]);
+    assert_eq!(code, 0, "an increment verifies on its own: {out}");
+    let (code, out) = kami(&["restore", "--from", path(&increment), "--data", path(&dir.path().join("r"))]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("an increment, not a full backup"), "{out}");
+    a.full_every_ms = 0;
+    assert!(matches!(round(&mut a, 3_000), Round::Full(_)));
+    buy(&api, "keep", "y").await;
+    assert!(matches!(round(&mut a, 4_000), Round::Full(_)));
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, [format!("full-{:020}.kamibak", 3_000), format!("full-{:020}.kamibak", 4_000)]);
+}

@@ -100,6 +100,11 @@ pub struct Manifest {
     pub taken_at_ms: u64,
     /// Each journal's last record in the backup (its durable end at the cut).
     pub cut: BTreeMap<String, u64>,
+    /// An increment (continuous archiving): each journal's last record in the
+    /// archive before it; its records follow on from there. `None`: a full backup.
+    pub after: Option<BTreeMap<String, u64>>,
+    /// Stored trees an increment holds whole (they replace what came before).
+    pub trees: Vec<Vec<u8>>,
 }
 
 /// What verifying or restoring a backup found.
@@ -349,6 +354,8 @@ impl Storage {
             kami_version: env!("CARGO_PKG_VERSION").to_string(),
             taken_at_ms: now_ms,
             cut: cut.clone(),
+            after: None,
+            trees: Vec::new(),
         };
         let mut w = Writer { out, hash: Sha256::new(), entries: 0, bytes: 0 };
         w.raw(MAGIC)?;
@@ -475,6 +482,337 @@ impl Storage {
         }
         let (entries, bytes) = w.finish()?;
         Ok(Summary { manifest, entries, bytes, tree_values: values, journal_records: records, sealed })
+    }
+}
+
+/// Trees an increment leaves out: snapshots (a restore replays the increments'
+/// records on the full backup's snapshots), the archive and lookup records (an
+/// increment carries those of the orders its records archive), dead letters,
+/// and what is rebuilt at start.
+fn whole_in_increments(tree: &str) -> bool {
+    !(tree == "snapshots"
+        || tree.ends_with("-snapshots")
+        || tree.starts_with("archive/")
+        || tree.starts_with("lookup/")
+        || tree.starts_with("journal/")
+        || tree == "webhook-dead"
+        || tree == "payment-ids")
+}
+
+/// Continuous archiving into a directory: a full backup now and then, and between
+/// two of them increments of what became durable since the last file.
+pub struct Archive {
+    pub dir: PathBuf,
+    pub full_every_ms: u64,
+    /// Full backups kept (with the increments after the oldest of them).
+    pub keep_full: usize,
+    /// Each journal's last record shipped, and when that cut was taken.
+    shipped: Option<(BTreeMap<String, u64>, u64)>,
+    last_full_ms: u64,
+    /// A digest of the stored trees the last increment held whole.
+    trees_digest: [u8; 32],
+}
+
+/// What one archiving round did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Round {
+    Full(PathBuf),
+    Increment(PathBuf),
+    /// Nothing new since the last file: the archive is current as of this round.
+    Current,
+}
+
+/// A file of an archive directory: `full-{ms}.kamibak` or `inc-{ms}.kamibak`.
+fn archive_files(dir: &Path) -> Result<Vec<(u64, bool, PathBuf)>, BackupError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir.display()))? {
+        let entry = entry.map_err(io(dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".kamibak") else { continue };
+        let (full, ms) = match (stem.strip_prefix("full-"), stem.strip_prefix("inc-")) {
+            (Some(ms), _) => (true, ms),
+            (_, Some(ms)) => (false, ms),
+            _ => continue,
+        };
+        if let Ok(ms) = ms.parse() {
+            out.push((ms, full, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_header(path: &Path) -> Result<Manifest, BackupError> {
+    let file = std::fs::File::open(path).map_err(io(path.display()))?;
+    match Reader::new(std::io::BufReader::new(file))?.next()? {
+        Some(Entry::Header(m)) => Ok(m),
+        _ => Err(BackupError::Invalid(format!("{}: no header", path.display()))),
+    }
+}
+
+/// Writes `write`'s output to `{dir}/{name}` through a `.partial` file, synced,
+/// renamed, and the directory synced: a name in the archive is a whole file.
+fn write_file(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut dyn Write) -> Result<Summary, BackupError>,
+) -> Result<(PathBuf, Summary), BackupError> {
+    let path = dir.join(name);
+    let partial = dir.join(format!("{name}.partial"));
+    let file = std::fs::File::create(&partial).map_err(io(partial.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let summary = write(&mut out);
+    let file = out.into_inner().map_err(|e| BackupError::Io(format!("{}: {e}", partial.display())));
+    let summary = match (summary, file) {
+        (Ok(s), Ok(f)) => {
+            f.sync_all().map_err(io(partial.display()))?;
+            s
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, &path).map_err(io(path.display()))?;
+    journal::sync_dir(dir)?;
+    Ok((path, summary))
+}
+
+impl Archive {
+    pub fn new(dir: PathBuf, full_every_ms: u64, keep_full: usize) -> Archive {
+        Archive {
+            dir,
+            full_every_ms,
+            keep_full: keep_full.max(1),
+            shipped: None,
+            last_full_ms: 0,
+            trees_digest: [0; 32],
+        }
+    }
+
+    /// When the newest file's cut was taken (`None` before the first).
+    pub fn current_as_of_ms(&self) -> Option<u64> {
+        self.shipped.as_ref().map(|(_, ms)| *ms)
+    }
+}
+
+impl Storage {
+    /// Turns continuous archiving on: from now on trims keep every record not yet
+    /// shipped (call before recovery, which may trim).
+    pub fn enable_archiving(&self) {
+        let mut floor = self.archive_floor.lock().unwrap_or_else(|e| e.into_inner());
+        floor.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// The last record of journal `name` shipped to the archive, if archiving is on.
+    pub(super) fn archive_floor(&self, name: &str) -> Option<u64> {
+        let floor = self.archive_floor.lock().unwrap_or_else(|e| e.into_inner());
+        floor.as_ref().map(|f| f.get(name).copied().unwrap_or(0))
+    }
+
+    fn set_archive_floor(&self, cut: &BTreeMap<String, u64>) {
+        let mut floor = self.archive_floor.lock().unwrap_or_else(|e| e.into_inner());
+        *floor = Some(cut.clone());
+    }
+
+    /// One round of continuous archiving (see [`Archive`]): a full backup when none
+    /// is in the directory or the last is `full_every_ms` old, else an increment of
+    /// what became durable since the last file (none when nothing did). Full
+    /// backups past `keep_full` are pruned with the increments they lead.
+    pub fn archive_round(&self, a: &mut Archive, now_ms: u64) -> Result<Round, BackupError> {
+        std::fs::create_dir_all(&a.dir).map_err(io(a.dir.display()))?;
+        if a.shipped.is_none() {
+            // A round cut short by a crash leaves a partial file: never part of the archive.
+            for entry in std::fs::read_dir(&a.dir).map_err(io(a.dir.display()))?.flatten() {
+                if entry.file_name().to_string_lossy().ends_with(".kamibak.partial") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            // Resume from the newest file of a whole chain, if its journals can go on from it.
+            let files = archive_files(&a.dir)?;
+            if let (Some((_, _, newest)), Some((full_ms, _, _))) = (files.last(), files.iter().rev().find(|f| f.1)) {
+                let m = read_header(newest)?;
+                let base = self.cut()?;
+                if m.cut.iter().all(|(name, &end)| base.get(name).is_some_and(|&now| now >= end)) {
+                    self.set_archive_floor(&m.cut);
+                    a.last_full_ms = *full_ms;
+                    a.shipped = Some((m.cut, m.taken_at_ms));
+                }
+            }
+        }
+        let full_due = a.shipped.is_none() || now_ms.saturating_sub(a.last_full_ms) >= a.full_every_ms;
+        if full_due {
+            // Taken before the backup reads the trees: a change meanwhile only makes
+            // the next round write an increment that holds it again.
+            let digest = self.trees_digest()?;
+            let (path, summary) =
+                write_file(&a.dir, &format!("full-{now_ms:020}.kamibak"), |out| self.backup(out, None, now_ms))?;
+            self.set_archive_floor(&summary.manifest.cut);
+            a.shipped = Some((summary.manifest.cut, now_ms));
+            a.last_full_ms = now_ms;
+            a.trees_digest = digest;
+            self.prune_archive(a)?;
+            return Ok(Round::Full(path));
+        }
+        let (shipped, _) = a.shipped.clone().expect("a full backup came first");
+        let cut = self.cut()?;
+        let digest = self.trees_digest()?;
+        let unchanged = cut.iter().all(|(name, end)| shipped.get(name).is_some_and(|s| s == end));
+        if unchanged && digest == a.trees_digest {
+            a.shipped = Some((shipped, now_ms));
+            return Ok(Round::Current);
+        }
+        let (path, summary) = write_file(&a.dir, &format!("inc-{now_ms:020}.kamibak"), |out| {
+            self.write_increment(out, &shipped, &cut, now_ms)
+        })?;
+        self.set_archive_floor(&summary.manifest.cut);
+        a.shipped = Some((summary.manifest.cut, now_ms));
+        a.trees_digest = digest;
+        Ok(Round::Increment(path))
+    }
+
+    fn trees_digest(&self) -> Result<[u8; 32], BackupError> {
+        let mut h = Sha256::new();
+        let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
+        names.sort();
+        for name in names.iter().filter(|n| whole_in_increments(&String::from_utf8_lossy(n))) {
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name);
+            for kv in self.db.open_tree(name)?.iter() {
+                let (k, v) = kv?;
+                h.update((k.len() as u64).to_le_bytes());
+                h.update(&k);
+                h.update((v.len() as u64).to_le_bytes());
+                h.update(&v);
+            }
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// Keeps the newest `keep_full` full backups and the increments after the
+    /// oldest of them; deletes the rest (partial files of a round cut short too).
+    fn prune_archive(&self, a: &Archive) -> Result<(), BackupError> {
+        let files = archive_files(&a.dir)?;
+        let fulls: Vec<u64> = files.iter().filter(|f| f.1).map(|f| f.0).collect();
+        let Some(&oldest_kept) = fulls.len().checked_sub(a.keep_full).map_or(fulls.first(), |i| fulls.get(i)) else {
+            return Ok(());
+        };
+        for (ms, _, path) in files.iter().filter(|f| f.0 < oldest_kept) {
+            std::fs::remove_file(path).map_err(io(path.display()))?;
+            tracing::info!(file = %path.display(), taken_at_ms = ms, "archive: pruned");
+        }
+        Ok(())
+    }
+
+    /// An increment: each journal's records after `shipped` through `cut`, the
+    /// trees [`whole_in_increments`] holds whole, and the archive and lookup
+    /// records of the orders those records archive.
+    fn write_increment(
+        &self,
+        out: &mut dyn Write,
+        shipped: &BTreeMap<String, u64>,
+        cut: &BTreeMap<String, u64>,
+        now_ms: u64,
+    ) -> Result<Summary, BackupError> {
+        let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
+        names.sort();
+        let whole: Vec<Vec<u8>> =
+            names.into_iter().filter(|n| whole_in_increments(&String::from_utf8_lossy(n))).collect();
+        let after: BTreeMap<String, u64> =
+            cut.keys().map(|n| (n.clone(), shipped.get(n).copied().unwrap_or(0))).collect();
+        let manifest = Manifest {
+            format: FORMAT,
+            kami_version: env!("CARGO_PKG_VERSION").to_string(),
+            taken_at_ms: now_ms,
+            cut: cut.clone(),
+            after: Some(after.clone()),
+            trees: whole.clone(),
+        };
+        let mut w = Writer { out, hash: Sha256::new(), entries: 0, bytes: 0 };
+        w.raw(MAGIC)?;
+        w.entry(&Entry::Header(manifest.clone()))?;
+        let (mut values, mut records) = (0u64, 0u64);
+        for name in &whole {
+            let tree_name = String::from_utf8_lossy(name).into_owned();
+            for kv in self.db.open_tree(name)?.iter() {
+                let (k, v) = kv?;
+                if tree_name == "webhook-cursors" {
+                    let Some(end) = cursor_journal(&k).and_then(|j| cut.get(&j).copied()) else { continue };
+                    let at = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+                    w.value(name, &k, &at.min(end).to_be_bytes())?;
+                } else {
+                    w.value(name, &k, &v)?;
+                }
+                values += 1;
+            }
+        }
+        let base = self.root.join("journal");
+        for (name, &end) in cut {
+            let from = after[name];
+            let file = self.journal_file(base.join(name))?;
+            let shard = name
+                .strip_prefix("stock/")
+                .and_then(|n| n.rsplit_once('/'))
+                .map(|(product, shard)| crate::domain::ShardId::new(product, shard.parse().unwrap_or(0)));
+            let mut archived: Vec<u64> = Vec::new();
+            let mut frames = Vec::new();
+            let (mut first, mut seen) = (0u64, from);
+            let mut failed = None;
+            file.read_durable(from, end, |frame| {
+                seen = frame.seq;
+                if shard.is_some() {
+                    if let Ok(crate::domain::Event::OrdersArchived { seqs, .. }) =
+                        codec::decode::<crate::domain::Event>(codec::Kind::Event, &frame.record)
+                    {
+                        archived.extend(seqs);
+                    }
+                }
+                if frames.is_empty() {
+                    first = frame.seq;
+                }
+                frames.extend_from_slice(&frame.seq.to_le_bytes());
+                frames.extend_from_slice(&frame.record);
+                records += 1;
+                if frames.len() >= PART_BYTES || frame.seq == end {
+                    let chunk = Entry::Journal {
+                        name: name.clone(),
+                        first,
+                        last: frame.seq,
+                        frames: std::mem::take(&mut frames),
+                    };
+                    if let Err(e) = w.entry(&chunk) {
+                        failed = Some(e);
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if seen < end {
+                return Err(BackupError::Storage(StorageError::Corrupt {
+                    place: format!("journal/{name}"),
+                    error: format!("records {}..={end} are no longer in the journal", seen + 1),
+                }));
+            }
+            if let Some(id) = shard.filter(|_| !archived.is_empty()) {
+                let (archive, lookup) = (self.archive_tree(&id)?, self.lookup_tree(&id)?);
+                for seq in archived {
+                    let Some(v) = archive.get(seq.to_be_bytes())? else { continue };
+                    w.value(format!("archive/{}/{}", id.product, id.shard).as_bytes(), &seq.to_be_bytes(), &v)?;
+                    values += 1;
+                    let Ok(order) = codec::decode_archived(&v) else { continue };
+                    let key = Self::lookup_key(&order.order.buyer, seq);
+                    if let Some(p) = lookup.get(key)? {
+                        w.value(format!("lookup/{}/{}", id.product, id.shard).as_bytes(), &key, &p)?;
+                        values += 1;
+                    }
+                }
+            }
+        }
+        let (entries, bytes) = w.finish()?;
+        Ok(Summary { manifest, entries, bytes, tree_values: values, journal_records: records, sealed: Vec::new() })
     }
 }
 
@@ -611,9 +949,22 @@ fn read_all(input: impl Read, mut visit: impl FnMut(Entry) -> Result<(), BackupE
     if open.is_some() {
         return Err(BackupError::Invalid("a value left unfinished".into()));
     }
-    // Every journal whole from its snapshot (or its first record) to the cut.
+    // Every journal whole from its snapshot (or its first record, or where the
+    // archive stood before an increment) to the cut.
     for (name, &end) in &manifest.cut {
-        let snapshot = covered.get(name).copied().unwrap_or(0);
+        let before = manifest.after.as_ref().and_then(|a| a.get(name).copied());
+        if before.is_some_and(|b| b > end) {
+            return Err(BackupError::Invalid(format!("journal {name} goes back in an increment")));
+        }
+        if let (Some(b), Some(&f)) = (before, firsts.get(name)) {
+            if f != b + 1 {
+                return Err(BackupError::Invalid(format!(
+                    "journal {name}: the increment starts at {f}, not {}",
+                    b + 1
+                )));
+            }
+        }
+        let snapshot = covered.get(name).copied().or(before).unwrap_or(0);
         let reached = next.get(name).map_or(snapshot, |&n| n - 1);
         let from = firsts.get(name).copied().unwrap_or(snapshot + 1);
         if reached != end || from > snapshot + 1 && from > 1 {
@@ -657,21 +1008,71 @@ pub fn verify(input: impl Read) -> Result<Summary, BackupError> {
 /// renamed into place, so a restore cut short never leaves a data directory that
 /// looks whole. Sealed secrets are written only with their passphrase.
 pub fn restore(from: &Path, data: &Path, passphrase: Option<&str>) -> Result<Summary, BackupError> {
+    restore_chain(&[from.to_path_buf()], data, passphrase)
+}
+
+/// Restores from an archive directory (continuous archiving, [`Archive`]) as of
+/// `until_ms` (the newest state when `None`): the newest full backup cut at or
+/// before it, then every increment after that full backup cut at or before it.
+/// The state restored is the one of the last file's cut: at most one archiving
+/// interval before `until_ms`.
+pub fn restore_archive(
+    dir: &Path,
+    data: &Path,
+    until_ms: Option<u64>,
+    passphrase: Option<&str>,
+) -> Result<Summary, BackupError> {
+    let files = archive_files(dir)?;
+    let until = until_ms.unwrap_or(u64::MAX);
+    let Some(&(base_ms, _, ref base)) = files.iter().rev().find(|f| f.1 && f.0 <= until) else {
+        return Err(BackupError::Refused(format!("{}: no full backup cut at or before that time", dir.display())));
+    };
+    let mut chain = vec![base.clone()];
+    chain.extend(files.iter().filter(|f| !f.1 && f.0 > base_ms && f.0 <= until).map(|f| f.2.clone()));
+    restore_chain(&chain, data, passphrase)
+}
+
+fn open_file(path: &Path) -> Result<std::io::BufReader<std::fs::File>, BackupError> {
+    std::fs::File::open(path).map(|f| std::io::BufReader::with_capacity(1 << 20, f)).map_err(io(path.display()))
+}
+
+/// Restores a full backup and the increments after it, in order (see [`restore`]).
+fn restore_chain(files: &[PathBuf], data: &Path, passphrase: Option<&str>) -> Result<Summary, BackupError> {
     if data.exists() && std::fs::read_dir(data).map_err(io(data.display()))?.next().is_some() {
         return Err(BackupError::Refused(format!(
             "{} is not empty: restore only into a new directory",
             data.display()
         )));
     }
-    let open =
-        || std::fs::File::open(from).map(|f| std::io::BufReader::with_capacity(1 << 20, f)).map_err(io(from.display()));
-    // Whole and, with a passphrase, opened by it: before anything is written.
-    read_all(open()?, |entry| match (&entry, passphrase) {
-        (Entry::Sealed { name, salt, nonce, ciphertext }, Some(p)) => {
-            unseal(name, salt, nonce, ciphertext, p).map(drop)
+    // Every file whole, each increment following on from the file before it, and
+    // with a passphrase the sealed files opened by it: before anything is written.
+    let mut before: Option<Manifest> = None;
+    for (i, path) in files.iter().enumerate() {
+        let summary = read_all(open_file(path)?, |entry| match (&entry, passphrase) {
+            (Entry::Sealed { name, salt, nonce, ciphertext }, Some(p)) => {
+                unseal(name, salt, nonce, ciphertext, p).map(drop)
+            }
+            _ => Ok(()),
+        })
+        .map_err(|e| BackupError::Invalid(format!("{}: {e}", path.display())))?;
+        let m = summary.manifest;
+        match (&before, &m.after) {
+            (None, None) => {}
+            (Some(prev), Some(after))
+                if after.iter().all(|(name, &a)| prev.cut.get(name).copied().unwrap_or(0) == a)
+                    && prev.cut.keys().all(|name| after.contains_key(name)) => {}
+            _ if i == 0 => {
+                return Err(BackupError::Invalid(format!("{}: an increment, not a full backup", path.display())))
+            }
+            _ => {
+                return Err(BackupError::Invalid(format!(
+                    "{}: does not follow on from the file before it",
+                    path.display()
+                )))
+            }
         }
-        _ => Ok(()),
-    })?;
+        before = Some(m);
+    }
     let staging = {
         let mut name = data.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(".restoring");
@@ -680,7 +1081,7 @@ pub fn restore(from: &Path, data: &Path, passphrase: Option<&str>) -> Result<Sum
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io(staging.display()))?;
     }
-    let written = write_restore(open, &staging, passphrase);
+    let written = write_restore(files, &staging, passphrase);
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
     }
@@ -695,12 +1096,9 @@ pub fn restore(from: &Path, data: &Path, passphrase: Option<&str>) -> Result<Sum
     Ok(summary)
 }
 
-/// Writes the backup into the new directory `staging` (see [`restore`]).
-fn write_restore<R: Read>(
-    open: impl Fn() -> Result<R, BackupError>,
-    staging: &Path,
-    passphrase: Option<&str>,
-) -> Result<Summary, BackupError> {
+/// Writes the files into the new directory `staging` (see [`restore`]); the
+/// summary is the last file's, with the counts of all.
+fn write_restore(files: &[PathBuf], staging: &Path, passphrase: Option<&str>) -> Result<Summary, BackupError> {
     let storage = Storage::open(&StorageOptions {
         path: staging.to_path_buf(),
         cache_capacity_bytes: 64 << 20,
@@ -709,37 +1107,55 @@ fn write_restore<R: Read>(
         commit_linger: std::time::Duration::ZERO,
     })?;
     let base = staging.join("journal");
-    let mut value: Vec<u8> = Vec::new();
     let mut journals: HashMap<String, std::sync::Arc<JournalFile>> = HashMap::new();
     let mut secrets: Option<Vec<u8>> = None;
-    let summary = read_all(open()?, |entry| {
-        match entry {
-            Entry::Tree { tree, key, total, bytes, .. } => {
-                value.extend_from_slice(&bytes);
-                if value.len() as u64 == total {
-                    storage.db.open_tree(&tree)?.insert(key, std::mem::take(&mut value))?;
-                }
-            }
-            Entry::Journal { name, first, last, frames } => {
-                let file = match journals.get(&name) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let f = storage.journal_file(base.join(&name))?;
-                        journals.insert(name.clone(), f.clone());
-                        f
-                    }
-                };
-                file.write_raw(first, last, &frames)?;
-            }
-            Entry::Sealed { name, salt, nonce, ciphertext } if name == SECRETS_FILE => {
-                if let Some(p) = passphrase {
-                    secrets = Some(unseal(&name, &salt, &nonce, &ciphertext, p)?);
-                }
-            }
-            Entry::Sealed { .. } | Entry::Header(_) | Entry::End { .. } => {}
+    let mut total: Option<Summary> = None;
+    for path in files {
+        let mut value: Vec<u8> = Vec::new();
+        // An increment holds these trees whole: what came before goes.
+        for tree in &read_header(path)?.trees {
+            storage.db.open_tree(tree)?.clear()?;
         }
-        Ok(())
-    })?;
+        let summary = read_all(open_file(path)?, |entry| {
+            match entry {
+                Entry::Tree { tree, key, total, bytes, .. } => {
+                    value.extend_from_slice(&bytes);
+                    if value.len() as u64 == total {
+                        storage.db.open_tree(&tree)?.insert(key, std::mem::take(&mut value))?;
+                    }
+                }
+                Entry::Journal { name, first, last, frames } => {
+                    let file = match journals.get(&name) {
+                        Some(f) => f.clone(),
+                        None => {
+                            let f = storage.journal_file(base.join(&name))?;
+                            journals.insert(name.clone(), f.clone());
+                            f
+                        }
+                    };
+                    file.write_raw(first, last, &frames)?;
+                }
+                Entry::Sealed { name, salt, nonce, ciphertext } if name == SECRETS_FILE => {
+                    if let Some(p) = passphrase {
+                        secrets = Some(unseal(&name, &salt, &nonce, &ciphertext, p)?);
+                    }
+                }
+                Entry::Sealed { .. } | Entry::Header(_) | Entry::End { .. } => {}
+            }
+            Ok(())
+        })?;
+        total = Some(match total {
+            None => summary,
+            Some(t) => Summary {
+                entries: t.entries + summary.entries,
+                bytes: t.bytes + summary.bytes,
+                tree_values: t.tree_values + summary.tree_values,
+                journal_records: t.journal_records + summary.journal_records,
+                sealed: t.sealed,
+                manifest: summary.manifest,
+            },
+        });
+    }
     for file in journals.values() {
         file.sync()?;
     }
@@ -754,7 +1170,7 @@ fn write_restore<R: Read>(
     if let Some(plain) = secrets {
         write_private(&staging.join(SECRETS_FILE), &plain)?;
     }
-    Ok(summary)
+    Ok(total.expect("at least one file"))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {

@@ -100,7 +100,8 @@ impl Storage {
             }
         }
         tree.apply_batch(batch)?;
-        journal.file().trim_through(seq)
+        let keep = self.archive_floor(&format!("{}/{shard}", B::NAME)).map_or(seq, |f| f.min(seq));
+        journal.file().trim_through(keep)
     }
 
     /// Rebuilds ledger shard `shard`: its newest snapshot, then its journal after

@@ -110,6 +110,9 @@ pub struct Storage {
     /// the gate's read side while it works, a backup starting its write side.
     backups: std::sync::atomic::AtomicUsize,
     trim_gate: std::sync::RwLock<()>,
+    /// With continuous archiving on: each journal's last record shipped to the
+    /// archive (absent: none yet). Trims keep every record after it.
+    archive_floor: std::sync::Mutex<Option<std::collections::BTreeMap<String, u64>>>,
 }
 
 impl Drop for Storage {
@@ -203,6 +206,7 @@ impl Storage {
             handles: Arc::new(()),
             backups: Default::default(),
             trim_gate: Default::default(),
+            archive_floor: Default::default(),
         });
         storage.move_sled_journals()?;
         let redone = log::redo(&journals_dir, |dir| storage.journal_file(dir.to_path_buf()))?;
@@ -775,6 +779,8 @@ impl Storage {
         });
         // Records some webhook endpoint has not been sent yet stay (`webhooks`).
         let keep = self.webhook_floor(id)?.map_or(keep_from_seq, |floor| floor.min(keep_from_seq));
+        // Records not yet shipped to the archive stay too (`backup`).
+        let keep = self.archive_floor(&format!("stock/{}/{}", id.product, id.shard)).map_or(keep, |f| f.min(keep));
         journal.file().trim_through(keep)
     }
 
