@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# What backups cost a flash sale: durable order-create on one hot product (shards =
+# cores, STOCK_KEYS keys) driven by wrk at CONNS connections, in alternating runs
+#   none     no backup
+#   online   `kami backup` taken back to back for the whole run
+#   archive  continuous archiving on (an increment every second, a full backup first)
+# with the bare axum handler's p99 in the same session for the speed issue's bound
+# (kami's p99 at most 3x the bare handler's). Prints each run, then per case the
+# median 2xx/s and p99, the backups' sizes and times, and the longest stock-actor turn.
+#
+# Usage: ROUNDS=3 SECS=10 CONNS=256 STOCK_KEYS=1000000 bash benches/backup.sh
+# Installs wrk and bc from the system packages if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+SECS=${SECS:-10}
+CONNS=${CONNS:-256}
+STOCK_KEYS=${STOCK_KEYS:-1000000}
+PORT_KAMI=${PORT_KAMI:-18481}
+PORT_BARE=${PORT_BARE:-18482}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v bc >/dev/null || need+=(bc)
+if ((${#need[@]})); then
+    (apt-get update -qq && apt-get install -y -qq "${need[@]}") >/dev/null
+fi
+cargo build --release --bin kami --example bare_axum -q
+KAMI=target/release/kami
+work=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+# wrk at $CONNS against $1; prints "2xx/s p99_ms".
+wrk_once() {
+    local out; out=$(wrk -t2 -c "$CONNS" -d "${SECS}s" --latency -s benches/order.lua "$1/api/v1/orders" 2>&1)
+    local created p99 unit
+    created=$(echo "$out" | awk '/^answers:/ {print $3}')
+    read -r p99 unit < <(echo "$out" | awk '$1 == "99%" {v=$2; u=v; gsub(/[0-9.]/, "", u); gsub(/[a-z]/, "", v); print v, u}')
+    case $unit in us) p99=$(echo "$p99 / 1000" | bc -l) ;; s) p99=$(echo "$p99 * 1000" | bc -l) ;; esac
+    printf '%.0f %.1f\n' "$(echo "$created / $SECS" | bc -l)" "$p99"
+}
+
+target/release/examples/bare_axum "127.0.0.1:$PORT_BARE" >/dev/null 2>&1 & pids+=($!)
+sleep 1
+bare=$(wrk_once "http://127.0.0.1:$PORT_BARE")
+echo "bare axum handler: $bare (2xx/s, p99 ms)"
+
+start_kami() { # $1 = data dir, $2 = archive dir or ""
+    KAMI_SERVER__LISTEN=127.0.0.1:$PORT_KAMI KAMI_STORAGE__PATH="$1" KAMI_ADMIN__TOKEN=bench \
+        KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET=bench KAMI_RATE_LIMITS__ENABLED=false KAMI_LOG__LEVEL=warn \
+        KAMI_BACKUP__ARCHIVE_DIR="$2" "$KAMI" >"$work/kami.log" 2>&1 & kami_pid=$!; pids+=($kami_pid)
+    for ((i = 0; ; i++)); do
+        curl -sf "http://127.0.0.1:$PORT_KAMI/readyz" >/dev/null && break
+        if ((i > 600)) || ! kill -0 $kami_pid 2>/dev/null; then echo "kami did not start:"; cat "$work/kami.log"; exit 1; fi
+        sleep 0.1
+    done
+}
+stop_kami() { kill "$kami_pid"; wait "$kami_pid" 2>/dev/null || true; }
+longest_turn() { # the smallest stock-actor turn bucket holding every turn so far
+    curl -sf "http://127.0.0.1:$PORT_KAMI/metrics" | grep '^kami_actor_turn_seconds_bucket{actor="stock"' \
+        | sed 's/.*le="\([^"]*\)"} \([0-9]*\).*/\1 \2/' | awk '{b[NR]=$1; c[NR]=$2} END {for (i = 1; i <= NR; i++) if (c[i] == c[NR]) {print b[i]; exit}}'
+}
+
+declare -A results
+for ((round = 1; round <= ROUNDS; round++)); do
+    for case in none online archive; do
+        data="$work/data-$case-$round"; archive=""
+        [ "$case" = archive ] && archive="$work/archive-$round"
+        start_kami "$data" "$archive"
+        curl -sf -H 'Authorization: Bearer bench' -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$(nproc)}" \
+            "http://127.0.0.1:$PORT_KAMI/api/v1/products" >/dev/null
+        for ((start = 0; start < STOCK_KEYS; start += 100000)); do
+            seq $start $((start + 99999 < STOCK_KEYS - 1 ? start + 99999 : STOCK_KEYS - 1)) | sed 's/^/flash-key-/' \
+                | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
+                    "http://127.0.0.1:$PORT_KAMI/api/v1/products/flash/keys" >/dev/null
+        done
+        curl -sf -XPOST -H 'Authorization: Bearer bench' "http://127.0.0.1:$PORT_KAMI/api/v1/admin/snapshot" >/dev/null
+        note=""
+        if [ "$case" = online ]; then
+            ( n=0; end=$((SECONDS + SECS)); while ((SECONDS < end)); do
+                  s=$(date +%s%N)
+                  "$KAMI" backup --url "http://127.0.0.1:$PORT_KAMI" --admin-token bench --to "$work/b.kamibak" >/dev/null
+                  echo "$(( ($(date +%s%N) - s) / 1000000 )) $(stat -c %s "$work/b.kamibak")" >>"$work/backups-$round"
+              done ) & bpid=$!
+        fi
+        r=$(wrk_once "http://127.0.0.1:$PORT_KAMI")
+        if [ "$case" = online ]; then
+            wait $bpid
+            note=$(awk '{n++; t+=$1; if ($1>m) m=$1; b=$2} END {printf "%d backups, mean %.0f ms, longest %d ms, %.1f MB each", n, t/n, m, b/1e6}' "$work/backups-$round")
+        fi
+        if [ "$case" = archive ]; then
+            note="$(ls "$archive" | grep -c '^inc-') increments, $(du -sm "$archive" | cut -f1) MB archived, lag $(curl -sf "http://127.0.0.1:$PORT_KAMI/metrics" | awk '/^kami_backup_lag_seconds/ {print $2}') s"
+        fi
+        turn=$(longest_turn)
+        stop_kami
+        echo "round $round $case: $r (2xx/s, p99 ms); longest stock-actor turn <= ${turn}s; $note"
+        results[$case]+="$r"$'\n'
+    done
+done
+echo
+bare_p99=${bare#* }
+for case in none online archive; do
+    med=$(echo -n "${results[$case]}" | sort -n -k1 | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+    p99=$(echo -n "${results[$case]}" | sort -n -k2 | awk '{a[NR]=$2} END {print a[int((NR+1)/2)]}')
+    printf '%-8s median %6d 2xx/s, median p99 %6.1f ms = %.1fx the bare handler p99\n' "$case" "$med" "$p99" "$(echo "$p99 / $bare_p99" | bc -l)"
+done
