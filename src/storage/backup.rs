@@ -423,7 +423,6 @@ impl Storage {
                 values += 1;
             }
         }
-        let base = self.root.join("journal");
         for (name, &end) in &cut {
             // From the chosen snapshot, or from the journal's first record; records a
             // webhook endpoint still needs before the snapshot come too.
@@ -435,41 +434,7 @@ impl Storage {
                 }
                 None => from,
             };
-            let file = self.journal_file(base.join(name))?;
-            let mut frames = Vec::new();
-            let (mut first, mut seen) = (0u64, from);
-            let mut failed = None;
-            file.read_durable(from, end, |frame| {
-                seen = frame.seq;
-                if frames.is_empty() {
-                    first = frame.seq;
-                }
-                frames.extend_from_slice(&frame.seq.to_le_bytes());
-                frames.extend_from_slice(&frame.record);
-                records += 1;
-                if frames.len() >= PART_BYTES || frame.seq == end {
-                    let chunk = Entry::Journal {
-                        name: name.clone(),
-                        first,
-                        last: frame.seq,
-                        frames: std::mem::take(&mut frames),
-                    };
-                    if let Err(e) = w.entry(&chunk) {
-                        failed = Some(e);
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
-            })?;
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            if seen < end {
-                return Err(BackupError::Storage(StorageError::Corrupt {
-                    place: format!("journal/{name}"),
-                    error: format!("the journal ends before record {end}, its durable end"),
-                }));
-            }
+            records += self.ship_records(&mut w, name, from, end, |_| {})?;
         }
         let mut sealed = Vec::new();
         if let Some(passphrase) = passphrase {
@@ -671,6 +636,56 @@ impl Storage {
         Ok(Round::Increment(path))
     }
 
+    /// Writes journal `name`'s records after `from` through `end` as entries of at
+    /// most [`PART_BYTES`], showing each to `each`; returns how many. Every one
+    /// must still be in the journal's files (trims are held, or kept by the floor).
+    fn ship_records(
+        &self,
+        w: &mut Writer<'_>,
+        name: &str,
+        from: u64,
+        end: u64,
+        mut each: impl FnMut(&journal::Frame),
+    ) -> Result<u64, BackupError> {
+        let file = self.journal_file(self.root.join("journal").join(name))?;
+        let mut frames = Vec::new();
+        let (mut first, mut seen, mut records) = (0u64, from, 0u64);
+        let mut failed = None;
+        file.read_durable(from, end, |frame| {
+            each(&frame);
+            seen = frame.seq;
+            if frames.is_empty() {
+                first = frame.seq;
+            }
+            frames.extend_from_slice(&frame.seq.to_le_bytes());
+            frames.extend_from_slice(&frame.record);
+            records += 1;
+            if frames.len() >= PART_BYTES || frame.seq == end {
+                let chunk = Entry::Journal {
+                    name: name.to_string(),
+                    first,
+                    last: frame.seq,
+                    frames: std::mem::take(&mut frames),
+                };
+                if let Err(e) = w.entry(&chunk) {
+                    failed = Some(e);
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if seen < end {
+            return Err(BackupError::Storage(StorageError::Corrupt {
+                place: format!("journal/{name}"),
+                error: format!("records {}..={end} are no longer in the journal", seen + 1),
+            }));
+        }
+        Ok(records)
+    }
+
     fn trees_digest(&self) -> Result<[u8; 32], BackupError> {
         let mut h = Sha256::new();
         let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
@@ -746,20 +761,14 @@ impl Storage {
                 values += 1;
             }
         }
-        let base = self.root.join("journal");
         for (name, &end) in cut {
             let from = after[name];
-            let file = self.journal_file(base.join(name))?;
             let shard = name
                 .strip_prefix("stock/")
                 .and_then(|n| n.rsplit_once('/'))
                 .map(|(product, shard)| crate::domain::ShardId::new(product, shard.parse().unwrap_or(0)));
             let mut archived: Vec<u64> = Vec::new();
-            let mut frames = Vec::new();
-            let (mut first, mut seen) = (0u64, from);
-            let mut failed = None;
-            file.read_durable(from, end, |frame| {
-                seen = frame.seq;
+            records += self.ship_records(&mut w, name, from, end, |frame| {
                 if shard.is_some() {
                     if let Ok(crate::domain::Event::OrdersArchived { seqs, .. }) =
                         codec::decode::<crate::domain::Event>(codec::Kind::Event, &frame.record)
@@ -767,35 +776,7 @@ impl Storage {
                         archived.extend(seqs);
                     }
                 }
-                if frames.is_empty() {
-                    first = frame.seq;
-                }
-                frames.extend_from_slice(&frame.seq.to_le_bytes());
-                frames.extend_from_slice(&frame.record);
-                records += 1;
-                if frames.len() >= PART_BYTES || frame.seq == end {
-                    let chunk = Entry::Journal {
-                        name: name.clone(),
-                        first,
-                        last: frame.seq,
-                        frames: std::mem::take(&mut frames),
-                    };
-                    if let Err(e) = w.entry(&chunk) {
-                        failed = Some(e);
-                        return Ok(false);
-                    }
-                }
-                Ok(true)
             })?;
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            if seen < end {
-                return Err(BackupError::Storage(StorageError::Corrupt {
-                    place: format!("journal/{name}"),
-                    error: format!("records {}..={end} are no longer in the journal", seen + 1),
-                }));
-            }
             if let Some(id) = shard.filter(|_| !archived.is_empty()) {
                 let (archive, lookup) = (self.archive_tree(&id)?, self.lookup_tree(&id)?);
                 for seq in archived {
