@@ -66,6 +66,39 @@ async fn buy(api: &Api, product: &str, buyer: &str) -> Bought {
     Bought { order_id: id.into(), token: token.into(), key: read.body["keys"].clone() }
 }
 
+/// A product of two shards with `keys` keys named `{id}-K{i}`.
+async fn stocked(api: &Api, id: &str, keys: usize) {
+    assert_eq!(api.create_product(id, 100, 0, 2).await.status, 201);
+    let keys: Vec<String> = (0..keys).map(|i| format!("{id}-K{i}")).collect();
+    assert_eq!(api.import(id, &keys).await.status, 200);
+}
+
+/// One purchase per buyer `{prefix}{i}`, one after another.
+async fn buy_each(api: &Api, product: &str, prefix: &str, buyers: std::ops::Range<usize>) -> Vec<Bought> {
+    let mut out = Vec::new();
+    for i in buyers {
+        out.push(buy(api, product, &format!("{prefix}{i}")).await);
+    }
+    out
+}
+
+/// Each purchase is in the restored shop, delivered with the key its buyer got.
+async fn assert_delivered_as_bought<'a>(api: &Api, bought: impl IntoIterator<Item = &'a Bought>, when: &str) {
+    for b in bought {
+        let r = api.get_order(&b.order_id, &b.token).await;
+        let seen = (r.status, &r.body["status"], &r.body["keys"]);
+        assert_eq!(seen, (200, &json!("delivered"), &b.key), "{when}: {}", b.order_id);
+    }
+}
+
+/// None of these purchases is in the restored shop.
+async fn assert_absent<'a>(api: &Api, bought: impl IntoIterator<Item = &'a Bought>, when: &str) {
+    for b in bought {
+        let r = api.admin_order(&b.order_id).await;
+        assert_eq!(r.status, 404, "{when}: {} came after: {:?}", b.order_id, r.body);
+    }
+}
+
 async fn snapshot(api: &Api) {
     let r = reply(api.admin(api.http.post(format!("{}/api/v1/admin/snapshot", api.url)))).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -98,20 +131,13 @@ impl Write for Gated {
 async fn a_backup_holds_exactly_what_was_durable_at_its_cut_while_selling_snapshots_and_trims_go_on() {
     let app = TestApp::spawn().await;
     let api = app.api();
-    assert_eq!(api.create_product("flash", 100, 0, 2).await.status, 201);
-    let keys: Vec<String> = (0..400).map(|i| format!("flash-K{i}")).collect();
-    assert_eq!(api.import("flash", &keys).await.status, 200);
+    stocked(&api, "flash", 400).await;
 
     // Before the cut: purchases, a snapshot of every shard (its trim done), more
     // purchases on top of it, and orders left unpaid.
-    let mut before = Vec::new();
-    for i in 0..30 {
-        before.push(buy(&api, "flash", &format!("early{i}")).await);
-    }
+    let mut before = buy_each(&api, "flash", "early", 0..30).await;
     snapshot(&api).await;
-    for i in 30..50 {
-        before.push(buy(&api, "flash", &format!("early{i}")).await);
-    }
+    before.extend(buy_each(&api, "flash", "early", 30..50).await);
     let mut unpaid = Vec::new();
     for i in 0..10 {
         let o = api.order("flash", 1, &format!("unpaid{i}"), None).await;
@@ -136,10 +162,7 @@ async fn a_backup_holds_exactly_what_was_durable_at_its_cut_while_selling_snapsh
     // snapshot of every shard, whose trim a running backup must hold back.
     let deferred = |text: &str| metric_value(text, "kami_trims_deferred_total");
     let deferred_before = deferred(&api.metrics().await);
-    let mut after = Vec::new();
-    for i in 0..40 {
-        after.push(buy(&api, "flash", &format!("late{i}")).await);
-    }
+    let after = buy_each(&api, "flash", "late", 0..40).await;
     let late_paid = unpaid[0]["order_id"].as_str().unwrap().to_string();
     let n = api.notify(&late_paid, "pay-late", 100).await;
     assert_eq!(n.status, 200, "{:?}", n.body);
@@ -168,24 +191,13 @@ async fn a_backup_holds_exactly_what_was_durable_at_its_cut_while_selling_snapsh
 
     let again = TestApp::start_on(&restored, &[]).await;
     let rapi = again.api();
-    for b in &before {
-        let r = rapi.get_order(&b.order_id, &b.token).await;
-        assert_eq!(
-            (r.status, &r.body["status"], &r.body["keys"]),
-            (200, &json!("delivered"), &b.key),
-            "{}",
-            b.order_id
-        );
-    }
+    assert_delivered_as_bought(&rapi, &before, "before the cut").await;
     for o in &unpaid {
         let r = rapi.admin_order(o["order_id"].as_str().unwrap()).await;
         // Paid after the cut: not paid in the backup.
         assert_eq!((r.status, &r.body["status"]), (200, &json!("pending_payment")), "{:?}", r.body);
     }
-    for b in &after {
-        let r = rapi.admin_order(&b.order_id).await;
-        assert_eq!(r.status, 404, "{} was bought after the cut: {:?}", b.order_id, r.body);
-    }
+    assert_absent(&rapi, &after, "bought after the cut").await;
     let audit = rapi.audit().await;
     assert_audit_ok(&audit);
     let p = product_counts(&audit, "flash");
@@ -199,9 +211,7 @@ async fn a_backup_holds_exactly_what_was_durable_at_its_cut_while_selling_snapsh
 async fn an_online_backup_through_the_api_during_a_sale_restores_every_purchase_acknowledged_before_it() {
     let app = TestApp::spawn().await;
     let api = app.api();
-    assert_eq!(api.create_product("sale", 100, 0, 2).await.status, 201);
-    let keys: Vec<String> = (0..4000).map(|i| format!("sale-K{i}")).collect();
-    assert_eq!(api.import("sale", &keys).await.status, 200);
+    stocked(&api, "sale", 4000).await;
 
     let bought: Arc<Mutex<Vec<(Instant, Bought)>>> = Default::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -246,15 +256,7 @@ async fn an_online_backup_through_the_api_during_a_sale_restores_every_purchase_
     let rapi = again.api();
     let acknowledged_before: Vec<&Bought> = all.iter().filter(|(at, _)| *at < started).map(|(_, b)| b).collect();
     assert!(acknowledged_before.len() >= 200);
-    for b in &acknowledged_before {
-        let r = rapi.get_order(&b.order_id, &b.token).await;
-        assert_eq!(
-            (r.status, &r.body["status"], &r.body["keys"]),
-            (200, &json!("delivered"), &b.key),
-            "{}",
-            b.order_id
-        );
-    }
+    assert_delivered_as_bought(&rapi, acknowledged_before.iter().copied(), "acknowledged before the backup").await;
     let audit = rapi.audit().await;
     assert_audit_ok(&audit);
     let sold = product_counts(&audit, "sale")["sold"].as_u64().unwrap() as usize;
@@ -389,15 +391,22 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-/// Waits until the archive holds everything acknowledged so far; returns that cut's time.
-async fn archived(api: &Api, dir: &Path) -> u64 {
-    let since = now_ms() + 1;
-    let mut at = None;
+/// Waits until the archive holds everything acknowledged so far; returns the time
+/// of a file that does (stamped before its cut, so it holds every write
+/// acknowledged before that time). If the archive shipped the last writes just
+/// before this call, no later file comes by itself: each poll without one orders
+/// for a new buyer (left unpaid), a change the next round must ship.
+async fn archived(api: &Api, dir: &Path, product: &str) -> u64 {
+    let since = now_ms();
+    let nudges = std::sync::atomic::AtomicU64::new(0);
     let ok = api
-        .eventually(Duration::from_secs(30), || {
-            at = shipped_since(dir, since);
-            let found = at.is_some();
-            async move { found }
+        .eventually(Duration::from_secs(30), || async {
+            if shipped_since(dir, since).is_some() {
+                return true;
+            }
+            let n = nudges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(api.order(product, 1, &format!("nudge-{since}-{n}"), None).await.status, 201);
+            false
         })
         .await;
     assert!(ok, "the archive shipped what was acknowledged");
@@ -421,22 +430,14 @@ async fn continuous_archiving_restores_the_shop_as_of_a_moment_in_the_middle_of_
     ])
     .await;
     let api = app.api();
-    assert_eq!(api.create_product("pitr", 100, 0, 2).await.status, 201);
-    let keys: Vec<String> = (0..300).map(|i| format!("pitr-K{i}")).collect();
-    assert_eq!(api.import("pitr", &keys).await.status, 200);
+    stocked(&api, "pitr", 300).await;
 
-    let mut phase_a = Vec::new();
-    for i in 0..25 {
-        phase_a.push(buy(&api, "pitr", &format!("a{i}")).await);
-    }
-    let at_a = archived(&api, &archive).await;
+    let phase_a = buy_each(&api, "pitr", "a", 0..25).await;
+    let at_a = archived(&api, &archive, "pitr").await;
 
     // Phase B: more sales, phase A's orders leave memory for the archive, and a
     // snapshot of every shard (whose trim must keep what is not shipped yet).
-    let mut phase_b = Vec::new();
-    for i in 0..25 {
-        phase_b.push(buy(&api, "pitr", &format!("b{i}")).await);
-    }
+    let phase_b = buy_each(&api, "pitr", "b", 0..25).await;
     let moved = api
         .eventually(Duration::from_secs(30), || async {
             let audit = api.audit().await;
@@ -445,13 +446,10 @@ async fn continuous_archiving_restores_the_shop_as_of_a_moment_in_the_middle_of_
         .await;
     assert!(moved, "phase A's orders were archived");
     snapshot(&api).await;
-    let at_b = archived(&api, &archive).await;
+    let at_b = archived(&api, &archive, "pitr").await;
 
-    let mut phase_c = Vec::new();
-    for i in 0..25 {
-        phase_c.push(buy(&api, "pitr", &format!("c{i}")).await);
-    }
-    archived(&api, &archive).await;
+    let phase_c = buy_each(&api, "pitr", "c", 0..25).await;
+    archived(&api, &archive, "pitr").await;
     drop(app);
 
     for (until, sold, kept, gone) in [
@@ -471,19 +469,9 @@ async fn continuous_archiving_restores_the_shop_as_of_a_moment_in_the_middle_of_
         assert_eq!(code, 0, "audit of the restored directory: {out}{err}");
         let restored = TestApp::start_on(&to, &[]).await;
         let rapi = restored.api();
-        for b in kept.iter().flat_map(|p| p.iter()) {
-            let r = rapi.get_order(&b.order_id, &b.token).await;
-            assert_eq!(
-                (r.status, &r.body["status"], &r.body["keys"]),
-                (200, &json!("delivered"), &b.key),
-                "{until:?}: {}",
-                b.order_id
-            );
-        }
-        for b in gone.iter().flat_map(|p| p.iter()) {
-            let r = rapi.admin_order(&b.order_id).await;
-            assert_eq!(r.status, 404, "{until:?}: {} came after: {:?}", b.order_id, r.body);
-        }
+        let when = format!("{until:?}");
+        assert_delivered_as_bought(&rapi, kept.iter().flat_map(|p| p.iter()), &when).await;
+        assert_absent(&rapi, gone.iter().flat_map(|p| p.iter()), &when).await;
         let audit = rapi.audit().await;
         assert_audit_ok(&audit);
         assert_eq!(product_counts(&audit, "pitr")["sold"].as_u64(), Some(sold), "{until:?}");

@@ -241,17 +241,8 @@ fn product_of(tree: &str, key: &[u8]) -> Option<String> {
 }
 
 /// Every journal directory under `journal/`, by name (`stock/p/0`, `points/3`).
-fn journal_names(root: &Path) -> Result<Vec<String>, StorageError> {
-    let dirs = |p: PathBuf| -> Vec<String> {
-        std::fs::read_dir(p)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| !n.contains('.'))
-            .collect()
-    };
+fn journal_names(root: &Path) -> Vec<String> {
+    let dirs = |p: PathBuf| super::journal_dirs(&p);
     let base = root.join("journal");
     let mut out = Vec::new();
     for kind in dirs(base.clone()) {
@@ -272,7 +263,7 @@ fn journal_names(root: &Path) -> Result<Vec<String>, StorageError> {
         }
     }
     out.sort();
-    Ok(out)
+    out
 }
 
 fn seal_key(passphrase: &str, salt: &[u8; 16]) -> [u8; 32] {
@@ -335,7 +326,7 @@ impl Storage {
         let base = self.root.join("journal");
         let _log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let mut cut = BTreeMap::new();
-        for name in journal_names(&self.root)? {
+        for name in journal_names(&self.root) {
             let file = self.journal_file(base.join(&name))?;
             file.last_seq()?; // learns the end of a journal nothing has read yet
             cut.insert(name, file.durable());

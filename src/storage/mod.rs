@@ -174,6 +174,19 @@ fn open_sled(opts: &StorageOptions) -> Result<sled::Db, StorageError> {
     }
 }
 
+/// The journal directories in `dir` (products, shards, ledgers) by name: a
+/// temporary one (`0.moving`) is not a journal.
+pub(crate) fn journal_dirs(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.contains('.'))
+        .collect()
+}
+
 impl Storage {
     pub fn open(opts: &StorageOptions) -> Result<Arc<Storage>, StorageError> {
         let db = open_sled(opts)?;
@@ -637,19 +650,10 @@ impl Storage {
 
     /// Every shard that has a journal (tooling: finds journals of unknown products).
     pub fn journal_shards(&self) -> Vec<ShardId> {
-        let dirs = |p: std::path::PathBuf| {
-            std::fs::read_dir(p)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect::<Vec<_>>()
-        };
         let stock = self.root.join("journal").join("stock");
         let mut out = Vec::new();
-        for product in dirs(stock.clone()) {
-            for shard in dirs(stock.join(&product)) {
+        for product in journal_dirs(&stock) {
+            for shard in journal_dirs(&stock.join(&product)) {
                 if let Ok(shard) = shard.parse() {
                     out.push(ShardId::new(product.clone(), shard));
                 }
