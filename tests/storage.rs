@@ -316,3 +316,50 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
     };
     assert!(!db_trees.iter().any(|n| n.starts_with("journal/") || n.starts_with("points/")), "{db_trees:?}");
 }
+
+/// A data directory from before stock snapshots had a sled database of their own
+/// (`snapshot-db/`) kept them in the main database's `snapshots` tree: it opens from
+/// that snapshot (its journal trimmed through it), and the tree is moved once.
+#[tokio::test]
+async fn snapshots_kept_in_the_main_database_move_into_their_own_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let snapshot_seq;
+    {
+        let storage = open_storage(dir.path());
+        snapshot_seq = drive(&storage, &mut live, 0, 6);
+        storage.write_snapshot(&id, snapshot_seq, &live).unwrap();
+        let journal = storage.journal(&id).unwrap();
+        journal.roll().unwrap();
+        storage.ticket().unwrap().wait().await.unwrap();
+        storage.trim(&id, &journal, snapshot_seq).unwrap();
+        storage.flush_now().unwrap();
+    }
+    {
+        // The old layout: the snapshot in the main database, no snapshot database.
+        let snapshot_db = dir.path().join("snapshot-db");
+        let entries: Vec<(sled::IVec, sled::IVec)> = {
+            let db = sled::open(&snapshot_db).unwrap();
+            db.open_tree("snapshots").unwrap().iter().map(Result::unwrap).collect()
+        };
+        assert_eq!(entries.len(), 1);
+        std::fs::remove_dir_all(&snapshot_db).unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let old = db.open_tree("snapshots").unwrap();
+        for (k, v) in entries {
+            old.insert(k, v).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    for round in 0..2 {
+        let storage = open_storage(dir.path());
+        let r = storage.recover(&id, &product()).unwrap();
+        assert!(r.findings.is_empty(), "round {round}: {:?}", r.findings);
+        assert_eq!(r.last_seq, snapshot_seq, "round {round}");
+        assert_eq!(r.replayed, 0, "round {round}: the journal before the snapshot is trimmed");
+        same_state(&live, &r.shard);
+    }
+    let db = sled::open(dir.path()).unwrap();
+    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"snapshots"), "the old tree is dropped");
+}

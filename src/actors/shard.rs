@@ -477,7 +477,15 @@ impl ShardActor {
         actix_rt::spawn(async move {
             let put_storage = storage.clone();
             let put_id = id.clone();
+            // A snapshot is never durable before the records it covers: the roll
+            // wrote them to the journal's file, a flush taken now syncs them. (The
+            // snapshot database is flushed by `put_snapshot`, not by group commit.)
+            let covered = match storage.ticket() {
+                Ok(ticket) => ticket.wait().await,
+                Err(e) => Err(e),
+            };
             let put = tokio::task::spawn_blocking(move || {
+                covered?;
                 let copy = put_storage.shard_as_of(&put_id, &product, seq)?;
                 let bytes = Storage::encode_snapshot(copy.shard(), size_hint);
                 drop(copy);
@@ -496,10 +504,8 @@ impl ShardActor {
             if size > 0 {
                 slot.stored(size);
             }
-            let durable = match stored.and_then(|_| storage.ticket()) {
-                Ok(ticket) => ticket.wait().await,
-                Err(e) => Err(e),
-            };
+            // Durable once stored: the snapshot database is flushed by `put_snapshot`.
+            let durable = stored.map(|_| ());
             let journal = slot.journal.clone();
             drop(slot);
             metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());

@@ -365,8 +365,7 @@ impl Storage {
                 excluded.insert(product);
             }
         }
-        let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
-        names.sort();
+        let names = self.tree_names();
         let (mut values, mut records) = (0u64, 0u64);
         // The newest snapshot at or below the cut, per journal.
         let mut chosen: HashMap<String, u64> = HashMap::new();
@@ -375,7 +374,7 @@ impl Storage {
             if tree_name != "snapshots" && !tree_name.ends_with("-snapshots") {
                 continue;
             }
-            for k in self.db.open_tree(name)?.iter().keys() {
+            for k in self.tree(name)?.iter().keys() {
                 let k = k?;
                 if let Some((journal, seq)) = snapshot_of(&tree_name, &k) {
                     if cut.get(&journal).is_some_and(|&end| seq <= end) {
@@ -390,7 +389,7 @@ impl Storage {
             if tree_name.starts_with("journal/") || tree_name == "payment-ids" {
                 continue; // journals of old formats move into files at open; claims are rebuilt
             }
-            let tree = self.db.open_tree(name)?;
+            let tree = self.tree(name)?;
             let snapshots = tree_name == "snapshots" || tree_name.ends_with("-snapshots");
             for kv in tree.iter() {
                 let (k, v) = kv?;
@@ -679,12 +678,11 @@ impl Storage {
 
     fn trees_digest(&self) -> Result<[u8; 32], BackupError> {
         let mut h = Sha256::new();
-        let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
-        names.sort();
+        let names = self.tree_names();
         for name in names.iter().filter(|n| whole_in_increments(&String::from_utf8_lossy(n))) {
             h.update((name.len() as u64).to_le_bytes());
             h.update(name);
-            for kv in self.db.open_tree(name)?.iter() {
+            for kv in self.tree(name)?.iter() {
                 let (k, v) = kv?;
                 h.update((k.len() as u64).to_le_bytes());
                 h.update(&k);
@@ -720,8 +718,7 @@ impl Storage {
         cut: &BTreeMap<String, u64>,
         now_ms: u64,
     ) -> Result<Summary, BackupError> {
-        let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
-        names.sort();
+        let names = self.tree_names();
         let whole: Vec<Vec<u8>> =
             names.into_iter().filter(|n| whole_in_increments(&String::from_utf8_lossy(n))).collect();
         let after: BTreeMap<String, u64> =
@@ -740,7 +737,7 @@ impl Storage {
         let (mut values, mut records) = (0u64, 0u64);
         for name in &whole {
             let tree_name = String::from_utf8_lossy(name).into_owned();
-            for kv in self.db.open_tree(name)?.iter() {
+            for kv in self.tree(name)?.iter() {
                 let (k, v) = kv?;
                 if tree_name == "webhook-cursors" {
                     let Some(end) = cursor_journal(&k).and_then(|j| cut.get(&j).copied()) else { continue };
@@ -1086,14 +1083,14 @@ fn write_restore(files: &[PathBuf], staging: &Path, passphrase: Option<&str>) ->
         let mut value: Vec<u8> = Vec::new();
         // An increment holds these trees whole: what came before goes.
         for tree in &read_header(path)?.trees {
-            storage.db.open_tree(tree)?.clear()?;
+            storage.tree(tree)?.clear()?;
         }
         let summary = read_all(open_file(path)?, |entry| {
             match entry {
                 Entry::Tree { tree, key, total, bytes, .. } => {
                     value.extend_from_slice(&bytes);
                     if value.len() as u64 == total {
-                        storage.db.open_tree(&tree)?.insert(key, std::mem::take(&mut value))?;
+                        storage.tree(&tree)?.insert(key, std::mem::take(&mut value))?;
                     }
                 }
                 Entry::Journal { name, first, last, frames } => {

@@ -5,7 +5,9 @@
 //! directory (`journal/stock/{product}/{shard}`, `journal/points/{shard}`);
 //! everything else is in sled trees:
 //! * `products` — product id → `ProductInfo` record.
-//! * `snapshots` — `{product}/{shard}` ++ 0x00 ++ big-endian sequence → `Shard` record.
+//! * `snapshots` (in a sled database of its own, `snapshot-db/`, flushed by the
+//!   snapshot task rather than by group commit) — `{product}/{shard}` ++ 0x00 ++
+//!   big-endian sequence → `Shard` record.
 //! * `points-snapshots`, `points-prices` — product → points per key.
 //! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
 //! * `archive/{product}/{shard}` — archived orders; `lookup/{product}/{shard}` —
@@ -19,7 +21,8 @@
 //! open.)
 //!
 //! Durability: nothing written here is durable until a [`commit::Ticket`] taken
-//! after it has completed (see [`commit`]). Journals' new records are made
+//! after it has completed (see [`commit`]), except stock snapshots, durable when
+//! [`Storage::put_snapshot`] returns. Journals' new records are made
 //! durable through one commit log (`journal/log/`, see [`log`]), redone into the
 //! journals at open. Recovery = newest snapshot that
 //! decodes + every journal record after it, stopping at the first record that
@@ -99,6 +102,11 @@ pub struct Storage {
     /// Open journals by directory: every handle on one journal shares its file.
     journals: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, std::sync::Weak<JournalFile>>>,
     products: sled::Tree,
+    /// Stock shards' snapshots live in a sled database of their own
+    /// (`{path}/snapshot-db`), which group commit never flushes: writing a
+    /// snapshot of tens of MB would otherwise hold every order of every product
+    /// until it is on disk. A snapshot is flushed by the task that stores it.
+    snapshot_db: sled::Db,
     snapshots: sled::Tree,
     /// Points shard (u16 BE) ++ record (u64 BE) → snapshot of its book.
     committer: Committer,
@@ -143,21 +151,20 @@ fn opened_here(path: &std::path::Path) -> bool {
 /// Opens sled. A lock held by a handle of this process on its way out is waited for
 /// (bounded by `LOCK_WAIT`); a lock held by another process (a running server, for
 /// an offline audit) is reported at once.
-fn open_sled(opts: &StorageOptions) -> Result<sled::Db, StorageError> {
-    let config =
-        sled::Config::new().path(&opts.path).cache_capacity(opts.cache_capacity_bytes).mode(sled::Mode::HighThroughput);
+fn open_sled(path: &std::path::Path, cache_capacity_bytes: u64) -> Result<sled::Db, StorageError> {
+    let config = sled::Config::new().path(path).cache_capacity(cache_capacity_bytes).mode(sled::Mode::HighThroughput);
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match config.open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && Instant::now() < deadline
-                    && opened_here(&opts.path) =>
+                    && opened_here(path) =>
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Ok(db) => {
-                let path = opts.path.canonicalize().unwrap_or_else(|_| opts.path.clone());
+                let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
                 let mut opened = OPENED_HERE.lock().unwrap_or_else(|e| e.into_inner());
                 if !opened.contains(&path) {
                     // Bounded by the directories one process opens (tests open many;
@@ -187,11 +194,18 @@ pub(crate) fn journal_dirs(dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// The directory, inside the data directory, of the sled database of stock snapshots.
+const SNAPSHOT_DB: &str = "snapshot-db";
+/// Its page cache: snapshots are written once and read at recovery, so caching
+/// them buys nothing.
+const SNAPSHOT_DB_CACHE_BYTES: u64 = 16 << 20;
+
 impl Storage {
     pub fn open(opts: &StorageOptions) -> Result<Arc<Storage>, StorageError> {
-        let db = open_sled(opts)?;
+        let db = open_sled(&opts.path, opts.cache_capacity_bytes)?;
         let products = db.open_tree("products")?;
-        let snapshots = db.open_tree("snapshots")?;
+        let snapshot_db = open_sled(&opts.path.join(SNAPSHOT_DB), SNAPSHOT_DB_CACHE_BYTES)?;
+        let snapshots = snapshot_db.open_tree("snapshots")?;
         // Claims are rebuilt in memory from the shards (`actors::claims`).
         db.drop_tree("payment-ids")?;
         let dirty = Arc::new(DirtyJournals::default());
@@ -214,6 +228,7 @@ impl Storage {
             abandoned: Default::default(),
             journals: Default::default(),
             products,
+            snapshot_db,
             snapshots,
             committer,
             handles: Arc::new(()),
@@ -222,9 +237,51 @@ impl Storage {
             archive_floor: Default::default(),
         });
         storage.move_sled_journals()?;
+        storage.move_snapshots_tree()?;
         let redone = log::redo(&journals_dir, |dir| storage.journal_file(dir.to_path_buf()))?;
         storage.redone.store(redone, std::sync::atomic::Ordering::Relaxed);
         Ok(storage)
+    }
+
+    /// Moves stock snapshots kept in the main database's `snapshots` tree (before
+    /// they had a database of their own) into the snapshot database, once: copied and
+    /// flushed there before the old tree is dropped, so a crash in between only
+    /// copies them again.
+    fn move_snapshots_tree(&self) -> Result<(), StorageError> {
+        if !self.db.tree_names().iter().any(|n| n.as_ref() == b"snapshots") {
+            return Ok(());
+        }
+        let old = self.db.open_tree("snapshots")?;
+        if !old.is_empty() {
+            for kv in old.iter() {
+                let (k, v) = kv?;
+                self.snapshots.insert(k, v)?;
+            }
+            self.snapshot_db.flush()?;
+            tracing::info!(snapshots = old.len(), "stock snapshots moved into their own database");
+        }
+        drop(old);
+        self.db.drop_tree("snapshots")?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// A sled tree by name, wherever it lives (`snapshots` in the snapshot
+    /// database, every other in the main one): for backups and restores.
+    pub(crate) fn tree(&self, name: &[u8]) -> Result<sled::Tree, StorageError> {
+        if name == b"snapshots" {
+            return Ok(self.snapshots.clone());
+        }
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// The names of every sled tree [`Storage::tree`] opens, sorted.
+    pub(crate) fn tree_names(&self) -> Vec<Vec<u8>> {
+        let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
+        names.push(b"snapshots".to_vec());
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Moves journals kept in sled trees (before segment files) into segment files,
@@ -316,11 +373,13 @@ impl Storage {
     #[cfg(unix)]
     pub fn lock_released(path: &std::path::Path) -> bool {
         use std::os::fd::AsRawFd;
-        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(path.join("db")) else {
-            return true;
-        };
-        // SAFETY: flock on a file descriptor this function owns; closing it drops the lock.
-        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        [path.join("db"), path.join(SNAPSHOT_DB).join("db")].iter().all(|db| {
+            let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(db) else {
+                return true;
+            };
+            // SAFETY: flock on a file descriptor this closure owns; closing it drops the lock.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        })
     }
 
     #[cfg(not(unix))]
@@ -346,7 +405,9 @@ impl Storage {
     /// Makes everything written so far durable now, on the calling thread
     /// (start-up, shutdown, crash points, tooling).
     pub fn flush_now(&self) -> Result<(), StorageError> {
-        commit::make_durable(&self.db, &self.dirty, &self.log)
+        commit::make_durable(&self.db, &self.dirty, &self.log)?;
+        self.snapshot_db.flush()?;
+        Ok(())
     }
 
     /// Journal records written again from the commit log when this was opened.
@@ -743,11 +804,14 @@ impl Storage {
         Ok(Shadow { shard: Shard::new(product.clone(), id.shard), seq: 0 })
     }
 
-    /// Stores an encoded snapshot taken at `seq` (durable with the next flush).
+    /// Stores an encoded snapshot taken at `seq`, durable when this returns: the
+    /// snapshot database is flushed here, on the caller's thread, never by group
+    /// commit (see [`Storage::snapshot_db`]).
     pub fn put_snapshot(&self, id: &ShardId, seq: u64, bytes: Vec<u8>) -> Result<(), StorageError> {
         let mut key = Self::snapshot_prefix(id);
         key.extend_from_slice(&seq.to_be_bytes());
         self.snapshots.insert(key, bytes)?;
+        self.snapshot_db.flush()?;
         Ok(())
     }
 
