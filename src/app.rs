@@ -405,6 +405,31 @@ impl Drop for RunningApp {
     }
 }
 
+/// Turns transparent huge pages off for this process (`actors.transparent_huge_pages
+/// = false`): from now on memory is faulted in 4 KiB pages, so no order waits for
+/// the kernel to zero 2 MiB at once. Pages already huge stay so.
+pub fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with integer arguments; it only sets this process's THP flag.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, "could not turn transparent huge pages off");
+        }
+    }
+}
+
+/// Whether transparent huge pages are off for this process (Linux; elsewhere `false`).
+pub fn transparent_huge_pages_disabled() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with integer arguments; it only reads this process's THP flag.
+        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
     start_with_clock(settings, Arc::new(SystemClock)).await
 }
@@ -418,6 +443,9 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         Channels::from_settings(&settings, &secrets.channels, &secrets.retiring).map_err(StartError::Channel)?,
     );
     crate::telemetry::history::start_sampler();
+    if !settings.actors.transparent_huge_pages {
+        disable_transparent_huge_pages();
+    }
     if settings.chaos.enabled {
         crate::chaos::arm(settings.chaos.crash_point, settings.chaos.crash_after_hits);
     }

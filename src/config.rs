@@ -222,6 +222,7 @@ pub struct ActorSettings {
     pub arbiters: usize,
     pub mailbox_capacity: usize,
     pub max_queue_wait_ms: u64,
+    pub transparent_huge_pages: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -291,3 +291,25 @@ async fn a_rotated_channel_secret_keeps_the_old_one_for_its_grace_period() {
     assert_eq!(show.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&show.stderr).contains("no secret of channel \"nope\""));
 }
+
+/// The server turns transparent huge pages off for itself by default (so that no
+/// order waits for the kernel to zero 2 MiB at once), and leaves them alone when
+/// `actors.transparent_huge_pages` is true. Read from the kernel's view of the process.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_runs_without_transparent_huge_pages_unless_told() {
+    let thp_enabled = |server: &Server| {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+        line.map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let off = Server::start(&dir.path().join("off"), &[]);
+    let Some(flag) = thp_enabled(&off) else {
+        eprintln!("this kernel does not report THP_enabled; nothing to check");
+        return;
+    };
+    assert_eq!(flag, "0", "huge pages are off by default");
+    let on = Server::start(&dir.path().join("on"), &[("KAMI_ACTORS__TRANSPARENT_HUGE_PAGES", "true")]);
+    assert_eq!(thp_enabled(&on).as_deref(), Some("1"), "and left on when asked");
+}
