@@ -842,6 +842,9 @@ impl Storage {
             }
         }
         self.snapshots.apply_batch(batch)?;
+        // Group commit does not flush the snapshot database: without this, the old
+        // snapshots would come back after a crash (harmless, but a repair at start).
+        self.snapshot_db.flush()?;
         crate::chaos::reached(crate::chaos::CrashPoint::MidTrim, || {
             let _ = self.flush_now();
         });

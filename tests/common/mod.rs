@@ -306,8 +306,10 @@ impl Server {
                 }
             }
         });
-        let (url, recovery_ms, recovery_records) =
-            rx.recv_timeout(Duration::from_secs(60)).expect("kami printed its address");
+        let Ok((url, recovery_ms, recovery_records)) = rx.recv_timeout(Duration::from_secs(60)) else {
+            let said = lines.lock().unwrap().join("\n");
+            panic!("kami did not print its address; it said:\n{said}");
+        };
         Server { child, url, recovery_ms, recovery_records, stdout: lines }
     }
 
