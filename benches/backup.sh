@@ -12,6 +12,7 @@
 # Installs wrk and bc from the system packages if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/stock.sh
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-10}
 CONNS=${CONNS:-256}
@@ -68,13 +69,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         data="$work/data-$case-$round"; archive=""
         [ "$case" = archive ] && archive="$work/archive-$round"
         start_kami "$data" "$archive"
-        curl -sf -H 'Authorization: Bearer bench' -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$(nproc)}" \
-            "http://127.0.0.1:$PORT_KAMI/api/v1/products" >/dev/null
-        for ((start = 0; start < STOCK_KEYS; start += 100000)); do
-            seq $start $((start + 99999 < STOCK_KEYS - 1 ? start + 99999 : STOCK_KEYS - 1)) | sed 's/^/flash-key-/' \
-                | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
-                    "http://127.0.0.1:$PORT_KAMI/api/v1/products/flash/keys" >/dev/null
-        done
+        stock_flash "http://127.0.0.1:$PORT_KAMI" "$STOCK_KEYS"
         curl -sf -XPOST -H 'Authorization: Bearer bench' "http://127.0.0.1:$PORT_KAMI/api/v1/admin/snapshot" >/dev/null
         note=""
         if [ "$case" = online ]; then

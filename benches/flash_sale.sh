@@ -16,6 +16,7 @@
 # Installs redis-server, redis-tools and wrk from the system packages if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/stock.sh
 
 SECS=${SECS:-10}
 CONNS=${CONNS:-"256 5000"}
@@ -119,15 +120,7 @@ start_kami() {
     done
 }
 start_kami "$work/kami"
-shards=$(nproc)
-curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' \
-    -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$shards}" \
-    "http://127.0.0.1:$PORT_KAMI/api/v1/products" >/dev/null
-for ((start = 0; start < STOCK_KEYS; start += 100000)); do
-    seq $start $((start + 99999 < STOCK_KEYS - 1 ? start + 99999 : STOCK_KEYS - 1)) | sed 's/^/flash-key-/' \
-        | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
-            "http://127.0.0.1:$PORT_KAMI/api/v1/products/flash/keys" >/dev/null
-done
+stock_flash "http://127.0.0.1:$PORT_KAMI" "$STOCK_KEYS"
 rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$kami_pid/status)
 # Stock-actor turn counts per histogram bucket ("le count" lines).
 turn_buckets() {
@@ -152,15 +145,6 @@ kill $kami_pid; wait $kami_pid 2>/dev/null || true
 # costs little) drives the shop and kami alike: per connection, in a loop, create
 # an order for a new buyer, send the signed notification, read the key. It fails
 # on any refused step and on a key delivered twice.
-import_keys() { # $1 = base url, $2 = how many
-    curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' \
-        -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$shards}" "$1/api/v1/products" >/dev/null
-    for ((start = 0; start < $2; start += 100000)); do
-        seq $start $((start + 99999 < $2 - 1 ? start + 99999 : $2 - 1)) | sed 's/^/flash-key-/' \
-            | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
-                "$1/api/v1/products/flash/keys" >/dev/null
-    done
-}
 full_run() { # $1 = label, $2 = host:port
     for c in $FULL_CONNS; do
         local out
@@ -181,11 +165,11 @@ redis-server --port $PORT_REDIS --dir "$work/redis-full" --save '' --maxclients 
 until redis-cli -p $PORT_REDIS ping >/dev/null 2>&1; do sleep 0.1; done
 "$PEER" 127.0.0.1:$PORT_PEER "redis://127.0.0.1:$PORT_REDIS/" bench >/dev/null & peer_pid=$!; pids+=($peer_pid)
 until curl -s -o /dev/null "http://127.0.0.1:$PORT_PEER/"; do sleep 0.1; done
-import_keys "http://127.0.0.1:$PORT_PEER" "$full_keys"
+stock_flash "http://127.0.0.1:$PORT_PEER" "$full_keys"
 full_run "axum+redis shop full purchase" "127.0.0.1:$PORT_PEER"
 kill $peer_pid $redis_pid; wait $peer_pid $redis_pid 2>/dev/null || true
 start_kami "$work/kami-full"
-import_keys "http://127.0.0.1:$PORT_KAMI" "$full_keys"
+stock_flash "http://127.0.0.1:$PORT_KAMI" "$full_keys"
 full_run "kami full purchase" "127.0.0.1:$PORT_KAMI"
 kill $kami_pid; wait $kami_pid 2>/dev/null || true
 

@@ -9,6 +9,7 @@
 # Usage: bash benches/webhooks.sh   (env: SECS=10 CONNS=256 ROUNDS=2 KEYS_PER_SEC=20000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/stock.sh
 
 SECS=${SECS:-10}
 CONNS=${CONNS:-256}
@@ -45,16 +46,7 @@ run() { # $1 = label, $2 = sink mode ("" = no endpoint)
         if ((i > 300)); then echo "kami did not start:"; cat "$work/kami.log"; exit 1; fi
         sleep 0.1
     done
-    local shards keys
-    shards=$(nproc); keys=$((KEYS_PER_SEC * SECS))
-    curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: application/json' \
-        -d "{\"id\":\"flash\",\"name\":\"Flash\",\"price_cents\":990,\"shards\":$shards}" \
-        "http://127.0.0.1:$PORT_KAMI/api/v1/products" >/dev/null
-    for ((start = 0; start < keys; start += 100000)); do
-        seq $start $((start + 99999 < keys - 1 ? start + 99999 : keys - 1)) | sed 's/^/flash-key-/' \
-            | curl -sf -H 'Authorization: Bearer bench' -H 'Content-Type: text/plain' --data-binary @- \
-                "http://127.0.0.1:$PORT_KAMI/api/v1/products/flash/keys" >/dev/null
-    done
+    stock_flash "http://127.0.0.1:$PORT_KAMI" $((KEYS_PER_SEC * SECS))
     local out rps p99 pending
     out=$("$CLIENT" "127.0.0.1:$PORT_KAMI" flash bench "$CONNS" "$SECS" 2>&1) || { echo "$out"; exit 1; }
     rps=$(echo "$out" | sed -n 's/.* per_sec \([0-9]*\) .*/\1/p')
