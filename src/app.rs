@@ -419,17 +419,6 @@ pub fn disable_transparent_huge_pages() {
     }
 }
 
-/// Whether transparent huge pages are off for this process (Linux; elsewhere `false`).
-pub fn transparent_huge_pages_disabled() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: prctl with integer arguments; it only reads this process's THP flag.
-        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    false
-}
-
 pub async fn start(settings: Settings) -> Result<RunningApp, StartError> {
     start_with_clock(settings, Arc::new(SystemClock)).await
 }

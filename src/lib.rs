@@ -22,6 +22,6 @@ pub mod storage;
 pub mod telemetry;
 pub mod webhooks;
 
-pub use app::{disable_transparent_huge_pages, start, transparent_huge_pages_disabled, RunningApp};
+pub use app::{disable_transparent_huge_pages, start, RunningApp};
 pub use config::{Settings, Sources};
 pub use error::Error;
