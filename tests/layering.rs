@@ -85,3 +85,52 @@ fn the_check_sees_a_forbidden_name_and_ignores_comments() {
     );
     assert_eq!(named.into_iter().collect::<Vec<_>>(), ["core", "http"]);
 }
+
+/// Every source file under `src/`.
+fn all_sources() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// sled calls that take sled's process-wide write lock, after which every sled
+/// operation of the process goes through one `RwLock` (see `storage`'s doc).
+const PROCESS_WIDE_LOCKS: &[&str] = &[".apply_batch(", ".transaction(", ".checksum("];
+
+/// The calls of [`PROCESS_WIDE_LOCKS`] in `text`, comments left out.
+fn process_wide_locks(text: &str) -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        found.extend(PROCESS_WIDE_LOCKS.iter().filter(|call| code.contains(*call)));
+    }
+    found
+}
+
+#[test]
+fn nothing_takes_sleds_process_wide_lock() {
+    let mut found = Vec::new();
+    for file in all_sources() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for call in process_wide_locks(&text) {
+            found.push(format!("{} calls {call}", file.display()));
+        }
+    }
+    assert!(found.is_empty(), "sled calls that serialise every sled operation of the process:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_lock_check_sees_a_batch_and_ignores_comments() {
+    let text = "tree.apply_batch(batch)?; // db.transaction(|t| ..)\n// tree.checksum()\nlet c = db.checksum()?;";
+    assert_eq!(process_wide_locks(text), [".apply_batch(", ".checksum("]);
+}

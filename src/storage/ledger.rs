@@ -92,14 +92,14 @@ impl Storage {
         }
         let prefix = shard.to_be_bytes();
         let tree = self.ledger_snapshots::<B>()?;
-        let mut batch = sled::Batch::default();
+        // One by one, not in a `sled::Batch` (see `storage`'s doc):
+        // any subset of older snapshots may go, the newest one stays.
         for k in tree.scan_prefix(prefix).keys() {
             let k = k?;
             if k.len() == 10 && u64::from_be_bytes(k[2..].try_into().expect("8 bytes")) < seq {
-                batch.remove(k);
+                tree.remove(k)?;
             }
         }
-        tree.apply_batch(batch)?;
         let keep = self.archive_floor(&format!("{}/{shard}", B::NAME)).map_or(seq, |f| f.min(seq));
         journal.file().trim_through(keep)
     }

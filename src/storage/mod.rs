@@ -27,6 +27,15 @@
 //! journals at open. Recovery = newest snapshot that
 //! decodes + every journal record after it, stopping at the first record that
 //! fails its checksum (a torn tail), which is logged and removed.
+//!
+//! No sled batches: kami never calls `sled::Tree::apply_batch` (nor sled
+//! transactions). In sled 0.34 a batch takes a process-wide write lock, and from
+//! the first batch on, every sled operation of the process, in every database,
+//! goes through that one `RwLock`. A flush holds its read side while it writes, so
+//! a batch waiting behind a snapshot's flush of tens of MB held up the next group
+//! commit's flush of the main database, and with it every order in flight (group
+//! commits of 0.3 s under load). Nothing written here needs a batch's atomicity;
+//! each write that used one says why. `tests/layering.rs` keeps them out.
 
 pub mod backup;
 pub mod codec;
@@ -453,19 +462,18 @@ impl Storage {
         passwords: &[Option<PasswordHash>],
     ) -> Result<(), StorageError> {
         assert_eq!(orders.len(), passwords.len(), "one password slot per order");
+        // Record by record, not in a `sled::Batch` (see the module's doc): until the
+        // journal says they are archived, records written here are only extra copies
+        // (readers check that the order left memory), so a part of them may survive
+        // a crash.
         let tree = self.archive_tree(id)?;
-        let mut batch = sled::Batch::default();
-        let mut lookups = sled::Batch::default();
+        let lookups = if passwords.iter().any(Option::is_some) { Some(self.lookup_tree(id)?) } else { None };
         for (o, password) in orders.iter().zip(passwords) {
-            batch.insert(&o.order.seq.to_be_bytes(), codec::encode(Kind::ArchivedOrder, o));
-            if let Some(password) = password {
-                lookups.insert(&Self::lookup_key(&o.order.buyer, o.order.seq)[..], &password[..]);
+            if let (Some(lookups), Some(password)) = (&lookups, password) {
+                lookups.insert(&Self::lookup_key(&o.order.buyer, o.order.seq)[..], &password[..])?;
             }
+            tree.insert(o.order.seq.to_be_bytes(), codec::encode(Kind::ArchivedOrder, o))?;
         }
-        if passwords.iter().any(Option::is_some) {
-            self.lookup_tree(id)?.apply_batch(lookups)?;
-        }
-        tree.apply_batch(batch)?;
         Ok(())
     }
 
@@ -833,15 +841,15 @@ impl Storage {
             return Ok(());
         }
         let prefix = Self::snapshot_prefix(id);
-        let mut batch = sled::Batch::default();
-        for kv in self.snapshots.scan_prefix(&prefix) {
-            let (k, _) = kv?;
+        // One by one, not in a `sled::Batch` (see the module's doc): any subset of
+        // older snapshots may go, the newest one stays.
+        for k in self.snapshots.scan_prefix(&prefix).keys() {
+            let k = k?;
             let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0xff; 8]));
             if seq < keep_from_seq {
-                batch.remove(k);
+                self.snapshots.remove(k)?;
             }
         }
-        self.snapshots.apply_batch(batch)?;
         // Group commit does not flush the snapshot database: without this, the old
         // snapshots would come back after a crash (harmless, but a repair at start).
         self.snapshot_db.flush()?;
