@@ -313,3 +313,26 @@ async fn the_server_runs_without_transparent_huge_pages_unless_told() {
     let on = Server::start(&dir.path().join("on"), &[("KAMI_ACTORS__TRANSPARENT_HUGE_PAGES", "true")]);
     assert_eq!(thp_enabled(&on).as_deref(), Some("1"), "and left on when asked");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_asked_for_again_with_nothing_new_is_the_one_already_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[]);
+    let api = server.api();
+    assert_eq!(api.create_product("one", 990, 0, 1).await.status, 201);
+    let keys: Vec<String> = (0..10).map(|i| format!("snap-key-{i}")).collect();
+    assert_eq!(api.import("one", &keys).await.status, 200);
+    let snapshots = || async { metric_value(&api.metrics().await, "kami_snapshot_seconds_count") };
+    let snapshot = || reply(api.admin(api.http.post(format!("{}/api/v1/admin/snapshot", api.url))));
+
+    let before = snapshots().await;
+    // Two asked at once (the second joins the first), then one after both.
+    let (a, b) = tokio::join!(snapshot(), snapshot());
+    assert_eq!((a.status, b.status), (200, 200), "{} {}", a.body, b.body);
+    assert_eq!(snapshot().await.status, 200);
+    assert_eq!(snapshots().await, before + 1.0, "one snapshot at the same record, however often asked");
+
+    assert_eq!(api.order("one", 1, "buyer-1", None).await.status, 201);
+    assert_eq!(snapshot().await.status, 200);
+    assert_eq!(snapshots().await, before + 2.0, "a new record makes the next snapshot a new one");
+}

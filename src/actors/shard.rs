@@ -91,7 +91,13 @@ pub struct ShardActor {
     archive_cursor: u64,
     /// `kami_actor_turn_seconds{actor="stock"}`.
     turns: metrics::Histogram,
+    /// The last snapshot started, at which record, and its outcome: a snapshot
+    /// asked for at that same record joins it instead of writing it again.
+    last_snapshot: Option<(u64, SnapshotDone)>,
 }
+
+/// A snapshot's outcome, awaited by everyone who asked for it.
+type SnapshotDone = futures::future::Shared<futures::future::LocalBoxFuture<'static, ActorResult<()>>>;
 
 impl Machine for Shard {
     type Event = Event;
@@ -143,6 +149,7 @@ impl ShardActor {
             terms_seen: 0,
             archive_cursor: 0,
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "stock"),
+            last_snapshot: None,
         };
         actor.install(recovered);
         actor
@@ -153,6 +160,7 @@ impl ShardActor {
         self.shell.install(Journaled::recovered(r.shard, r.journal, r.last_seq, r.journal_bytes, r.snapshot_bytes));
         self.archive_cursor = 0;
         self.terms_seen = 0;
+        self.last_snapshot = None;
     }
 
     fn shard(&self) -> ActorResult<&Shard> {
@@ -466,7 +474,17 @@ impl ShardActor {
     /// does, once per journal's worth of records). The answer completes once the
     /// snapshot is durable; after that, older snapshots and the journal it covers
     /// are removed.
+    ///
+    /// Asked again at the record of the last snapshot (nothing journaled since),
+    /// the answer is that snapshot's: while it is being stored, or once it is
+    /// durable. Only a failed one is taken again.
     fn snapshot_now(&mut self) -> ActorResult<ResponseFuture<ActorResult<()>>> {
+        let at = self.shell.live()?.seq();
+        if let Some((last, done)) = &self.last_snapshot {
+            if *last == at && !matches!(done.peek(), Some(Err(_))) {
+                return Ok(Box::pin(done.clone()));
+            }
+        }
         let id = self.id.clone();
         let product = self.product.clone();
         let storage = self.env.storage.clone();
@@ -523,7 +541,11 @@ impl ShardActor {
                 }
             }
         });
-        Ok(Box::pin(async move { done_rx.await.unwrap_or(Err(ActorError::Unavailable)) }))
+        let done: SnapshotDone =
+            futures::FutureExt::shared(Box::pin(async move { done_rx.await.unwrap_or(Err(ActorError::Unavailable)) })
+                as futures::future::LocalBoxFuture<'static, _>);
+        self.last_snapshot = Some((seq, done.clone()));
+        Ok(Box::pin(done))
     }
 
     /// Moves settled orders that have not changed for `archive_after_ms` out of
