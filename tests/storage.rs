@@ -270,7 +270,7 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
     let mut seq = 0u64;
     {
         // The old layout, written as the sled-tree journal wrote it.
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         let products = db.open_tree("products").unwrap();
         products.insert("p", encode(Kind::Product, &product())).unwrap();
         let tree = db.open_tree("journal/p/0").unwrap();
@@ -293,6 +293,7 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
         points.insert(1u64.to_be_bytes(), encode(Kind::Event, &credit)).unwrap();
         db.flush().unwrap();
     }
+    wait_released(dir.path());
     for round in 0..2 {
         let storage = open_storage(dir.path());
         let r = storage.recover(&id, &product()).unwrap();
@@ -311,7 +312,7 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
         }
     }
     let db_trees: Vec<String> = {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.tree_names().iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect()
     };
     assert!(!db_trees.iter().any(|n| n.starts_with("journal/") || n.starts_with("points/")), "{db_trees:?}");
@@ -340,18 +341,19 @@ async fn snapshots_kept_in_the_main_database_move_into_their_own_once() {
         // The old layout: the snapshot in the main database, no snapshot database.
         let snapshot_db = dir.path().join("snapshot-db");
         let entries: Vec<(sled::IVec, sled::IVec)> = {
-            let db = sled::open(&snapshot_db).unwrap();
+            let db = raw_sled(&snapshot_db);
             db.open_tree("snapshots").unwrap().iter().map(Result::unwrap).collect()
         };
         assert_eq!(entries.len(), 1);
         std::fs::remove_dir_all(&snapshot_db).unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         let old = db.open_tree("snapshots").unwrap();
         for (k, v) in entries {
             old.insert(k, v).unwrap();
         }
         db.flush().unwrap();
     }
+    wait_released(dir.path());
     for round in 0..2 {
         let storage = open_storage(dir.path());
         let r = storage.recover(&id, &product()).unwrap();
@@ -360,6 +362,32 @@ async fn snapshots_kept_in_the_main_database_move_into_their_own_once() {
         assert_eq!(r.replayed, 0, "round {round}: the journal before the snapshot is trimmed");
         same_state(&live, &r.shard);
     }
-    let db = sled::open(dir.path()).unwrap();
+    let db = raw_sled(dir.path());
     assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"snapshots"), "the old tree is dropped");
+}
+
+/// Opens a data directory's sled database directly, as an older kami left it. A
+/// dropped handle keeps sled's file lock until its I/O threads finish, so a lock
+/// still held by this test's previous handle is waited for (at most 10 s).
+fn raw_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                assert!(std::time::Instant::now() < deadline, "sled's lock on {} never released", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}
+
+/// Waits (at most 10 s) until no handle holds the sled locks of `path`: storage
+/// waits only for handles it opened itself, not for a [`raw_sled`] one.
+fn wait_released(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !kami::storage::Storage::lock_released(path) {
+        assert!(std::time::Instant::now() < deadline, "sled's lock on {} never released", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
