@@ -28,7 +28,14 @@ fn files_of(layer: &str) -> Vec<PathBuf> {
     if single.exists() {
         files.push(single);
     }
-    let mut dirs = vec![src.join(layer)];
+    files.extend(rs_files_under(src.join(layer)));
+    files
+}
+
+/// Every `.rs` file in `dir` and its subdirectories (none if `dir` does not exist).
+fn rs_files_under(dir: PathBuf) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir];
     while let Some(dir) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for entry in entries {
@@ -86,23 +93,6 @@ fn the_check_sees_a_forbidden_name_and_ignores_comments() {
     assert_eq!(named.into_iter().collect::<Vec<_>>(), ["core", "http"]);
 }
 
-/// Every source file under `src/`.
-fn all_sources() -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                files.push(path);
-            }
-        }
-    }
-    files
-}
-
 /// sled calls that take sled's process-wide write lock, after which every sled
 /// operation of the process goes through one `RwLock` (see `storage`'s doc).
 const PROCESS_WIDE_LOCKS: &[&str] = &[".apply_batch(", ".transaction(", ".checksum("];
@@ -120,7 +110,7 @@ fn process_wide_locks(text: &str) -> Vec<&'static str> {
 #[test]
 fn nothing_takes_sleds_process_wide_lock() {
     let mut found = Vec::new();
-    for file in all_sources() {
+    for file in rs_files_under(Path::new(env!("CARGO_MANIFEST_DIR")).join("src")) {
         let text = std::fs::read_to_string(&file).unwrap();
         for call in process_wide_locks(&text) {
             found.push(format!("{} calls {call}", file.display()));

@@ -366,24 +366,16 @@ async fn snapshots_kept_in_the_main_database_move_into_their_own_once() {
     assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"snapshots"), "the old tree is dropped");
 }
 
-/// Opens a data directory's sled database directly, as an older kami left it. A
-/// dropped handle keeps sled's file lock until its I/O threads finish, so a lock
-/// still held by this test's previous handle is waited for (at most 10 s).
+/// Opens a data directory's sled database directly, as an older kami left it,
+/// once this test's previous handle has let go of it ([`wait_released`]).
 fn raw_sled(path: &std::path::Path) -> sled::Db {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match sled::open(path) {
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                assert!(std::time::Instant::now() < deadline, "sled's lock on {} never released", path.display());
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            opened => return opened.unwrap(),
-        }
-    }
+    wait_released(path);
+    sled::open(path).unwrap()
 }
 
-/// Waits (at most 10 s) until no handle holds the sled locks of `path`: storage
-/// waits only for handles it opened itself, not for a [`raw_sled`] one.
+/// Waits (at most 10 s) until no handle holds the sled locks of `path`: a dropped
+/// handle keeps sled's file lock until its I/O threads finish, and storage waits
+/// only for handles it opened itself, not for a [`raw_sled`] one.
 fn wait_released(path: &std::path::Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !kami::storage::Storage::lock_released(path) {
