@@ -318,52 +318,133 @@ async fn journals_kept_in_sled_trees_move_into_segment_files_once() {
     assert!(!db_trees.iter().any(|n| n.starts_with("journal/") || n.starts_with("points/")), "{db_trees:?}");
 }
 
-/// A data directory from before stock snapshots had a sled database of their own
-/// (`snapshot-db/`) kept them in the main database's `snapshots` tree: it opens from
-/// that snapshot (its journal trimmed through it), and the tree is moved once.
+/// The stock snapshot trees of a snapshot database (`snapshot-db/`): one sled tree
+/// per snapshot, named `{product}/{shard}` NUL sequence (BE), its one value under
+/// `shard`; as (name, value).
+fn snapshot_trees(db: &sled::Db) -> Vec<(sled::IVec, sled::IVec)> {
+    db.tree_names()
+        .into_iter()
+        .filter(|n| n.len() > 9 && n[n.len() - 9] == 0)
+        .map(|n| {
+            let v = db.open_tree(&n).unwrap().get(b"shard").unwrap().expect("a snapshot tree holds its snapshot");
+            (n, v)
+        })
+        .collect()
+}
+
+/// Data directories from before each stock snapshot had a sled tree of its own
+/// kept them all in one `snapshots` tree: first in the main database, then in the
+/// snapshot database (`snapshot-db/`). Either opens from that snapshot (its journal
+/// trimmed through it), and the old tree is moved once into a tree per snapshot.
 #[tokio::test]
-async fn snapshots_kept_in_the_main_database_move_into_their_own_once() {
+async fn snapshots_kept_in_one_tree_move_into_a_tree_each_once() {
+    for in_main_database in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let id = ShardId::new("p", 0);
+        let mut live = Shard::new(product(), 0);
+        let snapshot_seq;
+        {
+            let storage = open_storage(dir.path());
+            snapshot_seq = drive(&storage, &mut live, 0, 6);
+            storage.write_snapshot(&id, snapshot_seq, &live).unwrap();
+            let journal = storage.journal(&id).unwrap();
+            journal.roll().unwrap();
+            storage.ticket().unwrap().wait().await.unwrap();
+            storage.trim(&id, &journal, snapshot_seq).unwrap();
+            storage.flush_now().unwrap();
+        }
+        let snapshot_db = dir.path().join("snapshot-db");
+        {
+            // The old layout: every snapshot in one `snapshots` tree.
+            let entries = snapshot_trees(&raw_sled(&snapshot_db));
+            assert_eq!(entries.len(), 1);
+            std::fs::remove_dir_all(&snapshot_db).unwrap();
+            let db = raw_sled(if in_main_database { dir.path() } else { &snapshot_db });
+            let old = db.open_tree("snapshots").unwrap();
+            for (k, v) in entries {
+                old.insert(k, v).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        wait_released(dir.path());
+        wait_released(&snapshot_db);
+        for round in 0..2 {
+            let storage = open_storage(dir.path());
+            let r = storage.recover(&id, &product()).unwrap();
+            assert!(r.findings.is_empty(), "round {round}: {:?}", r.findings);
+            assert_eq!(r.last_seq, snapshot_seq, "round {round}");
+            assert_eq!(r.replayed, 0, "round {round}: the journal before the snapshot is trimmed");
+            same_state(&live, &r.shard);
+        }
+        for db in [raw_sled(dir.path()), raw_sled(&snapshot_db)] {
+            assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"snapshots"), "the old tree is dropped");
+        }
+        let moved = snapshot_trees(&raw_sled(&snapshot_db));
+        assert_eq!(moved.len(), 1, "in the main database: {in_main_database}");
+        assert!(moved[0].0.ends_with(&snapshot_seq.to_be_bytes()));
+    }
+}
+
+/// Each snapshot is a sled tree of its own, and a trim drops the older ones'
+/// trees: nothing of an old snapshot stays in the snapshot database.
+#[tokio::test]
+async fn a_trim_drops_the_trees_of_older_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let id = ShardId::new("p", 0);
     let mut live = Shard::new(product(), 0);
-    let snapshot_seq;
+    let (first, second);
     {
         let storage = open_storage(dir.path());
-        snapshot_seq = drive(&storage, &mut live, 0, 6);
-        storage.write_snapshot(&id, snapshot_seq, &live).unwrap();
-        let journal = storage.journal(&id).unwrap();
-        journal.roll().unwrap();
-        storage.ticket().unwrap().wait().await.unwrap();
-        storage.trim(&id, &journal, snapshot_seq).unwrap();
+        first = drive(&storage, &mut live, 0, 4);
+        storage.write_snapshot(&id, first, &live).unwrap();
+        second = drive(&storage, &mut live, first, 4);
+        storage.write_snapshot(&id, second, &live).unwrap();
         storage.flush_now().unwrap();
     }
+    let snapshot_db = dir.path().join("snapshot-db");
+    let names = |db: &sled::Db| snapshot_trees(db).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let before = names(&raw_sled(&snapshot_db));
+    assert_eq!(before.len(), 2, "one tree per snapshot");
+    wait_released(&snapshot_db);
     {
-        // The old layout: the snapshot in the main database, no snapshot database.
-        let snapshot_db = dir.path().join("snapshot-db");
-        let entries: Vec<(sled::IVec, sled::IVec)> = {
-            let db = raw_sled(&snapshot_db);
-            db.open_tree("snapshots").unwrap().iter().map(Result::unwrap).collect()
-        };
-        assert_eq!(entries.len(), 1);
-        std::fs::remove_dir_all(&snapshot_db).unwrap();
-        let db = raw_sled(dir.path());
-        let old = db.open_tree("snapshots").unwrap();
-        for (k, v) in entries {
-            old.insert(k, v).unwrap();
-        }
+        let storage = open_storage(dir.path());
+        let journal = storage.journal(&id).unwrap();
+        storage.trim(&id, &journal, second).unwrap();
+    }
+    let after = names(&raw_sled(&snapshot_db));
+    assert_eq!(after, vec![before[1].clone()], "only the newest snapshot's tree is left");
+    assert!(after[0].ends_with(&second.to_be_bytes()));
+}
+
+/// A crash after a snapshot's tree was made but before its snapshot was written
+/// leaves an empty tree: recovery passes over it to the snapshot before.
+#[tokio::test]
+async fn an_empty_snapshot_tree_left_by_a_crash_holds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let (first, end);
+    {
+        let storage = open_storage(dir.path());
+        first = drive(&storage, &mut live, 0, 4);
+        storage.write_snapshot(&id, first, &live).unwrap();
+        end = drive(&storage, &mut live, first, 4);
+        storage.flush_now().unwrap();
+    }
+    let snapshot_db = dir.path().join("snapshot-db");
+    {
+        let db = raw_sled(&snapshot_db);
+        let mut name = b"p/0\0".to_vec();
+        name.extend_from_slice(&end.to_be_bytes());
+        db.open_tree(name).unwrap();
         db.flush().unwrap();
     }
-    wait_released(dir.path());
-    for round in 0..2 {
-        let storage = open_storage(dir.path());
-        let r = storage.recover(&id, &product()).unwrap();
-        assert!(r.findings.is_empty(), "round {round}: {:?}", r.findings);
-        assert_eq!(r.last_seq, snapshot_seq, "round {round}");
-        assert_eq!(r.replayed, 0, "round {round}: the journal before the snapshot is trimmed");
-        same_state(&live, &r.shard);
-    }
-    let db = raw_sled(dir.path());
-    assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"snapshots"), "the old tree is dropped");
+    wait_released(&snapshot_db);
+    let storage = open_storage(dir.path());
+    let r = storage.recover(&id, &product()).unwrap();
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!((r.snapshot_seq, r.last_seq), (first, end));
+    same_state(&live, &r.shard);
 }
 
 /// Opens a data directory's sled database directly, as an older kami left it,

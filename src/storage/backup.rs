@@ -374,7 +374,7 @@ impl Storage {
             if tree_name != "snapshots" && !tree_name.ends_with("-snapshots") {
                 continue;
             }
-            for k in self.tree(name)?.iter().keys() {
+            for k in self.tree(name)?.keys() {
                 let k = k?;
                 if let Some((journal, seq)) = snapshot_of(&tree_name, &k) {
                     if cut.get(&journal).is_some_and(|&end| seq <= end) {
@@ -1090,7 +1090,7 @@ fn write_restore(files: &[PathBuf], staging: &Path, passphrase: Option<&str>) ->
                 Entry::Tree { tree, key, total, bytes, .. } => {
                     value.extend_from_slice(&bytes);
                     if value.len() as u64 == total {
-                        storage.tree(&tree)?.insert(key, std::mem::take(&mut value))?;
+                        storage.tree(&tree)?.insert(&key, std::mem::take(&mut value))?;
                     }
                 }
                 Entry::Journal { name, first, last, frames } => {

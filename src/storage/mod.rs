@@ -5,9 +5,11 @@
 //! directory (`journal/stock/{product}/{shard}`, `journal/points/{shard}`);
 //! everything else is in sled trees:
 //! * `products` — product id → `ProductInfo` record.
-//! * `snapshots` (in a sled database of its own, `snapshot-db/`, flushed by the
-//!   snapshot task rather than by group commit) — `{product}/{shard}` ++ 0x00 ++
-//!   big-endian sequence → `Shard` record.
+//! * stock snapshots, in a sled database of their own (`snapshot-db/`, flushed by
+//!   the snapshot task rather than by group commit): one sled tree per snapshot,
+//!   named `{product}/{shard}` ++ 0x00 ++ big-endian sequence, holding the `Shard`
+//!   record under one key ([`SnapshotTree`]). Backups see them as one tree,
+//!   `snapshots`, whose keys are those names.
 //! * `points-snapshots`, `points-prices` — product → points per key.
 //! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
 //! * `archive/{product}/{shard}` — archived orders; `lookup/{product}/{shard}` —
@@ -115,8 +117,8 @@ pub struct Storage {
     /// (`{path}/snapshot-db`), which group commit never flushes: writing a
     /// snapshot of tens of MB would otherwise hold every order of every product
     /// until it is on disk. A snapshot is flushed by the task that stores it.
+    /// Each snapshot is a tree of its own (see [`SnapshotTree`]).
     snapshot_db: sled::Db,
-    snapshots: sled::Tree,
     /// Points shard (u16 BE) ++ record (u64 BE) → snapshot of its book.
     committer: Committer,
     /// One clone per live handle on the database (this value and every `Journal`),
@@ -208,13 +210,106 @@ const SNAPSHOT_DB: &str = "snapshot-db";
 /// Its page cache: snapshots are written once and read at recovery, so caching
 /// them buys nothing.
 const SNAPSHOT_DB_CACHE_BYTES: u64 = 16 << 20;
+/// What backups call the stock snapshots, and the one tree that held them all
+/// before each had a tree of its own.
+const SNAPSHOTS: &[u8] = b"snapshots";
+/// The one key of a snapshot's tree.
+const SNAPSHOT_VALUE: &[u8] = b"shard";
+
+/// A tree as backups see it: a sled tree of the main database, or the stock
+/// snapshots, one sled tree each, seen as one tree whose keys are their names.
+///
+/// Why a tree per snapshot: sled keeps up to 16 entries in a leaf, and writes a
+/// leaf that grew past 128 KiB whole into a blob file of its own. With every
+/// snapshot in one tree, removing an old snapshot rewrote the leaf holding it,
+/// and with it the newer snapshots beside it (tens of MB each): a trim cost as
+/// much as storing the snapshot again. A tree per snapshot is written once, and
+/// dropping it frees its pages without rewriting anything.
+pub(crate) enum SnapshotTree {
+    Sled(sled::Tree),
+    Snapshots(sled::Db),
+}
+
+/// The sequence a snapshot tree's name says it covers, if `name` is the name of
+/// one of shard `prefix`'s snapshots (any shard's, with an empty prefix).
+fn snapshot_seq(prefix: &[u8], name: &[u8]) -> Option<u64> {
+    let rest = name.strip_prefix(prefix)?;
+    let nul = name.len().checked_sub(9)?;
+    if name[nul] != 0 || (!prefix.is_empty() && rest.len() != 8) {
+        return None;
+    }
+    Some(u64::from_be_bytes(name[nul + 1..].try_into().ok()?))
+}
+
+/// The names of the snapshot trees of shard `prefix` (every shard's, with an
+/// empty prefix), sorted: a shard's oldest first.
+fn snapshot_names(db: &sled::Db, prefix: &[u8]) -> Vec<sled::IVec> {
+    let mut names: Vec<sled::IVec> =
+        db.tree_names().into_iter().filter(|n| snapshot_seq(prefix, n).is_some()).collect();
+    names.sort();
+    names
+}
+
+/// The snapshot stored in tree `name`, if that tree exists and holds one (a crash
+/// can leave a tree made but its snapshot not written).
+fn snapshot_value(db: &sled::Db, name: &[u8]) -> Result<Option<sled::IVec>, StorageError> {
+    if !db.tree_names().iter().any(|n| n.as_ref() == name) {
+        return Ok(None);
+    }
+    Ok(db.open_tree(name)?.get(SNAPSHOT_VALUE)?)
+}
+
+impl SnapshotTree {
+    /// Every entry, in key order.
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec), StorageError>> + '_> {
+        match self {
+            SnapshotTree::Sled(t) => Box::new(t.iter().map(|kv| kv.map_err(StorageError::from))),
+            SnapshotTree::Snapshots(db) => Box::new(
+                snapshot_names(db, b"")
+                    .into_iter()
+                    .filter_map(|name| snapshot_value(db, &name).transpose().map(|v| v.map(|v| (name, v)))),
+            ),
+        }
+    }
+
+    /// Every key, in order (a snapshot tree's name only if it holds its snapshot).
+    pub(crate) fn keys(&self) -> Box<dyn Iterator<Item = Result<sled::IVec, StorageError>> + '_> {
+        match self {
+            SnapshotTree::Sled(t) => Box::new(t.iter().keys().map(|k| k.map_err(StorageError::from))),
+            SnapshotTree::Snapshots(_) => Box::new(self.iter().map(|kv| kv.map(|(k, _)| k))),
+        }
+    }
+
+    pub(crate) fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StorageError> {
+        match self {
+            SnapshotTree::Sled(t) => {
+                t.insert(key, value)?;
+            }
+            SnapshotTree::Snapshots(db) => {
+                db.open_tree(key)?.insert(SNAPSHOT_VALUE, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn clear(&self) -> Result<(), StorageError> {
+        match self {
+            SnapshotTree::Sled(t) => t.clear()?,
+            SnapshotTree::Snapshots(db) => {
+                for name in snapshot_names(db, b"") {
+                    db.drop_tree(name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Storage {
     pub fn open(opts: &StorageOptions) -> Result<Arc<Storage>, StorageError> {
         let db = open_sled(&opts.path, opts.cache_capacity_bytes)?;
         let products = db.open_tree("products")?;
         let snapshot_db = open_sled(&opts.path.join(SNAPSHOT_DB), SNAPSHOT_DB_CACHE_BYTES)?;
-        let snapshots = snapshot_db.open_tree("snapshots")?;
         // Claims are rebuilt in memory from the shards (`actors::claims`).
         db.drop_tree("payment-ids")?;
         let dirty = Arc::new(DirtyJournals::default());
@@ -238,7 +333,6 @@ impl Storage {
             journals: Default::default(),
             products,
             snapshot_db,
-            snapshots,
             committer,
             handles: Arc::new(()),
             backups: Default::default(),
@@ -252,42 +346,45 @@ impl Storage {
         Ok(storage)
     }
 
-    /// Moves stock snapshots kept in the main database's `snapshots` tree (before
-    /// they had a database of their own) into the snapshot database, once: copied and
-    /// flushed there before the old tree is dropped, so a crash in between only
-    /// copies them again.
+    /// Moves stock snapshots kept in one `snapshots` tree (in the main database
+    /// before snapshots had a database of their own, then in the snapshot
+    /// database) into a tree per snapshot, once: copied and flushed there before
+    /// the old tree is dropped, so a crash in between only copies them again.
     fn move_snapshots_tree(&self) -> Result<(), StorageError> {
-        if !self.db.tree_names().iter().any(|n| n.as_ref() == b"snapshots") {
-            return Ok(());
-        }
-        let old = self.db.open_tree("snapshots")?;
-        if !old.is_empty() {
-            for kv in old.iter() {
-                let (k, v) = kv?;
-                self.snapshots.insert(k, v)?;
+        for db in [&self.db, &self.snapshot_db] {
+            if !db.tree_names().iter().any(|n| n.as_ref() == SNAPSHOTS) {
+                continue;
             }
-            self.snapshot_db.flush()?;
-            tracing::info!(snapshots = old.len(), "stock snapshots moved into their own database");
+            let old = db.open_tree(SNAPSHOTS)?;
+            if !old.is_empty() {
+                for kv in old.iter() {
+                    let (k, v) = kv?;
+                    self.snapshot_db.open_tree(&k)?.insert(SNAPSHOT_VALUE, v)?;
+                }
+                self.snapshot_db.flush()?;
+                tracing::info!(snapshots = old.len(), "stock snapshots moved into a tree each");
+            }
+            drop(old);
+            db.drop_tree(SNAPSHOTS)?;
+            db.flush()?;
         }
-        drop(old);
-        self.db.drop_tree("snapshots")?;
-        self.db.flush()?;
         Ok(())
     }
 
-    /// A sled tree by name, wherever it lives (`snapshots` in the snapshot
-    /// database, every other in the main one): for backups and restores.
-    pub(crate) fn tree(&self, name: &[u8]) -> Result<sled::Tree, StorageError> {
-        if name == b"snapshots" {
-            return Ok(self.snapshots.clone());
+    /// A sled tree by name, for backups and restores: `snapshots` stands for the
+    /// stock snapshots (a tree each in the snapshot database), every other name
+    /// is a tree of the main database.
+    pub(crate) fn tree(&self, name: &[u8]) -> Result<SnapshotTree, StorageError> {
+        if name == SNAPSHOTS {
+            return Ok(SnapshotTree::Snapshots(self.snapshot_db.clone()));
         }
-        Ok(self.db.open_tree(name)?)
+        Ok(SnapshotTree::Sled(self.db.open_tree(name)?))
     }
 
-    /// The names of every sled tree [`Storage::tree`] opens, sorted.
+    /// The names of every tree [`Storage::tree`] opens, sorted.
     pub(crate) fn tree_names(&self) -> Vec<Vec<u8>> {
         let mut names: Vec<Vec<u8>> = self.db.tree_names().into_iter().map(|n| n.to_vec()).collect();
-        names.push(b"snapshots".to_vec());
+        names.push(SNAPSHOTS.to_vec());
         names.sort();
         names.dedup();
         names
@@ -737,6 +834,13 @@ impl Storage {
         p
     }
 
+    /// The name of the tree of shard `id`'s snapshot at `seq`.
+    fn snapshot_name(id: &ShardId, seq: u64) -> Vec<u8> {
+        let mut name = Self::snapshot_prefix(id);
+        name.extend_from_slice(&seq.to_be_bytes());
+        name
+    }
+
     /// Writes a snapshot covering the journal through `seq`. Returns its size in bytes.
     pub fn write_snapshot(&self, id: &ShardId, seq: u64, shard: &Shard) -> Result<usize, StorageError> {
         let bytes = Self::encode_snapshot(shard, 0);
@@ -801,9 +905,9 @@ impl Storage {
     /// The newest snapshot of shard `id` that decodes (an empty shard without one).
     fn newest_snapshot(&self, id: &ShardId, product: &ProductInfo) -> Result<Shadow, StorageError> {
         let prefix = Self::snapshot_prefix(id);
-        for kv in self.snapshots.scan_prefix(&prefix).rev() {
-            let (k, v) = kv?;
-            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+        for name in snapshot_names(&self.snapshot_db, &prefix).into_iter().rev() {
+            let Some(seq) = snapshot_seq(&prefix, &name) else { continue };
+            let Some(v) = snapshot_value(&self.snapshot_db, &name)? else { continue };
             if let Ok(mut shard) = self.decode_snapshot_of(id, &v) {
                 shard.rebuild_indexes();
                 return Ok(Shadow { shard, seq });
@@ -816,18 +920,14 @@ impl Storage {
     /// snapshot database is flushed here, on the caller's thread, never by group
     /// commit (see [`Storage::snapshot_db`]).
     pub fn put_snapshot(&self, id: &ShardId, seq: u64, bytes: Vec<u8>) -> Result<(), StorageError> {
-        let mut key = Self::snapshot_prefix(id);
-        key.extend_from_slice(&seq.to_be_bytes());
-        self.snapshots.insert(key, bytes)?;
+        self.snapshot_db.open_tree(Self::snapshot_name(id, seq))?.insert(SNAPSHOT_VALUE, bytes)?;
         self.snapshot_db.flush()?;
         Ok(())
     }
 
     /// Test and tooling access: store raw snapshot bytes (to simulate corruption).
     pub fn write_snapshot_raw(&self, id: &ShardId, seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        let mut key = Self::snapshot_prefix(id);
-        key.extend_from_slice(&seq.to_be_bytes());
-        self.snapshots.insert(key, bytes)?;
+        self.snapshot_db.open_tree(Self::snapshot_name(id, seq))?.insert(SNAPSHOT_VALUE, bytes)?;
         Ok(())
     }
 
@@ -841,13 +941,11 @@ impl Storage {
             return Ok(());
         }
         let prefix = Self::snapshot_prefix(id);
-        // One by one, not in a `sled::Batch` (see the module's doc): any subset of
-        // older snapshots may go, the newest one stays.
-        for k in self.snapshots.scan_prefix(&prefix).keys() {
-            let k = k?;
-            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0xff; 8]));
-            if seq < keep_from_seq {
-                self.snapshots.remove(k)?;
+        // One by one (a tree each, see [`SnapshotTree`]): any subset of older
+        // snapshots may go, the newest one stays.
+        for name in snapshot_names(&self.snapshot_db, &prefix) {
+            if snapshot_seq(&prefix, &name).is_some_and(|seq| seq < keep_from_seq) {
+                self.snapshot_db.drop_tree(name)?;
             }
         }
         // Group commit does not flush the snapshot database: without this, the old
@@ -876,13 +974,14 @@ impl Storage {
         let mut older_snapshots = 0u64;
         // The newest snapshot that does not decode, if newer than the one used.
         let mut newest_bad: Option<(u64, String)> = None;
-        for kv in self.snapshots.scan_prefix(&prefix).rev() {
-            let (k, v) = kv?;
-            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+        for name in snapshot_names(&self.snapshot_db, &prefix).into_iter().rev() {
+            let Some(seq) = snapshot_seq(&prefix, &name) else { continue };
             if base.is_some() {
                 older_snapshots += 1;
                 continue;
             }
+            // A tree made, its snapshot not written (a crash in between) holds nothing.
+            let Some(v) = snapshot_value(&self.snapshot_db, &name)? else { continue };
             match self.decode_snapshot_of(id, &v) {
                 Ok(mut shard) => {
                     shard.rebuild_indexes();
