@@ -399,6 +399,7 @@ impl Shard {
     pub fn new(product: ProductInfo, shard: u16) -> Shard {
         assert!(shard < product.shards, "shard {shard} out of range for {}", product.id);
         let terms = crate::domain::terms::Terms::of(&product);
+        let holdings = holdings::Holdings::counting_if(product.per_buyer_limit > 0);
         Shard {
             product,
             shard,
@@ -417,7 +418,7 @@ impl Shard {
             key_index: hashbrown::HashTable::new(),
             has_units: false,
             hasher: hashbrown::DefaultHashBuilder::default(),
-            holdings: holdings::Holdings::default(),
+            holdings,
             password_orders: HashMap::new(),
             idempotency: HashMap::new(),
             expiry: BinaryHeap::new(),
@@ -439,18 +440,12 @@ impl Shard {
         for id in 0..self.keys.len() {
             self.index_key(id as KeyId);
         }
-        self.holdings.clear();
+        self.count_holdings();
         self.idempotency.clear();
         self.expiry.clear();
         self.reserved = 0;
         self.sold = self.archived.sold_keys.len() as u64;
-        for (buyer, &held) in &self.archived.holdings {
-            self.holdings.add(buyer, held);
-        }
         for order in self.orders.values() {
-            if order.status.counts_toward_limit() {
-                self.holdings.add(&order.buyer, order.quantity);
-            }
             if let Some(idem) = &order.idempotency {
                 self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
             }
@@ -663,6 +658,27 @@ impl Shard {
     pub fn set_terms(&mut self, terms: &crate::domain::terms::Terms) {
         terms.apply_to(&mut self.product);
         self.terms.clone_from(terms);
+        if self.holdings.counting() != (self.product.per_buyer_limit > 0) {
+            self.count_holdings();
+        }
+    }
+
+    /// Counts every buyer's keys again (`holdings`) if the product has a per-buyer
+    /// limit, or stops counting: orders in memory that count toward the limit and
+    /// what archived orders held.
+    fn count_holdings(&mut self) {
+        self.holdings.restart(self.product.per_buyer_limit > 0);
+        if !self.holdings.counting() {
+            return;
+        }
+        for (buyer, &held) in &self.archived.holdings {
+            self.holdings.add(buyer, held);
+        }
+        for order in self.orders.values() {
+            if order.status.counts_toward_limit() {
+                self.holdings.add(&order.buyer, order.quantity);
+            }
+        }
     }
 
     /// Orders that are not settled yet: waiting for payment, paid seats of open
@@ -1036,6 +1052,33 @@ mod tests {
             Outcome::Changed(_, seq) => seq,
             Outcome::Repeat(_) => panic!("expected a new order"),
         }
+    }
+
+    /// Holdings are counted only while the product has a per-buyer limit; a limit
+    /// set later counts the orders already taken (a delivered one too), and one
+    /// lifted and set again counts afresh.
+    #[test]
+    fn a_per_buyer_limit_set_later_counts_the_orders_already_taken() {
+        use crate::domain::terms::{Terms, TermsChange};
+        let mut s = shard_with_keys(20, 0);
+        let first = created(s.create_order(new_order("a", 2), 0));
+        assert!(matches!(s.pay(paid(first, "pay-1", 1980), 10), Ok(Outcome::Changed(..))));
+        created(s.create_order(new_order("a", 1), 20));
+        created(s.create_order(new_order("b", 1), 30));
+        assert_eq!(s.holdings.len(), 0, "no limit, nothing counted");
+        let base = Terms::of(&s.product);
+        let limit = |n| base.changed(&TermsChange { per_buyer_limit: Some(n), ..Default::default() }).unwrap();
+        let three = limit(3);
+        s.set_terms(&three);
+        assert!(matches!(s.create_order(new_order("a", 1), 40), Err(DomainError::LimitExceeded { limit: 3, held: 3 })));
+        created(s.create_order(new_order("b", 2), 40));
+        let none = limit(0);
+        s.set_terms(&none);
+        assert_eq!(s.holdings.len(), 0, "a lifted limit empties the index");
+        created(s.create_order(new_order("a", 1), 50));
+        s.set_terms(&three);
+        assert!(matches!(s.create_order(new_order("a", 1), 60), Err(DomainError::LimitExceeded { limit: 3, held: 4 })));
+        assert!(matches!(s.create_order(new_order("b", 1), 60), Err(DomainError::LimitExceeded { limit: 3, held: 3 })));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! How many keys each buyer holds in a shard (pending, paid and delivered orders in
 //! memory and archived), for the per-buyer limit. Derived: rebuilt at load, never
-//! stored.
+//! stored. Counted only while the product has a limit (`counting`): with none, an
+//! order pays no lookup in a table of every buyer, and the table takes no memory;
+//! a limit set later counts everything again from the orders first.
 //!
 //! A buyer is keyed by 128 bits of a keyed hash of their name, not by the name: an
 //! order then copies no string into the index, and when the table doubles (at a
@@ -39,6 +41,9 @@ pub(super) struct Holdings {
     /// collide with another's.
     digest: hashbrown::DefaultHashBuilder,
     held: hashbrown::HashMap<u128, u32, BuildHasherDefault<Prehashed>>,
+    /// Whether `add` and `remove` count (see the module's doc); `get` is asked
+    /// only while they do.
+    counting: bool,
 }
 
 impl Holdings {
@@ -52,7 +57,25 @@ impl Holdings {
         self.held.get(&self.key(buyer)).copied().unwrap_or(0)
     }
 
+    /// An empty index, counting if `counting`.
+    pub(super) fn counting_if(counting: bool) -> Holdings {
+        Holdings { counting, ..Holdings::default() }
+    }
+
+    pub(super) fn counting(&self) -> bool {
+        self.counting
+    }
+
+    /// Empties the index and counts from now on (`true`) or stops counting.
+    pub(super) fn restart(&mut self, counting: bool) {
+        self.held = Default::default();
+        self.counting = counting;
+    }
+
     pub(super) fn add(&mut self, buyer: &str, quantity: u32) {
+        if !self.counting {
+            return;
+        }
         let key = self.key(buyer);
         *self.held.entry(key).or_default() += quantity;
     }
@@ -60,16 +83,15 @@ impl Holdings {
     /// Takes `quantity` off what `buyer` holds. Panics if they hold less: an order
     /// that closes was counted when it opened.
     pub(super) fn remove(&mut self, buyer: &str, quantity: u32) {
+        if !self.counting {
+            return;
+        }
         let key = self.key(buyer);
         let held = self.held.get_mut(&key).expect("an open order counts in holdings");
         *held = held.checked_sub(quantity).expect("a buyer holds what their orders took");
         if *held == 0 {
             self.held.remove(&key);
         }
-    }
-
-    pub(super) fn clear(&mut self) {
-        self.held.clear();
     }
 
     /// Buyers holding anything.
@@ -87,6 +109,9 @@ mod tests {
     fn counts_per_buyer_come_and_go() {
         let mut h = Holdings::default();
         h.add("alice", 2);
+        assert_eq!((h.get("alice"), h.len()), (0, 0), "nothing is counted until asked to");
+        h.restart(true);
+        h.add("alice", 2);
         h.add("bob", 1);
         h.add("alice", 1);
         assert_eq!((h.get("alice"), h.get("bob"), h.get("carol")), (3, 1, 0));
@@ -96,5 +121,8 @@ mod tests {
             h.add(&format!("buyer-{i}"), 1);
         }
         assert_eq!((h.len(), h.get("buyer-99999"), h.get("bob")), (100_001, 1, 1));
+        h.restart(false);
+        h.add("bob", 1);
+        assert_eq!(h.len(), 0, "stopping empties the index");
     }
 }
