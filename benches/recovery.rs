@@ -61,6 +61,10 @@ fn sell(storage: &Storage, shard: &mut Shard, seq: u64, orders: u64, tag: &str) 
         };
         let Outcome::Changed(paid, _) = shard.pay(pay, 2_000 + i).unwrap() else { unreachable!() };
         append(&paid);
+        if i % 100_000 == 99_999 {
+            // A journal holds a bounded amount of pending records: sync now and then.
+            storage.flush_now().unwrap();
+        }
     }
     storage.flush_now().unwrap();
     seq

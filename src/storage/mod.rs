@@ -874,7 +874,7 @@ impl Storage {
                 }
                 let event = codec::decode::<Event>(Kind::Event, &frame.record)
                     .map_err(|e| corrupt(frame.seq, e.to_string()))?;
-                crate::domain::catch_broken_step(|| shard.apply(&event)).map_err(|panic| {
+                crate::domain::catch_broken_step(|| shard.apply_owned(event)).map_err(|panic| {
                     corrupt(frame.seq, format!("the record contradicts the state before it: {panic}"))
                 })?;
                 last = frame.seq;
@@ -1013,7 +1013,7 @@ impl Storage {
                 }
                 Ok(event) => {
                     // The domain asserts each event fits the state before it.
-                    crate::domain::catch_broken_step(|| shard.apply(&event)).map_err(|panic| {
+                    crate::domain::catch_broken_step(|| shard.apply_owned(event)).map_err(|panic| {
                         StorageError::Corrupt {
                             place: format!("journal/{id} record {seq}"),
                             error: format!("the record decodes but contradicts the state before it: {panic}"),

@@ -4,6 +4,16 @@
 use super::*;
 
 impl Shard {
+    /// [`Shard::apply`] of an event the caller no longer needs (a replayed
+    /// record): the same step, except that a new order is moved into the shard
+    /// rather than copied (recovery and snapshots replay mostly new orders).
+    pub fn apply_owned(&mut self, event: Event) {
+        match event {
+            Event::OrderCreated { order } => self.add_pending_order_owned(order),
+            event => self.apply(&event),
+        }
+    }
+
     /// Applies one event. Panics if the event does not fit the state: the journal
     /// would then be corrupt, and continuing would risk selling a key twice.
     pub fn apply(&mut self, event: &Event) {

@@ -229,6 +229,12 @@ impl Shard {
 
     /// An order enters `pending_payment` with its keys reserved.
     pub(super) fn add_pending_order(&mut self, order: &Order) {
+        self.add_pending_order_owned(order.clone());
+    }
+
+    /// [`Shard::add_pending_order`] of an order the caller no longer needs (a
+    /// replayed record's): moved into the shard rather than copied.
+    pub(super) fn add_pending_order_owned(&mut self, order: Order) {
         assert_eq!(order.seq, self.orders_created + 1, "order sequence gap");
         assert_eq!(order.status, OrderStatus::PendingPayment);
         assert_eq!(order.keys.len(), order.quantity as usize);
@@ -239,7 +245,7 @@ impl Shard {
             self.idempotency.insert(idem.key.clone(), (idem.fingerprint, order.seq));
         }
         self.expiry.push(Reverse((order.expires_at_ms, order.seq)));
-        self.orders.insert(order.seq, order.clone());
+        self.orders.insert(order.seq, order);
         self.orders_created += 1;
     }
 
