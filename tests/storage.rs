@@ -385,22 +385,29 @@ async fn snapshots_kept_in_one_tree_move_into_a_tree_each_once() {
     }
 }
 
+/// Drives shard `p/0` in `dir`, snapshots it, drives it further and (if
+/// `snapshot_again`) snapshots it again; returns the state and the two records.
+fn snapshot_then_more(dir: &std::path::Path, snapshot_again: bool) -> (Shard, u64, u64) {
+    let id = ShardId::new("p", 0);
+    let mut live = Shard::new(product(), 0);
+    let storage = open_storage(dir);
+    let first = drive(&storage, &mut live, 0, 4);
+    storage.write_snapshot(&id, first, &live).unwrap();
+    let end = drive(&storage, &mut live, first, 4);
+    if snapshot_again {
+        storage.write_snapshot(&id, end, &live).unwrap();
+    }
+    storage.flush_now().unwrap();
+    (live, first, end)
+}
+
 /// Each snapshot is a sled tree of its own, and a trim drops the older ones'
 /// trees: nothing of an old snapshot stays in the snapshot database.
 #[tokio::test]
 async fn a_trim_drops_the_trees_of_older_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let id = ShardId::new("p", 0);
-    let mut live = Shard::new(product(), 0);
-    let (first, second);
-    {
-        let storage = open_storage(dir.path());
-        first = drive(&storage, &mut live, 0, 4);
-        storage.write_snapshot(&id, first, &live).unwrap();
-        second = drive(&storage, &mut live, first, 4);
-        storage.write_snapshot(&id, second, &live).unwrap();
-        storage.flush_now().unwrap();
-    }
+    let (_, _, second) = snapshot_then_more(dir.path(), true);
     let snapshot_db = dir.path().join("snapshot-db");
     let names = |db: &sled::Db| snapshot_trees(db).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
     let before = names(&raw_sled(&snapshot_db));
@@ -422,15 +429,7 @@ async fn a_trim_drops_the_trees_of_older_snapshots() {
 async fn an_empty_snapshot_tree_left_by_a_crash_holds_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let id = ShardId::new("p", 0);
-    let mut live = Shard::new(product(), 0);
-    let (first, end);
-    {
-        let storage = open_storage(dir.path());
-        first = drive(&storage, &mut live, 0, 4);
-        storage.write_snapshot(&id, first, &live).unwrap();
-        end = drive(&storage, &mut live, first, 4);
-        storage.flush_now().unwrap();
-    }
+    let (live, first, end) = snapshot_then_more(dir.path(), false);
     let snapshot_db = dir.path().join("snapshot-db");
     {
         let db = raw_sled(&snapshot_db);
