@@ -8,7 +8,7 @@
 //! * stock snapshots, in a sled database of their own (`snapshot-db/`, flushed by
 //!   the snapshot task rather than by group commit): one sled tree per snapshot,
 //!   named `{product}/{shard}` ++ 0x00 ++ big-endian sequence, holding the `Shard`
-//!   record under one key ([`SnapshotTree`]). Backups see them as one tree,
+//!   record under one key (why: [`BackupTree`]). Backups see them as one tree,
 //!   `snapshots`, whose keys are those names.
 //! * `points-snapshots`, `points-prices` — product → points per key.
 //! * `group-deals` — `{product}/{deal}` → `GroupDeal` record.
@@ -117,7 +117,7 @@ pub struct Storage {
     /// (`{path}/snapshot-db`), which group commit never flushes: writing a
     /// snapshot of tens of MB would otherwise hold every order of every product
     /// until it is on disk. A snapshot is flushed by the task that stores it.
-    /// Each snapshot is a tree of its own (see [`SnapshotTree`]).
+    /// Each snapshot is a tree of its own (see [`BackupTree`]).
     snapshot_db: sled::Db,
     /// Points shard (u16 BE) ++ record (u64 BE) → snapshot of its book.
     committer: Committer,
@@ -225,7 +225,7 @@ const SNAPSHOT_VALUE: &[u8] = b"shard";
 /// and with it the newer snapshots beside it (tens of MB each): a trim cost as
 /// much as storing the snapshot again. A tree per snapshot is written once, and
 /// dropping it frees its pages without rewriting anything.
-pub(crate) enum SnapshotTree {
+pub(crate) enum BackupTree {
     Sled(sled::Tree),
     Snapshots(sled::Db),
 }
@@ -259,12 +259,12 @@ fn snapshot_value(db: &sled::Db, name: &[u8]) -> Result<Option<sled::IVec>, Stor
     Ok(db.open_tree(name)?.get(SNAPSHOT_VALUE)?)
 }
 
-impl SnapshotTree {
+impl BackupTree {
     /// Every entry, in key order.
     pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = Result<(sled::IVec, sled::IVec), StorageError>> + '_> {
         match self {
-            SnapshotTree::Sled(t) => Box::new(t.iter().map(|kv| kv.map_err(StorageError::from))),
-            SnapshotTree::Snapshots(db) => Box::new(
+            BackupTree::Sled(t) => Box::new(t.iter().map(|kv| kv.map_err(StorageError::from))),
+            BackupTree::Snapshots(db) => Box::new(
                 snapshot_names(db, b"")
                     .into_iter()
                     .filter_map(|name| snapshot_value(db, &name).transpose().map(|v| v.map(|v| (name, v)))),
@@ -275,17 +275,17 @@ impl SnapshotTree {
     /// Every key, in order (a snapshot tree's name only if it holds its snapshot).
     pub(crate) fn keys(&self) -> Box<dyn Iterator<Item = Result<sled::IVec, StorageError>> + '_> {
         match self {
-            SnapshotTree::Sled(t) => Box::new(t.iter().keys().map(|k| k.map_err(StorageError::from))),
-            SnapshotTree::Snapshots(_) => Box::new(self.iter().map(|kv| kv.map(|(k, _)| k))),
+            BackupTree::Sled(t) => Box::new(t.iter().keys().map(|k| k.map_err(StorageError::from))),
+            BackupTree::Snapshots(_) => Box::new(self.iter().map(|kv| kv.map(|(k, _)| k))),
         }
     }
 
     pub(crate) fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StorageError> {
         match self {
-            SnapshotTree::Sled(t) => {
+            BackupTree::Sled(t) => {
                 t.insert(key, value)?;
             }
-            SnapshotTree::Snapshots(db) => {
+            BackupTree::Snapshots(db) => {
                 db.open_tree(key)?.insert(SNAPSHOT_VALUE, value)?;
             }
         }
@@ -294,8 +294,8 @@ impl SnapshotTree {
 
     pub(crate) fn clear(&self) -> Result<(), StorageError> {
         match self {
-            SnapshotTree::Sled(t) => t.clear()?,
-            SnapshotTree::Snapshots(db) => {
+            BackupTree::Sled(t) => t.clear()?,
+            BackupTree::Snapshots(db) => {
                 for name in snapshot_names(db, b"") {
                     db.drop_tree(name)?;
                 }
@@ -374,11 +374,11 @@ impl Storage {
     /// A sled tree by name, for backups and restores: `snapshots` stands for the
     /// stock snapshots (a tree each in the snapshot database), every other name
     /// is a tree of the main database.
-    pub(crate) fn tree(&self, name: &[u8]) -> Result<SnapshotTree, StorageError> {
+    pub(crate) fn tree(&self, name: &[u8]) -> Result<BackupTree, StorageError> {
         if name == SNAPSHOTS {
-            return Ok(SnapshotTree::Snapshots(self.snapshot_db.clone()));
+            return Ok(BackupTree::Snapshots(self.snapshot_db.clone()));
         }
-        Ok(SnapshotTree::Sled(self.db.open_tree(name)?))
+        Ok(BackupTree::Sled(self.db.open_tree(name)?))
     }
 
     /// The names of every tree [`Storage::tree`] opens, sorted.
@@ -941,7 +941,7 @@ impl Storage {
             return Ok(());
         }
         let prefix = Self::snapshot_prefix(id);
-        // One by one (a tree each, see [`SnapshotTree`]): any subset of older
+        // One by one (a tree each, see [`BackupTree`]): any subset of older
         // snapshots may go, the newest one stays.
         for name in snapshot_names(&self.snapshot_db, &prefix) {
             if snapshot_seq(&prefix, &name).is_some_and(|seq| seq < keep_from_seq) {
