@@ -612,7 +612,7 @@ async fn verdict(
             problems.push(format!("{audit_taken} sold for {} paid seats: not whole groups", total.acknowledged));
         }
         let every_group_filled = unanswered == 0 && total.acknowledged == config.buyers;
-        if every_group_filled && config.buyers % LOAD_GROUP_SIZE == 0 && audit_taken != total.acknowledged {
+        if every_group_filled && config.buyers.is_multiple_of(LOAD_GROUP_SIZE) && audit_taken != total.acknowledged {
             problems.push(format!("every seat paid, yet {audit_taken} sold of {}", total.acknowledged));
         }
     } else if !(total.acknowledged..=most).contains(&audit_taken) {

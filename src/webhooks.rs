@@ -202,7 +202,7 @@ impl Worker {
         for (id, end) in &ends {
             let c = cursors.get_mut(id).expect("inserted above");
             let behind = c.head.is_some() || !c.queue.is_empty() || c.done < *end;
-            let due = c.failing.as_ref().map_or(true, |f| f.next_attempt_ms <= now);
+            let due = c.failing.as_ref().is_none_or(|f| f.next_attempt_ms <= now);
             if behind && due {
                 ready.push((id.clone(), *end, cursors.remove(id).expect("present")));
             }

@@ -231,7 +231,7 @@ async fn redemptions_survive_actors_killed_mid_way() {
         tokio::spawn(async move {
             let mut kills = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let actor = if kills % 2 == 0 { "points" } else { "product:hot" };
+                let actor = if kills.is_multiple_of(2) { "points" } else { "product:hot" };
                 let url = format!("{}/api/v1/admin/chaos/kill", api.url);
                 let r = reply(api.admin(api.http.post(url)).json(&json!({"actor": actor}))).await;
                 assert_eq!(r.status, 200, "{}", r.body);

@@ -430,7 +430,7 @@ impl ShardActor {
                 found.push((at(view.order.created_at_ms, seq), Some(view)));
             }
         }
-        found.retain(|(position, _)| m.after.as_ref().map_or(true, |after| position.is_after(after)));
+        found.retain(|(position, _)| m.after.as_ref().is_none_or(|after| position.is_after(after)));
         found.sort_by(|a, b| a.0.cmp(&b.0));
         found.truncate(m.limit);
         found

@@ -94,7 +94,7 @@ impl ProductSupervisor {
             report.journal_bytes += recovered.journal_bytes;
             report.idempotency_keys.extend(recovered.shard.idempotency_keys().map(|(k, fp)| (k.to_string(), fp)));
             let arbiter = sup.pick_arbiter();
-            if !shards_by_product.last().is_some_and(|(p, _, _)| p.id == product.id) {
+            if shards_by_product.last().is_none_or(|(p, _, _)| p.id != product.id) {
                 let shelf = shelf_of(&product.id);
                 let terms = terms.remove(&product.id).unwrap_or_else(|| Terms::of(&product));
                 shards_by_product.push((product.clone(), (shelf, Arc::new(TermsCell::new(terms))), Vec::new()));

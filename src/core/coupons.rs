@@ -173,7 +173,7 @@ impl Kami {
             Ok(None) => return Some(Finish::Released { reason: "no_order".into() }),
             Err(_) => return None,
         };
-        if order.pricing.as_ref().and_then(|p| p.coupon.as_ref()).map_or(true, |c| c.hold != hold.hold) {
+        if order.pricing.as_ref().and_then(|p| p.coupon.as_ref()).is_none_or(|c| c.hold != hold.hold) {
             return Some(Finish::Released { reason: "replayed".into() });
         }
         use crate::domain::OrderStatus::*;

@@ -305,7 +305,7 @@ impl Kami {
         let mut ids: Vec<&String> = routes
             .iter()
             .filter(|(id, r)| {
-                after.map_or(true, |a| id.as_str() > a) && (which == Catalogue::All || r.shelf.get().sells())
+                after.is_none_or(|a| id.as_str() > a) && (which == Catalogue::All || r.shelf.get().sells())
             })
             .map(|(id, _)| id)
             .collect();

@@ -161,7 +161,7 @@ mod tests {
             let mut shown = Vec::new();
             let mut after: Option<LookupPosition> = None;
             loop {
-                let next: Vec<_> = all.iter().filter(|p| after.as_ref().map_or(true, |a| p.is_after(a))).take(page).cloned().collect();
+                let next: Vec<_> = all.iter().filter(|p| after.as_ref().is_none_or(|a| p.is_after(a))).take(page).cloned().collect();
                 if next.is_empty() { break; }
                 after = next.last().cloned();
                 shown.extend(next);

@@ -209,7 +209,7 @@ mod tests {
                 if let (Some(s), Some(e)) = (next.sale_starts_at_ms, next.sale_ends_at_ms) {
                     prop_assert!(s < e);
                 }
-                let open = next.sale_starts_at_ms.map_or(true, |s| now >= s) && next.sale_ends_at_ms.map_or(true, |e| now < e);
+                let open = next.sale_starts_at_ms.is_none_or(|s| now >= s) && next.sale_ends_at_ms.is_none_or(|e| now < e);
                 prop_assert_eq!(next.check_window(now).is_ok(), open);
             }
         }

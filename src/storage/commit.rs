@@ -31,6 +31,10 @@ type Waiter = oneshot::Sender<Result<(), StorageError>>;
 pub struct Ticket(oneshot::Receiver<Result<(), StorageError>>);
 
 impl Ticket {
+    pub(crate) fn new(rx: oneshot::Receiver<Result<(), StorageError>>) -> Ticket {
+        Ticket(rx)
+    }
+
     pub async fn wait(self) -> Result<(), StorageError> {
         self.0.await.map_err(|_| StorageError::Closed)?
     }

@@ -42,6 +42,7 @@
 pub mod backup;
 pub mod codec;
 pub mod commit;
+pub mod jetstream;
 pub mod journal;
 mod ledger;
 mod legacy;
@@ -80,6 +81,12 @@ pub enum StorageError {
     Busy,
     #[error("storage is closed")]
     Closed,
+    /// A replicated journal refused an append because another writer extended it.
+    #[error("journal taken over by another writer: {0}")]
+    Fenced(String),
+    /// A replicated journal's servers failed or did not answer in time.
+    #[error("replicated journal error: {0}")]
+    Remote(String),
 }
 
 impl From<sled::Error> for StorageError {

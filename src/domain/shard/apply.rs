@@ -50,7 +50,7 @@ impl Shard {
                 assert!(
                     self.payments
                         .get(&key)
-                        .map_or(true, |r| r.outcome == PaymentOutcome::Ignored && r.order_seq == record.order_seq),
+                        .is_none_or(|r| r.outcome == PaymentOutcome::Ignored && r.order_seq == record.order_seq),
                     "payment applied twice"
                 );
                 let at = record.at_ms;

@@ -22,11 +22,11 @@ impl OrderFilter {
     /// Whether the filter keeps `order`, priced as `pricing` says.
     pub fn matches(&self, order: &Order, pricing: Option<&OrderPricing>) -> bool {
         let reseller = pricing.and_then(|p| p.reseller.as_deref());
-        self.reseller.as_deref().map_or(true, |r| reseller == Some(r))
-            && self.status.map_or(true, |s| order.status == s)
-            && self.buyer.as_deref().map_or(true, |b| order.buyer == b)
-            && self.from_ms.map_or(true, |t| order.created_at_ms >= t)
-            && self.to_ms.map_or(true, |t| order.created_at_ms < t)
+        self.reseller.as_deref().is_none_or(|r| reseller == Some(r))
+            && self.status.is_none_or(|s| order.status == s)
+            && self.buyer.as_deref().is_none_or(|b| order.buyer == b)
+            && self.from_ms.is_none_or(|t| order.created_at_ms >= t)
+            && self.to_ms.is_none_or(|t| order.created_at_ms < t)
     }
 }
 
