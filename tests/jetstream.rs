@@ -4,7 +4,7 @@
 //! acknowledged records survive the server's kill -9.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,33 +29,59 @@ fn nats_or_skip() -> Option<PathBuf> {
     found
 }
 
-/// One nats-server with JetStream on a loopback port, its store in a temp dir.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// nats-servers with JetStream on loopback ports, their stores in a temp dir: one
+/// alone, or a cluster of three (the stream then keeps three copies).
 struct Nats {
     binary: PathBuf,
-    child: Option<Child>,
-    port: u16,
+    children: Vec<Option<Child>>,
+    ports: Vec<u16>,
+    route_ports: Vec<u16>,
     dir: tempfile::TempDir,
     max_payload: Option<usize>,
 }
 
 impl Nats {
     fn start(binary: PathBuf, max_payload: Option<usize>) -> Nats {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut nats = Nats { binary, child: None, port, dir: tempfile::tempdir().unwrap(), max_payload };
-        nats.restart();
+        Nats::start_n(binary, 1, max_payload)
+    }
+
+    fn start_n(binary: PathBuf, n: usize, max_payload: Option<usize>) -> Nats {
+        let mut nats = Nats {
+            binary,
+            children: (0..n).map(|_| None).collect(),
+            ports: (0..n).map(|_| free_port()).collect(),
+            route_ports: (0..n).map(|_| free_port()).collect(),
+            dir: tempfile::tempdir().unwrap(),
+            max_payload,
+        };
+        for i in 0..n {
+            nats.restart(i);
+        }
         nats
     }
 
-    fn restart(&mut self) {
-        assert!(self.child.is_none());
-        let config = self.dir.path().join("nats.conf");
+    fn restart(&mut self, i: usize) {
+        assert!(self.children[i].is_none());
+        let config = self.dir.path().join(format!("n{i}.conf"));
         let mut text = format!(
-            "listen: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n",
-            self.port,
-            self.dir.path().join("store")
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n",
+            self.ports[i],
+            self.store(i)
         );
         if let Some(max) = self.max_payload {
             text.push_str(&format!("max_payload: {max}\n"));
+        }
+        if self.ports.len() > 1 {
+            let routes: Vec<String> = self.route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            text.push_str(&format!(
+                "cluster {{ name: kami, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                self.route_ports[i],
+                routes.join(", ")
+            ));
         }
         std::fs::write(&config, text).unwrap();
         let child = Command::new(&self.binary)
@@ -65,11 +91,12 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        self.child = Some(child);
+        self.children[i] = Some(child);
     }
 
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    /// kill -9 of server `i`.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
             child.kill().unwrap();
             child.wait().unwrap();
         }
@@ -77,17 +104,18 @@ impl Nats {
 
     fn options(&self) -> JetStreamOptions {
         JetStreamOptions {
-            urls: vec![format!("nats://127.0.0.1:{}", self.port)],
+            urls: self.ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect(),
             stream: "KAMITEST".into(),
-            replicas: 1,
+            replicas: self.ports.len(),
             timeout: Duration::from_secs(3),
             ..JetStreamOptions::default()
         }
     }
 
-    /// Connects once the server accepts JetStream requests.
+    /// Connects once the servers accept JetStream requests (a cluster first elects
+    /// its leaders).
     async fn connect(&self) -> JetStream {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match JetStream::connect(self.options()).await {
                 Ok(js) => return js,
@@ -95,19 +123,21 @@ impl Nats {
                     let _ = e;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => panic!("nats-server on port {} never served JetStream: {e}", self.port),
+                Err(e) => panic!("nats-servers on ports {:?} never served JetStream: {e}", self.ports),
             }
         }
     }
 
-    fn store(&self) -> &Path {
-        self.dir.path()
+    fn store(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("store-n{i}"))
     }
 }
 
 impl Drop for Nats {
     fn drop(&mut self) {
-        self.kill();
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
     }
 }
 
@@ -283,9 +313,9 @@ async fn acknowledged_records_survive_kill_9_of_the_server() {
             append(&log, seq, &events(seq..=seq, "k")).await.unwrap();
         }
     }
-    nats.kill();
-    assert!(nats.store().join("store").exists());
-    nats.restart();
+    nats.kill(0);
+    assert!(nats.store(0).exists());
+    nats.restart(0);
     let js = nats.connect().await;
     let (log, records) = read(&js, "stock.7.0", 0).await;
     assert_eq!(records, (1..=50).map(|i| (i, format!("k-{i}"))).collect::<Vec<_>>());
@@ -300,13 +330,13 @@ async fn a_publish_never_acknowledged_fails_its_ticket_and_stops_the_journal_unt
     let (log, _) = read(&js, "stock.8.0", 0).await;
     append(&log, 1, &events(1..=3, "k")).await.unwrap();
 
-    nats.kill();
+    nats.kill(0);
     let lost = append(&log, 4, &events(4..=4, "k")).await;
     assert!(matches!(lost, Err(StorageError::Remote(_))), "{lost:?}");
     assert!(log.failed().is_some());
     assert!(log.append_all(5, &events(5..=5, "k")).is_err(), "nothing is appended after an unknown outcome");
 
-    nats.restart();
+    nats.restart(0);
     let js = nats.connect().await;
     let (log, records) = read(&js, "stock.8.0", 0).await;
     // Whatever the stream holds is a history: the acknowledged records, maybe the
@@ -315,4 +345,111 @@ async fn a_publish_never_acknowledged_fails_its_ticket_and_stops_the_journal_unt
     assert!(seqs == vec![1, 2, 3] || seqs == vec![1, 2, 3, 4], "{seqs:?}");
     let next = log.last_seq() + 1;
     append(&log, next, &events(next..=next, "k")).await.unwrap();
+}
+
+/// The stream's Raft leader and whether every other replica is current, asked of
+/// the servers in `live`.
+async fn stream_cluster(nats: &Nats, live: &[usize]) -> Option<(usize, bool)> {
+    let urls: Vec<String> = live.iter().map(|&i| format!("nats://127.0.0.1:{}", nats.ports[i])).collect();
+    let client =
+        async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(urls).await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("KAMITEST").await.ok()?;
+    let info = stream.info().await.ok()?;
+    let cluster = info.cluster.as_ref()?;
+    let leader = cluster.leader.as_ref()?.strip_prefix('n')?.parse().ok()?;
+    let current = cluster.replicas.len() == 2 && cluster.replicas.iter().all(|p| p.current && !p.offline);
+    Some((leader, current))
+}
+
+/// Waits (up to a minute) until the stream has a leader among `live`, with every
+/// replica current when `all_current`.
+async fn settled(nats: &Nats, live: &[usize], all_current: bool) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((leader, current)) = stream_cluster(nats, live).await {
+            if live.contains(&leader) && (current || !all_current) {
+                return leader;
+            }
+        }
+        assert!(Instant::now() < deadline, "the stream never settled on servers {live:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reopens `journal` until it accepts an append (a new stream leader may take a few
+/// seconds to be elected), as an actor's supervisor does after a failed journal.
+/// Returns the journal, the history it read back and the record it wrote; every
+/// attempt's record is tagged so that an unacknowledged one that landed is told
+/// apart.
+async fn reopen_and_write(
+    js: &JetStream,
+    journal: &str,
+    tag: &str,
+) -> (StreamJournal, Vec<(u64, String)>, (u64, String)) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        let mut records = Vec::new();
+        let opened = js
+            .open(journal, 0, |seq, record| {
+                records.push((seq, codec::decode::<String>(Kind::Event, record).expect("a record decodes")));
+                Ok(())
+            })
+            .await;
+        if let Ok(log) = opened {
+            let written = (log.last_seq() + 1, format!("{tag}-{attempt}"));
+            if append(&log, written.0, std::slice::from_ref(&written.1)).await.is_ok() {
+                return (log, records, written);
+            }
+        }
+        assert!(Instant::now() < deadline, "{journal} never took a write again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn with_three_servers_acknowledged_records_survive_losing_any_one_and_writes_go_on() {
+    let Some(bin) = nats_or_skip() else { return };
+    let mut nats = Nats::start_n(bin, 3, None);
+    let js = nats.connect().await;
+    let journal = "stock.9.0";
+    let (log, _) = read(&js, journal, 0).await;
+    let mut acknowledged: Vec<(u64, String)> = Vec::new();
+    for seq in 1..=20u64 {
+        let e = format!("first-{seq}");
+        append(&log, seq, std::slice::from_ref(&e)).await.unwrap();
+        acknowledged.push((seq, e));
+    }
+    drop(log);
+
+    // kill -9 the stream's leader: the two others elect a new one and keep every
+    // acknowledged record.
+    let leader = settled(&nats, &[0, 1, 2], true).await;
+    nats.kill(leader);
+    let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let (log, history, written) = reopen_and_write(&js, journal, "after-kill").await;
+    for a in &acknowledged {
+        assert!(history.contains(a), "acknowledged record {a:?} lost with server n{leader}");
+    }
+    let mut seq = written.0;
+    acknowledged.push(written);
+    for _ in 0..20 {
+        seq += 1;
+        let e = format!("second-{seq}");
+        append(&log, seq, std::slice::from_ref(&e)).await.unwrap();
+        acknowledged.push((seq, e));
+    }
+    drop(log);
+
+    // The killed server comes back and catches up; then another one dies, and the
+    // history is still whole (the restarted server now holds its share).
+    nats.restart(leader);
+    settled(&nats, &[0, 1, 2], true).await;
+    let other = live[0];
+    nats.kill(other);
+    let (_, history, _) = reopen_and_write(&js, journal, "after-second-kill").await;
+    for a in &acknowledged {
+        assert!(history.contains(a), "acknowledged record {a:?} lost after n{other} died");
+    }
 }
