@@ -10,6 +10,7 @@ pub mod audit;
 pub mod backup;
 pub mod chaos;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod domain;

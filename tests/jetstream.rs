@@ -1,13 +1,17 @@
 //! The replicated journal backend against a real `nats-server` on loopback
 //! (`scripts/test.sh` installs it): what the stream acknowledged is read back by
 //! the next writer, a stale writer is fenced, purges keep the fence, and
-//! acknowledged records survive the server's kill -9.
+//! acknowledged records survive the server's kill -9 (and, with three servers,
+//! the loss of any one); leases on shards are held by one node at a time and end
+//! on the holder's clock before anyone else may take them.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kami::cluster::lease::{LeaseError, Leases};
+use kami::cluster::placement;
 use kami::storage::codec::{self, Kind};
 use kami::storage::jetstream::{JetStream, JetStreamOptions, StreamJournal};
 use kami::storage::StorageError;
@@ -451,5 +455,99 @@ async fn with_three_servers_acknowledged_records_survive_losing_any_one_and_writ
     let (_, history, _) = reopen_and_write(&js, journal, "after-second-kill").await;
     for a in &acknowledged {
         assert!(history.contains(a), "acknowledged record {a:?} lost after n{other} died");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_is_held_by_one_node_at_a_time_and_a_release_hands_it_over_at_once() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, None);
+    let js = nats.connect().await;
+    let a = Leases::open(&js, "OWNERS", "a", Duration::from_secs(30)).await.unwrap();
+    let b = Leases::open(&js, "OWNERS", "b", Duration::from_secs(30)).await.unwrap();
+
+    let mut lease = a.acquire("stock.1.0").await.unwrap();
+    assert!(lease.is_valid());
+    assert_eq!(b.acquire("stock.1.0").await.unwrap_err(), LeaseError::Held("a".into()));
+    let first = lease.revision();
+    a.renew(&mut lease).await.unwrap();
+    assert!(lease.revision() > first);
+    assert_eq!(b.holder("stock.1.0").await.unwrap().as_deref(), Some("a"));
+    // Another shard is another lease.
+    let other = b.acquire("stock.1.1").await.unwrap();
+
+    let stale = lease.clone();
+    a.release(lease).await.unwrap();
+    assert_eq!(b.holder("stock.1.0").await.unwrap(), None);
+    let taken = b.acquire("stock.1.0").await.unwrap();
+    // The old holder's copy of the lease renews nothing any more.
+    let mut stale = stale;
+    assert_eq!(a.renew(&mut stale).await.unwrap_err(), LeaseError::Lost);
+    assert!(!stale.is_valid());
+    assert_eq!(a.held().await.unwrap(), vec!["stock.1.0".to_string(), "stock.1.1".to_string()]);
+    drop((taken, other));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_not_renewed_expires_and_its_holder_stopped_counting_on_it_before_another_took_it() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, None);
+    let js = nats.connect().await;
+    let ttl = Duration::from_secs(1);
+    let a = Leases::open(&js, "EXPIRING", "a", ttl).await.unwrap();
+    let b = Leases::open(&js, "EXPIRING", "b", ttl).await.unwrap();
+
+    let mut lease = a.acquire("stock.2.0").await.unwrap();
+    // `a` pauses (stops renewing); `b` tries until the servers expired the entry.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let taken_at = loop {
+        match b.acquire("stock.2.0").await {
+            Ok(_) => break Instant::now(),
+            Err(LeaseError::Held(_)) => {
+                assert!(Instant::now() < deadline, "the lease never expired");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(lease.valid_until() < taken_at, "the old holder still counted on its lease when b took it");
+    assert!(!lease.is_valid());
+    assert_eq!(a.renew(&mut lease).await.unwrap_err(), LeaseError::Lost);
+    assert_eq!(a.holder("stock.2.0").await.unwrap().as_deref(), Some("b"));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn shards_are_placed_on_the_members_that_keep_renewing() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, None);
+    let js = nats.connect().await;
+    let ttl = Duration::from_secs(1);
+    let mut members = Vec::new();
+    for node in ["a", "b", "c"] {
+        let m = Leases::open(&js, "MEMBERS", node, ttl).await.unwrap();
+        let lease = m.acquire(node).await.unwrap();
+        members.push((m, lease));
+    }
+    let live = members[0].0.held().await.unwrap();
+    assert_eq!(live, vec!["a", "b", "c"]);
+    let shards: Vec<String> = (0..60).map(|i| format!("stock.{i}.0")).collect();
+    assert!(shards.iter().any(|s| placement::owner(s, &live) == Some("c")));
+
+    // c stops renewing; a and b go on until c is gone from the members.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let live = loop {
+        for (m, lease) in members.iter_mut().take(2) {
+            m.renew(lease).await.unwrap();
+        }
+        let live = members[0].0.held().await.unwrap();
+        if live.len() == 2 {
+            break live;
+        }
+        assert!(Instant::now() < deadline, "c never left: {live:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(live, vec!["a", "b"]);
+    for s in &shards {
+        assert_ne!(placement::owner(s, &live), Some("c"));
     }
 }

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("webhooks", &["webhooks", "http", "core", "actors", "domain", "storage", "config", "telemetry", "error"]),
     ("telemetry", &["telemetry", "config"]),
     ("clock", &[]),
+    ("cluster", &["cluster", "storage"]),
 ];
 
 fn files_of(layer: &str) -> Vec<PathBuf> {

@@ -126,6 +126,16 @@ impl JetStream {
         Ok(JetStream { context, stream, options: Arc::new(options), max_message_bytes })
     }
 
+    /// The JetStream context (for the cluster's key-value buckets).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.context
+    }
+
+    /// The options it was connected with.
+    pub fn options(&self) -> &JetStreamOptions {
+        &self.options
+    }
+
     fn subject(&self, journal: &str) -> Result<String, StorageError> {
         let valid = !journal.is_empty()
             && journal.split('.').all(|t| !t.is_empty() && !t.contains([' ', '*', '>', '\t', '\r', '\n']));

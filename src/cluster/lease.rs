@@ -1,0 +1,181 @@
+//! Ownership by lease, kept in a JetStream key-value bucket.
+//!
+//! A lease is the bucket's entry for one key (a shard, `stock.7.0`), whose value is
+//! the holder's node name. The bucket's `max_age` is the lease's time to live: an
+//! entry not written again within it is removed by the servers, and only then may
+//! another node create it. So:
+//!
+//! - **acquire** creates the entry (refused while any node holds it);
+//! - **renew** updates it with the revision the holder last wrote, which fails if
+//!   the entry expired and someone else created it since: the lease is then
+//!   [`LeaseError::Lost`];
+//! - the holder counts its lease valid until `sent + ttl - margin`, where `sent` is
+//!   when it sent the write that the servers acknowledged. The servers start the
+//!   entry's age when they store that write, which is later than `sent`, so the
+//!   holder's own clock ends the lease before the servers can expire it: a holder
+//!   that cannot reach the servers (a partition, a long pause) stops serving before
+//!   anyone else may start. Fencing by the journal's expected sequence covers the
+//!   rest (see [`crate::cluster`]).
+//! - **release** deletes the entry if it is still the holder's (a clean stop hands
+//!   the shard over at once instead of after the time to live).
+//!
+//! Live nodes are leases too: each node holds the key of its own name in a members
+//! bucket, and the keys in it are the nodes [`super::placement`] places shards on.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::stream;
+use futures::TryStreamExt;
+
+use crate::storage::jetstream::JetStream;
+
+/// Why a lease could not be taken or kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// Another node holds it.
+    #[error("held by node {0}")]
+    Held(String),
+    /// It expired and someone else took it (or it was removed).
+    #[error("the lease was lost")]
+    Lost,
+    /// The servers did not answer as expected; the lease stays valid until its time.
+    #[error("lease store: {0}")]
+    Unreachable(String),
+}
+
+fn unreachable(what: &str, e: impl std::fmt::Display) -> LeaseError {
+    LeaseError::Unreachable(format!("{what}: {e}"))
+}
+
+/// A lease this node holds.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    key: String,
+    revision: u64,
+    valid_until: Instant,
+}
+
+impl Lease {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The revision of the holder's last write (grows with every renewal).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Until when the holder may act on it (by its own clock).
+    pub fn valid_until(&self) -> Instant {
+        self.valid_until
+    }
+
+    pub fn is_valid(&self) -> bool {
+        Instant::now() < self.valid_until
+    }
+}
+
+/// The leases of one bucket, as seen by one node.
+pub struct Leases {
+    kv: kv::Store,
+    node: String,
+    ttl: Duration,
+    margin: Duration,
+}
+
+impl Leases {
+    /// Opens (or creates) bucket `bucket`, whose entries live `ttl` unless renewed,
+    /// for node `node` (a NATS key token: letters, digits, `-`, `_`).
+    pub async fn open(js: &JetStream, bucket: &str, node: &str, ttl: Duration) -> Result<Leases, LeaseError> {
+        if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(LeaseError::Unreachable(format!("node name {node:?} is not a key token")));
+        }
+        // The bucket's stream, made as the key-value convention has it (`KV_{bucket}`
+        // on `$KV.{bucket}.>`); the client's own bucket creation asks the servers
+        // for account details a 2.9 server does not give.
+        js.context()
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: ttl,
+                storage: stream::StorageType::File,
+                num_replicas: js.options().replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unreachable("create the lease bucket", e))?;
+        let kv = js.context().get_key_value(bucket).await.map_err(|e| unreachable("open the lease bucket", e))?;
+        Ok(Leases { kv, node: node.to_string(), ttl, margin: ttl / 10 })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn valid_from(&self, sent: Instant) -> Instant {
+        sent + self.ttl - self.margin
+    }
+
+    /// Takes the lease of `key` if no node holds it.
+    pub async fn acquire(&self, key: &str) -> Result<Lease, LeaseError> {
+        let sent = Instant::now();
+        match self.kv.create(key, self.node.clone().into()).await {
+            Ok(revision) => Ok(Lease { key: key.to_string(), revision, valid_until: self.valid_from(sent) }),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match self.holder(key).await? {
+                Some(holder) => Err(LeaseError::Held(holder)),
+                // Expired between the two calls: the caller may simply try again.
+                None => Err(LeaseError::Held(String::new())),
+            },
+            Err(e) => Err(unreachable(&format!("acquire {key}"), e)),
+        }
+    }
+
+    /// Extends `lease` by the time to live from now.
+    pub async fn renew(&self, lease: &mut Lease) -> Result<(), LeaseError> {
+        let sent = Instant::now();
+        match self.kv.update(&lease.key, self.node.clone().into(), lease.revision).await {
+            Ok(revision) => {
+                lease.revision = revision;
+                lease.valid_until = self.valid_from(sent);
+                Ok(())
+            }
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                lease.valid_until = Instant::now().min(lease.valid_until);
+                Err(LeaseError::Lost)
+            }
+            Err(e) => Err(unreachable(&format!("renew {}", lease.key), e)),
+        }
+    }
+
+    /// Gives `lease` up at once (if it is still this node's).
+    pub async fn release(&self, lease: Lease) -> Result<(), LeaseError> {
+        self.kv
+            .delete_expect_revision(&lease.key, Some(lease.revision))
+            .await
+            .map_err(|e| unreachable(&format!("release {}", lease.key), e))
+    }
+
+    /// The node holding `key`, if any.
+    pub async fn holder(&self, key: &str) -> Result<Option<String>, LeaseError> {
+        let entry = self.kv.entry(key).await.map_err(|e| unreachable(&format!("read {key}"), e))?;
+        Ok(entry.filter(|e| e.operation == Operation::Put).map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+    }
+
+    /// Every key held now, sorted (for a members bucket: the live nodes).
+    pub async fn held(&self) -> Result<Vec<String>, LeaseError> {
+        let keys = self.kv.keys().await.map_err(|e| unreachable("list leases", e))?;
+        let mut keys: Vec<String> = keys.try_collect().await.map_err(|e| unreachable("list leases", e))?;
+        keys.sort();
+        Ok(keys)
+    }
+}
