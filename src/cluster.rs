@@ -11,4 +11,5 @@
 //! that lost its lease without knowing cannot extend the history either.
 
 pub mod lease;
+pub mod node;
 pub mod placement;

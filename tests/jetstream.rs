@@ -5,12 +5,14 @@
 //! the loss of any one); leases on shards are held by one node at a time and end
 //! on the holder's clock before anyone else may take them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kami::cluster::lease::{LeaseError, Leases};
+use kami::cluster::node::{Node, NodeOptions, Owned};
 use kami::cluster::placement;
 use kami::storage::codec::{self, Kind};
 use kami::storage::jetstream::{JetStream, JetStreamOptions, StreamJournal};
@@ -550,4 +552,74 @@ async fn shards_are_placed_on_the_members_that_keep_renewing() {
     for s in &shards {
         assert_ne!(placement::owner(s, &live), Some("c"));
     }
+}
+
+/// Samples the nodes' published ownership every 20 ms until `done` holds (at most a
+/// minute), checking at every sample that no shard may be served by two nodes at
+/// once (by the nodes' own lease clocks).
+async fn watch_ownership(
+    nodes: &[(&str, tokio::sync::watch::Receiver<Owned>)],
+    shards: &[String],
+    mut done: impl FnMut(&BTreeMap<String, Vec<String>>) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = Instant::now();
+        let mut servers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, owned) in nodes {
+            let owned = owned.borrow();
+            for s in shards {
+                if owned.serves(s, now) {
+                    servers.entry(s.clone()).or_default().push(name.to_string());
+                }
+            }
+        }
+        for (s, by) in &servers {
+            assert!(by.len() <= 1, "{s} served by {by:?} at once");
+        }
+        if done(&servers) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ownership never settled: {servers:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every shard served by the node placement gives it among `live`.
+fn placed(servers: &BTreeMap<String, Vec<String>>, shards: &[String], live: &[&str]) -> bool {
+    shards
+        .iter()
+        .all(|s| servers.get(s).map(|by| by.as_slice()) == Some(&[placement::owner(s, live).unwrap().to_string()][..]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_fail_over_from_a_dead_node_go_to_a_new_one_and_are_never_served_by_two_at_once() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, None);
+    let js = nats.connect().await;
+    let ttl = Duration::from_secs(1);
+    let shards: Vec<String> = (0..24).map(|i| format!("stock.{i}.0")).collect();
+    let set: BTreeSet<String> = shards.iter().cloned().collect();
+    let join = |name: &'static str| {
+        let (js, set) = (js.clone(), set.clone());
+        async move { Node::join(&js, NodeOptions::new(name, ttl), set).await.unwrap() }
+    };
+    let (a, b, c) = (join("a").await, join("b").await, join("c").await);
+    let mut watched = vec![("a", a.owned()), ("b", b.owned()), ("c", c.owned())];
+    watch_ownership(&watched, &shards, |s| placed(s, &shards, &["a", "b", "c"])).await;
+
+    // c dies (its loop stops, nothing released): a and b take its shards once its
+    // leases expire, and never while c's own clock still lets it serve them.
+    drop(c);
+    watch_ownership(&watched, &shards, |s| placed(s, &shards, &["a", "b"])).await;
+
+    // d joins and takes its share, handed over by a and b.
+    let d = join("d").await;
+    watched.push(("d", d.owned()));
+    watch_ownership(&watched, &shards, |s| placed(s, &shards, &["a", "b", "d"])).await;
+
+    // b leaves cleanly: its shards are released at once and taken by a and d.
+    b.leave().await;
+    watch_ownership(&watched, &shards, |s| placed(s, &shards, &["a", "d"])).await;
+    drop((a, d));
 }
