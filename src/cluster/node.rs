@@ -160,7 +160,7 @@ impl Loop {
         let shards = self.shards.borrow().clone();
         let me = self.members.node().to_string();
         let placed_here = |shard: &str| match &live {
-            Some(live) if live.iter().any(|n| *n == me) => placement::owner(shard, live) == Some(me.as_str()),
+            Some(live) if live.contains(&me) => placement::owner(shard, live) == Some(me.as_str()),
             // Not (yet) listed as a member, or the list is unknown: keep, take nothing new.
             _ => false,
         };
@@ -219,16 +219,15 @@ impl Loop {
 
     async fn keep_membership(&mut self) {
         let me = self.members.node().to_string();
-        match self.member.as_mut() {
-            Some(lease) => match self.members.renew(lease).await {
+        if let Some(lease) = self.member.as_mut() {
+            match self.members.renew(lease).await {
                 Ok(()) => return,
                 Err(LeaseError::Lost) => self.member = None,
                 Err(e) => {
                     tracing::warn!(node = %me, error = %e, "membership renewal failed");
                     return;
                 }
-            },
-            None => {}
+            }
         }
         match self.members.acquire(&me).await {
             Ok(lease) => self.member = Some(lease),
