@@ -623,3 +623,71 @@ async fn shards_fail_over_from_a_dead_node_go_to_a_new_one_and_are_never_served_
     watch_ownership(&watched, &shards, |s| placed(s, &shards, &["a", "d"])).await;
     drop((a, d));
 }
+
+fn noise(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+}
+
+/// Messages in the snapshot stream (chunks and meta records of every journal).
+async fn snapshot_messages(nats: &Nats) -> u64 {
+    let client = async_nats::connect(format!("nats://127.0.0.1:{}", nats.ports[0])).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("KAMITEST_SNAP").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_snapshot_is_read_back_whole_from_its_chunks_and_a_newer_one_replaces_it() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, Some(64 * 1024));
+    let js = nats.connect().await;
+    assert_eq!(js.snapshot("stock.1.0").await.unwrap(), None);
+
+    let first = noise(300_000, 1);
+    assert!(js.put_snapshot("stock.1.0", 10, &first).await.unwrap());
+    assert_eq!(js.snapshot("stock.1.0").await.unwrap(), Some((10, first)));
+    let second = noise(150_000, 2);
+    assert!(js.put_snapshot("stock.1.0", 20, &second).await.unwrap());
+    assert_eq!(js.snapshot("stock.1.0").await.unwrap(), Some((20, second)));
+    // Only the newest is kept: its three chunks of at most 64 kB and its record.
+    assert_eq!(snapshot_messages(&nats).await, 3 + 1);
+
+    // Another journal's snapshot is its own; an empty one is a snapshot too.
+    assert!(js.put_snapshot("stock.1.1", 1, &[]).await.unwrap());
+    assert_eq!(js.snapshot("stock.1.1").await.unwrap(), Some((1, Vec::new())));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_older_snapshot_never_replaces_a_newer_one_even_when_two_writers_race() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, Some(64 * 1024));
+    let js = nats.connect().await;
+    let newer = noise(200_000, 3);
+    assert!(js.put_snapshot("stock.2.0", 20, &newer).await.unwrap());
+    assert!(!js.put_snapshot("stock.2.0", 10, &noise(1_000, 4)).await.unwrap());
+    assert!(!js.put_snapshot("stock.2.0", 20, &noise(1_000, 5)).await.unwrap());
+    assert_eq!(js.snapshot("stock.2.0").await.unwrap(), Some((20, newer)));
+
+    // Two writers at once (their chunks interleave on this one-thread runtime): the
+    // newest wins whole, whichever finishes first. Among the rounds: the newer one
+    // starts first and the older, smaller one wins the first compare-and-set and
+    // purges what was published before its own first chunk (the newer one's first
+    // chunks), so the newer one must publish its chunks again.
+    let rounds =
+        [(100_000, 150_000, false), (150_000, 100_000, false), (70_000, 70_000, false), (60_000, 200_000, true)];
+    for (round, (older_size, newer_size, newer_first)) in rounds.into_iter().enumerate() {
+        let base = 100 * (round as u64 + 1);
+        let (older, newer) = (noise(older_size, 6 + round as u8), noise(newer_size, 9 + round as u8));
+        let put_older = js.put_snapshot("stock.2.0", base + 1, &older);
+        let put_newer = js.put_snapshot("stock.2.0", base + 2, &newer);
+        let (stored_older, stored_newer) = if newer_first {
+            let (n, o) = tokio::join!(put_newer, put_older);
+            (o, n)
+        } else {
+            tokio::join!(put_older, put_newer)
+        };
+        assert!(stored_newer.unwrap(), "the newer one is stored");
+        let _ = stored_older.unwrap();
+        assert_eq!(js.snapshot("stock.2.0").await.unwrap(), Some((base + 2, newer)), "round {round}");
+    }
+}

@@ -40,6 +40,9 @@ use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMes
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
+mod snapshots;
+pub use snapshots::MAX_SNAPSHOT_BYTES;
+
 use super::codec::{self, Kind};
 use super::commit::Ticket;
 use super::StorageError;
@@ -88,6 +91,8 @@ fn remote(what: &str, e: impl std::fmt::Display) -> StorageError {
 pub struct JetStream {
     context: jetstream::Context,
     stream: stream::Stream,
+    /// Where snapshots are kept (see [`snapshots`]).
+    snapshots: stream::Stream,
     options: Arc<JetStreamOptions>,
     max_message_bytes: usize,
 }
@@ -123,7 +128,20 @@ impl JetStream {
             })
             .await
             .map_err(|e| remote("create the journal stream", e))?;
-        Ok(JetStream { context, stream, options: Arc::new(options), max_message_bytes })
+        let snapshots = context
+            .get_or_create_stream(stream::Config {
+                name: format!("{}_SNAP", options.stream),
+                subjects: vec![format!("{}_SNAP.>", options.stream)],
+                storage: stream::StorageType::File,
+                num_replicas: options.replicas,
+                retention: stream::RetentionPolicy::Limits,
+                discard: stream::DiscardPolicy::New,
+                deny_delete: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| remote("create the snapshot stream", e))?;
+        Ok(JetStream { context, stream, snapshots, options: Arc::new(options), max_message_bytes })
     }
 
     /// The JetStream context (for the cluster's key-value buckets).
@@ -407,8 +425,9 @@ impl StreamJournal {
                 keep_from
             };
             match keep_from {
-                Some(k) => k,
-                None => return Ok(0),
+                // (A purge "up to" 0 or 1 would be no bound to the servers: everything.)
+                Some(k) if k > 1 => k,
+                _ => return Ok(0),
             }
         };
         let purged = self
