@@ -78,6 +78,9 @@ impl Sink for StreamJournal {
     }
 }
 
+/// A shard's journal and the last sequence given out (the actor's turn).
+type Turns = (Arc<dyn Sink>, u64);
+
 /// Runs `inflight` turns at a time spread over the shards for `secs`; returns
 /// (appends/s, latency histogram in µs).
 async fn drive(
@@ -86,8 +89,7 @@ async fn drive(
     inflight: usize,
     secs: u64,
 ) -> (f64, Histogram<u64>) {
-    let shards: Vec<Arc<Mutex<(Arc<dyn Sink>, u64)>>> =
-        sinks.into_iter().map(|s| Arc::new(Mutex::new((s, 0u64)))).collect();
+    let shards: Vec<Arc<Mutex<Turns>>> = sinks.into_iter().map(|s| Arc::new(Mutex::new((s, 0u64)))).collect();
     let started = Instant::now();
     let stop = started + Duration::from_secs(secs);
     let mut tasks = Vec::new();
