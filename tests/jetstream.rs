@@ -691,3 +691,132 @@ async fn an_older_snapshot_never_replaces_a_newer_one_even_when_two_writers_race
         assert_eq!(js.snapshot("stock.2.0").await.unwrap(), Some((base + 2, newer)), "round {round}");
     }
 }
+
+mod takeover {
+    use super::*;
+    use kami::domain::shard::{NewOrder, Outcome, Payment};
+    use kami::domain::{Event, ProductInfo, Shard, ShardId};
+
+    fn product() -> ProductInfo {
+        ProductInfo {
+            id: "hot".into(),
+            name: "Hot".into(),
+            price_cents: 990,
+            per_buyer_limit: 0,
+            shards: 1,
+            created_at_ms: 0,
+        }
+    }
+
+    /// A shard's owner: its state and its journal, every event journaled and
+    /// acknowledged before the next (as an actor replying 2xx does).
+    struct Owner {
+        shard: Shard,
+        journal: StreamJournal,
+        seq: u64,
+    }
+
+    impl Owner {
+        async fn journal(&mut self, events: &[Event]) -> Result<(), StorageError> {
+            self.journal.append_all(self.seq + 1, events)?;
+            self.seq += events.len() as u64;
+            self.journal.ticket()?.wait().await
+        }
+
+        async fn sell(&mut self, from: u64, to: u64) {
+            for i in from..to {
+                let new = NewOrder {
+                    buyer: format!("buyer{i}@example.com"),
+                    quantity: 1,
+                    idempotency: None,
+                    query_token: format!("{i:032x}"),
+                    ttl_ms: 300_000,
+                    password: None,
+                    coupon: None,
+                    reseller: None,
+                };
+                let Outcome::Changed(created, order) = self.shard.create_order(new, 1_000 + i).unwrap() else {
+                    unreachable!()
+                };
+                self.journal(&[created]).await.unwrap();
+                if i % 2 == 0 {
+                    let pay = Payment {
+                        order_seq: order,
+                        payment_id: format!("pay-{i}"),
+                        channel: "sandbox".into(),
+                        amount_cents: 990,
+                        status: "paid".into(),
+                    };
+                    let Outcome::Changed(paid, _) = self.shard.pay(pay, 2_000 + i).unwrap() else { unreachable!() };
+                    self.journal(&[paid]).await.unwrap();
+                }
+            }
+        }
+    }
+
+    async fn take_over(js: &JetStream, id: &ShardId) -> (Owner, u64, u64) {
+        let r = js.recover_shard(id, &product()).await.unwrap();
+        let owner = Owner { shard: r.shard, journal: r.journal, seq: r.last_seq };
+        (owner, r.snapshot_seq, r.replayed)
+    }
+
+    /// What a buyer or the audit can see of a shard.
+    fn seen(shard: &Shard) -> String {
+        let mut orders: Vec<String> = shard.orders().iter().map(|o| format!("{o:?}")).collect();
+        orders.sort();
+        let mut keys: Vec<&str> = shard.key_strings().collect();
+        keys.sort();
+        format!("{:?}\n{orders:?}\n{keys:?}", shard.counts())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_node_taking_a_shard_over_rebuilds_exactly_the_acknowledged_state_and_fences_the_old_owner() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, Some(64 * 1024));
+        let js = nats.connect().await;
+        let id = ShardId::new("hot", 0);
+
+        let (mut first, snapshot_seq, replayed) = take_over(&js, &id).await;
+        assert_eq!((snapshot_seq, replayed, first.seq), (0, 0, 0));
+        let (events, _, _) = first.shard.import_keys((0..200).map(|i| format!("KEY-{i:05}")).collect());
+        first.journal(&events).await.unwrap();
+        first.sell(0, 60).await;
+        // A snapshot of what is acknowledged; what it covers leaves the stream.
+        let at = first.seq;
+        assert!(js.snapshot_shard(&id, &first.journal, at, &first.shard).await.unwrap());
+        first.sell(60, 100).await;
+        // A snapshot of a prefix the stream has not acknowledged is refused.
+        let (pending, _, _) = first.shard.import_keys(vec!["LATE-KEY".into()]);
+        first.journal.append_all(first.seq + 1, &pending).unwrap();
+        first.seq += pending.len() as u64;
+        assert!(js.snapshot_shard(&id, &first.journal, first.seq, &first.shard).await.is_err());
+        first.journal.ticket().unwrap().wait().await.unwrap();
+
+        // Another node takes over: the snapshot plus the journal after it.
+        let (mut second, snapshot_seq, replayed) = take_over(&js, &id).await;
+        assert_eq!(snapshot_seq, at);
+        assert_eq!(replayed, first.seq - at);
+        assert_eq!(second.seq, first.seq);
+        assert_eq!(seen(&second.shard), seen(&first.shard));
+        second.sell(100, 110).await;
+
+        // The old owner, unaware, tries to sell on: the stream refuses it.
+        let new = NewOrder {
+            buyer: "late@example.com".into(),
+            quantity: 1,
+            idempotency: None,
+            query_token: format!("{:032x}", 999),
+            ttl_ms: 300_000,
+            password: None,
+            coupon: None,
+            reseller: None,
+        };
+        let Outcome::Changed(created, _) = first.shard.create_order(new, 9_999).unwrap() else { unreachable!() };
+        assert!(matches!(first.journal(&[created]).await, Err(StorageError::Fenced(_))));
+
+        // A third takeover sees the second owner's sales and nothing of the old one's.
+        let (third, _, _) = take_over(&js, &id).await;
+        assert_eq!(seen(&third.shard), seen(&second.shard));
+        assert!(third.shard.orders().iter().all(|o| o.buyer != "late@example.com"));
+    }
+}

@@ -40,7 +40,9 @@ use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMes
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
+mod shards;
 mod snapshots;
+pub use shards::{shard_journal, StreamRecovered};
 pub use snapshots::MAX_SNAPSHOT_BYTES;
 
 use super::codec::{self, Kind};
