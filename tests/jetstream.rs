@@ -708,6 +708,19 @@ mod takeover {
         }
     }
 
+    fn new_order(buyer: &str, i: u64) -> NewOrder {
+        NewOrder {
+            buyer: buyer.into(),
+            quantity: 1,
+            idempotency: None,
+            query_token: format!("{i:032x}"),
+            ttl_ms: 300_000,
+            password: None,
+            coupon: None,
+            reseller: None,
+        }
+    }
+
     /// A shard's owner: its state and its journal, every event journaled and
     /// acknowledged before the next (as an actor replying 2xx does).
     struct Owner {
@@ -725,16 +738,7 @@ mod takeover {
 
         async fn sell(&mut self, from: u64, to: u64) {
             for i in from..to {
-                let new = NewOrder {
-                    buyer: format!("buyer{i}@example.com"),
-                    quantity: 1,
-                    idempotency: None,
-                    query_token: format!("{i:032x}"),
-                    ttl_ms: 300_000,
-                    password: None,
-                    coupon: None,
-                    reseller: None,
-                };
+                let new = new_order(&format!("buyer{i}@example.com"), i);
                 let Outcome::Changed(created, order) = self.shard.create_order(new, 1_000 + i).unwrap() else {
                     unreachable!()
                 };
@@ -801,16 +805,7 @@ mod takeover {
         second.sell(100, 110).await;
 
         // The old owner, unaware, tries to sell on: the stream refuses it.
-        let new = NewOrder {
-            buyer: "late@example.com".into(),
-            quantity: 1,
-            idempotency: None,
-            query_token: format!("{:032x}", 999),
-            ttl_ms: 300_000,
-            password: None,
-            coupon: None,
-            reseller: None,
-        };
+        let new = new_order("late@example.com", 999);
         let Outcome::Changed(created, _) = first.shard.create_order(new, 9_999).unwrap() else { unreachable!() };
         assert!(matches!(first.journal(&[created]).await, Err(StorageError::Fenced(_))));
 

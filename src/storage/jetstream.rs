@@ -117,30 +117,11 @@ impl JetStream {
         let mut context = jetstream::new(client);
         context.set_timeout(options.timeout);
         let stream = context
-            .get_or_create_stream(stream::Config {
-                name: options.stream.clone(),
-                subjects: vec![format!("{}.>", options.stream)],
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                // Nothing expires or is dropped: only purges after snapshots remove.
-                retention: stream::RetentionPolicy::Limits,
-                discard: stream::DiscardPolicy::New,
-                deny_delete: true,
-                ..Default::default()
-            })
+            .get_or_create_stream(kept_stream(&options.stream, options.replicas))
             .await
             .map_err(|e| remote("create the journal stream", e))?;
         let snapshots = context
-            .get_or_create_stream(stream::Config {
-                name: format!("{}_SNAP", options.stream),
-                subjects: vec![format!("{}_SNAP.>", options.stream)],
-                storage: stream::StorageType::File,
-                num_replicas: options.replicas,
-                retention: stream::RetentionPolicy::Limits,
-                discard: stream::DiscardPolicy::New,
-                deny_delete: true,
-                ..Default::default()
-            })
+            .get_or_create_stream(kept_stream(&format!("{}_SNAP", options.stream), options.replicas))
             .await
             .map_err(|e| remote("create the snapshot stream", e))?;
         Ok(JetStream { context, stream, snapshots, options: Arc::new(options), max_message_bytes })
@@ -238,6 +219,21 @@ impl JetStream {
             max_pending_bytes: self.options.max_pending_bytes,
             max_message_bytes: self.max_message_bytes,
         })
+    }
+}
+
+/// A stream on `{name}.>` whose messages nothing expires or drops: only purges
+/// after snapshots remove them.
+fn kept_stream(name: &str, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![format!("{name}.>")],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        deny_delete: true,
+        ..Default::default()
     }
 }
 
