@@ -6,7 +6,8 @@
 //! * a stream with three copies (three `nats-server`s clustered on loopback, all on
 //!   this host's cores).
 //!
-//! Prints appends/s and the ticket latency (p50, p99) of each. `cargo bench --bench
+//! Prints appends/s and the ticket latency (p50, p99) of each, and for the streams
+//! how long a node taking one shard over takes to read its journal back. `cargo bench --bench
 //! replicated_journal` runs 5 s each (SECS=, SHARDS=, INFLIGHT= to change); under
 //! `cargo test --all-targets` a short smoke run. Needs `nats-server`
 //! (`scripts/test.sh` installs it); without it only the local journal runs.
@@ -240,8 +241,20 @@ fn main() {
             for i in 0..shards {
                 sinks.push(Arc::new(js.open(&format!("stock.p.{i}"), 0, |_, _| Ok(())).await.unwrap()));
             }
-            drive(sinks, events.clone(), inflight, secs).await
+            let result = drive(sinks, events.clone(), inflight, secs).await;
+            // What a node taking shard 0 over reads back (no snapshot: all of it).
+            let started = Instant::now();
+            let mut records = 0u64;
+            let journal = js.open("stock.p.0", 0, |_, _| Ok(records += 1)).await.unwrap();
+            (result, records, journal.messages_read(), started.elapsed())
         });
+        let (result, records, messages, took) = result;
         report(name, result);
+        println!(
+            "{:<28} | read back {records} records in {messages} messages in {:.2} s ({:.0} records/s)",
+            "  takeover of one shard",
+            took.as_secs_f64(),
+            records as f64 / took.as_secs_f64()
+        );
     }
 }

@@ -159,6 +159,7 @@ impl JetStream {
         let subject = self.subject(journal)?;
         let place = || format!("stream journal {subject}");
         let mut last_message = 0u64;
+        let mut messages_read = 0u64;
         let mut last_seq = 0u64;
         let mut index = VecDeque::new();
         loop {
@@ -191,6 +192,7 @@ impl JetStream {
                 expected = Some(seq + 1);
             }
             last_message = message.sequence;
+            messages_read += 1;
             remember(&mut index, message.sequence, last_seq);
         }
         let shared = Arc::new(Shared {
@@ -203,7 +205,7 @@ impl JetStream {
                 closed: false,
             }),
             wake: Notify::new(),
-            published: Mutex::new(Published { last_message, last_seq, index, messages: 0 }),
+            published: Mutex::new(Published { last_message, last_seq, index, messages: 0, messages_read }),
         });
         let task = Publisher {
             context: self.context.clone(),
@@ -296,6 +298,8 @@ struct Published {
     index: VecDeque<(u64, u64)>,
     /// Messages published by this writer.
     messages: u64,
+    /// Messages read back when it was opened.
+    messages_read: u64,
 }
 
 struct Shared {
@@ -395,6 +399,11 @@ impl StreamJournal {
     /// larger than the server's `max_payload`).
     pub fn messages_published(&self) -> u64 {
         self.shared.published().messages
+    }
+
+    /// Messages read back when the journal was opened.
+    pub fn messages_read(&self) -> u64 {
+        self.shared.published().messages_read
     }
 
     /// The error that stopped this journal, if one did (a fence or an unknown
