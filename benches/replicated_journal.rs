@@ -245,7 +245,13 @@ fn main() {
             // What a node taking shard 0 over reads back (no snapshot: all of it).
             let started = Instant::now();
             let mut records = 0u64;
-            let journal = js.open("stock.p.0", 0, |_, _| Ok(records += 1)).await.unwrap();
+            let journal = js
+                .open("stock.p.0", 0, |_, _| {
+                    records += 1;
+                    Ok(())
+                })
+                .await
+                .unwrap();
             (result, records, journal.messages_read(), started.elapsed())
         });
         let (result, records, messages, took) = result;
