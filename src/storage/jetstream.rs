@@ -36,8 +36,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream};
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
 mod shards;
@@ -137,6 +139,47 @@ impl JetStream {
         &self.options
     }
 
+    /// Calls `each` with every message of `subject` in order (its stream sequence
+    /// and payload), up to the last one stored when the read began: an ordered
+    /// consumer reads ahead in batches, so a long journal is not one request per
+    /// message.
+    async fn read_subject(
+        &self,
+        subject: &str,
+        each: &mut impl FnMut(u64, &[u8]) -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
+        let read_err = |e: &dyn std::fmt::Display| remote(&format!("read {subject}"), e);
+        let last = match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(message) => message.sequence,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Err(e) => return Err(read_err(&e)),
+        };
+        let consumer = self
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject.to_string(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| read_err(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| read_err(&e))?;
+        loop {
+            let next = tokio::time::timeout(self.options.timeout, messages.next())
+                .await
+                .map_err(|_| read_err(&"no message in time"))?;
+            let message = match next {
+                Some(message) => message.map_err(|e| read_err(&e))?,
+                None => return Err(read_err(&"the consumer ended early")),
+            };
+            let sequence = message.info().map_err(|e| read_err(&e))?.stream_sequence;
+            each(sequence, &message.payload)?;
+            if sequence >= last {
+                return Ok(());
+            }
+        }
+    }
+
     fn subject(&self, journal: &str) -> Result<String, StorageError> {
         let valid = !journal.is_empty()
             && journal.split('.').all(|t| !t.is_empty() && !t.contains([' ', '*', '>', '\t', '\r', '\n']));
@@ -162,21 +205,9 @@ impl JetStream {
         let mut messages_read = 0u64;
         let mut last_seq = 0u64;
         let mut index = VecDeque::new();
-        loop {
-            let next = self
-                .stream
-                .raw_message_builder()
-                .sequence(last_message + 1)
-                .next_by_subject(subject.clone())
-                .send()
-                .await;
-            let message = match next {
-                Ok(message) => message,
-                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(remote(&format!("read {subject}"), e)),
-            };
+        let mut each = |sequence: u64, payload: &[u8]| -> Result<(), StorageError> {
             let mut expected = (last_seq > 0).then_some(last_seq + 1);
-            for frame in Frames(&message.payload) {
+            for frame in Frames(payload) {
                 let (seq, record) = frame.map_err(|error| StorageError::Corrupt { place: place(), error })?;
                 // Purges remove whole messages: the first one kept may start anywhere.
                 if expected.is_some_and(|e| e != seq) {
@@ -191,10 +222,12 @@ impl JetStream {
                 last_seq = seq;
                 expected = Some(seq + 1);
             }
-            last_message = message.sequence;
+            last_message = sequence;
             messages_read += 1;
-            remember(&mut index, message.sequence, last_seq);
-        }
+            remember(&mut index, sequence, last_seq);
+            Ok(())
+        };
+        self.read_subject(&subject, &mut each).await?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending {
                 buf: Vec::new(),
