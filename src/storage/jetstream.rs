@@ -47,8 +47,9 @@ mod snapshots;
 pub use shards::{shard_journal, StreamRecovered};
 pub use snapshots::MAX_SNAPSHOT_BYTES;
 
-use super::codec::{self, Kind};
+use super::codec;
 use super::commit::Ticket;
+use super::journal::{push_frame, FRAME_HEADER};
 use super::StorageError;
 
 /// Most tickets waiting on one journal's next publishes.
@@ -56,8 +57,6 @@ pub const MAX_WAITERS: usize = 1 << 16;
 /// Most published messages remembered for [`StreamJournal::purge_through`]; past it
 /// the oldest are forgotten (a purge then keeps a little more than it could).
 pub const MAX_INDEX: usize = 1 << 16;
-/// A frame's fixed part: the sequence and the record's envelope header.
-const FRAME_HEADER: usize = 8 + codec::HEADER_BYTES;
 
 /// Where the stream is and how it is kept.
 #[derive(Debug, Clone)]
@@ -384,8 +383,7 @@ impl StreamJournal {
         let before = p.buf.len();
         for (i, event) in events.iter().enumerate() {
             let start = p.buf.len();
-            p.buf.extend_from_slice(&(first + i as u64).to_le_bytes());
-            codec::encode_into(Kind::Event, event, &mut p.buf);
+            push_frame(&mut p.buf, first + i as u64, event);
             if p.buf.len() - start > self.max_message_bytes {
                 let size = p.buf.len() - start;
                 p.buf.truncate(before);
@@ -595,8 +593,7 @@ mod tests {
     fn frames(first: u64, sizes: &[usize]) -> Vec<u8> {
         let mut buf = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
-            buf.extend_from_slice(&(first + i as u64).to_le_bytes());
-            codec::encode_into(Kind::Event, &vec![7u8; n], &mut buf);
+            push_frame(&mut buf, first + i as u64, &vec![7u8; n]);
         }
         buf
     }

@@ -32,7 +32,7 @@ use super::StorageError;
 /// Space allocated ahead of the writes of a segment.
 pub const PREALLOCATE_BYTES: u64 = 8 << 20;
 /// A frame's fixed part: the sequence and the record's envelope header.
-const FRAME_HEADER: usize = 8 + codec::HEADER_BYTES;
+pub(crate) const FRAME_HEADER: usize = 8 + codec::HEADER_BYTES;
 /// Largest record accepted on read (a key import of 16 MiB, with room).
 const MAX_RECORD_BYTES: usize = 64 << 20;
 /// Most bytes appended and not yet written: past it (writes keep failing, or the
@@ -758,6 +758,13 @@ pub(crate) fn frames_offset(body: &[u8], first: u64, want: u64) -> Option<usize>
     (offset < body.len()).then_some(offset)
 }
 
+/// Appends the frame of record `seq` (`seq | envelope`) to `buf`: the one framing
+/// of journal records, in segment files and in replicated journals' messages.
+pub(crate) fn push_frame<E: serde::Serialize>(buf: &mut Vec<u8>, seq: u64, event: &E) {
+    buf.extend_from_slice(&seq.to_le_bytes());
+    codec::encode_into(Kind::Event, event, buf);
+}
+
 /// An append-only log of events `E` (a stock shard's by default, or a points
 /// ledger), numbered from 1 without gaps.
 pub struct Journal<E = crate::domain::Event> {
@@ -809,8 +816,7 @@ impl<E: serde::Serialize> Journal<E> {
         }
         let before = st.pending.len();
         for (i, event) in events.iter().enumerate() {
-            st.pending.extend_from_slice(&(first + i as u64).to_le_bytes());
-            codec::encode_into(Kind::Event, event, &mut st.pending);
+            push_frame(&mut st.pending, first + i as u64, event);
         }
         let size = st.pending.len() - before - 8 * events.len();
         if before == 0 {
