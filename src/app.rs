@@ -488,6 +488,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
 
     let env = Arc::new(ShardEnv {
         storage: storage.clone(),
+        stream: None,
         claims: Arc::new(crate::actors::claims::PaymentClaims::new()),
         clock: clock.clone(),
         ttl_ms: settings.orders.ttl_secs * 1000,

@@ -815,3 +815,220 @@ mod takeover {
         assert!(third.shard.orders().iter().all(|o| o.buyer != "late@example.com"));
     }
 }
+
+/// Stock actors whose journal and snapshots are in the stream (`ShardEnv::stream`).
+mod actors_on_the_stream {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use super::*;
+    use kami::actors::registry::{start_shard, ShardHandle, ShelfCell, TermsCell};
+    use kami::actors::shard::{CreateOrder, GetOrder, ImportKeys, PayOrder};
+    use kami::actors::{ActorError, Kill, ShardEnv};
+    use kami::domain::shard::{NewOrder, Payment, PaymentStatus};
+    use kami::domain::terms::Terms;
+    use kami::domain::{OrderStatus, PaymentOutcome, ProductInfo, Shard, ShardId};
+    use kami::storage::{Storage, StorageOptions};
+
+    fn product() -> ProductInfo {
+        ProductInfo {
+            id: "hot".into(),
+            name: "Hot".into(),
+            price_cents: 990,
+            per_buyer_limit: 0,
+            shards: 1,
+            created_at_ms: 0,
+        }
+    }
+
+    fn env(js: &JetStream, dir: &std::path::Path) -> Arc<ShardEnv> {
+        let storage = Storage::open(&StorageOptions {
+            path: dir.to_path_buf(),
+            cache_capacity_bytes: 1 << 20,
+            max_pending_commits: 1024,
+            max_commit_batch: 1024,
+            commit_linger: Duration::ZERO,
+        })
+        .unwrap();
+        Arc::new(ShardEnv {
+            storage,
+            stream: Some(js.clone()),
+            claims: Arc::new(kami::actors::claims::PaymentClaims::new()),
+            clock: Arc::new(kami::clock::SystemClock),
+            ttl_ms: 300_000,
+            expiry_tick: Duration::from_secs(1),
+            max_expired_per_tick: 100,
+            // Small: snapshots are taken (and the journal purged) while it sells.
+            snapshot_min_journal_bytes: 4096,
+            mailbox_capacity: 1024,
+            max_queue_wait_ms: 5_000,
+            archive_after_ms: 0,
+            idempotency_ttl_ms: 0,
+        })
+    }
+
+    /// A stock actor that takes shard `id` over: rebuilt from the stream.
+    async fn take_over(js: &JetStream, env: &Arc<ShardEnv>, id: &ShardId) -> ShardHandle {
+        let rebuilt = js.recover_shard(id, &product()).await.unwrap();
+        let cells = (Arc::new(ShelfCell::default()), Arc::new(TermsCell::new(Terms::of(&product()))));
+        start_shard(env, (0, &actix_rt::Arbiter::current()), &product(), (&cells.0, &cells.1), rebuilt.into())
+    }
+
+    fn new_order(buyer: &str) -> NewOrder {
+        NewOrder {
+            buyer: buyer.into(),
+            quantity: 1,
+            idempotency: None,
+            query_token: format!("{:032x}", buyer.len()),
+            ttl_ms: 300_000,
+            password: None,
+            coupon: None,
+            reseller: None,
+        }
+    }
+
+    /// One purchase through `actor`: the order and its payment. Returns the order's
+    /// seq once created (acknowledged) and whether the payment was acknowledged.
+    async fn buy(actor: &ShardHandle, buyer: &str) -> (Option<u64>, bool) {
+        let Ok(Ok(created)) = actor.addr.send(CreateOrder(new_order(buyer))).await else { return (None, false) };
+        let pay = Payment {
+            order_seq: created.order.seq,
+            payment_id: format!("pay-{buyer}"),
+            channel: "sandbox".into(),
+            amount_cents: 990,
+            status: PaymentStatus::Paid,
+        };
+        let paid = matches!(actor.addr.send(PayOrder(pay)).await, Ok(Ok(PaymentOutcome::Delivered)));
+        (Some(created.order.seq), paid)
+    }
+
+    /// Every acknowledged order is in `shard`, every acknowledged payment delivered
+    /// it, and no key went to two orders.
+    fn holds_everything_acknowledged(shard: &Shard, created: &[(String, u64)], paid: &HashSet<String>) {
+        for (buyer, seq) in created {
+            let order = shard.order(*seq).unwrap_or_else(|| panic!("acknowledged order {seq} of {buyer} lost"));
+            assert_eq!(&order.buyer, buyer, "order {seq}");
+            if paid.contains(buyer) {
+                assert_eq!(order.status, OrderStatus::Delivered, "order {seq} of {buyer}");
+            }
+        }
+        let mut keys = HashSet::new();
+        for order in shard.orders().iter().filter(|o| o.status == OrderStatus::Delivered) {
+            for key in &order.keys {
+                assert!(keys.insert(*key), "key {key:?} delivered twice");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stock_actor_answers_what_the_stream_holds_snapshots_into_it_and_rebuilds_from_it_after_a_crash() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let js = nats.connect().await;
+            let env = env(&js, dir.path());
+            let id = ShardId::new("hot", 0);
+            let actor = take_over(&js, &env, &id).await;
+            let keys: Vec<String> = (0..300).map(|i| format!("KEY-{i:05}")).collect();
+            assert_eq!(actor.addr.send(ImportKeys(keys)).await.unwrap().unwrap(), (300, 0));
+            let (mut created, mut paid) = (Vec::new(), HashSet::new());
+            for i in 0..120 {
+                let buyer = format!("buyer{i}@example.com");
+                let (seq, was_paid) = buy(&actor, &buyer).await;
+                created.push((buyer.clone(), seq.expect("a single owner's order is acknowledged")));
+                assert!(was_paid, "a single owner's payment is acknowledged");
+                if i % 3 == 0 {
+                    paid.insert(buyer);
+                }
+            }
+            // Snapshots were taken as it sold: the newest covers most of the journal.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let snapshot_seq = loop {
+                match js.snapshot("stock.hot.0").await.unwrap() {
+                    Some((seq, _)) if seq > 100 => break seq,
+                    _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                    other => panic!("no snapshot past record 100 stored: {:?}", other.map(|s| s.0)),
+                }
+            };
+
+            // A crash: the actor is rebuilt from the stream, never from its memory.
+            actor.addr.send(Kill).await.unwrap();
+            let (last_buyer, last_seq) = created.last().unwrap().clone();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let view = loop {
+                match actor.addr.send(GetOrder { seq: last_seq, token: None }).await.unwrap() {
+                    Ok(view) => break view,
+                    Err(ActorError::Unavailable) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("the rebuilt actor does not answer: {e}"),
+                }
+            };
+            assert_eq!(view.order.buyer, last_buyer);
+            assert_eq!(view.keys.len(), 1, "a paid order shows its key after the rebuild");
+            let (seq, was_paid) = buy(&actor, "after@example.com").await;
+            assert!(seq.is_some() && was_paid, "the rebuilt actor sells on");
+
+            // Another reader of the stream sees exactly that: the snapshot plus the rest.
+            let all: HashSet<String> = created.iter().map(|(b, _)| b.clone()).collect();
+            let r = js.recover_shard(&id, &product()).await.unwrap();
+            assert!(r.snapshot_seq >= snapshot_seq);
+            assert!(r.replayed < r.last_seq, "the snapshot spared replaying the whole journal");
+            holds_everything_acknowledged(&r.shard, &created, &all);
+            let counts = r.shard.counts();
+            assert_eq!((counts.orders, counts.sold, counts.imported), (121, 121, 300));
+        });
+    }
+
+    #[test]
+    fn two_actors_on_one_shard_never_both_extend_it_and_every_acknowledged_purchase_survives() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let dir = tempfile::tempdir().unwrap();
+        actix_rt::System::new().block_on(async move {
+            let js = nats.connect().await;
+            let env = env(&js, dir.path());
+            let id = ShardId::new("hot", 0);
+            let (mut created, mut paid) = (Vec::new(), HashSet::new());
+            let mut record = |buyer: String, (seq, was_paid): (Option<u64>, bool)| {
+                if let Some(seq) = seq {
+                    created.push((buyer.clone(), seq));
+                }
+                if was_paid {
+                    paid.insert(buyer);
+                }
+                seq.is_some()
+            };
+            let old = take_over(&js, &env, &id).await;
+            let keys: Vec<String> = (0..400).map(|i| format!("KEY-{i:05}")).collect();
+            old.addr.send(ImportKeys(keys)).await.unwrap().unwrap();
+            for i in 0..20 {
+                let buyer = format!("old{i}@example.com");
+                assert!(record(buyer.clone(), buy(&old, &buyer).await));
+            }
+            // A second owner takes the shard over while the first is still running
+            // (a paused or partitioned node): it reads the history and sells on.
+            let new = take_over(&js, &env, &id).await;
+            for i in 0..20 {
+                let buyer = format!("new{i}@example.com");
+                assert!(record(buyer.clone(), buy(&new, &buyer).await), "the new owner sells");
+            }
+            // The old owner's next order is refused: its append does not extend the
+            // history it read.
+            let refused = old.addr.send(CreateOrder(new_order("stale@example.com"))).await.unwrap();
+            assert!(matches!(refused, Err(ActorError::Storage(StorageError::Fenced(_)))), "{refused:?}");
+            // Both keep trying, interleaved (each rebuilds when fenced): whatever
+            // either acknowledges must be in the history, and no key sold twice.
+            for i in 0..60 {
+                let (actor, buyer) =
+                    if i % 2 == 0 { (&old, format!("o{i}@example.com")) } else { (&new, format!("n{i}@example.com")) };
+                record(buyer.clone(), buy(actor, &buyer).await);
+            }
+            let r = js.recover_shard(&id, &product()).await.unwrap();
+            holds_everything_acknowledged(&r.shard, &created, &paid);
+            assert!(r.shard.orders().iter().all(|o| o.buyer != "stale@example.com"), "a refused order never appears");
+            assert!(created.len() >= 40);
+        });
+    }
+}

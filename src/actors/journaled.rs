@@ -19,12 +19,13 @@
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use futures::future;
 
 use crate::domain::{DomainError, Outcome};
-use crate::storage::{Journal, Storage, StorageError, Ticket};
+use crate::storage::{EventLog, StorageError, Ticket};
 
 /// Why a journaled actor could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,11 +57,11 @@ pub trait Machine {
     fn journaled(&self, event: &Self::Event, seq: u64, touched: &mut dyn FnMut(u64));
 }
 
-/// What a journaled actor holds while it is live: its state, its journal and what is
-/// known about their durability.
+/// What a journaled actor holds while it is live: its state, its journal (either
+/// backend, see [`EventLog`]) and what is known about their durability.
 pub struct Journaled<S: Machine> {
     state: S,
-    journal: Journal<S::Event>,
+    journal: Arc<dyn EventLog<S::Event>>,
     /// Sequence of the last journal record written (durable or not).
     seq: u64,
     /// Highest sequence known to be durable. Shared with reply futures.
@@ -82,7 +83,7 @@ impl<S: Machine> Journaled<S> {
     /// State rebuilt from storage, whose journal ends at `last_seq`.
     pub fn recovered(
         state: S,
-        journal: Journal<S::Event>,
+        journal: Arc<dyn EventLog<S::Event>>,
         last_seq: u64,
         journal_bytes: u64,
         snapshot_bytes: u64,
@@ -167,13 +168,12 @@ impl<S: Machine> Journaled<S> {
     /// Starts a snapshot as of the last record: rolls the journal (records after it go
     /// to a new segment, so the trim deletes whole files) and marks one in flight
     /// until the returned slot is finished or dropped.
-    pub fn begin_snapshot(&mut self) -> Result<SnapshotSlot<S::Event>, StorageError> {
+    pub fn begin_snapshot(&mut self) -> Result<SnapshotSlot, StorageError> {
         self.journal.roll()?;
         self.journal_bytes_since_snapshot = 0;
         self.snapshot_in_flight.set(true);
         Ok(SnapshotSlot {
             seq: self.seq,
-            journal: self.journal.clone(),
             in_flight: self.snapshot_in_flight.clone(),
             last_bytes: self.last_snapshot_bytes.clone(),
         })
@@ -181,16 +181,14 @@ impl<S: Machine> Journaled<S> {
 }
 
 /// One snapshot being made (see [`Journaled::begin_snapshot`]).
-pub struct SnapshotSlot<E> {
+pub struct SnapshotSlot {
     /// The snapshot covers the journal through this record.
     pub seq: u64,
-    /// The journal to trim once the snapshot is durable.
-    pub journal: Journal<E>,
     in_flight: Rc<Cell<bool>>,
     last_bytes: Rc<Cell<u64>>,
 }
 
-impl<E> SnapshotSlot<E> {
+impl SnapshotSlot {
     /// The size of the last snapshot, a hint for the next encoding.
     pub fn size_hint(&self) -> usize {
         self.last_bytes.get() as usize
@@ -202,7 +200,7 @@ impl<E> SnapshotSlot<E> {
     }
 }
 
-impl<E> Drop for SnapshotSlot<E> {
+impl Drop for SnapshotSlot {
     fn drop(&mut self) {
         self.in_flight.set(false);
     }
@@ -320,12 +318,12 @@ impl<S: Machine> Shell<S> {
 
     /// A wait for the flush covering the journal through `needed`, or `None` if it is
     /// known durable already.
-    pub fn flush_for(&self, storage: &Storage, needed: u64) -> ActorResult<Option<Flush>> {
+    pub fn flush_for(&self, needed: u64) -> ActorResult<Option<Flush>> {
         let live = self.live()?;
         if live.durable.get() >= needed {
             return Ok(None);
         }
-        Ok(Some(Flush { ticket: storage.ticket()?, durable: live.durable.clone(), through: live.seq }))
+        Ok(Some(Flush { ticket: live.journal.ticket()?, durable: live.durable.clone(), through: live.seq }))
     }
 
     /// Replies with `value` (which shows the journal through `needed`) once that prefix
@@ -333,12 +331,11 @@ impl<S: Machine> Shell<S> {
     /// the next flush.
     pub fn reply<T: 'static>(
         &self,
-        storage: &Storage,
         needed: u64,
         value: T,
         on_durable: impl FnOnce() + 'static,
     ) -> ResponseFuture<ActorResult<T>> {
-        match self.flush_for(storage, needed) {
+        match self.flush_for(needed) {
             Err(e) => fail(e),
             Ok(None) => Box::pin(future::ready(Ok(value))),
             Ok(Some(flush)) => Box::pin(async move {
@@ -350,9 +347,9 @@ impl<S: Machine> Shell<S> {
     }
 
     /// Replies with `value` once everything written so far is durable.
-    pub fn reply_after_all<T: 'static>(&self, storage: &Storage, value: T) -> ResponseFuture<ActorResult<T>> {
+    pub fn reply_after_all<T: 'static>(&self, value: T) -> ResponseFuture<ActorResult<T>> {
         let needed = self.live.as_ref().map_or(0, |l| l.seq);
-        self.reply(storage, needed, value, || ())
+        self.reply(needed, value, || ())
     }
 }
 
@@ -370,8 +367,8 @@ mod tests {
         }
     }
 
-    fn points_journal(dir: &std::path::Path) -> Journal<crate::domain::points::PointsEvent> {
-        let storage = Storage::open(&crate::storage::StorageOptions {
+    fn points_journal(dir: &std::path::Path) -> Arc<dyn EventLog<crate::domain::points::PointsEvent>> {
+        let storage = crate::storage::Storage::open(&crate::storage::StorageOptions {
             path: dir.to_path_buf(),
             cache_capacity_bytes: 1 << 20,
             max_pending_commits: 16,
@@ -379,7 +376,7 @@ mod tests {
             commit_linger: std::time::Duration::ZERO,
         })
         .unwrap();
-        storage.ledger_journal::<crate::domain::points::PointsBook>(0).unwrap()
+        Arc::new(storage.ledger_journal::<crate::domain::points::PointsBook>(0).unwrap())
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct LedgerActor<B: LedgerBook> {
 
 fn live<B: LedgerBook>(r: LedgerRecovered<B>) -> Journaled<B> {
     let seq = r.book.seq();
-    Journaled::recovered(r.book, r.journal, seq, 0, r.snapshot_bytes)
+    Journaled::recovered(r.book, Arc::new(r.journal), seq, 0, r.snapshot_bytes)
 }
 
 impl<B: LedgerBook> LedgerActor<B> {
@@ -123,10 +123,14 @@ impl<B: LedgerBook> LedgerActor<B> {
         let Ok(ticket) = storage.ticket() else { return };
         actix_rt::spawn(async move {
             let flushed = ticket.wait().await.is_ok();
-            let (seq, journal) = (slot.seq, slot.journal.clone());
+            let seq = slot.seq;
             drop(slot);
             if flushed {
-                let trimmed = tokio::task::spawn_blocking(move || storage.trim_ledger::<B>(shard, &journal, seq));
+                let trimmed = tokio::task::spawn_blocking(move || {
+                    storage
+                        .ledger_journal::<B>(shard)
+                        .and_then(|journal| storage.trim_ledger::<B>(shard, &journal, seq))
+                });
                 if let Ok(Err(e)) = trimmed.await {
                     tracing::warn!(ledger = B::NAME, shard, error = %e, "trimming the journal failed");
                 }
@@ -147,7 +151,7 @@ impl<B: LedgerBook> LedgerActor<B> {
                 if written.is_some() {
                     self.maybe_snapshot();
                 }
-                self.shell.reply_after_all(&self.storage, value)
+                self.shell.reply_after_all(value)
             }
             Err(e) => fail(e),
         }
@@ -157,7 +161,7 @@ impl<B: LedgerBook> LedgerActor<B> {
         match self.shell.live() {
             Ok(live) => {
                 let value = read(live.state());
-                self.shell.reply_after_all(&self.storage, value)
+                self.shell.reply_after_all(value)
             }
             Err(e) => fail(e),
         }

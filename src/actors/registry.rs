@@ -11,7 +11,6 @@ use crate::domain::shard::Counts;
 use crate::domain::shelf::Shelf;
 use crate::domain::terms::Terms;
 use crate::domain::ProductInfo;
-use crate::storage::Recovered;
 
 /// How to reach one stock actor. Cheap to clone (three reference counts).
 #[derive(Clone)]
@@ -266,7 +265,7 @@ pub fn start_shard(
     (arbiter_index, arbiter): (usize, &ArbiterHandle),
     product: &ProductInfo,
     (shelf, terms): (&Arc<ShelfCell>, &Arc<TermsCell>),
-    recovered: Recovered,
+    recovered: super::shard::Rebuilt,
 ) -> ShardHandle {
     let gauge = Arc::new(ShardGauge::default());
     let (e, p, g) = (env.clone(), product.clone(), gauge.clone());

@@ -18,7 +18,8 @@ use crate::clock::Clock;
 use crate::domain::group::{Group, GroupId, GroupTerms};
 use crate::domain::shard::{payment_key, Counts, NewOrder, Outcome, OutgoingTransfer, Payment, Redemption, Tally};
 use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductInfo, Shard, ShardAudit, ShardId};
-use crate::storage::{Recovered, Storage, StorageError};
+use crate::storage::jetstream::{JetStream, StreamJournal, StreamRecovered};
+use crate::storage::{EventLog, Recovered, Storage, StorageError};
 
 use super::journaled::{fail, Journaled, Machine, Shell};
 pub use super::journaled::{ActorError, ActorResult};
@@ -26,6 +27,10 @@ pub use super::journaled::{ActorError, ActorResult};
 /// What every stock actor of the process shares (immutable).
 pub struct ShardEnv {
     pub storage: Arc<Storage>,
+    /// Where stock shards' journals and snapshots are kept when not in `storage`:
+    /// a replicated JetStream stream (`storage.backend = "jetstream"`). Archiving
+    /// is then off (settled orders stay in the shard and its snapshots).
+    pub stream: Option<JetStream>,
     /// Which order each payment id pays, across every shard.
     pub claims: Arc<super::claims::PaymentClaims>,
     pub clock: Arc<dyn Clock>,
@@ -73,6 +78,44 @@ mod messages;
 
 pub use messages::*;
 
+/// A shard rebuilt from storage, whichever backend keeps its journal.
+pub struct Rebuilt {
+    pub shard: Shard,
+    pub journal: Arc<dyn EventLog<Event>>,
+    /// The same journal when a replicated stream keeps it (snapshots purge it).
+    pub stream: Option<Arc<StreamJournal>>,
+    pub last_seq: u64,
+    pub journal_bytes: u64,
+    pub snapshot_bytes: u64,
+}
+
+impl From<Recovered> for Rebuilt {
+    fn from(r: Recovered) -> Rebuilt {
+        Rebuilt {
+            shard: r.shard,
+            journal: Arc::new(r.journal),
+            stream: None,
+            last_seq: r.last_seq,
+            journal_bytes: r.journal_bytes,
+            snapshot_bytes: r.snapshot_bytes,
+        }
+    }
+}
+
+impl From<StreamRecovered> for Rebuilt {
+    fn from(r: StreamRecovered) -> Rebuilt {
+        let stream = Arc::new(r.journal);
+        Rebuilt {
+            shard: r.shard,
+            journal: stream.clone(),
+            stream: Some(stream),
+            last_seq: r.last_seq,
+            journal_bytes: r.journal_bytes,
+            snapshot_bytes: r.snapshot_bytes,
+        }
+    }
+}
+
 // ---- the actor ----
 
 pub struct ShardActor {
@@ -87,6 +130,8 @@ pub struct ShardActor {
     terms_seen: u64,
     /// The shard and its journal (see [`super::journaled`]).
     shell: Shell<Shard>,
+    /// Its journal when a replicated stream keeps it (see [`ShardEnv::stream`]).
+    stream: Option<Arc<StreamJournal>>,
     /// Where the archiving scan goes on (`Shard::archivable_after`).
     archive_cursor: u64,
     /// `kami_actor_turn_seconds{actor="stock"}`.
@@ -135,11 +180,12 @@ impl ShardActor {
         product: ProductInfo,
         gauge: Arc<ShardGauge>,
         (shelf, terms): (Arc<super::registry::ShelfCell>, Arc<super::registry::TermsCell>),
-        recovered: Recovered,
+        recovered: Rebuilt,
     ) -> ShardActor {
         let id = ShardId::new(product.id.clone(), recovered.shard.shard_index());
         let mut actor = ShardActor {
             shell: Shell::new(format!("stock {id}"), None),
+            stream: None,
             id,
             product,
             env,
@@ -155,9 +201,10 @@ impl ShardActor {
         actor
     }
 
-    fn install(&mut self, r: Recovered) {
+    fn install(&mut self, r: Rebuilt) {
         self.gauge.publish(r.last_seq, r.shard.counts());
         self.shell.install(Journaled::recovered(r.shard, r.journal, r.last_seq, r.journal_bytes, r.snapshot_bytes));
+        self.stream = r.stream;
         self.archive_cursor = 0;
         self.terms_seen = 0;
         self.last_snapshot = None;
@@ -222,7 +269,7 @@ impl ShardActor {
     fn reply<T: 'static>(&self, needed: u64, value: T) -> ResponseFuture<ActorResult<T>> {
         let Ok(live) = self.shell.live() else { return fail(ActorError::Unavailable) };
         let (seq, counts, gauge) = (live.seq(), live.state().counts(), self.gauge.clone());
-        self.shell.reply(&self.env.storage, needed, value, move || gauge.publish(seq, counts))
+        self.shell.reply(needed, value, move || gauge.publish(seq, counts))
     }
 
     /// Replies with `value` once everything written so far is durable.
@@ -492,50 +539,35 @@ impl ShardActor {
         let (seq, size_hint) = (slot.seq, slot.size_hint());
         let started = std::time::Instant::now();
         let (done_tx, done_rx) = futures::channel::oneshot::channel();
+        let on_stream = match (&self.env.stream, &self.stream) {
+            (Some(js), Some(journal)) => Some((js.clone(), journal.clone())),
+            _ => None,
+        };
         actix_rt::spawn(async move {
-            let put_storage = storage.clone();
-            let put_id = id.clone();
-            // A snapshot is never durable before the records it covers: the roll
-            // wrote them to the journal's file, a flush taken now syncs them. (The
-            // snapshot database is flushed by `put_snapshot`, not by group commit.)
-            let covered = match storage.ticket() {
-                Ok(ticket) => ticket.wait().await,
-                Err(e) => Err(e),
+            let stored = match on_stream {
+                Some((js, journal)) => snapshot_on_stream(js, journal, id.clone(), product, seq, size_hint).await,
+                None => snapshot_locally(storage.clone(), id.clone(), product, seq, size_hint).await,
             };
-            let put = tokio::task::spawn_blocking(move || {
-                covered?;
-                let copy = put_storage.shard_as_of(&put_id, &product, seq)?;
-                let bytes = Storage::encode_snapshot(copy.shard(), size_hint);
-                drop(copy);
-                let size = bytes.len();
-                put_storage.put_snapshot(&put_id, seq, bytes)?;
-                crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
-                    let _ = put_storage.flush_now();
-                });
-                Ok(size)
-            });
-            let stored = match put.await {
-                Ok(stored) => stored,
-                Err(e) => Err(StorageError::Sled(format!("snapshot task failed: {e}"))),
-            };
-            let size = stored.as_ref().map_or(0, |size| *size);
+            let local = stored.as_ref().is_ok_and(|(_, trim)| *trim);
+            let size = stored.as_ref().map_or(0, |(size, _)| *size);
             if size > 0 {
                 slot.stored(size);
             }
-            // Durable once stored: the snapshot database is flushed by `put_snapshot`.
+            // Durable once stored: `put_snapshot` flushes the snapshot database, a
+            // stream acknowledges what it stored.
             let durable = stored.map(|_| ());
-            let journal = slot.journal.clone();
             drop(slot);
             metrics::histogram!("kami_snapshot_seconds").record(started.elapsed().as_secs_f64());
             tracing::debug!(shard = %id, seq, bytes = size, "snapshot written");
-            let trim = durable.is_ok();
             let _ = done_tx.send(durable.map_err(ActorError::from));
-            if trim {
+            if local {
                 // Removing a journal's worth of records takes long enough to stall
                 // every order of this arbiter: off the actor's thread. Appends
-                // meanwhile only add records above `seq`.
-                let trimmed =
-                    tokio::task::spawn_blocking(move || storage.trim(&id, &journal, seq).map_err(|e| (id, e)));
+                // meanwhile only add records above `seq`. (A stream's journal was
+                // purged as the snapshot was stored.)
+                let trimmed = tokio::task::spawn_blocking(move || {
+                    storage.journal(&id).and_then(|journal| storage.trim(&id, &journal, seq)).map_err(|e| (id, e))
+                });
                 if let Ok(Err((id, e))) = trimmed.await {
                     tracing::warn!(shard = %id, error = %e, "trimming the journal failed");
                 }
@@ -554,7 +586,13 @@ impl ShardActor {
     /// unchanged ([`Shard::archive_written`]). The journal never says an order left
     /// memory before its archive record is durable; a crash in between leaves the
     /// orders in memory, archived again later.
+    ///
+    /// Off when a replicated stream keeps the shard: the archive is in this host's
+    /// storage, which the next owner of the shard would not have.
     fn archive(&mut self, ctx: &mut Context<Self>) {
+        if self.env.stream.is_some() {
+            return;
+        }
         let now = self.env.clock.now_ms();
         let Ok(shard) = self.shard() else { return };
         let (seqs, next) = shard.archivable_after(
@@ -623,6 +661,54 @@ impl ShardActor {
     }
 }
 
+/// Stores a snapshot of shard `id` as of record `seq` in the local storage: a copy
+/// rebuilt from the stored snapshot and the journal, encoded and written on a
+/// blocking thread. Returns its size and that the journal it covers is to be trimmed.
+async fn snapshot_locally(
+    storage: Arc<Storage>,
+    id: ShardId,
+    product: ProductInfo,
+    seq: u64,
+    size_hint: usize,
+) -> Result<(usize, bool), StorageError> {
+    // A snapshot is never durable before the records it covers: the roll wrote
+    // them to the journal's file, a flush taken now syncs them. (The snapshot
+    // database is flushed by `put_snapshot`, not by group commit.)
+    storage.ticket()?.wait().await?;
+    let put = tokio::task::spawn_blocking(move || {
+        let copy = storage.shard_as_of(&id, &product, seq)?;
+        let bytes = Storage::encode_snapshot(copy.shard(), size_hint);
+        drop(copy);
+        let size = bytes.len();
+        storage.put_snapshot(&id, seq, bytes)?;
+        crate::chaos::reached(crate::chaos::CrashPoint::AfterSnapshot, || {
+            let _ = storage.flush_now();
+        });
+        Ok((size, true))
+    });
+    put.await.map_err(|e| StorageError::Sled(format!("snapshot task failed: {e}")))?
+}
+
+/// Stores a snapshot of shard `id` as of record `seq` in the replicated stream,
+/// once the stream acknowledged the journal through it: a copy rebuilt from the
+/// stream (replayed and encoded on a blocking thread), stored, then the journal
+/// messages it covers purged. Returns its size (nothing left to trim).
+async fn snapshot_on_stream(
+    js: JetStream,
+    journal: Arc<StreamJournal>,
+    id: ShardId,
+    product: ProductInfo,
+    seq: u64,
+    size_hint: usize,
+) -> Result<(usize, bool), StorageError> {
+    EventLog::<Event>::ticket(&*journal)?.wait().await?;
+    let copy = js.shard_as_of(&id, &product, seq).await?;
+    let encoded = tokio::task::spawn_blocking(move || Storage::encode_snapshot(&copy, size_hint));
+    let bytes = encoded.await.map_err(|e| StorageError::Remote(format!("snapshot task failed: {e}")))?;
+    js.store_shard_snapshot(&id, &journal, seq, &bytes).await?;
+    Ok((bytes.len(), false))
+}
+
 impl Actor for ShardActor {
     type Context = Context<Self>;
 
@@ -638,15 +724,44 @@ impl Actor for ShardActor {
     }
 }
 
+/// Longest wait between two tries to rebuild a shard from the stream.
+const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(5);
+
+impl ShardActor {
+    /// Rebuilds the shard from the replicated stream (off the actor's turn: until it
+    /// is installed, every request is answered unavailable). A failed try (servers
+    /// unreachable, no quorum) is tried again, waiting longer each time.
+    fn rebuild_from_stream(&mut self, ctx: &mut Context<Self>, failures: u32) {
+        let Some(js) = self.env.stream.clone() else { return };
+        let (id, product) = (self.id.clone(), self.product.clone());
+        let rebuild = async move { js.recover_shard(&id, &product).await };
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(rebuild).map(move |rebuilt, act, ctx| match rebuilt {
+            Ok(r) => {
+                tracing::info!(shard = %act.id, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "stock actor rebuilt from the stream");
+                act.install(r.into());
+            }
+            Err(e) => {
+                let wait = (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16))).min(MAX_REBUILD_BACKOFF);
+                tracing::error!(shard = %act.id, error = %e, retry_ms = wait.as_millis() as u64, "stock actor could not rebuild from the stream; answering unavailable");
+                ctx.run_later(wait, move |act, ctx| act.rebuild_from_stream(ctx, failures + 1));
+            }
+        }));
+    }
+}
+
 impl Supervised for ShardActor {
     /// actix hands back the same struct on restart; never trust its memory.
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         metrics::counter!("kami_actor_restarts_total").increment(1);
         self.shell.clear();
+        if self.env.stream.is_some() {
+            self.stream = None;
+            return self.rebuild_from_stream(ctx, 0);
+        }
         match self.env.storage.recover(&self.id, &self.product) {
             Ok(r) => {
                 tracing::info!(shard = %self.id, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "stock actor rebuilt from storage");
-                self.install(r);
+                self.install(r.into());
             }
             Err(e) => {
                 tracing::error!(shard = %self.id, error = %e, "stock actor could not rebuild; answering unavailable")

@@ -100,7 +100,7 @@ impl ProductSupervisor {
                 shards_by_product.push((product.clone(), (shelf, Arc::new(TermsCell::new(terms))), Vec::new()));
             }
             let (_, (shelf, terms), handles) = shards_by_product.last_mut().expect("pushed above");
-            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), &product, (shelf, terms), recovered));
+            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), &product, (shelf, terms), recovered.into()));
         }
         for (info, (shelf, terms), shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
@@ -133,7 +133,7 @@ impl ProductSupervisor {
             .into_iter()
             .map(|r| {
                 let arbiter = self.pick_arbiter();
-                start_shard(&self.env, (arbiter.0, &arbiter.1), info, (&shelf, &terms), r)
+                start_shard(&self.env, (arbiter.0, &arbiter.1), info, (&shelf, &terms), r.into())
             })
             .collect();
         self.registry.insert(ProductRoute::new(info.clone(), shards, shelf, terms));

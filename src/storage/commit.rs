@@ -15,7 +15,7 @@
 //! serves everybody); it holds no lock while flushing and its queue is bounded.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -58,7 +58,9 @@ impl CommitStats {
 /// Owns the commit thread; dropping it lets queued tickets complete, then joins
 /// the thread (which releases its handle on the database).
 pub struct Committer {
-    tx: Option<SyncSender<Waiter>>,
+    /// The only strong handle on the queue's sender: journals hold weak ones
+    /// ([`TicketQueue`]), so dropping the committer still ends its thread.
+    tx: Option<Arc<SyncSender<Waiter>>>,
     stats: Arc<Mutex<CommitStats>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -82,22 +84,49 @@ impl Committer {
             .name("kami-commit".into())
             .spawn(move || run(db, journals, log, rx, max_batch, linger, thread_stats))
             .expect("spawn commit thread");
-        Committer { tx: Some(tx), stats, thread: Some(thread) }
+        Committer { tx: Some(Arc::new(tx)), stats, thread: Some(thread) }
     }
 
     /// Queues a ticket for the next flush. Call only after the writes it must cover.
     pub fn ticket(&self) -> Result<Ticket, StorageError> {
-        let (tx, rx) = oneshot::channel();
         let Some(sender) = &self.tx else { return Err(StorageError::Closed) };
-        match sender.try_send(tx) {
-            Ok(()) => Ok(Ticket(rx)),
-            Err(TrySendError::Full(_)) => Err(StorageError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(StorageError::Closed),
-        }
+        queue(sender)
+    }
+
+    /// A handle that queues tickets on this committer without keeping it alive.
+    pub(crate) fn queue(&self) -> TicketQueue {
+        TicketQueue(self.tx.as_ref().map_or_else(Weak::new, Arc::downgrade))
     }
 
     pub fn stats(&self) -> std::sync::MutexGuard<'_, CommitStats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn queue(sender: &SyncSender<Waiter>) -> Result<Ticket, StorageError> {
+    let (tx, rx) = oneshot::channel();
+    match sender.try_send(tx) {
+        Ok(()) => Ok(Ticket(rx)),
+        Err(TrySendError::Full(_)) => Err(StorageError::Busy),
+        Err(TrySendError::Disconnected(_)) => Err(StorageError::Closed),
+    }
+}
+
+/// Queues tickets on a [`Committer`] (what a local journal gives its writers);
+/// [`StorageError::Closed`] once the committer is gone.
+#[derive(Clone)]
+pub(crate) struct TicketQueue(Weak<SyncSender<Waiter>>);
+
+impl TicketQueue {
+    /// A queue on no committer (tests that never wait for a flush).
+    #[cfg(test)]
+    pub(crate) fn none() -> TicketQueue {
+        TicketQueue(Weak::new())
+    }
+
+    pub(crate) fn ticket(&self) -> Result<Ticket, StorageError> {
+        let sender = self.0.upgrade().ok_or(StorageError::Closed)?;
+        queue(&sender)
     }
 }
 

@@ -479,6 +479,16 @@ impl StreamJournal {
     }
 }
 
+impl<E: serde::Serialize> super::EventLog<E> for StreamJournal {
+    fn append_all(&self, first: u64, events: &[E]) -> Result<usize, StorageError> {
+        StreamJournal::append_all(self, first, events)
+    }
+
+    fn ticket(&self) -> Result<Ticket, StorageError> {
+        StreamJournal::ticket(self)
+    }
+}
+
 impl Drop for StreamJournal {
     fn drop(&mut self) {
         self.shared.pending().closed = true;

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::codec::{self, Kind};
+use super::commit::{Ticket, TicketQueue};
 use super::StorageError;
 
 /// Space allocated ahead of the writes of a segment.
@@ -769,6 +770,8 @@ pub(crate) fn push_frame<E: serde::Serialize>(buf: &mut Vec<u8>, seq: u64, event
 /// ledger), numbered from 1 without gaps.
 pub struct Journal<E = crate::domain::Event> {
     file: Arc<JournalFile>,
+    /// The group commit that makes its appends durable.
+    tickets: TicketQueue,
     /// See [`super::Storage::open_handles`].
     _handle: Arc<()>,
     _events: std::marker::PhantomData<fn(&E)>,
@@ -776,13 +779,18 @@ pub struct Journal<E = crate::domain::Event> {
 
 impl<E> Clone for Journal<E> {
     fn clone(&self) -> Self {
-        Journal { file: self.file.clone(), _handle: self._handle.clone(), _events: std::marker::PhantomData }
+        Journal {
+            file: self.file.clone(),
+            tickets: self.tickets.clone(),
+            _handle: self._handle.clone(),
+            _events: std::marker::PhantomData,
+        }
     }
 }
 
 impl<E: serde::Serialize> Journal<E> {
-    pub(crate) fn new(file: Arc<JournalFile>, handle: Arc<()>) -> Journal<E> {
-        Journal { file, _handle: handle, _events: std::marker::PhantomData }
+    pub(crate) fn new(file: Arc<JournalFile>, tickets: TicketQueue, handle: Arc<()>) -> Journal<E> {
+        Journal { file, tickets, _handle: handle, _events: std::marker::PhantomData }
     }
 
     pub(crate) fn file(&self) -> &Arc<JournalFile> {
@@ -828,6 +836,11 @@ impl<E: serde::Serialize> Journal<E> {
         Ok(size)
     }
 
+    /// A claim on the group flush that makes every append made so far durable.
+    pub fn ticket(&self) -> Result<Ticket, StorageError> {
+        self.tickets.ticket()
+    }
+
     /// Starts a new segment (after a snapshot), see [`JournalFile::roll`].
     pub fn roll(&self) -> Result<(), StorageError> {
         self.file.roll()?;
@@ -869,6 +882,46 @@ impl<E: serde::Serialize> Journal<E> {
     }
 }
 
+/// The journal of one journaled actor, whatever keeps it: an append-only log of
+/// events `E` numbered from 1 without gaps, whose appends become durable together
+/// (group commit). Two backends: [`Journal`] (segment files on this host, made
+/// durable by the storage's commit thread) and
+/// [`StreamJournal`](super::jetstream::StreamJournal) (a subject of a replicated
+/// JetStream stream, durable once the stream's quorum acknowledged it).
+///
+/// The protocol is the same for both: append on the actor's thread (encoding
+/// only, no I/O), then take a ticket; the ticket completes once every record
+/// appended before it was taken is durable, or fails, and then the writer must
+/// rebuild from what is durable (memory may be ahead of it).
+pub trait EventLog<E>: Send + Sync {
+    /// Appends `events` as records `first..` (the next ones), in one write.
+    /// Returns their encoded size.
+    fn append_all(&self, first: u64, events: &[E]) -> Result<usize, StorageError>;
+
+    /// A claim on the write that makes every record appended so far durable.
+    fn ticket(&self) -> Result<Ticket, StorageError>;
+
+    /// Called as a snapshot is begun: records after it may start a new unit of
+    /// removal (a segment file), so that trimming what the snapshot covers is cheap.
+    fn roll(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+impl<E: serde::Serialize> EventLog<E> for Journal<E> {
+    fn append_all(&self, first: u64, events: &[E]) -> Result<usize, StorageError> {
+        Journal::append_all(self, first, events)
+    }
+
+    fn ticket(&self) -> Result<Ticket, StorageError> {
+        Journal::ticket(self)
+    }
+
+    fn roll(&self) -> Result<(), StorageError> {
+        Journal::roll(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -879,7 +932,7 @@ mod tests {
     }
 
     fn journal(file: &Arc<JournalFile>) -> Journal<u64> {
-        Journal::new(file.clone(), Arc::new(()))
+        Journal::new(file.clone(), TicketQueue::none(), Arc::new(()))
     }
 
     fn seqs(file: &JournalFile, after: u64) -> (Vec<u64>, End) {

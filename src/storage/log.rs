@@ -452,6 +452,7 @@ pub(crate) fn redo(
 mod tests {
     use super::*;
     use crate::storage::codec::{self, Kind};
+    use crate::storage::commit::TicketQueue;
     use crate::storage::journal::{DirtyJournals, Journal};
     use std::fs::OpenOptions;
 
@@ -495,8 +496,10 @@ mod tests {
         let mut log = CommitLog::open(&base).unwrap();
         {
             let (a, b) = (open_journal(&a_dir), open_journal(&b_dir));
-            let (ja, jb): (Journal<u64>, Journal<u64>) =
-                (Journal::new(a.clone(), Arc::new(())), Journal::new(b.clone(), Arc::new(())));
+            let (ja, jb): (Journal<u64>, Journal<u64>) = (
+                Journal::new(a.clone(), TicketQueue::none(), Arc::new(())),
+                Journal::new(b.clone(), TicketQueue::none(), Arc::new(())),
+            );
             ja.append_all(1, &[1, 2]).unwrap();
             jb.append(1, &10).unwrap();
             commit(&mut log, &[&a, &b]);
@@ -527,7 +530,7 @@ mod tests {
         let a_dir = base.join("stock/p/0");
         let mut log = CommitLog::open(&base).unwrap();
         let a = open_journal(&a_dir);
-        let ja: Journal<u64> = Journal::new(a.clone(), Arc::new(()));
+        let ja: Journal<u64> = Journal::new(a.clone(), TicketQueue::none(), Arc::new(()));
         ja.append(1, &1).unwrap();
         commit(&mut log, &[&a]);
         ja.append(2, &2).unwrap();
@@ -586,7 +589,7 @@ mod tests {
         let a_dir = base.join("stock/p/0");
         let mut log = CommitLog::open(&base).unwrap();
         let a = open_journal(&a_dir);
-        let ja: Journal<Vec<u8>> = Journal::new(a.clone(), Arc::new(()));
+        let ja: Journal<Vec<u8>> = Journal::new(a.clone(), TicketQueue::none(), Arc::new(()));
         let big = vec![7u8; 1 << 20];
         let mut seq = 0;
         while log.file.is_some() || log.generation == 0 {

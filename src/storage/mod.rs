@@ -66,8 +66,8 @@ use crate::domain::terms::Terms;
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use codec::Kind;
 pub use commit::{Committer, Ticket};
-pub use journal::Journal;
 use journal::{DirtyJournals, End, JournalFile};
+pub use journal::{EventLog, Journal};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorageError {
@@ -465,7 +465,7 @@ impl Storage {
 
     /// The journal in `dir`, shared with every other open handle on it.
     fn open_journal<E: serde::Serialize>(&self, dir: std::path::PathBuf) -> Result<Journal<E>, StorageError> {
-        Ok(Journal::new(self.journal_file(dir)?, self.handles.clone()))
+        Ok(Journal::new(self.journal_file(dir)?, self.committer.queue(), self.handles.clone()))
     }
 
     fn journal_file(&self, dir: std::path::PathBuf) -> Result<Arc<JournalFile>, StorageError> {

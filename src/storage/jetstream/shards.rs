@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{JetStream, StreamJournal};
+use super::{Frames, JetStream, StreamJournal};
 use crate::domain::{Event, ProductInfo, Shard, ShardId};
 use crate::storage::codec::{self, Kind};
 use crate::storage::{Storage, StorageError};
@@ -17,8 +17,41 @@ pub struct StreamRecovered {
     pub journal: StreamJournal,
     pub last_seq: u64,
     pub snapshot_seq: u64,
+    /// Size of the snapshot it started from (0: none).
+    pub snapshot_bytes: u64,
+    /// Size of the records replayed after it.
+    pub journal_bytes: u64,
     pub replayed: u64,
     pub elapsed: Duration,
+}
+
+/// Decodes a stored snapshot of `journal` taken at `seq`.
+fn decode_snapshot(journal: &str, seq: u64, bytes: &[u8]) -> Result<Shard, StorageError> {
+    let mut shard = codec::decode_snapshot(bytes).map_err(|e| StorageError::Corrupt {
+        place: format!("snapshot of {journal} at {seq}"),
+        error: e.to_string(),
+    })?;
+    shard.rebuild_indexes();
+    Ok(shard)
+}
+
+/// Replays record `seq` (encoded `record`) onto `shard`, whose state is at `last`:
+/// as local recovery does, a gap or a record that decodes but contradicts the state
+/// is corrupt, never skipped.
+fn replay(journal: &str, shard: &mut Shard, last: u64, seq: u64, record: &[u8]) -> Result<(), StorageError> {
+    let place = || format!("{journal} record {seq}");
+    if seq != last + 1 {
+        return Err(StorageError::Corrupt {
+            place: place(),
+            error: format!("the journal goes on from record {seq}, the state is at {last}"),
+        });
+    }
+    let event: Event = codec::decode(Kind::Event, record)
+        .map_err(|e| StorageError::Corrupt { place: place(), error: e.to_string() })?;
+    crate::domain::catch_broken_step(|| shard.apply_owned(event)).map_err(|panic| StorageError::Corrupt {
+        place: place(),
+        error: format!("the record decodes but contradicts the state before it: {panic}"),
+    })
 }
 
 /// The journal name (subject) of a stock shard: `stock.{product}.{shard}` (product
@@ -33,38 +66,18 @@ impl JetStream {
     pub async fn recover_shard(&self, id: &ShardId, product: &ProductInfo) -> Result<StreamRecovered, StorageError> {
         let started = Instant::now();
         let journal = shard_journal(id);
-        let (snapshot_seq, mut shard) = match self.snapshot(&journal).await? {
-            Some((seq, bytes)) => {
-                let mut shard = codec::decode_snapshot(&bytes).map_err(|e| StorageError::Corrupt {
-                    place: format!("snapshot of {journal} at {seq}"),
-                    error: e.to_string(),
-                })?;
-                shard.rebuild_indexes();
-                (seq, shard)
-            }
-            None => (0, Shard::new(product.clone(), id.shard)),
+        let (snapshot_seq, snapshot_bytes, mut shard) = match self.snapshot(&journal).await? {
+            Some((seq, bytes)) => (seq, bytes.len() as u64, decode_snapshot(&journal, seq, &bytes)?),
+            None => (0, 0, Shard::new(product.clone(), id.shard)),
         };
         let mut last = snapshot_seq;
-        let mut replayed = 0u64;
+        let (mut replayed, mut journal_bytes) = (0u64, 0u64);
         let opened = self
             .open(&journal, snapshot_seq, |seq, record| {
-                let place = || format!("{journal} record {seq}");
-                if seq != last + 1 {
-                    return Err(StorageError::Corrupt {
-                        place: place(),
-                        error: format!("the journal goes on from record {seq}, the state is at {last}"),
-                    });
-                }
-                let event: Event = codec::decode(Kind::Event, record)
-                    .map_err(|e| StorageError::Corrupt { place: place(), error: e.to_string() })?;
-                crate::domain::catch_broken_step(|| shard.apply_owned(event)).map_err(|panic| {
-                    StorageError::Corrupt {
-                        place: place(),
-                        error: format!("the record decodes but contradicts the state before it: {panic}"),
-                    }
-                })?;
+                replay(&journal, &mut shard, last, seq, record)?;
                 last = seq;
                 replayed += 1;
+                journal_bytes += record.len() as u64;
                 Ok(())
             })
             .await?;
@@ -82,6 +95,8 @@ impl JetStream {
             last_seq: opened.last_seq(),
             journal: opened,
             snapshot_seq,
+            snapshot_bytes,
+            journal_bytes,
             replayed,
             elapsed: started.elapsed(),
         })
@@ -99,17 +114,74 @@ impl JetStream {
         seq: u64,
         shard: &Shard,
     ) -> Result<bool, StorageError> {
+        self.store_shard_snapshot(id, journal, seq, &Storage::encode_snapshot(shard, 0)).await
+    }
+
+    /// [`JetStream::snapshot_shard`] of a snapshot already encoded (off the
+    /// actor's thread).
+    pub async fn store_shard_snapshot(
+        &self,
+        id: &ShardId,
+        journal: &StreamJournal,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<bool, StorageError> {
         if journal.durable_seq() < seq {
             return Err(StorageError::Remote(format!(
                 "a snapshot at {seq} of {id}, whose journal is acknowledged only through {}",
                 journal.durable_seq()
             )));
         }
-        let bytes = Storage::encode_snapshot(shard, 0);
-        let stored = self.put_snapshot(&shard_journal(id), seq, &bytes).await?;
+        let stored = self.put_snapshot(&shard_journal(id), seq, bytes).await?;
         if stored {
             journal.purge_through(seq).await?;
         }
         Ok(stored)
+    }
+
+    /// Shard `id` as of its journal record `seq`, for a snapshot built off its
+    /// actor's thread: the stored snapshot and the journal after it through `seq`.
+    /// The messages are read here; their records are decoded and replayed on a
+    /// blocking thread (a journal's worth of work).
+    pub async fn shard_as_of(&self, id: &ShardId, product: &ProductInfo, seq: u64) -> Result<Shard, StorageError> {
+        let journal = shard_journal(id);
+        let stored = self.snapshot(&journal).await?;
+        let from = stored.as_ref().map_or(0, |(at, _)| *at);
+        // The frames of the messages that may hold records `from+1..=seq`, end to end.
+        let mut frames = Vec::new();
+        if from < seq {
+            self.read_subject(&self.subject(&journal)?, &mut |_, payload| {
+                let first = payload.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                if first <= seq {
+                    frames.extend_from_slice(payload);
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let product = product.clone();
+        let shard_index = id.shard;
+        let built = tokio::task::spawn_blocking(move || {
+            let (mut last, mut shard) = match stored {
+                Some((at, bytes)) => (at, decode_snapshot(&journal, at, &bytes)?),
+                None => (0, Shard::new(product, shard_index)),
+            };
+            for frame in Frames(&frames) {
+                let (at, record) = frame.map_err(|error| StorageError::Corrupt { place: journal.clone(), error })?;
+                if at <= last || at > seq {
+                    continue;
+                }
+                replay(&journal, &mut shard, last, at, record)?;
+                last = at;
+            }
+            if last != seq {
+                return Err(StorageError::Corrupt {
+                    place: journal,
+                    error: format!("the journal ends at record {last}, before record {seq}"),
+                });
+            }
+            Ok(shard)
+        });
+        built.await.map_err(|e| StorageError::Remote(format!("rebuilding a snapshot failed: {e}")))?
     }
 }
