@@ -486,9 +486,22 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         let _ = stop_rx.await;
     }));
 
+    let stream = match settings.storage.backend {
+        crate::config::StorageBackend::Local => None,
+        crate::config::StorageBackend::Jetstream => {
+            let options = settings.storage.jetstream.options();
+            let urls = options.urls.join(",");
+            let js = crate::storage::jetstream::JetStream::connect(options)
+                .await
+                .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
+            storage.keep_stock_elsewhere();
+            tracing::info!(urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
+            Some(js)
+        }
+    };
     let env = Arc::new(ShardEnv {
         storage: storage.clone(),
-        stream: None,
+        stream,
         claims: Arc::new(crate::actors::claims::PaymentClaims::new()),
         clock: clock.clone(),
         ttl_ms: settings.orders.ttl_secs * 1000,

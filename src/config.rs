@@ -214,6 +214,43 @@ pub struct StorageSettings {
     pub max_commit_batch: usize,
     pub commit_linger_us: u64,
     pub snapshot_min_journal_bytes: u64,
+    /// Where stock shards' journals and snapshots are kept: `local` (in `path`)
+    /// or `jetstream` (a replicated NATS JetStream stream, `[storage.jetstream]`).
+    pub backend: StorageBackend,
+    pub jetstream: JetStreamSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    Local,
+    Jetstream,
+}
+
+/// The replicated stream stock journals live in with `storage.backend = "jetstream"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamSettings {
+    /// Servers, comma-separated (`nats://host:port`, any of the cluster's).
+    pub urls: String,
+    /// The stream's name (snapshots go to `{stream}_SNAP`).
+    pub stream: String,
+    /// Copies the servers keep of every message: 1, 3 or 5.
+    pub replicas: usize,
+    /// Longest a publish, read or purge may take before it counts as failed.
+    pub timeout_ms: u64,
+}
+
+impl JetStreamSettings {
+    pub fn options(&self) -> crate::storage::jetstream::JetStreamOptions {
+        crate::storage::jetstream::JetStreamOptions {
+            urls: self.urls.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect(),
+            stream: self.stream.clone(),
+            replicas: self.replicas,
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -626,6 +663,27 @@ impl Settings {
         check(self.storage.max_pending_commits >= 1, "storage.max_pending_commits", "must be at least 1")?;
         check(self.storage.max_commit_batch >= 1, "storage.max_commit_batch", "must be at least 1")?;
         check(self.storage.commit_linger_us <= 100_000, "storage.commit_linger_us", "must be at most 100000")?;
+        if self.storage.backend == StorageBackend::Jetstream {
+            let js = &self.storage.jetstream;
+            check(!js.options().urls.is_empty(), "storage.jetstream.urls", "must name at least one server")?;
+            check(
+                !js.stream.is_empty() && js.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+                "storage.jetstream.stream",
+                "must be letters, digits, '_' or '-'",
+            )?;
+            check([1, 3, 5].contains(&js.replicas), "storage.jetstream.replicas", "must be 1, 3 or 5")?;
+            check((100..=60_000).contains(&js.timeout_ms), "storage.jetstream.timeout_ms", "must be 100..=60000")?;
+            check(
+                self.webhooks.endpoints.is_empty(),
+                "webhooks.endpoints",
+                "the event feed reads local journals: not with storage.backend = \"jetstream\"",
+            )?;
+            check(
+                self.backup.archive_dir.as_os_str().is_empty(),
+                "backup.archive_dir",
+                "continuous archiving reads local journals: not with storage.backend = \"jetstream\"",
+            )?;
+        }
         check(self.actors.arbiters <= 1024, "actors.arbiters", "must be at most 1024")?;
         check(
             (1..=1_000_000).contains(&self.actors.mailbox_capacity),

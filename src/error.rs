@@ -53,6 +53,10 @@ pub enum Error {
     WebhooksFull(usize),
     #[error("a backup is being written; one at a time")]
     BackupRunning,
+    /// A feature this server's configuration does not offer (e.g. one that reads
+    /// local journals while they are kept in a replicated stream).
+    #[error("not offered by this server: {0}")]
+    Unsupported(String),
 }
 
 impl Error {
@@ -77,6 +81,7 @@ impl Error {
             Error::WebhookFromConfig(_) => "webhook_from_config",
             Error::WebhooksFull(_) => "webhooks_full",
             Error::BackupRunning => "backup_running",
+            Error::Unsupported(_) => "unsupported",
         }
     }
 }

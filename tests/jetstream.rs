@@ -5,6 +5,8 @@
 //! the loss of any one); leases on shards are held by one node at a time and end
 //! on the holder's clock before anyone else may take them.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -1030,5 +1032,84 @@ mod actors_on_the_stream {
             assert!(r.shard.orders().iter().all(|o| o.buyer != "stale@example.com"), "a refused order never appears");
             assert!(created.len() >= 40);
         });
+    }
+}
+
+/// The `kami` binary with `storage.backend = "jetstream"`.
+mod a_server_on_the_stream {
+    use super::common::{assert_audit_ok, reply, Server, ADMIN};
+    use super::*;
+
+    /// Files under `dir` with any bytes in them.
+    fn written_files(dir: &std::path::Path) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for entry in entries.map_while(Result::ok) {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(written_files(&path));
+            } else if entry.metadata().is_ok_and(|m| m.len() > 0) {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_keeps_stock_in_the_stream_and_serves_every_acknowledged_purchase_after_kill_9() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let url = nats.options().urls.join(",");
+        let env = [
+            ("KAMI_STORAGE__BACKEND", "jetstream"),
+            ("KAMI_STORAGE__JETSTREAM__URLS", url.as_str()),
+            ("KAMI_STORAGE__JETSTREAM__STREAM", "KAMISERVER"),
+            ("KAMI_STORAGE__JETSTREAM__REPLICAS", "1"),
+            ("KAMI_ACTORS__ARBITERS", "2"),
+        ];
+        let mut server = Server::start(&data, &env);
+        let api = server.api();
+        assert_eq!(api.create_product("hot", 990, 0, 2).await.status, 201);
+        let keys: Vec<String> = (0..100).map(|i| format!("hot-K{i}")).collect();
+        assert_eq!(api.import("hot", &keys).await.status, 200);
+        let mut bought = Vec::new();
+        for i in 0..30 {
+            let created = api.order("hot", 1, &format!("buyer{i}@example.com"), None).await;
+            assert_eq!(created.status, 201, "{:?}", created.body);
+            let id = created.body["order_id"].as_str().unwrap().to_string();
+            let token = created.body["query_token"].as_str().unwrap().to_string();
+            let paid = api.notify(&id, &format!("pay-{id}"), 990).await;
+            assert_eq!(paid.status, 200, "{:?}", paid.body);
+            let seen = api.get_order(&id, &token).await;
+            assert_eq!(seen.body["status"], "delivered", "{:?}", seen.body);
+            bought.push((id, token, seen.body["keys"].clone()));
+        }
+        // Stock lives in the stream: nothing of it in the data directory.
+        assert_eq!(written_files(&data.join("journal").join("stock")), Vec::<PathBuf>::new());
+        // What reads local journals says it is not offered, with a stable code.
+        let webhook = serde_json::json!({"name": "crm", "url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"});
+        let refused =
+            reply(api.http.post(format!("{}/api/v1/admin/webhooks", api.url)).bearer_auth(ADMIN).json(&webhook)).await;
+        assert_eq!((refused.status, refused.code()), (501, "unsupported"), "{:?}", refused.body);
+        let refused = reply(api.http.post(format!("{}/api/v1/admin/backup", api.url)).bearer_auth(ADMIN)).await;
+        assert_eq!((refused.status, refused.code()), (501, "unsupported"), "{:?}", refused.body);
+
+        server.kill9();
+        let server = Server::start(&data, &env);
+        let api = server.api();
+        let mut delivered = BTreeSet::new();
+        for (id, token, keys) in &bought {
+            let seen = api.get_order(id, token).await;
+            assert_eq!(seen.status, 200, "{id} after kill -9: {:?}", seen.body);
+            assert_eq!(seen.body["status"], "delivered");
+            assert_eq!(&seen.body["keys"], keys, "{id} shows the key it was sold");
+            assert_eq!(keys.as_array().map(Vec::len), Some(1));
+            assert!(delivered.insert(keys.to_string()), "a key sold twice");
+        }
+        assert_audit_ok(&api.audit().await);
+        let after = api.order("hot", 1, "after@example.com", None).await;
+        assert_eq!(after.status, 201, "the restarted server sells on: {:?}", after.body);
     }
 }

@@ -87,6 +87,21 @@ pub struct Rebuilt {
     pub last_seq: u64,
     pub journal_bytes: u64,
     pub snapshot_bytes: u64,
+    /// Records replayed after the snapshot.
+    pub replayed: u64,
+}
+
+/// Rebuilds shard `id` from whichever backend keeps it ([`ShardEnv::stream`] or
+/// the local storage, read on a blocking thread).
+pub async fn rebuild(env: &ShardEnv, id: ShardId, product: ProductInfo) -> Result<Rebuilt, StorageError> {
+    match &env.stream {
+        Some(js) => Ok(js.recover_shard(&id, &product).await?.into()),
+        None => {
+            let storage = env.storage.clone();
+            let recovered = tokio::task::spawn_blocking(move || storage.recover(&id, &product));
+            Ok(recovered.await.map_err(|e| StorageError::Sled(format!("recovery task failed: {e}")))??.into())
+        }
+    }
 }
 
 impl From<Recovered> for Rebuilt {
@@ -98,6 +113,7 @@ impl From<Recovered> for Rebuilt {
             last_seq: r.last_seq,
             journal_bytes: r.journal_bytes,
             snapshot_bytes: r.snapshot_bytes,
+            replayed: r.replayed,
         }
     }
 }
@@ -112,6 +128,7 @@ impl From<StreamRecovered> for Rebuilt {
             last_seq: r.last_seq,
             journal_bytes: r.journal_bytes,
             snapshot_bytes: r.snapshot_bytes,
+            replayed: r.replayed,
         }
     }
 }

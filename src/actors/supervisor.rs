@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::registry::{start_shard, ProductRoute, Registry, ShelfCell, TermsCell};
-use super::shard::ShardEnv;
+use super::shard::{rebuild, Rebuilt, ShardEnv};
 use super::Kill;
 use crate::domain::terms::Terms;
 use crate::domain::{ProductInfo, ShardId};
@@ -61,16 +61,16 @@ impl ProductSupervisor {
         let mut jobs = Vec::new();
         for product in &products {
             for shard in 0..product.shards {
-                let (storage, product, claims) = (env.storage.clone(), product.clone(), env.claims.clone());
-                jobs.push(tokio::task::spawn_blocking(move || {
+                let (env, product) = (env.clone(), product.clone());
+                jobs.push(tokio::spawn(async move {
                     let id = ShardId::new(product.id.clone(), shard);
-                    let r = storage.recover(&id, &product)?;
+                    let r = rebuild(&env, id.clone(), product.clone()).await?;
                     // The claims index is rebuilt from the payments each shard
                     // recorded (a conflict is logged; the audit names it).
                     for p in r.shard.payments() {
                         let order = crate::domain::OrderId { shard: id.clone(), seq: p.order_seq }.to_string();
                         let key = crate::domain::shard::payment_key(&p.channel, &p.payment_id);
-                        if claims.claim(&key, &order).is_err() {
+                        if env.claims.claim(&key, &order).is_err() {
                             tracing::error!(payment = %key, %order, "one payment id pays two orders");
                         }
                     }
@@ -100,7 +100,7 @@ impl ProductSupervisor {
                 shards_by_product.push((product.clone(), (shelf, Arc::new(TermsCell::new(terms))), Vec::new()));
             }
             let (_, (shelf, terms), handles) = shards_by_product.last_mut().expect("pushed above");
-            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), &product, (shelf, terms), recovered.into()));
+            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), &product, (shelf, terms), recovered));
         }
         for (info, (shelf, terms), shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
@@ -118,22 +118,31 @@ impl ProductSupervisor {
         (index, self.arbiters[index].clone())
     }
 
-    /// Rebuilds every shard of `info` from storage, then starts their actors and
-    /// publishes the route. Nothing starts unless every shard was rebuilt, so a
-    /// failure never leaves an unregistered actor writing to a journal.
-    fn start_product(&mut self, info: &ProductInfo) -> Result<(), StorageError> {
-        let recovered = (0..info.shards)
-            .map(|shard| self.env.storage.recover(&ShardId::new(info.id.clone(), shard), info))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// Rebuilds every shard of `info` from storage (in parallel), then starts their
+    /// actors and publishes the route. Nothing starts unless every shard was
+    /// rebuilt, so a failure never leaves an unregistered actor writing to a journal.
+    fn start_product(&mut self, info: ProductInfo) -> impl ActorFuture<Self, Output = Result<(), StorageError>> {
+        let env = self.env.clone();
+        let product = info.clone();
+        let rebuilding = async move {
+            let shards =
+                (0..product.shards).map(|s| rebuild(&env, ShardId::new(product.id.clone(), s), product.clone()));
+            futures::future::try_join_all(shards).await
+        };
+        fut::wrap_future::<_, Self>(rebuilding).map(move |rebuilt, act, _| act.install_product(&info, rebuilt?))
+    }
+
+    /// Starts the actors of `info`'s rebuilt shards and publishes the route.
+    fn install_product(&mut self, info: &ProductInfo, rebuilt: Vec<Rebuilt>) -> Result<(), StorageError> {
         let (shelf, since) = self.env.storage.shelf(&info.id)?;
         let shelf = Arc::new(ShelfCell::new(shelf, since));
         let terms = self.env.storage.terms(&info.id)?.unwrap_or_else(|| Terms::of(info));
         let terms = Arc::new(TermsCell::new(terms));
-        let shards = recovered
+        let shards = rebuilt
             .into_iter()
             .map(|r| {
                 let arbiter = self.pick_arbiter();
-                start_shard(&self.env, (arbiter.0, &arbiter.1), info, (&shelf, &terms), r.into())
+                start_shard(&self.env, (arbiter.0, &arbiter.1), info, (&shelf, &terms), r)
             })
             .collect();
         self.registry.insert(ProductRoute::new(info.clone(), shards, shelf, terms));
@@ -149,7 +158,7 @@ impl Supervised for ProductSupervisor {
     /// The supervisor's state is the registry, which lives outside the actor; a
     /// restart re-reads the product records and starts any product that storage
     /// holds but the registry lacks (a creation interrupted by the crash).
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         metrics::counter!("kami_actor_restarts_total", "actor" => "orders").increment(1);
         let products = match self.env.storage.load_products() {
             Ok(p) => p,
@@ -160,10 +169,11 @@ impl Supervised for ProductSupervisor {
         };
         let registry = self.registry.clone();
         for info in products.iter().filter(|p| registry.get(&p.id).is_none()) {
-            match self.start_product(info) {
-                Ok(()) => tracing::warn!(product = %info.id, "product found in storage only; started it"),
-                Err(e) => tracing::error!(product = %info.id, error = %e, "product could not be started"),
-            }
+            let id = info.id.clone();
+            ctx.spawn(self.start_product(info.clone()).map(move |started, _, _| match started {
+                Ok(()) => tracing::warn!(product = %id, "product found in storage only; started it"),
+                Err(e) => tracing::error!(product = %id, error = %e, "product could not be started"),
+            }));
         }
         tracing::info!(products = products.len(), "product supervisor restarted");
     }
@@ -179,22 +189,31 @@ impl Handler<Kill> for ProductSupervisor {
 }
 
 impl Handler<CreateProduct> for ProductSupervisor {
-    type Result = ResponseFuture<Result<ProductInfo, SupervisorError>>;
+    type Result = ResponseActFuture<Self, Result<ProductInfo, SupervisorError>>;
 
     fn handle(&mut self, msg: CreateProduct, _ctx: &mut Context<Self>) -> Self::Result {
         let info = msg.0;
-        let result = (|| {
+        let inserted = (|| {
             if self.registry.get(&info.id).is_some() || !self.env.storage.insert_product(&info)? {
                 return Err(SupervisorError::Exists);
             }
-            self.start_product(&info)?;
-            Ok(self.env.storage.ticket()?)
+            Ok(())
         })();
-        Box::pin(async move {
-            // Orders on the new product can only be acknowledged after a flush that
-            // also covers the product record, so publishing the route first is safe.
-            result?.wait().await?;
-            Ok(info)
-        })
+        if let Err(e) = inserted {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        let started = self.start_product(info.clone()).map(|started, act, _| {
+            started?;
+            Ok::<_, SupervisorError>(act.env.storage.ticket()?)
+        });
+        Box::pin(started.then(move |ticket, _, _| {
+            fut::wrap_future(async move {
+                // Orders on the new product can only be acknowledged after a flush
+                // that also covers the product record, so publishing the route
+                // first is safe.
+                ticket?.wait().await?;
+                Ok(info)
+            })
+        }))
     }
 }

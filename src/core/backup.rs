@@ -68,6 +68,12 @@ impl Kami {
     /// journal, with the sled trees, and with `passphrase` the generated secrets
     /// sealed by it. Selling goes on. 409 `backup_running` while one is written.
     pub fn backup(&self, passphrase: Option<String>) -> Result<BackupStream, Error> {
+        if self.storage.stock_elsewhere() {
+            return Err(Error::Unsupported(
+                "backups with storage.backend = \"jetstream\" (the stream's own copies and snapshots keep stock)"
+                    .into(),
+            ));
+        }
         if self.backup_running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             return Err(Error::BackupRunning);
         }

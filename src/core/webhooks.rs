@@ -89,6 +89,9 @@ pub enum Redeliver {
 pub struct Webhooks {
     endpoints: RwLock<BTreeMap<String, Arc<Endpoint>>>,
     pub settings: WebhookSettings,
+    /// Why endpoints cannot be added, if they cannot: the event feed reads the
+    /// local journals, which `storage.backend = "jetstream"` does not write.
+    pub refused: Option<String>,
 }
 
 fn types_of(settings: &EndpointSettings) -> Vec<EventType> {
@@ -148,7 +151,10 @@ impl Webhooks {
             }
             e.live.dead.store(storage.dead_letter_count(&e.name)? as u64, Ordering::Relaxed);
         }
-        Ok(Webhooks { endpoints: RwLock::new(endpoints), settings: settings.clone() })
+        let refused = storage
+            .stock_elsewhere()
+            .then(|| "webhooks with storage.backend = \"jetstream\" (the event feed reads local journals)".to_string());
+        Ok(Webhooks { endpoints: RwLock::new(endpoints), settings: settings.clone(), refused })
     }
 
     pub fn all(&self) -> Vec<Arc<Endpoint>> {
@@ -182,6 +188,9 @@ impl Kami {
         }
         if let Some(problem) = new.settings.problem() {
             return Err(Error::Invalid(problem));
+        }
+        if let Some(why) = &self.webhooks.refused {
+            return Err(Error::Unsupported(why.clone()));
         }
         let _one = self.merchant_writes.lock().await;
         if self.webhooks.get(&new.name).is_some() {

@@ -96,6 +96,7 @@ impl From<Error> for ApiError {
                 StatusCode::CONFLICT
             }
             Error::ChannelFailed { .. } => StatusCode::BAD_GATEWAY,
+            Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

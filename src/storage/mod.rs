@@ -135,6 +135,9 @@ pub struct Storage {
     /// Backups running: while any is, trims wait (see [`backup`]); a trim holds
     /// the gate's read side while it works, a backup starting its write side.
     backups: std::sync::atomic::AtomicUsize,
+    /// Stock journals and snapshots are kept in a replicated stream, not here
+    /// (`storage.backend = "jetstream"`): what reads them from here is off.
+    stock_elsewhere: std::sync::atomic::AtomicBool,
     trim_gate: std::sync::RwLock<()>,
     /// With continuous archiving on: each journal's last record shipped to the
     /// archive (absent: none yet). Trims keep every record after it.
@@ -343,6 +346,7 @@ impl Storage {
             committer,
             handles: Arc::new(()),
             backups: Default::default(),
+            stock_elsewhere: Default::default(),
             trim_gate: Default::default(),
             archive_floor: Default::default(),
         });
@@ -504,6 +508,17 @@ impl Storage {
     /// every sled handle is dropped and the directory can be opened again.
     pub fn open_handles(&self) -> std::sync::Weak<()> {
         Arc::downgrade(&self.handles)
+    }
+
+    /// Records that stock journals and snapshots are kept in a replicated stream:
+    /// features that read them from here (the webhook feed, backups) refuse.
+    pub fn keep_stock_elsewhere(&self) {
+        self.stock_elsewhere.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether [`Storage::keep_stock_elsewhere`] was called.
+    pub fn stock_elsewhere(&self) -> bool {
+        self.stock_elsewhere.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A claim on the next group flush; call after the writes it must cover.
