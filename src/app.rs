@@ -25,6 +25,9 @@ use crate::http::{self, AppState};
 use crate::payments::{Channels, RetiringSecret};
 use crate::storage::{Storage, StorageOptions};
 
+/// The exit status of a server that lost its stream's writer lease.
+pub const EXIT_WRITER_LOST: i32 = 75;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("storage at {path}: {error}")]
@@ -494,8 +497,20 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             let js = crate::storage::jetstream::JetStream::connect(options)
                 .await
                 .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
+            // One server writes a stream: a second one is refused here, and this one
+            // stops if it ever loses the lease (another server took the stream over).
+            let node = format!("kami-{}-{:08x}", std::process::id(), rand::random::<u32>());
+            let patience = crate::cluster::writer::TTL * 2 + Duration::from_secs(1);
+            let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
+                StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
+            })?;
+            tokio::spawn(async move {
+                let why = writer.keep().await;
+                tracing::error!(error = %why, "lost the stream's writer lease (another server may be writing it); stopping at once: everything acknowledged is in the stream");
+                std::process::exit(EXIT_WRITER_LOST);
+            });
             storage.keep_stock_elsewhere();
-            tracing::info!(urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
+            tracing::info!(node = %node, urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
             Some(js)
         }
     };

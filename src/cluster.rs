@@ -5,6 +5,7 @@
 //! - [`lease`]: who does own it, as a lease in a JetStream key-value bucket with a
 //!   revision and a time to live; the node that holds it renews it, and stops
 //!   serving the shard before anyone else may take it.
+//! - [`writer`]: the one server writing a stream on `storage.backend = "jetstream"`.
 //!
 //! Fencing does not rest on the leases alone: every journal append carries the
 //! expected last sequence of the shard's subject (`storage::jetstream`), so a node
@@ -13,3 +14,4 @@
 pub mod lease;
 pub mod node;
 pub mod placement;
+pub mod writer;

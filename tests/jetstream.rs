@@ -1059,6 +1059,7 @@ mod a_server_on_the_stream {
     async fn a_server_keeps_stock_in_the_stream_and_serves_every_acknowledged_purchase_after_kill_9() {
         let Some(bin) = nats_or_skip() else { return };
         let nats = Nats::start(bin, None);
+        drop(nats.connect().await); // serving JetStream before kami connects
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let url = nats.options().urls.join(",");
@@ -1111,5 +1112,80 @@ mod a_server_on_the_stream {
         assert_audit_ok(&api.audit().await);
         let after = api.order("hot", 1, "after@example.com", None).await;
         assert_eq!(after.status, 201, "the restarted server sells on: {:?}", after.body);
+    }
+}
+
+/// One server writes a stream (`cluster::writer`).
+mod one_writer_per_stream {
+    use super::common::{Server, ADMIN};
+    use super::*;
+
+    fn signal(server: &Server, signal: i32) {
+        // SAFETY: kill(2) with the pid of our own child and a valid signal.
+        assert_eq!(unsafe { libc::kill(server.child.id() as libc::pid_t, signal) }, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_server_on_a_stream_is_refused_and_a_paused_one_stops_once_another_took_over() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        drop(nats.connect().await); // serving JetStream before kami connects
+        let dir = tempfile::tempdir().unwrap();
+        let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
+        let url = nats.options().urls.join(",");
+        let env = [
+            ("KAMI_STORAGE__BACKEND", "jetstream"),
+            ("KAMI_STORAGE__JETSTREAM__URLS", url.as_str()),
+            ("KAMI_STORAGE__JETSTREAM__STREAM", "KAMIWRITER"),
+            ("KAMI_STORAGE__JETSTREAM__REPLICAS", "1"),
+        ];
+        let a = Server::start(&data_a, &env);
+        let api = a.api();
+        assert_eq!(api.create_product("hot", 990, 0, 1).await.status, 201);
+        let keys: Vec<String> = (0..50).map(|i| format!("hot-K{i}")).collect();
+        assert_eq!(api.import("hot", &keys).await.status, 200);
+        let mut sold = Vec::new();
+        for i in 0..10 {
+            let created = api.order("hot", 1, &format!("buyer{i}@example.com"), None).await;
+            assert_eq!(created.status, 201, "{:?}", created.body);
+            let id = created.body["order_id"].as_str().unwrap().to_string();
+            assert_eq!(api.notify(&id, &format!("pay-{id}"), 990).await.status, 200);
+            sold.push((id, created.body["query_token"].as_str().unwrap().to_string()));
+        }
+
+        // While it runs, a second server on the same stream is refused.
+        let refused = Command::new(env!("CARGO_BIN_EXE_kami"))
+            .env_clear()
+            .env("KAMI_SERVER__LISTEN", "127.0.0.1:0")
+            .env("KAMI_STORAGE__PATH", &data_b)
+            .env("KAMI_ADMIN__TOKEN", ADMIN)
+            .env("KAMI_LOG__LEVEL", "warn")
+            .envs(env)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
+        assert!(!refused.status.success(), "a second writer started: {said}");
+        assert!(said.contains("writer lease") && said.contains("held by node kami-"), "{said}");
+
+        // Paused past its lease, the first loses the stream to a second server and,
+        // resumed, stops at once (exit status 75) instead of writing on.
+        let mut a = a;
+        signal(&a, libc::SIGSTOP);
+        let mut b = Server::start(&data_b, &env);
+        signal(&a, libc::SIGCONT);
+        let status = a.exited_within(Duration::from_secs(20)).await.expect("the paused server stops once resumed");
+        assert_eq!(status.code(), Some(kami::app::EXIT_WRITER_LOST));
+        assert!(!a.lines_with("lost the stream's writer lease").is_empty());
+
+        // The second is killed: the first starts again once its lease ran out, and
+        // serves every purchase it acknowledged.
+        b.kill9();
+        let a = Server::start(&data_a, &env);
+        let api = a.api();
+        for (id, token) in &sold {
+            let seen = api.get_order(id, token).await;
+            assert_eq!((seen.status, seen.body["status"].as_str()), (200, Some("delivered")), "{id}: {:?}", seen.body);
+        }
     }
 }

@@ -1,0 +1,69 @@
+//! One server writing a stream: a kami server on `storage.backend = "jetstream"`
+//! holds the stream's writer lease while it runs, so a second server started on the
+//! same stream is refused, and one that lost the lease (paused past it, cut off from
+//! the servers) stops.
+//!
+//! The lease is not what keeps the history whole (the expected-sequence fence on
+//! every append does that, whatever the leases say); it keeps two servers from
+//! taking turns fencing each other, and it makes a server that is no longer the
+//! writer stop instead of answering 503 for ever.
+
+use std::time::{Duration, Instant};
+
+use super::lease::{Lease, LeaseError, Leases};
+use crate::storage::jetstream::JetStream;
+
+/// How long the lease lives unless renewed (renewed every third of it). A server
+/// killed without a word is followed by the next after at most this.
+pub const TTL: Duration = Duration::from_secs(3);
+/// The key of the lease in the stream's writer bucket.
+const KEY: &str = "stock";
+
+/// The writer lease of a stream, held by this server.
+pub struct Writer {
+    leases: Leases,
+    lease: Lease,
+}
+
+/// The bucket of stream `stream`'s writer lease.
+fn bucket(stream: &str) -> String {
+    format!("{stream}_WRITER")
+}
+
+impl Writer {
+    /// Takes the writer lease of `js`'s stream for node `node`. A lease held by a
+    /// server that stopped renewing it (killed a moment ago) is waited out; one
+    /// still held after `patience` is refused with the holder's name.
+    pub async fn take(js: &JetStream, node: &str, patience: Duration) -> Result<Writer, LeaseError> {
+        let leases = Leases::open(js, &bucket(&js.options().stream), node, TTL).await?;
+        let deadline = Instant::now() + patience;
+        loop {
+            match leases.acquire(KEY).await {
+                Ok(lease) => return Ok(Writer { leases, lease }),
+                Err(LeaseError::Held(holder)) if Instant::now() < deadline => {
+                    tracing::info!(holder = %holder, "waiting for the stream's writer lease");
+                    tokio::time::sleep(TTL / 10).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Renews the lease every third of its life until it is lost: taken by another
+    /// server, or not renewed before it ran out on this server's clock (the
+    /// servers expire it later than that). Returns why.
+    pub async fn keep(mut self) -> LeaseError {
+        loop {
+            tokio::time::sleep(TTL / 3).await;
+            match self.leases.renew(&mut self.lease).await {
+                Ok(()) => {}
+                Err(LeaseError::Lost) => return LeaseError::Lost,
+                Err(e) if !self.lease.is_valid() => return e,
+                Err(e) => tracing::warn!(error = %e, "renewing the stream's writer lease failed; trying again"),
+            }
+            if !self.lease.is_valid() {
+                return LeaseError::Lost;
+            }
+        }
+    }
+}
