@@ -1189,3 +1189,87 @@ mod one_writer_per_stream {
         }
     }
 }
+
+/// A server on a stream kept in three copies (`storage.backend = "jetstream"`,
+/// `replicas = 3`) while the stream's servers fail.
+mod a_server_on_three_copies {
+    use std::collections::HashSet;
+
+    use super::common::{assert_audit_ok, Api, Server};
+    use super::*;
+
+    /// Tries one purchase for `buyer`; returns what was acknowledged: the order
+    /// (id, token) once created, and whether its payment was.
+    async fn try_buy(api: &Api, buyer: &str) -> Option<(String, String, bool)> {
+        let created = api.order("hot", 1, buyer, None).await;
+        if created.status != 201 {
+            assert_eq!(created.status, 503, "only unavailable while the servers elect: {:?}", created.body);
+            return None;
+        }
+        let id = created.body["order_id"].as_str().unwrap().to_string();
+        let token = created.body["query_token"].as_str().unwrap().to_string();
+        let paid = api.notify(&id, &format!("pay-{id}"), 990).await;
+        assert!(matches!(paid.status, 200 | 503), "{:?}", paid.body);
+        Some((id, token, paid.status == 200))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purchases_go_on_when_the_stream_leader_dies_and_every_acknowledged_one_survives() {
+        let Some(bin) = nats_or_skip() else { return };
+        let mut nats = Nats::start_n(bin, 3, None);
+        drop(nats.connect().await);
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let url = nats.options().urls.join(",");
+        let env = [
+            ("KAMI_STORAGE__BACKEND", "jetstream"),
+            ("KAMI_STORAGE__JETSTREAM__URLS", url.as_str()),
+            ("KAMI_STORAGE__JETSTREAM__STREAM", "KAMITEST"),
+            ("KAMI_STORAGE__JETSTREAM__REPLICAS", "3"),
+        ];
+        let mut server = Server::start(&data, &env);
+        let api = server.api();
+        assert_eq!(api.create_product("hot", 990, 0, 1).await.status, 201);
+        let keys: Vec<String> = (0..300).map(|i| format!("hot-K{i}")).collect();
+        assert_eq!(api.import("hot", &keys).await.status, 200);
+        let mut acknowledged = Vec::new();
+        for i in 0..30 {
+            let bought = try_buy(&api, &format!("before{i}@example.com")).await;
+            acknowledged.push(bought.expect("acknowledged while every server runs"));
+        }
+
+        // kill -9 the stream's leader: after the election, purchases go on.
+        let leader = settled(&nats, &[0, 1, 2], true).await;
+        nats.kill(leader);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut after = 0;
+        for i in 0.. {
+            if let Some(bought) = try_buy(&api, &format!("after{i}@example.com")).await {
+                after += usize::from(bought.2);
+                acknowledged.push(bought);
+            }
+            if after == 30 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "purchases never went on after n{leader} died");
+        }
+
+        // The server comes back and catches up; kami is killed and restarted: every
+        // acknowledged purchase is there, no key went twice, the audit holds.
+        nats.restart(leader);
+        settled(&nats, &[0, 1, 2], true).await;
+        server.kill9();
+        let server = Server::start(&data, &env);
+        let api = server.api();
+        let mut keys_seen = HashSet::new();
+        for (id, token, paid) in &acknowledged {
+            let seen = api.get_order(id, token).await;
+            assert_eq!(seen.status, 200, "{id}: {:?}", seen.body);
+            if *paid {
+                assert_eq!(seen.body["status"], "delivered", "{id}");
+                assert!(keys_seen.insert(seen.body["keys"].to_string()), "a key sold twice");
+            }
+        }
+        assert_audit_ok(&api.audit().await);
+    }
+}

@@ -15,7 +15,7 @@ use crate::storage::jetstream::JetStream;
 
 /// How long the lease lives unless renewed (renewed every third of it). A server
 /// killed without a word is followed by the next after at most this.
-pub const TTL: Duration = Duration::from_secs(3);
+pub const TTL: Duration = Duration::from_secs(5);
 /// The key of the lease in the stream's writer bucket.
 const KEY: &str = "stock";
 
@@ -49,20 +49,18 @@ impl Writer {
         }
     }
 
-    /// Renews the lease every third of its life until it is lost: taken by another
-    /// server, or not renewed before it ran out on this server's clock (the
-    /// servers expire it later than that). Returns why.
+    /// Renews the lease every third of its life until it is lost: another server
+    /// took it, or it expired on the servers (the next renewal finds that out).
+    /// Servers out of reach are tried again meanwhile: the stream's journals refuse
+    /// this server's appends then anyway (503), and a leader election of the
+    /// lease's own stream does not stop a server that still holds it.
     pub async fn keep(mut self) -> LeaseError {
         loop {
             tokio::time::sleep(TTL / 3).await;
             match self.leases.renew(&mut self.lease).await {
                 Ok(()) => {}
                 Err(LeaseError::Lost) => return LeaseError::Lost,
-                Err(e) if !self.lease.is_valid() => return e,
                 Err(e) => tracing::warn!(error = %e, "renewing the stream's writer lease failed; trying again"),
-            }
-            if !self.lease.is_valid() {
-                return LeaseError::Lost;
             }
         }
     }
