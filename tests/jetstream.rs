@@ -1036,9 +1036,76 @@ mod actors_on_the_stream {
 }
 
 /// The `kami` binary with `storage.backend = "jetstream"`.
-mod a_server_on_the_stream {
-    use super::common::{assert_audit_ok, reply, Server, ADMIN};
+mod servers {
+    use std::collections::HashSet;
+
+    use super::common::{assert_audit_ok, reply, Api, Server, ADMIN};
     use super::*;
+
+    /// The environment of a kami server keeping stock in `nats`' stream `stream`,
+    /// once the servers serve JetStream.
+    async fn on_stream(nats: &Nats, stream: &str) -> Vec<(&'static str, String)> {
+        drop(nats.connect().await);
+        let options = nats.options();
+        vec![
+            ("KAMI_STORAGE__BACKEND", "jetstream".into()),
+            ("KAMI_STORAGE__JETSTREAM__URLS", options.urls.join(",")),
+            ("KAMI_STORAGE__JETSTREAM__STREAM", stream.into()),
+            ("KAMI_STORAGE__JETSTREAM__REPLICAS", options.replicas.to_string()),
+            ("KAMI_ACTORS__ARBITERS", "2".into()),
+        ]
+    }
+
+    fn start(data: &std::path::Path, env: &[(&'static str, String)]) -> Server {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Server::start(data, &env)
+    }
+
+    /// Product `hot` with `shards` shards and `keys` keys.
+    async fn stock_hot(api: &Api, shards: u16, keys: usize) {
+        assert_eq!(api.create_product("hot", 990, 0, shards).await.status, 201);
+        let keys: Vec<String> = (0..keys).map(|i| format!("hot-K{i}")).collect();
+        assert_eq!(api.import("hot", &keys).await.status, 200);
+    }
+
+    /// One purchase for `buyer`, as far as it was acknowledged: the order (id,
+    /// token) once created, and whether its payment was. Anything but 201/200 must
+    /// be 503 (`unavailable` while the stream's servers elect a leader).
+    async fn try_buy(api: &Api, buyer: &str) -> Option<(String, String, bool)> {
+        let created = api.order("hot", 1, buyer, None).await;
+        if created.status != 201 {
+            assert_eq!(created.status, 503, "only unavailable while the servers elect: {:?}", created.body);
+            return None;
+        }
+        let id = created.body["order_id"].as_str().unwrap().to_string();
+        let token = created.body["query_token"].as_str().unwrap().to_string();
+        let paid = api.notify(&id, &format!("pay-{id}"), 990).await;
+        assert!(matches!(paid.status, 200 | 503), "{:?}", paid.body);
+        Some((id, token, paid.status == 200))
+    }
+
+    /// A purchase acknowledged whole (order and payment).
+    async fn buy(api: &Api, buyer: &str) -> (String, String, bool) {
+        let bought = try_buy(api, buyer).await.expect("the order is acknowledged");
+        assert!(bought.2, "the payment is acknowledged");
+        bought
+    }
+
+    /// Every purchase in `acknowledged` is served as acknowledged (a paid one
+    /// delivered), no key went to two orders, and the audit holds.
+    async fn serves_everything(api: &Api, acknowledged: &[(String, String, bool)]) {
+        let mut keys_seen = HashSet::new();
+        for (id, token, paid) in acknowledged {
+            let seen = api.get_order(id, token).await;
+            assert_eq!(seen.status, 200, "{id}: {:?}", seen.body);
+            if *paid {
+                assert_eq!(seen.body["status"], "delivered", "{id}");
+                assert_eq!(seen.body["keys"].as_array().map(Vec::len), Some(1), "{id}");
+                assert!(keys_seen.insert(seen.body["keys"].to_string()), "a key sold twice");
+            }
+        }
+        assert_audit_ok(&api.audit().await);
+    }
 
     /// Files under `dir` with any bytes in them.
     fn written_files(dir: &std::path::Path) -> Vec<PathBuf> {
@@ -1059,33 +1126,15 @@ mod a_server_on_the_stream {
     async fn a_server_keeps_stock_in_the_stream_and_serves_every_acknowledged_purchase_after_kill_9() {
         let Some(bin) = nats_or_skip() else { return };
         let nats = Nats::start(bin, None);
-        drop(nats.connect().await); // serving JetStream before kami connects
+        let env = on_stream(&nats, "KAMISERVER").await;
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let url = nats.options().urls.join(",");
-        let env = [
-            ("KAMI_STORAGE__BACKEND", "jetstream"),
-            ("KAMI_STORAGE__JETSTREAM__URLS", url.as_str()),
-            ("KAMI_STORAGE__JETSTREAM__STREAM", "KAMISERVER"),
-            ("KAMI_STORAGE__JETSTREAM__REPLICAS", "1"),
-            ("KAMI_ACTORS__ARBITERS", "2"),
-        ];
-        let mut server = Server::start(&data, &env);
+        let mut server = start(&data, &env);
         let api = server.api();
-        assert_eq!(api.create_product("hot", 990, 0, 2).await.status, 201);
-        let keys: Vec<String> = (0..100).map(|i| format!("hot-K{i}")).collect();
-        assert_eq!(api.import("hot", &keys).await.status, 200);
+        stock_hot(&api, 2, 100).await;
         let mut bought = Vec::new();
         for i in 0..30 {
-            let created = api.order("hot", 1, &format!("buyer{i}@example.com"), None).await;
-            assert_eq!(created.status, 201, "{:?}", created.body);
-            let id = created.body["order_id"].as_str().unwrap().to_string();
-            let token = created.body["query_token"].as_str().unwrap().to_string();
-            let paid = api.notify(&id, &format!("pay-{id}"), 990).await;
-            assert_eq!(paid.status, 200, "{:?}", paid.body);
-            let seen = api.get_order(&id, &token).await;
-            assert_eq!(seen.body["status"], "delivered", "{:?}", seen.body);
-            bought.push((id, token, seen.body["keys"].clone()));
+            bought.push(buy(&api, &format!("buyer{i}@example.com")).await);
         }
         // Stock lives in the stream: nothing of it in the data directory.
         assert_eq!(written_files(&data.join("journal").join("stock")), Vec::<PathBuf>::new());
@@ -1098,59 +1147,32 @@ mod a_server_on_the_stream {
         assert_eq!((refused.status, refused.code()), (501, "unsupported"), "{:?}", refused.body);
 
         server.kill9();
-        let server = Server::start(&data, &env);
+        let server = start(&data, &env);
         let api = server.api();
-        let mut delivered = BTreeSet::new();
-        for (id, token, keys) in &bought {
-            let seen = api.get_order(id, token).await;
-            assert_eq!(seen.status, 200, "{id} after kill -9: {:?}", seen.body);
-            assert_eq!(seen.body["status"], "delivered");
-            assert_eq!(&seen.body["keys"], keys, "{id} shows the key it was sold");
-            assert_eq!(keys.as_array().map(Vec::len), Some(1));
-            assert!(delivered.insert(keys.to_string()), "a key sold twice");
-        }
-        assert_audit_ok(&api.audit().await);
+        serves_everything(&api, &bought).await;
         let after = api.order("hot", 1, "after@example.com", None).await;
         assert_eq!(after.status, 201, "the restarted server sells on: {:?}", after.body);
     }
-}
-
-/// One server writes a stream (`cluster::writer`).
-mod one_writer_per_stream {
-    use super::common::{Server, ADMIN};
-    use super::*;
 
     fn signal(server: &Server, signal: i32) {
         // SAFETY: kill(2) with the pid of our own child and a valid signal.
         assert_eq!(unsafe { libc::kill(server.child.id() as libc::pid_t, signal) }, 0);
     }
 
+    /// One server writes a stream (`cluster::writer`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_second_server_on_a_stream_is_refused_and_a_paused_one_stops_once_another_took_over() {
         let Some(bin) = nats_or_skip() else { return };
         let nats = Nats::start(bin, None);
-        drop(nats.connect().await); // serving JetStream before kami connects
+        let env = on_stream(&nats, "KAMIWRITER").await;
         let dir = tempfile::tempdir().unwrap();
         let (data_a, data_b) = (dir.path().join("a"), dir.path().join("b"));
-        let url = nats.options().urls.join(",");
-        let env = [
-            ("KAMI_STORAGE__BACKEND", "jetstream"),
-            ("KAMI_STORAGE__JETSTREAM__URLS", url.as_str()),
-            ("KAMI_STORAGE__JETSTREAM__STREAM", "KAMIWRITER"),
-            ("KAMI_STORAGE__JETSTREAM__REPLICAS", "1"),
-        ];
-        let a = Server::start(&data_a, &env);
+        let mut a = start(&data_a, &env);
         let api = a.api();
-        assert_eq!(api.create_product("hot", 990, 0, 1).await.status, 201);
-        let keys: Vec<String> = (0..50).map(|i| format!("hot-K{i}")).collect();
-        assert_eq!(api.import("hot", &keys).await.status, 200);
+        stock_hot(&api, 1, 50).await;
         let mut sold = Vec::new();
         for i in 0..10 {
-            let created = api.order("hot", 1, &format!("buyer{i}@example.com"), None).await;
-            assert_eq!(created.status, 201, "{:?}", created.body);
-            let id = created.body["order_id"].as_str().unwrap().to_string();
-            assert_eq!(api.notify(&id, &format!("pay-{id}"), 990).await.status, 200);
-            sold.push((id, created.body["query_token"].as_str().unwrap().to_string()));
+            sold.push(buy(&api, &format!("buyer{i}@example.com")).await);
         }
 
         // While it runs, a second server on the same stream is refused.
@@ -1160,7 +1182,7 @@ mod one_writer_per_stream {
             .env("KAMI_STORAGE__PATH", &data_b)
             .env("KAMI_ADMIN__TOKEN", ADMIN)
             .env("KAMI_LOG__LEVEL", "warn")
-            .envs(env)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .output()
             .unwrap();
@@ -1170,85 +1192,47 @@ mod one_writer_per_stream {
 
         // Paused past its lease, the first loses the stream to a second server and,
         // resumed, stops at once (exit status 75) instead of writing on.
-        let mut a = a;
         signal(&a, libc::SIGSTOP);
-        let mut b = Server::start(&data_b, &env);
+        let mut b = start(&data_b, &env);
         signal(&a, libc::SIGCONT);
         let status = a.exited_within(Duration::from_secs(20)).await.expect("the paused server stops once resumed");
         assert_eq!(status.code(), Some(kami::app::EXIT_WRITER_LOST));
         assert!(!a.lines_with("lost the stream's writer lease").is_empty());
 
-        // The second is killed: the first starts again once its lease ran out, and
+        // The second is killed: the first starts again once that lease ran out, and
         // serves every purchase it acknowledged.
         b.kill9();
-        let a = Server::start(&data_a, &env);
-        let api = a.api();
-        for (id, token) in &sold {
-            let seen = api.get_order(id, token).await;
-            assert_eq!((seen.status, seen.body["status"].as_str()), (200, Some("delivered")), "{id}: {:?}", seen.body);
-        }
-    }
-}
-
-/// A server on a stream kept in three copies (`storage.backend = "jetstream"`,
-/// `replicas = 3`) while the stream's servers fail.
-mod a_server_on_three_copies {
-    use std::collections::HashSet;
-
-    use super::common::{assert_audit_ok, Api, Server};
-    use super::*;
-
-    /// Tries one purchase for `buyer`; returns what was acknowledged: the order
-    /// (id, token) once created, and whether its payment was.
-    async fn try_buy(api: &Api, buyer: &str) -> Option<(String, String, bool)> {
-        let created = api.order("hot", 1, buyer, None).await;
-        if created.status != 201 {
-            assert_eq!(created.status, 503, "only unavailable while the servers elect: {:?}", created.body);
-            return None;
-        }
-        let id = created.body["order_id"].as_str().unwrap().to_string();
-        let token = created.body["query_token"].as_str().unwrap().to_string();
-        let paid = api.notify(&id, &format!("pay-{id}"), 990).await;
-        assert!(matches!(paid.status, 200 | 503), "{:?}", paid.body);
-        Some((id, token, paid.status == 200))
+        let a = start(&data_a, &env);
+        serves_everything(&a.api(), &sold).await;
     }
 
+    /// A stream kept in three copies while its servers fail.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn purchases_go_on_when_the_stream_leader_dies_and_every_acknowledged_one_survives() {
         let Some(bin) = nats_or_skip() else { return };
         let mut nats = Nats::start_n(bin, 3, None);
-        drop(nats.connect().await);
+        let env = on_stream(&nats, "KAMITEST").await;
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let url = nats.options().urls.join(",");
-        let env = [
-            ("KAMI_STORAGE__BACKEND", "jetstream"),
-            ("KAMI_STORAGE__JETSTREAM__URLS", url.as_str()),
-            ("KAMI_STORAGE__JETSTREAM__STREAM", "KAMITEST"),
-            ("KAMI_STORAGE__JETSTREAM__REPLICAS", "3"),
-        ];
-        let mut server = Server::start(&data, &env);
+        let mut server = start(&data, &env);
         let api = server.api();
-        assert_eq!(api.create_product("hot", 990, 0, 1).await.status, 201);
-        let keys: Vec<String> = (0..300).map(|i| format!("hot-K{i}")).collect();
-        assert_eq!(api.import("hot", &keys).await.status, 200);
+        stock_hot(&api, 1, 300).await;
         let mut acknowledged = Vec::new();
         for i in 0..30 {
-            let bought = try_buy(&api, &format!("before{i}@example.com")).await;
-            acknowledged.push(bought.expect("acknowledged while every server runs"));
+            acknowledged.push(buy(&api, &format!("before{i}@example.com")).await);
         }
 
         // kill -9 the stream's leader: after the election, purchases go on.
         let leader = settled(&nats, &[0, 1, 2], true).await;
         nats.kill(leader);
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut after = 0;
+        let mut paid_after = 0;
         for i in 0.. {
             if let Some(bought) = try_buy(&api, &format!("after{i}@example.com")).await {
-                after += usize::from(bought.2);
+                paid_after += usize::from(bought.2);
                 acknowledged.push(bought);
             }
-            if after == 30 {
+            if paid_after == 30 {
                 break;
             }
             assert!(Instant::now() < deadline, "purchases never went on after n{leader} died");
@@ -1259,17 +1243,7 @@ mod a_server_on_three_copies {
         nats.restart(leader);
         settled(&nats, &[0, 1, 2], true).await;
         server.kill9();
-        let server = Server::start(&data, &env);
-        let api = server.api();
-        let mut keys_seen = HashSet::new();
-        for (id, token, paid) in &acknowledged {
-            let seen = api.get_order(id, token).await;
-            assert_eq!(seen.status, 200, "{id}: {:?}", seen.body);
-            if *paid {
-                assert_eq!(seen.body["status"], "delivered", "{id}");
-                assert!(keys_seen.insert(seen.body["keys"].to_string()), "a key sold twice");
-            }
-        }
-        assert_audit_ok(&api.audit().await);
+        let server = start(&data, &env);
+        serves_everything(&server.api(), &acknowledged).await;
     }
 }
