@@ -934,15 +934,12 @@ mod actors_on_the_stream {
             let actor = take_over(&js, &env, &id).await;
             let keys: Vec<String> = (0..300).map(|i| format!("KEY-{i:05}")).collect();
             assert_eq!(actor.addr.send(ImportKeys(keys)).await.unwrap().unwrap(), (300, 0));
-            let (mut created, mut paid) = (Vec::new(), HashSet::new());
+            let mut created = Vec::new();
             for i in 0..120 {
                 let buyer = format!("buyer{i}@example.com");
                 let (seq, was_paid) = buy(&actor, &buyer).await;
-                created.push((buyer.clone(), seq.expect("a single owner's order is acknowledged")));
+                created.push((buyer, seq.expect("a single owner's order is acknowledged")));
                 assert!(was_paid, "a single owner's payment is acknowledged");
-                if i % 3 == 0 {
-                    paid.insert(buyer);
-                }
             }
             // Snapshots were taken as it sold: the newest covers most of the journal.
             let deadline = Instant::now() + Duration::from_secs(20);
