@@ -316,6 +316,9 @@ pub struct RunningApp {
     background: Vec<tokio::task::JoinHandle<()>>,
     grace: Duration,
     actors: Option<ActorSystem>,
+    /// With `storage.backend = "jetstream"`: stops the renewal of the stream's
+    /// writer lease (releasing it) and the renewing task.
+    writer_lease: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
 }
 
 impl RunningApp {
@@ -356,6 +359,7 @@ impl RunningApp {
         drop(self.stop_server.take());
         let mut tasks: Vec<_> = self.background.drain(..).collect();
         tasks.extend(self.server.take());
+        tasks.extend(self.writer_lease.take().map(|(_, kept)| kept));
         for task in &tasks {
             task.abort();
         }
@@ -391,6 +395,10 @@ impl RunningApp {
             Ok(shards) => tracing::info!(shards, "snapshots written; shutting down"),
             Err(e) => tracing::warn!(error = %e, "snapshot at shutdown failed; the journal covers everything"),
         }
+        if let Some((stop, kept)) = self.writer_lease.take() {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(5), kept).await;
+        }
         self.release().await;
     }
 }
@@ -403,6 +411,9 @@ impl Drop for RunningApp {
         }
         for task in &self.background {
             task.abort();
+        }
+        if let Some((_, kept)) = self.writer_lease.take() {
+            kept.abort();
         }
         drop(self.actors.take());
     }
@@ -489,6 +500,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         let _ = stop_rx.await;
     }));
 
+    let mut writer_lease = None;
     let stream = match settings.storage.backend {
         crate::config::StorageBackend::Local => None,
         crate::config::StorageBackend::Jetstream => {
@@ -504,11 +516,14 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
                 StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
             })?;
-            tokio::spawn(async move {
-                let why = writer.keep().await;
-                tracing::error!(error = %why, "lost the stream's writer lease (another server may be writing it); stopping at once: everything acknowledged is in the stream");
-                std::process::exit(EXIT_WRITER_LOST);
+            let (stop, stopped) = oneshot::channel();
+            let kept = tokio::spawn(async move {
+                if let Some(why) = writer.keep(stopped).await {
+                    tracing::error!(error = %why, "lost the stream's writer lease (another server may be writing it); stopping at once: everything acknowledged is in the stream");
+                    std::process::exit(EXIT_WRITER_LOST);
+                }
             });
+            writer_lease = Some((stop, kept));
             storage.keep_stock_elsewhere();
             tracing::info!(node = %node, urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
             Some(js)
@@ -654,6 +669,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         background,
         grace: Duration::from_secs(settings.server.shutdown_grace_secs),
         actors: Some(actors),
+        writer_lease,
     })
 }
 

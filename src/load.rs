@@ -21,8 +21,9 @@ use crate::config::{Settings, Sources};
 
 #[derive(Debug, Clone)]
 pub enum Target {
-    /// Start kami in a temporary directory for the run.
-    Embedded { arbiters: usize },
+    /// Start kami in a temporary directory for the run, configured by `profile`
+    /// and `file` (as the server is) under the load run's own settings.
+    Embedded { arbiters: usize, profile: Option<String>, file: Option<std::path::PathBuf> },
     /// A running kami; the admin token creates the product, the channel secret
     /// signs notifications, the API key (if any) selects a rate-limit tier
     /// (`X-Api-Key`) for the buyers' requests.
@@ -184,6 +185,11 @@ pub const EMBEDDED_SECRET: &str = "load";
 /// Settings of an embedded kami for load runs: random loopback port, data in
 /// `data`, no rate limits, quiet logs.
 pub fn embedded_settings(data: &std::path::Path, arbiters: usize) -> Result<Settings, LoadError> {
+    embedded_settings_over(data, arbiters, Sources::default())
+}
+
+/// [`embedded_settings`] over `base` (a profile, a file).
+pub fn embedded_settings_over(data: &std::path::Path, arbiters: usize, base: Sources) -> Result<Settings, LoadError> {
     let overrides = [
         ("server.listen", "127.0.0.1:0".to_string()),
         ("storage.path", data.display().to_string()),
@@ -193,11 +199,8 @@ pub fn embedded_settings(data: &std::path::Path, arbiters: usize) -> Result<Sett
         ("actors.arbiters", arbiters.to_string()),
         ("log.level", "warn".into()),
     ];
-    Settings::load(&Sources {
-        overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-        ..Default::default()
-    })
-    .map_err(|e| LoadError::Start(e.to_string()))
+    Settings::load(&Sources { overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), ..base })
+        .map_err(|e| LoadError::Start(e.to_string()))
 }
 
 pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
@@ -214,9 +217,10 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
             }
             (url.trim_end_matches('/').to_string(), admin_token.clone(), channel.clone(), secret.clone(), url.clone())
         }
-        Target::Embedded { arbiters } => {
+        Target::Embedded { arbiters, profile, file } => {
             let dir = tempfile::tempdir().map_err(|e| LoadError::Start(e.to_string()))?;
-            let app = crate::start(embedded_settings(&dir.path().join("data"), *arbiters)?)
+            let base = Sources { profile: profile.clone(), file: file.clone(), ..Default::default() };
+            let app = crate::start(embedded_settings_over(&dir.path().join("data"), *arbiters, base)?)
                 .await
                 .map_err(|e| LoadError::Start(e.to_string()))?;
             let url = app.url();

@@ -494,6 +494,8 @@ fn main() -> ExitCode {
                 }
                 Some(url) => kami::load::Target::Url { url, admin_token, channel, secret, api_key },
                 None => kami::load::Target::Embedded {
+                    profile: cli.profile,
+                    file: cli.config,
                     arbiters: if arbiters == 0 {
                         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
                     } else {

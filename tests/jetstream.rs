@@ -1144,11 +1144,19 @@ mod servers {
         assert_eq!((refused.status, refused.code()), (501, "unsupported"), "{:?}", refused.body);
 
         server.kill9();
-        let server = start(&data, &env);
+        let mut server = start(&data, &env);
+        assert!(!server.lines_with("waiting for the stream's writer lease").is_empty(), "the killed server's lease");
         let api = server.api();
         serves_everything(&api, &bought).await;
         let after = api.order("hot", 1, "after@example.com", None).await;
         assert_eq!(after.status, 201, "the restarted server sells on: {:?}", after.body);
+
+        // A graceful stop releases the lease: the next start does not wait for it.
+        server.sigterm();
+        assert!(server.exited_within(Duration::from_secs(30)).await.is_some_and(|s| s.success()));
+        let server = start(&data, &env);
+        assert_eq!(server.lines_with("waiting for the stream's writer lease"), Vec::<String>::new());
+        serves_everything(&server.api(), &bought).await;
     }
 
     fn signal(server: &Server, signal: i32) {

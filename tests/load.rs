@@ -5,7 +5,7 @@ use kami::load::{run, LoadConfig, Mode, Target};
 
 fn config(mode: Mode, keys: u64, buyers: u64) -> LoadConfig {
     LoadConfig {
-        target: Target::Embedded { arbiters: 2 },
+        target: Target::Embedded { arbiters: 2, profile: None, file: None },
         keys,
         buyers,
         concurrency: 16,

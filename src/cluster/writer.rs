@@ -37,11 +37,15 @@ impl Writer {
     pub async fn take(js: &JetStream, node: &str, patience: Duration) -> Result<Writer, LeaseError> {
         let leases = Leases::open(js, &bucket(&js.options().stream), node, TTL).await?;
         let deadline = Instant::now() + patience;
+        let mut told = None;
         loop {
             match leases.acquire(KEY).await {
                 Ok(lease) => return Ok(Writer { leases, lease }),
                 Err(LeaseError::Held(holder)) if Instant::now() < deadline => {
-                    tracing::info!(holder = %holder, "waiting for the stream's writer lease");
+                    if told.as_ref() != Some(&holder) {
+                        tracing::warn!(holder = %holder, "waiting for the stream's writer lease");
+                        told = Some(holder);
+                    }
                     tokio::time::sleep(TTL / 10).await;
                 }
                 Err(e) => return Err(e),
@@ -49,17 +53,29 @@ impl Writer {
         }
     }
 
-    /// Renews the lease every third of its life until it is lost: another server
-    /// took it, or it expired on the servers (the next renewal finds that out).
-    /// Servers out of reach are tried again meanwhile: the stream's journals refuse
-    /// this server's appends then anyway (503), and a leader election of the
-    /// lease's own stream does not stop a server that still holds it.
-    pub async fn keep(mut self) -> LeaseError {
+    /// Renews the lease every third of its life until it is lost (returned): another
+    /// server took it, or it expired on the servers (the next renewal finds that
+    /// out). Servers out of reach are tried again meanwhile: the stream's journals
+    /// refuse this server's appends then anyway (503), and a leader election of the
+    /// lease's own stream does not stop a server that still holds it. Once `stop`
+    /// is sent (a graceful shutdown), the lease is released, so the next server
+    /// need not wait it out; if `stop` is dropped, it is left to expire.
+    pub async fn keep(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) -> Option<LeaseError> {
         loop {
-            tokio::time::sleep(TTL / 3).await;
+            tokio::select! {
+                () = tokio::time::sleep(TTL / 3) => {}
+                stopped = &mut stop => {
+                    if stopped.is_ok() {
+                        if let Err(e) = self.leases.release(self.lease).await {
+                            tracing::warn!(error = %e, "releasing the stream's writer lease failed; it expires by itself");
+                        }
+                    }
+                    return None;
+                }
+            }
             match self.leases.renew(&mut self.lease).await {
                 Ok(()) => {}
-                Err(LeaseError::Lost) => return LeaseError::Lost,
+                Err(LeaseError::Lost) => return Some(LeaseError::Lost),
                 Err(e) => tracing::warn!(error = %e, "renewing the stream's writer lease failed; trying again"),
             }
         }
