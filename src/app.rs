@@ -467,6 +467,11 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             .map_err(|e| storage_err(e.to_string()))?
             .map_err(|e| storage_err(e.to_string()))?
     };
+    let stock_backend = match settings.storage.backend {
+        crate::config::StorageBackend::Local => "local".to_string(),
+        crate::config::StorageBackend::Jetstream => format!("jetstream:{}", settings.storage.jetstream.stream),
+    };
+    storage.keep_stock_in(&stock_backend).map_err(|e| storage_err(e.to_string()))?;
     let archiving = !settings.backup.archive_dir.as_os_str().is_empty();
     if archiving {
         // Before recovery, which may trim: nothing not yet shipped is trimmed.

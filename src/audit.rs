@@ -64,6 +64,10 @@ pub enum AuditError {
     Read { path: String, error: StorageError },
     #[error("cannot read {path}: the storage engine failed on it ({message}); the directory is damaged")]
     Damaged { path: String, message: String },
+    #[error(
+        "{path} keeps its stock in {backend}, not in the directory: audit a running server (GET /api/v1/admin/audit)"
+    )]
+    StockElsewhere { path: String, backend: String },
 }
 
 /// Audits the data directory at `path`. Opening takes sled's lock, so this fails
@@ -95,6 +99,10 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
     })
     .map_err(|error| AuditError::Open { path: shown.clone(), error })?;
     let read_err = |error| AuditError::Read { path: shown.clone(), error };
+    match storage.stock_backend().map_err(read_err)? {
+        Some(backend) if backend != "local" => return Err(AuditError::StockElsewhere { path: shown, backend }),
+        _ => {}
+    }
     let mut products = storage.load_products().map_err(read_err)?;
     products.sort_by(|a, b| a.id.cmp(&b.id));
 

@@ -1036,7 +1036,7 @@ mod actors_on_the_stream {
 mod servers {
     use std::collections::HashSet;
 
-    use super::common::{assert_audit_ok, reply, Api, Server, ADMIN};
+    use super::common::{assert_audit_ok, kami_audit, reply, Api, Server, ADMIN};
     use super::*;
 
     /// The environment of a kami server keeping stock in `nats`' stream `stream`,
@@ -1154,6 +1154,21 @@ mod servers {
         // A graceful stop releases the lease: the next start does not wait for it.
         server.sigterm();
         assert!(server.exited_within(Duration::from_secs(30)).await.is_some_and(|s| s.success()));
+        // The directory remembers where its stock is: the offline audit, which
+        // cannot see it, says so, and a start on the local backend is refused.
+        let (code, out, err) = kami_audit(&data, false);
+        assert_ne!(code, 0, "{out}");
+        assert!(err.contains("keeps its stock in jetstream:KAMISERVER"), "{err}");
+        let local = Command::new(env!("CARGO_BIN_EXE_kami"))
+            .env_clear()
+            .env("KAMI_SERVER__LISTEN", "127.0.0.1:0")
+            .env("KAMI_STORAGE__PATH", &data)
+            .env("KAMI_ADMIN__TOKEN", ADMIN)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&local.stdout), String::from_utf8_lossy(&local.stderr));
+        assert!(!local.status.success() && said.contains("keeps its stock in jetstream:KAMISERVER"), "{said}");
         let server = start(&data, &env);
         assert_eq!(server.lines_with("waiting for the stream's writer lease"), Vec::<String>::new());
         serves_everything(&server.api(), &bought).await;

@@ -648,6 +648,36 @@ impl Storage {
         })
     }
 
+    /// Where this directory's stock journals are kept (`meta/stock-backend`):
+    /// `"local"`, or `"jetstream:<stream>"`. Recorded at the first start; a
+    /// directory from before the record, holding products, kept them here.
+    pub fn stock_backend(&self) -> Result<Option<String>, StorageError> {
+        let tree = self.db.open_tree("meta")?;
+        if let Some(stored) = tree.get(b"stock-backend")? {
+            return Ok(Some(String::from_utf8_lossy(&stored).into_owned()));
+        }
+        Ok((!self.products.is_empty()).then(|| "local".to_string()))
+    }
+
+    /// Records where this directory's stock journals are kept, or refuses when it
+    /// recorded another place: a shop whose stock is in one place must never start
+    /// on the other (it would see no keys, or keys already sold).
+    pub fn keep_stock_in(&self, backend: &str) -> Result<(), StorageError> {
+        match self.stock_backend()? {
+            Some(recorded) if recorded != backend => Err(StorageError::Corrupt {
+                place: "meta/stock-backend".into(),
+                error: format!(
+                    "this data directory keeps its stock in {recorded}, and the configuration says {backend}"
+                ),
+            }),
+            _ => {
+                self.db.open_tree("meta")?.insert(b"stock-backend", backend.as_bytes())?;
+                self.db.flush().map_err(StorageError::from)?;
+                Ok(())
+            }
+        }
+    }
+
     /// An archived order of shard `id`, if there is one.
     pub fn archived_order(&self, id: &ShardId, seq: u64) -> Result<Option<ArchivedOrder>, StorageError> {
         let tree = self.archive_tree(id)?;
