@@ -492,6 +492,45 @@ async fn a_lease_is_held_by_one_node_at_a_time_and_a_release_hands_it_over_at_on
     drop((taken, other));
 }
 
+/// A write stored by the servers whose answer never came back (the bucket's leader
+/// died after storing it) leaves the holder a revision behind its own entry: the
+/// next renewal adopts it instead of taking it for another node's (which would stop
+/// a server that still holds its lease).
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_write_whose_answer_was_lost_is_adopted_not_taken_for_another_nodes() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, None);
+    let js = nats.connect().await;
+    let ttl = Duration::from_secs(30);
+    let a = Leases::open(&js, "ADOPT", "a", ttl).await.unwrap();
+    // The same node's writes, seen through another handle: what `a` sent and the
+    // servers stored, without `a` hearing back.
+    let unanswered = Leases::open(&js, "ADOPT", "a", ttl).await.unwrap();
+    let b = Leases::open(&js, "ADOPT", "b", ttl).await.unwrap();
+
+    let mut lease = a.acquire("stock.3.0").await.unwrap();
+    let mut stored = lease.clone();
+    unanswered.renew(&mut stored).await.unwrap();
+    assert!(stored.revision() > lease.revision());
+    a.renew(&mut lease).await.unwrap();
+    assert!(lease.revision() > stored.revision() && lease.is_valid());
+    assert_eq!(b.acquire("stock.3.0").await.unwrap_err(), LeaseError::Held("a".into()));
+
+    // An acquire whose create was stored unanswered: the retry finds the node's own
+    // entry and holds it.
+    let created = unanswered.acquire("stock.3.1").await.unwrap();
+    let mut retried = a.acquire("stock.3.1").await.unwrap();
+    assert!(retried.revision() > created.revision() && retried.is_valid());
+    a.renew(&mut retried).await.unwrap();
+
+    // Another node's entry is never adopted.
+    let mut stale = lease.clone();
+    a.release(lease).await.unwrap();
+    b.acquire("stock.3.0").await.unwrap();
+    assert_eq!(a.renew(&mut stale).await.unwrap_err(), LeaseError::Lost);
+    assert!(!stale.is_valid());
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_lease_not_renewed_expires_and_its_holder_stopped_counting_on_it_before_another_took_it() {
     let Some(bin) = nats_or_skip() else { return };
@@ -1035,6 +1074,9 @@ mod actors_on_the_stream {
 /// The `kami` binary with `storage.backend = "jetstream"`.
 mod servers {
     use std::collections::HashSet;
+    use std::panic::AssertUnwindSafe;
+
+    use futures::FutureExt;
 
     use super::common::{assert_audit_ok, kami_audit, reply, Api, Server, ADMIN};
     use super::*;
@@ -1248,7 +1290,14 @@ mod servers {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut paid_after = 0;
         for i in 0.. {
-            if let Some(bought) = try_buy(&api, &format!("after{i}@example.com")).await {
+            let tried = AssertUnwindSafe(try_buy(&api, &format!("after{i}@example.com"))).catch_unwind().await;
+            let tried = tried.unwrap_or_else(|panic| {
+                // A dropped connection: say whether the server died, and what it said.
+                let exit = server.child.try_wait();
+                eprintln!("kami: {exit:?}; it logged: {:#?}", server.lines_with(""));
+                std::panic::resume_unwind(panic)
+            });
+            if let Some(bought) = tried {
                 paid_after += usize::from(bought.2);
                 acknowledged.push(bought);
             }

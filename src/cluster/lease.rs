@@ -18,6 +18,13 @@
 //!   rest (see [`crate::cluster`]).
 //! - **release** deletes the entry if it is still the holder's (a clean stop hands
 //!   the shard over at once instead of after the time to live).
+//! - a write whose answer was lost (the bucket's leader died after storing it, the
+//!   call timed out) leaves the holder one revision behind its own entry. A renewal
+//!   (or a retried acquire) that is refused reads the entry back: if it is still
+//!   this node's, the holder adopts its revision and writes again, rather than
+//!   taking its own write for another node's. Node names are therefore unique
+//!   among the live processes of a cluster (a server's writer-lease name carries
+//!   its process id and a random part).
 //!
 //! Live nodes are leases too: each node holds the key of its own name in a members
 //! bucket, and the keys in it are the nodes [`super::placement`] places shards on.
@@ -131,8 +138,19 @@ impl Leases {
         let sent = Instant::now();
         match self.kv.create(key, self.node.clone().into()).await {
             Ok(revision) => Ok(Lease { key: key.to_string(), revision, valid_until: self.valid_from(sent) }),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match self.holder(key).await? {
-                Some(holder) => Err(LeaseError::Held(holder)),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => match self.entry(key).await? {
+                // An earlier attempt of this node's was stored, its answer lost. When
+                // that was is unknown: the lease counts from the write made now.
+                Some((holder, revision)) if holder == self.node => {
+                    let mut lease = Lease { key: key.to_string(), revision, valid_until: Instant::now() };
+                    match self.write(&mut lease).await {
+                        Ok(()) => Ok(lease),
+                        // Taken or expired meanwhile: the caller may try again.
+                        Err(LeaseError::Lost) => Err(LeaseError::Held(String::new())),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some((holder, _)) => Err(LeaseError::Held(holder)),
                 // Expired between the two calls: the caller may simply try again.
                 None => Err(LeaseError::Held(String::new())),
             },
@@ -142,6 +160,31 @@ impl Leases {
 
     /// Extends `lease` by the time to live from now.
     pub async fn renew(&self, lease: &mut Lease) -> Result<(), LeaseError> {
+        let lost = match self.write(lease).await {
+            Err(LeaseError::Lost) => LeaseError::Lost,
+            done => return done,
+        };
+        // Refused: either another node's entry now, or this node's own write whose
+        // answer was lost. Only the latter is adopted (its revision, not its time:
+        // until the write below is acknowledged, the lease ends when the last
+        // acknowledged one said).
+        let adopted = match self.entry(&lease.key).await {
+            Ok(Some((holder, revision))) if holder == self.node && revision > lease.revision => {
+                lease.revision = revision;
+                self.write(lease).await
+            }
+            Ok(_) => Err(lost),
+            Err(e) => Err(e),
+        };
+        if adopted == Err(LeaseError::Lost) {
+            lease.valid_until = Instant::now().min(lease.valid_until);
+        }
+        adopted
+    }
+
+    /// Writes `lease` again on its revision: extends it by the time to live from
+    /// now, or `Lost` if the entry's revision moved (another node's, or removed).
+    async fn write(&self, lease: &mut Lease) -> Result<(), LeaseError> {
         let sent = Instant::now();
         match self.kv.update(&lease.key, self.node.clone().into(), lease.revision).await {
             Ok(revision) => {
@@ -149,10 +192,7 @@ impl Leases {
                 lease.valid_until = self.valid_from(sent);
                 Ok(())
             }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-                lease.valid_until = Instant::now().min(lease.valid_until);
-                Err(LeaseError::Lost)
-            }
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Err(LeaseError::Lost),
             Err(e) => Err(unreachable(&format!("renew {}", lease.key), e)),
         }
     }
@@ -167,8 +207,15 @@ impl Leases {
 
     /// The node holding `key`, if any.
     pub async fn holder(&self, key: &str) -> Result<Option<String>, LeaseError> {
+        Ok(self.entry(key).await?.map(|(holder, _)| holder))
+    }
+
+    /// The node holding `key` and the revision of its entry, if any.
+    async fn entry(&self, key: &str) -> Result<Option<(String, u64)>, LeaseError> {
         let entry = self.kv.entry(key).await.map_err(|e| unreachable(&format!("read {key}"), e))?;
-        Ok(entry.filter(|e| e.operation == Operation::Put).map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+        Ok(entry
+            .filter(|e| e.operation == Operation::Put)
+            .map(|e| (String::from_utf8_lossy(&e.value).into_owned(), e.revision)))
     }
 
     /// Every key held now, sorted (for a members bucket: the live nodes).
