@@ -521,6 +521,19 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
                 StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
             })?;
+            // Ready only while the lease is this server's and the servers are in
+            // reach (appends fail meanwhile: a balancer should send buyers elsewhere).
+            let validity = writer.validity();
+            let client = js.context().client();
+            state.set_serving_check(Box::new(move || {
+                if std::time::Instant::now() >= *validity.borrow() {
+                    Some("this server does not hold the stream's writer lease now".into())
+                } else if client.connection_state() != async_nats::connection::State::Connected {
+                    Some("not connected to the JetStream servers".into())
+                } else {
+                    None
+                }
+            }));
             let (stop, stopped) = oneshot::channel();
             let kept = tokio::spawn(async move {
                 if let Some(why) = writer.keep(stopped).await {

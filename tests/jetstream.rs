@@ -1081,6 +1081,18 @@ mod servers {
     use super::common::{assert_audit_ok, kami_audit, reply, Api, Server, ADMIN};
     use super::*;
 
+    /// Polls `probe` every 20 ms until it gives a value (at most 30 s).
+    async fn until<T, F: std::future::Future<Output = Option<T>>>(probe: impl Fn() -> F) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(v) = probe().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "never came to pass within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The environment of a kami server keeping stock in `nats`' stream `stream`,
     /// once the servers serve JetStream.
     async fn on_stream(nats: &Nats, stream: &str) -> Vec<(&'static str, String)> {
@@ -1164,7 +1176,7 @@ mod servers {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_server_keeps_stock_in_the_stream_and_serves_every_acknowledged_purchase_after_kill_9() {
         let Some(bin) = nats_or_skip() else { return };
-        let nats = Nats::start(bin, None);
+        let mut nats = Nats::start(bin, None);
         let env = on_stream(&nats, "KAMISERVER").await;
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
@@ -1177,6 +1189,21 @@ mod servers {
         }
         // Stock lives in the stream: nothing of it in the data directory.
         assert_eq!(written_files(&data.join("journal").join("stock")), Vec::<PathBuf>::new());
+        // Ready only while the stream's servers are in reach: a balancer's probe
+        // sends buyers elsewhere while it is cut off, and back once it is not.
+        let ready = || async { reply(api.http.get(format!("{}/readyz", api.url))).await };
+        assert_eq!(ready().await.status, 200);
+        nats.kill(0);
+        let cut_off = until(|| async {
+            let r = ready().await;
+            (r.status == 503).then_some(r)
+        })
+        .await;
+        assert_eq!(cut_off.code(), "unavailable", "{:?}", cut_off.body);
+        assert!(cut_off.body["error"]["message"].as_str().unwrap().contains("JetStream"), "{:?}", cut_off.body);
+        nats.restart(0);
+        until(|| async { (ready().await.status == 200).then_some(()) }).await;
+        bought.push(buy(&api, "back@example.com").await);
         // What reads local journals says it is not offered, with a stable code.
         let webhook = serde_json::json!({"name": "crm", "url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"});
         let refused =

@@ -23,6 +23,8 @@ const KEY: &str = "stock";
 pub struct Writer {
     leases: Leases,
     lease: Lease,
+    /// Until when the lease is this server's by its own clock, after each write.
+    valid_until: tokio::sync::watch::Sender<Instant>,
 }
 
 /// The bucket of stream `stream`'s writer lease.
@@ -40,7 +42,10 @@ impl Writer {
         let mut told = None;
         loop {
             match leases.acquire(KEY).await {
-                Ok(lease) => return Ok(Writer { leases, lease }),
+                Ok(lease) => {
+                    let (valid_until, _) = tokio::sync::watch::channel(lease.valid_until());
+                    return Ok(Writer { leases, lease, valid_until });
+                }
                 Err(LeaseError::Held(holder)) if Instant::now() < deadline => {
                     if told.as_ref() != Some(&holder) {
                         tracing::warn!(holder = %holder, "waiting for the stream's writer lease");
@@ -51,6 +56,12 @@ impl Writer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Until when the lease is held by this server's clock, kept up to date by
+    /// [`Writer::keep`] (past it, the server must not count on serving).
+    pub fn validity(&self) -> tokio::sync::watch::Receiver<Instant> {
+        self.valid_until.subscribe()
     }
 
     /// Renews the lease every third of its life until it is lost (returned): another
@@ -73,7 +84,9 @@ impl Writer {
                     return None;
                 }
             }
-            match self.leases.renew(&mut self.lease).await {
+            let renewed = self.leases.renew(&mut self.lease).await;
+            self.valid_until.send_replace(self.lease.valid_until());
+            match renewed {
                 Ok(()) => {}
                 Err(LeaseError::Lost) => return Some(LeaseError::Lost),
                 Err(e) => tracing::warn!(error = %e, "renewing the stream's writer lease failed; trying again"),

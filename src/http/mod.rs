@@ -78,7 +78,14 @@ pub struct Shared {
     /// Key of buyer tokens (`X-Buyer-Token`).
     buyer_secret: Vec<u8>,
     pub started: Instant,
+    /// What else must hold for this server to serve (set once at start): on the
+    /// jetstream backend, the stream's writer lease and a live connection. `Some`
+    /// says why not.
+    serving: std::sync::OnceLock<ServingCheck>,
 }
+
+/// Why a server that finished recovery cannot serve now (`None`: it can).
+pub type ServingCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -112,6 +119,7 @@ impl AppState {
                 admin_token.clone(),
             )),
             started: Instant::now(),
+            serving: std::sync::OnceLock::new(),
             ops_token: settings.ops.token.clone(),
             buyer_secret: if settings.buyers.token_secret.is_empty() {
                 // Stable as long as the admin token is.
@@ -132,6 +140,16 @@ impl AppState {
     /// Detaches the core: from now on requests are answered 503.
     pub fn detach(&self) {
         self.core.store(None);
+    }
+
+    /// Sets what `/readyz` checks beyond recovery (once; a second call is ignored).
+    pub fn set_serving_check(&self, check: ServingCheck) {
+        let _ = self.serving.set(check);
+    }
+
+    /// Why this server cannot serve now, beyond recovery (`None`: it can).
+    pub fn not_serving(&self) -> Option<String> {
+        self.serving.get().and_then(|check| check())
     }
 
     pub fn core(&self) -> Result<Arc<Kami>, ApiError> {

@@ -13,9 +13,14 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 only once start-up recovery has finished.
+/// 200 only once start-up recovery has finished, and (on the jetstream backend)
+/// while this server holds the stream's writer lease and is connected to its
+/// servers; otherwise 503 `recovering` or `unavailable`, with the reason.
 pub async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     st.core()?;
+    if let Some(why) = st.not_serving() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why).retry_after(1));
+    }
     Ok(Json(json!({"status": "ready"})))
 }
 
