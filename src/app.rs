@@ -525,7 +525,13 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             // reach (appends fail meanwhile: a balancer should send buyers elsewhere).
             let validity = writer.validity();
             let client = js.context().client();
-            state.set_serving_check(Box::new(move || {
+            let describe = serde_json::json!({
+                "backend": "jetstream",
+                "stream": settings.storage.jetstream.stream,
+                "replicas": settings.storage.jetstream.replicas,
+                "node": node,
+            });
+            let check = Box::new(move || {
                 if std::time::Instant::now() >= *validity.borrow() {
                     Some("this server does not hold the stream's writer lease now".into())
                 } else if client.connection_state() != async_nats::connection::State::Connected {
@@ -533,7 +539,8 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
                 } else {
                     None
                 }
-            }));
+            });
+            state.set_serving(http::Serving { describe, check });
             let (stop, stopped) = oneshot::channel();
             let kept = tokio::spawn(async move {
                 if let Some(why) = writer.keep(stopped).await {

@@ -1201,8 +1201,16 @@ mod servers {
         .await;
         assert_eq!(cut_off.code(), "unavailable", "{:?}", cut_off.body);
         assert!(cut_off.body["error"]["message"].as_str().unwrap().contains("JetStream"), "{:?}", cut_off.body);
+        let status = reply(api.http.get(format!("{}/status.json", api.url))).await.body;
+        let storage = &status["storage"];
+        assert_eq!(storage["backend"], "jetstream", "{status}");
+        assert_eq!(storage["stream"], "KAMISERVER", "{status}");
+        assert_eq!(storage["serving"], false, "{status}");
+        assert!(storage["not_serving"].as_str().unwrap().contains("JetStream"), "{status}");
         nats.restart(0);
         until(|| async { (ready().await.status == 200).then_some(()) }).await;
+        let status = reply(api.http.get(format!("{}/status.json", api.url))).await.body;
+        assert_eq!(status["storage"]["serving"], true, "{status}");
         bought.push(buy(&api, "back@example.com").await);
         // What reads local journals says it is not offered, with a stable code.
         let webhook = serde_json::json!({"name": "crm", "url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"});

@@ -335,6 +335,12 @@ async fn a_product_off_the_shelf_takes_no_new_orders_and_is_deleted_once_none_is
             "not on the status page: {}",
             status.body
         );
+        let storage = &status.body["storage"];
+        assert_eq!(
+            (storage["backend"].as_str(), storage["serving"].as_bool()),
+            (Some("local"), Some(true)),
+            "{storage}"
+        );
         let read = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/shelf", api.url)))).await;
         assert_eq!((read.status, read.body["shelf"].as_str()), (200, Some("deleted")), "the merchant still reads it");
         let relist = reply(api.admin(api.http.post(format!("{}/api/v1/admin/products/shelf/relist", api.url)))).await;

@@ -81,11 +81,17 @@ pub struct Shared {
     /// What else must hold for this server to serve (set once at start): on the
     /// jetstream backend, the stream's writer lease and a live connection. `Some`
     /// says why not.
-    serving: std::sync::OnceLock<ServingCheck>,
+    serving: std::sync::OnceLock<Serving>,
 }
 
-/// Why a server that finished recovery cannot serve now (`None`: it can).
-pub type ServingCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
+/// Where stock is kept when not in the data directory, and whether it can be
+/// served from there now.
+pub struct Serving {
+    /// What `/status.json` shows under `storage` (e.g. the backend and stream).
+    pub describe: serde_json::Value,
+    /// Why this server cannot serve now (`None`: it can).
+    pub check: Box<dyn Fn() -> Option<String> + Send + Sync>,
+}
 
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
@@ -143,13 +149,25 @@ impl AppState {
     }
 
     /// Sets what `/readyz` checks beyond recovery (once; a second call is ignored).
-    pub fn set_serving_check(&self, check: ServingCheck) {
-        let _ = self.serving.set(check);
+    pub fn set_serving(&self, serving: Serving) {
+        let _ = self.serving.set(serving);
     }
 
     /// Why this server cannot serve now, beyond recovery (`None`: it can).
     pub fn not_serving(&self) -> Option<String> {
-        self.serving.get().and_then(|check| check())
+        self.serving.get().and_then(|s| (s.check)())
+    }
+
+    /// Where stock is kept and whether it can be served now (`/status.json`).
+    pub fn storage_status(&self) -> serde_json::Value {
+        let mut out = match self.serving.get() {
+            Some(s) => s.describe.clone(),
+            None => serde_json::json!({"backend": "local"}),
+        };
+        let why = self.not_serving();
+        out["serving"] = why.is_none().into();
+        out["not_serving"] = why.into();
+        out
     }
 
     pub fn core(&self) -> Result<Arc<Kami>, ApiError> {

@@ -77,7 +77,8 @@ pub async fn status_json(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     st.require_ops(&headers, uri.query())?;
     let Ok(core) = st.core() else {
-        return Ok(Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs()})));
+        let storage = st.storage_status();
+        return Ok(Json(json!({"ready": false, "uptime_secs": st.started.elapsed().as_secs(), "storage": storage})));
     };
     let routes = core.registry().all();
     // What needs attention counts every product: a deleted one can still owe a refund
@@ -151,6 +152,7 @@ pub async fn status_json(
         "webhooks": webhooks,
         "rejected": rejected,
         "buffered_body_bytes": st.intake.buffered_body_bytes(),
+        "storage": st.storage_status(),
         "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},
         "attention": {
             "refunds_owed": refunds_owed,
