@@ -138,6 +138,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ("kami_password_hashes_waiting", Kind::Gauge, "Orders and lookups waiting for a query password hash (bounded by lookup.max_waiting_hashes)."),
     ("kami_password_hash_seconds", Kind::Histogram, "Time one query password hash took, waiting for a thread included."),
     ("kami_buffered_body_bytes", Kind::Gauge, "Bytes of request bodies held in memory now."),
+    ("kami_storage_serving", Kind::Gauge, "1 while stock can be written where it is kept; 0 while a replicated stream is out of reach (no writer lease, no connection)."),
     ("kami_order_events_total", Kind::Counter, "Order events made durable, by event (created, delivered, expired, cancelled, refund_owed, refunded, ...)."),
     ("kami_group_events_total", Kind::Counter, "Group-buy events made durable, by event (opened, joined, completed, failed)."),
     ("kami_points_events_total", Kind::Counter, "Points ledger events made durable, by event."),

@@ -1207,6 +1207,8 @@ mod servers {
         assert_eq!(storage["stream"], "KAMISERVER", "{status}");
         assert_eq!(storage["serving"], false, "{status}");
         assert!(storage["not_serving"].as_str().unwrap().contains("JetStream"), "{status}");
+        let metrics = api.http.get(format!("{}/metrics", api.url)).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.lines().any(|l| l == "kami_storage_serving 0"), "{metrics}");
         nats.restart(0);
         until(|| async { (ready().await.status == 200).then_some(()) }).await;
         let status = reply(api.http.get(format!("{}/status.json", api.url))).await.body;

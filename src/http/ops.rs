@@ -54,6 +54,8 @@ pub async fn metrics(
     }
     metrics::gauge!("kami_payment_conversion_ratio").set(crate::telemetry::conversion_ratio());
     metrics::gauge!("kami_buffered_body_bytes").set(st.intake.buffered_body_bytes() as f64);
+    // 1 while stock can be written where it is kept (always, in the data directory).
+    metrics::gauge!("kami_storage_serving").set(if st.not_serving().is_none() { 1.0 } else { 0.0 });
     let handle = crate::telemetry::metrics_handle();
     handle.run_upkeep();
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()))
