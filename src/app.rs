@@ -511,13 +511,23 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         crate::config::StorageBackend::Jetstream => {
             let options = settings.storage.jetstream.options();
             let urls = options.urls.join(",");
-            let js = crate::storage::jetstream::JetStream::connect(options)
-                .await
-                .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
+            let patience = crate::cluster::writer::TTL * 2 + Duration::from_secs(1);
+            // Servers electing a leader (one of them just restarted) time requests
+            // out for a few seconds: a start then waits for them, up to `patience`.
+            let deadline = std::time::Instant::now() + patience;
+            let js = loop {
+                match crate::storage::jetstream::JetStream::connect(options.clone()).await {
+                    Ok(js) => break js,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(StartError::Storage { path: urls.clone(), error: e.to_string() }),
+                }
+            };
             // One server writes a stream: a second one is refused here, and this one
             // stops if it ever loses the lease (another server took the stream over).
             let node = format!("kami-{}-{:08x}", std::process::id(), rand::random::<u32>());
-            let patience = crate::cluster::writer::TTL * 2 + Duration::from_secs(1);
             let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
                 StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
             })?;

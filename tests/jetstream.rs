@@ -662,6 +662,25 @@ async fn shards_fail_over_from_a_dead_node_go_to_a_new_one_and_are_never_served_
     // b leaves cleanly: its shards are released at once and taken by a and d.
     b.leave().await;
     watch_ownership(&watched, &shards, |s| placed(s, &shards, &["a", "d"])).await;
+
+    // A product comes and one goes: new shards are placed, the gone ones served by
+    // nobody (their leases released).
+    let now: Vec<String> = (6..30).map(|i| format!("stock.{i}.0")).collect();
+    for node in [&a, &d] {
+        node.set_shards(now.iter().cloned().collect()).unwrap();
+    }
+    let gone = &shards[..6];
+    let every: BTreeSet<String> = shards.iter().chain(&now).cloned().collect();
+    watch_ownership(&watched, &every.into_iter().collect::<Vec<_>>(), |s| {
+        placed(s, &now, &["a", "d"]) && gone.iter().all(|g| !s.contains_key(g))
+    })
+    .await;
+    let owners = Leases::open(&js, "KAMI_OWNERS", "observer", ttl).await.unwrap();
+    for g in gone {
+        assert_eq!(owners.holder(g).await.unwrap(), None, "{g} still leased");
+    }
+    let too_many: BTreeSet<String> = (0..=kami::cluster::node::MAX_SHARDS).map(|i| format!("stock.{i}.0")).collect();
+    assert!(a.set_shards(too_many).is_err());
     drop((a, d));
 }
 

@@ -125,10 +125,6 @@ impl Leases {
         &self.node
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     fn valid_from(&self, sent: Instant) -> Instant {
         sent + self.ttl - self.margin
     }

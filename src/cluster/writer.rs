@@ -35,10 +35,21 @@ fn bucket(stream: &str) -> String {
 impl Writer {
     /// Takes the writer lease of `js`'s stream for node `node`. A lease held by a
     /// server that stopped renewing it (killed a moment ago) is waited out; one
-    /// still held after `patience` is refused with the holder's name.
+    /// still held after `patience` is refused with the holder's name. Servers that
+    /// do not answer (electing a leader after one of them restarted) are tried
+    /// again until `patience` too.
     pub async fn take(js: &JetStream, node: &str, patience: Duration) -> Result<Writer, LeaseError> {
-        let leases = Leases::open(js, &bucket(&js.options().stream), node, TTL).await?;
         let deadline = Instant::now() + patience;
+        let leases = loop {
+            match Leases::open(js, &bucket(&js.options().stream), node, TTL).await {
+                Ok(leases) => break leases,
+                Err(LeaseError::Unreachable(e)) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
+                    tokio::time::sleep(TTL / 10).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let mut told = None;
         loop {
             match leases.acquire(KEY).await {
@@ -51,6 +62,10 @@ impl Writer {
                         tracing::warn!(holder = %holder, "waiting for the stream's writer lease");
                         told = Some(holder);
                     }
+                    tokio::time::sleep(TTL / 10).await;
+                }
+                Err(LeaseError::Unreachable(e)) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
                     tokio::time::sleep(TTL / 10).await;
                 }
                 Err(e) => return Err(e),
