@@ -515,16 +515,17 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             // Servers electing a leader (one of them just restarted) time requests
             // out for a few seconds: a start then waits for them, up to `patience`.
             let deadline = std::time::Instant::now() + patience;
-            let js = loop {
-                match crate::storage::jetstream::JetStream::connect(options.clone()).await {
-                    Ok(js) => break js,
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(e) => return Err(StartError::Storage { path: urls.clone(), error: e.to_string() }),
-                }
-            };
+            let js = crate::cluster::patiently(
+                deadline,
+                Duration::from_millis(500),
+                || crate::storage::jetstream::JetStream::connect(options.clone()),
+                |e| {
+                    tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
+                    true
+                },
+            )
+            .await
+            .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
             // One server writes a stream: a second one is refused here, and this one
             // stops if it ever loses the lease (another server took the stream over).
             let node = format!("kami-{}-{:08x}", std::process::id(), rand::random::<u32>());

@@ -15,3 +15,81 @@ pub mod lease;
 pub mod node;
 pub mod placement;
 pub mod writer;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Tries `attempt` until it succeeds, fails with an error `transient` does not take
+/// for a passing one, or `deadline` passes (then its last error is returned), with
+/// `pause` between tries. `transient` is asked only when there will be another try,
+/// so it may log "trying again". For servers that time requests out while they elect
+/// a leader, which a start waits for rather than exiting.
+pub async fn patiently<T, E, Fut>(
+    deadline: Instant,
+    pause: Duration,
+    mut attempt: impl FnMut() -> Fut,
+    mut transient: impl FnMut(&E) -> bool,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if Instant::now() < deadline && transient(&e) => tokio::time::sleep(pause).await,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn patiently_tries_again_only_on_passing_errors_and_only_until_its_deadline() {
+        let tries = std::cell::Cell::new(0);
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let ok: Result<u32, &str> = patiently(
+            deadline,
+            Duration::from_millis(1),
+            || async {
+                tries.set(tries.get() + 1);
+                if tries.get() < 3 {
+                    Err("busy")
+                } else {
+                    Ok(7)
+                }
+            },
+            |e| *e == "busy",
+        )
+        .await;
+        assert_eq!((ok, tries.get()), (Ok(7), 3), "two passing errors, then the answer");
+
+        tries.set(0);
+        let lasting: Result<u32, &str> = patiently(
+            deadline,
+            Duration::from_millis(1),
+            || async {
+                tries.set(tries.get() + 1);
+                Err("refused")
+            },
+            |e| *e == "busy",
+        )
+        .await;
+        assert_eq!((lasting, tries.get()), (Err("refused"), 1), "an error that is not passing ends it at once");
+
+        tries.set(0);
+        let late: Result<u32, &str> = patiently(
+            Instant::now(),
+            Duration::from_millis(1),
+            || async {
+                tries.set(tries.get() + 1);
+                Err("busy")
+            },
+            |_| true,
+        )
+        .await;
+        assert_eq!((late, tries.get()), (Err("busy"), 1), "past the deadline: no second try");
+    }
+}

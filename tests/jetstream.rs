@@ -58,18 +58,23 @@ impl Nats {
     }
 
     fn start_n(binary: PathBuf, n: usize, max_payload: Option<usize>) -> Nats {
-        let mut nats = Nats {
+        let mut nats = Nats::unstarted(binary, n, max_payload);
+        for i in 0..n {
+            nats.restart(i);
+        }
+        nats
+    }
+
+    /// Ports and stores chosen, no server started yet ([`Nats::restart`] starts one).
+    fn unstarted(binary: PathBuf, n: usize, max_payload: Option<usize>) -> Nats {
+        Nats {
             binary,
             children: (0..n).map(|_| None).collect(),
             ports: (0..n).map(|_| free_port()).collect(),
             route_ports: (0..n).map(|_| free_port()).collect(),
             dir: tempfile::tempdir().unwrap(),
             max_payload,
-        };
-        for i in 0..n {
-            nats.restart(i);
         }
-        nats
     }
 
     fn restart(&mut self, i: usize) {
@@ -1116,6 +1121,11 @@ mod servers {
     /// once the servers serve JetStream.
     async fn on_stream(nats: &Nats, stream: &str) -> Vec<(&'static str, String)> {
         drop(nats.connect().await);
+        env_for(nats, stream)
+    }
+
+    /// The environment of a kami server keeping stock in `nats`' stream `stream`.
+    fn env_for(nats: &Nats, stream: &str) -> Vec<(&'static str, String)> {
         let options = nats.options();
         vec![
             ("KAMI_STORAGE__BACKEND", "jetstream".into()),
@@ -1192,6 +1202,31 @@ mod servers {
         out
     }
 
+    /// A start whose stream servers are not up yet (a host booting them together)
+    /// waits for them instead of exiting. A stand-in listener on the server's port
+    /// tells when kami first tried: only then does the real server start there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_start_waits_for_stream_servers_that_come_up_after_it() {
+        let Some(bin) = nats_or_skip() else { return };
+        let mut nats = Nats::unstarted(bin, 1, None);
+        let env = env_for(&nats, "KAMILATE");
+        let stand_in = TcpListener::bind(("127.0.0.1", nats.ports[0])).unwrap();
+        stand_in.set_nonblocking(true).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let starting = std::thread::spawn(move || start(&data, &env));
+        let knocked = until(|| async { stand_in.accept().ok() }).await;
+        drop((knocked, stand_in)); // its first try fails: no server answered
+        nats.restart(0);
+        let server = tokio::task::spawn_blocking(move || starting.join().expect("kami started")).await.unwrap();
+        assert!(!server.lines_with("do not answer yet; trying again").is_empty(), "kami waited for the servers");
+        let api = server.api();
+        stock_hot(&api, 1, 5).await;
+        let bought = buy(&api, "early@example.com").await;
+        serves_everything(&api, &[bought]).await;
+        drop(dir);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_server_keeps_stock_in_the_stream_and_serves_every_acknowledged_purchase_after_kill_9() {
         let Some(bin) = nats_or_skip() else { return };
@@ -1233,6 +1268,25 @@ mod servers {
         let status = reply(api.http.get(format!("{}/status.json", api.url))).await.body;
         assert_eq!(status["storage"]["serving"], true, "{status}");
         bought.push(buy(&api, "back@example.com").await);
+        // Cut off past the writer lease's time (servers electing a leader for that
+        // long): its entry expires on the servers, and with nobody else on the
+        // stream the server takes it again instead of stopping.
+        nats.kill(0);
+        let lapsed = until(|| async {
+            let status = reply(api.http.get(format!("{}/status.json", api.url))).await.body;
+            let why = status["storage"]["not_serving"].as_str().unwrap_or_default().to_string();
+            why.contains("writer lease").then_some(why)
+        })
+        .await;
+        assert!(lapsed.contains("does not hold"), "{lapsed}");
+        // The servers count the entry's age from its last write, which is before the
+        // server's own clock ended the lease by a tenth of its life (0.5 s).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        nats.restart(0);
+        until(|| async { (ready().await.status == 200).then_some(()) }).await;
+        assert!(!server.lines_with("nobody took it: taken again").is_empty(), "the lapsed lease was taken again");
+        assert!(server.child.try_wait().unwrap().is_none(), "still running");
+        bought.push(buy(&api, "lapsed@example.com").await);
         // What reads local journals says it is not offered, with a stable code.
         let webhook = serde_json::json!({"name": "crm", "url": "http://127.0.0.1:9/x", "secret": "0123456789abcdef"});
         let refused =

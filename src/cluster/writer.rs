@@ -27,6 +27,15 @@ pub struct Writer {
     valid_until: tokio::sync::watch::Sender<Instant>,
 }
 
+/// Whether `e` is servers not answering (for now), said in the log when so.
+fn unreachable_for_now(e: &LeaseError) -> bool {
+    let unreachable = matches!(e, LeaseError::Unreachable(_));
+    if unreachable {
+        tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
+    }
+    unreachable
+}
+
 /// The bucket of stream `stream`'s writer lease.
 fn bucket(stream: &str) -> String {
     format!("{stream}_WRITER")
@@ -40,37 +49,28 @@ impl Writer {
     /// again until `patience` too.
     pub async fn take(js: &JetStream, node: &str, patience: Duration) -> Result<Writer, LeaseError> {
         let deadline = Instant::now() + patience;
-        let leases = loop {
-            match Leases::open(js, &bucket(&js.options().stream), node, TTL).await {
-                Ok(leases) => break leases,
-                Err(LeaseError::Unreachable(e)) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
-                    tokio::time::sleep(TTL / 10).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let bucket = bucket(&js.options().stream);
+        let leases =
+            super::patiently(deadline, TTL / 10, || Leases::open(js, &bucket, node, TTL), unreachable_for_now).await?;
         let mut told = None;
-        loop {
-            match leases.acquire(KEY).await {
-                Ok(lease) => {
-                    let (valid_until, _) = tokio::sync::watch::channel(lease.valid_until());
-                    return Ok(Writer { leases, lease, valid_until });
-                }
-                Err(LeaseError::Held(holder)) if Instant::now() < deadline => {
-                    if told.as_ref() != Some(&holder) {
+        let lease = super::patiently(
+            deadline,
+            TTL / 10,
+            || leases.acquire(KEY),
+            |e| match e {
+                LeaseError::Held(holder) => {
+                    if told.as_ref() != Some(holder) {
                         tracing::warn!(holder = %holder, "waiting for the stream's writer lease");
-                        told = Some(holder);
+                        told = Some(holder.clone());
                     }
-                    tokio::time::sleep(TTL / 10).await;
+                    true
                 }
-                Err(LeaseError::Unreachable(e)) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "the stream's servers do not answer yet; trying again");
-                    tokio::time::sleep(TTL / 10).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+                e => unreachable_for_now(e),
+            },
+        )
+        .await?;
+        let (valid_until, _) = tokio::sync::watch::channel(lease.valid_until());
+        Ok(Writer { leases, lease, valid_until })
     }
 
     /// Until when the lease is held by this server's clock, kept up to date by
@@ -79,19 +79,22 @@ impl Writer {
         self.valid_until.subscribe()
     }
 
-    /// Renews the lease every third of its life until it is lost (returned): another
-    /// server took it, or it expired on the servers (the next renewal finds that
-    /// out). Servers out of reach are tried again meanwhile: the stream's journals
-    /// refuse this server's appends then anyway (503), and a leader election of the
-    /// lease's own stream does not stop a server that still holds it. Once `stop`
+    /// Renews the lease every third of its life until it is lost to another server
+    /// (returned), which the next renewal after it took the lease finds out. Servers
+    /// out of reach are tried again meanwhile: the stream's journals refuse this
+    /// server's appends then anyway (503), and a leader election of the lease's own
+    /// stream does not stop a server that still holds it. If the election outlasts
+    /// the lease, its entry expires on the servers: unless another server took it
+    /// meanwhile, it is taken again (the validity is in the past in between). Once `stop`
     /// is sent (a graceful shutdown), the lease is released, so the next server
     /// need not wait it out; if `stop` is dropped, it is left to expire.
     pub async fn keep(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) -> Option<LeaseError> {
+        let mut lapsed = false;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(TTL / 3) => {}
                 stopped = &mut stop => {
-                    if stopped.is_ok() {
+                    if stopped.is_ok() && !lapsed {
                         if let Err(e) = self.leases.release(self.lease).await {
                             tracing::warn!(error = %e, "releasing the stream's writer lease failed; it expires by itself");
                         }
@@ -99,13 +102,35 @@ impl Writer {
                     return None;
                 }
             }
-            let renewed = self.leases.renew(&mut self.lease).await;
+            // A lease whose entry expired on the servers (they were out of reach past
+            // its time, electing a leader) is taken again if nobody took it meanwhile;
+            // the server answered 503 in between.
+            let kept = match lapsed {
+                true => self.retake().await,
+                false => match self.leases.renew(&mut self.lease).await {
+                    Err(LeaseError::Lost) => self.retake().await,
+                    renewed => renewed,
+                },
+            };
             self.valid_until.send_replace(self.lease.valid_until());
-            match renewed {
-                Ok(()) => {}
-                Err(LeaseError::Lost) => return Some(LeaseError::Lost),
+            match kept {
+                Ok(()) => lapsed = false,
+                // Another server holds it: it may be writing the stream now.
+                Err(LeaseError::Held(holder)) if !holder.is_empty() => return Some(LeaseError::Lost),
+                Err(LeaseError::Held(_) | LeaseError::Lost) => {
+                    tracing::warn!("the stream's writer lease lapsed; taking it again");
+                    lapsed = true;
+                }
                 Err(e) => tracing::warn!(error = %e, "renewing the stream's writer lease failed; trying again"),
             }
         }
+    }
+
+    /// Takes the lease again after it lapsed, if no other server holds it.
+    async fn retake(&mut self) -> Result<(), LeaseError> {
+        let lease = self.leases.acquire(KEY).await?;
+        tracing::warn!("the stream's writer lease had lapsed and nobody took it: taken again");
+        self.lease = lease;
+        Ok(())
     }
 }
