@@ -1,6 +1,8 @@
 //! A kami cluster: several nodes sharing one replicated NATS JetStream, each shard
 //! owned by one node at a time.
 //!
+//! - [`catalogue`]: the products every node knows, in a key-value bucket they
+//!   share (created on one node, followed by all).
 //! - [`placement`]: which live node should own a shard (rendezvous hashing, pure).
 //! - [`lease`]: who does own it, as a lease in a JetStream key-value bucket with a
 //!   revision and a time to live; the node that holds it renews it, and stops
@@ -11,6 +13,7 @@
 //! expected last sequence of the shard's subject (`storage::jetstream`), so a node
 //! that lost its lease without knowing cannot extend the history either.
 
+pub mod catalogue;
 pub mod lease;
 pub mod node;
 pub mod placement;

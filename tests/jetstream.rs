@@ -497,6 +497,108 @@ async fn a_lease_is_held_by_one_node_at_a_time_and_a_release_hands_it_over_at_on
     drop((taken, other));
 }
 
+mod catalogue {
+    use futures::StreamExt;
+    use kami::cluster::catalogue::{Catalogue, CatalogueError, Change, ProductEntry};
+    use kami::domain::shelf::Shelf;
+    use kami::domain::terms::Terms;
+    use kami::domain::ProductInfo;
+
+    use super::*;
+
+    fn entry(id: &str, price_cents: u64) -> ProductEntry {
+        let product = ProductInfo {
+            id: id.into(),
+            name: id.to_uppercase(),
+            price_cents,
+            per_buyer_limit: 0,
+            shards: 2,
+            created_at_ms: 1,
+        };
+        let terms = Terms { name: product.name.clone(), price_cents, ..Terms::default() };
+        ProductEntry {
+            product,
+            terms,
+            shelf: Shelf::OnSale,
+            shelf_since_ms: 1,
+            points_price: None,
+            key_mode: Default::default(),
+            deals: Vec::new(),
+        }
+    }
+
+    /// Two nodes on one catalogue: a product created on one is seen by the other's
+    /// watch; one id is created once; changes made at once on both nodes are both
+    /// kept; an entry that does not decode is reported, never applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_share_one_catalogue_and_concurrent_changes_are_never_lost() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let (a, b) = (nats.connect().await, nats.connect().await);
+        let (a, b) = (Catalogue::open(&a, "CATALOGUE").await.unwrap(), Catalogue::open(&b, "CATALOGUE").await.unwrap());
+        let mut watched = Box::pin(b.watch().await.unwrap());
+
+        a.create(&entry("hot", 990)).await.unwrap();
+        assert_eq!(b.create(&entry("hot", 1)).await, Err(CatalogueError::Exists("hot".into())));
+        let Some(Ok(Change::Put(seen, _))) = watched.next().await else { panic!("the watch sees the new product") };
+        assert_eq!(*seen, entry("hot", 990), "as node a wrote it");
+
+        // Node a retires the product while node b changes its price, 20 times each,
+        // interleaved: every change lands.
+        let retire = async {
+            for i in 0..20u64 {
+                a.update("hot", |e| {
+                    e.shelf_since_ms = i;
+                    Ok::<_, ()>(())
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            }
+        };
+        let reprice = async {
+            for i in 0..20u64 {
+                b.update("hot", |e| {
+                    e.terms.price_cents = 1_000 + i;
+                    Ok::<_, ()>(())
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            }
+        };
+        tokio::join!(retire, reprice);
+        let (now, _) = a.get("hot").await.unwrap().unwrap();
+        assert_eq!((now.shelf_since_ms, now.terms.price_cents), (19, 1_019), "both nodes' last changes");
+        // A change refused by its own check writes nothing.
+        let refused = a.update("hot", |_| Err("no")).await.unwrap();
+        assert_eq!(refused, Err("no"));
+        assert_eq!(a.get("hot").await.unwrap().unwrap().0, now);
+        assert_eq!(a.update("cold", |_| Ok::<_, ()>(())).await, Err(CatalogueError::Unknown("cold".into())));
+
+        // The watch saw the changes in order, ending with the entry as it is now.
+        let mut last = None;
+        while last.as_ref() != Some(&now) {
+            let Some(Ok(Change::Put(e, _))) = watched.next().await else { panic!("a change") };
+            last = Some(*e);
+        }
+
+        b.create(&entry("cold", 5)).await.unwrap();
+        let listed: Vec<String> = a.entries().await.unwrap().into_iter().map(|e| e.product.id).collect();
+        assert_eq!(listed, ["cold", "hot"]);
+
+        a.put_raw("broken", b"{not json".to_vec()).await.unwrap();
+        assert!(matches!(a.get("broken").await, Err(CatalogueError::Malformed { .. })));
+        loop {
+            match watched.next().await {
+                Some(Err(CatalogueError::Malformed { key, .. })) => break assert_eq!(key, "broken"),
+                Some(Ok(_)) => continue,
+                other => panic!("the malformed entry is reported: {other:?}"),
+            }
+        }
+    }
+}
+
 /// A write stored by the servers whose answer never came back (the bucket's leader
 /// died after storing it) leaves the holder a revision behind its own entry: the
 /// next renewal adopts it instead of taking it for another node's (which would stop
