@@ -506,6 +506,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     }));
 
     let mut writer_lease = None;
+    let mut catalogue = None;
     let stream = match settings.storage.backend {
         crate::config::StorageBackend::Local => None,
         crate::config::StorageBackend::Jetstream => {
@@ -561,6 +562,17 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             });
             writer_lease = Some((stop, kept));
             storage.keep_stock_elsewhere();
+            // The products too (a server on another data directory sells the same).
+            let bucket = format!("{}_CATALOGUE", settings.storage.jetstream.stream);
+            let shared = crate::cluster::catalogue::Catalogue::open(&js, &bucket)
+                .await
+                .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
+            let taken = crate::core::catalogue::sync(&storage, &shared).await.map_err(|e| StartError::Storage {
+                path: urls.clone(),
+                error: format!("the stream's catalogue: {e}"),
+            })?;
+            tracing::info!(products = taken, bucket = %bucket, "products taken from the stream's catalogue");
+            catalogue = Some(Arc::new(shared));
             tracing::info!(node = %node, urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
             Some(js)
         }
@@ -637,6 +649,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let webhooks = crate::core::webhooks::Webhooks::load(&settings.webhooks, &storage, clock.now_ms())
         .map_err(|e| StartError::Recovery(format!("webhooks: {e}")))?;
     let parts = Parts {
+        catalogue,
         registry,
         supervisor,
         payments,

@@ -43,6 +43,7 @@ const MAX_NOTE_BYTES: usize = 256;
 mod backup;
 pub use backup::{BackupStream, MIN_PASSPHRASE_BYTES};
 mod borrow;
+pub mod catalogue;
 mod checkout;
 pub use checkout::{GatewayReply, JsapiParams, PayLink, PayLinkFor};
 mod coupons;
@@ -211,6 +212,8 @@ pub struct Redeemed {
 }
 
 pub struct Kami {
+    /// Products mirrored to the stream's catalogue (jetstream backend only).
+    catalogue: Option<Arc<crate::cluster::catalogue::Catalogue>>,
     registry: Arc<Registry>,
     supervisor: Addr<ProductSupervisor>,
     payments: Addr<PaymentSupervisor>,
@@ -272,6 +275,8 @@ pub struct Parts {
     /// Calls to payment gateways made for a buyer (pay links), bounded by each
     /// channel's timeout.
     pub http: reqwest::Client,
+    /// The stream's catalogue bucket on the jetstream backend ([`catalogue`]).
+    pub catalogue: Option<Arc<crate::cluster::catalogue::Catalogue>>,
 }
 
 impl Kami {
@@ -295,6 +300,7 @@ impl Kami {
             lookup_secret,
             webhooks,
             http,
+            catalogue,
         } = parts;
         let passwords = Passwords::new(lookup_secret, limits.max_parallel_hashes, limits.max_waiting_hashes);
         Kami {
@@ -318,6 +324,7 @@ impl Kami {
             passwords,
             webhooks,
             http,
+            catalogue,
             pay_calls: tokio::sync::Semaphore::new(MAX_PAY_CALLS),
             backup_running: Default::default(),
         }

@@ -515,7 +515,7 @@ mod catalogue {
             shards: 2,
             created_at_ms: 1,
         };
-        let terms = Terms { name: product.name.clone(), price_cents, ..Terms::default() };
+        let terms = Some(Terms { name: product.name.clone(), price_cents, ..Terms::default() });
         ProductEntry {
             product,
             terms,
@@ -559,7 +559,7 @@ mod catalogue {
         let reprice = async {
             for i in 0..20u64 {
                 b.update("hot", |e| {
-                    e.terms.price_cents = 1_000 + i;
+                    e.terms.as_mut().unwrap().price_cents = 1_000 + i;
                     Ok::<_, ()>(())
                 })
                 .await
@@ -569,7 +569,11 @@ mod catalogue {
         };
         tokio::join!(retire, reprice);
         let (now, _) = a.get("hot").await.unwrap().unwrap();
-        assert_eq!((now.shelf_since_ms, now.terms.price_cents), (19, 1_019), "both nodes' last changes");
+        assert_eq!(
+            (now.shelf_since_ms, now.terms.as_ref().unwrap().price_cents),
+            (19, 1_019),
+            "both nodes' last changes"
+        );
         // A change refused by its own check writes nothing.
         let refused = a.update("hot", |_| Err("no")).await.unwrap();
         assert_eq!(refused, Err("no"));
@@ -1478,6 +1482,53 @@ mod servers {
         b.kill9();
         let a = start(&data_a, &env);
         serves_everything(&a.api(), &sold).await;
+    }
+
+    /// The host of the server writing a stream is lost with its data directory: a
+    /// server started on the stream from an empty directory (another host) sells the
+    /// same products, changed as they were, and serves every acknowledged purchase.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_on_a_new_data_directory_takes_over_the_stream_with_its_products() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let env = on_stream(&nats, "KAMIHOSTS").await;
+        let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut first = start(&first_dir.path().join("data"), &env);
+        let api = first.api();
+        stock_hot(&api, 2, 20).await;
+        let mut bought = Vec::new();
+        for i in 0..5 {
+            bought.push(buy(&api, &format!("buyer{i}@example.com")).await);
+        }
+        let patch = serde_json::json!({"price_cents": 1290, "name": "Hot v2"});
+        let changed = reply(api.admin(api.http.patch(format!("{}/api/v1/products/hot", api.url))).json(&patch)).await;
+        assert_eq!(changed.status, 200, "{:?}", changed.body);
+        assert_eq!(api.create_product("cold", 100, 0, 1).await.status, 201);
+        let retired = reply(api.admin(api.http.post(format!("{}/api/v1/admin/products/cold/retire", api.url)))).await;
+        assert_eq!(retired.status, 200, "{:?}", retired.body);
+        let points = serde_json::json!({"points_price": 50});
+        let priced =
+            reply(api.admin(api.http.put(format!("{}/api/v1/products/hot/points-price", api.url))).json(&points)).await;
+        assert_eq!(priced.status, 200, "{:?}", priced.body);
+        let before = api.product("hot").await.body;
+        first.kill9();
+        drop(first_dir); // the host's disk is gone
+
+        let second = start(&second_dir.path().join("data"), &env);
+        assert!(!second.lines_with("waiting for the stream's writer lease").is_empty(), "the dead server's lease");
+        let api = second.api();
+        let hot = api.product("hot").await;
+        assert_eq!(hot.status, 200, "{:?}", hot.body);
+        for field in ["name", "price_cents", "available", "points_price"] {
+            assert_eq!(hot.body[field], before[field], "{field}: {:?} against {before}", hot.body);
+        }
+        assert_eq!(hot.body["price_cents"], 1290);
+        let cold = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/cold", api.url)))).await;
+        assert_eq!(cold.body["shelf"], "retired", "{:?}", cold.body);
+        serves_everything(&api, &bought).await;
+        let after = api.order("hot", 1, "after@example.com", None).await;
+        assert_eq!(after.status, 201, "{:?}", after.body);
+        assert_eq!(after.body["amount_cents"], 1290, "{:?}", after.body);
     }
 
     /// A stream kept in three copies while its servers fail.

@@ -42,7 +42,9 @@ pub const MAX_ENTRY_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProductEntry {
     pub product: ProductInfo,
-    pub terms: Terms,
+    /// Terms changed since creation (or tiers): `None` while the product's own are.
+    #[serde(default)]
+    pub terms: Option<Terms>,
     pub shelf: Shelf,
     /// When the shelf last changed (Unix ms).
     pub shelf_since_ms: u64,
@@ -145,6 +147,13 @@ impl Catalogue {
         }
     }
 
+    /// Writes `entry` whatever the catalogue held (the one server writing a stream
+    /// mirrors its products with it). Returns the entry's revision.
+    pub async fn put(&self, entry: &ProductEntry) -> Result<u64, CatalogueError> {
+        let id = &entry.product.id;
+        self.kv.put(id, encode(entry)?).await.map_err(|e| unreachable(&format!("put {id}"), e))
+    }
+
     /// Product `id` and its revision, if it is in the catalogue.
     pub async fn get(&self, id: &str) -> Result<Option<(ProductEntry, u64)>, CatalogueError> {
         let entry = self.kv.entry(id).await.map_err(|e| unreachable(&format!("read {id}"), e))?;
@@ -234,14 +243,7 @@ mod tests {
                 shards: 2,
                 created_at_ms: 1,
             },
-            terms: Terms {
-                name: "P".into(),
-                price_cents: 100,
-                per_buyer_limit: 0,
-                sale_starts_at_ms: None,
-                sale_ends_at_ms: None,
-                tiers: Vec::new(),
-            },
+            terms: Some(Terms { name: "P".into(), price_cents: 100, ..Terms::default() }),
             shelf: Shelf::OnSale,
             shelf_since_ms: 1,
             points_price: None,

@@ -72,6 +72,7 @@ impl Kami {
         self.storage.put_group_deal(&deal)?;
         self.storage.ticket()?.wait().await?;
         self.deals.insert(key, deal.clone());
+        self.mirror(&deal.product_id).await?;
         Ok((deal, true))
     }
 

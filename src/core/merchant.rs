@@ -69,6 +69,7 @@ impl Kami {
             KeyMode::Reusable => self.reusable.insert(info.id.clone()),
             KeyMode::Unique => self.reusable.remove(&info.id).is_some(),
         };
+        self.mirror(&info.id).await?;
         Ok(info)
     }
 
@@ -103,6 +104,7 @@ impl Kami {
             self.storage.set_shelf(id, next, now)?;
             self.storage.ticket()?.wait().await?;
             route.shelf.set(next, now);
+            self.mirror(id).await?;
             tracing::info!(product = id, shelf = next.as_str(), "shelf state changed");
         }
         Ok((next, route.shelf.since_ms()))
@@ -330,6 +332,7 @@ impl Kami {
                 self.storage.ticket()?.wait().await?;
                 tracing::info!(product = id, price_cents = next.price_cents, "terms of sale changed");
                 route.terms.set(next);
+                self.mirror(id).await?;
             }
         }
         if let Some(on_sale) = change.on_sale {

@@ -60,6 +60,7 @@ impl Kami {
             Some(p) => self.points_prices.insert(product.to_string(), p),
             None => self.points_prices.remove(product).map(|(_, p)| p),
         };
+        self.mirror(product).await?;
         Ok(())
     }
 
