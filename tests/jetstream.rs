@@ -1510,6 +1510,9 @@ mod servers {
         let priced =
             reply(api.admin(api.http.put(format!("{}/api/v1/products/hot/points-price", api.url))).json(&points)).await;
         assert_eq!(priced.status, 200, "{:?}", priced.body);
+        let with_password = serde_json::json!({"product_id": "hot", "quantity": 1, "buyer": "asks@example.com", "query_password": "open sesame"});
+        let asked = reply(api.http.post(format!("{}/api/v1/orders", api.url)).json(&with_password)).await;
+        assert_eq!(asked.status, 201, "{:?}", asked.body);
         let before = api.product("hot").await.body;
         first.kill9();
         drop(first_dir); // the host's disk is gone
@@ -1526,6 +1529,12 @@ mod servers {
         let cold = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/cold", api.url)))).await;
         assert_eq!(cold.body["shelf"], "retired", "{:?}", cold.body);
         serves_everything(&api, &bought).await;
+        // Its query password was salted with the first server's secret, which the
+        // stream kept: the lookup finds the order on the new server too.
+        let lookup = serde_json::json!({"buyer": "asks@example.com", "query_password": "open sesame"});
+        let found = reply(api.http.post(format!("{}/api/v1/orders/lookup", api.url)).json(&lookup)).await;
+        assert_eq!(found.status, 200, "{:?}", found.body);
+        assert_eq!(found.body["orders"][0]["order_id"], asked.body["order_id"], "{:?}", found.body);
         let after = api.order("hot", 1, "after@example.com", None).await;
         assert_eq!(after.status, 201, "{:?}", after.body);
         assert_eq!(after.body["amount_cents"], 1290, "{:?}", after.body);

@@ -93,6 +93,9 @@ pub enum Change {
 /// The shared catalogue, as seen by one node.
 pub struct Catalogue {
     kv: kv::Store,
+    /// Values every node must share (`{bucket}_META`): the secret salting query
+    /// passwords.
+    meta: kv::Store,
 }
 
 fn encode(entry: &ProductEntry) -> Result<bytes::Bytes, CatalogueError> {
@@ -114,8 +117,14 @@ fn decode(key: &str, bytes: &[u8]) -> Result<ProductEntry, CatalogueError> {
 }
 
 impl Catalogue {
-    /// Opens (or creates) bucket `bucket` with the stream's number of copies.
+    /// Opens (or creates) bucket `bucket` (and `{bucket}_META`) with the stream's
+    /// number of copies.
     pub async fn open(js: &JetStream, bucket: &str) -> Result<Catalogue, CatalogueError> {
+        let meta = format!("{bucket}_META");
+        Ok(Catalogue { kv: Self::bucket(js, bucket).await?, meta: Self::bucket(js, &meta).await? })
+    }
+
+    async fn bucket(js: &JetStream, bucket: &str) -> Result<kv::Store, CatalogueError> {
         // Made as the key-value convention has it (see `lease::Leases::open`).
         js.context()
             .get_or_create_stream(stream::Config {
@@ -132,9 +141,23 @@ impl Catalogue {
                 ..Default::default()
             })
             .await
-            .map_err(|e| unreachable("create the catalogue bucket", e))?;
-        let kv = js.context().get_key_value(bucket).await.map_err(|e| unreachable("open the catalogue bucket", e))?;
-        Ok(Catalogue { kv })
+            .map_err(|e| unreachable(&format!("create bucket {bucket}"), e))?;
+        js.context().get_key_value(bucket).await.map_err(|e| unreachable(&format!("open bucket {bucket}"), e))
+    }
+
+    /// The 32-byte secret `name` every node shares: `mine` if none was kept yet (it
+    /// is kept then), else the one kept.
+    pub async fn shared_secret(&self, name: &str, mine: [u8; 32]) -> Result<[u8; 32], CatalogueError> {
+        match self.meta.create(name, mine.to_vec().into()).await {
+            Ok(_) => return Ok(mine),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unreachable(&format!("keep {name}"), e)),
+        }
+        let kept = self.meta.get(name).await.map_err(|e| unreachable(&format!("read {name}"), e))?;
+        let kept = kept.ok_or_else(|| CatalogueError::Malformed { key: name.into(), error: "removed".into() })?;
+        kept.as_ref()
+            .try_into()
+            .map_err(|_| CatalogueError::Malformed { key: name.into(), error: format!("{} bytes, not 32", kept.len()) })
     }
 
     /// Adds a product; refused if its id exists. Returns the entry's revision.

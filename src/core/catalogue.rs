@@ -2,7 +2,9 @@
 //! products (and their terms, shelf, points price, key mode and group deals) in the
 //! stream's catalogue bucket as well as in its data directory, so that a server
 //! started on the stream from another data directory (another host, after the
-//! first one died) sells the same products.
+//! first one died) sells the same products. The secret that salts buyers' query
+//! passwords is shared the same way (in the bucket's `_META` companion), so a lookup
+//! by password works on whichever server writes the stream.
 //!
 //! A change is written to the data directory and made durable, then to the bucket,
 //! before it is acknowledged; a change whose bucket write failed answers 503 and is
@@ -54,9 +56,17 @@ fn import(storage: &Storage, entry: &ProductEntry) -> Result<(), StorageError> {
 
 /// At start, before recovery: takes every product of the bucket into the data
 /// directory, and puts into the bucket the products only the data directory has (a
-/// directory that kept its stock in the stream before the bucket existed). Returns
+/// directory that kept its stock in the stream before the bucket existed); and
+/// adopts the stream's lookup secret (or gives it this directory's). Returns
 /// how many products came from the bucket.
 pub async fn sync(storage: &Arc<Storage>, catalogue: &Catalogue) -> Result<usize, StorageError> {
+    // Orders' query passwords are salted with it: a new data directory adopts the
+    // stream's, so buyers' lookups work on whichever server writes the stream.
+    let mine = storage.lookup_secret()?;
+    let shared = catalogue.shared_secret("lookup-secret", mine).await.map_err(remote)?;
+    if shared != mine {
+        storage.set_lookup_secret(&shared)?;
+    }
     let entries = catalogue.entries().await.map_err(remote)?;
     let known: std::collections::HashSet<String> = entries.iter().map(|e| e.product.id.clone()).collect();
     let (storage_, taken) = (storage.clone(), entries.len());

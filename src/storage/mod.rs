@@ -648,6 +648,15 @@ impl Storage {
         })
     }
 
+    /// Replaces the lookup secret (a server taking over a stream adopts the one the
+    /// stream's earlier servers salted its orders' passwords with). Durable when it
+    /// returns.
+    pub fn set_lookup_secret(&self, secret: &[u8; 32]) -> Result<(), StorageError> {
+        self.db.open_tree("meta")?.insert(b"lookup-secret", &secret[..])?;
+        self.db.flush().map_err(StorageError::from)?;
+        Ok(())
+    }
+
     /// Where this directory's stock journals are kept (`meta/stock-backend`):
     /// `"local"`, or `"jetstream:<stream>"`. Recorded at the first start; a
     /// directory from before the record, holding products, kept them here.
