@@ -239,6 +239,11 @@ pub struct JetStreamSettings {
     pub replicas: usize,
     /// Longest a publish, read or purge may take before it counts as failed.
     pub timeout_ms: u64,
+    /// Wait for the stream's writer lease as long as another server holds it
+    /// (answering 503 meanwhile), and take the stream over when that server dies or
+    /// stops, instead of refusing to start.
+    #[serde(default)]
+    pub standby: bool,
 }
 
 impl JetStreamSettings {

@@ -1540,6 +1540,48 @@ mod servers {
         assert_eq!(after.body["amount_cents"], 1290, "{:?}", after.body);
     }
 
+    /// A standby (`storage.jetstream.standby`) on its own data directory waits while
+    /// the writer lives, then takes the stream over when it is killed: it serves
+    /// every acknowledged purchase and sells on. Prints the fail-over time (kill to
+    /// the standby's first answered order).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standby_takes_the_stream_over_when_its_writer_is_killed() {
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let env = on_stream(&nats, "KAMISTANDBY").await;
+        let (first_dir, standby_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut first = start(&first_dir.path().join("data"), &env);
+        let api = first.api();
+        stock_hot(&api, 2, 200).await;
+        let mut standby_env = env.clone();
+        standby_env.push(("KAMI_STORAGE__JETSTREAM__STANDBY", "true".into()));
+        let standby_env: Vec<(&str, &str)> = standby_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let standby = Server::spawn(&standby_dir.path().join("data"), &standby_env);
+        until(|| async { (!standby.lines_with("waiting for the stream's writer lease").is_empty()).then_some(()) })
+            .await;
+        // The writer sells on while the standby waits, past the 11 s a server that is
+        // not a standby waits for a lease before it gives up.
+        let waiting = Instant::now();
+        let mut bought = Vec::new();
+        while waiting.elapsed() < Duration::from_secs(12) {
+            bought.push(buy(&api, &format!("buyer{}@example.com", bought.len())).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(standby.lines_with("kami listening").is_empty(), "the standby still waits");
+        first.kill9();
+        let killed = Instant::now();
+        let standby = tokio::task::spawn_blocking(move || standby.ready()).await.unwrap();
+        let api = standby.api();
+        let after = until(|| async {
+            let r = api.order("hot", 1, "after@example.com", None).await;
+            (r.status == 201).then_some(r)
+        })
+        .await;
+        eprintln!("fail-over: {} ms from kill -9 to the standby's first order", killed.elapsed().as_millis());
+        assert_eq!(after.body["product_id"], "hot");
+        serves_everything(&api, &bought).await;
+    }
+
     /// A stream kept in three copies while its servers fail.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn purchases_go_on_when_the_stream_leader_dies_and_every_acknowledged_one_survives() {

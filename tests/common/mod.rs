@@ -267,6 +267,12 @@ pub struct Server {
 impl Server {
     /// Starts `kami` on `data` with a random port; returns once it prints its address.
     pub fn start(data: &Path, extra_env: &[(&str, &str)]) -> Server {
+        Server::spawn(data, extra_env).ready()
+    }
+
+    /// Starts `kami` on `data` with a random port and returns at once: its log can be
+    /// read while it starts ([`Starting::lines_with`]), [`Starting::ready`] waits.
+    pub fn spawn(data: &Path, extra_env: &[(&str, &str)]) -> Starting {
         use std::io::BufRead;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kami"));
         cmd.env_clear()
@@ -306,11 +312,7 @@ impl Server {
                 }
             }
         });
-        let Ok((url, recovery_ms, recovery_records)) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let said = lines.lock().unwrap().join("\n");
-            panic!("kami did not print its address; it said:\n{said}");
-        };
-        Server { child, url, recovery_ms, recovery_records, stdout: lines }
+        Starting { child: Some(child), rx, stdout: lines }
     }
 
     /// Waits for the process to end by itself (a crash point), bounded by `limit`.
@@ -345,6 +347,39 @@ impl Server {
     pub fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reaped");
+    }
+}
+
+/// A `kami` started by [`Server::spawn`] that may not serve yet.
+pub struct Starting {
+    child: Option<std::process::Child>,
+    rx: std::sync::mpsc::Receiver<(String, u64, u64)>,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Starting {
+    /// Lines of stdout so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.stdout.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    /// Waits (at most 60 s) until it prints its address.
+    pub fn ready(mut self) -> Server {
+        let Ok((url, recovery_ms, recovery_records)) = self.rx.recv_timeout(Duration::from_secs(60)) else {
+            let said = self.stdout.lock().unwrap().join("\n");
+            panic!("kami did not print its address; it said:\n{said}");
+        };
+        let child = self.child.take().expect("not ready yet");
+        Server { child, url, recovery_ms, recovery_records, stdout: self.stdout.clone() }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
