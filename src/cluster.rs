@@ -22,6 +22,41 @@ pub mod writer;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::{kv, stream};
+
+use crate::storage::jetstream::JetStream;
+
+/// Opens (or creates) key-value bucket `bucket`, one value per key, with the
+/// stream's number of copies; `max_age` (entries not written again within it are
+/// removed) and `max_value_bytes` when given. Its stream is made as the key-value
+/// convention has it (`KV_{bucket}` on `$KV.{bucket}.>`): the client's own bucket
+/// creation asks the servers for account details a 2.9 server does not give.
+pub async fn bucket(
+    js: &JetStream,
+    bucket: &str,
+    max_age: Option<Duration>,
+    max_value_bytes: Option<usize>,
+) -> Result<kv::Store, String> {
+    js.context()
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: max_age.unwrap_or_default(),
+            max_message_size: max_value_bytes.map_or(-1, |b| (b + 1024).min(i32::MAX as usize) as i32),
+            storage: stream::StorageType::File,
+            num_replicas: js.options().replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("create bucket {bucket}: {e}"))?;
+    js.context().get_key_value(bucket).await.map_err(|e| format!("open bucket {bucket}: {e}"))
+}
+
 /// Tries `attempt` until it succeeds, fails with an error `transient` does not take
 /// for a passing one, or `deadline` passes (then its last error is returned), with
 /// `pause` between tries. `transient` is asked only when there will be another try,

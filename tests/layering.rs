@@ -1,4 +1,5 @@
-//! Dependencies point one way: http → core → actors → storage / payments → domain.
+//! Dependencies point one way: http → core → actors → storage / payments → domain,
+//! and core → cluster → storage / domain (the shared catalogue, leases).
 //! Reads every source file of a layer and checks which of kami's modules it names
 //! (`crate::<module>` outside comments): a layer may name only the layers below it
 //! and the shared leaves (configuration, clock, chaos switches, telemetry, the error
@@ -14,12 +15,27 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("storage", &["storage", "domain", "chaos"]),
     ("payments", &["payments", "domain", "config"]),
     ("actors", &["actors", "domain", "storage", "payments", "chaos", "clock", "config", "telemetry"]),
-    ("core", &["core", "actors", "domain", "storage", "payments", "chaos", "clock", "config", "telemetry", "error"]),
+    (
+        "core",
+        &[
+            "core",
+            "actors",
+            "cluster",
+            "domain",
+            "storage",
+            "payments",
+            "chaos",
+            "clock",
+            "config",
+            "telemetry",
+            "error",
+        ],
+    ),
     ("http", &["http", "core", "actors", "domain", "chaos", "config", "telemetry", "error"]),
     ("webhooks", &["webhooks", "http", "core", "actors", "domain", "storage", "config", "telemetry", "error"]),
     ("telemetry", &["telemetry", "config"]),
     ("clock", &[]),
-    ("cluster", &["cluster", "storage"]),
+    ("cluster", &["cluster", "storage", "domain"]),
 ];
 
 fn files_of(layer: &str) -> Vec<PathBuf> {

@@ -18,7 +18,6 @@
 //! ([`MAX_TRIES`]), an entry's size ([`MAX_ENTRY_BYTES`]).
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use async_nats::jetstream::stream;
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -125,24 +124,7 @@ impl Catalogue {
     }
 
     async fn bucket(js: &JetStream, bucket: &str) -> Result<kv::Store, CatalogueError> {
-        // Made as the key-value convention has it (see `lease::Leases::open`).
-        js.context()
-            .get_or_create_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_message_size: MAX_ENTRY_BYTES as i32 + 1024,
-                storage: stream::StorageType::File,
-                num_replicas: js.options().replicas,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: stream::DiscardPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unreachable(&format!("create bucket {bucket}"), e))?;
-        js.context().get_key_value(bucket).await.map_err(|e| unreachable(&format!("open bucket {bucket}"), e))
+        super::bucket(js, bucket, None, Some(MAX_ENTRY_BYTES)).await.map_err(CatalogueError::Unreachable)
     }
 
     /// The 32-byte secret `name` every node shares: `mine` if none was kept yet (it

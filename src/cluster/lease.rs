@@ -32,7 +32,6 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use async_nats::jetstream::stream;
 use futures::TryStreamExt;
 
 use crate::storage::jetstream::JetStream;
@@ -98,26 +97,7 @@ impl Leases {
         if node.is_empty() || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(LeaseError::Unreachable(format!("node name {node:?} is not a key token")));
         }
-        // The bucket's stream, made as the key-value convention has it (`KV_{bucket}`
-        // on `$KV.{bucket}.>`); the client's own bucket creation asks the servers
-        // for account details a 2.9 server does not give.
-        js.context()
-            .get_or_create_stream(stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_age: ttl,
-                storage: stream::StorageType::File,
-                num_replicas: js.options().replicas,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: stream::DiscardPolicy::New,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| unreachable("create the lease bucket", e))?;
-        let kv = js.context().get_key_value(bucket).await.map_err(|e| unreachable("open the lease bucket", e))?;
+        let kv = super::bucket(js, bucket, Some(ttl), None).await.map_err(LeaseError::Unreachable)?;
         Ok(Leases { kv, node: node.to_string(), ttl, margin: ttl / 10 })
     }
 
