@@ -531,13 +531,12 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             // stops if it ever loses the lease (another server took the stream over).
             let node = format!("kami-{}-{:08x}", std::process::id(), rand::random::<u32>());
             // A standby waits as long as the writer lives (ten years stand for "ever").
-            let patience = match settings.storage.jetstream.standby {
-                true => Duration::from_secs(10 * 365 * 24 * 3600),
-                false => patience,
-            };
-            if settings.storage.jetstream.standby {
+            let patience = if settings.storage.jetstream.standby {
                 tracing::info!(node = %node, "standby: taking the stream over once its writer dies or stops");
-            }
+                Duration::from_secs(10 * 365 * 24 * 3600)
+            } else {
+                patience
+            };
             let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
                 StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
             })?;

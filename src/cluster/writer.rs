@@ -117,7 +117,8 @@ impl Writer {
                 Ok(()) => lapsed = false,
                 // Another server holds it: it may be writing the stream now.
                 Err(LeaseError::Held(holder)) if !holder.is_empty() => return Some(LeaseError::Lost),
-                Err(LeaseError::Held(_) | LeaseError::Lost) => {
+                // It expired between the two calls of the retake: the next round tries again.
+                Err(LeaseError::Held(_)) => {
                     tracing::warn!("the stream's writer lease lapsed; taking it again");
                     lapsed = true;
                 }

@@ -22,19 +22,34 @@ fn remote(e: CatalogueError) -> StorageError {
 
 /// Product `id` as the data directory holds it, or `None` if it holds no such product.
 pub fn entry_of(storage: &Storage, id: &str) -> Result<Option<ProductEntry>, StorageError> {
-    let Some(product) = storage.load_products()?.into_iter().find(|p| p.id == id) else { return Ok(None) };
-    let (shelf, shelf_since_ms) = storage.shelf(id)?;
-    let points_price = storage.points_prices()?.into_iter().find(|(p, _)| p == id).map(|(_, points)| points);
-    let reusable = storage.reusable_products()?.iter().any(|p| p == id);
-    Ok(Some(ProductEntry {
-        terms: storage.terms(id)?,
-        shelf,
-        shelf_since_ms,
-        points_price,
-        key_mode: if reusable { crate::domain::key_mode::KeyMode::Reusable } else { Default::default() },
-        deals: storage.group_deals()?.into_iter().filter(|d| d.product_id == id).collect(),
-        product,
-    }))
+    Ok(entries_of(storage, |p| p == id)?.pop())
+}
+
+/// The products of the data directory whose id `wanted` keeps, each table read once.
+fn entries_of(storage: &Storage, wanted: impl Fn(&str) -> bool) -> Result<Vec<ProductEntry>, StorageError> {
+    let products: Vec<_> = storage.load_products()?.into_iter().filter(|p| wanted(&p.id)).collect();
+    if products.is_empty() {
+        return Ok(Vec::new());
+    }
+    let points: std::collections::HashMap<String, u64> = storage.points_prices()?.into_iter().collect();
+    let reusable: std::collections::HashSet<String> = storage.reusable_products()?.into_iter().collect();
+    let mut deals = storage.group_deals()?;
+    let mut entries = Vec::with_capacity(products.len());
+    for product in products {
+        let id = product.id.as_str();
+        let (shelf, shelf_since_ms) = storage.shelf(id)?;
+        let reusable = reusable.contains(id);
+        entries.push(ProductEntry {
+            terms: storage.terms(id)?,
+            shelf,
+            shelf_since_ms,
+            points_price: points.get(id).copied(),
+            key_mode: if reusable { crate::domain::key_mode::KeyMode::Reusable } else { Default::default() },
+            deals: deals.extract_if(.., |d| d.product_id == id).collect(),
+            product,
+        });
+    }
+    Ok(entries)
 }
 
 /// Writes `entry` into the data directory (over what it held of that product).
@@ -74,12 +89,7 @@ pub async fn sync(storage: &Arc<Storage>, catalogue: &Catalogue) -> Result<usize
         for entry in &entries {
             import(&storage_, entry)?;
         }
-        let mut local = Vec::new();
-        for product in storage_.load_products()? {
-            if !known.contains(&product.id) {
-                local.extend(entry_of(&storage_, &product.id)?);
-            }
-        }
+        let local = entries_of(&storage_, |id| !known.contains(id))?;
         storage_.flush_now()?;
         Ok(local)
     })
