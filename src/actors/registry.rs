@@ -267,7 +267,10 @@ pub fn start_shard(
     (shelf, terms): (&Arc<ShelfCell>, &Arc<TermsCell>),
     recovered: super::shard::Rebuilt,
 ) -> ShardHandle {
+    // The recovered counts are shown from now on, not from when the arbiter gets
+    // round to building the actor: a view read right after a start is whole.
     let gauge = Arc::new(ShardGauge::default());
+    gauge.publish(recovered.last_seq, recovered.shard.counts());
     let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
     let (s, t) = (shelf.clone(), terms.clone());
     let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, (s, t), recovered));
@@ -291,5 +294,59 @@ mod tests {
         // A cancelled request drops its transfer half-way: the count must still end.
         drop(transfer);
         assert!(track.quiet_since(&track.mark()));
+    }
+
+    /// The arbiter builds a stock actor when it gets round to it; the product's
+    /// counts must be whole before then (a view read right after a start).
+    #[test]
+    fn a_started_shard_shows_its_recovered_counts_before_its_actor_is_built() {
+        use crate::domain::{ProductInfo, ShardId};
+        use crate::storage::{Storage, StorageOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&StorageOptions {
+            path: dir.path().to_path_buf(),
+            cache_capacity_bytes: 1 << 20,
+            max_pending_commits: 16,
+            max_commit_batch: 16,
+            commit_linger: std::time::Duration::ZERO,
+        })
+        .unwrap();
+        let product = ProductInfo {
+            id: "p".into(),
+            name: "P".into(),
+            price_cents: 1,
+            per_buyer_limit: 0,
+            shards: 1,
+            created_at_ms: 0,
+        };
+        let mut recovered = storage.recover(&ShardId::new("p", 0), &product).unwrap();
+        recovered.shard.import_keys((0..7).map(|i| format!("K{i}")).collect());
+        let env = Arc::new(ShardEnv {
+            storage,
+            stream: None,
+            claims: Arc::new(crate::actors::claims::PaymentClaims::new()),
+            clock: Arc::new(crate::clock::SystemClock),
+            ttl_ms: 1_000,
+            expiry_tick: std::time::Duration::from_secs(1),
+            max_expired_per_tick: 1,
+            snapshot_min_journal_bytes: 1 << 20,
+            mailbox_capacity: 16,
+            max_queue_wait_ms: 0,
+            archive_after_ms: 0,
+            idempotency_ttl_ms: 0,
+        });
+        actix_rt::System::new().block_on(async move {
+            // The arbiter is held busy: the actor cannot be built until it is let go.
+            let arbiter = actix_rt::Arbiter::new();
+            let (hold, held) = std::sync::mpsc::channel::<()>();
+            assert!(arbiter.spawn_fn(move || held.recv().unwrap_or_default()));
+            let cells = (Arc::new(ShelfCell::default()), Arc::new(TermsCell::new(Terms::of(&product))));
+            let handle = start_shard(&env, (0, &arbiter.handle()), &product, (&cells.0, &cells.1), recovered.into());
+            let counts = handle.gauge.get();
+            assert_eq!((counts.imported, counts.available), (7, 7));
+            hold.send(()).unwrap();
+            arbiter.stop();
+            arbiter.join().unwrap();
+        });
     }
 }

@@ -62,7 +62,7 @@ pub struct ShardGauge {
 }
 
 impl ShardGauge {
-    fn publish(&self, seq: u64, counts: Counts) {
+    pub(super) fn publish(&self, seq: u64, counts: Counts) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if seq >= g.0 {
             *g = (seq, counts);
