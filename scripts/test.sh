@@ -3,7 +3,8 @@
 # Tools the tests drive are installed here from the system packages when missing
 # (Debian/Ubuntu): headless Chromium for tests/status_page.rs (chromium,
 # chromium-driver), promtool for tests/metrics.rs (prometheus), nats-server for
-# tests/jetstream.rs (the replicated journal), curl, jq and openssl for the
+# tests/jetstream.rs and tests/cluster.rs (the replicated journal, the cluster),
+# curl, jq and openssl for the
 # README's tours (tests/readme.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ need() {
 
 FILES="/usr/bin/chromium /usr/bin/chromedriver" need tests/status_page.rs chromium chromium-driver
 FILES="/usr/bin/promtool" need tests/metrics.rs prometheus
-FILES="/usr/sbin/nats-server" need tests/jetstream.rs nats-server
+FILES="/usr/sbin/nats-server" need "tests/jetstream.rs and tests/cluster.rs" nats-server
 FILES="/usr/bin/curl /usr/bin/jq /usr/bin/openssl" need tests/readme.rs curl jq openssl
 
 exec cargo test --all-targets

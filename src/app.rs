@@ -319,6 +319,8 @@ pub struct RunningApp {
     /// With `storage.backend = "jetstream"`: stops the renewal of the stream's
     /// writer lease (releasing it) and the renewing task.
     writer_lease: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    /// A cluster node's place in the cluster (`cluster.node`).
+    cluster: Option<Arc<crate::core::cluster::ClusterNode>>,
 }
 
 impl RunningApp {
@@ -398,6 +400,10 @@ impl RunningApp {
         if let Some((stop, kept)) = self.writer_lease.take() {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(5), kept).await;
+        }
+        if let Some(cluster) = self.cluster.take() {
+            // The other nodes take this node's shards at once, not after the TTL.
+            let _ = tokio::time::timeout(Duration::from_secs(5), cluster.leave()).await;
         }
         self.release().await;
     }
@@ -507,6 +513,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
 
     let mut writer_lease = None;
     let mut catalogue = None;
+    let mut cluster_js = None;
     let stream = match settings.storage.backend {
         crate::config::StorageBackend::Local => None,
         crate::config::StorageBackend::Jetstream => {
@@ -527,60 +534,90 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             )
             .await
             .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
-            // One server writes a stream: a second one is refused here, and this one
-            // stops if it ever loses the lease (another server took the stream over).
-            let node = format!("kami-{}-{:08x}", std::process::id(), rand::random::<u32>());
-            // A standby waits as long as the writer lives (ten years stand for "ever").
-            let patience = if settings.storage.jetstream.standby {
-                tracing::info!(node = %node, "standby: taking the stream over once its writer dies or stops");
-                Duration::from_secs(10 * 365 * 24 * 3600)
+            if settings.cluster.enabled() {
+                // Many nodes write the stream, each the shards whose leases it holds.
+                let client = js.context().client();
+                let describe = serde_json::json!({
+                    "backend": "jetstream",
+                    "stream": settings.storage.jetstream.stream,
+                    "replicas": settings.storage.jetstream.replicas,
+                    "node": settings.cluster.node,
+                });
+                let check = Box::new(move || {
+                    (client.connection_state() != async_nats::connection::State::Connected)
+                        .then(|| "not connected to the JetStream servers".to_string())
+                });
+                state.set_serving(http::Serving { describe, check });
+                cluster_js = Some(js.clone());
             } else {
-                patience
-            };
-            let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
-                StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
-            })?;
-            // Ready only while the lease is this server's and the servers are in
-            // reach (appends fail meanwhile: a balancer should send buyers elsewhere).
-            let validity = writer.validity();
-            let client = js.context().client();
-            let describe = serde_json::json!({
-                "backend": "jetstream",
-                "stream": settings.storage.jetstream.stream,
-                "replicas": settings.storage.jetstream.replicas,
-                "node": node,
-            });
-            let check = Box::new(move || {
-                if std::time::Instant::now() >= *validity.borrow() {
-                    Some("this server does not hold the stream's writer lease now".into())
-                } else if client.connection_state() != async_nats::connection::State::Connected {
-                    Some("not connected to the JetStream servers".into())
+                // One server writes a stream: a second one is refused here, and this one
+                // stops if it ever loses the lease (another server took the stream over).
+                let node = format!("kami-{}-{:08x}", std::process::id(), rand::random::<u32>());
+                // A standby waits as long as the writer lives (ten years stand for "ever").
+                let patience = if settings.storage.jetstream.standby {
+                    tracing::info!(node = %node, "standby: taking the stream over once its writer dies or stops");
+                    Duration::from_secs(10 * 365 * 24 * 3600)
                 } else {
-                    None
-                }
-            });
-            state.set_serving(http::Serving { describe, check });
-            let (stop, stopped) = oneshot::channel();
-            let kept = tokio::spawn(async move {
-                if let Some(why) = writer.keep(stopped).await {
-                    tracing::error!(error = %why, "lost the stream's writer lease (another server may be writing it); stopping at once: everything acknowledged is in the stream");
-                    std::process::exit(EXIT_WRITER_LOST);
-                }
-            });
-            writer_lease = Some((stop, kept));
+                    patience
+                };
+                let writer = crate::cluster::writer::Writer::take(&js, &node, patience).await.map_err(|e| {
+                    StartError::Storage { path: urls.clone(), error: format!("the stream's writer lease: {e}") }
+                })?;
+                // Ready only while the lease is this server's and the servers are in
+                // reach (appends fail meanwhile: a balancer should send buyers elsewhere).
+                let validity = writer.validity();
+                let client = js.context().client();
+                let describe = serde_json::json!({
+                    "backend": "jetstream",
+                    "stream": settings.storage.jetstream.stream,
+                    "replicas": settings.storage.jetstream.replicas,
+                    "node": node,
+                });
+                let check = Box::new(move || {
+                    if std::time::Instant::now() >= *validity.borrow() {
+                        Some("this server does not hold the stream's writer lease now".into())
+                    } else if client.connection_state() != async_nats::connection::State::Connected {
+                        Some("not connected to the JetStream servers".into())
+                    } else {
+                        None
+                    }
+                });
+                state.set_serving(http::Serving { describe, check });
+                let (stop, stopped) = oneshot::channel();
+                let kept = tokio::spawn(async move {
+                    if let Some(why) = writer.keep(stopped).await {
+                        tracing::error!(error = %why, "lost the stream's writer lease (another server may be writing it); stopping at once: everything acknowledged is in the stream");
+                        std::process::exit(EXIT_WRITER_LOST);
+                    }
+                });
+                writer_lease = Some((stop, kept));
+            }
             storage.keep_stock_elsewhere();
             // The products too (a server on another data directory sells the same).
             let bucket = format!("{}_CATALOGUE", settings.storage.jetstream.stream);
-            let shared = crate::cluster::catalogue::Catalogue::open(&js, &bucket)
-                .await
-                .map_err(|e| StartError::Storage { path: urls.clone(), error: e.to_string() })?;
-            let taken = crate::core::catalogue::sync(&storage, &shared).await.map_err(|e| StartError::Storage {
-                path: urls.clone(),
-                error: format!("the stream's catalogue: {e}"),
-            })?;
+            // Buckets just made have no leader for a moment (several servers starting
+            // together on new stream servers): tried again for a while.
+            let (shared, taken) = crate::cluster::patiently(
+                std::time::Instant::now() + patience,
+                Duration::from_millis(250),
+                || async {
+                    let shared =
+                        crate::cluster::catalogue::Catalogue::open(&js, &bucket).await.map_err(|e| e.to_string())?;
+                    let taken = crate::core::catalogue::sync(&storage, &shared)
+                        .await
+                        .map_err(|e| format!("the stream's catalogue: {e}"))?;
+                    Ok::<_, String>((shared, taken))
+                },
+                |e| {
+                    tracing::warn!(error = %e, "the stream's catalogue does not answer yet; trying again");
+                    true
+                },
+            )
+            .await
+            .map_err(|error| StartError::Storage { path: urls.clone(), error })?;
             tracing::info!(products = taken, bucket = %bucket, "products taken from the stream's catalogue");
             catalogue = Some(Arc::new(shared));
-            tracing::info!(node = %node, urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
+            tracing::info!(urls = %urls, stream = %settings.storage.jetstream.stream, replicas = settings.storage.jetstream.replicas, "stock journals are kept in a JetStream stream");
             Some(js)
         }
     };
@@ -597,6 +634,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         max_queue_wait_ms: settings.actors.max_queue_wait_ms,
         archive_after_ms: settings.orders.archive_after_secs * 1000,
         idempotency_ttl_ms: settings.orders.idempotency_ttl_secs * 1000,
+        clustered: settings.cluster.enabled(),
     });
     let storage_weak = storage.open_handles();
     let registry = Arc::new(Registry::default());
@@ -655,6 +693,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let lookup_secret = storage.lookup_secret().map_err(|e| StartError::Recovery(format!("lookup secret: {e}")))?;
     let webhooks = crate::core::webhooks::Webhooks::load(&settings.webhooks, &storage, clock.now_ms())
         .map_err(|e| StartError::Recovery(format!("webhooks: {e}")))?;
+    let shared_catalogue = catalogue.clone();
     let parts = Parts {
         catalogue,
         registry,
@@ -708,6 +747,24 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     // Merchant webhooks: one delivery worker per endpoint, off the order path.
     let webhook_workers = crate::webhooks::spawn(core.clone());
     let mut background = vec![pruner, settler, webhook_workers];
+    let mut cluster = None;
+    if let (Some(js), Some(shared)) = (cluster_js, shared_catalogue) {
+        // Forwarded requests carry a token only the cluster's nodes can make.
+        let secret = core.storage().lookup_secret().map_err(|e| StartError::Recovery(format!("lookup secret: {e}")))?;
+        let token = crate::domain::signature::buyer_token(&secret, "kami cluster forwarding");
+        let node = crate::core::cluster::ClusterNode::join(
+            &js,
+            &settings.cluster,
+            core.clone(),
+            token,
+            settings.request_timeout(),
+        )
+        .await
+        .map_err(|error| StartError::Storage { path: settings.storage.jetstream.urls.clone(), error })?;
+        state.set_cluster(node.clone());
+        background.push(tokio::spawn(crate::core::cluster::ClusterNode::learn(core.clone(), shared)));
+        cluster = Some(node);
+    }
     if archiving {
         background.push(spawn_archiver(core.storage().clone(), clock.clone(), &settings.backup));
     }
@@ -726,6 +783,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         grace: Duration::from_secs(settings.server.shutdown_grace_secs),
         actors: Some(actors),
         writer_lease,
+        cluster,
     })
 }
 

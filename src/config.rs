@@ -32,6 +32,36 @@ pub struct Settings {
     pub lookup: LookupSettings,
     pub webhooks: WebhookSettings,
     pub backup: BackupSettings,
+    #[serde(default)]
+    pub cluster: ClusterSettings,
+}
+
+/// Several servers sharing one stream (`storage.backend = "jetstream"`), each
+/// serving the shards whose leases it holds (`cluster`). Off while `node` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// This server's name in the cluster (letters, digits, `-`, `_`), unique.
+    pub node: String,
+    /// The address other nodes send this node's requests to (`http://host:port`).
+    pub advertise: String,
+    /// Answer a request for a shard served elsewhere with 307 and the owner's
+    /// address instead of forwarding it.
+    pub redirect: bool,
+    /// How long a dead node's shards wait before another node takes them over.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings { node: String::new(), advertise: String::new(), redirect: false, lease_ttl_ms: 3_000 }
+    }
+}
+
+impl ClusterSettings {
+    pub fn enabled(&self) -> bool {
+        !self.node.is_empty()
+    }
 }
 
 /// Continuous archiving (`storage::backup::Archive`): off while `archive_dir` is empty.
@@ -687,6 +717,31 @@ impl Settings {
                 self.backup.archive_dir.as_os_str().is_empty(),
                 "backup.archive_dir",
                 "continuous archiving reads local journals: not with storage.backend = \"jetstream\"",
+            )?;
+        }
+        if self.cluster.enabled() {
+            let c = &self.cluster;
+            check(
+                self.storage.backend == StorageBackend::Jetstream,
+                "cluster.node",
+                "a cluster shares a stream: set storage.backend = \"jetstream\"",
+            )?;
+            check(
+                c.node.len() <= 64 && c.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+                "cluster.node",
+                "must be at most 64 letters, digits, '_' or '-'",
+            )?;
+            check(
+                (c.advertise.starts_with("http://") || c.advertise.starts_with("https://"))
+                    && reqwest::Url::parse(&c.advertise).is_ok(),
+                "cluster.advertise",
+                "must be this node's address for the other nodes, like http://10.0.0.5:8080",
+            )?;
+            check((1_000..=60_000).contains(&c.lease_ttl_ms), "cluster.lease_ttl_ms", "must be 1000..=60000")?;
+            check(
+                !self.storage.jetstream.standby,
+                "storage.jetstream.standby",
+                "a cluster node never waits as a standby",
             )?;
         }
         check(self.actors.arbiters <= 1024, "actors.arbiters", "must be at most 1024")?;

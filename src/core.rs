@@ -45,6 +45,7 @@ pub use backup::{BackupStream, MIN_PASSPHRASE_BYTES};
 mod borrow;
 pub mod catalogue;
 mod checkout;
+pub mod cluster;
 pub use checkout::{GatewayReply, JsapiParams, PayLink, PayLinkFor};
 mod coupons;
 mod groups;

@@ -57,6 +57,14 @@ pub enum Error {
     /// local journals while they are kept in a replicated stream).
     #[error("not offered by this server: {0}")]
     Unsupported(String),
+    /// In a cluster: the shard is served by another node (the request is forwarded
+    /// there; this is answered only when it cannot be).
+    #[error("shard {0} is served by another node of the cluster; try again")]
+    Elsewhere(crate::domain::ShardId),
+    /// In a cluster: no node serves the shard now (its owner died and the lease has
+    /// not yet passed to another node).
+    #[error("no node of the cluster serves shard {0} now (it is moving); try again")]
+    NoOwner(crate::domain::ShardId),
 }
 
 impl Error {
@@ -82,6 +90,8 @@ impl Error {
             Error::WebhooksFull(_) => "webhooks_full",
             Error::BackupRunning => "backup_running",
             Error::Unsupported(_) => "unsupported",
+            Error::Elsewhere(_) => "shard_elsewhere",
+            Error::NoOwner(_) => "shard_moving",
         }
     }
 }
@@ -114,6 +124,7 @@ impl From<CallError> for Error {
             CallError::QueueFull(full) => Error::QueueFull(full),
             CallError::Timeout => Error::Timeout,
             CallError::Stopped(which) => Error::Unavailable(which.into()),
+            CallError::Elsewhere(shard) => Error::Elsewhere(shard),
         }
     }
 }

@@ -24,6 +24,9 @@ pub enum CallError {
     Timeout,
     #[error("{0}")]
     Stopped(&'static str),
+    /// A cluster node's call to a shard another node serves (see [`super::place`]).
+    #[error("shard {0} is served by another node")]
+    Elsewhere(crate::domain::ShardId),
 }
 
 /// A place in the actor's line for `lane`, counted as a `queue_full` refusal when there is none.
@@ -53,6 +56,9 @@ where
     R: Send + 'static,
     ShardActor: Handler<M>,
 {
+    if !shard.place.is_here() {
+        return Err(CallError::Elsewhere(shard.place.shard.clone()));
+    }
     let _ticket = admit(&shard.admission, lane)?;
     answer(tokio::time::timeout(timeout, shard.addr.send(msg)).await, "the stock actor stopped")
 }

@@ -25,6 +25,7 @@ pub mod coupons;
 pub mod journaled;
 pub mod ledger;
 pub mod payments;
+pub mod place;
 pub mod points;
 pub mod registry;
 pub mod shard;

@@ -6,6 +6,7 @@ use actix::prelude::*;
 use arc_swap::ArcSwap;
 
 use super::admission::Admission;
+use super::place::Place;
 use super::shard::{ShardActor, ShardEnv, ShardGauge};
 use crate::domain::shard::Counts;
 use crate::domain::shelf::Shelf;
@@ -21,6 +22,9 @@ pub struct ShardHandle {
     pub gauge: Arc<ShardGauge>,
     /// The index of the arbiter it runs on (see [`super::current_arbiter`]).
     pub arbiter: usize,
+    /// Whether it is served here now (always on one server; in a cluster, while
+    /// this node holds its lease).
+    pub place: Arc<Place>,
 }
 
 pub struct ProductRoute {
@@ -202,14 +206,24 @@ impl ProductRoute {
     /// or the request carries an Idempotency-Key (a retry must reach the shard that
     /// may hold the first attempt). Otherwise one of the product's shards on the
     /// caller's own arbiter (by the buyer's hash among them), so the order never
-    /// changes thread; the home shard when it has none there.
+    /// changes thread; else one served by this node (a cluster node serves some);
+    /// the home shard when it serves none.
     pub fn shard_index_for_new_order(&self, buyer: &str, per_buyer_limit: u32, idempotent: bool) -> usize {
         if per_buyer_limit == 0 && !idempotent {
-            if let Some(here) = super::current_arbiter() {
-                let local = || self.shards.iter().enumerate().filter(move |(_, s)| s.arbiter == here).map(|(i, _)| i);
-                let n = local().count();
+            // Of the shards served here (all of them but on a cluster node), those
+            // on the caller's arbiter if any.
+            let arbiter = super::current_arbiter();
+            let on = |same_arbiter: bool| {
+                self.shards
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, s)| (!same_arbiter || Some(s.arbiter) == arbiter) && s.place.is_here())
+                    .map(|(i, _)| i)
+            };
+            for same_arbiter in [true, false] {
+                let n = on(same_arbiter).count();
                 if n > 0 {
-                    return local().nth(buyer_shard(buyer, n)).expect("an index below the count");
+                    return on(same_arbiter).nth(buyer_shard(buyer, n)).expect("an index below the count");
                 }
             }
         }
@@ -259,23 +273,32 @@ impl Registry {
     }
 }
 
-/// Starts one stock actor under a supervisor on `arbiter`, from recovered state.
+/// Starts one stock actor under a supervisor on `arbiter`: from recovered state,
+/// or (a cluster node) with none, served elsewhere until this node takes the
+/// shard's lease ([`super::shard::Own`]).
 pub fn start_shard(
     env: &Arc<ShardEnv>,
     (arbiter_index, arbiter): (usize, &ArbiterHandle),
-    product: &ProductInfo,
+    (product, index): (&ProductInfo, u16),
     (shelf, terms): (&Arc<ShelfCell>, &Arc<TermsCell>),
-    recovered: super::shard::Rebuilt,
+    recovered: Option<super::shard::Rebuilt>,
 ) -> ShardHandle {
+    let id = crate::domain::ShardId::new(product.id.clone(), index);
     // The recovered counts are shown from now on, not from when the arbiter gets
     // round to building the actor: a view read right after a start is whole.
     let gauge = Arc::new(ShardGauge::default());
-    gauge.publish(recovered.last_seq, recovered.shard.counts());
-    let (e, p, g) = (env.clone(), product.clone(), gauge.clone());
+    let place = Arc::new(match &recovered {
+        Some(r) => {
+            gauge.publish(r.last_seq, r.shard.counts());
+            Place::here(id)
+        }
+        None => Place::elsewhere(id),
+    });
+    let (e, p, g, at) = (env.clone(), product.clone(), gauge.clone(), place.clone());
     let (s, t) = (shelf.clone(), terms.clone());
-    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, (s, t), recovered));
+    let addr = Supervisor::start_in_arbiter(arbiter, move |_| ShardActor::new(e, p, g, (s, t), at, recovered));
     let admission = Arc::new(Admission::new(env.mailbox_capacity, env.max_queue_wait_ms));
-    ShardHandle { addr, admission, gauge, arbiter: arbiter_index }
+    ShardHandle { addr, admission, gauge, arbiter: arbiter_index, place }
 }
 
 #[cfg(test)]
@@ -334,6 +357,7 @@ mod tests {
             max_queue_wait_ms: 0,
             archive_after_ms: 0,
             idempotency_ttl_ms: 0,
+            clustered: false,
         });
         actix_rt::System::new().block_on(async move {
             // The arbiter is held busy: the actor cannot be built until it is let go.
@@ -341,7 +365,8 @@ mod tests {
             let (hold, held) = std::sync::mpsc::channel::<()>();
             assert!(arbiter.spawn_fn(move || held.recv().unwrap_or_default()));
             let cells = (Arc::new(ShelfCell::default()), Arc::new(TermsCell::new(Terms::of(&product))));
-            let handle = start_shard(&env, (0, &arbiter.handle()), &product, (&cells.0, &cells.1), recovered.into());
+            let handle =
+                start_shard(&env, (0, &arbiter.handle()), (&product, 0), (&cells.0, &cells.1), Some(recovered.into()));
             let counts = handle.gauge.get();
             assert_eq!((counts.imported, counts.available), (7, 7));
             hold.send(()).unwrap();

@@ -45,6 +45,21 @@ pub struct ShardEnv {
     /// An archived order's Idempotency-Key still replays it until this long after
     /// its creation (the idempotency window).
     pub idempotency_ttl_ms: u64,
+    /// A cluster node (`cluster.node`): shards start without state and are rebuilt
+    /// from the stream when this node takes their leases ([`Own`]).
+    pub clustered: bool,
+}
+
+/// Records in the claims index the payments shard `id` holds (a conflict is
+/// logged; the audit names it).
+pub fn claim_payments(env: &ShardEnv, id: &ShardId, shard: &Shard) {
+    for p in shard.payments() {
+        let order = crate::domain::OrderId { shard: id.clone(), seq: p.order_seq }.to_string();
+        let key = crate::domain::shard::payment_key(&p.channel, &p.payment_id);
+        if env.claims.claim(&key, &order).is_err() {
+            tracing::error!(payment = %key, %order, "one payment id pays two orders");
+        }
+    }
 }
 
 /// Most orders archived by one tick of a stock actor, and most looked at.
@@ -156,6 +171,13 @@ pub struct ShardActor {
     /// The last snapshot started, at which record, and its outcome: a snapshot
     /// asked for at that same record joins it instead of writing it again.
     last_snapshot: Option<(u64, SnapshotDone)>,
+    /// Whether it is served here (see [`super::place`]).
+    place: Arc<super::place::Place>,
+    /// Counts the hand-overs of a cluster node's shard ([`Disown`]): a rebuild
+    /// begun before one installs nothing after it.
+    tenure: u64,
+    /// A rebuild from the stream is under way.
+    rebuilding: bool,
 }
 
 /// A snapshot's outcome, awaited by everyone who asked for it.
@@ -197,9 +219,10 @@ impl ShardActor {
         product: ProductInfo,
         gauge: Arc<ShardGauge>,
         (shelf, terms): (Arc<super::registry::ShelfCell>, Arc<super::registry::TermsCell>),
-        recovered: Rebuilt,
+        place: Arc<super::place::Place>,
+        recovered: Option<Rebuilt>,
     ) -> ShardActor {
-        let id = ShardId::new(product.id.clone(), recovered.shard.shard_index());
+        let id = place.shard.clone();
         let mut actor = ShardActor {
             shell: Shell::new(format!("stock {id}"), None),
             stream: None,
@@ -213,8 +236,13 @@ impl ShardActor {
             archive_cursor: 0,
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => "stock"),
             last_snapshot: None,
+            place,
+            tenure: 0,
+            rebuilding: false,
         };
-        actor.install(recovered);
+        if let Some(recovered) = recovered {
+            actor.install(recovered);
+        }
         actor
     }
 
@@ -750,19 +778,69 @@ impl ShardActor {
     /// unreachable, no quorum) is tried again, waiting longer each time.
     fn rebuild_from_stream(&mut self, ctx: &mut Context<Self>, failures: u32) {
         let Some(js) = self.env.stream.clone() else { return };
-        let (id, product) = (self.id.clone(), self.product.clone());
+        let (id, product, tenure) = (self.id.clone(), self.product.clone(), self.tenure);
+        self.rebuilding = true;
         let rebuild = async move { js.recover_shard(&id, &product).await };
-        ctx.spawn(actix::fut::wrap_future::<_, Self>(rebuild).map(move |rebuilt, act, ctx| match rebuilt {
-            Ok(r) => {
-                tracing::info!(shard = %act.id, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "stock actor rebuilt from the stream");
-                act.install(r.into());
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(rebuild).map(move |rebuilt, act, ctx| {
+            if act.tenure != tenure {
+                // Handed over meanwhile: what was read may be outdated already.
+                return;
             }
-            Err(e) => {
-                let wait = (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16))).min(MAX_REBUILD_BACKOFF);
-                tracing::error!(shard = %act.id, error = %e, retry_ms = wait.as_millis() as u64, "stock actor could not rebuild from the stream; answering unavailable");
-                ctx.run_later(wait, move |act, ctx| act.rebuild_from_stream(ctx, failures + 1));
+            match rebuilt {
+                Ok(r) => {
+                    act.rebuilding = false;
+                    claim_payments(&act.env, &act.id, &r.shard);
+                    tracing::info!(shard = %act.id, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "stock actor rebuilt from the stream");
+                    act.install(r.into());
+                }
+                Err(e) => {
+                    let wait =
+                        (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16))).min(MAX_REBUILD_BACKOFF);
+                    tracing::error!(shard = %act.id, error = %e, retry_ms = wait.as_millis() as u64, "stock actor could not rebuild from the stream; answering unavailable");
+                    ctx.run_later(wait, move |act, ctx| {
+                        if act.tenure == tenure {
+                            act.rebuild_from_stream(ctx, failures + 1)
+                        }
+                    });
+                }
             }
         }));
+    }
+}
+
+/// A cluster node took the shard's lease: rebuild it from the stream and serve it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Own;
+
+/// A cluster node handed the shard's lease over (or lost it): drop its state at
+/// once; every request is answered unavailable (the caller forwards it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disown;
+
+impl Handler<Own> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Own, ctx: &mut Context<Self>) {
+        if self.shell.live().is_err() && !self.rebuilding {
+            self.rebuild_from_stream(ctx, 0);
+        }
+    }
+}
+
+impl Handler<Disown> for ShardActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Disown, _: &mut Context<Self>) {
+        self.tenure += 1;
+        self.rebuilding = false;
+        if self.shell.live().is_ok() {
+            tracing::info!(shard = %self.id, "stock actor handed over: serving it elsewhere");
+        }
+        self.shell.clear();
+        self.stream = None;
+        self.last_snapshot = None;
     }
 }
 
@@ -773,6 +851,12 @@ impl Supervised for ShardActor {
         self.shell.clear();
         if self.env.stream.is_some() {
             self.stream = None;
+            self.tenure += 1;
+            self.rebuilding = false;
+            if !self.place.is_here() {
+                // A cluster node's shard served elsewhere stays without state.
+                return;
+            }
             return self.rebuild_from_stream(ctx, 0);
         }
         match self.env.storage.recover(&self.id, &self.product) {

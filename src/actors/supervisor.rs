@@ -31,6 +31,12 @@ pub struct ProductSupervisor {
 #[rtype(result = "Result<ProductInfo, SupervisorError>")]
 pub struct CreateProduct(pub ProductInfo);
 
+/// Starts a product the data directory holds but the registry lacks (a cluster
+/// node learning of a product created on another node); nothing if it runs.
+#[derive(Message)]
+#[rtype(result = "Result<(), SupervisorError>")]
+pub struct StartProduct(pub ProductInfo);
+
 /// What start-up recovery did.
 #[derive(Debug, Clone, Default)]
 pub struct RecoveryReport {
@@ -63,18 +69,14 @@ impl ProductSupervisor {
             for shard in 0..product.shards {
                 let (env, product) = (env.clone(), product.clone());
                 jobs.push(tokio::spawn(async move {
+                    if env.clustered {
+                        // A cluster node rebuilds a shard when it takes its lease.
+                        return Ok::<_, StorageError>((product, shard, None));
+                    }
                     let id = ShardId::new(product.id.clone(), shard);
                     let r = rebuild(&env, id.clone(), product.clone()).await?;
-                    // The claims index is rebuilt from the payments each shard
-                    // recorded (a conflict is logged; the audit names it).
-                    for p in r.shard.payments() {
-                        let order = crate::domain::OrderId { shard: id.clone(), seq: p.order_seq }.to_string();
-                        let key = crate::domain::shard::payment_key(&p.channel, &p.payment_id);
-                        if env.claims.claim(&key, &order).is_err() {
-                            tracing::error!(payment = %key, %order, "one payment id pays two orders");
-                        }
-                    }
-                    Ok::<_, StorageError>((product, r))
+                    super::shard::claim_payments(&env, &id, &r.shard);
+                    Ok::<_, StorageError>((product, shard, Some(r)))
                 }));
             }
         }
@@ -87,12 +89,14 @@ impl ProductSupervisor {
         let mut sup = ProductSupervisor { env, arbiters, registry, next_arbiter: 0 };
         let mut shards_by_product: Vec<(ProductInfo, Cells, Vec<_>)> = Vec::new();
         for job in jobs {
-            let (product, recovered) =
+            let (product, index, recovered) =
                 job.await.map_err(|e| StorageError::Sled(format!("recovery task failed: {e}")))??;
             report.shards += 1;
-            report.events_replayed += recovered.replayed;
-            report.journal_bytes += recovered.journal_bytes;
-            report.idempotency_keys.extend(recovered.shard.idempotency_keys().map(|(k, fp)| (k.to_string(), fp)));
+            if let Some(recovered) = &recovered {
+                report.events_replayed += recovered.replayed;
+                report.journal_bytes += recovered.journal_bytes;
+                report.idempotency_keys.extend(recovered.shard.idempotency_keys().map(|(k, fp)| (k.to_string(), fp)));
+            }
             let arbiter = sup.pick_arbiter();
             if shards_by_product.last().is_none_or(|(p, _, _)| p.id != product.id) {
                 let shelf = shelf_of(&product.id);
@@ -100,7 +104,7 @@ impl ProductSupervisor {
                 shards_by_product.push((product.clone(), (shelf, Arc::new(TermsCell::new(terms))), Vec::new()));
             }
             let (_, (shelf, terms), handles) = shards_by_product.last_mut().expect("pushed above");
-            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), &product, (shelf, terms), recovered));
+            handles.push(start_shard(&sup.env, (arbiter.0, &arbiter.1), (&product, index), (shelf, terms), recovered));
         }
         for (info, (shelf, terms), shards) in shards_by_product {
             assert_eq!(shards.len(), info.shards as usize);
@@ -125,24 +129,31 @@ impl ProductSupervisor {
         let env = self.env.clone();
         let product = info.clone();
         let rebuilding = async move {
-            let shards =
-                (0..product.shards).map(|s| rebuild(&env, ShardId::new(product.id.clone(), s), product.clone()));
+            if env.clustered {
+                // A cluster node rebuilds a shard when it takes its lease.
+                return Ok((0..product.shards).map(|_| None).collect());
+            }
+            let shards = (0..product.shards).map(|s| {
+                let (env, product) = (env.clone(), product.clone());
+                async move { rebuild(&env, ShardId::new(product.id.clone(), s), product).await.map(Some) }
+            });
             futures::future::try_join_all(shards).await
         };
         fut::wrap_future::<_, Self>(rebuilding).map(move |rebuilt, act, _| act.install_product(&info, rebuilt?))
     }
 
     /// Starts the actors of `info`'s rebuilt shards and publishes the route.
-    fn install_product(&mut self, info: &ProductInfo, rebuilt: Vec<Rebuilt>) -> Result<(), StorageError> {
+    fn install_product(&mut self, info: &ProductInfo, rebuilt: Vec<Option<Rebuilt>>) -> Result<(), StorageError> {
         let (shelf, since) = self.env.storage.shelf(&info.id)?;
         let shelf = Arc::new(ShelfCell::new(shelf, since));
         let terms = self.env.storage.terms(&info.id)?.unwrap_or_else(|| Terms::of(info));
         let terms = Arc::new(TermsCell::new(terms));
         let shards = rebuilt
             .into_iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(index, r)| {
                 let arbiter = self.pick_arbiter();
-                start_shard(&self.env, (arbiter.0, &arbiter.1), info, (&shelf, &terms), r)
+                start_shard(&self.env, (arbiter.0, &arbiter.1), (info, index as u16), (&shelf, &terms), r)
             })
             .collect();
         self.registry.insert(ProductRoute::new(info.clone(), shards, shelf, terms));
@@ -185,6 +196,17 @@ impl Handler<Kill> for ProductSupervisor {
     fn handle(&mut self, _: Kill, ctx: &mut Context<Self>) {
         tracing::warn!("product supervisor killed on request");
         ctx.stop();
+    }
+}
+
+impl Handler<StartProduct> for ProductSupervisor {
+    type Result = ResponseActFuture<Self, Result<(), SupervisorError>>;
+
+    fn handle(&mut self, msg: StartProduct, _ctx: &mut Context<Self>) -> Self::Result {
+        if self.registry.get(&msg.0.id).is_some() {
+            return Box::pin(fut::ready(Ok(())));
+        }
+        Box::pin(self.start_product(msg.0).map(|started, _, _| Ok(started?)))
     }
 }
 

@@ -3,7 +3,7 @@
 //! and hands over their leases ([`super::lease`]), and publishes what it may serve
 //! now ([`Owned`]) for its actors to follow.
 //!
-//! Every `ttl / 3` the loop:
+//! Every `ttl / 3`, and at once when the shards change, the loop:
 //! 1. renews the node's member lease (takes it again if it was lost);
 //! 2. lists the live members and places every known shard on one of them;
 //! 3. renews the leases of the shards still placed here, and hands over the ones
@@ -142,9 +142,12 @@ impl Loop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.pass().await,
+                _ = tick.tick() => {}
+                // New shards (a product created) are placed at once, not next tick.
+                Ok(()) = self.shards.changed() => {}
                 _ = &mut leave => break,
             }
+            self.pass().await;
         }
         self.owned.send_replace(Owned::default());
         for (_, lease) in std::mem::take(&mut self.held) {

@@ -53,7 +53,7 @@ fn entries_of(storage: &Storage, wanted: impl Fn(&str) -> bool) -> Result<Vec<Pr
 }
 
 /// Writes `entry` into the data directory (over what it held of that product).
-fn import(storage: &Storage, entry: &ProductEntry) -> Result<(), StorageError> {
+pub(crate) fn import(storage: &Storage, entry: &ProductEntry) -> Result<(), StorageError> {
     let id = &entry.product.id;
     storage.set_points_price(id, entry.points_price)?;
     storage.set_key_mode(id, entry.key_mode)?;

@@ -113,6 +113,20 @@ impl Kami {
     /// Imports keys (already split into lines or array items). Trims each key; empty
     /// ones are ignored; an invalid one rejects the whole batch before anything changes.
     pub async fn import_keys(&self, product: &str, raw: Vec<String>) -> Result<(u64, u64), Error> {
+        let (totals, mut away) = self.import_keys_here(product, raw).await?;
+        match away.pop() {
+            Some((shard, _)) => Err(Error::Elsewhere(shard)),
+            None => Ok(totals),
+        }
+    }
+
+    /// [`Kami::import_keys`] into the shards served here; the keys of shards other
+    /// cluster nodes serve come back, by shard, for the caller to send there.
+    pub async fn import_keys_here(
+        &self,
+        product: &str,
+        raw: Vec<String>,
+    ) -> Result<((u64, u64), Vec<(crate::domain::ShardId, Vec<String>)>), Error> {
         let route = self.listed(product)?;
         if self.key_mode(product) == KeyMode::Reusable {
             return Err(Error::KeyMode(format!(
@@ -128,17 +142,21 @@ impl Kami {
             validate::key(key).map_err(|m| Error::Invalid(format!("keys[{i}]: {m}")))?;
             parts[route.shard_index_for_key(key)].push(key.to_string());
         }
-        let calls = parts
-            .into_iter()
-            .enumerate()
-            .filter(|(_, keys)| !keys.is_empty())
-            .map(|(i, keys)| self.call(&route.shards[i], shard::ImportKeys(keys)));
+        let mut away = Vec::new();
+        let mut calls = Vec::new();
+        for (i, keys) in parts.into_iter().enumerate().filter(|(_, keys)| !keys.is_empty()) {
+            if route.shards[i].place.is_here() {
+                calls.push(self.call(&route.shards[i], shard::ImportKeys(keys)));
+            } else {
+                away.push((route.shards[i].place.shard.clone(), keys));
+            }
+        }
         let mut totals = (0, 0);
         for result in futures::future::join_all(calls).await {
             let (imported, duplicates) = result?;
             totals = (totals.0 + imported, totals.1 + duplicates);
         }
-        Ok(totals)
+        Ok((totals, away))
     }
 
     /// How `product`'s keys are sold.

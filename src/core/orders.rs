@@ -29,6 +29,13 @@ impl Kami {
             validate::token("Idempotency-Key", k).map_err(Error::Invalid)?;
         }
         let route = self.listed(&req.product_id)?;
+        // Chosen before anything is held: a cluster node sends the order on to the
+        // node serving its shard when that is not this one.
+        let idempotent = idempotency_key.is_some() || req.coupon.is_some();
+        let home = route.shard_index_for_new_order(&req.buyer, route.terms.per_buyer_limit(), idempotent);
+        if !route.shards[home].place.is_here() {
+            return Err(Error::Elsewhere(route.shards[home].place.shard.clone()));
+        }
         let password = match &req.query_password {
             Some(p) => Some(self.password_hash(&req.buyer, p).await?),
             None => None,
@@ -69,7 +76,6 @@ impl Kami {
             coupon: coupon.clone(),
             reseller: req.reseller.clone(),
         };
-        let home = route.shard_index_for_new_order(&req.buyer, route.terms.per_buyer_limit(), idempotency.is_some());
         let result = if route.shards.len() == 1 {
             self.call_in(Lane::NewOrder, &route.shards[home], shard::CreateOrder(new)).await
         } else {
@@ -85,6 +91,24 @@ impl Kami {
             self.after_coupon_order(used, &result).await;
         }
         result
+    }
+
+    /// In a cluster: the shards of `product` other nodes serve, for an order this
+    /// node's shards could not serve (sold out here), starting at the buyer's hash
+    /// among them. Empty on one server, for a product with a per-buyer limit (its
+    /// orders stay on the buyer's shard), or when this node serves every shard.
+    pub fn siblings_elsewhere(&self, product: &str, buyer: &str) -> Vec<crate::domain::ShardId> {
+        let Some(route) = self.registry.get(product) else { return Vec::new() };
+        if route.terms.per_buyer_limit() > 0 {
+            return Vec::new();
+        }
+        let away: Vec<crate::domain::ShardId> =
+            route.shards.iter().filter(|s| !s.place.is_here()).map(|s| s.place.shard.clone()).collect();
+        if away.is_empty() {
+            return away;
+        }
+        let start = crate::actors::registry::buyer_shard(buyer, away.len());
+        away[start..].iter().chain(&away[..start]).cloned().collect()
     }
 
     pub(super) fn locate(&self, order_id: &str) -> Result<(OrderId, Arc<crate::actors::ProductRoute>), Error> {

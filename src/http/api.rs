@@ -83,7 +83,15 @@ pub async fn import_keys(
     } else {
         extract::json::<KeysBody>(&bytes)?.keys
     };
-    let (imported, duplicates) = core.import_keys(&id, keys).await?;
+    let ((mut imported, mut duplicates), away) = core.import_keys_here(&id, keys).await?;
+    // A cluster node sends the keys of the shards other nodes serve to them.
+    for (shard, keys) in away {
+        let cluster = st.cluster().ok_or_else(|| ApiError::from(crate::error::Error::Elsewhere(shard.clone())))?;
+        let path = format!("/api/v1/products/{id}/keys");
+        let answer = super::forward::send_part(cluster, &shard, &path, &headers, json!({"keys": keys})).await?;
+        imported += answer["imported"].as_u64().unwrap_or(0);
+        duplicates += answer["duplicates"].as_u64().unwrap_or(0);
+    }
     Ok(Json(json!({"imported": imported, "duplicates": duplicates})))
 }
 
@@ -635,7 +643,31 @@ pub async fn create_order(
         buyer_request::<requests::NewOrder>(&st, &tier, &caller, &headers, body, |r| &r.buyer).await?;
     let mut req: crate::core::OrderRequest = req.into();
     req.reseller = tier.as_ref().and_then(|Extension(t)| t.reseller_price(&req.product_id));
-    let order = core.create_order(req, idempotency_key).await?;
+    // An order that may go to any shard (no per-buyer limit, no key to pin).
+    let spreads = idempotency_key.is_none() && req.coupon.is_none();
+    let (product, buyer) = (req.product_id.clone(), req.buyer.clone());
+    let order = match core.create_order(req, idempotency_key).await {
+        // Sold out on this cluster node's shards: the nodes serving the others are
+        // asked in turn (see `forward`).
+        Err(e @ crate::error::Error::Domain(crate::domain::DomainError::SoldOut { .. })) if spreads => {
+            let mut refused = ApiError::from(e);
+            refused.elsewhere = Some(Box::new(core.siblings_elsewhere(&product, &buyer)));
+            return Err(refused);
+        }
+        // Its shard is served elsewhere: there first, then the others in turn.
+        Err(e @ crate::error::Error::Elsewhere(_)) if spreads => {
+            let mut refused = ApiError::from(e);
+            let mut shards = refused.elsewhere.take().map(|b| *b).unwrap_or_default();
+            for s in core.siblings_elsewhere(&product, &buyer) {
+                if !shards.contains(&s) {
+                    shards.push(s);
+                }
+            }
+            refused.elsewhere = Some(Box::new(shards));
+            return Err(refused);
+        }
+        other => other?,
+    };
     Ok(order_created(&core, &order, |order_id, channel, pay_url| {
         views::to_json(&views::order_created(&order, order_id, channel, pay_url))
     }))

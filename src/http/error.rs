@@ -15,11 +15,19 @@ pub struct ApiError {
     pub retry_after_secs: Option<u64>,
     /// Extra fields of the `error` object (e.g. `queue` on a full line).
     pub details: Option<(&'static str, serde_json::Value)>,
+    /// Shards other cluster nodes serve: the front sends the request there (see
+    /// [`super::forward`]).
+    /// (Boxed: every error answer carries the field, few a value.)
+    pub elsewhere: Option<Box<Vec<crate::domain::ShardId>>>,
 }
+
+/// Put on an answer whose request belongs to shards other cluster nodes serve.
+#[derive(Debug, Clone)]
+pub struct Elsewhere(pub Vec<crate::domain::ShardId>);
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), retry_after_secs: None, details: None }
+        ApiError { status, code, message: message.into(), retry_after_secs: None, details: None, elsewhere: None }
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -97,10 +105,18 @@ impl From<Error> for ApiError {
             }
             Error::ChannelFailed { .. } => StatusCode::BAD_GATEWAY,
             Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-            Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::Overloaded
+            | Error::QueueFull(_)
+            | Error::Timeout
+            | Error::Unavailable(_)
+            | Error::Elsewhere(_)
+            | Error::NoOwner(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
+        if let Error::Elsewhere(shard) = &e {
+            let mut err = ApiError::new(status, e.code(), e.to_string()).retry_after(1);
+            err.elsewhere = Some(Box::new(vec![shard.clone()]));
+            return err;
+        }
         if let Error::QueueFull(q) = &e {
             let mut err = ApiError::new(status, e.code(), e.to_string())
                 .retry_after(q.estimated_wait_ms.map_or(1, |ms| ms.div_ceil(1000)));
@@ -151,6 +167,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(shards) = self.elsewhere.filter(|s| !s.is_empty()) {
+            response.extensions_mut().insert(Elsewhere(*shards));
         }
         response
     }

@@ -71,8 +71,19 @@ impl Front {
             Ok(admitted) => admitted,
             Err(refused) => return refused,
         };
+        // A cluster node keeps what it needs to send the request on to the node
+        // serving its shard (the body is in memory already).
+        let (req, replay) = match self.state.cluster() {
+            Some(_) => {
+                let (parts, body) = req.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+                let replay = super::forward::Replay::of(&parts, bytes.clone());
+                (Request::from_parts(parts, axum::body::Body::from(bytes)), Some(replay))
+            }
+            None => (req, None),
+        };
         let routed = tokio::time::timeout(self.timeout, self.router.clone().oneshot(req));
-        let response = match routed.await {
+        let mut response = match routed.await {
             Ok(Ok(response)) => response,
             Ok(Err(never)) => match never {},
             Err(_) => {
@@ -80,6 +91,25 @@ impl Front {
                 ApiError::from(crate::error::Error::Timeout).into_response()
             }
         };
+        if let (Some(cluster), Some(replay)) = (self.state.cluster(), replay) {
+            if let Some(super::error::Elsewhere(shards)) = response.extensions_mut().remove::<super::error::Elsewhere>()
+            {
+                let route = response.extensions().get::<MatchedPath>().cloned();
+                let sent = super::forward::forward(cluster, &shards, replay, response, &self.state);
+                response = match tokio::time::timeout(self.timeout, sent).await {
+                    Ok(answer) => answer,
+                    Err(_) => ApiError::from(crate::error::Error::Timeout).into_response(),
+                };
+                if let Some(route) = route {
+                    response.extensions_mut().insert(route);
+                }
+            }
+            if !response.headers().contains_key(&super::forward::NODE) {
+                if let Ok(name) = HeaderValue::from_str(&cluster.name) {
+                    response.headers_mut().insert(super::forward::NODE.clone(), name);
+                }
+            }
+        }
         drop(slot);
         let route = response.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str());
         super::count_request(route, method, response.status(), started);
@@ -208,7 +238,10 @@ fn rate_limit(st: &AppState, req: &mut Request) -> Result<(), ApiError> {
         crate::telemetry::count_rejection("invalid_api_key");
         ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "unknown X-Api-Key")
     })?;
-    if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+    // A request another node of the cluster admitted was limited there, by the
+    // buyer's own address.
+    let forwarded = super::forward::forwarded(st, req.headers());
+    if let Some(ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>().filter(|_| !forwarded) {
         if let Err(wait_secs) = tier.check_ip(&addr.ip()) {
             return Err(super::rate_limited(&tier.name, "ip", wait_secs));
         }

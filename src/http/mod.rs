@@ -9,6 +9,7 @@ pub mod cursor;
 pub mod error;
 pub mod export;
 pub mod extract;
+pub mod forward;
 pub mod front;
 pub mod intake;
 pub mod limits;
@@ -82,6 +83,8 @@ pub struct Shared {
     /// jetstream backend, the stream's writer lease and a live connection. `Some`
     /// says why not.
     serving: std::sync::OnceLock<Serving>,
+    /// This node's place in a cluster (`cluster.node`), once it joined.
+    cluster: std::sync::OnceLock<Arc<crate::core::cluster::ClusterNode>>,
 }
 
 /// Where stock is kept when not in the data directory, and whether it can be
@@ -126,6 +129,7 @@ impl AppState {
             )),
             started: Instant::now(),
             serving: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
             ops_token: settings.ops.token.clone(),
             buyer_secret: if settings.buyers.token_secret.is_empty() {
                 // Stable as long as the admin token is.
@@ -151,6 +155,16 @@ impl AppState {
     /// Sets what `/readyz` checks beyond recovery (once; a second call is ignored).
     pub fn set_serving(&self, serving: Serving) {
         let _ = self.serving.set(serving);
+    }
+
+    /// Sets this node's place in the cluster (once; a second call is ignored).
+    pub fn set_cluster(&self, node: Arc<crate::core::cluster::ClusterNode>) {
+        let _ = self.cluster.set(node);
+    }
+
+    /// This node's place in the cluster, on a cluster node that joined.
+    pub fn cluster(&self) -> Option<&Arc<crate::core::cluster::ClusterNode>> {
+        self.cluster.get()
     }
 
     /// Why this server cannot serve now, beyond recovery (`None`: it can).

@@ -155,6 +155,7 @@ pub async fn status_json(
         "rejected": rejected,
         "buffered_body_bytes": st.intake.buffered_body_bytes(),
         "storage": st.storage_status(),
+        "cluster": st.cluster().map(|c| c.describe()),
         "orders": {"created": created, "delivered": delivered, "conversion": crate::telemetry::conversion_ratio()},
         "attention": {
             "refunds_owed": refunds_owed,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod nats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,332 @@
+//! A cluster node (`cluster.node`): several kami servers on one stream, each
+//! serving the shards whose leases it holds.
+//!
+//! - The ownership loop ([`crate::cluster::node`]) places every shard of every
+//!   product on one live node and takes, renews and hands over the leases.
+//! - [`ClusterNode::follow`] turns what the loop publishes into the stock actors'
+//!   state: a shard whose lease this node took is rebuilt from the stream
+//!   ([`shard::Own`]); one handed over drops its state ([`shard::Disown`]); every
+//!   shard's [`crate::actors::place::Place`] holds the instant its lease ends, so a
+//!   call never reaches a shard past it even if the loop stalls.
+//! - [`ClusterNode::learn`] follows the shared catalogue: a product created on
+//!   another node starts here (its shards served elsewhere until placed here), a
+//!   change made elsewhere (terms, shelf, points price, group deals) takes effect.
+//! - [`ClusterNode::owner`] answers which node serves a shard and at which address,
+//!   for the HTTP front, which forwards a request there (or answers 307).
+//!
+//! Limits: the nodes whose addresses are remembered ([`MAX_NODES`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::Kami;
+use crate::actors::shard;
+use crate::cluster::catalogue::{Catalogue, Change, ProductEntry};
+use crate::cluster::lease::Leases;
+use crate::cluster::node::{Node, NodeOptions, Owned};
+use crate::domain::ShardId;
+use crate::storage::jetstream::JetStream;
+
+/// Most node addresses remembered (the cluster's nodes; a cluster is a handful).
+pub const MAX_NODES: usize = 256;
+/// Longest an address is taken from memory before it is read again (a node that
+/// restarted elsewhere).
+const ADDRESS_TTL: Duration = Duration::from_secs(30);
+/// How long a start waits for the stream's servers to serve the cluster's buckets.
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+/// How often the loop is told of products added here (besides every pass).
+const SHARDS_CHECK: Duration = Duration::from_millis(200);
+
+/// This node's place in the cluster.
+pub struct ClusterNode {
+    pub name: String,
+    pub advertise: String,
+    /// Answer 307 to the owner instead of forwarding (`cluster.redirect`).
+    pub redirect: bool,
+    /// Sent with a forwarded request (`X-Kami-Forwarded`): the node it reaches
+    /// knows the request was admitted (rate limited) by a node of the cluster and
+    /// does not forward it again. Derived from the secret the nodes share.
+    pub forward_token: String,
+    /// The ownership loop (taken by [`ClusterNode::leave`]).
+    node: std::sync::Mutex<Option<Node>>,
+    owned: tokio::sync::watch::Receiver<Owned>,
+    owners: Leases,
+    addresses: async_nats::jetstream::kv::Store,
+    known: std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>,
+    pub http: reqwest::Client,
+}
+
+/// The lease key of a shard: its journal's subject.
+pub fn lease_key(id: &ShardId) -> String {
+    crate::storage::jetstream::shard_journal(id)
+}
+
+/// Every shard of every product the registry holds, as lease keys.
+fn shards_of(core: &Kami) -> BTreeSet<String> {
+    core.registry
+        .all()
+        .values()
+        .flat_map(|r| (0..r.shards.len()).map(|i| lease_key(&ShardId::new(r.info.id.clone(), i as u16))))
+        .collect()
+}
+
+impl ClusterNode {
+    /// Joins the cluster on `js` (buckets `{stream}_MEMBERS`, `{stream}_OWNERS` and
+    /// `{stream}_NODES`, the latter holding each node's address) and starts
+    /// following what it places here.
+    pub async fn join(
+        js: &JetStream,
+        settings: &crate::config::ClusterSettings,
+        core: Arc<Kami>,
+        forward_token: String,
+        request_timeout: Duration,
+    ) -> Result<Arc<ClusterNode>, String> {
+        let stream = &js.options().stream;
+        let ttl = Duration::from_millis(settings.lease_ttl_ms);
+        // Buckets just made have no leader for a moment (servers electing one
+        // answer "no stream found"): each step is tried again for a while.
+        let patience = std::time::Instant::now() + JOIN_PATIENCE;
+        let again = |e: &String| {
+            tracing::warn!(error = %e, "joining the cluster: the stream's servers do not answer yet; trying again");
+            true
+        };
+        let pause = Duration::from_millis(250);
+        let addresses = crate::cluster::patiently(
+            patience,
+            pause,
+            || async {
+                let addresses = crate::cluster::bucket(js, &format!("{stream}_NODES"), None, Some(1024)).await?;
+                addresses
+                    .put(&settings.node, settings.advertise.clone().into())
+                    .await
+                    .map_err(|e| format!("publish this node's address: {e}"))?;
+                Ok(addresses)
+            },
+            again,
+        )
+        .await?;
+        let mut options = NodeOptions::new(&settings.node, ttl);
+        options.members_bucket = format!("{stream}_MEMBERS");
+        options.owners_bucket = format!("{stream}_OWNERS");
+        let owners = crate::cluster::patiently(
+            patience,
+            pause,
+            || async { Leases::open(js, &options.owners_bucket, &settings.node, ttl).await.map_err(|e| e.to_string()) },
+            again,
+        )
+        .await?;
+        let node = crate::cluster::patiently(
+            patience,
+            pause,
+            || async { Node::join(js, options.clone(), shards_of(&core)).await.map_err(|e| e.to_string()) },
+            again,
+        )
+        .await?;
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("forwarding client: {e}"))?;
+        let me = Arc::new(ClusterNode {
+            name: settings.node.clone(),
+            advertise: settings.advertise.trim_end_matches('/').to_string(),
+            redirect: settings.redirect,
+            forward_token,
+            owned: node.owned(),
+            node: std::sync::Mutex::new(Some(node)),
+            owners,
+            addresses,
+            known: std::sync::Mutex::new(HashMap::new()),
+            http,
+        });
+        tokio::spawn(me.clone().follow(core));
+        tracing::info!(node = %settings.node, advertise = %settings.advertise, ttl_ms = settings.lease_ttl_ms, "joined the cluster");
+        Ok(me)
+    }
+
+    /// Applies what the ownership loop publishes to the stock actors, and tells
+    /// the loop of products added here, until the process ends.
+    async fn follow(self: Arc<Self>, core: Arc<Kami>) {
+        let mut owned = self.owned.clone();
+        let mut serving: BTreeSet<String> = BTreeSet::new();
+        let mut shards = shards_of(&core);
+        let mut check = tokio::time::interval(SHARDS_CHECK);
+        loop {
+            tokio::select! {
+                changed = owned.changed() => if changed.is_err() { return },
+                _ = check.tick() => {
+                    let now = shards_of(&core);
+                    if now != shards {
+                        shards = now;
+                        let node = self.node.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(Err(e)) = node.as_ref().map(|n| n.set_shards(shards.clone())) {
+                            tracing::error!(error = %e, "the cluster cannot place this many shards");
+                        }
+                    }
+                    continue;
+                }
+            }
+            let now = owned.borrow_and_update().clone();
+            apply(&core, &now, &mut serving);
+        }
+    }
+
+    /// The node serving `shard` and its address: `None` when no node holds its
+    /// lease now (it is moving).
+    pub async fn owner(&self, shard: &ShardId) -> Result<Option<(String, String)>, String> {
+        let Some(holder) = self.owners.holder(&lease_key(shard)).await.map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        if let Some((address, at)) = self.known.lock().unwrap_or_else(|e| e.into_inner()).get(&holder) {
+            if at.elapsed() < ADDRESS_TTL {
+                return Ok(Some((holder, address.clone())));
+            }
+        }
+        let entry = self.addresses.get(&holder).await.map_err(|e| format!("read {holder}'s address: {e}"))?;
+        let Some(address) = entry.map(|b| String::from_utf8_lossy(&b).trim_end_matches('/').to_string()) else {
+            return Err(format!("node {holder} holds the shard but published no address"));
+        };
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= MAX_NODES {
+            known.clear();
+        }
+        known.insert(holder.clone(), (address.clone(), std::time::Instant::now()));
+        Ok(Some((holder, address)))
+    }
+
+    /// Stops serving every shard and hands their leases over at once (a clean
+    /// stop: the other nodes take them without waiting for the TTL).
+    pub async fn leave(&self) {
+        let node = self.node.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(node) = node {
+            node.leave().await;
+        }
+    }
+
+    /// What `/status.json` shows of the cluster: this node, and the shards it
+    /// serves now.
+    pub fn describe(&self) -> serde_json::Value {
+        let owned = self.owned.borrow();
+        let now = std::time::Instant::now();
+        let serving: Vec<&String> = owned.shards.iter().filter(|(_, &until)| now < until).map(|(s, _)| s).collect();
+        serde_json::json!({
+            "node": self.name,
+            "advertise": self.advertise,
+            "redirect": self.redirect,
+            "shards_served": serving,
+        })
+    }
+
+    /// Follows the shared catalogue: every product and change made on any node
+    /// takes effect here (this node's own changes come back too, and change
+    /// nothing). Runs until the process ends; a broken watch is opened again.
+    pub async fn learn(core: Arc<Kami>, catalogue: Arc<Catalogue>) {
+        loop {
+            match catalogue.watch().await {
+                Ok(mut changes) => {
+                    while let Some(change) = changes.next().await {
+                        match change {
+                            Ok(Change::Put(entry, _)) => {
+                                if let Err(e) = core.adopt(&entry).await {
+                                    tracing::error!(product = %entry.product.id, error = %e, "a product from the shared catalogue could not be taken");
+                                }
+                            }
+                            Ok(Change::Removed(id, _)) => {
+                                tracing::warn!(product = %id, "a product's entry left the shared catalogue; this node keeps it")
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "the shared catalogue holds an entry that cannot be read")
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot follow the shared catalogue; trying again"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Brings every shard's place and actor in line with `owned`: `serving` holds the
+/// shards this node served after the last call.
+fn apply(core: &Kami, owned: &Owned, serving: &mut BTreeSet<String>) {
+    let now = std::time::Instant::now();
+    for route in core.registry.all().values() {
+        for handle in &route.shards {
+            let key = lease_key(&handle.place.shard);
+            match owned.shards.get(&key) {
+                Some(&until) if now < until => {
+                    handle.place.hold_until(until);
+                    if serving.insert(key) {
+                        tracing::info!(shard = %handle.place.shard, "serving this shard: its lease is this node's");
+                        handle.addr.do_send(shard::Own);
+                    }
+                }
+                _ => {
+                    handle.place.leave();
+                    if serving.remove(&key) {
+                        tracing::info!(shard = %handle.place.shard, "no longer serving this shard");
+                        handle.addr.do_send(shard::Disown);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Kami {
+    /// Takes `entry` from the shared catalogue: into the data directory (so a
+    /// restart has it) and into force here. A product this node lacks is started
+    /// (its shards served elsewhere until placed here).
+    pub(crate) async fn adopt(&self, entry: &ProductEntry) -> Result<(), super::Error> {
+        let id = entry.product.id.clone();
+        let storage = self.storage.clone();
+        let taken = entry.clone();
+        let same = tokio::task::spawn_blocking(move || -> Result<bool, crate::storage::StorageError> {
+            if super::catalogue::entry_of(&storage, &taken.product.id)?.as_ref() == Some(&taken) {
+                return Ok(true);
+            }
+            super::catalogue::import(&storage, &taken)?;
+            storage.flush_now()?;
+            Ok(false)
+        })
+        .await
+        .map_err(|e| super::Error::Unavailable(e.to_string()))??;
+        if same && self.registry.get(&id).is_some() {
+            return Ok(());
+        }
+        match entry.points_price {
+            Some(p) => self.points_prices.insert(id.clone(), p),
+            None => self.points_prices.remove(&id).map(|(_, p)| p),
+        };
+        match entry.key_mode {
+            crate::domain::key_mode::KeyMode::Reusable => self.reusable.insert(id.clone()),
+            crate::domain::key_mode::KeyMode::Unique => self.reusable.remove(&id).is_some(),
+        };
+        for deal in &entry.deals {
+            self.deals.insert((deal.product_id.clone(), deal.deal_id.clone()), deal.clone());
+        }
+        match self.registry.get(&id) {
+            None => {
+                self.supervisor
+                    .send(crate::actors::supervisor::StartProduct(entry.product.clone()))
+                    .await
+                    .map_err(|_| super::Error::Unavailable("the product supervisor stopped".into()))??;
+                tracing::info!(product = %id, "product created on another node started here");
+            }
+            Some(route) => {
+                let terms = entry.terms.clone().unwrap_or_else(|| crate::domain::terms::Terms::of(&entry.product));
+                if route.terms.get().terms != terms {
+                    route.terms.set(terms);
+                }
+                if route.shelf.get() != entry.shelf || route.shelf.since_ms() != entry.shelf_since_ms {
+                    route.shelf.set(entry.shelf, entry.shelf_since_ms);
+                }
+            }
+        }
+        Ok(())
+    }
+}

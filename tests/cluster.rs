@@ -1,0 +1,299 @@
+//! A kami cluster on loopback: three nats-servers keeping a replicated stream
+//! (`scripts/test.sh` installs them), three kami nodes (`cluster.node`) sharing
+//! its shards by lease. Real processes, killed with SIGKILL and paused with
+//! SIGSTOP: every acknowledged purchase is served afterwards, from whichever node
+//! took its shard over, and no key is ever delivered twice.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::nats::{free_port, nats_or_skip, Nats};
+use common::{reply, Api, Server};
+
+/// A node's environment: the stream of `nats`, its name and fixed address.
+fn node_env(nats: &Nats, stream: &str, name: &str, port: u16) -> Vec<(&'static str, String)> {
+    let options = nats.options();
+    vec![
+        ("KAMI_SERVER__LISTEN", format!("127.0.0.1:{port}")),
+        ("KAMI_STORAGE__BACKEND", "jetstream".into()),
+        ("KAMI_STORAGE__JETSTREAM__URLS", options.urls.join(",")),
+        ("KAMI_STORAGE__JETSTREAM__STREAM", stream.into()),
+        ("KAMI_STORAGE__JETSTREAM__REPLICAS", options.replicas.to_string()),
+        ("KAMI_ACTORS__ARBITERS", "1".into()),
+        ("KAMI_CLUSTER__NODE", name.into()),
+        ("KAMI_CLUSTER__ADVERTISE", format!("http://127.0.0.1:{port}")),
+        ("KAMI_LOG__LEVEL", "info".into()),
+    ]
+}
+
+/// The nodes of one cluster, each on its own data directory.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Option<Server>>,
+    names: Vec<String>,
+}
+
+impl Cluster {
+    async fn start(nats: &Nats, stream: &str, n: usize) -> Cluster {
+        drop(nats.connect().await);
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..n).map(|i| format!("node{i}")).collect();
+        let starting: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let env = node_env(nats, stream, name, free_port());
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                Server::spawn(&dir.path().join(name), &env)
+            })
+            .collect();
+        let nodes = starting.into_iter().map(|s| Some(s.ready())).collect();
+        Cluster { _dir: dir, nodes, names }
+    }
+
+    fn api(&self, i: usize) -> Api {
+        self.nodes[i].as_ref().expect("a live node").api()
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|&i| self.nodes[i].is_some()).collect()
+    }
+
+    /// Shard → the node serving it, as the live nodes' `/status.json` say.
+    async fn served(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for i in self.live() {
+            let api = self.api(i);
+            let status = reply(api.http.get(format!("{}/status.json", api.url))).await;
+            for shard in status.body["cluster"]["shards_served"].as_array().cloned().unwrap_or_default() {
+                out.entry(shard.as_str().unwrap().to_string()).or_default().push(self.names[i].clone());
+            }
+        }
+        out
+    }
+
+    /// Waits until each of `shards` is served by exactly one live node.
+    async fn placed(&self, shards: &[&str]) -> BTreeMap<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let served = self.served().await;
+            if shards.iter().all(|s| served.get(*s).is_some_and(|n| n.len() == 1)) {
+                return served.into_iter().map(|(s, mut n)| (s, n.pop().unwrap())).collect();
+            }
+            assert!(Instant::now() < deadline, "shards never placed: {served:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A purchase as far as it was acknowledged.
+#[derive(Debug, Clone)]
+struct Bought {
+    order_id: String,
+    token: String,
+    paid: bool,
+}
+
+/// Order and pay through `api`; anything but 201/200 must be a 503 (a shard
+/// moving between nodes), and then counts as not acknowledged.
+async fn try_buy(api: &Api, buyer: &str) -> Option<Bought> {
+    let created = api.order("hot", 1, buyer, None).await;
+    if created.status != 201 {
+        assert_eq!(
+            created.status,
+            503,
+            "only unavailable while a shard moves: {buyer} at {} via {:?}: {:?}",
+            api.url,
+            created.headers.get("x-kami-node"),
+            created.body
+        );
+        return None;
+    }
+    let order_id = created.body["order_id"].as_str().unwrap().to_string();
+    let token = created.body["query_token"].as_str().unwrap().to_string();
+    let paid = api.notify(&order_id, &format!("pay-{buyer}"), 990).await;
+    assert!(paid.status == 200 || paid.status == 503, "{:?}", paid.body);
+    Some(Bought { order_id, token, paid: paid.status == 200 })
+}
+
+/// Every acknowledged order is served through `api`, every acknowledged payment
+/// delivered it a key, and no key went to two orders.
+async fn serves_everything(api: &Api, bought: &[Bought]) {
+    let mut keys = HashSet::new();
+    for b in bought {
+        let got = api.get_order(&b.order_id, &b.token).await;
+        assert_eq!(got.status, 200, "acknowledged order {} lost: {:?}", b.order_id, got.body);
+        if b.paid {
+            assert_eq!(got.body["status"], "delivered", "{:?}", got.body);
+        }
+        for key in got.body["keys"].as_array().cloned().unwrap_or_default() {
+            assert!(keys.insert(key.as_str().unwrap().to_string()), "key {key} delivered twice");
+        }
+    }
+}
+
+/// The shard an order id names (`hot.2.17` → `stock.hot.2`).
+fn shard_of(order_id: &str) -> String {
+    let mut parts = order_id.rsplitn(2, '.');
+    let _seq = parts.next();
+    format!("stock.{}", parts.next().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_across_three_nodes_goes_on_when_one_is_killed_and_every_acknowledged_purchase_is_served() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start_n(bin, 3, None);
+    let mut cluster = Cluster::start(&nats, "KAMICLUSTER", 3).await;
+    let api0 = cluster.api(0);
+    let created = api0.create_product("hot", 990, 0, 3).await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let owners = cluster.placed(&["stock.hot.0", "stock.hot.1", "stock.hot.2"]).await;
+    eprintln!("placement: {owners:?}");
+
+    // Keys imported through one node reach the shards the others serve.
+    let keys: Vec<String> = (0..300).map(|i| format!("HOT-{i:04}")).collect();
+    let imported = cluster.api(1).import("hot", &keys).await;
+    assert_eq!((imported.status, imported.body["imported"].as_u64()), (200, Some(300)), "{:?}", imported.body);
+    let again = cluster.api(2).import("hot", &keys[..30]).await;
+    assert_eq!(again.body["duplicates"].as_u64(), Some(30), "{:?}", again.body);
+
+    // Buyers on every node; orders and payments reach the shard's owner.
+    let mut bought = Vec::new();
+    for i in 0..60 {
+        let api = cluster.api(i % 3);
+        bought.push(try_buy(&api, &format!("b{i}@example.com")).await.expect("all nodes up: acknowledged"));
+    }
+    assert!(bought.iter().all(|b| b.paid));
+    // Any node reads any order (forwarded to its shard's owner).
+    serves_everything(&cluster.api(2), &bought).await;
+    let served_by: HashSet<String> = {
+        let mut by = HashSet::new();
+        for b in &bought[..12] {
+            let got = cluster.api(0).get_order(&b.order_id, &b.token).await;
+            by.insert(got.headers.get("x-kami-node").and_then(|v| v.to_str().ok()).unwrap_or("").to_string());
+        }
+        by
+    };
+    assert!(served_by.len() > 1, "orders are served by their shard's owner, not the node asked: {served_by:?}");
+
+    // kill -9 the node serving the most shards, while buyers go on on the others.
+    let victim_name = {
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for n in owners.values() {
+            *count.entry(n.as_str()).or_default() += 1;
+        }
+        count.into_iter().max_by_key(|(_, c)| *c).unwrap().0.to_string()
+    };
+    let victim = cluster.names.iter().position(|n| *n == victim_name).unwrap();
+    let moved: Vec<&String> = owners.iter().filter(|(_, n)| **n == victim_name).map(|(s, _)| s).collect();
+    let probe = bought.iter().find(|b| moved.contains(&&shard_of(&b.order_id))).cloned();
+    cluster.nodes[victim].take().unwrap().kill9();
+    let killed = Instant::now();
+    let survivors = cluster.live();
+    let mut failover = None;
+    let mut i = 60;
+    while failover.is_none() || i < 160 {
+        let api = cluster.api(survivors[i % survivors.len()]);
+        match try_buy(&api, &format!("b{i}@example.com")).await {
+            Some(b) => bought.push(b),
+            // A shard moving: a buyer's client tries again a moment later.
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        if failover.is_none() {
+            if let Some(p) = &probe {
+                if api.get_order(&p.order_id, &p.token).await.status == 200 {
+                    failover = Some(killed.elapsed());
+                }
+            } else {
+                failover = Some(Duration::ZERO);
+            }
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "the killed node's shards never served again");
+        i += 1;
+    }
+    let failover = failover.unwrap();
+    eprintln!(
+        "fail-over: kill -9 of {victim_name} to its shard's first answer from another node: {} ms",
+        failover.as_millis()
+    );
+    let after = cluster.placed(&["stock.hot.0", "stock.hot.1", "stock.hot.2"]).await;
+    assert!(after.values().all(|n| *n != victim_name), "{after:?}");
+    for s in cluster.live() {
+        serves_everything(&cluster.api(s), &bought).await;
+    }
+    let delivered = bought.iter().filter(|b| b.paid).count();
+    assert!((100..=300).contains(&delivered), "{delivered} delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_never_answers_for_a_shard_another_node_took_over() {
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start_n(bin, 3, None);
+    let cluster = Cluster::start(&nats, "KAMIPAUSE", 2).await;
+    let api0 = cluster.api(0);
+    assert_eq!(api0.create_product("hot", 990, 0, 2).await.status, 201);
+    let owners = cluster.placed(&["stock.hot.0", "stock.hot.1"]).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("HOT-{i:04}")).collect();
+    assert_eq!(api0.import("hot", &keys).await.body["imported"].as_u64(), Some(200));
+    let mut bought = Vec::new();
+    for i in 0..20 {
+        bought.push(try_buy(&cluster.api(i % 2), &format!("b{i}@example.com")).await.expect("acknowledged"));
+    }
+
+    // Pause a node that serves a shard past its lease: the other takes it over.
+    let paused_name = owners["stock.hot.0"].clone();
+    let paused = cluster.names.iter().position(|n| *n == paused_name).unwrap();
+    let other = 1 - paused;
+    let pid = cluster.nodes[paused].as_ref().unwrap().child.id() as libc::pid_t;
+    // SAFETY: kill(2) with the pid of our own child and a valid signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let other_api = cluster.api(other);
+    let mut i = 20;
+    loop {
+        let served = cluster.served_by(other).await;
+        if served.contains("stock.hot.0") && served.contains("stock.hot.1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the paused node's shards were never taken over: {served:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The new owner sells on every shard, including the paused node's.
+    for _ in 0..20 {
+        if let Some(b) = try_buy(&other_api, &format!("b{i}@example.com")).await {
+            bought.push(b);
+        }
+        i += 1;
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // Whatever the resumed node answers, it is never a write to a shard it lost:
+    // every 2xx it gives is in the new owner's history.
+    let resumed_api = cluster.api(paused);
+    for _ in 0..20 {
+        if let Some(b) = try_buy(&resumed_api, &format!("b{i}@example.com")).await {
+            bought.push(b);
+        }
+        i += 1;
+    }
+    serves_everything(&other_api, &bought).await;
+    serves_everything(&resumed_api, &bought).await;
+    let said = cluster.nodes[paused].as_ref().unwrap().lines_with("no longer serving this shard");
+    assert!(!said.is_empty(), "the resumed node gave its shard up");
+}
+
+impl Cluster {
+    /// The shards node `i` says it serves.
+    async fn served_by(&self, i: usize) -> HashSet<String> {
+        let api = self.api(i);
+        let status = reply(api.http.get(format!("{}/status.json", api.url))).await;
+        status.body["cluster"]["shards_served"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    }
+}

@@ -1,0 +1,143 @@
+//! nats-servers with JetStream on loopback for the tests (`scripts/test.sh`
+//! installs the binary): one alone, or a cluster of three.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kami::storage::jetstream::{JetStream, JetStreamOptions};
+
+pub fn nats_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// Returns the server binary, or `None` (and says so) when it is missing outside CI.
+pub fn nats_or_skip() -> Option<PathBuf> {
+    let found = nats_binary();
+    if found.is_none() {
+        assert!(std::env::var_os("CI").is_none(), "nats-server is missing in CI (scripts/test.sh installs it)");
+        eprintln!("SKIPPED: nats-server not installed (apt-get install nats-server)");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// nats-servers with JetStream on loopback ports, their stores in a temp dir: one
+/// alone, or a cluster of three (the stream then keeps three copies).
+pub struct Nats {
+    binary: PathBuf,
+    children: Vec<Option<Child>>,
+    pub ports: Vec<u16>,
+    route_ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    max_payload: Option<usize>,
+}
+
+impl Nats {
+    pub fn start(binary: PathBuf, max_payload: Option<usize>) -> Nats {
+        Nats::start_n(binary, 1, max_payload)
+    }
+
+    pub fn start_n(binary: PathBuf, n: usize, max_payload: Option<usize>) -> Nats {
+        let mut nats = Nats::unstarted(binary, n, max_payload);
+        for i in 0..n {
+            nats.restart(i);
+        }
+        nats
+    }
+
+    /// Ports and stores chosen, no server started yet ([`Nats::restart`] starts one).
+    pub fn unstarted(binary: PathBuf, n: usize, max_payload: Option<usize>) -> Nats {
+        Nats {
+            binary,
+            children: (0..n).map(|_| None).collect(),
+            ports: (0..n).map(|_| free_port()).collect(),
+            route_ports: (0..n).map(|_| free_port()).collect(),
+            dir: tempfile::tempdir().unwrap(),
+            max_payload,
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.children[i].is_none());
+        let config = self.dir.path().join(format!("n{i}.conf"));
+        let mut text = format!(
+            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n",
+            self.ports[i],
+            self.store(i)
+        );
+        if let Some(max) = self.max_payload {
+            text.push_str(&format!("max_payload: {max}\n"));
+        }
+        if self.ports.len() > 1 {
+            let routes: Vec<String> = self.route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
+            text.push_str(&format!(
+                "cluster {{ name: kami, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                self.route_ports[i],
+                routes.join(", ")
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.children[i] = Some(child);
+    }
+
+    /// kill -9 of server `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn options(&self) -> JetStreamOptions {
+        JetStreamOptions {
+            urls: self.ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect(),
+            stream: "KAMITEST".into(),
+            replicas: self.ports.len(),
+            timeout: Duration::from_secs(3),
+            ..JetStreamOptions::default()
+        }
+    }
+
+    /// Connects once the servers accept JetStream requests (a cluster first elects
+    /// its leaders).
+    pub async fn connect(&self) -> JetStream {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match JetStream::connect(self.options()).await {
+                Ok(js) => return js,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("nats-servers on ports {:?} never served JetStream: {e}", self.ports),
+            }
+        }
+    }
+
+    pub fn store(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("store-n{i}"))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
