@@ -26,8 +26,8 @@ fn micros(at: Instant) -> u64 {
 pub struct Place {
     /// The shard.
     pub shard: crate::domain::ShardId,
-    /// Served here until this many microseconds after [`origin`]; `u64::MAX`
-    /// on one server.
+    /// Served here until this many microseconds after [`origin`], plus one (0:
+    /// not here); `u64::MAX` on one server.
     until: AtomicU64,
 }
 
@@ -46,12 +46,14 @@ impl Place {
     /// Whether calls may go to the shard now.
     pub fn is_here(&self) -> bool {
         let until = self.until.load(Ordering::Acquire);
-        until == u64::MAX || (until > 0 && micros(Instant::now()) < until)
+        until == u64::MAX || micros(Instant::now()) + 1 < until
     }
 
     /// Served here until `until` (a lease taken or renewed).
     pub fn hold_until(&self, until: Instant) {
-        self.until.store(micros(until).max(1), Ordering::Release);
+        // One more than the microseconds (0 stays "elsewhere"): an instant at or
+        // before the origin is still an end that has passed.
+        self.until.store(micros(until).saturating_add(1).min(u64::MAX - 1), Ordering::Release);
     }
 
     /// Served elsewhere from now on (a lease handed over or lost).
@@ -75,6 +77,9 @@ mod tests {
         assert!(place.is_here());
         place.hold_until(Instant::now() - Duration::from_millis(1));
         assert!(!place.is_here(), "a lease that ended, though nobody said so");
+        // An end at the very origin of the clock has passed too.
+        place.hold_until(origin());
+        assert!(!place.is_here(), "a lease that ended at the origin");
         place.hold_until(Instant::now() + Duration::from_secs(60));
         place.leave();
         assert!(!place.is_here());

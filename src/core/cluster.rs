@@ -73,6 +73,11 @@ fn shards_of(core: &Kami) -> BTreeSet<String> {
         .collect()
 }
 
+/// How many shards the registry's products have together.
+fn shard_count(core: &Kami) -> usize {
+    core.registry.all().values().map(|r| r.shards.len()).sum()
+}
+
 impl ClusterNode {
     /// Joins the cluster on `js` (buckets `{stream}_MEMBERS`, `{stream}_OWNERS` and
     /// `{stream}_NODES`, the latter holding each node's address) and starts
@@ -158,6 +163,10 @@ impl ClusterNode {
             tokio::select! {
                 changed = owned.changed() => if changed.is_err() { return },
                 _ = check.tick() => {
+                    // Products are only ever added (a deleted one keeps its shards).
+                    if shard_count(&core) == shards.len() {
+                        continue;
+                    }
                     let now = shards_of(&core);
                     if now != shards {
                         shards = now;
@@ -283,6 +292,10 @@ impl Kami {
     /// (its shards served elsewhere until placed here).
     pub(crate) async fn adopt(&self, entry: &ProductEntry) -> Result<(), super::Error> {
         let id = entry.product.id.clone();
+        if self.in_force(entry) {
+            // This node's own change coming back, or one it already took.
+            return Ok(());
+        }
         let storage = self.storage.clone();
         let taken = entry.clone();
         let same = tokio::task::spawn_blocking(move || -> Result<bool, crate::storage::StorageError> {
@@ -328,5 +341,23 @@ impl Kami {
             }
         }
         Ok(())
+    }
+
+    /// Whether `entry` is what this node has in force already (read from memory:
+    /// at start every entry of the catalogue comes through the watch once).
+    fn in_force(&self, entry: &ProductEntry) -> bool {
+        let id = &entry.product.id;
+        let Some(route) = self.registry.get(id) else { return false };
+        let terms = entry.terms.clone().unwrap_or_else(|| crate::domain::terms::Terms::of(&entry.product));
+        route.info == entry.product
+            && route.terms.get().terms == terms
+            && route.shelf.get() == entry.shelf
+            && route.shelf.since_ms() == entry.shelf_since_ms
+            && self.points_prices.get(id).map(|p| *p) == entry.points_price
+            && self.key_mode(id) == entry.key_mode
+            && entry
+                .deals
+                .iter()
+                .all(|d| self.deals.get(&(d.product_id.clone(), d.deal_id.clone())).is_some_and(|known| *known == *d))
     }
 }

@@ -8,7 +8,8 @@ impl Kami {
     pub async fn snapshot_all(&self) -> Result<usize, Error> {
         let mut shards = 0;
         for route in self.registry.all().values() {
-            for s in &route.shards {
+            // (A cluster node snapshots the shards it serves; the others' nodes theirs.)
+            for s in route.shards.iter().filter(|s| s.place.is_here()) {
                 match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::TakeSnapshot)).await {
                     Ok(Ok(r)) => r?,
                     Ok(Err(_)) => return Err(Error::Unavailable("a stock actor stopped".into())),

@@ -77,9 +77,11 @@ impl Nats {
             text.push_str(&format!("max_payload: {max}\n"));
         }
         if self.ports.len() > 1 {
+            // `no_advertise`: clients reach the servers only at the addresses they
+            // were given (a `Relay` in front of them stays the only way in).
             let routes: Vec<String> = self.route_ports.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect();
             text.push_str(&format!(
-                "cluster {{ name: kami, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                "cluster {{ name: kami, listen: 127.0.0.1:{}, routes: [{}], no_advertise: true }}\n",
                 self.route_ports[i],
                 routes.join(", ")
             ));
@@ -139,5 +141,64 @@ impl Drop for Nats {
         for i in 0..self.children.len() {
             self.kill(i);
         }
+    }
+}
+
+/// A TCP relay in front of one nats-server that a test can cut (every connection
+/// through it closed, new ones refused) and heal: a network partition between one
+/// client and the servers, on loopback.
+pub struct Relay {
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    pub fn to(target: u16) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, c) = (open.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !o.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let mut kept = c.lock().unwrap();
+                for s in [&client, &server] {
+                    kept.extend(s.try_clone().ok());
+                }
+                drop(kept);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, open, conns }
+    }
+
+    /// Closes every connection through the relay and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn heal(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
