@@ -251,6 +251,8 @@ pub struct Kami {
     pay_calls: tokio::sync::Semaphore,
     /// Set while a backup is written: one at a time.
     backup_running: Arc<std::sync::atomic::AtomicBool>,
+    /// This node's place in a cluster (`cluster.node`), once it joined.
+    cluster: std::sync::OnceLock<Arc<cluster::ClusterNode>>,
 }
 
 /// Most pay-link calls to gateways at once; more wait (within the request timeout).
@@ -328,6 +330,7 @@ impl Kami {
             catalogue,
             pay_calls: tokio::sync::Semaphore::new(MAX_PAY_CALLS),
             backup_running: Default::default(),
+            cluster: Default::default(),
         }
     }
 

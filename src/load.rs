@@ -143,7 +143,8 @@ const STEPS: [&str; 3] = ["create order", "notify", "read order"];
 
 struct Shared {
     http: reqwest::Client,
-    url: String,
+    /// The server, or a cluster's nodes (each buyer's purchase through one, in turn).
+    urls: Vec<String>,
     product: String,
     channel: String,
     secret: String,
@@ -215,7 +216,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
                     .map_err(|_| LoadError::Setup("the API key is not a valid header value".into()))?;
                 headers.insert("x-api-key", value);
             }
-            (url.trim_end_matches('/').to_string(), admin_token.clone(), channel.clone(), secret.clone(), url.clone())
+            (url.clone(), admin_token.clone(), channel.clone(), secret.clone(), url.clone())
         }
         Target::Embedded { arbiters, profile, file } => {
             let dir = tempfile::tempdir().map_err(|e| LoadError::Start(e.to_string()))?;
@@ -235,6 +236,10 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| LoadError::Setup(e.to_string()))?;
+    // `--url a,b,c`: a cluster's nodes; the product is made and audited through the first.
+    let urls: Vec<String> =
+        url.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty()).collect();
+    let url = urls.first().cloned().ok_or_else(|| LoadError::Setup("no --url given".into()))?;
     let product = format!("load-{:08x}", rand::random::<u32>());
     setup(&http, &url, &admin, &product, config.keys, config.shards).await?;
     if config.mode == Mode::Group {
@@ -249,7 +254,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
 
     let shared = Arc::new(Shared {
         http: http.clone(),
-        url: url.clone(),
+        urls: urls.clone(),
         product: product.clone(),
         channel,
         secret,
@@ -397,15 +402,22 @@ async fn setup(
     }
     let all: Vec<String> = (0..keys).map(|i| format!("{product}-KEY-{i:09}")).collect();
     for chunk in all.chunks(50_000) {
-        let r = http
-            .post(format!("{url}/api/v1/products/{product}/keys"))
-            .bearer_auth(admin)
-            .json(&json!({"keys": chunk}))
-            .send()
-            .await
-            .map_err(|e| LoadError::Setup(format!("importing keys: {e}")))?;
-        if r.status() != 200 {
-            return Err(LoadError::Setup(format!("importing keys: {}", r.text().await.unwrap_or_default())));
+        // Again after a 503 for up to 30 s (a cluster's shards just placed are still
+        // being rebuilt; keys already in are counted as duplicates).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = http
+                .post(format!("{url}/api/v1/products/{product}/keys"))
+                .bearer_auth(admin)
+                .json(&json!({"keys": chunk}))
+                .send()
+                .await
+                .map_err(|e| LoadError::Setup(format!("importing keys: {e}")))?;
+            match r.status().as_u16() {
+                200 => break,
+                503 if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => return Err(LoadError::Setup(format!("importing keys: {}", r.text().await.unwrap_or_default()))),
+            }
         }
     }
     Ok(())
@@ -494,6 +506,7 @@ fn record(out: &mut WorkerResult, step: usize, since: Instant) {
 /// key read back).
 async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
     let buyer = format!("{}-buyer-{i}", s.product);
+    let url = &s.urls[(i % s.urls.len() as u64) as usize];
     let (path, body) = match s.mode {
         Mode::Group => {
             ("groups", json!({"product_id": s.product, "deal_id": "load", "buyer": buyer, "join_open": true}))
@@ -504,8 +517,7 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
     let order = loop {
         attempts += 1;
         let t = Instant::now();
-        let Some((status, answer)) = call(s.http.post(format!("{}/api/v1/{path}", s.url)).json(&body), out).await
-        else {
+        let Some((status, answer)) = call(s.http.post(format!("{url}/api/v1/{path}")).json(&body), out).await else {
             return false;
         };
         match status {
@@ -542,8 +554,8 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
     let note = serde_json::to_vec(&note).expect("json");
     let sig = crate::domain::signature::sign(s.secret.as_bytes(), &note);
     let t = Instant::now();
-    let url = format!("{}/api/v1/payments/{}/notify", s.url, s.channel);
-    match call(s.http.post(url).header("X-Signature", sig).body(note), out).await {
+    let notify = format!("{url}/api/v1/payments/{}/notify", s.channel);
+    match call(s.http.post(notify).header("X-Signature", sig).body(note), out).await {
         Some((200, _)) => record(out, 1, t),
         _ => return false,
     }
@@ -552,7 +564,7 @@ async fn buy(s: &Shared, i: u64, out: &mut WorkerResult) -> bool {
         return true;
     }
     let t = Instant::now();
-    let read = s.http.get(format!("{}/api/v1/orders/{id}", s.url)).header("X-Order-Token", token);
+    let read = s.http.get(format!("{url}/api/v1/orders/{id}")).header("X-Order-Token", token);
     let Some((200, got)) = call(read, out).await else {
         // Paid, so sold, but the key was not read (refused, say, by a rate limit).
         out.paid_unread += 1;

@@ -120,8 +120,10 @@ enum Command {
     /// paying it with a signed notification and reading the key. Prints throughput,
     /// latency per step and a verdict checked against the audit (exit 1 if it fails).
     Load {
-        /// A running kami (needs --admin-token and --secret); default: start one
-        /// embedded in a temporary directory.
+        /// A running kami (needs --admin-token and --secret), or a cluster's nodes
+        /// comma-separated (each buyer through one, in turn; the product is made and
+        /// audited through the first); default: start one embedded in a temporary
+        /// directory.
         #[arg(long)]
         url: Option<String>,
         #[arg(long, env = "KAMI_ADMIN__TOKEN", default_value = "")]

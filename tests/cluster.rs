@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::nats::{free_port, nats_or_skip, Nats, Relay};
-use common::{reply, Api, Server};
+use common::{assert_audit_ok, reply, Api, Server};
 
 /// A node's environment: the stream of `nats` (through `urls`), its name and
 /// fixed address.
@@ -156,6 +156,17 @@ async fn import_all(api: &Api, keys: &[String]) {
     }
 }
 
+/// The live audit, asked of `api`, covers every shard wherever it is served: it
+/// passes, and counts as sold at least every acknowledged payment and at most
+/// every acknowledged order.
+async fn audit_counts(api: &Api, bought: &[Bought]) {
+    let audit = api.audit().await;
+    assert_audit_ok(&audit);
+    let sold = audit.body["products"][0]["sold"].as_u64().unwrap();
+    let paid = bought.iter().filter(|b| b.paid).count() as u64;
+    assert!((paid..=bought.len() as u64).contains(&sold), "{sold} sold, {paid} paid of {}", bought.len());
+}
+
 /// The shard an order id names (`hot.2.17` → `stock.hot.2`).
 fn shard_of(order_id: &str) -> String {
     let mut parts = order_id.rsplitn(2, '.');
@@ -192,8 +203,9 @@ async fn a_sale_across_three_nodes_goes_on_when_one_is_killed_and_every_acknowle
         bought.push(try_buy(&api, &format!("b{i}@example.com")).await.expect("all nodes up: acknowledged"));
     }
     assert!(bought.iter().all(|b| b.paid));
-    // Any node reads any order (forwarded to its shard's owner).
+    // Any node reads any order (forwarded to its shard's owner), and audits them all.
     serves_everything(&cluster.api(2), &bought).await;
+    audit_counts(&cluster.api(0), &bought).await;
     let served_by: HashSet<String> = {
         let mut by = HashSet::new();
         for b in &bought[..12] {
@@ -248,6 +260,7 @@ async fn a_sale_across_three_nodes_goes_on_when_one_is_killed_and_every_acknowle
     assert!(after.values().all(|n| *n != victim_name), "{after:?}");
     for s in cluster.live() {
         serves_everything(&cluster.api(s), &bought).await;
+        audit_counts(&cluster.api(s), &bought).await;
     }
     let delivered = bought.iter().filter(|b| b.paid).count();
     assert!((100..=300).contains(&delivered), "{delivered} delivered");
@@ -390,4 +403,5 @@ async fn a_node_cut_off_from_the_stream_acknowledges_nothing_the_stream_does_not
         i += 1;
     }
     serves_everything(&cluster.api(cut), &bought).await;
+    audit_counts(&cluster.api(cut), &bought).await;
 }

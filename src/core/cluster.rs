@@ -27,8 +27,11 @@ use crate::actors::shard;
 use crate::cluster::catalogue::{Catalogue, Change, ProductEntry};
 use crate::cluster::lease::Leases;
 use crate::cluster::node::{Node, NodeOptions, Owned};
-use crate::domain::ShardId;
+use crate::domain::{ShardAudit, ShardId};
 use crate::storage::jetstream::JetStream;
+
+/// Most bytes of one node's shard audits (16 bytes per key and per payment).
+const MAX_AUDIT_BYTES: u64 = 1 << 30;
 
 /// Most node addresses remembered (the cluster's nodes; a cluster is a handful).
 pub const MAX_NODES: usize = 256;
@@ -147,6 +150,7 @@ impl ClusterNode {
             known: std::sync::Mutex::new(HashMap::new()),
             http,
         });
+        let _ = core.cluster.set(me.clone());
         tokio::spawn(me.clone().follow(core));
         tracing::info!(node = %settings.node, advertise = %settings.advertise, ttl_ms = settings.lease_ttl_ms, "joined the cluster");
         Ok(me)
@@ -359,5 +363,132 @@ impl Kami {
                 .deals
                 .iter()
                 .all(|d| self.deals.get(&(d.product_id.clone(), d.deal_id.clone())).is_some_and(|known| *known == *d))
+    }
+}
+
+/// A shard's audit as one node sends it to another (every field: the product-wide
+/// checks need the transfers, payments and key digests the JSON view leaves out).
+/// Key digests compare across nodes because every node runs the same build.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct AuditWire {
+    imported: u64,
+    available: u64,
+    reserved: u64,
+    sold: u64,
+    withdrawn: u64,
+    orders: std::collections::BTreeMap<crate::domain::OrderStatus, u64>,
+    violations: Vec<String>,
+    shard: u16,
+    unsettled: Vec<(u64, u16, u64)>,
+    received: BTreeSet<(u16, u64)>,
+    redeemed: u64,
+    coupon_delivered: std::collections::BTreeMap<String, u64>,
+    archived_orders: u64,
+    live_orders: u64,
+    payment_ids: Vec<u128>,
+    key_digests: Vec<u128>,
+}
+
+impl From<ShardAudit> for AuditWire {
+    fn from(a: ShardAudit) -> AuditWire {
+        AuditWire {
+            imported: a.imported,
+            available: a.available,
+            reserved: a.reserved,
+            sold: a.sold,
+            withdrawn: a.withdrawn,
+            orders: a.orders,
+            violations: a.violations,
+            shard: a.shard,
+            unsettled: a.unsettled,
+            received: a.received,
+            redeemed: a.redeemed,
+            coupon_delivered: a.coupon_delivered,
+            archived_orders: a.archived_orders,
+            live_orders: a.live_orders,
+            payment_ids: a.payment_ids,
+            key_digests: a.key_digests,
+        }
+    }
+}
+
+impl From<AuditWire> for ShardAudit {
+    fn from(a: AuditWire) -> ShardAudit {
+        ShardAudit {
+            imported: a.imported,
+            available: a.available,
+            reserved: a.reserved,
+            sold: a.sold,
+            withdrawn: a.withdrawn,
+            orders: a.orders,
+            violations: a.violations,
+            shard: a.shard,
+            unsettled: a.unsettled,
+            received: a.received,
+            redeemed: a.redeemed,
+            coupon_delivered: a.coupon_delivered,
+            archived_orders: a.archived_orders,
+            live_orders: a.live_orders,
+            payment_ids: a.payment_ids,
+            key_digests: a.key_digests,
+        }
+    }
+}
+
+/// The encoding of a node's shard audits (`GET /api/v1/cluster/audit/{product}`).
+pub fn encode_audits(audits: Vec<ShardAudit>) -> Vec<u8> {
+    let wire: Vec<AuditWire> = audits.into_iter().map(AuditWire::from).collect();
+    bincode::serialize(&wire).expect("audits serialise")
+}
+
+impl ClusterNode {
+    /// The audits of `product`'s shards `wanted` from the nodes serving them (one
+    /// call per node), by shard index. A shard no node serves now, or whose node
+    /// does not answer, fails the whole audit (it cannot be exact without it).
+    pub async fn gather_audits(&self, product: &str, wanted: &[u16]) -> Result<Vec<ShardAudit>, super::Error> {
+        let mut by_node: HashMap<String, (String, Vec<u16>)> = HashMap::new();
+        for &i in wanted {
+            let shard = ShardId::new(product, i);
+            match self.owner(&shard).await.map_err(super::Error::Unavailable)? {
+                Some((node, address)) if node != self.name => {
+                    by_node.entry(node).or_insert((address, Vec::new())).1.push(i)
+                }
+                _ => return Err(super::Error::NoOwner(shard)),
+            }
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        for (node, (address, shards)) in by_node {
+            let url = format!("{address}/api/v1/cluster/audit/{product}");
+            let answer = self
+                .http
+                .get(url)
+                .header("x-kami-forwarded", self.forward_token.as_str())
+                .send()
+                .await
+                .map_err(|e| super::Error::Unavailable(format!("node {node} did not answer the audit: {e}")))?;
+            if !answer.status().is_success() {
+                return Err(super::Error::Unavailable(format!("node {node} answered the audit {}", answer.status())));
+            }
+            let bytes =
+                answer.bytes().await.map_err(|e| super::Error::Unavailable(format!("node {node}'s audit: {e}")))?;
+            let wire: Vec<AuditWire> = {
+                use bincode::Options;
+                bincode::DefaultOptions::new()
+                    .with_fixint_encoding()
+                    .allow_trailing_bytes()
+                    .with_limit(MAX_AUDIT_BYTES)
+                    .deserialize(&bytes)
+                    .map_err(|e| super::Error::Unavailable(format!("node {node}'s audit does not decode: {e}")))?
+            };
+            for a in wire.into_iter().map(ShardAudit::from) {
+                if shards.contains(&a.shard) {
+                    out.push(a);
+                }
+            }
+        }
+        if out.len() != wanted.len() {
+            return Err(super::Error::Unavailable(format!("shards of {product} moved during the audit; try again")));
+        }
+        Ok(out)
     }
 }

@@ -370,19 +370,45 @@ impl Kami {
         auditor.coupons_before(&self.audit_coupons().await?);
         for id in ids {
             let route = &routes[id];
-            let mut audits = Vec::with_capacity(route.shards.len());
-            for (i, s) in route.shards.iter().enumerate() {
-                // The audit is not admission-controlled: it must work under overload.
-                let a: ShardAudit =
-                    match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::Audit)).await {
-                        Ok(Ok(r)) => r?,
-                        _ => return Err(Error::Unavailable(format!("shard {i} of {id} did not answer the audit"))),
-                    };
-                audits.push(a);
+            let mut audits = self.audit_here(route).await?;
+            // A cluster node asks the nodes serving the others.
+            let away: Vec<u16> =
+                route.shards.iter().filter(|s| !s.place.is_here()).map(|s| s.place.shard.shard).collect();
+            if !away.is_empty() {
+                let cluster = self
+                    .cluster
+                    .get()
+                    .ok_or_else(|| Error::Elsewhere(crate::domain::ShardId::new(id.as_str(), away[0])))?;
+                audits.extend(cluster.gather_audits(id, &away).await?);
+                audits.sort_by_key(|a| a.shard);
             }
             auditor.add_product(id, audits, true);
         }
         auditor.add_coupons(self.audit_coupons().await?);
         Ok(auditor.finish(points))
+    }
+
+    /// The audits of `route`'s shards served here (all of them on one server).
+    pub(crate) async fn audit_here(&self, route: &crate::actors::ProductRoute) -> Result<Vec<ShardAudit>, Error> {
+        let mut audits = Vec::with_capacity(route.shards.len());
+        for (i, s) in route.shards.iter().enumerate().filter(|(_, s)| s.place.is_here()) {
+            // The audit is not admission-controlled: it must work under overload.
+            let a: ShardAudit = match tokio::time::timeout(self.limits.request_timeout, s.addr.send(shard::Audit)).await
+            {
+                Ok(Ok(r)) => r?,
+                _ => {
+                    return Err(Error::Unavailable(format!("shard {i} of {} did not answer the audit", route.info.id)))
+                }
+            };
+            audits.push(a);
+        }
+        Ok(audits)
+    }
+
+    /// For another cluster node's audit: the audits of `product`'s shards served
+    /// here, encoded ([`cluster::encode_audits`]).
+    pub async fn audit_for_node(&self, product: &str) -> Result<Vec<u8>, Error> {
+        let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
+        Ok(super::cluster::encode_audits(self.audit_here(&route).await?))
     }
 }

@@ -1012,3 +1012,19 @@ pub async fn pay(
     };
     Ok(Json(json!({"order_id": order_id, "channel": link.channel, "kind": link.kind.as_str(), field: value})))
 }
+
+/// `GET /api/v1/cluster/audit/{product}`: for another node of the cluster (its
+/// forwarding token in `X-Kami-Forwarded`), the audits of the product's shards this
+/// node serves, encoded for that node (`core::cluster::AuditWire`).
+pub async fn cluster_audit(
+    State(st): State<AppState>,
+    Path(product): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if !super::forward::forwarded(&st, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let core = st.core()?;
+    let bytes = core.audit_for_node(&product).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}

@@ -286,6 +286,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/webhooks/{name}/deliveries", get(webhooks::deliveries))
         .route("/api/v1/admin/webhooks/{name}/redeliver", post(webhooks::redeliver))
         .route("/api/v1/admin/audit", get(api::audit))
+        .route("/api/v1/cluster/audit/{product}", get(api::cluster_audit))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/backup", post(api::backup))
         .route("/api/v1/admin/reconcile", post(api::reconcile))
