@@ -6,7 +6,8 @@
 # stays (run it again to start on it, delete the directory to start afresh).
 #
 #   bash scripts/cluster.sh
-#   kami load --url http://127.0.0.1:8081 ...   (any node takes any request)
+#   kami load --url http://127.0.0.1:8081,http://127.0.0.1:8082,http://127.0.0.1:8083 \
+#             --admin-token cluster-admin-token --secret cluster-sandbox-secret
 #
 # Kill one node (kill -9 of its pid, printed below) and watch the others take its
 # shards over within the lease's 3 s: GET /status.json on any node shows what it serves.
@@ -16,7 +17,10 @@ command -v nats-server >/dev/null || { echo "cluster.sh: needs nats-server (apt-
 dir="${KAMI_CLUSTER_DIR:-./cluster-data}"
 mkdir -p "$dir"
 cargo build --release --quiet
+# Every node has the same admin token and payment channel secrets: a request or a
+# gateway's notification may reach any node and be checked again on its shard's.
 token="${KAMI_ADMIN__TOKEN:-cluster-admin-token}"
+sandbox="${KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET:-cluster-sandbox-secret}"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null' EXIT INT TERM
 
@@ -42,9 +46,10 @@ for i in 1 2 3; do
     KAMI_CLUSTER__NODE="node$i" \
     KAMI_CLUSTER__ADVERTISE="http://127.0.0.1:808$i" \
     KAMI_ADMIN__TOKEN="$token" \
+    KAMI_PAYMENTS__CHANNELS__SANDBOX__SECRET="$sandbox" \
         ./target/release/kami > "$dir/kami-$i.log" 2>&1 &
     pids+=($!)
     echo "node$i: http://127.0.0.1:808$i (pid $!, log $dir/kami-$i.log)"
 done
-echo "admin token: $token   stop: Ctrl-C"
+echo "admin token: $token   sandbox secret: $sandbox   stop: Ctrl-C"
 wait
