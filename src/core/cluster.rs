@@ -366,11 +366,35 @@ impl Kami {
     }
 }
 
-/// A shard's audit as one node sends it to another (every field: the product-wide
-/// checks need the transfers, payments and key digests the JSON view leaves out).
-/// Key digests compare across nodes because every node runs the same build.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct AuditWire {
+/// Declares [`AuditWire`] with `fields` and its conversions from and to
+/// [`ShardAudit`]: one list, so a field added to the audit and not here fails to
+/// compile (the conversion back misses it).
+macro_rules! audit_wire {
+    ($($field:ident: $ty:ty),* $(,)?) => {
+        /// A shard's audit as one node sends it to another (every field: the
+        /// product-wide checks need the transfers, payments and key digests the JSON
+        /// view leaves out). Key digests compare across nodes because every node runs
+        /// the same build.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        pub struct AuditWire {
+            $($field: $ty),*
+        }
+
+        impl From<ShardAudit> for AuditWire {
+            fn from(a: ShardAudit) -> AuditWire {
+                AuditWire { $($field: a.$field),* }
+            }
+        }
+
+        impl From<AuditWire> for ShardAudit {
+            fn from(a: AuditWire) -> ShardAudit {
+                ShardAudit { $($field: a.$field),* }
+            }
+        }
+    };
+}
+
+audit_wire! {
     imported: u64,
     available: u64,
     reserved: u64,
@@ -387,52 +411,6 @@ pub struct AuditWire {
     live_orders: u64,
     payment_ids: Vec<u128>,
     key_digests: Vec<u128>,
-}
-
-impl From<ShardAudit> for AuditWire {
-    fn from(a: ShardAudit) -> AuditWire {
-        AuditWire {
-            imported: a.imported,
-            available: a.available,
-            reserved: a.reserved,
-            sold: a.sold,
-            withdrawn: a.withdrawn,
-            orders: a.orders,
-            violations: a.violations,
-            shard: a.shard,
-            unsettled: a.unsettled,
-            received: a.received,
-            redeemed: a.redeemed,
-            coupon_delivered: a.coupon_delivered,
-            archived_orders: a.archived_orders,
-            live_orders: a.live_orders,
-            payment_ids: a.payment_ids,
-            key_digests: a.key_digests,
-        }
-    }
-}
-
-impl From<AuditWire> for ShardAudit {
-    fn from(a: AuditWire) -> ShardAudit {
-        ShardAudit {
-            imported: a.imported,
-            available: a.available,
-            reserved: a.reserved,
-            sold: a.sold,
-            withdrawn: a.withdrawn,
-            orders: a.orders,
-            violations: a.violations,
-            shard: a.shard,
-            unsettled: a.unsettled,
-            received: a.received,
-            redeemed: a.redeemed,
-            coupon_delivered: a.coupon_delivered,
-            archived_orders: a.archived_orders,
-            live_orders: a.live_orders,
-            payment_ids: a.payment_ids,
-            key_digests: a.key_digests,
-        }
-    }
 }
 
 /// The encoding of a node's shard audits (`GET /api/v1/cluster/audit/{product}`).
