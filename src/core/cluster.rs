@@ -300,21 +300,15 @@ impl Kami {
             // This node's own change coming back, or one it already took.
             return Ok(());
         }
-        let storage = self.storage.clone();
-        let taken = entry.clone();
-        let same = tokio::task::spawn_blocking(move || -> Result<bool, crate::storage::StorageError> {
-            if super::catalogue::entry_of(&storage, &taken.product.id)?.as_ref() == Some(&taken) {
-                return Ok(true);
-            }
+        // Written whole (import overwrites what the directory held of it): a restart
+        // has it.
+        let (storage, taken) = (self.storage.clone(), entry.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), crate::storage::StorageError> {
             super::catalogue::import(&storage, &taken)?;
-            storage.flush_now()?;
-            Ok(false)
+            storage.flush_now()
         })
         .await
         .map_err(|e| super::Error::Unavailable(e.to_string()))??;
-        if same && self.registry.get(&id).is_some() {
-            return Ok(());
-        }
         match entry.points_price {
             Some(p) => self.points_prices.insert(id.clone(), p),
             None => self.points_prices.remove(&id).map(|(_, p)| p),

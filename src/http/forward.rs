@@ -85,25 +85,19 @@ pub async fn forward(
     st: &AppState,
 ) -> Response {
     if forwarded(st, &replay.headers) {
-        // Sent here by another node, and the shard moved meanwhile.
+        // Sent here by another node, and the shard moved meanwhile (a 409 is this
+        // node's own answer to give back: the first node asks the others).
         return match shards.first() {
-            Some(_) if first.status() == StatusCode::CONFLICT => first,
-            Some(shard) => ApiError::from(Error::NoOwner(shard.clone())).into_response(),
-            None => first,
+            Some(shard) if first.status() != StatusCode::CONFLICT => {
+                ApiError::from(Error::NoOwner(shard.clone())).into_response()
+            }
+            _ => first,
         };
     }
     let (mut last, mut unknown) = (first, None);
     let mut asked = std::collections::HashSet::new();
     for shard in shards {
-        let owner = match cluster.owner(shard).await {
-            Ok(Some((node, _))) if node == cluster.name => Err(ApiError::from(Error::NoOwner(shard.clone()))),
-            Ok(Some(owner)) => Ok(owner),
-            Ok(None) => Err(ApiError::from(Error::NoOwner(shard.clone()))),
-            Err(e) => {
-                tracing::warn!(shard = %shard, error = %e, "cannot read who serves a shard");
-                Err(ApiError::from(Error::Unavailable(format!("cannot find the node serving shard {shard}: {e}"))))
-            }
-        };
+        let owner = owner_of(cluster, shard).await;
         let answer = match owner {
             Ok((node, _)) if !asked.insert(node.clone()) => continue,
             Ok((node, address)) => send(cluster, shard, &replay, &node, &address).await,
@@ -116,6 +110,20 @@ pub async fn forward(
         }
     }
     unknown.unwrap_or(last)
+}
+
+/// The node serving `shard` and its address; 503 `shard_moving` when none (or
+/// this one, whose actor is not rebuilt yet) serves it.
+async fn owner_of(cluster: &ClusterNode, shard: &ShardId) -> Result<(String, String), ApiError> {
+    match cluster.owner(shard).await {
+        Ok(Some((node, _))) if node == cluster.name => Err(Error::NoOwner(shard.clone()).into()),
+        Ok(Some(owner)) => Ok(owner),
+        Ok(None) => Err(Error::NoOwner(shard.clone()).into()),
+        Err(e) => {
+            tracing::warn!(shard = %shard, error = %e, "cannot read who serves a shard");
+            Err(Error::Unavailable(format!("cannot find the node serving shard {shard}: {e}")).into())
+        }
+    }
 }
 
 /// `replay` sent to `node` at `address` (or a 307 there), its answer given back.
@@ -180,12 +188,7 @@ pub async fn send_part(
     headers: &HeaderMap,
     body: serde_json::Value,
 ) -> Result<serde_json::Value, ApiError> {
-    let (node, address) = match cluster.owner(shard).await {
-        Ok(Some((node, _))) if node == cluster.name => return Err(Error::NoOwner(shard.clone()).into()),
-        Ok(Some(owner)) => owner,
-        Ok(None) => return Err(Error::NoOwner(shard.clone()).into()),
-        Err(e) => return Err(Error::Unavailable(format!("cannot find the node serving shard {shard}: {e}")).into()),
-    };
+    let (node, address) = owner_of(cluster, shard).await?;
     let mut request = cluster.http.post(format!("{address}{path}")).json(&body);
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         request = request.header(header::AUTHORIZATION, auth);

@@ -96,7 +96,9 @@ impl Front {
             {
                 let route = response.extensions().get::<MatchedPath>().cloned();
                 let sent = super::forward::forward(cluster, &shards, replay, response, &self.state);
-                response = match tokio::time::timeout(self.timeout, sent).await {
+                // Within what is left of the request's time, not a second timeout.
+                let left = self.timeout.saturating_sub(started.elapsed());
+                response = match tokio::time::timeout(left, sent).await {
                     Ok(answer) => answer,
                     Err(_) => ApiError::from(crate::error::Error::Timeout).into_response(),
                 };
