@@ -543,12 +543,20 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
                     "replicas": settings.storage.jetstream.replicas,
                     "node": settings.cluster.node,
                 });
+                // Ready once joined, connected and a member (set after the join).
+                let joined = Arc::new(std::sync::OnceLock::<Arc<crate::core::cluster::ClusterNode>>::new());
+                let member = joined.clone();
                 let check = Box::new(move || {
-                    (client.connection_state() != async_nats::connection::State::Connected)
-                        .then(|| "not connected to the JetStream servers".to_string())
+                    if client.connection_state() != async_nats::connection::State::Connected {
+                        return Some("not connected to the JetStream servers".to_string());
+                    }
+                    match member.get() {
+                        None => Some("joining the cluster".to_string()),
+                        Some(node) => node.not_member(),
+                    }
                 });
                 state.set_serving(http::Serving { describe, check });
-                cluster_js = Some(js.clone());
+                cluster_js = Some((js.clone(), joined));
             } else {
                 // One server writes a stream: a second one is refused here, and this one
                 // stops if it ever loses the lease (another server took the stream over).
@@ -748,7 +756,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let webhook_workers = crate::webhooks::spawn(core.clone());
     let mut background = vec![pruner, settler, webhook_workers];
     let mut cluster = None;
-    if let (Some(js), Some(shared)) = (cluster_js, shared_catalogue) {
+    if let (Some((js, joined)), Some(shared)) = (cluster_js, shared_catalogue) {
         // Forwarded requests carry a token only the cluster's nodes can make.
         let secret = core.storage().lookup_secret().map_err(|e| StartError::Recovery(format!("lookup secret: {e}")))?;
         let token = crate::domain::signature::buyer_token(&secret, "kami cluster forwarding");
@@ -762,6 +770,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         .await
         .map_err(|error| StartError::Storage { path: settings.storage.jetstream.urls.clone(), error })?;
         state.set_cluster(node.clone());
+        let _ = joined.set(node.clone());
         background.push(tokio::spawn(crate::core::cluster::ClusterNode::learn(core.clone(), shared)));
         cluster = Some(node);
     }

@@ -418,3 +418,105 @@ async fn a_node_cut_off_from_the_stream_acknowledges_nothing_the_stream_does_not
     serves_everything(&cluster.api(cut), &bought).await;
     audit_counts(&cluster.api(cut), &bought).await;
 }
+
+/// `/readyz` of `api`: its status and, on 503, the reason.
+async fn readiness(api: &Api) -> (u16, String) {
+    let r = reply(api.http.get(format!("{}/readyz", api.url))).await;
+    (r.status, r.body["error"]["message"].as_str().unwrap_or("").to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_goes_on_when_a_nats_server_is_killed_and_stops_acknowledging_without_a_quorum() {
+    let Some(bin) = nats_or_skip() else { return };
+    let _one = ONE_CLUSTER.lock().await;
+    let mut nats = Nats::start_n(bin, 3, None);
+    let stream = "KAMINATSKILL";
+    let cluster = Cluster::start(&nats, stream, 2).await;
+    assert_eq!(cluster.api(0).create_product("hot", 990, 0, 2).await.status, 201);
+    let shards = ["stock.hot.0", "stock.hot.1"];
+    cluster.placed(&shards).await;
+    let keys: Vec<String> = (0..400).map(|i| format!("HOT-{i:04}")).collect();
+    import_all(&cluster.api(1), &keys).await;
+    let mut bought = Vec::new();
+    for i in 0..20 {
+        bought.push(try_buy(&cluster.api(i % 2), &format!("b{i}@example.com")).await.expect("acknowledged"));
+    }
+
+    // kill -9 the stream's leader: the two others elect a new one and the sale goes on.
+    let leader = nats.settled(stream, &[0, 1, 2], true).await;
+    nats.kill(leader);
+    let killed = Instant::now();
+    let (mut i, mut after) = (20, 0);
+    while after < 30 {
+        match try_buy(&cluster.api(i % 2), &format!("b{i}@example.com")).await {
+            Some(b) => {
+                bought.push(b);
+                after += 1;
+            }
+            // Servers electing a leader: a buyer's client tries again a moment later.
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+        i += 1;
+        assert!(killed.elapsed() < Duration::from_secs(60), "no sale after server n{leader} died");
+    }
+    eprintln!("kill -9 of nats-server n{leader}: 30 purchases acknowledged {} ms later", killed.elapsed().as_millis());
+
+    // Restarted, it catches up; then another server dies and nothing acknowledged is
+    // lost (the restarted one now holds one of the two copies left).
+    nats.restart(leader);
+    nats.settled(stream, &[0, 1, 2], true).await;
+    let second = (leader + 1) % 3;
+    nats.kill(second);
+    for n in cluster.live() {
+        serves_everything(&cluster.api(n), &bought).await;
+    }
+
+    // One server of three left: no quorum. Neither node acknowledges a purchase, and
+    // each says on /readyz that it is not a member of the cluster now.
+    let third = (leader + 2) % 3;
+    nats.kill(third);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unready: HashSet<usize> = HashSet::new();
+    while unready.len() < 2 {
+        for n in cluster.live() {
+            let (status, why) = readiness(&cluster.api(n)).await;
+            if status == 503 && why.contains("member") {
+                unready.insert(n);
+            }
+        }
+        assert!(Instant::now() < deadline, "nodes never said they cannot serve: {unready:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in cluster.live() {
+        let refused = try_buy(&cluster.api(n), &format!("b{i}@example.com")).await;
+        assert!(refused.is_none(), "acknowledged without a quorum: {refused:?}");
+        i += 1;
+    }
+
+    // The servers back: both nodes are ready again, sell, and serve every purchase.
+    nats.restart(second);
+    nats.restart(third);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in cluster.live() {
+        while readiness(&cluster.api(n)).await.0 != 200 {
+            assert!(Instant::now() < deadline, "node {n} never ready again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    cluster.placed(&shards).await;
+    for n in cluster.live() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(b) = try_buy(&cluster.api(n), &format!("b{i}@example.com")).await {
+                bought.push(b);
+                break;
+            }
+            i += 1;
+            assert!(Instant::now() < deadline, "node {n} never sold again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        i += 1;
+    }
+    serves_everything(&cluster.api(0), &bought).await;
+    audit_counts(&cluster.api(1), &bought).await;
+}

@@ -228,36 +228,6 @@ async fn a_publish_never_acknowledged_fails_its_ticket_and_stops_the_journal_unt
     append(&log, next, &events(next..=next, "k")).await.unwrap();
 }
 
-/// The stream's Raft leader and whether every other replica is current, asked of
-/// the servers in `live`.
-async fn stream_cluster(nats: &Nats, live: &[usize]) -> Option<(usize, bool)> {
-    let urls: Vec<String> = live.iter().map(|&i| format!("nats://127.0.0.1:{}", nats.ports[i])).collect();
-    let client =
-        async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(urls).await.ok()?;
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream("KAMITEST").await.ok()?;
-    let info = stream.info().await.ok()?;
-    let cluster = info.cluster.as_ref()?;
-    let leader = cluster.leader.as_ref()?.strip_prefix('n')?.parse().ok()?;
-    let current = cluster.replicas.len() == 2 && cluster.replicas.iter().all(|p| p.current && !p.offline);
-    Some((leader, current))
-}
-
-/// Waits (up to a minute) until the stream has a leader among `live`, with every
-/// replica current when `all_current`.
-async fn settled(nats: &Nats, live: &[usize], all_current: bool) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((leader, current)) = stream_cluster(nats, live).await {
-            if live.contains(&leader) && (current || !all_current) {
-                return leader;
-            }
-        }
-        assert!(Instant::now() < deadline, "the stream never settled on servers {live:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Reopens `journal` until it accepts an append (a new stream leader may take a few
 /// seconds to be elected), as an actor's supervisor does after a failed journal.
 /// Returns the journal, the history it read back and the record it wrote; every
@@ -306,7 +276,7 @@ async fn with_three_servers_acknowledged_records_survive_losing_any_one_and_writ
 
     // kill -9 the stream's leader: the two others elect a new one and keep every
     // acknowledged record.
-    let leader = settled(&nats, &[0, 1, 2], true).await;
+    let leader = nats.settled("KAMITEST", &[0, 1, 2], true).await;
     nats.kill(leader);
     let live: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
     let (log, history, written) = reopen_and_write(&js, journal, "after-kill").await;
@@ -326,7 +296,7 @@ async fn with_three_servers_acknowledged_records_survive_losing_any_one_and_writ
     // The killed server comes back and catches up; then another one dies, and the
     // history is still whole (the restarted server now holds its share).
     nats.restart(leader);
-    settled(&nats, &[0, 1, 2], true).await;
+    nats.settled("KAMITEST", &[0, 1, 2], true).await;
     let other = live[0];
     nats.kill(other);
     let (_, history, _) = reopen_and_write(&js, journal, "after-second-kill").await;
@@ -1474,7 +1444,7 @@ mod servers {
         }
 
         // kill -9 the stream's leader: after the election, purchases go on.
-        let leader = settled(&nats, &[0, 1, 2], true).await;
+        let leader = nats.settled("KAMITEST", &[0, 1, 2], true).await;
         nats.kill(leader);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut paid_after = 0;
@@ -1499,7 +1469,7 @@ mod servers {
         // The server comes back and catches up; kami is killed and restarted: every
         // acknowledged purchase is there, no key went twice, the audit holds.
         nats.restart(leader);
-        settled(&nats, &[0, 1, 2], true).await;
+        nats.settled("KAMITEST", &[0, 1, 2], true).await;
         server.kill9();
         let server = start(&data, &env);
         serves_everything(&server.api(), &acknowledged).await;

@@ -37,16 +37,26 @@ pub const MAX_SHARDS: usize = 1 << 14;
 /// Lease calls (renewals, acquisitions) a node has in flight at once.
 pub const MAX_LEASE_CALLS: usize = 64;
 
-/// The shards a node may serve now, each until its lease ends.
+/// The shards a node may serve now, each until its lease ends, and until when it
+/// is a member of the cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Owned {
     pub shards: BTreeMap<String, Instant>,
+    /// The end of this node's membership lease (`None`: not a member: joining,
+    /// left, or its last renewal failed and the lease lapsed).
+    pub member_until: Option<Instant>,
 }
 
 impl Owned {
     /// Whether `shard` may be served at `now`.
     pub fn serves(&self, shard: &str, now: Instant) -> bool {
         self.shards.get(shard).is_some_and(|&until| now < until)
+    }
+
+    /// Whether this node is a member of the cluster at `now` (its membership lease
+    /// has not ended by its own clock).
+    pub fn member(&self, now: Instant) -> bool {
+        self.member_until.is_some_and(|until| now < until)
     }
 }
 
@@ -237,7 +247,10 @@ impl Loop {
             }
         }
 
-        let owned = Owned { shards: self.held.iter().map(|(s, l)| (s.clone(), l.valid_until())).collect() };
+        let owned = Owned {
+            shards: self.held.iter().map(|(s, l)| (s.clone(), l.valid_until())).collect(),
+            member_until: self.member.as_ref().map(Lease::valid_until),
+        };
         self.owned.send_if_modified(|o| {
             let changed = *o != owned;
             *o = owned;

@@ -219,8 +219,17 @@ impl ClusterNode {
         }
     }
 
-    /// What `/status.json` shows of the cluster: this node, and the shards it
-    /// serves now.
+    /// Why this node cannot serve now as a member of the cluster (`None`: it can).
+    /// A node that is not a member (its first pass has not run yet, or it cannot
+    /// renew its membership: cut off from the stream, or paused past its lease)
+    /// holds no shard and cannot tell where the others are.
+    pub fn not_member(&self) -> Option<String> {
+        (!self.owned.borrow().member(std::time::Instant::now()))
+            .then(|| "not a member of the cluster now (joining, or its membership lease lapsed)".to_string())
+    }
+
+    /// What `/status.json` shows of the cluster: this node, whether it is a member
+    /// now, and the shards it serves now.
     pub fn describe(&self) -> serde_json::Value {
         let owned = self.owned.borrow();
         let now = std::time::Instant::now();
@@ -229,6 +238,7 @@ impl ClusterNode {
             "node": self.name,
             "advertise": self.advertise,
             "redirect": self.redirect,
+            "member": owned.member(now),
             "shards_served": serving,
         })
     }

@@ -134,6 +134,37 @@ impl Nats {
     pub fn store(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("store-n{i}"))
     }
+
+    /// The Raft leader of `stream` and whether every other replica is current,
+    /// asked of the servers in `live`.
+    pub async fn stream_cluster(&self, stream: &str, live: &[usize]) -> Option<(usize, bool)> {
+        let urls: Vec<String> = live.iter().map(|&i| format!("nats://127.0.0.1:{}", self.ports[i])).collect();
+        let client =
+            async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(urls).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream(stream).await.ok()?;
+        let info = stream.info().await.ok()?;
+        let cluster = info.cluster.as_ref()?;
+        let leader = cluster.leader.as_ref()?.strip_prefix('n')?.parse().ok()?;
+        let current =
+            cluster.replicas.len() + 1 == self.ports.len() && cluster.replicas.iter().all(|p| p.current && !p.offline);
+        Some((leader, current))
+    }
+
+    /// Waits (up to a minute) until `stream` has a leader among `live`, with every
+    /// replica current when `all_current`; returns the leader.
+    pub async fn settled(&self, stream: &str, live: &[usize], all_current: bool) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((leader, current)) = self.stream_cluster(stream, live).await {
+                if live.contains(&leader) && (current || !all_current) {
+                    return leader;
+                }
+            }
+            assert!(Instant::now() < deadline, "{stream} never settled on servers {live:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for Nats {
