@@ -57,6 +57,7 @@ mod notify;
 mod operations;
 mod orders;
 mod redemption;
+mod remote;
 pub mod webhooks;
 
 pub use coupons::MAX_COUPONS_LISTED;

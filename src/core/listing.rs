@@ -69,7 +69,8 @@ impl Kami {
                 Some((s, id)) if shard == s => Some(id),
                 _ => None,
             };
-            let listed = self.call(handle, shard::ListKeys { state, after: from, limit: limit - keys.len() }).await?;
+            let listed =
+                self.shard_keys(handle, shard::ListKeys { state, after: from, limit: limit - keys.len() }).await?;
             let last = listed.keys.last().map(|(id, _)| *id);
             keys.extend(listed.keys.into_iter().map(|(_, k)| (shard, k)));
             if keys.len() == limit {
@@ -120,7 +121,7 @@ impl Kami {
                     }
                     let max_scan = budget.min(MAX_ORDERS_SCANNED_PER_TURN);
                     let msg = shard::ListOrders { after: seq, filter: query.filter.clone(), limit: want, max_scan };
-                    let listed = self.call(handle, msg).await?;
+                    let listed = self.shard_orders(handle, msg).await?;
                     budget -= listed.scanned as usize;
                     seq = listed.last_scanned.max(seq);
                     if let Some(last) = listed.orders.last() {

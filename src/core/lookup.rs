@@ -97,7 +97,7 @@ impl Kami {
                 after: after.clone(),
                 limit: limit + 1,
             };
-            self.call(handle, msg)
+            self.shard_lookup(handle, msg)
         });
         let mut found: Vec<(LookupPosition, OrderSnapshot)> = Vec::new();
         for answer in futures::future::join_all(calls).await {

@@ -79,7 +79,7 @@ pub fn buyer_digest(buyer: &str) -> [u8; 16] {
 /// Where an order stands in a lookup's answer: newest first (by creation time),
 /// then by product and shard, then by sequence, newest first. A page goes on after
 /// the last position it showed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LookupPosition {
     pub created_at_ms: Millis,
     pub product: String,

@@ -1028,3 +1028,22 @@ pub async fn cluster_audit(
     let bytes = core.audit_for_node(&product).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
+
+/// `POST /api/v1/cluster/shard/{product}/{shard}`: for another node of the cluster
+/// (its forwarding token), one read of a shard this node serves (a page of orders
+/// or keys, a buyer's orders), encoded as that node sent it (`core::remote`); 503
+/// `shard_elsewhere` if the shard is no longer served here.
+pub async fn cluster_shard_read(
+    State(st): State<AppState>,
+    Path((product, shard)): Path<(String, u16)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    if !super::forward::forwarded(&st, &headers) {
+        return Err(ApiError::unauthorized());
+    }
+    let core = st.core()?;
+    let read = extract::body(&headers, body, st.limits.max_body_bytes).await?;
+    let bytes = core.read_for_node(&product, shard, &read).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}

@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// An order as the shard reports it, key strings resolved.
-#[derive(Debug, Clone)]
+/// An order as the shard reports it, key strings resolved (serialised: a cluster
+/// node sends it to another, `core::remote`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OrderSnapshot {
     pub order: Order,
     pub product_id: String,
@@ -235,7 +236,7 @@ pub struct InjectPanic;
 
 /// The merchant's order listing: orders after sequence `after` that `filter` keeps,
 /// at most `limit`, looking at no more than `max_scan` orders (one short turn).
-#[derive(Message)]
+#[derive(Message, Clone, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<ListedOrders>")]
 pub struct ListOrders {
     pub after: u64,
@@ -244,6 +245,7 @@ pub struct ListOrders {
     pub max_scan: usize,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ListedOrders {
     pub orders: Vec<OrderSnapshot>,
     /// Orders looked at.
@@ -258,7 +260,7 @@ pub struct ListedOrders {
 /// is `password` opens (in memory and archived), in the lookup's order
 /// ([`LookupPosition`](crate::domain::lookup::LookupPosition)), after `after`, at
 /// most `limit`.
-#[derive(Message)]
+#[derive(Message, Clone, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Vec<OrderSnapshot>>")]
 pub struct LookupOrders {
     pub buyer: String,
@@ -276,7 +278,7 @@ pub struct OrderWithPassword {
 }
 
 /// The merchant's key listing: keys in `state` after key id `after`, at most `limit`.
-#[derive(Message)]
+#[derive(Message, Clone, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<ListedKeys>")]
 pub struct ListKeys {
     pub state: crate::domain::shard::KeyState,
@@ -284,6 +286,7 @@ pub struct ListKeys {
     pub limit: usize,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct ListedKeys {
     pub keys: Vec<(crate::domain::shard::KeyId, String)>,
     /// Whether no key in that state follows.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use super::{Event, KeyId, OrderStatus, Shard, MAX_KEYS_PER_EVENT};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyState {
     Available,
     Reserved,

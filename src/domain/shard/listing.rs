@@ -6,7 +6,7 @@ use crate::domain::pricing::OrderPricing;
 use crate::domain::Millis;
 
 /// What a merchant's order listing keeps (every field absent: everything).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrderFilter {
     pub status: Option<OrderStatus>,
     pub buyer: Option<String>,
