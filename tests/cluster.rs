@@ -180,12 +180,34 @@ async fn audit_counts(api: &Api, bought: &[Bought]) {
     assert!((paid..=bought.len() as u64).contains(&sold), "{sold} sold, {paid} paid of {}", bought.len());
 }
 
-/// Through node `asked`: the merchant's order listing and export and the sold-key
-/// listing hold every order of `bought` (all paid, one key each) wherever its shard
+/// Through node `asked`: the product's stock counts every shard; the merchant's
+/// order listing and export and the sold-key listing hold every order of `bought` (all paid, one key each) wherever its shard
 /// is served, and a buyer's lookup finds every order they placed through any node.
 async fn reads_cover_every_shard(cluster: &Cluster, asked: usize, bought: &[Bought]) {
     let api = cluster.api(asked);
     let want: HashSet<&str> = bought.iter().map(|b| b.order_id.as_str()).collect();
+
+    // The product's stock counts every shard: each node puts its shards' counters
+    // in the cluster's bucket once they change, a moment after they do.
+    let sold = bought.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let product = reply(api.admin(api.http.get(format!("{}/api/v1/admin/products/hot", api.url)))).await;
+        assert_eq!(product.status, 200, "{:?}", product.body);
+        let stock = &product.body["stock"];
+        let counts = ["imported", "available", "reserved", "sold"].map(|c| stock[c].as_u64().unwrap());
+        if counts == [300, 300 - sold, 0, sold] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stock view through {} never counted every shard: {stock}",
+            cluster.names[asked]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let public = reply(api.http.get(format!("{}/api/v1/products/hot", api.url))).await;
+    assert_eq!(public.body["available"].as_u64(), Some(300 - sold), "{:?}", public.body);
     let listed = reply(api.admin(api.http.get(format!("{}/api/v1/admin/orders?product=hot&limit=500", api.url)))).await;
     assert_eq!(listed.status, 200, "{:?}", listed.body);
     let ids: HashSet<&str> =

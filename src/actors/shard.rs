@@ -87,6 +87,17 @@ impl ShardGauge {
     pub fn get(&self) -> Counts {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).1
     }
+
+    /// The counters with the journal sequence they are as of.
+    pub fn read(&self) -> (u64, Counts) {
+        *self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters of the shard as its node published them (a cluster node, for a
+    /// shard served elsewhere): taken unless older than what is held.
+    pub fn learn(&self, seq: u64, counts: Counts) {
+        self.publish(seq, counts);
+    }
 }
 
 mod messages;

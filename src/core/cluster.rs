@@ -13,8 +13,15 @@
 //!   change made elsewhere (terms, shelf, points price, group deals) takes effect.
 //! - [`ClusterNode::owner`] answers which node serves a shard and at which address,
 //!   for the HTTP front, which forwards a request there (or answers 307).
+//! - Stock counters: each node puts the durable counters of the shards it serves in
+//!   the `{stream}_GAUGES` bucket when they change (at most every
+//!   [`GAUGE_EVERY`]), and every node takes the others' into its shards' gauges,
+//!   so a product's stock view, the catalogue's `available`, the status page and
+//!   the stock webhooks count every shard wherever it is served (a shard served
+//!   elsewhere as of its node's last put: a second or two behind).
 //!
-//! Limits: the nodes whose addresses are remembered ([`MAX_NODES`]).
+//! Limits: the nodes whose addresses are remembered ([`MAX_NODES`]); counters put
+//! at once ([`MAX_GAUGE_CALLS`]) and one entry's bytes ([`MAX_GAUGE_BYTES`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,6 +34,7 @@ use crate::actors::shard;
 use crate::cluster::catalogue::{Catalogue, Change, ProductEntry};
 use crate::cluster::lease::Leases;
 use crate::cluster::node::{Node, NodeOptions, Owned};
+use crate::domain::shard::Counts;
 use crate::domain::{ShardAudit, ShardId};
 use crate::storage::jetstream::JetStream;
 
@@ -42,6 +50,12 @@ const ADDRESS_TTL: Duration = Duration::from_secs(30);
 const JOIN_PATIENCE: Duration = Duration::from_secs(30);
 /// How often the loop is told of products added here (besides every pass).
 const SHARDS_CHECK: Duration = Duration::from_millis(200);
+/// How often a node puts the changed counters of the shards it serves.
+pub const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// Counters put at once.
+pub const MAX_GAUGE_CALLS: usize = 64;
+/// Most bytes of one shard's counters entry (a sequence and eight counters).
+pub const MAX_GAUGE_BYTES: u64 = 256;
 
 /// This node's place in the cluster.
 pub struct ClusterNode {
@@ -58,6 +72,8 @@ pub struct ClusterNode {
     owned: tokio::sync::watch::Receiver<Owned>,
     owners: Leases,
     addresses: async_nats::jetstream::kv::Store,
+    /// Each shard's durable counters, put by the node serving it.
+    gauges: async_nats::jetstream::kv::Store,
     known: std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>,
     pub http: reqwest::Client,
 }
@@ -116,6 +132,14 @@ impl ClusterNode {
             again,
         )
         .await?;
+        let gauges_bucket = format!("{stream}_GAUGES");
+        let gauges = crate::cluster::patiently(
+            patience,
+            pause,
+            || crate::cluster::bucket(js, &gauges_bucket, None, Some(MAX_GAUGE_BYTES as usize)),
+            again,
+        )
+        .await?;
         let mut options = NodeOptions::new(&settings.node, ttl);
         options.members_bucket = format!("{stream}_MEMBERS");
         options.owners_bucket = format!("{stream}_OWNERS");
@@ -147,10 +171,13 @@ impl ClusterNode {
             node: std::sync::Mutex::new(Some(node)),
             owners,
             addresses,
+            gauges,
             known: std::sync::Mutex::new(HashMap::new()),
             http,
         });
         let _ = core.cluster.set(me.clone());
+        tokio::spawn(me.clone().share_gauges(core.clone()));
+        tokio::spawn(me.clone().learn_gauges(core.clone()));
         tokio::spawn(me.clone().follow(core));
         tracing::info!(node = %settings.node, advertise = %settings.advertise, ttl_ms = settings.lease_ttl_ms, "joined the cluster");
         Ok(me)
@@ -184,6 +211,69 @@ impl ClusterNode {
             }
             let now = owned.borrow_and_update().clone();
             apply(&core, &now, &mut serving);
+        }
+    }
+
+    /// Puts the counters of the shards served here that changed since last put,
+    /// every [`GAUGE_EVERY`], until the process ends. A put that fails is tried at
+    /// the next round.
+    async fn share_gauges(self: Arc<Self>, core: Arc<Kami>) {
+        let mut put: HashMap<String, (u64, Counts)> = HashMap::new();
+        let mut tick = tokio::time::interval(GAUGE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let owned = self.owned.borrow().clone();
+            let now = std::time::Instant::now();
+            let mut due = Vec::new();
+            for route in core.registry.all().values() {
+                for handle in &route.shards {
+                    let key = lease_key(&handle.place.shard);
+                    let gauge = handle.gauge.read();
+                    if owned.serves(&key, now) && put.get(&key) != Some(&gauge) {
+                        due.push((key, gauge));
+                    }
+                }
+            }
+            put.retain(|key, _| owned.shards.contains_key(key));
+            let gauges = &self.gauges;
+            let done: Vec<(String, (u64, Counts), bool)> = futures::stream::iter(due)
+                .map(|(key, gauge)| async move {
+                    let value = bincode::serialize(&gauge).expect("counters serialise");
+                    let stored = gauges.put(&key, value.into()).await;
+                    if let Err(e) = &stored {
+                        tracing::debug!(shard = %key, error = %e, "stock counters not put; next round");
+                    }
+                    (key, gauge, stored.is_ok())
+                })
+                .buffer_unordered(MAX_GAUGE_CALLS)
+                .collect()
+                .await;
+            for (key, gauge, stored) in done {
+                if stored {
+                    put.insert(key, gauge);
+                }
+            }
+        }
+    }
+
+    /// Takes every node's counters into the gauges of the shards they name (each
+    /// gauge keeps the newest by journal sequence, so a shard's own actor here is
+    /// never set back), until the process ends; a broken watch is opened again.
+    async fn learn_gauges(self: Arc<Self>, core: Arc<Kami>) {
+        use async_nats::jetstream::kv::Operation;
+        loop {
+            match self.gauges.watch_all().await {
+                Ok(mut entries) => {
+                    while let Some(Ok(entry)) = entries.next().await {
+                        if entry.operation == Operation::Put {
+                            learn_gauge(&core, &entry.key, &entry.value);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot follow the stock counters of other nodes; trying again"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -270,6 +360,25 @@ impl ClusterNode {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+/// Takes one shard's counters, as a node put them under `key`
+/// (`stock.<product>.<shard>`), into its gauge here; an entry naming no shard here
+/// or that does not decode is passed over.
+fn learn_gauge(core: &Kami, key: &str, value: &[u8]) {
+    use bincode::Options;
+    let Some((product, shard)) = key.strip_prefix("stock.").and_then(|k| k.rsplit_once('.')) else { return };
+    let (Some(route), Ok(shard)) = (core.registry.get(product), shard.parse::<usize>()) else { return };
+    let Some(handle) = route.shards.get(shard) else { return };
+    let decoded: Result<(u64, Counts), _> = bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(MAX_GAUGE_BYTES)
+        .deserialize(value);
+    match decoded {
+        Ok((seq, counts)) => handle.gauge.learn(seq, counts),
+        Err(e) => tracing::warn!(shard = %key, error = %e, "stock counters that do not decode"),
     }
 }
 

@@ -263,7 +263,7 @@ impl From<String> for PaymentStatus {
 pub type Outcome<T> = crate::domain::Outcome<Event, T>;
 
 /// Counters kept in step with the state; the audit checks them against a recount.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub imported: u64,
     pub available: u64,
