@@ -58,6 +58,7 @@ mod operations;
 mod orders;
 mod redemption;
 mod remote;
+pub use remote::read_bounded;
 pub mod webhooks;
 
 pub use coupons::MAX_COUPONS_LISTED;

@@ -154,12 +154,17 @@ async fn serves_everything(api: &Api, bought: &[Bought]) {
     }
 }
 
-/// Imports `keys` through `api` as a merchant's client does: again after a 503
+/// Imports `keys` into `hot` through `api` as a merchant's client does: again after a 503
 /// (a shard just placed is still being rebuilt; a repeat counts as duplicates).
 async fn import_all(api: &Api, keys: &[String]) {
+    import_into(api, "hot", keys).await;
+}
+
+/// Imports `keys` into `product` through `api`, trying again while a shard moves.
+async fn import_into(api: &Api, product: &str, keys: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = api.import("hot", keys).await;
+        let r = api.import(product, keys).await;
         if r.status == 200 {
             return;
         }
@@ -173,7 +178,13 @@ async fn import_all(api: &Api, keys: &[String]) {
 /// passes, and counts as sold at least every acknowledged payment and at most
 /// every acknowledged order.
 async fn audit_counts(api: &Api, bought: &[Bought]) {
-    let audit = api.audit().await;
+    // A shard just placed answers 503 while it is rebuilt, as for any read.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut audit = api.audit().await;
+    while audit.status == 503 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        audit = api.audit().await;
+    }
     assert_audit_ok(&audit);
     let sold = audit.body["products"][0]["sold"].as_u64().unwrap();
     let paid = bought.iter().filter(|b| b.paid).count() as u64;
@@ -256,6 +267,76 @@ async fn reads_cover_every_shard(cluster: &Cluster, asked: usize, bought: &[Boug
     assert_eq!(found, placed, "the lookup through {} finds the buyer's orders on every shard", cluster.names[asked]);
 }
 
+/// A node that serves some of `owners`' shards but not all, so that a request
+/// through it that needs every shard meets shards served elsewhere *and* its own
+/// (sent on whole to another node, it would meet this one's there); failing that
+/// (all on one node), one that serves none.
+fn partial_node(cluster: &Cluster, owners: &BTreeMap<String, String>) -> usize {
+    let serves = |n: usize| owners.values().filter(|o| **o == cluster.names[n]).count();
+    (0..cluster.names.len())
+        .find(|&n| (1..owners.len()).contains(&serves(n)))
+        .or_else(|| (0..cluster.names.len()).find(|&n| serves(n) == 0))
+        .unwrap()
+}
+
+/// Through a node that does not serve every shard of a product, what writes or
+/// counts every shard reaches the ones other nodes serve: withdrawals (named keys
+/// and a count), a reusable key's units, and deletion's count of open orders.
+async fn writes_reach_every_shard(cluster: &Cluster) {
+    let api0 = cluster.api(0);
+    assert_eq!(api0.create_product("spare", 500, 0, 3).await.status, 201);
+    let owners = cluster.placed(&["stock.spare.0", "stock.spare.1", "stock.spare.2"]).await;
+    let asked = partial_node(cluster, &owners);
+    let api = cluster.api(asked);
+    let keys: Vec<String> = (0..30).map(|i| format!("SPARE-{i:03}")).collect();
+    import_into(&api, "spare", &keys).await;
+
+    let url = format!("{}/api/v1/admin/products/spare/keys/withdraw", api.url);
+    let named = reply(api.admin(api.http.post(&url)).json(&serde_json::json!({"keys": keys[..10]}))).await;
+    assert_eq!(named.status, 200, "{:?}", named.body);
+    assert_eq!(named.body["withdrawn"].as_u64(), Some(10), "named keys on every shard: {:?}", named.body);
+    let counted = reply(api.admin(api.http.post(&url)).json(&serde_json::json!({"count": 5}))).await;
+    assert_eq!((counted.status, counted.body["withdrawn"].as_u64()), (200, Some(5)), "{:?}", counted.body);
+    let withdrawn = reply(
+        api.admin(api.http.get(format!("{}/api/v1/admin/products/spare/keys?state=withdrawn&limit=500", api.url))),
+    )
+    .await;
+    assert_eq!(withdrawn.body["keys"].as_array().unwrap().len(), 15, "{:?}", withdrawn.body);
+
+    // A reusable key's units spread over every shard, wherever served.
+    let body =
+        serde_json::json!({"id": "reuse", "name": "Reuse", "price_cents": 100, "shards": 3, "key_mode": "reusable"});
+    let created = reply(api0.admin(api0.http.post(format!("{}/api/v1/products", api0.url))).json(&body)).await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    let reuse_owners = cluster.placed(&["stock.reuse.0", "stock.reuse.1", "stock.reuse.2"]).await;
+    let r = cluster.api(partial_node(cluster, &reuse_owners));
+    let stock_url = format!("{}/api/v1/admin/products/reuse/stock", r.url);
+    let set = reply(r.admin(r.http.put(&stock_url)).json(&serde_json::json!({"key": "SHARED-KEY", "units": 30}))).await;
+    assert_eq!((set.status, set.body["added"].as_u64()), (200, Some(30)), "{:?}", set.body);
+    let again =
+        reply(r.admin(r.http.put(&stock_url)).json(&serde_json::json!({"key": "SHARED-KEY", "units": 30}))).await;
+    assert_eq!((again.status, again.body["added"].as_u64()), (200, Some(0)), "{:?}", again.body);
+
+    // An open order on a shard `asked` does not serve keeps the product from being
+    // deleted; once cancelled, it is deleted.
+    let other = (0..3).find(|&n| n != asked && owners.values().any(|o| *o == cluster.names[n])).unwrap();
+    let open = cluster.api(other).order("spare", 1, "holder@example.com", None).await;
+    assert_eq!(open.status, 201, "{:?}", open.body);
+    let order_id = open.body["order_id"].as_str().unwrap();
+    assert_ne!(owners[&shard_of(order_id)], cluster.names[asked], "the order is on a shard served elsewhere");
+    let product_url = format!("{}/api/v1/admin/products/spare", api.url);
+    let retired = reply(api.admin(api.http.post(format!("{product_url}/retire")))).await;
+    assert_eq!(retired.status, 200, "{:?}", retired.body);
+    let refused = reply(api.admin(api.http.delete(&product_url))).await;
+    assert_eq!(refused.status, 409, "{:?}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "product_has_open_orders");
+    assert_eq!(refused.body["error"]["open_orders"]["pending_payment"].as_u64(), Some(1), "{:?}", refused.body);
+    let token = open.body["query_token"].as_str().unwrap();
+    assert_eq!(cluster.api(other).cancel(order_id, token).await.status, 200);
+    let deleted = reply(api.admin(api.http.delete(&product_url))).await;
+    assert_eq!((deleted.status, deleted.body["shelf"].as_str()), (200, Some("deleted")), "{:?}", deleted.body);
+}
+
 /// The shard an order id names (`hot.2.17` → `stock.hot.2`).
 fn shard_of(order_id: &str) -> String {
     let mut parts = order_id.rsplitn(2, '.');
@@ -305,8 +386,8 @@ async fn a_sale_across_three_nodes_goes_on_when_one_is_killed_and_every_acknowle
 
     // What reads every shard (listings, export, the buyer's lookup) answers whole
     // through a node that does not serve them all.
-    let asked = (0..3).find(|&n| owners.values().any(|o| *o != cluster.names[n])).unwrap();
-    reads_cover_every_shard(&cluster, asked, &bought).await;
+    reads_cover_every_shard(&cluster, partial_node(&cluster, &owners), &bought).await;
+    writes_reach_every_shard(&cluster).await;
 
     // kill -9 the node serving the most shards, while buyers go on on the others.
     let victim_name = {

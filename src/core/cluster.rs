@@ -367,16 +367,10 @@ impl ClusterNode {
 /// (`stock.<product>.<shard>`), into its gauge here; an entry naming no shard here
 /// or that does not decode is passed over.
 fn learn_gauge(core: &Kami, key: &str, value: &[u8]) {
-    use bincode::Options;
     let Some((product, shard)) = key.strip_prefix("stock.").and_then(|k| k.rsplit_once('.')) else { return };
     let (Some(route), Ok(shard)) = (core.registry.get(product), shard.parse::<usize>()) else { return };
     let Some(handle) = route.shards.get(shard) else { return };
-    let decoded: Result<(u64, Counts), _> = bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .allow_trailing_bytes()
-        .with_limit(MAX_GAUGE_BYTES)
-        .deserialize(value);
-    match decoded {
+    match super::remote::decode::<(u64, Counts)>(value, MAX_GAUGE_BYTES) {
         Ok((seq, counts)) => handle.gauge.learn(seq, counts),
         Err(e) => tracing::warn!(shard = %key, error = %e, "stock counters that do not decode"),
     }
@@ -560,17 +554,11 @@ impl ClusterNode {
             if !answer.status().is_success() {
                 return Err(super::Error::Unavailable(format!("node {node} answered the audit {}", answer.status())));
             }
-            let bytes =
-                answer.bytes().await.map_err(|e| super::Error::Unavailable(format!("node {node}'s audit: {e}")))?;
-            let wire: Vec<AuditWire> = {
-                use bincode::Options;
-                bincode::DefaultOptions::new()
-                    .with_fixint_encoding()
-                    .allow_trailing_bytes()
-                    .with_limit(MAX_AUDIT_BYTES)
-                    .deserialize(&bytes)
-                    .map_err(|e| super::Error::Unavailable(format!("node {node}'s audit does not decode: {e}")))?
-            };
+            let bytes = super::read_bounded(answer, MAX_AUDIT_BYTES)
+                .await
+                .map_err(|e| super::Error::Unavailable(format!("node {node}'s audit: {e}")))?;
+            let wire: Vec<AuditWire> = super::remote::decode(&bytes, MAX_AUDIT_BYTES)
+                .map_err(|e| super::Error::Unavailable(format!("node {node}'s audit does not decode: {e}")))?;
             for a in wire.into_iter().map(ShardAudit::from) {
                 if shards.contains(&a.shard) {
                     out.push(a);

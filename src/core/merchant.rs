@@ -93,7 +93,7 @@ impl Kami {
                 let mut open = OpenOrders::default();
                 if current == Shelf::Retired {
                     for s in &route.shards {
-                        open.add(&self.call(s, shard::CountOpenOrders).await?);
+                        open.add(&self.shard_open_orders(s).await?);
                     }
                 }
                 current.delete(&open)?
@@ -201,7 +201,7 @@ impl Kami {
                 .into_iter()
                 .enumerate()
                 .filter(|(_, units)| !units.is_empty())
-                .map(|(i, units)| self.call(&route.shards[i], shard::ImportKeys(units)));
+                .map(|(i, units)| self.shard_import(&route.shards[i], units));
             for result in futures::future::join_all(calls).await {
                 added += result?.0;
             }
@@ -226,8 +226,7 @@ impl Kami {
                     if left == 0 {
                         break;
                     }
-                    let msg = shard::WithdrawKeys(Arc::new(Withdrawal::Count(left)));
-                    match self.call(shard, msg).await {
+                    match self.shard_withdraw(shard, Arc::new(Withdrawal::Count(left))).await {
                         Ok((got, _)) => left -= got.min(left),
                         // Keys already withdrawn (journaled) are never hidden behind
                         // an error: the answer says how many left, as when stock is short.
@@ -252,7 +251,7 @@ impl Kami {
                 }
                 let mut fates = vec![KeyFate::Unknown; keys.len()];
                 let what = Arc::new(Withdrawal::Keys(keys));
-                let calls = route.shards.iter().map(|s| self.call(s, shard::WithdrawKeys(what.clone())));
+                let calls = route.shards.iter().map(|s| self.shard_withdraw(s, what.clone()));
                 let mut withdrawn = 0;
                 // Every shard is asked even when one fails, so that the answer (an
                 // error) never hides a withdrawal that was made and journaled.

@@ -1,41 +1,61 @@
-//! Shard reads across cluster nodes: what reads every shard of a product or of the
+//! Shard calls across cluster nodes: what asks every shard of a product or of the
 //! shop (the merchant's order listing and export, the key listing, the buyer's
-//! order lookup) asks each shard where it is served. A shard served here answers
-//! its actor's message; one served by another node is asked over
+//! order lookup, deletion's open-order count, key withdrawal, a reusable key's
+//! units) asks each shard where it is served. A shard served here answers its
+//! actor's message; one served by another node is asked over
 //! `POST /api/v1/cluster/shard/{product}/{shard}` (the forwarding token only), the
-//! same message sent as bincode and its answer sent back the same way. On one
-//! server every shard is here and nothing leaves the process.
+//! same message sent as bincode and its answer sent back the same way, and that
+//! node's actor journals a write before it answers, as here. On one server every
+//! shard is here and nothing leaves the process.
 //!
-//! Limits: one answer's bytes ([`MAX_READ_ANSWER_BYTES`]; a page is at most
-//! 500 orders or keys); a read takes what is left of the request's time.
+//! Limits: one call's bytes ([`MAX_CALL_BYTES`]: at most 10,000 keys to withdraw or
+//! one journal event's units), one answer's ([`MAX_ANSWER_BYTES`]; a page is at
+//! most 500 orders or keys); a call takes what is left of the request's time.
 
 use super::*;
-use crate::actors::shard::{ListKeys, ListOrders, ListedKeys, ListedOrders, LookupOrders};
+use crate::actors::shard::{
+    CountOpenOrders, ImportKeys, ListKeys, ListOrders, ListedKeys, ListedOrders, LookupOrders, WithdrawKeys,
+};
+use crate::domain::shard::{KeyFate, Withdrawal};
+use crate::domain::shelf::OpenOrders;
 use crate::domain::ShardId;
 
-/// Most bytes of one node's answer to a shard read (a page of at most 500 orders).
-pub const MAX_READ_ANSWER_BYTES: u64 = 16 << 20;
-/// Most bytes of a shard read sent to a node (a buyer name, a filter, a position).
-pub const MAX_READ_BYTES: u64 = 64 << 10;
+/// Most bytes of one node's answer to a shard call (a page of at most 500 orders).
+pub const MAX_ANSWER_BYTES: u64 = 16 << 20;
+/// Most bytes of a shard call sent to a node (10,000 keys to withdraw, one
+/// journal event's units of a reusable key, a filter).
+pub const MAX_CALL_BYTES: u64 = 16 << 20;
 
-/// A read of one shard, as one node sends it to another.
+/// A call of one shard, as one node sends it to another.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
-pub enum ShardRead {
+pub enum ShardCall {
     Orders(ListOrders),
     Lookup(LookupOrders),
     Keys(ListKeys),
+    CountOpen,
+    Withdraw(Arc<Withdrawal>),
+    Import(Vec<String>),
 }
 
 /// Its answer.
 #[derive(serde::Serialize, serde::Deserialize)]
-pub enum ShardReadAnswer {
+pub enum ShardAnswer {
     Orders(ListedOrders),
     Lookup(Vec<OrderSnapshot>),
     Keys(ListedKeys),
+    Open(OpenOrders),
+    Withdrawn(u64, Vec<KeyFate>),
+    Imported(u64, u64),
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], limit: u64) -> Result<T, String> {
+/// Decodes what another node sent, at most `limit` bytes of it. (bincode's own
+/// limit is not enforced when it reads from a slice, so the length is checked
+/// first; decoded from a slice, nothing takes much more memory than its bytes.)
+pub(super) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], limit: u64) -> Result<T, String> {
     use bincode::Options;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{} bytes, at most {limit}", bytes.len()));
+    }
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .allow_trailing_bytes()
@@ -45,42 +65,75 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], limit: u64) -> Result<T,
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    bincode::serialize(value).expect("a shard read serialises")
+    bincode::serialize(value).expect("a shard call serialises")
+}
+
+/// Reads an answer's body whole, refusing one past `max` bytes (whatever its
+/// `Content-Length` says, or without one) as soon as it is.
+pub async fn read_bounded(mut answer: reqwest::Response, max: u64) -> Result<Vec<u8>, String> {
+    if answer.content_length().is_some_and(|n| n > max) {
+        return Err(format!("more than {max} bytes"));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = answer.chunk().await.map_err(|e| e.to_string())? {
+        if (out.len() + chunk.len()) as u64 > max {
+            return Err(format!("more than {max} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn mismatch() -> Error {
-    Error::Unavailable("a node answered a shard read with another kind of answer".into())
+    Error::Unavailable("a node answered a shard call with another kind of answer".into())
+}
+
+/// The typed answer of `$call` on `$handle`, wherever the shard is served.
+macro_rules! answer {
+    ($core:expr, $handle:expr, $call:expr, $kind:pat => $value:expr) => {
+        match $core.shard_call($handle, $call).await? {
+            $kind => Ok($value),
+            _ => Err(mismatch()),
+        }
+    };
 }
 
 impl Kami {
-    /// Reads `handle`'s shard where it is served: here, else (on a cluster node) on
-    /// the node that serves it.
-    async fn read_shard(&self, handle: &ShardHandle, read: ShardRead) -> Result<ShardReadAnswer, Error> {
+    /// Calls `handle`'s shard where it is served: here, else (on a cluster node) on
+    /// the node that serves it. A call this node's actor refused as `Elsewhere`
+    /// never reached it, so it is sent on as it is.
+    async fn shard_call(&self, handle: &ShardHandle, call: ShardCall) -> Result<ShardAnswer, Error> {
         let cluster = match self.cluster.get() {
             Some(cluster) if !handle.place.is_here() => cluster,
-            _ => return self.read_here(handle, read).await,
+            _ => return self.call_here(handle, call).await,
         };
-        match self.read_here(handle, read.clone()).await {
-            Err(Error::Elsewhere(shard)) => cluster.read_remote(&shard, &read).await,
+        match self.call_here(handle, call.clone()).await {
+            Err(Error::Elsewhere(shard)) => cluster.call_remote(&shard, &call).await,
             answered => answered,
         }
     }
 
-    /// Reads a shard through its actor in this process.
-    async fn read_here(&self, handle: &ShardHandle, read: ShardRead) -> Result<ShardReadAnswer, Error> {
-        Ok(match read {
-            ShardRead::Orders(msg) => ShardReadAnswer::Orders(self.call(handle, msg).await?),
-            ShardRead::Lookup(msg) => ShardReadAnswer::Lookup(self.call(handle, msg).await?),
-            ShardRead::Keys(msg) => ShardReadAnswer::Keys(self.call(handle, msg).await?),
+    /// Calls a shard through its actor in this process.
+    async fn call_here(&self, handle: &ShardHandle, call: ShardCall) -> Result<ShardAnswer, Error> {
+        Ok(match call {
+            ShardCall::Orders(msg) => ShardAnswer::Orders(self.call(handle, msg).await?),
+            ShardCall::Lookup(msg) => ShardAnswer::Lookup(self.call(handle, msg).await?),
+            ShardCall::Keys(msg) => ShardAnswer::Keys(self.call(handle, msg).await?),
+            ShardCall::CountOpen => ShardAnswer::Open(self.call(handle, CountOpenOrders).await?),
+            ShardCall::Withdraw(what) => {
+                let (n, fates) = self.call(handle, WithdrawKeys(what)).await?;
+                ShardAnswer::Withdrawn(n, fates)
+            }
+            ShardCall::Import(keys) => {
+                let (imported, duplicates) = self.call(handle, ImportKeys(keys)).await?;
+                ShardAnswer::Imported(imported, duplicates)
+            }
         })
     }
 
     /// A page of a shard's orders ([`ListOrders`]), wherever it is served.
     pub(super) async fn shard_orders(&self, handle: &ShardHandle, msg: ListOrders) -> Result<ListedOrders, Error> {
-        match self.read_shard(handle, ShardRead::Orders(msg)).await? {
-            ShardReadAnswer::Orders(listed) => Ok(listed),
-            _ => Err(mismatch()),
-        }
+        answer!(self, handle, ShardCall::Orders(msg), ShardAnswer::Orders(listed) => listed)
     }
 
     /// A buyer's orders on a shard ([`LookupOrders`]), wherever it is served.
@@ -89,35 +142,48 @@ impl Kami {
         handle: &ShardHandle,
         msg: LookupOrders,
     ) -> Result<Vec<OrderSnapshot>, Error> {
-        match self.read_shard(handle, ShardRead::Lookup(msg)).await? {
-            ShardReadAnswer::Lookup(found) => Ok(found),
-            _ => Err(mismatch()),
-        }
+        answer!(self, handle, ShardCall::Lookup(msg), ShardAnswer::Lookup(found) => found)
     }
 
     /// A page of a shard's keys ([`ListKeys`]), wherever it is served.
     pub(super) async fn shard_keys(&self, handle: &ShardHandle, msg: ListKeys) -> Result<ListedKeys, Error> {
-        match self.read_shard(handle, ShardRead::Keys(msg)).await? {
-            ShardReadAnswer::Keys(listed) => Ok(listed),
-            _ => Err(mismatch()),
-        }
+        answer!(self, handle, ShardCall::Keys(msg), ShardAnswer::Keys(listed) => listed)
     }
 
-    /// For another node of the cluster: reads shard `shard` of `product`, which
-    /// must be served here (else [`Error::Elsewhere`]: it moved meanwhile), from
-    /// the encoded `read`; the answer encoded.
-    pub async fn read_for_node(&self, product: &str, shard: u16, read: &[u8]) -> Result<Vec<u8>, Error> {
-        let read: ShardRead = decode(read, MAX_READ_BYTES)
-            .map_err(|e| Error::Invalid(format!("a shard read that does not decode: {e}")))?;
+    /// A shard's open orders ([`CountOpenOrders`]), wherever it is served.
+    pub(super) async fn shard_open_orders(&self, handle: &ShardHandle) -> Result<OpenOrders, Error> {
+        answer!(self, handle, ShardCall::CountOpen, ShardAnswer::Open(open) => open)
+    }
+
+    /// Withdraws keys from a shard ([`WithdrawKeys`]), wherever it is served.
+    pub(super) async fn shard_withdraw(
+        &self,
+        handle: &ShardHandle,
+        what: Arc<Withdrawal>,
+    ) -> Result<(u64, Vec<KeyFate>), Error> {
+        answer!(self, handle, ShardCall::Withdraw(what), ShardAnswer::Withdrawn(n, fates) => (n, fates))
+    }
+
+    /// Imports keys (or units) into a shard ([`ImportKeys`]), wherever it is served.
+    pub(super) async fn shard_import(&self, handle: &ShardHandle, keys: Vec<String>) -> Result<(u64, u64), Error> {
+        answer!(self, handle, ShardCall::Import(keys), ShardAnswer::Imported(i, d) => (i, d))
+    }
+
+    /// For another node of the cluster: calls shard `shard` of `product`, which
+    /// must be served here (else [`Error::Elsewhere`]: it moved meanwhile), with
+    /// the encoded `call`; the answer encoded.
+    pub async fn call_for_node(&self, product: &str, shard: u16, call: &[u8]) -> Result<Vec<u8>, Error> {
+        let call: ShardCall = decode(call, MAX_CALL_BYTES)
+            .map_err(|e| Error::Invalid(format!("a shard call that does not decode: {e}")))?;
         let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
         let handle = route.shards.get(shard as usize).ok_or(Error::Invalid(format!("no shard {shard}")))?;
-        Ok(encode(&self.read_here(handle, read).await?))
+        Ok(encode(&self.call_here(handle, call).await?))
     }
 }
 
 impl super::cluster::ClusterNode {
-    /// Asks the node serving `shard` to answer `read` (none now: [`Error::NoOwner`]).
-    async fn read_remote(&self, shard: &ShardId, read: &ShardRead) -> Result<ShardReadAnswer, Error> {
+    /// Asks the node serving `shard` to answer `call` (none now: [`Error::NoOwner`]).
+    async fn call_remote(&self, shard: &ShardId, call: &ShardCall) -> Result<ShardAnswer, Error> {
         let (node, address) = match self.owner(shard).await.map_err(Error::Unavailable)? {
             Some((node, address)) if node != self.name => (node, address),
             // No node, or this one while it has not placed the shard yet.
@@ -129,18 +195,17 @@ impl super::cluster::ClusterNode {
             .post(url)
             .header("x-kami-forwarded", self.forward_token.as_str())
             .header("content-type", "application/octet-stream")
-            .body(encode(read))
+            .body(encode(call))
             .send()
             .await
             .map_err(|e| Error::Unavailable(format!("node {node} did not answer for {shard}: {e}")))?;
         if !answer.status().is_success() {
             return Err(Error::Unavailable(format!("node {node} answered {} for {shard}", answer.status())));
         }
-        if answer.content_length().is_some_and(|n| n > MAX_READ_ANSWER_BYTES) {
-            return Err(Error::Unavailable(format!("node {node}'s answer for {shard} is too large")));
-        }
-        let bytes = answer.bytes().await.map_err(|e| Error::Unavailable(format!("node {node}'s answer: {e}")))?;
-        decode(&bytes, MAX_READ_ANSWER_BYTES)
+        let bytes = read_bounded(answer, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {shard}: {e}")))?;
+        decode(&bytes, MAX_ANSWER_BYTES)
             .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {shard} does not decode: {e}")))
     }
 }
@@ -152,37 +217,37 @@ mod tests {
 
     #[test]
     fn a_shard_read_and_its_answer_decode_as_they_were_sent() {
-        let read = ShardRead::Orders(ListOrders {
+        let read = ShardCall::Orders(ListOrders {
             after: 7,
             filter: OrderFilter { buyer: Some("b@example.com".into()), from_ms: Some(5), ..OrderFilter::default() },
             limit: 50,
             max_scan: 2000,
         });
-        let back: ShardRead = decode(&encode(&read), MAX_READ_BYTES).unwrap();
+        let back: ShardCall = decode(&encode(&read), MAX_CALL_BYTES).unwrap();
         match back {
-            ShardRead::Orders(m) => {
+            ShardCall::Orders(m) => {
                 assert_eq!((m.after, m.limit, m.max_scan), (7, 50, 2000));
                 assert_eq!(m.filter.buyer.as_deref(), Some("b@example.com"));
                 assert_eq!(m.filter.from_ms, Some(5));
             }
             _ => panic!("another kind of read"),
         }
-        let keys = ShardReadAnswer::Keys(ListedKeys { keys: vec![(3, "K-3".into())], at_end: true });
-        match decode::<ShardReadAnswer>(&encode(&keys), MAX_READ_ANSWER_BYTES).unwrap() {
-            ShardReadAnswer::Keys(k) => assert_eq!((k.keys, k.at_end), (vec![(3, "K-3".to_string())], true)),
+        let keys = ShardAnswer::Keys(ListedKeys { keys: vec![(3, "K-3".into())], at_end: true });
+        match decode::<ShardAnswer>(&encode(&keys), MAX_ANSWER_BYTES).unwrap() {
+            ShardAnswer::Keys(k) => assert_eq!((k.keys, k.at_end), (vec![(3, "K-3".to_string())], true)),
             _ => panic!("another kind of answer"),
         }
-        let state = ShardRead::Keys(ListKeys { state: KeyState::Sold, after: None, limit: 1 });
+        let state = ShardCall::Keys(ListKeys { state: KeyState::Sold, after: None, limit: 1 });
         assert!(matches!(
-            decode(&encode(&state), MAX_READ_BYTES).unwrap(),
-            ShardRead::Keys(ListKeys { state: KeyState::Sold, .. })
+            decode(&encode(&state), MAX_CALL_BYTES).unwrap(),
+            ShardCall::Keys(ListKeys { state: KeyState::Sold, .. })
         ));
     }
 
     #[test]
-    fn a_read_larger_than_its_bound_is_refused() {
+    fn a_call_larger_than_its_bound_is_refused() {
         let read =
-            ShardRead::Lookup(LookupOrders { buyer: "b".repeat(100_000), password: [0; 32], after: None, limit: 1 });
-        assert!(decode::<ShardRead>(&encode(&read), MAX_READ_BYTES).is_err());
+            ShardCall::Lookup(LookupOrders { buyer: "b".repeat(17 << 20), password: [0; 32], after: None, limit: 1 });
+        assert!(decode::<ShardCall>(&encode(&read), MAX_CALL_BYTES).is_err());
     }
 }

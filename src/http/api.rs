@@ -1030,10 +1030,12 @@ pub async fn cluster_audit(
 }
 
 /// `POST /api/v1/cluster/shard/{product}/{shard}`: for another node of the cluster
-/// (its forwarding token), one read of a shard this node serves (a page of orders
-/// or keys, a buyer's orders), encoded as that node sent it (`core::remote`); 503
-/// `shard_elsewhere` if the shard is no longer served here.
-pub async fn cluster_shard_read(
+/// (its forwarding token), one call of a shard this node serves (a page of orders
+/// or keys, a buyer's orders, open orders, a withdrawal, keys or units to add),
+/// encoded as that node sent it (`core::remote`), its body up to
+/// `keys.max_import_bytes`; 503 `shard_elsewhere` if the shard is no longer served
+/// here.
+pub async fn cluster_shard_call(
     State(st): State<AppState>,
     Path((product, shard)): Path<(String, u16)>,
     headers: HeaderMap,
@@ -1043,7 +1045,7 @@ pub async fn cluster_shard_read(
         return Err(ApiError::unauthorized());
     }
     let core = st.core()?;
-    let read = extract::body(&headers, body, st.limits.max_body_bytes).await?;
-    let bytes = core.read_for_node(&product, shard, &read).await?;
+    let call = extract::body(&headers, body, st.limits.max_import_bytes).await?;
+    let bytes = core.call_for_node(&product, shard, &call).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }

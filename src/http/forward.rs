@@ -167,15 +167,8 @@ async fn send(cluster: &ClusterNode, shard: &ShardId, replay: &Replay, node: &st
     response
 }
 
-async fn read_bounded(mut answer: reqwest::Response) -> Result<Bytes, String> {
-    let mut out = Vec::new();
-    while let Some(chunk) = answer.chunk().await.map_err(|e| e.to_string())? {
-        if out.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(format!("more than {MAX_ANSWER_BYTES} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out.into())
+async fn read_bounded(answer: reqwest::Response) -> Result<Bytes, String> {
+    crate::core::read_bounded(answer, MAX_ANSWER_BYTES as u64).await.map(Bytes::from)
 }
 
 /// Sends part of a merchant request (`body` as JSON, `POST path`, with the

@@ -31,6 +31,8 @@ pub struct Intake {
     max_import_bytes: usize,
     body_timeout: Duration,
     admin_token: String,
+    /// On a cluster node, the token other nodes send with their shard calls.
+    forward_token: std::sync::OnceLock<String>,
 }
 
 impl Intake {
@@ -53,7 +55,13 @@ impl Intake {
             max_import_bytes,
             body_timeout,
             admin_token,
+            forward_token: std::sync::OnceLock::new(),
         }
+    }
+
+    /// On a cluster node: the token other nodes' shard calls carry (once).
+    pub fn set_forward_token(&self, token: String) {
+        let _ = self.forward_token.set(token);
     }
 
     /// Bytes of large request bodies held now (what `server.max_buffered_body_bytes` bounds).
@@ -61,10 +69,22 @@ impl Intake {
         (self.budget_kib - self.buffered_kib.available_permits()) as u64 * 1024
     }
 
-    /// The body limit of a request: key imports by the merchant may be larger (the
-    /// token is checked before the body is read, so nobody else can send that much).
+    /// The body limit of a request: key imports by the merchant and shard calls of
+    /// other cluster nodes (keys to withdraw, units to add) may be larger (the token
+    /// is checked before the body is read, so nobody else can send that much).
     fn body_limit(&self, req: &Request) -> usize {
-        let import = req.method() == Method::POST && is_import_path(req.uri().path());
+        let post = req.method() == Method::POST;
+        let node = || {
+            let token = self.forward_token.get();
+            req.headers()
+                .get(&super::forward::FORWARDED)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|given| token.is_some_and(|t| super::extract::secret_matches(given, t)))
+        };
+        if post && req.uri().path().starts_with("/api/v1/cluster/shard/") && node() {
+            return self.max_import_bytes;
+        }
+        let import = post && is_import_path(req.uri().path());
         let admin = || {
             req.headers()
                 .get(header::AUTHORIZATION)

@@ -159,6 +159,7 @@ impl AppState {
 
     /// Sets this node's place in the cluster (once; a second call is ignored).
     pub fn set_cluster(&self, node: Arc<crate::core::cluster::ClusterNode>) {
+        self.intake.set_forward_token(node.forward_token.clone());
         let _ = self.cluster.set(node);
     }
 
@@ -287,7 +288,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/webhooks/{name}/redeliver", post(webhooks::redeliver))
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/cluster/audit/{product}", get(api::cluster_audit))
-        .route("/api/v1/cluster/shard/{product}/{shard}", post(api::cluster_shard_read))
+        .route("/api/v1/cluster/shard/{product}/{shard}", post(api::cluster_shard_call))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/backup", post(api::backup))
         .route("/api/v1/admin/reconcile", post(api::reconcile))

@@ -198,6 +198,15 @@ pub fn decode<T: DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T, CodecE
     if found != kind as u8 {
         return Err(CodecError::WrongKind { expected: kind, found });
     }
+    // bincode's limit is not enforced when it reads from a slice: the payload's
+    // length is the bound (decoded from a slice, nothing takes much more memory).
+    if payload.len() as u64 > kind.max_payload_bytes() {
+        return Err(CodecError::Payload(format!(
+            "{} bytes, at most {} for a {kind:?} record",
+            payload.len(),
+            kind.max_payload_bytes()
+        )));
+    }
     options(kind).deserialize(payload).map_err(|e| CodecError::Payload(e.to_string()))
 }
 
@@ -234,6 +243,19 @@ pub fn decode_terms(bytes: &[u8]) -> Result<Terms, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_past_its_kind_limit_is_refused() {
+        // A product record is at most 64 KiB (encoding refuses more): a well-formed
+        // larger one (written as a webhook record, its kind byte then changed) is
+        // refused before it is decoded; one within the limit decodes.
+        let big = "p".repeat(100 << 10);
+        let mut bytes = encode(Kind::Webhook, &big);
+        bytes[5] = Kind::Product as u8;
+        assert!(matches!(decode::<String>(Kind::Product, &bytes), Err(CodecError::Payload(_))));
+        let fits = "p".repeat(60 << 10);
+        assert_eq!(decode::<String>(Kind::Product, &encode(Kind::Product, &fits)).unwrap(), fits);
+    }
 
     #[test]
     fn round_trip_and_corruption() {

@@ -30,14 +30,14 @@ impl KeyState {
 }
 
 /// What a merchant takes out of stock: these keys, or any `n` available ones.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Withdrawal {
     Keys(Vec<String>),
     Count(u64),
 }
 
 /// What became of one key asked for by a [`Withdrawal::Keys`], in one shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum KeyFate {
     /// Not a key of this shard.
     Unknown,
