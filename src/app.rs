@@ -704,6 +704,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let shared_catalogue = catalogue.clone();
     let parts = Parts {
         catalogue,
+        clustered: settings.cluster.enabled(),
         registry,
         supervisor,
         payments,

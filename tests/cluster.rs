@@ -282,6 +282,7 @@ fn partial_node(cluster: &Cluster, owners: &BTreeMap<String, String>) -> usize {
 /// Through a node that does not serve every shard of a product, what writes or
 /// counts every shard reaches the ones other nodes serve: withdrawals (named keys
 /// and a count), a reusable key's units, and deletion's count of open orders.
+/// Points and coupons are refused (501).
 async fn writes_reach_every_shard(cluster: &Cluster) {
     let api0 = cluster.api(0);
     assert_eq!(api0.create_product("spare", 500, 0, 3).await.status, 201);
@@ -335,6 +336,21 @@ async fn writes_reach_every_shard(cluster: &Cluster) {
     assert_eq!(cluster.api(other).cancel(order_id, token).await.status, 200);
     let deleted = reply(api.admin(api.http.delete(&product_url))).await;
     assert_eq!((deleted.status, deleted.body["shelf"].as_str()), (200, Some("deleted")), "{:?}", deleted.body);
+
+    // Points and coupons are kept by one server: a cluster node refuses them
+    // plainly rather than keep a ledger the other nodes do not see.
+    let points = reply(
+        api.admin(api.http.post(format!("{}/api/v1/admin/buyers/p@example.com/points", api.url)))
+            .json(&serde_json::json!({"request_id": "grant-1", "delta": 100})),
+    )
+    .await;
+    assert_eq!((points.status, points.body["error"]["code"].as_str()), (501, Some("unsupported")), "{:?}", points.body);
+    let coupon = reply(
+        api.admin(api.http.post(format!("{}/api/v1/admin/coupons", api.url)))
+            .json(&serde_json::json!({"code": "SPRING-10", "kind": "percent", "value": 10, "max_uses": 100})),
+    )
+    .await;
+    assert_eq!((coupon.status, coupon.body["error"]["code"].as_str()), (501, Some("unsupported")), "{:?}", coupon.body);
 }
 
 /// The shard an order id names (`hot.2.17` → `stock.hot.2`).
