@@ -366,7 +366,7 @@ mod catalogue {
     }
 
     /// Two nodes on one catalogue: a product created on one is seen by the other's
-    /// watch; one id is created once; changes made at once on both nodes are both
+    /// watch, and by a watch opened after it was created; one id is created once; changes made at once on both nodes are both
     /// kept; an entry that does not decode is reported, never applied.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nodes_share_one_catalogue_and_concurrent_changes_are_never_lost() {
@@ -380,6 +380,13 @@ mod catalogue {
         assert_eq!(b.create(&entry("hot", 1)).await, Err(CatalogueError::Exists("hot".into())));
         let Some(Ok(Change::Put(seen, _))) = watched.next().await else { panic!("the watch sees the new product") };
         assert_eq!(*seen, entry("hot", 990), "as node a wrote it");
+        // A watch opened later starts with what was there before it (a node that
+        // starts watching just after a product was made still learns of it).
+        let mut late = Box::pin(a.watch().await.unwrap());
+        let first = tokio::time::timeout(Duration::from_secs(10), late.next()).await;
+        let Ok(Some(Ok(Change::Put(early, _)))) = first else { panic!("a later watch starts with every entry") };
+        assert_eq!(*early, entry("hot", 990));
+        drop(late);
 
         // Node a retires the product while node b changes its price, 20 times each,
         // interleaved: every change lands.

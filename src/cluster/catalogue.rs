@@ -8,7 +8,7 @@
 //!   it read; a write refused because another node changed the entry meanwhile is
 //!   tried again on the new entry (up to [`MAX_TRIES`]), so concurrent changes from
 //!   two nodes are both kept, never one lost;
-//! - **watch** gives every entry, then every change, in the bucket's revision order:
+//! - **watch** gives every entry (its last value), then every change, in the bucket's revision order:
 //!   what a node follows to keep its routes and shard actors in step.
 //!
 //! Entries are JSON (readable with `nats kv get`); one that does not decode is
@@ -217,7 +217,10 @@ impl Catalogue {
     /// Every entry as it is now, then every change after, in revision order. A
     /// malformed entry comes as an error item (the watch goes on).
     pub async fn watch(&self) -> Result<impl Stream<Item = Result<Change, CatalogueError>>, CatalogueError> {
-        let watch = self.kv.watch_all().await.map_err(|e| unreachable("watch the catalogue", e))?;
+        // `watch_all` would deliver only changes made after it is set up (a product
+        // created meanwhile would be missed for good): the last value of every entry
+        // first, then every change.
+        let watch = self.kv.watch_with_history(">").await.map_err(|e| unreachable("watch the catalogue", e))?;
         Ok(watch.map(|item| {
             let entry = item.map_err(|e| unreachable("watch the catalogue", e))?;
             match entry.operation {

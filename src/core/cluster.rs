@@ -263,7 +263,9 @@ impl ClusterNode {
     async fn learn_gauges(self: Arc<Self>, core: Arc<Kami>) {
         use async_nats::jetstream::kv::Operation;
         loop {
-            match self.gauges.watch_all().await {
+            // Every shard's last counters first (a node that starts late learns the
+            // idle shards too), then every put.
+            match self.gauges.watch_with_history(">").await {
                 Ok(mut entries) => {
                     while let Some(Ok(entry)) = entries.next().await {
                         if entry.operation == Operation::Put {
