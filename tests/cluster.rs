@@ -451,7 +451,27 @@ async fn a_sale_across_three_nodes_goes_on_when_one_is_killed_and_every_acknowle
 
     // What reads every shard (listings, export, the buyer's lookup) answers whole
     // through a node that does not serve them all.
-    reads_cover_every_shard(&cluster, partial_node(&cluster, &owners), &bought).await;
+    let asked = partial_node(&cluster, &owners);
+    // Any node shows who serves what (`cluster.nodes`), its own shards and the others'.
+    let api = cluster.api(asked);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = reply(api.http.get(format!("{}/status.json", api.url))).await;
+        let nodes = &status.body["cluster"]["nodes"];
+        let seen: BTreeMap<String, String> = owners
+            .keys()
+            .filter_map(|shard| {
+                let node = nodes.as_object()?.iter().find(|(_, s)| s.as_array().unwrap().iter().any(|x| x == shard))?;
+                Some((shard.clone(), node.0.clone()))
+            })
+            .collect();
+        if seen == owners {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status.json never showed who serves what: {nodes} for {owners:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reads_cover_every_shard(&cluster, asked, &bought).await;
     writes_reach_every_shard(&cluster).await;
 
     // kill -9 the node serving the most shards, while buyers go on on the others.

@@ -18,12 +18,13 @@
 //!   [`GAUGE_EVERY`]), and every node takes the others' into its shards' gauges,
 //!   so a product's stock view, the catalogue's `available`, the status page and
 //!   the stock webhooks count every shard wherever it is served (a shard served
-//!   elsewhere as of its node's last put: a second or two behind).
+//!   elsewhere as of its node's last put: a second or two behind). Each entry names
+//!   the node that put it, so `/status.json` shows who serves what.
 //!
 //! Limits: the nodes whose addresses are remembered ([`MAX_NODES`]); counters put
 //! at once ([`MAX_GAUGE_CALLS`]) and one entry's bytes ([`MAX_GAUGE_BYTES`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,9 @@ pub struct ClusterNode {
     /// Each shard's durable counters, put by the node serving it.
     gauges: async_nats::jetstream::kv::Store,
     known: std::sync::Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// The node that last put each shard's counters (the shard's owner then), as
+    /// the counters watch saw it; only shards of products known here.
+    seen_owners: std::sync::Mutex<BTreeMap<String, String>>,
     pub http: reqwest::Client,
 }
 
@@ -173,6 +177,7 @@ impl ClusterNode {
             addresses,
             gauges,
             known: std::sync::Mutex::new(HashMap::new()),
+            seen_owners: std::sync::Mutex::new(BTreeMap::new()),
             http,
         });
         let _ = core.cluster.set(me.clone());
@@ -236,10 +241,10 @@ impl ClusterNode {
                 }
             }
             put.retain(|key, _| owned.shards.contains_key(key));
-            let gauges = &self.gauges;
+            let (gauges, name) = (&self.gauges, &self.name);
             let done: Vec<(String, (u64, Counts), bool)> = futures::stream::iter(due)
                 .map(|(key, gauge)| async move {
-                    let value = bincode::serialize(&gauge).expect("counters serialise");
+                    let value = bincode::serialize(&(gauge.0, gauge.1, name)).expect("counters serialise");
                     let stored = gauges.put(&key, value.into()).await;
                     if let Err(e) = &stored {
                         tracing::debug!(shard = %key, error = %e, "stock counters not put; next round");
@@ -257,6 +262,23 @@ impl ClusterNode {
         }
     }
 
+    /// Takes one shard's counters, as a node put them under `key`
+    /// (`stock.<product>.<shard>`), into its gauge here, and notes that node as the
+    /// shard's owner; an entry naming no shard here or that does not decode is
+    /// passed over.
+    fn learn_gauge(&self, core: &Kami, key: &str, value: &[u8]) {
+        let Some((product, shard)) = key.strip_prefix("stock.").and_then(|k| k.rsplit_once('.')) else { return };
+        let (Some(route), Ok(shard)) = (core.registry.get(product), shard.parse::<usize>()) else { return };
+        let Some(handle) = route.shards.get(shard) else { return };
+        match super::remote::decode::<(u64, Counts, String)>(value, MAX_GAUGE_BYTES) {
+            Ok((seq, counts, node)) => {
+                handle.gauge.learn(seq, counts);
+                self.seen_owners.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), node);
+            }
+            Err(e) => tracing::warn!(shard = %key, error = %e, "stock counters that do not decode"),
+        }
+    }
+
     /// Takes every node's counters into the gauges of the shards they name (each
     /// gauge keeps the newest by journal sequence, so a shard's own actor here is
     /// never set back), until the process ends; a broken watch is opened again.
@@ -269,7 +291,7 @@ impl ClusterNode {
                 Ok(mut entries) => {
                     while let Some(Ok(entry)) = entries.next().await {
                         if entry.operation == Operation::Put {
-                            learn_gauge(&core, &entry.key, &entry.value);
+                            self.learn_gauge(&core, &entry.key, &entry.value);
                         }
                     }
                 }
@@ -321,17 +343,26 @@ impl ClusterNode {
     }
 
     /// What `/status.json` shows of the cluster: this node, whether it is a member
-    /// now, and the shards it serves now.
+    /// now, the shards it serves now, and who serves what (`nodes`: each node with
+    /// the shards it put counters for last, this node's own as it serves them now).
     pub fn describe(&self) -> serde_json::Value {
         let owned = self.owned.borrow();
         let now = std::time::Instant::now();
-        let serving: Vec<&String> = owned.shards.iter().filter(|(_, &until)| now < until).map(|(s, _)| s).collect();
+        let serving: BTreeSet<&String> =
+            owned.shards.iter().filter(|(_, &until)| now < until).map(|(s, _)| s).collect();
+        let mut nodes: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        nodes.insert(&self.name, serving.iter().map(|s| s.as_str()).collect());
+        let seen = self.seen_owners.lock().unwrap_or_else(|e| e.into_inner());
+        for (shard, node) in seen.iter().filter(|(shard, node)| *node != &self.name && !serving.contains(shard)) {
+            nodes.entry(node).or_default().push(shard);
+        }
         serde_json::json!({
             "node": self.name,
             "advertise": self.advertise,
             "redirect": self.redirect,
             "member": owned.member(now),
             "shards_served": serving,
+            "nodes": nodes,
         })
     }
 
@@ -362,19 +393,6 @@ impl ClusterNode {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    }
-}
-
-/// Takes one shard's counters, as a node put them under `key`
-/// (`stock.<product>.<shard>`), into its gauge here; an entry naming no shard here
-/// or that does not decode is passed over.
-fn learn_gauge(core: &Kami, key: &str, value: &[u8]) {
-    let Some((product, shard)) = key.strip_prefix("stock.").and_then(|k| k.rsplit_once('.')) else { return };
-    let (Some(route), Ok(shard)) = (core.registry.get(product), shard.parse::<usize>()) else { return };
-    let Some(handle) = route.shards.get(shard) else { return };
-    match super::remote::decode::<(u64, Counts)>(value, MAX_GAUGE_BYTES) {
-        Ok((seq, counts)) => handle.gauge.learn(seq, counts),
-        Err(e) => tracing::warn!(shard = %key, error = %e, "stock counters that do not decode"),
     }
 }
 
