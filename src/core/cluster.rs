@@ -301,6 +301,21 @@ impl ClusterNode {
         }
     }
 
+    /// The *other* node serving `shard` and its address, for a request, a shard
+    /// call or an audit sent there: [`super::Error::NoOwner`] (503 `shard_moving`)
+    /// when none holds its lease now, or this one does (its actor is not rebuilt
+    /// yet); `Unavailable` when the owners bucket cannot be read.
+    pub async fn owner_elsewhere(&self, shard: &ShardId) -> Result<(String, String), super::Error> {
+        match self.owner(shard).await {
+            Ok(Some((node, address))) if node != self.name => Ok((node, address)),
+            Ok(_) => Err(super::Error::NoOwner(shard.clone())),
+            Err(e) => {
+                tracing::warn!(shard = %shard, error = %e, "cannot read who serves a shard");
+                Err(super::Error::Unavailable(format!("cannot find the node serving shard {shard}: {e}")))
+            }
+        }
+    }
+
     /// The node serving `shard` and its address: `None` when no node holds its
     /// lease now (it is moving).
     pub async fn owner(&self, shard: &ShardId) -> Result<Option<(String, String)>, String> {
@@ -554,12 +569,8 @@ impl ClusterNode {
         let mut by_node: HashMap<String, (String, Vec<u16>)> = HashMap::new();
         for &i in wanted {
             let shard = ShardId::new(product, i);
-            match self.owner(&shard).await.map_err(super::Error::Unavailable)? {
-                Some((node, address)) if node != self.name => {
-                    by_node.entry(node).or_insert((address, Vec::new())).1.push(i)
-                }
-                _ => return Err(super::Error::NoOwner(shard)),
-            }
+            let (node, address) = self.owner_elsewhere(&shard).await?;
+            by_node.entry(node).or_insert((address, Vec::new())).1.push(i);
         }
         let mut out = Vec::with_capacity(wanted.len());
         for (node, (address, shards)) in by_node {

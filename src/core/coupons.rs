@@ -35,6 +35,19 @@ impl Kami {
             ));
         }
         let _ticket = admit(&handle.admission, Lane::Existing)?;
+        self.ask_ledger(handle, msg).await
+    }
+
+    /// Sends to a ledger actor within the request timeout, past its line and on
+    /// any node (the audits: a cluster node's ledgers are audited too, empty).
+    pub(super) async fn ask_ledger<B, M, R>(&self, handle: &LedgerHandle<B>, msg: M) -> Result<R, Error>
+    where
+        B: LedgerBook,
+        M: Message<Result = ActorResult<R>> + Send + 'static,
+        R: Send + 'static,
+        LedgerActor<B>: Handler<M>,
+        <LedgerActor<B> as Actor>::Context: actix::dev::ToEnvelope<LedgerActor<B>, M>,
+    {
         let sent = tokio::time::timeout(self.limits.request_timeout, handle.addr.send(msg)).await;
         Ok(answer(sent, "the ledger actor stopped")?)
     }
@@ -194,10 +207,8 @@ impl Kami {
     /// Every coupon shard's audit.
     pub async fn audit_coupons(&self) -> Result<Vec<CouponAudit>, Error> {
         let mut out = Vec::with_capacity(self.coupons.len());
-        // Sent directly: the (empty) ledgers of a cluster node are audited too.
         for handle in &self.coupons {
-            let sent = tokio::time::timeout(self.limits.request_timeout, handle.addr.send(coupon_actor::Audit)).await;
-            out.push(answer(sent, "the coupon actor stopped")?);
+            out.push(self.ask_ledger(handle, coupon_actor::Audit).await?);
         }
         Ok(out)
     }

@@ -185,9 +185,7 @@ impl Kami {
     pub async fn audit_points(&self) -> Result<Vec<PointsAudit>, Error> {
         let mut out = Vec::with_capacity(self.points.len());
         for handle in &self.points {
-            let sent =
-                tokio::time::timeout(self.limits.request_timeout, handle.addr.send(points_actor::AuditPoints)).await;
-            out.push(answer(sent, "the points actor stopped")?);
+            out.push(self.ask_ledger(handle, points_actor::AuditPoints).await?);
         }
         Ok(out)
     }

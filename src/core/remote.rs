@@ -10,7 +10,8 @@
 //!
 //! Limits: one call's bytes ([`MAX_CALL_BYTES`]: at most 10,000 keys to withdraw or
 //! one journal event's units), one answer's ([`MAX_ANSWER_BYTES`]; a page is at
-//! most 500 orders or keys); a call takes what is left of the request's time.
+//! most 500 orders or keys); each call within the request timeout (the cluster's
+//! HTTP client), and the whole request within it too (the front's timeout).
 
 use super::*;
 use crate::actors::shard::{
@@ -184,11 +185,7 @@ impl Kami {
 impl super::cluster::ClusterNode {
     /// Asks the node serving `shard` to answer `call` (none now: [`Error::NoOwner`]).
     async fn call_remote(&self, shard: &ShardId, call: &ShardCall) -> Result<ShardAnswer, Error> {
-        let (node, address) = match self.owner(shard).await.map_err(Error::Unavailable)? {
-            Some((node, address)) if node != self.name => (node, address),
-            // No node, or this one while it has not placed the shard yet.
-            _ => return Err(Error::NoOwner(shard.clone())),
-        };
+        let (node, address) = self.owner_elsewhere(shard).await?;
         let url = format!("{address}/api/v1/cluster/shard/{}/{}", shard.product, shard.shard);
         let answer = self
             .http

@@ -97,11 +97,11 @@ pub async fn forward(
     let (mut last, mut unknown) = (first, None);
     let mut asked = std::collections::HashSet::new();
     for shard in shards {
-        let owner = owner_of(cluster, shard).await;
+        let owner = cluster.owner_elsewhere(shard).await;
         let answer = match owner {
             Ok((node, _)) if !asked.insert(node.clone()) => continue,
             Ok((node, address)) => send(cluster, shard, &replay, &node, &address).await,
-            Err(e) => e.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
         };
         match answer.status() {
             StatusCode::CONFLICT => last = answer,
@@ -110,20 +110,6 @@ pub async fn forward(
         }
     }
     unknown.unwrap_or(last)
-}
-
-/// The node serving `shard` and its address; 503 `shard_moving` when none (or
-/// this one, whose actor is not rebuilt yet) serves it.
-async fn owner_of(cluster: &ClusterNode, shard: &ShardId) -> Result<(String, String), ApiError> {
-    match cluster.owner(shard).await {
-        Ok(Some((node, _))) if node == cluster.name => Err(Error::NoOwner(shard.clone()).into()),
-        Ok(Some(owner)) => Ok(owner),
-        Ok(None) => Err(Error::NoOwner(shard.clone()).into()),
-        Err(e) => {
-            tracing::warn!(shard = %shard, error = %e, "cannot read who serves a shard");
-            Err(Error::Unavailable(format!("cannot find the node serving shard {shard}: {e}")).into())
-        }
-    }
 }
 
 /// `replay` sent to `node` at `address` (or a 307 there), its answer given back.
@@ -181,7 +167,7 @@ pub async fn send_part(
     headers: &HeaderMap,
     body: serde_json::Value,
 ) -> Result<serde_json::Value, ApiError> {
-    let (node, address) = owner_of(cluster, shard).await?;
+    let (node, address) = cluster.owner_elsewhere(shard).await?;
     let mut request = cluster.http.post(format!("{address}{path}")).json(&body);
     if let Some(auth) = headers.get(header::AUTHORIZATION) {
         request = request.header(header::AUTHORIZATION, auth);
