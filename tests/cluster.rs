@@ -358,6 +358,11 @@ async fn writes_reach_every_shard(cluster: &Cluster) {
         units.body["keys"].as_array().unwrap().iter().map(|k| k["shard"].as_u64().unwrap()).collect();
     assert_eq!(units.body["keys"].as_array().unwrap().len(), 30, "every unit, on every shard: {:?}", units.body);
     assert_eq!(shards.len(), 3, "units on every shard: {:?}", units.body);
+    // A shard call larger than `server.max_body_bytes` (1 MiB): a long key's units,
+    // about 4,096 of ~260 bytes per shard, sent to the nodes serving the others.
+    let long = serde_json::json!({"key": "L".repeat(250), "units": 12_288});
+    let big = settled(|| r.admin(r.http.put(&stock_url)).json(&long)).await;
+    assert_eq!(big.status, 200, "{:?}", big.body);
     let again =
         settled(|| r.admin(r.http.put(&stock_url)).json(&serde_json::json!({"key": "SHARED-KEY", "units": 30}))).await;
     assert_eq!((again.status, again.body["added"].as_u64()), (200, Some(0)), "{:?}", again.body);

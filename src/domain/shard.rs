@@ -47,6 +47,10 @@ pub type KeyId = u32;
 
 /// Upper bound of keys carried by one `KeysImported` event (bounds journal records).
 pub const MAX_KEYS_PER_EVENT: usize = 4096;
+/// Upper bound of the key bytes one `KeysImported` event carries: 4,096 keys of the
+/// longest kind would make a record over 1 MiB, more than a NATS server takes in
+/// one message (its default `max_payload`) on the jetstream backend.
+pub const MAX_KEY_BYTES_PER_EVENT: usize = 512 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProductInfo {
@@ -604,7 +608,8 @@ impl Shard {
     // ---- commands: decide, apply, and return the event to journal ----
 
     /// Adds keys not yet known to this shard. Returns the events (chunks of at most
-    /// [`MAX_KEYS_PER_EVENT`]) and `(imported, duplicates)`.
+    /// [`MAX_KEYS_PER_EVENT`] keys and [`MAX_KEY_BYTES_PER_EVENT`] key bytes) and
+    /// `(imported, duplicates)`.
     pub fn import_keys(&mut self, keys: Vec<String>) -> (Vec<Event>, u64, u64) {
         let total = keys.len() as u64;
         let mut seen: HashSet<&str> = HashSet::with_capacity(keys.len());
@@ -618,8 +623,20 @@ impl Shard {
         let imported = fresh.len() as u64;
         let mut keys: Vec<Option<String>> = keys.into_iter().map(Some).collect();
         let mut events = Vec::new();
-        for chunk in fresh.chunks(MAX_KEYS_PER_EVENT) {
-            let batch: Vec<String> = chunk.iter().map(|&i| keys[i].take().expect("index used once")).collect();
+        let mut batch: Vec<String> = Vec::new();
+        let mut bytes = 0;
+        for i in fresh {
+            let key = keys[i].take().expect("index used once");
+            if !batch.is_empty() && (batch.len() == MAX_KEYS_PER_EVENT || bytes + key.len() > MAX_KEY_BYTES_PER_EVENT) {
+                let event = Event::KeysImported { keys: std::mem::take(&mut batch) };
+                self.apply(&event);
+                events.push(event);
+                bytes = 0;
+            }
+            bytes += key.len();
+            batch.push(key);
+        }
+        if !batch.is_empty() {
             let event = Event::KeysImported { keys: batch };
             self.apply(&event);
             events.push(event);
@@ -1369,6 +1386,20 @@ mod tests {
         let (events, imported, _) = s.import_keys((0..MAX_KEYS_PER_EVENT + 5).map(|i| i.to_string()).collect());
         assert_eq!(events.len(), 2);
         assert_eq!(imported as usize, MAX_KEYS_PER_EVENT + 5);
+    }
+
+    #[test]
+    fn import_chunks_long_keys_by_bytes() {
+        // 4,096 keys of 256 bytes (1 MiB) would not fit one NATS message.
+        let mut s = Shard::new(product(0), 0);
+        let keys: Vec<String> = (0..MAX_KEYS_PER_EVENT).map(|i| format!("{i:0>256}")).collect();
+        let (events, imported, _) = s.import_keys(keys);
+        assert_eq!(imported as usize, MAX_KEYS_PER_EVENT);
+        assert_eq!(events.len(), 2);
+        for e in &events {
+            let Event::KeysImported { keys } = e else { panic!("an import event") };
+            assert!(keys.iter().map(String::len).sum::<usize>() <= MAX_KEY_BYTES_PER_EVENT);
+        }
     }
 
     #[test]
