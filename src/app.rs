@@ -629,6 +629,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
             Some(js)
         }
     };
+    let ledger_stream = stream.clone();
     let env = Arc::new(ShardEnv {
         storage: storage.clone(),
         stream,
@@ -676,25 +677,20 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     // Its own thread: gateway calls never share an arbiter with stock actors.
     let payments =
         Supervisor::start_in_arbiter(&actors.payments.handle(), move |_| PaymentSupervisor::new(payment_env));
-    use crate::actors::ledger::start_ledger;
-    let points = start_ledger(
-        crate::actors::points::POINTS_SHARDS,
-        &storage,
-        &clock,
-        &actors.arbiters,
-        settings.actors.mailbox_capacity,
-        settings.storage.snapshot_min_journal_bytes,
-    )
-    .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
-    let coupons = start_ledger(
-        crate::actors::coupons::COUPON_SHARDS,
-        &storage,
-        &clock,
-        &actors.arbiters,
-        settings.actors.mailbox_capacity,
-        settings.storage.snapshot_min_journal_bytes,
-    )
-    .map_err(|e| StartError::Recovery(format!("coupons: {e}")))?;
+    use crate::actors::ledger::{start_ledger, LedgerEnv};
+    // A cluster node keeps the ledgers in the stream with the stock shards (each
+    // served by the node holding its lease); one server keeps them here.
+    let ledger_env = Arc::new(LedgerEnv {
+        storage: storage.clone(),
+        stream: if settings.cluster.enabled() { ledger_stream } else { None },
+        clock: clock.clone(),
+        mailbox_capacity: settings.actors.mailbox_capacity,
+        snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
+    });
+    let points = start_ledger(crate::actors::points::POINTS_SHARDS, &ledger_env, &actors.arbiters)
+        .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
+    let coupons = start_ledger(crate::actors::coupons::COUPON_SHARDS, &ledger_env, &actors.arbiters)
+        .map_err(|e| StartError::Recovery(format!("coupons: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
     let reusable_products = storage.reusable_products().map_err(|e| StartError::Recovery(format!("key modes: {e}")))?;
     let group_deals = storage.group_deals().map_err(|e| StartError::Recovery(format!("group deals: {e}")))?;
@@ -704,7 +700,6 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     let shared_catalogue = catalogue.clone();
     let parts = Parts {
         catalogue,
-        clustered: settings.cluster.enabled(),
         registry,
         supervisor,
         payments,

@@ -217,7 +217,6 @@ pub struct Redeemed {
 pub struct Kami {
     /// Products mirrored to the stream's catalogue (jetstream backend only).
     catalogue: Option<Arc<crate::cluster::catalogue::Catalogue>>,
-    clustered: bool,
     registry: Arc<Registry>,
     supervisor: Addr<ProductSupervisor>,
     payments: Addr<PaymentSupervisor>,
@@ -283,9 +282,6 @@ pub struct Parts {
     pub http: reqwest::Client,
     /// The stream's catalogue bucket on the jetstream backend ([`catalogue`]).
     pub catalogue: Option<Arc<crate::cluster::catalogue::Catalogue>>,
-    /// A cluster node (`cluster.node`): points and coupons are refused (their
-    /// ledgers are kept by one server, so nodes would disagree).
-    pub clustered: bool,
 }
 
 impl Kami {
@@ -310,7 +306,6 @@ impl Kami {
             webhooks,
             http,
             catalogue,
-            clustered,
         } = parts;
         let passwords = Passwords::new(lookup_secret, limits.max_parallel_hashes, limits.max_waiting_hashes);
         Kami {
@@ -335,7 +330,6 @@ impl Kami {
             webhooks,
             http,
             catalogue,
-            clustered,
             pay_calls: tokio::sync::Semaphore::new(MAX_PAY_CALLS),
             backup_running: Default::default(),
             cluster: Default::default(),

@@ -45,11 +45,12 @@ struct Cluster {
 impl Cluster {
     async fn start(nats: &Nats, stream: &str, n: usize) -> Cluster {
         let urls = nats.options().urls;
-        Cluster::start_through(nats, stream, &vec![urls; n]).await
+        Cluster::start_through(nats, stream, &vec![urls; n], &[]).await
     }
 
-    /// A node per list of server addresses (`urls[i]` for node `i`).
-    async fn start_through(nats: &Nats, stream: &str, urls: &[Vec<String>]) -> Cluster {
+    /// A node per list of server addresses (`urls[i]` for node `i`), each with
+    /// `extra` settings too.
+    async fn start_through(nats: &Nats, stream: &str, urls: &[Vec<String>], extra: &[(&str, &str)]) -> Cluster {
         drop(nats.connect().await);
         let dir = tempfile::tempdir().unwrap();
         let names: Vec<String> = (0..urls.len()).map(|i| format!("node{i}")).collect();
@@ -58,7 +59,8 @@ impl Cluster {
             .zip(urls)
             .map(|(name, urls)| {
                 let env = node_env(nats, urls, stream, name, free_port());
-                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                env.extend_from_slice(extra);
                 Server::spawn(&dir.path().join(name), &env)
             })
             .collect();
@@ -308,7 +310,6 @@ fn partial_node(cluster: &Cluster, owners: &BTreeMap<String, String>) -> usize {
 /// Through a node that does not serve every shard of a product, what writes or
 /// counts every shard reaches the ones other nodes serve: withdrawals (named keys
 /// and a count), a reusable key's units, and deletion's count of open orders.
-/// Points and coupons are refused (501).
 async fn writes_reach_every_shard(cluster: &Cluster) {
     let api0 = cluster.api(0);
     assert_eq!(api0.create_product("spare", 500, 0, 3).await.status, 201);
@@ -390,21 +391,6 @@ async fn writes_reach_every_shard(cluster: &Cluster) {
     assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
     let deleted = settled(|| api.admin(api.http.delete(&product_url))).await;
     assert_eq!((deleted.status, deleted.body["shelf"].as_str()), (200, Some("deleted")), "{:?}", deleted.body);
-
-    // Points and coupons are kept by one server: a cluster node refuses them
-    // plainly rather than keep a ledger the other nodes do not see.
-    let points = reply(
-        api.admin(api.http.post(format!("{}/api/v1/admin/buyers/p@example.com/points", api.url)))
-            .json(&serde_json::json!({"request_id": "grant-1", "delta": 100})),
-    )
-    .await;
-    assert_eq!((points.status, points.body["error"]["code"].as_str()), (501, Some("unsupported")), "{:?}", points.body);
-    let coupon = reply(
-        api.admin(api.http.post(format!("{}/api/v1/admin/coupons", api.url)))
-            .json(&serde_json::json!({"code": "SPRING-10", "kind": "percent", "value": 10, "max_uses": 100})),
-    )
-    .await;
-    assert_eq!((coupon.status, coupon.body["error"]["code"].as_str()), (501, Some("unsupported")), "{:?}", coupon.body);
 }
 
 /// The shard an order id names (`hot.2.17` → `stock.hot.2`).
@@ -590,7 +576,7 @@ async fn a_paused_owner_never_answers_for_a_shard_another_node_took_over() {
 }
 
 impl Cluster {
-    /// The shards node `i` says it serves.
+    /// The stock shards node `i` says it serves.
     async fn served_by(&self, i: usize) -> HashSet<String> {
         let api = self.api(i);
         let status = reply(api.http.get(format!("{}/status.json", api.url))).await;
@@ -599,7 +585,7 @@ impl Cluster {
             .cloned()
             .unwrap_or_default()
             .iter()
-            .filter_map(|s| s.as_str().map(str::to_string))
+            .filter_map(|s| s.as_str().filter(|s| s.starts_with("stock.")).map(str::to_string))
             .collect()
     }
 }
@@ -613,7 +599,7 @@ async fn a_node_cut_off_from_the_stream_acknowledges_nothing_the_stream_does_not
     let relays: Vec<Vec<Relay>> = (0..2).map(|_| nats.ports.iter().map(|p| Relay::to(*p)).collect()).collect();
     let urls: Vec<Vec<String>> =
         relays.iter().map(|r| r.iter().map(|r| format!("nats://127.0.0.1:{}", r.port)).collect()).collect();
-    let cluster = Cluster::start_through(&nats, "KAMIPARTITION", &urls).await;
+    let cluster = Cluster::start_through(&nats, "KAMIPARTITION", &urls, &[]).await;
     assert_eq!(cluster.api(0).create_product("hot", 990, 0, 4).await.status, 201);
     let shards = ["stock.hot.0", "stock.hot.1", "stock.hot.2", "stock.hot.3"];
     let owners = cluster.placed(&shards).await;
@@ -773,4 +759,141 @@ async fn a_sale_goes_on_when_a_nats_server_is_killed_and_stops_acknowledging_wit
     }
     serves_everything(&cluster.api(0), &bought).await;
     audit_counts(&cluster.api(1), &bought).await;
+}
+
+/// A buyer's points line as a node reads it: (balance, kinds of its ledger lines).
+async fn points_of(api: &Api, buyer: &str) -> (u64, Vec<String>) {
+    let url = format!("{}/api/v1/admin/buyers/{buyer}/points/ledger", api.url);
+    let got = settled(|| api.admin(api.http.get(&url))).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let kinds = got.body["entries"].as_array().unwrap_or_else(|| panic!("no entries: {}", got.body));
+    let kinds = kinds.iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    (got.body["balance"].as_u64().unwrap(), kinds)
+}
+
+/// Spends 10 points of `buyer`'s for one key of `gift` (the same `key` replays).
+async fn redeem(api: &Api, buyer: &str, key: &str) -> common::Reply {
+    let body = serde_json::json!({"buyer": buyer, "product_id": "gift", "quantity": 1});
+    settled(|| api.http.post(format!("{}/api/v1/redemptions", api.url)).header("Idempotency-Key", key).json(&body))
+        .await
+}
+
+/// A coupon's uses held and used, as a node reads them.
+async fn coupon_uses(api: &Api, code: &str) -> u64 {
+    let got = settled(|| api.admin(api.http.get(format!("{}/api/v1/admin/coupons/{code}", api.url)))).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    got.body["uses"]["held"].as_u64().unwrap() + got.body["uses"]["used"].as_u64().unwrap()
+}
+
+/// Points and coupon ledgers are shards like stock: each is served by the node
+/// holding its lease (its journal in the stream) and reached from any node.
+/// Credits, redemptions, statements and coupons work through nodes that do not
+/// serve the buyer's points shard; when the node serving it is killed, another
+/// rebuilds the ledger from the stream with every acknowledged line, and the buyer
+/// goes on redeeming (from the ledger's last snapshot and the records after it);
+/// the audit of points and coupons passes on every survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_and_coupons_are_kept_by_lease_and_outlive_the_node_serving_them() {
+    let Some(bin) = nats_or_skip() else { return };
+    let _one = ONE_CLUSTER.lock().await;
+    let nats = Nats::start_n(bin, 3, None);
+    // Snapshots of every ledger as soon as its journal outgrows the last one: the
+    // node taking a shard over starts from one and replays what follows.
+    let small = [("KAMI_STORAGE__SNAPSHOT_MIN_JOURNAL_BYTES", "256")];
+    let mut cluster = Cluster::start_through(&nats, "KAMILEDGERS", &vec![nats.options().urls; 3], &small).await;
+    let ledgers: Vec<String> =
+        (0..8).map(|i| format!("points.{i}")).chain((0..8).map(|i| format!("coupons.{i}"))).collect();
+    let owners = cluster.placed(&ledgers.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    eprintln!("ledgers: {owners:?}");
+    let api0 = cluster.api(0);
+    assert_eq!(api0.create_product("gift", 500, 0, 3).await.status, 201);
+    cluster.placed(&["stock.gift.0", "stock.gift.1", "stock.gift.2"]).await;
+    let keys: Vec<String> = (0..60).map(|i| format!("GIFT-{i:03}")).collect();
+    import_into(&api0, "gift", &keys).await;
+    let priced = settled(|| {
+        api0.admin(api0.http.put(format!("{}/api/v1/products/gift/points-price", api0.url)))
+            .json(&serde_json::json!({"points_price": 10}))
+    })
+    .await;
+    assert_eq!(priced.status, 200, "{:?}", priced.body);
+
+    // Each buyer's points through a node that does not serve their points shard.
+    let points_owner =
+        |buyer: &str| owners[&format!("points.{}", kami::actors::points::points_shard_of(buyer))].clone();
+    let away = |buyer: &str| (0..3).find(|&n| cluster.names[n] != points_owner(buyer)).unwrap();
+    let buyers: Vec<String> = (0..12).map(|i| format!("p{i}@example.com")).collect();
+    for (i, buyer) in buyers.iter().enumerate() {
+        let api = cluster.api(away(buyer));
+        let url = format!("{}/api/v1/admin/buyers/{buyer}/points", api.url);
+        let body = serde_json::json!({"request_id": "welcome", "delta": 100});
+        let credited = settled(|| api.admin(api.http.post(&url)).json(&body)).await;
+        assert_eq!((credited.status, credited.body["balance"].as_u64()), (200, Some(100)), "{:?}", credited.body);
+        // A refusal by the ledger on another node is the same refusal here.
+        let over = serde_json::json!({"request_id": "too-much", "delta": -1000});
+        let refused = settled(|| api.admin(api.http.post(&url)).json(&over)).await;
+        assert_eq!((refused.status, refused.body["error"]["code"].as_str()), (409, Some("insufficient_points")));
+        // A redemption through any node: held on the points shard's node, the key
+        // delivered by the stock shard's, settled.
+        let redeemed = redeem(&cluster.api(i % 3), buyer, "first").await;
+        assert_eq!(redeemed.status, 201, "{:?}", redeemed.body);
+        assert_eq!(redeemed.body["keys"].as_array().map(Vec::len), Some(1), "{:?}", redeemed.body);
+        assert_eq!(redeemed.body["points_balance"].as_u64(), Some(90), "{:?}", redeemed.body);
+        assert_eq!(
+            points_of(&cluster.api((i + 1) % 3), buyer).await,
+            (90, vec!["credit".into(), "held".into(), "redeemed".into()])
+        );
+    }
+
+    // A coupon defined on one node, read on another, held by an order through a third.
+    let coupon = serde_json::json!({"code": "GIFT-5", "kind": "amount", "value": 50, "max_uses": 10});
+    let defined =
+        settled(|| api0.admin(api0.http.post(format!("{}/api/v1/admin/coupons", api0.url))).json(&coupon)).await;
+    assert_eq!(defined.status, 201, "{:?}", defined.body);
+    let api2 = cluster.api(2);
+    let body = serde_json::json!({"product_id": "gift", "quantity": 1, "buyer": "c@example.com", "coupon": "GIFT-5"});
+    let ordered = settled(|| api2.http.post(format!("{}/api/v1/orders", api2.url)).json(&body)).await;
+    assert_eq!(ordered.status, 201, "{:?}", ordered.body);
+    assert_eq!(ordered.body["price_breakdown"]["discount_cents"].as_u64(), Some(50), "{:?}", ordered.body);
+    assert_eq!(coupon_uses(&cluster.api(1), "GIFT-5").await, 1);
+
+    // kill -9 the node serving the first buyer's points shard.
+    let victim_name = points_owner(&buyers[0]);
+    let victim = cluster.names.iter().position(|n| *n == victim_name).unwrap();
+    cluster.nodes[victim].take().unwrap().kill9();
+    let moved: Vec<&str> = owners.iter().filter(|(_, n)| **n == victim_name).map(|(s, _)| s.as_str()).collect();
+    let after = cluster.placed(&moved).await;
+    assert!(after.values().all(|n| *n != victim_name), "{after:?}");
+    let survivor = cluster.api(cluster.live()[0]);
+    // The ledgers it served were rebuilt from their snapshots (none existed when
+    // the cluster placed them first, empty).
+    let rebuilt: Vec<String> = cluster
+        .live()
+        .iter()
+        .flat_map(|&n| cluster.nodes[n].as_ref().unwrap().lines_with("ledger actor rebuilt from the stream"))
+        .collect();
+    assert!(rebuilt.iter().any(|l| !l.contains("snapshot_bytes=0")), "{rebuilt:#?}");
+    // Every acknowledged line is there, wherever each ledger is served now.
+    for buyer in &buyers {
+        assert_eq!(
+            points_of(&survivor, buyer).await,
+            (90, vec!["credit".into(), "held".into(), "redeemed".into()]),
+            "{buyer}"
+        );
+    }
+    assert_eq!(coupon_uses(&survivor, "GIFT-5").await, 1, "the coupon's use held before the kill");
+    // The first buyer goes on: a replay answers the same order, a new redemption spends.
+    let replay = redeem(&survivor, &buyers[0], "first").await;
+    assert_eq!((replay.status, replay.body["points_balance"].as_u64()), (201, Some(90)), "{:?}", replay.body);
+    let again = redeem(&survivor, &buyers[0], "second").await;
+    assert_eq!((again.status, again.body["points_balance"].as_u64()), (201, Some(80)), "{:?}", again.body);
+    for s in cluster.live() {
+        let api = cluster.api(s);
+        let audit = settled(|| api.admin(api.http.get(format!("{}/api/v1/admin/audit", api.url)))).await;
+        assert_audit_ok(&audit);
+        // 13 redemptions, each settled or (its settle left to the resolver) held.
+        let points = &audit.body["points"];
+        let n = |f: &str| points[f].as_u64().unwrap();
+        assert_eq!(n("redemptions_settled") + n("total_held") / 10, 13, "{points}");
+        assert_eq!(n("total_balance") - n("total_held"), 11 * 90 + 80, "{points}");
+    }
 }

@@ -1482,3 +1482,52 @@ mod servers {
         serves_everything(&server.api(), &acknowledged).await;
     }
 }
+
+/// Journals `n` credits of 10 points to `buyer` from `first` on, through `book`.
+async fn credit(
+    book: &mut kami::domain::points::PointsBook,
+    journal: &StreamJournal,
+    first: u64,
+    n: u64,
+) -> Result<(), StorageError> {
+    for i in first..first + n {
+        match book.adjust(&format!("grant-{i}"), "alice", 10, "", 1_000 + i).expect("a credit") {
+            kami::domain::Outcome::Changed(event, _) => journal.append_all(i, &[event])?,
+            kami::domain::Outcome::Repeat(_) => panic!("a new request id"),
+        };
+    }
+    journal.ticket()?.wait().await
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_points_ledger_is_rebuilt_from_its_snapshot_and_the_records_after_it_and_its_old_writer_is_fenced() {
+    use kami::domain::points::PointsBook;
+    use kami::storage::Ledger;
+    let Some(bin) = nats_or_skip() else { return };
+    let nats = Nats::start(bin, None);
+    let js = nats.connect().await;
+    let first = js.recover_ledger::<PointsBook>(3).await.unwrap();
+    assert_eq!((first.book.seq(), first.replayed, first.snapshot_bytes), (0, 0, 0), "a new ledger is empty");
+    let (mut book, journal) = (first.book, first.journal);
+    credit(&mut book, &journal, 1, 10).await.unwrap();
+    // A snapshot of more than the stream acknowledged is refused.
+    let bytes = codec::encode(Kind::PointsSnapshot, &book);
+    assert!(js.store_ledger_snapshot::<PointsBook>(3, &journal, 11, &bytes).await.is_err());
+    assert!(js.store_ledger_snapshot::<PointsBook>(3, &journal, 10, &bytes).await.unwrap());
+    credit(&mut book, &journal, 11, 5).await.unwrap();
+
+    // The next owner starts from the snapshot and replays only what follows it.
+    let next = js.recover_ledger::<PointsBook>(3).await.unwrap();
+    assert_eq!((next.book.seq(), next.replayed, next.snapshot_bytes), (15, 5, bytes.len() as u64));
+    assert_eq!(next.book.balance("alice").balance, 150);
+    assert_eq!(next.book.statement("alice", 100), book.statement("alice", 100), "the same ledger lines");
+    // Another shard of the ledger is a journal of its own.
+    assert_eq!(js.recover_ledger::<PointsBook>(4).await.unwrap().book.seq(), 0);
+
+    // The old owner can no longer extend the history the next one opened.
+    let (mut next_book, next_journal) = (next.book, next.journal);
+    credit(&mut next_book, &next_journal, 16, 1).await.unwrap();
+    assert!(credit(&mut book, &journal, 16, 1).await.is_err(), "a stale writer is fenced");
+    let last = js.recover_ledger::<PointsBook>(3).await.unwrap();
+    assert_eq!((last.book.seq(), last.book.balance("alice").balance), (16, 160));
+}

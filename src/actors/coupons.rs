@@ -35,32 +35,32 @@ impl Machine for CouponBook {
 }
 
 /// Answers the coupon and whether this message created it.
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<(Coupon, bool)>")]
 pub struct Define(pub CouponSpec);
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Coupon>")]
 pub struct Disable(pub String);
 
 /// Saga step 1: answers the coupon (its terms) once the use is durably held.
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Coupon>")]
 pub struct HoldUse(pub CouponHold);
 
 /// Saga step 3 (a hold already finished is a repeat).
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<()>")]
 pub struct FinishHold {
     pub hold: String,
     pub finish: Finish,
 }
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Option<Coupon>>")]
 pub struct Get(pub String);
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Vec<Coupon>>")]
 pub struct List {
     pub after: Option<String>,
@@ -68,7 +68,7 @@ pub struct List {
 }
 
 /// Holds made before `before_ms`, oldest first (the resolver's work).
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Vec<CouponHold>>")]
 pub struct HoldsBefore {
     pub before_ms: u64,
@@ -77,9 +77,33 @@ pub struct HoldsBefore {
     pub limit: usize,
 }
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<CouponAudit>")]
 pub struct Audit;
+
+super::ledger::ledger_calls! {
+    Define => "define": (Coupon, bool),
+    Disable => "disable": Coupon,
+    HoldUse => "hold": Coupon,
+    FinishHold => "finish": (),
+    Get => "get": Option<Coupon>,
+    List => "list": Vec<Coupon>,
+}
+
+/// A coupon shard's audit travels with its per-code counts (left out of its JSON).
+impl super::ledger::LedgerCall for Audit {
+    type Answer = CouponAudit;
+    type Wire = (CouponAudit, std::collections::BTreeMap<String, (u64, u64)>);
+    const NAME: &'static str = "audit";
+    fn to_wire(mut audit: CouponAudit) -> Self::Wire {
+        let by_code = std::mem::take(&mut audit.by_code);
+        (audit, by_code)
+    }
+    fn from_wire((mut audit, by_code): Self::Wire) -> CouponAudit {
+        audit.by_code = by_code;
+        audit
+    }
+}
 
 impl Handler<Define> for CouponActor {
     type Result = ResponseFuture<ActorResult<(Coupon, bool)>>;

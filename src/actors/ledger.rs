@@ -4,6 +4,12 @@
 //! answered only after the group commit's flush; a killed actor rebuilds from its
 //! journal, never from memory. Each book's own messages live with it
 //! (`actors::points`, `actors::coupons`).
+//!
+//! On a cluster node (`cluster.node`) the journal and snapshots are kept in the
+//! replicated stream (subject `{name}.{shard}`, which is also the shard's lease
+//! key): the actor starts without a book, is rebuilt from the stream when the node
+//! takes the lease ([`Own`]) and drops it when the lease goes ([`Disown`]), as a
+//! stock actor does. Its [`Place`] says whether calls may go to it here.
 
 use std::sync::Arc;
 
@@ -11,10 +17,13 @@ use actix::prelude::*;
 
 use super::admission::Admission;
 use super::journaled::{fail, ActorError, ActorResult, Journaled, Machine, Shell};
+use super::place::Place;
+use super::shard::{Disown, Own};
 use super::Kill;
 use crate::clock::Clock;
-use crate::domain::{DomainError, Outcome};
-use crate::storage::{Ledger, LedgerRecovered, Storage};
+use crate::domain::{DomainError, Outcome, ShardId};
+use crate::storage::jetstream::{JetStream, StreamJournal, StreamLedger};
+use crate::storage::{EventLog, Ledger, LedgerRecovered, Storage, StorageError};
 
 /// A book a ledger actor can own.
 pub trait LedgerBook: Ledger + Machine<Event = <Self as Ledger>::Event> + Unpin + Send + 'static {}
@@ -25,49 +34,69 @@ impl<B: Ledger + Machine<Event = <B as Ledger>::Event> + Unpin + Send + 'static>
 pub struct LedgerHandle<B: LedgerBook> {
     pub addr: Addr<LedgerActor<B>>,
     pub admission: Arc<Admission>,
+    /// Whether calls may go to it here (always, on one server).
+    pub place: Arc<Place>,
 }
 
 impl<B: LedgerBook> Clone for LedgerHandle<B> {
     fn clone(&self) -> Self {
-        LedgerHandle { addr: self.addr.clone(), admission: self.admission.clone() }
+        LedgerHandle { addr: self.addr.clone(), admission: self.admission.clone(), place: self.place.clone() }
     }
 }
 
-/// Rebuilds `shards` ledger shards of book `B` from storage and starts their actors
-/// (round-robin over `arbiters`, under a supervisor). Returns them by shard index.
+/// Where ledger shards keep their journals and snapshots, and their actors' limits.
+pub struct LedgerEnv {
+    pub storage: Arc<Storage>,
+    /// A cluster node's replicated stream: the shards are kept there, served here
+    /// only while this node holds their leases.
+    pub stream: Option<JetStream>,
+    pub clock: Arc<dyn Clock>,
+    pub mailbox_capacity: usize,
+    /// A snapshot is written once the journal since the last one exceeds
+    /// max(this, the last snapshot's size), as for stock shards.
+    pub snapshot_min_journal_bytes: u64,
+}
+
+/// Starts `shards` ledger shards of book `B` (round-robin over `arbiters`, under a
+/// supervisor), each rebuilt from local storage, or without a book until its lease
+/// is taken on a cluster node. Returns them by shard index.
 pub fn start_ledger<B: LedgerBook>(
     shards: u16,
-    storage: &Arc<Storage>,
-    clock: &Arc<dyn Clock>,
+    env: &Arc<LedgerEnv>,
     arbiters: &[ArbiterHandle],
-    mailbox_capacity: usize,
-    snapshot_min_journal_bytes: u64,
 ) -> Result<Vec<LedgerHandle<B>>, ActorError> {
     (0..shards)
         .map(|shard| {
-            let recovered = storage.recover_ledger::<B>(shard)?;
-            let (storage, clock) = (storage.clone(), clock.clone());
+            let id = ShardId::new(B::NAME, shard);
+            let (recovered, place) = match env.stream {
+                Some(_) => (None, Arc::new(Place::elsewhere(id))),
+                None => (Some(env.storage.recover_ledger::<B>(shard)?), Arc::new(Place::here(id))),
+            };
+            let admission = Arc::new(Admission::new(env.mailbox_capacity, 0));
+            let (env, actor_place) = (env.clone(), place.clone());
             let arbiter = &arbiters[shard as usize % arbiters.len()];
             // Built on its arbiter: the actor's state is not shared across threads.
-            let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
-                LedgerActor::new(shard, storage, clock, snapshot_min_journal_bytes, mailbox_capacity, recovered)
-            });
-            Ok(LedgerHandle { addr, admission: Arc::new(Admission::new(mailbox_capacity, 0)) })
+            let addr =
+                Supervisor::start_in_arbiter(arbiter, move |_| LedgerActor::new(shard, env, actor_place, recovered));
+            Ok(LedgerHandle { addr, admission, place })
         })
         .collect()
 }
 
 pub struct LedgerActor<B: LedgerBook> {
     shard: u16,
-    storage: Arc<Storage>,
-    clock: Arc<dyn Clock>,
-    /// A snapshot is written once the journal since the last one exceeds
-    /// max(this, the last snapshot's size), as for stock shards.
-    snapshot_min_journal_bytes: u64,
-    /// Admission permits of its line (callers hold one per request).
-    mailbox_capacity: usize,
+    env: Arc<LedgerEnv>,
     /// The book and its journal (see [`super::journaled`]).
     shell: Shell<B>,
+    /// Its journal when the stream keeps it (see [`LedgerEnv::stream`]).
+    stream: Option<Arc<StreamJournal>>,
+    /// Whether it is served here (see [`super::place`]).
+    place: Arc<Place>,
+    /// Counts the hand-overs of a cluster node's shard ([`Disown`]): a rebuild
+    /// begun before one installs nothing after it.
+    tenure: u64,
+    /// A rebuild from the stream is under way.
+    rebuilding: bool,
     /// `kami_actor_turn_seconds{actor="points"|"coupons"}`.
     pub(super) turns: metrics::Histogram,
 }
@@ -77,34 +106,33 @@ fn live<B: LedgerBook>(r: LedgerRecovered<B>) -> Journaled<B> {
     Journaled::recovered(r.book, Arc::new(r.journal), seq, 0, r.snapshot_bytes)
 }
 
+/// Longest wait between two tries to rebuild a ledger shard from the stream.
+const MAX_REBUILD_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl<B: LedgerBook> LedgerActor<B> {
-    /// A ledger shard rebuilt from its snapshot and journal (`recovered`).
-    pub fn new(
-        shard: u16,
-        storage: Arc<Storage>,
-        clock: Arc<dyn Clock>,
-        snapshot_min_journal_bytes: u64,
-        mailbox_capacity: usize,
-        recovered: LedgerRecovered<B>,
-    ) -> Self {
+    /// A ledger shard rebuilt from local storage (`recovered`), or without a book
+    /// until its lease is taken (a cluster node).
+    pub fn new(shard: u16, env: Arc<LedgerEnv>, place: Arc<Place>, recovered: Option<LedgerRecovered<B>>) -> Self {
         LedgerActor {
-            mailbox_capacity,
             shard,
-            storage,
-            clock,
-            snapshot_min_journal_bytes,
-            shell: Shell::new(format!("{} {shard}", B::NAME), Some(live(recovered))),
+            env,
+            shell: Shell::new(format!("{} {shard}", B::NAME), recovered.map(live)),
+            stream: None,
+            place,
+            tenure: 0,
+            rebuilding: false,
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => B::NAME),
         }
     }
 
     /// Snapshots the book once enough journal has grown since the last snapshot;
-    /// once the snapshot is flushed, the journal it covers is trimmed (off the
-    /// actor's thread). So start-up reads at most about twice the book.
+    /// once the snapshot is durable, the journal it covers is trimmed (off the
+    /// actor's thread; on the stream, purged). So start-up reads at most about
+    /// twice the book.
     fn maybe_snapshot(&mut self) {
         let shard = self.shard;
         let Ok(live) = self.shell.live_mut() else { return };
-        if !live.snapshot_due(self.snapshot_min_journal_bytes) {
+        if !live.snapshot_due(self.env.snapshot_min_journal_bytes) {
             return;
         }
         let slot = match live.begin_snapshot() {
@@ -113,13 +141,30 @@ impl<B: LedgerBook> LedgerActor<B> {
                 return tracing::warn!(ledger = B::NAME, shard, error = %e, "starting a new journal segment failed")
             }
         };
-        match self.storage.write_ledger_snapshot(shard, live.state()) {
+        if let (Some(js), Some(journal)) = (&self.env.stream, &self.stream) {
+            let bytes = crate::storage::codec::encode(B::SNAPSHOT, live.state());
+            slot.stored(bytes.len());
+            let (js, journal) = (js.clone(), journal.clone());
+            actix_rt::spawn(async move {
+                let seq = slot.seq;
+                let stored = async {
+                    EventLog::<<B as Ledger>::Event>::ticket(&*journal)?.wait().await?;
+                    js.store_ledger_snapshot::<B>(shard, &journal, seq, &bytes).await
+                };
+                if let Err(e) = stored.await {
+                    tracing::warn!(ledger = B::NAME, shard, error = %e, "snapshot not stored; the journal keeps growing until the next try");
+                }
+                drop(slot);
+            });
+            return;
+        }
+        match self.env.storage.write_ledger_snapshot(shard, live.state()) {
             Ok(bytes) => slot.stored(bytes),
             Err(e) => {
                 return tracing::warn!(ledger = B::NAME, shard, error = %e, "snapshot failed; the journal keeps growing until the next try")
             }
         }
-        let storage = self.storage.clone();
+        let storage = self.env.storage.clone();
         let Ok(ticket) = storage.ticket() else { return };
         actix_rt::spawn(async move {
             let flushed = ticket.wait().await.is_ok();
@@ -138,6 +183,49 @@ impl<B: LedgerBook> LedgerActor<B> {
         });
     }
 
+    /// Rebuilds the book from the replicated stream (off the actor's turn: until it
+    /// is installed, every request is answered unavailable). A failed try is tried
+    /// again, waiting longer each time, while the lease stays here.
+    fn rebuild_from_stream(&mut self, ctx: &mut Context<Self>, failures: u32) {
+        let Some(js) = self.env.stream.clone() else { return };
+        let (shard, tenure) = (self.shard, self.tenure);
+        self.rebuilding = true;
+        let rebuild = async move { js.recover_ledger::<B>(shard).await };
+        ctx.spawn(actix::fut::wrap_future::<_, Self>(rebuild).map(
+            move |rebuilt: Result<StreamLedger<B>, StorageError>, act, ctx| {
+                if act.tenure != tenure {
+                    return; // handed over meanwhile: what was read may be outdated already
+                }
+                match rebuilt {
+                    Ok(r) => {
+                        act.rebuilding = false;
+                        tracing::info!(ledger = B::NAME, shard, snapshot_bytes = r.snapshot_bytes, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "ledger actor rebuilt from the stream");
+                        let journal = Arc::new(r.journal);
+                        let seq = r.book.seq();
+                        act.stream = Some(journal.clone());
+                        act.shell.install(Journaled::recovered(
+                            r.book,
+                            journal,
+                            seq,
+                            r.journal_bytes,
+                            r.snapshot_bytes,
+                        ));
+                    }
+                    Err(e) => {
+                        let wait = (std::time::Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16)))
+                            .min(MAX_REBUILD_BACKOFF);
+                        tracing::error!(ledger = B::NAME, shard, error = %e, retry_ms = wait.as_millis() as u64, "ledger actor could not rebuild from the stream; answering unavailable");
+                        ctx.run_later(wait, move |act, ctx| {
+                            if act.tenure == tenure {
+                                act.rebuild_from_stream(ctx, failures + 1)
+                            }
+                        });
+                    }
+                }
+            },
+        ));
+    }
+
     /// Runs a domain command; journals its event (if any) and answers once
     /// everything the book shows is durable (a repeat too, like a change).
     pub(super) fn step<T: 'static>(
@@ -145,7 +233,7 @@ impl<B: LedgerBook> LedgerActor<B> {
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut B, u64) -> Result<Outcome<<B as Ledger>::Event, T>, DomainError>,
     ) -> ResponseFuture<ActorResult<T>> {
-        let now = self.clock.now_ms();
+        let now = self.env.clock.now_ms();
         match self.shell.change(ctx, |book| command(book, now)) {
             Ok((value, written)) => {
                 if written.is_some() {
@@ -173,15 +261,24 @@ impl<B: LedgerBook> Actor for LedgerActor<B> {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Callers hold an admission ticket per request (see `core`); this is a backstop.
-        ctx.set_mailbox_capacity(self.mailbox_capacity + super::UNADMITTED_MESSAGES);
+        ctx.set_mailbox_capacity(self.env.mailbox_capacity + super::UNADMITTED_MESSAGES);
     }
 }
 
 impl<B: LedgerBook> Supervised for LedgerActor<B> {
-    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+    fn restarting(&mut self, ctx: &mut Context<Self>) {
         metrics::counter!("kami_actor_restarts_total").increment(1);
         self.shell.clear();
-        match self.storage.recover_ledger::<B>(self.shard) {
+        if self.env.stream.is_some() {
+            self.stream = None;
+            self.tenure += 1;
+            self.rebuilding = false;
+            if self.place.is_here() {
+                self.rebuild_from_stream(ctx, 0);
+            }
+            return; // a shard served elsewhere stays without a book
+        }
+        match self.env.storage.recover_ledger::<B>(self.shard) {
             Ok(recovered) => {
                 tracing::info!(
                     ledger = B::NAME,
@@ -206,3 +303,64 @@ impl<B: LedgerBook> Handler<Kill> for LedgerActor<B> {
         self.shell.stop(ctx);
     }
 }
+
+impl<B: LedgerBook> Handler<Own> for LedgerActor<B> {
+    type Result = ();
+
+    /// This node took the shard's lease: rebuild it from the stream and serve it.
+    fn handle(&mut self, _: Own, ctx: &mut Context<Self>) {
+        if self.shell.live().is_err() && !self.rebuilding {
+            self.rebuild_from_stream(ctx, 0);
+        }
+    }
+}
+
+impl<B: LedgerBook> Handler<Disown> for LedgerActor<B> {
+    type Result = ();
+
+    /// The lease was handed over (or lost): the book is dropped at once.
+    fn handle(&mut self, _: Disown, _: &mut Context<Self>) {
+        self.tenure += 1;
+        self.rebuilding = false;
+        if self.shell.live().is_ok() {
+            tracing::info!(ledger = B::NAME, shard = self.shard, "ledger actor handed over: serving it elsewhere");
+        }
+        self.shell.clear();
+        self.stream = None;
+    }
+}
+
+/// A ledger message another cluster node may send to the node serving the shard
+/// (`POST /api/v1/cluster/ledger/{name}/{shard}/{call}`): the message and its
+/// answer travel as bincode, the answer as its [`LedgerCall::Wire`] form.
+pub trait LedgerCall:
+    Message<Result = ActorResult<Self::Answer>> + serde::Serialize + serde::de::DeserializeOwned + Send + 'static
+{
+    type Answer: Send + 'static;
+    /// The answer as it travels (the answer itself unless it skips fields).
+    type Wire: serde::Serialize + serde::de::DeserializeOwned;
+    /// Its name in the call's path.
+    const NAME: &'static str;
+    fn to_wire(answer: Self::Answer) -> Self::Wire;
+    fn from_wire(wire: Self::Wire) -> Self::Answer;
+}
+
+/// Implements [`LedgerCall`] for messages whose answers travel as they are.
+macro_rules! ledger_calls {
+    ($($message:ty => $name:literal: $answer:ty),* $(,)?) => {
+        $(
+            impl $crate::actors::ledger::LedgerCall for $message {
+                type Answer = $answer;
+                type Wire = $answer;
+                const NAME: &'static str = $name;
+                fn to_wire(answer: $answer) -> $answer {
+                    answer
+                }
+                fn from_wire(wire: $answer) -> $answer {
+                    wire
+                }
+            }
+        )*
+    };
+}
+pub(crate) use ledger_calls;

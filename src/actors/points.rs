@@ -41,7 +41,7 @@ fn event_name(event: &PointsEvent) -> &'static str {
 
 // ---- messages ----
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Balance>")]
 pub struct Adjust {
     pub request_id: String,
@@ -50,11 +50,11 @@ pub struct Adjust {
     pub note: String,
 }
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<RedemptionState>")]
 pub struct HoldPoints(pub Hold);
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Balance>")]
 pub struct SettleRedemption {
     pub redemption: String,
@@ -63,14 +63,14 @@ pub struct SettleRedemption {
     pub order_id: String,
 }
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<()>")]
 pub struct Release {
     pub redemption: String,
     pub reason: String,
 }
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<(Balance, Vec<Entry>)>")]
 pub struct Statement {
     pub buyer: String,
@@ -78,16 +78,25 @@ pub struct Statement {
 }
 
 /// Holds made before `before_ms` and not yet settled or released (the resolver's work).
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<Vec<Hold>>")]
 pub struct StaleHolds {
     pub before_ms: u64,
     pub limit: usize,
 }
 
-#[derive(Message)]
+#[derive(Message, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "ActorResult<PointsAudit>")]
 pub struct AuditPoints;
+
+super::ledger::ledger_calls! {
+    Adjust => "adjust": Balance,
+    HoldPoints => "hold": RedemptionState,
+    SettleRedemption => "settle": Balance,
+    Release => "release": (),
+    Statement => "statement": (Balance, Vec<Entry>),
+    AuditPoints => "audit": PointsAudit,
+}
 
 impl Handler<Adjust> for PointsActor {
     type Result = ResponseFuture<ActorResult<Balance>>;

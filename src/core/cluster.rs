@@ -87,18 +87,29 @@ pub fn lease_key(id: &ShardId) -> String {
     crate::storage::jetstream::shard_journal(id)
 }
 
-/// Every shard of every product the registry holds, as lease keys.
+/// The lease keys of the ledger shards (points and coupons): their journals'
+/// subjects (`points.3`, `coupons.0`).
+fn ledger_keys() -> impl Iterator<Item = String> {
+    use crate::storage::jetstream::ledger_journal;
+    let points = (0..crate::actors::points::POINTS_SHARDS).map(ledger_journal::<crate::domain::points::PointsBook>);
+    let coupons = (0..crate::actors::coupons::COUPON_SHARDS).map(ledger_journal::<crate::domain::coupon::CouponBook>);
+    points.chain(coupons)
+}
+
+/// Every shard the cluster places: each of every product the registry holds, and
+/// every ledger shard, as lease keys.
 fn shards_of(core: &Kami) -> BTreeSet<String> {
     core.registry
         .all()
         .values()
         .flat_map(|r| (0..r.shards.len()).map(|i| lease_key(&ShardId::new(r.info.id.clone(), i as u16))))
+        .chain(ledger_keys())
         .collect()
 }
 
-/// How many shards the registry's products have together.
+/// How many shards [`shards_of`] has.
 fn shard_count(core: &Kami) -> usize {
-    core.registry.all().values().map(|r| r.shards.len()).sum()
+    core.registry.all().values().map(|r| r.shards.len()).sum::<usize>() + ledger_keys().count()
 }
 
 impl ClusterNode {
@@ -240,6 +251,12 @@ impl ClusterNode {
                     }
                 }
             }
+            // A ledger shard's entry only names its node (put once per tenure).
+            for key in ledger_keys() {
+                if owned.serves(&key, now) && !put.contains_key(&key) {
+                    due.push((key, (0, Counts::default())));
+                }
+            }
             put.retain(|key, _| owned.shards.contains_key(key));
             let (gauges, name) = (&self.gauges, &self.name);
             let done: Vec<(String, (u64, Counts), bool)> = futures::stream::iter(due)
@@ -267,6 +284,13 @@ impl ClusterNode {
     /// shard's owner; an entry naming no shard here or that does not decode is
     /// passed over.
     fn learn_gauge(&self, core: &Kami, key: &str, value: &[u8]) {
+        if ledger_keys().any(|k| k == key) {
+            // A ledger shard's entry: only who serves it.
+            if let Ok((_, _, node)) = super::remote::decode::<(u64, Counts, String)>(value, MAX_GAUGE_BYTES) {
+                self.seen_owners.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), node);
+            }
+            return;
+        }
         let Some((product, shard)) = key.strip_prefix("stock.").and_then(|k| k.rsplit_once('.')) else { return };
         let (Some(route), Ok(shard)) = (core.registry.get(product), shard.parse::<usize>()) else { return };
         let Some(handle) = route.shards.get(shard) else { return };
@@ -306,7 +330,13 @@ impl ClusterNode {
     /// when none holds its lease now, or this one does (its actor is not rebuilt
     /// yet); `Unavailable` when the owners bucket cannot be read.
     pub async fn owner_elsewhere(&self, shard: &ShardId) -> Result<(String, String), super::Error> {
-        match self.owner(shard).await {
+        self.lease_owner_elsewhere(&lease_key(shard), shard).await
+    }
+
+    /// [`ClusterNode::owner_elsewhere`] of the shard whose lease key is `key`
+    /// (`shard` names it in errors).
+    pub async fn lease_owner_elsewhere(&self, key: &str, shard: &ShardId) -> Result<(String, String), super::Error> {
+        match self.owner_of(key).await {
             Ok(Some((node, address))) if node != self.name => Ok((node, address)),
             Ok(_) => Err(super::Error::NoOwner(shard.clone())),
             Err(e) => {
@@ -319,7 +349,12 @@ impl ClusterNode {
     /// The node serving `shard` and its address: `None` when no node holds its
     /// lease now (it is moving).
     pub async fn owner(&self, shard: &ShardId) -> Result<Option<(String, String)>, String> {
-        let Some(holder) = self.owners.holder(&lease_key(shard)).await.map_err(|e| e.to_string())? else {
+        self.owner_of(&lease_key(shard)).await
+    }
+
+    /// The node holding lease `key` and its address (`None`: nobody now).
+    async fn owner_of(&self, key: &str) -> Result<Option<(String, String)>, String> {
+        let Some(holder) = self.owners.holder(key).await.map_err(|e| e.to_string())? else {
             return Ok(None);
         };
         if let Some((address, at)) = self.known.lock().unwrap_or_else(|e| e.into_inner()).get(&holder) {
@@ -411,30 +446,47 @@ impl ClusterNode {
     }
 }
 
-/// Brings every shard's place and actor in line with `owned`: `serving` holds the
-/// shards this node served after the last call.
+/// Brings every shard's place and actor (stock and ledger) in line with `owned`:
+/// `serving` holds the shards this node served after the last call.
 fn apply(core: &Kami, owned: &Owned, serving: &mut BTreeSet<String>) {
     let now = std::time::Instant::now();
-    for route in core.registry.all().values() {
-        for handle in &route.shards {
-            let key = lease_key(&handle.place.shard);
-            match owned.shards.get(&key) {
-                Some(&until) if now < until => {
-                    handle.place.hold_until(until);
-                    if serving.insert(key) {
-                        tracing::info!(shard = %handle.place.shard, "serving this shard: its lease is this node's");
-                        handle.addr.do_send(shard::Own);
-                    }
-                }
-                _ => {
-                    handle.place.leave();
-                    if serving.remove(&key) {
-                        tracing::info!(shard = %handle.place.shard, "no longer serving this shard");
-                        handle.addr.do_send(shard::Disown);
-                    }
-                }
+    let mut place = |key: String, place: &crate::actors::place::Place, own: &dyn Fn(bool)| match owned.shards.get(&key)
+    {
+        Some(&until) if now < until => {
+            place.hold_until(until);
+            if serving.insert(key) {
+                tracing::info!(shard = %place.shard, "serving this shard: its lease is this node's");
+                own(true);
             }
         }
+        _ => {
+            place.leave();
+            if serving.remove(&key) {
+                tracing::info!(shard = %place.shard, "no longer serving this shard");
+                own(false);
+            }
+        }
+    };
+    for route in core.registry.all().values() {
+        for handle in &route.shards {
+            place(lease_key(&handle.place.shard), &handle.place, &|own| match own {
+                true => handle.addr.do_send(shard::Own),
+                false => handle.addr.do_send(shard::Disown),
+            });
+        }
+    }
+    use crate::storage::jetstream::ledger_journal;
+    for (i, handle) in core.points.iter().enumerate() {
+        place(ledger_journal::<crate::domain::points::PointsBook>(i as u16), &handle.place, &|own| match own {
+            true => handle.addr.do_send(shard::Own),
+            false => handle.addr.do_send(shard::Disown),
+        });
+    }
+    for (i, handle) in core.coupons.iter().enumerate() {
+        place(ledger_journal::<crate::domain::coupon::CouponBook>(i as u16), &handle.place, &|own| match own {
+            true => handle.addr.do_send(shard::Own),
+            false => handle.addr.do_send(shard::Disown),
+        });
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::actors::coupons::{self as coupon_actor, coupon_shard_of, CouponHandle};
-use crate::actors::ledger::{LedgerActor, LedgerBook, LedgerHandle};
+use crate::actors::ledger::{LedgerActor, LedgerBook, LedgerCall, LedgerHandle};
 use crate::domain::coupon::{self, Coupon, CouponAudit, CouponHold, CouponSpec, CouponUse, Finish};
 
 /// Stale coupon holds looked at per coupon shard in one resolving round.
@@ -19,27 +19,27 @@ fn hold_key(hold: &str) -> String {
 }
 
 impl Kami {
-    /// Sends to a ledger actor (points or coupons), admitted to its line and
-    /// answered within the request timeout.
-    pub(super) async fn call_ledger<B, M, R>(&self, handle: &LedgerHandle<B>, msg: M) -> Result<R, Error>
+    /// Sends to a ledger shard (points or coupons) where it is served: here,
+    /// admitted to its actor's line and answered within the request timeout, or
+    /// (a cluster node's shard whose lease another node holds) on that node.
+    pub(super) async fn call_ledger<B, M>(&self, handle: &LedgerHandle<B>, msg: M) -> Result<M::Answer, Error>
     where
         B: LedgerBook,
-        M: Message<Result = ActorResult<R>> + Send + 'static,
-        R: Send + 'static,
+        M: LedgerCall,
         LedgerActor<B>: Handler<M>,
         <LedgerActor<B> as Actor>::Context: actix::dev::ToEnvelope<LedgerActor<B>, M>,
     {
-        if self.clustered {
-            return Err(Error::Unsupported(
-                "points and coupons are kept by one server: a cluster node does not serve them yet".into(),
-            ));
+        if !handle.place.is_here() {
+            if let Some(cluster) = self.cluster.get() {
+                return cluster.call_ledger_remote::<B, M>(handle.place.shard.shard, msg).await;
+            }
         }
         let _ticket = admit(&handle.admission, Lane::Existing)?;
         self.ask_ledger(handle, msg).await
     }
 
-    /// Sends to a ledger actor within the request timeout, past its line and on
-    /// any node (the audits: a cluster node's ledgers are audited too, empty).
+    /// Sends to a ledger actor of this process within the request timeout, past
+    /// its line.
     pub(super) async fn ask_ledger<B, M, R>(&self, handle: &LedgerHandle<B>, msg: M) -> Result<R, Error>
     where
         B: LedgerBook,
@@ -163,9 +163,13 @@ impl Kami {
     pub async fn resolve_coupon_holds(&self) {
         let before_ms = self.clock.now_ms().saturating_sub(self.limits.request_timeout.as_millis() as u64 + 1000);
         for (i, handle) in self.coupons.iter().enumerate() {
+            if !handle.place.is_here() {
+                continue; // its node resolves it
+            }
             let after = self.coupon_cursors.lock().unwrap_or_else(|e| e.into_inner())[i].take();
             let page = coupon_actor::HoldsBefore { before_ms, after, limit: MAX_COUPON_HOLDS_PER_ROUND };
-            let Ok(holds) = self.call_ledger(handle, page).await else { continue };
+            let Ok(_ticket) = admit(&handle.admission, Lane::Existing) else { continue };
+            let Ok(holds) = self.ask_ledger(handle, page).await else { continue };
             if holds.len() == MAX_COUPON_HOLDS_PER_ROUND {
                 let last = holds.last().map(|h| (h.at_ms, h.hold.clone()));
                 self.coupon_cursors.lock().unwrap_or_else(|e| e.into_inner())[i] = last;
@@ -185,8 +189,7 @@ impl Kami {
             return Some(Finish::Released { reason: "product_not_found".into() });
         };
         let home = route.shard_index_for_buyer(&hold.buyer);
-        let msg = shard::FindIdempotent { key: hold.idempotency_key.clone() };
-        let order = match self.call(&route.shards[home], msg).await {
+        let order = match self.shard_find_idempotent(&route.shards[home], hold.idempotency_key.clone()).await {
             Ok(Some(order)) => order,
             Ok(None) => return Some(Finish::Released { reason: "no_order".into() }),
             Err(_) => return None,
@@ -208,7 +211,7 @@ impl Kami {
     pub async fn audit_coupons(&self) -> Result<Vec<CouponAudit>, Error> {
         let mut out = Vec::with_capacity(self.coupons.len());
         for handle in &self.coupons {
-            out.push(self.ask_ledger(handle, coupon_actor::Audit).await?);
+            out.push(self.call_ledger(handle, coupon_actor::Audit).await?);
         }
         Ok(out)
     }

@@ -4,10 +4,9 @@
 use super::*;
 
 impl Kami {
-    async fn call_points<M, R>(&self, buyer: &str, msg: M) -> Result<R, Error>
+    async fn call_points<M>(&self, buyer: &str, msg: M) -> Result<M::Answer, Error>
     where
-        M: Message<Result = ActorResult<R>> + Send + 'static,
-        R: Send + 'static,
+        M: crate::actors::ledger::LedgerCall,
         PointsActor: Handler<M>,
     {
         self.call_ledger(&self.points[points_shard_of(buyer) as usize], msg).await
@@ -75,6 +74,12 @@ impl Kami {
         validate::buyer(&req.buyer).map_err(Error::Invalid)?;
         validate::token("Idempotency-Key", idempotency_key).map_err(Error::Invalid)?;
         let route = self.listed(&req.product_id)?;
+        // Before anything is held: a cluster node sends the redemption on to the
+        // node serving the buyer's stock shard when that is not this one.
+        let home = route.shard_index_for_buyer(&req.buyer);
+        if !route.shards[home].place.is_here() {
+            return Err(Error::Elsewhere(route.shards[home].place.shard.clone()));
+        }
         let price = self.points_price(&req.product_id).ok_or(Error::Domain(DomainError::NotRedeemable))?;
         let points = price.checked_mul(req.quantity).ok_or_else(|| Error::Invalid("points: too many".into()))?;
         let redemption =
@@ -125,11 +130,17 @@ impl Kami {
             query_token: new_token(),
         });
         let msg = || shard::Redeem(redemption.0.clone());
-        let delivered = match self.call_in(Lane::NewOrder, &route.shards[home], msg()).await {
-            Err(Error::Domain(DomainError::SoldOut { .. })) if route.shards.len() > 1 => {
-                self.order_with_borrowed_keys(route, home, hold.quantity, msg).await
+        let delivered = if !route.shards[home].place.is_here() && self.cluster.get().is_some() {
+            // A cluster node's resolver, for a shard another node serves: there,
+            // as it is (borrowing keys is for the request itself).
+            self.shard_redeem(&route.shards[home], redemption.0.clone()).await
+        } else {
+            match self.call_in(Lane::NewOrder, &route.shards[home], msg()).await {
+                Err(Error::Domain(DomainError::SoldOut { .. })) if route.shards.len() > 1 => {
+                    self.order_with_borrowed_keys(route, home, hold.quantity, msg).await
+                }
+                other => other,
             }
-            other => other,
         };
         match delivered {
             Ok(order) => {
@@ -167,6 +178,9 @@ impl Kami {
     pub async fn resolve_holds(&self) {
         let before_ms = self.clock.now_ms().saturating_sub(self.limits.request_timeout.as_millis() as u64 + 1000);
         for handle in &self.points {
+            if !handle.place.is_here() {
+                continue; // its node resolves it
+            }
             let sent = handle.addr.send(points_actor::StaleHolds { before_ms, limit: MAX_HOLDS_PER_ROUND });
             let Ok(Ok(Ok(holds))) = tokio::time::timeout(self.limits.request_timeout, sent).await else { continue };
             for hold in holds {
@@ -185,7 +199,7 @@ impl Kami {
     pub async fn audit_points(&self) -> Result<Vec<PointsAudit>, Error> {
         let mut out = Vec::with_capacity(self.points.len());
         for handle in &self.points {
-            out.push(self.ask_ledger(handle, points_actor::AuditPoints).await?);
+            out.push(self.call_ledger(handle, points_actor::AuditPoints).await?);
         }
         Ok(out)
     }

@@ -14,10 +14,12 @@
 //! HTTP client), and the whole request within it too (the front's timeout).
 
 use super::*;
+use crate::actors::ledger::{LedgerBook, LedgerCall};
 use crate::actors::shard::{
-    CountOpenOrders, ImportKeys, ListKeys, ListOrders, ListedKeys, ListedOrders, LookupOrders, WithdrawKeys,
+    CountOpenOrders, FindIdempotent, ImportKeys, ListKeys, ListOrders, ListedKeys, ListedOrders, LookupOrders, Redeem,
+    WithdrawKeys,
 };
-use crate::domain::shard::{KeyFate, Withdrawal};
+use crate::domain::shard::{KeyFate, Redemption, Withdrawal};
 use crate::domain::shelf::OpenOrders;
 use crate::domain::ShardId;
 
@@ -36,6 +38,10 @@ pub enum ShardCall {
     CountOpen,
     Withdraw(Arc<Withdrawal>),
     Import(Vec<String>),
+    /// A held redemption's order (the points resolver of another node).
+    Redeem(Redemption),
+    /// The order made under an idempotency key (the coupon resolver).
+    FindIdempotent(String),
 }
 
 /// Its answer.
@@ -47,6 +53,8 @@ pub enum ShardAnswer {
     Open(OpenOrders),
     Withdrawn(u64, Vec<KeyFate>),
     Imported(u64, u64),
+    Order(OrderSnapshot),
+    Found(Option<OrderSnapshot>),
 }
 
 /// Decodes what another node sent, at most `limit` bytes of it. (bincode's own
@@ -129,6 +137,8 @@ impl Kami {
                 let (imported, duplicates) = self.call(handle, ImportKeys(keys)).await?;
                 ShardAnswer::Imported(imported, duplicates)
             }
+            ShardCall::Redeem(redemption) => ShardAnswer::Order(self.call(handle, Redeem(redemption)).await?),
+            ShardCall::FindIdempotent(key) => ShardAnswer::Found(self.call(handle, FindIdempotent { key }).await?),
         })
     }
 
@@ -170,6 +180,25 @@ impl Kami {
         answer!(self, handle, ShardCall::Import(keys), ShardAnswer::Imported(i, d) => (i, d))
     }
 
+    /// A held redemption's order on its stock shard ([`Redeem`]), wherever it is served.
+    pub(super) async fn shard_redeem(
+        &self,
+        handle: &ShardHandle,
+        redemption: Redemption,
+    ) -> Result<OrderSnapshot, Error> {
+        answer!(self, handle, ShardCall::Redeem(redemption), ShardAnswer::Order(order) => order)
+    }
+
+    /// The order a shard made under idempotency key `key` ([`FindIdempotent`]),
+    /// wherever it is served.
+    pub(super) async fn shard_find_idempotent(
+        &self,
+        handle: &ShardHandle,
+        key: String,
+    ) -> Result<Option<OrderSnapshot>, Error> {
+        answer!(self, handle, ShardCall::FindIdempotent(key), ShardAnswer::Found(found) => found)
+    }
+
     /// For another node of the cluster: calls shard `shard` of `product`, which
     /// must be served here (else [`Error::Elsewhere`]: it moved meanwhile), with
     /// the encoded `call`; the answer encoded.
@@ -207,6 +236,94 @@ impl super::cluster::ClusterNode {
     }
 }
 
+/// Most bytes of a ledger call or its answer (a statement of at most
+/// 1,000 lines, a page of at most 500 coupons, an audit).
+pub const MAX_LEDGER_BYTES: u64 = 16 << 20;
+
+/// A ledger call's answer as it travels: the answer, or the domain's refusal
+/// (anything else is the HTTP error of the call itself).
+type LedgerAnswer<W> = Result<W, DomainError>;
+
+impl Kami {
+    /// For another node of the cluster: calls ledger shard `shard` of `book`
+    /// (`points`, `coupons`), which must be served here (else
+    /// [`Error::Elsewhere`]: it moved meanwhile), with the message `call` named
+    /// `name`, admitted to its line; the answer encoded.
+    pub async fn ledger_for_node(&self, book: &str, shard: u16, name: &str, call: &[u8]) -> Result<Vec<u8>, Error> {
+        use crate::actors::coupons as c;
+        use crate::actors::points as p;
+        /// Decodes `call` as the first of `$message` named `name` and answers it.
+        macro_rules! serve {
+            ($handles:expr; $($message:ty),+) => {{
+                let handle = $handles.get(shard as usize).ok_or(Error::Invalid(format!("no {book} shard {shard}")))?;
+                if !handle.place.is_here() {
+                    return Err(Error::Elsewhere(handle.place.shard.clone()));
+                }
+                $(
+                    if name == <$message as LedgerCall>::NAME {
+                        let message: $message = decode(call, MAX_LEDGER_BYTES)
+                            .map_err(|e| Error::Invalid(format!("a ledger call that does not decode: {e}")))?;
+                        let _ticket = admit(&handle.admission, Lane::Existing)?;
+                        let answer: LedgerAnswer<<$message as LedgerCall>::Wire> =
+                            match self.ask_ledger(handle, message).await {
+                                Ok(answer) => Ok(<$message as LedgerCall>::to_wire(answer)),
+                                Err(Error::Domain(refused)) => Err(refused),
+                                Err(e) => return Err(e),
+                            };
+                        return Ok(encode(&answer));
+                    }
+                )+
+                Err(Error::Invalid(format!("no {book} call {name}")))
+            }};
+        }
+        match book {
+            "points" => {
+                serve!(self.points; p::Adjust, p::HoldPoints, p::SettleRedemption, p::Release, p::Statement, p::AuditPoints)
+            }
+            "coupons" => {
+                serve!(self.coupons; c::Define, c::Disable, c::HoldUse, c::FinishHold, c::Get, c::List, c::Audit)
+            }
+            _ => Err(Error::Invalid(format!("no ledger {book}"))),
+        }
+    }
+}
+
+impl super::cluster::ClusterNode {
+    /// Asks the node serving ledger shard `shard` of `B` to answer `msg` (none
+    /// now: [`Error::NoOwner`]). A refusal by the domain there is the same
+    /// refusal here.
+    pub(super) async fn call_ledger_remote<B: LedgerBook, M: LedgerCall>(
+        &self,
+        shard: u16,
+        msg: M,
+    ) -> Result<M::Answer, Error> {
+        let key = crate::storage::jetstream::ledger_journal::<B>(shard);
+        let id = ShardId::new(B::NAME, shard);
+        let (node, address) = self.lease_owner_elsewhere(&key, &id).await?;
+        let url = format!("{address}/api/v1/cluster/ledger/{}/{shard}/{}", B::NAME, M::NAME);
+        let answer = self
+            .http
+            .post(url)
+            .header("x-kami-forwarded", self.forward_token.as_str())
+            .header("content-type", "application/octet-stream")
+            .body(encode(&msg))
+            .send()
+            .await
+            .map_err(|e| Error::Unavailable(format!("node {node} did not answer for {key}: {e}")))?;
+        match answer.status().as_u16() {
+            200 => {}
+            429 => return Err(Error::Overloaded),
+            status => return Err(Error::Unavailable(format!("node {node} answered {status} for {key}"))),
+        }
+        let bytes = read_bounded(answer, MAX_LEDGER_BYTES)
+            .await
+            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {key}: {e}")))?;
+        let answer: LedgerAnswer<M::Wire> = decode(&bytes, MAX_LEDGER_BYTES)
+            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {key} does not decode: {e}")))?;
+        answer.map(M::from_wire).map_err(Error::Domain)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +356,44 @@ mod tests {
             decode(&encode(&state), MAX_CALL_BYTES).unwrap(),
             ShardCall::Keys(ListKeys { state: KeyState::Sold, .. })
         ));
+    }
+
+    /// A ledger answer after the trip: `LedgerCall::Wire` encoded, decoded, turned back.
+    fn trip<M: LedgerCall>(answer: LedgerAnswer<M::Answer>) -> LedgerAnswer<M::Answer> {
+        let wire: LedgerAnswer<M::Wire> = answer.map(M::to_wire);
+        let back: LedgerAnswer<M::Wire> = decode(&encode(&wire), MAX_LEDGER_BYTES).unwrap();
+        back.map(M::from_wire)
+    }
+
+    #[test]
+    fn ledger_answers_and_refusals_arrive_as_they_were_given() {
+        use crate::actors::{coupons, points};
+        use crate::domain::coupon::CouponAudit;
+        use crate::domain::points::{Balance, PointsBook};
+        let mut book = PointsBook::default();
+        let _ = book.adjust("r1", "alice", 300, "", 5).unwrap();
+        let _ = book.adjust("r2", "alice", -100, "", 6).unwrap();
+        let statement = (book.balance("alice"), book.statement("alice", 10));
+        assert_eq!(statement.1.iter().map(|e| e.kind).collect::<Vec<_>>(), ["credit", "debit"]);
+        assert_eq!(trip::<points::Statement>(Ok(statement.clone())), Ok(statement));
+        let refused = DomainError::InsufficientPoints { available: 200, needed: 500 };
+        assert_eq!(trip::<points::Adjust>(Err(refused.clone())), Err(refused));
+        assert_eq!(trip::<points::Adjust>(Ok(Balance { balance: 7, held: 2 })), Ok(Balance { balance: 7, held: 2 }));
+        // A coupon shard's audit keeps its per-code counts, which its JSON leaves out.
+        let mut audit = CouponAudit { coupons: 2, used: 3, ..CouponAudit::default() };
+        audit.by_code.insert("SPRING".into(), (3, 1));
+        assert_eq!(trip::<coupons::Audit>(Ok(audit.clone())), Ok(audit));
+        // The message itself travels as bincode too.
+        let hold = points::Release { redemption: "r".into(), reason: "sold_out".into() };
+        let back: points::Release = decode(&encode(&hold), MAX_LEDGER_BYTES).unwrap();
+        assert_eq!((back.redemption, back.reason), (hold.redemption, hold.reason));
+    }
+
+    #[test]
+    fn a_ledger_line_of_an_unknown_kind_does_not_decode() {
+        let line = serde_json::json!({"seq": 1, "kind": "gift", "delta": 1, "balance_after": 1, "held_after": 0,
+            "reference": "r", "order_id": null, "at_ms": 5});
+        assert!(serde_json::from_value::<crate::domain::points::Entry>(line).is_err());
     }
 
     #[test]

@@ -183,7 +183,7 @@ pub enum CouponEvent {
 }
 
 /// What the audit of one coupon shard found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CouponAudit {
     pub coupons: u64,
     pub held: u64,
@@ -397,7 +397,7 @@ impl CouponBook {
 }
 
 /// How a hold ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Finish {
     Used { order_id: String },
     Released { reason: String },

@@ -73,6 +73,7 @@ impl Balance {
 pub struct Entry {
     /// Position in this shard's ledger (journal sequence).
     pub seq: u64,
+    /// One of [`ENTRY_KINDS`].
     pub kind: &'static str,
     /// Change of the balance (`held` and `released` change only what is available).
     pub delta: i64,
@@ -82,6 +83,45 @@ pub struct Entry {
     pub reference: String,
     pub order_id: Option<String>,
     pub at_ms: Millis,
+}
+
+/// What a ledger line can be.
+pub const ENTRY_KINDS: [&str; 4] = ["credit", "debit", "held", "redeemed"];
+
+/// An [`Entry`] as read back (from another cluster node), its kind any string.
+#[derive(Deserialize)]
+struct EntryRead {
+    seq: u64,
+    kind: String,
+    delta: i64,
+    balance_after: u64,
+    held_after: u64,
+    reference: String,
+    order_id: Option<String>,
+    at_ms: Millis,
+}
+
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Entry, D::Error> {
+        Entry::try_from(EntryRead::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl TryFrom<EntryRead> for Entry {
+    type Error = String;
+    fn try_from(e: EntryRead) -> Result<Entry, String> {
+        let kind = ENTRY_KINDS.iter().find(|k| **k == e.kind).ok_or(format!("no ledger line kind {:?}", e.kind))?;
+        Ok(Entry {
+            seq: e.seq,
+            kind,
+            delta: e.delta,
+            balance_after: e.balance_after,
+            held_after: e.held_after,
+            reference: e.reference,
+            order_id: e.order_id,
+            at_ms: e.at_ms,
+        })
+    }
 }
 
 /// A points shard's state; also its snapshot (bincode, in the storage envelope).
@@ -418,7 +458,7 @@ impl PointsBook {
 }
 
 /// The audit of one points shard.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PointsAudit {
     pub buyers: u64,
     pub total_balance: u64,

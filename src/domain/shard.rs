@@ -169,7 +169,7 @@ fn is_redeemed(order: &Order) -> bool {
 }
 
 /// Step 2 of a redemption, as the stock shard sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Redemption {
     /// The saga's id: also this order's idempotency key (`redeem:<id>`).
     pub redemption: String,

@@ -1029,23 +1029,45 @@ pub async fn cluster_audit(
     Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
+/// The body of a call from another node of the cluster (its forwarding token
+/// only; anyone else 401), at most `limit` bytes.
+async fn node_call(st: &AppState, headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<axum::body::Bytes> {
+    if !super::forward::forwarded(st, headers) {
+        return Err(ApiError::unauthorized());
+    }
+    extract::body(headers, body, limit).await
+}
+
+fn octets(bytes: Vec<u8>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
 /// `POST /api/v1/cluster/shard/{product}/{shard}`: for another node of the cluster
 /// (its forwarding token), one call of a shard this node serves (a page of orders
-/// or keys, a buyer's orders, open orders, a withdrawal, keys or units to add),
-/// encoded as that node sent it (`core::remote`), its body up to
-/// `keys.max_import_bytes`; 503 `shard_elsewhere` if the shard is no longer served
-/// here.
+/// or keys, a buyer's orders, open orders, a withdrawal, keys or units to add, a
+/// held redemption's order, an order by idempotency key), encoded as that node
+/// sent it (`core::remote`), its body up to `keys.max_import_bytes`; 503
+/// `shard_elsewhere` if the shard is no longer served here.
 pub async fn cluster_shard_call(
     State(st): State<AppState>,
     Path((product, shard)): Path<(String, u16)>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    if !super::forward::forwarded(&st, &headers) {
-        return Err(ApiError::unauthorized());
-    }
-    let core = st.core()?;
-    let call = extract::body(&headers, body, st.limits.max_import_bytes).await?;
-    let bytes = core.call_for_node(&product, shard, &call).await?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    let call = node_call(&st, &headers, body, st.limits.max_import_bytes).await?;
+    Ok(octets(st.core()?.call_for_node(&product, shard, &call).await?))
+}
+
+/// `POST /api/v1/cluster/ledger/{book}/{shard}/{call}`: for another node of the
+/// cluster (its forwarding token): a message of a points or coupon shard this node
+/// serves, sent to its actor (`core::remote`), its body up to
+/// `server.max_body_bytes`; the answer as bincode.
+pub async fn cluster_ledger_call(
+    State(st): State<AppState>,
+    Path((book, shard, name)): Path<(String, u16, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let call = node_call(&st, &headers, body, st.limits.max_body_bytes).await?;
+    Ok(octets(st.core()?.ledger_for_node(&book, shard, &name, &call).await?))
 }

@@ -289,6 +289,7 @@ pub fn router(state: AppState) -> Arc<front::Front> {
         .route("/api/v1/admin/audit", get(api::audit))
         .route("/api/v1/cluster/audit/{product}", get(api::cluster_audit))
         .route("/api/v1/cluster/shard/{product}/{shard}", post(api::cluster_shard_call))
+        .route("/api/v1/cluster/ledger/{book}/{shard}/{call}", post(api::cluster_ledger_call))
         .route("/api/v1/admin/snapshot", post(api::snapshot))
         .route("/api/v1/admin/backup", post(api::backup))
         .route("/api/v1/admin/reconcile", post(api::reconcile))

@@ -42,8 +42,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
+mod ledgers;
 mod shards;
 mod snapshots;
+pub use ledgers::{ledger_journal, StreamLedger};
 pub use shards::{shard_journal, StreamRecovered};
 pub use snapshots::MAX_SNAPSHOT_BYTES;
 
