@@ -786,7 +786,8 @@ async fn coupon_uses(api: &Api, code: &str) -> u64 {
 }
 
 /// Points and coupon ledgers are shards like stock: each is served by the node
-/// holding its lease (its journal in the stream) and reached from any node.
+/// holding its lease (its journal in the stream) and reached from any node. (And
+/// a dry shard borrows keys from a sibling another node serves.)
 /// Credits, redemptions, statements and coupons work through nodes that do not
 /// serve the buyer's points shard; when the node serving it is killed, another
 /// rebuilds the ledger from the stream with every acknowledged line, and the buyer
@@ -855,6 +856,53 @@ async fn points_and_coupons_are_kept_by_lease_and_outlive_the_node_serving_them(
     assert_eq!(ordered.status, 201, "{:?}", ordered.body);
     assert_eq!(ordered.body["price_breakdown"]["discount_cents"].as_u64(), Some(50), "{:?}", ordered.body);
     assert_eq!(coupon_uses(&cluster.api(1), "GIFT-5").await, 1);
+
+    // A product with a per-buyer limit: each buyer's orders stay on their own
+    // shard, which borrows keys from a sibling served by another node once dry.
+    // Every key sells, and then every buyer hears `sold_out` (never 503).
+    let mut split = None;
+    for attempt in 0..6 {
+        let id = format!("limited{attempt}");
+        assert_eq!(api0.create_product(&id, 100, 1, 2).await.status, 201);
+        let shards = [format!("stock.{id}.0"), format!("stock.{id}.1")];
+        let placed = cluster.placed(&[&shards[0], &shards[1]]).await;
+        if placed[&shards[0]] != placed[&shards[1]] {
+            split = Some(id);
+            break;
+        }
+    }
+    let limited = split.expect("two shards on two nodes");
+    let keys: Vec<String> = (0..20).map(|i| format!("LIM-{i:03}")).collect();
+    import_into(&api0, &limited, &keys).await;
+    // A dry shard judges its siblings elsewhere by their shared counters (a second
+    // or two behind): wait until every node counts the keys of both shards.
+    for n in 0..3 {
+        let api = cluster.api(n);
+        let url = format!("{}/api/v1/admin/products/{limited}", api.url);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reply(api.admin(api.http.get(&url))).await.body["stock"]["available"].as_u64() != Some(20) {
+            assert!(Instant::now() < deadline, "node {n} never counted every shard's keys");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Buyers whose home is shard 0 only: once its own keys are gone, every key it
+    // sells is borrowed from shard 1, on another node.
+    let homed: Vec<String> = (0..)
+        .map(|i| format!("l{i}@example.com"))
+        .filter(|b| kami::actors::registry::buyer_shard(b, 2) == 0)
+        .take(30)
+        .collect();
+    let (mut sold, mut refused) = (0, 0);
+    for (i, buyer) in homed.iter().enumerate() {
+        let api = cluster.api(i % 3);
+        let got = settled(|| api.order_request(&limited, 1, buyer)).await;
+        match (got.status, got.body["error"]["code"].as_str()) {
+            (201, _) => sold += 1,
+            (409, Some("sold_out")) => refused += 1,
+            other => panic!("an order of a limited product: {other:?} {:?}", got.body),
+        }
+    }
+    assert_eq!((sold, refused), (20, 10), "every key sold across the nodes, then sold out");
 
     // kill -9 the node serving the first buyer's points shard.
     let victim_name = points_owner(&buyers[0]);

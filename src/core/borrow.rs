@@ -1,6 +1,9 @@
 //! Borrowing keys between the shards of one product: the transfer protocol
 //! ([`crate::domain::shard::Transfers`], three journaled steps) driven from the core,
-//! for a buyer whose shard is dry, and resent after crashes.
+//! for a buyer whose shard is dry, and resent after crashes. On a cluster node the
+//! lender or the borrower may be served by another node: each step is sent where
+//! its shard is (`core::remote`); the borrower is always a shard served here (the
+//! order is on it), and each node resends the loans of the lenders it serves.
 
 use super::*;
 
@@ -49,9 +52,13 @@ impl Kami {
                         break;
                     }
                     // A lender that cannot answer may still hold keys: not `sold_out`.
-                    Err(e @ (Error::Overloaded | Error::QueueFull(_) | Error::Timeout | Error::Unavailable(_))) => {
-                        lender_failed = Some(e)
-                    }
+                    Err(
+                        e @ (Error::Overloaded
+                        | Error::QueueFull(_)
+                        | Error::Timeout
+                        | Error::Unavailable(_)
+                        | Error::NoOwner(_)),
+                    ) => lender_failed = Some(e),
                     Err(e) => return Err(e),
                 }
             }
@@ -79,13 +86,15 @@ impl Kami {
     ) -> Result<usize, Error> {
         let _in_transit = route.transfers.begin();
         let max_keys = wanted.max(self.limits.max_transfer_keys);
-        let Some(t) = self.call(&route.shards[from], shard::Lend { to: to as u16, max_keys }).await? else {
+        // Each step where its shard is served: a cluster node borrows from the
+        // shards other nodes serve too.
+        let Some(t) = self.shard_lend(&route.shards[from], to as u16, max_keys).await? else {
             return Ok(0);
         };
         let (transfer, n) = (t.transfer, t.keys.len());
         // Should this fail, the lender resends it later (`settle_transfers`).
-        self.call(&route.shards[to], shard::Receive(t)).await?;
-        let _ = self.call(&route.shards[from], shard::SettleTransfer(transfer)).await;
+        self.shard_receive(&route.shards[to], t).await?;
+        let _ = self.shard_settle_transfer(&route.shards[from], transfer).await;
         // Counted where the borrower journals the keys' arrival (`Tally::KeysReceived`).
         Ok(n)
     }
@@ -102,7 +111,7 @@ impl Kami {
                 };
                 for t in list {
                     let (transfer, to) = (t.transfer, t.to as usize);
-                    if self.call(&route.shards[to], shard::Receive(t)).await.is_ok()
+                    if self.shard_receive(&route.shards[to], t).await.is_ok()
                         && self.call(lender, shard::SettleTransfer(transfer)).await.is_ok()
                     {
                         settled += 1;

@@ -16,10 +16,10 @@
 use super::*;
 use crate::actors::ledger::{LedgerBook, LedgerCall};
 use crate::actors::shard::{
-    CountOpenOrders, FindIdempotent, ImportKeys, ListKeys, ListOrders, ListedKeys, ListedOrders, LookupOrders, Redeem,
-    WithdrawKeys,
+    CountOpenOrders, FindIdempotent, ImportKeys, Lend, ListKeys, ListOrders, ListedKeys, ListedOrders, LookupOrders,
+    Receive, Redeem, SettleTransfer, WithdrawKeys,
 };
-use crate::domain::shard::{KeyFate, Redemption, Withdrawal};
+use crate::domain::shard::{KeyFate, OutgoingTransfer, Redemption, Withdrawal};
 use crate::domain::shelf::OpenOrders;
 use crate::domain::ShardId;
 
@@ -42,6 +42,14 @@ pub enum ShardCall {
     Redeem(Redemption),
     /// The order made under an idempotency key (the coupon resolver).
     FindIdempotent(String),
+    /// Keys lent to a dry sibling, received by it, the loan settled (borrowing
+    /// keys across nodes, `core::borrow`).
+    Lend {
+        to: u16,
+        max_keys: usize,
+    },
+    Receive(OutgoingTransfer),
+    SettleTransfer(u64),
 }
 
 /// Its answer.
@@ -55,6 +63,8 @@ pub enum ShardAnswer {
     Imported(u64, u64),
     Order(OrderSnapshot),
     Found(Option<OrderSnapshot>),
+    Lent(Option<OutgoingTransfer>),
+    Done,
 }
 
 /// Decodes what another node sent, at most `limit` bytes of it. (bincode's own
@@ -139,6 +149,15 @@ impl Kami {
             }
             ShardCall::Redeem(redemption) => ShardAnswer::Order(self.call(handle, Redeem(redemption)).await?),
             ShardCall::FindIdempotent(key) => ShardAnswer::Found(self.call(handle, FindIdempotent { key }).await?),
+            ShardCall::Lend { to, max_keys } => ShardAnswer::Lent(self.call(handle, Lend { to, max_keys }).await?),
+            ShardCall::Receive(t) => {
+                self.call(handle, Receive(t)).await?;
+                ShardAnswer::Done
+            }
+            ShardCall::SettleTransfer(transfer) => {
+                self.call(handle, SettleTransfer(transfer)).await?;
+                ShardAnswer::Done
+            }
         })
     }
 
@@ -197,6 +216,26 @@ impl Kami {
         key: String,
     ) -> Result<Option<OrderSnapshot>, Error> {
         answer!(self, handle, ShardCall::FindIdempotent(key), ShardAnswer::Found(found) => found)
+    }
+
+    /// Lends keys of a shard to its sibling `to` ([`Lend`]), wherever it is served.
+    pub(super) async fn shard_lend(
+        &self,
+        handle: &ShardHandle,
+        to: u16,
+        max_keys: usize,
+    ) -> Result<Option<OutgoingTransfer>, Error> {
+        answer!(self, handle, ShardCall::Lend { to, max_keys }, ShardAnswer::Lent(lent) => lent)
+    }
+
+    /// Takes keys lent by a sibling into a shard ([`Receive`]), wherever it is served.
+    pub(super) async fn shard_receive(&self, handle: &ShardHandle, t: OutgoingTransfer) -> Result<(), Error> {
+        answer!(self, handle, ShardCall::Receive(t), ShardAnswer::Done => ())
+    }
+
+    /// Settles a shard's loan ([`SettleTransfer`]), wherever it is served.
+    pub(super) async fn shard_settle_transfer(&self, handle: &ShardHandle, transfer: u64) -> Result<(), Error> {
+        answer!(self, handle, ShardCall::SettleTransfer(transfer), ShardAnswer::Done => ())
     }
 
     /// For another node of the cluster: calls shard `shard` of `product`, which

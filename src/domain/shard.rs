@@ -1403,6 +1403,22 @@ mod tests {
     }
 
     #[test]
+    fn a_loan_of_long_keys_is_bounded_by_bytes() {
+        let mut s = Shard::new(product(0), 0);
+        s.product.shards = 2;
+        let keys: Vec<String> = (0..2 * MAX_KEYS_PER_EVENT).map(|i| format!("{i:0>256}")).collect();
+        let _ = s.import_keys(keys);
+        let (_, lent) = s.lend(1, MAX_KEYS_PER_EVENT).expect("keys to lend");
+        let bytes: usize = lent.keys.iter().map(String::len).sum();
+        assert!(bytes <= MAX_KEY_BYTES_PER_EVENT && bytes > MAX_KEY_BYTES_PER_EVENT - 256, "{bytes} bytes");
+        assert_eq!(lent.keys.len(), MAX_KEY_BYTES_PER_EVENT / 256);
+        // Short keys go by count.
+        let mut short = shard_with_keys(10, 0);
+        short.product.shards = 2;
+        assert_eq!(short.lend(1, 4).expect("keys").1.keys.len(), 4);
+    }
+
+    #[test]
     fn purchase_delivers_reserved_keys() {
         let mut s = shard_with_keys(3, 0);
         let seq = created(s.create_order(new_order("alice", 2), 10));

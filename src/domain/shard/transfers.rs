@@ -31,7 +31,7 @@ pub struct Transfers {
 }
 
 /// A lent batch of keys on its way to the borrower.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutgoingTransfer {
     pub from: u16,
     pub transfer: u64,
@@ -45,7 +45,17 @@ impl Shard {
     /// has none to lend.
     pub fn lend(&mut self, to: u16, max_keys: usize) -> Option<(Event, OutgoingTransfer)> {
         assert!(to != self.shard && to < self.product.shards, "lend to a sibling");
-        let n = self.available.len().div_ceil(2).min(max_keys).min(MAX_KEYS_PER_EVENT);
+        let most = self.available.len().div_ceil(2).min(max_keys).min(MAX_KEYS_PER_EVENT);
+        // The borrower journals the keys themselves: at most
+        // `MAX_KEY_BYTES_PER_EVENT` of them (one record within a stream message).
+        let (mut n, mut bytes) = (0, 0);
+        for &k in self.available.range(self.available.len() - most..).rev() {
+            let len = self.stored_key(k).len();
+            if n > 0 && bytes + len > MAX_KEY_BYTES_PER_EVENT {
+                break;
+            }
+            (n, bytes) = (n + 1, bytes + len);
+        }
         if n == 0 {
             return None;
         }
