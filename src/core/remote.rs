@@ -240,48 +240,73 @@ impl Kami {
 
     /// For another node of the cluster: calls shard `shard` of `product`, which
     /// must be served here (else [`Error::Elsewhere`]: it moved meanwhile), with
-    /// the encoded `call`; the answer encoded.
+    /// the encoded `call`; the answer encoded, or the domain's refusal (the same
+    /// refusal on the node that asked).
     pub async fn call_for_node(&self, product: &str, shard: u16, call: &[u8]) -> Result<Vec<u8>, Error> {
         let call: ShardCall = decode(call, MAX_CALL_BYTES)
             .map_err(|e| Error::Invalid(format!("a shard call that does not decode: {e}")))?;
         let route = self.registry.get(product).ok_or(Error::ProductNotFound)?;
         let handle = route.shards.get(shard as usize).ok_or(Error::Invalid(format!("no shard {shard}")))?;
-        Ok(encode(&self.call_here(handle, call).await?))
+        let answer: Answered<ShardAnswer> = match self.call_here(handle, call).await {
+            Ok(answer) => Ok(answer),
+            Err(Error::Domain(refused)) => Err(refused),
+            Err(e) => return Err(e),
+        };
+        Ok(encode(&answer))
     }
 }
 
+/// An answer as it travels between nodes: the answer, or the domain's refusal
+/// (the same refusal on the node that asked); anything else is the HTTP error of
+/// the call itself.
+type Answered<W> = Result<W, DomainError>;
+
 impl super::cluster::ClusterNode {
-    /// Asks the node serving `shard` to answer `call` (none now: [`Error::NoOwner`]).
-    async fn call_remote(&self, shard: &ShardId, call: &ShardCall) -> Result<ShardAnswer, Error> {
-        let (node, address) = self.owner_elsewhere(shard).await?;
-        let url = format!("{address}/api/v1/cluster/shard/{}/{}", shard.product, shard.shard);
+    /// Sends `call` (bincode) to `path` on `node` at `address` with the forwarding
+    /// token, and decodes its answer (at most `max` bytes); `what` names the shard
+    /// in errors. 429 there is [`Error::Overloaded`] here, anything else but 200
+    /// [`Error::Unavailable`].
+    async fn ask_node<C: serde::Serialize, W: serde::de::DeserializeOwned>(
+        &self,
+        (node, address): (String, String),
+        path: &str,
+        call: &C,
+        max: u64,
+        what: &str,
+    ) -> Result<W, Error> {
         let answer = self
             .http
-            .post(url)
+            .post(format!("{address}{path}"))
             .header("x-kami-forwarded", self.forward_token.as_str())
             .header("content-type", "application/octet-stream")
             .body(encode(call))
             .send()
             .await
-            .map_err(|e| Error::Unavailable(format!("node {node} did not answer for {shard}: {e}")))?;
-        if !answer.status().is_success() {
-            return Err(Error::Unavailable(format!("node {node} answered {} for {shard}", answer.status())));
+            .map_err(|e| Error::Unavailable(format!("node {node} did not answer for {what}: {e}")))?;
+        match answer.status().as_u16() {
+            200 => {}
+            429 => return Err(Error::Overloaded),
+            status => return Err(Error::Unavailable(format!("node {node} answered {status} for {what}"))),
         }
-        let bytes = read_bounded(answer, MAX_ANSWER_BYTES)
+        let bytes = read_bounded(answer, max)
             .await
-            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {shard}: {e}")))?;
-        decode(&bytes, MAX_ANSWER_BYTES)
-            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {shard} does not decode: {e}")))
+            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {what}: {e}")))?;
+        let answer: Answered<W> = decode(&bytes, max)
+            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {what} does not decode: {e}")))?;
+        answer.map_err(Error::Domain)
+    }
+
+    /// Asks the node serving `shard` to answer `call` (none now: [`Error::NoOwner`]).
+    async fn call_remote(&self, shard: &ShardId, call: &ShardCall) -> Result<ShardAnswer, Error> {
+        let owner = self.owner_elsewhere(shard).await?;
+        let path = format!("/api/v1/cluster/shard/{}/{}", shard.product, shard.shard);
+        self.ask_node(owner, &path, call, MAX_ANSWER_BYTES, &shard.to_string()).await
     }
 }
 
 /// Most bytes of a ledger call or its answer (a statement of at most
 /// 1,000 lines, a page of at most 500 coupons, an audit).
 pub const MAX_LEDGER_BYTES: u64 = 16 << 20;
-
-/// A ledger call's answer as it travels: the answer, or the domain's refusal
-/// (anything else is the HTTP error of the call itself).
-type LedgerAnswer<W> = Result<W, DomainError>;
 
 impl Kami {
     /// For another node of the cluster: calls ledger shard `shard` of `book`
@@ -303,7 +328,7 @@ impl Kami {
                         let message: $message = decode(call, MAX_LEDGER_BYTES)
                             .map_err(|e| Error::Invalid(format!("a ledger call that does not decode: {e}")))?;
                         let _ticket = admit(&handle.admission, Lane::Existing)?;
-                        let answer: LedgerAnswer<<$message as LedgerCall>::Wire> =
+                        let answer: Answered<<$message as LedgerCall>::Wire> =
                             match self.ask_ledger(handle, message).await {
                                 Ok(answer) => Ok(<$message as LedgerCall>::to_wire(answer)),
                                 Err(Error::Domain(refused)) => Err(refused),
@@ -337,29 +362,10 @@ impl super::cluster::ClusterNode {
         msg: M,
     ) -> Result<M::Answer, Error> {
         let key = crate::storage::jetstream::ledger_journal::<B>(shard);
-        let id = ShardId::new(B::NAME, shard);
-        let (node, address) = self.lease_owner_elsewhere(&key, &id).await?;
-        let url = format!("{address}/api/v1/cluster/ledger/{}/{shard}/{}", B::NAME, M::NAME);
-        let answer = self
-            .http
-            .post(url)
-            .header("x-kami-forwarded", self.forward_token.as_str())
-            .header("content-type", "application/octet-stream")
-            .body(encode(&msg))
-            .send()
-            .await
-            .map_err(|e| Error::Unavailable(format!("node {node} did not answer for {key}: {e}")))?;
-        match answer.status().as_u16() {
-            200 => {}
-            429 => return Err(Error::Overloaded),
-            status => return Err(Error::Unavailable(format!("node {node} answered {status} for {key}"))),
-        }
-        let bytes = read_bounded(answer, MAX_LEDGER_BYTES)
-            .await
-            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {key}: {e}")))?;
-        let answer: LedgerAnswer<M::Wire> = decode(&bytes, MAX_LEDGER_BYTES)
-            .map_err(|e| Error::Unavailable(format!("node {node}'s answer for {key} does not decode: {e}")))?;
-        answer.map(M::from_wire).map_err(Error::Domain)
+        let owner = self.lease_owner_elsewhere(&key, &ShardId::new(B::NAME, shard)).await?;
+        let path = format!("/api/v1/cluster/ledger/{}/{shard}/{}", B::NAME, M::NAME);
+        let wire: M::Wire = self.ask_node(owner, &path, &msg, MAX_LEDGER_BYTES, &key).await?;
+        Ok(M::from_wire(wire))
     }
 }
 
@@ -398,9 +404,9 @@ mod tests {
     }
 
     /// A ledger answer after the trip: `LedgerCall::Wire` encoded, decoded, turned back.
-    fn trip<M: LedgerCall>(answer: LedgerAnswer<M::Answer>) -> LedgerAnswer<M::Answer> {
-        let wire: LedgerAnswer<M::Wire> = answer.map(M::to_wire);
-        let back: LedgerAnswer<M::Wire> = decode(&encode(&wire), MAX_LEDGER_BYTES).unwrap();
+    fn trip<M: LedgerCall>(answer: Answered<M::Answer>) -> Answered<M::Answer> {
+        let wire: Answered<M::Wire> = answer.map(M::to_wire);
+        let back: Answered<M::Wire> = decode(&encode(&wire), MAX_LEDGER_BYTES).unwrap();
         back.map(M::from_wire)
     }
 
