@@ -787,14 +787,15 @@ async fn coupon_uses(api: &Api, code: &str) -> u64 {
 
 /// Points and coupon ledgers are shards like stock: each is served by the node
 /// holding its lease (its journal in the stream) and reached from any node. (And
-/// a dry shard borrows keys from a sibling another node serves.)
+/// a dry shard borrows keys from a sibling another node serves, and an
+/// Idempotency-Key retried through another node replays the same order.)
 /// Credits, redemptions, statements and coupons work through nodes that do not
 /// serve the buyer's points shard; when the node serving it is killed, another
 /// rebuilds the ledger from the stream with every acknowledged line, and the buyer
 /// goes on redeeming (from the ledger's last snapshot and the records after it);
 /// the audit of points and coupons passes on every survivor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn points_and_coupons_are_kept_by_lease_and_outlive_the_node_serving_them() {
+async fn points_coupons_loans_and_retries_work_through_any_node_and_ledgers_outlive_their_node() {
     let Some(bin) = nats_or_skip() else { return };
     let _one = ONE_CLUSTER.lock().await;
     let nats = Nats::start_n(bin, 3, None);
@@ -856,6 +857,28 @@ async fn points_and_coupons_are_kept_by_lease_and_outlive_the_node_serving_them(
     assert_eq!(ordered.status, 201, "{:?}", ordered.body);
     assert_eq!(ordered.body["price_breakdown"]["discount_cents"].as_u64(), Some(50), "{:?}", ordered.body);
     assert_eq!(coupon_uses(&cluster.api(1), "GIFT-5").await, 1);
+
+    // An Idempotency-Key means the same order through any node: the node serving
+    // the buyer's shard scopes it by the client's own address, not by the address
+    // of a node that forwarded it (the client connects from 127.0.0.2, the nodes
+    // from 127.0.0.1).
+    let gift = cluster.placed(&["stock.gift.0", "stock.gift.1", "stock.gift.2"]).await;
+    let buyer = "k@example.com";
+    let home = &gift[&format!("stock.gift.{}", kami::actors::registry::buyer_shard(buyer, 3))];
+    let owner = cluster.names.iter().position(|n| n == home).unwrap();
+    let other = (0..3).find(|&n| n != owner).unwrap();
+    let client = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let order = |n: usize| {
+        let (url, client) = (format!("{}/api/v1/orders", cluster.api(n).url), client.clone());
+        let body = serde_json::json!({"product_id": "gift", "quantity": 1, "buyer": buyer});
+        move || client.post(&url).header("Idempotency-Key", "just-once").json(&body)
+    };
+    let first = settled(order(other)).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    let again = settled(order(owner)).await;
+    assert_eq!(again.status, 201, "{:?}", again.body);
+    assert_eq!(again.body["order_id"], first.body["order_id"], "the retry through another node is the same order");
+    assert_eq!(again.headers.get("idempotent-replayed").and_then(|v| v.to_str().ok()), Some("true"));
 
     // A product with a per-buyer limit: each buyer's orders stay on their own
     // shard, which borrows keys from a sibling served by another node once dry.

@@ -854,7 +854,9 @@ async fn buyer_request<T: serde::de::DeserializeOwned>(
     let raw_key = extract::header_str(headers, "idempotency-key")?;
     let bytes = extract::body(headers, body, st.limits.max_body_bytes).await?;
     let req: T = extract::json(&bytes)?;
-    check_buyer_rate(tier, buyer(&req))?;
+    // A request another node of the cluster forwarded was limited there.
+    let limited = if super::forward::forwarded(st, headers) { &None } else { tier };
+    check_buyer_rate(limited, buyer(&req))?;
     let idempotency_key = raw_key.map(|k| scoped_key(caller, tier, buyer(&req), k)).transpose()?;
     Ok((core, idempotency_key, req))
 }

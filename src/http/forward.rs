@@ -22,6 +22,10 @@ use crate::error::Error;
 
 pub static FORWARDED: HeaderName = HeaderName::from_static("x-kami-forwarded");
 pub static NODE: HeaderName = HeaderName::from_static("x-kami-node");
+/// The address the client of a forwarded request connected from (trusted only
+/// with the forwarding token): the node it reaches scopes Idempotency-Keys and
+/// per-address limits by it, as the first node did.
+pub static CLIENT: HeaderName = HeaderName::from_static("x-kami-client");
 
 /// Most bytes of an owner's answer passed back (the largest answers are exports,
 /// which name no shard and are never forwarded).
@@ -33,6 +37,8 @@ pub struct Replay {
     path_and_query: String,
     headers: HeaderMap,
     body: Bytes,
+    /// The address the client connected from.
+    client: Option<std::net::IpAddr>,
 }
 
 impl Replay {
@@ -42,7 +48,21 @@ impl Replay {
             path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_string(), |p| p.to_string()),
             headers: parts.headers.clone(),
             body,
+            client: parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()),
         }
+    }
+}
+
+/// For a request another node of the cluster forwarded: its client's address as
+/// that node saw it (`X-Kami-Client`), put where the handlers and limits look for
+/// the caller's address. Anyone else's `X-Kami-Client` is ignored.
+pub fn adopt_client(st: &AppState, req: &mut axum::extract::Request) {
+    if !forwarded(st, req.headers()) {
+        return;
+    }
+    let client = req.headers().get(&CLIENT).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    if let Some(ip) = client {
+        req.extensions_mut().insert(axum::extract::ConnectInfo(std::net::SocketAddr::new(ip, 0)));
     }
 }
 
@@ -124,10 +144,13 @@ async fn send(cluster: &ClusterNode, shard: &ShardId, replay: &Replay, node: &st
         return response;
     }
     let mut request = cluster.http.request(replay.method.clone(), &target).body(replay.body.clone());
-    for (name, value) in replay.headers.iter().filter(|(n, _)| !hop_by_hop(n) && **n != FORWARDED) {
+    for (name, value) in replay.headers.iter().filter(|(n, _)| !hop_by_hop(n) && **n != FORWARDED && **n != CLIENT) {
         request = request.header(name, value);
     }
     request = request.header(&FORWARDED, cluster.forward_token.as_str());
+    if let Some(client) = replay.client {
+        request = request.header(&CLIENT, client.to_string());
+    }
     let answer = match request.send().await {
         Ok(answer) => answer,
         Err(e) => {

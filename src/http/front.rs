@@ -75,6 +75,8 @@ impl Front {
         // serving its shard (the body is in memory already).
         let (req, replay) = match self.state.cluster() {
             Some(_) => {
+                let mut req = req;
+                super::forward::adopt_client(&self.state, &mut req);
                 let (parts, body) = req.into_parts();
                 let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
                 let replay = super::forward::Replay::of(&parts, bytes.clone());
