@@ -680,16 +680,27 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
     use crate::actors::ledger::{start_ledger, LedgerEnv};
     // A cluster node keeps the ledgers in the stream with the stock shards (each
     // served by the node holding its lease); one server keeps them here.
+    let clustered = settings.cluster.enabled();
+    let ledger_stream = match ledger_stream {
+        Some(js) if !clustered && !ledgers_in_stream(&storage).map_err(|e| StartError::Recovery(e.to_string()))? => {
+            drop(js);
+            None
+        }
+        other => other,
+    };
     let ledger_env = Arc::new(LedgerEnv {
         storage: storage.clone(),
-        stream: if settings.cluster.enabled() { ledger_stream } else { None },
+        stream: ledger_stream,
+        clustered,
         clock: clock.clone(),
         mailbox_capacity: settings.actors.mailbox_capacity,
         snapshot_min_journal_bytes: settings.storage.snapshot_min_journal_bytes,
     });
     let points = start_ledger(crate::actors::points::POINTS_SHARDS, &ledger_env, &actors.arbiters)
+        .await
         .map_err(|e| StartError::Recovery(format!("points: {e}")))?;
     let coupons = start_ledger(crate::actors::coupons::COUPON_SHARDS, &ledger_env, &actors.arbiters)
+        .await
         .map_err(|e| StartError::Recovery(format!("coupons: {e}")))?;
     let points_prices = storage.points_prices().map_err(|e| StartError::Recovery(format!("points prices: {e}")))?;
     let reusable_products = storage.reusable_products().map_err(|e| StartError::Recovery(format!("key modes: {e}")))?;
@@ -837,4 +848,28 @@ fn spawn_archiver(
             tokio::time::sleep(interval).await;
         }
     })
+}
+
+/// Whether one server on the jetstream backend keeps its points and coupon ledgers
+/// in the stream (`meta/ledger-backend`). Recorded at the first start of this
+/// version: in the stream, unless the data directory holds ledger records already
+/// (kept here then, as before: their history cannot move to the stream).
+fn ledgers_in_stream(storage: &Storage) -> Result<bool, crate::storage::StorageError> {
+    use crate::domain::{coupon::CouponBook, points::PointsBook};
+    use crate::storage::Ledger;
+    if let Some(recorded) = storage.ledger_backend()? {
+        return Ok(recorded == "stream");
+    }
+    let mut held_here = false;
+    for shard in 0..crate::actors::points::POINTS_SHARDS {
+        held_here |= storage.inspect_ledger::<PointsBook>(shard)?.book.seq() > 0;
+    }
+    for shard in 0..crate::actors::coupons::COUPON_SHARDS {
+        held_here |= storage.inspect_ledger::<CouponBook>(shard)?.book.seq() > 0;
+    }
+    if held_here {
+        tracing::warn!("points and coupons stay in storage.path: this data directory holds their records already");
+    }
+    storage.keep_ledgers_in(if held_here { "local" } else { "stream" })?;
+    Ok(!held_here)
 }

@@ -1365,6 +1365,14 @@ mod servers {
         let with_password = serde_json::json!({"product_id": "hot", "quantity": 1, "buyer": "asks@example.com", "query_password": "open sesame"});
         let asked = reply(api.http.post(format!("{}/api/v1/orders", api.url)).json(&with_password)).await;
         assert_eq!(asked.status, 201, "{:?}", asked.body);
+        // Points and coupons are in the stream too.
+        let points_url = |api: &Api| format!("{}/api/v1/admin/buyers/p@example.com/points", api.url);
+        let grant = serde_json::json!({"request_id": "welcome", "delta": 120});
+        let credited = reply(api.admin(api.http.post(points_url(&api))).json(&grant)).await;
+        assert_eq!(credited.status, 200, "{:?}", credited.body);
+        let coupon = serde_json::json!({"code": "HOST-1", "kind": "amount", "value": 10, "max_uses": 5});
+        let defined = reply(api.admin(api.http.post(format!("{}/api/v1/admin/coupons", api.url))).json(&coupon)).await;
+        assert_eq!(defined.status, 201, "{:?}", defined.body);
         let before = api.product("hot").await.body;
         first.kill9();
         drop(first_dir); // the host's disk is gone
@@ -1390,6 +1398,50 @@ mod servers {
         let after = api.order("hot", 1, "after@example.com", None).await;
         assert_eq!(after.status, 201, "{:?}", after.body);
         assert_eq!(after.body["amount_cents"], 1290, "{:?}", after.body);
+        // The buyer's points and the coupon, as the first server acknowledged them.
+        let ledger = reply(api.admin(api.http.get(format!("{}/ledger", points_url(&api))))).await;
+        assert_eq!(ledger.body["balance"].as_u64(), Some(120), "{:?}", ledger.body);
+        let redeem = serde_json::json!({"buyer": "p@example.com", "product_id": "hot", "quantity": 1});
+        let redeemed = reply(
+            api.http.post(format!("{}/api/v1/redemptions", api.url)).header("Idempotency-Key", "r1").json(&redeem),
+        )
+        .await;
+        assert_eq!((redeemed.status, redeemed.body["points_balance"].as_u64()), (201, Some(70)), "{:?}", redeemed.body);
+        let coupon = reply(api.admin(api.http.get(format!("{}/api/v1/admin/coupons/HOST-1", api.url)))).await;
+        assert_eq!(coupon.status, 200, "{:?}", coupon.body);
+    }
+
+    /// A data directory whose server kept points in `storage.path` on the jetstream
+    /// backend (before ledgers went to the stream) keeps them there: its balances
+    /// are served as they were, not replaced by the stream's empty ledgers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn points_a_data_directory_kept_before_ledgers_went_to_the_stream_stay_there() {
+        use kami::domain::points::PointsBook;
+        let Some(bin) = nats_or_skip() else { return };
+        let nats = Nats::start(bin, None);
+        let env = on_stream(&nats, "KAMIUPGRADE").await;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let buyer =
+            (0..).map(|i| format!("old{i}@example.com")).find(|b| kami::actors::points::points_shard_of(b) == 0);
+        let buyer = buyer.unwrap();
+        {
+            let storage = common::open_storage(&data);
+            storage.keep_stock_in("jetstream:KAMIUPGRADE").unwrap();
+            let mut book = PointsBook::default();
+            let kami::domain::Outcome::Changed(event, _) = book.adjust("grant", &buyer, 75, "", 1_000).unwrap() else {
+                panic!("a credit")
+            };
+            let journal = storage.ledger_journal::<PointsBook>(0).unwrap();
+            journal.append_all(1, &[event]).unwrap();
+            journal.ticket().unwrap().wait().await.unwrap();
+        }
+        let server = start(&data, &env);
+        assert!(!server.lines_with("points and coupons stay in storage.path").is_empty());
+        let api = server.api();
+        let url = format!("{}/api/v1/admin/buyers/{buyer}/points/ledger", api.url);
+        let ledger = reply(api.admin(api.http.get(&url))).await;
+        assert_eq!(ledger.body["balance"].as_u64(), Some(75), "{:?}", ledger.body);
     }
 
     /// A standby (`storage.jetstream.standby`) on its own data directory waits while

@@ -47,9 +47,12 @@ impl<B: LedgerBook> Clone for LedgerHandle<B> {
 /// Where ledger shards keep their journals and snapshots, and their actors' limits.
 pub struct LedgerEnv {
     pub storage: Arc<Storage>,
-    /// A cluster node's replicated stream: the shards are kept there, served here
+    /// The replicated stream that keeps the shards, if one does (see
+    /// [`crate::app`]): served here for good by one server, or (a cluster node)
     /// only while this node holds their leases.
     pub stream: Option<JetStream>,
+    /// A cluster node: shards start without a book, served once their leases are here.
+    pub clustered: bool,
     pub clock: Arc<dyn Clock>,
     pub mailbox_capacity: usize,
     /// A snapshot is written once the journal since the last one exceeds
@@ -58,29 +61,41 @@ pub struct LedgerEnv {
 }
 
 /// Starts `shards` ledger shards of book `B` (round-robin over `arbiters`, under a
-/// supervisor), each rebuilt from local storage, or without a book until its lease
-/// is taken on a cluster node. Returns them by shard index.
-pub fn start_ledger<B: LedgerBook>(
+/// supervisor), each rebuilt from local storage, or from the stream (one server on
+/// the jetstream backend), or without a book until its lease is taken (a cluster
+/// node). Returns them by shard index.
+pub async fn start_ledger<B: LedgerBook>(
     shards: u16,
     env: &Arc<LedgerEnv>,
     arbiters: &[ArbiterHandle],
 ) -> Result<Vec<LedgerHandle<B>>, ActorError> {
-    (0..shards)
-        .map(|shard| {
-            let id = ShardId::new(B::NAME, shard);
-            let (recovered, place) = match env.stream {
-                Some(_) => (None, Arc::new(Place::elsewhere(id))),
-                None => (Some(env.storage.recover_ledger::<B>(shard)?), Arc::new(Place::here(id))),
-            };
-            let admission = Arc::new(Admission::new(env.mailbox_capacity, 0));
-            let (env, actor_place) = (env.clone(), place.clone());
-            let arbiter = &arbiters[shard as usize % arbiters.len()];
-            // Built on its arbiter: the actor's state is not shared across threads.
-            let addr =
-                Supervisor::start_in_arbiter(arbiter, move |_| LedgerActor::new(shard, env, actor_place, recovered));
-            Ok(LedgerHandle { addr, admission, place })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(shards as usize);
+    for shard in 0..shards {
+        let id = ShardId::new(B::NAME, shard);
+        let (start, place) = match &env.stream {
+            Some(_) if env.clustered => (Start::Later, Place::elsewhere(id)),
+            Some(js) => (Start::Stream(Box::new(js.recover_ledger::<B>(shard).await?)), Place::here(id)),
+            None => (Start::Local(env.storage.recover_ledger::<B>(shard)?), Place::here(id)),
+        };
+        let place = Arc::new(place);
+        let admission = Arc::new(Admission::new(env.mailbox_capacity, 0));
+        let (env, actor_place) = (env.clone(), place.clone());
+        let arbiter = &arbiters[shard as usize % arbiters.len()];
+        // Built on its arbiter: the actor's state is not shared across threads.
+        let addr = Supervisor::start_in_arbiter(arbiter, move |_| LedgerActor::new(shard, env, actor_place, start));
+        out.push(LedgerHandle { addr, admission, place });
+    }
+    Ok(out)
+}
+
+/// What a ledger actor starts from.
+pub enum Start<B: Ledger> {
+    /// Its book rebuilt from the data directory.
+    Local(LedgerRecovered<B>),
+    /// Its book rebuilt from the stream (one server on the jetstream backend).
+    Stream(Box<StreamLedger<B>>),
+    /// Nothing until this node takes its lease (a cluster node).
+    Later,
 }
 
 pub struct LedgerActor<B: LedgerBook> {
@@ -112,17 +127,31 @@ const MAX_REBUILD_BACKOFF: std::time::Duration = std::time::Duration::from_secs(
 impl<B: LedgerBook> LedgerActor<B> {
     /// A ledger shard rebuilt from local storage (`recovered`), or without a book
     /// until its lease is taken (a cluster node).
-    pub fn new(shard: u16, env: Arc<LedgerEnv>, place: Arc<Place>, recovered: Option<LedgerRecovered<B>>) -> Self {
-        LedgerActor {
+    pub fn new(shard: u16, env: Arc<LedgerEnv>, place: Arc<Place>, start: Start<B>) -> Self {
+        let mut actor = LedgerActor {
             shard,
             env,
-            shell: Shell::new(format!("{} {shard}", B::NAME), recovered.map(live)),
+            shell: Shell::new(format!("{} {shard}", B::NAME), None),
             stream: None,
             place,
             tenure: 0,
             rebuilding: false,
             turns: metrics::histogram!("kami_actor_turn_seconds", "actor" => B::NAME),
+        };
+        match start {
+            Start::Local(recovered) => actor.shell.install(live(recovered)),
+            Start::Stream(rebuilt) => actor.install_from_stream(*rebuilt),
+            Start::Later => {}
         }
+        actor
+    }
+
+    /// Serves the book rebuilt from the stream, appending to its journal there.
+    fn install_from_stream(&mut self, r: StreamLedger<B>) {
+        let journal = Arc::new(r.journal);
+        let seq = r.book.seq();
+        self.stream = Some(journal.clone());
+        self.shell.install(Journaled::recovered(r.book, journal, seq, r.journal_bytes, r.snapshot_bytes));
     }
 
     /// Snapshots the book once enough journal has grown since the last snapshot;
@@ -200,16 +229,7 @@ impl<B: LedgerBook> LedgerActor<B> {
                     Ok(r) => {
                         act.rebuilding = false;
                         tracing::info!(ledger = B::NAME, shard, snapshot_bytes = r.snapshot_bytes, replayed = r.replayed, elapsed_ms = r.elapsed.as_millis() as u64, "ledger actor rebuilt from the stream");
-                        let journal = Arc::new(r.journal);
-                        let seq = r.book.seq();
-                        act.stream = Some(journal.clone());
-                        act.shell.install(Journaled::recovered(
-                            r.book,
-                            journal,
-                            seq,
-                            r.journal_bytes,
-                            r.snapshot_bytes,
-                        ));
+                        act.install_from_stream(r);
                     }
                     Err(e) => {
                         let wait = (std::time::Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16)))

@@ -687,6 +687,21 @@ impl Storage {
         }
     }
 
+    /// Where this directory's points and coupon ledgers are kept on the jetstream
+    /// backend without a cluster (`meta/ledger-backend`: `"local"` or `"stream"`),
+    /// once recorded.
+    pub fn ledger_backend(&self) -> Result<Option<String>, StorageError> {
+        let stored = self.db.open_tree("meta")?.get(b"ledger-backend")?;
+        Ok(stored.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records where this directory's ledgers are kept (durable when it returns).
+    pub fn keep_ledgers_in(&self, backend: &str) -> Result<(), StorageError> {
+        self.db.open_tree("meta")?.insert(b"ledger-backend", backend.as_bytes())?;
+        self.db.flush().map_err(StorageError::from)?;
+        Ok(())
+    }
+
     /// An archived order of shard `id`, if there is one.
     pub fn archived_order(&self, id: &ShardId, seq: u64) -> Result<Option<ArchivedOrder>, StorageError> {
         let tree = self.archive_tree(id)?;
