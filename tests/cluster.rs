@@ -187,6 +187,7 @@ async fn audit_counts(api: &Api, bought: &[Bought]) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         audit = api.audit().await;
     }
+    assert_eq!(audit.status, 200, "the audit: {:?}", audit.body);
     assert_audit_ok(&audit);
     let sold = audit.body["products"][0]["sold"].as_u64().unwrap();
     let paid = bought.iter().filter(|b| b.paid).count() as u64;
@@ -645,7 +646,16 @@ async fn a_node_cut_off_from_the_stream_acknowledges_nothing_the_stream_does_not
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while cluster.served_by(cut).await.is_empty() {
-        assert!(Instant::now() < deadline, "the healed node never served again");
+        if Instant::now() > deadline {
+            let node = cluster.nodes[cut].as_ref().unwrap();
+            let said: Vec<String> = ["WARN", "ERROR", "panicked"].iter().flat_map(|w| node.lines_with(w)).collect();
+            let status = reply(cluster.api(cut).http.get(format!("{}/status.json", cluster.api(cut).url))).await;
+            panic!(
+                "the healed node never served again: {}\n{}",
+                status.body["cluster"],
+                said[said.len().saturating_sub(30)..].join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.placed(&shards).await;

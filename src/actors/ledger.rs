@@ -121,6 +121,9 @@ fn live<B: LedgerBook>(r: LedgerRecovered<B>) -> Journaled<B> {
     Journaled::recovered(r.book, Arc::new(r.journal), seq, 0, r.snapshot_bytes)
 }
 
+/// How often a stream-kept ledger shard checks it is not served here without a book.
+const STRANDED_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Longest wait between two tries to rebuild a ledger shard from the stream.
 const MAX_REBUILD_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -282,6 +285,21 @@ impl<B: LedgerBook> Actor for LedgerActor<B> {
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Callers hold an admission ticket per request (see `core`); this is a backstop.
         ctx.set_mailbox_capacity(self.env.mailbox_capacity + super::UNADMITTED_MESSAGES);
+        if self.env.stream.is_some() {
+            // Served here without a book and no rebuild under way (restarted while
+            // its lease looked over, then renewed with no new `Own`): rebuilt, as
+            // `Own` would.
+            ctx.run_interval(STRANDED_CHECK, |act, ctx| {
+                if act.place.is_here() && act.shell.live().is_err() && !act.rebuilding {
+                    tracing::warn!(
+                        ledger = B::NAME,
+                        shard = act.shard,
+                        "served here without a book: rebuilding it from the stream"
+                    );
+                    act.rebuild_from_stream(ctx, 0);
+                }
+            });
+        }
     }
 }
 

@@ -222,8 +222,10 @@ impl ProductRoute {
             };
             for same_arbiter in [true, false] {
                 let n = on(same_arbiter).count();
-                if n > 0 {
-                    return on(same_arbiter).nth(buyer_shard(buyer, n)).expect("an index below the count");
+                // A lease may end between the count and the pick (a cluster node's
+                // shard leaving): then the next choice.
+                if let Some(i) = (n > 0).then(|| on(same_arbiter).nth(buyer_shard(buyer, n))).flatten() {
+                    return i;
                 }
             }
         }

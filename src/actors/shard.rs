@@ -776,6 +776,7 @@ impl Actor for ShardActor {
             let _turn = super::Turn::start(&act.turns);
             act.expire(ctx);
             act.archive(ctx);
+            act.rebuild_if_stranded(ctx);
         });
     }
 }
@@ -816,6 +817,18 @@ impl ShardActor {
                 }
             }
         }));
+    }
+}
+
+impl ShardActor {
+    /// A shard served here without state and no rebuild under way (restarted while
+    /// its lease looked over, then renewed with no new [`Own`]): rebuilt now, as
+    /// `Own` would.
+    fn rebuild_if_stranded(&mut self, ctx: &mut Context<Self>) {
+        if self.env.stream.is_some() && self.place.is_here() && self.shell.live().is_err() && !self.rebuilding {
+            tracing::warn!(shard = %self.id, "served here without state: rebuilding it from the stream");
+            self.rebuild_from_stream(ctx, 0);
+        }
     }
 }
 

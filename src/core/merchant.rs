@@ -380,6 +380,10 @@ impl Kami {
                     .ok_or_else(|| Error::Elsewhere(crate::domain::ShardId::new(id.as_str(), away[0])))?;
                 audits.extend(cluster.gather_audits(id, &away).await?);
                 audits.sort_by_key(|a| a.shard);
+                // A lease that ended between the two lists left a shard out of both.
+                if audits.len() != route.shards.len() {
+                    return Err(Error::Unavailable(format!("shards of {id} moved during the audit; try again")));
+                }
             }
             auditor.add_product(id, audits, true);
         }
