@@ -124,9 +124,6 @@ fn live<B: LedgerBook>(r: LedgerRecovered<B>) -> Journaled<B> {
 /// How often a stream-kept ledger shard checks it is not served here without a book.
 const STRANDED_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Longest wait between two tries to rebuild a ledger shard from the stream.
-const MAX_REBUILD_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
-
 impl<B: LedgerBook> LedgerActor<B> {
     /// A ledger shard rebuilt from local storage (`recovered`), or without a book
     /// until its lease is taken (a cluster node).
@@ -235,8 +232,7 @@ impl<B: LedgerBook> LedgerActor<B> {
                         act.install_from_stream(r);
                     }
                     Err(e) => {
-                        let wait = (std::time::Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16)))
-                            .min(MAX_REBUILD_BACKOFF);
+                        let wait = super::shard::rebuild_backoff(failures);
                         tracing::error!(ledger = B::NAME, shard, error = %e, retry_ms = wait.as_millis() as u64, "ledger actor could not rebuild from the stream; answering unavailable");
                         ctx.run_later(wait, move |act, ctx| {
                             if act.tenure == tenure {

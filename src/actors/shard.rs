@@ -784,6 +784,12 @@ impl Actor for ShardActor {
 /// Longest wait between two tries to rebuild a shard from the stream.
 const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The wait before the next try to rebuild an actor from the stream, after
+/// `failures` failed tries (stock and ledger actors alike).
+pub(super) fn rebuild_backoff(failures: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16))).min(MAX_REBUILD_BACKOFF)
+}
+
 impl ShardActor {
     /// Rebuilds the shard from the replicated stream (off the actor's turn: until it
     /// is installed, every request is answered unavailable). A failed try (servers
@@ -807,7 +813,7 @@ impl ShardActor {
                 }
                 Err(e) => {
                     let wait =
-                        (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(16))).min(MAX_REBUILD_BACKOFF);
+                        rebuild_backoff(failures);
                     tracing::error!(shard = %act.id, error = %e, retry_ms = wait.as_millis() as u64, "stock actor could not rebuild from the stream; answering unavailable");
                     ctx.run_later(wait, move |act, ctx| {
                         if act.tenure == tenure {

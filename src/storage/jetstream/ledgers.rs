@@ -73,12 +73,7 @@ impl JetStream {
                 Ok(())
             })
             .await?;
-        if opened.last_seq() < snapshot_seq {
-            return Err(corrupt(
-                journal,
-                format!("the journal ends at record {}, before its snapshot at {snapshot_seq}", opened.last_seq()),
-            ));
-        }
+        super::shards::ends_after_snapshot(&journal, &opened, snapshot_seq)?;
         Ok(StreamLedger { book, journal: opened, snapshot_bytes, journal_bytes, replayed, elapsed: started.elapsed() })
     }
 

@@ -54,6 +54,22 @@ fn replay(journal: &str, shard: &mut Shard, last: u64, seq: u64, record: &[u8]) 
     })
 }
 
+/// Refuses a journal that ends before the snapshot it was opened after (its
+/// purge keeps the last message, so a whole history always reaches it).
+pub(super) fn ends_after_snapshot(
+    journal: &str,
+    opened: &StreamJournal,
+    snapshot_seq: u64,
+) -> Result<(), StorageError> {
+    if opened.last_seq() < snapshot_seq {
+        return Err(StorageError::Corrupt {
+            place: journal.to_string(),
+            error: format!("the journal ends at record {}, before its snapshot at {snapshot_seq}", opened.last_seq()),
+        });
+    }
+    Ok(())
+}
+
 /// The journal name (subject) of a stock shard: `stock.{product}.{shard}` (product
 /// ids are `[a-z0-9_-]`, valid subject tokens).
 pub fn shard_journal(id: &ShardId) -> String {
@@ -81,15 +97,7 @@ impl JetStream {
                 Ok(())
             })
             .await?;
-        if opened.last_seq() < snapshot_seq {
-            return Err(StorageError::Corrupt {
-                place: journal,
-                error: format!(
-                    "the journal ends at record {}, before its snapshot at {snapshot_seq}",
-                    opened.last_seq()
-                ),
-            });
-        }
+        ends_after_snapshot(&journal, &opened, snapshot_seq)?;
         Ok(StreamRecovered {
             shard,
             last_seq: opened.last_seq(),
