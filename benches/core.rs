@@ -84,6 +84,7 @@ fn storage(c: &mut Criterion) {
         max_pending_commits: 65536,
         max_commit_batch: 65536,
         commit_linger: Duration::ZERO,
+        commit_busy_linger: Duration::ZERO,
     })
     .unwrap();
     let journal = storage.journal(&kami::domain::ShardId::new("p", 0)).unwrap();

@@ -25,6 +25,7 @@ fn open(path: &std::path::Path) -> std::sync::Arc<Storage> {
         max_pending_commits: 16,
         max_commit_batch: 16,
         commit_linger: Duration::ZERO,
+        commit_busy_linger: Duration::ZERO,
     })
     .expect("open storage")
 }

@@ -220,6 +220,7 @@ fn main() {
         max_pending_commits: 1 << 16,
         max_commit_batch: 1 << 16,
         commit_linger: Duration::ZERO,
+        commit_busy_linger: Duration::ZERO,
     })
     .unwrap();
     let sinks: Vec<Arc<dyn Sink>> = (0..shards)

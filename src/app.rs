@@ -464,6 +464,7 @@ pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Resu
         max_pending_commits: settings.storage.max_pending_commits,
         max_commit_batch: settings.storage.max_commit_batch,
         commit_linger: Duration::from_micros(settings.storage.commit_linger_us),
+        commit_busy_linger: Duration::from_micros(settings.storage.commit_busy_linger_us),
     };
     let storage_err = |error: String| StartError::Storage { path: opts.path.display().to_string(), error };
     let storage = {

@@ -96,6 +96,7 @@ fn audit_dir_unguarded(path: &Path) -> Result<OfflineReport, AuditError> {
         max_pending_commits: 1,
         max_commit_batch: 1,
         commit_linger: Duration::ZERO,
+        commit_busy_linger: Duration::ZERO,
     })
     .map_err(|error| AuditError::Open { path: shown.clone(), error })?;
     let read_err = |error| AuditError::Read { path: shown.clone(), error };

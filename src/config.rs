@@ -243,6 +243,9 @@ pub struct StorageSettings {
     pub max_pending_commits: usize,
     pub max_commit_batch: usize,
     pub commit_linger_us: u64,
+    /// How long a flush that follows the last one within this time waits for more
+    /// writers (0 = never): under load, fewer and larger flushes.
+    pub commit_busy_linger_us: u64,
     pub snapshot_min_journal_bytes: u64,
     /// Where stock shards' journals and snapshots are kept: `local` (in `path`)
     /// or `jetstream` (a replicated NATS JetStream stream, `[storage.jetstream]`).
@@ -698,6 +701,11 @@ impl Settings {
         check(self.storage.max_pending_commits >= 1, "storage.max_pending_commits", "must be at least 1")?;
         check(self.storage.max_commit_batch >= 1, "storage.max_commit_batch", "must be at least 1")?;
         check(self.storage.commit_linger_us <= 100_000, "storage.commit_linger_us", "must be at most 100000")?;
+        check(
+            self.storage.commit_busy_linger_us <= 100_000,
+            "storage.commit_busy_linger_us",
+            "must be at most 100000",
+        )?;
         if self.storage.backend == StorageBackend::Jetstream {
             let js = &self.storage.jetstream;
             check(!js.options().urls.is_empty(), "storage.jetstream.urls", "must name at least one server")?;

@@ -708,6 +708,7 @@ fn a_v10_snapshot_has_its_archived_coupon_orders_recounted_from_the_archive() {
         max_pending_commits: 1,
         max_commit_batch: 1,
         commit_linger: std::time::Duration::ZERO,
+        commit_busy_linger: std::time::Duration::ZERO,
     })
     .unwrap();
     let snapshot = stored(10, "snapshot.bin");

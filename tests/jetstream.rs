@@ -864,6 +864,7 @@ mod actors_on_the_stream {
             max_pending_commits: 1024,
             max_commit_batch: 1024,
             commit_linger: Duration::ZERO,
+            commit_busy_linger: Duration::ZERO,
         })
         .unwrap();
         Arc::new(ShardEnv {

@@ -374,6 +374,7 @@ mod tests {
             max_pending_commits: 16,
             max_commit_batch: 16,
             commit_linger: std::time::Duration::ZERO,
+            commit_busy_linger: std::time::Duration::ZERO,
         })
         .unwrap();
         Arc::new(storage.ledger_journal::<crate::domain::points::PointsBook>(0).unwrap())

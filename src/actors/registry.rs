@@ -334,6 +334,7 @@ mod tests {
             max_pending_commits: 16,
             max_commit_batch: 16,
             commit_linger: std::time::Duration::ZERO,
+            commit_busy_linger: std::time::Duration::ZERO,
         })
         .unwrap();
         let product = ProductInfo {

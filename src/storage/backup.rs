@@ -1074,6 +1074,7 @@ fn write_restore(files: &[PathBuf], staging: &Path, passphrase: Option<&str>) ->
         max_pending_commits: 1024,
         max_commit_batch: 1024,
         commit_linger: std::time::Duration::ZERO,
+        commit_busy_linger: std::time::Duration::ZERO,
     })?;
     let base = staging.join("journal");
     let mut journals: HashMap<String, std::sync::Arc<JournalFile>> = HashMap::new();

@@ -67,7 +67,9 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the commit thread. `max_pending` bounds queued tickets; `linger` is how
-    /// long the thread waits for more writers after the first (0 = flush at once).
+    /// long the thread waits for more writers after the first (0 = flush at once), and
+    /// `busy_linger` how long it waits when the flush follows the last one within
+    /// that time (see [`linger_for`]).
     pub(crate) fn start(
         db: sled::Db,
         journals: Arc<DirtyJournals>,
@@ -75,6 +77,7 @@ impl Committer {
         max_pending: usize,
         max_batch: usize,
         linger: Duration,
+        busy_linger: Duration,
     ) -> Committer {
         assert!(max_pending > 0 && max_batch > 0);
         let (tx, rx) = sync_channel(max_pending);
@@ -82,7 +85,7 @@ impl Committer {
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("kami-commit".into())
-            .spawn(move || run(db, journals, log, rx, max_batch, linger, thread_stats))
+            .spawn(move || run(db, journals, log, rx, max_batch, (linger, busy_linger), thread_stats))
             .expect("spawn commit thread");
         Committer { tx: Some(Arc::new(tx)), stats, thread: Some(thread) }
     }
@@ -177,20 +180,36 @@ pub(super) fn make_durable(
     Ok(())
 }
 
+/// How long the commit thread waits for more writers once a ticket came in,
+/// `since_last` after the last flush ended: `linger` always, and `busy_linger` when
+/// the flush follows the last one that closely. Under load a ticket is waiting as
+/// soon as a flush ends, and the few written just then would otherwise get an
+/// `fdatasync` of their own (a quarter of the flushes of a flash sale served one
+/// ticket): waiting lets the actors finish what they are doing, so one flush
+/// covers all of it. A server that is not busy flushes at once.
+pub(crate) fn linger_for(linger: Duration, busy_linger: Duration, since_last: Option<Duration>) -> Duration {
+    match since_last {
+        Some(since) if since < busy_linger => linger.max(busy_linger),
+        _ => linger,
+    }
+}
+
 fn run(
     db: sled::Db,
     journals: Arc<DirtyJournals>,
     log: Arc<Mutex<CommitLog>>,
     rx: Receiver<Waiter>,
     max_batch: usize,
-    linger: Duration,
+    (linger, busy_linger): (Duration, Duration),
     stats: Arc<Mutex<CommitStats>>,
 ) {
     let mut batch: Vec<Waiter> = Vec::with_capacity(max_batch);
+    let mut last_flush: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        if !linger.is_zero() {
-            std::thread::sleep(linger);
+        let wait = linger_for(linger, busy_linger, last_flush.map(|t| t.elapsed()));
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
         while batch.len() < max_batch {
             match rx.try_recv() {
@@ -216,5 +235,28 @@ fn run(
         for waiter in batch.drain(..) {
             let _ = waiter.send(result.clone());
         }
+        last_flush = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flush_lingers_only_when_it_follows_the_last_one_closely() {
+        let (us, none) = (Duration::from_micros, Duration::ZERO);
+        // Idle: the first flush, or one long after the last, goes at once.
+        assert_eq!(linger_for(none, us(150), None), none);
+        assert_eq!(linger_for(none, us(150), Some(us(151))), none);
+        // Busy: a ticket right after a flush waits for more writers.
+        assert_eq!(linger_for(none, us(150), Some(us(0))), us(150));
+        assert_eq!(linger_for(none, us(150), Some(us(149))), us(150));
+        // The unconditional linger holds whatever the load; the longer of the two wins.
+        assert_eq!(linger_for(us(500), us(150), None), us(500));
+        assert_eq!(linger_for(us(500), us(150), Some(us(10))), us(500));
+        assert_eq!(linger_for(us(50), us(150), Some(us(10))), us(150));
+        // Off: never waits.
+        assert_eq!(linger_for(none, none, Some(none)), none);
     }
 }

@@ -102,6 +102,9 @@ pub struct StorageOptions {
     pub max_pending_commits: usize,
     pub max_commit_batch: usize,
     pub commit_linger: Duration,
+    /// How long a flush that follows the last one within this time waits for more
+    /// writers (under load: fewer, larger flushes; an idle server flushes at once).
+    pub commit_busy_linger: Duration,
 }
 
 pub struct Storage {
@@ -332,6 +335,7 @@ impl Storage {
             opts.max_pending_commits,
             opts.max_commit_batch,
             opts.commit_linger,
+            opts.commit_busy_linger,
         );
         let storage = Arc::new(Storage {
             db,
@@ -1271,6 +1275,7 @@ mod tests {
             max_pending_commits: 16,
             max_commit_batch: 16,
             commit_linger: Duration::ZERO,
+            commit_busy_linger: Duration::ZERO,
         })
         .unwrap()
     }

@@ -440,6 +440,7 @@ pub fn open_storage(data: &Path) -> std::sync::Arc<kami::storage::Storage> {
         max_pending_commits: 1024,
         max_commit_batch: 1024,
         commit_linger: Duration::ZERO,
+        commit_busy_linger: Duration::ZERO,
     })
     .expect("open storage")
 }
