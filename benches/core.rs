@@ -161,6 +161,9 @@ async fn start(dir: &std::path::Path, arbiters: usize) -> kami::RunningApp {
         ("payments.channels.sandbox.secret", "bench".into()),
         ("actors.arbiters", arbiters.to_string()),
     ];
+    // BENCH_BUSY_LINGER_US: the commit thread's busy linger (the configuration's default otherwise).
+    let linger = std::env::var("BENCH_BUSY_LINGER_US").ok().map(|v| ("storage.commit_busy_linger_us", v));
+    let overrides: Vec<_> = overrides.into_iter().chain(linger).collect();
     let settings = kami::Settings::load(&kami::Sources {
         overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         ..Default::default()
