@@ -21,7 +21,7 @@ use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductI
 use crate::storage::jetstream::{JetStream, StreamJournal, StreamRecovered};
 use crate::storage::{EventLog, Recovered, Storage, StorageError};
 
-use super::journaled::{fail, Journaled, Machine, Shell};
+use super::journaled::{fail, Journaled, Machine, Reply, Shell};
 pub use super::journaled::{ActorError, ActorResult};
 
 /// What every stock actor of the process shares (immutable).
@@ -323,9 +323,17 @@ impl ShardActor {
     /// prefix is durable, then publishes the gauge. Every 2xx thus describes durable
     /// state (I4).
     fn reply<T: 'static>(&self, needed: u64, value: T) -> ResponseFuture<ActorResult<T>> {
-        let Ok(live) = self.shell.live() else { return fail(ActorError::Unavailable) };
+        match self.publish_gauge() {
+            Ok(publish) => self.shell.reply(needed, value, publish),
+            Err(e) => fail(e),
+        }
+    }
+
+    /// Publishes the shard's counters as they are now (run once they are durable).
+    fn publish_gauge(&self) -> ActorResult<impl FnOnce() + 'static> {
+        let live = self.shell.live()?;
         let (seq, counts, gauge) = (live.seq(), live.state().counts(), self.gauge.clone());
-        self.shell.reply(needed, value, move || gauge.publish(seq, counts))
+        Ok(move || gauge.publish(seq, counts))
     }
 
     /// Replies with `value` once everything written so far is durable.
@@ -336,13 +344,18 @@ impl ShardActor {
 
     /// Replies with `value` about order `seq`: after everything written if this step
     /// wrote (`written`), else once that order's own changes are durable.
-    fn reply_for_order<T: 'static>(&mut self, seq: u64, written: bool, value: T) -> ResponseFuture<ActorResult<T>> {
+    /// The answer waits in the actor's reply line (see [`Reply`]): these are the
+    /// answers of a flash sale (orders, payments, reads of an order).
+    fn reply_for_order<T: 'static>(&mut self, seq: u64, written: bool, value: T) -> Reply<T> {
         let needed = match self.shell.live_mut() {
             Ok(live) if written => live.seq(),
             Ok(live) => live.needed_for(seq),
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
-        self.reply(needed, value)
+        match self.publish_gauge() {
+            Ok(publish) => self.shell.reply_in_line(needed, value, publish),
+            Err(e) => Reply::fail(e),
+        }
     }
 
     /// Runs a domain step that makes (or repeats) one order, journals it, and replies
@@ -351,14 +364,14 @@ impl ShardActor {
         &mut self,
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut Shard) -> Result<Outcome<u64>, DomainError>,
-    ) -> ResponseFuture<ActorResult<OrderSnapshot>> {
+    ) -> Reply<OrderSnapshot> {
         let (seq, written) = match self.change(ctx, command) {
             Ok(changed) => changed,
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
         match self.order_snapshot(seq, written.is_none()) {
             Ok(view) => self.reply_for_order(seq, written.is_some(), view),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 
@@ -926,7 +939,7 @@ impl Handler<WithdrawKeys> for ShardActor {
 }
 
 impl Handler<CreateOrder> for ShardActor {
-    type Result = ResponseFuture<ActorResult<OrderSnapshot>>;
+    type Result = Reply<OrderSnapshot>;
 
     fn handle(&mut self, msg: CreateOrder, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -936,7 +949,7 @@ impl Handler<CreateOrder> for ShardActor {
 }
 
 impl Handler<Redeem> for ShardActor {
-    type Result = ResponseFuture<ActorResult<OrderSnapshot>>;
+    type Result = Reply<OrderSnapshot>;
 
     fn handle(&mut self, msg: Redeem, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -946,7 +959,7 @@ impl Handler<Redeem> for ShardActor {
 }
 
 impl Handler<PayOrder> for ShardActor {
-    type Result = ResponseFuture<ActorResult<PaymentOutcome>>;
+    type Result = Reply<PaymentOutcome>;
 
     fn handle(&mut self, msg: PayOrder, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -956,11 +969,11 @@ impl Handler<PayOrder> for ShardActor {
         let now = self.env.clock.now_ms();
         let order_seq = msg.0.order_seq;
         if let Err(e) = self.claim_payment(&msg.0) {
-            return fail(e);
+            return Reply::fail(e);
         }
         match self.change(ctx, |s| s.pay(msg.0, now)) {
             Ok((outcome, written)) => self.reply_for_order(order_seq, written.is_some(), outcome),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
@@ -986,63 +999,62 @@ impl ShardActor {
 }
 
 impl Handler<GetOrder> for ShardActor {
-    type Result = ResponseFuture<ActorResult<OrderSnapshot>>;
+    type Result = Reply<OrderSnapshot>;
 
     fn handle(&mut self, msg: GetOrder, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         let view = match self.order_snapshot(msg.seq, false) {
             Ok(v) => v,
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
         if msg.token.is_some_and(|token| !view.order.token_matches(&token)) {
-            return fail(DomainError::OrderNotFound);
+            return Reply::fail(DomainError::OrderNotFound);
         }
         self.reply_for_order(msg.seq, false, view)
     }
 }
 
 impl Handler<FindIdempotent> for ShardActor {
-    type Result = ResponseFuture<ActorResult<Option<OrderSnapshot>>>;
+    type Result = Reply<Option<OrderSnapshot>>;
 
     fn handle(&mut self, msg: FindIdempotent, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         let seq = match self.shard() {
             Ok(s) => s.order_for_key(&msg.key),
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
-        let Some(seq) = seq else { return Box::pin(futures::future::ready(Ok(None))) };
+        let Some(seq) = seq else { return Reply::Now(Ok(None)) };
         let view = match self.order_snapshot(seq, false) {
             Ok(v) => v,
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
-        let reply = self.reply_for_order(seq, false, view);
-        Box::pin(async move { reply.await.map(Some) })
+        self.reply_for_order(seq, false, view).map(Some)
     }
 }
 
 impl Handler<CancelOrder> for ShardActor {
-    type Result = ResponseFuture<ActorResult<OrderSnapshot>>;
+    type Result = Reply<OrderSnapshot>;
 
     fn handle(&mut self, msg: CancelOrder, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         let authorised = match self.order_snapshot(msg.seq, false) {
             Ok(view) => view.order.token_matches(&msg.token).then_some(view.order.status),
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
         let Some(status) = authorised else {
-            return fail(DomainError::OrderNotFound);
+            return Reply::fail(DomainError::OrderNotFound);
         };
         if self.shard().is_ok_and(|s| s.is_archived(msg.seq)) {
-            return fail(DomainError::InvalidState { status });
+            return Reply::fail(DomainError::InvalidState { status });
         }
         let now = self.env.clock.now_ms();
         let cancelled = self.change(ctx, |s| s.cancel(msg.seq, now).map(|event| Outcome::Changed(event, ())));
         if let Err(e) = cancelled {
-            return fail(e);
+            return Reply::fail(e);
         }
         match self.order_snapshot(msg.seq, false) {
             Ok(view) => self.reply_for_order(msg.seq, true, view),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
@@ -1231,13 +1243,13 @@ impl Handler<LookupOrders> for ShardActor {
 }
 
 impl Handler<OrderWithPassword> for ShardActor {
-    type Result = ResponseFuture<ActorResult<(OrderSnapshot, Option<crate::domain::lookup::PasswordHash>)>>;
+    type Result = Reply<(OrderSnapshot, Option<crate::domain::lookup::PasswordHash>)>;
 
     fn handle(&mut self, m: OrderWithPassword, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         match self.order_with_password(m.seq) {
             Ok(found) => self.reply_for_order(m.seq, false, found),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
