@@ -2,6 +2,7 @@
 # What backups cost a flash sale: durable order-create on one hot product (shards =
 # cores, STOCK_KEYS keys) driven by wrk at CONNS connections, in alternating runs
 #   none     no backup
+#   once     one `kami backup` taken 2 s into the run (a scheduled backup meeting a sale)
 #   online   `kami backup` taken back to back for the whole run
 #   archive  continuous archiving on (an increment every second, a full backup first)
 # with the bare axum handler's p99 in the same session for the speed issue's bound
@@ -65,13 +66,19 @@ longest_turn() { # the smallest stock-actor turn bucket holding every turn so fa
 
 declare -A results
 for ((round = 1; round <= ROUNDS; round++)); do
-    for case in none online archive; do
+    for case in none once online archive; do
         data="$work/data-$case-$round"; archive=""
         [ "$case" = archive ] && archive="$work/archive-$round"
         start_kami "$data" "$archive"
         stock_flash "http://127.0.0.1:$PORT_KAMI" "$STOCK_KEYS"
         curl -sf -XPOST -H 'Authorization: Bearer bench' "http://127.0.0.1:$PORT_KAMI/api/v1/admin/snapshot" >/dev/null
         note=""
+        if [ "$case" = once ]; then
+            ( sleep 2
+              s=$(date +%s%N)
+              "$KAMI" backup --url "http://127.0.0.1:$PORT_KAMI" --admin-token bench --to "$work/b.kamibak" >/dev/null
+              echo "$(( ($(date +%s%N) - s) / 1000000 )) $(stat -c %s "$work/b.kamibak")" >"$work/once-$round" ) & bpid=$!
+        fi
         if [ "$case" = online ]; then
             ( n=0; end=$((SECONDS + SECS)); while ((SECONDS < end)); do
                   s=$(date +%s%N)
@@ -80,6 +87,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
               done ) & bpid=$!
         fi
         r=$(wrk_once "http://127.0.0.1:$PORT_KAMI")
+        if [ "$case" = once ]; then
+            wait $bpid
+            note=$(awk '{printf "one backup of %.1f MB in %d ms", $2/1e6, $1}' "$work/once-$round")
+        fi
         if [ "$case" = online ]; then
             wait $bpid
             note=$(awk '{n++; t+=$1; if ($1>m) m=$1; b=$2} END {printf "%d backups, mean %.0f ms, longest %d ms, %.1f MB each", n, t/n, m, b/1e6}' "$work/backups-$round")
@@ -95,7 +106,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
 done
 echo
 bare_p99=${bare#* }
-for case in none online archive; do
+for case in none once online archive; do
     med=$(echo -n "${results[$case]}" | sort -n -k1 | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
     p99=$(echo -n "${results[$case]}" | sort -n -k2 | awk '{a[NR]=$2} END {print a[int((NR+1)/2)]}')
     printf '%-8s median %6d 2xx/s, median p99 %6.1f ms = %.1fx the bare handler p99\n' "$case" "$med" "$p99" "$(echo "$p99 / $bare_p99" | bc -l)"
