@@ -435,18 +435,10 @@ impl<T> From<ResponseFuture<ActorResult<T>>> for Reply<T> {
     }
 }
 
-impl<A, M, T> actix::dev::MessageResponse<A, M> for Reply<T>
-where
-    A: Actor,
-    M: Message<Result = ActorResult<T>>,
-    T: 'static,
-{
-    fn handle(self, _: &mut A::Context, tx: Option<actix::dev::OneshotSender<ActorResult<T>>>) {
-        let send = move |answer: ActorResult<T>| {
-            if let Some(tx) = tx {
-                let _ = tx.send(answer);
-            }
-        };
+impl<T: 'static> Reply<T> {
+    /// Hands the answer to `send`: at once, after its future, or once the flush its
+    /// line waits for is done.
+    fn deliver(self, send: impl FnOnce(ActorResult<T>) + 'static) {
         match self {
             Reply::Now(answer) => send(answer),
             Reply::Later(fut) => {
@@ -465,6 +457,27 @@ where
                 }
             }
         }
+    }
+
+    /// Lets the answer take its course with nobody waiting for it (what runs once it
+    /// is durable still runs).
+    pub fn detach(self) {
+        self.deliver(|_| ());
+    }
+}
+
+impl<A, M, T> actix::dev::MessageResponse<A, M> for Reply<T>
+where
+    A: Actor,
+    M: Message<Result = ActorResult<T>>,
+    T: 'static,
+{
+    fn handle(self, _: &mut A::Context, tx: Option<actix::dev::OneshotSender<ActorResult<T>>>) {
+        self.deliver(move |answer| {
+            if let Some(tx) = tx {
+                let _ = tx.send(answer);
+            }
+        });
     }
 }
 

@@ -21,8 +21,8 @@ use crate::domain::{DomainError, Event, Order, OrderId, PaymentOutcome, ProductI
 use crate::storage::jetstream::{JetStream, StreamJournal, StreamRecovered};
 use crate::storage::{EventLog, Recovered, Storage, StorageError};
 
-use super::journaled::{fail, Journaled, Machine, Reply, Shell};
 pub use super::journaled::{ActorError, ActorResult};
+use super::journaled::{Journaled, Machine, Reply, Shell};
 
 /// What every stock actor of the process shares (immutable).
 pub struct ShardEnv {
@@ -321,11 +321,11 @@ impl ShardActor {
 
     /// Replies with `value` (which shows the journal through `needed`) once that
     /// prefix is durable, then publishes the gauge. Every 2xx thus describes durable
-    /// state (I4).
-    fn reply<T: 'static>(&self, needed: u64, value: T) -> ResponseFuture<ActorResult<T>> {
+    /// state (I4). The answer waits in the actor's reply line (see [`Reply`]).
+    fn reply<T: 'static>(&self, needed: u64, value: T) -> Reply<T> {
         match self.publish_gauge() {
-            Ok(publish) => self.shell.reply(needed, value, publish),
-            Err(e) => fail(e),
+            Ok(publish) => self.shell.reply_in_line(needed, value, publish),
+            Err(e) => Reply::fail(e),
         }
     }
 
@@ -337,25 +337,20 @@ impl ShardActor {
     }
 
     /// Replies with `value` once everything written so far is durable.
-    fn reply_after_all<T: 'static>(&self, value: T) -> ResponseFuture<ActorResult<T>> {
+    fn reply_after_all<T: 'static>(&self, value: T) -> Reply<T> {
         let needed = self.shell.live().map_or(0, |l| l.seq());
         self.reply(needed, value)
     }
 
     /// Replies with `value` about order `seq`: after everything written if this step
     /// wrote (`written`), else once that order's own changes are durable.
-    /// The answer waits in the actor's reply line (see [`Reply`]): these are the
-    /// answers of a flash sale (orders, payments, reads of an order).
     fn reply_for_order<T: 'static>(&mut self, seq: u64, written: bool, value: T) -> Reply<T> {
         let needed = match self.shell.live_mut() {
             Ok(live) if written => live.seq(),
             Ok(live) => live.needed_for(seq),
             Err(e) => return Reply::fail(e),
         };
-        match self.publish_gauge() {
-            Ok(publish) => self.shell.reply_in_line(needed, value, publish),
-            Err(e) => Reply::fail(e),
-        }
+        self.reply(needed, value)
     }
 
     /// Runs a domain step that makes (or repeats) one order, journals it, and replies
@@ -382,13 +377,13 @@ impl ShardActor {
         &mut self,
         ctx: &mut Context<Self>,
         step: impl FnOnce(&mut Shard) -> (Vec<Event>, T),
-    ) -> ResponseFuture<ActorResult<T>> {
+    ) -> Reply<T> {
         let (events, value) = match self.guarded(ctx, step) {
             Ok(r) => r,
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
         if let Err(e) = self.persist(ctx, &events) {
-            return fail(e);
+            return Reply::fail(e);
         }
         self.reply_after_all(value)
     }
@@ -398,10 +393,10 @@ impl ShardActor {
         &mut self,
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut Shard) -> Result<Outcome<(u64, u64)>, DomainError>,
-    ) -> ResponseFuture<ActorResult<GroupSeat>> {
+    ) -> Reply<GroupSeat> {
         let ((group, seq), written) = match self.change(ctx, command) {
             Ok(changed) => changed,
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
         let seat = self
             .order_snapshot(seq, written.is_none())
@@ -409,7 +404,7 @@ impl ShardActor {
         match seat {
             // The group shows other members' orders: wait for everything written so far.
             Ok(seat) => self.reply_after_all(seat),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 
@@ -419,22 +414,18 @@ impl ShardActor {
         &mut self,
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut Shard) -> Result<Outcome<T>, DomainError>,
-    ) -> ResponseFuture<ActorResult<T>> {
+    ) -> Reply<T> {
         match self.change(ctx, command) {
             Ok((value, _)) => self.reply_after_all(value),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 
     /// Answers a read of the shard once everything it shows is durable.
-    fn read<T: 'static>(
-        &mut self,
-        ctx: &mut Context<Self>,
-        read: impl FnOnce(&mut Shard) -> T,
-    ) -> ResponseFuture<ActorResult<T>> {
+    fn read<T: 'static>(&mut self, ctx: &mut Context<Self>, read: impl FnOnce(&mut Shard) -> T) -> Reply<T> {
         match self.guarded(ctx, read) {
             Ok(value) => self.reply_after_all(value),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 
@@ -719,10 +710,7 @@ impl ShardActor {
         match self.persist(ctx, &events) {
             Ok(()) => {
                 // Publishes the gauge once the expiries are durable.
-                let done = self.reply_after_all(());
-                actix_rt::spawn(async move {
-                    let _ = done.await;
-                });
+                self.reply_after_all(()).detach();
             }
             Err(e) => tracing::warn!(shard = %self.id, error = %e, "expiry not yet flushed"),
         }
@@ -915,7 +903,7 @@ impl Supervised for ShardActor {
 }
 
 impl Handler<ImportKeys> for ShardActor {
-    type Result = ResponseFuture<ActorResult<(u64, u64)>>;
+    type Result = Reply<(u64, u64)>;
 
     fn handle(&mut self, msg: ImportKeys, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -927,7 +915,7 @@ impl Handler<ImportKeys> for ShardActor {
 }
 
 impl Handler<WithdrawKeys> for ShardActor {
-    type Result = ResponseFuture<ActorResult<(u64, Vec<crate::domain::shard::KeyFate>)>>;
+    type Result = Reply<(u64, Vec<crate::domain::shard::KeyFate>)>;
 
     fn handle(&mut self, msg: WithdrawKeys, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1060,7 +1048,7 @@ impl Handler<CancelOrder> for ShardActor {
 }
 
 impl Handler<CountOpenOrders> for ShardActor {
-    type Result = ResponseFuture<ActorResult<crate::domain::shelf::OpenOrders>>;
+    type Result = Reply<crate::domain::shelf::OpenOrders>;
 
     fn handle(&mut self, _: CountOpenOrders, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1069,7 +1057,7 @@ impl Handler<CountOpenOrders> for ShardActor {
 }
 
 impl Handler<Audit> for ShardActor {
-    type Result = ResponseFuture<ActorResult<ShardAudit>>;
+    type Result = Reply<ShardAudit>;
 
     fn handle(&mut self, _: Audit, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1078,7 +1066,7 @@ impl Handler<Audit> for ShardActor {
 }
 
 impl Handler<GetPaymentWork> for ShardActor {
-    type Result = ResponseFuture<ActorResult<PaymentWork>>;
+    type Result = Reply<PaymentWork>;
 
     fn handle(&mut self, m: GetPaymentWork, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1094,7 +1082,7 @@ impl Handler<GetPaymentWork> for ShardActor {
 }
 
 impl Handler<CompleteRefund> for ShardActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, m: CompleteRefund, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1104,7 +1092,7 @@ impl Handler<CompleteRefund> for ShardActor {
 }
 
 impl Handler<Lend> for ShardActor {
-    type Result = ResponseFuture<ActorResult<Option<OutgoingTransfer>>>;
+    type Result = Reply<Option<OutgoingTransfer>>;
 
     fn handle(&mut self, m: Lend, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1118,7 +1106,7 @@ impl Handler<Lend> for ShardActor {
 }
 
 impl Handler<Receive> for ShardActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, m: Receive, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1127,7 +1115,7 @@ impl Handler<Receive> for ShardActor {
 }
 
 impl Handler<SettleTransfer> for ShardActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, m: SettleTransfer, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1136,7 +1124,7 @@ impl Handler<SettleTransfer> for ShardActor {
 }
 
 impl Handler<ListUnsettled> for ShardActor {
-    type Result = ResponseFuture<ActorResult<Vec<OutgoingTransfer>>>;
+    type Result = Reply<Vec<OutgoingTransfer>>;
 
     fn handle(&mut self, m: ListUnsettled, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1145,7 +1133,7 @@ impl Handler<ListUnsettled> for ShardActor {
 }
 
 impl Handler<OpenGroup> for ShardActor {
-    type Result = ResponseFuture<ActorResult<GroupSeat>>;
+    type Result = Reply<GroupSeat>;
 
     fn handle(&mut self, m: OpenGroup, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1155,7 +1143,7 @@ impl Handler<OpenGroup> for ShardActor {
 }
 
 impl Handler<JoinGroup> for ShardActor {
-    type Result = ResponseFuture<ActorResult<GroupSeat>>;
+    type Result = Reply<GroupSeat>;
 
     fn handle(&mut self, m: JoinGroup, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1165,7 +1153,7 @@ impl Handler<JoinGroup> for ShardActor {
 }
 
 impl Handler<JoinAnyGroup> for ShardActor {
-    type Result = ResponseFuture<ActorResult<GroupSeat>>;
+    type Result = Reply<GroupSeat>;
 
     fn handle(&mut self, m: JoinAnyGroup, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1175,19 +1163,19 @@ impl Handler<JoinAnyGroup> for ShardActor {
 }
 
 impl Handler<GetGroup> for ShardActor {
-    type Result = ResponseFuture<ActorResult<GroupSnapshot>>;
+    type Result = Reply<GroupSnapshot>;
 
     fn handle(&mut self, m: GetGroup, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         match self.group_snapshot(m.0) {
             Ok(view) => self.reply_after_all(view),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
 
 impl Handler<GetPayment> for ShardActor {
-    type Result = ResponseFuture<ActorResult<Option<crate::domain::PaymentRecord>>>;
+    type Result = Reply<Option<crate::domain::PaymentRecord>>;
 
     fn handle(&mut self, m: GetPayment, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1196,48 +1184,48 @@ impl Handler<GetPayment> for ShardActor {
                 let record = s.payment(&m.channel, &m.payment_id).cloned();
                 self.reply_after_all(record)
             }
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
 
 impl Handler<ListOpenGroups> for ShardActor {
-    type Result = ResponseFuture<ActorResult<Vec<GroupSnapshot>>>;
+    type Result = Reply<Vec<GroupSnapshot>>;
 
     fn handle(&mut self, m: ListOpenGroups, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         let now = self.env.clock.now_ms();
         let open = match self.shard() {
             Ok(shard) => shard.open_groups_of(&m.deal_id, now, m.limit),
-            Err(e) => return fail(e),
+            Err(e) => return Reply::fail(e),
         };
         match open.into_iter().map(|g| self.group_snapshot(g)).collect::<ActorResult<Vec<_>>>() {
             Ok(list) => self.reply_after_all(list),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
 
 impl Handler<ListOrders> for ShardActor {
-    type Result = ResponseFuture<ActorResult<ListedOrders>>;
+    type Result = Reply<ListedOrders>;
 
     fn handle(&mut self, m: ListOrders, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         match self.list_orders(&m) {
             Ok(listed) => self.reply_after_all(listed),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
 
 impl Handler<LookupOrders> for ShardActor {
-    type Result = ResponseFuture<ActorResult<Vec<OrderSnapshot>>>;
+    type Result = Reply<Vec<OrderSnapshot>>;
 
     fn handle(&mut self, m: LookupOrders, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         match self.lookup_orders(&m) {
             Ok(found) => self.reply_after_all(found),
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }
@@ -1255,7 +1243,7 @@ impl Handler<OrderWithPassword> for ShardActor {
 }
 
 impl Handler<ListKeys> for ShardActor {
-    type Result = ResponseFuture<ActorResult<ListedKeys>>;
+    type Result = Reply<ListedKeys>;
 
     fn handle(&mut self, m: ListKeys, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
@@ -1267,13 +1255,13 @@ impl Handler<ListKeys> for ShardActor {
 }
 
 impl Handler<TakeSnapshot> for ShardActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, _: TakeSnapshot, _ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         match self.snapshot_now() {
-            Ok(durable) => durable,
-            Err(e) => fail(e),
+            Ok(durable) => durable.into(),
+            Err(e) => Reply::fail(e),
         }
     }
 }
@@ -1289,7 +1277,7 @@ impl Handler<Kill> for ShardActor {
 }
 
 impl Handler<InjectPanic> for ShardActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, _: InjectPanic, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
