@@ -66,8 +66,10 @@ pub struct Journaled<S: Machine> {
     seq: u64,
     /// Highest sequence known to be durable. Shared with reply futures.
     durable: Rc<Cell<u64>>,
-    /// Answers waiting for a flush (see [`Reply`]).
+    /// Answers waiting for a flush (see [`Reply`]), and how their flush task takes
+    /// its ticket (made once, shared by every answer).
     line: Rc<RefCell<ReplyLine>>,
+    ticket: TicketSource,
     /// Keys (e.g. orders) whose last change may not be durable yet: key → journal seq
     /// of that change, with a queue in journal order to forget them once durable.
     /// Bounded by the writes in flight. Lets a read of one key skip the flush wait
@@ -81,7 +83,10 @@ pub struct Journaled<S: Machine> {
     snapshot_in_flight: Rc<Cell<bool>>,
 }
 
-impl<S: Machine> Journaled<S> {
+impl<S: Machine> Journaled<S>
+where
+    S::Event: 'static,
+{
     /// State rebuilt from storage, whose journal ends at `last_seq`.
     pub fn recovered(
         state: S,
@@ -92,12 +97,13 @@ impl<S: Machine> Journaled<S> {
     ) -> Self {
         Journaled {
             state,
-            journal,
+            journal: journal.clone(),
             seq: last_seq,
             // Recovered state may include writes read back before any flush: nothing
             // counts as durable until the first flush after the start.
             durable: Rc::new(Cell::new(0)),
             line: Rc::default(),
+            ticket: Rc::new(move || journal.ticket()),
             undurable: HashMap::new(),
             undurable_queue: VecDeque::new(),
             journal_bytes_since_snapshot: journal_bytes,
@@ -369,14 +375,13 @@ where
         if live.durable.get() >= needed {
             return Reply::Now(Ok(value));
         }
-        let journal = live.journal.clone();
         Reply::InLine(InLine {
             needed,
             value,
             on_durable: Box::new(on_durable),
             line: live.line.clone(),
             durable: live.durable.clone(),
-            ticket: Rc::new(move || journal.ticket()),
+            ticket: live.ticket.clone(),
         })
     }
 }
@@ -403,8 +408,11 @@ pub struct InLine<T> {
     on_durable: Box<dyn FnOnce()>,
     line: Rc<RefCell<ReplyLine>>,
     durable: Rc<Cell<u64>>,
-    ticket: Rc<dyn Fn() -> Result<Ticket, StorageError>>,
+    ticket: TicketSource,
 }
+
+/// Takes a commit ticket on a journaled actor's journal.
+type TicketSource = Rc<dyn Fn() -> Result<Ticket, StorageError>>;
 
 impl<T: 'static> Reply<T> {
     /// An answer that is already known: a refusal.
@@ -427,15 +435,7 @@ impl<T: 'static> Reply<T> {
             Reply::Later(fut) => Reply::Later(Box::pin(async move { fut.await.map(f) })),
         }
     }
-}
 
-impl<T> From<ResponseFuture<ActorResult<T>>> for Reply<T> {
-    fn from(fut: ResponseFuture<ActorResult<T>>) -> Self {
-        Reply::Later(fut)
-    }
-}
-
-impl<T: 'static> Reply<T> {
     /// Hands the answer to `send`: at once, after its future, or once the flush its
     /// line waits for is done.
     fn deliver(self, send: impl FnOnce(ActorResult<T>) + 'static) {
@@ -463,6 +463,12 @@ impl<T: 'static> Reply<T> {
     /// is durable still runs).
     pub fn detach(self) {
         self.deliver(|_| ());
+    }
+}
+
+impl<T> From<ResponseFuture<ActorResult<T>>> for Reply<T> {
+    fn from(fut: ResponseFuture<ActorResult<T>>) -> Self {
+        Reply::Later(fut)
     }
 }
 
@@ -516,11 +522,7 @@ impl ReplyLine {
 /// The reply line's flush task: first run after the actor's turn (so after the
 /// appends of every answer queued in it), it takes one ticket, and once that flush
 /// is done answers every queued answer it covers.
-async fn answer_after_flush(
-    line: Rc<RefCell<ReplyLine>>,
-    ticket: Rc<dyn Fn() -> Result<Ticket, StorageError>>,
-    durable: Rc<Cell<u64>>,
-) {
+async fn answer_after_flush(line: Rc<RefCell<ReplyLine>>, ticket: TicketSource, durable: Rc<Cell<u64>>) {
     let through = {
         let mut l = line.borrow_mut();
         l.scheduled = false;
@@ -599,7 +601,7 @@ mod tests {
             let line: Rc<RefCell<ReplyLine>> = Rc::default();
             let durable = Rc::new(Cell::new(0u64));
             let flushes = Rc::new(RefCell::new(Vec::new()));
-            let ticket: Rc<dyn Fn() -> Result<Ticket, StorageError>> = {
+            let ticket: TicketSource = {
                 let flushes = flushes.clone();
                 Rc::new(move || {
                     let (tx, rx) = tokio::sync::oneshot::channel();
