@@ -4,7 +4,7 @@
 
 use actix::prelude::*;
 
-use super::journaled::{ActorResult, Machine};
+use super::journaled::{ActorResult, Machine, Reply};
 use super::ledger::{LedgerActor, LedgerHandle};
 use crate::domain::coupon::{Coupon, CouponAudit, CouponBook, CouponEvent, CouponHold, CouponSpec, Finish};
 
@@ -106,7 +106,7 @@ impl super::ledger::LedgerCall for Audit {
 }
 
 impl Handler<Define> for CouponActor {
-    type Result = ResponseFuture<ActorResult<(Coupon, bool)>>;
+    type Result = Reply<(Coupon, bool)>;
     fn handle(&mut self, Define(spec): Define, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.create(spec, now))
@@ -114,7 +114,7 @@ impl Handler<Define> for CouponActor {
 }
 
 impl Handler<Disable> for CouponActor {
-    type Result = ResponseFuture<ActorResult<Coupon>>;
+    type Result = Reply<Coupon>;
     fn handle(&mut self, Disable(code): Disable, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.disable(&code, now))
@@ -122,7 +122,7 @@ impl Handler<Disable> for CouponActor {
 }
 
 impl Handler<HoldUse> for CouponActor {
-    type Result = ResponseFuture<ActorResult<Coupon>>;
+    type Result = Reply<Coupon>;
     fn handle(&mut self, HoldUse(h): HoldUse, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.hold(h, now))
@@ -130,7 +130,7 @@ impl Handler<HoldUse> for CouponActor {
 }
 
 impl Handler<FinishHold> for CouponActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
     fn handle(&mut self, m: FinishHold, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.finish(&m.hold, m.finish, now))
@@ -138,7 +138,7 @@ impl Handler<FinishHold> for CouponActor {
 }
 
 impl Handler<Get> for CouponActor {
-    type Result = ResponseFuture<ActorResult<Option<Coupon>>>;
+    type Result = Reply<Option<Coupon>>;
     fn handle(&mut self, Get(code): Get, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| book.coupon(&code).cloned())
@@ -146,7 +146,7 @@ impl Handler<Get> for CouponActor {
 }
 
 impl Handler<List> for CouponActor {
-    type Result = ResponseFuture<ActorResult<Vec<Coupon>>>;
+    type Result = Reply<Vec<Coupon>>;
     fn handle(&mut self, m: List, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| book.coupons(m.after.as_deref(), m.limit))
@@ -154,7 +154,7 @@ impl Handler<List> for CouponActor {
 }
 
 impl Handler<HoldsBefore> for CouponActor {
-    type Result = ResponseFuture<ActorResult<Vec<CouponHold>>>;
+    type Result = Reply<Vec<CouponHold>>;
     fn handle(&mut self, m: HoldsBefore, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| book.holds_before(m.before_ms, m.after.as_ref(), m.limit))
@@ -162,7 +162,7 @@ impl Handler<HoldsBefore> for CouponActor {
 }
 
 impl Handler<Audit> for CouponActor {
-    type Result = ResponseFuture<ActorResult<CouponAudit>>;
+    type Result = Reply<CouponAudit>;
     fn handle(&mut self, _: Audit, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(CouponBook::audit)

@@ -8,7 +8,8 @@
 //! 2. [`Shell::persist`] appends the step's events to the journal in one write (a
 //!    failed append also drops the state: memory would be ahead of the journal);
 //! 3. [`Shell::reply`] answers once the group commit covering what the answer shows
-//!    has flushed (invariant I4: every 2xx describes durable state).
+//!    has flushed (invariant I4: every 2xx describes durable state), through the
+//!    actor's reply line: one flush ticket per turn of the actor, not per answer.
 //!
 //! The actor does not wait for the flush itself: it goes on with its next message, so
 //! one flush serves many requests of many actors. The shell also keeps the one
@@ -22,7 +23,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use futures::future;
 
 use crate::domain::{DomainError, Outcome};
 use crate::storage::{EventLog, StorageError, Ticket};
@@ -40,11 +40,6 @@ pub enum ActorError {
 }
 
 pub type ActorResult<T> = Result<T, ActorError>;
-
-/// An answer that is already known.
-pub fn fail<T: 'static>(e: impl Into<ActorError>) -> ResponseFuture<ActorResult<T>> {
-    Box::pin(future::ready(Err(e.into())))
-}
 
 /// A domain state machine a journaled actor owns: its commands return
 /// [`Outcome`]s whose events the shell journals.
@@ -215,24 +210,6 @@ impl Drop for SnapshotSlot {
     }
 }
 
-/// Waits for the flush that makes the journal durable through the records written
-/// when it was taken, then records that in the tracker.
-pub struct Flush {
-    ticket: Ticket,
-    durable: Rc<Cell<u64>>,
-    through: u64,
-}
-
-impl Flush {
-    pub async fn wait(self) -> Result<(), StorageError> {
-        self.ticket.wait().await?;
-        if self.durable.get() < self.through {
-            self.durable.set(self.through);
-        }
-        Ok(())
-    }
-}
-
 /// The live state of a journaled actor, or nothing while it is broken or rebuilding
 /// (every request is then answered [`ActorError::Unavailable`]).
 pub struct Shell<S: Machine> {
@@ -328,46 +305,11 @@ where
         self.journal(ctx, outcome)
     }
 
-    /// A wait for the flush covering the journal through `needed`, or `None` if it is
-    /// known durable already.
-    pub fn flush_for(&self, needed: u64) -> ActorResult<Option<Flush>> {
-        let live = self.live()?;
-        if live.durable.get() >= needed {
-            return Ok(None);
-        }
-        Ok(Some(Flush { ticket: live.journal.ticket()?, durable: live.durable.clone(), through: live.seq }))
-    }
-
     /// Replies with `value` (which shows the journal through `needed`) once that prefix
-    /// is durable, then runs `on_durable`: at once if it is known durable, else after
-    /// the next flush.
-    pub fn reply<T: 'static>(
-        &self,
-        needed: u64,
-        value: T,
-        on_durable: impl FnOnce() + 'static,
-    ) -> ResponseFuture<ActorResult<T>> {
-        match self.flush_for(needed) {
-            Err(e) => fail(e),
-            Ok(None) => Box::pin(future::ready(Ok(value))),
-            Ok(Some(flush)) => Box::pin(async move {
-                flush.wait().await?;
-                on_durable();
-                Ok(value)
-            }),
-        }
-    }
-
-    /// Replies with `value` once everything written so far is durable.
-    pub fn reply_after_all<T: 'static>(&self, value: T) -> ResponseFuture<ActorResult<T>> {
-        let needed = self.live.as_ref().map_or(0, |l| l.seq);
-        self.reply(needed, value, || ())
-    }
-
-    /// As [`Shell::reply`], through the actor's reply line: the answer waits in
-    /// line with the others of this turn for one flush, rather than in a task and
-    /// with a ticket of its own.
-    pub fn reply_in_line<T: 'static>(&self, needed: u64, value: T, on_durable: impl FnOnce() + 'static) -> Reply<T> {
+    /// is durable, then runs `on_durable`: at once if it is known durable, else in the
+    /// actor's reply line (see [`Reply`]), with the other answers of this turn, after
+    /// one flush.
+    pub fn reply<T: 'static>(&self, needed: u64, value: T, on_durable: impl FnOnce() + 'static) -> Reply<T> {
         let live = match self.live() {
             Ok(live) => live,
             Err(e) => return Reply::Now(Err(e)),
@@ -383,6 +325,12 @@ where
             durable: live.durable.clone(),
             ticket: live.ticket.clone(),
         })
+    }
+
+    /// Replies with `value` once everything written so far is durable.
+    pub fn reply_after_all<T: 'static>(&self, value: T) -> Reply<T> {
+        let needed = self.live.as_ref().map_or(0, |l| l.seq);
+        self.reply(needed, value, || ())
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::admission::Admission;
-use super::journaled::{fail, ActorError, ActorResult, Journaled, Machine, Shell};
+use super::journaled::{ActorError, ActorResult, Journaled, Machine, Reply, Shell};
 use super::place::Place;
 use super::shard::{Disown, Own};
 use super::Kill;
@@ -251,7 +251,7 @@ impl<B: LedgerBook> LedgerActor<B> {
         &mut self,
         ctx: &mut Context<Self>,
         command: impl FnOnce(&mut B, u64) -> Result<Outcome<<B as Ledger>::Event, T>, DomainError>,
-    ) -> ResponseFuture<ActorResult<T>> {
+    ) -> Reply<T> {
         let now = self.env.clock.now_ms();
         match self.shell.change(ctx, |book| command(book, now)) {
             Ok((value, written)) => {
@@ -260,17 +260,17 @@ impl<B: LedgerBook> LedgerActor<B> {
                 }
                 self.shell.reply_after_all(value)
             }
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 
-    pub(super) fn read<T: 'static>(&mut self, read: impl FnOnce(&B) -> T) -> ResponseFuture<ActorResult<T>> {
+    pub(super) fn read<T: 'static>(&mut self, read: impl FnOnce(&B) -> T) -> Reply<T> {
         match self.shell.live() {
             Ok(live) => {
                 let value = read(live.state());
                 self.shell.reply_after_all(value)
             }
-            Err(e) => fail(e),
+            Err(e) => Reply::fail(e),
         }
     }
 }

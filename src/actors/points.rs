@@ -4,7 +4,7 @@
 
 use actix::prelude::*;
 
-use super::journaled::{ActorResult, Machine};
+use super::journaled::{ActorResult, Machine, Reply};
 use super::ledger::{LedgerActor, LedgerHandle};
 use crate::domain::points::{Balance, Entry, Hold, PointsAudit, PointsBook, PointsEvent, RedemptionState};
 
@@ -99,7 +99,7 @@ super::ledger::ledger_calls! {
 }
 
 impl Handler<Adjust> for PointsActor {
-    type Result = ResponseFuture<ActorResult<Balance>>;
+    type Result = Reply<Balance>;
     fn handle(&mut self, m: Adjust, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.adjust(&m.request_id, &m.buyer, m.delta, &m.note, now))
@@ -107,7 +107,7 @@ impl Handler<Adjust> for PointsActor {
 }
 
 impl Handler<HoldPoints> for PointsActor {
-    type Result = ResponseFuture<ActorResult<RedemptionState>>;
+    type Result = Reply<RedemptionState>;
     fn handle(&mut self, HoldPoints(h): HoldPoints, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.hold(&h.redemption, &h.buyer, h.points, &h.product_id, h.quantity, now))
@@ -116,7 +116,7 @@ impl Handler<HoldPoints> for PointsActor {
 
 /// Answers the buyer's balance after the settling (saving the redeemer a read).
 impl Handler<SettleRedemption> for PointsActor {
-    type Result = ResponseFuture<ActorResult<Balance>>;
+    type Result = Reply<Balance>;
     fn handle(&mut self, m: SettleRedemption, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| {
@@ -127,7 +127,7 @@ impl Handler<SettleRedemption> for PointsActor {
 }
 
 impl Handler<Release> for PointsActor {
-    type Result = ResponseFuture<ActorResult<()>>;
+    type Result = Reply<()>;
     fn handle(&mut self, m: Release, ctx: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.step(ctx, move |book, now| book.release(&m.redemption, &m.reason, now))
@@ -135,7 +135,7 @@ impl Handler<Release> for PointsActor {
 }
 
 impl Handler<Statement> for PointsActor {
-    type Result = ResponseFuture<ActorResult<(Balance, Vec<Entry>)>>;
+    type Result = Reply<(Balance, Vec<Entry>)>;
     fn handle(&mut self, m: Statement, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| (book.balance(&m.buyer), book.statement(&m.buyer, m.limit)))
@@ -143,7 +143,7 @@ impl Handler<Statement> for PointsActor {
 }
 
 impl Handler<StaleHolds> for PointsActor {
-    type Result = ResponseFuture<ActorResult<Vec<Hold>>>;
+    type Result = Reply<Vec<Hold>>;
     fn handle(&mut self, m: StaleHolds, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(move |book| {
@@ -156,7 +156,7 @@ impl Handler<StaleHolds> for PointsActor {
 }
 
 impl Handler<AuditPoints> for PointsActor {
-    type Result = ResponseFuture<ActorResult<PointsAudit>>;
+    type Result = Reply<PointsAudit>;
     fn handle(&mut self, _: AuditPoints, _: &mut Context<Self>) -> Self::Result {
         let _turn = super::Turn::start(&self.turns);
         self.read(PointsBook::audit)

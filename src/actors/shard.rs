@@ -324,7 +324,7 @@ impl ShardActor {
     /// state (I4). The answer waits in the actor's reply line (see [`Reply`]).
     fn reply<T: 'static>(&self, needed: u64, value: T) -> Reply<T> {
         match self.publish_gauge() {
-            Ok(publish) => self.shell.reply_in_line(needed, value, publish),
+            Ok(publish) => self.shell.reply(needed, value, publish),
             Err(e) => Reply::fail(e),
         }
     }
