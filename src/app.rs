@@ -822,12 +822,17 @@ fn spawn_archiver(
         let archive = Arc::new(std::sync::Mutex::new(archive));
         loop {
             let (storage, archive_ref, now_ms) = (storage.clone(), archive.clone(), clock.now_ms());
-            let round = tokio::task::spawn_blocking(move || {
+            // Each round on a thread of its own at a lower priority: the sale keeps the cores.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let spawned = crate::storage::backup::in_background("kami-archive", move || {
                 let mut a = archive_ref.lock().unwrap_or_else(|e| e.into_inner());
                 let round = storage.archive_round(&mut a, now_ms);
-                (round, a.current_as_of_ms())
-            })
-            .await;
+                let _ = tx.send((round, a.current_as_of_ms()));
+            });
+            let round = match spawned {
+                Ok(_) => rx.await.map_err(|_| "the round's thread ended without an answer".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
             let as_of = match round {
                 Ok((Ok(round), as_of)) => {
                     if !matches!(round, crate::storage::backup::Round::Current) {

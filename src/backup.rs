@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-pub use crate::storage::backup::{restore, restore_archive, verify, BackupError, Summary, MIN_PASSPHRASE_BYTES};
+pub use crate::storage::backup::{
+    lower_priority, restore, restore_archive, verify, BackupError, Summary, BACKGROUND_NICE, MIN_PASSPHRASE_BYTES,
+};
 
 /// Reads a passphrase from a file (its first line), for sealing or opening secrets.
 pub fn read_passphrase(path: &Path) -> Result<String, String> {

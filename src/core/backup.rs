@@ -81,7 +81,8 @@ impl Kami {
         let (tx, chunks) = mpsc::channel(CHUNKS_AHEAD);
         let storage = self.storage.clone();
         let now_ms = self.clock.now_ms();
-        tokio::task::spawn_blocking(move || {
+        // Off the runtime's threads, at a lower priority: the sale keeps the cores.
+        let spawned = crate::storage::backup::in_background("kami-backup", move || {
             let _running = running;
             let started = std::time::Instant::now();
             let mut out = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(CHUNK_BYTES) };
@@ -105,6 +106,9 @@ impl Kami {
                 }
             }
         });
+        if let Err(e) = spawned {
+            return Err(crate::storage::StorageError::Io(format!("starting the backup's thread: {e}")).into());
+        }
         Ok(BackupStream { chunks })
     }
 }

@@ -53,6 +53,37 @@ pub const PART_BYTES: usize = 4 << 20;
 const MAX_ENTRY_BYTES: usize = PART_BYTES + (1 << 20);
 /// Largest value reassembled from parts on restore (a snapshot of a large shard).
 const MAX_VALUE_BYTES: u64 = 4 << 30;
+/// The CPU priority (nice value) backups and archives are written at: on a busy
+/// host they yield the cores to selling, on an idle one they run at full speed.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`] (threads it
+/// starts afterwards inherit it), unless it is lower already. On Linux a nice value
+/// is a thread's own, so the rest of the process is untouched; where it cannot be
+/// lowered, nothing changes.
+pub fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: getpriority and setpriority only read their plain integer arguments;
+    // `who` 0 is the calling thread.
+    unsafe {
+        if libc::getpriority(libc::PRIO_PROCESS as _, 0) < BACKGROUND_NICE {
+            libc::setpriority(libc::PRIO_PROCESS as _, 0, BACKGROUND_NICE);
+        }
+    }
+}
+
+/// Runs `work` on a thread of its own at the background priority (see
+/// [`lower_priority`]), so a backup never shares a thread whose priority others rely on.
+pub fn in_background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        lower_priority();
+        work()
+    })
+}
+
 /// Shortest passphrase that may seal the secrets.
 pub const MIN_PASSPHRASE_BYTES: usize = 12;
 /// The file a data directory keeps generated secrets in (see `app`).
@@ -1155,6 +1186,22 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nice value of the calling thread.
+    #[cfg(target_os = "linux")]
+    fn own_nice() -> i32 {
+        // SAFETY: getpriority only reads its integer arguments (0: the calling thread).
+        unsafe { libc::getpriority(libc::PRIO_PROCESS as _, 0) }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn background_work_runs_at_the_lower_priority_and_leaves_its_caller_as_it_was() {
+        let before = own_nice();
+        let theirs = in_background("test-background", own_nice).unwrap().join().unwrap();
+        assert_eq!(theirs, BACKGROUND_NICE.max(before), "a background thread yields the cores");
+        assert_eq!(own_nice(), before, "the caller's priority is untouched");
+    }
 
     #[test]
     fn snapshot_and_cursor_keys_name_their_journals() {
