@@ -463,3 +463,34 @@ fn wait_released(path: &std::path::Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The commit thread's busy linger (`storage.commit_busy_linger_us`): a ticket that
+/// comes right after a flush waits that long for more writers before the next flush.
+/// Only a lower bound is asserted (a busy machine makes waits longer, never shorter);
+/// a ticket that reaches the commit thread after the linger has passed (a stalled
+/// test thread) rightly flushes at once, so a few tries are allowed.
+#[tokio::test]
+async fn a_ticket_right_after_a_flush_waits_the_busy_linger_for_more_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy_linger = std::time::Duration::from_millis(300);
+    let storage = kami::storage::Storage::open(&kami::storage::StorageOptions {
+        path: dir.path().to_path_buf(),
+        cache_capacity_bytes: 16 << 20,
+        max_pending_commits: 1024,
+        max_commit_batch: 1024,
+        commit_linger: std::time::Duration::ZERO,
+        commit_busy_linger: busy_linger,
+    })
+    .unwrap();
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        storage.ticket().unwrap().wait().await.unwrap(); // a flush ends now
+        let asked = std::time::Instant::now();
+        storage.ticket().unwrap().wait().await.unwrap();
+        waits.push(asked.elapsed());
+        if asked.elapsed() >= busy_linger * 8 / 10 {
+            return;
+        }
+    }
+    panic!("no ticket right after a flush waited the busy linger of {busy_linger:?}: {waits:?}");
+}
