@@ -8,7 +8,7 @@
 # with the bare axum handler's p99 measured in every round for the speed issue's
 # bound (kami's p99 at most 3x the bare handler's). Prints each run, then per case
 # the median 2xx/s and p99 over the rounds, the backups' sizes and times, and the
-# stock-actor turns of each run over 5 ms.
+# stock-actor turns of each run over 5 ms, and the group flushes over 25 ms.
 #
 # Usage: ROUNDS=3 SECS=10 CONNS=256 STOCK_KEYS=1000000 bash benches/backup.sh
 # Installs wrk and bc from the system packages if missing.
@@ -62,6 +62,12 @@ turn_buckets() { # each stock-actor turn bucket: "le count" (cumulative, over ev
     curl -sf "http://127.0.0.1:$PORT_KAMI/metrics" | grep '^kami_actor_turn_seconds_bucket{actor="stock"' \
         | sed 's/.*le="\([^"]*\)"} \([0-9]*\).*/\1 \2/' | awk '{c[$1]+=$2} END {for (b in c) print b, c[b]}' | sort -g
 }
+slow_flushes() { # group flushes so far that took over 25 ms, and the longest flush's bucket
+    curl -sf "http://127.0.0.1:$PORT_KAMI/metrics" | grep '^kami_commit_flush_seconds_bucket' \
+        | sed 's/.*le="\([^"]*\)"} \([0-9]*\).*/\1 \2/' | sort -g | awk '{le[NR] = $1; n[NR] = $2; if ($1 == "0.025") fast = $2}
+            END {for (i = 1; i <= NR; i++) if (n[i] == n[NR]) {longest = le[i]; break}
+                 printf "flushes over 25 ms: %d of %d, longest <= %ss", n[NR] - fast, n[NR], longest}'
+}
 turns_during() { # $1 = the buckets before the run: the run's turns over 5 ms, of all, and the longest bucket
     echo "$1" >"$work/turns-before"
     turn_buckets | awk 'NR == FNR {before[$1] = $2; next}
@@ -110,7 +116,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         if [ "$case" = archive ]; then
             note="$(ls "$archive" | grep -c '^inc-') increments, $(du -sm "$archive" | cut -f1) MB archived, lag $(curl -sf "http://127.0.0.1:$PORT_KAMI/metrics" | awk '/^kami_backup_lag_seconds/ {print $2}') s"
         fi
-        turns=$(turns_during "$turns_before")
+        turns="$(turns_during "$turns_before"); $(slow_flushes)"
         stop_kami
         echo "round $round $case: $r (2xx/s, p99 ms); $turns; $note"
         results[$case]+="$r"$'\n'
