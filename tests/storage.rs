@@ -473,15 +473,9 @@ fn wait_released(path: &std::path::Path) {
 async fn a_ticket_right_after_a_flush_waits_the_busy_linger_for_more_writers() {
     let dir = tempfile::tempdir().unwrap();
     let busy_linger = std::time::Duration::from_millis(300);
-    let storage = kami::storage::Storage::open(&kami::storage::StorageOptions {
-        path: dir.path().to_path_buf(),
-        cache_capacity_bytes: 16 << 20,
-        max_pending_commits: 1024,
-        max_commit_batch: 1024,
-        commit_linger: std::time::Duration::ZERO,
-        commit_busy_linger: busy_linger,
-    })
-    .unwrap();
+    let options =
+        kami::storage::StorageOptions { commit_busy_linger: busy_linger, ..common::storage_options(dir.path()) };
+    let storage = Storage::open(&options).unwrap();
     let mut waits = Vec::new();
     for _ in 0..5 {
         storage.ticket().unwrap().wait().await.unwrap(); // a flush ends now

@@ -306,9 +306,10 @@ where
     }
 
     /// Replies with `value` (which shows the journal through `needed`) once that prefix
-    /// is durable, then runs `on_durable`: at once if it is known durable, else in the
-    /// actor's reply line (see [`Reply`]), with the other answers of this turn, after
-    /// one flush.
+    /// is durable: at once if it is known durable, else in the actor's reply line (see
+    /// [`Reply`]), with the other answers of this turn, after one flush, then runs
+    /// `on_durable`. An answer known durable runs nothing: the answer that waited for
+    /// that prefix's flush ran its own.
     pub fn reply<T: 'static>(&self, needed: u64, value: T, on_durable: impl FnOnce() + 'static) -> Reply<T> {
         let live = match self.live() {
             Ok(live) => live,

@@ -63,13 +63,20 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// lowered, nothing changes.
 pub fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: getpriority and setpriority only read their plain integer arguments;
-    // `who` 0 is the calling thread.
-    unsafe {
-        if libc::getpriority(libc::PRIO_PROCESS as _, 0) < BACKGROUND_NICE {
+    if own_nice() < BACKGROUND_NICE {
+        // SAFETY: setpriority only reads its plain integer arguments; `who` 0 is the
+        // calling thread.
+        unsafe {
             libc::setpriority(libc::PRIO_PROCESS as _, 0, BACKGROUND_NICE);
         }
     }
+}
+
+/// The calling thread's nice value.
+#[cfg(target_os = "linux")]
+fn own_nice() -> i32 {
+    // SAFETY: getpriority only reads its plain integer arguments (0: the calling thread).
+    unsafe { libc::getpriority(libc::PRIO_PROCESS as _, 0) }
 }
 
 /// Runs `work` on a thread of its own at the background priority (see
@@ -1186,13 +1193,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The nice value of the calling thread.
-    #[cfg(target_os = "linux")]
-    fn own_nice() -> i32 {
-        // SAFETY: getpriority only reads its integer arguments (0: the calling thread).
-        unsafe { libc::getpriority(libc::PRIO_PROCESS as _, 0) }
-    }
 
     #[cfg(target_os = "linux")]
     #[test]

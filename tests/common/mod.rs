@@ -434,15 +434,19 @@ pub fn kami_audit(data: &Path, json: bool) -> (i32, String, String) {
 /// Opens a data directory's storage directly (no server), for tests that read or
 /// damage records.
 pub fn open_storage(data: &Path) -> std::sync::Arc<kami::storage::Storage> {
-    kami::storage::Storage::open(&kami::storage::StorageOptions {
+    kami::storage::Storage::open(&storage_options(data)).expect("open storage")
+}
+
+/// The options [`open_storage`] opens `data` with: small caches, no linger.
+pub fn storage_options(data: &Path) -> kami::storage::StorageOptions {
+    kami::storage::StorageOptions {
         path: data.to_path_buf(),
         cache_capacity_bytes: 16 << 20,
         max_pending_commits: 1024,
         max_commit_batch: 1024,
         commit_linger: Duration::ZERO,
         commit_busy_linger: Duration::ZERO,
-    })
-    .expect("open storage")
+    }
 }
 
 /// Reads one HTTP answer from `stream` until its head and Content-Length body have
