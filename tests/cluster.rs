@@ -43,6 +43,13 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// The last warnings, errors and panics node `n` logged, for a failure's message.
+    fn said(&self, n: usize) -> String {
+        let Some(node) = self.nodes[n].as_ref() else { return format!("node{n} is stopped") };
+        let said: Vec<String> = ["WARN", "ERROR", "panicked"].iter().flat_map(|w| node.lines_with(w)).collect();
+        said[said.len().saturating_sub(30)..].join("\n")
+    }
+
     async fn start(nats: &Nats, stream: &str, n: usize) -> Cluster {
         let urls = nats.options().urls;
         Cluster::start_through(nats, stream, &vec![urls; n], &[]).await
@@ -647,14 +654,8 @@ async fn a_node_cut_off_from_the_stream_acknowledges_nothing_the_stream_does_not
     let deadline = Instant::now() + Duration::from_secs(60);
     while cluster.served_by(cut).await.is_empty() {
         if Instant::now() > deadline {
-            let node = cluster.nodes[cut].as_ref().unwrap();
-            let said: Vec<String> = ["WARN", "ERROR", "panicked"].iter().flat_map(|w| node.lines_with(w)).collect();
             let status = reply(cluster.api(cut).http.get(format!("{}/status.json", cluster.api(cut).url))).await;
-            panic!(
-                "the healed node never served again: {}\n{}",
-                status.body["cluster"],
-                said[said.len().saturating_sub(30)..].join("\n")
-            );
+            panic!("the healed node never served again: {}\n{}", status.body["cluster"], cluster.said(cut));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -666,6 +667,20 @@ async fn a_node_cut_off_from_the_stream_acknowledges_nothing_the_stream_does_not
         i += 1;
     }
     serves_everything(&cluster.api(cut), &bought).await;
+    // Should the audit stay unavailable (a shard placed with no state), what each node said.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.api(cut).audit().await.status == 503 {
+        if Instant::now() > deadline {
+            let status = reply(cluster.api(other).http.get(format!("{}/status.json", cluster.api(other).url))).await;
+            panic!(
+                "the audit stayed unavailable: {}\nnode{cut} (cut off, healed):\n{}\nnode{other}:\n{}",
+                status.body["cluster"],
+                cluster.said(cut),
+                cluster.said(other)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     audit_counts(&cluster.api(cut), &bought).await;
 }
 
